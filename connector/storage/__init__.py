@@ -1,0 +1,92 @@
+"""Storage backends of the archive: one small protocol, two implementations.
+
+The archive code above this package never knows where bytes go. A backend only stores opaque
+objects under ``/``-separated keys relative to its root:
+
+* ``put_if_absent`` is the idempotent write used for segments and manifests: it never replaces
+  an existing object and answers whether it wrote.
+* ``put`` atomically replaces an object (checkpoint, lock). Readers see the old or the new
+  version, never a mix.
+* ``list`` yields keys in lexicographic order, paginated, never loading the key space at once.
+
+Errors are translated at the backend boundary: ``RetryableError`` (try again later),
+``PermanentError`` (stop), ``NotFound`` (no such key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from ..errors import ConfigError
+
+__all__ = ["Storage", "open_storage"]
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where the archive's objects live."""
+
+    def describe(self) -> str:
+        """A URI for logs and status: never contains credentials."""
+        ...
+
+    def check(self) -> None:
+        """Exercise the real write path cheaply (write and remove a probe object).
+
+        Raises ``PermanentError`` naming what is wrong, or ``RetryableError``.
+        """
+        ...
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        """Durably store ``body`` at ``key`` unless an object is already there.
+
+        Returns True when written, False when the key already existed (left untouched).
+        Returns only once the object is durable.
+        """
+        ...
+
+    def put(self, key: str, body: bytes) -> None:
+        """Atomically create or replace the object at ``key``; durable on return."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The whole object. Raises ``NotFound``."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """A streaming reader of the object (caller closes it). Raises ``NotFound``."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int:
+        """Size in bytes. Raises ``NotFound``."""
+        ...
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        """Keys under ``prefix``, in lexicographic order, after ``start_after`` if given."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing key is not an error."""
+        ...
+
+
+def open_storage(uri: str, **options: object) -> Storage:
+    """Build the backend for an archive URI: ``file:///path``, a plain path, or ``s3://bucket/prefix``.
+
+    ``options`` are backend settings (for S3: region, endpoint_url, credentials, ...).
+    """
+    if uri.startswith("s3://"):
+        from .s3 import S3Storage
+
+        return S3Storage.from_uri(uri, **options)
+    if "://" in uri and not uri.startswith("file://"):
+        raise ConfigError("archive.uri", f"unsupported scheme in {uri.split('://')[0]!r}://")
+    from .local import LocalStorage
+
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    if not path:
+        raise ConfigError("archive.uri", "empty path")
+    return LocalStorage(path)
