@@ -1,0 +1,57 @@
+"""The sink contract: where batches of stream events go (the archive, an OpenCTI target).
+
+Contract (every sink, word for word): ``write(batch)`` returns only once every event of the batch
+is durable in the sink. It raises ``RetryableError`` when the same batch may succeed later and
+``PermanentError`` when it will not. It must accept the same batch twice without harm (at-least-
+once delivery into an idempotent sink). Sinks never touch the checkpoint: the pipeline moves it
+after every sink has returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .events import EventId, Quarantined, StreamEvent
+
+__all__ = ["Batch", "Sink"]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Consecutive whole dependency groups of the stream, in stream order.
+
+    ``events`` never ends in the middle of a group of events sharing one id, so ``last_id`` is
+    complete: the stream resumes strictly after it without losing anything.
+    """
+
+    events: list[StreamEvent] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+    size_bytes: int = 0
+
+    @property
+    def first_id(self) -> EventId:
+        return self.events[0].id
+
+    @property
+    def last_id(self) -> EventId:
+        return self.events[-1].id
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class Sink(Protocol):
+    """A destination of the stream. See the module docstring for the delivery contract."""
+
+    name: str
+
+    def check(self) -> None:
+        """Exercise the real write path cheaply; raise ``PermanentError`` saying what is wrong."""
+        ...
+
+    def write(self, batch: Batch) -> None:
+        """Make every event of ``batch`` durable, idempotently. Returns only when durable."""
+        ...
+
+    def close(self) -> None: ...
