@@ -22,20 +22,16 @@ class Batch:
     """Consecutive whole dependency groups of the stream, in stream order.
 
     ``events`` never ends in the middle of a group of events sharing one id, so ``last_id`` is
-    complete: the stream resumes strictly after it without losing anything.
+    complete: the stream resumes strictly after it without losing anything. ``first_id`` and
+    ``last_id`` are group ids: the stream's high-water mark when the first / last group began
+    (equal to the events' own ids except for rare recovery events that arrive with a lower id).
     """
 
+    first_id: EventId
+    last_id: EventId
     events: list[StreamEvent] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     size_bytes: int = 0
-
-    @property
-    def first_id(self) -> EventId:
-        return self.events[0].id
-
-    @property
-    def last_id(self) -> EventId:
-        return self.events[-1].id
 
     def __len__(self) -> int:
         return len(self.events)
