@@ -32,6 +32,8 @@ class Batch:
     events: list[StreamEvent] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     size_bytes: int = 0
+    # The archive position this batch continues from (the previous segment's last group id).
+    after_id: EventId | None = None
 
     def __len__(self) -> int:
         return len(self.events)
