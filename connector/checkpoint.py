@@ -1,0 +1,83 @@
+"""The checkpoint: where the stream resumes after a restart.
+
+One small versioned JSON object (``checkpoint.json``) in a storage backend, replaced atomically
+(local: tmp + fsync + rename; S3: a single PUT). It records the last *complete* event id whose
+events every sink has made durable, plus what a restart needs to continue exactly: the recover
+end date of the first run (so a restart during recovery neither skips nor restarts it) and any
+pending delete reconciliation after a retention gap. Only the pipeline saves it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+from .errors import CheckpointError, NotFound
+from .storage import Storage
+
+__all__ = ["CHECKPOINT_KEY", "Checkpoint", "CheckpointStore"]
+
+CHECKPOINT_KEY = "checkpoint.json"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    stream_id: str
+    source_url: str
+    last_event_id: str | None = None
+    # ISO date the first run recovers up to; None: no recover; "" never used.
+    recover_until: str | None = None
+    # The platform refused recovery for this stream (7.x ``no-recover``): never send it again.
+    recover_refused: bool = False
+    events_archived: int = 0
+    segments_written: int = 0
+    quarantined: int = 0
+    last_segment: str | None = None
+    # Last group id of the last segment written (the next segment continues from it).
+    last_segment_last_id: str | None = None
+    # Set when the stream's retention passed the checkpoint: the ids and dates of the repair.
+    reconcile: dict[str, Any] | None = None
+    retention_gaps: list[dict[str, Any]] = field(default_factory=list)
+    saved_at: str | None = None
+
+    def to_json(self) -> bytes:
+        body = {"version": VERSION, **asdict(self)}
+        return orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Checkpoint:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict) or obj.get("version") != VERSION:
+            raise CheckpointError(f"unsupported checkpoint version {obj.get('version') if isinstance(obj, dict) else None!r}")
+        obj.pop("version")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in obj.items() if k in known})
+        except TypeError as exc:
+            raise CheckpointError(f"checkpoint is missing fields: {exc}") from exc
+
+
+class CheckpointStore:
+    """Loads and atomically saves the checkpoint object in a storage backend."""
+
+    def __init__(self, storage: Storage, key: str = CHECKPOINT_KEY) -> None:
+        self.storage = storage
+        self.key = key
+
+    def load(self) -> Checkpoint | None:
+        try:
+            data = self.storage.get(self.key)
+        except NotFound:
+            return None
+        return Checkpoint.from_json(data)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        checkpoint.saved_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        self.storage.put(self.key, checkpoint.to_json())

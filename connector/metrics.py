@@ -1,0 +1,78 @@
+"""Prometheus metrics (prometheus-client), in one registry of our own.
+
+Names follow Prometheus conventions: ``opencti_sync_`` prefix, ``_total`` counters, base units
+(seconds, bytes). Nothing here carries a secret: labels are event names, sink names and error
+kinds only. The endpoint is off by default (``metrics.enabled``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+__all__ = [
+    "REGISTRY",
+    "CHECKPOINT_LAG",
+    "CHECKPOINT_TIMESTAMP",
+    "ERRORS",
+    "EVENTS_RECEIVED",
+    "EVENTS_WRITTEN",
+    "QUARANTINED",
+    "RECONNECTS",
+    "RESTORE_OBJECTS",
+    "RESTORE_PROGRESS",
+    "RETENTION_GAPS",
+    "RETRIES",
+    "SEGMENT_BYTES",
+    "SEGMENTS_WRITTEN",
+    "DELETIONS",
+    "serve",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_RECEIVED = Counter(
+    "opencti_sync_events_received", "Stream data events received, by SSE event name.", ["event"], registry=REGISTRY
+)
+EVENTS_WRITTEN = Counter(
+    "opencti_sync_events_written",
+    "Events made durable, by sink and SSE event name.",
+    ["sink", "event"],
+    registry=REGISTRY,
+)
+SEGMENTS_WRITTEN = Counter("opencti_sync_segments_written", "Archive segments written.", registry=REGISTRY)
+SEGMENT_BYTES = Counter("opencti_sync_segment_bytes", "Compressed bytes of archive segments written.", registry=REGISTRY)
+CHECKPOINT_TIMESTAMP = Gauge(
+    "opencti_sync_checkpoint_timestamp_seconds",
+    "Time encoded in the checkpointed event id.",
+    registry=REGISTRY,
+)
+CHECKPOINT_LAG = Gauge(
+    "opencti_sync_checkpoint_lag_seconds",
+    "Now minus the time of the checkpointed event id.",
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "opencti_sync_retries", "Retried operations, by stage and error kind.", ["stage", "kind"], registry=REGISTRY
+)
+ERRORS = Counter("opencti_sync_errors", "Errors, by kind.", ["kind"], registry=REGISTRY)
+QUARANTINED = Counter(
+    "opencti_sync_quarantined_events", "Malformed events archived under quarantine/ with their reason.", registry=REGISTRY
+)
+RETENTION_GAPS = Counter(
+    "opencti_sync_retention_gaps",
+    "Times the checkpoint was found older than the platform's oldest retained event.",
+    registry=REGISTRY,
+)
+RECONNECTS = Counter("opencti_sync_reconnects", "Stream reconnections, by reason kind.", ["kind"], registry=REGISTRY)
+RESTORE_OBJECTS = Counter(
+    "opencti_sync_restore_objects", "Objects pushed (or deleted) by restore, by action.", ["action"], registry=REGISTRY
+)
+RESTORE_PROGRESS = Gauge("opencti_sync_restore_progress_ratio", "Restore progress, 0 to 1.", registry=REGISTRY)
+DELETIONS = Counter(
+    "opencti_sync_retention_deleted_objects", "Archive objects deleted by retention, by kind.", ["kind"], registry=REGISTRY
+)
+
+
+def serve(host: str, port: int) -> None:
+    """Expose the registry over HTTP in a daemon thread."""
+    start_http_server(port, addr=host, registry=REGISTRY)

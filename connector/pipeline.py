@@ -1,0 +1,346 @@
+"""The one loop: stream items → batch of whole groups → every sink durable → checkpoint.
+
+Data flows one way. ``Pipeline.run`` takes items from the source's queue, keeps pending events
+until their dependency group is complete, cuts batches by count, bytes and age (age is checked
+on every wake-up, so a quiet stream still flushes), writes each batch to every sink with
+retries, and only then saves the checkpoint. This module is the only caller of
+``CheckpointStore.save``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import metrics
+from .checkpoint import Checkpoint, CheckpointStore
+from .errors import ConnectorError, RetryableError
+from .events import Connected, ControlEvent, EventId, Heartbeat, Quarantined, StreamEvent
+from .sink import Batch, Sink
+from .source import Complete, Disconnected, Fatal, GapDetected, Item, Sourced, SseSource
+
+__all__ = ["BatchPolicy", "Pipeline", "ShutdownTimeout", "write_with_retry", "retry_call"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_events: int = 50_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_secs: float = 10.0
+
+
+class ShutdownTimeout(ConnectorError):
+    """The drain did not finish within the shutdown timeout; the checkpoint was not moved."""
+
+
+def _sleep_backoff(attempt: int, initial: float, cap: float, stop: threading.Event, deadline: float | None) -> None:
+    delay = random.uniform(0, min(cap, initial * 2 ** max(0, attempt - 1)))
+    if deadline is not None:
+        delay = min(delay, max(0.0, deadline - time.monotonic()))
+    # While stopping we still wait (bounded by the deadline) instead of spinning.
+    if stop.is_set():
+        time.sleep(delay)
+    else:
+        stop.wait(delay)
+
+
+def retry_call(
+    fn: Callable[[], None],
+    *,
+    stage: str,
+    stop: threading.Event,
+    initial: float = 1.0,
+    cap: float = 60.0,
+    deadline: Callable[[], float | None] = lambda: None,
+    describe: str = "",
+) -> None:
+    """Call ``fn`` until it succeeds; ``RetryableError`` is retried with full-jitter backoff
+    and no attempt limit, anything else propagates. Past the shutdown deadline it gives up."""
+    attempt = 0
+    while True:
+        try:
+            fn()
+            return
+        except RetryableError as exc:
+            attempt += 1
+            metrics.RETRIES.labels(stage, type(exc).__name__).inc()
+            limit = deadline()
+            if limit is not None and time.monotonic() >= limit:
+                raise ShutdownTimeout(f"{stage}: gave up at shutdown after {attempt} attempts: {exc}") from exc
+            log.warning(
+                "Write failed; retrying.",
+                extra={"stage": stage, "target": describe, "attempt": attempt, "error": str(exc)},
+            )
+            _sleep_backoff(attempt, initial, cap, stop, limit)
+
+
+def write_with_retry(
+    sinks: Sequence[Sink],
+    batch: Batch,
+    *,
+    stop: threading.Event,
+    initial: float = 1.0,
+    cap: float = 60.0,
+    deadline: Callable[[], float | None] = lambda: None,
+) -> None:
+    """Every sink makes the batch durable; a failing sink is retried alone (the others already
+    hold the batch, and writing it again would be harmless anyway)."""
+    for sink in sinks:
+        retry_call(
+            lambda sink=sink: sink.write(batch),  # type: ignore[misc]
+            stage="sending",
+            stop=stop,
+            initial=initial,
+            cap=cap,
+            deadline=deadline,
+            describe=sink.name,
+        )
+
+
+class Pipeline:
+    """Runs the stream into the sinks until stopped. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        source: SseSource,
+        sinks: Sequence[Sink],
+        store: CheckpointStore,
+        checkpoint: Checkpoint,
+        policy: BatchPolicy,
+        stop: threading.Event,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        shutdown_timeout: float = 30.0,
+        on_batch: Callable[[Batch], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sinks = list(sinks)
+        self.store = store
+        self.checkpoint = checkpoint
+        self.policy = policy
+        self.stop = stop
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.shutdown_timeout = shutdown_timeout
+        self.on_batch = on_batch
+        self._pending: list[StreamEvent] = []
+        self._groups: list[EventId] = []
+        self._quarantined: list[Quarantined] = []
+        self._complete_n = 0
+        self._complete_id: EventId | None = None
+        self._pending_bytes = 0
+        self._oldest: float | None = None
+        self._deadline: float | None = None
+        self.connected: Connected | None = None
+        self.batches = 0
+        last = checkpoint.last_event_id
+        self._saved_id: EventId | None = EventId.parse(last) if last else None
+        self._segment_last: EventId | None = (
+            EventId.parse(checkpoint.last_segment_last_id) if checkpoint.last_segment_last_id else None
+        )
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until ``stop`` is set or the source fails for good. Always drains before returning."""
+        self.source.start()
+        try:
+            while not self.stop.is_set():
+                try:
+                    items = self.source.queue.get(timeout=0.25)
+                except queue.Empty:
+                    items = []
+                for item in items:
+                    self._handle(item)
+                self._maybe_flush()
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        self._deadline = time.monotonic() + self.shutdown_timeout
+        self.source.close()
+        # Items already read are still worth keeping.
+        while True:
+            try:
+                items = self.source.queue.get_nowait()
+            except queue.Empty:
+                break
+            for item in items:
+                if not isinstance(item, Fatal):
+                    self._handle(item)
+        self._flush()
+        log.info("Stream drained.", extra={"last_event_id": self.checkpoint.last_event_id})
+
+    def _handle(self, item: Item) -> None:
+        if isinstance(item, Sourced):
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            self._pending.append(item.event)
+            self._groups.append(item.group)
+            self._pending_bytes += len(item.event.raw)
+        elif isinstance(item, Complete):
+            self._complete_n = len(self._pending)
+            self._complete_id = item.id
+            if not self._pending and not self._quarantined:
+                self._advance_idle(item.id)
+        elif isinstance(item, Quarantined):
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            self._quarantined.append(item)
+            metrics.QUARANTINED.inc()
+            log.warning(
+                "Event quarantined.",
+                extra={"event_id": item.id_text[:64], "event": item.event[:64], "reason": item.reason},
+            )
+        elif isinstance(item, Disconnected):
+            dropped = len(self._pending) - self._complete_n
+            del self._pending[self._complete_n :]
+            del self._groups[self._complete_n :]
+            self._pending_bytes = sum(len(e.raw) for e in self._pending)
+            metrics.RECONNECTS.labels(item.reason.split(":")[0][:40]).inc()
+            if dropped:
+                log.info("Partial group dropped; it will be re-delivered.", extra={"event_count": dropped})
+        elif isinstance(item, GapDetected):
+            metrics.RETENTION_GAPS.inc()
+            gap = {
+                "checkpoint_event_id": str(item.position),
+                "first_retained_event_id": str(item.first_event_id),
+                "repair_recover_until": item.repair_recover_until,
+            }
+            self.checkpoint.retention_gaps.append(gap)
+            if item.repair_recover_until:
+                # Recovery re-sends what changed; deletes in the lost window need reconciling.
+                self.checkpoint.recover_until = item.repair_recover_until
+                self.checkpoint.reconcile = {"due": True, **gap}
+            self._save()
+        elif isinstance(item, Connected):
+            self.connected = item
+        elif isinstance(item, ControlEvent):
+            if item.name == "no-recover" and not self.checkpoint.recover_refused:
+                self.checkpoint.recover_refused = True
+                self.checkpoint.recover_until = None
+                self._save()
+        elif isinstance(item, Heartbeat):
+            pass
+        elif isinstance(item, Fatal):
+            metrics.ERRORS.labels(type(item.error).__name__).inc()
+            self.stop.set()
+            raise item.error
+
+    def _advance_idle(self, event_id: EventId) -> None:
+        """A heartbeat with nothing pending: the checkpoint may follow the server's position."""
+        if self._saved_id is None or event_id > self._saved_id:
+            self.checkpoint.last_event_id = str(event_id)
+            self._save()
+
+    # -- flushing --------------------------------------------------------------------------
+
+    def _should_flush(self) -> bool:
+        if self._complete_n == 0 and not self._quarantined:
+            return False
+        if self._complete_n >= self.policy.max_events or self._pending_bytes >= self.policy.max_bytes:
+            return True
+        return self._oldest is not None and time.monotonic() - self._oldest >= self.policy.max_age_secs
+
+    def _maybe_flush(self) -> None:
+        if self._should_flush():
+            self._flush()
+
+    def _flush(self) -> None:
+        n = self._complete_n
+        if n == 0 and not self._quarantined:
+            return
+        events = self._pending[:n]
+        if events:
+            assert self._complete_id is not None
+            batch = Batch(
+                first_id=self._groups[0],
+                last_id=self._complete_id,
+                events=events,
+                quarantined=self._quarantined,
+                size_bytes=sum(len(e.raw) for e in events),
+                after_id=self._segment_last,
+            )
+        else:
+            anchor = self._saved_id or EventId(0, 0)
+            batch = Batch(first_id=anchor, last_id=anchor, quarantined=self._quarantined)
+        write_with_retry(
+            self.sinks,
+            batch,
+            stop=self.stop,
+            initial=self.backoff_initial,
+            cap=self.backoff_max,
+            deadline=lambda: self._deadline,
+        )
+        # Every sink said durable: now, and only now, the checkpoint may move.
+        cp = self.checkpoint
+        if events:
+            if self._saved_id is None or batch.last_id > self._saved_id:
+                cp.last_event_id = str(batch.last_id)
+            cp.last_segment_last_id = str(batch.last_id)
+            self._segment_last = batch.last_id
+        archived = self._archived_counts(batch)
+        cp.events_archived += archived[0]
+        cp.segments_written += archived[1]
+        cp.quarantined += len(batch.quarantined)
+        if archived[2]:
+            cp.last_segment = archived[2]
+        self._save()
+        counts = Counter(e.event for e in events)
+        for name, count in counts.items():
+            metrics.EVENTS_RECEIVED.labels(name).inc(count)
+            for sink in self.sinks:
+                metrics.EVENTS_WRITTEN.labels(sink.name, name).inc(count)
+        self.batches += 1
+        log.info(
+            "Batch written.",
+            extra={
+                "first_event_id": str(batch.first_id),
+                "last_event_id": str(batch.last_id),
+                "event_count": len(events),
+                "quarantined": len(batch.quarantined),
+                "sinks": [s.name for s in self.sinks],
+            },
+        )
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        del self._pending[:n]
+        del self._groups[:n]
+        self._quarantined = []
+        self._complete_n = 0
+        self._pending_bytes = sum(len(e.raw) for e in self._pending)
+        self._oldest = time.monotonic() if self._pending else None
+
+    def _archived_counts(self, batch: Batch) -> tuple[int, int, str | None]:
+        for sink in self.sinks:
+            result = getattr(sink, "last", None)
+            if result is not None and sink.name == "archive":
+                metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
+                return result.events, len(result.segments), (result.segments[-1] if result.segments else None)
+        return len(batch.events), 0, None
+
+    def _save(self) -> None:
+        retry_call(
+            lambda: self.store.save(self.checkpoint),
+            stage="checkpointing",
+            stop=self.stop,
+            initial=self.backoff_initial,
+            cap=self.backoff_max,
+            deadline=lambda: self._deadline,
+            describe=self.store.storage.describe(),
+        )
+        last = self.checkpoint.last_event_id
+        if last:
+            self._saved_id = EventId.parse(last)
+            ts = self._saved_id.ms / 1000
+            metrics.CHECKPOINT_TIMESTAMP.set(ts)
+            metrics.CHECKPOINT_LAG.set(max(0.0, time.time() - ts))

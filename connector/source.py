@@ -1,0 +1,451 @@
+"""The OpenCTI stream source: our own SSE loop over httpx + httpx-sse, in a reader thread.
+
+It connects to ``{url}/stream/{id}`` (or ``/stream`` for the raw stream), sends the start
+position in exactly one way (the ``from`` query parameter, never ``Last-Event-ID``: the platform
+gives ``from`` priority, so a client relying on the header would restart from the old ``from``
+on every reconnect), reconnects on silence, EOF, network errors, 5xx and 429 with exponential
+backoff and full jitter, and stops for good on 401 / 410 and other permanent answers.
+
+It tracks dependency groups: the platform sends a trigger's dependencies with the trigger's own
+id, so an id is complete only once a later distinct id, or a heartbeat above it, has arrived. It
+emits ``Complete(id)`` markers; the pipeline checkpoints only complete ids, and a reconnect
+resumes after the last complete one so a partial group is re-delivered whole.
+
+The reader never writes state: it hands items to the pipeline through a bounded queue (which
+also gives TCP back-pressure), one list per network chunk to keep per-event overhead low.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder  # pinned <0.5: SSE-correct line split
+
+from .errors import MalformedEvent, SourceRetryable, StreamGoneError
+from .events import DATA_EVENTS, Connected, ControlEvent, EventId, Heartbeat, Quarantined, StreamEvent
+
+__all__ = [
+    "Complete",
+    "Disconnected",
+    "Fatal",
+    "GapDetected",
+    "SourceConfig",
+    "SseSource",
+    "Sourced",
+    "iso_now",
+]
+
+log = logging.getLogger(__name__)
+
+_INIT_REFERERS = ("init-create", "init-dependencies")
+_KNOWN_CONTROL = {"consumer_metrics", "no-recover"}
+
+
+@dataclass(frozen=True, slots=True)
+class Sourced:
+    """A data event and its group id (the stream's high-water mark when it arrived)."""
+
+    event: StreamEvent
+    group: EventId
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Every event received so far belongs to groups at or below ``id``, all complete."""
+
+    id: EventId
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The connection ended; events after ``resume`` will be re-delivered."""
+
+    resume: EventId | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GapDetected:
+    """The checkpoint is older than the oldest event the platform still retains."""
+
+    position: EventId
+    first_event_id: EventId
+    repair_recover_until: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    error: Exception
+
+
+Item = Sourced | Complete | Disconnected | GapDetected | Fatal | Quarantined | Heartbeat | Connected | ControlEvent
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    url: str
+    token: str
+    stream_id: str = "live"
+    verify: bool | str = True
+    listen_delete: bool = True
+    no_dependencies: bool = False
+    with_inferences: bool = False
+    read_timeout: float = 45.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    retention_gap: str = "repair"
+    queue_size: int = 256
+
+
+def iso_now() -> str:
+    now = dt.datetime.now(dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def _iso_to_id(text: str) -> EventId | None:
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return EventId(int(value.timestamp() * 1000), 0)
+
+
+class SseSource:
+    """Follows one stream from a position; run ``start()`` then read ``queue``."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        *,
+        resume: EventId | None,
+        start_from: str = "0",
+        recover_until: str | None = None,
+        client_factory: Callable[[], httpx.Client] | None = None,
+    ) -> None:
+        self.config = config
+        self.queue: queue.Queue[list[Item]] = queue.Queue(maxsize=config.queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._response: httpx.Response | None = None
+        self._client_factory = client_factory or self._default_client
+        # Position state, owned by the reader thread.
+        self._complete: EventId | None = resume
+        self._hwm: EventId | None = resume
+        self._start_from = start_from
+        self._recover_until = recover_until
+        self._last_data: EventId | None = None
+        self._unknown_logged: set[str] = set()
+        self.connections = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> SseSource:
+        self._thread = threading.Thread(target=self._run, name="sse-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop reading. Safe from another thread: closing the response interrupts a read."""
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            try:
+                response.close()
+            except Exception:  # noqa: BLE001 - best effort while tearing down
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _default_client(self) -> httpx.Client:
+        timeout = httpx.Timeout(10.0, read=self.config.read_timeout)
+        return httpx.Client(timeout=timeout, verify=self.config.verify, follow_redirects=False)
+
+    # -- request ---------------------------------------------------------------------------
+
+    def _url(self) -> str:
+        base = self.config.url.rstrip("/")
+        if self.config.stream_id in ("", "raw"):
+            return f"{base}/stream"
+        return f"{base}/stream/{self.config.stream_id}"
+
+    def request_params(self) -> dict[str, str]:
+        """Query parameters for the next connection (the position goes only here)."""
+        params: dict[str, str] = {}
+        params["from"] = str(self._complete) if self._complete is not None else self._start_from
+        if self.config.stream_id not in ("", "raw"):
+            if self._recover_until:
+                params["recover"] = self._recover_until
+            params["listen-delete"] = "true" if self.config.listen_delete else "false"
+            params["no-dependencies"] = "true" if self.config.no_dependencies else "false"
+            params["with-inferences"] = "true" if self.config.with_inferences else "false"
+        return params
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _emit(self, items: list[Item], *, final: bool = False) -> None:
+        # A final report is delivered even while stopping (the pipeline drains the queue).
+        deadline = 30.0
+        while final or not self._stop.is_set():
+            try:
+                self.queue.put(items, timeout=0.5)
+                return
+            except queue.Full:
+                deadline -= 0.5
+                if final and deadline <= 0:
+                    return
+
+    def _run(self) -> None:
+        attempt = 0
+        client = self._client_factory()
+        try:
+            while not self._stop.is_set():
+                delivered = False
+                reason = ""
+                try:
+                    delivered = self._connect_once(client)
+                    reason = "stream ended (EOF)"
+                except StreamGoneError as exc:
+                    self._emit([Fatal(exc)], final=True)
+                    return
+                except _GapFail as exc:
+                    self._emit([*exc.pending, Fatal(exc.error)], final=True)
+                    return
+                except (httpx.TransportError, SourceRetryable) as exc:
+                    reason = _describe(exc)
+                except httpx.StreamError as exc:
+                    reason = f"stream error: {exc}"
+                except _Reconnect as exc:
+                    self._emit(exc.pending)
+                    reason = exc.reason
+                    delivered = True
+                if self._stop.is_set():
+                    return
+                # Whatever was pending beyond the last complete group will be re-sent.
+                self._hwm = self._complete
+                self._emit([Disconnected(self._complete, reason)])
+                attempt = 0 if delivered else attempt + 1
+                delay = 0.0 if attempt == 0 else random.uniform(
+                    0, min(self.config.backoff_max, self.config.backoff_initial * 2 ** (attempt - 1))
+                )
+                log.warning(
+                    "Stream reconnecting.",
+                    extra={"reason": reason, "attempt": attempt, "delay_secs": round(delay, 2),
+                           "resume_event_id": str(self._complete) if self._complete else None},
+                )
+                if delay:
+                    self._stop.wait(delay)
+        except Exception as exc:  # noqa: BLE001 - the reader must report, never die silently
+            log.exception("Stream reader failed.")
+            self._emit([Fatal(exc)], final=True)
+        finally:
+            client.close()
+
+    def _connect_once(self, client: httpx.Client) -> bool:
+        """One connection. Returns whether it delivered anything (resets the backoff)."""
+        headers = {
+            "Authorization": f"Bearer {self.config.token}",
+            "Accept": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+        params = self.request_params()
+        log.info("Stream connecting.", extra={"url": self._url(), "params": params})
+        delivered = False
+        with client.stream("GET", self._url(), params=params, headers=headers) as response:
+            self._response = response
+            try:
+                self._check_status(response)
+                self.connections += 1
+                lines = SSELineDecoder()
+                decoder = SSEDecoder()
+                for text in response.iter_text():
+                    out: list[Item] = []
+                    for line in lines.decode(text):
+                        sse = decoder.decode(line)
+                        if sse is not None:
+                            self._handle(sse.event, sse.id, sse.data, out)
+                    if out:
+                        delivered = True
+                        self._emit(out)
+                    if self._stop.is_set():
+                        break
+            finally:
+                self._response = None
+        return delivered
+
+    def _check_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status == 200:
+            ctype = response.headers.get("content-type", "")
+            if "text/event-stream" not in ctype:
+                raise SourceRetryable(f"expected text/event-stream, got {ctype!r}")
+            return
+        reason = response.reason_phrase or ""
+        if status == 429 or status >= 500:
+            raise SourceRetryable(f"HTTP {status} {reason}".strip())
+        if status == 401 and not reason:
+            reason = "unauthorized (check OPENCTI_TOKEN and the stream id)"
+        raise StreamGoneError(status, reason)
+
+    # -- message handling ------------------------------------------------------------------
+
+    def _handle(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+        if name in DATA_EVENTS:
+            self._data_event(name, id_text, data, out)
+        elif name == "heartbeat":
+            hb = self._position(id_text)
+            if hb is None:
+                return
+            if self._hwm is None or hb > self._hwm:
+                self._hwm = hb
+                self._complete = hb
+                out.append(Complete(hb))
+            out.append(Heartbeat(hb))
+        elif name == "connected":
+            self._connected(data, out)
+        elif name in _KNOWN_CONTROL:
+            pos = self._position(id_text)
+            if name == "no-recover":
+                log.warning("The platform refuses recovery for this stream; continuing live.")
+                self._recover_until = None
+            elif pos is not None and (self._hwm is None or pos > self._hwm):
+                # consumer_metrics carries a position like a heartbeat does.
+                self._hwm = pos
+                self._complete = pos
+                out.append(Complete(pos))
+            out.append(ControlEvent(name, pos))
+        else:
+            self._unknown(name, id_text, data, out)
+
+    def _position(self, id_text: str) -> EventId | None:
+        try:
+            return EventId.parse(id_text)
+        except ValueError:
+            log.warning("Ignoring a control message with a malformed id.", extra={"id": id_text[:64]})
+            return None
+
+    def _quarantine(self, id_text: str, name: str, data: str, reason: str, out: list[Item]) -> None:
+        after = self._complete or self._hwm or EventId(0, 0)
+        out.append(Quarantined(after, id_text, name, data, reason))
+
+    def _data_event(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+        try:
+            ev = StreamEvent.from_sse(id_text, name, data)
+        except MalformedEvent as exc:
+            self._quarantine(id_text, name, data, exc.reason, out)
+            return
+        hwm = self._hwm
+        if hwm is None or ev.id > hwm:
+            if hwm is not None and hwm != self._complete:
+                self._complete = hwm
+                out.append(Complete(hwm))
+            self._hwm = ev.id
+        elif ev.id < hwm and not _is_synthetic(ev):
+            self._quarantine(id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out)
+            return
+        self._last_data = ev.id
+        out.append(Sourced(ev, self._hwm or ev.id))
+
+    def _connected(self, data: str, out: list[Item]) -> None:
+        try:
+            info: dict[str, Any] = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        first = _opt_id(info.get("firstEventId"))
+        conn = Connected(
+            first_event_id=first,
+            last_event_id=_opt_id(info.get("lastEventId")),
+            stream_size=int(info.get("streamSize") or 0),
+            connection_id=str(info.get("connectionId") or ""),
+        )
+        out.append(conn)
+        position = self._complete
+        if position is None or first is None or position == EventId(0, 0):
+            return
+        recover_id = _iso_to_id(self._recover_until) if self._recover_until else None
+        effective = max(position, recover_id) if recover_id is not None else position
+        if effective >= first:
+            return
+        log.error(
+            "Stream retention passed the checkpoint: events were lost on the platform side.",
+            extra={"checkpoint_event_id": str(position), "first_event_id": str(first)},
+        )
+        if self.config.retention_gap == "fail":
+            gap = StreamGoneError(
+                0,
+                f"checkpoint {position} is older than the platform's oldest retained event "
+                f"{first}; set connector.retention_gap=repair to re-snapshot",
+            )
+            out.append(GapDetected(position, first, None))
+            raise _GapFail(gap, out)
+        # Repair: reconnect with from=<checkpoint>&recover=<now> so the database snapshot
+        # re-sends everything that changed since the checkpoint.
+        self._recover_until = iso_now()
+        out.append(GapDetected(position, first, self._recover_until))
+        raise _Reconnect("retention gap: reconnecting in recover mode", out)
+
+    def _unknown(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+        try:
+            parsed = orjson.loads(data) if data else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("data"), dict):
+            self._quarantine(id_text, name, data, f"unknown event name {name[:64]!r}", out)
+            return
+        if name not in self._unknown_logged:
+            self._unknown_logged.add(name)
+            log.warning("Skipping an unknown control event.", extra={"event": name[:64]})
+
+
+class _Reconnect(Exception):
+    """Internal: end this connection and reconnect at once (items already produced go first)."""
+
+    def __init__(self, reason: str, pending: list[Item]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.pending = pending
+
+
+class _GapFail(Exception):
+    """Internal: a retention gap with ``retention_gap=fail``."""
+
+    def __init__(self, error: StreamGoneError, pending: list[Item]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.pending = pending
+
+
+def _is_synthetic(ev: StreamEvent) -> bool:
+    origin = ev.envelope.get("origin")
+    return isinstance(origin, dict) and origin.get("referer") in _INIT_REFERERS
+
+
+def _opt_id(value: object) -> EventId | None:
+    if isinstance(value, str):
+        try:
+            return EventId.parse(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.ReadTimeout):
+        return "no message within the read timeout (silent stream)"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect: {exc}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"connection dropped: {exc}"
+    return f"{type(exc).__name__}: {exc}"
