@@ -1,0 +1,450 @@
+"""The OpenCTI target: applies stream events to another platform through pycti.
+
+Transport: the platform's ``stixBundlePush`` mutation (``api.send_bundle_to_api``). The platform
+stores the bundle as a persistent message on the connector's queue and its workers import it with
+``update=True``; no RabbitMQ client runs here. "Acknowledged" therefore means the mutation returned
+without error: on a real platform the bundle is durably queued, not yet applied (see
+docs/OPENCTI-TARGET.md for what that implies and how our platform double differs).
+
+Event semantics follow the platform's own synchroniser (opencti-stream-protocol.md §6.5):
+create/update upsert the whole object, merge becomes an ``opencti_operation: merge`` object,
+delete an ``opencti_operation: delete`` object. Stream order is kept by pushing consecutive runs
+one after another: a merge or delete never shares a bundle with the upserts before it, because
+the platform's workers split multi-object bundles and import the pieces in dependency order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs installed
+from pycti import OpenCTIApiClient, OpenCTIConnector
+
+from ..errors import PermanentError, RetryableError, SinkError
+from ..events import OCTI_EXT, StreamEvent
+from ..sink import Batch
+
+__all__ = ["OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PING_EVERY_S = 40.0  # pycti's own PingAlive period: the UI shows connectors as alive on it
+_BUNDLE_NS = uuid.UUID("6f0f3c3e-9a4e-4c1e-8f5d-2f8f3b8a7c11")
+
+# GraphQL error names (top-level "name", or extensions.code) pycti puts into its ValueError.
+_AUTH_ERRORS = {"AUTH_REQUIRED", "AUTH_FAILURE", "FORBIDDEN_ACCESS", "UNAUTHENTICATED"}
+_TRANSIENT_ERRORS = {
+    "LOCK_ERROR",
+    "DATABASE_ERROR",
+    "ENGINE_ERROR",
+    "TIMEOUT_ERROR",
+    "RESOURCE_ERROR",
+    "TOO_MANY_REQUESTS",
+}
+_TRANSIENT_WORDS = ("lock", "timeout", "timed out", "bad gateway", "unavailable", "try again")
+
+_IDENTITY_QUERY = """
+    query SyncTargetIdentity {
+        about { version }
+        settings { id }
+    }
+"""
+
+
+@dataclass(slots=True)
+class Push:
+    """One ``stixBundlePush``: objects applied together, after every earlier push."""
+
+    kind: str  # "upsert" | "delete" | "merge"
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+
+    def bundle(self) -> str:
+        # Deterministic bundle id: a replayed batch pushes byte-identical bundles.
+        seed = f"{self.kind}:{self.event_ids[0]}:{self.event_ids[-1]}:{len(self.objects)}"
+        body = {
+            "type": "bundle",
+            "id": f"bundle--{uuid.uuid5(_BUNDLE_NS, seed)}",
+            "objects": self.objects,
+        }
+        return json.dumps(body, ensure_ascii=False)
+
+
+def previous_standard(ev: StreamEvent) -> str | None:
+    """The standard id before this update: the ``value`` of the reverse patch op on ``/id``."""
+    context = ev.envelope.get("context")
+    ops = context.get("reverse_patch") if isinstance(context, dict) else None
+    if not isinstance(ops, list):
+        return None
+    for op in ops:
+        if isinstance(op, dict) and op.get("path") == "/id":
+            value = op.get("value")
+            if isinstance(value, str) and value != ev.stix_id:
+                return value
+    return None
+
+
+def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
+    """Carry the previous standard id as a STIX id alias.
+
+    The push path has no ``previous-standard`` header (the platform builds the worker message
+    itself), but the platform resolves an upsert's existing entity by every input id, aliases
+    included, so the entity whose standard id changed is updated instead of duplicated.
+    """
+    out = copy.deepcopy(stix)
+    ext = out.setdefault("extensions", {}).setdefault(
+        OCTI_EXT, {"extension_type": "property-extension"}
+    )
+    aliases = ext.get("stix_ids")
+    aliases = list(aliases) if isinstance(aliases, list) else []
+    if alias not in aliases:
+        aliases.append(alias)
+    ext["stix_ids"] = aliases
+    return out
+
+
+def _operation(stix: dict[str, Any], operation: str, **extra: Any) -> dict[str, Any]:
+    # Same shape the platform's worker builds from a stream event (push_handler.py): the data
+    # object plus top-level ``opencti_operation`` and the operation's arguments.
+    out = copy.deepcopy(stix)
+    out["opencti_operation"] = operation
+    out.update(extra)
+    return out
+
+
+def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[Push]:
+    """Turn stream events into pushes that, applied in order, reproduce the stream's effect.
+
+    Consecutive creates/updates share a push (the last version of an object wins, at the
+    position of its first appearance so references still come after their targets). Deletes
+    share a push with adjacent deletes only. A merge is three pushes: upsert the target (it may
+    be unknown here), merge the sources into it, upsert it again so its content is the source's
+    final one. An id-changing update starts a new push so the old id is there to be found.
+    """
+    pushes: list[Push] = []
+    upserts: dict[str, dict[str, Any]] = {}
+    upsert_ids: list[str] = []
+    deletes: dict[str, dict[str, Any]] = {}
+    delete_ids: list[str] = []
+
+    def flush_upserts() -> None:
+        if upserts:
+            pushes.append(Push("upsert", list(upserts.values()), list(upsert_ids)))
+            upserts.clear()
+            upsert_ids.clear()
+
+    def flush_deletes() -> None:
+        if deletes:
+            pushes.append(Push("delete", list(deletes.values()), list(delete_ids)))
+            deletes.clear()
+            delete_ids.clear()
+
+    for ev in events:
+        stix = ev.stix
+        if ev.event in ("create", "update"):
+            flush_deletes()
+            prev = previous_standard(ev) if ev.event == "update" else None
+            if prev is not None:
+                flush_upserts()
+                stix = _with_alias(stix, prev)
+            if ev.stix_id not in upserts and len(upserts) >= max_objects:
+                flush_upserts()
+            upserts[ev.stix_id] = stix
+            upsert_ids.append(ev.id_text)
+        elif ev.event == "delete":
+            flush_upserts()
+            deletes[ev.stix_id] = _operation(stix, "delete")
+            delete_ids.append(ev.id_text)
+            if len(deletes) >= max_objects:
+                flush_deletes()
+        elif ev.event == "merge":
+            flush_upserts()
+            flush_deletes()
+            context = ev.envelope.get("context")
+            sources = context.get("sources", []) if isinstance(context, dict) else []
+            source_ids = [
+                s["id"] for s in sources if isinstance(s, dict) and isinstance(s.get("id"), str)
+            ]
+            ids = [ev.id_text]
+            pushes.append(Push("upsert", [stix], ids))
+            if source_ids:
+                merge = _operation(
+                    stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=source_ids
+                )
+                pushes.append(Push("merge", [merge], ids))
+                pushes.append(Push("upsert", [stix], ids))
+    flush_upserts()
+    flush_deletes()
+    return pushes
+
+
+def _norm_url(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower() or "https"
+    port = parts.port or (443 if scheme == "https" else 80)
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", "::1"):
+        host = "127.0.0.1"
+    return scheme, host, port, parts.path.rstrip("/")
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two platform base URLs designate the same endpoint (scheme, host, port, path)."""
+    return _norm_url(a) == _norm_url(b)
+
+
+class OpenCTITarget:
+    """A ``connector.sink.Sink`` writing into an OpenCTI platform through real pycti."""
+
+    name = "opencti"
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        ssl_verify: bool = True,
+        ca_bundle: str | None = None,
+        connector_id: str,
+        connector_name: str = "opencti-sync",
+        synchronized: bool = False,
+        source_url: str | None = None,
+        source_token: str | None = None,
+        allow_same_platform: bool = False,
+        register: bool = True,
+        max_bundle_objects: int = 500,
+        requests_timeout: int = 60,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._token = token
+        self._verify: bool | str = ca_bundle if (ssl_verify and ca_bundle) else ssl_verify
+        self.connector_id = connector_id
+        self.connector_name = connector_name
+        self.synchronized = synchronized
+        self.source_url = source_url
+        self._source_token = source_token
+        self.allow_same_platform = allow_same_platform
+        self.register = register
+        self.max_bundle_objects = max(1, max_bundle_objects)
+        self.requests_timeout = requests_timeout
+        self.platform_id: str | None = None
+        self.platform_version: str | None = None
+        self.last_event_id: str | None = None
+        self._api: OpenCTIApiClient | None = None
+        self._status: int | None = None
+        self._checked = False
+        self._last_ping = 0.0
+
+    # -- pycti plumbing -------------------------------------------------------------------
+
+    def _client(self, url: str, token: str) -> OpenCTIApiClient:
+        try:
+            # Health check done by us (same query) so the real error is not swallowed.
+            api = OpenCTIApiClient(
+                url,
+                token,
+                log_level="error",
+                ssl_verify=self._verify,
+                perform_health_check=False,
+                requests_timeout=self.requests_timeout,
+            )
+        except ValueError as exc:
+            raise PermanentError(f"OpenCTI target {url}: {self._scrub(str(exc))}") from exc
+        # pycti turns every non-200 answer into ValueError(body): remember the status so the
+        # error can be classified (429/5xx retryable, 401/403 permanent).
+        api.session.hooks["response"].append(self._remember_status)
+        return api
+
+    def _remember_status(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self._status = response.status_code
+
+    @property
+    def api(self) -> OpenCTIApiClient:
+        if self._api is None:
+            self._api = self._client(self.url, self._token)
+        return self._api
+
+    def _scrub(self, text: str) -> str:
+        for secret in (self._token, self._source_token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text[:500]
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one pycti call, translating whatever it raises into our taxonomy."""
+        self._status = None
+        try:
+            return fn()
+        except SinkError:
+            raise
+        except Exception as exc:  # pycti raises ValueError/requests/JSON errors for everything
+            raise self._translate(what, exc) from exc
+
+    def _translate(self, what: str, exc: Exception) -> SinkError:
+        where = f"OpenCTI target {self.url}: {what}"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return PermanentError(f"{where}: TLS verification failed ({type(exc).__name__})")
+        if isinstance(exc, requests.RequestException):
+            return RetryableError(f"{where}: {type(exc).__name__}: {self._scrub(str(exc))}")
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, dict):
+            name = str(detail.get("name") or "")
+            message = str(detail.get("error_message") or detail.get("message") or "")
+            obj = detail.get("id") or detail.get("stix_id")
+            text = f"{where}: {name}: {message}" + (f" (object {obj})" if obj else "")
+            text = self._scrub(text)
+            if name in _AUTH_ERRORS:
+                return PermanentError(text + " - check the target token and its capabilities")
+            lowered = message.lower()
+            if name in _TRANSIENT_ERRORS or any(w in lowered for w in _TRANSIENT_WORDS):
+                return RetryableError(text)
+            return PermanentError(text)
+        status = self._status
+        text = self._scrub(f"{where}: HTTP {status}: {detail}")
+        if status in (401, 403):
+            return PermanentError(text + " - check the target token")
+        if status is None or status == 429 or status >= 500 or status == 200:
+            # 200 with an unreadable body is a proxy or a restarting platform, not our data.
+            return RetryableError(text)
+        return PermanentError(text)
+
+    # -- Sink -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Health check, loop prevention, registration as a STREAM connector, first ping."""
+        about = self._call("health check", lambda: self.api.query(_IDENTITY_QUERY))
+        data = about.get("data") or {}
+        self.platform_version = (data.get("about") or {}).get("version")
+        self.platform_id = (data.get("settings") or {}).get("id")
+        self._check_not_source()
+        if self.register:
+            connector = OpenCTIConnector(
+                connector_id=self.connector_id,
+                connector_name=self.connector_name,
+                connector_type="STREAM",
+                scope=[],
+                auto=False,
+                only_contextual=False,
+                playbook_compatible=False,
+                auto_update=False,
+                enrichment_resolution="none",
+            )
+            self._call("register connector", lambda: self.api.connector.register(connector))
+        self._checked = True
+        self._ping(force=True)
+        log.info(
+            "OpenCTI target ready",
+            extra={"target": self.url, "version": self.platform_version, "sync": self.synchronized},
+        )
+
+    def _check_not_source(self) -> None:
+        if self.allow_same_platform or not self.source_url:
+            return
+        if self._source_token and self.platform_id:
+            src = self._client(self.source_url, self._source_token)
+            try:
+                answer = src.query(_IDENTITY_QUERY)
+                source_id = ((answer.get("data") or {}).get("settings") or {}).get("id")
+            except Exception:  # the source is read by another component; fall back to URLs
+                source_id = None
+            if source_id and source_id == self.platform_id:
+                raise PermanentError(
+                    f"OpenCTI target {self.url} is the source platform itself (same settings id "
+                    f"{source_id}); syncing a platform into itself loops. Set "
+                    "allow_same_platform to override."
+                )
+        if same_url(self.source_url, self.url):
+            raise PermanentError(
+                f"OpenCTI target {self.url} is the source URL; syncing a platform into itself "
+                "loops. Set allow_same_platform to override."
+            )
+
+    def _ping(self, *, force: bool = False) -> None:
+        if not self.register:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_ping < PING_EVERY_S:
+            return
+        state = {"last_event_id": self.last_event_id}
+        info = {
+            "run_and_terminate": False,
+            "buffering": False,
+            "queue_threshold": 500.0,
+            "queue_messages_size": 0.0,
+            "next_run_datetime": None,
+            "last_run_datetime": None,
+        }
+        self._call(
+            "ping connector", lambda: self.api.connector.ping(self.connector_id, state, info)
+        )
+        self._last_ping = now
+
+    def _push(self, push: Push) -> None:
+        bundle = push.bundle()
+        api = self.api
+        # Informational on the push path (the platform does not forward request headers to its
+        # workers); they take effect on any direct API call pycti makes with this client.
+        api.set_synchronized_upsert_header(self.synchronized)
+        api.set_event_id(push.event_ids[-1])
+        what = f"push {push.kind} of {len(push.objects)} object(s)"
+        if len(push.objects) == 1:
+            what += f" {push.objects[0].get('id')}"
+        what += f" (events {push.event_ids[0]}..{push.event_ids[-1]})"
+        result = self._call(
+            what,
+            lambda: api.send_bundle_to_api(
+                connector_id=self.connector_id, bundle=bundle, work_id=None
+            ),
+        )
+        if not isinstance(result, dict) or not (result.get("data") or {}).get("stixBundlePush"):
+            raise RetryableError(f"OpenCTI target {self.url}: {what}: not acknowledged")
+
+    def write(self, batch: Batch) -> None:
+        """Push the batch's events in stream order; returns once every push is acknowledged."""
+        if not self._checked:
+            self.check()
+        for push in plan_pushes(batch.events, self.max_bundle_objects):
+            self._push(push)
+        if batch.events:
+            self.last_event_id = str(batch.last_id)
+        self._ping()
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        """Plain upserts of STIX objects, in the given order (used by restore)."""
+        if not self._checked:
+            self.check()
+        for start in range(0, len(objects), self.max_bundle_objects):
+            chunk = objects[start : start + self.max_bundle_objects]
+            self._push(Push("upsert", chunk, [f"restore-{start}", f"restore-{start + len(chunk)}"]))
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        """Delete objects by id (used by restore). Unknown ids are not an error."""
+        if not self._checked:
+            self.check()
+        for start in range(0, len(stix_ids), self.max_bundle_objects):
+            chunk = stix_ids[start : start + self.max_bundle_objects]
+            objects = [
+                {"id": i, "type": i.split("--", 1)[0], "opencti_operation": "delete"} for i in chunk
+            ]
+            self._push(Push("delete", objects, [f"delete-{start}", f"delete-{start + len(chunk)}"]))
+
+    def close(self) -> None:
+        if self._api is not None:
+            if self._checked:
+                try:
+                    self._ping(force=True)  # let the UI show the final position
+                except SinkError as exc:
+                    log.warning("final ping failed: %s", exc)
+            self._api.session.close()
+            self._api = None
+        self._checked = False
