@@ -29,7 +29,7 @@ import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs
 from pycti import OpenCTIApiClient, OpenCTIConnector
 
 from ..errors import PermanentError, RetryableError, SinkError
-from ..events import OCTI_EXT, StreamEvent
+from ..events import OCTI_EXT, StreamEvent, octi_ext
 from ..sink import Batch
 
 __all__ = ["OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
@@ -71,7 +71,10 @@ class Push:
 
     def bundle(self) -> str:
         # Deterministic bundle id: a replayed batch pushes byte-identical bundles.
-        seed = f"{self.kind}:{self.event_ids[0]}:{self.event_ids[-1]}:{len(self.objects)}"
+        if self.event_ids:
+            seed = f"{self.kind}:{self.event_ids[0]}:{self.event_ids[-1]}:{len(self.objects)}"
+        else:
+            seed = self.kind + ":" + ",".join(str(o.get("id")) for o in self.objects)
         body = {
             "type": "bundle",
             "id": f"bundle--{uuid.uuid5(_BUNDLE_NS, seed)}",
@@ -113,6 +116,25 @@ def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
     return out
 
 
+def _without_aliases(stix: dict[str, Any], sources: list[Any]) -> dict[str, Any]:
+    """The merge target without the sources' ids among its aliases.
+
+    Upserting it with those aliases would make the platform resolve it to the (still existing)
+    sources as well: an ambiguous match. This version only makes sure the target exists.
+    """
+    dropped: set[str] = set()
+    for src in sources:
+        if isinstance(src, dict):
+            dropped.add(str(src.get("id")))
+            dropped.update(str(i) for i in octi_ext(src).get("stix_ids") or [])
+    aliases = octi_ext(stix).get("stix_ids")
+    if not isinstance(aliases, list) or not dropped.intersection(aliases):
+        return stix
+    out = copy.deepcopy(stix)
+    out["extensions"][OCTI_EXT]["stix_ids"] = [a for a in aliases if a not in dropped]
+    return out
+
+
 def _operation(stix: dict[str, Any], operation: str, **extra: Any) -> dict[str, Any]:
     # Same shape the platform's worker builds from a stream event (push_handler.py): the data
     # object plus top-level ``opencti_operation`` and the operation's arguments.
@@ -129,7 +151,8 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
     position of its first appearance so references still come after their targets). Deletes
     share a push with adjacent deletes only. A merge is three pushes: upsert the target (it may
     be unknown here), merge the sources into it, upsert it again so its content is the source's
-    final one. An id-changing update starts a new push so the old id is there to be found.
+    final one (the first upsert leaves out the sources' ids, see ``_without_aliases``). An
+    id-changing update starts a new push so the old id is there to be found.
     """
     pushes: list[Push] = []
     upserts: dict[str, dict[str, Any]] = {}
@@ -176,7 +199,7 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
                 s["id"] for s in sources if isinstance(s, dict) and isinstance(s.get("id"), str)
             ]
             ids = [ev.id_text]
-            pushes.append(Push("upsert", [stix], ids))
+            pushes.append(Push("upsert", [_without_aliases(stix, sources)], ids))
             if source_ids:
                 merge = _operation(
                     stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=source_ids
@@ -300,8 +323,10 @@ class OpenCTITarget:
         if isinstance(detail, dict):
             name = str(detail.get("name") or "")
             message = str(detail.get("error_message") or detail.get("message") or "")
+            reason = detail.get("reason") or detail.get("cause")
             obj = detail.get("id") or detail.get("stix_id")
-            text = f"{where}: {name}: {message}" + (f" (object {obj})" if obj else "")
+            text = f"{where}: {name}: {message}"
+            text += (f": {reason}" if reason else "") + (f" (object {obj})" if obj else "")
             text = self._scrub(text)
             if name in _AUTH_ERRORS:
                 return PermanentError(text + " - check the target token and its capabilities")
@@ -395,11 +420,13 @@ class OpenCTITarget:
         # Informational on the push path (the platform does not forward request headers to its
         # workers); they take effect on any direct API call pycti makes with this client.
         api.set_synchronized_upsert_header(self.synchronized)
-        api.set_event_id(push.event_ids[-1])
+        if push.event_ids:
+            api.set_event_id(push.event_ids[-1])
         what = f"push {push.kind} of {len(push.objects)} object(s)"
         if len(push.objects) == 1:
             what += f" {push.objects[0].get('id')}"
-        what += f" (events {push.event_ids[0]}..{push.event_ids[-1]})"
+        if push.event_ids:
+            what += f" (events {push.event_ids[0]}..{push.event_ids[-1]})"
         result = self._call(
             what,
             lambda: api.send_bundle_to_api(
@@ -425,7 +452,7 @@ class OpenCTITarget:
             self.check()
         for start in range(0, len(objects), self.max_bundle_objects):
             chunk = objects[start : start + self.max_bundle_objects]
-            self._push(Push("upsert", chunk, [f"restore-{start}", f"restore-{start + len(chunk)}"]))
+            self._push(Push("upsert", chunk))
 
     def delete_ids(self, stix_ids: list[str]) -> None:
         """Delete objects by id (used by restore). Unknown ids are not an error."""
@@ -436,7 +463,7 @@ class OpenCTITarget:
             objects = [
                 {"id": i, "type": i.split("--", 1)[0], "opencti_operation": "delete"} for i in chunk
             ]
-            self._push(Push("delete", objects, [f"delete-{start}", f"delete-{start + len(chunk)}"]))
+            self._push(Push("delete", objects))
 
     def close(self) -> None:
         if self._api is not None:

@@ -1,0 +1,339 @@
+"""OpenCTITarget through real pycti over HTTP into a simulated platform (SimServer + PlatformApi).
+
+Events come from simulator A's stream log (the exact SSE frames its stream serves); the target
+writes them into simulator B; B's state must then equal A's.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from connector.errors import PermanentError, RetryableError
+from connector.events import StreamEvent
+from connector.sim import sample_bundle
+from connector.sim.platform import platform_state
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.sink import Batch
+from connector.target.opencti import OpenCTITarget, plan_pushes
+from tests.support.compare import assert_same_state, state_diff
+
+TOKEN = "target-token-0123456789"
+SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
+
+
+def events_since(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
+    """Data events of ``store``'s stream log from absolute position ``pos``, parsed like SSE."""
+    out: list[StreamEvent] = []
+    while True:
+        chunk = store.read(pos)
+        if not chunk.frames:
+            return out, pos
+        for frame in chunk.frames:
+            fields: dict[str, str] = {}
+            for line in frame.decode().split("\n"):
+                name, sep, value = line.partition(": ")
+                if sep:
+                    fields[name] = value
+            if fields.get("event") in ("create", "update", "merge", "delete"):
+                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
+        pos = chunk.start + len(chunk.frames)
+
+
+def batch_of(events: list[StreamEvent]) -> Batch:
+    return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
+
+
+class Sync:
+    """Source store A, target simulator B, and a cursor over A's stream."""
+
+    def __init__(self, a: SimStore, b: SimServer, target: OpenCTITarget) -> None:
+        self.a, self.b, self.target, self.pos = a, b, target, 0
+
+    def step(self) -> list[StreamEvent]:
+        events, self.pos = events_since(self.a, self.pos)
+        if events:
+            self.target.write(batch_of(events))
+        return events
+
+    def assert_converged(self) -> None:
+        assert_same_state(self.a.dump_bundle(), self.b.store.dump_bundle())
+
+
+def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
+    options: dict[str, Any] = {
+        "url": url,
+        "token": TOKEN,
+        "connector_id": str(uuid.uuid4()),
+        "source_url": "http://source.example:4000",
+    }
+    options.update(kwargs)
+    return OpenCTITarget(**options)
+
+
+@pytest.fixture()
+def platform_b() -> Iterator[SimServer]:
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=store) as server:
+        yield server
+
+
+@pytest.fixture()
+def sync(platform_b: SimServer) -> Iterator[Sync]:
+    a = SimStore()
+    a.load_bundle(sample_bundle(SAMPLE))
+    target = make_target(platform_b.url)
+    target.check()
+    yield Sync(a, platform_b, target)
+    target.close()
+
+
+def test_creates_of_real_samples_converge(sync: Sync) -> None:
+    events = sync.step()
+    assert len(events) == 67
+    sync.assert_converged()
+    # B is a platform: what it applied shows up on its own stream.
+    assert sync.b.store.event_count == 67
+
+
+def test_same_batch_twice_changes_nothing(sync: Sync) -> None:
+    events = sync.step()
+    before = sync.b.store.event_count
+    dump = sync.b.store.dump_bundle()
+    sync.target.write(batch_of(events))
+    assert sync.b.store.event_count == before
+    assert sync.b.store.dump_bundle() == dump
+
+
+def _malware(name: str, **extra: Any) -> dict[str, Any]:
+    stix = {
+        "type": "malware",
+        "spec_version": "2.1",
+        "id": f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, name)}",
+        "created": "2024-01-01T00:00:00.000Z",
+        "modified": "2024-01-01T00:00:00.000Z",
+        "name": name,
+        "is_family": True,
+    }
+    stix.update(extra)
+    return stix
+
+
+def test_updates_including_standard_id_change(sync: Sync) -> None:
+    sync.step()
+    a = sync.a
+    a.upsert(_malware("Alpha", description="first", aliases=["a1"]))
+    sync.step()
+    alpha = _malware("Alpha")["id"]
+    a.update(alpha, set={"description": "second", "aliases": ["a1", "a2"]})
+    new_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'Alpha renamed')}"
+    a.update(alpha, set={"name": "Alpha renamed"}, new_id=new_id)
+    events = sync.step()
+    assert [e.event for e in events] == ["update", "update"]
+    assert any(op.get("path") == "/id" for op in events[-1].envelope["context"]["reverse_patch"])
+    sync.assert_converged()
+    moved = sync.b.store.get(new_id)
+    assert moved is not None and moved["id"] == new_id
+    # The old standard id now resolves to the same entity instead of a duplicate.
+    assert sync.b.store.get(alpha) == moved
+
+
+def test_merge_removes_sources_on_target(sync: Sync) -> None:
+    sync.step()
+    a = sync.a
+    for name in ("Target", "Source one", "Source two"):
+        a.upsert(_malware(name))
+    sync.step()
+    target, s1, s2 = (_malware(n)["id"] for n in ("Target", "Source one", "Source two"))
+    a.merge(target, [s1, s2])
+    events = sync.step()
+    assert [e.event for e in events] == ["merge"]
+    sync.assert_converged()
+    merged = sync.b.store.get(s1)
+    assert merged is not None and merged["id"] == target  # sources are aliases of the target
+    assert all(o["id"] not in (s1, s2) for o in sync.b.store.objects())
+
+
+def test_merge_with_sources_unknown_to_target_does_not_resurrect(platform_b: SimServer) -> None:
+    a = SimStore()
+    for name in ("Target", "Source one"):
+        a.upsert(_malware(name))
+    target, s1 = _malware("Target")["id"], _malware("Source one")["id"]
+    _, pos = events_since(a)  # B never saw the creates
+    a.merge(target, [s1])
+    events, _ = events_since(a, pos)
+    sink = make_target(platform_b.url)
+    sink.write(batch_of(events))
+    sync_state = platform_b.store.dump_bundle()
+    assert [o["id"] for o in sync_state["objects"]] == [target]
+    assert_same_state(a.dump_bundle(), sync_state)
+
+
+def test_deletes_and_unknown_deletes(sync: Sync) -> None:
+    sync.step()
+    a = sync.a
+    a.upsert(_malware("Doomed"))
+    a.upsert(_malware("Born and gone"))
+    doomed = _malware("Doomed")["id"]
+    sync.step()
+    a.delete(doomed)
+    a.delete(_malware("Born and gone")["id"])
+    sync.step()
+    assert sync.b.store.get(doomed) is None
+    sync.assert_converged()
+    sync.target.delete_ids([doomed, "malware--00000000-0000-4000-8000-000000000000"])
+    sync.assert_converged()
+
+
+def test_stream_order_kept_within_one_batch(sync: Sync) -> None:
+    sync.step()
+    a = sync.a
+    a.upsert(_malware("Short lived"))
+    a.delete(_malware("Short lived")["id"])
+    a.upsert(_malware("Short lived", description="reborn"))
+    events = sync.step()
+    assert [e.event for e in events] == ["create", "delete", "create"]
+    assert [p.kind for p in plan_pushes(events)] == ["upsert", "delete", "upsert"]
+    sync.assert_converged()
+    reborn = sync.b.store.get(_malware("Short lived")["id"])
+    assert reborn is not None and reborn["description"] == "reborn"
+
+
+def test_removals_need_perfect_sync(platform_b: SimServer) -> None:
+    """Like the platform's push path, plain upserts merge: a removed value stays on B."""
+    a = SimStore()
+    a.upsert(_malware("Kept", description="old text", aliases=["x", "y"]))
+    sync = Sync(a, platform_b, make_target(platform_b.url))
+    sync.step()
+    a.update(_malware("Kept")["id"], set={"aliases": ["x"]}, unset=["description"])
+    sync.step()
+    assert state_diff(a.dump_bundle(), platform_b.store.dump_bundle())  # not converged
+    # A platform that forwards synchronized-upsert to its import (direct API / worker events).
+    platform_b.store.platform_forward_headers = True  # type: ignore[attr-defined]
+    perfect = Sync(a, platform_b, make_target(platform_b.url, synchronized=True))
+    perfect.step()
+    perfect.assert_converged()
+
+
+def test_registration_and_ping_visible_on_platform(platform_b: SimServer) -> None:
+    a = SimStore()
+    a.upsert(_malware("Pinged"))
+    sink = make_target(platform_b.url, connector_name="sync from A")
+    sink.check()
+    connectors = platform_state(platform_b.store).connectors
+    record = connectors[sink.connector_id]
+    assert record["connector_type"] == "STREAM"
+    assert record["name"] == "sync from A"
+    events, _ = events_since(a)
+    sink.write(batch_of(events))
+    sink.close()
+    assert f'"last_event_id": "{events[-1].id_text}"' in record["connector_state"]
+    # pycti's own connector read works against the double too.
+    reader = make_target(platform_b.url, register=False)
+    assert reader.api.connector.read(sink.connector_id)["connector_type"] == "STREAM"
+
+
+def test_same_platform_is_refused(platform_b: SimServer) -> None:
+    with pytest.raises(PermanentError, match="source"):
+        make_target(platform_b.url, source_url=platform_b.url + "/").check()
+    # The same platform at another address (a second node on the same data) is caught by its
+    # settings id when the source token is given.
+    with SimServer(token=TOKEN, store=platform_b.store) as node2:
+        with pytest.raises(PermanentError, match="settings id"):
+            make_target(platform_b.url, source_url=node2.url, source_token=TOKEN).check()
+        other = SimStore()
+        other.api_token = TOKEN  # type: ignore[attr-defined]
+        with SimServer(token=TOKEN, store=other) as elsewhere:
+            make_target(platform_b.url, source_url=elsewhere.url, source_token=TOKEN).check()
+    make_target(platform_b.url, source_url=platform_b.url, allow_same_platform=True).check()
+    assert not platform_b.store.object_count
+
+
+def test_bad_token_is_permanent_and_not_leaked(platform_b: SimServer) -> None:
+    bad = "wrong-secret-token-value"
+    with pytest.raises(PermanentError, match="AUTH_REQUIRED") as info:
+        make_target(platform_b.url, token=bad).check()
+    assert bad not in str(info.value)
+
+
+def test_platform_down_is_retryable(platform_b: SimServer) -> None:
+    sink = make_target(platform_b.url)
+    sink.check()
+    a = SimStore()
+    a.upsert(_malware("Lost in transit"))
+    events, _ = events_since(a)
+    platform_b.stop()
+    # SimServer.stop() leaves established keep-alive connections served; drop pycti's pooled
+    # connection as a real outage would.
+    sink.api.session.close()
+    with pytest.raises(RetryableError, match="ConnectionError"):
+        sink.write(batch_of(events))
+    with pytest.raises(RetryableError):
+        make_target(platform_b.url).check()
+
+
+def test_unregistered_connector_and_bad_object_are_permanent(platform_b: SimServer) -> None:
+    ghost = make_target(platform_b.url, register=False)
+    ghost.check()
+    with pytest.raises(PermanentError, match="Invalid connector"):
+        ghost.push_objects([_malware("Orphan")])
+    sink = make_target(platform_b.url)
+    with pytest.raises(PermanentError, match="object #1"):
+        sink.push_objects([_malware("Fine"), {"type": "malware", "name": "no id"}])
+
+
+class _Failing(BaseHTTPRequestHandler):
+    status = 503
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b"<html>Service Unavailable</html>"
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [503, 429, 502])
+def test_overloaded_platform_is_retryable(status: int) -> None:
+    handler = type("Handler", (_Failing,), {"status": status})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(RetryableError, match=f"HTTP {status}"):
+            make_target(url).check()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_listing_through_pycti(sync: Sync) -> None:
+    sync.step()
+    api = sync.target.api
+    nodes = api.stix_core_object.list(
+        customAttributes="id standard_id entity_type updated_at", getAll=True, first=10
+    )
+    rels = api.stix_core_relationship.list(
+        customAttributes="id standard_id updated_at", getAll=True, first=10
+    )
+    ids = {n["standard_id"] for n in nodes} | {r["standard_id"] for r in rels}
+    expected = {
+        o["id"]
+        for o in sync.a.objects()
+        if o["type"] not in ("marking-definition", "sighting", "external-reference")
+    }
+    assert ids == expected
+    one = sorted(expected)[0]
+    assert api.get_stix_content(one)["id"] == one
