@@ -1,0 +1,325 @@
+"""Archive maintenance jobs (snapshot, retention), their shared lock and their schedule.
+
+Snapshot and retention take ONE lock object, ``locks/archive-jobs.json``, so they never run at
+the same time on the same archive, whichever process (the ``run`` scheduler or a CLI command)
+starts them. The lock is advisory and best effort:
+
+* a free lock is taken with ``put_if_absent`` (atomic on both backends: ``os.link`` locally,
+  ``If-None-Match: *`` on S3), so two takers of a free lock cannot both win;
+* an *expired* lock is taken over with a plain ``put`` followed by a re-read. Two processes that
+  take over the same expired lock within one storage round trip can both believe they own it;
+  the re-read after a short settle delay narrows that window but cannot close it without a
+  compare-and-swap the Storage protocol does not offer. Expiry only happens when a holder died
+  (a live holder renews its lock every ``ttl/3``), so the window needs a crash plus two racing
+  takers.
+
+A job failure is logged and counted (``opencti_sync_errors_total{kind="job_<name>"}``); it never
+propagates into the caller's stream loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from . import metrics
+from .errors import ConfigError, ConnectorError, NotFound
+from .retention import RetentionPolicy, RetentionReport, apply_retention, plan_retention
+from .storage import Storage
+
+__all__ = [
+    "LOCK_KEY",
+    "JobLock",
+    "JobRunner",
+    "LockHeld",
+    "LockRecord",
+    "parse_schedule",
+    "run_retention_job",
+    "run_snapshot_job",
+]
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "locks/archive-jobs.json"
+# Time between our write of a taken-over lock and the re-read that confirms it.
+_SETTLE_SECS = 0.2
+
+
+class LockHeld(ConnectorError):
+    """Another live job holds the archive's job lock."""
+
+
+@dataclass(frozen=True, slots=True)
+class LockRecord:
+    owner: str
+    job: str
+    expires_at: dt.datetime
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {"owner": self.owner, "job": self.job, "expires_at": self.expires_at.isoformat()}
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LockRecord | None:
+        """The record, or None when the object is unreadable (treated as expired)."""
+        try:
+            obj = orjson.loads(data)
+            expires = dt.datetime.fromisoformat(obj["expires_at"])
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=dt.UTC)
+            return cls(str(obj["owner"]), str(obj.get("job", "")), expires)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class JobLock:
+    """The archive-wide job lock (see the module docstring for its guarantees).
+
+    Use as a context manager; while held, a daemon thread renews the expiry every ``ttl/3`` so
+    long snapshots keep it.
+    """
+
+    def __init__(
+        self, storage: Storage, job: str, ttl_secs: float = 600, *, key: str = LOCK_KEY
+    ) -> None:
+        self.storage = storage
+        self.job = job
+        self.ttl = dt.timedelta(seconds=ttl_secs)
+        self.key = key
+        self.owner = uuid.uuid4().hex
+        self._held = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _record(self) -> LockRecord:
+        return LockRecord(self.owner, self.job, _now() + self.ttl)
+
+    def read(self) -> LockRecord | None:
+        try:
+            return LockRecord.from_json(self.storage.get(self.key))
+        except NotFound:
+            return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""
+        if self.storage.put_if_absent(self.key, self._record().to_json()):
+            self._confirm()
+            return
+        current = self.read()
+        if current is not None and current.expires_at > _now() and current.owner != self.owner:
+            raise LockHeld(
+                f"archive job lock held by job {current.job!r} until "
+                f"{current.expires_at.isoformat(timespec='seconds')}"
+            )
+        if current is not None and current.owner != self.owner:
+            log.warning(
+                "Taking over an expired archive job lock.",
+                extra={"job": self.job, "previous_job": current.job},
+            )
+        self.storage.put(self.key, self._record().to_json())
+        time.sleep(_SETTLE_SECS)
+        self._confirm()
+
+    def _confirm(self) -> None:
+        current = self.read()
+        if current is None or current.owner != self.owner:
+            raise LockHeld(
+                f"archive job lock taken by job {current.job if current else '?'!r} meanwhile"
+            )
+        self._held = True
+        self._stop.clear()
+        self._renewer = threading.Thread(
+            target=self._renew_loop, name=f"lock-renew-{self.job}", daemon=True
+        )
+        self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        interval = max(self.ttl.total_seconds() / 3, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                current = self.read()
+                if current is None or current.owner != self.owner:
+                    log.error("Archive job lock lost to another job.", extra={"job": self.job})
+                    return
+                self.storage.put(self.key, self._record().to_json())
+            except ConnectorError as exc:
+                log.warning(
+                    "Could not renew the archive job lock.",
+                    extra={"job": self.job, "error": str(exc)},
+                )
+
+    def release(self) -> None:
+        """Delete the lock if we still own it (a taken-over lock belongs to its new owner)."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+            self._renewer = None
+        if not self._held:
+            return
+        self._held = False
+        current = self.read()
+        if current is not None and current.owner == self.owner:
+            self.storage.delete(self.key)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> JobLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+_EVERY_RE = re.compile(r"^every\s+(\d+)\s*([smhd])$", re.IGNORECASE)
+_UNIT_SECS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_schedule(text: str, key: str = "schedule") -> BaseTrigger | None:
+    """A trigger for a cron expression (5 fields, UTC) or ``every <N>s|m|h|d``; '' → None.
+
+    Raises ``ConfigError(key, ...)`` for anything else.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    m = _EVERY_RE.match(text)
+    if m is not None:
+        secs = int(m.group(1)) * _UNIT_SECS[m.group(2).lower()]
+        if secs <= 0:
+            raise ConfigError(key, f"interval must be positive: {text!r}")
+        return IntervalTrigger(seconds=secs, timezone=dt.UTC)
+    if len(text.split()) != 5:
+        raise ConfigError(
+            key, f"expected a 5-field cron expression or 'every <N>s|m|h|d', got {text!r}"
+        )
+    try:
+        return CronTrigger.from_crontab(text, timezone=dt.UTC)
+    except ValueError as exc:
+        raise ConfigError(key, f"invalid cron expression {text!r}: {exc}") from exc
+
+
+def run_snapshot_job(storage: Storage, work_dir: Path, *, ttl_secs: float = 600) -> Any:
+    """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
+    there was nothing new). Raises ``LockHeld`` when another job runs."""
+    from .snapshot import write_snapshot  # the state helper's module; imported late on purpose
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with JobLock(storage, "snapshot", ttl_secs):
+        return write_snapshot(storage, work_dir=work_dir)
+
+
+def run_retention_job(
+    storage: Storage,
+    policy: RetentionPolicy,
+    dry_run: bool = False,
+    *,
+    now: dt.datetime | None = None,
+    ttl_secs: float = 600,
+) -> RetentionReport:
+    """Plan (and unless ``dry_run``, apply) retention under the job lock."""
+    with JobLock(storage, "retention", ttl_secs):
+        report = plan_retention(storage, policy, now or _now())
+        if not dry_run:
+            apply_retention(storage, report)
+        return report
+
+
+class JobRunner:
+    """Runs the scheduled jobs in a background scheduler beside the stream consumer."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        snapshot_schedule: str,
+        retention_schedule: str,
+        retention: RetentionPolicy,
+        work_dir: Path,
+    ) -> None:
+        self.storage = storage
+        self.retention = retention
+        self.work_dir = work_dir
+        # Validate both before anything starts: a typo is a configuration error at start-up.
+        self._triggers = {
+            "snapshot": parse_schedule(snapshot_schedule, "snapshot.schedule"),
+            "retention": parse_schedule(retention_schedule, "retention.schedule"),
+        }
+        self.scheduler = BackgroundScheduler(timezone=dt.UTC)
+        self.runs: dict[str, int] = {"snapshot": 0, "retention": 0}
+        self.failures: dict[str, int] = {"snapshot": 0, "retention": 0}
+
+    def start(self) -> None:
+        jobs = {"snapshot": self.run_snapshot, "retention": self.run_retention}
+        for name, trigger in self._triggers.items():
+            if trigger is None:
+                continue
+            self.scheduler.add_job(
+                jobs[name],
+                trigger,
+                id=name,
+                name=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        if self.scheduler.get_jobs():
+            self.scheduler.start()
+            log.info(
+                "Archive jobs scheduled.",
+                extra={k: str(v) for k, v in self._triggers.items() if v is not None},
+            )
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+
+    def run_snapshot(self) -> None:
+        self._guarded("snapshot", lambda: run_snapshot_job(self.storage, self.work_dir))
+
+    def run_retention(self) -> None:
+        self._guarded("retention", lambda: run_retention_job(self.storage, self.retention))
+
+    def _guarded(self, name: str, job: Any) -> None:
+        """Run one job; nothing it raises may reach the scheduler or the stream loop."""
+        self.runs[name] += 1
+        try:
+            result = job()
+        except LockHeld as exc:
+            log.warning("Archive job skipped: lock held.", extra={"job": name, "reason": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - a job must never stop the stream consumer
+            self.failures[name] += 1
+            metrics.ERRORS.labels(f"job_{name}").inc()
+            log.error(
+                "Archive job failed.",
+                extra={"job": name, "error": f"{type(exc).__name__}: {exc}"},
+                exc_info=not isinstance(exc, ConnectorError),
+            )
+        else:
+            log.info("Archive job finished.", extra={"job": name, "result": str(result)})

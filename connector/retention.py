@@ -1,0 +1,336 @@
+"""Retention: delete archive history older than the policy allows, never what a restore needs.
+
+The rules, with W = now - keep_days (an event id built from milliseconds; object mtimes are
+never used, since copies and restores change them):
+
+* the *base* is the newest committed snapshot with ``as_of <= W``. A restore to any point in
+  ``[W, now]`` starts from the base and replays the segments after it, so the base and every
+  segment whose last group id is above ``base.as_of`` are kept;
+* segments (and orphan segments) wholly at or before ``base.as_of`` are covered by the base and
+  go, manifest first: the manifest is the segment's commit marker, so a crash between the two
+  deletes leaves an orphan segment (verify: warning) rather than a manifest naming a missing
+  segment (verify: error);
+* snapshots older than the base go (they restore only to points outside the window); with
+  ``keep_snapshots > 0`` only the newest ``keep_snapshots`` snapshots are kept besides the base.
+  A snapshot is deleted manifest first for the same reason. Unfinished snapshot directories
+  (no manifest) older than the base are crash leftovers and go too;
+* quarantine objects stay for operators to inspect until the event they follow is itself covered
+  by the base (older than the window and compacted away); then they go;
+* with no base (no snapshot, keep_days 0, or all snapshots newer than W) no segment is deleted,
+  and the oldest snapshot able to start a restore from the oldest kept segment is protected.
+
+``plan_retention`` only reads (streamed listings; the plan holds one row per deletion);
+``apply_retention`` executes a plan. ``run_retention_job`` (connector.jobs) wraps both in the
+archive job lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import metrics
+from .archive.layout import (
+    EVENTS_PREFIX,
+    MANIFESTS_PREFIX,
+    QUARANTINE_PREFIX,
+    id_from_key,
+    manifest_key_for_segment,
+)
+from .archive.segment import Manifest
+from .errors import ConfigError, MalformedEvent, NotFound
+from .events import EventId
+from .storage import Storage
+
+__all__ = [
+    "SNAPSHOTS_PREFIX",
+    "Deletion",
+    "RetentionPolicy",
+    "RetentionReport",
+    "SnapshotRef",
+    "apply_retention",
+    "committed_snapshots",
+    "plan_retention",
+]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS_PREFIX = "snapshots/"
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """``keep_days``: restorable history in days (0: forever). ``keep_snapshots``: newest
+    snapshots kept besides the base (0: no count limit)."""
+
+    keep_days: int
+    keep_snapshots: int
+
+    def __post_init__(self) -> None:
+        if self.keep_days < 0:
+            raise ConfigError("retention.keep_days", "must be >= 0")
+        if self.keep_snapshots < 0:
+            raise ConfigError("retention.keep_snapshots", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRef:
+    """A committed snapshot: its directory prefix, as-of id and parsed manifest."""
+
+    prefix: str
+    as_of: EventId
+    manifest: dict[str, Any]
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    key: str
+    kind: str  # segment | manifest | snapshot | quarantine
+    reason: str
+
+
+@dataclass
+class RetentionReport:
+    policy: RetentionPolicy
+    window_start: EventId
+    base: str | None = None  # as_of id of the base snapshot
+    deletions: list[Deletion] = field(default_factory=list)
+    kept_segments: int = 0
+    kept_snapshots: list[str] = field(default_factory=list)
+    note: str = ""
+    dry_run: bool = True  # becomes False once apply_retention ran
+    deleted: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.deletions:
+            out[d.kind] = out.get(d.kind, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items())) or "nothing"
+        verb = "would delete" if self.dry_run else "deleted"
+        text = (
+            f"retention: window starts at {self.window_start}, base snapshot "
+            f"{self.base or '-'}; {verb} {counts}; kept {self.kept_segments} segments and "
+            f"{len(self.kept_snapshots)} snapshots"
+        )
+        return f"{text} ({self.note})" if self.note else text
+
+
+def window_start(policy: RetentionPolicy, now: dt.datetime) -> EventId:
+    """The oldest restore point the policy promises; EventId(0, 0) when keeping forever."""
+    if policy.keep_days <= 0:
+        return EventId(0, 0)
+    ms = int(now.timestamp() * 1000) - policy.keep_days * _DAY_MS
+    return EventId(max(ms, 0), 0)
+
+
+def committed_snapshots(storage: Storage) -> list[SnapshotRef]:
+    """Snapshots whose manifest exists (= committed), oldest first. Snapshots are few."""
+    out: list[SnapshotRef] = []
+    for key in storage.list(SNAPSHOTS_PREFIX):
+        if not key.endswith("/manifest.json"):
+            continue
+        prefix = key[: -len("manifest.json")]
+        try:
+            manifest = orjson.loads(storage.get(key))
+            as_of = EventId.parse(str(manifest["as_of_event_id"]))
+        except NotFound:
+            continue
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("Unreadable snapshot manifest ignored.", extra={"key": key})
+            continue
+        out.append(SnapshotRef(prefix, as_of, manifest))
+    out.sort(key=lambda s: s.as_of)
+    return out
+
+
+def _snapshot_dirs(storage: Storage) -> Iterator[tuple[str, list[str]]]:
+    """(directory prefix, keys) per snapshot directory; listing is sorted, so dirs are runs."""
+    current: str | None = None
+    keys: list[str] = []
+    for key in storage.list(SNAPSHOTS_PREFIX):
+        parts = key[len(SNAPSHOTS_PREFIX) :].split("/", 1)
+        if len(parts) != 2:
+            continue
+        prefix = f"{SNAPSHOTS_PREFIX}{parts[0]}/"
+        if prefix != current:
+            if current is not None:
+                yield current, keys
+            current, keys = prefix, []
+        keys.append(key)
+    if current is not None:
+        yield current, keys
+
+
+def _snapshot_id(prefix: str) -> EventId | None:
+    try:
+        return EventId.from_key(prefix[len(SNAPSHOTS_PREFIX) :].rstrip("/"))
+    except ValueError:
+        return None
+
+
+def _oldest_manifest(storage: Storage) -> Manifest | None:
+    for key in storage.list(MANIFESTS_PREFIX):
+        if key.endswith(".json"):
+            try:
+                return Manifest.from_json(storage.get(key))
+            except (NotFound, MalformedEvent):
+                continue
+    return None
+
+
+def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) -> RetentionReport:
+    """What retention would delete now, and why. Reads only."""
+    report = RetentionReport(policy, window_start(policy, now))
+    snapshots = committed_snapshots(storage)
+    if not snapshots:
+        report.note = "no snapshot in the archive: nothing can replace old segments"
+        report.kept_segments = sum(1 for k in storage.list(MANIFESTS_PREFIX) if k.endswith(".json"))
+        log.info("Retention deletes nothing.", extra={"reason": report.note})
+        return report
+    older = [s for s in snapshots if s.as_of <= report.window_start]
+    base = older[-1] if older else None
+    protected: set[EventId] = set()
+    if base is not None:
+        report.base = str(base.as_of)
+        protected.add(base.as_of)
+    else:
+        report.note = "no snapshot at or before the window start: no segment is old enough"
+        oldest = _oldest_manifest(storage)
+        after = (
+            EventId.parse(oldest.after_event_id)
+            if oldest is not None and oldest.after_event_id
+            else None
+        )
+        if after is not None:
+            # Older segments were pruned: some snapshot must stand in for them.
+            floor = [s for s in snapshots if s.as_of >= after]
+            if floor:
+                protected.add(floor[0].as_of)
+    newest = (
+        {s.as_of for s in snapshots[-policy.keep_snapshots :]} if policy.keep_snapshots else None
+    )
+    for snap in snapshots:
+        if snap.as_of in protected:
+            reason = None
+        elif base is not None and snap.as_of < base.as_of:
+            reason = f"older than base snapshot {base.as_of}"
+        elif newest is not None and snap.as_of not in newest:
+            reason = f"beyond the newest {policy.keep_snapshots} snapshots"
+        else:
+            reason = None
+        if reason is None:
+            report.kept_snapshots.append(str(snap.as_of))
+        else:
+            _plan_snapshot(storage, report, snap.prefix, reason)
+    if base is not None:
+        _plan_unfinished_snapshots(storage, report, base.as_of, {s.prefix for s in snapshots})
+    _plan_segments(storage, report, base.as_of if base is not None else None)
+    if base is not None:
+        _plan_quarantine(storage, report, base.as_of)
+    return report
+
+
+def _plan_snapshot(storage: Storage, report: RetentionReport, prefix: str, reason: str) -> None:
+    manifest = f"{prefix}manifest.json"
+    report.deletions.append(Deletion(manifest, "snapshot", reason))
+    for key in storage.list(prefix):
+        if key != manifest:
+            report.deletions.append(Deletion(key, "snapshot", reason))
+
+
+def _plan_unfinished_snapshots(
+    storage: Storage, report: RetentionReport, base: EventId, committed: set[str]
+) -> None:
+    for prefix, keys in _snapshot_dirs(storage):
+        as_of = _snapshot_id(prefix)
+        if prefix in committed or as_of is None or as_of >= base:
+            continue  # a newer unfinished one may be in progress elsewhere: leave it
+        for key in keys:
+            report.deletions.append(
+                Deletion(key, "snapshot", f"unfinished snapshot older than base {base}")
+            )
+
+
+def _plan_segments(storage: Storage, report: RetentionReport, base: EventId | None) -> None:
+    planned: set[str] = set()
+    for key in storage.list(MANIFESTS_PREFIX):
+        if not key.endswith(".json"):
+            continue
+        try:
+            manifest = Manifest.from_json(storage.get(key))
+        except NotFound:
+            continue
+        except MalformedEvent:
+            log.warning("Damaged manifest left in place; run verify.", extra={"key": key})
+            report.kept_segments += 1
+            continue
+        if base is None or manifest.last > base:
+            report.kept_segments += 1
+            continue
+        reason = f"covered by base snapshot {base}"
+        report.deletions.append(Deletion(key, "manifest", reason))
+        report.deletions.append(Deletion(manifest.segment, "segment", reason))
+        planned.add(manifest.segment)
+    if base is None:
+        return
+    for key in storage.list(EVENTS_PREFIX):
+        try:
+            first = id_from_key(key)
+            mkey = manifest_key_for_segment(key)
+        except ValueError:
+            continue
+        if first > base:
+            break  # keys are in stream order
+        if key in planned or storage.exists(mkey):
+            continue
+        report.deletions.append(
+            Deletion(key, "segment", f"orphan segment (no manifest) before base snapshot {base}")
+        )
+
+
+def _plan_quarantine(storage: Storage, report: RetentionReport, base: EventId) -> None:
+    for key in storage.list(QUARANTINE_PREFIX):
+        after_key = key[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
+        try:
+            after = EventId.from_key(after_key)
+        except ValueError:
+            continue
+        if after >= base:
+            break  # keys are in stream order
+        report.deletions.append(
+            Deletion(key, "quarantine", f"follows an event covered by base snapshot {base}")
+        )
+
+
+def apply_retention(storage: Storage, report: RetentionReport) -> RetentionReport:
+    """Delete what ``report`` planned, in plan order (every commit marker before its data)."""
+    report.dry_run = False
+    for d in report.deletions:
+        storage.delete(d.key)
+        report.deleted += 1
+        metrics.DELETIONS.labels(d.kind).inc()
+        log.info("Retention deleted an object.", extra={"key": d.key, "reason": d.reason})
+    log.info(
+        "Retention applied.",
+        extra={
+            "window_start": str(report.window_start),
+            "base_snapshot": report.base,
+            "deleted": report.counts(),
+            "kept_segments": report.kept_segments,
+            "kept_snapshots": len(report.kept_snapshots),
+        },
+    )
+    return report
