@@ -86,6 +86,8 @@ def is_accessible(stix: dict[str, Any], allowed_markings: frozenset[str] | None)
     """§5.4: BYPASS (``None``) sees everything; otherwise every marking must be allowed."""
     if allowed_markings is None:
         return True
+    if stix.get("type") == "marking-definition":
+        return stix.get("id") in allowed_markings  # a marking the user lacks is invisible too
     markings = stix.get("object_marking_refs") or []
     return all(m in allowed_markings for m in markings)
 

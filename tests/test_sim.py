@@ -1,0 +1,596 @@
+"""The stream simulator against the protocol doc: real HTTP (httpx) to a SimServer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonpatch
+import orjson
+import pytest
+
+from connector.events import OCTI_EXT
+from connector.sim.generator import bulk_creates, generate
+from connector.sim.server import SimServer, parse_position
+from connector.sim.store import SimStore, iso_ms, parse_date_ms
+
+SEED = Path(__file__).parent / "data" / "seed"
+AUTH = {"Authorization": "Bearer sim-token"}
+GREEN = "marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb"
+RED = "marking-definition--e828b405-8fb5-4a3a-9ab3-6a9a2c7e1f66"
+
+Msg = tuple[str | None, str, Any]  # (id, event, parsed data)
+
+
+def _seed(name: str) -> dict[str, Any]:
+    raw = orjson.loads((SEED / name).read_bytes())
+    return raw if isinstance(raw, dict) else {"type": "bundle", "objects": raw}
+
+
+def _parse(block: bytes) -> Msg:
+    fields: dict[str, str] = {}
+    for line in block.split(b"\n"):
+        name, _, value = line.partition(b": ")
+        fields[name.decode()] = value.decode()
+    return fields.get("id"), fields["event"], orjson.loads(fields["data"])
+
+
+def read_stream(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    until: Callable[[list[Msg]], bool] | None = None,
+) -> list[Msg]:
+    """Read SSE messages until ``until`` holds (default: the first heartbeat = caught up)."""
+    stop = until or (lambda msgs: msgs[-1][1] == "heartbeat")
+    msgs: list[Msg] = []
+    buf = b""
+    with httpx.stream("GET", url, headers=headers or AUTH, timeout=10) as resp:
+        assert resp.status_code == 200, resp.reason_phrase
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                msgs.append(_parse(block))
+                if stop(msgs):
+                    return msgs
+    return msgs
+
+
+def data_msgs(msgs: list[Msg]) -> list[Msg]:
+    return [m for m in msgs if m[1] in ("create", "update", "merge", "delete")]
+
+
+def obj(kind: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "id": f"{kind}--00000000-0000-4000-8000-{n:012d}",
+        "name": f"{kind} {n}",
+        **extra,
+    }
+
+
+def marking(mid: str, name: str) -> dict[str, Any]:
+    return {"type": "marking-definition", "id": mid, "name": name, "definition_type": "TLP"}
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    server = SimServer(
+        heartbeat_secs=0.2, restricted_token="restricted-token", restricted_markings=[GREEN]
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_connected_fields_headers_and_heartbeat(sim: SimServer) -> None:
+    last = sim.store.create(obj("malware", 1))
+    assert last is not None
+    with httpx.stream("GET", f"{sim.url}/stream/live?from={last}", headers=AUTH) as resp:
+        assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert resp.headers["cache-control"] == "no-cache, no-transform"
+        assert resp.headers["access-control-allow-origin"] == "*"
+    msgs = read_stream(f"{sim.url}/stream/live?from={last}")
+    first_id, event, info = msgs[0]
+    assert (first_id, event) == (None, "connected")
+    assert info["lastEventId"] == last and info["firstEventId"] == last
+    assert info["streamSize"] == 1 and len(info["connectionId"]) == 36
+    assert info["firstEventDate"] == iso_ms(int(last.split("-")[0]))
+    hb_id, hb_event, hb_data = msgs[1]
+    assert hb_event == "heartbeat" and hb_id is not None
+    ms, seq = (int(x) for x in hb_id.split("-"))
+    assert (ms, seq) >= tuple(int(x) for x in last.split("-"))
+    assert hb_data == iso_ms(ms)  # a JSON string holding the id's date
+
+
+def test_replay_strictly_after_from_on_raw_and_live(sim: SimServer) -> None:
+    ids = [sim.store.create(obj("malware", i)) for i in range(5)]
+    for path in ("/stream", "/stream/live"):
+        got = data_msgs(read_stream(f"{sim.url}{path}?from={ids[1]}"))
+        assert [m[0] for m in got] == ids[2:]
+    # Last-Event-ID is used when there is no from; query from wins over the header.
+    got = data_msgs(read_stream(f"{sim.url}/stream", headers={**AUTH, "Last-Event-ID": ids[3]}))
+    assert [m[0] for m in got] == ids[4:]
+    got = data_msgs(
+        read_stream(f"{sim.url}/stream?from={ids[0]}", headers={**AUTH, "Last-Event-ID": ids[3]})
+    )
+    assert [m[0] for m in got] == ids[1:]
+    # Raw stream does not fill event_id; the live stream does, from updated_at.
+    raw = data_msgs(read_stream(f"{sim.url}/stream?from=0"))
+    live = data_msgs(read_stream(f"{sim.url}/stream/live?from=0-0"))
+    assert "event_id" not in raw[0][2]
+    updated = parse_date_ms(live[0][2]["data"]["extensions"][OCTI_EXT]["updated_at"])
+    assert live[0][2]["event_id"] == f"{updated}-0"
+
+
+def test_position_parsing_rules() -> None:
+    assert parse_position("0") == (0, 0) and parse_position("0-0") == (0, 0)
+    assert parse_position("1739355612345-3") == (1739355612345, 3)
+    assert parse_position("2024-01") == (2024, 1)  # the platform's bogus-id pitfall
+    assert parse_position("2025-02-12T10:20:12.000Z") == (1739355612000, 0)
+    assert parse_position("2025-02-12") == (1739318400000, 0)
+    assert parse_position("1739355612345") is None  # bare ms rejected
+    assert parse_position("garbage") is None and parse_position("") is None
+
+
+def test_recover_snapshot_then_live(sim: SimServer) -> None:
+    store = sim.store
+    store.load_bundle(_seed("DATA-TEST-STIX2_v2.json"))
+    upd = store.create(obj("malware", 99))
+    recover = iso_ms(store.now_ms() + 5000)
+    url = f"{sim.url}/stream/live?from=2015-01-01T00:00:00.000Z&recover={recover}"
+    msgs = data_msgs(read_stream(url))
+    init = [m for m in msgs if m[2]["origin"].get("referer") == "init-create"]
+    assert init and all(m[1] == "create" for m in init)
+    sent: set[str] = set()
+    order: list[tuple[int, str]] = []
+    for msg_id, _, env in msgs:
+        data = env["data"]
+        octi = data["extensions"][OCTI_EXT]
+        if env["origin"].get("referer") == "init-create":
+            ms = parse_date_ms(octi["updated_at"])
+            assert msg_id == f"{ms}-0"
+            assert set(env) == {"data", "message", "origin", "version"}
+            order.append((ms or 0, octi["id"]))
+        for ref in (data.get("created_by_ref"), *(data.get("object_marking_refs") or [])):
+            if ref and store.get(ref) is not None:
+                assert ref in sent, f"{data['id']} sent before its ref {ref}"
+        sent.add(data["id"])
+    assert order == sorted(order)
+    assert {o["id"] for o in store.objects()} <= sent
+    # The live part starts after the recover id, so the malware comes once, from the snapshot.
+    assert upd is not None
+    assert all(m[2]["origin"].get("referer") for m in msgs)
+    assert [m[2]["data"].get("name") for m in msgs].count("malware 99") == 1
+
+
+def test_recover_needs_from_and_no_recover_fault(sim: SimServer) -> None:
+    sim.store.create(obj("malware", 1))
+    resp = httpx.get(f"{sim.url}/stream/live?recover=2030-01-01T00:00:00Z", headers=AUTH)
+    assert resp.status_code == 500 and resp.content == b""
+    assert resp.reason_phrase == (
+        "Error in stream live: Recovery mode is only possible with a start date."
+    )
+    sim.set_fault(no_recover=True, consumer_metrics=True)
+    msgs = read_stream(
+        f"{sim.url}/stream/live?from=0&recover={iso_ms(sim.store.now_ms())}",
+        until=lambda m: m[-1][1] == "consumer_metrics",
+    )
+    names = [m[1] for m in msgs]
+    assert names[1] == "no-recover" and msgs[1][0] is not None
+    assert "heartbeat" in names and msgs[-1][0] is not None
+
+
+def test_dependencies_first_with_trigger_id(sim: SimServer) -> None:
+    store = sim.store
+    store.create(marking(GREEN, "TLP:GREEN"))
+    org = {
+        "type": "identity",
+        "id": "identity--00000000-0000-4000-8000-000000000001",
+        "name": "ACME",
+        "identity_class": "organization",
+    }
+    before = store.create(org)
+    trigger = store.create(obj("malware", 1, object_marking_refs=[GREEN], created_by_ref=org["id"]))
+    msgs = data_msgs(read_stream(f"{sim.url}/stream/live?from={before}"))
+    assert [m[0] for m in msgs] == [trigger] * 3
+    deps, main = msgs[:2], msgs[2]
+    assert {m[2]["data"]["id"] for m in deps} == {GREEN, org["id"]}
+    for _, event, env in deps:
+        assert event == "create" and env["origin"] == {"referer": "init-dependencies"}
+        assert not {"type", "scope", "context", "event_id"} & set(env)
+    assert main[2]["type"] == "create" and "event_id" in main[2]
+
+
+def test_relations_expansion_and_no_dependencies(sim: SimServer) -> None:
+    store = sim.store
+    a, b = obj("intrusion-set", 1), obj("malware", 2)
+    store.create(a)
+    store.create(b)
+    rel = {
+        "type": "relationship",
+        "id": "relationship--00000000-0000-4000-8000-000000000009",
+        "relationship_type": "uses",
+        "source_ref": a["id"],
+        "target_ref": b["id"],
+    }
+    before = store.create(rel)
+    store.update(a["id"], set={"description": "changed"})
+    full = data_msgs(read_stream(f"{sim.url}/stream/live?from={before}"))
+    # a is first sent as a dependency of the relation, then b, the relation, then the update.
+    assert [(m[1], m[2]["data"]["id"]) for m in full] == [
+        ("create", a["id"]),
+        ("create", b["id"]),
+        ("create", rel["id"]),
+        ("update", a["id"]),
+    ]
+    assert len({m[0] for m in full}) == 1
+    bare = data_msgs(read_stream(f"{sim.url}/stream/live?from={before}&no-dependencies=true"))
+    assert [(m[1], m[2]["data"]["id"]) for m in bare] == [("update", a["id"])]
+    # Precedence: query "false" beats header "true" (JS ||); "True" is not "true".
+    hdr = {**AUTH, "no-dependencies": "true"}
+    q = data_msgs(
+        read_stream(f"{sim.url}/stream/live?from={before}&no-dependencies=false", headers=hdr)
+    )
+    assert len(q) == 4
+    assert len(data_msgs(read_stream(f"{sim.url}/stream/live?from={before}", headers=hdr))) == 1
+
+
+def test_listen_delete_false_and_inferences(sim: SimServer) -> None:
+    store = sim.store
+    inferred = obj("malware", 5, extensions={OCTI_EXT: {"is_inferred": True}})
+    start = store.create(obj("malware", 1))
+    store.create(inferred)
+    store.delete(obj("malware", 1)["id"])
+    default = data_msgs(read_stream(f"{sim.url}/stream/live?from={start}"))
+    assert [m[1] for m in default] == ["delete"]
+    assert data_msgs(read_stream(f"{sim.url}/stream/live?from={start}&listen-delete=false")) == []
+    inf = data_msgs(read_stream(f"{sim.url}/stream/live?from={start}&with-inferences=true"))
+    assert [m[1] for m in inf] == ["create", "delete"]
+    assert [m[1] for m in data_msgs(read_stream(f"{sim.url}/stream?from={start}"))] == [
+        "create",
+        "delete",
+    ]
+
+
+def test_update_patch_round_trip_and_id_change() -> None:
+    store = SimStore()
+    store.load_bundle(_seed("poisonivy.json"))
+    target = next(o for o in store.objects() if o["type"] == "malware")
+    before = store.get(target["id"])
+    new_id = "malware--11111111-2222-4333-8444-555555555555"
+    eid = store.update(
+        target["id"], set={"description": "x\u2028y", "labels": ["a"]}, new_id=new_id
+    )
+    assert eid is not None and store.get(new_id) is store.get(target["id"])
+    frame = store.read(store.bounds()[1] - 1).frames[0]
+    assert "\u2028".encode() in frame  # raw U+2028 kept in the single data line
+    env = orjson.loads(frame.split(b"\ndata: ", 1)[1])
+    ctx = env["context"]
+    assert set(ctx) == {"patch", "reverse_patch", "related_restrictions", "pir_ids", "changes"}
+    assert jsonpatch.apply_patch(env["data"], ctx["reverse_patch"]) == before
+    assert jsonpatch.apply_patch(before, ctx["patch"]) == env["data"]
+    assert {"op": "replace", "path": "/id", "value": target["id"]} in ctx["reverse_patch"]
+    assert target["id"] in env["data"]["extensions"][OCTI_EXT]["stix_ids"]
+    # Relationships pointing at the object follow the new id silently.
+    assert all(
+        r["source_ref"] != target["id"] and r["target_ref"] != target["id"]
+        for r in store.objects()
+        if r["type"] == "relationship"
+    )
+    # No-op upsert: no event (loop avoidance); stale event id: skipped.
+    count = store.event_count
+    assert store.upsert(store.get(new_id) or {}) is None
+    assert store.upsert({**(store.get(new_id) or {}), "description": "old"}, event_id="1-0") is None
+    assert store.event_count == count
+    assert store.upsert({"id": target["id"], "type": "malware", "description": "z"}) is not None
+
+
+def test_upsert_previous_standard_and_synchronized() -> None:
+    store = SimStore()
+    store.create(obj("malware", 1, labels=["a", "b"], description="d"))
+    moved = {
+        "type": "malware",
+        "id": "malware--99999999-0000-4000-8000-000000000000",
+        "name": "renamed",
+        "labels": ["c"],
+    }
+    assert store.upsert(moved, previous_standard=obj("malware", 1)["id"]) is not None
+    cur = store.get(moved["id"])
+    assert cur is not None and cur["labels"] == ["a", "b", "c"] and cur["description"] == "d"
+    assert store.upsert({**moved, "labels": ["c"]}, synchronized=True) is not None
+    cur = store.get(moved["id"])
+    assert cur is not None and cur["labels"] == ["c"] and "description" not in cur
+    assert store.object_count == 1
+
+
+def test_merge_and_delete_store_semantics() -> None:
+    store = SimStore()
+    t, s1, s2, ind = (
+        obj("intrusion-set", 1),
+        obj("intrusion-set", 2),
+        obj("intrusion-set", 3),
+        obj("indicator", 4, pattern="[ipv4-addr:value = '1.2.3.4']", pattern_type="stix"),
+    )
+    for o in (t, s1, s2, ind):
+        store.create(o)
+    rel = {
+        "type": "relationship",
+        "id": "relationship--00000000-0000-4000-8000-000000000077",
+        "relationship_type": "indicates",
+        "source_ref": ind["id"],
+        "target_ref": s1["id"],
+    }
+    store.create(rel)
+    report = {
+        "type": "report",
+        "id": "report--00000000-0000-4000-8000-000000000078",
+        "name": "r",
+        "object_refs": [s2["id"], ind["id"], rel["id"]],
+    }
+    store.create(report)
+    count = store.event_count
+    assert store.merge(t["id"], [s1["id"], s2["id"], "intrusion-set--unknown"]) is not None
+    assert store.event_count == count + 1  # one merge event, no re-pointing events
+    env = orjson.loads(store.read(store.bounds()[1] - 1).frames[0].split(b"\ndata: ", 1)[1])
+    assert env["type"] == "merge"
+    assert [s["id"] for s in env["context"]["sources"]] == [s1["id"], s2["id"]]
+    assert jsonpatch.apply_patch(env["data"], env["context"]["reverse_patch"])["id"] == t["id"]
+    merged = store.get(t["id"])
+    assert merged is not None and store.get(s1["id"]) is merged
+    assert {s1["id"], s2["id"]} <= set(merged["extensions"][OCTI_EXT]["stix_ids"])
+    assert (store.get(rel["id"]) or {})["target_ref"] == t["id"]
+    assert (store.get(report["id"]) or {})["object_refs"] == [t["id"], ind["id"], rel["id"]]
+    assert store.object_count == 4
+    # delete: one event; the relationship goes, the report loses its refs, silently.
+    count = store.event_count
+    assert store.delete(ind["id"]) is not None
+    assert store.event_count == count + 1
+    assert store.get(rel["id"]) is None
+    assert (store.get(report["id"]) or {})["object_refs"] == [t["id"]]
+    assert store.delete("malware--nope") is None and store.merge("x--y", [t["id"]]) is None
+
+
+def test_trim_moves_first_event_id(sim: SimServer) -> None:
+    ids = [sim.store.create(obj("malware", i)) for i in range(6)]
+    sim.store.trim(2)
+    info = read_stream(f"{sim.url}/stream/live", until=lambda m: True)[0][2]
+    assert info["firstEventId"] == ids[4] and info["streamSize"] == 2
+    got = data_msgs(read_stream(f"{sim.url}/stream?from=0"))
+    assert [m[0] for m in got] == ids[4:]
+    small = SimStore(trim=3)
+    for i in range(10):
+        small.create(obj("malware", i))
+    assert small.event_count == 3
+
+
+def test_error_statuses_and_reasons(sim: SimServer) -> None:
+    def get(path: str, token: str | None = "sim-token") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(f"{sim.url}{path}", headers=headers)
+
+    resp = get("/stream/live")
+    assert (resp.status_code, resp.reason_phrase) == (500, "Error in stream live: ERR no such key")
+    sim.store.create(obj("malware", 1))
+    sim.add_stream("stopped", live=False)
+    cases = [
+        ("/stream", None, 401, "You are not authenticated, please check your credentials"),
+        ("/stream", "wrong", 401, "You are not authenticated, please check your credentials"),
+        (
+            "/stream",
+            "restricted-token",
+            401,
+            "Consume generic stream is only authorized for bypass user",
+        ),
+        (
+            "/stream/live",
+            "restricted-token",
+            401,
+            "You are not authorized, please check your credentials",
+        ),
+        ("/stream/live", None, 401, "You are not authenticated, please check your credentials"),
+        (
+            "/stream/unknown",
+            "sim-token",
+            401,
+            "You are not authorized, please check your credentials",
+        ),
+        ("/stream/stopped", None, 410, "This live stream is stopped"),
+    ]
+    for path, token, status, reason in cases:
+        resp = get(path, token)
+        assert (resp.status_code, resp.reason_phrase, resp.content) == (status, reason, b"")
+    sim.set_fault(fail_next={"status": 503, "count": 2})
+    assert get("/stream/live").status_code == 503
+    assert get("/stream").status_code == 503
+    assert read_stream(f"{sim.url}/stream/live", until=lambda m: True)[0][1] == "connected"
+
+
+def test_restricted_token_sees_only_allowed_markings(sim: SimServer) -> None:
+    store = sim.store
+    store.create(marking(GREEN, "TLP:GREEN"))
+    store.create(marking(RED, "TLP:RED"))
+    store.create(obj("malware", 1, object_marking_refs=[GREEN]))
+    store.create(obj("malware", 2, object_marking_refs=[RED]))
+    store.create(obj("malware", 3))
+    sim.add_stream("all")
+    headers = {"Authorization": "Bearer restricted-token"}
+    got = data_msgs(read_stream(f"{sim.url}/stream/all?from=0", headers=headers))
+    names = [m[2]["data"].get("name") for m in got]
+    assert names == ["TLP:GREEN", "malware 1", "malware 3"]
+    sim.add_stream(
+        "red-only",
+        filters={
+            "mode": "and",
+            "filterGroups": [],
+            "filters": [
+                {"key": ["objectMarking"], "values": [RED], "operator": "eq", "mode": "or"}
+            ],
+        },
+    )
+    resp = httpx.get(f"{sim.url}/stream/red-only", headers=headers)
+    assert resp.reason_phrase == "You need to have access to specific markings for this live stream"
+
+
+def test_collection_filters_and_translation(sim: SimServer) -> None:
+    store = sim.store
+    store.create(marking(GREEN, "TLP:GREEN"))
+    store.create(marking(RED, "TLP:RED"))
+    start = store.create(obj("intrusion-set", 1, object_marking_refs=[GREEN]))
+    store.create(obj("malware", 1, object_marking_refs=[RED]))
+    store.update(obj("malware", 1)["id"], set={"object_marking_refs": [GREEN]})  # now visible
+    store.update(obj("malware", 1)["id"], set={"description": "still visible"})
+    store.update(obj("malware", 1)["id"], set={"object_marking_refs": [RED]})  # leaves
+    store.create(obj("malware", 2, object_marking_refs=[GREEN]))
+    sim.add_stream(
+        "green-malware",
+        filters={
+            "mode": "and",
+            "filterGroups": [],
+            "filters": [
+                {"key": ["entity_type"], "values": ["Malware"], "operator": "eq", "mode": "or"},
+                {"key": ["objectMarking"], "values": [GREEN], "operator": "eq", "mode": "or"},
+            ],
+        },
+    )
+    got = data_msgs(
+        read_stream(f"{sim.url}/stream/green-malware?from={start}&no-dependencies=true")
+    )
+    main = [
+        (m[1], m[2].get("type"), m[2]["data"]["name"])
+        for m in got
+        if m[2]["origin"].get("referer") != "init-dependencies"
+    ]
+    assert main == [
+        ("create", "update", "malware 1"),  # became visible: create carrying the update JSON
+        ("update", "update", "malware 1"),
+        ("delete", "update", "malware 1"),  # left the filter: delete carrying the update JSON
+        ("create", "create", "malware 2"),
+    ]
+    translated_delete = next(m for m in got if m[1] == "delete")
+    assert translated_delete[2]["context"]["patch"]
+
+
+def test_inject_raw_is_verbatim(sim: SimServer) -> None:
+    sim.store.create(obj("malware", 1))
+    raw = "id: 1-0\nevent: create\ndata: {not json \u2028}\n\n"
+    sim.store.append_raw(raw)
+    with httpx.stream("GET", f"{sim.url}/stream?from=0", headers=AUTH) as resp:
+        buf = b""
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            if b"heartbeat" in buf:
+                break
+    assert raw.encode() in buf
+
+
+def test_drop_connections_and_drop_fault(sim: SimServer) -> None:
+    for i in range(5):
+        sim.store.create(obj("malware", i))
+    sim.set_fault(drop_after_events=2)
+    got: list[bytes] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", f"{sim.url}/stream?from=0", headers=AUTH) as resp:
+            for chunk in resp.iter_bytes():
+                got.append(chunk)
+    assert b"".join(got).count(b"event: create") == 2
+    # One-shot: the next connection is normal; drop_connections cuts it.
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("GET", f"{sim.url}/stream/live?from=0", headers=AUTH) as resp:
+            for chunk in resp.iter_bytes():
+                if b"heartbeat" in chunk:
+                    sim.drop_connections()
+    # The server still serves after a drop and after a restart on the same port.
+    port = sim.port
+    sim.restart()
+    assert sim.port == port
+    assert len(data_msgs(read_stream(f"{sim.url}/stream?from=0"))) == 5
+
+
+def test_connection_endpoint_and_control_api(sim: SimServer) -> None:
+    c = httpx.Client(base_url=sim.url, headers=AUTH)
+    assert c.post("/control/create", json={"object": obj("malware", 1)}).json()["event_id"]
+    up = c.post("/control/update", json={"id": obj("malware", 1)["id"], "set": {"confidence": 5}})
+    assert up.json()["event_id"]
+    assert (
+        c.post("/control/generate", json={"count": 30, "seed": 1, "mix": "mixed"}).status_code
+        == 200
+    )
+    info = c.get("/control/info").json()
+    assert info["event_count"] == 32 and info["object_count"] > 0
+    assert c.get("/control/dump").json()["type"] == "bundle"
+    assert c.post("/control/delete", json={"id": "malware--none"}).json() == {"event_id": None}
+    assert c.post("/control/trim", json={"keep": 10}).json()["event_count"] == 10
+    assert c.post("/control/streams", json={"id": "s1", "live": False}).status_code == 200
+    assert httpx.get(f"{sim.url}/stream/s1").status_code == 410
+    assert httpx.get(f"{sim.url}/control/info").status_code == 401
+    assert c.post("/control/nope", json={}).status_code == 404
+    assert c.post("/stream/connection/whatever").reason_phrase == "This is not your connection"
+    c.close()
+
+
+def test_generator_determinism_and_size() -> None:
+    def run() -> SimStore:
+        ticks = iter(range(1_800_000_000_000, 1_900_000_000_000, 3))
+        store = SimStore(clock=lambda: next(ticks))
+        generate(store, 300, seed=7)
+        return store
+
+    a, b = run(), run()
+    assert a.event_count == 300
+    assert a.dump_bundle() == b.dump_bundle()
+    frames = a.read(0, max_bytes=1 << 30).frames
+    assert frames == b.read(0, max_bytes=1 << 30).frames
+    kinds = a.read(0, max_bytes=1 << 30).kinds
+    assert {"create", "update", "merge", "delete"} <= set(kinds)
+    sizes = sorted(len(f) for f in frames if b"event: create" in f[:40])
+    assert 1000 < sizes[len(sizes) // 2] < 3000
+    creates = SimStore()
+    generate(creates, 50, seed=1, mix="creates")
+    assert set(creates.read(0).kinds) == {"create"}
+    bulk = SimStore()
+    bulk_creates(bulk, 5000, seed=3)
+    assert bulk.event_count == 5000
+    frames = bulk.read(4000, max_bytes=1 << 30).frames
+    envs = [orjson.loads(f.split(b"\ndata: ", 1)[1]) for f in frames]
+    assert len({e["data"]["id"] for e in envs}) == len(envs)
+    assert all(1500 < len(f) < 3000 for f in frames)
+
+
+def test_cli_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connector.sim",
+            "--port",
+            "0",
+            "--seed",
+            str(SEED / "DATA-TEST-STIX2_v2.json"),
+            "--generate",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        assert line.startswith("sim listening on http://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1]
+        info = httpx.get(f"{url}/control/info", headers=AUTH).json()
+        assert info["event_count"] == 67 + 20
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
