@@ -1,5 +1,8 @@
 """One contract, every storage backend: LocalStorage on tmp_path and S3Storage on moto."""
 
+# Fixtures are imported by name and then requested as parameters.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ Import them explicitly where needed::
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,10 @@ def moto_server() -> Iterator[str]:
             patch.setenv(name, value)
         patch.delenv("AWS_SESSION_TOKEN", raising=False)
         patch.delenv("AWS_PROFILE", raising=False)
+        # werkzeug logs every request at INFO; keep test output readable.
+        werkzeug = logging.getLogger("werkzeug")
+        level = werkzeug.level
+        werkzeug.setLevel(logging.WARNING)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         try:
@@ -50,6 +55,7 @@ def moto_server() -> Iterator[str]:
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+            werkzeug.setLevel(level)
 
 
 def make_bucket(endpoint_url: str, name: str | None = None) -> str:

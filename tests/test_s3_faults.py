@@ -1,0 +1,172 @@
+"""S3Storage against a misbehaving network and misconfiguration: errors are classified right and
+retried writes never duplicate or lose an object."""
+
+# Fixtures are imported by name and then requested as parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pytest
+
+from connector.errors import PermanentError, RetryableError
+from connector.storage.s3 import S3Storage
+from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
+from tests.support.s3 import moto_server, s3_settings  # noqa: F401
+
+T = TypeVar("T")
+# retries={"max_attempts": 2} means two retries after the first try.
+BOTO_ATTEMPTS = 3
+
+
+def _through(proxy: FaultProxy, settings: dict[str, Any], **extra: Any) -> S3Storage:
+    return S3Storage(**{**settings, "endpoint_url": proxy.url, **extra})
+
+
+def _retry(action: Callable[[], T], attempts: int = 30) -> T:
+    """The pipeline's policy in miniature: retry RetryableError, let everything else out."""
+    for _ in range(attempts - 1):
+        try:
+            return action()
+        except RetryableError:
+            continue
+    return action()
+
+
+def test_transparent_proxy_round_trip(fault_proxy: FaultProxy, s3_settings: dict) -> None:
+    storage = _through(fault_proxy, s3_settings, multipart_threshold=1024 * 1024)
+    big = os.urandom(6 * 1024 * 1024)
+    assert storage.put_if_absent("a", b"1") and storage.put_if_absent("big", big)
+    assert storage.get("a") == b"1" and storage.get("big") == big
+    assert list(storage.list()) == ["a", "big"]
+    assert fault_proxy.stats["forwarded"] == fault_proxy.stats["requests"] > 0
+
+
+def test_single_fault_absorbed_by_boto_retry(fault_proxy: FaultProxy, s3_settings: dict) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.fail_next(1, "500")
+    assert storage.put_if_absent("k", b"v") is True
+    assert fault_proxy.stats["500"] == 1
+    assert storage.get("k") == b"v"
+
+
+@pytest.mark.parametrize(
+    "kind", ["500", "503", "slowdown", "429", "reset", "reset_after_read", "reset_after_forward"]
+)
+def test_transient_faults_are_retryable(
+    fault_proxy: FaultProxy, s3_settings: dict, kind: str
+) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.fail_next(BOTO_ATTEMPTS, kind)
+    with pytest.raises(RetryableError) as caught:
+        storage.put_if_absent("k", b"v")
+    assert "will retry" in str(caught.value)
+    assert fault_proxy.stats[kind] == BOTO_ATTEMPTS
+    # The pipeline's next attempt: a write whose answer was lost shows up as already there.
+    expect_written = kind != "reset_after_forward"
+    assert storage.put_if_absent("k", b"v") is expect_written
+    assert storage.get("k") == b"v"
+
+
+def test_reads_and_lists_fail_retryably(fault_proxy: FaultProxy, s3_settings: dict) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    body = os.urandom(200_000)
+    storage.put("obj", body)
+    for call in (
+        lambda: storage.get("obj"),
+        lambda: list(storage.list()),
+        lambda: storage.size("obj"),
+    ):
+        fault_proxy.fail_next(BOTO_ATTEMPTS, "503")
+        with pytest.raises(RetryableError):
+            call()
+    # A body cut off mid-stream surfaces as RetryableError from read(), not a botocore error.
+    reader = storage.open("obj")
+    reader.close()
+    fault_proxy.fail_next(1, "truncate", method="GET")
+    with pytest.raises(RetryableError):
+        with storage.open("obj") as reader:
+            reader.read()
+    assert storage.get("obj") == body
+
+
+def test_three_hundred_writes_through_a_flaky_network(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.configure(error_rate_5xx=0.10, reset_rate=0.02, slow_rate=0.01, slow_secs=0.05)
+    keys = [f"events/{i:04d}.jsonl" for i in range(300)]
+    # Threads only to keep boto's backoff sleeps from adding up; each key is still one loop.
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(
+            pool.map(lambda k: _retry(lambda: storage.put_if_absent(k, k.encode())), keys)
+        )
+        listed = _retry(lambda: list(storage.list("events/")))
+        bodies = list(pool.map(lambda k: _retry(lambda: storage.get(k)), keys))
+    assert bodies == [key.encode() for key in keys]
+    fault_proxy.clear()
+    assert listed == keys  # every key exactly once, in order
+    # Faults really happened, and a False only ever follows a write whose answer was lost.
+    assert fault_proxy.stats["500"] + fault_proxy.stats["503"] > 10
+    assert outcomes.count(False) <= fault_proxy.stats["reset_after_forward"]
+
+
+def test_missing_bucket_is_permanent(s3_settings: dict) -> None:
+    name = f"missing-{uuid.uuid4().hex}"
+    storage = S3Storage(**{**s3_settings, "bucket": name})
+    with pytest.raises(PermanentError, match=f"bucket '{name}' does not exist"):
+        storage.check()
+    with pytest.raises(PermanentError, match="does not exist"):
+        storage.put_if_absent("k", b"v")
+    with pytest.raises(PermanentError, match="does not exist"):
+        list(storage.list())
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("403", "credentials rejected"),
+        ("signature", "credentials rejected"),
+        ("access_denied", "access denied"),
+    ],
+)
+def test_rejected_credentials_are_permanent(
+    fault_proxy: FaultProxy, s3_settings: dict, kind: str, expected: str
+) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.fail_next(1, kind)
+    with pytest.raises(PermanentError, match="access denied to bucket .*bad credentials"):
+        storage.check()  # HeadBucket: S3 sends no body, only the 403
+    fault_proxy.fail_next(1, kind)
+    with pytest.raises(PermanentError, match=expected) as caught:
+        storage.put_if_absent("k", b"v")
+    assert fault_proxy.stats[kind] == 2  # not retried by boto either
+    message = str(caught.value)
+    assert s3_settings["secret_access_key"] not in message
+    assert s3_settings["access_key_id"] not in message
+
+
+def test_check_refuses_store_ignoring_conditional_writes(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    fault_proxy.drop_headers = {"if-none-match"}
+    storage = _through(fault_proxy, s3_settings)
+    with pytest.raises(PermanentError, match="ignores conditional writes"):
+        storage.check()
+    assert list(_through(fault_proxy, s3_settings).list()) == []  # probe removed
+
+
+def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    storage = S3Storage(**{**s3_settings, "endpoint_url": f"http://127.0.0.1:{port}"})
+    with pytest.raises(RetryableError, match="cannot connect"):
+        storage.check()
+    assert "127.0.0.1" in storage.describe()
