@@ -1,0 +1,425 @@
+"""Compacted snapshots: the state of every object as of one archive position.
+
+    snapshots/<as-of-key>/part-<nnnnn>.jsonl.zst        live objects, one JSON line each
+    snapshots/<as-of-key>/tombstones-<nnnnn>.jsonl.zst  deleted / merged-away objects
+    snapshots/<as-of-key>/manifest.json                 written last: its presence commits
+
+A snapshot is built incrementally: the newest committed one seeds an on-disk ``StateStore``, the
+segments committed after it are folded in one at a time, and the result is streamed out of SQLite
+part by part. Parts are named by the as-of id and compressed deterministically, so re-running for
+the same position writes nothing new. ``state_sha256`` is the sha256 of the lines
+``"<key>\\t<event_id>\\n"`` of every live object in key order: two snapshots (or a snapshot and a
+replay) of the same history have the same value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import io
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from .archive import ArchiveReader
+from .archive.layout import CODEC_SUFFIX
+from .archive.segment import open_decompressed
+from .errors import MalformedEvent, NotFound, PermanentError
+from .events import EventId, StreamEvent
+from .state import ObjectRecord, StateStore, TombstoneRecord
+from .storage import Storage
+
+__all__ = [
+    "SNAPSHOTS_PREFIX",
+    "PartInfo",
+    "SnapshotInfo",
+    "fold_segments",
+    "iter_snapshot_objects",
+    "iter_snapshot_tombstones",
+    "list_snapshots",
+    "read_snapshot_manifest",
+    "snapshot_manifest_key",
+    "state_sha256",
+    "write_snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS_PREFIX = "snapshots/"
+FORMAT = 1
+_MANIFEST = "manifest.json"
+# A part also closes at this many uncompressed bytes, so its in-memory body stays bounded.
+_PART_RAW_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    key: str
+    kind: str  # "objects" | "tombstones"
+    count: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """A committed snapshot, as its manifest describes it."""
+
+    as_of: EventId
+    based_on: str | None
+    last_segment_manifest: str | None
+    object_count: int
+    tombstone_count: int
+    parts: tuple[PartInfo, ...]
+    state_sha256: str
+    created_at: str
+    codec: str = "zstd"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> str:
+        return self.as_of.key
+
+    @property
+    def manifest_key(self) -> str:
+        return snapshot_manifest_key(self.as_of.key)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "format": FORMAT,
+                "as_of_event_id": str(self.as_of),
+                "based_on": self.based_on,
+                "last_segment_manifest": self.last_segment_manifest,
+                "object_count": self.object_count,
+                "tombstone_count": self.tombstone_count,
+                "codec": self.codec,
+                "parts": [
+                    {
+                        "key": p.key,
+                        "kind": p.kind,
+                        "count": p.count,
+                        "size": p.size,
+                        "sha256": p.sha256,
+                    }
+                    for p in self.parts
+                ],
+                "state_sha256": self.state_sha256,
+                "created_at": self.created_at,
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+
+    @classmethod
+    def from_json(cls, body: bytes) -> SnapshotInfo:
+        try:
+            obj = orjson.loads(body)
+            if obj.get("format") != FORMAT:
+                raise MalformedEvent(f"unsupported snapshot format {obj.get('format')!r}")
+            parts = tuple(
+                PartInfo(
+                    str(p["key"]), str(p["kind"]), int(p["count"]), int(p["size"]), str(p["sha256"])
+                )
+                for p in obj["parts"]
+            )
+            return cls(
+                as_of=EventId.parse(obj["as_of_event_id"]),
+                based_on=obj.get("based_on"),
+                last_segment_manifest=obj.get("last_segment_manifest"),
+                object_count=int(obj["object_count"]),
+                tombstone_count=int(obj["tombstone_count"]),
+                parts=parts,
+                state_sha256=str(obj["state_sha256"]),
+                created_at=str(obj.get("created_at", "")),
+                codec=str(obj.get("codec", "zstd")),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedEvent(f"damaged snapshot manifest: {exc}") from exc
+
+
+def snapshot_manifest_key(as_of_key: str) -> str:
+    return f"{SNAPSHOTS_PREFIX}{as_of_key}/{_MANIFEST}"
+
+
+def read_snapshot_manifest(storage: Storage, as_of_key: str) -> SnapshotInfo:
+    """The committed snapshot at ``as_of_key`` (raises ``NotFound``, ``PermanentError``)."""
+    key = snapshot_manifest_key(as_of_key)
+    try:
+        return SnapshotInfo.from_json(storage.get(key))
+    except MalformedEvent as exc:
+        raise PermanentError(f"snapshot manifest {key} is damaged: {exc.reason}") from exc
+
+
+def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
+    """Every committed snapshot, oldest first (snapshots without a manifest are ignored)."""
+    out: list[SnapshotInfo] = []
+    for key in storage.list(SNAPSHOTS_PREFIX):
+        parts = key[len(SNAPSHOTS_PREFIX) :].split("/")
+        if len(parts) != 2 or parts[1] != _MANIFEST:
+            continue
+        try:
+            out.append(read_snapshot_manifest(storage, parts[0]))
+        except NotFound:
+            continue  # removed by retention while we listed
+    out.sort(key=lambda s: s.as_of)
+    return out
+
+
+def _iter_part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[dict[str, Any]]:
+    with storage.open(part.key) as fh:
+        for line in open_decompressed(fh, codec):
+            if line.strip():
+                try:
+                    record: dict[str, Any] = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise PermanentError(f"snapshot part {part.key} is damaged: {exc}") from exc
+                yield record
+
+
+def iter_snapshot_objects(storage: Storage, info: SnapshotInfo) -> Iterator[ObjectRecord]:
+    """The snapshot's live objects, streamed part by part, in key order."""
+    for part in info.parts:
+        if part.kind == "objects":
+            for r in _iter_part_lines(storage, part, info.codec):
+                yield ObjectRecord(r["key"], r["stix_id"], r["event_id"], r["event"], r["data"])
+
+
+def iter_snapshot_tombstones(storage: Storage, info: SnapshotInfo) -> Iterator[TombstoneRecord]:
+    for part in info.parts:
+        if part.kind == "tombstones":
+            for r in _iter_part_lines(storage, part, info.codec):
+                yield TombstoneRecord(r["key"], r["stix_id"], r["event_id"], r["reason"], r["into"])
+
+
+def state_sha256(state: StateStore) -> str:
+    digest = hashlib.sha256()
+    for key, event_id in state.key_event_pairs():
+        digest.update(f"{key}\t{event_id}\n".encode())
+    return digest.hexdigest()
+
+
+def fold_segments(
+    state: StateStore,
+    reader: ArchiveReader,
+    *,
+    start_after: str | None,
+    until: EventId | None = None,
+) -> tuple[int, int, str | None]:
+    """Apply committed segments after manifest key ``start_after`` (group ids ``<= until``).
+
+    Each segment is one transaction; events whose group id the state already holds are skipped,
+    so overlapping segments and a seed snapshot combine without double application. Returns
+    (segments folded, events applied, last folded manifest key).
+    """
+    segments = events = 0
+    last_key: str | None = None
+    for ref in reader.manifests(start_after=start_after):
+        m = ref.manifest
+        done = state.as_of
+        if done is not None and m.last <= done:
+            continue
+        if until is not None and m.first > until:
+            break
+        if (
+            done is not None
+            and m.after_event_id is not None
+            and EventId.parse(m.after_event_id) > done
+        ):
+            log.warning(
+                "Archive gap: a segment continues from a position the state never reached.",
+                extra={"segment": m.segment, "after": m.after_event_id, "state": str(done)},
+            )
+        events += state.apply_many(_group_filter(reader.segment_events(m), m.first, done, until))
+        segments += 1
+        if until is not None and m.last > until:
+            break  # a partial segment is never recorded as folded
+        state.advance(m.last)
+        last_key = ref.manifest_key
+    return segments, events, last_key
+
+
+def _group_filter(
+    events: Iterator[StreamEvent], first: EventId, done: EventId | None, until: EventId | None
+) -> Iterator[StreamEvent]:
+    hwm = first
+    for ev in events:
+        if ev.id > hwm:
+            hwm = ev.id
+        if done is not None and hwm <= done:
+            continue
+        if until is not None and hwm > until:
+            return
+        yield ev
+
+
+class _PartWriter:
+    """Compresses JSON lines into bounded parts (deterministic bytes for the same lines)."""
+
+    def __init__(
+        self, storage: Storage, prefix: str, kind: str, codec: str, level: int, limit: int
+    ) -> None:
+        self.storage, self.prefix, self.kind = storage, prefix, kind
+        self.codec, self.level, self.limit = codec, level, limit
+        self.parts: list[PartInfo] = []
+        self.total = 0
+        self._lines: list[bytes] = []
+        self._raw = 0
+
+    def add(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._raw += len(line)
+        if len(self._lines) >= self.limit or self._raw >= _PART_RAW_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        name = "part" if self.kind == "objects" else "tombstones"
+        key = f"{self.prefix}{name}-{len(self.parts):05d}{CODEC_SUFFIX[self.codec]}"
+        body = self._compress()
+        digest = hashlib.sha256(body).hexdigest()
+        if not self.storage.put_if_absent(key, body):
+            # Left by an attempt that crashed before its manifest: replace it if it differs.
+            if hashlib.sha256(self.storage.get(key)).hexdigest() != digest:
+                self.storage.put(key, body)
+        self.parts.append(PartInfo(key, self.kind, len(self._lines), len(body), digest))
+        self.total += len(self._lines)
+        self._lines, self._raw = [], 0
+
+    def _compress(self) -> bytes:
+        buf = io.BytesIO()
+        if self.codec == "zstd":
+            cobj = zstandard.ZstdCompressor(level=self.level).compressobj()
+            for line in self._lines:
+                buf.write(cobj.compress(line))
+            buf.write(cobj.flush())
+        else:
+            with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=self.level, mtime=0) as gz:
+                for line in self._lines:
+                    gz.write(line)
+        return buf.getvalue()
+
+
+def _export(
+    state: StateStore,
+    storage: Storage,
+    *,
+    based_on: str | None,
+    last_segment_manifest: str | None,
+    codec: str,
+    level: int,
+    part_objects: int,
+) -> SnapshotInfo:
+    if state.as_of is None:
+        raise PermanentError("cannot snapshot an empty state")
+    prefix = f"{SNAPSHOTS_PREFIX}{state.as_of.key}/"
+    objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects)
+    digest = hashlib.sha256()
+    for rec in state.records():
+        digest.update(f"{rec.key}\t{rec.event_id}\n".encode())
+        objects.add(
+            orjson.dumps(
+                {
+                    "key": rec.key,
+                    "stix_id": rec.stix_id,
+                    "event_id": rec.event_id,
+                    "event": rec.event,
+                    "data": rec.data,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+    objects.flush()
+    tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects)
+    for t in state.tombstones():
+        tombs.add(
+            orjson.dumps(
+                {
+                    "key": t.key,
+                    "stix_id": t.stix_id,
+                    "event_id": t.event_id,
+                    "reason": t.reason,
+                    "into": t.into,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+    tombs.flush()
+    info = SnapshotInfo(
+        as_of=state.as_of,
+        based_on=based_on,
+        last_segment_manifest=last_segment_manifest,
+        object_count=objects.total,
+        tombstone_count=tombs.total,
+        parts=tuple(objects.parts + tombs.parts),
+        state_sha256=digest.hexdigest(),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        codec=codec,
+    )
+    # The manifest commits the snapshot: written last, never replaced.
+    storage.put_if_absent(info.manifest_key, info.to_json())
+    return info
+
+
+def write_snapshot(
+    storage: Storage,
+    *,
+    work_dir: Path,
+    codec: str = "zstd",
+    level: int = 3,
+    part_objects: int = 50_000,
+) -> SnapshotInfo | None:
+    """Snapshot the archive's latest committed position; None when nothing is new.
+
+    Seeds from the newest committed snapshot and folds only the segments after it.
+    """
+    if codec not in CODEC_SUFFIX:
+        raise PermanentError(f"unknown snapshot codec {codec!r}")
+    if part_objects < 1:
+        raise PermanentError("part_objects must be positive")
+    existing = list_snapshots(storage)
+    base = existing[-1] if existing else None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    db_path = work_dir / f"snapshot-{uuid.uuid4().hex}.sqlite"
+    state = StateStore(db_path)
+    try:
+        if base is not None:
+            state.load_snapshot(storage, base.key)
+        segments, events, last_key = fold_segments(
+            state, ArchiveReader(storage), start_after=base.last_segment_manifest if base else None
+        )
+        if segments == 0 or state.as_of is None or (base is not None and state.as_of <= base.as_of):
+            return None
+        if storage.exists(snapshot_manifest_key(state.as_of.key)):
+            return None  # committed by a concurrent run
+        info = _export(
+            state,
+            storage,
+            based_on=str(base.as_of) if base else None,
+            last_segment_manifest=last_key,
+            codec=codec,
+            level=level,
+            part_objects=part_objects,
+        )
+        log.info(
+            "Snapshot written.",
+            extra={
+                "as_of": str(info.as_of),
+                "segments": segments,
+                "events": events,
+                "objects": info.object_count,
+                "tombstones": info.tombstone_count,
+            },
+        )
+        return info
+    finally:
+        state.close()
+        for suffix in ("", "-journal"):
+            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
