@@ -20,7 +20,7 @@ from .store import SimStore, entity_type_of, iso_ms
 
 __all__ = ["TLP_MARKINGS", "bulk_creates", "generate", "make_object"]
 
-# The platform's built-in TLP marking ids (stable across every OpenCTI install).
+# Fixed TLP marking ids chosen for the simulator (not the platform's own ids), so runs compare.
 TLP_MARKINGS = {
     "TLP:CLEAR": ("marking-definition--94868c89-83c2-464b-929b-a1a8aa3c8487", "#ffffff", 1),
     "TLP:GREEN": ("marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb", "#2e7d32", 2),
