@@ -170,3 +170,57 @@ def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
     with pytest.raises(RetryableError, match="cannot connect"):
         storage.check()
     assert "127.0.0.1" in storage.describe()
+
+
+def _client_error(status: int, code: str, message: str = "") -> Exception:
+    from botocore.exceptions import ClientError
+
+    response: Any = {
+        "Error": {"Code": code, "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind", "words"),
+    [
+        (403, "RequestTimeTooSkewed", RetryableError, "will retry"),
+        (400, "RequestTimeout", RetryableError, "will retry"),
+        (409, "ConditionalRequestConflict", RetryableError, "will retry"),
+        (400, "KMS.ThrottlingException", RetryableError, "will retry"),
+        (400, "KMS.NotFoundException", PermanentError, "KMS refused"),
+        (403, "AccessDenied", PermanentError, "KMS refused"),  # message names kms:
+        (403, "ExpiredToken", PermanentError, "credentials rejected"),
+        (400, "InvalidStorageClass", PermanentError, "InvalidStorageClass: bad class ***"),
+    ],
+)
+def test_error_codes_moto_cannot_produce(
+    status: int, code: str, kind: type[Exception], words: str
+) -> None:
+    # Real S3 answers that neither moto nor the proxy can provoke, classified directly.
+    from connector.storage.s3 import classify_s3_error
+
+    message = "not authorized to perform kms:GenerateDataKey" if code == "AccessDenied" else ""
+    if code == "InvalidStorageClass":
+        message = "bad class AKIASECRET"
+    error = classify_s3_error(
+        _client_error(status, code, message),
+        action="write",
+        target="s3://b/k",
+        bucket="b",
+        key="k",
+        secrets=("AKIASECRET",),
+    )
+    assert isinstance(error, kind)
+    assert words in str(error)
+    assert "AKIASECRET" not in str(error)
+
+
+def test_check_names_a_denied_write(fault_proxy: FaultProxy, s3_settings: dict) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.fail_next(1, "access_denied", method="PUT")  # HeadBucket passes, the probe not
+    with pytest.raises(PermanentError, match=r"S3 write .*\.probe-.*access denied"):
+        storage.check()
+    assert fault_proxy.stats["access_denied"] == 1
+    assert list(storage.list()) == []

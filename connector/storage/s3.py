@@ -216,9 +216,9 @@ class S3Storage:
         except Exception as exc:
             raise self._bucket_error(exc) from exc
         probe = f".probe-{uuid.uuid4().hex}"
+        if not self.put_if_absent(probe, b"probe"):
+            raise PermanentError(f"{self.describe()}: probe object unexpectedly exists")
         try:
-            if not self.put_if_absent(probe, b"probe"):
-                raise PermanentError(f"{self.describe()}: probe object unexpectedly exists")
             # A store that ignores If-None-Match would silently allow overwrites: catch it now.
             if self.put_if_absent(probe, b"probe"):
                 raise PermanentError(
@@ -425,7 +425,7 @@ def classify_s3_error(
                 f"S3 {action} {target}: credentials rejected ({code}): check the access key id,"
                 " secret and session token"
             )
-        if code.startswith("KMS.") or "KMS" in _message(exc):
+        if code.startswith("KMS.") or "kms" in _message(exc).lower():
             return PermanentError(
                 f"S3 {action} {target}: KMS refused ({code}): check kms_key_id and that these"
                 " credentials may use the key"
