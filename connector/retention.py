@@ -181,6 +181,20 @@ def _snapshot_id(prefix: str) -> EventId | None:
         return None
 
 
+def _parts_present(storage: Storage, snap: SnapshotRef) -> bool:
+    try:
+        for part in snap.manifest["parts"]:
+            if storage.size(str(part["key"])) != int(part["size"]):
+                raise ValueError(part["key"])
+    except (NotFound, KeyError, TypeError, ValueError) as exc:
+        log.warning(
+            "Snapshot not usable as a retention base: a part is missing or damaged.",
+            extra={"snapshot": str(snap.as_of), "part": str(exc)},
+        )
+        return False
+    return True
+
+
 def _oldest_manifest(storage: Storage) -> Manifest | None:
     for key in storage.list(MANIFESTS_PREFIX):
         if key.endswith(".json"):
@@ -201,7 +215,8 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
         log.info("Retention deletes nothing.", extra={"reason": report.note})
         return report
     older = [s for s in snapshots if s.as_of <= report.window_start]
-    base = older[-1] if older else None
+    # The base must be restorable: its parts have to be there before anything relies on it.
+    base = next((s for s in reversed(older) if _parts_present(storage, s)), None)
     protected: set[EventId] = set()
     if base is not None:
         report.base = str(base.as_of)

@@ -1,0 +1,613 @@
+"""``verify``: prove an archive is whole, in constant memory, before anyone needs to restore it.
+
+Checked, streaming one object at a time:
+
+* every manifest parses and sits under the key its first id gives; its segment exists; the
+  segment's size and sha256 match (hashed while it is decoded, one read); event count, first and
+  last group id, per-event rows and counts match the decoded lines;
+* segments without a manifest are warnings (a crash between the two writes leaves one);
+* continuity: each manifest starts after the previous one ends and its ``after_event_id`` names
+  the previous segment's last id. The oldest kept segment may name a segment retention deleted.
+  A break is an error unless the checkpoint's ``retention_gaps`` explain it;
+* patch chains: an ``update``/``merge`` whose object's previous version was set by the event
+  just before it (same object, no break or quarantined event in between) must turn back into
+  that version when its ``reverse_patch`` is applied; otherwise an event was missed upstream.
+  The last version of every object lives in a sqlite index in ``work_dir``, not in memory;
+* snapshots: each committed snapshot's parts exist with matching sha256, size and counts; when
+  the state helper is available, each snapshot is recomputed from the previous one (or from an
+  empty state when the archive starts at the beginning of the stream) plus the segments in
+  between, and its ``state_sha256`` and counts compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import jsonpatch
+import orjson
+
+from .archive import ArchiveReader
+from .archive.layout import (
+    EVENTS_PREFIX,
+    MANIFESTS_PREFIX,
+    QUARANTINE_PREFIX,
+    id_from_key,
+    manifest_key_for_segment,
+)
+from .archive.segment import Manifest, iter_segment_lines
+from .checkpoint import CheckpointStore
+from .errors import ConnectorError, MalformedEvent, NotFound
+from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
+from .snapshot import (
+    SNAPSHOTS_PREFIX,
+    SnapshotInfo,
+    fold_segments,
+    snapshot_manifest_key,
+    state_sha256,
+)
+from .state import StateStore
+from .storage import Storage
+
+__all__ = ["VerifyReport", "format_report", "verify_archive"]
+
+log = logging.getLogger(__name__)
+
+# Messages kept per level; counts stay exact beyond it (a wrecked archive must not eat memory).
+MAX_MESSAGES = 200
+
+# Relationship fields the platform denormalises from the endpoints: they change when an endpoint
+# changes, without an update event (or patch) on the relationship itself.
+_DENORMALISED = frozenset(
+    {
+        "source_value",
+        "target_value",
+        "source_type",
+        "target_type",
+        "source_ref_object_marking_refs",
+        "target_ref_object_marking_refs",
+    }
+)
+
+
+@dataclass
+class VerifyReport:
+    archive: str = ""
+    segments: int = 0
+    events: int = 0
+    bytes: int = 0
+    first_event_id: str | None = None
+    last_event_id: str | None = None
+    snapshots: int = 0
+    snapshots_recomputed: int = 0
+    updates_checked: int = 0
+    orphans: int = 0
+    error_count: int = 0
+    warning_count: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    def error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_MESSAGES:
+            self.errors.append(message)
+        log.error("Archive verification error.", extra={"detail": message})
+
+    def warning(self, message: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < MAX_MESSAGES:
+            self.warnings.append(message)
+        log.warning("Archive verification warning.", extra={"detail": message})
+
+
+def format_report(report: VerifyReport) -> str:
+    rows = [
+        ("archive", report.archive),
+        ("segments", f"{report.segments} ({report.bytes} bytes)"),
+        ("events", str(report.events)),
+        ("first id", report.first_event_id or "-"),
+        ("last id", report.last_event_id or "-"),
+        ("snapshots", f"{report.snapshots} ({report.snapshots_recomputed} recomputed)"),
+        ("updates checked", str(report.updates_checked)),
+        ("orphan segments", str(report.orphans)),
+        ("errors", str(report.error_count)),
+        ("warnings", str(report.warning_count)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"NOTE     {n}" for n in report.notes]
+    lines += [f"ERROR    {e}" for e in report.errors]
+    if report.error_count > len(report.errors):
+        lines.append(f"ERROR    ... {report.error_count - len(report.errors)} more")
+    lines += [f"WARNING  {w}" for w in report.warnings]
+    if report.warning_count > len(report.warnings):
+        lines.append(f"WARNING  ... {report.warning_count - len(report.warnings)} more")
+    lines.append(f"{'result':<{width}}  {'OK' if report.ok else 'DAMAGED'}")
+    return "\n".join(lines)
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes and counts every byte read through it, so one read both decodes and checks."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        while self.readinto(bytearray(1 << 20)):
+            pass
+
+
+class _Index:
+    """Last seen version of every object (sqlite in work_dir), plus quarantine positions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB);"
+            "CREATE TABLE segs (key TEXT PRIMARY KEY);"
+            "CREATE TABLE quar (after TEXT);"
+            "CREATE INDEX quar_after ON quar (after);"
+        )
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+    def get(self, key: str) -> tuple[str, int, bytes] | None:
+        row = self.db.execute("SELECT event_id, gen, data FROM objs WHERE key = ?", (key,))
+        found = row.fetchone()
+        return None if found is None else (found[0], found[1], found[2])
+
+    def put(self, key: str, event_id: str, gen: int, data: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO objs VALUES (?, ?, ?, ?)", (key, event_id, gen, data)
+        )
+
+    def forget(self, key: str) -> None:
+        self.db.execute("DELETE FROM objs WHERE key = ?", (key,))
+
+    def quarantined_between(self, low: EventId, high: EventId) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM quar WHERE after >= ? AND after < ? LIMIT 1", (low.key, high.key)
+        )
+        return row.fetchone() is not None
+
+
+def _object_key(stix: dict[str, Any]) -> str:
+    internal = octi_ext(stix).get("id")
+    if isinstance(internal, str) and internal:
+        return internal
+    return str(stix.get("id", ""))
+
+
+def _comparable(stix: Any) -> Any:
+    if not isinstance(stix, dict):
+        return stix
+    octi = octi_ext(stix)
+    if not _DENORMALISED.intersection(octi):
+        return stix
+    out = dict(stix)
+    out["extensions"] = {
+        **stix["extensions"],
+        OCTI_EXT: {k: v for k, v in octi.items() if k not in _DENORMALISED},
+    }
+    return out
+
+
+class _Verifier:
+    def __init__(self, storage: Storage, report: VerifyReport, index: _Index) -> None:
+        self.storage = storage
+        self.report = report
+        self.index = index
+        # Bumped at every break in the event chain: versions from before it are not compared.
+        self.gen = 0
+        self.gaps: list[tuple[EventId, EventId | None]] = []
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def load_context(self) -> None:
+        try:
+            cp = CheckpointStore(self.storage).load()
+        except ConnectorError as exc:
+            self.report.warning(f"checkpoint.json unreadable ({exc}); retention gaps unknown")
+            cp = None
+        for gap in cp.retention_gaps if cp else []:
+            try:
+                low = EventId.parse(str(gap.get("checkpoint_event_id")))
+            except ValueError:
+                continue
+            high_text = gap.get("first_retained_event_id")
+            high = EventId.parse(high_text) if isinstance(high_text, str) and high_text else None
+            self.gaps.append((low, high))
+        for key in self.storage.list(QUARANTINE_PREFIX):
+            after = key[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
+            self.index.db.execute("INSERT INTO quar VALUES (?)", (after,))
+
+    def _gap_explains(self, prev_last: EventId, first: EventId) -> bool:
+        return any(prev_last <= low < first for low, _ in self.gaps)
+
+    # -- segments --------------------------------------------------------------------------
+
+    def manifests(self) -> Iterator[tuple[str, Manifest | None]]:
+        for key in self.storage.list(MANIFESTS_PREFIX):
+            if not key.endswith(".json"):
+                continue
+            try:
+                body = self.storage.get(key)
+            except NotFound:
+                continue  # deleted by retention while we listed
+            try:
+                yield key, Manifest.from_json(body)
+            except MalformedEvent as exc:
+                self.report.error(f"manifest {key} is damaged: {exc.reason}")
+                yield key, None
+
+    def check_segments(self) -> None:
+        prev: Manifest | None = None
+        unknown = False  # the previous manifest was unreadable: its end is unknown
+        for key, m in self.manifests():
+            if m is None:
+                unknown, self.gen = True, self.gen + 1
+                continue
+            self.index.db.execute("INSERT OR IGNORE INTO segs VALUES (?)", (m.segment,))
+            try:
+                if id_from_key(key) != m.first:
+                    self.report.error(f"manifest {key} describes first id {m.first_event_id}")
+            except ValueError:
+                self.report.error(f"manifest {key} has a malformed name")
+            if not unknown:
+                self.check_continuity(key, prev, m)
+            unknown = False
+            self.check_segment(key, m, prev)
+            r = self.report
+            r.segments += 1
+            r.events += m.event_count
+            r.bytes += m.size
+            r.first_event_id = r.first_event_id or m.first_event_id
+            r.last_event_id = m.last_event_id
+            prev = m
+        self.index.db.commit()
+
+    def check_continuity(self, key: str, prev: Manifest | None, m: Manifest) -> None:
+        if prev is None:
+            if m.after_event_id is not None:
+                self.report.notes.append(
+                    f"archive starts after {m.after_event_id} (older segments pruned by retention)"
+                )
+            return
+        if m.first <= prev.last:
+            self.report.error(
+                f"manifest {key} overlaps the previous segment: first {m.first_event_id} <= "
+                f"previous last {prev.last_event_id}"
+            )
+            self.gen += 1
+            return
+        if m.after_event_id == prev.last_event_id:
+            return
+        self.gen += 1
+        if self._gap_explains(prev.last, m.first):
+            self.report.notes.append(
+                f"chain break before {m.first_event_id} explained by a recorded retention gap"
+            )
+            return
+        if m.after_event_id is None:
+            self.report.error(
+                f"manifest {key} does not continue the chain: previous segment ends at "
+                f"{prev.last_event_id}, this one has no after_event_id"
+            )
+        else:
+            self.report.error(
+                f"segment(s) missing before {m.first_event_id}: manifest {key} continues from "
+                f"{m.after_event_id} but the previous segment ends at {prev.last_event_id}"
+            )
+
+    def check_segment(self, key: str, m: Manifest, prev: Manifest | None) -> None:
+        try:
+            fh = self.storage.open(m.segment)
+        except NotFound:
+            self.report.error(f"segment {m.segment} is missing (named by manifest {key})")
+            self.gen += 1
+            return
+        with closing(fh):
+            tee = _HashingReader(fh)
+            decoded = self._decode(m, tee, prev)
+            tee.drain()
+        problems = []
+        if tee.size != m.size:
+            problems.append(f"size {tee.size} != manifest {m.size}")
+        if tee.sha.hexdigest() != m.sha256:
+            problems.append("sha256 differs from the manifest (bytes changed)")
+        if decoded is not None:
+            problems.append(decoded)
+        if problems:
+            self.report.error(f"segment {m.segment}: " + "; ".join(problems))
+            self.gen += 1
+
+    def _decode(self, m: Manifest, tee: _HashingReader, prev: Manifest | None) -> str | None:
+        """Stream the events, feed the patch-chain check; a problem description or None."""
+        count = 0
+        hwm: EventId | None = None
+        counts: dict[str, int] = {}
+        floor = prev.last if prev is not None else None
+        try:
+            stream: BinaryIO = io.BufferedReader(tee, 1 << 20)
+            for line in iter_segment_lines(stream, m.codec):
+                ev = parse_archive_line(line)
+                if count == 0 and ev.id > m.first:
+                    return f"first event {ev.id_text} is above the manifest's first id"
+                if count < len(m.objects) and m.objects[count][0] != ev.id_text:
+                    return (
+                        f"event #{count} is {ev.id_text}, manifest row says {m.objects[count][0]}"
+                    )
+                if floor is not None and ev.id <= floor:
+                    self.report.warning(
+                        f"segment {m.segment}: event {ev.id_text} at or below the previous "
+                        f"segment's end {floor} (late recovery event?)"
+                    )
+                hwm = ev.id if hwm is None or ev.id > hwm else hwm
+                counts[ev.event] = counts.get(ev.event, 0) + 1
+                count += 1
+                self.check_event(ev)
+        except Exception as exc:  # noqa: BLE001
+            # zstd, gzip and JSON all have their own error types; any of them means damage.
+            return f"cannot be decoded after {count} events: {type(exc).__name__}: {exc}"
+        if count != m.event_count:
+            return f"holds {count} events, manifest says {m.event_count}"
+        if hwm is not None and str(max(hwm, m.first)) != m.last_event_id:
+            return f"last group id is {max(hwm, m.first)}, manifest says {m.last_event_id}"
+        if m.counts and counts != m.counts:
+            return f"event counts {counts} differ from manifest {m.counts}"
+        return None
+
+    # -- patch chains ----------------------------------------------------------------------
+
+    def check_event(self, ev: StreamEvent) -> None:
+        stix = ev.stix
+        key = _object_key(stix)
+        if ev.event == "delete":
+            self.index.forget(key)
+            return
+        context = ev.envelope.get("context")
+        reverse = context.get("reverse_patch") if isinstance(context, dict) else None
+        if ev.event in ("update", "merge") and isinstance(reverse, list) and reverse:
+            self._check_reverse(ev, key, stix, reverse)
+        if ev.event == "merge" and isinstance(context, dict):
+            for source in context.get("sources") or []:
+                if isinstance(source, dict):
+                    self.index.forget(_object_key(source))
+        self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix))
+
+    def _check_reverse(
+        self, ev: StreamEvent, key: str, stix: dict[str, Any], reverse: list[Any]
+    ) -> None:
+        row = self.index.get(key)
+        if row is None:
+            return  # first sight of the object (filtered stream, pruned history): nothing to do
+        prev_id, gen, data = row
+        if gen != self.gen or self.index.quarantined_between(EventId.parse(prev_id), ev.id):
+            return  # something may legitimately sit between the two versions
+        self.report.updates_checked += 1
+        try:
+            rebuilt = jsonpatch.apply_patch(stix, reverse, in_place=False)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+            self.report.error(
+                f"{ev.event} {ev.id_text} does not follow {prev_id}: its reverse_patch does not "
+                f"apply ({exc}); an event was missed upstream"
+            )
+            return
+        if _comparable(rebuilt) != _comparable(orjson.loads(data)):
+            self.report.error(
+                f"{ev.event} {ev.id_text} does not follow {prev_id} (object {key}): its "
+                f"reverse_patch leads elsewhere; an event was missed upstream"
+            )
+
+    # -- orphans ---------------------------------------------------------------------------
+
+    def check_orphans(self) -> None:
+        for key in self.storage.list(EVENTS_PREFIX):
+            found = self.index.db.execute("SELECT 1 FROM segs WHERE key = ?", (key,)).fetchone()
+            if found is not None:
+                continue
+            try:
+                mkey = manifest_key_for_segment(key)
+            except ValueError:
+                self.report.warning(f"unexpected object under events/: {key}")
+                continue
+            if self.storage.exists(mkey):
+                continue  # its manifest is damaged or names another key: reported already
+            self.report.orphans += 1
+            self.report.warning(f"orphan segment {key}: no manifest (a crash before the commit)")
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot_infos(self) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first; damaged manifests and leftovers reported."""
+        out: list[SnapshotInfo] = []
+        current: str | None = None
+        has_manifest = False
+        for key in [*self.storage.list(SNAPSHOTS_PREFIX), None]:
+            prefix = None if key is None else key[: key.rfind("/") + 1]
+            if prefix != current:
+                if current is not None and not has_manifest:
+                    self.report.warning(f"unfinished snapshot {current} (no manifest) ignored")
+                current, has_manifest = prefix, False
+            if key is None or not key.endswith("/manifest.json"):
+                continue
+            has_manifest = True
+            try:
+                info = SnapshotInfo.from_json(self.storage.get(key))
+            except NotFound:
+                continue
+            except MalformedEvent as exc:
+                self.report.error(f"snapshot manifest {key} is damaged: {exc.reason}")
+                continue
+            if key != snapshot_manifest_key(info.as_of.key):
+                self.report.error(f"snapshot manifest {key} describes as-of {info.as_of}")
+                continue
+            out.append(info)
+        out.sort(key=lambda s: s.as_of)
+        return out
+
+    def check_snapshots(self, work_dir: Path) -> None:
+        snapshots = self.snapshot_infos()
+        self.report.snapshots = len(snapshots)
+        good = [snap for snap in snapshots if self.check_snapshot_parts(snap)]
+        if not good:
+            return
+        path = work_dir / f"verify-state-{uuid.uuid4().hex}.sqlite"
+        state = StateStore(path)
+        try:
+            self._recompute(state, good)
+        except Exception as exc:  # noqa: BLE001 - damage already reported stops the replay
+            self.report.error(
+                f"snapshot recomputation stopped: {type(exc).__name__}: {str(exc)[:200]}"
+            )
+        finally:
+            state.close()
+            for suffix in ("", "-journal"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def _recompute(self, state: StateStore, good: list[SnapshotInfo]) -> None:
+        """Fold the archive once, comparing the state with each snapshot as it is reached."""
+        reader = ArchiveReader(self.storage)
+        start_after: str | None = None
+        if not self._archive_starts_at_origin():
+            # No history before the oldest good snapshot: it is the starting point, not checked.
+            first, good = good[0], good[1:]
+            state.load_snapshot(self.storage, first.key)
+            start_after = first.last_segment_manifest
+        for snap in good:
+            _, _, last_key = fold_segments(state, reader, start_after=start_after, until=snap.as_of)
+            start_after = last_key or start_after
+            self.report.snapshots_recomputed += 1
+            problems = []
+            if state.as_of != snap.as_of:
+                problems.append(f"the segments reach {state.as_of}, not its as-of id")
+            counts = state.counts()
+            if counts["objects"] != snap.object_count:
+                problems.append(
+                    f"{counts['objects']} live objects recomputed, manifest says "
+                    f"{snap.object_count}"
+                )
+            if counts["tombstones"] != snap.tombstone_count:
+                problems.append(
+                    f"{counts['tombstones']} tombstones recomputed, manifest says "
+                    f"{snap.tombstone_count}"
+                )
+            if state_sha256(state) != snap.state_sha256:
+                problems.append("state_sha256 differs from the previous snapshot + segments")
+            if problems:
+                self.report.error(f"snapshot {snap.as_of}: " + "; ".join(problems))
+                # Carry on from what the snapshot says, so one bad snapshot is one error.
+                state.load_snapshot(self.storage, snap.key)
+                start_after = snap.last_segment_manifest
+
+    def _archive_starts_at_origin(self) -> bool:
+        for _, m in self.manifests():
+            return m is not None and m.after_event_id is None
+        return False
+
+    def check_snapshot_parts(self, snap: SnapshotInfo) -> bool:
+        name = f"snapshot {snap.as_of}"
+        ok = True
+        totals = {"objects": 0, "tombstones": 0}
+        for part in snap.parts:
+            if not part.key.startswith(f"{SNAPSHOTS_PREFIX}{snap.key}/"):
+                self.report.error(f"{name}: part {part.key} lies outside the snapshot")
+                ok = False
+                continue
+            problem = self._check_part(part.key, part.size, part.sha256, part.count, snap.codec)
+            if problem:
+                self.report.error(f"{name}: part {part.key} {problem}")
+                ok = False
+            totals[part.kind] = totals.get(part.kind, 0) + part.count
+        for kind, declared in (
+            ("objects", snap.object_count),
+            ("tombstones", snap.tombstone_count),
+        ):
+            if totals[kind] != declared:
+                self.report.error(
+                    f"{name}: parts hold {totals[kind]} {kind}, manifest says {declared}"
+                )
+                ok = False
+        return ok
+
+    def _check_part(self, key: str, size: int, sha: str, count: int, codec: str) -> str | None:
+        try:
+            fh = self.storage.open(key)
+        except NotFound:
+            return "is missing"
+        lines = 0
+        decode_error = None
+        with closing(fh):
+            tee = _HashingReader(fh)
+            try:
+                stream: BinaryIO = io.BufferedReader(tee, 1 << 20)
+                for line in iter_segment_lines(stream, codec):
+                    orjson.loads(line)
+                    lines += 1
+            except Exception as exc:  # noqa: BLE001 - any decoder error means damage
+                decode_error = f"cannot be decoded: {type(exc).__name__}"
+            tee.drain()
+        if tee.sha.hexdigest() != sha:
+            return "sha256 differs from the manifest (bytes changed)"
+        if tee.size != size:
+            return f"size {tee.size} != manifest {size}"
+        if decode_error:
+            return decode_error
+        if lines != count:
+            return f"holds {lines} lines, manifest says {count}"
+        return None
+
+
+def verify_archive(storage: Storage, *, work_dir: Path) -> VerifyReport:
+    """Check the whole archive; ``report.ok`` is False when anything is damaged."""
+    report = VerifyReport(archive=storage.describe())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    index = _Index(work_dir / f"verify-{uuid.uuid4().hex}.sqlite")
+    try:
+        v = _Verifier(storage, report, index)
+        v.load_context()
+        v.check_segments()
+        v.check_orphans()
+        v.check_snapshots(work_dir)
+    finally:
+        index.close()
+    log.info(
+        "Archive verified.",
+        extra={
+            "segments": report.segments,
+            "events": report.events,
+            "errors": report.error_count,
+            "warnings": report.warning_count,
+        },
+    )
+    return report

@@ -1,0 +1,322 @@
+"""verify: a good archive passes; each kind of damage is named and makes the report not ok.
+
+Archives are written by the real ArchiveSink into a LocalStorage (one run against moto S3);
+updates carry real patch / reverse_patch pairs made with jsonpatch, as the platform sends them.
+The ``ArchiveBuilder`` here is reused by the retention and job tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import orjson
+import pytest
+
+from connector.archive import ArchiveReader, ArchiveSink
+from connector.archive.layout import manifest_key
+from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.sink import Batch
+from connector.snapshot import list_snapshots, write_snapshot
+from connector.storage import Storage
+from connector.storage.local import LocalStorage
+from connector.verify import format_report, verify_archive
+from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
+
+DAY_MS = 86_400_000
+
+
+class ArchiveBuilder:
+    """Makes platform-like events for a few malware objects and writes them as segments."""
+
+    def __init__(self, storage: Storage, start_ms: int, step_ms: int = 1000) -> None:
+        self.storage = storage
+        self.sink = ArchiveSink(storage)
+        self.ms = start_ms
+        self.step = step_ms
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.pending: list[StreamEvent] = []
+        self.last: EventId | None = None
+
+    def _stamp(self, stix: dict[str, Any]) -> None:
+        """Version stamp of the event about to be emitted (the next id's milliseconds)."""
+        when = f"2025-01-01T00:00:{(self.ms + self.step) % 60000 / 1000:06.3f}Z"
+        stix["modified"] = when
+        stix["extensions"][OCTI_EXT]["updated_at"] = when
+
+    def _event(self, name: str, envelope: dict[str, Any]) -> StreamEvent:
+        self.ms += self.step
+        ev = StreamEvent.from_sse(f"{self.ms}-0", name, orjson.dumps(envelope).decode())
+        self.pending.append(ev)
+        return ev
+
+    def create(self, n: int, **fields: Any) -> StreamEvent:
+        stix: dict[str, Any] = {
+            "id": f"malware--00000000-0000-4000-8000-{n:012d}",
+            "type": "malware",
+            "spec_version": "2.1",
+            "name": f"malware {n}",
+            "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
+            **fields,
+        }
+        self._stamp(stix)
+        self.objects[f"iid-{n}"] = stix
+        return self._event("create", {"version": "4", "type": "create", "data": stix})
+
+    def update(self, n: int, *, emit: bool = True, **changes: Any) -> StreamEvent | None:
+        old = self.objects[f"iid-{n}"]
+        new = copy.deepcopy(old)
+        new.update(changes)
+        self._stamp(new)
+        self.objects[f"iid-{n}"] = new
+        envelope = {
+            "version": "4",
+            "type": "update",
+            "data": new,
+            "context": {
+                "patch": jsonpatch.make_patch(old, new).patch,
+                "reverse_patch": jsonpatch.make_patch(new, old).patch,
+            },
+        }
+        if not emit:  # the platform changed it, but the event never reached us
+            self.ms += self.step
+            return None
+        return self._event("update", envelope)
+
+    def delete(self, n: int) -> StreamEvent:
+        stix = self.objects.pop(f"iid-{n}")
+        return self._event("delete", {"version": "4", "type": "delete", "data": stix})
+
+    def flush(self) -> Batch:
+        """Write the pending events as one segment (one batch)."""
+        events, self.pending = self.pending, []
+        batch = Batch(
+            first_id=events[0].id, last_id=events[-1].id, events=events, after_id=self.last
+        )
+        self.sink.write(batch)
+        self.last = batch.last_id
+        return batch
+
+    def day(self, segments: int = 2, objects: int = 3) -> None:
+        """A few segments of creates and updates."""
+        for s in range(segments):
+            for i in range(objects):
+                n = 1000 + i
+                if f"iid-{n}" in self.objects:
+                    self.update(n, description=f"seen {self.ms} {s}")
+                else:
+                    self.create(n)
+            self.flush()
+
+
+def build_good(storage: Storage, start_ms: int = 1_700_000_000_000) -> ArchiveBuilder:
+    b = ArchiveBuilder(storage, start_ms)
+    b.create(1, labels=["a"])
+    b.create(2)
+    b.flush()
+    b.update(1, labels=["a", "b"], description="x")
+    b.update(2, name="renamed")
+    b.update(1, labels=["b"])
+    b.flush()
+    b.delete(2)
+    b.create(3)
+    b.update(3, description="y")
+    b.flush()
+    return b
+
+
+def manifests(storage: Storage) -> list[Any]:
+    return list(ArchiveReader(storage).manifests())
+
+
+def test_good_archive_passes(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.segments == 3
+    assert report.events == 8
+    assert report.updates_checked == 4
+    assert report.first_event_id is not None and report.last_event_id is not None
+    text = format_report(report)
+    assert "result" in text and "OK" in text and "segments" in text
+    assert list((tmp_path / "w").iterdir()) == []  # the sqlite index is removed
+
+
+def test_corrupted_segment(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    seg = manifests(storage)[1].manifest.segment
+    path = tmp_path / "a" / seg
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    path.write_bytes(bytes(body))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(seg in e and "sha256" in e for e in report.errors), report.errors
+    assert "DAMAGED" in format_report(report)
+
+
+def test_missing_segment(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    seg = manifests(storage)[1].manifest.segment
+    storage.delete(seg)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("missing" in e and seg in e for e in report.errors), report.errors
+
+
+def test_missing_segment_and_manifest_breaks_the_chain(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    ref = manifests(storage)[1]
+    storage.delete(ref.manifest_key)
+    storage.delete(ref.manifest.segment)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("missing before" in e for e in report.errors), report.errors
+
+
+def test_truncated_manifest(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    key = manifests(storage)[0].manifest_key
+    body = storage.get(key)
+    storage.put(key, body[: len(body) // 2])
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(key in e and "damaged" in e for e in report.errors), report.errors
+
+
+def test_orphan_segment_is_a_warning(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = build_good(storage)
+    # A crash after the segment write and before the manifest: move the last manifest away
+    # and keep the chain intact by leaving it the last segment.
+    last = manifests(storage)[-1]
+    storage.delete(last.manifest_key)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.orphans == 1
+    assert any(last.manifest.segment in w for w in report.warnings)
+    assert b.last is not None
+
+
+def test_missed_update_breaks_the_patch_chain(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    b.update(1, emit=False, labels=["a", "hidden"])  # lost upstream
+    missed_by = b.update(1, description="after the gap")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert missed_by is not None
+    assert any(
+        f"update {missed_by.id_text} does not follow" in e and "missed upstream" in e
+        for e in report.errors
+    ), report.errors
+
+
+def test_denormalised_relationship_fields_are_not_a_break(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, source_ref="x", extensions={OCTI_EXT: {"id": "iid-1", "source_value": "old"}})
+    b.flush()
+    # The endpoint was renamed: the platform rewrites source_value without an event.
+    b.objects["iid-1"]["extensions"][OCTI_EXT]["source_value"] = "new"
+    b.update(1, description="later")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1
+
+
+def test_snapshots_verified_and_bad_part_detected(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = build_good(storage)
+    assert write_snapshot(storage, work_dir=tmp_path / "s") is not None
+    b.update(1, description="after snapshot 1")
+    b.create(4)
+    b.flush()
+    b.delete(1)
+    b.flush()
+    assert write_snapshot(storage, work_dir=tmp_path / "s") is not None
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.snapshots == 2
+    assert report.snapshots_recomputed == 2  # the archive starts at the origin: both recomputed
+
+    part = list_snapshots(storage)[1].parts[0].key
+    path = tmp_path / "a" / part
+    body = bytearray(path.read_bytes())
+    body[-3] ^= 0x55
+    path.write_bytes(bytes(body))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(part in e and "sha256" in e for e in report.errors), report.errors
+
+
+def test_snapshot_inconsistent_with_segments(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    info = write_snapshot(storage, work_dir=tmp_path / "s")
+    assert info is not None
+    # A manifest that lies about the state (e.g. written from a different history).
+    obj = orjson.loads(storage.get(info.manifest_key))
+    obj["state_sha256"] = "0" * 64
+    storage.put(info.manifest_key, orjson.dumps(obj))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("state_sha256" in e for e in report.errors), report.errors
+
+
+def test_segment_count_mismatch_is_reported(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    ref = manifests(storage)[0]
+    obj = orjson.loads(storage.get(ref.manifest_key))
+    obj["event_count"] += 1
+    storage.put(ref.manifest_key, orjson.dumps(obj))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("manifest says" in e for e in report.errors), report.errors
+
+
+def test_manifest_under_wrong_name(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    ref = manifests(storage)[0]
+    other = manifest_key(EventId(ref.manifest.first.ms - 1, 0))
+    storage.put(other, storage.get(ref.manifest_key))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+
+
+def test_verify_on_s3(s3_storage: Storage, tmp_path: Path) -> None:  # noqa: F811
+    build_good(s3_storage)
+    assert write_snapshot(s3_storage, work_dir=tmp_path / "s") is not None
+    report = verify_archive(s3_storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    seg = manifests(s3_storage)[0].manifest.segment
+    s3_storage.put(seg, b"not a segment")
+    report = verify_archive(s3_storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(seg in e for e in report.errors)
+
+
+@pytest.mark.parametrize("codec", ["gzip"])
+def test_gzip_archive_passes(tmp_path: Path, codec: str) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.sink = ArchiveSink(storage, codec=codec)
+    b.create(1)
+    b.update(1, description="d")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1
