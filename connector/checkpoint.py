@@ -55,7 +55,9 @@ class Checkpoint:
         except orjson.JSONDecodeError as exc:
             raise CheckpointError(f"checkpoint is not valid JSON: {exc}") from exc
         if not isinstance(obj, dict) or obj.get("version") != VERSION:
-            raise CheckpointError(f"unsupported checkpoint version {obj.get('version') if isinstance(obj, dict) else None!r}")
+            raise CheckpointError(
+                f"unsupported checkpoint version {obj.get('version') if isinstance(obj, dict) else None!r}"
+            )
         obj.pop("version")
         known = {f for f in cls.__dataclass_fields__}
         try:

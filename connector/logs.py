@@ -55,7 +55,9 @@ class Redactor(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
-            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -85,7 +87,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (), stream: Any = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (), stream: Any = None
+) -> None:
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
@@ -98,5 +102,14 @@ def configure(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Request lines of the HTTP libraries are noise at INFO (and never carry our tokens).
-    for name in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "apscheduler", "pycti", "api"):
+    for name in (
+        "httpx",
+        "httpcore",
+        "botocore",
+        "boto3",
+        "urllib3",
+        "apscheduler",
+        "pycti",
+        "api",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -31,7 +31,10 @@ __all__ = [
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 EVENTS_RECEIVED = Counter(
-    "opencti_sync_events_received", "Stream data events received, by SSE event name.", ["event"], registry=REGISTRY
+    "opencti_sync_events_received",
+    "Stream data events received, by SSE event name.",
+    ["event"],
+    registry=REGISTRY,
 )
 EVENTS_WRITTEN = Counter(
     "opencti_sync_events_written",
@@ -39,8 +42,12 @@ EVENTS_WRITTEN = Counter(
     ["sink", "event"],
     registry=REGISTRY,
 )
-SEGMENTS_WRITTEN = Counter("opencti_sync_segments_written", "Archive segments written.", registry=REGISTRY)
-SEGMENT_BYTES = Counter("opencti_sync_segment_bytes", "Compressed bytes of archive segments written.", registry=REGISTRY)
+SEGMENTS_WRITTEN = Counter(
+    "opencti_sync_segments_written", "Archive segments written.", registry=REGISTRY
+)
+SEGMENT_BYTES = Counter(
+    "opencti_sync_segment_bytes", "Compressed bytes of archive segments written.", registry=REGISTRY
+)
 CHECKPOINT_TIMESTAMP = Gauge(
     "opencti_sync_checkpoint_timestamp_seconds",
     "Time encoded in the checkpointed event id.",
@@ -52,24 +59,39 @@ CHECKPOINT_LAG = Gauge(
     registry=REGISTRY,
 )
 RETRIES = Counter(
-    "opencti_sync_retries", "Retried operations, by stage and error kind.", ["stage", "kind"], registry=REGISTRY
+    "opencti_sync_retries",
+    "Retried operations, by stage and error kind.",
+    ["stage", "kind"],
+    registry=REGISTRY,
 )
 ERRORS = Counter("opencti_sync_errors", "Errors, by kind.", ["kind"], registry=REGISTRY)
 QUARANTINED = Counter(
-    "opencti_sync_quarantined_events", "Malformed events archived under quarantine/ with their reason.", registry=REGISTRY
+    "opencti_sync_quarantined_events",
+    "Malformed events archived under quarantine/ with their reason.",
+    registry=REGISTRY,
 )
 RETENTION_GAPS = Counter(
     "opencti_sync_retention_gaps",
     "Times the checkpoint was found older than the platform's oldest retained event.",
     registry=REGISTRY,
 )
-RECONNECTS = Counter("opencti_sync_reconnects", "Stream reconnections, by reason kind.", ["kind"], registry=REGISTRY)
-RESTORE_OBJECTS = Counter(
-    "opencti_sync_restore_objects", "Objects pushed (or deleted) by restore, by action.", ["action"], registry=REGISTRY
+RECONNECTS = Counter(
+    "opencti_sync_reconnects", "Stream reconnections, by reason kind.", ["kind"], registry=REGISTRY
 )
-RESTORE_PROGRESS = Gauge("opencti_sync_restore_progress_ratio", "Restore progress, 0 to 1.", registry=REGISTRY)
+RESTORE_OBJECTS = Counter(
+    "opencti_sync_restore_objects",
+    "Objects pushed (or deleted) by restore, by action.",
+    ["action"],
+    registry=REGISTRY,
+)
+RESTORE_PROGRESS = Gauge(
+    "opencti_sync_restore_progress_ratio", "Restore progress, 0 to 1.", registry=REGISTRY
+)
 DELETIONS = Counter(
-    "opencti_sync_retention_deleted_objects", "Archive objects deleted by retention, by kind.", ["kind"], registry=REGISTRY
+    "opencti_sync_retention_deleted_objects",
+    "Archive objects deleted by retention, by kind.",
+    ["kind"],
+    registry=REGISTRY,
 )
 
 

@@ -41,7 +41,9 @@ class ShutdownTimeout(ConnectorError):
     """The drain did not finish within the shutdown timeout; the checkpoint was not moved."""
 
 
-def _sleep_backoff(attempt: int, initial: float, cap: float, stop: threading.Event, deadline: float | None) -> None:
+def _sleep_backoff(
+    attempt: int, initial: float, cap: float, stop: threading.Event, deadline: float | None
+) -> None:
     delay = random.uniform(0, min(cap, initial * 2 ** max(0, attempt - 1)))
     if deadline is not None:
         delay = min(delay, max(0.0, deadline - time.monotonic()))
@@ -74,7 +76,9 @@ def retry_call(
             metrics.RETRIES.labels(stage, type(exc).__name__).inc()
             limit = deadline()
             if limit is not None and time.monotonic() >= limit:
-                raise ShutdownTimeout(f"{stage}: gave up at shutdown after {attempt} attempts: {exc}") from exc
+                raise ShutdownTimeout(
+                    f"{stage}: gave up at shutdown after {attempt} attempts: {exc}"
+                ) from exc
             log.warning(
                 "Write failed; retrying.",
                 extra={"stage": stage, "target": describe, "attempt": attempt, "error": str(exc)},
@@ -145,7 +149,9 @@ class Pipeline:
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
         self._segment_last: EventId | None = (
-            EventId.parse(checkpoint.last_segment_last_id) if checkpoint.last_segment_last_id else None
+            EventId.parse(checkpoint.last_segment_last_id)
+            if checkpoint.last_segment_last_id
+            else None
         )
 
     # -- main loop -------------------------------------------------------------------------
@@ -199,7 +205,11 @@ class Pipeline:
             metrics.QUARANTINED.inc()
             log.warning(
                 "Event quarantined.",
-                extra={"event_id": item.id_text[:64], "event": item.event[:64], "reason": item.reason},
+                extra={
+                    "event_id": item.id_text[:64],
+                    "event": item.event[:64],
+                    "reason": item.reason,
+                },
             )
         elif isinstance(item, Disconnected):
             dropped = len(self._pending) - self._complete_n
@@ -208,7 +218,10 @@ class Pipeline:
             self._pending_bytes = sum(len(e.raw) for e in self._pending)
             metrics.RECONNECTS.labels(item.reason.split(":")[0][:40]).inc()
             if dropped:
-                log.info("Partial group dropped; it will be re-delivered.", extra={"event_count": dropped})
+                log.info(
+                    "Partial group dropped; it will be re-delivered.",
+                    extra={"event_count": dropped},
+                )
         elif isinstance(item, GapDetected):
             metrics.RETENTION_GAPS.inc()
             gap = {
@@ -247,9 +260,14 @@ class Pipeline:
     def _should_flush(self) -> bool:
         if self._complete_n == 0 and not self._quarantined:
             return False
-        if self._complete_n >= self.policy.max_events or self._pending_bytes >= self.policy.max_bytes:
+        if (
+            self._complete_n >= self.policy.max_events
+            or self._pending_bytes >= self.policy.max_bytes
+        ):
             return True
-        return self._oldest is not None and time.monotonic() - self._oldest >= self.policy.max_age_secs
+        return (
+            self._oldest is not None and time.monotonic() - self._oldest >= self.policy.max_age_secs
+        )
 
     def _maybe_flush(self) -> None:
         if self._should_flush():
@@ -325,7 +343,11 @@ class Pipeline:
             result = getattr(sink, "last", None)
             if result is not None and sink.name == "archive":
                 metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
-                return result.events, len(result.segments), (result.segments[-1] if result.segments else None)
+                return (
+                    result.events,
+                    len(result.segments),
+                    (result.segments[-1] if result.segments else None),
+                )
         return len(batch.events), 0, None
 
     def _save(self) -> None:

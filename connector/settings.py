@@ -23,7 +23,9 @@ from .errors import ConfigError
 __all__ = ["Settings", "load_settings", "iter_keys", "KeyDoc", "SECRET_KEYS"]
 
 
-def _key(env: str, doc: str, default: Any = None, *, secret: bool = False, choices: tuple[str, ...] = ()) -> Any:
+def _key(
+    env: str, doc: str, default: Any = None, *, secret: bool = False, choices: tuple[str, ...] = ()
+) -> Any:
     return field(
         default=default,
         metadata={"env": env, "doc": doc, "secret": secret, "choices": choices},
@@ -32,81 +34,200 @@ def _key(env: str, doc: str, default: Any = None, *, secret: bool = False, choic
 
 @dataclass
 class OpenCTISection:
-    url: str = _key("OPENCTI_URL", "Base URL of the source OpenCTI platform (no trailing /stream).", "")
-    token: str = _key("OPENCTI_TOKEN", "API token of the source platform user (BYPASS or stream access).", "", secret=True)
-    ssl_verify: bool = _key("OPENCTI_SSL_VERIFY", "Verify the source platform's TLS certificate.", True)
-    ca_bundle: str = _key("OPENCTI_CA_BUNDLE", "Path to a CA bundle for the source platform (empty: system CAs).", "")
+    url: str = _key(
+        "OPENCTI_URL", "Base URL of the source OpenCTI platform (no trailing /stream).", ""
+    )
+    token: str = _key(
+        "OPENCTI_TOKEN",
+        "API token of the source platform user (BYPASS or stream access).",
+        "",
+        secret=True,
+    )
+    ssl_verify: bool = _key(
+        "OPENCTI_SSL_VERIFY", "Verify the source platform's TLS certificate.", True
+    )
+    ca_bundle: str = _key(
+        "OPENCTI_CA_BUNDLE", "Path to a CA bundle for the source platform (empty: system CAs).", ""
+    )
 
 
 @dataclass
 class ConnectorSection:
     id: str = _key("CONNECTOR_ID", "Connector UUID used when registering on an OpenCTI target.", "")
     name: str = _key("CONNECTOR_NAME", "Connector name shown in the platform UI.", "opencti-sync")
-    log_level: str = _key("CONNECTOR_LOG_LEVEL", "Log level.", "info", choices=("debug", "info", "warning", "error"))
-    log_format: str = _key("CONNECTOR_LOG_FORMAT", "Log format: json, text, or auto (text on a terminal).", "auto", choices=("auto", "json", "text"))
-    live_stream_id: str = _key("CONNECTOR_LIVE_STREAM_ID", "Stream collection id, 'live' for the global live stream, or 'raw' for /stream.", "live")
-    live_stream_listen_delete: bool = _key("CONNECTOR_LIVE_STREAM_LISTEN_DELETE", "Receive delete events.", True)
-    live_stream_no_dependencies: bool = _key("CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES", "Ask the platform not to expand relationships around each object.", False)
-    live_stream_with_inferences: bool = _key("CONNECTOR_LIVE_STREAM_WITH_INFERENCES", "Include inferred (rule engine) objects.", False)
-    live_stream_recover_iso_date: str = _key("CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE", "First run only: recover the database state up to this ISO date (default: the first start time).", "")
-    live_stream_start_timestamp: int = _key("CONNECTOR_LIVE_STREAM_START_TIMESTAMP", "First run only: start position as epoch MILLISECONDS (0: from the oldest retained event).", 0)
-    retention_gap: str = _key("CONNECTOR_RETENTION_GAP", "When the checkpoint fell out of the platform's stream retention: 'repair' (re-snapshot with recover, reconcile deletes) or 'fail'.", "repair", choices=("repair", "fail"))
-    read_timeout_secs: float = _key("CONNECTOR_READ_TIMEOUT_SECS", "Reconnect when the stream is silent this long (heartbeats arrive every 5 s).", 45.0)
-    backoff_initial_secs: float = _key("CONNECTOR_BACKOFF_INITIAL_SECS", "First reconnect / retry delay (exponential, full jitter).", 1.0)
-    backoff_max_secs: float = _key("CONNECTOR_BACKOFF_MAX_SECS", "Longest reconnect / retry delay.", 60.0)
-    shutdown_timeout_secs: float = _key("CONNECTOR_SHUTDOWN_TIMEOUT_SECS", "How long SIGTERM may spend flushing the open batch.", 30.0)
+    log_level: str = _key(
+        "CONNECTOR_LOG_LEVEL", "Log level.", "info", choices=("debug", "info", "warning", "error")
+    )
+    log_format: str = _key(
+        "CONNECTOR_LOG_FORMAT",
+        "Log format: json, text, or auto (text on a terminal).",
+        "auto",
+        choices=("auto", "json", "text"),
+    )
+    live_stream_id: str = _key(
+        "CONNECTOR_LIVE_STREAM_ID",
+        "Stream collection id, 'live' for the global live stream, or 'raw' for /stream.",
+        "live",
+    )
+    live_stream_listen_delete: bool = _key(
+        "CONNECTOR_LIVE_STREAM_LISTEN_DELETE", "Receive delete events.", True
+    )
+    live_stream_no_dependencies: bool = _key(
+        "CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES",
+        "Ask the platform not to expand relationships around each object.",
+        False,
+    )
+    live_stream_with_inferences: bool = _key(
+        "CONNECTOR_LIVE_STREAM_WITH_INFERENCES", "Include inferred (rule engine) objects.", False
+    )
+    live_stream_recover_iso_date: str = _key(
+        "CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE",
+        "First run only: recover the database state up to this ISO date (default: the first start time).",
+        "",
+    )
+    live_stream_start_timestamp: int = _key(
+        "CONNECTOR_LIVE_STREAM_START_TIMESTAMP",
+        "First run only: start position as epoch MILLISECONDS (0: from the oldest retained event).",
+        0,
+    )
+    retention_gap: str = _key(
+        "CONNECTOR_RETENTION_GAP",
+        "When the checkpoint fell out of the platform's stream retention: 'repair' (re-snapshot with recover, reconcile deletes) or 'fail'.",
+        "repair",
+        choices=("repair", "fail"),
+    )
+    read_timeout_secs: float = _key(
+        "CONNECTOR_READ_TIMEOUT_SECS",
+        "Reconnect when the stream is silent this long (heartbeats arrive every 5 s).",
+        45.0,
+    )
+    backoff_initial_secs: float = _key(
+        "CONNECTOR_BACKOFF_INITIAL_SECS",
+        "First reconnect / retry delay (exponential, full jitter).",
+        1.0,
+    )
+    backoff_max_secs: float = _key(
+        "CONNECTOR_BACKOFF_MAX_SECS", "Longest reconnect / retry delay.", 60.0
+    )
+    shutdown_timeout_secs: float = _key(
+        "CONNECTOR_SHUTDOWN_TIMEOUT_SECS",
+        "How long SIGTERM may spend flushing the open batch.",
+        30.0,
+    )
 
 
 @dataclass
 class ArchiveSection:
-    uri: str = _key("ARCHIVE_URI", "Archive location: a path, file:///path or s3://bucket/prefix. Empty: no archive.", "./archive")
+    uri: str = _key(
+        "ARCHIVE_URI",
+        "Archive location: a path, file:///path or s3://bucket/prefix. Empty: no archive.",
+        "./archive",
+    )
     codec: str = _key("ARCHIVE_CODEC", "Segment compression.", "zstd", choices=("zstd", "gzip"))
-    compression_level: int = _key("ARCHIVE_COMPRESSION_LEVEL", "Compression level (zstd 1-19, gzip 1-9).", 3)
+    compression_level: int = _key(
+        "ARCHIVE_COMPRESSION_LEVEL", "Compression level (zstd 1-19, gzip 1-9).", 3
+    )
     max_events: int = _key("ARCHIVE_MAX_EVENTS", "Rotate a segment after this many events.", 50000)
-    max_bytes: int = _key("ARCHIVE_MAX_BYTES", "Rotate a segment after this many uncompressed bytes.", 64 * 1024 * 1024)
-    max_age_secs: float = _key("ARCHIVE_MAX_AGE_SECS", "Rotate a segment when its oldest event is this old (a quiet stream still flushes).", 10.0)
+    max_bytes: int = _key(
+        "ARCHIVE_MAX_BYTES",
+        "Rotate a segment after this many uncompressed bytes.",
+        64 * 1024 * 1024,
+    )
+    max_age_secs: float = _key(
+        "ARCHIVE_MAX_AGE_SECS",
+        "Rotate a segment when its oldest event is this old (a quiet stream still flushes).",
+        10.0,
+    )
 
 
 @dataclass
 class S3Section:
     region: str = _key("S3_REGION", "S3 region.", "")
-    endpoint_url: str = _key("S3_ENDPOINT_URL", "S3 endpoint for MinIO, Ceph and other S3-compatible stores.", "")
+    endpoint_url: str = _key(
+        "S3_ENDPOINT_URL", "S3 endpoint for MinIO, Ceph and other S3-compatible stores.", ""
+    )
     path_style: bool = _key("S3_PATH_STYLE", "Use path-style addressing (MinIO).", False)
-    access_key_id: str = _key("S3_ACCESS_KEY_ID", "Access key (empty: standard AWS credential chain).", "", secret=True)
-    secret_access_key: str = _key("S3_SECRET_ACCESS_KEY", "Secret key (empty: standard AWS credential chain).", "", secret=True)
-    session_token: str = _key("S3_SESSION_TOKEN", "Session token for temporary credentials.", "", secret=True)
+    access_key_id: str = _key(
+        "S3_ACCESS_KEY_ID", "Access key (empty: standard AWS credential chain).", "", secret=True
+    )
+    secret_access_key: str = _key(
+        "S3_SECRET_ACCESS_KEY",
+        "Secret key (empty: standard AWS credential chain).",
+        "",
+        secret=True,
+    )
+    session_token: str = _key(
+        "S3_SESSION_TOKEN", "Session token for temporary credentials.", "", secret=True
+    )
     profile: str = _key("S3_PROFILE", "AWS profile name.", "")
     verify: bool = _key("S3_VERIFY", "Verify the S3 endpoint's TLS certificate.", True)
     ca_bundle: str = _key("S3_CA_BUNDLE", "CA bundle path for the S3 endpoint.", "")
-    sse: str = _key("S3_SSE", "Server-side encryption: '', AES256 or aws:kms.", "", choices=("", "AES256", "aws:kms"))
+    sse: str = _key(
+        "S3_SSE",
+        "Server-side encryption: '', AES256 or aws:kms.",
+        "",
+        choices=("", "AES256", "aws:kms"),
+    )
     kms_key_id: str = _key("S3_KMS_KEY_ID", "KMS key id for aws:kms encryption.", "")
-    storage_class: str = _key("S3_STORAGE_CLASS", "Storage class for written objects (empty: bucket default).", "")
+    storage_class: str = _key(
+        "S3_STORAGE_CLASS", "Storage class for written objects (empty: bucket default).", ""
+    )
 
 
 @dataclass
 class TargetSection:
-    opencti_url: str = _key("TARGET_OPENCTI_URL", "URL of a second OpenCTI platform to mirror the stream into (empty: none).", "")
-    opencti_token: str = _key("TARGET_OPENCTI_TOKEN", "API token on the target platform.", "", secret=True)
-    ssl_verify: bool = _key("TARGET_SSL_VERIFY", "Verify the target platform's TLS certificate.", True)
+    opencti_url: str = _key(
+        "TARGET_OPENCTI_URL",
+        "URL of a second OpenCTI platform to mirror the stream into (empty: none).",
+        "",
+    )
+    opencti_token: str = _key(
+        "TARGET_OPENCTI_TOKEN", "API token on the target platform.", "", secret=True
+    )
+    ssl_verify: bool = _key(
+        "TARGET_SSL_VERIFY", "Verify the target platform's TLS certificate.", True
+    )
     ca_bundle: str = _key("TARGET_CA_BUNDLE", "CA bundle for the target platform.", "")
-    synchronized: bool = _key("TARGET_SYNCHRONIZED", "Perfect synchronisation: upserts replace values so removals propagate.", False)
-    allow_same_platform: bool = _key("TARGET_ALLOW_SAME_PLATFORM", "Allow the target to be the source platform itself (loops!).", False)
+    synchronized: bool = _key(
+        "TARGET_SYNCHRONIZED",
+        "Perfect synchronisation: upserts replace values so removals propagate.",
+        False,
+    )
+    allow_same_platform: bool = _key(
+        "TARGET_ALLOW_SAME_PLATFORM",
+        "Allow the target to be the source platform itself (loops!).",
+        False,
+    )
 
 
 @dataclass
 class CheckpointSection:
-    uri: str = _key("CHECKPOINT_URI", "Where the checkpoint lives. Empty: inside the archive, or ./opencti-sync-state without one.", "")
+    uri: str = _key(
+        "CHECKPOINT_URI",
+        "Where the checkpoint lives. Empty: inside the archive, or ./opencti-sync-state without one.",
+        "",
+    )
 
 
 @dataclass
 class SnapshotSection:
-    schedule: str = _key("SNAPSHOT_SCHEDULE", "When 'run' writes a compacted snapshot: a cron expression ('0 3 * * *'), 'every <N>s|m|h', or '' (never).", "")
+    schedule: str = _key(
+        "SNAPSHOT_SCHEDULE",
+        "When 'run' writes a compacted snapshot: a cron expression ('0 3 * * *'), 'every <N>s|m|h', or '' (never).",
+        "",
+    )
 
 
 @dataclass
 class RetentionSection:
-    schedule: str = _key("RETENTION_SCHEDULE", "When 'run' applies retention (same syntax as the snapshot schedule).", "")
-    keep_days: int = _key("RETENTION_KEEP_DAYS", "Keep event segments this many days (0: forever).", 0)
+    schedule: str = _key(
+        "RETENTION_SCHEDULE",
+        "When 'run' applies retention (same syntax as the snapshot schedule).",
+        "",
+    )
+    keep_days: int = _key(
+        "RETENTION_KEEP_DAYS", "Keep event segments this many days (0: forever).", 0
+    )
     keep_snapshots: int = _key("RETENTION_KEEP_SNAPSHOTS", "Keep this many snapshots (0: all).", 0)
 
 
@@ -133,8 +254,18 @@ class Settings:
         """Keyword arguments for the S3 storage backend (only the ones that are set)."""
         s = self.s3
         opts: dict[str, object] = {"path_style": s.path_style, "verify": s.verify}
-        for name in ("region", "endpoint_url", "access_key_id", "secret_access_key", "session_token",
-                     "profile", "ca_bundle", "sse", "kms_key_id", "storage_class"):
+        for name in (
+            "region",
+            "endpoint_url",
+            "access_key_id",
+            "secret_access_key",
+            "session_token",
+            "profile",
+            "ca_bundle",
+            "sse",
+            "kms_key_id",
+            "storage_class",
+        ):
             value = getattr(s, name)
             if value:
                 opts[name] = value
@@ -219,7 +350,9 @@ def _coerce(key: KeyDoc, value: Any) -> Any:
         raise ConfigError(key.path, f"expected {kind}, got {shown} (env {key.env})") from None
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Defaults, overlaid by the yaml file (if any), overlaid by environment variables."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
@@ -260,7 +393,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
             value = env[key.env]
         value = _coerce(key, value)
         if key.choices and value not in key.choices:
-            raise ConfigError(key.path, f"must be one of {', '.join(repr(c) for c in key.choices)} (env {key.env})")
+            raise ConfigError(
+                key.path,
+                f"must be one of {', '.join(repr(c) for c in key.choices)} (env {key.env})",
+            )
         setattr(getattr(settings, sec_name), name, value)
     _validate(settings)
     return settings
@@ -271,12 +407,18 @@ def _validate(s: Settings) -> None:
     if c.read_timeout_secs <= 5:
         raise ConfigError("connector.read_timeout_secs", "must be above the 5 s heartbeat period")
     if c.backoff_initial_secs <= 0 or c.backoff_max_secs < c.backoff_initial_secs:
-        raise ConfigError("connector.backoff_max_secs", "need 0 < backoff_initial_secs <= backoff_max_secs")
+        raise ConfigError(
+            "connector.backoff_max_secs", "need 0 < backoff_initial_secs <= backoff_max_secs"
+        )
     if c.live_stream_start_timestamp < 0:
-        raise ConfigError("connector.live_stream_start_timestamp", "must be epoch milliseconds >= 0")
+        raise ConfigError(
+            "connector.live_stream_start_timestamp", "must be epoch milliseconds >= 0"
+        )
     if 0 < c.live_stream_start_timestamp < 100_000_000_000:
         # Seconds instead of milliseconds silently mean 1970 (a classic pycti pitfall).
-        raise ConfigError("connector.live_stream_start_timestamp", "looks like seconds; give epoch milliseconds")
+        raise ConfigError(
+            "connector.live_stream_start_timestamp", "looks like seconds; give epoch milliseconds"
+        )
     if a.max_events < 1:
         raise ConfigError("archive.max_events", "must be >= 1")
     if a.max_bytes < 1024:
@@ -293,6 +435,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError("target.opencti_token", "required when target.opencti_url is set")
     if s.s3.sse == "aws:kms" and not s.s3.kms_key_id:
         raise ConfigError("s3.kms_key_id", "required when s3.sse is aws:kms")
-    for url_key, url in (("opencti.url", s.opencti.url), ("target.opencti_url", s.target.opencti_url)):
+    for url_key, url in (
+        ("opencti.url", s.opencti.url),
+        ("target.opencti_url", s.target.opencti_url),
+    ):
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(url_key, "must start with http:// or https://")

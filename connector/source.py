@@ -31,7 +31,15 @@ import orjson
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder  # pinned <0.5: SSE-correct line split
 
 from .errors import MalformedEvent, SourceRetryable, StreamGoneError
-from .events import DATA_EVENTS, Connected, ControlEvent, EventId, Heartbeat, Quarantined, StreamEvent
+from .events import (
+    DATA_EVENTS,
+    Connected,
+    ControlEvent,
+    EventId,
+    Heartbeat,
+    Quarantined,
+    StreamEvent,
+)
 
 __all__ = [
     "Complete",
@@ -87,7 +95,17 @@ class Fatal:
     error: Exception
 
 
-Item = Sourced | Complete | Disconnected | GapDetected | Fatal | Quarantined | Heartbeat | Connected | ControlEvent
+Item = (
+    Sourced
+    | Complete
+    | Disconnected
+    | GapDetected
+    | Fatal
+    | Quarantined
+    | Heartbeat
+    | Connected
+    | ControlEvent
+)
 
 
 @dataclass(frozen=True)
@@ -235,13 +253,25 @@ class SseSource:
                 self._hwm = self._complete
                 self._emit([Disconnected(self._complete, reason)])
                 attempt = 0 if delivered else attempt + 1
-                delay = 0.0 if attempt == 0 else random.uniform(
-                    0, min(self.config.backoff_max, self.config.backoff_initial * 2 ** (attempt - 1))
+                delay = (
+                    0.0
+                    if attempt == 0
+                    else random.uniform(
+                        0,
+                        min(
+                            self.config.backoff_max,
+                            self.config.backoff_initial * 2 ** (attempt - 1),
+                        ),
+                    )
                 )
                 log.warning(
                     "Stream reconnecting.",
-                    extra={"reason": reason, "attempt": attempt, "delay_secs": round(delay, 2),
-                           "resume_event_id": str(self._complete) if self._complete else None},
+                    extra={
+                        "reason": reason,
+                        "attempt": attempt,
+                        "delay_secs": round(delay, 2),
+                        "resume_event_id": str(self._complete) if self._complete else None,
+                    },
                 )
                 if delay:
                     self._stop.wait(delay)
@@ -331,7 +361,9 @@ class SseSource:
         try:
             return EventId.parse(id_text)
         except ValueError:
-            log.warning("Ignoring a control message with a malformed id.", extra={"id": id_text[:64]})
+            log.warning(
+                "Ignoring a control message with a malformed id.", extra={"id": id_text[:64]}
+            )
             return None
 
     def _quarantine(self, id_text: str, name: str, data: str, reason: str, out: list[Item]) -> None:
@@ -351,7 +383,9 @@ class SseSource:
                 out.append(Complete(hwm))
             self._hwm = ev.id
         elif ev.id < hwm and not _is_synthetic(ev):
-            self._quarantine(id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out)
+            self._quarantine(
+                id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out
+            )
             return
         self._last_data = ev.id
         out.append(Sourced(ev, self._hwm or ev.id))

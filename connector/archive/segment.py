@@ -21,7 +21,14 @@ import zstandard
 from ..errors import MalformedEvent
 from ..events import EventId, StreamEvent, archive_line, parse_archive_line
 
-__all__ = ["Manifest", "encode_segment", "iter_segment_lines", "iter_segment_events", "compress", "open_decompressed"]
+__all__ = [
+    "Manifest",
+    "encode_segment",
+    "iter_segment_lines",
+    "iter_segment_events",
+    "compress",
+    "open_decompressed",
+]
 
 FORMAT = 1
 

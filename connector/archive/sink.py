@@ -61,7 +61,12 @@ class ArchiveSink:
             events = batch.events[start:]
             key = segment_key(first, self.codec)
             body, manifest = encode_segment(
-                key, events, first=first, last=batch.last_id, codec=self.codec, level=self.level,
+                key,
+                events,
+                first=first,
+                last=batch.last_id,
+                codec=self.codec,
+                level=self.level,
                 after=after,
             )
             written = self.storage.put_if_absent(key, body)
@@ -104,7 +109,9 @@ class ArchiveSink:
             raise PermanentError(f"archive segment {key} exists but holds no events")
         last = max(ev.id for ev in events)
         body = self.storage.get(key)
-        _, manifest = encode_segment(key, events, first=first, last=max(last, first), codec=self.codec, level=self.level)
+        _, manifest = encode_segment(
+            key, events, first=first, last=max(last, first), codec=self.codec, level=self.level
+        )
         # Describe the bytes actually stored, not a re-encoding of them.
         manifest.size = len(body)
         manifest.sha256 = hashlib.sha256(body).hexdigest()

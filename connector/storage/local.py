@@ -33,8 +33,11 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         # Keys are built by the archive from validated event ids; refuse anything that could
         # climb out of the root anyway.
-        if not key or key.startswith("/") or "\\" in key or any(
-            part in ("", ".", "..") for part in key.split("/")
+        if (
+            not key
+            or key.startswith("/")
+            or "\\" in key
+            or any(part in ("", ".", "..") for part in key.split("/"))
         ):
             raise PermanentError(f"invalid storage key {key[:80]!r}")
         return self.root / key
@@ -123,7 +126,9 @@ class LocalStorage:
         base = self.root
         yield from self._walk(base, "", prefix, start_after)
 
-    def _walk(self, directory: Path, rel: str, prefix: str, start_after: str | None) -> Iterator[str]:
+    def _walk(
+        self, directory: Path, rel: str, prefix: str, start_after: str | None
+    ) -> Iterator[str]:
         try:
             names = sorted(os.listdir(directory))
         except FileNotFoundError:
@@ -146,7 +151,11 @@ class LocalStorage:
                 # Skip whole subtrees that cannot hold a matching key.
                 if not (key.startswith(prefix) or prefix.startswith(key)):
                     continue
-                if start_after is not None and not start_after.startswith(key) and key < start_after:
+                if (
+                    start_after is not None
+                    and not start_after.startswith(key)
+                    and key < start_after
+                ):
                     continue
                 yield from self._walk(full, key, prefix, start_after)
             else:

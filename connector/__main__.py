@@ -1,0 +1,571 @@
+"""Command line and composition root: the only module that reads ``Settings``.
+
+Exit codes: 0 done / clean stop, 1 runtime failure (permanent stream or sink error, verify found
+damage), 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, ConnectorError, PermanentError, RetryableError, StreamGoneError
+from .settings import Settings, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("connector")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config.yml path (env vars override it)")
+    p.add_argument(
+        "--archive", help="archive URI: path, file:///path or s3://bucket/prefix (= ARCHIVE_URI)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opencti-sync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"opencti-sync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "run", help="follow the stream forever into the archive and/or a target platform"
+    )
+    _add_common(p)
+
+    p = sub.add_parser("status", help="checkpoint, lag and archive size")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("check", help="health checks of the source and every target, then exit")
+    _add_common(p)
+
+    sub.add_parser(
+        "sim", help="run the local OpenCTI stream simulator (see docs/SIMULATOR.md)", add_help=False
+    )
+
+    p = sub.add_parser("demo", help="end-to-end demo on the embedded simulator and sample data")
+    p.add_argument("--dir", default="./demo-archive", help="where the demo archive goes")
+    p.add_argument(
+        "--keep", action="store_true", help="keep an existing demo archive instead of starting over"
+    )
+
+    p = sub.add_parser("config-doc", help="print the configuration reference")
+    p.add_argument("--format", choices=("markdown", "yaml"), default="markdown")
+
+    p = sub.add_parser("snapshot", help="write a compacted snapshot now")
+    _add_common(p)
+
+    p = sub.add_parser("prune", help="apply the retention policy now")
+    _add_common(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be deleted, delete nothing"
+    )
+
+    p = sub.add_parser(
+        "verify", help="check the archive's integrity (and optionally a platform against it)"
+    )
+    _add_common(p)
+    p.add_argument(
+        "--against-opencti", metavar="URL", help="compare the archive's state with this platform"
+    )
+    p.add_argument("--token", help="API token for --against-opencti (or TARGET_OPENCTI_TOKEN)")
+    p.add_argument("--until", help="event id or ISO date of the state to compare (default: latest)")
+
+    p = sub.add_parser("restore", help="restore a platform (or a STIX bundle) from the archive")
+    _add_common(p)
+    p.add_argument("--until", help="event id <ms>-<seq> or ISO date (default: latest)")
+    p.add_argument("--opencti", metavar="URL", help="target platform URL")
+    p.add_argument("--token", help="target platform token (or TARGET_OPENCTI_TOKEN)")
+    p.add_argument("--to-bundle", metavar="FILE", help="write a STIX 2.1 bundle instead")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
+    p.add_argument("--apply-deletes", dest="apply_deletes", action="store_true", default=None)
+    p.add_argument("--no-apply-deletes", dest="apply_deletes", action="store_false")
+    p.add_argument(
+        "--force", action="store_true", help="allow restoring into the archive's source platform"
+    )
+    p.add_argument("--work-dir", default="./.opencti-sync-restore", help="resumable restore state")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "config", None))
+    if getattr(args, "archive", None):
+        settings.archive.uri = args.archive
+    return settings
+
+
+def _configure_logs(settings: Settings) -> None:
+    from .logs import configure
+
+    configure(settings.connector.log_level, settings.connector.log_format, settings.secrets())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        from .sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(args)
+    except ConfigError as exc:
+        print(f"opencti-sync: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StreamGoneError as exc:
+        log.error(
+            "The platform refused the stream.", extra={"status": exc.status, "reason": exc.reason}
+        )
+        print(f"opencti-sync: stream refused: {exc}", file=sys.stderr)
+        return 1
+    except (PermanentError, ConnectorError) as exc:
+        log.error("Stopped on a permanent error.", extra={"error": str(exc)})
+        print(f"opencti-sync: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def build_runtime(settings: Settings) -> dict[str, Any]:
+    """Wire storage, checkpoint store, sinks and source settings from ``settings``."""
+    from .archive import ArchiveSink
+    from .checkpoint import CheckpointStore
+    from .storage import open_storage
+
+    s3 = settings.s3_options()
+    archive_storage = open_storage(settings.archive.uri, **s3) if settings.archive.uri else None
+    if settings.checkpoint.uri:
+        cp_storage = open_storage(settings.checkpoint.uri, **s3)
+    elif archive_storage is not None:
+        cp_storage = archive_storage
+    else:
+        cp_storage = open_storage("./opencti-sync-state")
+    sinks: list[Any] = []
+    if archive_storage is not None:
+        sinks.append(
+            ArchiveSink(
+                archive_storage,
+                codec=settings.archive.codec,
+                level=settings.archive.compression_level,
+            )
+        )
+    if settings.target.opencti_url:
+        from .target.opencti import OpenCTITarget
+
+        t = settings.target
+        sinks.append(
+            OpenCTITarget(
+                url=t.opencti_url,
+                token=t.opencti_token,
+                ssl_verify=t.ssl_verify,
+                ca_bundle=t.ca_bundle or None,
+                connector_id=settings.connector.id or _default_connector_id(settings),
+                connector_name=settings.connector.name,
+                synchronized=t.synchronized,
+                source_url=settings.opencti.url or None,
+                allow_same_platform=t.allow_same_platform,
+            )
+        )
+    if not sinks:
+        raise ConfigError(
+            "archive.uri", "nothing to do: set an archive URI and/or target.opencti_url"
+        )
+    return {"archive": archive_storage, "store": CheckpointStore(cp_storage), "sinks": sinks}
+
+
+def _default_connector_id(settings: Settings) -> str:
+    import uuid
+
+    # Stable across restarts for one source + stream, so the platform shows one connector.
+    return str(
+        uuid.uuid5(
+            uuid.NAMESPACE_URL,
+            f"opencti-sync:{settings.opencti.url}:{settings.connector.live_stream_id}",
+        )
+    )
+
+
+def _require_source(settings: Settings) -> None:
+    if not settings.opencti.url:
+        raise ConfigError("opencti.url", "required (env OPENCTI_URL)")
+    if not settings.opencti.token:
+        raise ConfigError("opencti.token", "required (env OPENCTI_TOKEN)")
+
+
+def _check_sinks(sinks: Sequence[Any], stop: threading.Event, settings: Settings) -> None:
+    from .pipeline import retry_call
+
+    for sink in sinks:
+        retry_call(
+            sink.check,
+            stage="checking",
+            stop=stop,
+            initial=settings.connector.backoff_initial_secs,
+            cap=settings.connector.backoff_max_secs,
+            describe=sink.name,
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logs(settings)
+    stop = threading.Event()
+    _install_signals(stop)
+    return run_forever(settings, stop)
+
+
+def run_forever(settings: Settings, stop: threading.Event) -> int:
+    """``opencti-sync run`` without the process concerns (signals, logging): tests call this."""
+    from .checkpoint import Checkpoint
+    from .events import EventId
+    from .pipeline import BatchPolicy, Pipeline
+    from .source import SourceConfig, SseSource, iso_now
+
+    _require_source(settings)
+    c = settings.connector
+    runtime = build_runtime(settings)
+    _check_sinks(runtime["sinks"], stop, settings)
+    if settings.metrics.enabled:
+        from .metrics import serve
+
+        serve(settings.metrics.host, settings.metrics.port)
+    store = runtime["store"]
+    cp = store.load()
+    source_url = settings.opencti.url.rstrip("/")
+    if cp is None:
+        raw = c.live_stream_id in ("", "raw")
+        cp = Checkpoint(
+            stream_id=c.live_stream_id,
+            source_url=source_url,
+            recover_until=None if raw else (c.live_stream_recover_iso_date or iso_now()),
+        )
+        store.save(cp)  # the recover end date must survive a crash before the first batch
+        log.info("First run: recovering.", extra={"recover_until": cp.recover_until})
+    elif cp.stream_id != c.live_stream_id:
+        raise ConfigError(
+            "connector.live_stream_id",
+            f"this archive follows stream {cp.stream_id!r}, not {c.live_stream_id!r}: use another archive",
+        )
+    verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
+    source = SseSource(
+        SourceConfig(
+            url=settings.opencti.url,
+            token=settings.opencti.token,
+            stream_id=c.live_stream_id,
+            verify=verify,
+            listen_delete=c.live_stream_listen_delete,
+            no_dependencies=c.live_stream_no_dependencies,
+            with_inferences=c.live_stream_with_inferences,
+            read_timeout=c.read_timeout_secs,
+            backoff_initial=c.backoff_initial_secs,
+            backoff_max=c.backoff_max_secs,
+            retention_gap=c.retention_gap,
+        ),
+        resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
+        start_from=f"{c.live_stream_start_timestamp}-0" if c.live_stream_start_timestamp else "0",
+        recover_until=None if cp.recover_refused else cp.recover_until,
+    )
+    jobs = _start_jobs(settings, runtime["archive"])
+    pipeline = Pipeline(
+        source=source,
+        sinks=runtime["sinks"],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(
+            max_events=settings.archive.max_events,
+            max_bytes=settings.archive.max_bytes,
+            max_age_secs=settings.archive.max_age_secs,
+        ),
+        stop=stop,
+        backoff_initial=c.backoff_initial_secs,
+        backoff_max=c.backoff_max_secs,
+        shutdown_timeout=c.shutdown_timeout_secs,
+    )
+    log.info(
+        "Following the stream.",
+        extra={
+            "url": source_url,
+            "stream_id": c.live_stream_id,
+            "resume_event_id": cp.last_event_id,
+            "sinks": [s.name for s in runtime["sinks"]],
+        },
+    )
+    try:
+        pipeline.run()
+    finally:
+        if jobs is not None:
+            jobs.shutdown()
+        for sink in runtime["sinks"]:
+            sink.close()
+    log.info(
+        "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
+    )
+    return 0
+
+
+def _start_jobs(settings: Settings, archive: Any) -> Any:
+    if archive is None or not (settings.snapshot.schedule or settings.retention.schedule):
+        return None
+    from .jobs import JobRunner
+    from .retention import RetentionPolicy
+
+    runner = JobRunner(
+        archive,
+        snapshot_schedule=settings.snapshot.schedule,
+        retention_schedule=settings.retention.schedule,
+        retention=RetentionPolicy(
+            keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
+        ),
+        work_dir=Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work")),
+    )
+    runner.start()
+    return runner
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            log.info("Stop requested; draining.", extra={"signal": signal.Signals(signum).name})
+        stop.set()  # a second signal during the drain changes nothing
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# -- status / check ---------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+
+    from .archive import ArchiveReader
+    from .events import EventId
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    runtime = build_runtime_for_reading(settings)
+    cp = runtime["store"].load()
+    info: dict[str, Any] = {
+        "archive": runtime["archive"].describe() if runtime["archive"] else None,
+        "stream_id": cp.stream_id if cp else None,
+        "source_url": cp.source_url if cp else None,
+        "last_event_id": cp.last_event_id if cp else None,
+        "events_archived": cp.events_archived if cp else 0,
+        "segments_written": cp.segments_written if cp else 0,
+        "quarantined": cp.quarantined if cp else 0,
+        "recover_until": cp.recover_until if cp else None,
+        "retention_gaps": len(cp.retention_gaps) if cp else 0,
+        "reconcile_due": bool(cp and cp.reconcile and cp.reconcile.get("due")),
+        "checkpoint_saved_at": cp.saved_at if cp else None,
+    }
+    if cp and cp.last_event_id:
+        info["lag_seconds"] = round(
+            max(0.0, time.time() - EventId.parse(cp.last_event_id).ms / 1000), 3
+        )
+    if runtime["archive"] is not None:
+        reader = ArchiveReader(runtime["archive"])
+        size = raw = segments = 0
+        first = last = None
+        for ref in reader.manifests():
+            segments += 1
+            size += ref.manifest.size
+            raw += ref.manifest.raw_size
+            first = first or ref.manifest.first_event_id
+            last = ref.manifest.last_event_id
+        info.update(
+            {
+                "archive_segments": segments,
+                "archive_bytes": size,
+                "archive_raw_bytes": raw,
+                "archive_first_event_id": first,
+                "archive_last_event_id": last,
+            }
+        )
+        try:
+            from .snapshot import list_snapshots
+
+            snaps = list_snapshots(runtime["archive"])
+            info["snapshots"] = len(snaps)
+            info["last_snapshot"] = str(snaps[-1].as_of) if snaps else None
+        except ImportError:
+            pass
+    if args.json:
+        print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value if value is not None else '-'}")
+    return 0
+
+
+def build_runtime_for_reading(settings: Settings) -> dict[str, Any]:
+    from .checkpoint import CheckpointStore
+    from .storage import open_storage
+
+    s3 = settings.s3_options()
+    archive = open_storage(settings.archive.uri, **s3) if settings.archive.uri else None
+    if settings.checkpoint.uri:
+        cp_storage = open_storage(settings.checkpoint.uri, **s3)
+    elif archive is not None:
+        cp_storage = archive
+    else:
+        cp_storage = open_storage("./opencti-sync-state")
+    return {"archive": archive, "store": CheckpointStore(cp_storage)}
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    _require_source(settings)
+    ok = True
+    url = settings.opencti.url.rstrip("/")
+    stream = settings.connector.live_stream_id
+    path = "/stream" if stream in ("", "raw") else f"/stream/{stream}"
+    verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
+    try:
+        with (
+            httpx.Client(timeout=httpx.Timeout(10.0), verify=verify) as client,
+            client.stream(
+                "GET", url + path, headers={"Authorization": f"Bearer {settings.opencti.token}"}
+            ) as resp,
+        ):
+            if resp.status_code == 200:
+                print(f"source   OK    {url}{path}")
+            else:
+                ok = False
+                print(f"source   FAIL  {url}{path}: HTTP {resp.status_code} {resp.reason_phrase}")
+    except httpx.HTTPError as exc:
+        ok = False
+        print(f"source   FAIL  {url}{path}: {type(exc).__name__}: {exc}")
+    try:
+        runtime = build_runtime(settings)
+    except ConfigError:
+        raise
+    for sink in runtime["sinks"]:
+        try:
+            sink.check()
+            print(f"{sink.name:<8} OK")
+        except (PermanentError, RetryableError) as exc:
+            ok = False
+            print(f"{sink.name:<8} FAIL  {exc}")
+    return 0 if ok else 1
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    from .configdoc import render
+
+    print(render(args.format), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir), keep=args.keep)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .jobs import run_snapshot_job
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    archive = build_runtime_for_reading(settings)["archive"]
+    if archive is None:
+        raise ConfigError("archive.uri", "required")
+    info = run_snapshot_job(
+        archive, Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work"))
+    )
+    print(f"snapshot: {info}" if info is not None else "snapshot: nothing new since the last one")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .jobs import run_retention_job
+    from .retention import RetentionPolicy
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    archive = build_runtime_for_reading(settings)["archive"]
+    if archive is None:
+        raise ConfigError("archive.uri", "required")
+    policy = RetentionPolicy(
+        keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
+    )
+    report = run_retention_job(archive, policy, dry_run=args.dry_run)
+    print(report)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_report, verify_archive
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    archive = build_runtime_for_reading(settings)["archive"]
+    if archive is None:
+        raise ConfigError("archive.uri", "required")
+    work = Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work"))
+    work.mkdir(parents=True, exist_ok=True)
+    report = verify_archive(archive, work_dir=work)
+    print(format_report(report))
+    ok = bool(report.ok)
+    if args.against_opencti:
+        from .restore_cli import verify_against_opencti
+
+        token = args.token or settings.target.opencti_token
+        if not token:
+            raise ConfigError("--token", "required with --against-opencti")
+        diff_ok = verify_against_opencti(
+            archive,
+            url=args.against_opencti,
+            token=token,
+            until=args.until,
+            work_dir=work,
+            ssl_verify=settings.target.ssl_verify,
+        )
+        ok = ok and diff_ok
+    return 0 if ok else 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .restore_cli import run_restore_cli
+
+    settings = _settings(args)
+    _configure_logs(settings)
+    return run_restore_cli(settings, args)
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "check": cmd_check,
+    "config-doc": cmd_config_doc,
+    "demo": cmd_demo,
+    "snapshot": cmd_snapshot,
+    "prune": cmd_prune,
+    "verify": cmd_verify,
+    "restore": cmd_restore,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

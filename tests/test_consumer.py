@@ -1,0 +1,439 @@
+"""The stream consumer end to end: simulator over HTTP → run → local archive (foundation issue)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connector.archive import ArchiveReader
+from connector.checkpoint import CheckpointStore
+from connector.errors import StreamGoneError
+from connector.events import EventId
+from connector.sim import sample_bundle
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.storage.local import LocalStorage
+from tests.support.connector import (
+    ROOT,
+    ConnectorProcess,
+    ConnectorThread,
+    archived_events,
+    base_env,
+    caught_up,
+    raw_log,
+    wait_until,
+)
+
+TOKEN = "test-token"
+
+
+@pytest.fixture
+def sim() -> SimServer:
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
+    yield server
+    server.stop()
+
+
+def _live_sequence(events: list) -> list[tuple[str, str]]:
+    """(id, event) of the archive's real (non-synthetic) events, in order."""
+    out = []
+    for ev in events:
+        origin = ev.envelope.get("origin") or {}
+        if origin.get("referer") in ("init-create", "init-dependencies"):
+            continue
+        out.append((ev.id_text, ev.event))
+    return out
+
+
+def test_recover_then_live_with_real_samples(sim: SimServer, tmp_path: Path) -> None:
+    bundle = sample_bundle("DATA-TEST-STIX2_v2.json")
+    sim.store.load_bundle(bundle)
+    archive = str(tmp_path / "archive")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    storage = LocalStorage(archive)
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="recovery")
+    # Live edits after recovery, as a user makes them.
+    ids = sorted(
+        o["id"] for o in bundle["objects"] if o["type"] in ("malware", "intrusion-set", "indicator")
+    )
+    sim.store.update(ids[0], set={"description": "edited live"})
+    sim.store.delete(ids[1])
+    sim.store.create(
+        {
+            "type": "malware",
+            "id": "malware--11111111-2222-4333-8444-555555555555",
+            "spec_version": "2.1",
+            "name": "LiveMal",
+            "is_family": True,
+        }
+    )
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live edits")
+    run.stop()
+    assert run.error is None and run.rc == 0
+    events = archived_events(archive)
+    recovered = [
+        ev for ev in events if (ev.envelope.get("origin") or {}).get("referer") == "init-create"
+    ]
+    # Every object of the platform arrives once through recovery (dependencies aside).
+    counts = Counter(ev.stix_id for ev in recovered)
+    seeded = {o["id"] for o in bundle["objects"]}
+    assert seeded <= set(counts) | {ev.stix_id for ev in events}
+    assert all(n == 1 for n in counts.values())
+    # Live part: exactly the simulator's events after the recover point, in order, once each.
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.recover_until
+    recover_id = EventId.parse(
+        str(
+            int(
+                __import__("datetime")
+                .datetime.fromisoformat(cp.recover_until.replace("Z", "+00:00"))
+                .timestamp()
+                * 1000
+            )
+        )
+        + "-0"
+    )
+    expected = [(i, e) for i, e, _ in raw_log(sim.url, TOKEN) if EventId.parse(i) > recover_id]
+    assert _live_sequence(events) == expected
+    assert [e for _, e in expected] == ["update", "delete", "create"]
+    # Group ids never go backwards across the archive.
+    ids_seen = [ev.id for ev in events]
+    assert max(ids_seen) == ids_seen[-1]
+
+
+def test_dependency_group_cut_anywhere_is_redelivered_whole(tmp_path: Path) -> None:
+    """The checkpoint hazard: a report's dependencies share its id; cut inside that group."""
+    store = SimStore()
+    objects = sample_bundle("poisonivy.json")["objects"]
+    report_like = [o for o in objects if o["type"] not in ("report",)]
+    store.load_bundle({"type": "bundle", "objects": report_like})
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        archive = str(tmp_path / "a")
+        storage = LocalStorage(archive)
+        env = base_env(
+            sim.url,
+            TOKEN,
+            archive,
+            CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE="1970-01-01T00:00:00.000Z",
+        )
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, store.last_event_id), what="initial replay")
+        # A report referencing many objects: the live stream sends missing refs first, same id.
+        refs = [
+            o["id"]
+            for o in report_like
+            if o["type"] in ("malware", "indicator", "attack-pattern", "identity")
+        ][:40]
+        for cut in (1, 3, 7):
+            sim.set_fault(drop_after_events=cut, mid_message=True)
+            sim.drop_connections()  # new connection: fresh dependency cache, the fault armed
+            rid = f"report--{cut:08d}-0000-4000-8000-000000000000"
+            store.create(
+                {
+                    "type": "report",
+                    "id": rid,
+                    "spec_version": "2.1",
+                    "name": f"r{cut}",
+                    "published": "2026-01-01T00:00:00.000Z",
+                    "object_refs": refs,
+                }
+            )
+            wait_until(lambda: caught_up(storage, store.last_event_id), what=f"cut {cut}")
+        run.stop()
+    events = archived_events(archive)
+    mains = [
+        ev
+        for ev in events
+        if ev.stix_id.startswith("report--")
+        and ev.event == "create"
+        and (ev.envelope.get("origin") or {}).get("referer") != "init-dependencies"
+    ]
+    assert sorted(ev.stix_id for ev in mains) == sorted(
+        f"report--{c:08d}-0000-4000-8000-000000000000" for c in (1, 3, 7)
+    )
+    assert len(mains) == 3
+
+
+def test_sigkill_at_random_points_loses_nothing(tmp_path: Path) -> None:
+    """20k events with edits going on, the process SIGKILLed and restarted repeatedly."""
+    rng = random.Random(7)
+    store = SimStore()
+    generate(store, 5000, seed=1)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        archive = str(tmp_path / "a")
+        storage = LocalStorage(archive)
+        # The raw stream sends every event exactly (the live stream would legitimately drop a
+        # relationship whose endpoint was deleted meanwhile), so the comparison is exact.
+        env = base_env(
+            sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="raw", ARCHIVE_MAX_EVENTS="700"
+        )
+        produced = 5000
+        for round_ in range(8):
+            proc = ConnectorProcess(env, tmp_path / "run.log")
+            generate(store, 1875, seed=100 + round_)
+            produced += 1875
+            # Let it run a random while, then kill it wherever it is.
+            time.sleep(rng.uniform(0.3, 1.5))
+            proc.kill()
+        proc = ConnectorProcess(env, tmp_path / "run.log")
+        wait_until(
+            lambda: caught_up(storage, store.last_event_id), timeout=120, what="final catch-up"
+        )
+        # One more edit proves this last process is up and following before we stop it.
+        generate(store, 1, seed=999)
+        produced += 1
+        wait_until(lambda: caught_up(storage, store.last_event_id), timeout=60, what="last edit")
+        assert proc.terminate() == 0
+        expected = [(i, e, d["data"]["id"]) for i, e, d in raw_log(sim.url, TOKEN)]
+    assert produced == 20001
+    archived = [
+        (ev.id_text, ev.event, ev.stix_id)
+        for ev in archived_events(archive)
+        if (ev.envelope.get("origin") or {}).get("referer") != "init-dependencies"
+    ]
+    assert len(expected) == 20001
+    # Distinct sequence: nothing missing, nothing out of order, duplicates only by re-delivery.
+    assert [a for i, a in enumerate(archived) if i == 0 or a != archived[i - 1]] == expected
+    assert len(archived) == len(set(archived)) == 20001
+
+
+def test_dropped_connections_mid_event_and_u2028(sim: SimServer, tmp_path: Path) -> None:
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(
+        sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE="1970-01-01T00:00:00.000Z"
+    )
+    text = "line\u2028separator\u2029para and \r\n escapes"
+    sim.store.create(
+        {
+            "type": "malware",
+            "id": "malware--00000000-0000-4000-8000-000000002028",
+            "spec_version": "2.1",
+            "name": "Sep",
+            "is_family": False,
+            "description": text,
+        }
+    )
+    generate(sim.store, 300, seed=3)
+    sim.set_fault(drop_after_events=25, mid_message=True, drop_times=6)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="catch-up through drops")
+    run.stop()
+    events = archived_events(archive)
+    sep = [ev for ev in events if ev.stix_id == "malware--00000000-0000-4000-8000-000000002028"]
+    assert sep and sep[0].stix["description"] == text
+    assert "\u2028" in sep[0].raw  # stored as received, not re-escaped
+    live = _live_sequence(events)
+    expected = [(i, e) for i, e, _ in raw_log(sim.url, TOKEN)]
+    assert [x for i, x in enumerate(live) if i == 0 or x != live[i - 1]] == expected
+    assert not list(storage.list("quarantine/"))
+
+
+def test_heartbeats_advance_checkpoint_on_filtered_stream(sim: SimServer, tmp_path: Path) -> None:
+    sim.add_stream(
+        "reports-only",
+        filters={
+            "mode": "and",
+            "filterGroups": [],
+            "filters": [
+                {"key": ["entity_type"], "values": ["Report"], "operator": "eq", "mode": "or"}
+            ],
+        },
+    )
+    generate(sim.store, 200, seed=5, mix="creates")
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="reports-only")
+    run = ConnectorThread(env).start()
+    before = EventId.parse(sim.store.last_event_id)
+    sim.store.create(
+        {
+            "type": "malware",
+            "id": "malware--00000000-0000-4000-8000-0000000000aa",
+            "spec_version": "2.1",
+            "name": "Invisible",
+            "is_family": True,
+        }
+    )
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="heartbeat checkpoint")
+    run.stop()
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and EventId.parse(cp.last_event_id) > before
+    assert all(
+        ev.stix.get("type") == "report" or (ev.envelope.get("origin") or {}).get("referer")
+        for ev in archived_events(archive)
+    )
+
+
+def test_trimmed_retention_is_detected_and_repaired(sim: SimServer, tmp_path: Path) -> None:
+    generate(sim.store, 100, seed=9)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(sim.url, TOKEN, archive)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
+    run.stop()
+    # While the connector is down: edits, then the platform trims its stream past them.
+    victim = next(o for o in sim.store.objects() if o["type"] == "malware")
+    sim.store.update(victim["id"], set={"description": "changed while down"})
+    generate(sim.store, 50, seed=10)
+    sim.store.trim(5)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="repair")
+    run.stop()
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and len(cp.retention_gaps) == 1
+    assert cp.reconcile and cp.reconcile["due"] is True
+    latest = {}
+    for ev in archived_events(archive):
+        latest[ev.internal_id or ev.stix_id] = ev
+    changed = [ev for ev in latest.values() if ev.stix.get("description") == "changed while down"]
+    assert changed, "the recover re-snapshot must bring back what changed in the lost window"
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "reason"),
+    [
+        ("bad-token", 401, "You are not authenticated, please check your credentials"),
+        ("stopped", 410, "This live stream is stopped"),
+    ],
+)
+def test_permanent_http_errors_stop_with_the_reason(
+    sim: SimServer, tmp_path: Path, setup: str, status: int, reason: str
+) -> None:
+    generate(sim.store, 5, seed=1)
+    env = base_env(sim.url, TOKEN, str(tmp_path / "a"))
+    if setup == "bad-token":
+        env["OPENCTI_TOKEN"] = "wrong"
+    else:
+        sim.add_stream("stopped-stream", live=False)
+        env["CONNECTOR_LIVE_STREAM_ID"] = "stopped-stream"
+    run = ConnectorThread(env).start()
+    run.join(30)
+    assert isinstance(run.error, StreamGoneError)
+    assert run.error.status == status and run.error.reason == reason
+
+
+def test_server_errors_are_retried(sim: SimServer, tmp_path: Path) -> None:
+    generate(sim.store, 20, seed=2)
+    sim.set_fault(fail_next={"status": 500, "count": 2})
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id), what="after 500s")
+    sim.set_fault(fail_next={"status": 429, "count": 2})
+    sim.drop_connections()
+    generate(sim.store, 5, seed=3)
+    wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id), what="after 429s")
+    run.stop()
+    assert run.error is None
+
+
+def test_malformed_events_are_quarantined_and_the_stream_goes_on(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    generate(sim.store, 10, seed=4)
+    last = EventId.parse(sim.store.last_event_id)
+    nxt = f"{last.ms + 1}"
+    sim.store.append_raw(f"id: {nxt}-0\nevent: create\ndata: {{not json\n\n")
+    sim.store.append_raw(f'id: {nxt}-1\nevent: teleport\ndata: {{"data":{{"id":"x--1"}}}}\n\n')
+    sim.store.append_raw(f'id: {nxt}-2\nevent: update\ndata: {{"version":"4"}}\n\n')
+    sim.store.append_raw('id: ../../etc-3\nevent: create\ndata: {"data":{"id":"a--b"}}\n\n')
+    generate(sim.store, 10, seed=5)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(
+        sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE="1970-01-01T00:00:00.000Z"
+    )
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="past the bad events")
+    run.stop()
+    records = [orjson.loads(storage.get(k)) for k in storage.list("quarantine/")]
+    reasons = sorted(r["reason"] for r in records)
+    assert len(records) == 4, reasons
+    assert any("not valid JSON" in r for r in reasons)
+    assert any("unknown event name" in r for r in reasons)
+    assert any("no 'data'" in r for r in reasons)
+    assert any("malformed event id" in r for r in reasons)
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.quarantined == 4
+    # Nothing escaped the archive root.
+    assert all(
+        p.resolve().is_relative_to(Path(archive).resolve()) for p in Path(archive).rglob("*")
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"ARCHIVE_MAX_EVENTS": "lots"}, "archive.max_events"),
+        (
+            {"CONNECTOR_LIVE_STREAM_START_TIMESTAMP": "1700000000"},
+            "connector.live_stream_start_timestamp",
+        ),
+        ({"OPENCTI_SSL_VERIFY": "maybe"}, "opencti.ssl_verify"),
+        ({"ARCHIVE_CODEC": "lz4"}, "archive.codec"),
+        ({"OPENCTI_URL": ""}, "opencti.url"),
+    ],
+)
+def test_invalid_config_exits_2_naming_the_key(
+    tmp_path: Path, env: dict[str, str], key: str
+) -> None:
+    full = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "OPENCTI_URL": "http://127.0.0.1:9",
+        "OPENCTI_TOKEN": "t",
+        "ARCHIVE_URI": str(tmp_path / "a"),
+    }
+    full.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "run"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
+
+
+def test_unreadable_config_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "config.yml"
+    bad.write_text("archive: [unclosed\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "status", "--config", str(bad)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--config" in proc.stderr
+
+
+def test_status_json_reports_the_checkpoint(sim: SimServer, tmp_path: Path) -> None:
+    generate(sim.store, 30, seed=6)
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id), what="catch-up")
+    run.stop()
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "status", "--archive", archive, "--json"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = orjson.loads(proc.stdout)
+    assert info["events_archived"] == sum(
+        m.manifest.event_count for m in ArchiveReader(LocalStorage(archive)).manifests()
+    )
+    assert EventId.parse(info["last_event_id"]) >= EventId.parse(sim.store.last_event_id)
