@@ -1,0 +1,299 @@
+"""StateStore: folding archived events gives the simulated platform's own state.
+
+A SimStore plays a user editing a platform (creates, updates, a standard-id change, a merge,
+deletes with cascades, a re-creation); its stream log is parsed like SSE, archived with the real
+ArchiveSink into a LocalStorage, read back, and folded. The result must equal the simulator's
+``dump_bundle()`` exactly, with the tombstones the platform never sends.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.archive import ArchiveReader, ArchiveSink
+from connector.events import EventId, StreamEvent
+from connector.sim import sample_bundle
+from connector.sim.store import SimStore
+from connector.sink import Batch
+from connector.state import StateStore
+from connector.storage.local import LocalStorage
+
+SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
+CLOCK0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+STEP_MS = 1_000
+
+MARKING_WHITE = "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9"
+SPELEVO = "malware--c6006dd5-31ca-45c2-8ae0-4e428e712f88"
+PARADISE = "malware--faa5b705-cf44-4e50-8472-29e5fec43c3c"
+APT41 = "intrusion-set--18854f55-ac7c-4634-bd9a-352dd07613b7"
+APT41_NEW = "intrusion-set--0f0e0d0c-0b0a-4090-8070-605040302010"
+AP_KEEP = "attack-pattern--2fc04aa5-48c1-49ec-919a-b88241ef1d17"
+AP_GONE = "attack-pattern--489a7797-01c3-4706-8cd1-ec56a9db3adc"
+CIRCL = "identity--72de07e8-e6ed-4dfe-b906-1e82fae1d132"
+CAMPAIGN = "campaign--92d46985-17a6-4610-8be8-cc70c82ed214"
+REPORT = "report--a445d22a-db0c-4b5d-9ec8-e9ad0b6dbdd7"
+REL_USES_PARADISE = "relationship--1fc9b5f8-3822-44c5-85d9-ee3476ca26de"
+REL_ON_REL = "relationship--8d2200a8-f9ef-4345-95d1-ba3ed49606f9"  # indicates REL_USES_PARADISE
+REL_TO_AP_GONE = "relationship--e35b3fc1-47f3-4ccb-a8fe-65a0864edd02"
+REL_APT41_USES = "relationship--9f999fc5-5c74-4964-ab87-ee4c7cdc37a3"
+REL_APT41_TARGETS = "relationship--2326c8b3-ef45-4978-98d0-0059728275c4"
+SIGHTING_AT_CIRCL = "sighting--ee20065d-2555-424f-ad9e-0f8428623c75"
+REL_CAMPAIGN = "relationship--6d59077d-a2fb-4217-846f-c7cf038672fa"
+
+
+# ---------------------------------------------------------------------- helpers (shared)
+def ticking_clock(start: int = CLOCK0, step: int = STEP_MS) -> Callable[[], int]:
+    counter = itertools.count()
+    return lambda: start + next(counter) * step
+
+
+def new_sim() -> SimStore:
+    return SimStore(clock=ticking_clock())
+
+
+def sim_events(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
+    """Data events of the simulator's stream log from absolute ``pos``, parsed like SSE."""
+    out: list[StreamEvent] = []
+    while True:
+        chunk = store.read(pos)
+        if not chunk.frames:
+            return out, pos
+        for frame in chunk.frames:
+            fields: dict[str, str] = {}
+            for line in frame.decode().split("\n"):
+                name, sep, value = line.partition(": ")
+                if sep:
+                    fields[name] = value
+            if fields.get("event") in ("create", "update", "merge", "delete"):
+                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
+        pos = chunk.start + len(chunk.frames)
+
+
+def _groups(events: list[StreamEvent]) -> Iterator[tuple[EventId, list[StreamEvent]]]:
+    """(group id, events) runs: the group id is the running maximum of the event ids."""
+    hwm: EventId | None = None
+    run: list[StreamEvent] = []
+    for ev in events:
+        if hwm is not None and ev.id > hwm and run:
+            yield hwm, run
+            run = []
+        hwm = ev.id if hwm is None or ev.id > hwm else hwm
+        run.append(ev)
+    if run and hwm is not None:
+        yield hwm, run
+
+
+def archive_events(
+    storage: LocalStorage,
+    events: list[StreamEvent],
+    *,
+    per_segment: int = 10,
+    after: EventId | None = None,
+) -> EventId | None:
+    """Write ``events`` through the real ArchiveSink, about ``per_segment`` events a segment."""
+    sink = ArchiveSink(storage)
+    batch: list[StreamEvent] = []
+    first: EventId | None = None
+    last: EventId | None = after
+    for gid, run in _groups(events):
+        if first is None:
+            first = gid
+        batch.extend(run)
+        last = gid
+        if len(batch) >= per_segment:
+            sink.write(Batch(first_id=first, last_id=gid, events=batch, after_id=after))
+            after, batch, first = gid, [], None
+    if batch and first is not None and last is not None:
+        sink.write(Batch(first_id=first, last_id=last, events=batch, after_id=after))
+    return last
+
+
+def state_objects(state: StateStore) -> list[dict[str, Any]]:
+    return sorted((o for _, _, _, o in state.objects()), key=lambda o: str(o["id"]))
+
+
+def sim_objects(store: SimStore) -> list[dict[str, Any]]:
+    return list(store.dump_bundle()["objects"])
+
+
+def assert_equal_objects(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    ida, idb = [o["id"] for o in a], [o["id"] for o in b]
+    assert ida == idb, f"only in A: {set(ida) - set(idb)}, only in B: {set(idb) - set(ida)}"
+    for x, y in zip(a, b, strict=True):
+        assert x == y, f"{x['id']} differs"
+
+
+Mark = tuple[str, list[dict[str, Any]]]  # (last event id, simulator objects at that point)
+
+
+def run_scenario(store: SimStore) -> list[Mark]:
+    """The edit script; returns the simulator's state after each step."""
+    marks: list[Mark] = []
+
+    def mark() -> None:
+        assert store.last_event_id is not None
+        marks.append((store.last_event_id, sim_objects(store)))
+
+    bundle = sample_bundle(SAMPLE)
+    store.load_bundle(bundle)
+    mark()
+    store.update(SPELEVO, set={"description": "Exploit kit, edited"})
+    store.update(REPORT, set={"labels": ["report", "restored"]})
+    mark()
+    store.update(APT41, new_id=APT41_NEW)  # standard id change: referrers follow silently
+    mark()
+    store.merge(AP_KEEP, [AP_GONE])
+    mark()
+    store.delete(PARADISE)  # one event; relationships (and one on a relationship) go with it
+    store.delete(CIRCL)  # a sighting's where_sighted target, and others' created_by_ref
+    store.delete(MARKING_WHITE)  # object_marking_refs everywhere lose it
+    mark()
+    store.delete(CAMPAIGN)
+    campaign = next(o for o in bundle["objects"] if o["id"] == CAMPAIGN)
+    store.create(campaign)  # re-created: a legitimate resurrection
+    store.update(CAMPAIGN, set={"description": "back again"})
+    mark()
+    return marks
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStorage, list[Mark]]:
+    """An archive of the whole scenario (module-scoped: read-only for the tests)."""
+    root = tmp_path_factory.mktemp("archive")
+    store = new_sim()
+    marks = run_scenario(store)
+    events, _ = sim_events(store)
+    storage = LocalStorage(root)
+    archive_events(storage, events, per_segment=10)
+    return storage, marks
+
+
+def replay(storage: LocalStorage, path: Path, until: EventId | None = None) -> StateStore:
+    state = StateStore(path)
+    state.apply_many(ArchiveReader(storage).events(until=until))
+    return state
+
+
+# ---------------------------------------------------------------------- tests
+def test_replay_equals_simulator(scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path) -> None:
+    storage, marks = scenario
+    with replay(storage, tmp_path / "s.sqlite") as state:
+        assert_equal_objects(state_objects(state), marks[-1][1])
+        assert state.as_of == EventId.parse(marks[-1][0])
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 4])
+def test_replay_until_each_step(
+    scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path, step: int
+) -> None:
+    storage, marks = scenario
+    until, expected = marks[step]
+    with replay(storage, tmp_path / "s.sqlite", EventId.parse(until)) as state:
+        assert_equal_objects(state_objects(state), expected)
+
+
+def test_id_change_keeps_identity_and_alias(
+    scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = scenario
+    with replay(storage, tmp_path / "s.sqlite", EventId.parse(marks[2][0])) as state:
+        by_old, by_new = state.get(APT41), state.get(APT41_NEW)
+        assert by_new is not None and by_old == by_new and by_new["id"] == APT41_NEW
+        assert [t for t in state.tombstones() if t.stix_id == APT41] == []
+        rel = state.get(REL_APT41_USES)
+        assert rel is not None and rel["source_ref"] == APT41_NEW
+        assert state.counts()["objects"] == len(marks[0][1])
+
+
+def test_merge_tombstones_sources_and_repoints(
+    scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = scenario
+    with replay(storage, tmp_path / "s.sqlite", EventId.parse(marks[3][0])) as state:
+        merged = [t for t in state.tombstones() if t.reason == "merged"]
+        assert [(t.stix_id, t.into) for t in merged] == [(AP_GONE, AP_KEEP)]
+        target = state.get(AP_GONE)  # the absorbed id now resolves to the target
+        assert target is not None and target["id"] == AP_KEEP
+        rel = state.get(REL_TO_AP_GONE)
+        assert rel is not None and rel["target_ref"] == AP_KEEP
+
+
+def test_delete_cascades_like_the_platform(
+    scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = scenario
+    with replay(storage, tmp_path / "s.sqlite", EventId.parse(marks[4][0])) as state:
+        gone = {t.stix_id: t.reason for t in state.tombstones()}
+        for sid in (PARADISE, REL_USES_PARADISE, REL_ON_REL, SIGHTING_AT_CIRCL, CIRCL):
+            assert gone.get(sid) == "deleted", sid
+            assert state.get(sid) is None
+        report = state.get(REPORT)
+        assert report is not None and PARADISE not in report["object_refs"]
+        assert all(MARKING_WHITE not in (o.get("object_marking_refs") or []) for o in
+                   state_objects(state))
+        assert all(o.get("created_by_ref") != CIRCL for o in state_objects(state))
+
+
+def test_recreate_resurrects(scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path) -> None:
+    storage, marks = scenario
+    with replay(storage, tmp_path / "s.sqlite") as state:
+        campaign = state.get(CAMPAIGN)
+        assert campaign is not None and campaign["description"] == "back again"
+        tombs = {t.stix_id for t in state.tombstones()}
+        assert CAMPAIGN not in tombs
+        assert REL_CAMPAIGN in tombs  # its relationships stayed deleted
+        counts = state.counts()
+        assert counts["merged"] == 1 and counts["tombstones"] == counts["merged"] + counts["deleted"]
+
+
+def test_version_guard_and_update_first(tmp_path: Path) -> None:
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    first, pos = sim_events(store)
+    store.update(SPELEVO, set={"description": "v2"})
+    store.update(SPELEVO, set={"description": "v3"})
+    later, _ = sim_events(store, pos)
+    stale_create = next(ev for ev in first if ev.stix_id == SPELEVO)
+    stale_update = later[0]
+    # Re-sends of older versions under later ids (dependency re-send, recovery duplicate).
+    next_ms = later[-1].id.ms + 1
+    resend = [
+        StreamEvent.from_sse(f"{next_ms}-0", "create", stale_create.raw),
+        StreamEvent.from_sse(f"{next_ms}-1", "update", stale_update.raw),
+    ]
+    with StateStore(tmp_path / "a.sqlite") as state:
+        state.apply_many(first + later + resend)
+        assert_equal_objects(state_objects(state), sim_objects(store))
+        assert state.as_of == EventId(next_ms, 1)
+    # An update may come before any create: it is a full upsert.
+    with StateStore(tmp_path / "b.sqlite") as state:
+        state.apply(later[-1])
+        obj = state.get(SPELEVO)
+        assert obj is not None and obj["description"] == "v3"
+        assert state.counts() == {"objects": 1, "tombstones": 0}
+
+
+def test_state_persists_and_rolls_back(tmp_path: Path) -> None:
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    events, _ = sim_events(store)
+    path = tmp_path / "s.sqlite"
+    with StateStore(path) as state:
+        state.apply_many(events[:10])
+        before = state.counts()
+
+        def broken() -> Iterator[StreamEvent]:
+            yield from events[10:20]
+            raise RuntimeError("reader failed")
+
+        with pytest.raises(RuntimeError):
+            state.apply_many(broken())
+        assert state.counts() == before and state.as_of == events[9].id
+    with StateStore(path) as state:  # reopened: same state and position
+        assert state.counts() == before and state.as_of == events[9].id
