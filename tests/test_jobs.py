@@ -1,0 +1,185 @@
+"""Job lock, schedules and the background runner (real scheduler, real storage)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from connector.errors import ConfigError
+from connector.jobs import (
+    LOCK_KEY,
+    JobLock,
+    JobRunner,
+    LockHeld,
+    parse_schedule,
+    run_retention_job,
+    run_snapshot_job,
+)
+from connector.metrics import REGISTRY
+from connector.retention import RetentionPolicy
+from connector.snapshot import list_snapshots
+from connector.storage import Storage
+from connector.storage.local import LocalStorage
+from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
+from tests.test_verify import build_good
+
+
+def test_parse_schedule() -> None:
+    assert parse_schedule("") is None
+    assert parse_schedule("   ") is None
+    cron = parse_schedule("0 3 * * *")
+    assert isinstance(cron, CronTrigger)
+    every = parse_schedule("every 15m")
+    assert isinstance(every, IntervalTrigger)
+    assert every.interval == dt.timedelta(minutes=15)
+    day = parse_schedule("every 1d")
+    assert isinstance(day, IntervalTrigger) and day.interval == dt.timedelta(days=1)
+    for bad in ("every 0s", "every 5w", "0 3 * *", "61 * * * *", "daily"):
+        with pytest.raises(ConfigError) as info:
+            parse_schedule(bad, "snapshot.schedule")
+        assert info.value.key == "snapshot.schedule"
+
+
+def test_lock_excludes_and_releases(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    first = JobLock(storage, "snapshot")
+    with first:
+        record = orjson.loads(storage.get(LOCK_KEY))
+        assert record["owner"] == first.owner and record["job"] == "snapshot"
+        with pytest.raises(LockHeld, match="snapshot"), JobLock(storage, "retention"):
+            pass
+        assert first.held
+    assert not storage.exists(LOCK_KEY)
+    with JobLock(storage, "retention"):
+        assert storage.exists(LOCK_KEY)
+
+
+def test_expired_lock_is_taken_over(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    storage.put(
+        LOCK_KEY,
+        orjson.dumps({"owner": "dead-process", "job": "snapshot", "expires_at": past.isoformat()}),
+    )
+    lock = JobLock(storage, "retention")
+    with lock:
+        assert orjson.loads(storage.get(LOCK_KEY))["owner"] == lock.owner
+    assert not storage.exists(LOCK_KEY)
+
+
+def test_unreadable_lock_counts_as_expired(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    storage.put(LOCK_KEY, b"{truncated")
+    with JobLock(storage, "snapshot") as lock:
+        assert lock.held
+
+
+def test_release_keeps_a_lock_taken_over_by_another(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    lock = JobLock(storage, "snapshot")
+    lock.acquire()
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    other = {"owner": "other", "job": "retention", "expires_at": future.isoformat()}
+    storage.put(LOCK_KEY, orjson.dumps(other))
+    lock.release()
+    assert orjson.loads(storage.get(LOCK_KEY))["owner"] == "other"
+
+
+def test_snapshot_and_retention_exclude_each_other(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    with JobLock(storage, "snapshot"):
+        with pytest.raises(LockHeld):
+            run_retention_job(storage, RetentionPolicy(keep_days=1, keep_snapshots=0))
+        with pytest.raises(LockHeld):
+            run_snapshot_job(storage, tmp_path / "w")
+    assert list_snapshots(storage) == []
+    info = run_snapshot_job(storage, tmp_path / "w")
+    assert info is not None and not storage.exists(LOCK_KEY)
+    assert run_snapshot_job(storage, tmp_path / "w") is None  # nothing new
+
+
+def test_lock_on_s3(s3_storage: Storage) -> None:  # noqa: F811
+    with JobLock(s3_storage, "snapshot"):
+        with pytest.raises(LockHeld):
+            JobLock(s3_storage, "retention").acquire()
+    with JobLock(s3_storage, "retention"):
+        pass
+    assert not s3_storage.exists(LOCK_KEY)
+
+
+def _errors(kind: str) -> float:
+    return REGISTRY.get_sample_value("opencti_sync_errors_total", {"kind": kind}) or 0.0
+
+
+def test_failing_job_is_counted_and_never_raises(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    # A damaged manifest makes the snapshot job fail (PermanentError from the archive reader).
+    first = next(iter(storage.list("manifests/")))
+    storage.put(first, b"{not json")
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="0 3 * * *",
+        retention_schedule="",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+    before = _errors("job_snapshot")
+    runner.run_snapshot()  # direct call: must not raise
+    assert runner.failures["snapshot"] == 1
+    assert _errors("job_snapshot") == before + 1
+    assert not storage.exists(LOCK_KEY)  # the lock was released despite the failure
+
+    # Through the real scheduler thread: run the job now, wait for it, the scheduler lives on.
+    done = threading.Event()
+    errors_seen: list[object] = []
+    runner.scheduler.add_listener(errors_seen.append, EVENT_JOB_ERROR)
+    runner.scheduler.add_listener(lambda _event: done.set(), EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+    runner.start()
+    try:
+        runner.scheduler.modify_job("snapshot", next_run_time=dt.datetime.now(dt.UTC))
+        assert done.wait(20)
+        assert runner.failures["snapshot"] == 2
+        assert runner.scheduler.running
+        # The wrapper swallowed the failure: apscheduler saw a normal completion.
+        assert errors_seen == []
+        assert runner.scheduler.get_job("snapshot") is not None
+        assert runner.scheduler.get_job("retention") is None
+    finally:
+        runner.shutdown()
+    assert not runner.scheduler.running
+
+
+def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        JobRunner(
+            LocalStorage(tmp_path / "a"),
+            snapshot_schedule="",
+            retention_schedule="every day",
+            retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+            work_dir=tmp_path / "w",
+        )
+    assert info.value.key == "retention.schedule"
+
+
+def test_lock_held_job_is_skipped_not_failed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="",
+        retention_schedule="every 1h",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+    with JobLock(storage, "snapshot"):
+        runner.run_retention()
+    assert runner.runs["retention"] == 1 and runner.failures["retention"] == 0

@@ -1,0 +1,207 @@
+"""Retention keeps every restore point of the window and deletes only what a snapshot covers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import orjson
+
+from connector.archive import ArchiveReader
+from connector.archive.layout import quarantine_key
+from connector.events import EventId
+from connector.jobs import LOCK_KEY, run_retention_job
+from connector.metrics import REGISTRY
+from connector.retention import RetentionPolicy, apply_retention, plan_retention
+from connector.snapshot import fold_segments, list_snapshots, state_sha256, write_snapshot
+from connector.state import StateStore
+from connector.storage import Storage
+from connector.storage.local import LocalStorage
+from connector.verify import format_report, verify_archive
+from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
+from tests.test_verify import DAY_MS, ArchiveBuilder
+
+T0 = 1_700_000_000_000
+
+
+def build_days(storage: Storage, tmp: Path, days: int, snapshot_days: set[int]) -> ArchiveBuilder:
+    """One segment (3 events) per day; a snapshot right after each day in ``snapshot_days``."""
+    b = ArchiveBuilder(storage, T0, step_ms=DAY_MS // 3)
+    for day in range(days):
+        b.day(segments=1)
+        if day == 4:
+            b.delete(1000)
+            b.create(1000 + 50 + day)
+            b.flush()
+        if day in snapshot_days:
+            assert write_snapshot(storage, work_dir=tmp / "snap") is not None
+    return b
+
+
+def at_day(day: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp((T0 + day * DAY_MS) / 1000, dt.UTC)
+
+
+def state_at(storage: Storage, tmp: Path, until: EventId, seed: str | None) -> str:
+    """The restored state's checksum at ``until``: from a snapshot (or the origin) + segments."""
+    state = StateStore(tmp / f"state-{seed}-{until.key}.sqlite")
+    try:
+        start_after = None
+        if seed is not None:
+            info = next(s for s in list_snapshots(storage) if str(s.as_of) == seed)
+            state.load_snapshot(storage, info.key)
+            start_after = info.last_segment_manifest
+        fold_segments(state, ArchiveReader(storage), start_after=start_after, until=until)
+        return state_sha256(state)
+    finally:
+        state.close()
+
+
+def deleted_count(kind: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "opencti_sync_retention_deleted_objects_total", {"kind": kind}
+    )
+    return value or 0.0
+
+
+def test_window_honoured_and_restore_inside_window_complete(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=10, snapshot_days={2, 6})
+    snaps = list_snapshots(storage)
+    now = at_day(10.5)
+    policy = RetentionPolicy(keep_days=5, keep_snapshots=0)
+    window = EventId(int(now.timestamp() * 1000) - 5 * DAY_MS, 0)
+    # Reference: the state at the very start of the window, replayed from the origin.
+    expected = state_at(storage, tmp_path, window, None)
+    before = [r.manifest for r in ArchiveReader(storage).manifests()]
+    segments_deleted = deleted_count("segment")
+
+    report = plan_retention(storage, policy, now)
+    base = snaps[0]
+    assert report.base == str(base.as_of) and base.as_of <= window < snaps[1].as_of
+    apply_retention(storage, report)
+
+    after = [r.manifest for r in ArchiveReader(storage).manifests()]
+    assert [m.segment for m in after] == [m.segment for m in before if m.last > base.as_of]
+    assert all(not storage.exists(m.segment) for m in before if m.last <= base.as_of)
+    assert len(after) < len(before)
+    assert [s.as_of for s in list_snapshots(storage)] == [s.as_of for s in snaps]
+    # The oldest restore point of the window is still complete: base + kept segments.
+    assert state_at(storage, tmp_path, window, str(base.as_of)) == expected
+    assert deleted_count("segment") - segments_deleted == len(before) - len(after)
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert verified.ok, format_report(verified)
+    assert any("pruned" in n for n in verified.notes)
+
+    # Later on, the second snapshot becomes the base and the first one goes.
+    report = plan_retention(storage, policy, at_day(13))
+    assert report.base == str(snaps[1].as_of)
+    apply_retention(storage, report)
+    assert [s.as_of for s in list_snapshots(storage)] == [snaps[1].as_of]
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert verified.ok, format_report(verified)
+
+
+def test_manifest_deleted_before_its_segment(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=5, snapshot_days={2})
+    report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(6))
+    kinds = [d.kind for d in report.deletions if d.kind in ("manifest", "segment")]
+    assert kinds and kinds == ["manifest", "segment"] * (len(kinds) // 2)
+    snap = [d.key for d in report.deletions if d.kind == "snapshot"]
+    assert snap == []  # the only snapshot is the base
+
+
+def test_no_snapshot_deletes_nothing(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days=set())
+    keys = sorted(storage.list())
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=1, keep_snapshots=1), now=at_day(30)
+    )
+    assert report.deletions == []
+    assert "no snapshot" in report.note
+    assert sorted(storage.list()) == keys
+
+
+def test_snapshot_newer_than_window_deletes_no_segment(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={5})
+    report = plan_retention(storage, RetentionPolicy(keep_days=3, keep_snapshots=0), at_day(6))
+    assert report.base is None
+    assert report.deletions == []
+
+
+def test_dry_run_deletes_nothing(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={3})
+    keys = sorted(storage.list())
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=1, keep_snapshots=0), dry_run=True, now=at_day(8)
+    )
+    assert report.deletions and report.dry_run
+    assert "would delete" in str(report)
+    assert sorted(storage.list()) == keys
+    assert not storage.exists(LOCK_KEY)
+
+
+def test_keep_snapshots_with_forever_window(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={1, 2, 3, 4})
+    snaps = list_snapshots(storage)
+    segments = len(list(ArchiveReader(storage).manifests()))
+    report = run_retention_job(storage, RetentionPolicy(keep_days=0, keep_snapshots=2))
+    assert report.base is None
+    assert [s.as_of for s in list_snapshots(storage)] == [s.as_of for s in snaps[-2:]]
+    assert len(list(ArchiveReader(storage).manifests())) == segments
+    assert not any(k.startswith(f"snapshots/{snaps[0].key}/") for k in storage.list("snapshots/"))
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert verified.ok, format_report(verified)
+
+
+def test_keep_snapshots_never_drops_the_base(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={1, 5, 6, 7})
+    snaps = list_snapshots(storage)
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=4, keep_snapshots=1), now=at_day(7)
+    )
+    kept = [s.as_of for s in list_snapshots(storage)]
+    assert report.base == str(snaps[0].as_of)
+    assert kept == [snaps[0].as_of, snaps[-1].as_of]
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert verified.ok, format_report(verified)
+
+
+def test_quarantine_kept_until_covered_by_base(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    old = quarantine_key(EventId(T0 + DAY_MS // 2, 0), "a" * 64)
+    recent = quarantine_key(EventId(T0 + 5 * DAY_MS, 0), "b" * 64)
+    for key in (old, recent):
+        storage.put(key, orjson.dumps({"reason": "test"}))
+    run_retention_job(storage, RetentionPolicy(keep_days=2, keep_snapshots=0), now=at_day(6))
+    assert not storage.exists(old)
+    assert storage.exists(recent)
+
+
+def test_base_with_missing_part_is_not_used(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    info = list_snapshots(storage)[0]
+    storage.delete(info.parts[0].key)
+    report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(8))
+    assert report.base is None
+    assert not any(d.kind in ("segment", "manifest") for d in report.deletions)
+
+
+def test_retention_on_s3(s3_storage: Storage, tmp_path: Path) -> None:  # noqa: F811
+    build_days(s3_storage, tmp_path, days=4, snapshot_days={1})
+    before = len(list(ArchiveReader(s3_storage).manifests()))
+    report = run_retention_job(
+        s3_storage, RetentionPolicy(keep_days=1, keep_snapshots=0), now=at_day(5)
+    )
+    assert report.deleted > 0
+    assert len(list(ArchiveReader(s3_storage).manifests())) == before - 2
+    verified = verify_archive(s3_storage, work_dir=tmp_path / "w")
+    assert verified.ok, format_report(verified)
