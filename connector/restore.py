@@ -32,6 +32,8 @@ from .storage import Storage
 
 __all__ = [
     "KnownIds",
+    "ResolvesIds",
+    "STEPS",
     "Progress",
     "RestorePlan",
     "RestoreReport",
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 
 _MAX_SEQ = 10**10 - 1  # the largest sequence an event id can carry (10 digits)
 _SAMPLE = 10
-_DELETE_PHASE = len(PHASES)
 _BUNDLE_NS = uuid.UUID("0d7f3a52-61c4-4b8e-9a0f-5c2e7b1d9e43")
 
 
@@ -181,6 +182,23 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class ResolvesIds(Protocol):
+    """Optional: which object (its standard id) the target holds under each given id.
+
+    Needed to delete merged-away sources safely: on a target that already holds the merge, the
+    source id is an alias of the merge target, and deleting it would delete the target.
+    """
+
+    def resolve_ids(self, stix_ids: list[str]) -> dict[str, str]: ...
+
+
+# Restore steps, in order: merged-away sources the target still holds as objects, the push
+# phases, then every other tombstoned id.
+STEPS = ("merged-away", *PHASES, "deleted")
+_MERGED_STEP, _DELETED_STEP = 0, len(STEPS) - 1
+
+
 @dataclass
 class RestoreReport:
     dry_run: bool
@@ -188,7 +206,8 @@ class RestoreReport:
     pushed: int = 0
     deleted: int = 0
     batches: int = 0
-    skipped_deletes: int = 0  # tombstoned ids that now name a live object (merged into it)
+    skipped_deletes: int = 0  # tombstoned ids now carried by a live object (merged into it)
+    unchecked_merged: int = 0  # merged-away ids not checked: the target cannot resolve ids
     resumed_from: dict[str, Any] | None = None
     upserts_by_type: dict[str, int] = field(default_factory=dict)
     deletes_by_type: dict[str, int] = field(default_factory=dict)
@@ -197,7 +216,7 @@ class RestoreReport:
     updated_by_type: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
 
-    def _count(self, table: dict[str, int], sample: str, stix_id: str) -> None:
+    def count(self, table: dict[str, int], sample: str, stix_id: str) -> None:
         kind = stix_id.split("--", 1)[0]
         table[kind] = table.get(kind, 0) + 1
         ids = self.samples.setdefault(sample, [])
@@ -210,34 +229,35 @@ class _Resume:
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
         self.path, self.fingerprint = path, fingerprint
-        self.phase, self.last_key = 0, ""
+        self.step, self.last_key = 0, ""
         self.pushed = self.deleted = self.batches = 0
         self.resumed: dict[str, Any] | None = None
         if path is None or not path.exists():
             return
         try:
             saved = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
+            if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+                log.warning("Restore progress belongs to another restore; starting over.")
+                return
+            step, last_key = int(saved["step"]), str(saved["last_key"])
+            pushed, deleted, batches = (int(saved[k]) for k in ("pushed", "deleted", "batches"))
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.warning("Ignoring an unreadable restore progress file: %s", exc)
             return
-        if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-            log.warning("Restore progress belongs to another restore; starting over.")
-            return
-        self.phase, self.last_key = int(saved["phase"]), str(saved["last_key"])
-        self.pushed, self.deleted = int(saved["pushed"]), int(saved["deleted"])
-        self.batches = int(saved["batches"])
-        self.resumed = {"phase": self.phase, "last_key": self.last_key}
+        self.step, self.last_key = step, last_key
+        self.pushed, self.deleted, self.batches = pushed, deleted, batches
+        self.resumed = {"step": STEPS[step], "last_key": last_key}
 
-    def save(self, phase: int, last_key: str) -> None:
-        self.phase, self.last_key = phase, last_key
+    def save(self, step: int, last_key: str) -> None:
+        self.step, self.last_key = step, last_key
         if self.path is None:
             return
         body = orjson.dumps(
             {
                 "format": 1,
                 "fingerprint": self.fingerprint,
-                "phase": phase,
-                "phase_name": PHASES[phase] if phase < len(PHASES) else "deletes",
+                "step": step,
+                "step_name": STEPS[step],
                 "last_key": last_key,
                 "pushed": self.pushed,
                 "deleted": self.deleted,
@@ -245,17 +265,87 @@ class _Resume:
             },
             option=orjson.OPT_INDENT_2,
         )
-        tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as fh:
             fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
+    def start_after(self, step: int) -> str | None:
+        """Where ``step`` resumes (None: from its start); steps already done are skipped."""
+        return (self.last_key or None) if step == self.step else None
+
     def done(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+class _Run:
+    """One restore run: the target, the report, the resume position and the progress bar."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        target: RestoreTarget,
+        resume: _Resume,
+        report: RestoreReport,
+        progress: Progress | None,
+        total: int,
+        dry_run: bool,
+    ) -> None:
+        self.state, self.target, self.resume, self.report = state, target, resume, report
+        self.progress, self.total, self.dry_run = progress, total, dry_run
+        self.done = resume.pushed + resume.deleted
+        self.lookup = target if dry_run and isinstance(target, KnownIds) else None
+        self.resolver = target if isinstance(target, ResolvesIds) else None
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress.update(min(self.done, self.total), self.total)
+
+    def push(self, batch: list[dict[str, Any]], step: int, last_key: str) -> None:
+        report = self.report
+        ids = [str(o["id"]) for o in batch]
+        known = self.lookup.known_ids(ids) if self.lookup is not None else None
+        for sid in ids:
+            report.count(report.upserts_by_type, "upsert", sid)
+            if known is not None:
+                if sid in known:
+                    report.count(report.updated_by_type, "update", sid)
+                else:
+                    report.count(report.created_by_type, "create", sid)
+        if not self.dry_run:
+            self.target.push_objects(batch)
+            report.pushed += len(batch)
+            report.batches += 1
+            self._save(step, last_key)
+        self.tick(len(batch))
+
+    def delete(self, ids: list[str], step: int, last_key: str) -> None:
+        report = self.report
+        present = self.lookup.known_ids(ids) if self.lookup is not None and ids else set(ids)
+        for sid in ids:
+            if sid in present:
+                report.count(report.deletes_by_type, "delete", sid)
+        if not self.dry_run:
+            if ids:
+                self.target.delete_ids(ids)
+                report.deleted += len(ids)
+                report.batches += 1
+            self._save(step, last_key)
+        self.tick(len(ids))
+
+    def _save(self, step: int, last_key: str) -> None:
+        r = self.report
+        self.resume.pushed, self.resume.deleted, self.resume.batches = (
+            r.pushed,
+            r.deleted,
+            r.batches,
+        )
+        self.resume.save(step, last_key)
 
 
 def restore_to_target(
@@ -268,7 +358,11 @@ def restore_to_target(
     resume_file: Path | None = None,
     batch_size: int = 500,
 ) -> RestoreReport:
-    """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``."""
+    """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``.
+
+    A restart with the same state and arguments continues after the last acknowledged batch, so
+    at most one batch is pushed twice (pushes are idempotent upserts).
+    """
     if batch_size < 1:
         raise ConfigError("restore.batch_size", "must be positive")
     counts = state.counts()
@@ -278,127 +372,99 @@ def restore_to_target(
         "state_sha256": state_sha256(state),
         "tombstones": counts["tombstones"],
         "apply_deletes": apply_deletes,
+        "batch_size": batch_size,
     }
     resume = _Resume(None if dry_run else resume_file, fingerprint)
-    report = RestoreReport(dry_run=dry_run, as_of=as_of)
-    report.resumed_from = resume.resumed
+    report = RestoreReport(dry_run=dry_run, as_of=as_of, resumed_from=resume.resumed)
     report.pushed, report.deleted, report.batches = resume.pushed, resume.deleted, resume.batches
     total = counts["objects"] + (counts["tombstones"] if apply_deletes else 0)
-    done = resume.pushed + resume.deleted + _skipped_before(state, resume)
-    lookup = target if dry_run and isinstance(target, KnownIds) else None
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress.update(done, total)
-
-    tick(0)
-    for phase in range(len(PHASES)):
-        if phase < resume.phase:
+    run = _Run(state, target, resume, report, progress, total, dry_run)
+    run.tick(0)
+    if apply_deletes and resume.step <= _MERGED_STEP:
+        _merged_away(run, batch_size)
+    for index in range(len(PHASES)):
+        step = index + 1
+        if step < resume.step:
             continue
-        after = resume.last_key if phase == resume.phase else ""
         batch: list[dict[str, Any]] = []
-        last_key = after
-        for rec in state.records(phase=phase, after=after or None):
+        last_key = ""
+        for rec in state.records(phase=index, after=resume.start_after(step)):
             batch.append(rec.data)
             last_key = rec.key
             if len(batch) >= batch_size:
-                _push(target, batch, report, resume, lookup, dry_run, phase, last_key)
-                tick(len(batch))
+                run.push(batch, step, last_key)
                 batch = []
         if batch:
-            _push(target, batch, report, resume, lookup, dry_run, phase, last_key)
-            tick(len(batch))
+            run.push(batch, step, last_key)
     if apply_deletes:
-        after = resume.last_key if resume.phase == _DELETE_PHASE else ""
-        ids: list[str] = []
-        last_key = after
-        for tomb in state.tombstones(after=after or None):
-            last_key = tomb.key
-            if state.get(tomb.stix_id) is not None:
-                report.skipped_deletes += 1  # its id now belongs to a live (merge target) object
-                tick(1)
-            else:
-                ids.append(tomb.stix_id)
-            if len(ids) >= batch_size:
-                _delete(target, ids, report, resume, lookup, dry_run, last_key)
-                tick(len(ids))
-                ids = []
-        if ids or (last_key != after and not dry_run):
-            _delete(target, ids, report, resume, lookup, dry_run, last_key)
-            tick(len(ids))
+        _deleted(run, batch_size)
     if not dry_run:
         resume.done()
     if progress is not None:
         progress.close()
     log.info(
-        "Restore finished." if not dry_run else "Restore dry run finished.",
+        "Restore dry run finished." if dry_run else "Restore finished.",
         extra={"pushed": report.pushed, "deleted": report.deleted, "batches": report.batches},
     )
     return report
 
 
-def _skipped_before(state: StateStore, resume: _Resume) -> int:
-    # Skipped deletes are not persisted; recount them so a resumed progress bar starts right.
-    if resume.phase != _DELETE_PHASE:
-        return 0
-    return sum(
-        1
-        for t in state.tombstones()
-        if t.key <= resume.last_key and state.get(t.stix_id) is not None
-    )
+def _merged_away(run: _Run, batch_size: int) -> None:
+    """Delete merged-away sources that the target still holds as objects of their own.
+
+    Runs before any push: afterwards the merge target, carrying the source ids as aliases,
+    would answer to them too.
+    """
+    state, after = run.state, run.resume.start_after(_MERGED_STEP)
+    pending: list[str] = []
+    last_key = ""
+
+    def flush() -> None:
+        nonlocal pending
+        if run.resolver is None:
+            run.report.unchecked_merged += len(pending)
+            pending = []
+            return
+        held = run.resolver.resolve_ids(pending) if pending else {}
+        doomed = [sid for sid in pending if held.get(sid) == sid]
+        run.delete(doomed, _MERGED_STEP, last_key)
+        run.tick(len(pending) - len(doomed))
+        pending = []
+
+    for tomb in state.tombstones(after=after):
+        if tomb.reason == "merged" and state.get(tomb.stix_id) is not None:
+            pending.append(tomb.stix_id)
+            last_key = tomb.key
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    if run.report.unchecked_merged:
+        log.warning(
+            "The target cannot resolve ids: merged-away objects it may still hold separately "
+            "were left alone.",
+            extra={"count": run.report.unchecked_merged},
+        )
 
 
-def _push(
-    target: RestoreTarget,
-    batch: list[dict[str, Any]],
-    report: RestoreReport,
-    resume: _Resume,
-    lookup: KnownIds | None,
-    dry_run: bool,
-    phase: int,
-    last_key: str,
-) -> None:
-    known = lookup.known_ids([str(o["id"]) for o in batch]) if lookup is not None else None
-    for obj in batch:
-        sid = str(obj["id"])
-        report._count(report.upserts_by_type, "upsert", sid)
-        if known is not None:
-            if sid in known:
-                report._count(report.updated_by_type, "update", sid)
-            else:
-                report._count(report.created_by_type, "create", sid)
-    if dry_run:
-        return
-    target.push_objects(batch)
-    report.pushed += len(batch)
-    report.batches += 1
-    resume.pushed, resume.batches = report.pushed, report.batches
-    resume.save(phase, last_key)
-
-
-def _delete(
-    target: RestoreTarget,
-    ids: list[str],
-    report: RestoreReport,
-    resume: _Resume,
-    lookup: KnownIds | None,
-    dry_run: bool,
-    last_key: str,
-) -> None:
-    present = lookup.known_ids(ids) if lookup is not None else set(ids)
-    for sid in ids:
-        if sid in present:
-            report._count(report.deletes_by_type, "delete", sid)
-    if dry_run:
-        return
-    if ids:
-        target.delete_ids(ids)
-        report.deleted += len(ids)
-        report.batches += 1
-    resume.deleted, resume.batches = report.deleted, report.batches
-    resume.save(_DELETE_PHASE, last_key)
+def _deleted(run: _Run, batch_size: int) -> None:
+    """Delete every tombstoned id that no live object answers to."""
+    state = run.state
+    after = run.resume.start_after(_DELETED_STEP)
+    ids: list[str] = []
+    last_key = after or ""
+    for tomb in state.tombstones(after=after):
+        last_key = tomb.key
+        if state.get(tomb.stix_id) is not None:
+            if tomb.reason != "merged":
+                run.report.skipped_deletes += 1  # the id was taken over by a live object
+                run.tick(1)
+            continue  # merged-away: handled (or counted) before the pushes
+        ids.append(tomb.stix_id)
+        if len(ids) >= batch_size:
+            run.delete(ids, _DELETED_STEP, last_key)
+            ids = []
+    if ids or (last_key != (after or "")):
+        run.delete(ids, _DELETED_STEP, last_key)
 
 
 # ---------------------------------------------------------------------- progress display

@@ -235,8 +235,9 @@ def test_delete_cascades_like_the_platform(
             assert state.get(sid) is None
         report = state.get(REPORT)
         assert report is not None and PARADISE not in report["object_refs"]
-        assert all(MARKING_WHITE not in (o.get("object_marking_refs") or []) for o in
-                   state_objects(state))
+        assert all(
+            MARKING_WHITE not in (o.get("object_marking_refs") or []) for o in state_objects(state)
+        )
         assert all(o.get("created_by_ref") != CIRCL for o in state_objects(state))
 
 
@@ -249,7 +250,9 @@ def test_recreate_resurrects(scenario: tuple[LocalStorage, list[Mark]], tmp_path
         assert CAMPAIGN not in tombs
         assert REL_CAMPAIGN in tombs  # its relationships stayed deleted
         counts = state.counts()
-        assert counts["merged"] == 1 and counts["tombstones"] == counts["merged"] + counts["deleted"]
+        assert (
+            counts["merged"] == 1 and counts["tombstones"] == counts["merged"] + counts["deleted"]
+        )
 
 
 def test_version_guard_and_update_first(tmp_path: Path) -> None:
