@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -40,6 +40,9 @@ from . import metrics
 from .errors import ConfigError, ConnectorError, NotFound
 from .retention import RetentionPolicy, RetentionReport, apply_retention, plan_retention
 from .storage import Storage
+
+if TYPE_CHECKING:
+    from .snapshot import SnapshotInfo
 
 __all__ = [
     "LOCK_KEY",
@@ -225,7 +228,9 @@ def parse_schedule(text: str, key: str = "schedule") -> BaseTrigger | None:
         raise ConfigError(key, f"invalid cron expression {text!r}: {exc}") from exc
 
 
-def run_snapshot_job(storage: Storage, work_dir: Path, *, ttl_secs: float = 600) -> Any:
+def run_snapshot_job(
+    storage: Storage, work_dir: Path, *, ttl_secs: float = 600
+) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
     there was nothing new). Raises ``LockHeld`` when another job runs."""
     from .snapshot import write_snapshot  # the state helper's module; imported late on purpose

@@ -230,6 +230,8 @@ class _Verifier:
         # Bumped at every break in the event chain: versions from before it are not compared.
         self.gen = 0
         self.gaps: list[tuple[EventId, EventId | None]] = []
+        # The oldest segment starts the stream (no pruned history before it).
+        self.origin = False
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -283,6 +285,8 @@ class _Verifier:
                     self.report.error(f"manifest {key} describes first id {m.first_event_id}")
             except ValueError:
                 self.report.error(f"manifest {key} has a malformed name")
+            if self.report.segments == 0 and not unknown:
+                self.origin = m.after_event_id is None
             if not unknown:
                 self.check_continuity(key, prev, m)
             unknown = False
@@ -499,7 +503,7 @@ class _Verifier:
         """Fold the archive once, comparing the state with each snapshot as it is reached."""
         reader = ArchiveReader(self.storage)
         start_after: str | None = None
-        if not self._archive_starts_at_origin():
+        if not self.origin:
             # No history before the oldest good snapshot: it is the starting point, not checked.
             first, good = good[0], good[1:]
             state.load_snapshot(self.storage, first.key)
@@ -529,11 +533,6 @@ class _Verifier:
                 # Carry on from what the snapshot says, so one bad snapshot is one error.
                 state.load_snapshot(self.storage, snap.key)
                 start_after = snap.last_segment_manifest
-
-    def _archive_starts_at_origin(self) -> bool:
-        for _, m in self.manifests():
-            return m is not None and m.after_event_id is None
-        return False
 
     def check_snapshot_parts(self, snap: SnapshotInfo) -> bool:
         name = f"snapshot {snap.as_of}"

@@ -17,6 +17,7 @@ import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import manifest_key
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.sink import Batch
 from connector.snapshot import list_snapshots, write_snapshot
@@ -320,3 +321,35 @@ def test_gzip_archive_passes(tmp_path: Path, codec: str) -> None:
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert report.updates_checked == 1
+
+
+def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    b = build_good(storage)
+    prev_last = b.last
+    b.last = None  # a writer that lost the chain (no after_event_id)
+    b.ms += 3_600_000
+    b.create(9)
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("does not continue the chain" in e for e in report.errors), report.errors
+
+    # The stream's own retention passed the checkpoint there, and the pipeline recorded it.
+    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
+    checkpoint.retention_gaps.append(
+        {"checkpoint_event_id": str(prev_last), "first_retained_event_id": None}
+    )
+    CheckpointStore(storage).save(checkpoint)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert any("retention gap" in n for n in report.notes)
+
+
+def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    storage.put(f"snapshots/{EventId(1, 0).key}/part-00000.jsonl.zst", b"partial")
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert any("unfinished snapshot" in w for w in report.warnings)
