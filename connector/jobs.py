@@ -251,7 +251,12 @@ def run_retention_job(
     """Plan (and unless ``dry_run``, apply) retention under the job lock."""
     with JobLock(storage, "retention", ttl_secs):
         report = plan_retention(storage, policy, now or _now())
-        if not dry_run:
+        if dry_run:
+            for d in report.deletions:
+                log.info(
+                    "Retention would delete an object.", extra={"key": d.key, "reason": d.reason}
+                )
+        else:
             apply_retention(storage, report)
         return report
 

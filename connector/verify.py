@@ -298,6 +298,7 @@ class _Verifier:
             r.first_event_id = r.first_event_id or m.first_event_id
             r.last_event_id = m.last_event_id
             prev = m
+            self.index.db.commit()  # one transaction per segment keeps sqlite's cache small
         self.index.db.commit()
 
     def check_continuity(self, key: str, prev: Manifest | None, m: Manifest) -> None:
