@@ -423,6 +423,7 @@ def _merged_away(run: _Run, batch_size: int) -> None:
         nonlocal pending
         if run.resolver is None:
             run.report.unchecked_merged += len(pending)
+            run.tick(len(pending))
             pending = []
             return
         held = run.resolver.resolve_ids(pending) if pending else {}

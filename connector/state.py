@@ -35,8 +35,18 @@ __all__ = [
 ]
 
 # Restore push order: what an object may reference is pushed in an earlier phase.
-PHASES = ("markings", "identities", "entities", "relationships", "sightings", "containers", "notes")
-_CONTAINER_TYPES = {"report", "grouping", "observed-data", "x-opencti-feedback", "x-opencti-task"}
+PHASES = (
+    "markings",
+    "identities",
+    "entities",
+    "observed-data",  # refers to observables; relationships and sightings may refer to it
+    "relationships",
+    "relationships-of-relationships",  # endpoints pushed in the phase before
+    "sightings",
+    "containers",
+    "notes",
+)
+_CONTAINER_TYPES = {"report", "grouping", "x-opencti-feedback", "x-opencti-task"}
 _NOTE_TYPES = {"note", "opinion"}
 # Ref fields whose target disappearing makes a relationship or sighting meaningless.
 _ENDPOINTS = ("source_ref", "target_ref", "sighting_of_ref", "where_sighted_refs")
@@ -105,14 +115,17 @@ def push_phase(stix: dict[str, Any]) -> int:
         return 0
     if stype == "identity":
         return 1
-    if stype == "relationship":
+    if stype == "observed-data":
         return 3
+    if stype == "relationship":
+        ends = (str(stix.get("source_ref", "")), str(stix.get("target_ref", "")))
+        return 5 if any(e.startswith(("relationship--", "sighting--")) for e in ends) else 4
     if stype == "sighting":
-        return 4
-    if stype in _NOTE_TYPES:
         return 6
+    if stype in _NOTE_TYPES:
+        return 8
     if stype in _CONTAINER_TYPES or "case-" in stype or isinstance(stix.get("object_refs"), list):
-        return 5
+        return 7
     return 2
 
 

@@ -1,0 +1,301 @@
+"""Point-in-time restore: materialise from snapshot + segments, bundle, push into a platform.
+
+Targets are real stores: a SimStore behind a small RestoreTarget adapter (upsert/delete exactly
+as the platform's import applies them), and once the real OpenCTITarget over pycti into the
+platform double (SimServer answering POST /graphql).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from connector.errors import RetryableError
+from connector.events import OCTI_EXT, EventId
+from connector.restore import (
+    TextProgress,
+    materialise,
+    materialise_plan,
+    parse_until,
+    restore_to_target,
+    to_bundle,
+)
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.snapshot import write_snapshot
+from connector.state import StateStore, push_phase
+from connector.storage.local import LocalStorage
+from connector.target.opencti import OpenCTITarget
+from tests.support.compare import comparable
+from tests.test_state import (
+    AP_GONE,
+    AP_KEEP,
+    CAMPAIGN,
+    PARADISE,
+    REL_CAMPAIGN,
+    Mark,
+    archive_events,
+    assert_equal_objects,
+    new_sim,
+    run_scenario,
+    sim_events,
+    state_objects,
+)
+
+TOKEN = "restore-token-0123456789"
+_EXT_INTERNAL_REFS = ("source_ref", "target_ref", "sighting_of_ref", "where_sighted_refs")
+
+
+# ---------------------------------------------------------------------- helpers
+class SimTarget:
+    """A SimStore as restore target; ``fail_after`` calls, it raises like a lost platform."""
+
+    def __init__(self, store: SimStore, fail_after: int | None = None) -> None:
+        self.store = store
+        self.fail_after = fail_after
+        self.calls = 0
+        self.pushed: list[str] = []
+        self.deleted: list[str] = []
+
+    def _call(self) -> None:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RetryableError("target connection lost")
+        self.calls += 1
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        self._call()
+        for obj in objects:
+            # "Perfect synchronisation" upserts (what OpenCTITarget(synchronized=True) asks
+            # for): values replace the target's, so refs removed upstream go away.
+            self.store.upsert(obj, synchronized=True)
+        self.pushed.extend(str(o["id"]) for o in objects)
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        self._call()
+        for sid in stix_ids:
+            self.store.delete(sid)
+        self.deleted.extend(stix_ids)
+
+    def known_ids(self, stix_ids: list[str]) -> set[str]:
+        return {sid for sid in stix_ids if self.store.get(sid) is not None}
+
+    def resolve_ids(self, stix_ids: list[str]) -> dict[str, str]:
+        out = {}
+        for sid in stix_ids:
+            obj = self.store.get(sid)
+            if obj is not None:
+                out[sid] = str(obj["id"])
+        return out
+
+
+def normal(obj: dict[str, Any]) -> dict[str, Any]:
+    """What a restore must carry: no platform-local ids or times, no empty values."""
+    out = comparable(obj)
+    out = {k: v for k, v in out.items() if v not in (None, "", [], {}) or k == "object_refs"}
+    octi = dict((out.get("extensions") or {}).get(OCTI_EXT) or {})
+    for key in _EXT_INTERNAL_REFS:
+        octi.pop(key, None)
+    if octi:
+        out["extensions"] = {**out["extensions"], OCTI_EXT: octi}
+    return out
+
+
+def assert_restored(target: SimStore, expected: list[dict[str, Any]]) -> None:
+    got = {str(o["id"]): normal(o) for o in target.dump_bundle()["objects"]}
+    want = {str(o["id"]): normal(o) for o in expected}
+    assert sorted(got) == sorted(want), set(got) ^ set(want)
+    for sid, obj in want.items():
+        assert got[sid] == obj, sid
+
+
+@pytest.fixture()
+def archived(tmp_path: Path) -> tuple[LocalStorage, list[Mark]]:
+    """The scenario archived, with a snapshot committed after its third step."""
+    store = new_sim()
+    marks = run_scenario(store)
+    events, _ = sim_events(store)
+    cut = next(i for i, ev in enumerate(events) if ev.id_text == marks[2][0]) + 1
+    storage = LocalStorage(tmp_path / "archive")
+    last = archive_events(storage, events[:cut], per_segment=9)
+    assert write_snapshot(storage, work_dir=tmp_path / "snap") is not None
+    archive_events(storage, events[cut:], per_segment=9, after=last)
+    return storage, marks
+
+
+def _iso(event_id: str) -> str:
+    ms = EventId.parse(event_id).ms
+    when = datetime.fromtimestamp(ms / 1000, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+# ---------------------------------------------------------------------- materialise
+def test_materialise_latest_from_snapshot(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = archived
+    state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
+    with state:
+        assert_equal_objects(state_objects(state), marks[-1][1])
+        assert plan.snapshot == EventId.parse(marks[2][0]).key  # seeded, not a full replay
+        assert plan.as_of == EventId.parse(marks[-1][0])
+        assert 0 < plan.segments and plan.objects == len(marks[-1][1])
+
+
+@pytest.mark.parametrize("step", [0, 1, 3, 4])
+def test_materialise_earlier_points(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path, step: int
+) -> None:
+    storage, marks = archived
+    until, expected = marks[step]
+    by_id, plan = materialise_plan(storage, until=parse_until(until), work_dir=tmp_path / "a")
+    with by_id:
+        assert_equal_objects(state_objects(by_id), expected)
+        assert plan.as_of == EventId.parse(until)
+        # Before the snapshot: replayed from the start; after it: seeded from it.
+        assert (plan.snapshot is not None) == (step >= 2)
+    with materialise(storage, until=parse_until(_iso(until)), work_dir=tmp_path / "b") as by_date:
+        assert_equal_objects(state_objects(by_date), expected)
+
+
+def test_parse_until() -> None:
+    assert parse_until("1767225600000-3") == EventId(1767225600000, 3)
+    assert parse_until("2026-01-01T00:00:00Z") == EventId(1767225600000, 10**10 - 1)
+    assert parse_until("2026-01-01") == EventId(1767225600000, 10**10 - 1)
+    with pytest.raises(Exception, match="until"):
+        parse_until("yesterday")
+
+
+# ---------------------------------------------------------------------- bundle
+def test_bundle_is_valid_and_dependency_ordered(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = archived
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        out = io.BytesIO()
+        count = to_bundle(state, out)
+    bundle = orjson.loads(out.getvalue())
+    assert bundle["type"] == "bundle" and bundle["id"].startswith("bundle--")
+    objects = bundle["objects"]
+    assert count == len(objects) == len(marks[-1][1])
+    phases = [push_phase(o) for o in objects]
+    assert phases == sorted(phases)
+    assert objects[0]["type"] == "marking-definition"
+    seen: set[str] = set()
+    for obj in objects:
+        if obj["type"] in ("sighting", "report", "note", "opinion", "observed-data"):
+            refs = [obj.get("sighting_of_ref"), *(obj.get("object_refs") or [])]
+            assert all(r in seen for r in refs if r), obj["id"]
+        seen.add(obj["id"])
+
+
+# ---------------------------------------------------------------------- push
+def test_restore_into_empty_platform(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = archived
+    target = SimTarget(SimStore())
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        report = restore_to_target(state, target, apply_deletes=True, batch_size=8)
+    assert_restored(target.store, marks[-1][1])
+    assert report.pushed == len(marks[-1][1]) and report.batches > 1
+    assert PARADISE in target.deleted and AP_GONE not in target.deleted
+
+
+def test_restore_over_old_state_deletes_and_does_not_resurrect(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """Target holds the state before the merge and deletes: the restore must remove them."""
+    storage, marks = archived
+    target = SimTarget(SimStore())
+    target.store.load_bundle(marks[0][1])
+    assert target.store.get(PARADISE) is not None and target.store.get(AP_GONE) is not None
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        report = restore_to_target(state, target, apply_deletes=True, batch_size=10)
+    assert_restored(target.store, marks[-1][1])
+    assert target.store.get(PARADISE) is None and target.store.get(REL_CAMPAIGN) is None
+    merged = target.store.get(AP_GONE)  # only as an alias of the merge target now
+    assert merged is not None and merged["id"] == AP_KEEP
+    assert target.store.get(CAMPAIGN) is not None  # re-created upstream: kept
+    assert report.deletes_by_type.get("malware") == 1
+
+
+def test_dry_run_writes_nothing(archived: tuple[LocalStorage, list[Mark]], tmp_path: Path) -> None:
+    storage, marks = archived
+    target = SimTarget(SimStore())
+    target.store.load_bundle(marks[0][1])
+    before = target.store.dump_bundle()
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        report = restore_to_target(
+            state, target, apply_deletes=True, dry_run=True, resume_file=tmp_path / "p.json"
+        )
+    assert target.store.dump_bundle() == before and target.calls == 0
+    assert not (tmp_path / "p.json").exists()
+    assert report.pushed == report.deleted == 0
+    assert sum(report.upserts_by_type.values()) == len(marks[-1][1])
+    assert report.created_by_type == {"intrusion-set": 1}  # APT41 under its new id
+    assert sum(report.updated_by_type.values()) == len(marks[-1][1]) - 1
+    assert report.deletes_by_type["malware"] == 1 and report.deletes_by_type["attack-pattern"] == 1
+    assert PARADISE in report.samples["delete"]
+
+
+def test_interrupted_restore_resumes(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    storage, marks = archived
+    store = SimStore()
+    progress_file = tmp_path / "restore-progress.json"
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        first = SimTarget(store, fail_after=3)
+        with pytest.raises(RetryableError):
+            restore_to_target(state, first, batch_size=5, resume_file=progress_file)
+        saved = orjson.loads(progress_file.read_bytes())
+        assert saved["batches"] == 3 and saved["pushed"] == len(first.pushed) > 0
+        second = SimTarget(store)
+        report = restore_to_target(state, second, batch_size=5, resume_file=progress_file)
+    assert report.resumed_from is not None
+    assert_restored(store, marks[-1][1])
+    pushed = first.pushed + second.pushed
+    assert sorted(pushed) == sorted(o["id"] for o in marks[-1][1])  # nothing pushed twice
+    assert not progress_file.exists()  # finished: a new run starts from the beginning
+
+
+def test_restore_point_in_time_through_pycti(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """The real OpenCTI target sink (pycti over HTTP) into the platform double."""
+    storage, marks = archived
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=store) as server:
+        target = OpenCTITarget(
+            url=server.url,
+            token=TOKEN,
+            connector_id=str(uuid.uuid4()),
+            source_url="http://source.example:4000",
+        )
+        try:
+            until = parse_until(marks[3][0])
+            with materialise(storage, until=until, work_dir=tmp_path / "w") as state:
+                lines = io.StringIO()
+                bar = TextProgress(stream=lines, tty=True)
+                restore_to_target(state, target, batch_size=20, progress=bar)
+        finally:
+            target.close()
+        assert_restored(store, marks[3][1])
+        assert "100.0%" in lines.getvalue() and "ETA" in lines.getvalue()
+
+
+def test_state_store_is_reusable_after_restore(tmp_path: Path) -> None:
+    """A state file can be reopened: materialise is not needed again to push it elsewhere."""
+    path = tmp_path / "s.sqlite"
+    with StateStore(path) as state:
+        assert state.counts() == {"objects": 0, "tombstones": 0}
+        out = io.BytesIO()
+        assert to_bundle(state, out) == 0
+        assert orjson.loads(out.getvalue())["objects"] == []
