@@ -299,3 +299,17 @@ def test_state_store_is_reusable_after_restore(tmp_path: Path) -> None:
         out = io.BytesIO()
         assert to_bundle(state, out) == 0
         assert orjson.loads(out.getvalue())["objects"] == []
+
+
+def test_text_progress_logs_periodically_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    bar = TextProgress("restore", tty=False, interval=10.0, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="connector.restore"):
+        for done in range(0, 101, 10):
+            bar.update(done, 100)
+            now[0] += 4.0  # 2.5 objects/s
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5  # t=0, 12, 24, 36 and the final line, not one per update
+    assert lines[1] == "restore  30.0% 30/100 2.5/s ETA 0:00:28"
+    assert lines[-1].startswith("restore 100.0% 100/100")
