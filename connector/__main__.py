@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config-doc", help="print the configuration reference")
     p.add_argument("--format", choices=("markdown", "yaml"), default="markdown")
+    p.add_argument(
+        "--update", action="store_true", help="rewrite config.yml.sample and the README table"
+    )
 
     p = sub.add_parser("snapshot", help="write a compacted snapshot now")
     _add_common(p)
@@ -471,8 +474,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_doc(args: argparse.Namespace) -> int:
-    from .configdoc import render
+    from .configdoc import render, update_files
 
+    if args.update:
+        for path in update_files(Path.cwd()):
+            print(f"updated {path}")
+        return 0
     print(render(args.format), end="")
     return 0
 
