@@ -9,6 +9,7 @@ the reason phrase. Written for throughput: ready messages are coalesced into one
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -763,8 +764,11 @@ class SimServer:
         heartbeat_secs: float = 5.0,
         restricted_token: str | None = None,
         restricted_markings: list[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        # Optional TLS on the listening socket (TLS-verification tests); None: plain HTTP.
+        self.ssl_context = ssl_context
         self.port = port
         self.token = token
         self.store = store if store is not None else SimStore()
@@ -784,8 +788,11 @@ class SimServer:
     def start(self) -> SimServer:
         httpd = _HTTPServer((self.host, self.port), _Handler)
         httpd.sim = self
+        if self.ssl_context is not None:
+            httpd.socket = self.ssl_context.wrap_socket(httpd.socket, server_side=True)
         self.port = int(httpd.server_address[1])
-        self.url = f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{self.host}:{self.port}"
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
