@@ -1,0 +1,106 @@
+"""Progress: a redrawn bar with rate and ETA on a terminal, INFO lines otherwise."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import pytest
+
+from connector.progress import Progress, RecoverProgress, iso_to_ms, recover_fraction
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TtyIO(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_tty_bar_rate_and_eta() -> None:
+    clock, out = Clock(), TtyIO()
+    bar = Progress(1000, label="restore", stream=out, clock=clock)
+    clock.now += 10
+    bar.update(250)  # 25 items/s, 750 left -> 30 s
+    assert out.getvalue().endswith(
+        "\rrestore [######..................]  25.0% 250/1000 25.0/s ETA 0:00:30"
+    )
+    clock.now += 0.05
+    bar.advance(10)  # within the redraw interval: no redraw
+    assert out.getvalue().count("\r") == 1
+    clock.now += 30
+    bar.update(1000)
+    bar.close()
+    text = out.getvalue()
+    assert text.endswith("100.0% 1000/1000 25.0/s ETA 0:00:00\n")
+    assert "\n" not in text[:-1], "a bar stays on one line"
+
+
+def test_real_pty_is_a_terminal() -> None:
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=True) as stream:
+            bar = Progress(4, label="restore", stream=stream, clock=Clock())
+            assert bar.tty
+            bar.update(2)
+            bar.close()
+        written = os.read(master, 4096).decode()
+    finally:
+        os.close(master)
+    assert written.startswith("\rrestore [") and "50.0% 2/4" in written
+
+
+def test_not_a_tty_logs_periodically(caplog: pytest.LogCaptureFixture) -> None:
+    clock, out = Clock(), io.StringIO()
+    caplog.set_level(logging.INFO, logger="connector.progress")
+    bar = Progress(100, label="restore", stream=out, log_every_secs=30, clock=clock)
+    for _ in range(100):
+        clock.now += 1
+        bar.advance(1)
+    bar.close()
+    assert out.getvalue() == "", "no bar drawn into a log"
+    records = [r for r in caplog.records if r.name == "connector.progress"]
+    # First update, then one line per 30 s of the 100 s run, then the final line.
+    assert [r.getMessage() for r in records] == ["Progress."] * 4 + ["Progress finished."]
+    assert [r.done for r in records] == [1, 31, 61, 91, 100]  # type: ignore[attr-defined]
+    last = records[-1]
+    assert (last.task, last.total, last.rate_per_sec, last.eta_secs) == ("restore", 100, 1.0, 0)  # type: ignore[attr-defined]
+
+
+def test_unknown_total_shows_count_and_rate() -> None:
+    clock, out = Clock(), TtyIO()
+    bar = Progress(None, label="recover", stream=out, clock=clock)
+    clock.now += 4
+    bar.update(8)
+    assert bar.line() == "recover 8 2.0/s"
+    assert bar.eta_secs() is None and bar.fraction() is None
+
+
+def test_recover_fraction() -> None:
+    end = "2026-01-01T00:00:00Z"
+    end_ms = iso_to_ms(end)
+    assert end_ms == 1767225600000
+    assert iso_to_ms("2026-01-01T00:00:00") == end_ms  # naive means UTC
+    first = end_ms - 100_000
+    assert recover_fraction(end, first, first) == 0.0
+    assert recover_fraction(end, first + 25_000, first) == 0.25
+    assert recover_fraction(end, end_ms + 5, first) == 1.0  # live ids are past the end
+    assert recover_fraction(end, first, end_ms) == 1.0  # empty span
+
+
+def test_recover_progress_shows_percent_and_eta() -> None:
+    clock, out = Clock(), TtyIO()
+    end_ms = iso_to_ms("2026-01-01T00:00:00Z")
+    rec = RecoverProgress("2026-01-01T00:00:00Z", stream=out, clock=clock)
+    rec.update(end_ms - 1000)
+    clock.now += 60
+    assert rec.update(end_ms - 500) == 0.5
+    assert out.getvalue().endswith("recover [############............]  50.0% ETA 0:01:00")
+    rec.close()
