@@ -7,10 +7,17 @@ kinds only. The endpoint is off by default (``metrics.enabled``).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+
+from . import __version__
 
 __all__ = [
     "REGISTRY",
+    "BUILD_INFO",
+    "RECOVER_PROGRESS",
     "CHECKPOINT_LAG",
     "CHECKPOINT_TIMESTAMP",
     "ERRORS",
@@ -55,9 +62,19 @@ CHECKPOINT_TIMESTAMP = Gauge(
 )
 CHECKPOINT_LAG = Gauge(
     "opencti_sync_checkpoint_lag_seconds",
-    "Now minus the time of the checkpointed event id.",
+    "Now minus the time of the checkpointed event id (0 before the first checkpoint).",
     registry=REGISTRY,
 )
+
+
+def _lag_now() -> float:
+    # Computed at scrape time: a value stored at the last save would freeze when the connector
+    # stalls, which is exactly when an alert on this gauge must fire.
+    ts = next(iter(CHECKPOINT_TIMESTAMP.collect())).samples[0].value
+    return max(0.0, time.time() - ts) if ts > 0 else 0.0
+
+
+CHECKPOINT_LAG.set_function(_lag_now)
 RETRIES = Counter(
     "opencti_sync_retries",
     "Retried operations, by stage and error kind.",
@@ -87,6 +104,13 @@ RESTORE_OBJECTS = Counter(
 RESTORE_PROGRESS = Gauge(
     "opencti_sync_restore_progress_ratio", "Restore progress, 0 to 1.", registry=REGISTRY
 )
+RECOVER_PROGRESS = Gauge(
+    "opencti_sync_recover_progress_ratio",
+    "First-run recovery progress, 0 to 1 (share of the time span up to the recover date).",
+    registry=REGISTRY,
+)
+BUILD_INFO = Info("opencti_sync_build", "Version of the running connector.", registry=REGISTRY)
+BUILD_INFO.info({"version": __version__})
 DELETIONS = Counter(
     "opencti_sync_retention_deleted_objects",
     "Archive objects deleted by retention, by kind.",
@@ -95,6 +119,13 @@ DELETIONS = Counter(
 )
 
 
-def serve(host: str, port: int) -> None:
-    """Expose the registry over HTTP in a daemon thread."""
-    start_http_server(port, addr=host, registry=REGISTRY)
+def serve(host: str, port: int) -> Callable[[], None]:
+    """Expose the registry over HTTP in a daemon thread; returns a function that stops it."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
