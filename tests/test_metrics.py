@@ -1,0 +1,229 @@
+"""Prometheus endpoint of the real connector, scraped over HTTP while it archives into S3 (moto)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from connector import metrics
+from connector.archive import ArchiveReader
+from connector.checkpoint import CheckpointStore
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.storage.s3 import S3Storage
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.s3 import REGION, make_bucket, moto_server  # noqa: F401
+
+TOKEN = "tok-METRICS-0f1e2d3c4b5a"
+S3_KEY_ID = "AKIAMETRICSKEYID0001"
+S3_SECRET = "s3secret-METRICS-9a8b7c6d5e4f"
+NAME = re.compile(r"^opencti_sync_[a-z0-9_]+$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    resp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return resp.text
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(name: str, **labels: str) -> float:
+    """In-process value before the run (the registry is shared by every test in the session)."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    store = SimStore()
+    generate(store, 60, seed=7, mix="creates")
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2, store=store).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server: str) -> dict[str, str]:  # noqa: F811
+    bucket = make_bucket(moto_server)
+    return {
+        "ARCHIVE_URI": f"s3://{bucket}/backup",
+        "S3_ENDPOINT_URL": moto_server,
+        "S3_REGION": REGION,
+        "S3_PATH_STYLE": "true",
+        "S3_ACCESS_KEY_ID": S3_KEY_ID,
+        "S3_SECRET_ACCESS_KEY": S3_SECRET,
+    }
+
+
+def _storage(env: dict[str, str]) -> S3Storage:
+    bucket, prefix = env["ARCHIVE_URI"][len("s3://") :].split("/", 1)
+    return S3Storage(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        region=REGION,
+        path_style=True,
+        access_key_id=S3_KEY_ID,
+        secret_access_key=S3_SECRET,
+    )
+
+
+def test_scrape_while_running(sim: SimServer, s3_env: dict[str, str]) -> None:
+    port = free_port()
+    env = base_env(
+        sim.url,
+        TOKEN,
+        "unused",
+        METRICS_ENABLED="true",
+        METRICS_HOST="127.0.0.1",
+        METRICS_PORT=str(port),
+        **s3_env,
+    )
+    storage = _storage(env)
+    kinds = ("create", "update", "delete", "merge")
+    before_written = {
+        k: value("opencti_sync_events_written_total", sink="archive", event=k) for k in kinds
+    }
+    before_segments = value("opencti_sync_segments_written_total")
+    before_quarantined = value("opencti_sync_quarantined_events_total")
+    before_reconnects = sum(
+        s.value
+        for fam in metrics.RECONNECTS.collect()
+        for s in fam.samples
+        if s.name.endswith("_total")
+    )
+
+    run = ConnectorThread(env).start()
+    try:
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="recovery")
+        ids = sorted(
+            o["id"] for o in sim.store.objects() if o["type"] in ("malware", "indicator", "tool")
+        )
+        sim.store.update(ids[0], set={"description": "edited"})
+        sim.store.delete(ids[1])
+        # A malformed event goes to quarantine and is counted.
+        httpx.post(
+            f"{sim.url}/control/inject",
+            json={"sse": "id: 9999999999999-0\nevent: update\ndata: {not json\n\n"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ).raise_for_status()
+        sim.store.update(ids[2], set={"description": "after the bad one"})
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live edits")
+        httpx.post(
+            f"{sim.url}/control/drop", headers={"Authorization": f"Bearer {TOKEN}"}
+        ).raise_for_status()
+        sim.store.update(ids[3], set={"description": "after the reconnect"})
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="reconnect")
+        text = scrape(port)
+    finally:
+        run.stop()
+    assert run.error is None, run.error
+
+    got = samples(text)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ours = {n: f for n, f in families.items() if n.startswith("opencti_sync_")}
+    for name, fam in ours.items():
+        assert NAME.match(name), name
+        assert fam.documentation, f"{name} has no HELP"
+        if fam.type == "counter":
+            assert not name.endswith("_total"), "the client library appends _total itself"
+        if "seconds" in name or "bytes" in name:
+            assert name.endswith(("_seconds", "_bytes")), f"{name}: unit is a suffix"
+    expected = {
+        "opencti_sync_events_received",
+        "opencti_sync_events_written",
+        "opencti_sync_segments_written",
+        "opencti_sync_segment_bytes",
+        "opencti_sync_checkpoint_lag_seconds",
+        "opencti_sync_checkpoint_timestamp_seconds",
+        "opencti_sync_quarantined_events",
+        "opencti_sync_retention_gaps",
+        "opencti_sync_reconnects",
+        "opencti_sync_retries",
+        "opencti_sync_errors",
+        "opencti_sync_restore_progress_ratio",
+        "opencti_sync_recover_progress_ratio",
+        "opencti_sync_build_info",
+    }
+    assert expected <= set(ours), expected - set(ours)
+
+    # Events written, by type, equal what the archive holds (deltas: the registry is shared).
+    archived = Counter(ev.event for ev in ArchiveReader(storage).events())
+    assert archived["update"] >= 3 and archived["delete"] == 1 and archived["create"] >= 40
+    for kind in kinds:
+        written = got.get(
+            ("opencti_sync_events_written_total", (("event", kind), ("sink", "archive"))), 0.0
+        )
+        assert written - before_written[kind] == archived[kind], kind
+        received = got.get(("opencti_sync_events_received_total", (("event", kind),)), 0.0)
+        assert received >= written, kind
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.last_event_id
+    segments = got[("opencti_sync_segments_written_total", ())] - before_segments
+    assert segments == cp.segments_written >= 2
+    assert got[("opencti_sync_quarantined_events_total", ())] - before_quarantined == 1
+    assert ("opencti_sync_retention_gaps_total", ()) in got
+    reconnects = sum(v for (n, _), v in got.items() if n == "opencti_sync_reconnects_total")
+    assert reconnects - before_reconnects >= 1
+    ts = got[("opencti_sync_checkpoint_timestamp_seconds", ())]
+    assert ts >= int(cp.last_event_id.split("-")[0]) / 1000 - 60
+    assert got[("opencti_sync_checkpoint_lag_seconds", ())] >= 0
+    assert got[("opencti_sync_build_info", (("version", metrics.__version__),))] == 1
+
+    # Nothing secret is exposed, not even a fragment of it.
+    for secret in (TOKEN, S3_KEY_ID, S3_SECRET):
+        assert secret not in text and secret[-10:] not in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="segment bytes not counted yet: WriteResult needs .bytes and the pipeline the inc()",
+)
+def test_segment_bytes_counted(sim: SimServer, s3_env: dict[str, str]) -> None:
+    port = free_port()
+    env = base_env(
+        sim.url, TOKEN, "unused", METRICS_ENABLED="true", METRICS_HOST="127.0.0.1",
+        METRICS_PORT=str(port), **s3_env,
+    )  # fmt: skip
+    storage = _storage(env)
+    before = value("opencti_sync_segment_bytes_total")
+    run = ConnectorThread(env).start()
+    try:
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="recovery")
+        text = scrape(port)
+    finally:
+        run.stop()
+    stored = sum(storage.size(key) for key in storage.list("events/") if not key.endswith("/"))
+    assert samples(text)[("opencti_sync_segment_bytes_total", ())] - before == stored > 0
+
+
+def test_lag_follows_the_clock_between_saves() -> None:
+    old = value("opencti_sync_checkpoint_timestamp_seconds")
+    try:
+        metrics.CHECKPOINT_TIMESTAMP.set(1_000_000.0)  # an event id from 1970: a huge lag
+        lag = value("opencti_sync_checkpoint_lag_seconds")
+        assert lag > 1_700_000_000
+        metrics.CHECKPOINT_TIMESTAMP.set(0)
+        assert value("opencti_sync_checkpoint_lag_seconds") == 0.0  # no checkpoint yet
+    finally:
+        metrics.CHECKPOINT_TIMESTAMP.set(old)
