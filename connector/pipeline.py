@@ -282,7 +282,7 @@ class Pipeline:
             assert self._complete_id is not None
             batch = Batch(
                 first_id=self._groups[0],
-                last_id=self._complete_id,
+                last_id=self._groups[n - 1],
                 events=events,
                 quarantined=self._quarantined,
                 size_bytes=sum(len(e.raw) for e in events),
@@ -302,8 +302,11 @@ class Pipeline:
         # Every sink said durable: now, and only now, the checkpoint may move.
         cp = self.checkpoint
         if events:
-            if self._saved_id is None or batch.last_id > self._saved_id:
-                cp.last_event_id = str(batch.last_id)
+            # Everything up to the completing id (a later event or a heartbeat) was received
+            # and is now durable, so the checkpoint may go past the batch's own last group.
+            done = max(batch.last_id, self._complete_id or batch.last_id)
+            if self._saved_id is None or done > self._saved_id:
+                cp.last_event_id = str(done)
             cp.last_segment_last_id = str(batch.last_id)
             self._segment_last = batch.last_id
         archived = self._archived_counts(batch)

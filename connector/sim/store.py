@@ -192,6 +192,7 @@ class SimStore:
         self._kinds: list[str] = []
         self._frames: list[bytes] = []
         self._head = 0
+        self.skipped_on_load = 0  # relationships/sightings refused by load_bundle (no endpoint)
         self._base = 0  # absolute index of list index 0
         self._last_ms = 0
         self._last_seq = -1
@@ -806,6 +807,16 @@ class SimStore:
             self._replace(u_iid, user, new)
 
     # ------------------------------------------------------------------ seeding
+    def _endpoints_known(self, stix: dict[str, Any]) -> bool:
+        kind = stix.get("type")
+        if kind == "relationship":
+            refs = [stix.get("source_ref"), stix.get("target_ref")]
+        elif kind == "sighting":
+            refs = [stix.get("sighting_of_ref"), *(stix.get("where_sighted_refs") or [])]
+        else:
+            return True
+        return all(isinstance(r, str) and r in self._alias for r in refs)
+
     def load_bundle(self, bundle: dict[str, Any] | list[dict[str, Any]]) -> int:
         """Seed objects as they are (timestamps kept), one ``create`` event each."""
         objs = bundle if isinstance(bundle, list) else list(bundle.get("objects") or [])
@@ -817,6 +828,11 @@ class SimStore:
         with self._lock:
             for raw in ordered:
                 stix = _copy(raw)
+                if not self._endpoints_known(stix):
+                    # The platform refuses a relationship or sighting whose endpoint does not
+                    # exist (MISSING_REFERENCE), so it never becomes part of the state.
+                    self.skipped_on_load += 1
+                    continue
                 if stix["id"] in self._alias:
                     self.upsert(stix)
                     count += 1

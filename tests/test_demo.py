@@ -1,0 +1,24 @@
+"""The README's demo command runs end to end and ends with a verified summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.connector import ROOT
+
+
+def test_demo_ends_verified(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "demo", "--dir", str(tmp_path / "demo-archive")],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Verified: nothing lost, nothing resurrected." in proc.stdout
+    assert "missing / extra / stale versions  0 / 0 / 0" in proc.stdout
+    assert (tmp_path / "demo-archive" / "checkpoint.json").is_file()
