@@ -66,10 +66,10 @@ def _version(stix: dict[str, Any]) -> str:
 
 
 def run_demo(directory: Path, *, keep: bool = False) -> int:
+    import logging
+
     from .restore import materialise
     from .verify import verify_archive
-
-    import logging
 
     directory = directory.absolute()
     if directory.exists() and not keep:
