@@ -1,0 +1,1 @@
+"""Benchmarks of opencti-sync (docs/PERFORMANCE.md); run with ``bench/run``."""
