@@ -265,20 +265,21 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
             f"this archive follows stream {cp.stream_id!r}, not {c.live_stream_id!r}: use another archive",
         )
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
+    source_config = SourceConfig(
+        url=settings.opencti.url,
+        token=settings.opencti.token,
+        stream_id=c.live_stream_id,
+        verify=verify,
+        listen_delete=c.live_stream_listen_delete,
+        no_dependencies=c.live_stream_no_dependencies,
+        with_inferences=c.live_stream_with_inferences,
+        read_timeout=c.read_timeout_secs,
+        backoff_initial=c.backoff_initial_secs,
+        backoff_max=c.backoff_max_secs,
+        retention_gap=c.retention_gap,
+    )
     source = SseSource(
-        SourceConfig(
-            url=settings.opencti.url,
-            token=settings.opencti.token,
-            stream_id=c.live_stream_id,
-            verify=verify,
-            listen_delete=c.live_stream_listen_delete,
-            no_dependencies=c.live_stream_no_dependencies,
-            with_inferences=c.live_stream_with_inferences,
-            read_timeout=c.read_timeout_secs,
-            backoff_initial=c.backoff_initial_secs,
-            backoff_max=c.backoff_max_secs,
-            retention_gap=c.retention_gap,
-        ),
+        source_config,
         resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
         start_from=f"{c.live_stream_start_timestamp}-0" if c.live_stream_start_timestamp else "0",
         recover_until=None if cp.recover_refused else cp.recover_until,
@@ -298,6 +299,7 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
         backoff_initial=c.backoff_initial_secs,
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
+        reconciler=_reconciler(runtime["archive"], source_config),
     )
     log.info(
         "Following the stream.",
@@ -319,6 +321,18 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )
     return 0
+
+
+def _reconciler(archive: Any, config: Any) -> Any:
+    """Delete reconciliation needs the archive's state to compare with the platform."""
+    if archive is None:
+        return None
+    from .reconcile import reconcile_deletes
+
+    def run(at: Any) -> Any:
+        return reconcile_deletes(archive, config, at=at)
+
+    return run
 
 
 def _start_jobs(settings: Settings, archive: Any) -> Any:

@@ -37,6 +37,13 @@ class BatchPolicy:
     max_age_secs: float = 10.0
 
 
+def _iso_id(text: str) -> EventId:
+    import datetime as dt
+
+    when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return EventId(int(when.timestamp() * 1000), 0)
+
+
 class ShutdownTimeout(ConnectorError):
     """The drain did not finish within the shutdown timeout; the checkpoint was not moved."""
 
@@ -125,6 +132,7 @@ class Pipeline:
         backoff_max: float = 60.0,
         shutdown_timeout: float = 30.0,
         on_batch: Callable[[Batch], None] | None = None,
+        reconciler: Callable[[EventId], list[StreamEvent]] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -136,6 +144,7 @@ class Pipeline:
         self.backoff_max = backoff_max
         self.shutdown_timeout = shutdown_timeout
         self.on_batch = on_batch
+        self.reconciler = reconciler
         self._pending: list[StreamEvent] = []
         self._groups: list[EventId] = []
         self._quarantined: list[Quarantined] = []
@@ -197,7 +206,8 @@ class Pipeline:
             self._complete_n = len(self._pending)
             self._complete_id = item.id
             if not self._pending and not self._quarantined:
-                self._advance_idle(item.id)
+                if not self._maybe_reconcile(item.id):
+                    self._advance_idle(item.id)
         elif isinstance(item, Quarantined):
             if self._oldest is None:
                 self._oldest = time.monotonic()
@@ -248,6 +258,56 @@ class Pipeline:
             metrics.ERRORS.labels(type(item.error).__name__).inc()
             self.stop.set()
             raise item.error
+
+    def _maybe_reconcile(self, at: EventId) -> bool:
+        """After a retention-gap repair has caught up, archive the deletes it could not see.
+
+        Runs at an idle position ``at`` (nothing pending, above every archived group), so the
+        synthetic delete events form a group of their own. Returns whether it wrote them.
+        """
+        rec = self.checkpoint.reconcile
+        if self.reconciler is None or not rec or not rec.get("due"):
+            return False
+        until = rec.get("repair_recover_until")
+        if until and at < _iso_id(str(until)):
+            return False  # the repair's recovery is still under way
+        try:
+            events = self.reconciler(at)
+        except ConnectorError as exc:
+            log.warning("Delete reconciliation failed; retrying later.", extra={"error": str(exc)})
+            return False
+        if events:
+            batch = Batch(
+                first_id=at,
+                last_id=at,
+                events=events,
+                after_id=self._segment_last,
+                size_bytes=sum(len(e.raw) for e in events),
+            )
+            write_with_retry(
+                self.sinks,
+                batch,
+                stop=self.stop,
+                initial=self.backoff_initial,
+                cap=self.backoff_max,
+                deadline=lambda: self._deadline,
+            )
+            archived = self._archived_counts(batch)
+            self.checkpoint.events_archived += archived[0]
+            self.checkpoint.segments_written += archived[1]
+            if archived[2]:
+                self.checkpoint.last_segment = archived[2]
+            self.checkpoint.last_segment_last_id = str(at)
+            self._segment_last = at
+        self.checkpoint.reconcile = {
+            **rec,
+            "due": False,
+            "done_at_event_id": str(at),
+            "deleted": len(events),
+        }
+        self.checkpoint.last_event_id = str(at)
+        self._save()
+        return True
 
     def _advance_idle(self, event_id: EventId) -> None:
         """A heartbeat with nothing pending: the checkpoint may follow the server's position."""

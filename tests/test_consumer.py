@@ -16,6 +16,7 @@ from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.errors import StreamGoneError
 from connector.events import EventId
+from connector.restore import materialise
 from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -282,21 +283,32 @@ def test_trimmed_retention_is_detected_and_repaired(sim: SimServer, tmp_path: Pa
     wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
     run.stop()
     # While the connector is down: edits, then the platform trims its stream past them.
+    generate(sim.store, 50, seed=10)
     victim = next(o for o in sim.store.objects() if o["type"] == "malware")
     sim.store.update(victim["id"], set={"description": "changed while down"})
-    generate(sim.store, 50, seed=10)
+    doomed = sorted(o["id"] for o in sim.store.objects() if o["type"] == "indicator")[0]
+    sim.store.delete(doomed)
+    generate(sim.store, 10, seed=11, mix="creates")
     sim.store.trim(5)
     run = ConnectorThread(env).start()
     wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="repair")
     run.stop()
     cp = CheckpointStore(storage).load()
     assert cp is not None and len(cp.retention_gaps) == 1
-    assert cp.reconcile and cp.reconcile["due"] is True
+    assert cp.reconcile
     latest = {}
     for ev in archived_events(archive):
         latest[ev.internal_id or ev.stix_id] = ev
     changed = [ev for ev in latest.values() if ev.stix.get("description") == "changed while down"]
     assert changed, "the recover re-snapshot must bring back what changed in the lost window"
+    # The delete in the lost window was reconciled: the archive's state equals the platform's.
+    assert cp.reconcile["due"] is False and cp.reconcile["deleted"] >= 1
+    state = materialise(storage, until=None, work_dir=tmp_path / "w")
+    archived = {sid for _k, sid, _e, _d in state.objects()}
+    tombstoned = {t.stix_id for t in state.tombstones()}
+    state.close()
+    assert archived == {o["id"] for o in sim.store.objects()}
+    assert doomed in tombstoned and doomed not in archived
 
 
 @pytest.mark.parametrize(
