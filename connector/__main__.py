@@ -515,7 +515,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     info = run_snapshot_job(
         archive, Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work"))
     )
-    print(f"snapshot: {info}" if info is not None else "snapshot: nothing new since the last one")
+    if info is None:
+        print("snapshot: nothing new since the last one")
+    else:
+        print(
+            f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} tombstones, "
+            f"{len(info.parts)} parts (based on {info.based_on or 'nothing'})"
+        )
     return 0
 
 
