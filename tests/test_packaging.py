@@ -164,6 +164,30 @@ def test_entrypoint_execs_the_connector() -> None:
     assert subprocess.run(["sh", "-n", str(ROOT / "entrypoint.sh")]).returncode == 0
 
 
+def test_compose_example() -> None:
+    import yaml
+
+    from connector.settings import iter_keys
+
+    doc = yaml.safe_load((ROOT / "docs" / "docker-compose.example.yml").read_text())
+    services = doc["services"]
+    assert {"opencti", "worker", "redis", "elasticsearch", "minio", "rabbitmq"} <= set(services)
+    for name, svc in services.items():
+        if "image" in svc:
+            assert re.search(r":\$\{[A-Z_]+:-[^}]+\}$", svc["image"]), f"{name}: tag as a variable"
+    sync = services["opencti-sync"]
+    env = dict(item.split("=", 1) for item in sync["environment"])
+    known = {k.env: k for k in iter_keys()}
+    assert set(env) <= set(known), set(env) - set(known)
+    for key, value in env.items():
+        if known[key].secret:
+            assert value.startswith("${"), f"{key}: secrets come from .env"
+    assert env["ARCHIVE_URI"].startswith("s3://") and env["S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["METRICS_ENABLED"] == "true"
+    assert sync["volumes"] == ["opencti-sync-state:/var/lib/opencti-sync"]
+    assert sync["build"] == ".." and (ROOT / "docs" / ".." / "Dockerfile").is_file()
+
+
 # -- the same install line and entrypoint, in a fresh venv ------------------------------------
 
 
