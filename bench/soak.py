@@ -1,0 +1,326 @@
+"""Soak test: a long backup under every fault at once, then restore and compare (issue 5).
+
+    python bench/soak.py                        # 200k events, 50 SIGKILLs, 1000 drops, S3 faults
+    python bench/soak.py --events 20000 --kills 5 --drops 100 --storage local   # a quick one
+
+What it does, all on 127.0.0.1:
+
+* an OpenCTI stream simulator whose store keeps producing creates, updates, merges and deletes
+  (``connector.sim.generator.generate``) until ``--events`` events exist;
+* the real connector (``python -m connector run``) following the raw stream into an S3 archive
+  (moto) through a fault-injecting proxy (10% 5xx, 2% connection resets, 1% slow answers), or a
+  local directory with ``--storage local``;
+* ``--kills`` times: the connector is SIGKILLed after a random 0.5-6 s and restarted;
+* the simulator cuts connections (half of them in the middle of a message) until the connector
+  has reconnected ``--drops`` times;
+* at the end: the last connector catches up and gets SIGTERM (must exit 0), the archive is
+  verified, compared event by event with the simulator's log, restored (``materialise``) and the
+  restored state compared with the simulator's own dump.
+
+Pass line: 0 events lost, 0 events archived twice, 0 duplicated / missing / differing objects in
+the restored state, verify OK. It prints a figures table (and ``--json`` writes them). Bounded:
+``--max-minutes`` stops the fault phase early (the figures say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from connector.archive import ArchiveReader  # noqa: E402
+from connector.restore import materialise  # noqa: E402
+from connector.sim.generator import generate  # noqa: E402
+from connector.sim.server import SimServer  # noqa: E402
+from connector.sim.store import SimStore  # noqa: E402
+from connector.storage import Storage  # noqa: E402
+from connector.storage.local import LocalStorage  # noqa: E402
+from connector.verify import verify_archive  # noqa: E402
+from tests.support.compare import state_diff  # noqa: E402
+from tests.support.connector import (  # noqa: E402
+    ConnectorProcess,
+    base_env,
+    caught_up,
+    raw_log,
+)
+
+TOKEN = "soak-token"
+__all__ = ["main"]
+
+
+def _s3(workdir: Path) -> tuple[Any, Any, dict[str, str], Storage]:
+    """moto + the fault proxy; returns (server, proxy, connector env, direct storage)."""
+    from moto.server import ThreadedMotoServer
+
+    from connector.storage.s3 import S3Storage
+    from tests.support.faultproxy import FaultProxy
+    from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket
+
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        }
+    )
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    bucket = make_bucket(endpoint, "soak")
+    proxy = FaultProxy(
+        endpoint, seed=5, error_rate_5xx=0.10, reset_rate=0.02, slow_rate=0.01, slow_secs=0.5
+    ).start()
+    env = {
+        "ARCHIVE_URI": f"s3://{bucket}/archive",
+        "S3_ENDPOINT_URL": proxy.url,
+        "S3_ACCESS_KEY_ID": ACCESS_KEY,
+        "S3_SECRET_ACCESS_KEY": SECRET_KEY,
+        "S3_REGION": REGION,
+        "S3_PATH_STYLE": "true",
+    }
+    direct = S3Storage(
+        bucket=bucket,
+        prefix="archive",
+        endpoint_url=endpoint,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        region=REGION,
+        path_style=True,
+    )
+    return moto, proxy, env, direct
+
+
+class LogWatch:
+    """Counts the connectors' reconnects (by reason) in their shared JSON log, incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.reasons: Counter[str] = Counter()
+        self.retries: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+
+    def poll(self) -> int:
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            if not line.startswith(b"{"):
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            msg = str(rec.get("message"))
+            self.messages[msg] += 1
+            if msg == "Stream reconnecting.":
+                self.reasons[str(rec.get("reason", "")).split(":")[0][:40]] += 1
+            elif msg == "Write failed; retrying.":
+                self.retries[str(rec.get("stage"))] += 1
+        return self.reconnects
+
+    @property
+    def reconnects(self) -> int:
+        return sum(self.reasons.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--kills", type=int, default=50)
+    p.add_argument("--drops", type=int, default=1000)
+    p.add_argument("--storage", choices=("s3", "local"), default="s3")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=25.0)
+    p.add_argument("--workdir", help="keep the archive and logs here (default: a temp dir)")
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="opencti-sync-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "connector.log"
+    log_path.unlink(missing_ok=True)
+    started = time.monotonic()
+    deadline = started + args.max_minutes * 60
+
+    store = SimStore()
+    initial = min(20_000, args.events // 10)
+    generate(store, initial, seed=args.seed)
+    sim = SimServer(token=TOKEN, store=store, heartbeat_secs=1.0).start()
+    moto = proxy = None
+    if args.storage == "s3":
+        moto, proxy, extra, storage = _s3(workdir)
+        env = base_env(sim.url, TOKEN, extra.pop("ARCHIVE_URI"), **extra)
+    else:
+        archive = workdir / "archive"
+        storage = LocalStorage(archive)
+        env = base_env(sim.url, TOKEN, str(archive))
+    env.update(
+        {
+            "CONNECTOR_LIVE_STREAM_ID": "raw",
+            "ARCHIVE_MAX_EVENTS": "5000",
+            "ARCHIVE_MAX_AGE_SECS": "1",
+            "CONNECTOR_BACKOFF_MAX_SECS": "2",
+            "CONNECTOR_LOG_LEVEL": "info",
+        }
+    )
+    watch = LogWatch(log_path)
+    stop = threading.Event()
+    produced = [store.event_count]
+
+    def producer() -> None:
+        chunk = 0
+        while store.event_count < args.events and not stop.is_set():
+            n = min(2000, args.events - store.event_count)
+            generate(store, n, seed=args.seed * 100_000 + chunk)
+            chunk += 1
+            produced[0] = store.event_count
+            # Spread production over the fault phase (about 1,000 events/s).
+            stop.wait(max(0.0, n / 1000 - 0.5))
+
+    armed = [0, 0]  # drop faults armed, of which mid-message
+
+    def dropper() -> None:
+        while not stop.is_set() and watch.poll() < args.drops:
+            mid = rng.random() < 0.5
+            # Arm a cut for the next connection, then cut the current one: two drops a round
+            # when the stream has enough to send (the armed one in the middle of a message
+            # half of the time).
+            sim.set_fault(drop_after_events=rng.randint(1, 400), mid_message=mid, drop_times=1)
+            sim.drop_connections()
+            armed[0] += 1
+            armed[1] += int(mid)
+            stop.wait(rng.uniform(0.1, 0.5))
+        sim.set_fault(drop_after_events=None, mid_message=None, drop_times=None)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (producer, dropper)]
+    for t in threads:
+        t.start()
+    kills = 0
+    proc = ConnectorProcess(env, log_path)
+    while kills < args.kills and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.5, 6.0))
+        proc.kill()
+        kills += 1
+        proc = ConnectorProcess(env, log_path)
+        print(
+            f"[{time.monotonic() - started:6.0f}s] kills {kills}/{args.kills}  events "
+            f"{produced[0]}/{args.events}  reconnects {watch.poll()}/{args.drops}",
+            flush=True,
+        )
+    # Let production and the drops finish (bounded by the deadline).
+    while time.monotonic() < deadline and (
+        store.event_count < args.events or watch.poll() < args.drops
+    ):
+        time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    sim.set_fault(drop_after_events=None, mid_message=None, drop_times=None)
+    fault_phase = time.monotonic() - started
+    if proxy is not None:
+        proxy_stats = dict(proxy.stats)
+        proxy.clear()  # the final catch-up and the checks run without storage faults
+    else:
+        proxy_stats = {}
+    last = store.last_event_id or "0-0"
+    t0 = time.monotonic()
+    while not caught_up(storage, last):
+        if time.monotonic() - t0 > 900:
+            print("final catch-up timed out", flush=True)
+            break
+        time.sleep(0.5)
+    catch_up = time.monotonic() - t0
+    rc = proc.terminate(timeout=120)
+    watch.poll()
+
+    # -- checks ------------------------------------------------------------------------------
+    expected = [(i, e) for i, e, _ in raw_log(sim.url, TOKEN)]
+    archived = [(ev.id_text, ev.event) for ev in ArchiveReader(storage).events()]
+    sim.stop()
+    distinct = [a for i, a in enumerate(archived) if i == 0 or a != archived[i - 1]]
+    exp_set, got_set = set(expected), set(archived)
+    lost = len(exp_set - got_set)
+    twice = len(archived) - len(got_set)
+    order_ok = distinct == expected
+    report = verify_archive(storage, work_dir=workdir / "verify")
+    t0 = time.monotonic()
+    state = materialise(storage, until=None, work_dir=workdir / "restore")
+    objects = [obj for _, _, _, obj in state.objects()]
+    state.close()
+    restore_secs = time.monotonic() - t0
+    dump = store.dump_bundle()
+    diff = state_diff(dump, {"objects": objects}, limit=10)
+    ids = [o["id"] for o in objects]
+    duplicated = len(ids) - len(set(ids))
+    if moto is not None:
+        moto.stop()
+    if proxy is not None:
+        proxy.stop()
+    ok = lost == 0 and twice == 0 and order_ok and report.ok and not diff and duplicated == 0
+    ok = ok and rc == 0
+    figures: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, "
+        f"Python {platform.python_version()}",
+        "command": " ".join(["python", "bench/soak.py", *(argv or sys.argv[1:])]),
+        "storage": args.storage,
+        "events_produced": len(expected),
+        "mix": dict(Counter(e for _, e in expected)),
+        "sigkills": kills,
+        "reconnects": watch.reconnects,
+        "reconnect_reasons": dict(watch.reasons),
+        "drop_faults_armed": armed[0],
+        "drop_faults_mid_message": armed[1],
+        "storage_faults_injected": {k: v for k, v in proxy_stats.items() if k != "forwarded"},
+        "storage_retries_logged": dict(watch.retries),
+        "fault_phase_secs": round(fault_phase, 1),
+        "final_catch_up_secs": round(catch_up, 1),
+        "sigterm_exit_code": rc,
+        "events_archived": len(archived),
+        "events_lost": lost,
+        "events_archived_twice": twice,
+        "order_exact": order_ok,
+        "segments": report.segments,
+        "verify_errors": report.error_count,
+        "restore_secs": round(restore_secs, 1),
+        "objects_platform": len(dump["objects"]),
+        "objects_restored": len(objects),
+        "objects_duplicated": duplicated,
+        "state_differences": diff,
+        "result": "PASS" if ok else "FAIL",
+        "workdir": str(workdir),
+    }
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The benchmark at a tiny size, so bench/ never rots (no timed assertions: numbers only > 0)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METRICS = {
+    "backup_local_vs_raw_read",
+    "backup_local_vs_pycti",
+    "backup_s3_vs_raw_read",
+    "sse_parse_ceiling_vs_raw_read",
+    "restore_plan_no_snapshot",
+    "restore_plan_snapshot_speedup",
+    "restore_push",
+    "rss_run",
+    "rss_restore",
+    "resume_to_first_event",
+    "lag_p50",
+    "lag_p99",
+}
+
+
+def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    args = ["--events", "2000", "--small", "1000", "--pycti-events", "300", "--push-events"]
+    args += ["200", "--resume-new", "100", "--lag-secs", "1", "--lag-rate", "200"]
+    args += ["--rotation-age", "0.3", "--work", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(
+        [str(ROOT / "bench" / "run"), *args], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = orjson.loads(out.read_bytes())
+    assert set(result["metrics"]) == METRICS
+    for name, row in result["metrics"].items():
+        assert isinstance(row["ours"], int | float) and row["ours"] > 0, name
+        if row["baseline"] is not None:
+            assert row["baseline"] > 0 and row["ratio"] > 0, name
+    assert result["details"]["local"]["events"] == 2000
+    assert result["details"]["pycti"]["events"] == 300
+    assert result["machine"]["nproc"] >= 1
+    assert "backup_local_vs_raw_read" in done.stdout  # the printed table
