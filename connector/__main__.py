@@ -243,10 +243,11 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
     c = settings.connector
     runtime = build_runtime(settings)
     _check_sinks(runtime["sinks"], stop, settings)
+    stop_metrics = None
     if settings.metrics.enabled:
         from .metrics import serve
 
-        serve(settings.metrics.host, settings.metrics.port)
+        stop_metrics = serve(settings.metrics.host, settings.metrics.port)
     store = runtime["store"]
     cp = store.load()
     source_url = settings.opencti.url.rstrip("/")
@@ -300,6 +301,7 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
         reconciler=_reconciler(runtime["archive"], source_config),
+        on_batch=_recover_progress(cp.recover_until),
     )
     log.info(
         "Following the stream.",
@@ -317,10 +319,30 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
             jobs.shutdown()
         for sink in runtime["sinks"]:
             sink.close()
+        if stop_metrics is not None:
+            stop_metrics()
     log.info(
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )
     return 0
+
+
+def _recover_progress(recover_until: str | None) -> Any:
+    """While recovering, the recover_progress gauge (and a bar on a terminal) follows batches."""
+    if not recover_until:
+        return None
+    from . import metrics
+    from .progress import RecoverProgress
+
+    progress = RecoverProgress(recover_until)
+
+    def on_batch(batch: Any) -> None:
+        fraction = progress.update(batch.last_id.ms)
+        metrics.RECOVER_PROGRESS.set(fraction)
+        if fraction >= 1.0:
+            progress.close()
+
+    return on_batch
 
 
 def _reconciler(archive: Any, config: Any) -> Any:
@@ -368,6 +390,7 @@ def _install_signals(stop: threading.Event) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import datetime as dt
     import time
 
     import orjson
@@ -415,14 +438,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "archive_last_event_id": last,
             }
         )
-        try:
-            from .snapshot import list_snapshots
+        from .retention import RetentionPolicy, window_start
+        from .snapshot import list_snapshots
 
-            snaps = list_snapshots(runtime["archive"])
-            info["snapshots"] = len(snaps)
-            info["last_snapshot"] = str(snaps[-1].as_of) if snaps else None
-        except ImportError:
-            pass
+        snaps = list_snapshots(runtime["archive"])
+        info["snapshots"] = len(snaps)
+        info["last_snapshot"] = str(snaps[-1].as_of) if snaps else None
+        r = settings.retention
+        info["retention_keep_days"] = r.keep_days
+        info["retention_keep_snapshots"] = r.keep_snapshots
+        info["retention_window_start"] = (
+            str(window_start(RetentionPolicy(r.keep_days, r.keep_snapshots), dt.datetime.now(dt.UTC)))
+            if r.keep_days > 0
+            else None
+        )
+        oldest = [x for x in (first, str(snaps[0].as_of) if snaps else None) if x]
+        info["restorable_from"] = min(oldest, key=EventId.parse) if oldest else None
     if args.json:
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
     else:

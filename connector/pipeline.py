@@ -197,6 +197,7 @@ class Pipeline:
 
     def _handle(self, item: Item) -> None:
         if isinstance(item, Sourced):
+            metrics.EVENTS_RECEIVED.labels(item.event.event).inc()
             if self._oldest is None:
                 self._oldest = time.monotonic()
             self._pending.append(item.event)
@@ -378,7 +379,6 @@ class Pipeline:
         self._save()
         counts = Counter(e.event for e in events)
         for name, count in counts.items():
-            metrics.EVENTS_RECEIVED.labels(name).inc(count)
             for sink in self.sinks:
                 metrics.EVENTS_WRITTEN.labels(sink.name, name).inc(count)
         self.batches += 1
@@ -406,6 +406,7 @@ class Pipeline:
             result = getattr(sink, "last", None)
             if result is not None and sink.name == "archive":
                 metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
+                metrics.SEGMENT_BYTES.inc(result.bytes)
                 return (
                     result.events,
                     len(result.segments),

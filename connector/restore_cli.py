@@ -77,7 +77,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
             settings, args.opencti, token, source_url=cp.source_url if cp else None, force=args.force
         )
         apply_deletes = True if args.apply_deletes is None else bool(args.apply_deletes)
-        progress = None if args.dry_run else TextProgress("restore", stream=sys.stderr)
+        progress = None if args.dry_run else _MeteredProgress(TextProgress("restore", stream=sys.stderr))
         try:
             report = restore_to_target(
                 state,
@@ -93,6 +93,22 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         state.close()
+
+
+class _MeteredProgress:
+    """The terminal bar / log lines, plus the restore_progress_ratio gauge."""
+
+    def __init__(self, inner: TextProgress) -> None:
+        self.inner = inner
+
+    def update(self, done: int, total: int) -> None:
+        from . import metrics
+
+        metrics.RESTORE_PROGRESS.set(done / total if total else 1.0)
+        self.inner.update(done, total)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _summary(report: Any) -> dict[str, Any]:

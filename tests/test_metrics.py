@@ -195,10 +195,6 @@ def test_scrape_while_running(sim: SimServer, s3_env: dict[str, str]) -> None:
         assert secret not in text and secret[-10:] not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="segment bytes not counted yet: WriteResult needs .bytes and the pipeline the inc()",
-)
 def test_segment_bytes_counted(sim: SimServer, s3_env: dict[str, str]) -> None:
     port = free_port()
     env = base_env(

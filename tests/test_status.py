@@ -111,7 +111,6 @@ def test_status_of_an_empty_archive(tmp_path: Path) -> None:
     assert info["archive_segments"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="status does not report the retention window yet")
 def test_status_reports_the_retention_window(archive: Path) -> None:
     info = status_json(archive, RETENTION_KEEP_DAYS="30", RETENTION_KEEP_SNAPSHOTS="2")
     assert info["retention_keep_days"] == 30

@@ -27,6 +27,7 @@ class WriteResult:
 
     def __init__(self) -> None:
         self.events = 0
+        self.bytes = 0
         self.segments: list[str] = []
         self.quarantined = 0
         self.skipped = 0
@@ -73,6 +74,7 @@ class ArchiveSink:
             if written:
                 self.storage.put_if_absent(manifest_key(first), manifest.to_json())
                 result.events += len(events)
+                result.bytes += len(body)
                 result.segments.append(key)
                 break
             # The key exists: an earlier run wrote these groups before it could checkpoint.
