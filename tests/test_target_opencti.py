@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
+from httpx_sse import connect_sse
 
 from connector.errors import PermanentError, RetryableError
-from connector.events import StreamEvent
+from connector.events import EventId, StreamEvent, octi_ext
 from connector.sim import sample_bundle
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
@@ -174,6 +176,82 @@ def test_merge_with_sources_unknown_to_target_does_not_resurrect(platform_b: Sim
     sync_state = platform_b.store.dump_bundle()
     assert [o["id"] for o in sync_state["objects"]] == [target]
     assert_same_state(a.dump_bundle(), sync_state)
+
+
+def _uses(source: str, target: str) -> dict[str, Any]:
+    return {
+        "type": "relationship",
+        "spec_version": "2.1",
+        "id": f"relationship--{uuid.uuid5(uuid.NAMESPACE_DNS, source + target)}",
+        "created": "2024-01-01T00:00:00.000Z",
+        "modified": "2024-01-01T00:00:00.000Z",
+        "relationship_type": "uses",
+        "source_ref": source,
+        "target_ref": target,
+    }
+
+
+def live_events(sim: SimServer, after: str) -> list[StreamEvent]:
+    """A's ``/stream/live`` from ``after`` to its last event, dependencies resolved by the server."""
+    last = EventId.parse(str(sim.store.last_event_id))
+    out: list[StreamEvent] = []
+    headers = {"Authorization": f"Bearer {sim.token}"}
+    with (
+        httpx.Client(timeout=30) as client,
+        connect_sse(
+            client, "GET", f"{sim.url}/stream/live", params={"from": after}, headers=headers
+        ) as source,
+    ):
+        for sse in source.iter_sse():
+            if sse.event in ("create", "update", "merge", "delete"):
+                out.append(StreamEvent.from_sse(sse.id, sse.event, sse.data))
+            if sse.id and EventId.is_valid(sse.id) and EventId.parse(sse.id) >= last:
+                if sse.event == "heartbeat" or out[-1].event == "merge":
+                    return out
+    return out
+
+
+def test_merge_into_target_created_in_the_same_batch(platform_b: SimServer) -> None:
+    """The target is new in the batch that merges an older source with relationships into it.
+
+    The stream loads dependencies when it sends them (§5.2): read after the merge, an earlier
+    event brings the target already merged, with the source's id among its aliases, while B
+    still has the source. Upserting that must not turn B's source into the target.
+    """
+    with SimServer(token="source-token", heartbeat_secs=0.2) as sim_a:
+        a = sim_a.store
+        for name in ("Old source", "Tool one", "Doomed"):
+            a.upsert(_malware(name))
+        source, tool1, tool2 = (_malware(n)["id"] for n in ("Old source", "Tool one", "Tool two"))
+        a.upsert(_uses(source, tool1))
+        sync = Sync(a, platform_b, make_target(platform_b.url))
+        sync.step()
+        mark = str(a.last_event_id)
+        a.upsert(_malware("Tool two"))
+        a.upsert(_uses(source, tool2))
+        a.delete(_malware("Doomed")["id"])
+        a.upsert(_malware("New target", created="2026-01-01T00:00:00.000Z"))
+        target = _malware("New target")["id"]
+        a.merge(target, [source])
+        events = live_events(sim_a, mark)
+        # The pattern: the merged target (aliases include the source) arrives before the merge.
+        early = next(e for e in events if e.stix_id == target)
+        assert source in (octi_ext(early.stix).get("stix_ids") or [])
+        assert events.index(early) < [e.event for e in events].index("merge")
+        sync.target.write(batch_of(events))
+        sync.assert_converged()
+        on_b = sync.b.store.get(target)
+        assert on_b is not None and on_b["created"] == "2026-01-01T00:00:00.000Z"
+        assert sync.b.store.get(source) == on_b  # the source is an alias of the target
+        for tool in (tool1, tool2):
+            rel = sync.b.store.get(_uses(source, tool)["id"])
+            assert rel is not None and rel["source_ref"] == target
+        # Delivered again (at-least-once): nothing changes on B.
+        before = sync.b.store.event_count
+        sync.target.write(batch_of(events))
+        assert sync.b.store.event_count == before
+        sync.assert_converged()
+        sync.target.close()
 
 
 def test_deletes_and_unknown_deletes(sync: Sync) -> None:

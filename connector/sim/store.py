@@ -550,6 +550,7 @@ class SimStore:
         if not isinstance(sid, str) or "--" not in sid:
             raise ValueError("STIX object without a valid id")
         with self._lock:
+            self._canonical_refs(incoming)
             iid = self._alias.get(previous_standard) if previous_standard else None
             candidates = [sid, *(_ext(incoming).get("stix_ids") or [])]
             for ref in candidates:
@@ -570,6 +571,24 @@ class SimStore:
                     return None  # stale-update protection (isOutdatedUpdate)
             new = self._merged(old, incoming, synchronized)
             return self._commit_update(iid, old, new, origin, event_id)
+
+    def _canonical_refs(self, stix: dict[str, Any]) -> None:
+        """Refs name entities: one given by an alias (a merged source, an old standard id) is
+        stored as the entity itself, as the platform stores refs as relations to internal ids
+        and exports them with the entity's current standard id."""
+
+        def current(ref: Any) -> Any:
+            iid = self._alias.get(ref) if isinstance(ref, str) else None
+            obj = self._objects.get(iid) if iid else None
+            return obj["id"] if obj is not None else ref
+
+        for key, value in list(stix.items()):
+            if key.endswith("_ref"):
+                stix[key] = current(value)
+            elif key.endswith("_refs") and isinstance(value, list):
+                refs = [current(v) for v in value]
+                # Deduplicated only when re-pointed, like the merge's own re-pointing.
+                stix[key] = list(dict.fromkeys(refs)) if refs != value else refs
 
     def _merged(
         self, old: dict[str, Any], inc: dict[str, Any], synchronized: bool

@@ -116,17 +116,42 @@ def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
     return out
 
 
-def _without_aliases(stix: dict[str, Any], sources: list[Any]) -> dict[str, Any]:
-    """The merge target without the sources' ids among its aliases.
+def _merge_sources(ev: StreamEvent) -> list[dict[str, Any]]:
+    context = ev.envelope.get("context")
+    sources = context.get("sources") if isinstance(context, dict) else None
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
 
-    Upserting it with those aliases would make the platform resolve it to the (still existing)
-    sources as well: an ambiguous match. This version only makes sure the target exists.
-    """
-    dropped: set[str] = set()
+
+def _source_ids(sources: list[dict[str, Any]]) -> set[str]:
+    """Every id the merge sources answer to (standard ids and their own aliases)."""
+    ids: set[str] = set()
     for src in sources:
-        if isinstance(src, dict):
-            dropped.add(str(src.get("id")))
-            dropped.update(str(i) for i in octi_ext(src).get("stix_ids") or [])
+        ids.add(str(src.get("id")))
+        ids.update(str(i) for i in octi_ext(src).get("stix_ids") or [])
+    return ids
+
+
+def _pending_merge_sources(events: list[StreamEvent]) -> list[set[str]]:
+    """For each event, the ids of the sources of the merges that come after it in ``events``."""
+    out: list[set[str]] = [set() for _ in events]
+    pending: set[str] = set()
+    for index in range(len(events) - 1, -1, -1):
+        out[index] = pending
+        if events[index].event == "merge":
+            pending = pending | _source_ids(_merge_sources(events[index]))
+    return out
+
+
+def _without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
+    """``stix`` without the ``dropped`` ids among its aliases.
+
+    The platform resolves an upsert by every input id, aliases included. A merge target carries
+    its sources' ids as aliases, and the stream can deliver it that way *before* the merge event:
+    the merge event's own data, and dependency re-sends, which are loaded at send time and so
+    show the merged state. While a source still exists on the target platform, upserting with
+    its id resolves to the source (renaming it into the target, after which the merge finds
+    nothing to do) or to several entities at once. The ids come back with the merge itself.
+    """
     aliases = octi_ext(stix).get("stix_ids")
     if not isinstance(aliases, list) or not dropped.intersection(aliases):
         return stix
@@ -151,9 +176,12 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
     position of its first appearance so references still come after their targets). Deletes
     share a push with adjacent deletes only. A merge is three pushes: upsert the target (it may
     be unknown here), merge the sources into it, upsert it again so its content is the source's
-    final one (the first upsert leaves out the sources' ids, see ``_without_aliases``). An
-    id-changing update starts a new push so the old id is there to be found.
+    final one. Until a merge is applied, no upsert carries its sources' ids as aliases (see
+    ``_without_aliases``). An id-changing update starts a new push so the old id is there to
+    be found.
     """
+    events = list(events)
+    pending = _pending_merge_sources(events)
     pushes: list[Push] = []
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
@@ -172,10 +200,11 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
             deletes.clear()
             delete_ids.clear()
 
-    for ev in events:
+    for ev, later_sources in zip(events, pending, strict=True):
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
+            stix = _without_aliases(stix, later_sources)
             prev = previous_standard(ev) if ev.event == "update" else None
             if prev is not None:
                 flush_upserts()
@@ -193,19 +222,17 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
         elif ev.event == "merge":
             flush_upserts()
             flush_deletes()
-            context = ev.envelope.get("context")
-            sources = context.get("sources", []) if isinstance(context, dict) else []
-            source_ids = [
-                s["id"] for s in sources if isinstance(s, dict) and isinstance(s.get("id"), str)
-            ]
+            sources = _merge_sources(ev)
+            source_ids = [s["id"] for s in sources if isinstance(s.get("id"), str)]
             ids = [ev.id_text]
-            pushes.append(Push("upsert", [_without_aliases(stix, sources)], ids))
+            dropped = _source_ids(sources) | later_sources
+            pushes.append(Push("upsert", [_without_aliases(stix, dropped)], ids))
             if source_ids:
                 merge = _operation(
                     stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=source_ids
                 )
                 pushes.append(Push("merge", [merge], ids))
-                pushes.append(Push("upsert", [stix], ids))
+                pushes.append(Push("upsert", [_without_aliases(stix, later_sources)], ids))
     flush_upserts()
     flush_deletes()
     return pushes
