@@ -131,7 +131,7 @@ def test_restore_dry_run_to_bundle_and_refusals(platforms: tuple[SimServer, SimS
     # Restoring into the archive's own source platform is refused unless forced.
     same = _cli("restore", "--archive", archive, "--opencti", a.url, "--token", TOKEN_A,
                 "--work-dir", str(tmp_path / "w2"))
-    assert same.returncode != 0 and "same platform" in (same.stdout + same.stderr).lower()
+    assert same.returncode != 0 and "into itself" in (same.stdout + same.stderr)
     # A bundle of the state, for inspection or other tools.
     out = tmp_path / "state.json"
     proc = _cli("restore", "--archive", archive, "--to-bundle", str(out), "--work-dir", str(tmp_path / "w3"))
