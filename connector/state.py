@@ -176,6 +176,12 @@ def _previous_standard(ev: StreamEvent) -> str | None:
     return None
 
 
+def _other_entity(blob: bytes, iid: str) -> bool:
+    """Whether the stored object ``blob`` names an internal id other than ``iid``."""
+    own = octi_ext(_loads(blob)).get("id")
+    return isinstance(own, str) and bool(own) and own != iid
+
+
 def _loads(blob: bytes) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads(blob)
     return data
@@ -252,16 +258,22 @@ class StateStore:
         # The group id is the running maximum: a recovery event with a lower id stays in its group.
         self._set_as_of(ev.id)
 
-    def _resolve(self, refs: Iterable[str | None]) -> str | None:
-        """The key of the live object known under the first of ``refs`` that resolves."""
+    def _resolve(self, refs: Iterable[str | None], *, iid: str | None = None) -> str | None:
+        """The key of the live object known under the first of ``refs`` that resolves.
+
+        With ``iid``, an object that carries another internal id is skipped: it is a different
+        entity on the platform, even when the incoming object already lists its ids (the merge
+        target sent as a dependency just before its merge event).
+        """
         for ref in refs:
             if not ref:
                 continue
             row = self._db.execute(
-                "SELECT o.key FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?",
+                "SELECT o.key, o.data FROM aliases a JOIN objects o ON o.key = a.key"
+                " WHERE a.alias = ?",
                 (ref,),
             ).fetchone()
-            if row:
+            if row and (iid is None or row[0] == iid or not _other_entity(row[1], iid)):
                 return str(row[0])
         return None
 
@@ -294,8 +306,13 @@ class StateStore:
         )
         iid = octi_ext(stix).get("id")
         aliases = {key, *_ids_of(stix), *([iid] if isinstance(iid, str) and iid else [])}
+        # Never take an alias from another live object: the platform keeps both entities until
+        # a merge, which hands the sources' ids over explicitly (see _merge).
         db.executemany(
-            "INSERT OR REPLACE INTO aliases (alias, key) VALUES (?, ?)", [(a, key) for a in aliases]
+            "INSERT INTO aliases (alias, key) VALUES (?, ?) ON CONFLICT (alias) DO UPDATE"
+            " SET key = excluded.key"
+            " WHERE NOT EXISTS (SELECT 1 FROM objects o WHERE o.key = aliases.key)",
+            [(a, key) for a in aliases],
         )
         db.executemany(
             "INSERT OR IGNORE INTO refs (ref, key) VALUES (?, ?)",
@@ -337,7 +354,7 @@ class StateStore:
         iid = iid if isinstance(iid, str) and iid else None
         key = iid if iid and self._version(iid) is not None else None
         if key is None:
-            key = self._resolve([iid, stix_id, previous, *_ids_of(stix)[1:]])
+            key = self._resolve([iid, stix_id, previous, *_ids_of(stix)[1:]], iid=iid)
         old = self._load(key) if key else None
         if old is not None and guard:
             stored, incoming = self._version(old.key) or "", _version_of(stix)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
@@ -280,6 +281,33 @@ def test_version_guard_and_update_first(tmp_path: Path) -> None:
         obj = state.get(SPELEVO)
         assert obj is not None and obj["description"] == "v3"
         assert state.counts() == {"objects": 1, "tombstones": 0}
+
+
+def test_merge_target_sent_early_keeps_the_sources_apart(tmp_path: Path) -> None:
+    """The live stream sends the merged target (its stix_ids naming the sources) as a
+    dependency before the merge event: until the merge, the sources stay separate objects."""
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    events, pos = sim_events(store)
+    store.merge(SPELEVO, [PARADISE])
+    merge = sim_events(store, pos)[0][-1]
+    assert merge.event == "merge"
+    early = StreamEvent.from_sse(
+        f"{merge.id.ms}-{merge.id.seq}",
+        "create",
+        orjson.dumps(
+            {"data": store.get(SPELEVO), "origin": {"referer": "init-dependencies"}, "version": "4"}
+        ).decode(),
+    )
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([*events, early])
+        source = state.get(PARADISE)
+        assert source is not None and source["id"] == PARADISE  # not stolen by the target
+        assert state.get(SPELEVO) is not None
+        state.apply(merge)
+        target = state.get(PARADISE)
+        assert target is not None and target["id"] == SPELEVO
+        assert_equal_objects(state_objects(state), sim_objects(store))
 
 
 def test_state_persists_and_rolls_back(tmp_path: Path) -> None:
