@@ -37,7 +37,9 @@ def _say(text: str) -> None:
 
 def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it until it exits
-    return subprocess.Popen([sys.executable, "-m", "connector", "run"], env=env, stdout=log, stderr=log)
+    return subprocess.Popen(
+        [sys.executable, "-m", "connector", "run"], env=env, stdout=log, stderr=log
+    )
 
 
 def _checkpoint(storage: LocalStorage) -> EventId | None:
@@ -48,7 +50,9 @@ def _checkpoint(storage: LocalStorage) -> EventId | None:
     return EventId.parse(cp.last_event_id) if cp and cp.last_event_id else None
 
 
-def _wait_caught_up(storage: LocalStorage, last: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+def _wait_caught_up(
+    storage: LocalStorage, last: str, proc: subprocess.Popen[bytes], timeout: float = 180
+) -> None:
     target = EventId.parse(last)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,7 +89,11 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         objects = [o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]]
         seeded = sim.store.load_bundle(objects)
         _say(f"1. Simulator at {sim.url}, seeded with {seeded} real OpenCTI sample objects.")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCTI_", "CONNECTOR_", "ARCHIVE_", "S3_", "TARGET_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("OPENCTI_", "CONNECTOR_", "ARCHIVE_", "S3_", "TARGET_"))
+        }
         env.update(
             {
                 "OPENCTI_URL": sim.url,
@@ -110,15 +118,26 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         indicators = sorted(o["id"] for o in objs if o["type"] == "indicator")
         store.update(malware[0], set={"description": "Updated live during the demo."})
         renamed = store.update(
-            malware[1], set={"name": "Renamed during the demo"}, new_id="malware--0d3a5f1e-2c4b-4d6e-8f90-1a2b3c4d5e6f"
+            malware[1],
+            set={"name": "Renamed during the demo"},
+            new_id="malware--0d3a5f1e-2c4b-4d6e-8f90-1a2b3c4d5e6f",
         )
         merged_away = sets[1:3]
         store.merge(sets[0], merged_away)
         store.delete(indicators[0])
-        store.create({"type": "report", "id": "report--5a1c3e7b-9d2f-4b6a-8c0e-1f3a5b7d9e2c", "spec_version": "2.1",
-                      "name": "Demo live report", "published": "2026-11-27T00:00:00.000Z",
-                      "object_refs": [malware[0], sets[0]]})
-        _say("3. Live edits: an update, a standard-id change, a merge of 2 intrusion sets, a delete, a new report.")
+        store.create(
+            {
+                "type": "report",
+                "id": "report--5a1c3e7b-9d2f-4b6a-8c0e-1f3a5b7d9e2c",
+                "spec_version": "2.1",
+                "name": "Demo live report",
+                "published": "2026-11-27T00:00:00.000Z",
+                "object_refs": [malware[0], sets[0]],
+            }
+        )
+        _say(
+            "3. Live edits: an update, a standard-id change, a merge of 2 intrusion sets, a delete, a new report."
+        )
 
         generate(store, 3000, seed=42)
         time.sleep(0.5)
@@ -142,10 +161,22 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         gone_ok = set(merged_away) <= tombstoned and indicators[0] in tombstoned
         # The burst may later merge or delete the renamed object: compare with the platform.
         new_id = "malware--0d3a5f1e-2c4b-4d6e-8f90-1a2b3c4d5e6f"
-        id_change_ok = bool(renamed) and (new_id in archived) == (new_id in expected) and malware[1] not in archived
+        id_change_ok = (
+            bool(renamed)
+            and (new_id in archived) == (new_id in expected)
+            and malware[1] not in archived
+        )
         report = verify_archive(storage, work_dir=work)
         checkpoint = CheckpointStore(storage).load()
-        ok = not missing and not extra and not stale and gone_ok and id_change_ok and bool(report.ok) and rc == 0
+        ok = (
+            not missing
+            and not extra
+            and not stale
+            and gone_ok
+            and id_change_ok
+            and bool(report.ok)
+            and rc == 0
+        )
         _say("5. Checked the archive against the simulator:")
         rows = [
             ("objects on the platform", len(expected)),
@@ -163,7 +194,9 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
             _say(f"   {name:<{width}}  {value}")
         state.close()
         if ok:
-            _say(f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})")
+            _say(
+                f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})"
+            )
             return 0
         _say(f"FAILED: see {log_path}; missing={missing[:5]} extra={extra[:5]} stale={stale[:5]}")
         return 1

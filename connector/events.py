@@ -8,8 +8,8 @@ re-serialised on the hot path.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -36,9 +36,11 @@ OCTI_EXT = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
 _ID_RE = re.compile(r"^(\d{1,15})-(\d{1,10})$")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class EventId:
-    """A stream position ``<ms>-<seq>``. Ordered like the platform's Redis stream ids."""
+class EventId(NamedTuple):
+    """A stream position ``<ms>-<seq>``. Ordered like the platform's Redis stream ids.
+
+    A named tuple: created and compared for every event on the hot path, so it must be cheap.
+    """
 
     ms: int
     seq: int
@@ -72,18 +74,76 @@ class EventId:
 ZERO = EventId(0, 0)
 
 
-@dataclass(frozen=True, slots=True)
 class StreamEvent:
     """One data event (create / update / merge / delete) exactly as received.
 
-    ``raw`` is the ``data:`` line's JSON text, verbatim. ``envelope`` is its parsed form.
+    ``data`` holds the ``data:`` JSON bytes verbatim; the few fields the pipeline and the
+    manifests need are extracted when the event is parsed, and the parsed ``envelope`` is not
+    kept (re-parsed on demand): holding tens of thousands of parsed 2 KB events costs memory and
+    garbage-collector time that the backup path does not need.
     """
 
-    id: EventId
-    id_text: str
-    event: str
-    raw: str
-    envelope: dict[str, Any] = field(compare=False, repr=False)
+    __slots__ = (
+        "id",
+        "id_text",
+        "event",
+        "data",
+        "stix_id",
+        "internal_id",
+        "version_time",
+        "referer",
+        "group",
+        "_envelope",
+    )
+
+    def __init__(
+        self,
+        id: EventId,  # noqa: A002 - the SSE field's name
+        id_text: str,
+        event: str,
+        raw: str | bytes,
+        envelope: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.id_text = id_text
+        self.event = event
+        # The group id (stream high-water mark when it arrived); the source sets it.
+        self.group: EventId = id
+        self.data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        env = envelope if envelope is not None else _loads_object(self.data)
+        stix = env.get("data")
+        stix = stix if isinstance(stix, dict) else {}
+        octi = octi_ext(stix)
+        stix_id = stix.get("id")
+        self.stix_id: str = stix_id if isinstance(stix_id, str) else ""
+        internal = octi.get("id")
+        self.internal_id: str = internal if isinstance(internal, str) else ""
+        version = octi.get("updated_at") or stix.get("modified") or ""
+        self.version_time: str = version if isinstance(version, str) else ""
+        origin = env.get("origin")
+        referer = origin.get("referer") if isinstance(origin, dict) else None
+        self.referer: str | None = referer if isinstance(referer, str) else None
+        # Keep a parsed envelope only when the caller handed one over (it already paid for it).
+        self._envelope = envelope
+
+    def __repr__(self) -> str:
+        return f"StreamEvent({self.id_text!r}, {self.event!r}, {self.stix_id!r})"
+
+    @property
+    def raw(self) -> str:
+        """The ``data:`` JSON text as received."""
+        return self.data.decode("utf-8", "surrogatepass")
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        env = self._envelope
+        if env is None:
+            env = self._envelope = _loads_object(self.data)
+        return env
 
     @property
     def stix(self) -> dict[str, Any]:
@@ -91,23 +151,12 @@ class StreamEvent:
         return data if isinstance(data, dict) else {}
 
     @property
-    def stix_id(self) -> str:
-        value = self.stix.get("id")
-        return value if isinstance(value, str) else ""
-
-    @property
-    def internal_id(self) -> str:
-        value = octi_ext(self.stix).get("id")
-        return value if isinstance(value, str) else ""
-
-    @property
-    def version_time(self) -> str:
-        """The object's version stamp: OpenCTI ``updated_at``, else STIX ``modified``."""
-        value = octi_ext(self.stix).get("updated_at") or self.stix.get("modified") or ""
-        return value if isinstance(value, str) else ""
+    def synthetic(self) -> bool:
+        """Recovery (``init-create``) and dependency (``init-dependencies``) events."""
+        return self.referer in ("init-create", "init-dependencies")
 
     @classmethod
-    def from_sse(cls, id_text: str, event: str, raw: str) -> StreamEvent:
+    def from_sse(cls, id_text: str, event: str, raw: str | bytes) -> StreamEvent:
         """Validate one SSE data message; raise ``MalformedEvent`` with the reason otherwise."""
         if not id_text:
             raise MalformedEvent("data event without an id")
@@ -122,7 +171,7 @@ class StreamEvent:
         try:
             envelope = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise MalformedEvent(f"data is not valid JSON: {exc}") from exc
+            raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
         if not isinstance(envelope, dict):
             raise MalformedEvent("data is not a JSON object")
         stix = envelope.get("data")
@@ -134,15 +183,23 @@ class StreamEvent:
         version = envelope.get("version")
         if version is not None and version != "4":
             raise MalformedEvent(f"unsupported event version {str(version)[:16]!r}")
-        if "\n" in raw or "\r" in raw:
+        nl = (b"\n", b"\r") if isinstance(raw, bytes) else ("\n", "\r")
+        if nl[0] in raw or nl[1] in raw:  # type: ignore[operator]
             # Several data: lines were joined with newlines; keep JSON Lines one event a line.
-            raw = orjson.dumps(envelope).decode()
+            raw = orjson.dumps(envelope)
         if event == "merge":
             context = envelope.get("context")
             sources = context.get("sources") if isinstance(context, dict) else None
             if not isinstance(sources, list):
                 raise MalformedEvent("merge event without context.sources")
-        return cls(event_id, id_text, event, raw, envelope)
+        ev = cls(event_id, id_text, event, raw, envelope)
+        ev._envelope = None  # see the class docstring: do not hold the parsed form
+        return ev
+
+
+def _loads_object(data: bytes) -> dict[str, Any]:
+    value = orjson.loads(data)
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,14 +265,10 @@ def archive_line(ev: StreamEvent) -> bytes:
     Built by concatenation so the received bytes are stored as they came (the id and name are
     validated, so they need no escaping).
     """
-    return (
-        b'{"id":"'
-        + ev.id_text.encode()
-        + b'","event":"'
-        + ev.event.encode()
-        + b'","data":'
-        + ev.raw.encode("utf-8", "surrogatepass")
-        + b"}\n"
+    return b'{"id":"%s","event":"%s","data":%s}\n' % (
+        ev.id_text.encode(),
+        ev.event.encode(),
+        ev.data,
     )
 
 
@@ -231,7 +284,7 @@ def parse_archive_line(line: bytes) -> StreamEvent:
     event = obj.get("event")
     if not isinstance(id_text, str) or not isinstance(event, str):
         raise MalformedEvent("archive line lacks id/event/data")
-    # The verbatim data text sits between the '"data":' prefix and the closing brace.
+    # The verbatim data bytes sit between the '"data":' prefix and the closing brace.
     start = line.find(b'"data":')
-    raw = line[start + 7 : line.rstrip().rfind(b"}")].decode("utf-8", "surrogatepass")
+    raw = line[start + 7 : line.rstrip().rfind(b"}")]
     return StreamEvent(EventId.parse(id_text), id_text, event, raw, obj["data"])

@@ -33,7 +33,9 @@ def _archive(settings: Settings) -> Storage:
     return open_storage(settings.archive.uri, **settings.s3_options())
 
 
-def _target(settings: Settings, url: str, token: str, *, source_url: str | None, force: bool) -> Any:
+def _target(
+    settings: Settings, url: str, token: str, *, source_url: str | None, force: bool
+) -> Any:
     from .target.opencti import OpenCTITarget
 
     t = settings.target
@@ -74,10 +76,16 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         if not token:
             raise ConfigError("--token", "required with --opencti (or TARGET_OPENCTI_TOKEN)")
         target = _target(
-            settings, args.opencti, token, source_url=cp.source_url if cp else None, force=args.force
+            settings,
+            args.opencti,
+            token,
+            source_url=cp.source_url if cp else None,
+            force=args.force,
         )
         apply_deletes = True if args.apply_deletes is None else bool(args.apply_deletes)
-        progress = None if args.dry_run else _MeteredProgress(TextProgress("restore", stream=sys.stderr))
+        progress = (
+            None if args.dry_run else _MeteredProgress(TextProgress("restore", stream=sys.stderr))
+        )
         try:
             report = restore_to_target(
                 state,
@@ -123,7 +131,9 @@ def _version(stix: dict[str, Any]) -> str:
 
 # Meta objects are listed by other platform queries (markingDefinitions, labels, ...): the
 # comparison covers STIX core objects, relationships and sightings.
-META_TYPES = frozenset({"marking-definition", "label", "external-reference", "kill-chain-phase", "vocabulary"})
+META_TYPES = frozenset(
+    {"marking-definition", "label", "external-reference", "kill-chain-phase", "vocabulary"}
+)
 
 
 def compare_with_target(state: Any, target_objects: dict[str, str]) -> dict[str, list[str]]:
@@ -143,27 +153,48 @@ def compare_with_target(state: Any, target_objects: dict[str, str]) -> dict[str,
     tombstoned = {t.stix_id for t in state.tombstones()}
     resurrected = sorted(i for i in target_objects if i in tombstoned and i not in seen)
     extra = sorted(i for i in target_objects if i not in seen and i not in tombstoned)
-    return {"missing": sorted(missing), "stale": sorted(stale), "resurrected": resurrected, "extra": extra}
+    return {
+        "missing": sorted(missing),
+        "stale": sorted(stale),
+        "resurrected": resurrected,
+        "extra": extra,
+    }
 
 
 def _list_target(target: Any) -> dict[str, str]:
     api = target.api
     out: dict[str, str] = {}
-    for lister in (api.stix_core_object, api.stix_core_relationship, api.stix_sighting_relationship):
+    for lister in (
+        api.stix_core_object,
+        api.stix_core_relationship,
+        api.stix_sighting_relationship,
+    ):
         for node in lister.list(customAttributes="id standard_id updated_at", getAll=True) or []:
             out[str(node.get("standard_id"))] = str(node.get("updated_at") or "")
     return out
 
 
 def verify_against_opencti(
-    storage: Storage, *, url: str, token: str, until: str | None, work_dir: Path, ssl_verify: bool = True
+    storage: Storage,
+    *,
+    url: str,
+    token: str,
+    until: str | None,
+    work_dir: Path,
+    ssl_verify: bool = True,
 ) -> bool:
     """Compare the archive's state at ``until`` with a platform's objects (ids and versions)."""
     from .target.opencti import OpenCTITarget
 
-    state, plan = materialise_plan(storage, until=parse_until(until) if until else None, work_dir=work_dir)
+    state, plan = materialise_plan(
+        storage, until=parse_until(until) if until else None, work_dir=work_dir
+    )
     target = OpenCTITarget(
-        url=url, token=token, ssl_verify=ssl_verify, connector_id=str(uuid.uuid4()), register=False,
+        url=url,
+        token=token,
+        ssl_verify=ssl_verify,
+        connector_id=str(uuid.uuid4()),
+        register=False,
         allow_same_platform=True,
     )
     try:

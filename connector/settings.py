@@ -127,11 +127,11 @@ class ArchiveSection:
     compression_level: int = _key(
         "ARCHIVE_COMPRESSION_LEVEL", "Compression level (zstd 1-19, gzip 1-9).", 3
     )
-    max_events: int = _key("ARCHIVE_MAX_EVENTS", "Rotate a segment after this many events.", 50000)
+    max_events: int = _key("ARCHIVE_MAX_EVENTS", "Rotate a segment after this many events.", 20000)
     max_bytes: int = _key(
         "ARCHIVE_MAX_BYTES",
-        "Rotate a segment after this many uncompressed bytes.",
-        64 * 1024 * 1024,
+        "Rotate a segment after this many uncompressed bytes (pending events are held in memory).",
+        32 * 1024 * 1024,
     )
     max_age_secs: float = _key(
         "ARCHIVE_MAX_AGE_SECS",

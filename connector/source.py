@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import queue
 import random
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from typing import Any
 
 import httpx
 import orjson
-from httpx_sse._decoders import SSEDecoder, SSELineDecoder  # pinned <0.5: SSE-correct line split
 
 from .errors import MalformedEvent, SourceRetryable, StreamGoneError
 from .events import (
@@ -48,22 +48,14 @@ __all__ = [
     "GapDetected",
     "SourceConfig",
     "SseSource",
-    "Sourced",
     "iso_now",
+    "SseBytesDecoder",
 ]
 
 log = logging.getLogger(__name__)
 
 _INIT_REFERERS = ("init-create", "init-dependencies")
 _KNOWN_CONTROL = {"consumer_metrics", "no-recover"}
-
-
-@dataclass(frozen=True, slots=True)
-class Sourced:
-    """A data event and its group id (the stream's high-water mark when it arrived)."""
-
-    event: StreamEvent
-    group: EventId
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +88,7 @@ class Fatal:
 
 
 Item = (
-    Sourced
+    StreamEvent
     | Complete
     | Disconnected
     | GapDetected
@@ -296,14 +288,11 @@ class SseSource:
             try:
                 self._check_status(response)
                 self.connections += 1
-                lines = SSELineDecoder()
-                decoder = SSEDecoder()
-                for text in response.iter_text():
+                decoder = SseBytesDecoder()
+                for chunk in response.iter_bytes():
                     out: list[Item] = []
-                    for line in lines.decode(text):
-                        sse = decoder.decode(line)
-                        if sse is not None:
-                            self._handle(sse.event, sse.id, sse.data, out)
+                    for name, id_text, data in decoder.feed(chunk):
+                        self._handle(name, id_text, data, out)
                     if out:
                         delivered = True
                         self._emit(out)
@@ -329,7 +318,7 @@ class SseSource:
 
     # -- message handling ------------------------------------------------------------------
 
-    def _handle(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+    def _handle(self, name: str, id_text: str, data: bytes, out: list[Item]) -> None:
         if name in DATA_EVENTS:
             self._data_event(name, id_text, data, out)
         elif name == "heartbeat":
@@ -366,11 +355,14 @@ class SseSource:
             )
             return None
 
-    def _quarantine(self, id_text: str, name: str, data: str, reason: str, out: list[Item]) -> None:
+    def _quarantine(
+        self, id_text: str, name: str, data: bytes, reason: str, out: list[Item]
+    ) -> None:
         after = self._complete or self._hwm or EventId(0, 0)
-        out.append(Quarantined(after, id_text, name, data, reason))
+        text = data.decode("utf-8", "backslashreplace")  # keeps undecodable bytes visible
+        out.append(Quarantined(after, id_text[:200], name[:200], text, reason))
 
-    def _data_event(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+    def _data_event(self, name: str, id_text: str, data: bytes, out: list[Item]) -> None:
         try:
             ev = StreamEvent.from_sse(id_text, name, data)
         except MalformedEvent as exc:
@@ -382,15 +374,16 @@ class SseSource:
                 self._complete = hwm
                 out.append(Complete(hwm))
             self._hwm = ev.id
-        elif ev.id < hwm and not _is_synthetic(ev):
+        elif ev.id < hwm and not ev.synthetic:
             self._quarantine(
                 id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out
             )
             return
         self._last_data = ev.id
-        out.append(Sourced(ev, self._hwm or ev.id))
+        ev.group = self._hwm or ev.id
+        out.append(ev)
 
-    def _connected(self, data: str, out: list[Item]) -> None:
+    def _connected(self, data: bytes, out: list[Item]) -> None:
         try:
             info: dict[str, Any] = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -430,7 +423,7 @@ class SseSource:
         out.append(GapDetected(position, first, self._recover_until))
         raise _Reconnect("retention gap: reconnecting in recover mode", out)
 
-    def _unknown(self, name: str, id_text: str, data: str, out: list[Item]) -> None:
+    def _unknown(self, name: str, id_text: str, data: bytes, out: list[Item]) -> None:
         try:
             parsed = orjson.loads(data) if data else None
         except orjson.JSONDecodeError:
@@ -441,6 +434,76 @@ class SseSource:
         if name not in self._unknown_logged:
             self._unknown_logged.add(name)
             log.warning("Skipping an unknown control event.", extra={"event": name[:64]})
+
+
+_FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*)\nevent: ([^\n]*)\ndata: ([^\n]*)\n\n")
+
+
+class SseBytesDecoder:
+    """Server-Sent Events framing on bytes: lines end at CRLF, LF or CR, never elsewhere.
+
+    Our own small decoder instead of httpx-sse's text decoders (which we use elsewhere): the hot
+    path then never decodes the stream to text and back, and the data bytes reach the archive
+    exactly as they came. Splitting only on the three SSE line ends keeps raw U+2028 inside data
+    (a multi-byte UTF-8 sequence that bytes-level splitting cannot cut). Yields (event name, last
+    event id, data) per dispatched message; ``event`` is "message" when the server named none.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._cr = False  # the previous chunk ended with CR: a LF right after it is the same end
+        self._last_id = ""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str, bytes]]:
+        if self._cr:
+            self._cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                self._cr = True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[tuple[str, str, bytes]] = []
+        start = 0
+        size = len(buf)
+        while start < size:
+            # Fast path, scanned in C: the platform's own "id: X\nevent: Y\ndata: Z\n\n".
+            m = _FAST_MESSAGE.match(buf, start)
+            if m is not None:
+                self._last_id = m.group(1).decode("latin-1")
+                out.append((m.group(2).decode("latin-1"), self._last_id, m.group(3)))
+                start = m.end()
+                continue
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            self._dispatch(buf[start:end], out)
+            start = end + 2
+        self._buf = buf[start:]
+        return out
+
+    def _dispatch(self, block: bytes, out: list[tuple[str, str, bytes]]) -> None:
+        event = b""
+        data: list[bytes] = []
+        seen = False
+        for line in block.split(b"\n"):
+            if not line or line[:1] == b":":
+                continue
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                data.append(value)
+                seen = True
+            elif name == b"event":
+                event = value
+                seen = True
+            elif name == b"id" and b"\0" not in value:
+                self._last_id = value.decode("latin-1")
+        if seen:
+            name_text = event.decode("latin-1") if event else "message"
+            out.append((name_text, self._last_id, b"\n".join(data)))
 
 
 class _Reconnect(Exception):
@@ -459,11 +522,6 @@ class _GapFail(Exception):
         super().__init__(str(error))
         self.error = error
         self.pending = pending
-
-
-def _is_synthetic(ev: StreamEvent) -> bool:
-    origin = ev.envelope.get("origin")
-    return isinstance(origin, dict) and origin.get("referer") in _INIT_REFERERS
 
 
 def _opt_id(value: object) -> EventId | None:

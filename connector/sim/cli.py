@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_seed(store: SimStore, spec: str) -> int:
     if spec == "samples":
         # One load, so relationships can point at objects of another sample file.
-        return store.load_bundle([o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]])
+        return store.load_bundle(
+            [o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]]
+        )
     data = orjson.loads(Path(spec).read_bytes())
     if isinstance(data, list):
         data = {"type": "bundle", "objects": data}

@@ -10,7 +10,12 @@ OCTI_EXT = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
 # Set by the platform that stores the object, not carried by the stream: write times, the
 # platform's internal id and the user who wrote it.
 VOLATILE_TOP = frozenset({"modified"})
-VOLATILE_EXT = frozenset({"id", "created_at", "updated_at", "creator_ids"})
+# The extension's endpoint fields of relationships and sightings hold the *internal* ids of the
+# endpoints, which each platform assigns itself (the STIX-level refs are compared).
+VOLATILE_EXT = frozenset(
+    {"id", "created_at", "updated_at", "creator_ids", "source_ref", "target_ref",
+     "sighting_of_ref", "where_sighted_refs"}
+)
 
 
 def comparable(obj: dict[str, Any]) -> dict[str, Any]:
