@@ -42,9 +42,10 @@ def _edit(sim: SimServer, seed: int) -> None:
     generate(store, 150, seed=seed)
 
 
-def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"},
         capture_output=True,
         text=True,
@@ -101,7 +102,7 @@ def test_restore_latest_and_earlier_points(platforms: tuple[SimServer, SimServer
         points.append((a.store.last_event_id, a.store.dump_bundle()))
     run.stop()
     # Snapshot in the middle so restores exercise "snapshot + segments after it" too.
-    assert _cli("snapshot", "--archive", archive).returncode == 0
+    assert _cli("snapshot", "--archive", archive, cwd=tmp_path).returncode == 0
     for i, (until, expected) in enumerate(points):
         with SimServer(token=TOKEN_B) as b:
             args = ["restore", "--archive", archive, "--opencti", b.url, "--token", TOKEN_B,
@@ -153,10 +154,10 @@ def test_verify_against_opencti(platforms: tuple[SimServer, SimServer], tmp_path
     _edit(a, 9)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
     run.stop()
-    ok = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B)
+    ok = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
     assert "platform matches the archive" in ok.stdout
     victim = next(o["id"] for o in b.store.objects() if o["type"] == "malware")
     b.store.delete(victim)
-    bad = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B)
+    bad = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path)
     assert bad.returncode == 1 and victim in bad.stdout
