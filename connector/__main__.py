@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import signal
 import sys
 import threading
@@ -305,7 +304,7 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
         backoff_initial=c.backoff_initial_secs,
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
-        reconciler=_reconciler(runtime["archive"], source_config),
+        reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
         on_batch=_recover_progress(cp.recover_until),
     )
     log.info(
@@ -350,14 +349,15 @@ def _recover_progress(recover_until: str | None) -> Any:
     return on_batch
 
 
-def _reconciler(archive: Any, config: Any) -> Any:
+def _reconciler(archive: Any, config: Any, work_dir: Path) -> Any:
     """Delete reconciliation needs the archive's state to compare with the platform."""
     if archive is None:
         return None
     from .reconcile import reconcile_deletes
 
     def run(at: Any) -> Any:
-        return reconcile_deletes(archive, config, at=at)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return reconcile_deletes(archive, config, at=at, work_dir=work_dir)
 
     return run
 
@@ -375,7 +375,7 @@ def _start_jobs(settings: Settings, archive: Any) -> Any:
         retention=RetentionPolicy(
             keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
         ),
-        work_dir=Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work")),
+        work_dir=Path(settings.connector.work_dir),
     )
     runner.start()
     return runner
@@ -552,9 +552,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     archive = build_runtime_for_reading(settings)["archive"]
     if archive is None:
         raise ConfigError("archive.uri", "required")
-    info = run_snapshot_job(
-        archive, Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work"))
-    )
+    info = run_snapshot_job(archive, Path(settings.connector.work_dir))
     if info is None:
         print("snapshot: nothing new since the last one")
     else:
@@ -590,7 +588,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     archive = build_runtime_for_reading(settings)["archive"]
     if archive is None:
         raise ConfigError("archive.uri", "required")
-    work = Path(os.environ.get("OPENCTI_SYNC_WORK_DIR", "./.opencti-sync-work"))
+    work = Path(settings.connector.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     report = verify_archive(archive, work_dir=work)
     print(format_report(report))

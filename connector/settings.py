@@ -109,6 +109,11 @@ class ConnectorSection:
     backoff_max_secs: float = _key(
         "CONNECTOR_BACKOFF_MAX_SECS", "Longest reconnect / retry delay.", 60.0
     )
+    work_dir: str = _key(
+        "OPENCTI_SYNC_WORK_DIR",
+        "Scratch directory for snapshots, verify and reconciliation (on-disk state stores).",
+        "./.opencti-sync-work",
+    )
     shutdown_timeout_secs: float = _key(
         "CONNECTOR_SHUTDOWN_TIMEOUT_SECS",
         "How long SIGTERM may spend flushing the open batch.",
