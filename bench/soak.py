@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "order_exact": order_ok,
         "segments": report.segments,
         "verify_errors": report.error_count,
+        "verify_messages": report.errors[:5],
         "restore_secs": round(restore_secs, 1),
         "objects_platform": len(dump["objects"]),
         "objects_restored": len(objects),
