@@ -307,6 +307,21 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
         reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
         on_batch=_recover_progress(cp.recover_until),
     )
+    registration = None
+    if c.register:
+        from .registration import SourceRegistration
+
+        registration = SourceRegistration(
+            url=settings.opencti.url,
+            token=settings.opencti.token,
+            verify=verify,
+            connector_id=c.id or _default_connector_id(settings),
+            name=c.name,
+            state=lambda: {
+                "last_event_id": cp.last_event_id,
+                "events_archived": cp.events_archived,
+            },
+        ).start()
     log.info(
         "Following the stream.",
         extra={
@@ -325,6 +340,8 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
             sink.close()
         if stop_metrics is not None:
             stop_metrics()
+        if registration is not None:
+            registration.stop()
     log.info(
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )

@@ -370,6 +370,7 @@ class Pipeline:
             cap=self.backoff_max,
             deadline=lambda: self._deadline,
         )
+        self._quarantine_rejections(batch)
         # Every sink said durable: now, and only now, the checkpoint may move.
         cp = self.checkpoint
         if events:
@@ -410,6 +411,32 @@ class Pipeline:
         self._complete_n = 0
         self._pending_bytes = sum(e.size for e in self._pending)
         self._oldest = time.monotonic() if self._pending else None
+
+    def _quarantine_rejections(self, batch: Batch) -> None:
+        """Objects a target refused are kept, with the target's reason, under quarantine/."""
+        rejected: list[Quarantined] = []
+        for sink in self.sinks:
+            rejected.extend(getattr(sink, "rejected", None) or [])
+        if not rejected:
+            return
+        archives = [s for s in self.sinks if s.name == "archive"]
+        if archives:
+            record = Batch(first_id=batch.first_id, last_id=batch.first_id, quarantined=rejected)
+            write_with_retry(
+                archives,
+                record,
+                stop=self.stop,
+                initial=self.backoff_initial,
+                cap=self.backoff_max,
+                deadline=lambda: self._deadline,
+            )
+        for q in rejected:
+            metrics.QUARANTINED.inc()
+            metrics.ERRORS.labels("target_rejected").inc()
+            log.warning(
+                "Event quarantined.", extra={"event_id": q.id_text, "reason": q.reason[:300]}
+            )
+        self.checkpoint.quarantined += len(rejected)
 
     def _archived_counts(self, batch: Batch) -> tuple[int, int, str | None]:
         for sink in self.sinks:

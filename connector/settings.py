@@ -64,6 +64,11 @@ class ConnectorSection:
         "auto",
         choices=("auto", "json", "text"),
     )
+    register: bool = _key(
+        "CONNECTOR_REGISTER",
+        "Register on the source platform as a STREAM connector (shown in its UI with the checkpoint).",
+        True,
+    )
     live_stream_id: str = _key(
         "CONNECTOR_LIVE_STREAM_ID",
         "Stream collection id, 'live' for the global live stream, or 'raw' for /stream.",
@@ -366,6 +371,8 @@ def load_settings(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not UTF-8 text: {exc.reason}") from exc
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

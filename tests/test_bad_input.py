@@ -263,11 +263,6 @@ BAD_FILES: list[Any] = [
         "non-utf8",
         b"archive:\n  uri: \xff\xfe\n",
         "--config",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="connector/settings.py load_settings catches only OSError around "
-            "read_text(encoding='utf-8'): UnicodeDecodeError escapes as a traceback, exit 1",
-        ),
         id="non-utf8",
     ),
     ("tabs", "archive:\n\turi: x\n", "--config"),

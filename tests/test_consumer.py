@@ -449,3 +449,26 @@ def test_status_json_reports_the_checkpoint(sim: SimServer, tmp_path: Path) -> N
         m.manifest.event_count for m in ArchiveReader(LocalStorage(archive)).manifests()
     )
     assert EventId.parse(info["last_event_id"]) >= EventId.parse(sim.store.last_event_id)
+
+
+def test_registers_on_the_source_platform_with_its_state(sim: SimServer, tmp_path: Path) -> None:
+    generate(sim.store, 20, seed=12)
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id), what="catch-up")
+    wait_until(
+        lambda: bool(
+            getattr(sim.store, "platform_state", None) and sim.store.platform_state.connectors
+        ),
+        what="registration",
+    )
+    run.stop()
+    connectors = list(sim.store.platform_state.connectors.values())
+    assert [c["connector_type"] for c in connectors] == ["STREAM"]
+    cp = CheckpointStore(LocalStorage(archive)).load()
+
+    # The final ping carries the checkpoint, so the platform's UI shows where the backup stands.
+    def state() -> str:
+        return str(next(iter(sim.store.platform_state.connectors.values())).get("connector_state"))
+
+    wait_until(lambda: cp.last_event_id in state(), timeout=10, what=f"final ping ({state()})")

@@ -681,12 +681,6 @@ class _RejectingProxy:
         self._server.server_close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a target rejection (PermanentError from OpenCTITarget._push) propagates out of "
-    "pipeline.write_with_retry and stops the whole run; there is no per-object target "
-    "quarantine (reason + metric) that lets the stream go on",
-)
 def test_target_rejecting_an_object_quarantines_it_and_goes_on(
     sim: SimServer, tmp_path: Path
 ) -> None:
@@ -766,12 +760,6 @@ def test_sigterm_under_load_drains_and_exits_0(tmp_path: Path) -> None:
         assert_nothing_lost(sim.url, storage)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connector/archive/sink.py ArchiveSink._committed_manifest rebuilds the manifest of a "
-    "segment left without one (crash between the two writes) without after_event_id, so verify "
-    "reports a chain break (found by bench/soak.py: one error per rebuilt manifest)",
-)
 def test_crash_between_segment_and_manifest_keeps_the_chain(tmp_path: Path) -> None:
     from connector.archive.layout import manifest_key
     from connector.sink import Batch

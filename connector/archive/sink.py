@@ -78,7 +78,7 @@ class ArchiveSink:
                 result.segments.append(key)
                 break
             # The key exists: an earlier run wrote these groups before it could checkpoint.
-            existing = self._committed_manifest(key, first)
+            existing = self._committed_manifest(key, first, after)
             covered = existing.last
             if covered >= batch.last_id:
                 result.skipped += len(events)
@@ -96,7 +96,7 @@ class ArchiveSink:
                 extra={"segments": result.segments, "skipped": result.skipped},
             )
 
-    def _committed_manifest(self, key: str, first: EventId) -> Manifest:
+    def _committed_manifest(self, key: str, first: EventId, after: EventId | None) -> Manifest:
         """The manifest of an existing segment; rebuilt when a crash left the segment alone."""
         mkey = manifest_key(first)
         try:
@@ -112,7 +112,13 @@ class ArchiveSink:
         last = max(ev.id for ev in events)
         body = self.storage.get(key)
         _, manifest = encode_segment(
-            key, events, first=first, last=max(last, first), codec=self.codec, level=self.level
+            key,
+            events,
+            first=first,
+            last=max(last, first),
+            codec=self.codec,
+            level=self.level,
+            after=after,
         )
         # Describe the bytes actually stored, not a re-encoding of them.
         manifest.size = len(body)

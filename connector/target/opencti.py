@@ -29,7 +29,7 @@ import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs
 from pycti import OpenCTIApiClient, OpenCTIConnector
 
 from ..errors import PermanentError, RetryableError, SinkError
-from ..events import OCTI_EXT, StreamEvent, octi_ext
+from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..sink import Batch
 
 __all__ = ["OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
@@ -293,6 +293,7 @@ class OpenCTITarget:
         self._api: OpenCTIApiClient | None = None
         self._status: int | None = None
         self._checked = False
+        self.rejected: list[Quarantined] = []
         self._last_ping = 0.0
 
     # -- pycti plumbing -------------------------------------------------------------------
@@ -464,14 +465,63 @@ class OpenCTITarget:
             raise RetryableError(f"OpenCTI target {self.url}: {what}: not acknowledged")
 
     def write(self, batch: Batch) -> None:
-        """Push the batch's events in stream order; returns once every push is acknowledged."""
+        """Push the batch's events in stream order; returns once every push is acknowledged.
+
+        An object the platform refuses for itself (validation, a value it will not take) does
+        not stop the sync: the push is retried object by object, and each refused object is
+        reported in ``rejected`` (the pipeline quarantines it with the platform's reason). A
+        failure that is not about one object (auth, the platform itself) still raises.
+        """
         if not self._checked:
             self.check()
-        for push in plan_pushes(batch.events, self.max_bundle_objects):
-            self._push(push)
+        self.rejected = []
+        pushes = plan_pushes(batch.events, self.max_bundle_objects)
+        last_error: PermanentError | None = None
+        for push in pushes:
+            try:
+                self._push(push)
+            except PermanentError as exc:
+                last_error = exc
+                self._push_apart(push, exc, batch.last_id)
+        total = sum(len(p.objects) for p in pushes)
+        if last_error is not None and total > 1 and len(self.rejected) >= total:
+            # Everything refused (a deleted connector, a lost capability): stop, do not
+            # quarantine the whole stream.
+            self.rejected = []
+            raise last_error
         if batch.events:
             self.last_event_id = str(batch.last_id)
         self._ping()
+
+    def _push_apart(self, push: Push, error: PermanentError, after: EventId) -> None:
+        # Is the platform itself fine? Then the refusal is about what we sent.
+        self._call("health check", lambda: self.api.query(_IDENTITY_QUERY))
+        singles = [Push(push.kind, [obj], push.event_ids) for obj in push.objects]
+        refused: list[tuple[dict[str, Any], str]] = []
+        for single in singles if len(singles) > 1 else []:
+            try:
+                self._push(single)
+            except PermanentError as exc:
+                refused.append((single.objects[0], str(exc)))
+        if len(singles) == 1:
+            refused.append((push.objects[0], str(error)))
+        if len(refused) == len(push.objects) > 1:
+            raise error  # every object refused: not an object's fault
+        first = push.event_ids[0] if push.event_ids else str(after)
+        for obj, reason in refused:
+            log.warning(
+                "Target refused an object; quarantined.",
+                extra={"target": self.url, "stix_id": obj.get("id"), "reason": reason[:300]},
+            )
+            self.rejected.append(
+                Quarantined(
+                    after,
+                    first,
+                    f"{push.kind}-refused-by-target",
+                    json.dumps(obj, ensure_ascii=False),
+                    f"refused by {self.url}: {reason}",
+                )
+            )
 
     def push_objects(self, objects: list[dict[str, Any]]) -> None:
         """Plain upserts of STIX objects, in the given order (used by restore)."""
