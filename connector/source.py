@@ -22,6 +22,7 @@ import logging
 import queue
 import random
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,6 +233,15 @@ class SseSource:
                     self._emit([*exc.pending, Fatal(exc.error)], final=True)
                     return
                 except (httpx.TransportError, SourceRetryable) as exc:
+                    if _tls_verify_failed(exc):
+                        # A certificate that does not verify will not start verifying by itself.
+                        gone = StreamGoneError(
+                            0,
+                            f"TLS certificate verification failed for {self.config.url}: "
+                            "set OPENCTI_CA_BUNDLE to the platform's CA (or fix the certificate)",
+                        )
+                        self._emit([Fatal(gone)], final=True)
+                        return
                     reason = _describe(exc)
                 except httpx.StreamError as exc:
                     reason = f"stream error: {exc}"
@@ -531,6 +541,15 @@ def _opt_id(value: object) -> EventId | None:
         except ValueError:
             return None
     return None
+
+
+def _tls_verify_failed(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 def _describe(exc: Exception) -> str:
