@@ -147,17 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_runtime(settings: Settings) -> dict[str, Any]:
     """Wire storage, checkpoint store, sinks and source settings from ``settings``."""
     from .archive import ArchiveSink
-    from .checkpoint import CheckpointStore
-    from .storage import open_storage
 
-    s3 = settings.s3_options()
-    archive_storage = open_storage(settings.archive.uri, **s3) if settings.archive.uri else None
-    if settings.checkpoint.uri:
-        cp_storage = open_storage(settings.checkpoint.uri, **s3)
-    elif archive_storage is not None:
-        cp_storage = archive_storage
-    else:
-        cp_storage = open_storage("./opencti-sync-state")
+    runtime = build_runtime_for_reading(settings)
+    archive_storage = runtime["archive"]
     sinks: list[Any] = []
     if archive_storage is not None:
         sinks.append(
@@ -188,7 +180,7 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
         raise ConfigError(
             "archive.uri", "nothing to do: set an archive URI and/or target.opencti_url"
         )
-    return {"archive": archive_storage, "store": CheckpointStore(cp_storage), "sinks": sinks}
+    return {**runtime, "sinks": sinks}
 
 
 def _default_connector_id(settings: Settings) -> str:
@@ -490,6 +482,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_runtime_for_reading(settings: Settings) -> dict[str, Any]:
+    """The archive storage (or None) and the checkpoint store, as configured."""
     from .checkpoint import CheckpointStore
     from .storage import open_storage
 

@@ -288,19 +288,8 @@ class Pipeline:
                 after_id=self._segment_last,
                 size_bytes=sum(e.size for e in events),
             )
-            write_with_retry(
-                self.sinks,
-                batch,
-                stop=self.stop,
-                initial=self.backoff_initial,
-                cap=self.backoff_max,
-                deadline=lambda: self._deadline,
-            )
-            archived = self._archived_counts(batch)
-            self.checkpoint.events_archived += archived[0]
-            self.checkpoint.segments_written += archived[1]
-            if archived[2]:
-                self.checkpoint.last_segment = archived[2]
+            self._write(self.sinks, batch)
+            self._record_archived(batch)
             self.checkpoint.last_segment_last_id = str(at)
             self._segment_last = at
         self.checkpoint.reconcile = {
@@ -362,14 +351,7 @@ class Pipeline:
         else:
             anchor = self._saved_id or EventId(0, 0)
             batch = Batch(first_id=anchor, last_id=anchor, quarantined=self._quarantined)
-        write_with_retry(
-            self.sinks,
-            batch,
-            stop=self.stop,
-            initial=self.backoff_initial,
-            cap=self.backoff_max,
-            deadline=lambda: self._deadline,
-        )
+        self._write(self.sinks, batch)
         self._quarantine_rejections(batch)
         # Every sink said durable: now, and only now, the checkpoint may move.
         cp = self.checkpoint
@@ -381,12 +363,8 @@ class Pipeline:
                 cp.last_event_id = str(done)
             cp.last_segment_last_id = str(batch.last_id)
             self._segment_last = batch.last_id
-        archived = self._archived_counts(batch)
-        cp.events_archived += archived[0]
-        cp.segments_written += archived[1]
+        self._record_archived(batch)
         cp.quarantined += len(batch.quarantined)
-        if archived[2]:
-            cp.last_segment = archived[2]
         self._save()
         counts = Counter(e.event for e in events)
         for name, count in counts.items():
@@ -422,14 +400,7 @@ class Pipeline:
         archives = [s for s in self.sinks if s.name == "archive"]
         if archives:
             record = Batch(first_id=batch.first_id, last_id=batch.first_id, quarantined=rejected)
-            write_with_retry(
-                archives,
-                record,
-                stop=self.stop,
-                initial=self.backoff_initial,
-                cap=self.backoff_max,
-                deadline=lambda: self._deadline,
-            )
+            self._write(archives, record)
         for q in rejected:
             metrics.QUARANTINED.inc()
             metrics.ERRORS.labels("target_rejected").inc()
@@ -437,6 +408,24 @@ class Pipeline:
                 "Event quarantined.", extra={"event_id": q.id_text, "reason": q.reason[:300]}
             )
         self.checkpoint.quarantined += len(rejected)
+
+    def _write(self, sinks: Sequence[Sink], batch: Batch) -> None:
+        write_with_retry(
+            sinks,
+            batch,
+            stop=self.stop,
+            initial=self.backoff_initial,
+            cap=self.backoff_max,
+            deadline=lambda: self._deadline,
+        )
+
+    def _record_archived(self, batch: Batch) -> None:
+        """Fold what the archive sink just wrote into the checkpoint's counters."""
+        events, segments, last = self._archived_counts(batch)
+        self.checkpoint.events_archived += events
+        self.checkpoint.segments_written += segments
+        if last:
+            self.checkpoint.last_segment = last
 
     def _archived_counts(self, batch: Batch) -> tuple[int, int, str | None]:
         for sink in self.sinks:

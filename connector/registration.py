@@ -11,12 +11,30 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["SourceRegistration", "PING_EVERY_SECS"]
+__all__ = ["SourceRegistration", "PING_EVERY_SECS", "stream_connector"]
 
 log = logging.getLogger(__name__)
 
 PING_EVERY_SECS = 40.0
+
+
+def stream_connector(connector_id: str, name: str) -> Any:
+    """pycti's description of this connector: type STREAM, as OpenCTI's stream connectors."""
+    from pycti import OpenCTIConnector
+
+    return OpenCTIConnector(
+        connector_id=connector_id,
+        connector_name=name,
+        connector_type="STREAM",
+        scope=[],
+        auto=False,
+        only_contextual=False,
+        playbook_compatible=False,
+        auto_update=False,
+        enrichment_resolution="none",
+    )
 
 
 class SourceRegistration:
@@ -56,7 +74,7 @@ class SourceRegistration:
 
     def _run(self, stop: threading.Event) -> None:
         try:
-            from pycti import OpenCTIApiClient, OpenCTIConnector
+            from pycti import OpenCTIApiClient
 
             api = OpenCTIApiClient(
                 self.url,
@@ -65,19 +83,7 @@ class SourceRegistration:
                 perform_health_check=False,
                 log_level="error",
             )
-            api.connector.register(
-                OpenCTIConnector(
-                    connector_id=self.connector_id,
-                    connector_name=self.name,
-                    connector_type="STREAM",
-                    scope=[],
-                    auto=False,
-                    only_contextual=False,
-                    playbook_compatible=False,
-                    auto_update=False,
-                    enrichment_resolution="none",
-                )
-            )
+            api.connector.register(stream_connector(self.connector_id, self.name))
             self.registered = True
             log.info(
                 "Registered on the source platform.", extra={"connector_id": self.connector_id}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 import zstandard
@@ -76,10 +77,22 @@ class Manifest:
             raise MalformedEvent(f"damaged manifest: {exc}") from exc
 
 
-def compress(raw: bytes, codec: str, level: int) -> bytes:
+class _Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+def _compressor(codec: str, level: int) -> _Compressor:
+    """A streaming compressor: deterministic output (no timestamps) for the same input."""
     if codec == "zstd":
-        return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-    return gzip.compress(raw, compresslevel=level, mtime=0)
+        return zstandard.ZstdCompressor(level=level).compressobj()
+    # wbits 31: a gzip member whose header carries mtime 0, readable by gzip.GzipFile.
+    return zlib.compressobj(level, zlib.DEFLATED, 31)
+
+
+def compress(raw: bytes, codec: str, level: int) -> bytes:
+    comp = _compressor(codec, level)
+    return comp.compress(raw) + comp.flush()
 
 
 def open_decompressed(fileobj: IO[bytes], codec: str) -> IO[bytes]:
@@ -101,8 +114,24 @@ def encode_segment(
     after: EventId | None = None,
 ) -> tuple[bytes, Manifest]:
     """Compress ``events`` into a segment body and describe it in a manifest."""
-    raw = b"".join([archive_line(ev) for ev in events])
-    body = compress(raw, codec, level)
+    # Compressed in slices of ~1 MiB: the whole uncompressed segment never sits in memory.
+    comp = _compressor(codec, level)
+    out = bytearray()
+    raw_size = 0
+    chunk: list[bytes] = []
+    chunk_size = 0
+    for ev in events:
+        line = archive_line(ev)
+        chunk.append(line)
+        chunk_size += len(line)
+        if chunk_size >= 1 << 20:
+            out += comp.compress(b"".join(chunk))
+            raw_size += chunk_size
+            chunk, chunk_size = [], 0
+    out += comp.compress(b"".join(chunk))
+    raw_size += chunk_size
+    out += comp.flush()
+    body = bytes(out)
     counts: dict[str, int] = {}
     objects: list[list[str]] = []
     merged: list[list[Any]] = []
@@ -121,7 +150,7 @@ def encode_segment(
         last_event_id=str(last),
         event_count=len(events),
         size=len(body),
-        raw_size=len(raw),
+        raw_size=raw_size,
         sha256=hashlib.sha256(body).hexdigest(),
         counts=counts,
         objects=objects,

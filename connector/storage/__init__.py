@@ -18,9 +18,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PermanentError
 
-__all__ = ["Storage", "open_storage"]
+__all__ = ["Storage", "open_storage", "check_key"]
+
+
+def check_key(key: str) -> str:
+    """Refuse any key that could climb out of the archive root (same rules on every backend,
+    so an archive moves between them unchanged). Keys are built from validated event ids; this
+    is the second line of defence."""
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
+        raise PermanentError(f"invalid storage key {key[:80]!r}")
+    return key
 
 
 @runtime_checkable

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import NotFound, PermanentError, RetryableError
+from . import check_key
 
 __all__ = ["LocalStorage"]
 
@@ -31,16 +32,7 @@ class LocalStorage:
         return f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        # Keys are built by the archive from validated event ids; refuse anything that could
-        # climb out of the root anyway.
-        if (
-            not key
-            or key.startswith("/")
-            or "\\" in key
-            or any(part in ("", ".", "..") for part in key.split("/"))
-        ):
-            raise PermanentError(f"invalid storage key {key[:80]!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
     def _write_tmp(self, path: Path, body: bytes) -> Path:
         try:

@@ -27,6 +27,7 @@ import urllib3.exceptions as u3e
 from botocore.config import Config
 
 from ..errors import ConfigError, ConnectorError, NotFound, PermanentError, RetryableError
+from . import check_key
 
 __all__ = ["S3Storage", "classify_s3_error"]
 
@@ -198,15 +199,7 @@ class S3Storage:
     # -- keys -------------------------------------------------------------------------------
 
     def _key(self, key: str) -> str:
-        # Same rules as LocalStorage so an archive can move between backends unchanged.
-        if (
-            not key
-            or key.startswith("/")
-            or "\\" in key
-            or any(part in ("", ".", "..") for part in key.split("/"))
-        ):
-            raise PermanentError(f"invalid storage key {key[:80]!r}")
-        return self.prefix + key
+        return self.prefix + check_key(key)
 
     # -- protocol -----------------------------------------------------------------------------
 

@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs installed
-from pycti import OpenCTIApiClient, OpenCTIConnector
+from pycti import OpenCTIApiClient
 
 from ..errors import PermanentError, RetryableError, SinkError
 from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
+from ..registration import stream_connector
 from ..sink import Batch
 
 __all__ = ["OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
@@ -381,17 +382,7 @@ class OpenCTITarget:
         self.platform_id = (data.get("settings") or {}).get("id")
         self._check_not_source()
         if self.register:
-            connector = OpenCTIConnector(
-                connector_id=self.connector_id,
-                connector_name=self.connector_name,
-                connector_type="STREAM",
-                scope=[],
-                auto=False,
-                only_contextual=False,
-                playbook_compatible=False,
-                auto_update=False,
-                enrichment_resolution="none",
-            )
+            connector = stream_connector(self.connector_id, self.connector_name)
             self._call("register connector", lambda: self.api.connector.register(connector))
         self._checked = True
         self._ping(force=True)
