@@ -472,3 +472,29 @@ def test_registers_on_the_source_platform_with_its_state(sim: SimServer, tmp_pat
         return str(next(iter(sim.store.platform_state.connectors.values())).get("connector_state"))
 
     wait_until(lambda: cp.last_event_id in state(), timeout=10, what=f"final ping ({state()})")
+
+
+def test_no_recover_is_remembered_and_consumer_metrics_advance(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """7.x control events: ``no-recover`` (carry on live, never ask again) and
+    ``consumer_metrics`` (a position, like a heartbeat)."""
+    generate(sim.store, 20, seed=13)
+    sim.set_fault(no_recover=True, consumer_metrics=True)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    generate(sim.store, 5, seed=14)
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live events")
+    run.stop()
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.recover_refused is True and cp.recover_until is None
+    live = [ev for ev in archived_events(archive) if not ev.synthetic]
+    assert len(live) >= 5 and run.error is None
+    # A restart does not ask for recovery again.
+    sim.set_fault(no_recover=None, consumer_metrics=None)
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    generate(sim.store, 3, seed=15)
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="after restart")
+    run.stop()
+    assert not [ev for ev in archived_events(archive) if ev.referer == "init-create"]
