@@ -383,15 +383,38 @@ class SseSource:
             if hwm is not None and hwm != self._complete:
                 self._complete = hwm
                 out.append(Complete(hwm))
-            self._hwm = ev.id
+            self._hwm = hwm = ev.id
+        elif hwm == self._complete:
+            # This id's group is already complete (and may be durable): a re-sent recovery
+            # object at or below our position is covered by it; anything else is out of order.
+            if ev.synthetic:
+                log.debug(
+                    "Skipping a re-sent event at or below the position.",
+                    extra={"event_id": id_text},
+                )
+                return
+            self._quarantine(
+                id_text,
+                name,
+                data,
+                f"event id {id_text} goes backwards (at or below the completed {hwm})",
+                out,
+            )
+            return
         elif ev.id < hwm and not ev.synthetic:
             self._quarantine(
                 id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out
             )
             return
         self._last_data = ev.id
-        ev.group = self._hwm or ev.id
+        ev.group = hwm
         out.append(ev)
+        if ev.id == hwm and not ev.synthetic:
+            # A live event is sent after its dependencies, which share its id, and a live id is
+            # never reused: its group is complete now. (Recovery ids can repeat, and dependency
+            # events precede their trigger, so those wait for a later id or a heartbeat.)
+            self._complete = hwm
+            out.append(Complete(hwm))
 
     def _connected(self, data: bytes, out: list[Item]) -> None:
         try:
