@@ -554,14 +554,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir), keep=args.keep)
 
 
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .jobs import run_snapshot_job
-
+def _archive_command(args: argparse.Namespace) -> tuple[Settings, Any]:
+    """Settings, logs and the archive storage of a command that needs an archive."""
     settings = _settings(args)
     _configure_logs(settings)
     archive = build_runtime_for_reading(settings)["archive"]
     if archive is None:
-        raise ConfigError("archive.uri", "required")
+        raise ConfigError("archive.uri", "required (--archive or ARCHIVE_URI)")
+    return settings, archive
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .jobs import run_snapshot_job
+
+    settings, archive = _archive_command(args)
     info = run_snapshot_job(archive, Path(settings.connector.work_dir))
     if info is None:
         print("snapshot: nothing new since the last one")
@@ -577,11 +583,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .jobs import run_retention_job
     from .retention import RetentionPolicy
 
-    settings = _settings(args)
-    _configure_logs(settings)
-    archive = build_runtime_for_reading(settings)["archive"]
-    if archive is None:
-        raise ConfigError("archive.uri", "required")
+    settings, archive = _archive_command(args)
     policy = RetentionPolicy(
         keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
     )
@@ -593,11 +595,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import format_report, verify_archive
 
-    settings = _settings(args)
-    _configure_logs(settings)
-    archive = build_runtime_for_reading(settings)["archive"]
-    if archive is None:
-        raise ConfigError("archive.uri", "required")
+    settings, archive = _archive_command(args)
     work = Path(settings.connector.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     report = verify_archive(archive, work_dir=work)

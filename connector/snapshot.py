@@ -30,9 +30,10 @@ import zstandard
 
 from .archive import ArchiveReader
 from .archive.layout import CODEC_SUFFIX
+from .archive.reader import group_filter
 from .archive.segment import open_decompressed
 from .errors import MalformedEvent, NotFound, PermanentError
-from .events import EventId, StreamEvent
+from .events import EventId
 from .state import ObjectRecord, StateStore, TombstoneRecord
 from .storage import Storage
 
@@ -236,27 +237,13 @@ def fold_segments(
                 "Archive gap: a segment continues from a position the state never reached.",
                 extra={"segment": m.segment, "after": m.after_event_id, "state": str(done)},
             )
-        events += state.apply_many(_group_filter(reader.segment_events(m), m.first, done, until))
+        events += state.apply_many(group_filter(reader.segment_events(m), m.first, done, until))
         segments += 1
         if until is not None and m.last > until:
             break  # a partial segment is never recorded as folded
         state.advance(m.last)
         last_key = ref.manifest_key
     return segments, events, last_key
-
-
-def _group_filter(
-    events: Iterator[StreamEvent], first: EventId, done: EventId | None, until: EventId | None
-) -> Iterator[StreamEvent]:
-    hwm = first
-    for ev in events:
-        if ev.id > hwm:
-            hwm = ev.id
-        if done is not None and hwm <= done:
-            continue
-        if until is not None and hwm > until:
-            return
-        yield ev
 
 
 class _PartWriter:

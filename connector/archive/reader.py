@@ -11,7 +11,25 @@ from ..storage import Storage
 from .layout import MANIFESTS_PREFIX
 from .segment import Manifest, iter_segment_events, iter_segment_lines
 
-__all__ = ["ArchiveReader", "SegmentRef"]
+__all__ = ["ArchiveReader", "SegmentRef", "group_filter"]
+
+
+def group_filter(
+    events: Iterator[StreamEvent], first: EventId, done: EventId | None, until: EventId | None
+) -> Iterator[StreamEvent]:
+    """The events of one segment whose group id is in ``(done, until]``.
+
+    The group id is the running maximum of event ids from the segment's first group id.
+    """
+    hwm = first
+    for ev in events:
+        if ev.id > hwm:
+            hwm = ev.id
+        if done is not None and hwm <= done:
+            continue
+        if until is not None and hwm > until:
+            return
+        yield ev
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +76,7 @@ class ArchiveReader:
                 continue
             if until is not None and m.first > until:
                 return
-            hwm = m.first
-            for ev in self.segment_events(m):
-                if ev.id > hwm:
-                    hwm = ev.id
-                if done is not None and hwm <= done:
-                    continue
-                if until is not None and hwm > until:
-                    return
-                yield ev
+            yield from group_filter(self.segment_events(m), m.first, done, until)
+            if until is not None and m.last > until:
+                return
             done = m.last if done is None else max(done, m.last)
