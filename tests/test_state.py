@@ -23,6 +23,7 @@ from connector.sim.store import SimStore
 from connector.sink import Batch
 from connector.state import StateStore
 from connector.storage.local import LocalStorage
+from tests.support.simlog import sim_events
 
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 CLOCK0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -57,22 +58,6 @@ def new_sim() -> SimStore:
     return SimStore(clock=ticking_clock())
 
 
-def sim_events(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
-    """Data events of the simulator's stream log from absolute ``pos``, parsed like SSE."""
-    out: list[StreamEvent] = []
-    while True:
-        chunk = store.read(pos)
-        if not chunk.frames:
-            return out, pos
-        for frame in chunk.frames:
-            fields: dict[str, str] = {}
-            for line in frame.decode().split("\n"):
-                name, sep, value = line.partition(": ")
-                if sep:
-                    fields[name] = value
-            if fields.get("event") in ("create", "update", "merge", "delete"):
-                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
-        pos = chunk.start + len(chunk.frames)
 
 
 def _groups(events: list[StreamEvent]) -> Iterator[tuple[EventId, list[StreamEvent]]]:

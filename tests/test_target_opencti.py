@@ -25,27 +25,12 @@ from connector.sim.store import SimStore
 from connector.sink import Batch
 from connector.target.opencti import OpenCTITarget, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
+from tests.support.simlog import sim_events as events_since
 
 TOKEN = "target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 
 
-def events_since(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
-    """Data events of ``store``'s stream log from absolute position ``pos``, parsed like SSE."""
-    out: list[StreamEvent] = []
-    while True:
-        chunk = store.read(pos)
-        if not chunk.frames:
-            return out, pos
-        for frame in chunk.frames:
-            fields: dict[str, str] = {}
-            for line in frame.decode().split("\n"):
-                name, sep, value = line.partition(": ")
-                if sep:
-                    fields[name] = value
-            if fields.get("event") in ("create", "update", "merge", "delete"):
-                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
-        pos = chunk.start + len(chunk.frames)
 
 
 def batch_of(events: list[StreamEvent]) -> Batch:
