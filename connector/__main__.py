@@ -500,6 +500,8 @@ def build_runtime_for_reading(settings: Settings) -> dict[str, Any]:
 def cmd_check(args: argparse.Namespace) -> int:
     import httpx
 
+    from .source import tls_verify
+
     settings = _settings(args)
     _configure_logs(settings)
     _require_source(settings)
@@ -510,7 +512,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
     try:
         with (
-            httpx.Client(timeout=httpx.Timeout(10.0), verify=verify) as client,
+            httpx.Client(timeout=httpx.Timeout(10.0), verify=tls_verify(verify)) as client,
             client.stream(
                 "GET", url + path, headers={"Authorization": f"Bearer {settings.opencti.token}"}
             ) as resp,

@@ -26,7 +26,7 @@ from httpx_sse import connect_sse
 
 from .errors import SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, octi_ext
-from .source import SourceConfig, iso_now
+from .source import SourceConfig, iso_now, tls_verify
 from .storage import Storage
 
 __all__ = ["REFERER", "reconcile_deletes", "platform_ids"]
@@ -55,7 +55,7 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
     timeout = httpx.Timeout(10.0, read=config.read_timeout)
     try:
         with (
-            httpx.Client(timeout=timeout, verify=config.verify) as client,
+            httpx.Client(timeout=timeout, verify=tls_verify(config.verify)) as client,
             connect_sse(client, "GET", url, params=params, headers=headers) as source,
         ):
             status = source.response.status_code

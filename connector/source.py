@@ -51,6 +51,7 @@ __all__ = [
     "SseSource",
     "iso_now",
     "SseBytesDecoder",
+    "tls_verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,13 @@ class SourceConfig:
     queue_size: int = 256
 
 
+def tls_verify(verify: bool | str) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: True / False, or a context trusting a CA bundle file."""
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)
+    return verify
+
+
 def iso_now() -> str:
     now = dt.datetime.now(dt.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
@@ -180,7 +188,9 @@ class SseSource:
 
     def _default_client(self) -> httpx.Client:
         timeout = httpx.Timeout(10.0, read=self.config.read_timeout)
-        return httpx.Client(timeout=timeout, verify=self.config.verify, follow_redirects=False)
+        return httpx.Client(
+            timeout=timeout, verify=tls_verify(self.config.verify), follow_redirects=False
+        )
 
     # -- request ---------------------------------------------------------------------------
 
