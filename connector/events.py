@@ -18,9 +18,7 @@ from .errors import MalformedEvent
 __all__ = [
     "DATA_EVENTS",
     "EventId",
-    "Connected",
     "ControlEvent",
-    "Heartbeat",
     "Quarantined",
     "StreamEvent",
     "archive_line",
@@ -69,9 +67,6 @@ class EventId(NamedTuple):
     def from_key(cls, key: str) -> EventId:
         ms, _, seq = key.partition("-")
         return cls(int(ms), int(seq))
-
-
-ZERO = EventId(0, 0)
 
 
 class StreamEvent:
@@ -200,23 +195,6 @@ class StreamEvent:
 def _loads_object(data: bytes) -> dict[str, Any]:
     value = orjson.loads(data)
     return value if isinstance(value, dict) else {}
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """``event: heartbeat``: the server's position; completes every group below it."""
-
-    id: EventId
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """``event: connected``: the server's retention window for this connection."""
-
-    first_event_id: EventId | None
-    last_event_id: EventId | None
-    stream_size: int
-    connection_id: str
 
 
 @dataclass(frozen=True, slots=True)

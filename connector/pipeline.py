@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from . import metrics
 from .checkpoint import Checkpoint, CheckpointStore
 from .errors import ConnectorError, RetryableError
-from .events import Connected, ControlEvent, EventId, Heartbeat, Quarantined, StreamEvent
+from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .sink import Batch, Sink
-from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource
+from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
 
 __all__ = ["BatchPolicy", "Pipeline", "ShutdownTimeout", "write_with_retry", "retry_call"]
 
@@ -35,13 +35,6 @@ class BatchPolicy:
     max_events: int = 20_000
     max_bytes: int = 32 * 1024 * 1024
     max_age_secs: float = 10.0
-
-
-def _iso_id(text: str) -> EventId:
-    import datetime as dt
-
-    when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return EventId(int(when.timestamp() * 1000), 0)
 
 
 class ShutdownTimeout(ConnectorError):
@@ -154,8 +147,6 @@ class Pipeline:
         self._pending_bytes = 0
         self._oldest: float | None = None
         self._deadline: float | None = None
-        self.connected: Connected | None = None
-        self.batches = 0
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
         self._segment_last: EventId | None = (
@@ -249,15 +240,11 @@ class Pipeline:
                 self.checkpoint.recover_until = item.repair_recover_until
                 self.checkpoint.reconcile = {"due": True, **gap}
             self._save()
-        elif isinstance(item, Connected):
-            self.connected = item
         elif isinstance(item, ControlEvent):
             if item.name == "no-recover" and not self.checkpoint.recover_refused:
                 self.checkpoint.recover_refused = True
                 self.checkpoint.recover_until = None
                 self._save()
-        elif isinstance(item, Heartbeat):
-            pass
         elif isinstance(item, Fatal):
             metrics.ERRORS.labels(type(item.error).__name__).inc()
             self.stop.set()
@@ -273,7 +260,8 @@ class Pipeline:
         if self.reconciler is None or not rec or not rec.get("due"):
             return False
         until = rec.get("repair_recover_until")
-        if until and at < _iso_id(str(until)):
+        repair = iso_to_id(str(until)) if until else None
+        if repair is not None and at < repair:
             return False  # the repair's recovery is still under way
         try:
             events = self.reconciler(at)
@@ -370,7 +358,6 @@ class Pipeline:
         for name, count in counts.items():
             for sink in self.sinks:
                 metrics.EVENTS_WRITTEN.labels(sink.name, name).inc(count)
-        self.batches += 1
         log.info(
             "Batch written.",
             extra={

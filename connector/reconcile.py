@@ -26,7 +26,7 @@ from httpx_sse import connect_sse
 
 from .errors import SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, octi_ext
-from .source import SourceConfig, iso_now, tls_verify
+from .source import SourceConfig, iso_now, iso_to_id, tls_verify
 from .storage import Storage
 
 __all__ = ["REFERER", "reconcile_deletes", "platform_ids"]
@@ -40,7 +40,7 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
     """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform."""
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
     recover = iso_now()
-    recover_id = EventId(int(_ms(recover)), 0)
+    recover_id = iso_to_id(recover) or EventId(0, 0)  # iso_now() always parses
     base = config.url.rstrip("/")
     url = f"{base}/stream/{config.stream_id or 'live'}"
     params = {
@@ -85,12 +85,6 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
         raise SourceRetryable(f"reconcile listing failed: {exc}") from exc
     db.commit()
     return seen
-
-
-def _ms(iso: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
 
 
 def reconcile_deletes(

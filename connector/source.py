@@ -34,10 +34,8 @@ import orjson
 from .errors import MalformedEvent, SourceRetryable, StreamGoneError
 from .events import (
     DATA_EVENTS,
-    Connected,
     ControlEvent,
     EventId,
-    Heartbeat,
     Quarantined,
     StreamEvent,
 )
@@ -50,6 +48,7 @@ __all__ = [
     "SourceConfig",
     "SseSource",
     "iso_now",
+    "iso_to_id",
     "SseBytesDecoder",
     "tls_verify",
 ]
@@ -89,17 +88,7 @@ class Fatal:
     error: Exception
 
 
-Item = (
-    StreamEvent
-    | Complete
-    | Disconnected
-    | GapDetected
-    | Fatal
-    | Quarantined
-    | Heartbeat
-    | Connected
-    | ControlEvent
-)
+Item = StreamEvent | Complete | Disconnected | GapDetected | Fatal | Quarantined | ControlEvent
 
 
 @dataclass(frozen=True)
@@ -130,7 +119,8 @@ def iso_now() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
-def _iso_to_id(text: str) -> EventId | None:
+def iso_to_id(text: str) -> EventId | None:
+    """``<ms of an ISO 8601 date>-0``, or None when the text is no date."""
     try:
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -163,9 +153,7 @@ class SseSource:
         self._hwm: EventId | None = resume
         self._start_from = start_from
         self._recover_until = recover_until
-        self._last_data: EventId | None = None
         self._unknown_logged: set[str] = set()
-        self.connections = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -307,7 +295,6 @@ class SseSource:
             self._response = response
             try:
                 self._check_status(response)
-                self.connections += 1
                 decoder = SseBytesDecoder()
                 for chunk in response.iter_bytes():
                     out: list[Item] = []
@@ -349,7 +336,6 @@ class SseSource:
                 self._hwm = hb
                 self._complete = hb
                 out.append(Complete(hb))
-            out.append(Heartbeat(hb))
         elif name == "connected":
             self._connected(data, out)
         elif name in _KNOWN_CONTROL:
@@ -416,7 +402,6 @@ class SseSource:
                 id_text, name, data, f"event id {id_text} goes backwards (after {hwm})", out
             )
             return
-        self._last_data = ev.id
         ev.group = hwm
         out.append(ev)
         if ev.id == hwm and not ev.synthetic:
@@ -434,17 +419,10 @@ class SseSource:
         if not isinstance(info, dict):
             info = {}
         first = _opt_id(info.get("firstEventId"))
-        conn = Connected(
-            first_event_id=first,
-            last_event_id=_opt_id(info.get("lastEventId")),
-            stream_size=int(info.get("streamSize") or 0),
-            connection_id=str(info.get("connectionId") or ""),
-        )
-        out.append(conn)
         position = self._complete
         if position is None or first is None or position == EventId(0, 0):
             return
-        recover_id = _iso_to_id(self._recover_until) if self._recover_until else None
+        recover_id = iso_to_id(self._recover_until) if self._recover_until else None
         effective = max(position, recover_id) if recover_id is not None else position
         if effective >= first:
             return
