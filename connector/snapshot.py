@@ -30,8 +30,7 @@ import zstandard
 
 from .archive import ArchiveReader
 from .archive.layout import CODEC_SUFFIX
-from .archive.reader import group_filter
-from .archive.segment import open_decompressed
+from .archive.segment import iter_segment_lines, open_decompressed
 from .errors import MalformedEvent, NotFound, PermanentError
 from .events import EventId
 from .state import ObjectRecord, StateStore, TombstoneRecord
@@ -237,7 +236,11 @@ def fold_segments(
                 "Archive gap: a segment continues from a position the state never reached.",
                 extra={"segment": m.segment, "after": m.after_event_id, "state": str(done)},
             )
-        events += state.apply_many(group_filter(reader.segment_events(m), m.first, done, until))
+        # Lines straight into the state: one parse per line, no StreamEvent per event.
+        with reader.storage.open(m.segment) as fh:
+            events += state.fold_lines(
+                iter_segment_lines(fh, m.codec), first=m.first, done=done, until=until
+            )
         segments += 1
         if until is not None and m.last > until:
             break  # a partial segment is never recorded as folded

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from .events import OCTI_EXT, EventId, StreamEvent, octi_ext
+from .errors import MalformedEvent
+from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -108,7 +109,8 @@ _ADD_ALIAS = (
 _ADD_REF = "INSERT INTO refs (ref, key) VALUES (?, ?)"
 # Upserts folded per batch: bounded so the per-batch dictionaries stay small.
 _RUN_EVENTS = 4096
-_LOOKUP_CHUNK = 900  # under SQLite's bound-parameter limit
+_LOOKUP_CHUNK = 900
+_CACHE_KIB = 8192  # under SQLite's bound-parameter limit
 _REF_SUFFIXES = ("_ref", "_refs")
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -138,9 +140,8 @@ def stix_refs(stix: dict[str, Any]) -> list[str]:
 
 def _refs(stix: dict[str, Any], octi: dict[str, Any]) -> list[str]:
     out: list[str] = []
-    for key, value in stix.items():
-        if not key.endswith(_REF_SUFFIXES):
-            continue
+    for key in _ref_fields(stix):
+        value = stix[key]
         if key[-1] == "f":
             if isinstance(value, str):
                 out.append(value)
@@ -152,6 +153,23 @@ def _refs(stix: dict[str, Any], octi: dict[str, Any]) -> list[str]:
     if isinstance(granted, list):
         out.extend(v for v in granted if isinstance(v, str))
     return out
+
+
+# Objects of one type share their key layout, so the ref fields are found once per layout
+# instead of testing every key of every object (that test was a sixth of the planning time).
+_LAYOUTS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_LAYOUTS_MAX = 4096
+
+
+def _ref_fields(stix: dict[str, Any]) -> tuple[str, ...]:
+    layout = tuple(stix)
+    fields = _LAYOUTS.get(layout)
+    if fields is None:
+        fields = tuple(k for k in layout if k.endswith(_REF_SUFFIXES))
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()  # many layouts: bounded memory beats the hit rate
+        _LAYOUTS[layout] = fields
+    return fields
 
 
 def push_phase(stix: dict[str, Any]) -> int:
@@ -216,7 +234,11 @@ def _version_of(stix: dict[str, Any]) -> str:
 
 def _previous_standard(ev: StreamEvent) -> str | None:
     """The standard id before an id-changing update (the reverse patch's ``/id`` value)."""
-    context = ev.envelope.get("context")
+    return _reverse_id(ev.envelope)
+
+
+def _reverse_id(envelope: dict[str, Any]) -> str | None:
+    context = envelope.get("context")
     ops = context.get("reverse_patch") if isinstance(context, dict) else None
     for op in ops if isinstance(ops, list) else []:
         if isinstance(op, dict) and op.get("path") == "/id" and isinstance(op.get("value"), str):
@@ -253,10 +275,93 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _batches(events: Iterable[StreamEvent], size: int) -> Iterator[list[StreamEvent]]:
-    it = iter(events)
-    while chunk := list(islice(it, size)):
-        yield chunk
+def _event_id(text: str) -> EventId:
+    # The archive's ids were validated when written: split them without the regex, and fall
+    # back to the strict parser (and its error) for anything unusual.
+    ms, _, seq = text.partition("-")
+    if ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit():
+        if len(ms) <= 15 and len(seq) <= 10:
+            return EventId(int(ms), int(seq))
+    return EventId.parse(text)
+
+
+def _parse_line(line: bytes) -> tuple[EventId, str, str, dict[str, Any]]:
+    """``(event id, id text, event name, envelope)`` of one archive line (no ``StreamEvent``)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEvent(f"archive line is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedEvent("archive line lacks id/event/data")
+    id_text, event, envelope = obj.get("id"), obj.get("event"), obj.get("data")
+    if not isinstance(id_text, str) or not isinstance(event, str) or not isinstance(envelope, dict):
+        raise MalformedEvent("archive line lacks id/event/data")
+    return _event_id(id_text), id_text, event, envelope
+
+
+# One plain upsert, reduced to what the fold needs: (event id, event id text, event name,
+# internal id, [STIX id, *extension stix_ids], version, refs, the objects row's type, phase and
+# data, and the event itself (a StreamEvent, or its archive line) for the per-event path).
+_Item = tuple[
+    EventId, str, str, str | None, list[str], str, set[str], str, int, bytes, "StreamEvent | bytes"
+]
+
+
+def _upsert_item(
+    eid: EventId, id_text: str, event: str, envelope: dict[str, Any], src: StreamEvent | bytes
+) -> _Item | None:
+    """The item of a plain create/update; None when the event needs the per-event path."""
+    if event != "create" and event != "update":
+        return None
+    stix = envelope.get("data")
+    if not isinstance(stix, dict) or _reverse_id(envelope) is not None:
+        return None
+    octi = octi_ext(stix)
+    iid = octi.get("id")
+    iid = iid if isinstance(iid, str) and iid else None
+    ids = [str(stix.get("id"))]
+    extra = octi.get("stix_ids")
+    if extra:
+        ids.extend(x for x in extra if isinstance(x, str))
+    stamp = octi.get("updated_at") or stix.get("modified") or ""
+    version = _norm_version(stamp) if isinstance(stamp, str) else ""
+    refs = set(_refs(stix, octi))
+    stype = str(stix.get("type", ""))
+    blob = orjson.dumps(stix)
+    return eid, id_text, event, iid, ids, version, refs, stype, push_phase(stix), blob, src
+
+
+def _as_event(src: StreamEvent | bytes) -> StreamEvent:
+    return src if isinstance(src, StreamEvent) else parse_archive_line(src)
+
+
+class _Seen:
+    """A Bloom filter over every alias this process wrote or loaded: no false negatives.
+
+    Folding a large archive is mostly objects never seen before; asking SQLite about each of
+    their ids cost as much as writing them. A fixed 8 MB of bits answers "certainly new" for
+    nearly all of them (about 0.5% false positives at 2.5 M aliases), so memory stays flat.
+    """
+
+    __slots__ = ("bits",)
+    _BITS = 1 << 26
+    _MASK = _BITS - 1
+
+    def __init__(self) -> None:
+        self.bits = bytearray(self._BITS >> 3)
+
+    def add(self, alias: str) -> None:
+        h = hash(alias)
+        a, b = h & self._MASK, (h >> 26) & self._MASK
+        bits = self.bits
+        bits[a >> 3] |= 1 << (a & 7)
+        bits[b >> 3] |= 1 << (b & 7)
+
+    def maybe(self, alias: str) -> bool:
+        h = hash(alias)
+        a, b = h & self._MASK, (h >> 26) & self._MASK
+        bits = self.bits
+        return bool(bits[a >> 3] & (1 << (a & 7))) and bool(bits[b >> 3] & (1 << (b & 7)))
 
 
 class _Known:
@@ -303,13 +408,18 @@ class StateStore:
         # Autocommit mode: transactions are opened explicitly, one per apply/apply_many.
         self._db = sqlite3.connect(str(self.path), isolation_level=None)
         # A scratch database rebuilt from the archive at will: durability is not needed. The
-        # rollback journal stays on disk (a memory journal would grow with the segment).
+        # rollback journal stays (a failed fold rolls back; journal_mode=OFF cannot), on disk (a
+        # memory journal would grow with the segment); appended pages are never journaled. The
+        # page cache is small: the working set of a fold is the key indexes' right edges and the
+        # batch's lookups, and a large cache was most of the restore's peak memory. Temporary
+        # B-trees (the sort that builds a lazy index) spill to files instead of memory.
         for pragma in (
             "page_size=16384",  # before the first table: fewer, fuller pages for 2 KB rows
             "journal_mode=TRUNCATE",
             "synchronous=OFF",
-            "cache_size=-65536",
-            "temp_store=MEMORY",
+            f"cache_size=-{_CACHE_KIB}",
+            "temp_store=FILE",
+            "mmap_size=0",
         ):
             self._db.execute(f"PRAGMA {pragma}")
         if int(self._db.execute("PRAGMA user_version").fetchone()[0]) != _SCHEMA_VERSION:
@@ -318,6 +428,8 @@ class StateStore:
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._indexed: set[str] = set()
+        self._seen = _Seen()
+        self._seen_loaded = self._db.execute("SELECT 1 FROM aliases LIMIT 1").fetchone() is None
         self.as_of: EventId | None = None
         self._reload_as_of()
 
@@ -357,30 +469,68 @@ class StateStore:
         self.apply_many([ev])
 
     def apply_many(self, events: Iterable[StreamEvent]) -> int:
-        """Fold events in stream order, all in one transaction. Returns how many were applied.
+        """Fold events in stream order, all in one transaction. Returns how many were applied."""
+        return self._fold((ev.id, ev.id_text, ev.event, ev.envelope, ev) for ev in events)
 
-        Runs of plain creates and updates are folded in batches: one lookup query for all their
-        ids, then a few ``executemany`` writes. Merges, deletes and standard-id changes take the
-        per-event path; they are rare, and what they touch is found through the indexes.
+    def fold_lines(
+        self,
+        lines: Iterable[bytes],
+        *,
+        first: EventId,
+        done: EventId | None = None,
+        until: EventId | None = None,
+    ) -> int:
+        """Fold one segment's archive lines whose group id is in ``(done, until]``.
+
+        The group id is the running maximum of event ids from the segment's ``first``. Each line
+        is parsed once, straight into the rows it produces; no ``StreamEvent`` is built except
+        for the rare events that take the per-event path. One transaction; returns how many
+        events were applied.
+        """
+
+        def entries() -> Iterator[tuple[EventId, str, str, dict[str, Any], bytes]]:
+            hwm = first
+            for line in lines:
+                eid, id_text, event, envelope = _parse_line(line)
+                if eid > hwm:
+                    hwm = eid
+                if done is not None and hwm <= done:
+                    continue
+                if until is not None and hwm > until:
+                    return
+                yield eid, id_text, event, envelope, line
+
+        return self._fold(entries())
+
+    def _fold(
+        self, entries: Iterable[tuple[EventId, str, str, dict[str, Any], StreamEvent | bytes]]
+    ) -> int:
+        """Runs of plain creates and updates are reduced to rows as they are read and written in
+        batches: one lookup query for the ids that may already be stored, then a few
+        ``executemany`` writes. Merges, deletes and standard-id changes take the per-event path;
+        they are rare, and what they touch is found through the indexes.
         """
         count = 0
-        # Parsed events are acyclic and freed by reference counting; the cyclic collector would
-        # only rescan the batch's thousands of live dicts, over and over (a third of the time).
+        # Items are acyclic and freed by reference counting; the cyclic collector would only
+        # rescan the batch's live containers, over and over.
         paused = gc.isenabled()
         gc.disable()
         self._db.execute("BEGIN")
         try:
-            for chunk in _batches(events, _RUN_EVENTS):
-                run: list[StreamEvent] = []
-                for ev in chunk:
-                    if ev.event in ("create", "update") and _previous_standard(ev) is None:
-                        run.append(ev)
-                        continue
-                    self._fold_run(run)
-                    run = []
-                    self._apply(ev)
+            run: list[_Item] = []
+            for eid, id_text, event, envelope, src in entries:
+                count += 1
+                item = _upsert_item(eid, id_text, event, envelope, src)
+                if item is not None:
+                    run.append(item)
+                    if len(run) >= _RUN_EVENTS:
+                        self._fold_run(run)
+                        run = []
+                    continue
                 self._fold_run(run)
-                count += len(chunk)
+                run = []
+                self._apply(_as_event(src))
+            self._fold_run(run)
         except BaseException:
             self._db.execute("ROLLBACK")
             self._reload_as_of()
@@ -413,40 +563,33 @@ class StateStore:
         # The group id is the running maximum: a recovery event with a lower id stays in its group.
         self._set_as_of(ev.id)
 
-    def _fold_run(self, run: list[StreamEvent]) -> None:
+    def _fold_run(self, run: list[_Item]) -> None:
         """Plain upserts (no standard-id change announced), with ``_upsert``'s exact rules."""
         while run:
             done = self._fold_batch(run)
             if done < len(run):
                 # A standard-id change found on the way: that event takes the per-event path.
-                self._apply(run[done])
+                self._apply(_as_event(run[done][10]))
                 done += 1
             run = run[done:]
 
-    def _fold_batch(self, run: list[StreamEvent]) -> int:
-        """Fold ``run`` up to the first event that needs ``_upsert``; returns how many."""
-        items: list[tuple[StreamEvent, dict[str, Any], dict[str, Any], str | None, list[str]]] = []
+    def _fold_batch(self, items: list[_Item]) -> int:
+        """Fold ``items`` up to the first one that needs ``_upsert``; returns how many."""
+        self._load_seen()
+        maybe = self._seen.maybe
         wanted: set[str] = set()
-        for ev in run:
-            stix = ev.stix
-            octi = octi_ext(stix)
-            iid = octi.get("id")
-            iid = iid if isinstance(iid, str) and iid else None
-            ids = [str(stix.get("id"))]
-            extra = octi.get("stix_ids")
-            if extra:
-                ids.extend(x for x in extra if isinstance(x, str))
-            items.append((ev, stix, octi, iid, ids))
-            wanted.update(ids)
-            if iid:
+        for item in items:
+            iid = item[3]
+            if iid and maybe(iid):
                 wanted.add(iid)
-        known = self._lookup(wanted)
+            wanted.update(i for i in item[4] if maybe(i))
+        known = self._lookup(wanted) if wanted else {}
         pending: dict[str, _Pending] = {}
         alias_rows: list[tuple[str, str]] = []
         written: list[tuple[str, str]] = []
         done = 0
         as_of = self.as_of
-        for ev, stix, octi, iid, ids in items:
+        for eid, id_text, event, iid, ids, version, refs, stype, phase, blob, _ in items:
             old = known.get(iid) if iid else None
             if old is not None and old.key == iid:
                 pass
@@ -461,20 +604,16 @@ class StateStore:
                     ),
                     None,
                 )
-            stamp = octi.get("updated_at") or stix.get("modified") or ""
-            version = _norm_version(stamp) if isinstance(stamp, str) else ""
             if old is not None and old.version and version and version < old.version:
                 pass  # a dependency re-send or recovery duplicate of an older version
             elif old is not None and old.stix_id != ids[0]:
                 break  # standard-id change: re-point what referenced the old id (_upsert)
             else:
                 key = old.key if old is not None else (iid or ids[0])
-                refs = set(_refs(stix, octi))
                 pend = pending.get(key)
                 if pend is None:
                     pend = pending[key] = _Pending(old.stored_refs() if old else set())
-                pend.row = (key, ids[0], iid, str(stix.get("type", "")), push_phase(stix))
-                pend.row += (ev.id_text, ev.event, version, orjson.dumps(stix))
+                pend.row = (key, ids[0], iid, stype, phase, id_text, event, version, blob)
                 pend.refs = refs
                 if old is not None:
                     old.iid, old.stix_id, old.version, old.refs = iid, ids[0], version, refs
@@ -487,8 +626,8 @@ class StateStore:
                         known[alias] = mine
                         alias_rows.append((alias, key))
                 written.append((key, ids[0]))
-            if as_of is None or ev.id > as_of:
-                as_of = ev.id
+            if as_of is None or eid > as_of:
+                as_of = eid
             done += 1
         self._flush(pending, alias_rows, written)
         if as_of is not None:
@@ -526,12 +665,30 @@ class StateStore:
         if dropped:
             self._index("by_key")
             db.executemany("DELETE FROM refs WHERE ref = ? AND key = ?", dropped)
-        db.executemany(_UPSERT_OBJECT, [p.row for p in pending.values()])
-        db.executemany(_ADD_ALIAS, alias_rows)
+        # Sorted: the key indexes' B-trees are then walked in order, one page after the other.
+        db.executemany(_UPSERT_OBJECT, sorted(p.row for p in pending.values()))
+        alias_rows.sort()  # each alias has one key per batch (see _fold_batch): order is free
+        self._add_aliases(_ADD_ALIAS, alias_rows)
         db.executemany(_ADD_REF, [(r, k) for k, p in pending.items() for r in p.refs - p.db_refs])
         # A new life for a deleted object (same identity, or same standard id re-created).
         if written and db.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone():
             db.executemany("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", written)
+
+    def _add_aliases(self, sql: str, rows: list[tuple[str, str]]) -> None:
+        """Every alias row goes through here: the Bloom filter must never miss one."""
+        add = self._seen.add
+        for alias, _ in rows:
+            add(alias)
+        self._db.executemany(sql, rows)
+
+    def _load_seen(self) -> None:
+        """Fill the filter from a store opened with data in it (once per process)."""
+        if self._seen_loaded:
+            return
+        self._seen_loaded = True
+        add = self._seen.add
+        for (alias,) in self._db.execute("SELECT alias FROM aliases"):
+            add(alias)
 
     def _resolve(self, refs: Iterable[str | None], *, iid: str | None = None) -> str | None:
         """The key of the live object known under the first of ``refs`` that resolves.
@@ -567,7 +724,7 @@ class StateStore:
         db = self._db
         db.execute("DELETE FROM refs WHERE key = ?", (key,))
         db.execute(_UPSERT_OBJECT, _object_row(key, stix, event_id, event))
-        db.executemany(_ADD_ALIAS, [(a, key) for a in _aliases_of(key, stix)])
+        self._add_aliases(_ADD_ALIAS, [(a, key) for a in _aliases_of(key, stix)])
         db.executemany(_ADD_REF, [(r, key) for r in set(stix_refs(stix))])
 
     def _forget(self, key: str) -> None:
@@ -617,7 +774,7 @@ class StateStore:
         self._db.execute("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", (key, stix_id))
         if old is not None and old.stix_id != stix_id:
             # Standard id change: the old id stays an alias, and what referenced it follows.
-            self._db.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?)", (old.stix_id, key))
+            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(old.stix_id, key)])
             self._repoint([old.stix_id], stix_id)
         return key
 
@@ -651,7 +808,7 @@ class StateStore:
             absorbed.extend(i for i in ids if i not in absorbed)
         key = self._upsert(target, ev.id_text, "merge", None, guard=False)
         if key is not None and absorbed:
-            self._db.executemany(
+            self._add_aliases(
                 "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(a, key) for a in absorbed]
             )
             self._repoint(absorbed, ev.stix_id)
@@ -766,7 +923,7 @@ class StateStore:
                 db.executemany(
                     _UPSERT_OBJECT, [_object_row(r.key, r.data, r.event_id, r.event) for r in chunk]
                 )
-                db.executemany(
+                self._add_aliases(
                     _ADD_ALIAS, [(a, r.key) for r in chunk for a in _aliases_of(r.key, r.data)]
                 )
                 db.executemany(
