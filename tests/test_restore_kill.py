@@ -1,0 +1,124 @@
+"""A restore killed halfway (SIGKILL) and run again resumes: it does not start over.
+
+Real processes and real HTTP: ``opencti-sync restore --opencti`` runs as a child process and
+pushes through pycti into the simulator's platform double (a SimServer in this process). Once the
+double has imported 1,500 objects, the test holds the double's import lock, so the next push is
+stuck mid-request, and kills the child there: the worst moment, a push sent but never
+acknowledged. The same command then finishes the job, pushing fewer objects than the state holds,
+and the double ends equal to the source platform at the archive's last event.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from connector.sim import sample_bundle
+from connector.sim.generator import generate
+from connector.sim.platform import platform_state
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from tests.support.compare import assert_same_state
+from tests.support.connector import ROOT
+from tests.test_state import archive_events, new_sim, sim_events
+
+TOKEN = "kill-token-0123456789"
+SAMPLE = "DATA-TEST-STIX2_v2.json"
+
+
+def _command(archive: Path, url: str, work: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "connector",
+        "restore",
+        "--archive",
+        str(archive),
+        "--opencti",
+        url,
+        "--token",
+        TOKEN,
+        "--work-dir",
+        str(work),
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"}
+
+
+def _pushed(state: Any, start: int = 0) -> int:
+    """Objects in the bundles the double imported, from push number ``start`` on."""
+    return sum(int(p["objects"]) for p in list(state.pushes)[start:])
+
+
+def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
+    source = new_sim()
+    source.load_bundle(sample_bundle(SAMPLE))
+    generate(source, 6000, seed=11)  # creates, updates, id changes, merges and deletes
+    expected = source.dump_bundle()
+    total = len(expected["objects"])
+    assert total > 5 * 500  # several of the restore's 500-object batches
+    events, _ = sim_events(source)
+    archive = tmp_path / "archive"
+    archive_events(LocalStorage(archive), events, per_segment=400)
+
+    work = tmp_path / "work"
+    with SimServer(token=TOKEN) as double:
+        double.store.api_token = TOKEN  # type: ignore[attr-defined]
+        state = platform_state(double.store)  # created now, shared with the double
+        child = subprocess.Popen(
+            _command(archive, double.url, work),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _wait(lambda: _pushed(state) >= 1500 or child.poll() is not None, "1,500 objects")
+            with state.lock:  # the child's next push now waits inside the double
+                assert child.poll() is None, "the restore finished before it could be killed"
+                first_run = _pushed(state)
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == -signal.SIGKILL
+        # Saved after each acknowledged batch (the last ack may have come just before the kill).
+        progress = orjson.loads((work / "restore-progress.json").read_bytes())
+        assert first_run - 500 <= progress["pushed"] <= first_run < total
+
+        killed_at = len(state.pushes)
+        again = subprocess.run(
+            _command(archive, double.url, work),
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+        summary = orjson.loads(again.stdout[again.stdout.index("{") :])
+        assert summary["resumed_from"]["step"] != "merged-away"
+        second = _pushed(state, killed_at)
+        # Resumed after the last acknowledged batch: what follows it, plus at most the batch the
+        # double received from the killed child (it may land after ``killed_at``) and one
+        # unacknowledged batch pushed again.
+        assert 0 < second <= total - progress["pushed"] + 2 * 500
+        assert second < total
+        assert not (work / "restore-progress.json").exists()
+        assert_same_state(expected, double.store.dump_bundle())
