@@ -208,6 +208,27 @@ class TargetSection:
         "Allow the target to be the source platform itself (loops!).",
         False,
     )
+    transport: str = _key(
+        "TARGET_TRANSPORT",
+        "How events reach the target's workers: 'amqp' (one message per event on the connector's "
+        "RabbitMQ push queue, as the platform's own synchroniser; carries event_id, synchronized "
+        "and previous_standard) or 'api' (stixBundlePush; when the broker is unreachable).",
+        "amqp",
+        choices=("amqp", "api"),
+    )
+    amqp_host: str = _key(
+        "TARGET_AMQP_HOST",
+        "RabbitMQ host to use instead of the one the target's registration announces (empty: "
+        "announced).",
+        "",
+    )
+    amqp_port: int = _key("TARGET_AMQP_PORT", "RabbitMQ port override (0: the announced one).", 0)
+    amqp_use_ssl: str = _key(
+        "TARGET_AMQP_USE_SSL",
+        "TLS to RabbitMQ: 'true' or 'false' (empty: as announced). Uses the target's "
+        "ssl_verify and ca_bundle.",
+        "",
+    )
 
 
 @dataclass

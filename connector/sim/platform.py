@@ -7,7 +7,12 @@ errors have the platform's shapes (HTTP 200 with ``errors[].name`` / ``extension
 pycti raises exactly what it raises against a real platform.
 
 One deliberate difference: a real platform only queues a pushed bundle for its workers, this
-double imports it synchronously before answering, so "acknowledged" means "applied" here. The
+double imports it synchronously before answering, so "acknowledged" means "applied" here.
+
+With a broker (``store.amqp_url``, e.g. ``SimServer(amqp_url=...)``), ``registerConnector``
+declares the connector's push exchange and queue on it as the platform does (exchange
+``amqp.worker.exchange``, queue ``push_<id>``, routing key ``push_routing_<id>``), answers with
+that broker's coordinates, and starts a ``PlatformWorker`` consuming the queue (sim/worker.py). The
 import follows the worker (push_handler.py + pycti ``import_item``): upsert by every input id,
 ``opencti_operation`` delete / merge, inferred objects skipped. Like the platform's push path it
 does not forward the ``synchronized-upsert`` / ``opencti-event-id`` request headers to the
@@ -22,13 +27,28 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import orjson
+import pika  # type: ignore[import-untyped]  # no stubs published
+import pika.exceptions  # type: ignore[import-untyped]
 
 from ..events import OCTI_EXT
 from .store import SimStore, entity_type_of, iso_ms
+from .worker import PlatformWorker
 
-__all__ = ["PlatformApi", "PlatformError", "PlatformState", "platform_state"]
+__all__ = [
+    "WORKER_EXCHANGE",
+    "PlatformApi",
+    "PlatformError",
+    "PlatformState",
+    "platform_state",
+    "resume_workers",
+    "stop_workers",
+]
+
+WORKER_EXCHANGE = "amqp.worker.exchange"
+CONNECTOR_EXCHANGE = "amqp.connector.exchange"
 
 PLATFORM_VERSION = "6.9.17"
 _META_TYPES = {
@@ -77,6 +97,24 @@ class PlatformState:
     connectors: dict[str, dict[str, Any]] = field(default_factory=dict)
     pushes: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # AMQP mode: one worker per registered connector's push queue (by connector id).
+    workers: dict[str, PlatformWorker] = field(default_factory=dict)
+
+
+def stop_workers(store: SimStore) -> None:
+    """Stop the double's queue workers (they resume with ``resume_workers``)."""
+    state = getattr(store, "platform_state", None)
+    if isinstance(state, PlatformState):
+        for worker in list(state.workers.values()):
+            worker.stop()
+
+
+def resume_workers(store: SimStore) -> None:
+    """Restart the workers of connectors registered earlier (a platform coming back)."""
+    state = getattr(store, "platform_state", None)
+    if isinstance(state, PlatformState):
+        for worker in list(state.workers.values()):
+            worker.start()
 
 
 def platform_state(store: SimStore) -> PlatformState:
@@ -285,15 +323,71 @@ class PlatformApi:
                 connector_user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"connector-user:{cid}")),
             )
             self.state.connectors[cid] = record
+            amqp_url = self._amqp_url()
+            if amqp_url:
+                self._declare_queues(amqp_url, cid, name)
+                worker = self.state.workers.get(cid)
+                if worker is None:
+                    worker = PlatformWorker(self.store, amqp_url, f"push_{cid}")
+                    self.state.workers[cid] = worker
+                worker.start()
             return {**record, **self._queue_config(cid), "jwks": None}
 
+    def _amqp_url(self) -> str | None:
+        url = getattr(self.store, "amqp_url", None)
+        return url if isinstance(url, str) and url else None
+
     @staticmethod
-    def _queue_config(cid: str) -> dict[str, Any]:
-        # The platform hands out its RabbitMQ coordinates here; the double has none to give.
-        connection = {"host": "127.0.0.1", "vhost": "/", "use_ssl": False, "port": 0}
+    def _declare_queues(amqp_url: str, cid: str, name: str) -> None:
+        """The platform's registerConnectorQueues: durable direct exchanges, the connector's
+        listen and push queues bound to their routing keys."""
+        try:
+            params = pika.URLParameters(amqp_url)
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+            conn = pika.BlockingConnection(params)
+            try:
+                channel = conn.channel()
+                for exchange in (CONNECTOR_EXCHANGE, WORKER_EXCHANGE):
+                    channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+                for kind, exchange in (("listen", CONNECTOR_EXCHANGE), ("push", WORKER_EXCHANGE)):
+                    queue = f"{kind}_{cid}"
+                    args = {"name": name}
+                    channel.queue_declare(queue, durable=True, arguments=args)
+                    channel.queue_bind(queue, exchange, routing_key=f"{kind}_routing_{cid}")
+            finally:
+                conn.close()
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            # The platform fails the registration when RabbitMQ is down.
+            raise PlatformError(
+                "DATABASE_ERROR", f"RabbitMQ seems down ({type(exc).__name__})"
+            ) from None
+
+    def _queue_config(self, cid: str) -> dict[str, Any]:
+        # The platform hands out its RabbitMQ coordinates here (the broker's, in AMQP mode).
+        connection: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "vhost": "/",
+            "use_ssl": False,
+            "port": 0,
+            "user": "none",
+            "pass": "none",
+        }
+        amqp_url = self._amqp_url()
+        if amqp_url:
+            parts = urlsplit(amqp_url)
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            connection = {
+                "host": parts.hostname or "127.0.0.1",
+                "vhost": vhost,
+                "use_ssl": parts.scheme == "amqps",
+                "port": parts.port or (5671 if parts.scheme == "amqps" else 5672),
+                "user": unquote(parts.username or "guest"),
+                "pass": unquote(parts.password or "guest"),
+            }
         return {
             "config": {
-                "connection": {**connection, "user": "none", "pass": "none"},
+                "connection": connection,
                 "s3": None,
                 "listen": f"listen_{cid}",
                 "listen_routing": f"listen_routing_{cid}",

@@ -765,6 +765,7 @@ class SimServer:
         restricted_token: str | None = None,
         restricted_markings: list[str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        amqp_url: str | None = None,
     ) -> None:
         self.host = host
         # Optional TLS on the listening socket (TLS-verification tests); None: plain HTTP.
@@ -772,6 +773,9 @@ class SimServer:
         self.port = port
         self.token = token
         self.store = store if store is not None else SimStore()
+        if amqp_url:
+            # The platform double's RabbitMQ (registration answers it, a worker consumes it).
+            self.store.amqp_url = amqp_url  # type: ignore[attr-defined]
         self.heartbeat_secs = heartbeat_secs
         self.restricted_token = restricted_token
         self.restricted_markings = list(restricted_markings or [])
@@ -801,13 +805,22 @@ class SimServer:
             name=f"sim-{self.port}",
         )
         self._thread.start()
+        self._queue_workers("resume_workers")
         return self
+
+    def _queue_workers(self, action: str) -> None:
+        # The platform double's AMQP workers stop and resume with the server.
+        if getattr(self.store, "platform_state", None) is not None:
+            from . import platform  # type: ignore[attr-defined,unused-ignore]
+
+            getattr(platform, action)(self.store)
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
+        self._queue_workers("stop_workers")
         self.drop_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -97,6 +97,12 @@ def parse_date_ms(text: str) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
+def _event_ms(event_id: str | None) -> int | None:
+    """The ms part of an ``opencti-event-id`` (``<ms>-<seq>``), None when absent or unreadable."""
+    head = event_id.split("-", 1)[0] if event_id else ""
+    return int(head) if head.isdigit() else None
+
+
 def split_key(key: int) -> str:
     """Log key → id text ``<ms>-<seq>``."""
     ms, seq = divmod(key, _SEQ_SPAN)
@@ -200,6 +206,10 @@ class SimStore:
         self._objects: dict[str, dict[str, Any]] = {}
         self._alias: dict[str, str] = {}
         self._referrers: dict[str, set[str]] = {}  # referenced STIX id -> internal ids
+        # Source version time (ms of the ``opencti-event-id``) of objects last written by a
+        # synchronised event: the platform records it per attribute (i_attributes.updated_at)
+        # and isOutdatedUpdate compares against it, not against the local write time.
+        self._version_ms: dict[str, int] = {}
         self.generation = 0  # bumped by wake() so waiting readers re-check their stop flags
 
     # ------------------------------------------------------------------ time and ids
@@ -431,6 +441,7 @@ class SimStore:
     def _forget(self, iid: str, obj: dict[str, Any]) -> None:
         self._unindex_refs(iid, obj)
         self._objects.pop(iid, None)
+        self._version_ms.pop(iid, None)
         for key in [iid, *self._ids_of(obj)]:
             if self._alias.get(key) == iid:
                 del self._alias[key]
@@ -559,15 +570,18 @@ class SimStore:
             if iid is None:
                 iid, new = self._prepare_new(incoming, iso_ms(self._clock()), keep_times=False)
                 self._index(iid, new)
+                self._set_version(iid, event_id)
                 env = self._envelope(
                     "create", new, self._describe("creates", new), origin, event_id=event_id
                 )
                 return self._emit("create", env)
             old = self._objects[iid]
-            if event_id:
-                ms_text = event_id.split("-", 1)[0]
-                stored = parse_date_ms(str(_ext(old).get("updated_at", ""))) or 0
-                if ms_text.isdigit() and stored > int(ms_text):
+            event_ms = _event_ms(event_id)
+            if event_ms is not None:
+                stored = self._version_ms.get(iid)
+                if stored is None:
+                    stored = parse_date_ms(str(_ext(old).get("updated_at", ""))) or 0
+                if stored > event_ms:
                     return None  # stale-update protection (isOutdatedUpdate)
             new = self._merged(old, incoming, synchronized)
             return self._commit_update(iid, old, new, origin, event_id)
@@ -651,6 +665,7 @@ class SimStore:
         patch = jsonpatch.make_patch(old, new).patch
         reverse = jsonpatch.make_patch(new, old).patch
         self._replace(iid, old, new)
+        self._set_version(iid, event_id)
         if new["id"] != old["id"]:
             self._repoint([old["id"]], new["id"])
         changes = []
@@ -719,8 +734,18 @@ class SimStore:
             _clean(new)
             return self._commit_update(iid, old, new, None)
 
-    def merge(self, target: str, sources: list[str]) -> str | None:
-        """Absorb ``sources`` into ``target`` (one ``merge`` event, silent re-pointing)."""
+    def _set_version(self, iid: str, event_id: str | None) -> None:
+        event_ms = _event_ms(event_id)
+        if event_ms is None:
+            self._version_ms.pop(iid, None)  # a local write: its own time is the version
+        else:
+            self._version_ms[iid] = event_ms
+
+    def merge(self, target: str, sources: list[str], *, event_id: str | None = None) -> str | None:
+        """Absorb ``sources`` into ``target`` (one ``merge`` event, silent re-pointing).
+
+        ``event_id`` is the source platform's event id when a synchroniser applies the merge.
+        """
         with self._lock:
             t_iid = self._alias.get(target)
             if t_iid is None:
@@ -764,8 +789,10 @@ class SimStore:
             names = ", ".join(_name(s) for s in src_objs)
             etype = _ext(new).get("type")
             message = f"merges {etype} `{names}` in `{_name(new)}`"
+            self._set_version(t_iid, event_id)
             context = {"patch": patch, "reverse_patch": reverse, "sources": src_objs}
-            return self._emit("merge", self._envelope("merge", new, message, None, context))
+            env = self._envelope("merge", new, message, None, context, event_id)
+            return self._emit("merge", env)
 
     def _repoint(self, old_ids: list[str], new_id: str) -> None:
         """Rewrite refs to ``old_ids`` into ``new_id`` everywhere, silently (no events)."""
@@ -789,7 +816,7 @@ class SimStore:
                 _with_ext(new, octi)
             self._replace(iid, obj, new)
 
-    def delete(self, ref: str) -> str | None:
+    def delete(self, ref: str, *, event_id: str | None = None) -> str | None:
         """Delete an object: one ``delete`` event; dependants cleaned silently (§8.4)."""
         with self._lock:
             iid = self._alias.get(ref)
@@ -797,7 +824,8 @@ class SimStore:
                 return None
             obj = self._objects[iid]
             self._cascade(iid, obj)
-            env = self._envelope("delete", obj, self._describe("deletes", obj), None)
+            message = self._describe("deletes", obj)
+            env = self._envelope("delete", obj, message, None, event_id=event_id)
             return self._emit("delete", env)
 
     def _cascade(self, iid: str, obj: dict[str, Any]) -> None:

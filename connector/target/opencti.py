@@ -1,10 +1,16 @@
 """The OpenCTI target: applies stream events to another platform through pycti.
 
-Transport: the platform's ``stixBundlePush`` mutation (``api.send_bundle_to_api``). The platform
-stores the bundle as a persistent message on the connector's queue and its workers import it with
-``update=True``; no RabbitMQ client runs here. "Acknowledged" therefore means the mutation returned
-without error: on a real platform the bundle is durably queued, not yet applied (see
-docs/OPENCTI-TARGET.md for what that implies and how our platform double differs).
+Two transports (docs/OPENCTI-TARGET.md §2):
+
+* ``amqp``: one ``type: "event"`` message per event on the connector's push queue, as the
+  platform's own Synchronizer does (``connector.target.amqp``); the only path that carries the
+  source ``event_id``, ``synchronized`` and ``previous_standard``. Acknowledged = the broker
+  confirmed every message.
+* ``api``: the platform's ``stixBundlePush`` mutation (``api.send_bundle_to_api``); the platform
+  builds the worker message itself. Acknowledged = the mutation returned without error.
+
+Either way the platform's workers apply the data later: "acknowledged" is "durably queued".
+Registration, ping, restore's ``push_objects`` / ``delete_ids`` always use the API.
 
 Event semantics follow the platform's own synchroniser (opencti-stream-protocol.md §6.5):
 create/update upsert the whole object, merge becomes an ``opencti_operation: merge`` object,
@@ -29,16 +35,19 @@ import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs
 from pycti import OpenCTIApiClient
 
 from ..errors import PermanentError, RetryableError, SinkError
-from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
+from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent
 from ..registration import stream_connector
 from ..sink import Batch
+from .amqp import OPENCTI_SYSTEM_UUID, AmqpEndpoint, AmqpPublisher, event_messages
+from .common import merge_lookahead, merge_sources, previous_standard, source_ids, without_aliases
 
-__all__ = ["OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
+__all__ = ["TRANSPORTS", "OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+TRANSPORTS = ("amqp", "api")
 PING_EVERY_S = 40.0  # pycti's own PingAlive period: the UI shows connectors as alive on it
 _BUNDLE_NS = uuid.UUID("6f0f3c3e-9a4e-4c1e-8f5d-2f8f3b8a7c11")
 
@@ -84,20 +93,6 @@ class Push:
         return json.dumps(body, ensure_ascii=False)
 
 
-def previous_standard(ev: StreamEvent) -> str | None:
-    """The standard id before this update: the ``value`` of the reverse patch op on ``/id``."""
-    context = ev.envelope.get("context")
-    ops = context.get("reverse_patch") if isinstance(context, dict) else None
-    if not isinstance(ops, list):
-        return None
-    for op in ops:
-        if isinstance(op, dict) and op.get("path") == "/id":
-            value = op.get("value")
-            if isinstance(value, str) and value != ev.stix_id:
-                return value
-    return None
-
-
 def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
     """Carry the previous standard id as a STIX id alias.
 
@@ -114,50 +109,6 @@ def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
     if alias not in aliases:
         aliases.append(alias)
     ext["stix_ids"] = aliases
-    return out
-
-
-def _merge_sources(ev: StreamEvent) -> list[dict[str, Any]]:
-    context = ev.envelope.get("context")
-    sources = context.get("sources") if isinstance(context, dict) else None
-    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
-
-
-def _source_ids(sources: list[dict[str, Any]]) -> set[str]:
-    """Every id the merge sources answer to (standard ids and their own aliases)."""
-    ids: set[str] = set()
-    for src in sources:
-        ids.add(str(src.get("id")))
-        ids.update(str(i) for i in octi_ext(src).get("stix_ids") or [])
-    return ids
-
-
-def _pending_merge_sources(events: list[StreamEvent]) -> list[set[str]]:
-    """For each event, the ids of the sources of the merges that come after it in ``events``."""
-    out: list[set[str]] = [set() for _ in events]
-    pending: set[str] = set()
-    for index in range(len(events) - 1, -1, -1):
-        out[index] = pending
-        if events[index].event == "merge":
-            pending = pending | _source_ids(_merge_sources(events[index]))
-    return out
-
-
-def _without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
-    """``stix`` without the ``dropped`` ids among its aliases.
-
-    The platform resolves an upsert by every input id, aliases included. A merge target carries
-    its sources' ids as aliases, and the stream can deliver it that way *before* the merge event:
-    the merge event's own data, and dependency re-sends, which are loaded at send time and so
-    show the merged state. While a source still exists on the target platform, upserting with
-    its id resolves to the source (renaming it into the target, after which the merge finds
-    nothing to do) or to several entities at once. The ids come back with the merge itself.
-    """
-    aliases = octi_ext(stix).get("stix_ids")
-    if not isinstance(aliases, list) or not dropped.intersection(aliases):
-        return stix
-    out = copy.deepcopy(stix)
-    out["extensions"][OCTI_EXT]["stix_ids"] = [a for a in aliases if a not in dropped]
     return out
 
 
@@ -178,11 +129,11 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
     share a push with adjacent deletes only. A merge is three pushes: upsert the target (it may
     be unknown here), merge the sources into it, upsert it again so its content is the source's
     final one. Until a merge is applied, no upsert carries its sources' ids as aliases (see
-    ``_without_aliases``). An id-changing update starts a new push so the old id is there to
+    ``common.without_aliases``). An id-changing update starts a new push so the old id is there to
     be found.
     """
     events = list(events)
-    pending = _pending_merge_sources(events)
+    pending = merge_lookahead(events)
     pushes: list[Push] = []
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
@@ -205,7 +156,7 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
-            stix = _without_aliases(stix, later_sources)
+            stix = without_aliases(stix, later_sources)
             prev = previous_standard(ev) if ev.event == "update" else None
             if prev is not None:
                 flush_upserts()
@@ -223,17 +174,17 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
         elif ev.event == "merge":
             flush_upserts()
             flush_deletes()
-            sources = _merge_sources(ev)
-            source_ids = [s["id"] for s in sources if isinstance(s.get("id"), str)]
+            sources = merge_sources(ev)
+            src_ids = [s["id"] for s in sources if isinstance(s.get("id"), str)]
             ids = [ev.id_text]
-            dropped = _source_ids(sources) | later_sources
-            pushes.append(Push("upsert", [_without_aliases(stix, dropped)], ids))
-            if source_ids:
+            dropped = source_ids(sources) | later_sources
+            pushes.append(Push("upsert", [without_aliases(stix, dropped)], ids))
+            if src_ids:
                 merge = _operation(
-                    stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=source_ids
+                    stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=src_ids
                 )
                 pushes.append(Push("merge", [merge], ids))
-                pushes.append(Push("upsert", [_without_aliases(stix, later_sources)], ids))
+                pushes.append(Push("upsert", [without_aliases(stix, later_sources)], ids))
     flush_upserts()
     flush_deletes()
     return pushes
@@ -275,7 +226,13 @@ class OpenCTITarget:
         register: bool = True,
         max_bundle_objects: int = 500,
         requests_timeout: int = 60,
+        transport: str = "api",
+        amqp_host: str = "",
+        amqp_port: int = 0,
+        amqp_use_ssl: bool | None = None,
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.url = url.rstrip("/")
         self._token = token
         self._verify: bool | str = ca_bundle if (ssl_verify and ca_bundle) else ssl_verify
@@ -296,6 +253,13 @@ class OpenCTITarget:
         self._checked = False
         self.rejected: list[Quarantined] = []
         self._last_ping = 0.0
+        # AMQP transport: broker overrides, and what registration told us.
+        self.transport = transport
+        self._amqp_overrides = (amqp_host, amqp_port, amqp_use_ssl)
+        self._ssl_verify = ssl_verify
+        self._ca_bundle = ca_bundle
+        self.publisher: AmqpPublisher | None = None
+        self.applicant_id = OPENCTI_SYSTEM_UUID
 
     # -- pycti plumbing -------------------------------------------------------------------
 
@@ -381,15 +345,48 @@ class OpenCTITarget:
         self.platform_version = (data.get("about") or {}).get("version")
         self.platform_id = (data.get("settings") or {}).get("id")
         self._check_not_source()
+        answer: Any = None
         if self.register:
             connector = stream_connector(self.connector_id, self.connector_name)
-            self._call("register connector", lambda: self.api.connector.register(connector))
+            answer = self._call(
+                "register connector", lambda: self.api.connector.register(connector)
+            )
+        if self.transport == "amqp":
+            self._open_publisher(answer)
         self._checked = True
         self._ping(force=True)
         log.info(
             "OpenCTI target ready",
-            extra={"target": self.url, "version": self.platform_version, "sync": self.synchronized},
+            extra={
+                "target": self.url,
+                "version": self.platform_version,
+                "sync": self.synchronized,
+                "transport": self.transport,
+                "broker": self.publisher.endpoint.describe() if self.publisher else None,
+            },
         )
+
+    def _open_publisher(self, answer: Any) -> None:
+        if not self.register:
+            raise PermanentError(
+                "OpenCTI target: the amqp transport needs registration (the broker and its "
+                "credentials come from the registerConnector answer); enable it or use "
+                "target.transport: api"
+            )
+        if not isinstance(answer, dict):
+            raise PermanentError(f"OpenCTI target {self.url}: registration answered nothing")
+        host, port, use_ssl = self._amqp_overrides
+        endpoint = AmqpEndpoint.from_registration(answer, host=host, port=port, use_ssl=use_ssl)
+        self.applicant_id = str(answer.get("connector_user_id") or OPENCTI_SYSTEM_UUID)
+        if self.publisher is not None:
+            self.publisher.close()
+        self.publisher = AmqpPublisher(
+            endpoint,
+            ssl_verify=self._ssl_verify,
+            ca_bundle=self._ca_bundle,
+            timeout=float(self.requests_timeout),
+        )
+        self.publisher.check()
 
     def _check_not_source(self) -> None:
         if self.allow_same_platform or not self.source_url:
@@ -466,6 +463,9 @@ class OpenCTITarget:
         if not self._checked:
             self.check()
         self.rejected = []
+        if self.publisher is not None:
+            self._publish(batch)
+            return
         pushes = plan_pushes(batch.events, self.max_bundle_objects)
         last_error: PermanentError | None = None
         for push in pushes:
@@ -480,6 +480,18 @@ class OpenCTITarget:
             # quarantine the whole stream.
             self.rejected = []
             raise last_error
+        if batch.events:
+            self.last_event_id = str(batch.last_id)
+        self._ping()
+
+    def _publish(self, batch: Batch) -> None:
+        """AMQP: one confirmed message per event. The broker takes any well-formed message, so
+        refusals happen on the platform's workers (recorded in its works), not here."""
+        assert self.publisher is not None
+        messages = event_messages(
+            batch.events, applicant_id=self.applicant_id, synchronized=self.synchronized
+        )
+        self.publisher.publish([body for _, body in messages])
         if batch.events:
             self.last_event_id = str(batch.last_id)
         self._ping()
@@ -534,6 +546,9 @@ class OpenCTITarget:
             self._push(Push("delete", objects))
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
         if self._api is not None:
             if self._checked:
                 try:

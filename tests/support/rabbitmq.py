@@ -1,0 +1,181 @@
+"""A private RabbitMQ node for tests: Debian's rabbitmq-server run as a subprocess.
+
+Everything is the node's own: temp directories (database, logs, HOME for the Erlang cookie), free
+ports on 127.0.0.1 (AMQP, Erlang distribution, and a private epmd), a unique node name, no
+plugins, a config file of ours (the system's /etc/rabbitmq files are not read). The node starts
+once per test session; ``stop()`` / ``start()`` let a test take the broker away and bring it
+back on the same port with the same data. Import the fixture explicitly where needed::
+
+    from tests.support.rabbitmq import rabbitmq  # noqa: F401
+
+Without the binary the tests using it SKIP, except when ``CI`` is set: then they FAIL, because
+``.ci/run`` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika  # type: ignore[import-untyped]  # no stubs published
+import pika.exceptions  # type: ignore[import-untyped]
+import pytest
+
+__all__ = ["RabbitNode", "find_server", "rabbitmq"]
+
+USER = "octisync"
+PASSWORD = "octisync-test-password"
+_START_TIMEOUT_S = 90.0  # a cold Erlang VM on a busy 2-core machine
+
+
+def find_server() -> str | None:
+    """The real start script (Debian's /usr/sbin wrapper switches to the rabbitmq user)."""
+    direct = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+    if direct.is_file() and os.access(direct, os.X_OK):
+        return str(direct)
+    return shutil.which("rabbitmq-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RabbitNode:
+    """One broker node; ``url`` is its amqp:// URL (user and password included)."""
+
+    def __init__(self, server: str, base: Path) -> None:
+        self.server = server
+        self.base = base
+        self.port = _free_port()
+        self.dist_port = _free_port()
+        self.epmd_port = _free_port()
+        self.nodename = f"octisync-{os.getpid()}@localhost"
+        self.proc: subprocess.Popen[bytes] | None = None
+        for sub in ("mnesia", "log", "home"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        # Small limits: a test machine's disk or memory must not raise a resource alarm that
+        # blocks publishers; guest-style loopback restriction is moot on 127.0.0.1.
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            f"default_user = {USER}\n"
+            f"default_pass = {PASSWORD}\n"
+            "loopback_users = none\n"
+            "disk_free_limit.absolute = 1MB\n"
+            "vm_memory_high_watermark.relative = 0.9\n"
+            "log.console = false\n"
+            "log.file.level = warning\n"
+        )
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq-env.conf").write_text("")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://{USER}:{PASSWORD}@127.0.0.1:{self.port}/%2F"
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        env.update(
+            HOME=str(self.base / "home"),
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base / "advanced.config"),
+            RABBITMQ_CONF_ENV_FILE=str(self.base / "rabbitmq-env.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(self.base / "rabbit.pid"),
+            # A private epmd on loopback, so nothing listens on 4369 for everybody.
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+        )
+        return env
+
+    def start(self) -> RabbitNode:
+        """Start the node and wait until it accepts an AMQP login."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        out = open(self.base / "log" / "console.log", "ab")  # noqa: SIM115 - lives with the node
+        self.proc = subprocess.Popen(
+            [self.server],
+            env=self._env(),
+            cwd=self.base,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends the Erlang VM's helpers
+        )
+        out.close()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited early; see {self.base / 'log'}")
+            try:
+                params = pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=2")
+                pika.BlockingConnection(params).close()
+                return self
+            except pika.exceptions.AMQPError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"rabbitmq-server did not accept AMQP in {_START_TIMEOUT_S:.0f} s; "
+                        f"see {self.base / 'log'}"
+                    ) from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the node (SIGTERM = graceful shutdown), then its private epmd."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        # epmd daemonises out of the node's process group; ask it to exit (ours: private port).
+        epmd = shutil.which("epmd")
+        if epmd:
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                env=self._env(),
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitNode]:
+    """A running private broker for the whole session (skips when RabbitMQ is not installed)."""
+    server = find_server()
+    if server is None:
+        reason = "rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; CI must provide it (.ci/run installs it)")
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="octisync-rabbit-"))
+    node = RabbitNode(server, base)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(base, ignore_errors=True)
