@@ -65,13 +65,14 @@ def platforms() -> tuple[SimServer, SimServer]:
 def test_live_sync_a_to_b_converges(platforms: tuple[SimServer, SimServer], tmp_path: Path) -> None:
     a, b = platforms
     _seed(a)
+    # The API transport (stixBundlePush); tests/test_target_amqp.py runs the default one.
     # Removals (a label taken off) propagate only with perfect synchronisation; the platform's
     # bundle push does not carry that flag today, so B emulates a platform that honours it
     # (docs/OPENCTI-TARGET.md, "Known limits").
     b.store.platform_forward_headers = True  # type: ignore[attr-defined]
     archive = str(tmp_path / "archive")
     env = base_env(a.url, TOKEN_A, archive, TARGET_OPENCTI_URL=b.url, TARGET_OPENCTI_TOKEN=TOKEN_B,
-                   TARGET_SYNCHRONIZED="true")
+                   TARGET_SYNCHRONIZED="true", TARGET_TRANSPORT="api")
     run = ConnectorThread(env).start()
     storage = LocalStorage(archive)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="initial sync")
@@ -149,7 +150,7 @@ def test_verify_against_opencti(platforms: tuple[SimServer, SimServer], tmp_path
     archive = str(tmp_path / "archive")
     storage = LocalStorage(archive)
     env = base_env(a.url, TOKEN_A, archive, TARGET_OPENCTI_URL=b.url, TARGET_OPENCTI_TOKEN=TOKEN_B,
-                   TARGET_SYNCHRONIZED="true")
+                   TARGET_SYNCHRONIZED="true", TARGET_TRANSPORT="api")
     run = ConnectorThread(env).start()
     _edit(a, 9)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")

@@ -32,6 +32,9 @@ from .common import merge_lookahead, merge_source_ids, previous_standard, withou
 __all__ = ["OPENCTI_SYSTEM_UUID", "AmqpEndpoint", "AmqpPublisher", "event_messages"]
 
 log = logging.getLogger(__name__)
+# pika logs every failed connection attempt at ERROR with a traceback; we translate the failure
+# into one RetryableError / PermanentError that the pipeline logs once per retry instead.
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 # The applicant the platform's Synchronizer uses when the sync has no user of its own.
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"

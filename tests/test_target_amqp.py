@@ -1,0 +1,425 @@
+"""OpenCTITarget with the AMQP transport: real pycti (registration), real pika, a real private
+RabbitMQ node, and the platform double's worker consuming the connector's push queue.
+
+Events come from simulator A's stream log; the target publishes one message per event; B's
+worker applies them; B's state must then equal A's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika  # type: ignore[import-untyped]
+import pytest
+
+from connector import metrics
+from connector.errors import PermanentError, RetryableError
+from connector.events import StreamEvent
+from connector.sim import SAMPLE_BUNDLES, sample_bundle
+from connector.sim.generator import generate
+from connector.sim.platform import WORKER_EXCHANGE, platform_state
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.sim.worker import PlatformWorker
+from connector.sink import Batch
+from connector.storage.local import LocalStorage
+from connector.target.amqp import AmqpEndpoint, event_messages
+from connector.target.opencti import OpenCTITarget
+from tests.support.compare import assert_same_state, state_diff
+from tests.support.connector import (
+    ConnectorThread,
+    base_env,
+    caught_up,
+    checkpoint_id,
+    wait_until,
+)
+from tests.support.rabbitmq import RabbitNode, rabbitmq  # noqa: F401
+from tests.support.simlog import sim_events as events_since
+
+TOKEN = "amqp-target-token-0123456789"
+SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
+
+
+def batch_of(events: list[StreamEvent]) -> Batch:
+    return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
+
+
+def _malware(name: str, **extra: Any) -> dict[str, Any]:
+    stix = {
+        "type": "malware",
+        "spec_version": "2.1",
+        "id": f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, name)}",
+        "created": "2024-01-01T00:00:00.000Z",
+        "modified": "2024-01-01T00:00:00.000Z",
+        "name": name,
+        "is_family": True,
+    }
+    stix.update(extra)
+    return stix
+
+
+class Sync:
+    """Source store A, target platform B (with its queue worker), a cursor over A's stream."""
+
+    def __init__(self, a: SimStore, b: SimServer, target: OpenCTITarget) -> None:
+        self.a, self.b, self.target, self.pos = a, b, target, 0
+
+    @property
+    def worker(self) -> PlatformWorker:
+        return platform_state(self.b.store).workers[self.target.connector_id]
+
+    def step(self) -> list[StreamEvent]:
+        events, self.pos = events_since(self.a, self.pos)
+        if events:
+            self.target.write(batch_of(events))
+            self.drain()
+        return events
+
+    def drain(self) -> None:
+        """Wait until B's worker handled every message the target published."""
+        assert self.target.publisher is not None
+        published = self.target.publisher.published
+        assert self.worker.wait_handled(published, timeout=60), "worker did not catch up"
+
+    def assert_converged(self) -> None:
+        assert not self.worker.failures, self.worker.failures[:3]
+        assert_same_state(self.a.dump_bundle(), self.b.store.dump_bundle())
+
+
+def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
+    options: dict[str, Any] = {
+        "url": url,
+        "token": TOKEN,
+        "connector_id": str(uuid.uuid4()),
+        "source_url": "http://source.example:4000",
+        "transport": "amqp",
+    }
+    options.update(kwargs)
+    return OpenCTITarget(**options)
+
+
+@pytest.fixture()
+def platform_b(rabbitmq: RabbitNode) -> Iterator[SimServer]:  # noqa: F811
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=store, amqp_url=rabbitmq.url) as server:
+        yield server
+
+
+def _sync(platform_b: SimServer, **kwargs: Any) -> Iterator[Sync]:
+    a = SimStore()
+    a.load_bundle(sample_bundle(SAMPLE))
+    target = make_target(platform_b.url, **kwargs)
+    target.check()
+    try:
+        yield Sync(a, platform_b, target)
+    finally:
+        target.close()
+
+
+@pytest.fixture()
+def sync(platform_b: SimServer) -> Iterator[Sync]:
+    yield from _sync(platform_b, synchronized=True)
+
+
+# ------------------------------------------------------------------------ convergence
+
+
+def test_registration_gives_the_broker_and_messages_are_platform_events(sync: Sync) -> None:
+    publisher = sync.target.publisher
+    assert publisher is not None
+    ep = publisher.endpoint
+    cid = sync.target.connector_id
+    assert (ep.exchange, ep.routing_key) == (WORKER_EXCHANGE, f"push_routing_{cid}")
+    assert ep.password not in repr(ep) and ep.password not in ep.describe()
+    events, _ = events_since(sync.a, 0)
+    body = event_messages(events[:1], applicant_id="u", synchronized=True)[0][1]
+    message = json.loads(body)
+    assert set(message) == {
+        "type",
+        "applicant_id",
+        "content",
+        "event_id",
+        "synchronized",
+        "previous_standard",
+        "update",
+    }
+    assert message["type"] == "event" and message["update"] is True
+    content = json.loads(base64.b64decode(message["content"]))
+    assert content["id"] == events[0].id_text and content["type"] == "create"
+    assert content["data"]["id"] == events[0].stix_id
+
+
+def test_creates_updates_merges_deletes_converge(sync: Sync) -> None:
+    events = sync.step()
+    assert len(events) == 67
+    sync.assert_converged()
+    # B applied each event with the source's event id: its own stream carries it, which is how
+    # a two-way setup recognises (and drops) its own changes coming back.
+    b_events, _ = events_since(sync.b.store, 0)
+    assert {e.envelope.get("event_id") for e in b_events} == {e.id_text for e in events}
+
+    a = sync.a
+    a.upsert(_malware("Alpha", description="first", aliases=["a1"]))
+    for name in ("Target", "Source one", "Source two"):
+        a.upsert(_malware(name))
+    sync.step()
+    alpha = _malware("Alpha")["id"]
+    a.update(alpha, set={"description": "second", "aliases": ["a1", "a2"]})
+    renamed = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'Alpha renamed')}"
+    a.update(alpha, set={"name": "Alpha renamed"}, new_id=renamed)
+    target, s1, s2 = (_malware(n)["id"] for n in ("Target", "Source one", "Source two"))
+    a.merge(target, [s1, s2])
+    victim = next(o["id"] for o in a.objects() if o["type"] == "indicator")
+    a.delete(victim)
+    events = sync.step()
+    assert [e.event for e in events] == ["update", "update", "merge", "delete"]
+    sync.assert_converged()
+    b = sync.b.store
+    moved = b.get(renamed)
+    assert moved is not None and b.get(alpha) == moved  # previous_standard: no duplicate
+    merged = b.get(s1)
+    assert merged is not None and merged["id"] == target  # sources are aliases of the target
+    assert all(o["id"] not in (s1, s2, victim) for o in b.objects())
+
+
+def test_generated_edits_in_one_batch_converge(sync: Sync) -> None:
+    sync.step()
+    generate(sync.a, 200, seed=11)
+    sync.step()
+    sync.assert_converged()
+
+
+def test_perfect_sync_propagates_removals(sync: Sync) -> None:
+    sync.a.upsert(_malware("Labelled", description="to remove", labels=["x", "y"]))
+    sync.step()
+    oid = _malware("Labelled")["id"]
+    sync.a.update(oid, set={"labels": ["x"]}, unset=["description"])
+    sync.step()
+    sync.assert_converged()
+    held = sync.b.store.get(oid)
+    assert held is not None and held.get("labels") == ["x"] and "description" not in held
+
+
+@pytest.fixture()
+def merging_sync(platform_b: SimServer) -> Iterator[Sync]:
+    yield from _sync(platform_b, synchronized=False)
+
+
+def test_without_perfect_sync_removals_stay(merging_sync: Sync) -> None:
+    sync = merging_sync
+    sync.a.upsert(_malware("Kept", description="stays on B", labels=["x", "y"]))
+    sync.step()
+    oid = _malware("Kept")["id"]
+    sync.a.update(oid, set={"labels": ["x"]}, unset=["description"])
+    sync.step()
+    held = sync.b.store.get(oid)
+    assert held is not None and held.get("description") == "stays on B"
+    assert held.get("labels") == ["x", "y"]
+
+
+# ------------------------------------------------------------------------ worker semantics
+
+
+def _publish_raw(rabbit_url: str, cid: str, body: bytes) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(rabbit_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(WORKER_EXCHANGE, f"push_routing_{cid}", body, mandatory=True)
+    finally:
+        conn.close()
+
+
+def test_stale_update_is_skipped(sync: Sync, rabbitmq: RabbitNode) -> None:  # noqa: F811
+    sync.step()
+    oid = _malware("Versioned")["id"]
+    sync.a.upsert(_malware("Versioned", description="v1"))
+    sync.step()
+    sync.a.update(oid, set={"description": "v2"})
+    old_update = sync.step()
+    sync.a.update(oid, set={"description": "v3"})
+    sync.step()
+    before = sync.b.store.event_count
+    # The v2 update delivered again, late (a redelivery, another worker overtaken): its event
+    # id is older than what B holds, so B keeps v3 and publishes nothing.
+    body = event_messages(old_update, applicant_id="u", synchronized=True)[0][1]
+    handled = sync.worker.handled
+    _publish_raw(rabbitmq.url, sync.target.connector_id, body)
+    assert sync.worker.wait_handled(handled + 1)
+    assert not sync.worker.failures
+    held = sync.b.store.get(oid)
+    assert held is not None and held["description"] == "v3"
+    assert sync.b.store.event_count == before
+    sync.assert_converged()
+
+
+def test_refused_messages_are_recorded(sync: Sync, rabbitmq: RabbitNode) -> None:  # noqa: F811
+    sync.step()
+    cid = sync.target.connector_id
+    good = json.loads(
+        event_messages(events_since(sync.a, 0)[0][:1], applicant_id="u", synchronized=False)[0][1]
+    )
+    no_event_id = {k: v for k, v in good.items() if k != "event_id"}
+    unknown_target = dict(good)
+    content = json.loads(base64.b64decode(good["content"]))
+    content.update(
+        type="merge", data=_malware("Nowhere"), context={"sources": [{"id": content["data"]["id"]}]}
+    )
+    unknown_target["content"] = base64.b64encode(json.dumps(content).encode()).decode()
+    bodies = [b"not json", json.dumps(no_event_id).encode(), json.dumps(unknown_target).encode()]
+    handled = sync.worker.handled
+    for body in bodies:
+        _publish_raw(rabbitmq.url, cid, body)
+    assert sync.worker.wait_handled(handled + len(bodies))
+    reasons = [f.reason for f in sync.worker.failures]
+    assert len(reasons) == 3
+    assert "not JSON" in reasons[0]
+    assert "event_id" in reasons[1]
+    assert "Cannot find the merge target" in reasons[2]
+    # Nacked without requeue: gone from the queue, and the next messages still flow.
+    sync.worker.failures.clear()
+    sync.a.upsert(_malware("After refusals"))
+    sync.step()
+    sync.assert_converged()
+
+
+# ------------------------------------------------------------------------ broker faults
+
+
+def test_dead_broker_port_is_retryable(platform_b: SimServer) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    target = make_target(platform_b.url, amqp_port=dead, requests_timeout=5)
+    with pytest.raises(RetryableError):
+        target.check()
+    target.close()
+
+
+def test_wrong_broker_password_is_permanent_and_not_leaked(platform_b: SimServer) -> None:
+    store = platform_b.store
+    real = store.amqp_url  # type: ignore[attr-defined]
+    secret = "wrong-password-0xdeadbeef"
+    store.amqp_url = real.replace(":octisync-test-password@", f":{secret}@")  # type: ignore[attr-defined]
+    target = make_target(platform_b.url)
+    try:
+        # Registration declares the queues with the (wrong) credentials first: the double
+        # answers like a platform whose broker refuses it, so use the answer path directly.
+        answer = {
+            "config": {
+                "connection": {
+                    "host": "127.0.0.1",
+                    "port": int(real.rsplit(":", 1)[1].split("/")[0]),
+                    "vhost": "/",
+                    "use_ssl": False,
+                    "user": "octisync",
+                    "pass": secret,
+                },
+                "push_exchange": WORKER_EXCHANGE,
+                "push_routing": "push_routing_x",
+            }
+        }
+        with pytest.raises(PermanentError) as caught:
+            target._open_publisher(answer)
+        assert secret not in str(caught.value)
+        assert "login refused" in str(caught.value)
+    finally:
+        store.amqp_url = real  # type: ignore[attr-defined]
+        target.close()
+
+
+def test_missing_exchange_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    from connector.target.amqp import AmqpPublisher
+
+    port = int(rabbitmq.url.rsplit(":", 1)[1].split("/")[0])
+    answer = {
+        "config": {
+            "connection": {
+                "host": "127.0.0.1",
+                "port": port,
+                "vhost": "/",
+                "use_ssl": False,
+                "user": "octisync",
+                "pass": "octisync-test-password",
+            },
+            "push_exchange": "no.such.exchange",
+            "push_routing": "push_routing_x",
+        }
+    }
+    publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer))
+    with pytest.raises(PermanentError, match="does not exist"):
+        publisher.check()
+    publisher.close()
+
+
+def test_broker_down_holds_the_checkpoint_then_converges(
+    rabbitmq: RabbitNode,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``run`` with the amqp transport: while the broker is stopped the archive moves on but
+    the checkpoint (the minimum of both sinks) does not; after a restart B converges."""
+    a = SimServer(token="token-a", heartbeat_secs=0.2).start()
+    b = SimServer(token="token-b", heartbeat_secs=0.2, amqp_url=rabbitmq.url).start()
+    try:
+        a.store.load_bundle([o for n in SAMPLE_BUNDLES[:2] for o in sample_bundle(n)["objects"]])
+        archive = str(tmp_path / "archive")
+        env = base_env(
+            a.url,
+            "token-a",
+            archive,
+            TARGET_OPENCTI_URL=b.url,
+            TARGET_OPENCTI_TOKEN="token-b",
+            TARGET_SYNCHRONIZED="true",
+            TARGET_TRANSPORT="amqp",
+        )
+        storage = LocalStorage(archive)
+        run = ConnectorThread(env).start()
+        try:
+            wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
+            _wait_converged(a, b)
+            rabbitmq.stop()
+            held = checkpoint_id(storage)
+            retries = _retries()
+            generate(a.store, 40, seed=5)
+            # Writes to the target fail (RetryableError, retried): the checkpoint waits.
+            wait_until(lambda: _retries() >= retries + 3, timeout=120, what="retries")
+            assert checkpoint_id(storage) == held
+            assert not caught_up(storage, a.store.last_event_id)
+            rabbitmq.start()
+            wait_until(
+                lambda: caught_up(storage, a.store.last_event_id),
+                timeout=120,
+                what="checkpoint after the broker is back",
+            )
+            _wait_converged(a, b)
+        finally:
+            run.stop()
+        assert run.error is None
+        workers = platform_state(b.store).workers
+        assert all(not w.failures for w in workers.values())
+    finally:
+        if not rabbitmq.running():
+            rabbitmq.start()
+        a.stop()
+        b.stop()
+
+
+def _retries() -> float:
+    labels = {"stage": "sending", "kind": "RetryableError"}
+    return metrics.REGISTRY.get_sample_value("opencti_sync_retries_total", labels) or 0.0
+
+
+def _wait_converged(a: SimServer, b: SimServer) -> None:
+    wait_until(
+        lambda: not state_diff(a.store.dump_bundle(), b.store.dump_bundle()),
+        timeout=60,
+        what="B equal to A",
+    )
