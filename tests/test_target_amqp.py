@@ -28,7 +28,7 @@ from connector.sim.store import SimStore
 from connector.sim.worker import PlatformWorker
 from connector.sink import Batch
 from connector.storage.local import LocalStorage
-from connector.target.amqp import AmqpEndpoint, event_messages
+from connector.target.amqp import AmqpEndpoint, AmqpPublisher, event_messages
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.connector import (
@@ -223,6 +223,48 @@ def test_without_perfect_sync_removals_stay(merging_sync: Sync) -> None:
     assert held.get("labels") == ["x", "y"]
 
 
+def test_two_way_sync_does_not_echo(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    """A → B and B → A at once: each change crosses once and its echo is a no-op upsert (the
+    forwarded event id makes a late echo stale besides), so neither stream grows any more."""
+    servers = []
+    for token in (TOKEN, TOKEN + "-a"):
+        store = SimStore()
+        store.api_token = token  # type: ignore[attr-defined]
+        servers.append(SimServer(token=token, store=store, amqp_url=rabbitmq.url).start())
+    b, a = servers
+    a.store.load_bundle(sample_bundle(SAMPLE))
+    to_b = make_target(b.url, synchronized=True, source_url=a.url)
+    to_a = make_target(a.url, token=TOKEN + "-a", synchronized=True, source_url=b.url)
+    try:
+        to_b.check()
+        to_a.check()
+        forward, back = Sync(a.store, b, to_b), Sync(b.store, a, to_a)
+
+        def settle() -> None:
+            for _ in range(4):  # more rounds than a change needs: an echo would keep going
+                forward.step()
+                back.step()
+
+        settle()
+        forward.assert_converged()
+        counts = (a.store.event_count, b.store.event_count)
+        settle()
+        assert (a.store.event_count, b.store.event_count) == counts
+        oid = next(o["id"] for o in b.store.objects() if o["type"] == "malware")
+        b.store.update(oid, set={"description": "edited on B"})
+        settle()
+        held = a.store.get(oid)
+        assert held is not None and held["description"] == "edited on B"
+        assert a.store.event_count == counts[0] + 1  # the change, and no echo on either side
+        assert b.store.event_count == counts[1] + 1
+        assert_same_state(a.store.dump_bundle(), b.store.dump_bundle())
+    finally:
+        to_b.close()
+        to_a.close()
+        for server in servers:
+            server.stop()
+
+
 # ------------------------------------------------------------------------ worker semantics
 
 
@@ -304,56 +346,31 @@ def test_dead_broker_port_is_retryable(platform_b: SimServer) -> None:
     target.close()
 
 
-def test_wrong_broker_password_is_permanent_and_not_leaked(platform_b: SimServer) -> None:
-    store = platform_b.store
-    real = store.amqp_url  # type: ignore[attr-defined]
-    secret = "wrong-password-0xdeadbeef"
-    store.amqp_url = real.replace(":octisync-test-password@", f":{secret}@")  # type: ignore[attr-defined]
-    target = make_target(platform_b.url)
-    try:
-        # Registration declares the queues with the (wrong) credentials first: the double
-        # answers like a platform whose broker refuses it, so use the answer path directly.
-        answer = {
-            "config": {
-                "connection": {
-                    "host": "127.0.0.1",
-                    "port": int(real.rsplit(":", 1)[1].split("/")[0]),
-                    "vhost": "/",
-                    "use_ssl": False,
-                    "user": "octisync",
-                    "pass": secret,
-                },
-                "push_exchange": WORKER_EXCHANGE,
-                "push_routing": "push_routing_x",
-            }
-        }
-        with pytest.raises(PermanentError) as caught:
-            target._open_publisher(answer)
-        assert secret not in str(caught.value)
-        assert "login refused" in str(caught.value)
-    finally:
-        store.amqp_url = real  # type: ignore[attr-defined]
-        target.close()
-
-
-def test_missing_exchange_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F811
-    from connector.target.amqp import AmqpPublisher
-
-    port = int(rabbitmq.url.rsplit(":", 1)[1].split("/")[0])
-    answer = {
+def _answer(rabbit: RabbitNode, password: str, exchange: str = WORKER_EXCHANGE) -> dict[str, Any]:
+    """A registration answer naming the test broker (as a platform would announce it)."""
+    connection = {"host": "127.0.0.1", "port": rabbit.port, "vhost": "/", "use_ssl": False}
+    connection.update(user="octisync", **{"pass": password})
+    return {
         "config": {
-            "connection": {
-                "host": "127.0.0.1",
-                "port": port,
-                "vhost": "/",
-                "use_ssl": False,
-                "user": "octisync",
-                "pass": "octisync-test-password",
-            },
-            "push_exchange": "no.such.exchange",
+            "connection": connection,
+            "push_exchange": exchange,
             "push_routing": "push_routing_x",
         }
     }
+
+
+def test_wrong_broker_password_is_permanent_and_not_leaked(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    secret = "wrong-password-0xdeadbeef"
+    publisher = AmqpPublisher(AmqpEndpoint.from_registration(_answer(rabbitmq, secret)))
+    with pytest.raises(PermanentError) as caught:
+        publisher.check()
+    assert "login refused" in str(caught.value)
+    assert secret not in str(caught.value) and secret not in repr(caught.value)
+    publisher.close()
+
+
+def test_missing_exchange_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    answer = _answer(rabbitmq, "octisync-test-password", exchange="no.such.exchange")
     publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer))
     with pytest.raises(PermanentError, match="does not exist"):
         publisher.check()
