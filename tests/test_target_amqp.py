@@ -331,6 +331,69 @@ def test_refused_messages_are_recorded(sync: Sync, rabbitmq: RabbitNode) -> None
     sync.assert_converged()
 
 
+def test_settings_choose_the_transport() -> None:
+    from connector.__main__ import build_runtime
+    from connector.errors import ConfigError
+    from tests.support.connector import settings_for
+
+    def target_for(**extra: str) -> OpenCTITarget:
+        env = base_env(
+            "http://127.0.0.1:9",
+            "t",
+            "",
+            TARGET_OPENCTI_URL="http://127.0.0.1:8",
+            TARGET_OPENCTI_TOKEN="tt",
+            **extra,
+        )
+        sinks = build_runtime(settings_for(env))["sinks"]
+        return next(s for s in sinks if isinstance(s, OpenCTITarget))
+
+    default = target_for()
+    assert default.transport == "amqp"
+    assert (default.amqp_host, default.amqp_port, default.amqp_use_ssl) == ("", 0, None)
+    custom = target_for(
+        TARGET_TRANSPORT="api",
+        TARGET_AMQP_HOST="mq.example",
+        TARGET_AMQP_PORT="5671",
+        TARGET_AMQP_USE_SSL="true",
+    )
+    assert custom.transport == "api"
+    assert (custom.amqp_host, custom.amqp_port, custom.amqp_use_ssl) == ("mq.example", 5671, True)
+    with pytest.raises(ConfigError, match="target.transport"):
+        target_for(TARGET_TRANSPORT="carrier-pigeon")
+    with pytest.raises(ConfigError, match="target.amqp_use_ssl"):
+        target_for(TARGET_AMQP_USE_SSL="maybe")
+
+
+def test_registration_answer_overrides() -> None:
+    answer = {
+        "config": {
+            "connection": {
+                "host": "rabbitmq",
+                "port": 5672,
+                "vhost": "octi",
+                "use_ssl": False,
+                "user": "u",
+                "pass": "p",
+            },
+            "push_exchange": WORKER_EXCHANGE,
+            "push_routing": "push_routing_1",
+        }
+    }
+    announced = AmqpEndpoint.from_registration(answer)
+    assert (announced.host, announced.port, announced.vhost, announced.use_ssl) == (
+        "rabbitmq",
+        5672,
+        "octi",
+        False,
+    )
+    moved = AmqpEndpoint.from_registration(answer, host="mq.example", port=5671, use_ssl=True)
+    assert (moved.host, moved.port, moved.use_ssl) == ("mq.example", 5671, True)
+    assert moved.describe().startswith("amqps://u@mq.example:5671/octi")
+    with pytest.raises(PermanentError, match="queue configuration"):
+        AmqpEndpoint.from_registration({"config": None})
+
+
 # ------------------------------------------------------------------------ broker faults
 
 

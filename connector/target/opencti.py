@@ -255,7 +255,7 @@ class OpenCTITarget:
         self._last_ping = 0.0
         # AMQP transport: broker overrides, and what registration told us.
         self.transport = transport
-        self._amqp_overrides = (amqp_host, amqp_port, amqp_use_ssl)
+        self.amqp_host, self.amqp_port, self.amqp_use_ssl = amqp_host, amqp_port, amqp_use_ssl
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
@@ -375,8 +375,9 @@ class OpenCTITarget:
             )
         if not isinstance(answer, dict):
             raise PermanentError(f"OpenCTI target {self.url}: registration answered nothing")
-        host, port, use_ssl = self._amqp_overrides
-        endpoint = AmqpEndpoint.from_registration(answer, host=host, port=port, use_ssl=use_ssl)
+        endpoint = AmqpEndpoint.from_registration(
+            answer, host=self.amqp_host, port=self.amqp_port, use_ssl=self.amqp_use_ssl
+        )
         self.applicant_id = str(answer.get("connector_user_id") or OPENCTI_SYSTEM_UUID)
         if self.publisher is not None:
             self.publisher.close()
