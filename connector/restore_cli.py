@@ -129,21 +129,28 @@ def _version(stix: dict[str, Any]) -> str:
     return str(octi_ext(stix).get("updated_at") or stix.get("modified") or "")
 
 
-# Meta objects are listed by other platform queries (markingDefinitions, labels, ...): the
-# comparison covers STIX core objects, relationships and sightings.
-META_TYPES = frozenset(
-    {"marking-definition", "label", "external-reference", "kill-chain-phase", "vocabulary"}
-)
+# Meta objects are listed by other platform queries (markingDefinitions, labels, ...). Marking
+# definitions are compared one by one through the platform's ``stix(id)`` query: there are few,
+# and a missing marking hides every object it protects from the users it should reach. Labels,
+# external references, kill-chain phases and vocabularies are not compared.
+MARKING = "marking-definition"
+META_TYPES = frozenset({MARKING, "label", "external-reference", "kill-chain-phase", "vocabulary"})
+_UNCOMPARED = META_TYPES - {MARKING}
+_STIX_QUERY = "query StixQuery($id: String!) { stix(id: $id) }"
 
 
 def compare_with_target(state: Any, target_objects: dict[str, str]) -> dict[str, list[str]]:
-    """Differences between the archive's state and ``{standard id: updated_at}`` of a platform."""
+    """Differences between the archive's state and ``{standard id: updated_at}`` of a platform.
+
+    ``target_objects`` holds the platform's core objects, relationships and sightings, plus the
+    marking definitions it answered for (see ``_target_markings``).
+    """
     missing: list[str] = []
     stale: list[str] = []
     seen: set[str] = set()
     for _key, stix_id, _event, data in state.objects():
         seen.add(stix_id)
-        if data.get("type") in META_TYPES:
+        if data.get("type") in _UNCOMPARED:
             continue
         have = target_objects.get(stix_id)
         if have is None:
@@ -174,6 +181,26 @@ def _list_target(target: Any) -> dict[str, str]:
     return out
 
 
+def _marking_ids(state: Any) -> list[str]:
+    """Marking definitions of the state, live (push phase 0) and tombstoned."""
+    live = [rec.stix_id for rec in state.records(phase=0) if rec.stix_id.startswith(MARKING)]
+    gone = [t.stix_id for t in state.tombstones() if t.stix_id.startswith(MARKING + "--")]
+    return sorted(set(live + gone))
+
+
+def _target_markings(target: Any, ids: list[str]) -> dict[str, str]:
+    """``{standard id: updated_at}`` of the marking definitions among ``ids`` the platform holds."""
+    out: dict[str, str] = {}
+    for sid in ids:
+        answer = target.api.query(_STIX_QUERY, {"id": sid})
+        raw = ((answer or {}).get("data") or {}).get("stix")
+        if isinstance(raw, str) and raw:
+            obj = orjson.loads(raw)
+            if isinstance(obj, dict) and obj.get("type") == MARKING:
+                out[str(obj.get("id"))] = _version(obj)
+    return out
+
+
 def verify_against_opencti(
     storage: Storage,
     *,
@@ -199,11 +226,16 @@ def verify_against_opencti(
     )
     try:
         target.check()
-        diff = compare_with_target(state, _list_target(target))
+        listed = _list_target(target)
+        listed.update(_target_markings(target, _marking_ids(state)))
+        diff = compare_with_target(state, listed)
     finally:
         target.close()
         state.close()
-    print(f"against {url} as of {plan.as_of} (core objects, relationships, sightings):")
+    print(
+        f"against {url} as of {plan.as_of} "
+        "(core objects, relationships, sightings, marking definitions):"
+    )
     for name, ids in diff.items():
         sample = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
         print(f"  {name:<12} {len(ids):>7}  {sample}")

@@ -26,6 +26,7 @@ from connector.restore import (
     restore_to_target,
     to_bundle,
 )
+from connector.restore_cli import verify_against_opencti
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.snapshot import write_snapshot
@@ -313,3 +314,29 @@ def test_text_progress_logs_periodically_off_a_terminal(caplog: pytest.LogCaptur
     assert len(lines) == 5  # t=0, 12, 24, 36 and the final line, not one per update
     assert lines[1] == "restore  30.0% 30/100 2.5/s ETA 0:00:28"
     assert lines[-1].startswith("restore 100.0% 100/100")
+
+
+def test_verify_against_opencti_compares_marking_definitions(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Markings are not in the platform's core-object listing: they are read by id."""
+    storage, marks = archived
+    markings = [o["id"] for o in marks[-1][1] if o["type"] == "marking-definition"]
+    assert markings
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=store) as server:
+        target = OpenCTITarget(url=server.url, token=TOKEN, connector_id=str(uuid.uuid4()))
+        try:
+            with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+                restore_to_target(state, target, batch_size=50)
+        finally:
+            target.close()
+        check = {"url": server.url, "token": TOKEN, "until": None, "work_dir": tmp_path / "v"}
+        assert verify_against_opencti(storage, **check)
+        assert "marking definitions" in capsys.readouterr().out
+        store.delete(markings[0])  # gone from the platform, still live in the archive
+        assert not verify_against_opencti(storage, **check)
+    out = capsys.readouterr().out
+    missing = next(line for line in out.splitlines() if line.strip().startswith("missing"))
+    assert markings[0] in missing and " 1 " in missing
