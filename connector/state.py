@@ -275,17 +275,20 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _event_id(text: str) -> EventId:
-    # The archive's ids were validated when written: split them without the regex, and fall
-    # back to the strict parser (and its error) for anything unusual.
+def _event_id(text: str) -> tuple[int, int]:
+    """``(ms, seq)``: compares like the ``EventId`` it stands for, without building one.
+
+    The archive's ids were validated when written: split them without the regex, and fall back
+    to the strict parser (and its error) for anything unusual.
+    """
     ms, _, seq = text.partition("-")
     if ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit():
         if len(ms) <= 15 and len(seq) <= 10:
-            return EventId(int(ms), int(seq))
+            return int(ms), int(seq)
     return EventId.parse(text)
 
 
-def _parse_line(line: bytes) -> tuple[EventId, str, str, dict[str, Any]]:
+def _parse_line(line: bytes) -> tuple[tuple[int, int], str, str, dict[str, Any]]:
     """``(event id, id text, event name, envelope)`` of one archive line (no ``StreamEvent``)."""
     try:
         obj = orjson.loads(line)
@@ -303,12 +306,26 @@ def _parse_line(line: bytes) -> tuple[EventId, str, str, dict[str, Any]]:
 # internal id, [STIX id, *extension stix_ids], version, refs, the objects row's type, phase and
 # data, and the event itself (a StreamEvent, or its archive line) for the per-event path).
 _Item = tuple[
-    EventId, str, str, str | None, list[str], str, set[str], str, int, bytes, "StreamEvent | bytes"
+    tuple[int, int],
+    str,
+    str,
+    str | None,
+    list[str],
+    str,
+    set[str],
+    str,
+    int,
+    bytes,
+    "StreamEvent | bytes",
 ]
 
 
 def _upsert_item(
-    eid: EventId, id_text: str, event: str, envelope: dict[str, Any], src: StreamEvent | bytes
+    eid: tuple[int, int],
+    id_text: str,
+    event: str,
+    envelope: dict[str, Any],
+    src: StreamEvent | bytes,
 ) -> _Item | None:
     """The item of a plain create/update; None when the event needs the per-event path."""
     if event != "create" and event != "update":
@@ -488,8 +505,8 @@ class StateStore:
         events were applied.
         """
 
-        def entries() -> Iterator[tuple[EventId, str, str, dict[str, Any], bytes]]:
-            hwm = first
+        def entries() -> Iterator[tuple[tuple[int, int], str, str, dict[str, Any], bytes]]:
+            hwm: tuple[int, int] = first
             for line in lines:
                 eid, id_text, event, envelope = _parse_line(line)
                 if eid > hwm:
@@ -503,7 +520,8 @@ class StateStore:
         return self._fold(entries())
 
     def _fold(
-        self, entries: Iterable[tuple[EventId, str, str, dict[str, Any], StreamEvent | bytes]]
+        self,
+        entries: Iterable[tuple[tuple[int, int], str, str, dict[str, Any], StreamEvent | bytes]],
     ) -> int:
         """Runs of plain creates and updates are reduced to rows as they are read and written in
         batches: one lookup query for the ids that may already be stored, then a few
@@ -584,54 +602,62 @@ class StateStore:
                 wanted.add(iid)
             wanted.update(i for i in item[4] if maybe(i))
         known = self._lookup(wanted) if wanted else {}
+        # Re-creating a tombstoned object ends its tombstone; most folds have none to check.
+        tombstones = self._db.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None
         pending: dict[str, _Pending] = {}
         alias_rows: list[tuple[str, str]] = []
         written: list[tuple[str, str]] = []
         done = 0
-        as_of = self.as_of
+        as_of: tuple[int, int] | None = self.as_of
         for eid, id_text, event, iid, ids, version, refs, stype, phase, blob, _ in items:
-            old = known.get(iid) if iid else None
-            if old is not None and old.key == iid:
-                pass
-            elif not known:
+            if not known:
                 old = None  # nothing of this batch is stored yet: the common case of a fold
             else:
-                old = next(
-                    (
-                        k
-                        for k in (known.get(r) for r in (iid, *ids) if r)
-                        if k is not None and (iid is None or k.key == iid or k.iid in (None, iid))
-                    ),
-                    None,
-                )
+                old = known.get(iid) if iid else None
+                if old is None or old.key != iid:
+                    old = next(
+                        (
+                            k
+                            for k in (known.get(r) for r in (iid, *ids) if r)
+                            if k is not None
+                            and (iid is None or k.key == iid or k.iid in (None, iid))
+                        ),
+                        None,
+                    )
+            stix_id = ids[0]
             if old is not None and old.version and version and version < old.version:
                 pass  # a dependency re-send or recovery duplicate of an older version
-            elif old is not None and old.stix_id != ids[0]:
+            elif old is not None and old.stix_id != stix_id:
                 break  # standard-id change: re-point what referenced the old id (_upsert)
             else:
-                key = old.key if old is not None else (iid or ids[0])
+                key = old.key if old is not None else (iid or stix_id)
                 pend = pending.get(key)
                 if pend is None:
                     pend = pending[key] = _Pending(old.stored_refs() if old else set())
-                pend.row = (key, ids[0], iid, stype, phase, id_text, event, version, blob)
+                pend.row = (key, stix_id, iid, stype, phase, id_text, event, version, blob)
                 pend.refs = refs
                 if old is not None:
-                    old.iid, old.stix_id, old.version, old.refs = iid, ids[0], version, refs
+                    old.iid, old.stix_id, old.version, old.refs = iid, stix_id, version, refs
                     mine = old
                 else:
-                    mine = _Known(key, iid, ids[0], version, refs, None)
-                for alias in {key: None, **dict.fromkeys(ids), **({iid: None} if iid else {})}:
+                    mine = _Known(key, iid, stix_id, version, refs, None)
+                if len(ids) == 1 and (iid is None or iid == key):
+                    aliases: Iterable[str] = (key,) if stix_id == key else (key, stix_id)
+                else:
+                    aliases = dict.fromkeys((key, *ids, *((iid,) if iid else ())))
+                for alias in aliases:
                     holder = known.get(alias)
                     if holder is None or holder.key == key:
                         known[alias] = mine
                         alias_rows.append((alias, key))
-                written.append((key, ids[0]))
+                if tombstones:
+                    written.append((key, stix_id))
             if as_of is None or eid > as_of:
                 as_of = eid
             done += 1
         self._flush(pending, alias_rows, written)
         if as_of is not None:
-            self._set_as_of(as_of)
+            self._set_as_of(EventId(*as_of))
         return done
 
     def _lookup(self, ids: set[str]) -> dict[str, _Known]:
@@ -671,7 +697,7 @@ class StateStore:
         self._add_aliases(_ADD_ALIAS, alias_rows)
         db.executemany(_ADD_REF, [(r, k) for k, p in pending.items() for r in p.refs - p.db_refs])
         # A new life for a deleted object (same identity, or same standard id re-created).
-        if written and db.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone():
+        if written:
             db.executemany("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", written)
 
     def _add_aliases(self, sql: str, rows: list[tuple[str, str]]) -> None:
