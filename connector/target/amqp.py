@@ -33,8 +33,10 @@ __all__ = ["OPENCTI_SYSTEM_UUID", "AmqpEndpoint", "AmqpPublisher", "event_messag
 
 log = logging.getLogger(__name__)
 # pika logs every failed connection attempt at ERROR with a traceback; we translate the failure
-# into one RetryableError / PermanentError that the pipeline logs once per retry instead.
-logging.getLogger("pika").setLevel(logging.CRITICAL)
+# into one RetryableError / PermanentError that the pipeline logs once per retry instead. Set on
+# pika's module loggers: pycti resets the "pika" parent's level whenever it builds a client.
+for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika.")]:
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 # The applicant the platform's Synchronizer uses when the sync has no user of its own.
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
@@ -256,7 +258,9 @@ class AmqpPublisher:
     def _translate(self, what: str, exc: Exception) -> SinkError:
         ex = pika.exceptions
         where = f"OpenCTI target broker {self.endpoint.describe()}: {what}"
-        detail = self._scrub(f"{type(exc).__name__}: {exc}")
+        # pika's connection errors carry their cause in args with an empty str().
+        text = str(exc) or "; ".join(str(a) for a in exc.args)
+        detail = self._scrub(f"{type(exc).__name__}: {text}")
         if isinstance(exc, ex.ProbableAuthenticationError | ex.AuthenticationError):
             return PermanentError(
                 f"{where}: login refused ({detail}) - check the broker user and password the "
