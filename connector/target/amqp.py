@@ -259,7 +259,7 @@ class AmqpPublisher:
         ex = pika.exceptions
         where = f"OpenCTI target broker {self.endpoint.describe()}: {what}"
         # pika's connection errors carry their cause in args with an empty str().
-        text = str(exc) or "; ".join(str(a) for a in exc.args)
+        text = str(exc) or "; ".join(repr(a) for a in exc.args)
         detail = self._scrub(f"{type(exc).__name__}: {text}")
         if isinstance(exc, ex.ProbableAuthenticationError | ex.AuthenticationError):
             return PermanentError(
