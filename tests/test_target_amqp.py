@@ -19,7 +19,7 @@ import pytest
 
 from connector import metrics
 from connector.errors import PermanentError, RetryableError
-from connector.events import StreamEvent
+from connector.events import StreamEvent, octi_ext
 from connector.sim import SAMPLE_BUNDLES, sample_bundle
 from connector.sim.generator import generate
 from connector.sim.platform import WORKER_EXCHANGE, platform_state
@@ -263,6 +263,51 @@ def test_two_way_sync_does_not_echo(rabbitmq: RabbitNode) -> None:  # noqa: F811
         to_a.close()
         for server in servers:
             server.stop()
+
+
+@pytest.mark.parametrize("transport", ["amqp", "api"])
+@pytest.mark.parametrize("resolve", [True, False])
+def test_merge_target_resent_in_an_earlier_batch(
+    platform_b: SimServer, transport: str, resolve: bool
+) -> None:
+    """The stream can deliver a merge target already carrying its sources' ids (a dependency
+    re-send, loaded at send time) in a batch before the merge. Asking the target which entity
+    each alias names keeps the still-live source from being absorbed by that upsert."""
+    a = SimStore()
+    for name in ("Keeper", "Absorbed"):
+        a.upsert(_malware(name, description=name))
+    target = make_target(platform_b.url, transport=transport, resolve_aliases=resolve)
+    target.check()
+    try:
+        sync = Sync(a, platform_b, target)
+        step = sync.step if transport == "amqp" else lambda: _write(sync)
+        step()
+        keeper, absorbed = _malware("Keeper")["id"], _malware("Absorbed")["id"]
+        a.merge(keeper, [absorbed])
+        events, sync.pos = events_since(a, sync.pos)
+        (merge,) = events
+        assert absorbed in octi_ext(merge.stix)["stix_ids"]
+        resent = {"version": "4", "type": "update", "data": merge.stix, "context": {}}
+        early = StreamEvent(merge.id, merge.id_text, "update", json.dumps(resent))
+        for batch in ([early], [merge]):
+            target.write(batch_of(batch))
+            if transport == "amqp":
+                sync.drain()
+        diff = state_diff(a.dump_bundle(), platform_b.store.dump_bundle())
+        if resolve:
+            assert not diff, diff
+            held = platform_b.store.get(absorbed)
+            assert held is not None and held["id"] == keeper
+        else:
+            assert diff  # the upsert resolved to the source too: B no longer equals A
+    finally:
+        target.close()
+
+
+def _write(sync: Sync) -> None:
+    events, sync.pos = events_since(sync.a, sync.pos)
+    if events:
+        sync.target.write(batch_of(events))
 
 
 # ------------------------------------------------------------------------ worker semantics

@@ -149,9 +149,11 @@ def _skip(text: str, i: int, open_c: str, close_c: str) -> int:
     raise PlatformError("GRAPHQL_PARSE_FAILED", "Syntax Error: unbalanced brackets")
 
 
-def _fields(selection: str) -> Iterator[tuple[str, str]]:
-    """Top-level ``(name, sub-selection)`` pairs of a selection set's inner text."""
+def _calls(selection: str) -> Iterator[tuple[str, str, str, str]]:
+    """Top-level ``(response key, field name, arguments text, sub-selection)`` of a selection
+    set's inner text; the key is the alias when the query gives one (``a0: stix(id: $i0)``)."""
     i = 0
+    alias: str | None = None
     while i < len(selection):
         m = _NAME.match(selection, i)
         if m is None:
@@ -161,10 +163,15 @@ def _fields(selection: str) -> Iterator[tuple[str, str]]:
         i = m.end()
         while i < len(selection) and selection[i] in " \t\r\n,":
             i += 1
-        if selection.startswith(":", i):  # alias: "alias: field" (keep the field name)
+        if selection.startswith(":", i):  # "alias: field"
+            alias = name
+            i += 1
             continue
+        args = ""
         if selection.startswith("(", i):
-            i = _skip(selection, i, "(", ")")
+            end = _skip(selection, i, "(", ")")
+            args = selection[i + 1 : end - 1]
+            i = end
             while i < len(selection) and selection[i] in " \t\r\n":
                 i += 1
         sub = ""
@@ -172,16 +179,35 @@ def _fields(selection: str) -> Iterator[tuple[str, str]]:
             end = _skip(selection, i, "{", "}")
             sub = selection[i + 1 : end - 1]
             i = end
+        key, alias = alias or name, None
         if name not in ("on", "fragment") and not name.startswith("__"):
-            yield name, sub
+            yield key, name, args, sub
 
 
-def _root_fields(query: str) -> list[tuple[str, str]]:
+def _fields(selection: str) -> Iterator[tuple[str, str]]:
+    """Top-level ``(name, sub-selection)`` pairs of a selection set's inner text."""
+    for _key, name, _args, sub in _calls(selection):
+        yield name, sub
+
+
+_ARG = re.compile(r'([_A-Za-z][_0-9A-Za-z]*)\s*:\s*(\$[_A-Za-z][_0-9A-Za-z]*|"(?:[^"\\]|\\.)*")')
+
+
+def _arguments(args: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """A field's arguments: ``$variables`` resolved, string literals decoded (what pycti and
+    our target send; nested literal objects are not needed)."""
+    out: dict[str, Any] = {}
+    for name, value in _ARG.findall(args):
+        out[name] = variables.get(value[1:]) if value.startswith("$") else orjson.loads(value)
+    return out
+
+
+def _root_calls(query: str) -> list[tuple[str, str, str, str]]:
     start = query.find("{")
     if start < 0:
         raise PlatformError("GRAPHQL_PARSE_FAILED", "Syntax Error: no selection set")
     end = _skip(query, start, "{", "}")
-    return list(_fields(query[start + 1 : end - 1]))
+    return list(_calls(query[start + 1 : end - 1]))
 
 
 def _pick(value: dict[str, Any], selection: str) -> dict[str, Any]:
@@ -248,8 +274,10 @@ class PlatformApi:
             variables = request.get("variables") or {}
             self._authenticate(lowered)
             data: dict[str, Any] = {}
-            for name, sub in _root_fields(query):
-                data[name] = self._resolve(name, sub, variables, lowered)
+            for key, name, args, sub in _root_calls(query):
+                # Each field reads its own arguments (several aliased calls in one query).
+                local = {**variables, **_arguments(args, variables)}
+                data[key] = self._resolve(name, sub, local, lowered)
             return 200, orjson.dumps({"data": data})
         except orjson.JSONDecodeError:
             return 400, orjson.dumps({"errors": [{"message": "POST body is not JSON"}]})

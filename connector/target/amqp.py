@@ -129,14 +129,19 @@ def _message(
 
 
 def event_messages(
-    events: Iterable[StreamEvent], *, applicant_id: str, synchronized: bool
+    events: Iterable[StreamEvent],
+    *,
+    applicant_id: str,
+    synchronized: bool,
+    live_aliases: Mapping[str, set[str]] | None = None,
 ) -> list[tuple[str, bytes]]:
     """``(event id, message body)`` pairs to publish in this order for ``events``.
 
     One message per event, like the Synchronizer, with two differences that keep the target
     equal to the source: until a merge is applied, no upsert carries its sources' ids among
-    its aliases (``merge_lookahead``), and a merge is preceded by an upsert of its target, so a
-    target the other platform never received is created instead of failing the merge.
+    its aliases (``merge_lookahead``; ``live_aliases`` extends it to merges in later batches),
+    and a merge is preceded by an upsert of its target, so a target the other platform never
+    received is created instead of failing the merge.
     """
     events = list(events)
     out: list[tuple[str, bytes]] = []
@@ -150,7 +155,8 @@ def event_messages(
             body = _message(ev, pre, "update", applicant_id, synchronized)
             out.append((ev.id_text, body))
         elif kind != "delete":
-            data = without_aliases(data, later_sources)
+            live = set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()
+            data = without_aliases(data, later_sources | live)
         out.append((ev.id_text, _message(ev, data, kind, applicant_id, synchronized)))
     return out
 

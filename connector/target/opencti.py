@@ -22,11 +22,12 @@ the platform's workers split multi-object bundles and import the pieces in depen
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -35,7 +36,7 @@ import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs
 from pycti import OpenCTIApiClient
 
 from ..errors import PermanentError, RetryableError, SinkError
-from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent
+from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
 from .amqp import OPENCTI_SYSTEM_UUID, AmqpEndpoint, AmqpPublisher, event_messages
@@ -121,7 +122,11 @@ def _operation(stix: dict[str, Any], operation: str, **extra: Any) -> dict[str, 
     return out
 
 
-def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[Push]:
+def plan_pushes(
+    events: Iterable[StreamEvent],
+    max_objects: int = 500,
+    live_aliases: Mapping[str, set[str]] | None = None,
+) -> list[Push]:
     """Turn stream events into pushes that, applied in order, reproduce the stream's effect.
 
     Consecutive creates/updates share a push (the last version of an object wins, at the
@@ -129,8 +134,9 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
     share a push with adjacent deletes only. A merge is three pushes: upsert the target (it may
     be unknown here), merge the sources into it, upsert it again so its content is the source's
     final one. Until a merge is applied, no upsert carries its sources' ids as aliases (see
-    ``common.without_aliases``). An id-changing update starts a new push so the old id is there to
-    be found.
+    ``common.without_aliases``); ``live_aliases`` (object id -> aliases that name another live
+    entity on the target, see ``OpenCTITarget.live_aliases``) extends that to merges in later
+    batches. An id-changing update starts a new push so the old id is there to be found.
     """
     events = list(events)
     pending = merge_lookahead(events)
@@ -156,7 +162,7 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
-            stix = without_aliases(stix, later_sources)
+            stix = without_aliases(stix, later_sources | _live(live_aliases, ev))
             prev = previous_standard(ev) if ev.event == "update" else None
             if prev is not None:
                 flush_upserts()
@@ -188,6 +194,10 @@ def plan_pushes(events: Iterable[StreamEvent], max_objects: int = 500) -> list[P
     flush_upserts()
     flush_deletes()
     return pushes
+
+
+def _live(live_aliases: Mapping[str, set[str]] | None, ev: StreamEvent) -> set[str]:
+    return set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()
 
 
 def _norm_url(url: str) -> tuple[str, str, int, str]:
@@ -230,6 +240,7 @@ class OpenCTITarget:
         amqp_host: str = "",
         amqp_port: int = 0,
         amqp_use_ssl: bool | None = None,
+        resolve_aliases: bool = True,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
@@ -256,6 +267,7 @@ class OpenCTITarget:
         # AMQP transport: broker overrides, and what registration told us.
         self.transport = transport
         self.amqp_host, self.amqp_port, self.amqp_use_ssl = amqp_host, amqp_port, amqp_use_ssl
+        self.resolve_aliases = resolve_aliases
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
@@ -464,10 +476,11 @@ class OpenCTITarget:
         if not self._checked:
             self.check()
         self.rejected = []
+        live = self.live_aliases(batch.events) if self.resolve_aliases else {}
         if self.publisher is not None:
-            self._publish(batch)
+            self._publish(batch, live)
             return
-        pushes = plan_pushes(batch.events, self.max_bundle_objects)
+        pushes = plan_pushes(batch.events, self.max_bundle_objects, live)
         last_error: PermanentError | None = None
         for push in pushes:
             try:
@@ -485,12 +498,76 @@ class OpenCTITarget:
             self.last_event_id = str(batch.last_id)
         self._ping()
 
-    def _publish(self, batch: Batch) -> None:
+    def live_aliases(self, events: list[StreamEvent]) -> dict[str, set[str]]:
+        """Aliases of upserts that name *another* live entity on the target, by object id.
+
+        The stream can carry a merge target with its sources' ids as aliases before the merge
+        (dependency re-sends are loaded at send time); the batch's own look-ahead covers a merge
+        in the same batch, this covers one in a later batch. An alias is dropped when the target
+        knows the upsert's own id *and* resolves the alias to a different entity (a source not
+        merged yet); it comes back with the merge. It is kept when the target does not know the
+        upsert's id: the alias may be how the entity is found (a standard-id change). Asked with
+        ``stix(id)`` calls, up to 100 per GraphQL query, only for upserts that carry aliases.
+        """
+        wanted: dict[str, list[str]] = {}
+        for ev in events:
+            if ev.event not in ("create", "update"):
+                continue
+            aliases = octi_ext(ev.stix).get("stix_ids")
+            prev = previous_standard(ev)
+            aliases = [a for a in aliases or [] if isinstance(a, str) and a != prev]
+            if aliases:
+                wanted.setdefault(ev.stix_id, []).extend(aliases)
+        if not wanted:
+            return {}
+        ids = list(dict.fromkeys([*wanted, *(a for al in wanted.values() for a in al)]))
+        resolved = self._standard_ids(ids)
+        out: dict[str, set[str]] = {}
+        for sid, aliases in wanted.items():
+            own = resolved.get(sid)
+            if own is None:
+                continue
+            other = {a for a in aliases if resolved.get(a) not in (None, own)}
+            if other:
+                out[sid] = other
+        if out:
+            log.info(
+                "Aliases naming other live entities on the target left out of upserts",
+                extra={"target": self.url, "objects": len(out)},
+            )
+        return out
+
+    def _standard_ids(self, ids: list[str]) -> dict[str, str | None]:
+        """The standard id of the entity each id names on the target (None: unknown)."""
+        out: dict[str, str | None] = {}
+        for start in range(0, len(ids), 100):
+            chunk = ids[start : start + 100]
+            names = [f"$i{n}: String!" for n in range(len(chunk))]
+            calls = [f"a{n}: stix(id: $i{n})" for n in range(len(chunk))]
+            query = f"query SyncAliases({', '.join(names)}) {{ {' '.join(calls)} }}"
+            variables = {f"i{n}": ref for n, ref in enumerate(chunk)}
+            answer = self._call(
+                "resolve aliases", functools.partial(self.api.query, query, variables)
+            )
+            data = answer.get("data") or {}
+            for n, ref in enumerate(chunk):
+                text = data.get(f"a{n}")
+                try:
+                    obj = json.loads(text) if isinstance(text, str) else None
+                except ValueError:
+                    obj = None
+                out[ref] = obj.get("id") if isinstance(obj, dict) else None
+        return out
+
+    def _publish(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
         """AMQP: one confirmed message per event. The broker takes any well-formed message, so
         refusals happen on the platform's workers (recorded in its works), not here."""
         assert self.publisher is not None
         messages = event_messages(
-            batch.events, applicant_id=self.applicant_id, synchronized=self.synchronized
+            batch.events,
+            applicant_id=self.applicant_id,
+            synchronized=self.synchronized,
+            live_aliases=live,
         )
         self.publisher.publish([body for _, body in messages])
         if batch.events:
