@@ -147,10 +147,11 @@ def to_bundle(state: StateStore, out: BinaryIO) -> int:
     out.write(b'","objects":[')
     count = 0
     for phase in range(len(PHASES)):
-        for rec in state.records(phase=phase):
+        # The stored bytes are already compact JSON of the object: written as they are.
+        for blob in state.blobs(phase=phase):
             if count:
                 out.write(b",\n")
-            out.write(orjson.dumps(rec.data))
+            out.write(blob)
             count += 1
     out.write(b"]}\n")
     return count

@@ -61,16 +61,18 @@ _RELATION_EXT = (
 )
 
 # Bumped when the layout changes; a state database is scratch, rebuilt from the archive at will.
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 # ``objects`` is a rowid table: rows are appended, and lookups by key walk the small ``key`` index
-# instead of a B-tree whose leaves hold 2 KB blobs. Indexes used only by merges, deletes and the
-# restore's phase order are created on first need (see _LAZY_INDEXES), so a fold of creates does
-# not maintain them.
+# instead of a B-tree whose leaves hold 2 KB blobs. Each object row carries its own references
+# (``refs``, a JSON array). The reverse index (``refs`` table: who references an id) and the
+# indexes used only by merges, deletes and the restore's phase order are built on first need,
+# set-based from those columns (see _LAZY_INDEXES): a fold of creates and updates maintains none
+# of them, which saved a row per reference per object.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     rid INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, stix_id TEXT NOT NULL, iid TEXT,
     type TEXT NOT NULL, phase INTEGER NOT NULL, event_id TEXT NOT NULL, event TEXT NOT NULL,
-    version TEXT NOT NULL, data BLOB NOT NULL
+    version TEXT NOT NULL, data BLOB NOT NULL, refs TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS aliases (alias TEXT PRIMARY KEY, key TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs (ref TEXT NOT NULL, key TEXT NOT NULL);
@@ -81,20 +83,26 @@ CREATE TABLE IF NOT EXISTS tombstones (
 CREATE INDEX IF NOT EXISTS tombstones_stix ON tombstones (stix_id);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
 """
-_LAZY_INDEXES = {
+# name -> (the index whose presence says it is built, the statements that build it). While
+# "by_key" is not built the ``refs`` table is empty, and writes leave it alone.
+_LAZY_INDEXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "by_key": (
-        "CREATE INDEX IF NOT EXISTS aliases_key ON aliases (key);"
-        "CREATE INDEX IF NOT EXISTS refs_key ON refs (key);"
-        "CREATE INDEX IF NOT EXISTS refs_ref ON refs (ref);"
+        "refs_ref",
+        (
+            "INSERT INTO refs (ref, key) SELECT j.value, o.key FROM objects o, json_each(o.refs) j",
+            "CREATE INDEX aliases_key ON aliases (key)",
+            "CREATE INDEX refs_key ON refs (key)",
+            "CREATE INDEX refs_ref ON refs (ref)",
+        ),
     ),
-    "phase": "CREATE INDEX IF NOT EXISTS objects_phase ON objects (phase, key);",
+    "phase": ("objects_phase", ("CREATE INDEX objects_phase ON objects (phase, key)",)),
 }
 _UPSERT_OBJECT = (
-    "INSERT INTO objects (key, stix_id, iid, type, phase, event_id, event, version, data)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    "INSERT INTO objects (key, stix_id, iid, type, phase, event_id, event, version, data, refs)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
     " stix_id = excluded.stix_id, iid = excluded.iid, type = excluded.type,"
     " phase = excluded.phase, event_id = excluded.event_id, event = excluded.event,"
-    " version = excluded.version, data = excluded.data"
+    " version = excluded.version, data = excluded.data, refs = excluded.refs"
 )
 # Never take an alias from another live object: the platform keeps both entities until a merge,
 # which hands the sources' ids over explicitly (see _merge).
@@ -258,7 +266,12 @@ def _object_row(key: str, stix: dict[str, Any], event_id: str, event: str) -> tu
         event,
         _version_of(stix),
         orjson.dumps(stix),
+        _refs_json(set(stix_refs(stix))),
     )
+
+
+def _refs_json(refs: set[str]) -> str:
+    return orjson.dumps(list(refs)).decode()
 
 
 def _aliases_of(key: str, stix: dict[str, Any]) -> list[str]:
@@ -385,7 +398,7 @@ class _Known:
     """What a batch knows of one stored (or just written) object: enough to resolve, guard and
     replace it without another query. One instance per key, shared by all its aliases."""
 
-    __slots__ = ("key", "iid", "stix_id", "version", "refs", "blob")
+    __slots__ = ("key", "iid", "stix_id", "version", "refs", "refs_json")
 
     def __init__(
         self,
@@ -394,14 +407,14 @@ class _Known:
         stix_id: str,
         version: str,
         refs: set[str] | None,
-        blob: bytes | None,
+        refs_json: str | None,
     ) -> None:
         self.key, self.iid, self.stix_id, self.version = key, iid, stix_id, version
-        self.refs, self.blob = refs, blob
+        self.refs, self.refs_json = refs, refs_json
 
     def stored_refs(self) -> set[str]:
         if self.refs is None:
-            self.refs = set(stix_refs(_loads(self.blob or b"{}")))
+            self.refs = set(orjson.loads(self.refs_json or "[]"))
         return self.refs
 
 
@@ -472,12 +485,21 @@ class StateStore:
             )
 
     def _index(self, name: str) -> None:
-        """Create a lazily built index (once; SQLite keeps it up to date from then on)."""
+        """Build a lazy index (once; it is kept up to date from then on).
+
+        In a savepoint: all of it or nothing, inside a fold's transaction or on its own (and
+        one statement at a time: executescript() would commit the open transaction).
+        """
         if name not in self._indexed:
-            # One statement at a time: executescript() would commit the open transaction.
-            for sql in _LAZY_INDEXES[name].split(";"):
-                if sql.strip():
+            self._db.execute("SAVEPOINT lazy_index")
+            try:
+                for sql in _LAZY_INDEXES[name][1]:
                     self._db.execute(sql)
+            except BaseException:
+                self._db.execute("ROLLBACK TO lazy_index")
+                self._db.execute("RELEASE lazy_index")
+                raise
+            self._db.execute("RELEASE lazy_index")
             self._indexed.add(name)
 
     # ------------------------------------------------------------------ applying events
@@ -564,11 +586,7 @@ class StateStore:
         row = self._db.execute("SELECT v FROM meta WHERE k='as_of'").fetchone()
         self.as_of = EventId.parse(row[0]) if row else None
         names = {str(r[0]) for r in self._db.execute("SELECT name FROM sqlite_master")}
-        self._indexed = {
-            name
-            for name, sql in _LAZY_INDEXES.items()
-            if sql.split(" ON ")[0].rsplit(" ", 1)[-1] in names
-        }
+        self._indexed = {name for name, (marker, _) in _LAZY_INDEXES.items() if marker in names}
 
     def _apply(self, ev: StreamEvent) -> None:
         self._index("by_key")
@@ -635,6 +653,7 @@ class StateStore:
                 if pend is None:
                     pend = pending[key] = _Pending(old.stored_refs() if old else set())
                 pend.row = (key, stix_id, iid, stype, phase, id_text, event, version, blob)
+                pend.row += (_refs_json(refs),)
                 pend.refs = refs
                 if old is not None:
                     old.iid, old.stix_id, old.version, old.refs = iid, stix_id, version, refs
@@ -668,15 +687,15 @@ class StateStore:
         for start in range(0, len(wanted), _LOOKUP_CHUNK):
             part = wanted[start : start + _LOOKUP_CHUNK]
             rows = self._db.execute(
-                "SELECT a.alias, o.key, o.iid, o.stix_id, o.version, o.data FROM aliases a"
+                "SELECT a.alias, o.key, o.iid, o.stix_id, o.version, o.refs FROM aliases a"
                 " JOIN objects o ON o.key = a.key"
                 f" WHERE a.alias IN ({','.join('?' * len(part))})",  # noqa: S608
                 part,
             )
-            for alias, key, iid, stix_id, version, blob in rows:
+            for alias, key, iid, stix_id, version, refs_json in rows:
                 known = by_key.get(key)
                 if known is None:
-                    known = by_key[key] = _Known(key, iid, stix_id, version, None, blob)
+                    known = by_key[key] = _Known(key, iid, stix_id, version, None, refs_json)
                 out[alias] = known
         return out
 
@@ -687,15 +706,16 @@ class StateStore:
         written: list[tuple[str, str]],
     ) -> None:
         db = self._db
-        dropped = [(r, k) for k, p in pending.items() for r in p.db_refs - p.refs]
-        if dropped:
-            self._index("by_key")
+        if "by_key" in self._indexed:  # the reverse index exists: keep it in step
+            dropped = [(r, k) for k, p in pending.items() for r in p.db_refs - p.refs]
             db.executemany("DELETE FROM refs WHERE ref = ? AND key = ?", dropped)
+            db.executemany(
+                _ADD_REF, [(r, k) for k, p in pending.items() for r in p.refs - p.db_refs]
+            )
         # Sorted: the key indexes' B-trees are then walked in order, one page after the other.
         db.executemany(_UPSERT_OBJECT, sorted(p.row for p in pending.values()))
         alias_rows.sort()  # each alias has one key per batch (see _fold_batch): order is free
         self._add_aliases(_ADD_ALIAS, alias_rows)
-        db.executemany(_ADD_REF, [(r, k) for k, p in pending.items() for r in p.refs - p.db_refs])
         # A new life for a deleted object (same identity, or same standard id re-created).
         if written:
             db.executemany("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", written)
@@ -748,10 +768,12 @@ class StateStore:
     def _write(self, key: str, stix: dict[str, Any], event_id: str, event: str) -> None:
         """Store ``stix`` under ``key`` and (re)index its aliases and references."""
         db = self._db
-        db.execute("DELETE FROM refs WHERE key = ?", (key,))
-        db.execute(_UPSERT_OBJECT, _object_row(key, stix, event_id, event))
+        row = _object_row(key, stix, event_id, event)
+        db.execute(_UPSERT_OBJECT, row)
         self._add_aliases(_ADD_ALIAS, [(a, key) for a in _aliases_of(key, stix)])
-        db.executemany(_ADD_REF, [(r, key) for r in set(stix_refs(stix))])
+        if "by_key" in self._indexed:
+            db.execute("DELETE FROM refs WHERE key = ?", (key,))
+            db.executemany(_ADD_REF, [(r, key) for r in orjson.loads(row[-1])])
 
     def _forget(self, key: str) -> None:
         for table in ("objects", "aliases", "refs"):
@@ -944,6 +966,10 @@ class StateStore:
         try:
             for table in ("objects", "aliases", "refs", "tombstones", "meta"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608
+            # The reverse index goes back to "not built": rebuilt from the rows on first need.
+            for index in ("aliases_key", "refs_key", "refs_ref"):
+                db.execute(f"DROP INDEX IF EXISTS {index}")
+            self._indexed.discard("by_key")
             it = iter(objects)
             while chunk := list(islice(it, _RUN_EVENTS)):
                 db.executemany(
@@ -951,9 +977,6 @@ class StateStore:
                 )
                 self._add_aliases(
                     _ADD_ALIAS, [(a, r.key) for r in chunk for a in _aliases_of(r.key, r.data)]
-                )
-                db.executemany(
-                    _ADD_REF, [(ref, r.key) for r in chunk for ref in set(stix_refs(r.data))]
                 )
             db.executemany(
                 "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?, ?)",
@@ -1005,6 +1028,13 @@ class StateStore:
         cursor = self._db.execute(sql + " ORDER BY key", args)
         for row in cursor:
             yield ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
+
+    def blobs(self, *, phase: int) -> Iterator[bytes]:
+        """The stored JSON of one push phase's objects, by key, unparsed (for bundles)."""
+        self._index("phase")
+        cursor = self._db.execute("SELECT data FROM objects WHERE phase = ? ORDER BY key", (phase,))
+        for (blob,) in cursor:
+            yield blob
 
     def objects(self) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
         """``(key, stix_id, event_id, stix)`` of every live object, ordered by key."""
