@@ -16,6 +16,7 @@ import gc
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -316,8 +317,9 @@ def _parse_line(line: bytes) -> tuple[tuple[int, int], str, str, dict[str, Any]]
 
 
 # One plain upsert, reduced to what the fold needs: (event id, event id text, event name,
-# internal id, [STIX id, *extension stix_ids], version, refs, the objects row's type, phase and
-# data, and the event itself (a StreamEvent, or its archive line) for the per-event path).
+# internal id, [STIX id, *extension stix_ids], version, refs and their JSON, the objects row's
+# type, phase and data, and the event itself (a StreamEvent, or its archive line) for the
+# per-event path).
 _Item = tuple[
     tuple[int, int],
     str,
@@ -327,10 +329,12 @@ _Item = tuple[
     str,
     set[str],
     str,
+    str,
     int,
     bytes,
     "StreamEvent | bytes",
 ]
+_NO_REFS: frozenset[str] = frozenset()
 
 
 def _upsert_item(
@@ -358,7 +362,8 @@ def _upsert_item(
     refs = set(_refs(stix, octi))
     stype = str(stix.get("type", ""))
     blob = orjson.dumps(stix)
-    return eid, id_text, event, iid, ids, version, refs, stype, push_phase(stix), blob, src
+    phase = push_phase(stix)
+    return eid, id_text, event, iid, ids, version, refs, _refs_json(refs), stype, phase, blob, src
 
 
 def _as_event(src: StreamEvent | bytes) -> StreamEvent:
@@ -423,7 +428,7 @@ class _Pending:
 
     __slots__ = ("row", "refs", "db_refs")
 
-    def __init__(self, db_refs: set[str]) -> None:
+    def __init__(self, db_refs: AbstractSet[str]) -> None:
         self.row: tuple[Any, ...] = ()
         self.refs: set[str] = set()
         self.db_refs = db_refs
@@ -605,7 +610,7 @@ class StateStore:
             done = self._fold_batch(run)
             if done < len(run):
                 # A standard-id change found on the way: that event takes the per-event path.
-                self._apply(_as_event(run[done][10]))
+                self._apply(_as_event(run[done][11]))
                 done += 1
             run = run[done:]
 
@@ -627,21 +632,16 @@ class StateStore:
         written: list[tuple[str, str]] = []
         done = 0
         as_of: tuple[int, int] | None = self.as_of
-        for eid, id_text, event, iid, ids, version, refs, stype, phase, blob, _ in items:
-            if not known:
-                old = None  # nothing of this batch is stored yet: the common case of a fold
-            else:
-                old = known.get(iid) if iid else None
-                if old is None or old.key != iid:
-                    old = next(
-                        (
-                            k
-                            for k in (known.get(r) for r in (iid, *ids) if r)
-                            if k is not None
-                            and (iid is None or k.key == iid or k.iid in (None, iid))
-                        ),
-                        None,
-                    )
+        for eid, id_text, event, iid, ids, version, refs, refs_json, stype, phase, blob, _ in items:
+            old = known.get(iid) if iid else None
+            if old is None or old.key != iid:
+                # By any id, skipping an object that carries another internal id (_resolve).
+                old = None
+                for ref in (iid, *ids) if iid else ids:
+                    k = known.get(ref)
+                    if k is not None and (iid is None or k.key == iid or k.iid in (None, iid)):
+                        old = k
+                        break
             stix_id = ids[0]
             if old is not None and old.version and version and version < old.version:
                 pass  # a dependency re-send or recovery duplicate of an older version
@@ -651,9 +651,19 @@ class StateStore:
                 key = old.key if old is not None else (iid or stix_id)
                 pend = pending.get(key)
                 if pend is None:
-                    pend = pending[key] = _Pending(old.stored_refs() if old else set())
-                pend.row = (key, stix_id, iid, stype, phase, id_text, event, version, blob)
-                pend.row += (_refs_json(refs),)
+                    pend = pending[key] = _Pending(old.stored_refs() if old else _NO_REFS)
+                pend.row = (
+                    key,
+                    stix_id,
+                    iid,
+                    stype,
+                    phase,
+                    id_text,
+                    event,
+                    version,
+                    blob,
+                    refs_json,
+                )
                 pend.refs = refs
                 if old is not None:
                     old.iid, old.stix_id, old.version, old.refs = iid, stix_id, version, refs
