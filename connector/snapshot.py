@@ -315,20 +315,12 @@ def _export(
     prefix = f"{SNAPSHOTS_PREFIX}{state.as_of.key}/"
     objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects)
     digest = hashlib.sha256()
-    for rec in state.records():
-        digest.update(f"{rec.key}\t{rec.event_id}\n".encode())
-        objects.add(
-            orjson.dumps(
-                {
-                    "key": rec.key,
-                    "stix_id": rec.stix_id,
-                    "event_id": rec.event_id,
-                    "event": rec.event,
-                    "data": rec.data,
-                },
-                option=orjson.OPT_APPEND_NEWLINE,
-            )
-        )
+    for key, stix_id, event_id, event, blob in state.raw_records():
+        digest.update(f"{key}\t{event_id}\n".encode())
+        # The stored JSON goes in as it is (a Fragment): no parse and re-serialisation.
+        record: dict[str, Any] = {"key": key, "stix_id": stix_id, "event_id": event_id}
+        record["event"], record["data"] = event, orjson.Fragment(blob)
+        objects.add(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
     objects.flush()
     tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects)
     for t in state.tombstones():

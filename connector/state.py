@@ -1041,6 +1041,12 @@ class StateStore:
         for row in cursor:
             yield ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
 
+    def raw_records(self) -> Iterator[tuple[str, str, str, str, bytes]]:
+        """``(key, stix_id, event_id, event, stored JSON)`` by key, the JSON unparsed."""
+        yield from self._db.execute(
+            "SELECT key, stix_id, event_id, event, data FROM objects ORDER BY key"
+        )
+
     def blobs(self, *, phase: int) -> Iterator[bytes]:
         """The stored JSON of one push phase's objects, by key, unparsed (for bundles)."""
         self._index("phase")
