@@ -580,6 +580,8 @@ def _target_env(sim_url: str, archive: str, target_url: str) -> dict[str, str]:
         TARGET_OPENCTI_URL=target_url,
         TARGET_OPENCTI_TOKEN=TARGET_TOKEN,
         TARGET_SYNCHRONIZED="true",
+        # These faults are about the API push path; the AMQP path has its own in test_target_amqp.
+        TARGET_TRANSPORT="api",
     )
 
 
