@@ -80,10 +80,11 @@ def _plan(storage: Any, work: Path) -> dict[str, Any]:
 
 
 def _push(storage: LocalStorage, work: Path, url: str, token: str, n: int) -> dict[str, Any]:
-    from connector.target.opencti import OpenCTITarget
-
     until = _nth_event_id(storage, n)
     state, plan = materialise_plan(storage, until=until, work_dir=work)
+    # Imported after planning, as `opencti-sync restore` does (pycti only for a platform push).
+    from connector.target.opencti import OpenCTITarget
+
     target = OpenCTITarget(url=url, token=token, connector_id=str(uuid.uuid4()))
     try:
         target.check()  # registration is not part of the push rate
