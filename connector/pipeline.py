@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchPolicy:
     max_events: int = 20_000
-    max_bytes: int = 32 * 1024 * 1024
+    max_bytes: int = 16 * 1024 * 1024
     max_age_secs: float = 10.0
 
 
@@ -196,7 +196,7 @@ class Pipeline:
                 self._oldest = time.monotonic()
             self._pending.append(item)
             self._groups.append(item.group)
-            self._pending_bytes += item.size
+            self._pending_bytes += len(item.data)
         elif isinstance(item, Complete):
             self._complete_n = len(self._pending)
             self._complete_id = item.id
@@ -220,7 +220,7 @@ class Pipeline:
             dropped = len(self._pending) - self._complete_n
             del self._pending[self._complete_n :]
             del self._groups[self._complete_n :]
-            self._pending_bytes = sum(e.size for e in self._pending)
+            self._pending_bytes = sum(len(e.data) for e in self._pending)
             metrics.RECONNECTS.labels(item.reason.split(":")[0][:40]).inc()
             if dropped:
                 log.info(
@@ -333,7 +333,7 @@ class Pipeline:
                 last_id=self._groups[n - 1],
                 events=events,
                 quarantined=self._quarantined,
-                size_bytes=sum(e.size for e in events),
+                size_bytes=sum(len(e.data) for e in events),
                 after_id=self._segment_last,
             )
         else:
@@ -374,7 +374,7 @@ class Pipeline:
         del self._groups[:n]
         self._quarantined = []
         self._complete_n = 0
-        self._pending_bytes = sum(e.size for e in self._pending)
+        self._pending_bytes = sum(len(e.data) for e in self._pending)
         self._oldest = time.monotonic() if self._pending else None
 
     def _quarantine_rejections(self, batch: Batch) -> None:

@@ -140,8 +140,9 @@ class ArchiveSection:
     max_events: int = _key("ARCHIVE_MAX_EVENTS", "Rotate a segment after this many events.", 20000)
     max_bytes: int = _key(
         "ARCHIVE_MAX_BYTES",
-        "Rotate a segment after this many uncompressed bytes (pending events are held in memory).",
-        32 * 1024 * 1024,
+        "Rotate a segment after this many uncompressed bytes (pending events are held in "
+        "memory: the run's memory grows by about 3x this value).",
+        16 * 1024 * 1024,
     )
     max_age_secs: float = _key(
         "ARCHIVE_MAX_AGE_SECS",
