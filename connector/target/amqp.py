@@ -6,10 +6,23 @@ synchronized, previous_standard, update: true}`` published to ``push_exchange`` 
 ``push_routing``. Unlike ``stixBundlePush`` it carries the source ``event_id`` (stale-update
 protection), ``synchronized`` (perfect sync: removals propagate) and ``previous_standard``.
 
-The broker coordinates come from the platform's ``registerConnector`` answer. Delivery is
-persistent (delivery_mode 2), mandatory and publisher-confirmed: ``publish`` returns only when
-the broker has confirmed every message, which is the "target acknowledged" the checkpoint waits
-for. pika's exceptions are translated here; the password never leaves this module.
+The broker coordinates come from the platform's ``registerConnector`` answer. Messages are
+persistent (delivery_mode 2) and mandatory, published in order, and ``publish`` returns only when
+the broker has durably taken every one of them: that is the "target acknowledged" the checkpoint
+waits for. pika's exceptions are translated here; the password never leaves this module.
+
+Batching: the channel is transactional (``tx.select`` once). A batch is published without waiting,
+then committed, ``_TX_CHUNK`` messages per ``tx.commit``. RabbitMQ answers ``commit-ok`` once the
+committed messages are routed and, for persistent messages on durable queues, written to disk, and
+it sends the ``basic.return`` of an unroutable mandatory message during the commit, before
+``commit-ok`` (rabbitmq.com "Broker Semantics", tx table; checked by a test), so a return is seen
+before ``publish`` returns. A failure before ``commit-ok`` raises, and the batch is sent again
+later (the target is idempotent). Publisher confirms with one ``multiple`` ack wait would give the
+same guarantee at the same speed (measured: ~9,000 msg/s for both against ~1,200 for one confirm
+per message), but pika's ``BlockingChannel`` waits for each confirm; streaming them needs pika's
+asynchronous channel (private ``_impl`` or a ``SelectConnection`` with its own I/O loop).
+Transactions reach it with the blocking API as is. The per-message confirm path stays available
+(``confirm_each=True``) for comparison (``bench/amqp_publish.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +53,10 @@ for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika."
 
 # The applicant the platform's Synchronizer uses when the sync has no user of its own.
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
-_HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while waiting for a confirm
+_HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while waiting for a commit
+# Messages per transaction: bounds what the broker holds uncommitted for one channel (~2 MB of
+# 2 KB events) while keeping commits (one disk sync each) rare; throughput is flat from 500 up.
+_TX_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +178,11 @@ def event_messages(
 
 
 class AmqpPublisher:
-    """A confirmed publisher on one broker connection, reopened after any failure."""
+    """A transactional publisher on one broker connection, reopened after any failure.
+
+    ``confirm_each=True`` selects the former path: a confirm channel that waits for the broker's
+    ack of each message (about 7x slower; kept for the benchmark).
+    """
 
     def __init__(
         self,
@@ -171,13 +191,16 @@ class AmqpPublisher:
         ssl_verify: bool = True,
         ca_bundle: str | None = None,
         timeout: float = 30.0,
+        confirm_each: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self._timeout = timeout
+        self.confirm_each = confirm_each
         self._conn: Any = None
         self._channel: Any = None
+        self._returned: list[Any] = []  # basic.return of the current transaction
         self.published = 0
 
     def _parameters(self) -> Any:
@@ -214,18 +237,27 @@ class AmqpPublisher:
         self.close()
         self._conn = pika.BlockingConnection(self._parameters())
         channel = self._conn.channel()
-        channel.confirm_delivery()
+        if self.confirm_each:
+            channel.confirm_delivery()
+        else:
+            self._returned = []
+            channel.add_on_return_callback(lambda _ch, method, props, body: self._on_return(method))
+            channel.tx_select()
         # Fails with NOT_FOUND when the platform never declared the exchange.
         channel.exchange_declare(self.endpoint.exchange, passive=True)
         self._channel = channel
         return channel
+
+    def _on_return(self, method: Any) -> None:
+        self._returned.append(method)
 
     def check(self) -> None:
         """Connect and verify the push exchange exists."""
         self._guard("connect", self._connect)
 
     def publish(self, bodies: Sequence[bytes]) -> None:
-        """Publish in order; returns once the broker confirmed every message (else raises)."""
+        """Publish in order; returns once the broker durably took every message (else raises:
+        nothing of an uncommitted chunk was taken, earlier chunks were; send the batch again)."""
         if not bodies:
             return
 
@@ -234,18 +266,28 @@ class AmqpPublisher:
             props = pika.BasicProperties(
                 delivery_mode=2, content_type="application/json", content_encoding="utf-8"
             )
-            for body in bodies:
-                # With confirms on, this waits for the broker's ack (or nack / return).
-                channel.basic_publish(
-                    self.endpoint.exchange,
-                    self.endpoint.routing_key,
-                    body,
-                    properties=props,
-                    mandatory=True,
-                )
-                self.published += 1
+            exchange, routing_key = self.endpoint.exchange, self.endpoint.routing_key
+            for start in range(0, len(bodies), _TX_CHUNK):
+                chunk = bodies[start : start + _TX_CHUNK]
+                for body in chunk:
+                    # Transactional: no wait here. confirm_each: waits for the ack (or a return).
+                    channel.basic_publish(
+                        exchange, routing_key, body, properties=props, mandatory=True
+                    )
+                if not self.confirm_each:
+                    self._commit(channel)
+                self.published += len(chunk)
 
         self._guard(f"publish of {len(bodies)} message(s)", run)
+
+    def _commit(self, channel: Any) -> None:
+        channel.tx_commit()
+        # A return precedes commit-ok on the wire; pika queued it as a pending event, which
+        # this dispatches (without waiting) to _on_return.
+        self._conn.process_data_events(time_limit=0)
+        if self._returned:
+            returned, self._returned = self._returned, []
+            raise pika.exceptions.UnroutableError(returned)
 
     def _guard(self, what: str, fn: Any) -> None:
         try:
