@@ -28,6 +28,7 @@ from connector.sim.store import SimStore
 from connector.sim.worker import PlatformWorker
 from connector.sink import Batch
 from connector.storage.local import LocalStorage
+from connector.target import amqp
 from connector.target.amqp import AmqpEndpoint, AmqpPublisher, event_messages
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state, state_diff
@@ -38,7 +39,7 @@ from tests.support.connector import (
     checkpoint_id,
     wait_until,
 )
-from tests.support.rabbitmq import RabbitNode, rabbitmq  # noqa: F401
+from tests.support.rabbitmq import CutProxy, RabbitNode, rabbitmq  # noqa: F401
 from tests.support.simlog import sim_events as events_since
 
 TOKEN = "amqp-target-token-0123456789"
@@ -192,6 +193,23 @@ def test_generated_edits_in_one_batch_converge(sync: Sync) -> None:
     sync.step()
     generate(sync.a, 200, seed=11)
     sync.step()
+    sync.assert_converged()
+
+
+def test_batch_of_several_hundred_events_spans_transactions_and_converges(
+    sync: Sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write of ~600 events, committed 128 messages per transaction: every message
+    arrives, in order across the commits (updates and deletes after their creates)."""
+    monkeypatch.setattr(amqp, "_TX_CHUNK", 128)
+    sync.step()
+    generate(sync.a, 600, seed=23)
+    before = sync.target.publisher.published if sync.target.publisher else 0
+    events = sync.step()
+    assert len(events) >= 600
+    assert {e.event for e in events} >= {"create", "update", "delete"}
+    assert sync.target.publisher is not None
+    assert sync.target.publisher.published - before > 4 * 128
     sync.assert_converged()
 
 
@@ -485,6 +503,134 @@ def test_missing_exchange_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F
     publisher.close()
 
 
+def test_unroutable_batch_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    """The broker returns unroutable mandatory messages during the commit, before commit-ok:
+    the publish that committed them raises."""
+    answer = _answer(rabbitmq, "octisync-test-password")
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:  # the exchange exists (as after a registration), no queue is bound to push_routing_x
+        conn.channel().exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
+    finally:
+        conn.close()
+    publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer))
+    try:
+        with pytest.raises(PermanentError, match="unroutable"):
+            publisher.publish([b'{"n": %d}' % i for i in range(300)])
+        assert publisher.published == 0
+    finally:
+        publisher.close()
+
+
+@pytest.fixture()
+def proxied_sync(platform_b: SimServer, rabbitmq: RabbitNode) -> Iterator[tuple[Sync, CutProxy]]:  # noqa: F811
+    proxy = CutProxy(rabbitmq.port)
+    try:
+        for sync in _sync(platform_b, synchronized=True, amqp_port=proxy.port):
+            yield sync, proxy
+    finally:
+        proxy.close()
+
+
+def test_broker_lost_mid_batch_raises_then_the_batch_is_sent_again(
+    proxied_sync: tuple[Sync, CutProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    sync, proxy = proxied_sync
+    sync.step()
+    sync.assert_converged()
+    generate(sync.a, 400, seed=31)
+    events, sync.pos = events_since(sync.a, sync.pos)
+    bodies = event_messages(events, applicant_id="u", synchronized=True)
+    assert len(bodies) < amqp._TX_CHUNK  # one transaction
+    handled, published = sync.worker.handled, sync.target.publisher.published  # type: ignore[union-attr]
+    # The link drops once about half of the batch's bytes have gone out.
+    proxy.cut_after(sum(len(body) for _, body in bodies) // 2)
+    with pytest.raises(RetryableError):
+        sync.target.write(batch_of(events))
+    assert proxy.down
+    assert sync.target.publisher is not None and sync.target.publisher.published == published
+    # Nothing of the uncommitted transaction reached the queue.
+    assert _queued(rabbitmq, f"push_{sync.target.connector_id}") == 0
+    assert sync.worker.handled == handled
+    with pytest.raises(RetryableError):  # still down: refused, not half-sent
+        sync.target.write(batch_of(events))
+    proxy.restore()
+    sync.target.write(batch_of(events))  # the pipeline's retry: the same batch again
+    assert sync.target.publisher.published == published + len(bodies)
+    sync.drain()
+    sync.assert_converged()
+
+
+def test_run_holds_the_checkpoint_when_the_broker_is_lost_mid_batch(
+    rabbitmq: RabbitNode,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``run`` through a link that drops in the middle of a batch: with B's worker paused, the
+    queue holds exactly the messages of the events up to the checkpoint (the cut transaction
+    left nothing, and nothing past the checkpoint is missing); after the link is back B
+    converges."""
+    a = SimServer(token="token-a", heartbeat_secs=0.2).start()
+    b = SimServer(token="token-b", heartbeat_secs=0.2, amqp_url=rabbitmq.url).start()
+    proxy = CutProxy(rabbitmq.port)
+    try:
+        a.store.load_bundle(sample_bundle(SAMPLE))
+        archive = str(tmp_path / "archive")
+        env = base_env(
+            a.url,
+            "token-a",
+            archive,
+            TARGET_OPENCTI_URL=b.url,
+            TARGET_OPENCTI_TOKEN="token-b",
+            TARGET_SYNCHRONIZED="true",
+            TARGET_TRANSPORT="amqp",
+            TARGET_AMQP_PORT=str(proxy.port),
+        )
+        storage = LocalStorage(archive)
+        run = ConnectorThread(env).start()
+        try:
+            wait_until(lambda: _synced(storage, a), timeout=120, what="sync")
+            _wait_converged(a, b)
+            (worker,) = platform_state(b.store).workers.values()
+            worker.stop()  # from here on the queue keeps what the broker took
+            pos = a.store.event_count
+            retries = _retries()
+            proxy.cut_after(200_000)  # ~75 messages into the next 400 events
+            generate(a.store, 400, seed=5)
+            wait_until(lambda: _retries() >= retries + 3, timeout=120, what="retries")
+            assert proxy.down
+            held = checkpoint_id(storage)
+            assert held is not None and not _synced(storage, a)
+            new_events, _ = events_since(a.store, pos)
+            up_to_held = [e for e in new_events if e.id <= held]
+            expected = len(event_messages(up_to_held, applicant_id="u", synchronized=True))
+            assert _queued(rabbitmq, worker.queue) == expected
+            proxy.restore()
+            worker.start()
+            wait_until(
+                lambda: _synced(storage, a),
+                timeout=120,
+                what="checkpoint after the link is back",
+            )
+            _wait_converged(a, b)
+        finally:
+            run.stop()
+        assert run.error is None
+        assert all(not w.failures for w in platform_state(b.store).workers.values())
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()
+
+
+def _queued(rabbit: RabbitNode, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    try:
+        count: int = conn.channel().queue_declare(queue, passive=True).method.message_count
+        return count
+    finally:
+        conn.close()
+
+
 def test_broker_down_holds_the_checkpoint_then_converges(
     rabbitmq: RabbitNode,  # noqa: F811
     tmp_path: Path,
@@ -508,7 +654,7 @@ def test_broker_down_holds_the_checkpoint_then_converges(
         storage = LocalStorage(archive)
         run = ConnectorThread(env).start()
         try:
-            wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
+            wait_until(lambda: _synced(storage, a), timeout=120, what="sync")
             _wait_converged(a, b)
             rabbitmq.stop()
             held = checkpoint_id(storage)
@@ -517,10 +663,10 @@ def test_broker_down_holds_the_checkpoint_then_converges(
             # Writes to the target fail (RetryableError, retried): the checkpoint waits.
             wait_until(lambda: _retries() >= retries + 3, timeout=120, what="retries")
             assert checkpoint_id(storage) == held
-            assert not caught_up(storage, a.store.last_event_id)
+            assert not _synced(storage, a)
             rabbitmq.start()
             wait_until(
-                lambda: caught_up(storage, a.store.last_event_id),
+                lambda: _synced(storage, a),
                 timeout=120,
                 what="checkpoint after the broker is back",
             )
@@ -535,6 +681,12 @@ def test_broker_down_holds_the_checkpoint_then_converges(
             rabbitmq.start()
         a.stop()
         b.stop()
+
+
+def _synced(storage: LocalStorage, a: SimServer) -> bool:
+    """The checkpoint reached A's last event."""
+    last = a.store.last_event_id
+    return last is not None and caught_up(storage, last)
 
 
 def _retries() -> float:

@@ -8,6 +8,9 @@ back on the same port with the same data. Import the fixture explicitly where ne
 
     from tests.support.rabbitmq import rabbitmq  # noqa: F401
 
+``CutProxy`` relays TCP to the node and can cut every connection once a client has sent a given
+number of bytes (a broker lost in the middle of a batch, at a deterministic point).
+
 Without the binary the tests using it SKIP, except when ``CI`` is set: then they FAIL, because
 ``.ci/run`` installs it.
 """
@@ -20,6 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +32,7 @@ import pika  # type: ignore[import-untyped]  # no stubs published
 import pika.exceptions  # type: ignore[import-untyped]
 import pytest
 
-__all__ = ["RabbitNode", "find_server", "rabbitmq"]
+__all__ = ["CutProxy", "RabbitNode", "find_server", "rabbitmq"]
 
 USER = "octisync"
 PASSWORD = "octisync-test-password"
@@ -160,6 +164,100 @@ class RabbitNode:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class CutProxy:
+    """A TCP relay on 127.0.0.1 to ``127.0.0.1:target_port`` that can play a lost broker.
+
+    ``cut_after(n)``: once clients have sent ``n`` more bytes in total, every relayed connection
+    is shut down and new ones are closed on accept, until ``restore()``. The cut falls at a byte
+    count, not a time, so a test can place it inside a batch.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._budget: int | None = None  # bytes clients may still send; None: unlimited
+        self._down = False
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, nbytes: int) -> None:
+        with self._lock:
+            self._budget = nbytes
+
+    def restore(self) -> None:
+        with self._lock:
+            self._budget, self._down = None, False
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self._cut()
+
+    def _cut(self) -> None:
+        with self._lock:
+            self._down = True
+            sockets, self._sockets = list(self._sockets), set()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._down:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                cut = False
+                if counted:
+                    with self._lock:
+                        if self._budget is not None:
+                            if len(data) >= self._budget:
+                                data, cut = data[: self._budget], True
+                            self._budget -= len(data)
+                dst.sendall(data)
+                if cut:
+                    self._cut()
+                    return
+        except OSError:
+            pass
+        # One side ended: end the other direction too (its pump then closes nothing twice).
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            self._sockets.discard(src)
+        src.close()
 
 
 @pytest.fixture(scope="session")
