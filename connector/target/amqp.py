@@ -12,9 +12,11 @@ the broker has durably taken every one of them: that is the "target acknowledged
 waits for. pika's exceptions are translated here; the password never leaves this module.
 
 Batching: the channel is transactional (``tx.select`` once). A batch is published without waiting,
-then committed, ``_TX_CHUNK`` messages per ``tx.commit``. RabbitMQ answers ``commit-ok`` once the
-committed messages are routed and, for persistent messages on durable queues, written to disk, and
-it sends the ``basic.return`` of an unroutable mandatory message during the commit, before
+then committed, ``_TX_CHUNK`` messages per ``tx.commit``. RabbitMQ answers ``commit-ok`` only when
+the channel has no unconfirmed message left: the same queue confirmations a publisher confirm
+waits for (persistent messages written to disk, or replicated on a quorum queue), whatever the
+queue type. A queue refusing a message fails the commit ("partial tx completion", retryable like a
+nack). The ``basic.return`` of an unroutable mandatory message is sent during the commit, before
 ``commit-ok`` (rabbitmq.com "Broker Semantics", tx table; checked by a test), so a return is seen
 before ``publish`` returns. A failure before ``commit-ok`` raises, and the batch is sent again
 later (the target is idempotent). Publisher confirms with one ``multiple`` ack wait would give the
@@ -327,6 +329,8 @@ class AmqpPublisher:
                 return PermanentError(f"{where}: access refused ({detail})")
             if code in (320, 541):  # broker shutting down / internal error: try again later
                 return RetryableError(f"{where}: {detail}")
+            if code == 406 and "partial tx" in str(exc.reply_text):  # a queue refused: a nack
+                return RetryableError(f"{where}: the broker refused the message(s) ({detail})")
             return PermanentError(f"{where}: {detail}")
         if isinstance(exc, ex.UnroutableError):
             return PermanentError(
