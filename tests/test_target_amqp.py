@@ -521,6 +521,30 @@ def test_unroutable_batch_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F
         publisher.close()
 
 
+def test_queue_refusing_part_of_a_batch_is_retryable(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    """A queue that rejects publishes when full (a nack for publisher confirms) fails the whole
+    commit; the publisher reports it as retryable, like a nack."""
+    answer = _answer(rabbitmq, "octisync-test-password")
+    answer["config"]["push_routing"] = routing = f"full_{uuid.uuid4().hex}"
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        channel = conn.channel()
+        channel.exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
+        args = {"x-max-length": 10, "x-overflow": "reject-publish"}
+        channel.queue_declare(routing, durable=True, arguments=args)
+        channel.queue_bind(routing, WORKER_EXCHANGE, routing_key=routing)
+        publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer))
+        try:
+            with pytest.raises(RetryableError, match="partial tx completion"):
+                publisher.publish([b'{"n": %d}' % i for i in range(50)])
+            assert publisher.published == 0
+        finally:
+            publisher.close()
+        channel.queue_delete(routing)
+    finally:
+        conn.close()
+
+
 @pytest.fixture()
 def proxied_sync(platform_b: SimServer, rabbitmq: RabbitNode) -> Iterator[tuple[Sync, CutProxy]]:  # noqa: F811
     proxy = CutProxy(rabbitmq.port)
