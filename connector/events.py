@@ -19,10 +19,8 @@ __all__ = [
     "EventId",
     "ControlEvent",
     "Quarantined",
-    "SseFields",
     "StreamEvent",
     "archive_line",
-    "inspect_sse",
     "parse_archive_line",
     "octi_ext",
     "OCTI_EXT",
@@ -31,7 +29,6 @@ __all__ = [
 EventKind = Literal["create", "update", "merge", "delete"]
 DATA_EVENTS: frozenset[str] = frozenset({"create", "update", "merge", "delete"})
 OCTI_EXT = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
-
 
 
 class EventId(NamedTuple):
@@ -164,95 +161,61 @@ class StreamEvent:
 
     @classmethod
     def from_sse(cls, id_text: str, event: str, raw: str | bytes) -> StreamEvent:
-        """Validate one SSE data message; raise ``MalformedEvent`` with the reason otherwise."""
-        return cls.from_fields(*inspect_sse(id_text, event, raw))
+        """Validate one SSE data message; raise ``MalformedEvent`` with the reason otherwise.
 
-    @classmethod
-    def from_fields(
-        cls,
-        event_id: EventId,
-        id_text: str,
-        event: str,
-        data: bytes,
-        stix_id: str,
-        internal_id: str,
-        version_time: str,
-        referer: str | None,
-    ) -> StreamEvent:
-        """An event whose data was already validated by ``inspect_sse`` (maybe elsewhere)."""
+        Runs for every event on the reader thread: one parse, the fields read straight into
+        the slots.
+        """
+        if not id_text:
+            raise MalformedEvent("data event without an id")
+        try:
+            event_id = EventId.parse(id_text)
+        except ValueError as exc:
+            raise MalformedEvent(f"malformed event id {id_text[:64]!r}") from exc
+        if event not in DATA_EVENTS:
+            raise MalformedEvent(f"unknown event name {event[:64]!r}")
+        if not raw:
+            raise MalformedEvent("event without data")
+        try:
+            envelope = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
+        if not isinstance(envelope, dict):
+            raise MalformedEvent("data is not a JSON object")
+        stix = envelope.get("data")
+        if not isinstance(stix, dict):
+            raise MalformedEvent("envelope has no 'data' object")
+        stix_id = stix.get("id")
+        if not isinstance(stix_id, str) or "--" not in stix_id:
+            raise MalformedEvent("STIX object has no valid 'id'")
+        version = envelope.get("version")
+        if version is not None and version != "4":
+            raise MalformedEvent(f"unsupported event version {str(version)[:16]!r}")
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        if b"\n" in data or b"\r" in data:
+            # Several data: lines were joined with newlines; keep JSON Lines one event a line.
+            data = orjson.dumps(envelope)
+        if event == "merge":
+            context = envelope.get("context")
+            sources = context.get("sources") if isinstance(context, dict) else None
+            if not isinstance(sources, list):
+                raise MalformedEvent("merge event without context.sources")
+        octi = octi_ext(stix)
+        internal = octi.get("id")
+        version_time = octi.get("updated_at") or stix.get("modified") or ""
+        origin = envelope.get("origin")
+        referer = origin.get("referer") if isinstance(origin, dict) else None
         ev = cls.__new__(cls)
-        ev.id = event_id
+        ev.id = ev.group = event_id
         ev.id_text = id_text
         ev.event = event
-        ev.group = event_id
         ev.data = data
         ev.stix_id = stix_id
-        ev.internal_id = internal_id
-        ev.version_time = version_time
-        ev.referer = referer
+        ev.internal_id = internal if isinstance(internal, str) else ""
+        ev.version_time = version_time if isinstance(version_time, str) else ""
+        ev.referer = referer if isinstance(referer, str) else None
         ev._envelope = None  # see the class docstring: do not hold the parsed form
         return ev
-
-
-SseFields = tuple[EventId, str, str, bytes, str, str, str, "str | None"]
-
-
-def inspect_sse(id_text: str, event: str, raw: str | bytes) -> SseFields:
-    """Validate one SSE data message and extract what the pipeline and manifests need.
-
-    Returns ``(event id, id text, event name, data bytes, STIX id, internal id, version time,
-    referer)``, or raises ``MalformedEvent`` with the reason. Pure and picklable-result: the
-    parse worker runs it in a child process.
-    """
-    if not id_text:
-        raise MalformedEvent("data event without an id")
-    try:
-        event_id = EventId.parse(id_text)
-    except ValueError as exc:
-        raise MalformedEvent(f"malformed event id {id_text[:64]!r}") from exc
-    if event not in DATA_EVENTS:
-        raise MalformedEvent(f"unknown event name {event[:64]!r}")
-    if not raw:
-        raise MalformedEvent("event without data")
-    try:
-        envelope = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise MalformedEvent("data is not a JSON object")
-    stix = envelope.get("data")
-    if not isinstance(stix, dict):
-        raise MalformedEvent("envelope has no 'data' object")
-    stix_id = stix.get("id")
-    if not isinstance(stix_id, str) or "--" not in stix_id:
-        raise MalformedEvent("STIX object has no valid 'id'")
-    version = envelope.get("version")
-    if version is not None and version != "4":
-        raise MalformedEvent(f"unsupported event version {str(version)[:16]!r}")
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if b"\n" in data or b"\r" in data:
-        # Several data: lines were joined with newlines; keep JSON Lines one event a line.
-        data = orjson.dumps(envelope)
-    if event == "merge":
-        context = envelope.get("context")
-        sources = context.get("sources") if isinstance(context, dict) else None
-        if not isinstance(sources, list):
-            raise MalformedEvent("merge event without context.sources")
-    octi = octi_ext(stix)
-    internal = octi.get("id")
-    version_time = octi.get("updated_at") or stix.get("modified") or ""
-    origin = envelope.get("origin")
-    referer = origin.get("referer") if isinstance(origin, dict) else None
-    return (
-        event_id,
-        id_text,
-        event,
-        data,
-        stix_id,
-        internal if isinstance(internal, str) else "",
-        version_time if isinstance(version_time, str) else "",
-        referer if isinstance(referer, str) else None,
-    )
 
 
 def _loads_object(data: bytes) -> dict[str, Any]:
