@@ -93,7 +93,8 @@ def _backup(
         child.terminate()
         watch.stop()
     connect = log_time(work / f"{name}.log", "Stream connecting.") or child.started
-    records = [r for r in watch.records if r.events_archived > 0]
+    # (checkpoints after the final one, heartbeats advancing it, are no part of the backup)
+    records = [r for r in watch.records if r.events_archived > 0 and r.saved_at <= final.saved_at]
     # The last batch waits for its rotation age once the stream is quiet; the checkpoint before
     # it measures the steady rate. With a single batch only the end-to-end figure exists.
     steady = records[-2] if len(records) >= 2 else final
