@@ -30,13 +30,13 @@ Transactions reach it with the blocking API as is. The per-message confirm path 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pika  # type: ignore[import-untyped]  # pycti's AMQP client; no stubs published
 import pika.exceptions  # type: ignore[import-untyped]
 
@@ -131,7 +131,7 @@ def _message(
     context = ev.envelope.get("context")
     if context is not None:
         payload["context"] = context
-    content = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    content = orjson.dumps(payload)
     prev = previous_standard(ev) if event_type == "update" else None
     message = {
         "type": "event",
@@ -143,7 +143,7 @@ def _message(
         "previous_standard": prev,
         "update": True,
     }
-    return json.dumps(message, ensure_ascii=False).encode("utf-8")
+    return orjson.dumps(message)
 
 
 def event_messages(
