@@ -7,7 +7,9 @@ import re
 
 __all__ = ["SseBytesDecoder"]
 
-_FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*)\nevent: ([^\n]*)\ndata: ([^\n]*)\n\n")
+# Possessive quantifiers and "." (any byte but a newline: the decoder has already turned CR and
+# CRLF into LF) let the regex engine run its fastest loop over the ~2 KB data line.
+_FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*+)\nevent: (.*+)\ndata: (.*+)\n\n")
 
 
 class SseBytesDecoder:

@@ -12,8 +12,10 @@ import gzip
 import hashlib
 import io
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import IO, Any, Protocol
 
 import orjson
@@ -103,6 +105,9 @@ def open_decompressed(fileobj: IO[bytes], codec: str) -> IO[bytes]:
     return gzip.GzipFile(fileobj=fileobj, mode="rb")  # type: ignore[return-value]
 
 
+_event_name = attrgetter("event")
+
+
 def encode_segment(
     key: str,
     events: list[StreamEvent],
@@ -133,12 +138,10 @@ def encode_segment(
     raw_size += chunk_size
     out += comp.flush()
     body = bytes(out)
-    counts: dict[str, int] = {}
-    objects: list[list[str]] = []
+    counts = dict(Counter(map(_event_name, events)))
+    objects = [[e.id_text, e.event, e.stix_id, e.internal_id, e.version_time] for e in events]
     merged: list[list[Any]] = []
     for ev in events:
-        counts[ev.event] = counts.get(ev.event, 0) + 1
-        objects.append([ev.id_text, ev.event, ev.stix_id, ev.internal_id, ev.version_time])
         if ev.event == "merge":
             sources = ev.envelope.get("context", {}).get("sources", [])
             merged.append(
