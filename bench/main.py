@@ -394,10 +394,13 @@ def table(metrics: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    started = time.time()
+    started, started_mono = time.time(), time.monotonic()
     result = run(args)
     result["command"] = "bench/run " + " ".join(sys.argv[1:] if argv is None else argv)
     result["duration_s"] = time.time() - started
+    # Rates and lags compare wall-clock stamps taken by different processes; a clock step (NTP)
+    # during the run makes them meaningless, so say so instead of printing nonsense quietly.
+    result["clock_step_s"] = round(result["duration_s"] - (time.monotonic() - started_mono), 3)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
@@ -405,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     m = result["machine"]
     print(f"\n{m['nproc']} x {m['cpu']}, Python {m['python']}; load {m['loadavg_start']}")
     print(f"JSON: {out}")
+    if abs(result["clock_step_s"]) > 0.5:
+        print(
+            f"WARNING: the wall clock moved {result['clock_step_s']} s against the monotonic clock "
+            "during the run: rates and lags are invalid, run it again."
+        )
+        return 3
     return 0
 
 
