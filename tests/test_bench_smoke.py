@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import orjson
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,12 @@ def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
     done = subprocess.run(
         [str(ROOT / "bench" / "run"), *args], capture_output=True, text=True, timeout=240
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     result = orjson.loads(out.read_bytes())
     assert set(result["metrics"]) == METRICS
+    if done.returncode == 3 and "wall clock moved" in done.stdout:
+        # An NTP step during the run: bench/run itself says its timings are void (not a defect).
+        pytest.skip(f"the wall clock stepped {result['clock_step_s']} s during the run")
+    assert done.returncode == 0, done.stderr[-3000:]
     for name, row in result["metrics"].items():
         assert isinstance(row["ours"], int | float) and row["ours"] > 0, name
         if row["baseline"] is not None:
