@@ -41,8 +41,11 @@ def test_run_writes_snapshots_on_schedule_into_s3(
         generate(sim.store, 50, seed=22)
         first = list_snapshots(storage)[-1]
         wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="more events")
-        wait_until(lambda: list_snapshots(storage)[-1].as_of > first.as_of, timeout=60,
-                   what="an incremental snapshot after new events")
+        wait_until(
+            lambda: list_snapshots(storage)[-1].as_of > first.as_of,
+            timeout=60,
+            what="an incremental snapshot after new events",
+        )
         run.stop()
     assert run.error is None
     latest = list_snapshots(storage)[-1]

@@ -42,7 +42,9 @@ def _edit(sim: SimServer, seed: int) -> None:
     generate(store, 150, seed=seed)
 
 
-def _cli(*args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, timeout: float = 180, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "connector", *args],
         cwd=cwd,
@@ -71,24 +73,38 @@ def test_live_sync_a_to_b_converges(platforms: tuple[SimServer, SimServer], tmp_
     # (docs/OPENCTI-TARGET.md, "Known limits").
     b.store.platform_forward_headers = True  # type: ignore[attr-defined]
     archive = str(tmp_path / "archive")
-    env = base_env(a.url, TOKEN_A, archive, TARGET_OPENCTI_URL=b.url, TARGET_OPENCTI_TOKEN=TOKEN_B,
-                   TARGET_SYNCHRONIZED="true", TARGET_TRANSPORT="api")
+    env = base_env(
+        a.url,
+        TOKEN_A,
+        archive,
+        TARGET_OPENCTI_URL=b.url,
+        TARGET_OPENCTI_TOKEN=TOKEN_B,
+        TARGET_SYNCHRONIZED="true",
+        TARGET_TRANSPORT="api",
+    )
     run = ConnectorThread(env).start()
     storage = LocalStorage(archive)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="initial sync")
     for seed in (1, 2):
         _edit(a, seed)
-        wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what=f"edits {seed}")
+        wait_until(
+            lambda: caught_up(storage, a.store.last_event_id), timeout=120, what=f"edits {seed}"
+        )
     run.stop()
     assert run.error is None
     assert_same_state(a.store.dump_bundle(), b.store.dump_bundle())
     assert b.store.get(RENAMED) is not None
     # The connector registered on B as a STREAM connector, visible to operators.
     connectors = b.store.platform_state.connectors  # type: ignore[attr-defined]
-    assert any(c.get("connector_type") == "STREAM" and c.get("connector_state") for c in connectors.values())
+    assert any(
+        c.get("connector_type") == "STREAM" and c.get("connector_state")
+        for c in connectors.values()
+    )
 
 
-def test_restore_latest_and_earlier_points(platforms: tuple[SimServer, SimServer], tmp_path: Path) -> None:
+def test_restore_latest_and_earlier_points(
+    platforms: tuple[SimServer, SimServer], tmp_path: Path
+) -> None:
     a, _ = platforms
     _seed(a)
     archive = str(tmp_path / "archive")
@@ -99,15 +115,26 @@ def test_restore_latest_and_earlier_points(platforms: tuple[SimServer, SimServer
     points.append((a.store.last_event_id, a.store.dump_bundle()))
     for seed in (3, 4, 5):
         _edit(a, seed)
-        wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what=f"edits {seed}")
+        wait_until(
+            lambda: caught_up(storage, a.store.last_event_id), timeout=120, what=f"edits {seed}"
+        )
         points.append((a.store.last_event_id, a.store.dump_bundle()))
     run.stop()
     # Snapshot in the middle so restores exercise "snapshot + segments after it" too.
     assert _cli("snapshot", "--archive", archive, cwd=tmp_path).returncode == 0
     for i, (until, expected) in enumerate(points):
         with SimServer(token=TOKEN_B) as b:
-            args = ["restore", "--archive", archive, "--opencti", b.url, "--token", TOKEN_B,
-                    "--work-dir", str(tmp_path / f"work{i}")]
+            args = [
+                "restore",
+                "--archive",
+                archive,
+                "--opencti",
+                b.url,
+                "--token",
+                TOKEN_B,
+                "--work-dir",
+                str(tmp_path / f"work{i}"),
+            ]
             if i < len(points) - 1:
                 args += ["--until", until]
             proc = _cli(*args)
@@ -115,7 +142,9 @@ def test_restore_latest_and_earlier_points(platforms: tuple[SimServer, SimServer
             assert_same_state(expected, b.store.dump_bundle())
 
 
-def test_restore_dry_run_to_bundle_and_refusals(platforms: tuple[SimServer, SimServer], tmp_path: Path) -> None:
+def test_restore_dry_run_to_bundle_and_refusals(
+    platforms: tuple[SimServer, SimServer], tmp_path: Path
+) -> None:
     a, b = platforms
     _seed(a)
     _edit(a, 7)
@@ -125,18 +154,39 @@ def test_restore_dry_run_to_bundle_and_refusals(platforms: tuple[SimServer, SimS
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="backup")
     run.stop()
     before = b.store.event_count
-    dry = _cli("restore", "--archive", archive, "--opencti", b.url, "--token", TOKEN_B, "--dry-run",
-               "--work-dir", str(tmp_path / "w1"))
+    dry = _cli(
+        "restore",
+        "--archive",
+        archive,
+        "--opencti",
+        b.url,
+        "--token",
+        TOKEN_B,
+        "--dry-run",
+        "--work-dir",
+        str(tmp_path / "w1"),
+    )
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert b.store.event_count == before and b.store.object_count == 0
     assert '"dry_run": true' in dry.stdout
     # Restoring into the archive's own source platform is refused unless forced.
-    same = _cli("restore", "--archive", archive, "--opencti", a.url, "--token", TOKEN_A,
-                "--work-dir", str(tmp_path / "w2"))
+    same = _cli(
+        "restore",
+        "--archive",
+        archive,
+        "--opencti",
+        a.url,
+        "--token",
+        TOKEN_A,
+        "--work-dir",
+        str(tmp_path / "w2"),
+    )
     assert same.returncode != 0 and "into itself" in (same.stdout + same.stderr)
     # A bundle of the state, for inspection or other tools.
     out = tmp_path / "state.json"
-    proc = _cli("restore", "--archive", archive, "--to-bundle", str(out), "--work-dir", str(tmp_path / "w3"))
+    proc = _cli(
+        "restore", "--archive", archive, "--to-bundle", str(out), "--work-dir", str(tmp_path / "w3")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     bundle = orjson.loads(out.read_bytes())
     assert bundle["type"] == "bundle"
@@ -149,16 +199,27 @@ def test_verify_against_opencti(platforms: tuple[SimServer, SimServer], tmp_path
     b.store.platform_forward_headers = True  # type: ignore[attr-defined]
     archive = str(tmp_path / "archive")
     storage = LocalStorage(archive)
-    env = base_env(a.url, TOKEN_A, archive, TARGET_OPENCTI_URL=b.url, TARGET_OPENCTI_TOKEN=TOKEN_B,
-                   TARGET_SYNCHRONIZED="true", TARGET_TRANSPORT="api")
+    env = base_env(
+        a.url,
+        TOKEN_A,
+        archive,
+        TARGET_OPENCTI_URL=b.url,
+        TARGET_OPENCTI_TOKEN=TOKEN_B,
+        TARGET_SYNCHRONIZED="true",
+        TARGET_TRANSPORT="api",
+    )
     run = ConnectorThread(env).start()
     _edit(a, 9)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
     run.stop()
-    ok = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path)
+    ok = _cli(
+        "verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
     assert "platform matches the archive" in ok.stdout
     victim = next(o["id"] for o in b.store.objects() if o["type"] == "malware")
     b.store.delete(victim)
-    bad = _cli("verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path)
+    bad = _cli(
+        "verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path
+    )
     assert bad.returncode == 1 and victim in bad.stdout

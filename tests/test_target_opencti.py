@@ -31,8 +31,6 @@ TOKEN = "target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 
 
-
-
 def batch_of(events: list[StreamEvent]) -> Batch:
     return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
 

@@ -13,8 +13,16 @@ VOLATILE_TOP = frozenset({"modified"})
 # The extension's endpoint fields of relationships and sightings hold the *internal* ids of the
 # endpoints, which each platform assigns itself (the STIX-level refs are compared).
 VOLATILE_EXT = frozenset(
-    {"id", "created_at", "updated_at", "creator_ids", "source_ref", "target_ref",
-     "sighting_of_ref", "where_sighted_refs"}
+    {
+        "id",
+        "created_at",
+        "updated_at",
+        "creator_ids",
+        "source_ref",
+        "target_ref",
+        "sighting_of_ref",
+        "where_sighted_refs",
+    }
 )
 
 
