@@ -467,9 +467,11 @@ def test_dead_broker_port_is_retryable(platform_b: SimServer) -> None:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
     target = make_target(platform_b.url, amqp_port=dead, requests_timeout=5)
-    with pytest.raises(RetryableError):
+    with pytest.raises(RetryableError) as err:
         target.check()
     target.close()
+    # The operator is told what to set when the announced broker is not reachable from here.
+    assert f"127.0.0.1:{dead}" in str(err.value) and "target.amqp_host" in str(err.value)
 
 
 def _answer(rabbit: RabbitNode, password: str, exchange: str = WORKER_EXCHANGE) -> dict[str, Any]:

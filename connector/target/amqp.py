@@ -339,6 +339,16 @@ class AmqpPublisher:
             )
         if isinstance(exc, ex.NackError):
             return RetryableError(f"{where}: the broker refused the message(s) (nack)")
+        if isinstance(exc, ex.AMQPConnectionError) and not isinstance(
+            exc, ex.StreamLostError | ex.ConnectionClosed
+        ):
+            # Never connected: most often the platform announced its broker under a name only
+            # its own network resolves (e.g. "rabbitmq" inside docker compose).
+            return RetryableError(
+                f"{where}: cannot reach the broker ({detail}) - if it is reachable from here "
+                "under another name or port, set target.amqp_host / target.amqp_port; "
+                "otherwise target.transport: api"
+            )
         if isinstance(exc, ex.AMQPError | OSError | TimeoutError):
             return RetryableError(f"{where}: {detail}")
         return RetryableError(f"{where}: unexpected {detail}")
