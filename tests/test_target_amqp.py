@@ -26,7 +26,6 @@ from connector.sim.platform import WORKER_EXCHANGE, platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.sim.worker import PlatformWorker
-from connector.sink import Batch
 from connector.storage.local import LocalStorage
 from connector.target import amqp
 from connector.target.amqp import AmqpEndpoint, AmqpPublisher, event_messages
@@ -41,45 +40,22 @@ from tests.support.connector import (
 )
 from tests.support.rabbitmq import CutProxy, RabbitNode, rabbitmq  # noqa: F401
 from tests.support.simlog import sim_events as events_since
+from tests.support.target import Sync as SyncBase
+from tests.support.target import batch_of, malware
 
 TOKEN = "amqp-target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 
 
-def batch_of(events: list[StreamEvent]) -> Batch:
-    return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
-
-
-def _malware(name: str, **extra: Any) -> dict[str, Any]:
-    stix = {
-        "type": "malware",
-        "spec_version": "2.1",
-        "id": f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, name)}",
-        "created": "2024-01-01T00:00:00.000Z",
-        "modified": "2024-01-01T00:00:00.000Z",
-        "name": name,
-        "is_family": True,
-    }
-    stix.update(extra)
-    return stix
-
-
-class Sync:
+class Sync(SyncBase):
     """Source store A, target platform B (with its queue worker), a cursor over A's stream."""
-
-    def __init__(self, a: SimStore, b: SimServer, target: OpenCTITarget) -> None:
-        self.a, self.b, self.target, self.pos = a, b, target, 0
 
     @property
     def worker(self) -> PlatformWorker:
         return platform_state(self.b.store).workers[self.target.connector_id]
 
-    def step(self) -> list[StreamEvent]:
-        events, self.pos = events_since(self.a, self.pos)
-        if events:
-            self.target.write(batch_of(events))
-            self.drain()
-        return events
+    def applied(self) -> None:
+        self.drain()
 
     def drain(self) -> None:
         """Wait until B's worker handled every message the target published."""
@@ -89,7 +65,7 @@ class Sync:
 
     def assert_converged(self) -> None:
         assert not self.worker.failures, self.worker.failures[:3]
-        assert_same_state(self.a.dump_bundle(), self.b.store.dump_bundle())
+        super().assert_converged()
 
 
 def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
@@ -166,15 +142,15 @@ def test_creates_updates_merges_deletes_converge(sync: Sync) -> None:
     assert {e.envelope.get("event_id") for e in b_events} == {e.id_text for e in events}
 
     a = sync.a
-    a.upsert(_malware("Alpha", description="first", aliases=["a1"]))
+    a.upsert(malware("Alpha", description="first", aliases=["a1"]))
     for name in ("Target", "Source one", "Source two"):
-        a.upsert(_malware(name))
+        a.upsert(malware(name))
     sync.step()
-    alpha = _malware("Alpha")["id"]
+    alpha = malware("Alpha")["id"]
     a.update(alpha, set={"description": "second", "aliases": ["a1", "a2"]})
     renamed = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'Alpha renamed')}"
     a.update(alpha, set={"name": "Alpha renamed"}, new_id=renamed)
-    target, s1, s2 = (_malware(n)["id"] for n in ("Target", "Source one", "Source two"))
+    target, s1, s2 = (malware(n)["id"] for n in ("Target", "Source one", "Source two"))
     a.merge(target, [s1, s2])
     victim = next(o["id"] for o in a.objects() if o["type"] == "indicator")
     a.delete(victim)
@@ -214,9 +190,9 @@ def test_batch_of_several_hundred_events_spans_transactions_and_converges(
 
 
 def test_perfect_sync_propagates_removals(sync: Sync) -> None:
-    sync.a.upsert(_malware("Labelled", description="to remove", labels=["x", "y"]))
+    sync.a.upsert(malware("Labelled", description="to remove", labels=["x", "y"]))
     sync.step()
-    oid = _malware("Labelled")["id"]
+    oid = malware("Labelled")["id"]
     sync.a.update(oid, set={"labels": ["x"]}, unset=["description"])
     sync.step()
     sync.assert_converged()
@@ -231,9 +207,9 @@ def merging_sync(platform_b: SimServer) -> Iterator[Sync]:
 
 def test_without_perfect_sync_removals_stay(merging_sync: Sync) -> None:
     sync = merging_sync
-    sync.a.upsert(_malware("Kept", description="stays on B", labels=["x", "y"]))
+    sync.a.upsert(malware("Kept", description="stays on B", labels=["x", "y"]))
     sync.step()
-    oid = _malware("Kept")["id"]
+    oid = malware("Kept")["id"]
     sync.a.update(oid, set={"labels": ["x"]}, unset=["description"])
     sync.step()
     held = sync.b.store.get(oid)
@@ -293,14 +269,14 @@ def test_merge_target_resent_in_an_earlier_batch(
     each alias names keeps the still-live source from being absorbed by that upsert."""
     a = SimStore()
     for name in ("Keeper", "Absorbed"):
-        a.upsert(_malware(name, description=name))
+        a.upsert(malware(name, description=name))
     target = make_target(platform_b.url, transport=transport, resolve_aliases=resolve)
     target.check()
     try:
         sync = Sync(a, platform_b, target)
         step = sync.step if transport == "amqp" else lambda: _write(sync)
         step()
-        keeper, absorbed = _malware("Keeper")["id"], _malware("Absorbed")["id"]
+        keeper, absorbed = malware("Keeper")["id"], malware("Absorbed")["id"]
         a.merge(keeper, [absorbed])
         events, sync.pos = events_since(a, sync.pos)
         (merge,) = events
@@ -343,8 +319,8 @@ def _publish_raw(rabbit_url: str, cid: str, body: bytes) -> None:
 
 def test_stale_update_is_skipped(sync: Sync, rabbitmq: RabbitNode) -> None:  # noqa: F811
     sync.step()
-    oid = _malware("Versioned")["id"]
-    sync.a.upsert(_malware("Versioned", description="v1"))
+    oid = malware("Versioned")["id"]
+    sync.a.upsert(malware("Versioned", description="v1"))
     sync.step()
     sync.a.update(oid, set={"description": "v2"})
     old_update = sync.step()
@@ -374,7 +350,7 @@ def test_refused_messages_are_recorded(sync: Sync, rabbitmq: RabbitNode) -> None
     unknown_target = dict(good)
     content = json.loads(base64.b64decode(good["content"]))
     content.update(
-        type="merge", data=_malware("Nowhere"), context={"sources": [{"id": content["data"]["id"]}]}
+        type="merge", data=malware("Nowhere"), context={"sources": [{"id": content["data"]["id"]}]}
     )
     unknown_target["content"] = base64.b64encode(json.dumps(content).encode()).decode()
     bodies = [b"not json", json.dumps(no_event_id).encode(), json.dumps(unknown_target).encode()]
@@ -389,7 +365,7 @@ def test_refused_messages_are_recorded(sync: Sync, rabbitmq: RabbitNode) -> None
     assert "Cannot find the merge target" in reasons[2]
     # Nacked without requeue: gone from the queue, and the next messages still flow.
     sync.worker.failures.clear()
-    sync.a.upsert(_malware("After refusals"))
+    sync.a.upsert(malware("After refusals"))
     sync.step()
     sync.assert_converged()
 

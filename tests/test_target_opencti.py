@@ -22,33 +22,13 @@ from connector.sim import sample_bundle
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.sink import Batch
 from connector.target.opencti import OpenCTITarget, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.simlog import sim_events as events_since
+from tests.support.target import Sync, batch_of, malware
 
 TOKEN = "target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
-
-
-def batch_of(events: list[StreamEvent]) -> Batch:
-    return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
-
-
-class Sync:
-    """Source store A, target simulator B, and a cursor over A's stream."""
-
-    def __init__(self, a: SimStore, b: SimServer, target: OpenCTITarget) -> None:
-        self.a, self.b, self.target, self.pos = a, b, target, 0
-
-    def step(self) -> list[StreamEvent]:
-        events, self.pos = events_since(self.a, self.pos)
-        if events:
-            self.target.write(batch_of(events))
-        return events
-
-    def assert_converged(self) -> None:
-        assert_same_state(self.a.dump_bundle(), self.b.store.dump_bundle())
 
 
 def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
@@ -97,26 +77,12 @@ def test_same_batch_twice_changes_nothing(sync: Sync) -> None:
     assert sync.b.store.dump_bundle() == dump
 
 
-def _malware(name: str, **extra: Any) -> dict[str, Any]:
-    stix = {
-        "type": "malware",
-        "spec_version": "2.1",
-        "id": f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, name)}",
-        "created": "2024-01-01T00:00:00.000Z",
-        "modified": "2024-01-01T00:00:00.000Z",
-        "name": name,
-        "is_family": True,
-    }
-    stix.update(extra)
-    return stix
-
-
 def test_updates_including_standard_id_change(sync: Sync) -> None:
     sync.step()
     a = sync.a
-    a.upsert(_malware("Alpha", description="first", aliases=["a1"]))
+    a.upsert(malware("Alpha", description="first", aliases=["a1"]))
     sync.step()
-    alpha = _malware("Alpha")["id"]
+    alpha = malware("Alpha")["id"]
     a.update(alpha, set={"description": "second", "aliases": ["a1", "a2"]})
     new_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'Alpha renamed')}"
     a.update(alpha, set={"name": "Alpha renamed"}, new_id=new_id)
@@ -134,9 +100,9 @@ def test_merge_removes_sources_on_target(sync: Sync) -> None:
     sync.step()
     a = sync.a
     for name in ("Target", "Source one", "Source two"):
-        a.upsert(_malware(name))
+        a.upsert(malware(name))
     sync.step()
-    target, s1, s2 = (_malware(n)["id"] for n in ("Target", "Source one", "Source two"))
+    target, s1, s2 = (malware(n)["id"] for n in ("Target", "Source one", "Source two"))
     a.merge(target, [s1, s2])
     events = sync.step()
     assert [e.event for e in events] == ["merge"]
@@ -149,8 +115,8 @@ def test_merge_removes_sources_on_target(sync: Sync) -> None:
 def test_merge_with_sources_unknown_to_target_does_not_resurrect(platform_b: SimServer) -> None:
     a = SimStore()
     for name in ("Target", "Source one"):
-        a.upsert(_malware(name))
-    target, s1 = _malware("Target")["id"], _malware("Source one")["id"]
+        a.upsert(malware(name))
+    target, s1 = malware("Target")["id"], malware("Source one")["id"]
     _, pos = events_since(a)  # B never saw the creates
     a.merge(target, [s1])
     events, _ = events_since(a, pos)
@@ -204,17 +170,17 @@ def test_merge_into_target_created_in_the_same_batch(platform_b: SimServer) -> N
     with SimServer(token="source-token", heartbeat_secs=0.2) as sim_a:
         a = sim_a.store
         for name in ("Old source", "Tool one", "Doomed"):
-            a.upsert(_malware(name))
-        source, tool1, tool2 = (_malware(n)["id"] for n in ("Old source", "Tool one", "Tool two"))
+            a.upsert(malware(name))
+        source, tool1, tool2 = (malware(n)["id"] for n in ("Old source", "Tool one", "Tool two"))
         a.upsert(_uses(source, tool1))
         sync = Sync(a, platform_b, make_target(platform_b.url))
         sync.step()
         mark = str(a.last_event_id)
-        a.upsert(_malware("Tool two"))
+        a.upsert(malware("Tool two"))
         a.upsert(_uses(source, tool2))
-        a.delete(_malware("Doomed")["id"])
-        a.upsert(_malware("New target", created="2026-01-01T00:00:00.000Z"))
-        target = _malware("New target")["id"]
+        a.delete(malware("Doomed")["id"])
+        a.upsert(malware("New target", created="2026-01-01T00:00:00.000Z"))
+        target = malware("New target")["id"]
         a.merge(target, [source])
         events = live_events(sim_a, mark)
         # The pattern: the merged target (aliases include the source) arrives before the merge.
@@ -240,12 +206,12 @@ def test_merge_into_target_created_in_the_same_batch(platform_b: SimServer) -> N
 def test_deletes_and_unknown_deletes(sync: Sync) -> None:
     sync.step()
     a = sync.a
-    a.upsert(_malware("Doomed"))
-    a.upsert(_malware("Born and gone"))
-    doomed = _malware("Doomed")["id"]
+    a.upsert(malware("Doomed"))
+    a.upsert(malware("Born and gone"))
+    doomed = malware("Doomed")["id"]
     sync.step()
     a.delete(doomed)
-    a.delete(_malware("Born and gone")["id"])
+    a.delete(malware("Born and gone")["id"])
     sync.step()
     assert sync.b.store.get(doomed) is None
     sync.assert_converged()
@@ -256,24 +222,24 @@ def test_deletes_and_unknown_deletes(sync: Sync) -> None:
 def test_stream_order_kept_within_one_batch(sync: Sync) -> None:
     sync.step()
     a = sync.a
-    a.upsert(_malware("Short lived"))
-    a.delete(_malware("Short lived")["id"])
-    a.upsert(_malware("Short lived", description="reborn"))
+    a.upsert(malware("Short lived"))
+    a.delete(malware("Short lived")["id"])
+    a.upsert(malware("Short lived", description="reborn"))
     events = sync.step()
     assert [e.event for e in events] == ["create", "delete", "create"]
     assert [p.kind for p in plan_pushes(events)] == ["upsert", "delete", "upsert"]
     sync.assert_converged()
-    reborn = sync.b.store.get(_malware("Short lived")["id"])
+    reborn = sync.b.store.get(malware("Short lived")["id"])
     assert reborn is not None and reborn["description"] == "reborn"
 
 
 def test_removals_need_perfect_sync(platform_b: SimServer) -> None:
     """Like the platform's push path, plain upserts merge: a removed value stays on B."""
     a = SimStore()
-    a.upsert(_malware("Kept", description="old text", aliases=["x", "y"]))
+    a.upsert(malware("Kept", description="old text", aliases=["x", "y"]))
     sync = Sync(a, platform_b, make_target(platform_b.url))
     sync.step()
-    a.update(_malware("Kept")["id"], set={"aliases": ["x"]}, unset=["description"])
+    a.update(malware("Kept")["id"], set={"aliases": ["x"]}, unset=["description"])
     sync.step()
     assert state_diff(a.dump_bundle(), platform_b.store.dump_bundle())  # not converged
     # A platform that forwards synchronized-upsert to its import (direct API / worker events).
@@ -285,7 +251,7 @@ def test_removals_need_perfect_sync(platform_b: SimServer) -> None:
 
 def test_registration_and_ping_visible_on_platform(platform_b: SimServer) -> None:
     a = SimStore()
-    a.upsert(_malware("Pinged"))
+    a.upsert(malware("Pinged"))
     sink = make_target(platform_b.url, connector_name="sync from A")
     sink.check()
     connectors = platform_state(platform_b.store).connectors
@@ -328,7 +294,7 @@ def test_platform_down_is_retryable(platform_b: SimServer) -> None:
     sink = make_target(platform_b.url)
     sink.check()
     a = SimStore()
-    a.upsert(_malware("Lost in transit"))
+    a.upsert(malware("Lost in transit"))
     events, _ = events_since(a)
     platform_b.stop()
     # SimServer.stop() leaves established keep-alive connections served; drop pycti's pooled
@@ -344,10 +310,10 @@ def test_unregistered_connector_and_bad_object_are_permanent(platform_b: SimServ
     ghost = make_target(platform_b.url, register=False)
     ghost.check()
     with pytest.raises(PermanentError, match="Invalid connector"):
-        ghost.push_objects([_malware("Orphan")])
+        ghost.push_objects([malware("Orphan")])
     sink = make_target(platform_b.url)
     with pytest.raises(PermanentError, match="object #1"):
-        sink.push_objects([_malware("Fine"), {"type": "malware", "name": "no id"}])
+        sink.push_objects([malware("Fine"), {"type": "malware", "name": "no id"}])
 
 
 class _Failing(BaseHTTPRequestHandler):
