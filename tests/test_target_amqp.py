@@ -563,6 +563,20 @@ def test_broker_lost_mid_batch_raises_then_the_batch_is_sent_again(
     sync.assert_converged()
 
 
+def _run_env(a: SimServer, b: SimServer, archive: str, **extra: str) -> dict[str, str]:
+    """``run`` from A into the archive and into B over the amqp transport, perfect sync."""
+    return base_env(
+        a.url,
+        "token-a",
+        archive,
+        TARGET_OPENCTI_URL=b.url,
+        TARGET_OPENCTI_TOKEN="token-b",
+        TARGET_SYNCHRONIZED="true",
+        TARGET_TRANSPORT="amqp",
+        **extra,
+    )
+
+
 def test_run_holds_the_checkpoint_when_the_broker_is_lost_mid_batch(
     rabbitmq: RabbitNode,  # noqa: F811
     tmp_path: Path,
@@ -577,16 +591,7 @@ def test_run_holds_the_checkpoint_when_the_broker_is_lost_mid_batch(
     try:
         a.store.load_bundle(sample_bundle(SAMPLE))
         archive = str(tmp_path / "archive")
-        env = base_env(
-            a.url,
-            "token-a",
-            archive,
-            TARGET_OPENCTI_URL=b.url,
-            TARGET_OPENCTI_TOKEN="token-b",
-            TARGET_SYNCHRONIZED="true",
-            TARGET_TRANSPORT="amqp",
-            TARGET_AMQP_PORT=str(proxy.port),
-        )
+        env = _run_env(a, b, archive, TARGET_AMQP_PORT=str(proxy.port))
         storage = LocalStorage(archive)
         run = ConnectorThread(env).start()
         try:
@@ -644,15 +649,7 @@ def test_broker_down_holds_the_checkpoint_then_converges(
     try:
         a.store.load_bundle([o for n in SAMPLE_BUNDLES[:2] for o in sample_bundle(n)["objects"]])
         archive = str(tmp_path / "archive")
-        env = base_env(
-            a.url,
-            "token-a",
-            archive,
-            TARGET_OPENCTI_URL=b.url,
-            TARGET_OPENCTI_TOKEN="token-b",
-            TARGET_SYNCHRONIZED="true",
-            TARGET_TRANSPORT="amqp",
-        )
+        env = _run_env(a, b, archive)
         storage = LocalStorage(archive)
         run = ConnectorThread(env).start()
         try:
