@@ -64,6 +64,19 @@ def platforms() -> tuple[SimServer, SimServer]:
     b.stop()
 
 
+def _sync_env(a: SimServer, b: SimServer, archive: str) -> dict[str, str]:
+    """``run`` from A into the archive and into B over the API transport, perfect sync."""
+    return base_env(
+        a.url,
+        TOKEN_A,
+        archive,
+        TARGET_OPENCTI_URL=b.url,
+        TARGET_OPENCTI_TOKEN=TOKEN_B,
+        TARGET_SYNCHRONIZED="true",
+        TARGET_TRANSPORT="api",
+    )
+
+
 def test_live_sync_a_to_b_converges(platforms: tuple[SimServer, SimServer], tmp_path: Path) -> None:
     a, b = platforms
     _seed(a)
@@ -73,15 +86,7 @@ def test_live_sync_a_to_b_converges(platforms: tuple[SimServer, SimServer], tmp_
     # (docs/OPENCTI-TARGET.md, "Known limits").
     b.store.platform_forward_headers = True  # type: ignore[attr-defined]
     archive = str(tmp_path / "archive")
-    env = base_env(
-        a.url,
-        TOKEN_A,
-        archive,
-        TARGET_OPENCTI_URL=b.url,
-        TARGET_OPENCTI_TOKEN=TOKEN_B,
-        TARGET_SYNCHRONIZED="true",
-        TARGET_TRANSPORT="api",
-    )
+    env = _sync_env(a, b, archive)
     run = ConnectorThread(env).start()
     storage = LocalStorage(archive)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="initial sync")
@@ -199,15 +204,7 @@ def test_verify_against_opencti(platforms: tuple[SimServer, SimServer], tmp_path
     b.store.platform_forward_headers = True  # type: ignore[attr-defined]
     archive = str(tmp_path / "archive")
     storage = LocalStorage(archive)
-    env = base_env(
-        a.url,
-        TOKEN_A,
-        archive,
-        TARGET_OPENCTI_URL=b.url,
-        TARGET_OPENCTI_TOKEN=TOKEN_B,
-        TARGET_SYNCHRONIZED="true",
-        TARGET_TRANSPORT="api",
-    )
+    env = _sync_env(a, b, archive)
     run = ConnectorThread(env).start()
     _edit(a, 9)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
