@@ -293,19 +293,6 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _event_id(text: str) -> tuple[int, int]:
-    """``(ms, seq)``: compares like the ``EventId`` it stands for, without building one.
-
-    The archive's ids were validated when written: split them without the regex, and fall back
-    to the strict parser (and its error) for anything unusual.
-    """
-    ms, _, seq = text.partition("-")
-    if ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit():
-        if len(ms) <= 15 and len(seq) <= 10:
-            return int(ms), int(seq)
-    return EventId.parse(text)
-
-
 def _parse_line(line: bytes) -> tuple[tuple[int, int], str, str, dict[str, Any]]:
     """``(event id, id text, event name, envelope)`` of one archive line (no ``StreamEvent``)."""
     try:
@@ -317,7 +304,7 @@ def _parse_line(line: bytes) -> tuple[tuple[int, int], str, str, dict[str, Any]]
     id_text, event, envelope = obj.get("id"), obj.get("event"), obj.get("data")
     if not isinstance(id_text, str) or not isinstance(event, str) or not isinstance(envelope, dict):
         raise MalformedEvent("archive line lacks id/event/data")
-    return _event_id(id_text), id_text, event, envelope
+    return EventId.parse(id_text), id_text, event, envelope
 
 
 # One plain upsert, reduced to what the fold needs: (event id, event id text, event name,
