@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, ConnectorError, PermanentError, RetryableError, StreamGoneError
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, optional_bool
 
 __all__ = ["main"]
 
@@ -177,7 +177,7 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 transport=t.transport,
                 amqp_host=t.amqp_host,
                 amqp_port=t.amqp_port,
-                amqp_use_ssl=_optional_bool("target.amqp_use_ssl", t.amqp_use_ssl),
+                amqp_use_ssl=optional_bool("target.amqp_use_ssl", t.amqp_use_ssl),
             )
         )
     if not sinks:
@@ -185,18 +185,6 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
             "archive.uri", "nothing to do: set an archive URI and/or target.opencti_url"
         )
     return {**runtime, "sinks": sinks}
-
-
-def _optional_bool(path: str, text: str) -> bool | None:
-    """'true' / 'false' / empty (None: let the target decide)."""
-    value = text.strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value in ("true", "yes", "1", "on"):
-        return True
-    if value in ("false", "no", "0", "off"):
-        return False
-    raise ConfigError(path, f"expected true, false or empty, got {text[:20]!r}")
 
 
 def _default_connector_id(settings: Settings) -> str:

@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "iter_keys", "KeyDoc", "SECRET_KEYS"]
+__all__ = ["Settings", "load_settings", "iter_keys", "KeyDoc", "SECRET_KEYS", "optional_bool"]
 
 
 def _key(
@@ -352,6 +352,18 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off", ""}
 
 
+def optional_bool(path: str, text: str) -> bool | None:
+    """A tri-state key: the bool words above, or empty / 'auto' for "not set" (None)."""
+    value = text.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(path, f"expected true, false or empty, got {text[:20]!r}")
+
+
 def _coerce(key: KeyDoc, value: Any) -> Any:
     kind = key.type
     try:
@@ -465,6 +477,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("archive.compression_level", "gzip levels are 1-9")
     if s.metrics.port < 0 or s.metrics.port > 65535:
         raise ConfigError("metrics.port", "must be a TCP port")
+    optional_bool("target.amqp_use_ssl", s.target.amqp_use_ssl)  # a bad word fails at load
     if s.target.opencti_url and not s.target.opencti_token:
         raise ConfigError("target.opencti_token", "required when target.opencti_url is set")
     if s.s3.sse == "aws:kms" and not s.s3.kms_key_id:
