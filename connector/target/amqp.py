@@ -42,7 +42,13 @@ import pika.exceptions  # type: ignore[import-untyped]
 
 from ..errors import ConfigError, PermanentError, RetryableError, SinkError
 from ..events import StreamEvent
-from .common import merge_lookahead, merge_source_ids, previous_standard, without_aliases
+from .common import (
+    live_aliases_of,
+    merge_lookahead,
+    merge_source_ids,
+    previous_standard,
+    without_aliases,
+)
 
 __all__ = ["OPENCTI_SYSTEM_UUID", "AmqpEndpoint", "AmqpPublisher", "event_messages"]
 
@@ -173,8 +179,7 @@ def event_messages(
             body = _message(ev, pre, "update", applicant_id, synchronized)
             out.append((ev.id_text, body))
         elif kind != "delete":
-            live = set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()
-            data = without_aliases(data, later_sources | live)
+            data = without_aliases(data, later_sources | live_aliases_of(live_aliases, ev))
         out.append((ev.id_text, _message(ev, data, kind, applicant_id, synchronized)))
     return out
 

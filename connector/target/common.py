@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 from ..events import OCTI_EXT, StreamEvent, octi_ext
 
 __all__ = [
+    "live_aliases_of",
     "merge_lookahead",
     "merge_source_ids",
     "merge_sources",
@@ -78,3 +80,9 @@ def without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
 def merge_source_ids(ev: StreamEvent) -> set[str]:
     """Every id the sources of a merge event answer to."""
     return source_ids(merge_sources(ev))
+
+
+def live_aliases_of(live_aliases: Mapping[str, set[str]] | None, ev: StreamEvent) -> set[str]:
+    """The aliases of ``ev``'s object that name another live entity on the target (from
+    ``OpenCTITarget.live_aliases``): left out of its upsert like later merges' sources."""
+    return set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()

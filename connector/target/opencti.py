@@ -40,7 +40,14 @@ from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
 from .amqp import OPENCTI_SYSTEM_UUID, AmqpEndpoint, AmqpPublisher, event_messages
-from .common import merge_lookahead, merge_sources, previous_standard, source_ids, without_aliases
+from .common import (
+    live_aliases_of,
+    merge_lookahead,
+    merge_sources,
+    previous_standard,
+    source_ids,
+    without_aliases,
+)
 
 __all__ = ["TRANSPORTS", "OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
 
@@ -162,7 +169,7 @@ def plan_pushes(
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
-            stix = without_aliases(stix, later_sources | _live(live_aliases, ev))
+            stix = without_aliases(stix, later_sources | live_aliases_of(live_aliases, ev))
             prev = previous_standard(ev) if ev.event == "update" else None
             if prev is not None:
                 flush_upserts()
@@ -194,10 +201,6 @@ def plan_pushes(
     flush_upserts()
     flush_deletes()
     return pushes
-
-
-def _live(live_aliases: Mapping[str, set[str]] | None, ev: StreamEvent) -> set[str]:
-    return set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()
 
 
 def _norm_url(url: str) -> tuple[str, str, int, str]:
