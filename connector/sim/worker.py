@@ -37,7 +37,15 @@ __all__ = ["MessageRefused", "PlatformWorker", "WorkerFailure", "apply_event_mes
 
 log = logging.getLogger(__name__)
 
-_REQUIRED = ("type", "applicant_id", "content", "event_id", "synchronized", "update")
+_REQUIRED = (
+    "type",
+    "applicant_id",
+    "content",
+    "event_id",
+    "synchronized",
+    "previous_standard",
+    "update",
+)
 _EVENTS = ("create", "update", "merge", "delete")
 
 
@@ -63,8 +71,8 @@ def _decode(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(message, dict):
         raise MessageRefused("message is not a JSON object")
     missing = [k for k in _REQUIRED if k not in message]
-    if missing or "previous_standard" not in message:
-        raise MessageRefused(f"message misses {', '.join(missing or ['previous_standard'])}")
+    if missing:
+        raise MessageRefused(f"message misses {', '.join(missing)}")
     if message["type"] != "event":
         raise MessageRefused(f"unsupported message type {message['type']!r}")
     if not isinstance(message["applicant_id"], str) or not message["applicant_id"]:
