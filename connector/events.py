@@ -20,7 +20,7 @@ __all__ = [
     "ControlEvent",
     "Quarantined",
     "StreamEvent",
-    "archive_line",
+    "archive_line_parts",
     "parse_archive_line",
     "octi_ext",
     "OCTI_EXT",
@@ -263,21 +263,16 @@ def octi_ext(stix: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def archive_line(ev: StreamEvent) -> bytes:
-    """One archive JSON Lines record: SSE id, SSE event name, the data object verbatim.
-
-    Built by concatenation so the received bytes are stored as they came (the id and name are
-    validated, so they need no escaping).
-    """
-    return b'{"id":"%s","event":"%s","data":%s}\n' % (
-        ev.id_text.encode(),
-        ev.event.encode(),
-        ev.data,
-    )
+def archive_line_parts(ev: StreamEvent) -> tuple[bytes, bytes, bytes]:
+    """One archive JSON Lines record (SSE id, SSE event name, the data object verbatim), in three
+    pieces for the writer to join: the received data bytes are stored as they came and copied
+    once (the id and name are validated, so they need no escaping)."""
+    head = b'{"id":"%s","event":"%s","data":' % (ev.id_text.encode(), ev.event.encode())
+    return head, ev.data, b"}\n"
 
 
 def parse_archive_line(line: bytes) -> StreamEvent:
-    """Inverse of ``archive_line``. Raises ``MalformedEvent`` on a damaged line."""
+    """Inverse of ``archive_line_parts`` (joined). Raises ``MalformedEvent`` on a damaged line."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:

@@ -22,7 +22,7 @@ import orjson
 import zstandard
 
 from ..errors import MalformedEvent
-from ..events import EventId, StreamEvent, parse_archive_line
+from ..events import EventId, StreamEvent, archive_line_parts, parse_archive_line
 
 __all__ = [
     "Manifest",
@@ -126,10 +126,9 @@ def encode_segment(
     chunk: list[bytes] = []
     chunk_size = 0
     for ev in events:
-        # archive_line's record in three pieces, so the data bytes are copied once (by the join).
-        head = b'{"id":"%s","event":"%s","data":' % (ev.id_text.encode(), ev.event.encode())
-        chunk += (head, ev.data, b"}\n")
-        chunk_size += len(head) + len(ev.data) + 2
+        parts = archive_line_parts(ev)
+        chunk += parts
+        chunk_size += len(parts[0]) + len(parts[1]) + 2
         if chunk_size >= 1 << 20:
             out += comp.compress(b"".join(chunk))
             raw_size += chunk_size
