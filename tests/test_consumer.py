@@ -16,6 +16,7 @@ from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.errors import StreamGoneError
 from connector.events import EventId
+from connector.registration import SourceRegistration
 from connector.restore import materialise
 from connector.sim import sample_bundle
 from connector.sim.generator import generate
@@ -472,6 +473,36 @@ def test_registers_on_the_source_platform_with_its_state(sim: SimServer, tmp_pat
         return str(next(iter(sim.store.platform_state.connectors.values())).get("connector_state"))
 
     wait_until(lambda: cp.last_event_id in state(), timeout=10, what=f"final ping ({state()})")
+
+
+def test_registration_pings_and_a_refusal_is_one_warning(
+    sim: SimServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registration speaks GraphQL itself (pycti's import would slow the backup, see the module):
+    it registers, pings the state, and a platform that refuses costs one warning, no secret."""
+    cid = "5a3f6c39-3a5e-4c1e-9d2b-3d3f0b9c7a11"
+    state = {"last_event_id": "1-0", "events_archived": 3}
+    reg = SourceRegistration(
+        url=sim.url, token=TOKEN, verify=True, connector_id=cid, name="sync", state=lambda: state
+    ).start()
+    wait_until(lambda: reg.pings >= 1, what="first ping")
+    state = {"last_event_id": "9-0", "events_archived": 7}
+    reg.stop()
+    assert reg.registered and reg.pings == 2
+    record = sim.store.platform_state.connectors[cid]
+    assert record["connector_type"] == "STREAM" and record["name"] == "sync"
+    assert orjson.loads(record["connector_state"]) == state  # the last ping, after the stop
+
+    sim.store.api_token = "another-token"  # the stream still accepts ours, GraphQL does not
+    caplog.set_level("WARNING", logger="connector.registration")
+    refused = SourceRegistration(
+        url=sim.url, token=TOKEN, verify=True, connector_id=cid, name="sync", state=lambda: state
+    ).start()
+    refused.stop(timeout=30)
+    assert not refused.registered and refused.pings == 0
+    warnings = [r for r in caplog.records if r.name == "connector.registration"]
+    assert len(warnings) == 1 and "logged in" in str(warnings[0].__dict__.get("error"))
+    assert TOKEN not in caplog.text
 
 
 def test_no_recover_is_remembered_and_consumer_metrics_advance(
