@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lag-rate", type=int, default=1_000, help="events per second")
     p.add_argument("--rotation-age", type=float, default=1.0, help="ARCHIVE_MAX_AGE_SECS")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) backup run")
+    p.add_argument(
+        "--backup-runs", type=int, default=2, help="backups per sink; the fastest is kept"
+    )
     p.add_argument("--work", help="work directory (default: a temporary one, removed)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"))
     return p
@@ -107,6 +111,20 @@ def _backup(
         "checkpoints": len(records),
         "maxrss_mb": child.maxrss_mb,
         "rc": child.rc,
+    }
+
+
+def _best_of(runs: int, backup: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of ``runs`` backups (each from an empty archive), as the read ceilings keep
+    their faster run: on a shared machine, noise only ever slows a run down. Memory is the
+    largest peak of all runs."""
+    results = [backup(i) for i in range(max(1, runs))]
+    best = max(range(len(results)), key=lambda i: results[i]["rate"])
+    return {
+        **results[best],
+        "best_run": best,
+        "rates": [r["rate"] for r in results],
+        "maxrss_mb": max(r["maxrss_mb"] for r in results),
     }
 
 
@@ -254,21 +272,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say("raw-read and parse ceilings")
         raws = [raw_read(sim.url, TOKEN, n)[1]]
         parse_s = parse_read(sim.url, TOKEN, n)
-        say("backup into a local archive")
+        say(f"backup into a local archive (best of {args.backup_runs})")
         arch = work / "archive-local"
-        details["local"] = _backup(sim, work, "local", str(arch), LocalStorage(arch))
+        details["local"] = _best_of(
+            args.backup_runs,
+            lambda i: _backup(
+                sim, work, f"local{i}", str(arch / str(i)), LocalStorage(arch / str(i))
+            ),
+        )
+        arch = arch / str(details["local"]["best_run"])
         if not args.no_s3:
             say("backup into S3 (moto)")
             moto = MotoProcess(work)
             bucket = f"bench-{uuid.uuid4().hex[:12]}"
             moto.make_bucket(bucket)
-            details["s3"] = _backup(
-                sim,
-                work,
-                "s3",
-                f"s3://{bucket}/archive",
-                moto.storage(bucket, "archive"),
-                **moto.storage_env(),
+            details["s3"] = _best_of(
+                args.backup_runs,
+                lambda i: _backup(
+                    sim,
+                    work,
+                    f"s3-{i}",
+                    f"s3://{bucket}/archive{i}",
+                    moto.storage(bucket, f"archive{i}"),
+                    **moto.storage_env(),
+                ),
             )
             moto.stop()
             moto = None

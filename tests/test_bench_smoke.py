@@ -45,6 +45,7 @@ def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
         if row["baseline"] is not None:
             assert row["baseline"] > 0 and row["ratio"] > 0, name
     assert result["details"]["local"]["events"] == 2000
+    assert len(result["details"]["local"]["rates"]) == 2  # best of two backups by default
     assert result["details"]["pycti"]["events"] == 300
     assert result["machine"]["nproc"] >= 1
     assert "backup_local_vs_raw_read" in done.stdout  # the printed table
