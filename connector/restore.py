@@ -90,7 +90,7 @@ def materialise_plan(
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / "restore-state.sqlite"
     db_path.unlink(missing_ok=True)  # always rebuilt: the archive is the source of truth
-    state = StateStore(db_path)
+    state = StateStore(db_path, scratch=True)  # closed on failure, rebuilt by the next run
     try:
         seed = None
         for info in list_snapshots(storage):

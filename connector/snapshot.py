@@ -373,7 +373,7 @@ def write_snapshot(
     base = existing[-1] if existing else None
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / f"snapshot-{uuid.uuid4().hex}.sqlite"
-    state = StateStore(db_path)
+    state = StateStore(db_path, scratch=True)  # deleted below, whatever happens
     try:
         if base is not None:
             state.load_snapshot(storage, base.key)

@@ -20,11 +20,11 @@ from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from .errors import MalformedEvent
+from .errors import ConnectorError, MalformedEvent
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 
 if TYPE_CHECKING:
@@ -423,23 +423,46 @@ class _Pending:
         self.db_refs = db_refs
 
 
-class StateStore:
-    """Objects, aliases, reference index and tombstones of one materialised state."""
+class _Discarded:
+    """Stands in for the connection of a scratch store whose transaction failed."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        raise ConnectorError(
+            f"state {self.path.name} was discarded after a failed transaction (a scratch store "
+            "keeps no journal to undo it); build a new one from the archive"
+        )
+
+
+class StateStore:
+    """Objects, aliases, reference index and tombstones of one materialised state.
+
+    ``scratch=True`` is for a store its caller builds for one job and deletes (restore,
+    snapshot, verify all do): it keeps no rollback journal. At 1M events the journal's copies of
+    the index pages were a quarter of the fold (57.8 -> 42.0 s, system time 24.2 -> 10.6 s).
+    Without it a failed transaction cannot be undone, so the store is discarded instead: every
+    later use raises ``ConnectorError``. Without ``scratch``, a failed fold rolls back and the
+    store stays usable.
+    """
+
+    def __init__(self, path: str | Path, *, scratch: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.scratch = scratch
+        self._discarded = False
         # Autocommit mode: transactions are opened explicitly, one per apply/apply_many.
         self._db = sqlite3.connect(str(self.path), isolation_level=None)
-        # A scratch database rebuilt from the archive at will: durability is not needed. The
-        # rollback journal stays (a failed fold rolls back; journal_mode=OFF cannot), on disk (a
-        # memory journal would grow with the segment); appended pages are never journaled. The
-        # page cache is small: the working set of a fold is the key indexes' right edges and the
-        # batch's lookups, and a large cache was most of the restore's peak memory. Temporary
-        # B-trees (the sort that builds a lazy index) spill to files instead of memory.
+        # Rebuilt from the archive at will: durability is not needed. The rollback journal, when
+        # kept, is on disk (a memory journal would grow with the segment); appended pages are
+        # never journaled. The page cache is small: the working set of a fold is the key
+        # indexes' right edges and the batch's lookups, and a large cache was most of the
+        # restore's peak memory. Temporary B-trees (the sort that builds a lazy index) spill to
+        # files instead of memory.
         for pragma in (
             "page_size=16384",  # before the first table: fewer, fuller pages for 2 KB rows
-            "journal_mode=TRUNCATE",
+            f"journal_mode={'OFF' if scratch else 'TRUNCATE'}",
             "synchronous=OFF",
             f"cache_size=-{_CACHE_KIB}",
             "temp_store=FILE",
@@ -460,7 +483,21 @@ class StateStore:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        self._db.close()
+        if not self._discarded:
+            self._db.close()
+
+    def _abort(self) -> None:
+        """Undo the failed transaction; a scratch store, which cannot, is discarded."""
+        self._new_aliases.clear()
+        if self._discarded:
+            return
+        if self.scratch:
+            self._discarded = True
+            self._db.close()
+            self._db = cast(sqlite3.Connection, _Discarded(self.path))
+            return
+        self._db.execute("ROLLBACK")
+        self._reload_as_of()
 
     def __enter__(self) -> StateStore:
         return self
@@ -491,8 +528,11 @@ class StateStore:
                 for sql in _LAZY_INDEXES[name][1]:
                     self._db.execute(sql)
             except BaseException:
-                self._db.execute("ROLLBACK TO lazy_index")
-                self._db.execute("RELEASE lazy_index")
+                if self.scratch:
+                    self._abort()
+                else:
+                    self._db.execute("ROLLBACK TO lazy_index")
+                    self._db.execute("RELEASE lazy_index")
                 raise
             self._db.execute("RELEASE lazy_index")
             self._indexed.add(name)
@@ -568,9 +608,7 @@ class StateStore:
             self._fold_run(run)
             self._flush_new_aliases()
         except BaseException:
-            self._new_aliases.clear()
-            self._db.execute("ROLLBACK")
-            self._reload_as_of()
+            self._abort()
             raise
         finally:
             if paused:
@@ -1030,8 +1068,7 @@ class StateStore:
             self.as_of = None
             self._set_as_of(as_of)
         except BaseException:
-            db.execute("ROLLBACK")
-            self._reload_as_of()
+            self._abort()
             raise
         db.execute("COMMIT")
 

@@ -493,7 +493,7 @@ class _Verifier:
         if not good:
             return
         path = work_dir / f"verify-state-{uuid.uuid4().hex}.sqlite"
-        state = StateStore(path)
+        state = StateStore(path, scratch=True)  # deleted below
         try:
             self._recompute(state, good)
         except Exception as exc:  # noqa: BLE001 - damage already reported stops the replay

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
+from connector.errors import ConnectorError
 from connector.events import EventId, StreamEvent
 from connector.sim import sample_bundle
 from connector.sim.store import SimStore
@@ -312,6 +313,39 @@ def test_state_persists_and_rolls_back(tmp_path: Path) -> None:
         assert state.counts() == before and state.as_of == events[9].id
     with StateStore(path) as state:  # reopened: same state and position
         assert state.counts() == before and state.as_of == events[9].id
+
+
+def test_scratch_store_folds_alike_and_refuses_use_after_a_failure(
+    scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """Restore, snapshot and verify build scratch stores: no rollback journal (a quarter of a
+    1M fold), the same state; a failed fold cannot be undone, so the store refuses any further use
+    with a clear error instead of answering from half a transaction."""
+    storage, marks = scenario
+    with StateStore(tmp_path / "journaled.sqlite") as state:
+        fold_segments(state, ArchiveReader(storage), start_after=None)
+    assert (tmp_path / "journaled.sqlite-journal").exists()
+    with StateStore(tmp_path / "scratch.sqlite", scratch=True) as state:
+        fold_segments(state, ArchiveReader(storage), start_after=None)
+        assert_equal_objects(state_objects(state), marks[-1][1])
+        assert state.as_of == EventId.parse(marks[-1][0])
+    assert not (tmp_path / "scratch.sqlite-journal").exists()
+
+    events = list(ArchiveReader(storage).events())
+    state = StateStore(tmp_path / "broken.sqlite", scratch=True)
+    state.apply_many(events[:10])
+
+    def broken() -> Iterator[StreamEvent]:
+        yield from events[10:20]
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(RuntimeError):
+        state.apply_many(broken())
+    with pytest.raises(ConnectorError, match="discarded after a failed transaction"):
+        state.counts()
+    with pytest.raises(ConnectorError, match="discarded after a failed transaction"):
+        state.apply_many(events[20:])
+    state.close()  # closing it is still fine
 
 
 def test_reopened_store_still_finds_what_it_holds(tmp_path: Path) -> None:
