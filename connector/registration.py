@@ -124,18 +124,29 @@ class SourceRegistration:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _unregistered(self, exc: Exception) -> None:
+        log.warning(
+            "Could not register on the source platform; continuing without.",
+            extra={"error": _scrub(str(exc), self._token)},
+        )
+
     def _run(self, stop: threading.Event) -> None:
         headers = {
             "Authorization": f"Bearer {self._token}",
             "User-Agent": f"opencti-sync/{__version__}",
         }
-        with httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(30.0),
-            verify=tls_verify(self.verify),
-            follow_redirects=False,
-        ) as client:
+        try:
+            client = httpx.Client(
+                base_url=self.url,
+                headers=headers,
+                timeout=httpx.Timeout(30.0),
+                verify=tls_verify(self.verify),
+                follow_redirects=False,
+            )
+        except OSError as exc:  # an unreadable CA bundle: the stream reader says so too
+            self._unregistered(exc)
+            return
+        with client:
             try:
                 _mutation(
                     client, _REGISTER, {"input": connector_input(self.connector_id, self.name)}
@@ -145,10 +156,7 @@ class SourceRegistration:
                     "Registered on the source platform.", extra={"connector_id": self.connector_id}
                 )
             except (httpx.HTTPError, RegistrationRefused, ValueError) as exc:
-                log.warning(
-                    "Could not register on the source platform; continuing without.",
-                    extra={"error": _scrub(str(exc), self._token)},
-                )
+                self._unregistered(exc)
                 return
             stopping = False
             while True:
