@@ -143,7 +143,7 @@ class SourceRegistration:
                 verify=tls_verify(self.verify),
                 follow_redirects=False,
             )
-        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable CA bundle (the reader says so)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable CA bundle
             self._unregistered(exc)
             return
         with client:
@@ -155,7 +155,7 @@ class SourceRegistration:
                 log.info(
                     "Registered on the source platform.", extra={"connector_id": self.connector_id}
                 )
-            except Exception as exc:  # noqa: BLE001 - best effort by design (module docstring)
+            except Exception as exc:  # noqa: BLE001 - best effort by design
                 self._unregistered(exc)
                 return
             stopping = False
