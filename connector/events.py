@@ -20,6 +20,7 @@ __all__ = [
     "ControlEvent",
     "Quarantined",
     "StreamEvent",
+    "archive_line_fields",
     "archive_line_parts",
     "parse_archive_line",
     "octi_ext",
@@ -271,19 +272,25 @@ def archive_line_parts(ev: StreamEvent) -> tuple[bytes, bytes, bytes]:
     return head, ev.data, b"}\n"
 
 
-def parse_archive_line(line: bytes) -> StreamEvent:
-    """Inverse of ``archive_line_parts`` (joined). Raises ``MalformedEvent`` on a damaged line."""
+def archive_line_fields(line: bytes) -> tuple[str, str, dict[str, Any]]:
+    """``(SSE id, SSE event name, parsed data object)`` of one archive line; raises
+    ``MalformedEvent`` on a damaged line. One parse, no ``StreamEvent`` (the restore fold's path)."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise MalformedEvent(f"archive line is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict) or not isinstance(obj.get("data"), dict):
+    if not isinstance(obj, dict):
         raise MalformedEvent("archive line lacks id/event/data")
-    id_text = obj.get("id")
-    event = obj.get("event")
-    if not isinstance(id_text, str) or not isinstance(event, str):
+    id_text, event, envelope = obj.get("id"), obj.get("event"), obj.get("data")
+    if not isinstance(id_text, str) or not isinstance(event, str) or not isinstance(envelope, dict):
         raise MalformedEvent("archive line lacks id/event/data")
+    return id_text, event, envelope
+
+
+def parse_archive_line(line: bytes) -> StreamEvent:
+    """Inverse of ``archive_line_parts`` (joined). Raises ``MalformedEvent`` on a damaged line."""
+    id_text, event, envelope = archive_line_fields(line)
     # The verbatim data bytes sit between the '"data":' prefix and the closing brace.
     start = line.find(b'"data":')
     raw = line[start + 7 : line.rstrip().rfind(b"}")]
-    return StreamEvent(EventId.parse(id_text), id_text, event, raw, obj["data"])
+    return StreamEvent(EventId.parse(id_text), id_text, event, raw, envelope)

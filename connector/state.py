@@ -24,8 +24,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from .errors import ConnectorError, MalformedEvent
-from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
+from .errors import ConnectorError
+from .events import (
+    OCTI_EXT,
+    EventId,
+    StreamEvent,
+    archive_line_fields,
+    octi_ext,
+    parse_archive_line,
+)
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -293,20 +300,6 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _parse_line(line: bytes) -> tuple[tuple[int, int], str, str, dict[str, Any]]:
-    """``(event id, id text, event name, envelope)`` of one archive line (no ``StreamEvent``)."""
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedEvent(f"archive line is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedEvent("archive line lacks id/event/data")
-    id_text, event, envelope = obj.get("id"), obj.get("event"), obj.get("data")
-    if not isinstance(id_text, str) or not isinstance(event, str) or not isinstance(envelope, dict):
-        raise MalformedEvent("archive line lacks id/event/data")
-    return EventId.parse(id_text), id_text, event, envelope
-
-
 # One plain upsert, reduced to what the fold needs: (event id, event id text, event name,
 # internal id, [STIX id, *extension stix_ids], version, refs and their JSON, the objects row's
 # type, phase and data). The parsed event and its line are not kept: a batch holds about 2.5 KB
@@ -565,7 +558,8 @@ class StateStore:
         def entries() -> Iterator[tuple[tuple[int, int], str, str, dict[str, Any], bytes]]:
             hwm: tuple[int, int] = first
             for line in lines:
-                eid, id_text, event, envelope = _parse_line(line)
+                id_text, event, envelope = archive_line_fields(line)
+                eid = EventId.parse(id_text)
                 if eid > hwm:
                     hwm = eid
                 if done is not None and hwm <= done:
