@@ -41,7 +41,7 @@ from tests.support.connector import (
 from tests.support.rabbitmq import CutProxy, RabbitNode, rabbitmq  # noqa: F401
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync as SyncBase
-from tests.support.target import batch_of, malware
+from tests.support.target import batch_of, malware, target_for
 
 TOKEN = "amqp-target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
@@ -69,15 +69,7 @@ class Sync(SyncBase):
 
 
 def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
-    options: dict[str, Any] = {
-        "url": url,
-        "token": TOKEN,
-        "connector_id": str(uuid.uuid4()),
-        "source_url": "http://source.example:4000",
-        "transport": "amqp",
-    }
-    options.update(kwargs)
-    return OpenCTITarget(**options)
+    return target_for(url, **{"token": TOKEN, "transport": "amqp", **kwargs})
 
 
 @pytest.fixture()

@@ -25,21 +25,14 @@ from connector.sim.store import SimStore
 from connector.target.opencti import OpenCTITarget, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.simlog import sim_events as events_since
-from tests.support.target import Sync, batch_of, malware
+from tests.support.target import Sync, batch_of, malware, target_for
 
 TOKEN = "target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 
 
 def make_target(url: str, **kwargs: Any) -> OpenCTITarget:
-    options: dict[str, Any] = {
-        "url": url,
-        "token": TOKEN,
-        "connector_id": str(uuid.uuid4()),
-        "source_url": "http://source.example:4000",
-    }
-    options.update(kwargs)
-    return OpenCTITarget(**options)
+    return target_for(url, **{"token": TOKEN, **kwargs})
 
 
 @pytest.fixture()

@@ -14,11 +14,23 @@ from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state
 from tests.support.simlog import sim_events
 
-__all__ = ["Sync", "batch_of", "malware"]
+__all__ = ["Sync", "batch_of", "malware", "target_for"]
 
 
 def batch_of(events: list[StreamEvent]) -> Batch:
     return Batch(first_id=events[0].id, last_id=events[-1].id, events=events)
+
+
+def target_for(url: str, **kwargs: Any) -> OpenCTITarget:
+    """A target on platform ``url`` with a fresh connector id; ``kwargs`` (``token`` among them)
+    override the rest."""
+    options: dict[str, Any] = {
+        "url": url,
+        "connector_id": str(uuid.uuid4()),
+        "source_url": "http://source.example:4000",
+    }
+    options.update(kwargs)
+    return OpenCTITarget(**options)
 
 
 def malware(name: str, **extra: Any) -> dict[str, Any]:
