@@ -663,6 +663,7 @@ class StateStore:
         pending: dict[str, _Pending] = {}
         alias_rows: list[tuple[str, str]] = []  # may exist in SQL: the guarded insert
         new_aliases = self._new_aliases  # certainly not in SQL (the filter said so)
+        seen = self._seen.add  # queued aliases must be found by the next batches' lookups
         written: list[tuple[str, str]] = []
         done = 0
         as_of: tuple[int, int] | None = self.as_of
@@ -716,6 +717,7 @@ class StateStore:
                             alias_rows.append((alias, key))
                         else:
                             new_aliases[alias] = key
+                            seen(alias)
                 if tombstones:
                     written.append((key, stix_id))
             if as_of is None or eid > as_of:
@@ -774,7 +776,8 @@ class StateStore:
         if self._new_aliases:
             rows = sorted(self._new_aliases.items())
             self._new_aliases.clear()
-            self._add_aliases("INSERT OR IGNORE INTO aliases VALUES (?, ?)", rows)
+            # Already in the filter: it learnt them when they were queued.
+            self._db.executemany("INSERT OR IGNORE INTO aliases VALUES (?, ?)", rows)
 
     def _flush(
         self,
@@ -798,7 +801,8 @@ class StateStore:
             db.executemany("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", written)
 
     def _add_aliases(self, sql: str, rows: list[tuple[str, str]]) -> None:
-        """Every alias row goes through here: the Bloom filter must never miss one."""
+        """Alias rows written at once go through here (queued ones are added to the filter when
+        queued): the Bloom filter must never miss an alias the store holds or waits to write."""
         add = self._seen.add
         for alias, _ in rows:
             add(alias)

@@ -9,6 +9,7 @@ ArchiveSink into a LocalStorage, read back, and folded. The result must equal th
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,25 @@ def test_version_guard_and_update_first(tmp_path: Path) -> None:
         obj = state.get(SPELEVO)
         assert obj is not None and obj["description"] == "v3"
         assert state.counts() == {"objects": 1, "tombstones": 0}
+
+
+def test_version_guard_holds_across_batches(tmp_path: Path) -> None:
+    """A stale re-send folded a few thousand events after the object's newer version (a later
+    batch, its ids still waiting to be written to the alias table) must not replace it."""
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    first, pos = sim_events(store)
+    store.update(SPELEVO, set={"description": "v2"})
+    for i in range(2500):  # more than one fold batch of other objects
+        store.create({"type": "malware", "id": f"malware--{uuid.UUID(int=i)}", "name": f"m{i}"})
+    later, _ = sim_events(store, pos)
+    stale = next(ev for ev in first if ev.stix_id == SPELEVO)
+    resend = StreamEvent.from_sse(f"{later[-1].id.ms + 1}-0", "create", stale.raw)
+    with StateStore(tmp_path / "s.sqlite", scratch=True) as state:
+        state.apply_many([*first, *later, resend])
+        obj = state.get(SPELEVO)
+        assert obj is not None and obj["description"] == "v2"
+        assert_equal_objects(state_objects(state), sim_objects(store))
 
 
 def test_merge_target_sent_early_keeps_the_sources_apart(tmp_path: Path) -> None:
