@@ -41,6 +41,7 @@ __all__ = [
     "PartInfo",
     "SnapshotInfo",
     "fold_segments",
+    "iter_snapshot_object_lines",
     "iter_snapshot_objects",
     "iter_snapshot_tombstones",
     "list_snapshots",
@@ -172,15 +173,27 @@ def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
     return out
 
 
-def _iter_part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[dict[str, Any]]:
+def _part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[bytes]:
     with storage.open(part.key) as fh:
         for line in open_decompressed(fh, codec):
             if line.strip():
-                try:
-                    record: dict[str, Any] = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise PermanentError(f"snapshot part {part.key} is damaged: {exc}") from exc
-                yield record
+                yield line
+
+
+def _iter_part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[dict[str, Any]]:
+    for line in _part_lines(storage, part, codec):
+        try:
+            record: dict[str, Any] = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise PermanentError(f"snapshot part {part.key} is damaged: {exc}") from exc
+        yield record
+
+
+def iter_snapshot_object_lines(storage: Storage, info: SnapshotInfo) -> Iterator[bytes]:
+    """The snapshot's live objects as their JSON lines, unparsed, part by part, in key order."""
+    for part in info.parts:
+        if part.kind == "objects":
+            yield from _part_lines(storage, part, info.codec)
 
 
 def iter_snapshot_objects(storage: Storage, info: SnapshotInfo) -> Iterator[ObjectRecord]:

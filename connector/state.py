@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from .errors import ConnectorError
+from .errors import ConnectorError, MalformedEvent, PermanentError
 from .events import (
     OCTI_EXT,
     EventId,
@@ -266,7 +266,10 @@ def _reverse_id(envelope: dict[str, Any]) -> str | None:
     return None
 
 
-def _object_row(key: str, stix: dict[str, Any], event_id: str, event: str) -> tuple[Any, ...]:
+def _object_row(
+    key: str, stix: dict[str, Any], event_id: str, event: str, blob: bytes | None = None
+) -> tuple[Any, ...]:
+    """The ``objects`` row; ``blob`` is the object's JSON when the caller already has it."""
     iid = _str_or_none(octi_ext(stix).get("id"))
     return (
         key,
@@ -277,7 +280,7 @@ def _object_row(key: str, stix: dict[str, Any], event_id: str, event: str) -> tu
         event_id,
         event,
         _version_of(stix),
-        orjson.dumps(stix),
+        blob or orjson.dumps(stix),
         _refs_json(set(stix_refs(stix))),
     )
 
@@ -348,6 +351,51 @@ def _upsert_item(
     return eid, id_text, event, iid, ids, version, refs, _refs_json(refs), stype, phase, blob
 
 
+# A snapshot line as the snapshot writes it: the stored object last, so its bytes can be taken
+# from the line instead of serialising the parsed object again.
+_SNAPSHOT_FIELDS = ("key", "stix_id", "event_id", "event", "data")
+# Every alias of the loaded objects, sorted, each to the first key in key order that claims it.
+_SNAPSHOT_ALIASES = (
+    "INSERT OR IGNORE INTO aliases (alias, key) SELECT alias, key FROM ("
+    " SELECT key AS alias, key FROM objects"
+    " UNION ALL SELECT stix_id, key FROM objects"
+    " UNION ALL SELECT iid, key FROM objects WHERE iid IS NOT NULL"
+    " UNION ALL SELECT alias, key FROM temp.extra_aliases"
+    ") ORDER BY alias, key"
+)
+
+
+def _snapshot_row(line: bytes) -> tuple[tuple[Any, ...], list[str]]:
+    """The objects row of one snapshot line, and the extension's other STIX ids."""
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEvent(f"snapshot line is not valid JSON: {exc}") from exc
+    if not isinstance(rec, dict):
+        raise MalformedEvent("snapshot line is not an object record")
+    key, event_id, event, stix = (
+        rec.get("key"),
+        rec.get("event_id"),
+        rec.get("event"),
+        rec.get("data"),
+    )
+    if not (
+        isinstance(key, str)
+        and isinstance(event_id, str)
+        and isinstance(event, str)
+        and isinstance(stix, dict)
+    ):
+        raise MalformedEvent("snapshot line lacks key/event_id/event/data")
+    blob: bytes | None = None
+    if tuple(rec) == _SNAPSHOT_FIELDS:
+        # The values before "data" are strings, whose quotes are escaped: the first '"data":'
+        # is the key, and the object runs from there to the line's closing brace.
+        start = line.find(b'"data":')
+        if start > 0:
+            blob = line[start + 7 : line.rstrip().rfind(b"}")].strip()
+    return _object_row(key, stix, event_id, event, blob), _ids_of(stix)[1:]
+
+
 def _as_event(src: StreamEvent | bytes) -> StreamEvent:
     return src if isinstance(src, StreamEvent) else parse_archive_line(src)
 
@@ -367,12 +415,13 @@ class _Seen:
     def __init__(self) -> None:
         self.bits = bytearray(self._BITS >> 3)
 
-    def add(self, alias: str) -> None:
-        h = hash(alias)
-        a, b = h & self._MASK, (h >> 32) & self._MASK
-        bits = self.bits
-        bits[a >> 3] |= 1 << (a & 7)
-        bits[b >> 3] |= 1 << (b & 7)
+    def add_many(self, aliases: Iterable[str]) -> None:
+        bits, mask = self.bits, self._MASK
+        for alias in aliases:
+            h = hash(alias)
+            a, b = h & mask, (h >> 32) & mask
+            bits[a >> 3] |= 1 << (a & 7)
+            bits[b >> 3] |= 1 << (b & 7)
 
     def maybe(self, alias: str) -> bool:
         h = hash(alias)
@@ -663,7 +712,7 @@ class StateStore:
         pending: dict[str, _Pending] = {}
         alias_rows: list[tuple[str, str]] = []  # may exist in SQL: the guarded insert
         new_aliases = self._new_aliases  # certainly not in SQL (the filter said so)
-        seen = self._seen.add  # queued aliases must be found by the next batches' lookups
+        queued: list[str] = []
         written: list[tuple[str, str]] = []
         done = 0
         as_of: tuple[int, int] | None = self.as_of
@@ -717,13 +766,15 @@ class StateStore:
                             alias_rows.append((alias, key))
                         else:
                             new_aliases[alias] = key
-                            seen(alias)
+                            queued.append(alias)
                 if tombstones:
                     written.append((key, stix_id))
             if as_of is None or eid > as_of:
                 as_of = eid
             done += 1
         self._flush(pending, alias_rows, written)
+        # Queued aliases must be found by the next batches' lookups (this one uses ``known``).
+        self._seen.add_many(queued)
         if len(new_aliases) >= _NEW_ALIASES_MAX:
             self._flush_new_aliases()
         if as_of is not None:
@@ -803,9 +854,7 @@ class StateStore:
     def _add_aliases(self, sql: str, rows: list[tuple[str, str]]) -> None:
         """Alias rows written at once go through here (queued ones are added to the filter when
         queued): the Bloom filter must never miss an alias the store holds or waits to write."""
-        add = self._seen.add
-        for alias, _ in rows:
-            add(alias)
+        self._seen.add_many(alias for alias, _ in rows)
         self._db.executemany(sql, rows)
 
     def _load_seen(self) -> None:
@@ -813,9 +862,7 @@ class StateStore:
         if self._seen_loaded:
             return
         self._seen_loaded = True
-        add = self._seen.add
-        for (alias,) in self._db.execute("SELECT alias FROM aliases"):
-            add(alias)
+        self._seen.add_many(alias for (alias,) in self._db.execute("SELECT alias FROM aliases"))
 
     def _resolve(self, refs: Iterable[str | None], *, iid: str | None = None) -> str | None:
         """The key of the live object known under the first of ``refs`` that resolves.
@@ -1035,14 +1082,22 @@ class StateStore:
         return doomed
 
     # ------------------------------------------------------------------ seeding from a snapshot
-    def load_records(
+    def load_lines(
         self,
-        objects: Iterable[ObjectRecord],
+        object_lines: Iterable[bytes],
         tombstones: Iterable[TombstoneRecord],
         as_of: EventId,
     ) -> None:
-        """Replace the state with the given records (one transaction)."""
+        """Replace the state with a snapshot's object lines and tombstones (one transaction).
+
+        A snapshot is the fast way into a state, so this path does the least per object: one
+        parse of the line, the stored JSON taken from the line as it is, object rows written in
+        the snapshot's key order, and the aliases built afterwards in one sorted statement
+        (each alias to the first object in key order that claims it, as a fold of those objects
+        in that order would give). Raises ``MalformedEvent`` on a damaged line.
+        """
         db = self._db
+        self._new_aliases.clear()
         db.execute("BEGIN")
         try:
             for table in ("objects", "aliases", "refs", "tombstones", "meta"):
@@ -1051,14 +1106,27 @@ class StateStore:
             for index in ("aliases_key", "refs_key", "refs_ref"):
                 db.execute(f"DROP INDEX IF EXISTS {index}")
             self._indexed.discard("by_key")
-            it = iter(objects)
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS extra_aliases (alias TEXT, key TEXT)")
+            db.execute("DELETE FROM temp.extra_aliases")
+            it = iter(object_lines)
             while chunk := list(islice(it, _RUN_EVENTS)):
-                db.executemany(
-                    _UPSERT_OBJECT, [_object_row(r.key, r.data, r.event_id, r.event) for r in chunk]
-                )
-                self._add_aliases(
-                    _ADD_ALIAS, [(a, r.key) for r in chunk for a in _aliases_of(r.key, r.data)]
-                )
+                rows: list[tuple[Any, ...]] = []
+                extra: list[tuple[str, str]] = []
+                seen: list[str] = []
+                for line in chunk:
+                    row, ids = _snapshot_row(line)
+                    rows.append(row)
+                    key, stix_id, iid = row[0], row[1], row[2]
+                    seen += (key, stix_id, iid) if iid else (key, stix_id)
+                    for alias in ids:
+                        seen.append(alias)
+                        extra.append((alias, key))
+                # The filter learns every alias here, before the statement below writes them.
+                self._seen.add_many(seen)
+                db.executemany(_UPSERT_OBJECT, rows)
+                db.executemany("INSERT INTO temp.extra_aliases VALUES (?, ?)", extra)
+            db.execute(_SNAPSHOT_ALIASES)
+            db.execute("DELETE FROM temp.extra_aliases")
             db.executemany(
                 "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?, ?)",
                 (tuple(t) for t in tombstones),
@@ -1074,17 +1142,20 @@ class StateStore:
         """Seed the state from the committed snapshot ``snapshots/<as_of_key>/``."""
         # Imported here: the snapshot module builds on this one.
         from .snapshot import (
-            iter_snapshot_objects,
+            iter_snapshot_object_lines,
             iter_snapshot_tombstones,
             read_snapshot_manifest,
         )
 
         info = read_snapshot_manifest(storage, as_of_key)
-        self.load_records(
-            iter_snapshot_objects(storage, info),
-            iter_snapshot_tombstones(storage, info),
-            info.as_of,
-        )
+        try:
+            self.load_lines(
+                iter_snapshot_object_lines(storage, info),
+                iter_snapshot_tombstones(storage, info),
+                info.as_of,
+            )
+        except MalformedEvent as exc:
+            raise PermanentError(f"snapshot {as_of_key} is damaged: {exc.reason}") from exc
 
     # ------------------------------------------------------------------ reading
     def get(self, ref: str) -> dict[str, Any] | None:

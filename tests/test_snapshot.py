@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from connector.archive import ArchiveReader
-from connector.events import EventId
+from connector.archive.segment import compress
+from connector.errors import MalformedEvent, PermanentError
+from connector.events import OCTI_EXT, EventId
 from connector.snapshot import (
     fold_segments,
+    iter_snapshot_object_lines,
     iter_snapshot_objects,
     iter_snapshot_tombstones,
     list_snapshots,
@@ -127,3 +133,79 @@ def test_uncommitted_snapshot_is_rebuilt(tmp_path: Path) -> None:
         with StateStore(tmp_path / "seeded.sqlite") as seeded:
             seeded.load_snapshot(storage, info.key)
             assert_equal_objects(state_objects(seeded), state_objects(full))
+
+
+def _aliases(db: Path) -> dict[str, str]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT alias, key FROM aliases"))
+
+
+def test_loaded_snapshot_has_every_alias_of_its_objects(tmp_path: Path) -> None:
+    """Aliases are built after the rows: the same table as adding each object's ids in key order."""
+    storage, _, events, _ = _split_archive(tmp_path / "archive")
+    archive_events(storage, events, per_segment=9)  # the whole scenario: merged ids, id changes
+    info = write_snapshot(storage, work_dir=tmp_path / "work", part_objects=7)
+    assert info is not None
+    expected: dict[str, str] = {}
+    for rec in iter_snapshot_objects(storage, info):
+        octi = rec.data.get("extensions", {}).get(OCTI_EXT, {})
+        for alias in (rec.key, rec.data["id"], *octi.get("stix_ids", []), octi.get("id")):
+            if alias:
+                expected.setdefault(alias, rec.key)
+    assert len(expected) > info.object_count  # internal and extension ids besides the keys
+    db = tmp_path / "seeded.sqlite"
+    with StateStore(db, scratch=True) as seeded:
+        seeded.load_snapshot(storage, info.key)
+        # The stored JSON is the snapshot's, byte for byte, taken from the line.
+        lines = list(iter_snapshot_object_lines(storage, info))
+        assert [bytes(r[4]) for r in seeded.raw_records()] == [
+            orjson.dumps(orjson.loads(line)["data"]) for line in lines
+        ]
+    assert _aliases(db) == expected
+
+
+def _line(key: str, stix_id: str, extra: list[str], **fields: Any) -> bytes:
+    data = {"id": stix_id, "type": stix_id.split("--")[0], "name": key, **fields}
+    data["extensions"] = {OCTI_EXT: {"id": key, "stix_ids": extra}}
+    record = {"key": key, "stix_id": stix_id, "event_id": "5-0", "event": "create", "data": data}
+    return orjson.dumps(record) + b"\n"
+
+
+def test_snapshot_lines_first_claim_wins_and_other_layouts_load(tmp_path: Path) -> None:
+    a = _line("a", "malware--1", ["malware--9"])
+    b = _line("b", "malware--9", [])
+    # Written by hand, not by us: other key order and spacing take the parse-and-dump path.
+    c_data = {"type": "malware", "id": "malware--3", "name": 'c "data": x', "extensions": {}}
+    c = b'{"data" : %s, "key": "c", "stix_id": "malware--3", "event_id": "5-0", "event": "create"}\n'
+    c %= orjson.dumps(c_data)
+    db = tmp_path / "s.sqlite"
+    with StateStore(db, scratch=True) as state:
+        state.load_lines([a, b, c], [], EventId(5, 0))
+        # Two live objects claim malware--9: the first in key order keeps it, as in a fold.
+        assert state.get("malware--9") == orjson.loads(a)["data"]
+        assert state.get("b") == orjson.loads(b)["data"]
+        assert state.get("malware--3") == c_data
+        assert state.as_of == EventId(5, 0) and state.counts()["objects"] == 3
+    assert _aliases(db) == {
+        "a": "a",
+        "malware--1": "a",
+        "malware--9": "a",
+        "b": "b",
+        "c": "c",
+        "malware--3": "c",
+    }
+
+
+def test_damaged_snapshot_line_is_a_clear_error(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "s.sqlite") as state:
+        with pytest.raises(MalformedEvent, match="lacks key"):
+            state.load_lines([_line("a", "malware--1", []), b'{"key": "b"}\n'], [], EventId(5, 0))
+        assert state.counts()["objects"] == 0  # rolled back: nothing half-loaded
+    storage, _, _, _ = _split_archive(tmp_path / "archive")
+    info = write_snapshot(storage, work_dir=tmp_path / "work")
+    assert info is not None
+    part = next(p for p in info.parts if p.kind == "objects")
+    storage.put(part.key, compress(b"{not json\n", info.codec, 3))
+    with StateStore(tmp_path / "t.sqlite", scratch=True) as state:
+        with pytest.raises(PermanentError, match=f"snapshot {info.key} is damaged"):
+            state.load_snapshot(storage, info.key)
