@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import zstandard
@@ -33,7 +33,7 @@ from .archive.layout import CODEC_SUFFIX
 from .archive.segment import iter_segment_lines, open_decompressed
 from .errors import MalformedEvent, NotFound, PermanentError
 from .events import EventId
-from .state import ObjectRecord, StateStore, TombstoneRecord
+from .state import SNAPSHOT_ROWS, ObjectRecord, StateStore, TombstoneRecord
 from .storage import Storage
 
 __all__ = [
@@ -82,6 +82,8 @@ class SnapshotInfo:
     state_sha256: str
     created_at: str
     codec: str = "zstd"
+    # ``state.SNAPSHOT_ROWS`` of the writer: the rules its lines' row headers follow.
+    rows: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -102,6 +104,7 @@ class SnapshotInfo:
                 "object_count": self.object_count,
                 "tombstone_count": self.tombstone_count,
                 "codec": self.codec,
+                "rows": self.rows,
                 "parts": [
                     {
                         "key": p.key,
@@ -140,6 +143,7 @@ class SnapshotInfo:
                 state_sha256=str(obj["state_sha256"]),
                 created_at=str(obj.get("created_at", "")),
                 codec=str(obj.get("codec", "zstd")),
+                rows=obj["rows"] if isinstance(obj.get("rows"), int) else None,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedEvent(f"damaged snapshot manifest: {exc}") from exc
@@ -173,11 +177,35 @@ def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
     return out
 
 
+class _Checked:
+    """A part's body as it is read, hashed on the way: ``check`` compares it with the manifest."""
+
+    def __init__(self, fh: IO[bytes], part: PartInfo) -> None:
+        self.fh, self.part = fh, part
+        self.sha = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.sha.update(data)
+        return data
+
+    def check(self) -> None:
+        while self.read(1 << 20):
+            pass
+        if self.sha.hexdigest() != self.part.sha256:
+            raise PermanentError(
+                f"snapshot part {self.part.key} is damaged: its sha256 differs from the manifest"
+            )
+
+
 def _part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[bytes]:
+    """A part's lines; once the last is read, the part's sha256 is checked."""
     with storage.open(part.key) as fh:
-        for line in open_decompressed(fh, codec):
+        body = _Checked(fh, part)
+        for line in open_decompressed(body, codec):  # type: ignore[arg-type]
             if line.strip():
                 yield line
+        body.check()
 
 
 def _iter_part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[dict[str, Any]]:
@@ -266,7 +294,11 @@ def fold_segments(
 
 
 class _PartWriter:
-    """Compresses JSON lines into bounded parts (deterministic bytes for the same lines)."""
+    """Compresses JSON lines into bounded parts (deterministic bytes for the same lines).
+
+    Lines are compressed as they are added: a part holds only its compressed body (about a
+    fifth of the lines) until it is stored.
+    """
 
     def __init__(
         self, storage: Storage, prefix: str, kind: str, codec: str, level: int, limit: int
@@ -275,42 +307,48 @@ class _PartWriter:
         self.codec, self.level, self.limit = codec, level, limit
         self.parts: list[PartInfo] = []
         self.total = 0
-        self._lines: list[bytes] = []
+        self._count = 0
         self._raw = 0
+        self._body = io.BytesIO()
+        self._sink: Any = None  # zstd compressobj or gzip file, open while the part has lines
 
     def add(self, line: bytes) -> None:
-        self._lines.append(line)
+        if self._sink is None:
+            self._body = io.BytesIO()
+            if self.codec == "zstd":
+                self._sink = zstandard.ZstdCompressor(level=self.level).compressobj()
+            else:
+                self._sink = gzip.GzipFile(
+                    fileobj=self._body, mode="wb", compresslevel=self.level, mtime=0
+                )
+        if self.codec == "zstd":
+            self._body.write(self._sink.compress(line))
+        else:
+            self._sink.write(line)
+        self._count += 1
         self._raw += len(line)
-        if len(self._lines) >= self.limit or self._raw >= _PART_RAW_BYTES:
+        if self._count >= self.limit or self._raw >= _PART_RAW_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        if not self._lines:
+        if self._sink is None:
             return
+        if self.codec == "zstd":
+            self._body.write(self._sink.flush())
+        else:
+            self._sink.close()
+        body = self._body.getvalue()
+        self._sink, self._body = None, io.BytesIO()
         name = "part" if self.kind == "objects" else "tombstones"
         key = f"{self.prefix}{name}-{len(self.parts):05d}{CODEC_SUFFIX[self.codec]}"
-        body = self._compress()
         digest = hashlib.sha256(body).hexdigest()
         if not self.storage.put_if_absent(key, body):
             # Left by an attempt that crashed before its manifest: replace it if it differs.
             if hashlib.sha256(self.storage.get(key)).hexdigest() != digest:
                 self.storage.put(key, body)
-        self.parts.append(PartInfo(key, self.kind, len(self._lines), len(body), digest))
-        self.total += len(self._lines)
-        self._lines, self._raw = [], 0
-
-    def _compress(self) -> bytes:
-        buf = io.BytesIO()
-        if self.codec == "zstd":
-            cobj = zstandard.ZstdCompressor(level=self.level).compressobj()
-            for line in self._lines:
-                buf.write(cobj.compress(line))
-            buf.write(cobj.flush())
-        else:
-            with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=self.level, mtime=0) as gz:
-                for line in self._lines:
-                    gz.write(line)
-        return buf.getvalue()
+        self.parts.append(PartInfo(key, self.kind, self._count, len(body), digest))
+        self.total += self._count
+        self._count, self._raw = 0, 0
 
 
 def _export(
@@ -328,11 +366,15 @@ def _export(
     prefix = f"{SNAPSHOTS_PREFIX}{state.as_of.key}/"
     objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects)
     digest = hashlib.sha256()
-    for key, stix_id, event_id, event, blob in state.raw_records():
+    for row, aliases in state.snapshot_rows():
+        key, stix_id, event_id, event, iid, stype, phase, version, refs, blob = row
         digest.update(f"{key}\t{event_id}\n".encode())
-        # The stored JSON goes in as it is (a Fragment): no parse and re-serialisation.
+        # The header first (state.SNAPSHOT_ROWS): a restore parses only that. The stored JSON
+        # goes in as it is (a Fragment): no parse and re-serialisation.
         record: dict[str, Any] = {"key": key, "stix_id": stix_id, "event_id": event_id}
-        record["event"], record["data"] = event, orjson.Fragment(blob)
+        record["event"], record["iid"], record["type"], record["phase"] = event, iid, stype, phase
+        record["version"], record["refs"] = version, orjson.Fragment(refs)
+        record["aliases"], record["data"] = aliases, orjson.Fragment(blob)
         objects.add(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
     objects.flush()
     tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects)
@@ -360,6 +402,7 @@ def _export(
         state_sha256=digest.hexdigest(),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         codec=codec,
+        rows=SNAPSHOT_ROWS,
     )
     # The manifest commits the snapshot: written last, never replaced.
     storage.put_if_absent(info.manifest_key, info.to_json())

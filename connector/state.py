@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .storage import Storage
 
 __all__ = [
+    "SNAPSHOT_ROWS",
     "ObjectRecord",
     "StateStore",
     "TombstoneRecord",
@@ -286,7 +287,9 @@ def _object_row(
 
 
 def _refs_json(refs: set[str]) -> str:
-    return orjson.dumps(list(refs)).decode()
+    # Sorted: a set's order changes with each process's string hashing, and these bytes go
+    # into snapshots, which must be the same for the same state.
+    return orjson.dumps(sorted(refs)).decode()
 
 
 def _aliases_of(key: str, stix: dict[str, Any]) -> list[str]:
@@ -351,22 +354,75 @@ def _upsert_item(
     return eid, id_text, event, iid, ids, version, refs, _refs_json(refs), stype, phase, blob
 
 
-# A snapshot line as the snapshot writes it: the stored object last, so its bytes can be taken
-# from the line instead of serialising the parsed object again.
-_SNAPSHOT_FIELDS = ("key", "stix_id", "event_id", "event", "data")
-# Every alias of the loaded objects, sorted, each to the first key in key order that claims it.
+# A snapshot line carries its object's row and aliases before the object itself, so a restore
+# parses only that header and takes the object's bytes from the line (see ``load_lines``).
+_SNAPSHOT_HEADER = (
+    "key",
+    "stix_id",
+    "event_id",
+    "event",
+    "iid",
+    "type",
+    "phase",
+    "version",
+    "refs",
+    "aliases",
+)
+# The rules that derive a row's iid, type, phase, version, refs and aliases from the object.
+# Bump when they change: snapshots written under other rules are loaded by deriving them again.
+SNAPSHOT_ROWS = 1
+# A snapshot's aliases, sorted: each to the first key in key order that claims it. Aliases a
+# snapshot lists come from the state's alias table, where each has one key; those derived from
+# older snapshots' objects may be claimed twice, and a fold in key order keeps the first claim.
 _SNAPSHOT_ALIASES = (
-    "INSERT OR IGNORE INTO aliases (alias, key) SELECT alias, key FROM ("
-    " SELECT key AS alias, key FROM objects"
-    " UNION ALL SELECT stix_id, key FROM objects"
-    " UNION ALL SELECT iid, key FROM objects WHERE iid IS NOT NULL"
-    " UNION ALL SELECT alias, key FROM temp.extra_aliases"
-    ") ORDER BY alias, key"
+    "INSERT OR IGNORE INTO aliases (alias, key)"
+    " SELECT j.value, s.key FROM temp.snapshot_aliases s, json_each(s.aliases) j"
+    " WHERE j.type = 'text' ORDER BY 1, 2"
 )
 
 
+def _snapshot_header_row(line: bytes) -> tuple[tuple[Any, ...], list[str], str] | None:
+    """Row, aliases and their JSON from the header of a line in the snapshot writer's layout,
+    the object's bytes as they are; None for any other layout (the caller parses the line)."""
+    cut = line.find(b',"data":')
+    if cut < 0:
+        return None
+    try:
+        # Cut anywhere but at the top level, the header would leave a bracket open.
+        head = orjson.loads(line[:cut] + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    if type(head) is not dict or tuple(head) != _SNAPSHOT_HEADER:
+        return None
+    key, stix_id, event_id, event, iid, stype, phase, version, refs, aliases = head.values()
+    blob = line[cut + 8 : line.rstrip().rfind(b"}")]
+    if not (
+        type(key) is str
+        and type(stix_id) is str
+        and type(event_id) is str
+        and type(event) is str
+        and type(stype) is str
+        and type(version) is str
+        and (iid is None or type(iid) is str)
+        and type(phase) is int
+        and type(refs) is list
+        and type(aliases) is list
+        and blob[:1] == b"{"
+        and blob[-1:] == b"}"
+    ):
+        return None
+    # The two arrays as they are in the line: "refs" then "aliases", the header's last fields.
+    at_aliases = line.rfind(b',"aliases":', 0, cut)
+    at_refs = line.rfind(b',"refs":', 0, at_aliases)
+    refs_json = line[at_refs + 8 : at_aliases].decode()
+    aliases_json = line[at_aliases + 11 : cut].decode()
+    row = (key, stix_id, iid, stype, phase, event_id, event, version, blob, refs_json)
+    return row, aliases, aliases_json
+
+
 def _snapshot_row(line: bytes) -> tuple[tuple[Any, ...], list[str]]:
-    """The objects row of one snapshot line, and the extension's other STIX ids."""
+    """The objects row of one snapshot line, derived from its object, and the object's other
+    STIX ids plus the aliases the line lists."""
     try:
         rec = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -386,14 +442,9 @@ def _snapshot_row(line: bytes) -> tuple[tuple[Any, ...], list[str]]:
         and isinstance(stix, dict)
     ):
         raise MalformedEvent("snapshot line lacks key/event_id/event/data")
-    blob: bytes | None = None
-    if tuple(rec) == _SNAPSHOT_FIELDS:
-        # The values before "data" are strings, whose quotes are escaped: the first '"data":'
-        # is the key, and the object runs from there to the line's closing brace.
-        start = line.find(b'"data":')
-        if start > 0:
-            blob = line[start + 7 : line.rstrip().rfind(b"}")].strip()
-    return _object_row(key, stix, event_id, event, blob), _ids_of(stix)[1:]
+    listed = rec.get("aliases")
+    extra = [a for a in listed if isinstance(a, str)] if isinstance(listed, list) else []
+    return _object_row(key, stix, event_id, event), _ids_of(stix)[1:] + extra
 
 
 def _as_event(src: StreamEvent | bytes) -> StreamEvent:
@@ -1087,17 +1138,23 @@ class StateStore:
         object_lines: Iterable[bytes],
         tombstones: Iterable[TombstoneRecord],
         as_of: EventId,
+        *,
+        rows: int | None = SNAPSHOT_ROWS,
     ) -> None:
         """Replace the state with a snapshot's object lines and tombstones (one transaction).
 
-        A snapshot is the fast way into a state, so this path does the least per object: one
-        parse of the line, the stored JSON taken from the line as it is, object rows written in
-        the snapshot's key order, and the aliases built afterwards in one sorted statement
-        (each alias to the first object in key order that claims it, as a fold of those objects
-        in that order would give). Raises ``MalformedEvent`` on a damaged line.
+        A snapshot is the fast way into a state, so this path does the least per object. Lines
+        written under this version's ``SNAPSHOT_ROWS`` carry their row and their aliases: only
+        that header is parsed, the object's bytes are stored as they are (the caller has checked
+        the part's sha256), and the aliases are restored exactly as the state held them. Other
+        lines (``rows`` differs, or another layout) are parsed whole and their rows derived
+        again, each alias going to the first key that claims it, as a fold in key order would.
+        Rows go in in the snapshot's key order; the aliases after them, in one sorted statement.
+        Raises ``MalformedEvent`` on a damaged line.
         """
         db = self._db
         self._new_aliases.clear()
+        trusted = rows == SNAPSHOT_ROWS
         db.execute("BEGIN")
         try:
             for table in ("objects", "aliases", "refs", "tombstones", "meta"):
@@ -1106,27 +1163,27 @@ class StateStore:
             for index in ("aliases_key", "refs_key", "refs_ref"):
                 db.execute(f"DROP INDEX IF EXISTS {index}")
             self._indexed.discard("by_key")
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS extra_aliases (alias TEXT, key TEXT)")
-            db.execute("DELETE FROM temp.extra_aliases")
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_aliases (key TEXT, aliases TEXT)")
+            db.execute("DELETE FROM temp.snapshot_aliases")
+            add = self._seen.add_many
             it = iter(object_lines)
             while chunk := list(islice(it, _RUN_EVENTS)):
-                rows: list[tuple[Any, ...]] = []
-                extra: list[tuple[str, str]] = []
-                seen: list[str] = []
+                batch: list[tuple[Any, ...]] = []
+                staged: list[tuple[str, str]] = []  # (key, JSON array of its aliases)
                 for line in chunk:
-                    row, ids = _snapshot_row(line)
-                    rows.append(row)
-                    key, stix_id, iid = row[0], row[1], row[2]
-                    seen += (key, stix_id, iid) if iid else (key, stix_id)
-                    for alias in ids:
-                        seen.append(alias)
-                        extra.append((alias, key))
-                # The filter learns every alias here, before the statement below writes them.
-                self._seen.add_many(seen)
-                db.executemany(_UPSERT_OBJECT, rows)
-                db.executemany("INSERT INTO temp.extra_aliases VALUES (?, ?)", extra)
+                    got = _snapshot_header_row(line) if trusted else None
+                    if got is None:
+                        row, own = _snapshot_row(line)
+                        aliases = [row[0], row[1], *([row[2]] if row[2] else []), *own]
+                        got = row, aliases, orjson.dumps(aliases).decode()
+                    batch.append(got[0])
+                    # The filter learns every alias here, before the statement below writes them.
+                    add(got[1])
+                    staged.append((got[0][0], got[2]))
+                db.executemany(_UPSERT_OBJECT, batch)
+                db.executemany("INSERT INTO temp.snapshot_aliases VALUES (?, ?)", staged)
             db.execute(_SNAPSHOT_ALIASES)
-            db.execute("DELETE FROM temp.extra_aliases")
+            db.execute("DELETE FROM temp.snapshot_aliases")
             db.executemany(
                 "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?, ?)",
                 (tuple(t) for t in tombstones),
@@ -1153,9 +1210,30 @@ class StateStore:
                 iter_snapshot_object_lines(storage, info),
                 iter_snapshot_tombstones(storage, info),
                 info.as_of,
+                rows=info.rows,
             )
         except MalformedEvent as exc:
             raise PermanentError(f"snapshot {as_of_key} is damaged: {exc.reason}") from exc
+
+    def snapshot_rows(self) -> Iterator[tuple[tuple[Any, ...], list[str]]]:
+        """Every live object's row and the aliases that lead to it, by key (for snapshots).
+
+        Row: ``(key, stix_id, event_id, event, iid, type, phase, version, refs JSON, data)``.
+        """
+        db = self._db
+        aliases = db.execute("SELECT key, alias FROM aliases ORDER BY key, alias")
+        nxt = aliases.fetchone()
+        for row in db.execute(
+            "SELECT key, stix_id, event_id, event, iid, type, phase, version, refs, data"
+            " FROM objects ORDER BY key"
+        ):
+            key = row[0]
+            own: list[str] = []
+            while nxt is not None and nxt[0] <= key:
+                if nxt[0] == key:
+                    own.append(nxt[1])
+                nxt = aliases.fetchone()
+            yield row, own
 
     # ------------------------------------------------------------------ reading
     def get(self, ref: str) -> dict[str, Any] | None:
@@ -1179,12 +1257,6 @@ class StateStore:
         cursor = self._db.execute(sql + " ORDER BY key", args)
         for row in cursor:
             yield ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
-
-    def raw_records(self) -> Iterator[tuple[str, str, str, str, bytes]]:
-        """``(key, stix_id, event_id, event, stored JSON)`` by key, the JSON unparsed."""
-        yield from self._db.execute(
-            "SELECT key, stix_id, event_id, event, data FROM objects ORDER BY key"
-        )
 
     def blobs(self, *, phase: int) -> Iterator[bytes]:
         """The stored JSON of one push phase's objects, by key, unparsed (for bundles)."""

@@ -16,6 +16,7 @@ METRICS = {
     "backup_s3_vs_raw_read",
     "sse_parse_ceiling_vs_raw_read",
     "restore_plan_no_snapshot",
+    "restore_plan_with_snapshot",
     "restore_plan_snapshot_speedup",
     "restore_push",
     "rss_run",

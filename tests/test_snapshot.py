@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from connector.snapshot import (
     state_sha256,
     write_snapshot,
 )
-from connector.state import StateStore
+from connector.state import SNAPSHOT_ROWS, StateStore
 from connector.storage.local import LocalStorage
 from tests.test_state import (
     archive_events,
@@ -95,6 +99,32 @@ def test_rerun_is_idempotent(tmp_path: Path) -> None:
     assert list((tmp_path / "work").iterdir()) == []  # the scratch database is removed
 
 
+def test_same_state_same_bytes_in_another_process(tmp_path: Path) -> None:
+    """Parts are deterministic across processes (string hashing differs between them)."""
+    storage, _, _, _ = _split_archive(tmp_path / "archive")
+    digests = []
+    for seed in ("1", "2"):
+        copy = tmp_path / f"copy{seed}"
+        shutil.copytree(tmp_path / "archive", copy)
+        code = (
+            "import sys; from pathlib import Path; from connector.storage.local import LocalStorage;"
+            "from connector.snapshot import write_snapshot;"
+            "info = write_snapshot(LocalStorage(Path(sys.argv[1])), work_dir=Path(sys.argv[2]));"
+            "print(' '.join(p.sha256 for p in info.parts))"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(copy), str(tmp_path / f"w{seed}")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+        )
+        digests.append(done.stdout.split())
+    assert digests[0] and digests[0] == digests[1]
+
+
 def test_nothing_to_snapshot(tmp_path: Path) -> None:
     assert write_snapshot(LocalStorage(tmp_path / "empty"), work_dir=tmp_path / "w") is None
 
@@ -135,33 +165,50 @@ def test_uncommitted_snapshot_is_rebuilt(tmp_path: Path) -> None:
             assert_equal_objects(state_objects(seeded), state_objects(full))
 
 
-def _aliases(db: Path) -> dict[str, str]:
+def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
     with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT alias, key FROM aliases"))
+        return {
+            "objects": conn.execute(
+                "SELECT key, stix_id, iid, type, phase, event_id, event, version, data, refs"
+                " FROM objects ORDER BY key"
+            ).fetchall(),
+            "aliases": conn.execute("SELECT alias, key FROM aliases ORDER BY alias").fetchall(),
+            "tombstones": conn.execute("SELECT * FROM tombstones ORDER BY key").fetchall(),
+        }
 
 
-def test_loaded_snapshot_has_every_alias_of_its_objects(tmp_path: Path) -> None:
-    """Aliases are built after the rows: the same table as adding each object's ids in key order."""
+def _aliases(db: Path) -> dict[str, str]:
+    return dict(_tables(db)["aliases"])
+
+
+def test_snapshot_loads_back_the_exact_state(tmp_path: Path) -> None:
+    """Rows, aliases and tombstones read back from the lines equal those of a full replay."""
     storage, _, events, _ = _split_archive(tmp_path / "archive")
-    archive_events(storage, events, per_segment=9)  # the whole scenario: merged ids, id changes
+    archive_events(storage, events, per_segment=9)  # the whole scenario: merges, id changes
+    info = write_snapshot(storage, work_dir=tmp_path / "work", part_objects=7)
+    assert info is not None and info.rows == SNAPSHOT_ROWS
+    replay(storage, tmp_path / "full.sqlite").close()
+    with StateStore(tmp_path / "seeded.sqlite", scratch=True) as seeded:
+        seeded.load_snapshot(storage, info.key)
+    full, seeded_tables = _tables(tmp_path / "full.sqlite"), _tables(tmp_path / "seeded.sqlite")
+    assert seeded_tables == full
+    keys = {row[0] for row in full["objects"]}
+    assert len(full["aliases"]) > len(keys) and len(full["tombstones"]) > 0
+
+
+def test_older_snapshot_rows_are_derived_again(tmp_path: Path) -> None:
+    """A manifest without the writer's row rules (or other ones): rows come from the objects."""
+    storage, _, _, _ = _split_archive(tmp_path / "archive")
     info = write_snapshot(storage, work_dir=tmp_path / "work", part_objects=7)
     assert info is not None
-    expected: dict[str, str] = {}
-    for rec in iter_snapshot_objects(storage, info):
-        octi = rec.data.get("extensions", {}).get(OCTI_EXT, {})
-        for alias in (rec.key, rec.data["id"], *octi.get("stix_ids", []), octi.get("id")):
-            if alias:
-                expected.setdefault(alias, rec.key)
-    assert len(expected) > info.object_count  # internal and extension ids besides the keys
-    db = tmp_path / "seeded.sqlite"
-    with StateStore(db, scratch=True) as seeded:
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    del manifest["rows"]
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    assert read_snapshot_manifest(storage, info.key).rows is None
+    replay(storage, tmp_path / "full.sqlite").close()
+    with StateStore(tmp_path / "seeded.sqlite", scratch=True) as seeded:
         seeded.load_snapshot(storage, info.key)
-        # The stored JSON is the snapshot's, byte for byte, taken from the line.
-        lines = list(iter_snapshot_object_lines(storage, info))
-        assert [bytes(r[4]) for r in seeded.raw_records()] == [
-            orjson.dumps(orjson.loads(line)["data"]) for line in lines
-        ]
-    assert _aliases(db) == expected
+    assert _tables(tmp_path / "seeded.sqlite") == _tables(tmp_path / "full.sqlite")
 
 
 def _line(key: str, stix_id: str, extra: list[str], **fields: Any) -> bytes:
@@ -205,7 +252,20 @@ def test_damaged_snapshot_line_is_a_clear_error(tmp_path: Path) -> None:
     info = write_snapshot(storage, work_dir=tmp_path / "work")
     assert info is not None
     part = next(p for p in info.parts if p.kind == "objects")
-    storage.put(part.key, compress(b"{not json\n", info.codec, 3))
+    # The same lines compressed otherwise: not the bytes the manifest vouches for.
+    lines = b"".join(iter_snapshot_object_lines(storage, info))
+    storage.put(part.key, compress(lines, info.codec, 19))
     with StateStore(tmp_path / "t.sqlite", scratch=True) as state:
-        with pytest.raises(PermanentError, match=f"snapshot {info.key} is damaged"):
+        with pytest.raises(PermanentError, match=f"part {part.key} is damaged: its sha256"):
+            state.load_snapshot(storage, info.key)
+    # A bad line in a part whose checksum matches (written so): the line is the error.
+    body = compress(b"{not json\n", info.codec, 3)
+    storage.put(part.key, body)
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    manifest["parts"][0]["sha256"] = hashlib.sha256(body).hexdigest()
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    with StateStore(tmp_path / "u.sqlite", scratch=True) as state:
+        with pytest.raises(
+            PermanentError, match=f"snapshot {info.key} is damaged: .*not valid JSON"
+        ):
             state.load_snapshot(storage, info.key)
