@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Protocol, TextIO, runtime_checkable
 import orjson
 
 from .archive import ArchiveReader
-from .errors import ConfigError
+from .errors import ConfigError, PermanentError
 from .events import EventId
 from .snapshot import fold_segments, list_snapshots, state_sha256
 from .state import PHASES, StateStore
@@ -93,13 +93,25 @@ def materialise_plan(
     state = StateStore(db_path, scratch=True)  # closed on failure, rebuilt by the next run
     try:
         seed = None
-        for info in list_snapshots(storage):
-            if until is None or info.as_of <= until:
-                seed = info
+        candidates = [s for s in list_snapshots(storage) if until is None or s.as_of <= until]
+        # The newest snapshot that loads; a damaged one is skipped, loudly, for the one before
+        # it (or the segments alone): a restore is when an operator can least afford to stop.
+        for info in reversed(candidates):
+            try:
+                state.load_snapshot(storage, info.key)
+            except PermanentError as exc:
+                log.error(
+                    "Snapshot unusable, trying an older one.",
+                    extra={"snapshot": info.key, "error": str(exc)},
+                )
+                state.close()
+                db_path.unlink(missing_ok=True)
+                state = StateStore(db_path, scratch=True)
+                continue
+            seed = info
+            break
         reader = ArchiveReader(storage)
-        if seed is not None:
-            state.load_snapshot(storage, seed.key)
-        else:
+        if seed is None:
             _warn_if_pruned(reader)
         segments, events, _ = fold_segments(
             state,

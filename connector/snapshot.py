@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +203,12 @@ def _part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[bytes]
     """A part's lines; once the last is read, the part's sha256 is checked."""
     with storage.open(part.key) as fh:
         body = _Checked(fh, part)
-        for line in open_decompressed(body, codec):  # type: ignore[arg-type]
-            if line.strip():
-                yield line
+        try:
+            for line in open_decompressed(body, codec):  # type: ignore[arg-type]
+                if line.strip():
+                    yield line
+        except (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise PermanentError(f"snapshot part {part.key} is damaged: {exc}") from exc
         body.check()
 
 

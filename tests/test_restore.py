@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 import pytest
+import zstandard
 
+from connector.archive.segment import compress
 from connector.errors import RetryableError
 from connector.events import OCTI_EXT, EventId
 from connector.restore import (
@@ -29,7 +31,7 @@ from connector.restore import (
 from connector.restore_cli import verify_against_opencti
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.snapshot import write_snapshot
+from connector.snapshot import list_snapshots, write_snapshot
 from connector.state import StateStore, push_phase
 from connector.storage.local import LocalStorage
 from connector.target.opencti import OpenCTITarget
@@ -146,6 +148,32 @@ def test_materialise_latest_from_snapshot(
         assert plan.snapshot == EventId.parse(marks[2][0]).key  # seeded, not a full replay
         assert plan.as_of == EventId.parse(marks[-1][0])
         assert 0 < plan.segments and plan.objects == len(marks[-1][1])
+
+
+@pytest.mark.parametrize("damage", ["bytes", "checksum"])
+def test_damaged_snapshot_is_skipped_for_an_older_one(
+    archived: tuple[LocalStorage, list[Mark]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """The newest snapshot's part is damaged: the restore says so and uses the one before it
+    (here none: the segments alone), reaching the same state."""
+    storage, marks = archived
+    (info,) = list_snapshots(storage)
+    part = info.parts[0]
+    body = storage.get(part.key)
+    if damage == "bytes":  # not even decompressible
+        storage.put(part.key, body[:10] + bytes(len(body) - 10))
+    else:  # valid zstd with other bytes: only the checksum tells
+        lines = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+        storage.put(part.key, compress(lines, info.codec, 19))
+    state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
+    with state:
+        assert plan.snapshot is None
+        assert_equal_objects(state_objects(state), marks[-1][1])
+    errors = [r for r in caplog.records if r.message == "Snapshot unusable, trying an older one."]
+    assert len(errors) == 1 and part.key in str(errors[0].__dict__["error"])
 
 
 @pytest.mark.parametrize("step", [0, 1, 3, 4])
