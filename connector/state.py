@@ -268,10 +268,7 @@ def _reverse_id(envelope: dict[str, Any]) -> str | None:
     return None
 
 
-def _object_row(
-    key: str, stix: dict[str, Any], event_id: str, event: str, blob: bytes | None = None
-) -> tuple[Any, ...]:
-    """The ``objects`` row; ``blob`` is the object's JSON when the caller already has it."""
+def _object_row(key: str, stix: dict[str, Any], event_id: str, event: str) -> tuple[Any, ...]:
     iid = _str_or_none(octi_ext(stix).get("id"))
     return (
         key,
@@ -282,7 +279,7 @@ def _object_row(
         event_id,
         event,
         _version_of(stix),
-        blob or orjson.dumps(stix),
+        orjson.dumps(stix),
         _refs_json(set(stix_refs(stix))),
     )
 
@@ -422,8 +419,8 @@ def _snapshot_header_row(line: bytes) -> tuple[tuple[Any, ...], list[str], str] 
 
 
 def _snapshot_row(line: bytes) -> tuple[tuple[Any, ...], list[str]]:
-    """The objects row of one snapshot line, derived from its object, and the object's other
-    STIX ids plus the aliases the line lists."""
+    """The objects row of one snapshot line, derived from its object, and its aliases: those
+    of the object plus any the line lists."""
     try:
         rec = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -445,7 +442,7 @@ def _snapshot_row(line: bytes) -> tuple[tuple[Any, ...], list[str]]:
         raise MalformedEvent("snapshot line lacks key/event_id/event/data")
     listed = rec.get("aliases")
     extra = [a for a in listed if isinstance(a, str)] if isinstance(listed, list) else []
-    return _object_row(key, stix, event_id, event), _ids_of(stix)[1:] + extra
+    return _object_row(key, stix, event_id, event), _aliases_of(key, stix) + extra
 
 
 def _as_event(src: StreamEvent | bytes) -> StreamEvent:
@@ -1172,8 +1169,7 @@ class StateStore:
             for line in object_lines:
                 got = _snapshot_header_row(line) if trusted else None
                 if got is None:
-                    row, own = _snapshot_row(line)
-                    aliases = [row[0], row[1], *([row[2]] if row[2] else []), *own]
+                    row, aliases = _snapshot_row(line)
                     got = row, aliases, orjson.dumps(aliases).decode()
                 batch.append(got[0])
                 # The filter learns every alias here, before the statement below writes them.
