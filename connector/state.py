@@ -575,6 +575,7 @@ class StateStore:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         if not self._discarded:
+            self._settle()  # the file holds the whole state, for whoever opens it next
             self._db.close()
 
     def _abort(self) -> None:
@@ -698,7 +699,11 @@ class StateStore:
                 run = []
                 self._apply(_as_event(src))
             self._fold_run(run)
-            self._flush_new_aliases()
+            if not self.scratch:
+                # A later fold's rollback must not take these with it. A scratch store keeps
+                # them waiting across folds (one per segment): flushed at every segment, they
+                # rewrote most of a large alias B-tree each time (see _settle).
+                self._flush_new_aliases()
         except BaseException:
             self._abort()
             raise
@@ -869,6 +874,21 @@ class StateStore:
             for key, iid, stix_id, version, refs_json in rows:
                 out[key] = _Known(key, iid, stix_id, version, None, refs_json)
         return out
+
+    def _settle(self) -> None:
+        """Write the waiting aliases before anything reads the alias table outside a fold."""
+        if not self._new_aliases:
+            return
+        if self._db.in_transaction:
+            self._flush_new_aliases()
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._flush_new_aliases()
+        except BaseException:
+            self._abort()
+            raise
+        self._db.execute("COMMIT")
 
     def _flush_new_aliases(self) -> None:
         """Insert the waiting aliases, sorted. A row already there has the same key: an object
@@ -1219,6 +1239,7 @@ class StateStore:
 
         Row: ``(key, stix_id, event_id, event, iid, type, phase, version, refs JSON, data)``.
         """
+        self._settle()
         db = self._db
         aliases = db.execute("SELECT key, alias FROM aliases ORDER BY key, alias")
         nxt = aliases.fetchone()
@@ -1237,6 +1258,7 @@ class StateStore:
     # ------------------------------------------------------------------ reading
     def get(self, ref: str) -> dict[str, Any] | None:
         """The live object known under ``ref`` (STIX id, internal id, or alias)."""
+        self._settle()
         row = self._db.execute(
             "SELECT o.data FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?", (ref,)
         ).fetchone()
