@@ -125,14 +125,14 @@ _ADD_ALIAS = (
 _ADD_REF = "INSERT INTO refs (ref, key) VALUES (?, ?)"
 # Upserts folded per batch (about 2.5 KB each): 4,096 was 10% faster and 10 MB larger.
 _RUN_EVENTS = 2048
-_LOOKUP_CHUNK = 900
+_LOOKUP_CHUNK = 900  # ids per lookup query: under SQLite's bound-parameter limit (999)
 # Snapshot rows loaded per statement: no slower than 2,048, and a quarter of the memory in flight.
 _LOAD_ROWS = 512
 # Aliases of new objects wait in memory and are inserted sorted, this many at a time: the alias
 # B-tree's leaves are then each visited once per flush instead of once per row, which is what
 # the fold spent its system time on once the tree outgrew the page cache (about 15 MB here).
 _NEW_ALIASES_MAX = 65_536
-_CACHE_KIB = 8192  # under SQLite's bound-parameter limit
+_CACHE_KIB = 8192  # page cache: see PRAGMA cache_size in StateStore.__init__
 _REF_SUFFIXES = ("_ref", "_refs")
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
