@@ -2,8 +2,8 @@
 
 The batched fold has many fast paths (a Bloom filter, aliases waiting in memory, rows reduced per
 batch, snapshot lines loaded from their headers). Each seed plays a random history on a SimStore
-(creates, updates, relationships, standard-id changes, merges, deletes with cascades,
-re-creations), adds the re-sends a real stream carries (older versions of live objects under
+(creates, relationships, updates of attributes and of references, standard-id changes,
+merges, deletes with cascades, re-creations), adds the re-sends a real stream carries (older versions of live objects under
 later ids), and folds it four ways: in one transaction with tiny batches, one event per
 transaction, through the archive from a snapshot taken half-way, and through the archive alone,
 all of it and up to half-way. Each must equal the simulator's own state at that point.
@@ -16,6 +16,7 @@ import random
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,7 @@ class _History:
         self.pos = 0
         self.versions: dict[str, list[StreamEvent]] = {}  # internal id -> create/update events
         self.resends: list[tuple[int, StreamEvent]] = []  # (after how many events, the event)
+        self.deleted: list[dict[str, Any]] = []  # deleted on purpose (not by a cascade)
 
     def play(self, ops: int) -> None:
         for _ in range(ops):
@@ -88,8 +90,10 @@ class _History:
                     "target_ref": dst,
                 }
             )
-        elif roll < 0.65:
+        elif roll < 0.55:
             store.update(rng.choice(_live(store)), set={"description": f"d{rng.getrandbits(32)}"})
+        elif roll < 0.65:
+            self._repoint(rng.choice(_live(store)))
         elif roll < 0.72:
             sid = rng.choice(entities)
             stype = sid.split("--")[0]
@@ -100,8 +104,29 @@ class _History:
             if len(same) >= 2:
                 target, *sources = rng.sample(same, min(len(same), rng.choice((2, 3))))
                 store.merge(target, sources)
-        else:
-            store.delete(rng.choice(_live(store)))
+        elif roll < 0.9 or not self.deleted:
+            sid = rng.choice(_live(store))
+            self.deleted.append(store.get(sid) or {})
+            store.delete(sid)
+        else:  # the same object created again, after its delete
+            old = self.deleted.pop(rng.randrange(len(self.deleted)))
+            store.create({k: v for k, v in old.items() if k != "extensions"})
+
+    def _repoint(self, sid: str) -> None:
+        """An update that changes references: author, markings, or a container's contents."""
+        store, rng = self.store, self.rng
+        obj = store.get(sid) or {}
+        refs: dict[str, object] = {}
+        authors = _live(store, "identity")
+        markings = _live(store, "marking-definition")
+        if authors and rng.random() < 0.5:
+            refs["created_by_ref"] = rng.choice(authors)
+        if markings:
+            refs["object_marking_refs"] = rng.sample(markings, min(len(markings), 2))
+        if isinstance(obj.get("object_refs"), list):
+            others = [i for i in _live(store) if i != sid]
+            refs["object_refs"] = rng.sample(others, min(len(others), rng.randint(1, 5)))
+        store.update(sid, set=refs)
 
     def _read(self) -> None:
         new, self.pos = sim_events(self.store, self.pos)
@@ -184,6 +209,8 @@ def test_random_history_folds_to_the_simulator_state(seed: int, tmp_path: Path) 
     expected = sim_objects(store)
     kinds = {ev.event for ev in events}
     assert {"create", "update", "merge", "delete"} <= kinds, kinds
+    created = [ev.stix_id for ev in events if ev.event == "create"]
+    assert len(created) > len(set(created)), "nothing was created twice"
     stream, resends = history.stream()
     # The re-sends are real stale versions: taken as the newest, they would change the state.
     final = {octi_ext(o).get("id"): o for o in expected}
