@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -45,7 +47,7 @@ def main() -> int:
             f"http://127.0.0.1:{port}/control/info", headers={"Authorization": "Bearer t"}
         ).json()
         last = tuple(int(x) for x in info["last_event_id"].split("-"))
-        archive = tempfile.mkdtemp()
+        archive = tempfile.mkdtemp(prefix="opencti-sync-bench-")
         env = dict(
             os.environ,
             OPENCTI_URL=f"http://127.0.0.1:{port}",
@@ -72,11 +74,13 @@ def main() -> int:
         run.wait()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = usage.ru_utime + usage.ru_stime
+        stored = sum(f.stat().st_size for f in Path(archive, "events").rglob("*") if f.is_file())
         print(
             f"{n} events: wall {wall:.2f} s (with start-up and the last 1 s rotation age), "
             f"connector CPU {cpu:.2f} s = {n / cpu:,.0f} events per CPU-second, "
-            f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"
+            f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, segments {stored / 2**20:.1f} MiB"
         )
+        shutil.rmtree(archive)
     finally:
         sim.terminate()
     return 0
