@@ -42,12 +42,12 @@ def main() -> int:
     )
     assert sim.stdout is not None
     sim.stdout.readline()
+    archive = tempfile.mkdtemp(prefix="opencti-sync-bench-")
     try:
         info = httpx.get(
             f"http://127.0.0.1:{port}/control/info", headers={"Authorization": "Bearer t"}
         ).json()
         last = tuple(int(x) for x in info["last_event_id"].split("-"))
-        archive = tempfile.mkdtemp(prefix="opencti-sync-bench-")
         env = dict(
             os.environ,
             OPENCTI_URL=f"http://127.0.0.1:{port}",
@@ -80,9 +80,9 @@ def main() -> int:
             f"connector CPU {cpu:.2f} s = {n / cpu:,.0f} events per CPU-second, "
             f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, segments {stored / 2**20:.1f} MiB"
         )
-        shutil.rmtree(archive)
     finally:
         sim.terminate()
+        shutil.rmtree(archive, ignore_errors=True)
     return 0
 
 
