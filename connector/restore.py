@@ -119,6 +119,7 @@ def materialise_plan(
             start_after=seed.last_segment_manifest if seed else None,
             until=until,
         )
+        state.settle()  # the whole state in SQL before anything reads it, and the memory freed
     except BaseException:
         state.close()
         raise

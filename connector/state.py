@@ -575,7 +575,7 @@ class StateStore:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         if not self._discarded:
-            self._settle()  # the file holds the whole state, for whoever opens it next
+            self.settle()  # the file holds the whole state, for whoever opens it next
             self._db.close()
 
     def _abort(self) -> None:
@@ -702,7 +702,7 @@ class StateStore:
             if not self.scratch:
                 # A later fold's rollback must not take these with it. A scratch store keeps
                 # them waiting across folds (one per segment): flushed at every segment, they
-                # rewrote most of a large alias B-tree each time (see _settle).
+                # rewrote most of a large alias B-tree each time (see settle).
                 self._flush_new_aliases()
         except BaseException:
             self._abort()
@@ -875,8 +875,10 @@ class StateStore:
                 out[key] = _Known(key, iid, stix_id, version, None, refs_json)
         return out
 
-    def _settle(self) -> None:
-        """Write the waiting aliases before anything reads the alias table outside a fold."""
+    def settle(self) -> None:
+        """Write the aliases still waiting in memory (a scratch store keeps new objects' aliases
+        across folds). Reads and ``close`` do it themselves; a caller done folding may call it to
+        free that memory at once."""
         if not self._new_aliases:
             return
         if self._db.in_transaction:
@@ -1239,7 +1241,7 @@ class StateStore:
 
         Row: ``(key, stix_id, event_id, event, iid, type, phase, version, refs JSON, data)``.
         """
-        self._settle()
+        self.settle()
         db = self._db
         aliases = db.execute("SELECT key, alias FROM aliases ORDER BY key, alias")
         nxt = aliases.fetchone()
@@ -1258,7 +1260,7 @@ class StateStore:
     # ------------------------------------------------------------------ reading
     def get(self, ref: str) -> dict[str, Any] | None:
         """The live object known under ``ref`` (STIX id, internal id, or alias)."""
-        self._settle()
+        self.settle()
         row = self._db.execute(
             "SELECT o.data FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?", (ref,)
         ).fetchone()
