@@ -17,6 +17,7 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -591,6 +592,17 @@ class StateStore:
         self._db.execute("ROLLBACK")
         self._reload_as_of()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction: committed, or undone on any failure (see ``_abort``)."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._abort()
+            raise
+        self._db.execute("COMMIT")
+
     def __enter__(self) -> StateStore:
         return self
 
@@ -683,34 +695,30 @@ class StateStore:
         # rescan the batch's live containers, over and over.
         paused = gc.isenabled()
         gc.disable()
-        self._db.execute("BEGIN")
         try:
-            run: list[_Item] = []
-            for eid, id_text, event, envelope, src in entries:
-                count += 1
-                item = _upsert_item(eid, id_text, event, envelope)
-                if item is not None:
-                    run.append(item)
-                    if len(run) >= _RUN_EVENTS:
-                        self._fold_run(run)
-                        run = []
-                    continue
+            with self._transaction():
+                run: list[_Item] = []
+                for eid, id_text, event, envelope, src in entries:
+                    count += 1
+                    item = _upsert_item(eid, id_text, event, envelope)
+                    if item is not None:
+                        run.append(item)
+                        if len(run) >= _RUN_EVENTS:
+                            self._fold_run(run)
+                            run = []
+                        continue
+                    self._fold_run(run)
+                    run = []
+                    self._apply(_as_event(src))
                 self._fold_run(run)
-                run = []
-                self._apply(_as_event(src))
-            self._fold_run(run)
-            if not self.scratch:
-                # A later fold's rollback must not take these with it. A scratch store keeps
-                # them waiting across folds (one per segment): flushed at every segment, they
-                # rewrote most of a large alias B-tree each time (see settle).
-                self._flush_new_aliases()
-        except BaseException:
-            self._abort()
-            raise
+                if not self.scratch:
+                    # A later fold's rollback must not take these with it. A scratch store
+                    # keeps them waiting across folds (one per segment): flushed at every
+                    # segment, they rewrote most of a large alias B-tree each time (settle).
+                    self._flush_new_aliases()
         finally:
             if paused:
                 gc.enable()
-        self._db.execute("COMMIT")
         return count
 
     def _reload_as_of(self) -> None:
@@ -884,13 +892,8 @@ class StateStore:
         if self._db.in_transaction:
             self._flush_new_aliases()
             return
-        self._db.execute("BEGIN")
-        try:
+        with self._transaction():
             self._flush_new_aliases()
-        except BaseException:
-            self._abort()
-            raise
-        self._db.execute("COMMIT")
 
     def _flush_new_aliases(self) -> None:
         """Insert the waiting aliases, sorted. A row already there has the same key: an object
@@ -1175,8 +1178,7 @@ class StateStore:
         db = self._db
         self._new_aliases.clear()
         trusted = rows == SNAPSHOT_ROWS
-        db.execute("BEGIN")
-        try:
+        with self._transaction():
             for table in ("objects", "aliases", "refs", "tombstones", "meta"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608
             # The reverse index goes back to "not built": rebuilt from the rows on first need.
@@ -1211,10 +1213,6 @@ class StateStore:
             )
             self.as_of = None
             self._set_as_of(as_of)
-        except BaseException:
-            self._abort()
-            raise
-        db.execute("COMMIT")
 
     def load_snapshot(self, storage: Storage, as_of_key: str) -> None:
         """Seed the state from the committed snapshot ``snapshots/<as_of_key>/``."""
