@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from connector.snapshot import (
 )
 from connector.state import SNAPSHOT_ROWS, StateStore
 from connector.storage.local import LocalStorage
+from tests.support.statedb import state_tables
 from tests.test_state import (
     archive_events,
     assert_equal_objects,
@@ -165,20 +165,8 @@ def test_uncommitted_snapshot_is_rebuilt(tmp_path: Path) -> None:
             assert_equal_objects(state_objects(seeded), state_objects(full))
 
 
-def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
-    with sqlite3.connect(db) as conn:
-        return {
-            "objects": conn.execute(
-                "SELECT key, stix_id, iid, type, phase, event_id, event, version, data, refs"
-                " FROM objects ORDER BY key"
-            ).fetchall(),
-            "aliases": conn.execute("SELECT alias, key FROM aliases ORDER BY alias").fetchall(),
-            "tombstones": conn.execute("SELECT * FROM tombstones ORDER BY key").fetchall(),
-        }
-
-
 def _aliases(db: Path) -> dict[str, str]:
-    return dict(_tables(db)["aliases"])
+    return dict(state_tables(db)["aliases"])
 
 
 def test_snapshot_loads_back_the_exact_state(tmp_path: Path) -> None:
@@ -190,7 +178,10 @@ def test_snapshot_loads_back_the_exact_state(tmp_path: Path) -> None:
     replay(storage, tmp_path / "full.sqlite").close()
     with StateStore(tmp_path / "seeded.sqlite", scratch=True) as seeded:
         seeded.load_snapshot(storage, info.key)
-    full, seeded_tables = _tables(tmp_path / "full.sqlite"), _tables(tmp_path / "seeded.sqlite")
+    full, seeded_tables = (
+        state_tables(tmp_path / "full.sqlite"),
+        state_tables(tmp_path / "seeded.sqlite"),
+    )
     assert seeded_tables == full
     keys = {row[0] for row in full["objects"]}
     assert len(full["aliases"]) > len(keys) and len(full["tombstones"]) > 0
@@ -208,7 +199,7 @@ def test_older_snapshot_rows_are_derived_again(tmp_path: Path) -> None:
     replay(storage, tmp_path / "full.sqlite").close()
     with StateStore(tmp_path / "seeded.sqlite", scratch=True) as seeded:
         seeded.load_snapshot(storage, info.key)
-    assert _tables(tmp_path / "seeded.sqlite") == _tables(tmp_path / "full.sqlite")
+    assert state_tables(tmp_path / "seeded.sqlite") == state_tables(tmp_path / "full.sqlite")
 
 
 def _line(key: str, stix_id: str, extra: list[str], **fields: Any) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from connector.snapshot import write_snapshot
 from connector.state import StateStore, TombstoneRecord
 from connector.storage.local import LocalStorage
 from tests.support.simlog import sim_events
+from tests.support.statedb import state_tables
 from tests.test_state import (
     SAMPLE,
     archive_events,
@@ -169,12 +169,6 @@ def _tombstones(state: StateStore) -> list[TombstoneRecord]:
     return list(state.tombstones())
 
 
-def _aliases(db: Path) -> list[tuple[str, str]]:
-    """The alias table as a closed store left it on disk."""
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT alias, key FROM aliases ORDER BY alias").fetchall()
-
-
 def _fold_all(path: Path, events: list[StreamEvent]) -> StateStore:
     state = StateStore(path, scratch=True)
     state.apply_many(events)
@@ -227,8 +221,8 @@ def test_random_history_folds_to_the_simulator_state(seed: int, tmp_path: Path) 
             single.apply(ev)
         assert_equal_objects(state_objects(single), expected)
         assert _tombstones(single) == tombs
-    aliases = _aliases(tmp_path / "batched.sqlite")
-    assert aliases == _aliases(tmp_path / "single.sqlite")
+    aliases = state_tables(tmp_path / "batched.sqlite")["aliases"]
+    assert aliases == state_tables(tmp_path / "single.sqlite")["aliases"]
     # Through the archive, from a snapshot taken half-way (its aliases and filter), then the tail.
     storage = LocalStorage(tmp_path / "archive")
     assert half_id is not None
@@ -241,7 +235,7 @@ def test_random_history_folds_to_the_simulator_state(seed: int, tmp_path: Path) 
         assert plan.snapshot is not None and plan.events == len(stream) - cut
         assert_equal_objects(state_objects(restored), expected)
         assert _tombstones(restored) == tombs
-    assert _aliases(tmp_path / "plan" / "restore-state.sqlite") == aliases
+    assert state_tables(tmp_path / "plan" / "restore-state.sqlite")["aliases"] == aliases
     # The archive alone (no snapshot), segments of another size: all of it, and up to half-way
     # (a cut that usually falls inside a segment).
     plain = LocalStorage(tmp_path / "plain")
