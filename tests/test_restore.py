@@ -320,6 +320,43 @@ def test_restore_point_in_time_through_pycti(
         assert "100.0%" in lines.getvalue() and "ETA" in lines.getvalue()
 
 
+def _pycti_target(url: str) -> OpenCTITarget:
+    return OpenCTITarget(
+        url=url, token=TOKEN, connector_id=str(uuid.uuid4()), source_url="http://src.example:4000"
+    )
+
+
+def test_restore_over_old_state_through_pycti(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """The real target resolves ids: a merged-away source it still holds is deleted (and not the
+    merge target), a dry run tells creates from updates and counts only deletes it would do."""
+    storage, marks = archived
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    store.load_bundle(marks[0][1])  # the state before the merge and the deletes
+    with SimServer(token=TOKEN, store=store) as server:
+        target = _pycti_target(server.url)
+        try:
+            with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+                dry = restore_to_target(state, target, dry_run=True)
+                report = restore_to_target(state, target, batch_size=10)
+        finally:
+            target.close()
+    assert dry.created_by_type == {"intrusion-set": 1}  # APT41 under its new id
+    assert sum(dry.updated_by_type.values()) == len(marks[-1][1]) - 1
+    assert dry.deletes_by_type["malware"] == 1 and dry.deletes_by_type["attack-pattern"] == 1
+    double = SimTarget(SimStore())
+    double.store.load_bundle(marks[0][1])
+    with materialise(storage, until=None, work_dir=tmp_path / "w2") as state:
+        assert restore_to_target(state, double, dry_run=True) == dry
+    assert report.unchecked_merged == 0
+    # Ids only: the API push merges lists, so a ref removed since stays (docs/OPENCTI-TARGET.md).
+    assert {o["id"] for o in store.dump_bundle()["objects"]} == {o["id"] for o in marks[-1][1]}
+    merged = store.get(AP_GONE)  # only as an alias of the merge target now
+    assert merged is not None and merged["id"] == AP_KEEP
+
+
 def test_state_store_is_reusable_after_restore(tmp_path: Path) -> None:
     """A state file can be reopened: materialise is not needed again to push it elsewhere."""
     path = tmp_path / "s.sqlite"

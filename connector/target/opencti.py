@@ -626,6 +626,20 @@ class OpenCTITarget:
             ]
             self._push(Push("delete", objects))
 
+    def resolve_ids(self, stix_ids: list[str]) -> dict[str, str]:
+        """The standard id of the entity each id names on the target; unknown ids are left out.
+
+        Restore uses it to delete merged-away sources the target still holds as objects of
+        their own, and never the merge target that answers to their ids as aliases.
+        """
+        if not self._checked:
+            self.check()
+        return {ref: sid for ref, sid in self._standard_ids(stix_ids).items() if sid is not None}
+
+    def known_ids(self, stix_ids: list[str]) -> set[str]:
+        """The ids the target answers to (a dry run's create / update / delete counts)."""
+        return set(self.resolve_ids(stix_ids))
+
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
