@@ -5,7 +5,8 @@ the segments after it (never a full replay when a snapshot exists). ``restore_to
 the state in dependency order (markings and identities, other objects, relationships, sightings,
 containers, notes) in acknowledged batches, then deletes every tombstoned id so a restore never
 brings back what was deleted or merged away. After each acknowledged batch it records its
-position in a small JSON file, so a restart with the same arguments continues from there.
+position in a small JSON file, so a restart with the same arguments and the same target platform
+continues from there.
 """
 
 from __future__ import annotations
@@ -371,11 +372,13 @@ def restore_to_target(
     progress: Progress | None = None,
     resume_file: Path | None = None,
     batch_size: int = 500,
+    target_name: str | None = None,
 ) -> RestoreReport:
     """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``.
 
-    A restart with the same state and arguments continues after the last acknowledged batch, so
-    at most one batch is pushed twice (pushes are idempotent upserts).
+    A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
+    made on one platform says nothing about another) continues after the last acknowledged
+    batch, so at most one batch is pushed twice (pushes are idempotent upserts).
     """
     if batch_size < 1:
         raise ConfigError("restore.batch_size", "must be positive")
@@ -387,6 +390,7 @@ def restore_to_target(
         "tombstones": counts["tombstones"],
         "apply_deletes": apply_deletes,
         "batch_size": batch_size,
+        "target": target_name,
     }
     resume = _Resume(None if dry_run else resume_file, fingerprint)
     report = RestoreReport(dry_run=dry_run, as_of=as_of, resumed_from=resume.resumed)

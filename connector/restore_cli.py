@@ -94,6 +94,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 dry_run=args.dry_run,
                 progress=progress,
                 resume_file=work / "restore-progress.json",
+                target_name=args.opencti.rstrip("/"),
             )
         finally:
             target.close()

@@ -294,6 +294,26 @@ def test_interrupted_restore_resumes(
     assert not progress_file.exists()  # finished: a new run starts from the beginning
 
 
+def test_restore_progress_belongs_to_one_target(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """Progress made on platform A is not taken up by a restore into platform B."""
+    storage, marks = archived
+    progress_file = tmp_path / "restore-progress.json"
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        a = SimTarget(SimStore(), fail_after=3)
+        with pytest.raises(RetryableError):
+            restore_to_target(
+                state, a, batch_size=5, resume_file=progress_file, target_name="https://a"
+            )
+        b = SimTarget(SimStore())
+        report = restore_to_target(
+            state, b, batch_size=5, resume_file=progress_file, target_name="https://b"
+        )
+    assert report.resumed_from is None
+    assert_restored(b.store, marks[-1][1])
+
+
 def test_restore_point_in_time_through_pycti(
     archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
 ) -> None:
