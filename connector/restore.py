@@ -25,9 +25,9 @@ from typing import Any, BinaryIO, Protocol, TextIO, runtime_checkable
 import orjson
 
 from .archive import ArchiveReader
-from .errors import ConfigError, PermanentError
+from .errors import ConfigError
 from .events import EventId
-from .snapshot import fold_segments, list_snapshots, state_sha256
+from .snapshot import fold_segments, list_snapshots, seed_state, state_sha256
 from .state import PHASES, StateStore
 from .storage import Storage
 
@@ -91,26 +91,9 @@ def materialise_plan(
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / "restore-state.sqlite"
     db_path.unlink(missing_ok=True)  # always rebuilt: the archive is the source of truth
-    state = StateStore(db_path, scratch=True)  # closed on failure, rebuilt by the next run
+    candidates = [s for s in list_snapshots(storage) if until is None or s.as_of <= until]
+    state, seed = seed_state(db_path, storage, candidates)  # closed on failure, rebuilt next run
     try:
-        seed = None
-        candidates = [s for s in list_snapshots(storage) if until is None or s.as_of <= until]
-        # The newest snapshot that loads; a damaged one is skipped, loudly, for the one before
-        # it (or the segments alone): a restore is when an operator can least afford to stop.
-        for info in reversed(candidates):
-            try:
-                state.load_snapshot(storage, info.key)
-            except PermanentError as exc:
-                log.error(
-                    "Snapshot unusable, trying an older one.",
-                    extra={"snapshot": info.key, "error": str(exc)},
-                )
-                state.close()
-                db_path.unlink(missing_ok=True)
-                state = StateStore(db_path, scratch=True)
-                continue
-            seed = info
-            break
         reader = ArchiveReader(storage)
         if seed is None:
             _warn_if_pruned(reader)

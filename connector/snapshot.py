@@ -47,6 +47,7 @@ __all__ = [
     "iter_snapshot_tombstones",
     "list_snapshots",
     "read_snapshot_manifest",
+    "seed_state",
     "snapshot_manifest_key",
     "state_sha256",
     "write_snapshot",
@@ -174,6 +175,10 @@ def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
             out.append(read_snapshot_manifest(storage, parts[0]))
         except NotFound:
             continue  # removed by retention while we listed
+        except PermanentError as exc:
+            # Skipped, loudly: the older snapshots (or the segments) still serve (verify
+            # reports it as an error).
+            log.error("Snapshot manifest unusable; skipped.", extra={"key": key, "error": str(exc)})
     out.sort(key=lambda s: s.as_of)
     return out
 
@@ -228,19 +233,58 @@ def iter_snapshot_object_lines(storage: Storage, info: SnapshotInfo) -> Iterator
             yield from _part_lines(storage, part, info.codec)
 
 
+def _records(storage: Storage, info: SnapshotInfo, kind: str) -> Iterator[tuple[Any, ...]]:
+    """The ``kind`` parts' records as tuples of their fields (``ObjectRecord`` / ``TombstoneRecord``
+    order). A record that lacks one is a damaged part, reported as such before its sha256 is."""
+    fields = ObjectRecord._fields if kind == "objects" else TombstoneRecord._fields
+    for part in info.parts:
+        if part.kind == kind:
+            for r in _iter_part_lines(storage, part, info.codec):
+                try:
+                    yield tuple(r[name] for name in fields)
+                except (KeyError, TypeError) as exc:
+                    raise PermanentError(
+                        f"snapshot part {part.key} is damaged: a record lacks {exc}"
+                    ) from exc
+
+
 def iter_snapshot_objects(storage: Storage, info: SnapshotInfo) -> Iterator[ObjectRecord]:
     """The snapshot's live objects, streamed part by part, in key order."""
-    for part in info.parts:
-        if part.kind == "objects":
-            for r in _iter_part_lines(storage, part, info.codec):
-                yield ObjectRecord(r["key"], r["stix_id"], r["event_id"], r["event"], r["data"])
+    return (ObjectRecord(*r) for r in _records(storage, info, "objects"))
 
 
 def iter_snapshot_tombstones(storage: Storage, info: SnapshotInfo) -> Iterator[TombstoneRecord]:
-    for part in info.parts:
-        if part.kind == "tombstones":
-            for r in _iter_part_lines(storage, part, info.codec):
-                yield TombstoneRecord(r["key"], r["stix_id"], r["event_id"], r["reason"], r["into"])
+    return (TombstoneRecord(*r) for r in _records(storage, info, "tombstones"))
+
+
+def seed_state(
+    db_path: Path, storage: Storage, candidates: list[SnapshotInfo]
+) -> tuple[StateStore, SnapshotInfo | None]:
+    """A scratch state at ``db_path``, seeded from the newest of ``candidates`` that loads.
+
+    A damaged or incomplete snapshot is logged and skipped for the one before it (or none: the
+    caller folds the segments from the start). A restore is when an operator can least afford to
+    stop, and a damaged newest snapshot must not stop every later snapshot from being written.
+    """
+    state = StateStore(db_path, scratch=True)
+    try:
+        for info in reversed(candidates):
+            try:
+                state.load_snapshot(storage, info.key)
+            except PermanentError as exc:
+                log.error(
+                    "Snapshot unusable, trying an older one.",
+                    extra={"snapshot": info.key, "error": str(exc)},
+                )
+                state.close()  # a failed load discards a scratch store: start a new one
+                db_path.unlink(missing_ok=True)
+                state = StateStore(db_path, scratch=True)
+                continue
+            return state, info
+    except BaseException:
+        state.close()
+        raise
+    return state, None
 
 
 def state_sha256(state: StateStore) -> str:
@@ -429,14 +473,15 @@ def write_snapshot(
         raise PermanentError(f"unknown snapshot codec {codec!r}")
     if part_objects < 1:
         raise PermanentError("part_objects must be positive")
-    existing = list_snapshots(storage)
-    base = existing[-1] if existing else None
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / f"snapshot-{uuid.uuid4().hex}.sqlite"
-    state = StateStore(db_path, scratch=True)  # deleted below, whatever happens
     try:
-        if base is not None:
-            state.load_snapshot(storage, base.key)
+        # Deleted below, whatever happens.
+        state, base = seed_state(db_path, storage, list_snapshots(storage))
+    except BaseException:
+        db_path.unlink(missing_ok=True)
+        raise
+    try:
         segments, events, last_key = fold_segments(
             state, ArchiveReader(storage), start_after=base.last_segment_manifest if base else None
         )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from .errors import ConnectorError, MalformedEvent, PermanentError
+from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
 from .events import (
     OCTI_EXT,
     EventId,
@@ -1233,6 +1233,8 @@ class StateStore:
             )
         except MalformedEvent as exc:
             raise PermanentError(f"snapshot {as_of_key} is damaged: {exc.reason}") from exc
+        except NotFound as exc:
+            raise PermanentError(f"snapshot {as_of_key} is incomplete: {exc}") from exc
 
     def snapshot_rows(self) -> Iterator[tuple[tuple[Any, ...], list[str]]]:
         """Every live object's row and the aliases that lead to it, by key (for snapshots).

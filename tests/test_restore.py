@@ -150,30 +150,49 @@ def test_materialise_latest_from_snapshot(
         assert 0 < plan.segments and plan.objects == len(marks[-1][1])
 
 
-@pytest.mark.parametrize("damage", ["bytes", "checksum"])
+@pytest.mark.parametrize("damage", ["bytes", "checksum", "manifest", "missing", "record"])
 def test_damaged_snapshot_is_skipped_for_an_older_one(
     archived: tuple[LocalStorage, list[Mark]],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     damage: str,
 ) -> None:
-    """The newest snapshot's part is damaged: the restore says so and uses the one before it
-    (here none: the segments alone), reaching the same state."""
+    """The newest snapshot is damaged (a part's bytes, a part re-written, a torn manifest, a
+    part gone, a record missing a field): the restore says so and uses the one before it (the
+    segments alone, or the older snapshot), reaching the same state; the next snapshot is still
+    written."""
     storage, marks = archived
-    (info,) = list_snapshots(storage)
-    part = info.parts[0]
+    (first,) = list_snapshots(storage)
+    if damage == "record":  # a newer snapshot, at the end: it has tombstones
+        assert write_snapshot(storage, work_dir=tmp_path / "snap2") is not None
+    info = list_snapshots(storage)[-1]
+    part = next(
+        p for p in info.parts if p.kind == ("tombstones" if damage == "record" else "objects")
+    )
     body = storage.get(part.key)
+    lines = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
     if damage == "bytes":  # not even decompressible
         storage.put(part.key, body[:10] + bytes(len(body) - 10))
-    else:  # valid zstd with other bytes: only the checksum tells
-        lines = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+    elif damage == "checksum":  # valid zstd with other bytes: only the checksum tells
         storage.put(part.key, compress(lines, info.codec, 19))
+    elif damage == "manifest":
+        manifest = storage.get(info.manifest_key)
+        storage.put(info.manifest_key, manifest[: len(manifest) // 2])
+    elif damage == "missing":
+        storage.delete(part.key)
+    else:  # valid JSON, valid zstd, a field gone: found before the checksum is
+        recs = [orjson.loads(x) for x in lines.splitlines()]
+        for rec in recs:
+            del rec["into"]
+        storage.put(part.key, compress(b"".join(orjson.dumps(r) + b"\n" for r in recs), "zstd", 3))
     state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
     with state:
-        assert plan.snapshot is None
+        assert plan.snapshot == (first.key if damage == "record" else None)
         assert_equal_objects(state_objects(state), marks[-1][1])
-    errors = [r for r in caplog.records if r.message == "Snapshot unusable, trying an older one."]
-    assert len(errors) == 1 and part.key in str(errors[0].__dict__["error"])
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and info.key in str(errors[0].__dict__["error"])
+    if damage != "record":
+        assert write_snapshot(storage, work_dir=tmp_path / "next") is not None
 
 
 @pytest.mark.parametrize("step", [0, 1, 3, 4])
