@@ -1113,7 +1113,8 @@ class StateStore:
         if key is None:
             # Unknown here (archive started later): tombstone it, and still clean its dependants.
             self._tombstone(iid or ev.stix_id, ev.stix_id, ev.id_text, "deleted", None)
-            self._cascade_users(_ids_of(ev.stix), None, ev.id_text)
+            for user_key in self._cascade_users(_ids_of(ev.stix), None, ev.id_text):
+                self._cascade(user_key, ev.id_text)
             return
         self._cascade(key, ev.id_text)
 

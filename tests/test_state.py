@@ -228,6 +228,20 @@ def test_delete_cascades_like_the_platform(
         assert all(o.get("created_by_ref") != CIRCL for o in state_objects(state))
 
 
+def test_delete_of_an_object_never_archived_still_cascades(tmp_path: Path) -> None:
+    """The archive started after PARADISE was created (or the stream filtered it out): its one
+    delete event still takes the relationships on it, as the platform's delete does."""
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    first, pos = sim_events(store)
+    store.delete(PARADISE)
+    later, _ = sim_events(store, pos)
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([ev for ev in first if ev.stix_id != PARADISE] + later)
+        assert state.get(REL_USES_PARADISE) is None and state.get(REL_ON_REL) is None
+        assert_equal_objects(state_objects(state), sim_objects(store))
+
+
 def test_recreate_resurrects(scenario: tuple[LocalStorage, list[Mark]], tmp_path: Path) -> None:
     storage, marks = scenario
     with replay(storage, tmp_path / "s.sqlite") as state:
