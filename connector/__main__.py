@@ -431,6 +431,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "recover_until": cp.recover_until if cp else None,
         "retention_gaps": len(cp.retention_gaps) if cp else 0,
         "reconcile_due": bool(cp and cp.reconcile and cp.reconcile.get("due")),
+        "reconcile_failed": (cp.reconcile or {}).get("failed") if cp else None,
         "checkpoint_saved_at": cp.saved_at if cp else None,
     }
     if cp and cp.last_event_id:

@@ -62,6 +62,10 @@ class StreamGoneError(SourceError):
         self.reason = reason
 
 
+class CannotReconcile(SourceError):
+    """Delete reconciliation is impossible on this stream (it refuses recovery): not retried."""
+
+
 class SinkError(ConnectorError):
     """A sink failed to make a batch durable."""
 

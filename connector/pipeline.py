@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from .checkpoint import Checkpoint, CheckpointStore
-from .errors import ConnectorError, RetryableError
+from .errors import CannotReconcile, ConnectorError, RetryableError
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .sink import Batch, Sink
 from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
@@ -147,6 +147,7 @@ class Pipeline:
         self._pending_bytes = 0
         self._oldest: float | None = None
         self._deadline: float | None = None
+        self._reconcile_at = 0.0  # monotonic time before which a failed reconcile is not retried
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
         self._segment_last: EventId | None = (
@@ -263,10 +264,26 @@ class Pipeline:
         repair = iso_to_id(str(until)) if until else None
         if repair is not None and at < repair:
             return False  # the repair's recovery is still under way
+        if time.monotonic() < self._reconcile_at:
+            return False
         try:
             events = self.reconciler(at)
+        except CannotReconcile as exc:
+            log.error(
+                "Delete reconciliation impossible: deletes made while the stream's retention was "
+                "lost are not in the archive.",
+                extra={"error": str(exc)},
+            )
+            self.checkpoint.reconcile = {**rec, "due": False, "failed": str(exc)}
+            self._save()
+            return False
         except ConnectorError as exc:
-            log.warning("Delete reconciliation failed; retrying later.", extra={"error": str(exc)})
+            # Each try lists the whole platform: not again at every heartbeat.
+            self._reconcile_at = time.monotonic() + self.backoff_max
+            log.warning(
+                "Delete reconciliation failed; retrying later.",
+                extra={"error": str(exc), "retry_in_secs": self.backoff_max},
+            )
             return False
         if events:
             batch = Batch(

@@ -5,9 +5,17 @@ checkpoint) re-sends what *changed*, but deletions in the lost window leave no t
 snapshot has no tombstones. So once the repair has caught up, this module
 
 1. lists every object the platform holds now, through one extra recover-mode connection
-   (``from=0&recover=<now>``, read until the live part begins; ids only, kept in SQLite);
+   (``from=0&recover=<now>``, with the connector's own dependency setting, read until an id past
+   the recover point shows the live part has begun; ids only, kept in SQLite). A listing that
+   ends any other way (the connection closes, the stream refuses recovery, nothing is listed
+   while the archive holds objects) is an error, never a short list: each object missing from
+   it would become a delete;
 2. materialises the archive's own state (snapshot + segments, on disk);
-3. returns a synthetic ``delete`` event for every object alive in the archive but gone from the
+3. asks the platform's API about every archived live object missing from the listing
+   (``stix(id)``, 100 ids per query): only those it no longer holds under their own id are gone.
+   A stream's listing omits objects that are outside its filters and no longer a dependency of
+   anything in them, though they still exist, and the stream itself never deletes those;
+4. returns a synthetic ``delete`` event for every object alive in the archive but gone from the
    platform, carrying its last known STIX and ``origin.referer = "opencti-sync-reconcile"``.
 
 The pipeline writes those events like any other batch (so an OpenCTI target deletes them too).
@@ -19,17 +27,18 @@ import logging
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 from httpx_sse import connect_sse
 
-from .errors import SourceRetryable, StreamGoneError
+from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
 from .storage import Storage
 
-__all__ = ["REFERER", "reconcile_deletes", "platform_ids"]
+__all__ = ["REFERER", "platform_ids", "platform_lacks", "reconcile_deletes"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,9 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
         "from": "0",
         "recover": recover,
         "listen-delete": "true" if config.listen_delete else "false",
-        "no-dependencies": "true",
+        # As the archive was built: on a filtered stream, some objects arrive only as
+        # dependencies, and a listing without them would take those for deleted.
+        "no-dependencies": "true" if config.no_dependencies else "false",
         "with-inferences": "true" if config.with_inferences else "false",
     }
     headers = {"Authorization": f"Bearer {config.token}"}
@@ -64,13 +75,15 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
                 if status == 429 or status >= 500:
                     raise SourceRetryable(f"reconcile listing: HTTP {status} {reason}")
                 raise StreamGoneError(status, reason)
+            complete = False
             for sse in source.iter_sse():
-                if sse.event == "heartbeat":
-                    break  # recovery is over: the server is idle in the live part
-                if sse.event not in ("create", "update", "merge"):
-                    continue
+                if sse.event == "no-recover":
+                    raise CannotReconcile("the platform refuses recovery on this stream")
                 if EventId.is_valid(sse.id) and EventId.parse(sse.id) > recover_id:
-                    break  # a live event: the snapshot part has ended
+                    complete = True  # a live event or an idle heartbeat: recovery is over
+                    break
+                if sse.event not in ("create", "update", "merge"):
+                    continue  # heartbeats too: the platform's timer fires during recovery
                 try:
                     stix = orjson.loads(sse.data).get("data") or {}
                 except (orjson.JSONDecodeError, AttributeError):
@@ -83,8 +96,66 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
                 seen += 1
     except httpx.HTTPError as exc:
         raise SourceRetryable(f"reconcile listing failed: {exc}") from exc
+    if not complete:
+        raise SourceRetryable("reconcile listing: the stream ended before its recovery did")
     db.commit()
     return seen
+
+
+_LOOKUP = 100  # ids per GraphQL query
+
+
+def platform_lacks(config: SourceConfig, stix_ids: list[str]) -> set[str]:
+    """The ids the platform does not hold as objects of their own: unknown, or now only an
+    alias of another object (merged away). Asked through ``stix(id)``, 100 per query."""
+    gone: set[str] = set()
+    headers = {"Authorization": f"Bearer {config.token}", "Content-Type": "application/json"}
+    timeout = httpx.Timeout(30.0)
+    try:
+        with httpx.Client(timeout=timeout, verify=tls_verify(config.verify)) as client:
+            for start in range(0, len(stix_ids), _LOOKUP):
+                chunk = stix_ids[start : start + _LOOKUP]
+                names = ", ".join(f"$i{n}: String!" for n in range(len(chunk)))
+                calls = " ".join(f"a{n}: stix(id: $i{n})" for n in range(len(chunk)))
+                body = {
+                    "query": f"query SyncReconcile({names}) {{ {calls} }}",
+                    "variables": {f"i{n}": ref for n, ref in enumerate(chunk)},
+                }
+                response = client.post(
+                    f"{config.url.rstrip('/')}/graphql", content=orjson.dumps(body), headers=headers
+                )
+                data = _graphql_data(response)
+                for n, ref in enumerate(chunk):
+                    text = data.get(f"a{n}")
+                    try:
+                        obj = orjson.loads(text) if isinstance(text, str) else None
+                    except orjson.JSONDecodeError:
+                        obj = None
+                    if not isinstance(obj, dict) or obj.get("id") != ref:
+                        gone.add(ref)
+    except httpx.HTTPError as exc:
+        raise SourceRetryable(f"reconcile lookup failed: {exc}") from exc
+    return gone
+
+
+def _graphql_data(response: httpx.Response) -> dict[str, Any]:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise SourceRetryable(f"reconcile lookup: HTTP {status} {response.reason_phrase}")
+    try:
+        answer = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise SourceRetryable(f"reconcile lookup: HTTP {status}, no GraphQL answer")
+    errors = answer.get("errors")
+    if errors or status >= 300:
+        first = errors[0] if isinstance(errors, list) and errors else {}
+        message = first.get("message") if isinstance(first, dict) else None
+        # The token may read the stream but not the knowledge: no delete can be confirmed.
+        raise CannotReconcile(f"the platform's API refuses the lookup: {message or status}")
+    data = answer.get("data")
+    return data if isinstance(data, dict) else {}
 
 
 def reconcile_deletes(
@@ -100,11 +171,23 @@ def reconcile_deletes(
         state = materialise(storage, until=None, work_dir=work)
         out: list[StreamEvent] = []
         try:
+            archived = state.counts()["objects"]
+            if listed == 0 and archived:
+                # A platform that lost everything it held is far likelier a platform not ready
+                # (an empty search index after a restart) than a real mass delete.
+                raise SourceRetryable(
+                    f"the platform listed no objects while the archive holds {archived}"
+                )
+            unlisted: list[tuple[str, dict[str, Any]]] = []
             for key, stix_id, _event, data in state.objects():
                 found = db.execute(
                     "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
                 ).fetchone()
-                if found is not None:
+                if found is None:
+                    unlisted.append((stix_id, data))
+            gone = platform_lacks(config, [stix_id for stix_id, _ in unlisted])
+            for stix_id, data in unlisted:
+                if stix_id not in gone:
                     continue
                 envelope = {
                     "version": "4",
@@ -120,7 +203,12 @@ def reconcile_deletes(
             state.close()
         log.warning(
             "Delete reconciliation done.",
-            extra={"platform_objects": listed, "deleted": len(out), "event_id": str(at)},
+            extra={
+                "platform_objects": listed,
+                "unlisted": len(unlisted),
+                "deleted": len(out),
+                "event_id": str(at),
+            },
         )
         return out
     finally:

@@ -16,6 +16,7 @@ from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.errors import StreamGoneError
 from connector.events import EventId
+from connector.reconcile import REFERER
 from connector.registration import SourceRegistration
 from connector.restore import materialise
 from connector.sim import sample_bundle
@@ -310,6 +311,44 @@ def test_trimmed_retention_is_detected_and_repaired(sim: SimServer, tmp_path: Pa
     state.close()
     assert archived == {o["id"] for o in sim.store.objects()}
     assert doomed in tombstoned and doomed not in archived
+
+
+def test_retention_gap_on_a_stream_refusing_recovery(
+    sim: SimServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No repair is possible (7.x ``no-recover``): the connector says that deletes of the lost
+    window are missing, once, and goes on live; it never reads the empty listing as deletes."""
+    generate(sim.store, 60, seed=9)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(sim.url, TOKEN, archive)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
+    run.stop()
+    generate(sim.store, 30, seed=10)
+    sim.store.trim(5)
+    sim.set_fault(no_recover=True)
+    run = ConnectorThread(env).start()
+
+    def settled() -> bool:
+        cp = CheckpointStore(storage).load()
+        return cp is not None and bool(cp.reconcile) and not cp.reconcile["due"]
+
+    wait_until(settled, what="reconciliation given up")
+    generate(sim.store, 5, seed=11, mix="creates")
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live after it")
+    run.stop()
+    assert run.error is None
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and "refuses recovery" in cp.reconcile["failed"]
+    reconciled = [
+        ev
+        for ev in archived_events(archive)
+        if (ev.envelope.get("origin") or {}).get("referer") == REFERER
+    ]
+    assert not reconciled
+    impossible = [r for r in caplog.records if "reconciliation impossible" in r.message]
+    assert len(impossible) == 1 and impossible[0].levelname == "ERROR"
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ _FAULT_KEYS = {
     "stall_after_events",
     "no_recover",
     "consumer_metrics",
+    "recovery_heartbeats",
 }
 
 
@@ -331,6 +332,7 @@ class _Session:
 
     def recover(self, from_ms: int, recover_ms: int) -> None:
         """§5.1 snapshot of current objects updated in [from, recover]."""
+        beat = self.sim._fault_flag("recovery_heartbeats")
         for obj in self.store.snapshot(from_ms, recover_ms):
             if _ext(obj).get("is_inferred") and not self.with_inferences:
                 continue
@@ -343,7 +345,21 @@ class _Session:
                 continue
             for dep in deps:
                 self.send_synthetic(id_text, key, "create", dep, "init-dependencies")
+                if beat:
+                    self.recovery_heartbeat()
             self.send_synthetic(id_text, key, "create", obj, "init-create")
+            if beat:
+                self.recovery_heartbeat()
+
+    def recovery_heartbeat(self) -> None:
+        """The platform's heartbeat timer firing while recovery awaits the database (§2.3): its
+        id is the last id sent, a recovery id, well below the recover point."""
+        assert self.last_key is not None
+        self.write(
+            _frame(
+                split_key(self.last_key), "heartbeat", orjson.dumps(iso_ms(self.last_key // _SPAN))
+            )
+        )
 
     def process_live(self, pos: int, sl: Any) -> int:
         for offset, (key, kind, frame) in enumerate(zip(sl.keys, sl.kinds, sl.frames, strict=True)):

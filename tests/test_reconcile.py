@@ -1,0 +1,105 @@
+"""Delete reconciliation's platform listing (connector/reconcile.py) against the simulator.
+
+Every archived object missing from the listing becomes a delete event, in the archive and on a
+target platform: the listing must be whole, or fail. The retention-gap repair that runs it end to
+end is tested in test_consumer.py and test_faults.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.errors import CannotReconcile, SourceRetryable
+from connector.events import EventId
+from connector.reconcile import reconcile_deletes
+from connector.restore import materialise
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.source import SourceConfig
+from connector.storage.local import LocalStorage
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+
+TOKEN = "test-token"
+MALWARE_ONLY = {
+    "mode": "and",
+    "filters": [{"key": ["entity_type"], "values": ["Malware"], "operator": "eq", "mode": "or"}],
+    "filterGroups": [],
+}
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
+    generate(server.store, 120, seed=5)
+    server.add_stream("malware", filters=MALWARE_ONLY)
+    yield server
+    server.stop()
+
+
+def _backup(sim: SimServer, tmp_path: Path, stream: str) -> LocalStorage:
+    storage = LocalStorage(tmp_path / "archive")
+    env = base_env(sim.url, TOKEN, str(storage.root), CONNECTOR_LIVE_STREAM_ID=stream)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="backup")
+    run.stop()
+    assert run.error is None
+    return storage
+
+
+def _reconcile(sim: SimServer, storage: LocalStorage, tmp_path: Path, stream: str) -> set[str]:
+    config = SourceConfig(url=sim.url, token=TOKEN, stream_id=stream, read_timeout=5)
+    at = EventId(int(time.time() * 1000), 0)
+    return {ev.stix_id for ev in reconcile_deletes(storage, config, at=at, work_dir=tmp_path)}
+
+
+def _archived(storage: LocalStorage, tmp_path: Path) -> set[str]:
+    with materialise(storage, until=None, work_dir=tmp_path / "state") as state:
+        return {stix_id for _key, stix_id, _event, _data in state.objects()}
+
+
+@pytest.mark.parametrize("stream", ["live", "malware"])
+def test_listing_is_whole_despite_heartbeats_during_recovery(
+    sim: SimServer, tmp_path: Path, stream: str
+) -> None:
+    """Heartbeats between recovered messages (the platform's timer, §2.3) do not end the listing,
+    and on a filtered stream the objects archived as dependencies are listed too: only what the
+    platform really lost comes back as a delete."""
+    storage = _backup(sim, tmp_path, stream)
+    archived = _archived(storage, tmp_path)
+    doomed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+    assert doomed in archived
+    sim.store.delete(doomed)  # unseen by the archive: as if lost with the stream's retention
+    platform = {str(o["id"]) for o in sim.store.objects()}
+    sim.set_fault(recovery_heartbeats=True)
+    deletes = _reconcile(sim, storage, tmp_path, stream)
+    assert doomed in deletes
+    assert deletes == archived - platform
+
+
+def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:
+    storage = _backup(sim, tmp_path, "live")
+    sim.set_fault(no_recover=True)
+    with pytest.raises(CannotReconcile):
+        _reconcile(sim, storage, tmp_path, "live")
+
+
+def test_a_listing_cut_short_is_an_error(sim: SimServer, tmp_path: Path) -> None:
+    storage = _backup(sim, tmp_path, "live")
+    sim.set_fault(drop_after_events=10)
+    with pytest.raises(SourceRetryable, match="reconcile listing"):
+        _reconcile(sim, storage, tmp_path, "live")
+
+
+def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_path: Path) -> None:
+    storage = _backup(sim, tmp_path, "live")
+    store = SimStore()  # a platform whose stream exists but which holds nothing (yet)
+    generate(store, 1, seed=1, mix="creates")
+    store.delete(next(iter(store.objects()))["id"])
+    with SimServer(token=TOKEN, heartbeat_secs=0.2, store=store) as empty:
+        with pytest.raises(SourceRetryable, match="listed no objects"):
+            _reconcile(empty, storage, tmp_path, "live")
