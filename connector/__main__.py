@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="follow the stream forever into the archive and/or a target platform"
     )
     _add_common(p)
+    p.add_argument(
+        "--source-moved",
+        action="store_true",
+        help="the platform this archive follows now answers at opencti.url (a new address)",
+    )
 
     p = sub.add_parser("status", help="checkpoint, lag and archive size")
     _add_common(p)
@@ -225,15 +230,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _configure_logs(settings)
     stop = threading.Event()
     _install_signals(stop)
-    return run_forever(settings, stop)
+    return run_forever(settings, stop, source_moved=args.source_moved)
 
 
-def run_forever(settings: Settings, stop: threading.Event) -> int:
-    """``opencti-sync run`` without the process concerns (signals, logging): tests call this."""
+def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool = False) -> int:
+    """``opencti-sync run`` without the process concerns (signals, logging): tests call this.
+
+    ``source_moved``: the archive's platform is now at ``opencti.url`` (another address).
+    """
     from .checkpoint import Checkpoint
     from .events import EventId
     from .pipeline import BatchPolicy, Pipeline
-    from .source import SourceConfig, SseSource, iso_now
+    from .source import SourceConfig, SseSource, iso_now, same_url
 
     _require_source(settings)
     c = settings.connector
@@ -265,6 +273,22 @@ def run_forever(settings: Settings, stop: threading.Event) -> int:
             "connector.live_stream_id",
             f"this archive follows stream {cp.stream_id!r}, not {c.live_stream_id!r}: use another archive",
         )
+    elif not cp.source_url or not same_url(cp.source_url, source_url):
+        # Another platform's stream in this archive would read as a retention gap, be
+        # "repaired" into it, and its reconciliation would record this platform's objects as
+        # deleted. A platform that only moved is acknowledged once, explicitly.
+        if cp.source_url and not source_moved:
+            raise ConfigError(
+                "opencti.url",
+                f"this archive follows {cp.source_url}, not {source_url}: use another archive, "
+                "or, if the same platform moved to this address, run once with --source-moved",
+            )
+        log.warning(
+            "The archive now follows this platform address.",
+            extra={"previous": cp.source_url, "source_url": source_url},
+        )
+        cp.source_url = source_url
+        store.save(cp)
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
     source_config = SourceConfig(
         url=settings.opencti.url,

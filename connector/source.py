@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -49,6 +50,7 @@ __all__ = [
     "SseSource",
     "iso_now",
     "iso_to_id",
+    "same_url",
     "SseBytesDecoder",
     "tls_verify",
 ]
@@ -112,6 +114,21 @@ def tls_verify(verify: bool | str) -> bool | ssl.SSLContext:
     if isinstance(verify, str):
         return ssl.create_default_context(cafile=verify)
     return verify
+
+
+def _norm_url(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower() or "https"
+    port = parts.port or (443 if scheme == "https" else 80)
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", "::1"):
+        host = "127.0.0.1"
+    return scheme, host, port, parts.path.rstrip("/")
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two platform base URLs designate the same endpoint (scheme, host, port, path)."""
+    return _norm_url(a) == _norm_url(b)
 
 
 def iso_now() -> str:

@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs installed
 from pycti import OpenCTIApiClient
@@ -39,6 +38,7 @@ from ..errors import PermanentError, RetryableError, SinkError
 from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
+from ..source import same_url
 from .amqp import OPENCTI_SYSTEM_UUID, AmqpEndpoint, AmqpPublisher, event_messages
 from .common import (
     live_aliases_of,
@@ -201,21 +201,6 @@ def plan_pushes(
     flush_upserts()
     flush_deletes()
     return pushes
-
-
-def _norm_url(url: str) -> tuple[str, str, int, str]:
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower() or "https"
-    port = parts.port or (443 if scheme == "https" else 80)
-    host = (parts.hostname or "").lower()
-    if host in ("localhost", "::1"):
-        host = "127.0.0.1"
-    return scheme, host, port, parts.path.rstrip("/")
-
-
-def same_url(a: str, b: str) -> bool:
-    """Whether two platform base URLs designate the same endpoint (scheme, host, port, path)."""
-    return _norm_url(a) == _norm_url(b)
 
 
 class OpenCTITarget:

@@ -60,8 +60,9 @@ def settings_for(env: dict[str, str]) -> Settings:
 class ConnectorThread:
     """``run_forever`` in a background thread; ``stop()`` drains like SIGTERM does."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, source_moved: bool = False) -> None:
         self.settings = settings_for(env)
+        self.source_moved = source_moved
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.rc: int | None = None
@@ -69,7 +70,7 @@ class ConnectorThread:
 
     def _run(self) -> None:
         try:
-            self.rc = run_forever(self.settings, self.stop_event)
+            self.rc = run_forever(self.settings, self.stop_event, source_moved=self.source_moved)
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             self.error = exc
 

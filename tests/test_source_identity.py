@@ -1,0 +1,57 @@
+"""An archive follows one platform: pointed at another, ``run`` refuses (exit 2, naming the key)
+instead of reading the other platform's stream as a retention gap and "repairing" it into the
+archive, whose delete reconciliation would then record the first platform's objects as deleted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from connector.checkpoint import CheckpointStore
+from connector.errors import ConfigError
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+
+TOKEN = "test-token"
+
+
+def test_an_archive_refuses_another_platform_until_told_it_moved(tmp_path: Path) -> None:
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as first:
+        generate(first.store, 20, seed=1)
+        run = ConnectorThread(base_env(first.url, TOKEN, archive)).start()
+        wait_until(lambda: caught_up(storage, first.store.last_event_id), what="backup")
+        run.stop()
+        assert run.error is None
+        before = CheckpointStore(storage).load()
+        assert before is not None and before.source_url == first.url
+    with SimServer(token=TOKEN, heartbeat_secs=0.2, store=first.store) as other:
+        env = base_env(other.url, TOKEN, archive)
+        run = ConnectorThread(env).start()
+        run.join()
+        assert isinstance(run.error, ConfigError) and run.error.key == "opencti.url"
+        assert first.url in str(run.error) and "--source-moved" in str(run.error)
+        cli = subprocess.run(
+            [sys.executable, "-m", "connector", "run"],
+            env={**env, "PATH": "/usr/bin:/bin"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 2 and "opencti.url" in cli.stderr
+        assert CheckpointStore(storage).load() == before  # untouched
+        # The same platform at a new address: acknowledged once, then followed as before.
+        moved = ConnectorThread(env, source_moved=True).start()
+        generate(other.store, 5, seed=2, mix="creates")
+        wait_until(lambda: caught_up(storage, other.store.last_event_id), what="after the move")
+        moved.stop()
+        assert moved.error is None
+    after = CheckpointStore(storage).load()
+    assert after is not None and after.source_url == other.url
+    assert not after.retention_gaps
