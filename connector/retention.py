@@ -3,7 +3,10 @@
 The rules, with W = now - keep_days (an event id built from milliseconds; object mtimes are
 never used, since copies and restores change them):
 
-* the *base* is the newest committed snapshot with ``as_of <= W``. A restore to any point in
+* ``now`` is the clock's, unless that runs more than a day ahead of the archive's newest
+  position (the checkpoint, which follows the platform's clock): then that position plus a day;
+* the *base* is the newest committed snapshot with ``as_of <= W`` whose parts all match their
+  manifest's size and sha256 (what a restore checks). A restore to any point in
   ``[W, now]`` starts from the base and replays the segments after it, so the base and every
   segment whose last group id is above ``base.as_of`` are kept;
 * segments (and orphan segments) wholly at or before ``base.as_of`` are covered by the base and
@@ -27,6 +30,7 @@ archive job lock.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +47,8 @@ from .archive.layout import (
     manifest_key_for_segment,
 )
 from .archive.segment import Manifest
-from .errors import ConfigError, MalformedEvent, NotFound
+from .checkpoint import CheckpointStore
+from .errors import ConfigError, ConnectorError, MalformedEvent, NotFound
 from .events import EventId
 from .storage import Storage
 
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS_PREFIX = "snapshots/"
 _DAY_MS = 86_400_000
+_CLOCK_SLACK_MS = _DAY_MS  # how far "now" may run ahead of the archive's newest position
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +187,20 @@ def _snapshot_id(prefix: str) -> EventId | None:
         return None
 
 
-def _parts_present(storage: Storage, snap: SnapshotRef) -> bool:
+def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
+    """Every part present with the size and sha256 its manifest records: a base snapshot must
+    be loadable before the segments it replaces are deleted (restore checks the same sha256)."""
     try:
         for part in snap.manifest["parts"]:
-            if storage.size(str(part["key"])) != int(part["size"]):
-                raise ValueError(part["key"])
+            key = str(part["key"])
+            if storage.size(key) != int(part["size"]):
+                raise ValueError(key)
+            digest = hashlib.sha256()
+            with storage.open(key) as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != part["sha256"]:
+                raise ValueError(key)
     except (NotFound, KeyError, TypeError, ValueError) as exc:
         log.warning(
             "Snapshot not usable as a retention base: a part is missing or damaged.",
@@ -205,8 +220,49 @@ def _oldest_manifest(storage: Storage) -> Manifest | None:
     return None
 
 
+def _archive_position(storage: Storage) -> EventId | None:
+    """The newest position the archive records, on the platform's clock: the checkpoint's (it
+    follows idle heartbeats too) or, without one here, the newest segment's last group."""
+    try:
+        cp = CheckpointStore(storage).load()
+    except ConnectorError:
+        cp = None
+    if cp is not None and cp.last_event_id:
+        return EventId.parse(cp.last_event_id)
+    last_key = None
+    for key in storage.list(MANIFESTS_PREFIX):
+        if key.endswith(".json"):
+            last_key = key
+    if last_key is None:
+        return None
+    try:
+        return Manifest.from_json(storage.get(last_key)).last
+    except (NotFound, MalformedEvent):
+        return None
+
+
+def _trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:
+    """``now``, unless it runs more than a day ahead of the archive's own position: a host
+    clock set in the future would otherwise move the window forward and delete history that is
+    inside it. (A connector stopped for long makes retention keep more, never less.)"""
+    position = _archive_position(storage)
+    if position is None:
+        return now
+    bound = position.ms + _CLOCK_SLACK_MS
+    if now.timestamp() * 1000 <= bound:
+        return now
+    trusted = dt.datetime.fromtimestamp(bound / 1000, dt.UTC)
+    log.warning(
+        "Retention measures its window from the archive's newest position plus a day: the "
+        "clock is further ahead of it.",
+        extra={"clock": now.isoformat(), "position": str(position), "now": trusted.isoformat()},
+    )
+    return trusted
+
+
 def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) -> RetentionReport:
     """What retention would delete now, and why. Reads only."""
+    now = _trusted_now(storage, now)
     report = RetentionReport(policy, window_start(policy, now))
     snapshots = committed_snapshots(storage)
     if not snapshots:
@@ -216,7 +272,7 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
         return report
     older = [s for s in snapshots if s.as_of <= report.window_start]
     # The base must be restorable: its parts have to be there before anything relies on it.
-    base = next((s for s in reversed(older) if _parts_present(storage, s)), None)
+    base = next((s for s in reversed(older) if _parts_intact(storage, s)), None)
     protected: set[EventId] = set()
     if base is not None:
         report.base = str(base.as_of)

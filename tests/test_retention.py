@@ -6,9 +6,11 @@ import datetime as dt
 from pathlib import Path
 
 import orjson
+import pytest
 
 from connector.archive import ArchiveReader
 from connector.archive.layout import quarantine_key
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import EventId
 from connector.jobs import LOCK_KEY, run_retention_job
 from connector.metrics import REGISTRY
@@ -57,6 +59,12 @@ def state_at(storage: Storage, tmp: Path, until: EventId, seed: str | None) -> s
         state.close()
 
 
+def follow_until(storage: Storage, when: dt.datetime) -> None:
+    """The checkpoint a connector following the stream up to ``when`` leaves in the archive."""
+    position = EventId(int(when.timestamp() * 1000), 0)
+    CheckpointStore(storage).save(Checkpoint("live", "http://platform", str(position)))
+
+
 def deleted_count(kind: str) -> float:
     value = REGISTRY.get_sample_value(
         "opencti_sync_retention_deleted_objects_total", {"kind": kind}
@@ -93,7 +101,9 @@ def test_window_honoured_and_restore_inside_window_complete(tmp_path: Path) -> N
     assert verified.ok, format_report(verified)
     assert any("pruned" in n for n in verified.notes)
 
-    # Later on, the second snapshot becomes the base and the first one goes.
+    # Later on (the connector following the idle stream's heartbeats meanwhile), the second
+    # snapshot becomes the base and the first one goes.
+    follow_until(storage, at_day(13))
     report = plan_retention(storage, policy, at_day(13))
     assert report.base == str(snaps[1].as_of)
     apply_retention(storage, report)
@@ -185,14 +195,34 @@ def test_quarantine_kept_until_covered_by_base(tmp_path: Path) -> None:
     assert storage.exists(recent)
 
 
-def test_base_with_missing_part_is_not_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["missing", "flipped byte"])
+def test_base_with_a_damaged_part_is_not_used(tmp_path: Path, damage: str) -> None:
+    """A restore would refuse that snapshot (sha256): the segments it covers must stay."""
     storage = LocalStorage(tmp_path / "a")
     build_days(storage, tmp_path, days=6, snapshot_days={2})
-    info = list_snapshots(storage)[0]
-    storage.delete(info.parts[0].key)
+    part = list_snapshots(storage)[0].parts[0]
+    if damage == "missing":
+        storage.delete(part.key)
+    else:
+        body = bytearray(storage.get(part.key))
+        body[len(body) // 2] ^= 0x01  # same size: only the checksum tells
+        storage.put(part.key, bytes(body))
     report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(8))
     assert report.base is None
     assert not any(d.kind in ("segment", "manifest") for d in report.deletions)
+
+
+def test_a_clock_far_ahead_does_not_move_the_window(tmp_path: Path) -> None:
+    """The host clock 30 days ahead: the window is measured from the archive's own position
+    (plus a day), so history that is inside the real window stays."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=10, snapshot_days={2, 6, 9})
+    follow_until(storage, at_day(10.5))
+    policy = RetentionPolicy(keep_days=5, keep_snapshots=0)
+    honest = plan_retention(storage, policy, at_day(10.5))
+    ahead = plan_retention(storage, policy, at_day(40.5))
+    assert ahead.base == honest.base == str(list_snapshots(storage)[0].as_of)
+    assert ahead.deletions == honest.deletions
 
 
 def test_retention_on_s3(s3_storage: Storage, tmp_path: Path) -> None:  # noqa: F811
