@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="allow restoring into the archive's source platform"
     )
     p.add_argument("--work-dir", default="./.opencti-sync-restore", help="resumable restore state")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="restore even when pruned history without a usable snapshot makes the state partial",
+    )
     return parser
 
 

@@ -65,6 +65,9 @@ class RestorePlan:
     events: int
     objects: int
     tombstones: int
+    # The archive's oldest segments were pruned and no snapshot stood in for them: objects not
+    # changed since are missing from this state.
+    incomplete: bool = False
 
 
 def parse_until(text: str) -> EventId:
@@ -95,8 +98,7 @@ def materialise_plan(
     state, seed = seed_state(db_path, storage, candidates)  # closed on failure, rebuilt next run
     try:
         reader = ArchiveReader(storage)
-        if seed is None:
-            _warn_if_pruned(reader)
+        incomplete = seed is None and _warn_if_pruned(reader)
         segments, events, _ = fold_segments(
             state,
             reader,
@@ -115,6 +117,7 @@ def materialise_plan(
         events=events,
         objects=counts["objects"],
         tombstones=counts["tombstones"],
+        incomplete=incomplete,
     )
     log.info("State materialised.", extra={k: str(v) for k, v in asdict(plan).items()})
     return state, plan
@@ -124,7 +127,8 @@ def materialise(storage: Storage, *, until: EventId | None, work_dir: Path) -> S
     return materialise_plan(storage, until=until, work_dir=work_dir)[0]
 
 
-def _warn_if_pruned(reader: ArchiveReader) -> None:
+def _warn_if_pruned(reader: ArchiveReader) -> bool:
+    """Whether the oldest segment continues one that is gone (said loudly when it does)."""
     for ref in reader.manifests():
         if ref.manifest.after_event_id is not None:
             log.warning(
@@ -132,7 +136,9 @@ def _warn_if_pruned(reader: ArchiveReader) -> None:
                 "not changed since then are missing from the restored state.",
                 extra={"first_segment": ref.manifest.segment},
             )
-        return
+            return True
+        return False
+    return False
 
 
 # ---------------------------------------------------------------------- bundle export

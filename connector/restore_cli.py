@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from .checkpoint import CheckpointStore
-from .errors import ConfigError
+from .errors import ConfigError, ConnectorError
 from .events import octi_ext
 from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
 from .settings import Settings
@@ -53,10 +53,30 @@ def _target(
     )
 
 
-def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
-    storage = _archive(settings)
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse combinations that would silently ignore a flag."""
     if not args.opencti and not args.to_bundle:
         raise ConfigError("--opencti", "give a target platform (--opencti URL) or --to-bundle FILE")
+    if args.opencti and args.to_bundle:
+        raise ConfigError("--to-bundle", "give either --opencti URL or --to-bundle FILE, not both")
+    if args.to_bundle:
+        given = [
+            flag
+            for flag, value in (
+                ("--dry-run", args.dry_run),
+                ("--apply-deletes / --no-apply-deletes", args.apply_deletes is not None),
+                ("--force", args.force),
+                ("--token", args.token),
+            )
+            if value
+        ]
+        if given:
+            raise ConfigError(given[0], "applies to --opencti only, not to --to-bundle")
+
+
+def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
+    storage = _archive(settings)
+    _check_flags(args)
     until = parse_until(args.until) if args.until else None
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -67,6 +87,20 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
             f"state as of {plan.as_of}: {plan.objects} objects, {plan.tombstones} tombstones "
             f"(snapshot {plan.snapshot or 'none'} + {plan.segments} segments, {plan.events} events)"
         )
+        if plan.as_of is None:
+            # Nothing to restore is never a success: a wrong path, or a point before the history.
+            where = f"at or before {args.until}" if until is not None else ""
+            raise ConnectorError(
+                f"the archive at {storage.describe()} holds no event {where}".strip()
+                + " (check --archive / ARCHIVE_URI and --until; `opencti-sync status` shows "
+                "what it holds)"
+            )
+        if plan.incomplete and not args.allow_partial:
+            raise ConnectorError(
+                "the archive's oldest segments were pruned and no usable snapshot covers them: "
+                "objects unchanged since would be missing. Repair or restore the snapshot, or "
+                "accept a partial state with --allow-partial"
+            )
         if args.to_bundle:
             with open(args.to_bundle, "wb") as out:
                 count = to_bundle(state, out)

@@ -44,7 +44,7 @@ from .archive.layout import (
     manifest_key_for_segment,
 )
 from .archive.segment import Manifest, iter_segment_lines
-from .checkpoint import CheckpointStore
+from .checkpoint import CHECKPOINT_KEY, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 from .snapshot import (
@@ -606,6 +606,12 @@ def verify_archive(storage: Storage, *, work_dir: Path) -> VerifyReport:
         v.check_snapshots(work_dir)
     finally:
         index.close()
+    if report.segments == 0 and report.snapshots == 0:
+        # "OK" for an archive that is not there would hide a wrong path or bucket prefix.
+        if storage.exists(CHECKPOINT_KEY):
+            report.warning("the archive holds a checkpoint but no segment yet")
+        else:
+            report.error("no archive here: no segment, snapshot or checkpoint")
     log.info(
         "Archive verified.",
         extra={
