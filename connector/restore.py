@@ -3,7 +3,7 @@
 ``materialise`` starts from the newest snapshot at or before the wanted position and folds only
 the segments after it (never a full replay when a snapshot exists). ``restore_to_target`` pushes
 the state in dependency order (markings and identities, other objects, relationships, sightings,
-containers, notes) in acknowledged batches, then deletes every tombstoned id so a restore never
+relationships of relationships or sightings, containers, notes) in acknowledged batches, then deletes every tombstoned id so a restore never
 brings back what was deleted or merged away. After each acknowledged batch it records its
 position in a small JSON file, so a restart with the same arguments and the same target platform
 continues from there.

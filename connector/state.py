@@ -54,8 +54,8 @@ PHASES = (
     "entities",
     "observed-data",  # refers to observables; relationships and sightings may refer to it
     "relationships",
-    "relationships-of-relationships",  # endpoints pushed in the phase before
-    "sightings",
+    "sightings",  # of entities and observables, never of relationships
+    "relationships-of-relationships",  # endpoints pushed in the phases before
     "containers",
     "notes",
 )
@@ -70,7 +70,7 @@ _RELATION_EXT = (
 )
 
 # Bumped when the layout changes; a state database is scratch, rebuilt from the archive at will.
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 # ``objects`` is a rowid table: rows are appended, and lookups by key walk the small ``key`` index
 # instead of a B-tree whose leaves hold 2 KB blobs. Each object row carries its own references
 # (``refs``, a JSON array). The reverse index (``refs`` table: who references an id) and the
@@ -206,9 +206,9 @@ def push_phase(stix: dict[str, Any]) -> int:
         return 3
     if stype == "relationship":
         ends = (str(stix.get("source_ref", "")), str(stix.get("target_ref", "")))
-        return 5 if any(e.startswith(("relationship--", "sighting--")) for e in ends) else 4
+        return 6 if any(e.startswith(("relationship--", "sighting--")) for e in ends) else 4
     if stype == "sighting":
-        return 6
+        return 5
     if stype in _NOTE_TYPES:
         return 8
     if stype in _CONTAINER_TYPES or "case-" in stype or isinstance(stix.get("object_refs"), list):
@@ -369,7 +369,7 @@ _SNAPSHOT_HEADER = (
 )
 # The rules that derive a row's iid, type, phase, version, refs and aliases from the object.
 # Bump when they change: snapshots written under other rules are loaded by deriving them again.
-SNAPSHOT_ROWS = 1
+SNAPSHOT_ROWS = 2  # 2: sightings before relationships of relationships (phases 5, 6)
 # A snapshot's aliases, sorted: each to the first key in key order that claims it. Aliases a
 # snapshot lists come from the state's alias table, where each has one key; those derived from
 # older snapshots' objects may be claimed twice, and a fold in key order keeps the first claim.

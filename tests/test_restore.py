@@ -219,6 +219,22 @@ def test_parse_until() -> None:
         parse_until("yesterday")
 
 
+def test_push_phases_follow_references() -> None:
+    """Each kind is pushed after what it may reference (a relationship to a sighting too)."""
+    ent, ind = "malware--1", "indicator--2"
+    rel = {"type": "relationship", "source_ref": ind, "target_ref": ent}
+    sighting = {"type": "sighting", "sighting_of_ref": ind, "where_sighted_refs": ["identity--3"]}
+    on_sighting = {"type": "relationship", "source_ref": ind, "target_ref": "sighting--4"}
+    on_rel = {"type": "relationship", "source_ref": ind, "target_ref": "relationship--5"}
+    report = {"type": "report", "object_refs": ["relationship--5", "sighting--4"]}
+    phases = [
+        push_phase(o)
+        for o in ({"type": "identity"}, {"type": "malware"}, rel, sighting, on_sighting, report)
+    ]
+    assert phases == sorted(phases) and len(set(phases)) == len(phases)
+    assert push_phase(on_rel) == push_phase(on_sighting)
+
+
 # ---------------------------------------------------------------------- bundle
 def test_bundle_is_valid_and_dependency_ordered(
     archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
