@@ -4,14 +4,13 @@
 # checks the hadolint-style rules below, since no container engine runs on development machines.
 FROM python:3.12-slim-bookworm
 
+# The image's configuration defaults go in OPENCTI_SYNC_DEFAULTS, a layer BELOW a mounted
+# config.yml (--config); plain ENV lines would override the operator's config file. Environment
+# variables given to the container (-e) still win over both.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    ARCHIVE_URI=/var/lib/opencti-sync/archive \
-    OPENCTI_SYNC_WORK_DIR=/var/lib/opencti-sync/work \
-    CONNECTOR_LOG_FORMAT=json \
-    METRICS_ENABLED=true \
-    METRICS_PORT=9095
+    OPENCTI_SYNC_DEFAULTS="ARCHIVE_URI=/var/lib/opencti-sync/archive OPENCTI_SYNC_WORK_DIR=/var/lib/opencti-sync/work CONNECTOR_LOG_FORMAT=json METRICS_ENABLED=true METRICS_PORT=9095"
 
 # A fixed numeric id, so volume permissions can be prepared on the host or by an init container.
 RUN groupadd --system --gid 10001 opencti-sync \

@@ -7,25 +7,39 @@ set -eu
 
 if [ "${1:-}" = "healthcheck" ]; then
     # Healthy when the metrics endpoint answers; with HEALTHCHECK_MAX_LAG_SECS > 0, also when the
-    # checkpoint lag is below it (off by default: a first-run recovery has a large lag).
+    # checkpoint lag is below it, once the first recovery is done (recovered events carry the
+    # objects' old timestamps, so the lag means nothing while recover_progress is between 0 and
+    # 1). METRICS_ENABLED / METRICS_PORT come from the environment, else from the image's
+    # OPENCTI_SYNC_DEFAULTS (an empty value counts as unset, as for the connector); a config
+    # file's metrics keys are not read here.
     exec python - <<'PY'
-import os, sys, urllib.request
-port = os.environ.get("METRICS_PORT", "9095")
-limit = float(os.environ.get("HEALTHCHECK_MAX_LAG_SECS", "0") or 0)
-if os.environ.get("METRICS_ENABLED", "false").lower() not in ("1", "true", "yes", "on"):
+import os, shlex, sys, urllib.request
+defaults = {}
+for word in shlex.split(os.environ.get("OPENCTI_SYNC_DEFAULTS", "")):
+    name, _, value = word.partition("=")
+    defaults[name] = value
+def setting(name, fallback):
+    return os.environ.get(name, "").strip() or defaults.get(name, "").strip() or fallback
+port = setting("METRICS_PORT", "9095")
+limit = float(setting("HEALTHCHECK_MAX_LAG_SECS", "0"))
+if setting("METRICS_ENABLED", "false").lower() not in ("1", "true", "yes", "on"):
     sys.exit("healthcheck needs METRICS_ENABLED=true")
 try:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         body = resp.read().decode()
 except OSError as exc:
     sys.exit(f"metrics endpoint unreachable: {exc}")
-if limit > 0:
-    for line in body.splitlines():
-        if line.startswith("opencti_sync_checkpoint_lag_seconds "):
-            lag = float(line.split()[1])
-            if lag > limit:
-                sys.exit(f"checkpoint lag {lag:.0f}s above {limit:.0f}s")
-print("healthy")
+samples = {}
+for line in body.splitlines():
+    name, _, value = line.partition(" ")
+    if name in ("opencti_sync_checkpoint_lag_seconds", "opencti_sync_recover_progress_ratio"):
+        samples[name] = float(value)
+recovering = 0 < samples.get("opencti_sync_recover_progress_ratio", 0.0) < 1
+if limit > 0 and not recovering:
+    lag = samples.get("opencti_sync_checkpoint_lag_seconds", 0.0)
+    if lag > limit:
+        sys.exit(f"checkpoint lag {lag:.0f}s above {limit:.0f}s")
+print("healthy (first recovery under way: lag not checked)" if limit > 0 and recovering else "healthy")
 PY
 fi
 

@@ -19,12 +19,29 @@ __all__ = ["configure", "JsonFormatter", "Redactor"]
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
+def _forms(secret: str) -> set[str]:
+    """The secret as it can appear in a message: raw, stripped, and escaped by ``repr`` of a
+    str or of bytes (an HTTP library's "Illegal header value b'Bearer tok\\n'"), by JSON or by
+    ``unicode_escape``."""
+    out = set()
+    for value in (secret, secret.strip()):
+        out.add(value)
+        out.add(repr(value)[1:-1])
+        out.add(repr(value.encode("utf-8", "backslashreplace"))[2:-1])
+        out.add(orjson.dumps(value).decode()[1:-1])
+        out.add(value.encode("unicode_escape").decode("ascii"))
+    return out
+
+
 class Redactor(logging.Filter):
-    """Replaces every configured secret value anywhere in a record with ``<redacted>``."""
+    """Replaces every configured secret value anywhere in a record with ``<redacted>``, in its
+    raw form and in its escaped forms (``repr``, JSON)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
+        forms = {form for s in secrets if s for form in _forms(s)}
+        # Longest first: a form containing a shorter one is replaced whole.
+        self.secrets = sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):

@@ -1,5 +1,11 @@
 """Configuration: one typed tree, read from defaults, then ``config.yml``, then the environment.
 
+Layers, lowest first: the built-in defaults; ``OPENCTI_SYNC_DEFAULTS`` (``NAME=value`` words, set
+by the Docker image for its volume paths, JSON logs and metrics); the yaml file given with
+``--config``; environment variables. An empty value of a bool, int or float key counts as not
+set (the layer below applies), so ``S3_VERIFY=`` from an unset compose variable keeps TLS
+verification on. Secret values lose surrounding whitespace (a secret file's final newline).
+
 Every key is declared once, here, with its yaml path, environment name, type, default and
 description; ``opencti-sync config-doc`` renders the reference from these declarations, so the
 docs cannot drift. The OpenCTI keys keep the names OpenCTI connectors use (``OPENCTI_URL``,
@@ -10,7 +16,11 @@ exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import math
 import os
+import shlex
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +30,16 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "iter_keys", "KeyDoc", "SECRET_KEYS", "optional_bool"]
+__all__ = [
+    "DEFAULTS_ENV",
+    "KeyDoc",
+    "SECRET_KEYS",
+    "Settings",
+    "image_defaults",
+    "iter_keys",
+    "load_settings",
+    "optional_bool",
+]
 
 
 def _key(
@@ -245,7 +264,8 @@ class CheckpointSection:
 class SnapshotSection:
     schedule: str = _key(
         "SNAPSHOT_SCHEDULE",
-        "When 'run' writes a compacted snapshot: a cron expression ('0 3 * * *'), 'every <N>s|m|h', or '' (never).",
+        "When 'run' writes a compacted snapshot: a 5-field cron expression evaluated in UTC "
+        "('0 3 * * *' is 03:00 UTC), 'every <N>s|m|h|d', or '' (never).",
         "",
     )
 
@@ -254,13 +274,19 @@ class SnapshotSection:
 class RetentionSection:
     schedule: str = _key(
         "RETENTION_SCHEDULE",
-        "When 'run' applies retention (same syntax as the snapshot schedule).",
+        "When 'run' applies retention (same syntax as the snapshot schedule; cron times are UTC).",
         "",
     )
     keep_days: int = _key(
         "RETENTION_KEEP_DAYS", "Keep event segments this many days (0: forever).", 0
     )
-    keep_snapshots: int = _key("RETENTION_KEEP_SNAPSHOTS", "Keep this many snapshots (0: all).", 0)
+    keep_snapshots: int = _key(
+        "RETENTION_KEEP_SNAPSHOTS",
+        "Besides the base snapshot (the newest one at least keep_days old, where a restore of "
+        "the window starts; always kept), keep only the newest this many snapshots (0: no "
+        "count limit).",
+        0,
+    )
 
 
 @dataclass
@@ -349,7 +375,11 @@ SECRET_KEYS: list[tuple[str, str]] = [
 ]
 
 _TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off", ""}
+_FALSE = {"false", "no", "0", "off"}
+_TYPED = ("bool", "int", "float")
+
+DEFAULTS_ENV = "OPENCTI_SYNC_DEFAULTS"
+"""Environment variable holding defaults below ``config.yml``: ``NAME=value`` words, shell quoted."""
 
 
 def optional_bool(path: str, text: str) -> bool | None:
@@ -364,8 +394,14 @@ def optional_bool(path: str, text: str) -> bool | None:
     raise ConfigError(path, f"expected true, false or empty, got {text[:20]!r}")
 
 
+def _unset(key: KeyDoc, value: Any) -> bool:
+    """An empty value of a typed key (``S3_VERIFY=``, yaml ``verify:``) is "not set"."""
+    return key.type in _TYPED and (value is None or (isinstance(value, str) and not value.strip()))
+
+
 def _coerce(key: KeyDoc, value: Any) -> Any:
     kind = key.type
+    shown = "<redacted>" if key.secret else repr(value)[:60]
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -383,21 +419,57 @@ def _coerce(key: KeyDoc, value: Any) -> Any:
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(str(value).strip())
+            number = float(str(value).strip())
+            if not math.isfinite(number):
+                raise ConfigError(key.path, f"must be a finite number, got {shown} (env {key.env})")
+            return number
         if value is None:
             return ""
         if isinstance(value, dict | list):
             raise ValueError
-        return str(value)
+        text = str(value)
+        if key.secret:
+            # A token read from a secret file keeps its final newline; inside, a control
+            # character can only be a mistake (and would end up in an HTTP header).
+            text = text.strip()
+            if any(unicodedata.category(ch) == "Cc" for ch in text):
+                raise ConfigError(
+                    key.path, f"contains control characters (env {key.env}; value not shown)"
+                )
+        return text
     except ValueError:
-        shown = "<redacted>" if key.secret else repr(value)[:60]
         raise ConfigError(key.path, f"expected {kind}, got {shown} (env {key.env})") from None
+
+
+def image_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``OPENCTI_SYNC_DEFAULTS`` layer, by environment variable name.
+
+    The Docker image sets its defaults (volume paths, JSON logs, metrics) here rather than as
+    plain environment variables, which would override the operator's ``config.yml``.
+    """
+    text = env.get(DEFAULTS_ENV, "")
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(DEFAULTS_ENV, f"cannot be split into words: {exc}") from None
+    known = {k.env: k for k in iter_keys()}
+    out: dict[str, str] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise ConfigError(DEFAULTS_ENV, "expected NAME=value words")
+        if name not in known:
+            raise ConfigError(DEFAULTS_ENV, f"unknown variable {name[:40]!r}")
+        if known[name].secret:
+            raise ConfigError(DEFAULTS_ENV, f"{name} is a secret: it has no default")
+        out[name] = value
+    return out
 
 
 def load_settings(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Defaults, overlaid by the yaml file (if any), overlaid by environment variables."""
+    """Defaults, then ``OPENCTI_SYNC_DEFAULTS``, then the yaml file (if any), then the environment."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     if path is not None:
@@ -428,15 +500,20 @@ def load_settings(
         for k in sec_val:
             if f"{sec_name}.{k}" not in known:
                 raise ConfigError(f"{sec_name}.{k}", "unknown key")
+    image = image_defaults(env)
     settings = Settings()
     for key in known.values():
         sec_name, name = key.path.split(".", 1)
         value: Any = key.default
         sec_val = raw.get(sec_name) or {}
-        if name in sec_val:
-            value = sec_val[name]
-        if key.env in env:
-            value = env[key.env]
+        layers = (
+            (key.env in image, image.get(key.env)),
+            (name in sec_val, sec_val.get(name)),
+            (key.env in env, env.get(key.env)),
+        )
+        for present, layer_value in layers:
+            if present and not _unset(key, layer_value):
+                value = layer_value
         value = _coerce(key, value)
         if key.choices and value not in key.choices:
             raise ConfigError(
@@ -446,6 +523,21 @@ def load_settings(
         setattr(getattr(settings, sec_name), name, value)
     _validate(settings)
     return settings
+
+
+def _check_iso_date(key: str, env: str, text: str) -> None:
+    """An ISO 8601 date the consumer can turn into an event id (naive dates are UTC)."""
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            key,
+            f"expected an ISO 8601 date like 2025-12-31T00:00:00Z, got {text[:40]!r} (env {env})",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    if parsed < dt.datetime(1970, 1, 1, tzinfo=dt.UTC):
+        raise ConfigError(key, f"must be after 1970-01-01, got {text[:40]!r} (env {env})")
 
 
 def _validate(s: Settings) -> None:
@@ -475,6 +567,23 @@ def _validate(s: Settings) -> None:
         raise ConfigError("archive.compression_level", "zstd levels are 1-19")
     if a.codec == "gzip" and not 1 <= a.compression_level <= 9:
         raise ConfigError("archive.compression_level", "gzip levels are 1-9")
+    if c.live_stream_recover_iso_date:
+        _check_iso_date(
+            "connector.live_stream_recover_iso_date",
+            "CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE",
+            c.live_stream_recover_iso_date,
+        )
+    if s.retention.keep_days < 0:
+        raise ConfigError("retention.keep_days", "must be >= 0 (env RETENTION_KEEP_DAYS)")
+    if s.retention.keep_snapshots < 0:
+        raise ConfigError("retention.keep_snapshots", "must be >= 0 (env RETENTION_KEEP_SNAPSHOTS)")
+    if s.snapshot.schedule.strip() or s.retention.schedule.strip():
+        # Imported here: the scheduler (apscheduler) is only needed when a schedule is set.
+        # connector.jobs does not import this module, so there is no cycle.
+        from .jobs import parse_schedule
+
+        parse_schedule(s.snapshot.schedule, "snapshot.schedule")
+        parse_schedule(s.retention.schedule, "retention.schedule")
     if s.metrics.port < 0 or s.metrics.port > 65535:
         raise ConfigError("metrics.port", "must be a TCP port")
     optional_bool("target.amqp_use_ssl", s.target.amqp_use_ssl)  # a bad word fails at load

@@ -110,3 +110,21 @@ def test_cli_update_and_missing_markers(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("# no markers\n", encoding="utf-8")
     with pytest.raises(ConnectorError, match="config-doc:begin"):
         update_files(tmp_path)
+
+
+def test_descriptions_say_what_the_code_does() -> None:
+    """Cron schedules run in UTC (connector.jobs); keep_snapshots counts besides the base
+    snapshot (connector.retention), which is always kept."""
+    docs = {k.env: k.description for k in iter_keys()}
+    for env in ("SNAPSHOT_SCHEDULE", "RETENTION_SCHEDULE"):
+        assert "UTC" in docs[env], env
+    assert "every <N>s|m|h|d" in docs["SNAPSHOT_SCHEDULE"]
+    assert "besides the base snapshot" in docs["RETENTION_KEEP_SNAPSHOTS"].lower()
+    assert "always kept" in docs["RETENTION_KEEP_SNAPSHOTS"]
+
+
+def test_empty_values_are_documented() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Configuration") : readme.index(README_BEGIN)]
+    assert "empty value of a bool, int or float key" in " ".join(section.split())
+    assert "counts as not set" in render("yaml")

@@ -155,3 +155,24 @@ def test_secrets_redacted_everywhere(restore_logging: None) -> None:
     assert recs[0]["url"] == "http://x/?t=<redacted>"
     assert recs[1]["detail"] == {"auth": ["<redacted>", "ok"]}
     assert "signature mismatch for <redacted>" in recs[2]["exception"]
+
+
+def test_escaped_forms_of_secrets_are_redacted(restore_logging: None) -> None:
+    """httpx refuses a token with a newline with "Illegal header value b'Bearer <token>\\n'": the
+    message holds the token repr-escaped, which the raw value never matched."""
+    raw = TOKEN + "\n"
+    quoted = 'tok-"LOGS"-\\x-9f8e'  # JSON and repr escape the quotes and the backslash
+    out = io.StringIO()
+    configure("info", "json", [raw, quoted], stream=out)
+    log = logging.getLogger("connector.test")
+    header = f"Bearer {raw}".encode()
+    log.warning("Stream connection failed.", extra={"error": f"Illegal header value {header!r}"})
+    log.warning("Reconnecting: %r", raw)
+    log.warning("Token %s.", TOKEN)  # the stripped value, as a cleaned setting holds it
+    log.warning("Payload.", extra={"body": orjson.dumps({"token": quoted}).decode()})
+    log.warning("Quoted %r and %a.", quoted, quoted.encode())
+    text = out.getvalue()
+    assert "LOGS" not in text, text
+    recs = [orjson.loads(line) for line in text.splitlines()]
+    assert recs[0]["error"] == "Illegal header value b'Bearer <redacted>'"
+    assert recs[2]["message"] == "Token <redacted>."

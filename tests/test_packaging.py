@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 
 from connector import __version__, metrics
 from connector.configdoc import render
+from connector.errors import ConfigError
+from connector.settings import image_defaults, iter_keys, load_settings
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
@@ -135,12 +138,57 @@ def test_no_secrets_in_env_and_state_on_a_volume() -> None:
     env = env_of()
     for key in env:
         assert not re.search(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY", key), f"secret in ENV: {key}"
-    assert env["CONNECTOR_LOG_FORMAT"] == "json" and env["METRICS_ENABLED"] == "true"
+    defaults = image_defaults(env)
+    assert defaults["CONNECTOR_LOG_FORMAT"] == "json" and defaults["METRICS_ENABLED"] == "true"
     (volume,) = args_of("VOLUME")
     assert json.loads(volume) == ["/var/lib/opencti-sync"]
-    assert env["ARCHIVE_URI"].startswith("/var/lib/opencti-sync/")
-    assert env["OPENCTI_SYNC_WORK_DIR"].startswith("/var/lib/opencti-sync/")
-    assert args_of("EXPOSE") == [env["METRICS_PORT"]]
+    assert defaults["ARCHIVE_URI"].startswith("/var/lib/opencti-sync/")
+    assert defaults["OPENCTI_SYNC_WORK_DIR"].startswith("/var/lib/opencti-sync/")
+    assert args_of("EXPOSE") == [defaults["METRICS_PORT"]]
+
+
+def test_image_env_sets_no_configuration_key() -> None:
+    """A configuration key in ENV is in every container's environment and so beats the
+    operator's config.yml; the image's defaults live in OPENCTI_SYNC_DEFAULTS, below it."""
+    keys = {k.env for k in iter_keys()}
+    assert not keys & set(env_of()), keys & set(env_of())
+    assert set(image_defaults(env_of())) <= keys
+
+
+def test_image_defaults_yield_to_a_config_file_and_env_to_both(tmp_path: Path) -> None:
+    """rv/docker_env_override.py: `docker run ... run --config /config.yml` with archive.uri
+    s3://... silently wrote to the local volume, because the image's ENV won."""
+    image_env = env_of()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "opencti: {url: https://opencti.example.org, token: abcd1234}\n"
+        "archive: {uri: s3://my-bucket/opencti}\n"
+        "connector: {work_dir: /scratch, log_format: text}\n"
+        "metrics: {enabled: false, port: 9200}\n",
+        encoding="utf-8",
+    )
+    s = load_settings(config, env=image_env)
+    assert s.archive.uri == "s3://my-bucket/opencti"
+    assert s.connector.work_dir == "/scratch" and s.connector.log_format == "text"
+    assert s.metrics.enabled is False and s.metrics.port == 9200
+    # Without a config file (or where it is silent) the image's defaults apply.
+    s = load_settings(None, env=image_env)
+    assert s.archive.uri == "/var/lib/opencti-sync/archive"
+    assert s.connector.work_dir == "/var/lib/opencti-sync/work"
+    assert s.connector.log_format == "json" and s.metrics.enabled is True
+    config.write_text("archive: {uri: s3://my-bucket/opencti}\n", encoding="utf-8")
+    s = load_settings(config, env=image_env)
+    assert s.archive.uri == "s3://my-bucket/opencti" and s.metrics.enabled is True
+    # docker run -e ... beats both.
+    s = load_settings(config, env={**image_env, "ARCHIVE_URI": "/data/a", "METRICS_PORT": "9300"})
+    assert s.archive.uri == "/data/a" and s.metrics.port == 9300
+
+
+def test_bad_defaults_layer_is_a_config_error() -> None:
+    for text in ("NOT_A_KEY=1", "ARCHIVE_URI", "OPENCTI_TOKEN=abcd1234", "ARCHIVE_URI='open"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, env={"OPENCTI_SYNC_DEFAULTS": text})
+        assert err.value.key == "OPENCTI_SYNC_DEFAULTS" and "abcd1234" not in str(err.value)
 
 
 def test_copied_files_exist_and_pass_dockerignore() -> None:
@@ -166,8 +214,6 @@ def test_entrypoint_execs_the_connector() -> None:
 
 def test_compose_example() -> None:
     import yaml
-
-    from connector.settings import iter_keys
 
     doc = yaml.safe_load((ROOT / "docs" / "docker-compose.example.yml").read_text())
     services = doc["services"]
@@ -297,6 +343,66 @@ def test_healthcheck_probes_the_metrics_endpoint(image: dict[str, object]) -> No
         metrics.CHECKPOINT_TIMESTAMP.set(old)
         stop()
     assert probe().returncode != 0
+
+
+def _entrypoint_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
+    """This checkout's entrypoint.sh, run as the HEALTHCHECK runs it (its probe is stdlib only)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    return subprocess.run(
+        [str(ROOT / "entrypoint.sh"), "healthcheck"],
+        env={"PATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def metrics_port() -> Iterator[int]:
+    port = _free_port()
+    stop = metrics.serve("127.0.0.1", port)
+    gauges = (metrics.CHECKPOINT_TIMESTAMP, metrics.RECOVER_PROGRESS)
+    old = [next(iter(g.collect())).samples[0].value for g in gauges]
+    try:
+        yield port
+    finally:
+        for gauge, value in zip(gauges, old, strict=True):
+            gauge.set(value)
+        stop()
+
+
+def test_healthcheck_skips_the_lag_check_during_the_first_recovery(metrics_port: int) -> None:
+    """rv/health_recovery.py: recovered events carry the objects' old timestamps, so the lag
+    is years during the first recovery; README: the lag check applies once it is done."""
+    env = {
+        "METRICS_ENABLED": "true",
+        "METRICS_PORT": str(metrics_port),
+        "HEALTHCHECK_MAX_LAG_SECS": "3600",
+    }
+    metrics.CHECKPOINT_TIMESTAMP.set(1_431_681_136.432)  # an id seen in a real recovery (2015)
+    metrics.RECOVER_PROGRESS.set(0.3)
+    during = _entrypoint_healthcheck(**env)
+    assert during.returncode == 0, during.stderr
+    assert during.stdout.startswith("healthy")
+    metrics.RECOVER_PROGRESS.set(1.0)  # recovery done: the same lag is a stale checkpoint
+    done = _entrypoint_healthcheck(**env)
+    assert done.returncode != 0 and "checkpoint lag" in done.stderr
+    metrics.RECOVER_PROGRESS.set(0.0)  # no recovery (raw stream, or restarted after it)
+    assert _entrypoint_healthcheck(**env).returncode != 0
+    metrics.CHECKPOINT_TIMESTAMP.set(time.time())
+    ok = _entrypoint_healthcheck(**env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "healthy", ok.stderr
+
+
+def test_healthcheck_reads_the_image_defaults(metrics_port: int) -> None:
+    defaults = env_of()["OPENCTI_SYNC_DEFAULTS"].replace("METRICS_PORT=9095", "")
+    env = {"OPENCTI_SYNC_DEFAULTS": f"{defaults} METRICS_PORT={metrics_port}"}
+    ok = _entrypoint_healthcheck(**env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "healthy", ok.stderr
+    off = _entrypoint_healthcheck(**env, METRICS_ENABLED="false")  # -e beats the image default
+    assert off.returncode != 0 and "METRICS_ENABLED" in off.stderr
+    empty = _entrypoint_healthcheck(**env, METRICS_ENABLED="", METRICS_PORT="")  # = unset
+    assert empty.returncode == 0, empty.stderr
 
 
 @pytest.mark.slow

@@ -1,0 +1,249 @@
+"""Settings validation: secrets cleaned at load, empty typed values, dates, numbers, schedules.
+
+Every bad value is a ConfigError naming the key (the CLI exits 2), caught at load, so `check`
+refuses what `run` would refuse and nothing crashes later with a traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connector.errors import ConfigError
+from connector.settings import KeyDoc, iter_keys, load_settings
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from tests.support.connector import ROOT
+
+TOKEN = "tok-SETTINGS-7d1e2f3a4b5c"
+SECRET_ENVS = [k.env for k in iter_keys() if k.secret]
+TYPED = [k for k in iter_keys() if k.type in ("bool", "int", "float")]
+
+
+def _key(env: str) -> KeyDoc:
+    return next(k for k in iter_keys() if k.env == env)
+
+
+def _cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(cwd)}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+# -- 1. secrets: surrounding whitespace stripped, control characters refused ------------------
+
+
+@pytest.mark.parametrize("env_name", SECRET_ENVS)
+@pytest.mark.parametrize("raw", [TOKEN + "\n", f"  {TOKEN}\r\n", f"\t{TOKEN} "])
+def test_secret_surrounding_whitespace_is_stripped(env_name: str, raw: str) -> None:
+    env = {env_name: raw}
+    if env_name == "TARGET_OPENCTI_TOKEN":
+        env["TARGET_OPENCTI_URL"] = "http://target.example.org"
+    key = _key(env_name)
+    settings = load_settings(None, env=env)
+    section, name = key.path.split(".", 1)
+    assert getattr(getattr(settings, section), name) == TOKEN
+    assert TOKEN in settings.secrets()
+
+
+def test_secret_from_a_yaml_block_scalar_is_stripped(tmp_path: Path) -> None:
+    # `token: |` keeps the final newline, like a value pasted from a secret file.
+    path = tmp_path / "config.yml"
+    path.write_text(f"opencti:\n  token: |\n    {TOKEN}\n", encoding="utf-8")
+    assert load_settings(path, env={}).opencti.token == TOKEN
+
+
+@pytest.mark.parametrize("env_name", SECRET_ENVS)
+@pytest.mark.parametrize("bad", ["tok-abc\ndef", "tok\x00abcd", "tok\x1b[31mabcd", "tok\x7fabcd"])
+def test_secret_with_control_characters_is_refused_without_showing_it(
+    env_name: str, bad: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={env_name: bad})
+    assert err.value.key == _key(env_name).path
+    assert env_name in str(err.value)
+    assert "abcd" not in str(err.value) and bad not in str(err.value)
+
+
+def test_token_read_with_a_newline_still_works_and_never_leaks(tmp_path: Path) -> None:
+    """rv/token_newline_leak.sh: httpx refused 'Bearer <token>\\n' and its error, with the token
+    escaped, was printed unredacted. Now the token is stripped at load and `check` passes."""
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 5, seed=3, mix="creates")
+        env = {
+            "OPENCTI_URL": sim.url,
+            "OPENCTI_TOKEN": TOKEN + "\n",
+            "ARCHIVE_URI": str(tmp_path / "a"),
+            "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w"),
+            "CONNECTOR_REGISTER": "false",
+            "CONNECTOR_LOG_FORMAT": "json",
+        }
+        done = _cli(env, tmp_path, "check")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert TOKEN not in done.stdout + done.stderr
+    assert "Illegal header" not in done.stdout + done.stderr
+
+
+def test_control_character_in_a_token_exits_2_naming_the_key(tmp_path: Path) -> None:
+    done = _cli(
+        {"OPENCTI_URL": "http://127.0.0.1:9", "OPENCTI_TOKEN": f"{TOKEN}\nX-Evil: 1"},
+        tmp_path,
+        "check",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "opencti.token" in done.stderr and "OPENCTI_TOKEN" in done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+
+
+# -- 2. an empty value of a typed key means "not set" ----------------------------------------
+
+
+@pytest.mark.parametrize("key", TYPED, ids=lambda k: k.env)
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_empty_typed_value_is_the_default(key: KeyDoc, empty: str) -> None:
+    section, name = key.path.split(".", 1)
+    settings = load_settings(None, env={key.env: empty})
+    assert getattr(getattr(settings, section), name) == key.default
+
+
+def test_empty_env_never_turns_tls_or_deletes_off() -> None:
+    # docker compose `- S3_VERIFY=${S3_VERIFY}` with the variable unset gives S3_VERIFY="".
+    env = {
+        "OPENCTI_SSL_VERIFY": "",
+        "S3_VERIFY": "",
+        "TARGET_SSL_VERIFY": "",
+        "CONNECTOR_LIVE_STREAM_LISTEN_DELETE": "",
+    }
+    s = load_settings(None, env=env)
+    assert s.opencti.ssl_verify is True and s.s3.verify is True and s.target.ssl_verify is True
+    assert s.connector.live_stream_listen_delete is True
+    assert s.s3_options()["verify"] is True
+
+
+def test_empty_env_falls_back_to_the_yaml_value(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "s3: {verify: false}\nretention: {keep_days: 7, keep_snapshots: ~}\n", encoding="utf-8"
+    )
+    s = load_settings(path, env={"S3_VERIFY": "", "RETENTION_KEEP_DAYS": ""})
+    assert s.s3.verify is False  # the operator's explicit yaml value, not the empty env
+    assert s.retention.keep_days == 7
+    assert s.retention.keep_snapshots == 0  # yaml null: the default
+
+
+def test_explicit_false_words_still_work() -> None:
+    for word in ("false", "no", "0", "off", "FALSE"):
+        assert load_settings(None, env={"S3_VERIFY": word}).s3.verify is False
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"S3_VERIFY": "maybe"})
+    assert err.value.key == "s3.verify"
+
+
+# -- 3. the recover date -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["31/12/2025", "yesterday", "2025-13-01", "2025-12-31T25:00:00Z", "1969-12-31T00:00:00Z"]
+)
+def test_bad_recover_date_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE": bad})
+    assert err.value.key == "connector.live_stream_recover_iso_date"
+    assert "CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "good",
+    ["2025-12-31", "2025-12-31T00:00:00Z", "2025-12-31T23:59:59.123Z", "2025-06-01T12:00:00+02:00"],
+)
+def test_iso_recover_dates_are_accepted(good: str) -> None:
+    s = load_settings(None, env={"CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE": good})
+    assert s.connector.live_stream_recover_iso_date == good
+
+
+def test_bad_recover_date_exits_2_before_anything_is_written(tmp_path: Path) -> None:
+    env = {
+        "OPENCTI_URL": "http://127.0.0.1:9",
+        "OPENCTI_TOKEN": TOKEN,
+        "ARCHIVE_URI": str(tmp_path / "a"),
+        "CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE": "31/12/2025",
+    }
+    done = _cli(env, tmp_path, "run")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "connector.live_stream_recover_iso_date" in done.stderr
+    assert not (tmp_path / "a").exists(), "no checkpoint may hold the bad date"
+
+
+# -- 4. numbers, retention values and schedules --------------------------------------------
+
+
+@pytest.mark.parametrize("key", [k for k in TYPED if k.type == "float"], ids=lambda k: k.env)
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+def test_non_finite_floats_are_refused(key: KeyDoc, bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={key.env: bad})
+    assert err.value.key == key.path and key.env in str(err.value)
+
+
+def test_non_finite_float_from_yaml_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("archive: {max_age_secs: .inf}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert err.value.key == "archive.max_age_secs"
+
+
+@pytest.mark.parametrize(
+    ("env_name", "path"),
+    [
+        ("RETENTION_KEEP_DAYS", "retention.keep_days"),
+        ("RETENTION_KEEP_SNAPSHOTS", "retention.keep_snapshots"),
+    ],
+)
+def test_negative_retention_values_are_refused(env_name: str, path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={env_name: "-3"})
+    assert err.value.key == path
+
+
+@pytest.mark.parametrize(
+    ("env_name", "path"),
+    [
+        ("SNAPSHOT_SCHEDULE", "snapshot.schedule"),
+        ("RETENTION_SCHEDULE", "retention.schedule"),
+    ],
+)
+@pytest.mark.parametrize("bad", ["every 6 hours", "daily", "* * *", "61 * * * *", "every 0s"])
+def test_unparseable_schedules_are_refused(env_name: str, path: str, bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={env_name: bad})
+    assert err.value.key == path
+
+
+@pytest.mark.parametrize("good", ["", "every 6h", "every 30m", "0 3 * * *", "*/15 * * * 1-5"])
+def test_valid_schedules_are_accepted(good: str) -> None:
+    s = load_settings(None, env={"SNAPSHOT_SCHEDULE": good, "RETENTION_SCHEDULE": good})
+    assert s.snapshot.schedule == good and s.retention.schedule == good
+
+
+def test_check_refuses_what_run_refuses(tmp_path: Path) -> None:
+    """rv/check_misses_config.sh: `check` exited 0 with settings `run` rejects or crashes on."""
+    base = {"OPENCTI_URL": "http://127.0.0.1:9", "OPENCTI_TOKEN": TOKEN}
+    for extra, key in (
+        ({"SNAPSHOT_SCHEDULE": "every 6 hours"}, "snapshot.schedule"),
+        ({"RETENTION_KEEP_DAYS": "-3"}, "retention.keep_days"),
+        ({"CONNECTOR_READ_TIMEOUT_SECS": "nan"}, "connector.read_timeout_secs"),
+    ):
+        done = _cli({**base, **extra}, tmp_path, "check")
+        assert done.returncode == 2, (extra, done.stderr[-2000:])
+        assert key in done.stderr, done.stderr
