@@ -227,6 +227,7 @@ def _check_sinks(sinks: Sequence[Any], stop: threading.Event, settings: Settings
             initial=settings.connector.backoff_initial_secs,
             cap=settings.connector.backoff_max_secs,
             describe=sink.name,
+            shutdown_timeout=settings.connector.shutdown_timeout_secs,
         )
 
 

@@ -7,6 +7,9 @@ re-serialised on the hot path.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -22,6 +25,7 @@ __all__ = [
     "StreamEvent",
     "archive_line_fields",
     "archive_line_parts",
+    "loads_json",
     "parse_archive_line",
     "octi_ext",
     "OCTI_EXT",
@@ -178,7 +182,7 @@ class StreamEvent:
         if not raw:
             raise MalformedEvent("event without data")
         try:
-            envelope = orjson.loads(raw)
+            envelope = loads_json(raw)
         except orjson.JSONDecodeError as exc:
             raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
         if not isinstance(envelope, dict):
@@ -220,8 +224,61 @@ class StreamEvent:
 
 
 def _loads_object(data: bytes) -> dict[str, Any]:
-    value = orjson.loads(data)
+    value = loads_json(data)
     return value if isinstance(value, dict) else {}
+
+
+# A \uD800-\uDFFF escape: the only valid JSON that orjson refuses and the platform sends.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def loads_json(data: str | bytes) -> Any:
+    """``orjson.loads``, and valid JSON it refuses: a lone UTF-16 surrogate escape.
+
+    Node's ``JSON.stringify`` writes a lone surrogate (a string cut inside an emoji) as the
+    escape ``"\\ud83d"``: valid JSON, refused by orjson. Such data is parsed by the standard
+    ``json`` module instead, each lone surrogate in the parsed value becoming U+FFFD, so the
+    value can be written as UTF-8 again (state, targets); the received bytes themselves are
+    kept verbatim by the callers. Anything else orjson refuses still raises its error.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        if not _SURROGATE_ESCAPE.search(raw):
+            raise
+        try:
+            # Decoded here: json.loads would guess UTF-16/32 for bytes; the stream is UTF-8.
+            value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+            return _without_lone_surrogates(value)
+        except (ValueError, RecursionError):
+            # Not valid for json either (or beyond what orjson accepts): orjson's reason.
+            raise exc from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """The parsed value with lone surrogates replaced; numbers orjson would refuse raise."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if value not in _INT_RANGE:
+            raise ValueError("integer exceeds 64-bit range")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +333,7 @@ def archive_line_fields(line: bytes) -> tuple[str, str, dict[str, Any]]:
     """``(SSE id, SSE event name, parsed data object)`` of one archive line; raises
     ``MalformedEvent`` on a damaged line. One parse, no ``StreamEvent`` (the restore fold's path)."""
     try:
-        obj = orjson.loads(line)
+        obj = loads_json(line)
     except orjson.JSONDecodeError as exc:
         raise MalformedEvent(f"archive line is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):

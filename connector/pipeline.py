@@ -25,9 +25,19 @@ from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .sink import Batch, Sink
 from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
 
-__all__ = ["BatchPolicy", "Pipeline", "ShutdownTimeout", "write_with_retry", "retry_call"]
+__all__ = [
+    "BatchPolicy",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "Pipeline",
+    "ShutdownTimeout",
+    "write_with_retry",
+    "retry_call",
+]
 
 log = logging.getLogger(__name__)
+
+# CONNECTOR_SHUTDOWN_TIMEOUT_SECS's default: how long retries go on once ``stop`` is set.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,15 @@ class BatchPolicy:
     max_events: int = 20_000
     max_bytes: int = 16 * 1024 * 1024
     max_age_secs: float = 10.0
+
+
+@dataclass(frozen=True)
+class _Archived:
+    """What the archive sink stored for one batch, and the highest group it holds after it."""
+
+    events: int
+    segments: list[str]
+    tail: EventId | None
 
 
 class ShutdownTimeout(ConnectorError):
@@ -63,10 +82,15 @@ def retry_call(
     cap: float = 60.0,
     deadline: Callable[[], float | None] = lambda: None,
     describe: str = "",
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Call ``fn`` until it succeeds; ``RetryableError`` is retried with full-jitter backoff
-    and no attempt limit, anything else propagates. Past the shutdown deadline it gives up."""
+    and no attempt limit, anything else propagates. Past the shutdown deadline it gives up.
+
+    The deadline is ``deadline()`` or, once ``stop`` is set, ``shutdown_timeout`` after this
+    call first saw it set, whichever comes first: a stop never waits on an unbounded retry."""
     attempt = 0
+    stopping: float | None = None
     while True:
         try:
             fn()
@@ -75,6 +99,11 @@ def retry_call(
             attempt += 1
             metrics.RETRIES.labels(stage, type(exc).__name__).inc()
             limit = deadline()
+            if stop.is_set():
+                if stopping is None:
+                    stopping = time.monotonic()
+                grace = stopping + shutdown_timeout
+                limit = grace if limit is None else min(limit, grace)
             if limit is not None and time.monotonic() >= limit:
                 raise ShutdownTimeout(
                     f"{stage}: gave up at shutdown after {attempt} attempts: {exc}"
@@ -94,6 +123,7 @@ def write_with_retry(
     initial: float = 1.0,
     cap: float = 60.0,
     deadline: Callable[[], float | None] = lambda: None,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Every sink makes the batch durable; a failing sink is retried alone (the others already
     hold the batch, and writing it again would be harmless anyway)."""
@@ -106,6 +136,7 @@ def write_with_retry(
             cap=cap,
             deadline=deadline,
             describe=sink.name,
+            shutdown_timeout=shutdown_timeout,
         )
 
 
@@ -174,8 +205,20 @@ class Pipeline:
         finally:
             self._drain()
 
+    def _shutdown_deadline(self) -> float | None:
+        """None while running; once ``stop`` is set (SIGTERM), the time retries must end by.
+
+        Asked after every failed attempt, so a stop that comes while a write or a checkpoint
+        save is being retried in the run loop bounds it too (the checkpoint has not moved:
+        nothing is lost by giving up)."""
+        if self._deadline is None and self.stop.is_set():
+            self._deadline = time.monotonic() + self.shutdown_timeout
+        return self._deadline
+
     def _drain(self) -> None:
-        self._deadline = time.monotonic() + self.shutdown_timeout
+        # One shutdown timeout in all: a retry cut short by it does not start a new one here.
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.shutdown_timeout
         self.source.close()
         # Items already read are still worth keeping.
         while True:
@@ -294,9 +337,11 @@ class Pipeline:
                 size_bytes=sum(e.size for e in events),
             )
             self._write(self.sinks, batch)
-            self._record_archived(batch)
-            self.checkpoint.last_segment_last_id = str(at)
-            self._segment_last = at
+            archived = self._archived(batch)
+            self._record_archived(archived)
+            tail = max(at, archived.tail) if archived.tail is not None else at
+            self.checkpoint.last_segment_last_id = str(tail)
+            self._segment_last = tail
         self.checkpoint.reconcile = {
             **rec,
             "due": False,
@@ -357,6 +402,8 @@ class Pipeline:
             anchor = self._saved_id or EventId(0, 0)
             batch = Batch(first_id=anchor, last_id=anchor, quarantined=self._quarantined)
         self._write(self.sinks, batch)
+        # Read before the rejection records are written: that write has a result of its own.
+        archived = self._archived(batch)
         self._quarantine_rejections(batch)
         # Every sink said durable: now, and only now, the checkpoint may move.
         cp = self.checkpoint
@@ -366,9 +413,14 @@ class Pipeline:
             done = max(batch.last_id, self._complete_id or batch.last_id)
             if self._saved_id is None or done > self._saved_id:
                 cp.last_event_id = str(done)
-            cp.last_segment_last_id = str(batch.last_id)
-            self._segment_last = batch.last_id
-        self._record_archived(batch)
+            # The archive may end past the batch: an earlier run stored groups of the next
+            # batches before it could checkpoint. The next segment chains after them.
+            tail = batch.last_id
+            if archived.tail is not None and archived.tail > tail:
+                tail = archived.tail
+            cp.last_segment_last_id = str(tail)
+            self._segment_last = tail
+        self._record_archived(archived)
         cp.quarantined += len(batch.quarantined)
         self._save()
         counts = Counter(e.event for e in events)
@@ -420,29 +472,26 @@ class Pipeline:
             stop=self.stop,
             initial=self.backoff_initial,
             cap=self.backoff_max,
-            deadline=lambda: self._deadline,
+            deadline=self._shutdown_deadline,
+            shutdown_timeout=self.shutdown_timeout,
         )
 
-    def _record_archived(self, batch: Batch) -> None:
-        """Fold what the archive sink just wrote into the checkpoint's counters."""
-        events, segments, last = self._archived_counts(batch)
-        self.checkpoint.events_archived += events
-        self.checkpoint.segments_written += segments
-        if last:
-            self.checkpoint.last_segment = last
+    def _record_archived(self, archived: _Archived) -> None:
+        """Fold what the archive sink wrote for a batch into the checkpoint's counters."""
+        self.checkpoint.events_archived += archived.events
+        self.checkpoint.segments_written += len(archived.segments)
+        if archived.segments:
+            self.checkpoint.last_segment = archived.segments[-1]
 
-    def _archived_counts(self, batch: Batch) -> tuple[int, int, str | None]:
+    def _archived(self, batch: Batch) -> _Archived:
+        """What the archive sink's last write (the batch just written) stored."""
         for sink in self.sinks:
             result = getattr(sink, "last", None)
             if result is not None and sink.name == "archive":
                 metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
                 metrics.SEGMENT_BYTES.inc(result.bytes)
-                return (
-                    result.events,
-                    len(result.segments),
-                    (result.segments[-1] if result.segments else None),
-                )
-        return len(batch.events), 0, None
+                return _Archived(result.events, list(result.segments), result.tail)
+        return _Archived(len(batch.events), [], None)
 
     def _save(self) -> None:
         retry_call(
@@ -451,7 +500,8 @@ class Pipeline:
             stop=self.stop,
             initial=self.backoff_initial,
             cap=self.backoff_max,
-            deadline=lambda: self._deadline,
+            deadline=self._shutdown_deadline,
+            shutdown_timeout=self.shutdown_timeout,
             describe=self.store.storage.describe(),
         )
         last = self.checkpoint.last_event_id

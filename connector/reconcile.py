@@ -34,7 +34,7 @@ import orjson
 from httpx_sse import connect_sse
 
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
-from .events import EventId, StreamEvent, octi_ext
+from .events import EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
 from .storage import Storage
 
@@ -85,7 +85,7 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
                 if sse.event not in ("create", "update", "merge"):
                     continue  # heartbeats too: the platform's timer fires during recovery
                 try:
-                    stix = orjson.loads(sse.data).get("data") or {}
+                    stix = loads_json(sse.data).get("data") or {}
                 except (orjson.JSONDecodeError, AttributeError):
                     continue
                 ids = [stix.get("id"), octi_ext(stix).get("id")]

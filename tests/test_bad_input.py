@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import pytest
 
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
-from connector.events import EventId
+from connector.errors import MalformedEvent
+from connector.events import EventId, StreamEvent, archive_line_fields, parse_archive_line
 from connector.sim.server import SimServer
 from connector.sim.store import _SEQ_SPAN, SimStore
 from connector.storage.local import LocalStorage
@@ -200,6 +202,103 @@ def test_case(corpus_run: dict[str, Any], name: str) -> None:
         assert not records and not archived
     index = CASES.index(name)
     assert any(ev.stix_id == sentinel(index) for ev in corpus_run["events"]), "stream stopped"
+
+
+# ---------------------------------------------------------------------- lone surrogates
+# Node's JSON.stringify writes a lone UTF-16 surrogate (a string cut inside an emoji) as the
+# escape "\ud83d": valid JSON that orjson refuses. Archived verbatim, never quarantined.
+LONE_HIGH = "malware--00000000-d83d-4000-8000-000000000000"
+LONE_LOW = "malware--00000000-de00-4000-8000-000000000000"
+EPOCH = "1970-01-01T00:00:00.000Z"
+SENTINEL = {"type": "malware", "spec_version": "2.1", "name": "after", "is_family": False}
+
+
+def _lone_surrogate_frame(event_id: str, stix_id: str, name: str) -> str:
+    return (
+        f"id: {event_id}\nevent: create\n"
+        'data: {"version":"4","type":"create","scope":"external","message":"creates a Malware",'
+        f'"origin":{{"socket":"query"}},"data":{{"id":"{stix_id}","type":"malware",'
+        f'"spec_version":"2.1","name":"{name}","is_family":true}}}}\n\n'
+    )
+
+
+def test_lone_surrogate_escapes_are_archived_and_restored(tmp_path: Path) -> None:
+    from connector.restore import materialise
+
+    store = SimStore()
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        store.create(
+            {
+                "type": "identity",
+                "id": "identity--00000000-0000-4000-8000-00000000000c",
+                "spec_version": "2.1",
+                "name": "Before",
+                "identity_class": "organization",
+            }
+        )
+        last = EventId.parse(store.last_event_id or "1-0")
+        high, low = f"{last.ms + 1}-0", f"{last.ms + 1}-1"
+        # As received: "\ud83d" alone, and "\ude00" alone next to a well-formed pair.
+        store.append_raw(_lone_surrogate_frame(high, LONE_HIGH, "Emotet \\ud83d"))
+        store.append_raw(_lone_surrogate_frame(low, LONE_LOW, "\\ud83d\\ude00 cut \\ude00"))
+        time.sleep(0.01)
+        store.create({**SENTINEL, "id": sentinel(9999)})
+        archive = tmp_path / "archive"
+        env = base_env(sim.url, TOKEN, str(archive), CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE=EPOCH)
+        run = ConnectorThread(env).start()
+        storage = LocalStorage(archive)
+        wait_until(
+            lambda: not run.alive or caught_up(storage, store.last_event_id or "0-0"),
+            timeout=60,
+            what="the stream past the lone surrogates",
+        )
+        run.stop()
+    assert run.error is None and run.rc == 0
+    assert not list(storage.list("quarantine/"))
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.quarantined == 0
+    by_id = {ev.id_text: ev for ev in ArchiveReader(storage).events()}
+    assert b'"name":"Emotet \\ud83d"' in by_id[high].data  # the received bytes, verbatim
+    assert b'"name":"\\ud83d\\ude00 cut \\ude00"' in by_id[low].data
+    # The parsed view (state, restore, targets) holds U+FFFD for a lone surrogate.
+    assert by_id[high].stix["name"] == "Emotet \ufffd"
+    assert by_id[low].stix["name"] == "\U0001f600 cut \ufffd"
+    with materialise(storage, until=None, work_dir=tmp_path / "state") as state:
+        names = {obj["id"]: obj["name"] for _, _, _, obj in state.objects()}
+    assert names[LONE_HIGH] == "Emotet \ufffd"
+    assert names[LONE_LOW] == "\U0001f600 cut \ufffd"
+    assert sentinel(9999) in names
+    report = verify_archive(storage, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
+
+
+def test_archive_line_with_a_lone_surrogate_parses() -> None:
+    data = (
+        b'{"version":"4","type":"create","data":{"id":"malware--1","type":"malware",'
+        b'"name":"Emotet \\ud83d"}}'
+    )
+    line = b'{"id":"5-0","event":"create","data":' + data + b"}\n"
+    id_text, event, envelope = archive_line_fields(line)
+    assert (id_text, event, envelope["data"]["name"]) == ("5-0", "create", "Emotet \ufffd")
+    ev = parse_archive_line(line)
+    assert ev.data == data and ev.stix["name"] == "Emotet \ufffd"
+    assert StreamEvent.from_sse("5-0", "create", data).data == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":NaN}',
+        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":123456789012345678901234567890}',
+        b'{"data":{"id":"a--b","name":"\\ud83d"}',
+        b'{"data":{"id":"a--b","name":"\\ud83d \xff"}}',
+    ],
+    ids=["nan", "bigint", "truncated", "non-utf8"],
+)
+def test_lone_surrogate_does_not_let_other_bad_json_in(data: bytes) -> None:
+    """The fallback parser takes only what orjson refuses for the surrogate escape alone."""
+    with pytest.raises(MalformedEvent, match="not valid JSON"):
+        StreamEvent.from_sse("5-0", "create", data)
 
 
 # ---------------------------------------------------------------------- configuration

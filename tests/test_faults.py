@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from connector import metrics
-from connector.archive import ArchiveSink
+from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
@@ -710,6 +710,13 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
         assert any("name is too long" in r for r in reasons)
         run.stop()
+        # The rejection records are a write of their own: the batch still counts as archived.
+        refs = list(ArchiveReader(storage).manifests())
+        cp = CheckpointStore(storage).load()
+        assert cp is not None
+        assert cp.events_archived == sum(r.manifest.event_count for r in refs)
+        assert cp.segments_written == len(refs)
+        assert cp.last_segment == refs[-1].manifest.segment
     finally:
         proxy.stop()
         b.stop()

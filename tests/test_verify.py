@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
-from connector.archive.layout import manifest_key
+from connector.archive.layout import manifest_key, segment_key
+from connector.archive.segment import encode_segment
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.sink import Batch
@@ -327,10 +328,18 @@ def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     b = build_good(storage)
     prev_last = b.last
-    b.last = None  # a writer that lost the chain (no after_event_id)
     b.ms += 3_600_000
     b.create(9)
-    b.flush()
+    # A writer that lost the chain (an archive copied by hand, another tool): the segment names
+    # no predecessor. (ArchiveSink itself chains after what the archive holds.)
+    events, b.pending = b.pending, []
+    first = events[0].id
+    key = segment_key(first, "zstd")
+    body, manifest = encode_segment(
+        key, events, first=first, last=events[-1].id, codec="zstd", level=3, after=None
+    )
+    storage.put(key, body)
+    storage.put(manifest_key(first), manifest.to_json())
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
     assert any("does not continue the chain" in e for e in report.errors), report.errors

@@ -1,8 +1,12 @@
 """The archive as a sink: batches become segments + manifests, written put-if-absent.
 
 Writing the same batch twice leaves one copy. After a crash between a write and the checkpoint,
-the re-delivered events meet the existing segment: its manifest says which groups it holds, those
-are skipped, and the rest is written as a new segment named by its own first group id.
+the re-delivered events meet what the crashed run stored: on its first write a sink lists the
+segments after the batch's ``after_id`` (keys sort in stream order), rebuilds a manifest a crash
+left missing, and remembers the highest group stored. Every write then skips the leading groups
+at or below that tail and chains the rest after it, as a new segment named by its own first group
+id. So however the re-delivered stream is cut into batches (and even when a recovery re-delivers
+other ids), no group is stored twice and the manifests chain.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from ..errors import MalformedEvent, NotFound, PermanentError
 from ..events import EventId
 from ..sink import Batch
 from ..storage import Storage
-from .layout import manifest_key, quarantine_key, segment_key
+from .layout import (
+    CODEC_SUFFIX,
+    EVENTS_PREFIX,
+    id_from_key,
+    manifest_key,
+    quarantine_key,
+    segment_key,
+)
 from .segment import Manifest, encode_segment, iter_segment_events, iter_segment_lines
 
 __all__ = ["ArchiveSink", "WriteResult"]
@@ -23,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class WriteResult:
-    """What the last ``write`` added (for the checkpoint counters and logs)."""
+    """What one ``write`` added (for the checkpoint counters and logs)."""
 
     def __init__(self) -> None:
         self.events = 0
@@ -31,6 +42,8 @@ class WriteResult:
         self.segments: list[str] = []
         self.quarantined = 0
         self.skipped = 0
+        # The highest group the archive holds after this write (None: no segment known).
+        self.tail: EventId | None = None
 
 
 class ArchiveSink:
@@ -41,6 +54,14 @@ class ArchiveSink:
         self.codec = codec
         self.level = level
         self.last = WriteResult()
+        # The highest group stored, once the archive past the first batch's position was read.
+        self._tail: EventId | None = None
+        self._scanned = False
+
+    @property
+    def tail(self) -> EventId | None:
+        """The highest group id this sink knows to be stored (None before any segment)."""
+        return self._tail
 
     def check(self) -> None:
         self.storage.check()
@@ -54,10 +75,57 @@ class ArchiveSink:
             digest = hashlib.sha256(q.record()).hexdigest()
             if self.storage.put_if_absent(quarantine_key(q.after, digest), q.record()):
                 result.quarantined += 1
+        if batch.events:
+            if not self._scanned:
+                self._scan(batch.after_id)
+            self._write_events(batch, result)
+        result.tail = self._tail
+        self.last = result
+        if result.segments or result.skipped:
+            log.debug(
+                "Archive batch stored.",
+                extra={"segments": result.segments, "skipped": result.skipped},
+            )
+
+    def _scan(self, after_id: EventId | None) -> None:
+        """Read what an earlier run stored past ``after_id`` (the checkpoint's archive position):
+        segments it wrote before it could move the checkpoint. A segment a crash left without its
+        manifest gets one, chained after the segment before it."""
+        start = segment_key(after_id, self.codec) if after_id is not None else None
+        prev = after_id
+        found: list[str] = []
+        for key in self.storage.list(EVENTS_PREFIX, start_after=start):
+            codec = _codec_of(key)
+            if codec is None:
+                continue
+            first = id_from_key(key)
+            if after_id is not None and first <= after_id:
+                continue  # the same position under the other codec's suffix
+            manifest = self._committed_manifest(key, first, prev, codec)
+            prev = _max(prev, manifest.last)
+            self._tail = _max(self._tail, manifest.last)
+            found.append(key)
+        self._scanned = True
+        if found:
+            log.warning(
+                "Segments stored after the checkpoint by an earlier run: their groups are not "
+                "stored again.",
+                extra={"segments": found, "last_event_id": str(self._tail)},
+            )
+
+    def _write_events(self, batch: Batch, result: WriteResult) -> None:
         groups = _group_ids(batch)
-        after = batch.after_id
+        n = len(batch.events)
+        after = _max(batch.after_id, self._tail)
         start = 0
-        while start < len(batch.events):
+        while True:
+            # Groups the archive already holds (an earlier run stored them) are not stored again.
+            skip_from = start
+            while start < n and after is not None and groups[start] <= after:
+                start += 1
+            result.skipped += start - skip_from
+            if start >= n:
+                return
             first = groups[start]
             events = batch.events[start:]
             key = segment_key(first, self.codec)
@@ -70,33 +138,24 @@ class ArchiveSink:
                 level=self.level,
                 after=after,
             )
-            written = self.storage.put_if_absent(key, body)
-            if written:
+            if self.storage.put_if_absent(key, body):
                 self.storage.put_if_absent(manifest_key(first), manifest.to_json())
+                # Only now: a retry after a failed manifest write must meet the segment again.
+                self._tail = _max(self._tail, batch.last_id)
                 result.events += len(events)
                 result.bytes += len(body)
                 result.segments.append(key)
-                break
-            # The key exists: an earlier run wrote these groups before it could checkpoint.
-            existing = self._committed_manifest(key, first, after)
-            covered = existing.last
-            if covered >= batch.last_id:
-                result.skipped += len(events)
-                break
-            skip = start
-            while skip < len(batch.events) and groups[skip] <= covered:
-                skip += 1
-            result.skipped += skip - start
-            start = skip
-            after = covered
-        self.last = result
-        if result.segments or result.skipped:
-            log.debug(
-                "Archive batch stored.",
-                extra={"segments": result.segments, "skipped": result.skipped},
-            )
+                return
+            # The key exists: an earlier attempt wrote these groups before it could checkpoint.
+            covered = self._committed_manifest(key, first, after, self.codec).last
+            if covered < first:
+                raise PermanentError(f"archive manifest of {key} ends before its first group")
+            self._tail = _max(self._tail, covered)
+            after = _max(after, covered)
 
-    def _committed_manifest(self, key: str, first: EventId, after: EventId | None) -> Manifest:
+    def _committed_manifest(
+        self, key: str, first: EventId, after: EventId | None, codec: str
+    ) -> Manifest:
         """The manifest of an existing segment; rebuilt when a crash left the segment alone."""
         mkey = manifest_key(first)
         try:
@@ -106,7 +165,7 @@ class ArchiveSink:
         except MalformedEvent as exc:
             raise PermanentError(f"archive manifest {mkey} is damaged: {exc.reason}") from exc
         with self.storage.open(key) as fh:
-            events = list(iter_segment_events(iter_segment_lines(fh, self.codec)))
+            events = list(iter_segment_events(iter_segment_lines(fh, codec)))
         if not events:
             raise PermanentError(f"archive segment {key} exists but holds no events")
         last = max(ev.id for ev in events)
@@ -116,7 +175,7 @@ class ArchiveSink:
             events,
             first=first,
             last=max(last, first),
-            codec=self.codec,
+            codec=codec,
             level=self.level,
             after=after,
         )
@@ -126,6 +185,21 @@ class ArchiveSink:
         self.storage.put_if_absent(mkey, manifest.to_json())
         log.warning("Rebuilt the manifest of a segment left without one.", extra={"segment": key})
         return manifest
+
+
+def _max(a: EventId | None, b: EventId | None) -> EventId | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _codec_of(key: str) -> str | None:
+    for codec, suffix in CODEC_SUFFIX.items():
+        if key.endswith(suffix):
+            return codec
+    return None
 
 
 def _group_ids(batch: Batch) -> list[EventId]:

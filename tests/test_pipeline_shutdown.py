@@ -1,0 +1,168 @@
+"""SIGTERM while a write or a checkpoint save is being retried: the connector still exits within
+CONNECTOR_SHUTDOWN_TIMEOUT_SECS (ShutdownTimeout), the checkpoint has not moved, and the next
+run loses nothing.
+
+Real parts: the simulator over HTTP, the real source and pipeline, a local archive whose disk is
+full (ENOSPC through LocalStorage's own error translation) for the objects a test names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.archive import ArchiveSink
+from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
+from connector.events import EventId
+from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout, retry_call
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.source import SourceConfig, SseSource
+from connector.storage import local
+from connector.storage.local import LocalStorage
+from connector.verify import format_report, verify_archive
+from tests.support.connector import archived_events, checkpoint_id, wait_until
+from tests.support.simlog import sim_events
+
+TOKEN = "pipeline-shutdown-token"
+SHUTDOWN_TIMEOUT = 1.0
+
+
+class FullFor(LocalStorage):
+    """A local archive whose disk is full for the keys ``full(key)`` names."""
+
+    def __init__(self, root: Path, full: Callable[[str], bool]) -> None:
+        super().__init__(root)
+        self.full = full
+        self.refused = 0
+
+    def _refuse(self, key: str) -> None:
+        if self.full(key):
+            self.refused += 1
+            path = self.root / key
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise local._translate(err, path) from err
+
+    def put(self, key: str, body: bytes) -> None:
+        self._refuse(key)
+        super().put(key, body)
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        self._refuse(key)
+        return super().put_if_absent(key, body)
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
+    yield server
+    server.stop()
+
+
+def start(
+    storage: LocalStorage, sim: SimServer
+) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+    store = CheckpointStore(storage)
+    cp = store.load()
+    assert cp is not None
+    source = SseSource(
+        SourceConfig(
+            url=sim.url, token=TOKEN, stream_id="live", backoff_initial=0.05, backoff_max=0.3
+        ),
+        resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
+    )
+    stop = threading.Event()
+    pipeline = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_age_secs=0.2),
+        stop=stop,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, stop, errors
+
+
+def sigterm_while_retrying(tmp_path: Path, sim: SimServer, full: Callable[[str], bool]) -> None:
+    root = tmp_path / "archive"
+    CheckpointStore(LocalStorage(root)).save(Checkpoint(stream_id="live", source_url=sim.url))
+    generate(sim.store, 20, seed=5, mix="creates")
+    storage = FullFor(root, full)
+    thread, stop, errors = start(storage, sim)
+    wait_until(lambda: storage.refused >= 3, timeout=30, what="retries on the full disk")
+    stopped = time.monotonic()
+    stop.set()  # SIGTERM
+    thread.join(SHUTDOWN_TIMEOUT + 4)
+    assert not thread.is_alive(), "still retrying after SIGTERM: the shutdown timeout is ignored"
+    assert time.monotonic() - stopped < SHUTDOWN_TIMEOUT + 3
+    assert len(errors) == 1 and isinstance(errors[0], ShutdownTimeout), errors
+    assert checkpoint_id(LocalStorage(root)) is None, "the checkpoint moved"
+    # Nothing was lost: the next run, disk back, archives every event once.
+    healthy = LocalStorage(root)
+    thread, stop, errors = start(healthy, sim)
+    last = EventId.parse(sim.store.last_event_id or "0-0")
+    wait_until(
+        lambda: (checkpoint_id(healthy) or EventId(0, 0)) >= last, timeout=30, what="catch-up"
+    )
+    stop.set()
+    thread.join(15)
+    assert not errors
+    expected, _ = sim_events(sim.store)
+    assert [e.id_text for e in archived_events(healthy)] == [e.id_text for e in expected]
+    report = verify_archive(healthy, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
+
+
+def test_sigterm_while_a_write_is_retried(sim: SimServer, tmp_path: Path) -> None:
+    sigterm_while_retrying(tmp_path, sim, lambda key: key.startswith("events/"))
+
+
+def test_sigterm_while_the_checkpoint_save_is_retried(sim: SimServer, tmp_path: Path) -> None:
+    sigterm_while_retrying(tmp_path, sim, lambda key: key == CHECKPOINT_KEY)
+
+
+def test_sigterm_while_a_sink_check_is_retried(tmp_path: Path) -> None:
+    """The startup check (``_check_sinks``) retries the same way: a stop ends it too."""
+    storage = FullFor(tmp_path / "archive", lambda key: True)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            retry_call(
+                storage.check,
+                stage="checking",
+                stop=stop,
+                initial=0.05,
+                cap=0.2,
+                shutdown_timeout=SHUTDOWN_TIMEOUT,
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    wait_until(lambda: storage.refused >= 3, timeout=10, what="check retries")
+    stop.set()
+    thread.join(SHUTDOWN_TIMEOUT + 3)
+    assert not thread.is_alive(), "the check is still retried after SIGTERM"
+    assert len(errors) == 1 and isinstance(errors[0], ShutdownTimeout), errors

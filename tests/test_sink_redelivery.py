@@ -1,0 +1,307 @@
+"""A crash between a segment write and the checkpoint, then a restart that re-delivers the same
+groups cut otherwise (or, in recovery, with other ids): no group is stored twice, the manifests
+chain, ``verify`` is clean.
+
+Real parts only: the simulator over HTTP, the real ``SseSource`` and ``Pipeline``, a local
+archive. The crash is a storage that dies at the first checkpoint save after a segment exists:
+from then on nothing reaches it, as when the process is killed there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.archive import ArchiveReader, ArchiveSink
+from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment
+from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
+from connector.errors import PermanentError
+from connector.events import OCTI_EXT, EventId
+from connector.pipeline import BatchPolicy, Pipeline
+from connector.restore import materialise
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore, parse_date_ms
+from connector.source import SourceConfig, SseSource
+from connector.storage.local import LocalStorage
+from connector.verify import format_report, verify_archive
+from tests.support.connector import checkpoint_id, wait_until
+
+TOKEN = "sink-redelivery-token"
+
+
+class DiesAtCheckpoint(LocalStorage):
+    """Dies at the first checkpoint save made once a segment exists: nothing after it lands."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.dead = threading.Event()
+
+    def _die(self) -> None:
+        self.dead.set()
+        raise PermanentError("simulated crash before the checkpoint")
+
+    def put(self, key: str, body: bytes) -> None:
+        if self.dead.is_set() or (key == CHECKPOINT_KEY and any(self.list(EVENTS_PREFIX))):
+            self._die()
+        super().put(key, body)
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        if self.dead.is_set():
+            self._die()
+        return super().put_if_absent(key, body)
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
+    yield server
+    server.stop()
+
+
+def at_least(storage: LocalStorage, event_id: str) -> Callable[[], bool]:
+    def done() -> bool:
+        position = checkpoint_id(storage)
+        return position is not None and position >= EventId.parse(event_id)
+
+    return done
+
+
+def malware(store: SimStore, n: int) -> str:
+    """A create with no dependencies: one event, one group, its own millisecond."""
+    time.sleep(0.003)
+    event_id = store.create(
+        {
+            "type": "malware",
+            "id": f"malware--{n:08d}-7e1d-4000-8000-000000000000",
+            "spec_version": "2.1",
+            "name": f"malware {n}",
+            "is_family": False,
+        }
+    )
+    assert event_id is not None
+    time.sleep(0.003)
+    return event_id
+
+
+def recovery_ms(store: SimStore, n: int) -> int:
+    obj = store.get(f"malware--{n:08d}-7e1d-4000-8000-000000000000")
+    assert obj is not None
+    ms = parse_date_ms(str(obj["extensions"][OCTI_EXT]["updated_at"]))
+    assert ms is not None
+    return ms
+
+
+def run_pipeline(
+    storage: LocalStorage,
+    sim: SimServer,
+    *,
+    max_events: int,
+    until: Callable[[], bool],
+    what: str,
+) -> list[BaseException]:
+    """One connector run (source → pipeline → archive) from the stored checkpoint until
+    ``until()`` holds or the run dies; then SIGTERM-like stop. Returns what the run raised."""
+    store = CheckpointStore(storage)
+    cp = store.load()
+    assert cp is not None
+    source = SseSource(
+        SourceConfig(
+            url=sim.url, token=TOKEN, stream_id="live", backoff_initial=0.05, backoff_max=0.3
+        ),
+        resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
+        recover_until=cp.recover_until,
+    )
+    stop = threading.Event()
+    pipeline = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_events=max_events, max_age_secs=0.3),
+        stop=stop,
+        backoff_initial=0.05,
+        backoff_max=0.3,
+        shutdown_timeout=5,
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_until(lambda: bool(errors) or not thread.is_alive() or until(), timeout=30, what=what)
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive()
+    return errors
+
+
+def crash_after_first_segment(tmp_path: Path, sim: SimServer, groups: int) -> LocalStorage:
+    """Run 1: the first batch (``groups`` events) reaches the archive, then the process dies."""
+    dying = DiesAtCheckpoint(tmp_path / "archive")
+    errors = run_pipeline(dying, sim, max_events=groups, until=dying.dead.is_set, what="the crash")
+    assert errors and "simulated crash" in str(errors[0])
+    return LocalStorage(tmp_path / "archive")
+
+
+def manifests(storage: LocalStorage) -> list[tuple[str, str, str | None]]:
+    return [
+        (r.manifest.first_event_id, r.manifest.last_event_id, r.manifest.after_event_id)
+        for r in ArchiveReader(storage).manifests()
+    ]
+
+
+def assert_each_group_once(storage: LocalStorage, tmp_path: Path) -> list[str]:
+    """Every stored event once, segments chained, verify clean; the stored ids in order."""
+    stored: list[str] = []
+    for ref in ArchiveReader(storage).manifests():
+        stored += [row[0] for row in ref.manifest.objects]
+    assert len(stored) == len(set(stored)), f"stored twice: {manifests(storage)}"
+    assert stored == sorted(stored, key=EventId.parse)
+    chain = manifests(storage)
+    for (_, prev_last, _), (_, _, after) in zip(chain, chain[1:], strict=False):
+        assert after == prev_last, chain
+    # No segment without its manifest.
+    for key in storage.list(EVENTS_PREFIX):
+        assert storage.exists(manifest_key_for_segment(key)), key
+    report = verify_archive(storage, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
+    return stored
+
+
+def test_redelivered_batch_ending_inside_the_stored_segment(sim: SimServer, tmp_path: Path) -> None:
+    """Stored: one segment of groups 1..3. Re-delivered as [1, 2] then [3, 4, 5]: the first
+    batch is covered, the second holds group 3 again, which must not be stored a second time."""
+    store = CheckpointStore(LocalStorage(tmp_path / "archive"))
+    store.save(Checkpoint(stream_id="live", source_url=sim.url))
+    ids = [malware(sim.store, n) for n in range(3)]
+    storage = crash_after_first_segment(tmp_path, sim, groups=3)
+    assert manifests(storage) == [(ids[0], ids[2], None)]
+    ids += [malware(sim.store, n) for n in range(3, 5)]
+    # The restart reads 2 events, then (a stall) the rest: batches [1, 2] and [3, 4, 5].
+    sim.set_fault(stall_after_events=2, stall_secs=0.8)
+    errors = run_pipeline(
+        storage,
+        sim,
+        max_events=2,
+        until=at_least(storage, ids[-1]),
+        what="the re-delivery",
+    )
+    assert not errors
+    assert assert_each_group_once(storage, tmp_path) == ids
+    assert manifests(storage)[0] == (ids[0], ids[2], None)
+    cp = store.load()
+    assert cp is not None and cp.last_segment_last_id == ids[-1]
+
+
+def test_restart_after_a_covered_batch_continues_after_the_segment(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """The re-delivered batch [1, 2] is covered by the stored segment 1..3 and checkpointed;
+    the process stops before group 3 comes. The next run resumes after 2: the checkpoint must
+    say that the archive ends at 3, or that run writes group 3 again, after 2."""
+    store = CheckpointStore(LocalStorage(tmp_path / "archive"))
+    store.save(Checkpoint(stream_id="live", source_url=sim.url))
+    ids = [malware(sim.store, n) for n in range(3)]
+    storage = crash_after_first_segment(tmp_path, sim, groups=3)
+    ids += [malware(sim.store, n) for n in range(3, 5)]
+    sim.set_fault(stall_after_events=2, stall_secs=10)
+    errors = run_pipeline(
+        storage,
+        sim,
+        max_events=2,
+        until=at_least(storage, ids[1]),
+        what="the covered batch",
+    )
+    assert not errors
+    cp = store.load()
+    assert cp is not None and cp.last_event_id == ids[1]
+    assert cp.last_segment_last_id == ids[2]
+    sim.set_fault(stall_secs=None, stall_after_events=None)
+    errors = run_pipeline(
+        storage,
+        sim,
+        max_events=100,
+        until=at_least(storage, ids[-1]),
+        what="the rest",
+    )
+    assert not errors
+    assert assert_each_group_once(storage, tmp_path) == ids
+
+
+def test_recovery_redelivery_with_other_ids(sim: SimServer, tmp_path: Path) -> None:
+    """Run 1 recovers A B C D and dies after the segment A..C. Before run 2, A is deleted: its
+    recovery re-sends B C D (A's delete comes live, later). No key collides with the segment
+    A..C; B and C must still not be stored again."""
+    for n in range(4):
+        malware(sim.store, n)
+    # Recovery ids are the objects' updated_at, "<ms>-0" (not their create events' ids).
+    ids = [f"{recovery_ms(sim.store, n)}-0" for n in range(4)]
+    recover_ms = max(EventId.parse(sim.store.last_event_id or "0-0").ms, recovery_ms(sim.store, 3))
+    time.sleep(0.005)
+    recover_until = dt.datetime.fromtimestamp(recover_ms / 1000, dt.UTC).isoformat(
+        timespec="milliseconds"
+    )
+    store = CheckpointStore(LocalStorage(tmp_path / "archive"))
+    store.save(Checkpoint(stream_id="live", source_url=sim.url, recover_until=recover_until))
+    storage = crash_after_first_segment(tmp_path, sim, groups=3)
+    [(first, last, _)] = manifests(storage)
+    assert (first, last) == (ids[0], ids[2])
+    deleted = sim.store.delete("malware--00000000-7e1d-4000-8000-000000000000")
+    assert deleted is not None
+    errors = run_pipeline(
+        storage,
+        sim,
+        max_events=100,
+        until=at_least(storage, deleted),
+        what="the recovery re-delivery",
+    )
+    assert not errors
+    assert assert_each_group_once(storage, tmp_path) == [*ids, deleted]
+    with materialise(storage, until=None, work_dir=tmp_path / "state") as state:
+        names: list[Any] = sorted(obj["name"] for _, _, _, obj in state.objects())
+    assert names == ["malware 1", "malware 2", "malware 3"]
+
+
+def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Path) -> None:
+    """The crash came between the segment and its manifest, and the re-delivery starts at
+    another group (no key collision): the first write still finds the segment, gives it its
+    manifest (chained after the checkpoint's position) and continues after it."""
+    from connector.archive.layout import manifest_key
+    from connector.sim.generator import generate
+    from connector.sink import Batch
+    from tests.support.simlog import sim_events
+
+    sim_store = SimStore()
+    generate(sim_store, 30, seed=7, mix="creates")
+    events, _ = sim_events(sim_store)
+    storage = LocalStorage(tmp_path / "a")
+    first, second = events[:10], events[10:20]
+    ArchiveSink(storage).write(Batch(first_id=first[0].id, last_id=first[-1].id, events=first))
+    ArchiveSink(storage).write(
+        Batch(
+            first_id=second[0].id,
+            last_id=second[-1].id,
+            events=second,
+            after_id=first[-1].id,
+        )
+    )
+    storage.delete(manifest_key(second[0].id))
+    # The restart re-delivers from the middle of the second segment onwards.
+    rest = events[15:]
+    sink = ArchiveSink(storage)
+    sink.write(Batch(first_id=rest[0].id, last_id=rest[-1].id, events=rest, after_id=first[-1].id))
+    assert sink.last.skipped == 5 and sink.last.events == 10
+    assert sink.tail == events[-1].id
+    stored = assert_each_group_once(storage, tmp_path)
+    assert stored == [e.id_text for e in events]
