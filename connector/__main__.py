@@ -312,6 +312,7 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
     source = SseSource(
         source_config,
         resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
+        resume_data=(EventId.parse(cp.last_segment_last_id) if cp.last_segment_last_id else None),
         start_from=f"{c.live_stream_start_timestamp}-0" if c.live_stream_start_timestamp else "0",
         recover_until=None if cp.recover_refused else cp.recover_until,
     )

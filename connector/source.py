@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 _INIT_REFERERS = ("init-create", "init-dependencies")
 _KNOWN_CONTROL = {"consumer_metrics", "no-recover"}
+# How far before an idle heartbeat's position a reconnection starts (see _resume_point).
+_HEARTBEAT_SLACK_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ class SseSource:
         config: SourceConfig,
         *,
         resume: EventId | None,
+        resume_data: EventId | None = None,
         start_from: str = "0",
         recover_until: str | None = None,
         client_factory: Callable[[], httpx.Client] | None = None,
@@ -168,6 +171,8 @@ class SseSource:
         # Position state, owned by the reader thread.
         self._complete: EventId | None = resume
         self._hwm: EventId | None = resume
+        # The newest complete group of data events (``_complete`` may be past it: a heartbeat).
+        self._data_complete: EventId | None = resume_data
         self._start_from = start_from
         self._recover_until = recover_until
         self._unknown_logged: set[str] = set()
@@ -208,7 +213,8 @@ class SseSource:
     def request_params(self) -> dict[str, str]:
         """Query parameters for the next connection (the position goes only here)."""
         params: dict[str, str] = {}
-        params["from"] = str(self._complete) if self._complete is not None else self._start_from
+        point = self._resume_point()
+        params["from"] = str(point) if point is not None else self._start_from
         if self.config.stream_id not in ("", "raw"):
             if self._recover_until:
                 params["recover"] = self._recover_until
@@ -216,6 +222,25 @@ class SseSource:
             params["no-dependencies"] = "true" if self.config.no_dependencies else "false"
             params["with-inferences"] = "true" if self.config.with_inferences else "false"
         return params
+
+    def _resume_point(self) -> EventId | None:
+        """Where the next connection starts: the position, or up to ``_HEARTBEAT_SLACK_MS``
+        before it when that is an idle heartbeat's (never before the newest data group).
+
+        A heartbeat id is the platform node's clock, an event id Redis's: an event appended in
+        the heartbeat's millisecond, or by a Redis whose clock runs behind, sorts at or below
+        it, and the platform reads strictly after ``from``. Starting a little earlier delivers
+        such an event; nothing received is re-sent, since no data group lies in between.
+        """
+        complete, data = self._complete, self._data_complete
+        if complete is None or data is None or complete <= data or self._recovering(complete):
+            return complete
+        back = EventId(max(complete.ms - _HEARTBEAT_SLACK_MS, 0), 0)
+        return min(complete, max(back, data))
+
+    def _recovering(self, position: EventId) -> bool:
+        recover_id = iso_to_id(self._recover_until) if self._recover_until else None
+        return recover_id is not None and position <= recover_id
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -350,8 +375,7 @@ class SseSource:
             if hb is None:
                 return
             if self._hwm is None or hb > self._hwm:
-                self._hwm = hb
-                self._complete = hb
+                self._complete_position(hb)
                 out.append(Complete(hb))
         elif name == "connected":
             self._connected(data, out)
@@ -362,12 +386,17 @@ class SseSource:
                 self._recover_until = None
             elif pos is not None and (self._hwm is None or pos > self._hwm):
                 # consumer_metrics carries a position like a heartbeat does.
-                self._hwm = pos
-                self._complete = pos
+                self._complete_position(pos)
                 out.append(Complete(pos))
             out.append(ControlEvent(name, pos))
         else:
             self._unknown(name, id_text, data, out)
+
+    def _complete_position(self, position: EventId) -> None:
+        """A heartbeat-like position past ``_hwm``: it also completes a pending data group."""
+        if self._hwm is not None and self._hwm != self._complete:
+            self._data_complete = self._hwm
+        self._hwm = self._complete = position
 
     def _position(self, id_text: str) -> EventId | None:
         try:
@@ -394,10 +423,21 @@ class SseSource:
         hwm = self._hwm
         if hwm is None or ev.id > hwm:
             if hwm is not None and hwm != self._complete:
-                self._complete = hwm
+                self._complete = self._data_complete = hwm
                 out.append(Complete(hwm))
             self._hwm = hwm = ev.id
         elif hwm == self._complete:
+            late = self._data_complete
+            if late is not None and late < ev.id and not self._recovering(ev.id):
+                # At or below an idle heartbeat's position, above every data group: the
+                # heartbeat came from the node's clock, this id from Redis's (same millisecond,
+                # or a clock behind). New, not a re-send: a group of its own.
+                ev.group = ev.id
+                out.append(ev)
+                if not ev.synthetic:
+                    self._data_complete = ev.id
+                    out.append(Complete(ev.id))
+                return
             # This id's group is already complete (and may be durable): a re-sent recovery
             # object at or below our position is covered by it; anything else is out of order.
             if ev.synthetic:
@@ -425,7 +465,7 @@ class SseSource:
             # A live event is sent after its dependencies, which share its id, and a live id is
             # never reused: its group is complete now. (Recovery ids can repeat, and dependency
             # events precede their trigger, so those wait for a later id or a heartbeat.)
-            self._complete = hwm
+            self._complete = self._data_complete = hwm
             out.append(Complete(hwm))
 
     def _connected(self, data: bytes, out: list[Item]) -> None:

@@ -45,6 +45,7 @@ _FAULT_KEYS = {
     "no_recover",
     "consumer_metrics",
     "recovery_heartbeats",
+    "heartbeat_ahead_ms",
 }
 
 
@@ -183,11 +184,13 @@ class _Session:
         "Now" is taken one millisecond back so an event appended in this very millisecond can
         never sort at or below a checkpointed heartbeat (the platform has that race).
         """
+        # The node's clock (heartbeat ids) may run ahead of Redis's (event ids).
+        ahead = int(self.sim._fault_value("heartbeat_ahead_ms") or 0)
         with self.store.cond:
             caught_up = self.store.bounds()[1] <= pos
             key = self.last_key
             if caught_up:
-                now_key = (self.store.now_ms() - 1) * _SPAN
+                now_key = (self.store.now_ms() - 1 + ahead) * _SPAN
                 key = now_key if key is None else max(key, now_key)
         if key is None:
             return
@@ -926,6 +929,10 @@ class SimServer:
     def _fault_flag(self, name: str) -> bool:
         with self._lock:
             return bool(self._faults.get(name))
+
+    def _fault_value(self, name: str) -> Any:
+        with self._lock:
+            return self._faults.get(name)
 
     def _register(self, session: _Session) -> None:
         with self._lock:

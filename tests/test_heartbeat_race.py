@@ -1,0 +1,109 @@
+"""Events that sort at or below an idle heartbeat (protocol doc §2.3-2.4).
+
+A heartbeat's id is the platform node's clock ("now-0"), an event's id Redis's. An event
+appended in the heartbeat's millisecond, or by a Redis whose clock runs behind the node's, sorts
+at or below a heartbeat already received, and perhaps already checkpointed. The simulator plays
+a node clock ``heartbeat_ahead_ms`` ahead of its event clock. Such an event is archived as a new
+one (not quarantined as going backwards), and a restart or reconnection from a heartbeat position
+starts a few seconds before it, so it is not skipped either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.checkpoint import CheckpointStore
+from connector.events import EventId
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from tests.support.connector import (
+    ConnectorThread,
+    archived_events,
+    base_env,
+    caught_up,
+    raw_log,
+    wait_until,
+)
+
+TOKEN = "test-token"
+AHEAD_MS = 2_000
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
+    generate(server.store, 20, seed=3, mix="creates")
+    server.set_fault(heartbeat_ahead_ms=AHEAD_MS)
+    yield server
+    server.stop()
+
+
+def _checkpoint(storage: LocalStorage) -> EventId:
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.last_event_id
+    return EventId.parse(cp.last_event_id)
+
+
+def _idle_past_last_event(sim: SimServer, storage: LocalStorage) -> EventId:
+    """Wait until the checkpoint sits on a heartbeat ahead of the platform's event clock."""
+    last = EventId.parse(sim.store.last_event_id)
+    wait_until(
+        lambda: _checkpoint(storage).ms > sim.store.now_ms() + AHEAD_MS // 2,
+        what="a checkpoint on a heartbeat ahead of the event clock",
+    )
+    position = _checkpoint(storage)
+    assert position > last
+    return position
+
+
+def _ids_after(sim: SimServer, after: EventId) -> set[str]:
+    """The platform's event ids above ``after`` (its stream log)."""
+    return {i for i, _event, _env in raw_log(sim.url, TOKEN) if EventId.parse(i) > after}
+
+
+def test_an_event_below_a_received_heartbeat_is_archived(sim: SimServer, tmp_path: Path) -> None:
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="backup")
+    before = EventId.parse(sim.store.last_event_id)
+    position = _idle_past_last_event(sim, storage)
+    generate(sim.store, 3, seed=4, mix="creates")
+    late = _ids_after(sim, before)
+    assert len(late) == 3 and all(EventId.parse(i) <= position for i in late)  # the point
+    wait_until(
+        lambda: {e.id_text for e in archived_events(archive)} >= late,
+        what="the late events archived",
+    )
+    run.stop()
+    assert run.error is None
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.quarantined == 0
+
+
+def test_a_restart_from_a_heartbeat_does_not_skip_them(sim: SimServer, tmp_path: Path) -> None:
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(sim.url, TOKEN, archive)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="backup")
+    before = EventId.parse(sim.store.last_event_id)
+    position = _idle_past_last_event(sim, storage)
+    run.stop()
+    generate(sim.store, 3, seed=5, mix="creates")  # while down, below the checkpoint
+    late = _ids_after(sim, before)
+    assert len(late) == 3 and all(EventId.parse(i) <= position for i in late)
+    assert _checkpoint(storage) >= position
+    run = ConnectorThread(env).start()
+    wait_until(
+        lambda: {e.id_text for e in archived_events(archive)} >= late,
+        what="the events appended below the checkpoint archived",
+    )
+    run.stop()
+    assert run.error is None
+    seen = [(e.id_text, e.stix_id) for e in archived_events(archive)]
+    assert len(seen) == len(set(seen))  # and nothing archived twice
