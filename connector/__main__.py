@@ -114,6 +114,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(getattr(args, "config", None))
     if getattr(args, "archive", None):
         settings.archive.uri = args.archive
+    token = getattr(args, "token", None)
+    if token:
+        # As for the configured token: stripped, checked, and known to the log redactor.
+        token = token.strip()
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
+            raise ConfigError("--token", "contains control characters (value not shown)")
+        args.token = settings.target.opencti_token = token
     return settings
 
 
@@ -332,7 +339,9 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
         reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
-        on_batch=_recover_progress(cp.recover_until),
+        on_batch=_recover_progress(
+            None if cp.recover_refused else cp.recover_until, cp.last_event_id
+        ),
     )
     registration = None
     if c.register:
@@ -375,11 +384,17 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
     return 0
 
 
-def _recover_progress(recover_until: str | None) -> Any:
-    """While recovering, the recover_progress gauge (and a bar on a terminal) follows batches."""
-    if not recover_until:
-        return None
+def _recover_progress(recover_until: str | None, position: str | None) -> Any:
+    """While recovering, the recover_progress gauge (and a bar on a terminal) follows batches;
+    with no recovery to do (a raw stream, a refused or finished one), it says 1 from the start."""
     from . import metrics
+    from .events import EventId
+    from .source import iso_to_id
+
+    end = iso_to_id(recover_until) if recover_until else None
+    if not recover_until or end is None or (position and EventId.parse(position) >= end):
+        metrics.RECOVER_PROGRESS.set(1.0)
+        return None
     from .progress import RecoverProgress
 
     progress = RecoverProgress(recover_until)
@@ -652,6 +667,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             until=args.until,
             work_dir=work,
             ssl_verify=settings.target.ssl_verify,
+            ca_bundle=settings.target.ca_bundle or None,
         )
         ok = ok and diff_ok
     return 0 if ok else 1

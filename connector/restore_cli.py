@@ -244,6 +244,7 @@ def verify_against_opencti(
     until: str | None,
     work_dir: Path,
     ssl_verify: bool = True,
+    ca_bundle: str | None = None,
 ) -> bool:
     """Compare the archive's state at ``until`` with a platform's objects (ids and versions)."""
     from .target.opencti import OpenCTITarget
@@ -255,6 +256,7 @@ def verify_against_opencti(
         url=url,
         token=token,
         ssl_verify=ssl_verify,
+        ca_bundle=ca_bundle,
         connector_id=str(uuid.uuid4()),
         register=False,
         allow_same_platform=True,

@@ -6,6 +6,7 @@ import re
 import socket
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -223,3 +224,18 @@ def test_lag_follows_the_clock_between_saves() -> None:
         assert value("opencti_sync_checkpoint_lag_seconds") == 0.0  # no checkpoint yet
     finally:
         metrics.CHECKPOINT_TIMESTAMP.set(old)
+
+
+def test_recover_progress_is_one_without_a_recovery(sim: SimServer, tmp_path: Path) -> None:
+    """A raw stream has nothing to recover: the gauge says done from the start (dashboards and
+    the image's healthcheck read "recovering" from it)."""
+    metrics.RECOVER_PROGRESS.set(0.25)  # whatever an earlier run in this process left
+    generate(sim.store, 5, seed=2)
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="raw"))
+    run.start()
+    try:
+        wait_until(lambda: value("opencti_sync_recover_progress_ratio") == 1.0, what="done")
+    finally:
+        run.stop()
+    assert run.error is None

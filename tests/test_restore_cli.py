@@ -10,9 +10,16 @@ import pytest
 
 from connector.__main__ import main
 from connector.retention import RetentionPolicy, apply_retention, plan_retention
+from connector.sim.server import SimServer
 from connector.snapshot import list_snapshots
 from connector.storage.local import LocalStorage
+from tests.support.tls import make_certs, server_context
 from tests.test_retention import at_day, build_days, follow_until
+
+
+@pytest.fixture(autouse=True)
+def _work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENCTI_SYNC_WORK_DIR", str(tmp_path / "work"))
 
 
 @pytest.fixture
@@ -74,3 +81,32 @@ def test_a_partial_state_needs_allow_partial(archive: Path, tmp_path: Path) -> N
     assert not out.exists()
     assert _restore(archive, tmp_path, "--to-bundle", str(out), "--allow-partial") == 0
     assert out.exists()
+
+
+def test_a_token_given_with_a_newline_works_and_never_shows(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--token "$(cat token-file)"`` keeps the file's newline: stripped like a configured token
+    (an HTTP library would refuse the header and print it), and redacted from every log line."""
+    token = "cli-token-0123456789abcdef"
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        assert _restore(archive, tmp_path, "--opencti", sim.url, "--token", token + "\n") == 0
+        assert sim.store.object_count > 0
+    out = capsys.readouterr()
+    assert token not in out.out + out.err
+
+
+def test_verify_against_a_platform_behind_a_private_ca(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``verify --against-opencti`` trusts TARGET_CA_BUNDLE, like every other target call."""
+    token = "verify-token-0123456789"
+    files = make_certs(tmp_path / "tls")
+    with SimServer(token=token, heartbeat_secs=0.2, ssl_context=server_context(files)) as sim:
+        monkeypatch.setenv("TARGET_CA_BUNDLE", str(files.ca_pem))
+        url = sim.url
+        assert _restore(archive, tmp_path, "--opencti", url, "--token", token) == 0
+        args = ["verify", "--archive", str(archive), "--against-opencti", url, "--token", token]
+        assert main(args) == 0
+        monkeypatch.delenv("TARGET_CA_BUNDLE")
+        assert main(args) != 0  # the same platform, its certificate unverifiable
