@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 LOCK_KEY = "locks/archive-jobs.json"
 # Time between our write of a taken-over lock and the re-read that confirms it.
 _SETTLE_SECS = 0.2
+_RETRY_SECS = 600  # a job skipped because another process holds the archive runs again then
 
 
 class LockHeld(ConnectorError):
@@ -284,6 +285,10 @@ class JobRunner:
         self.scheduler = BackgroundScheduler(timezone=dt.UTC)
         self.runs: dict[str, int] = {"snapshot": 0, "retention": 0}
         self.failures: dict[str, int] = {"snapshot": 0, "retention": 0}
+        self.skipped: dict[str, int] = {"snapshot": 0, "retention": 0}
+        # This process's jobs take turns (two schedules firing together must not lock each
+        # other out); the archive lock still keeps other processes' jobs apart.
+        self._turn = threading.Lock()
 
     def start(self) -> None:
         jobs = {"snapshot": self.run_snapshot, "retention": self.run_retention}
@@ -310,6 +315,20 @@ class JobRunner:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
 
+    def _retry_later(self, name: str) -> None:
+        if not self.scheduler.running:
+            return
+        run = self.run_snapshot if name == "snapshot" else self.run_retention
+        self.scheduler.add_job(
+            run,
+            "date",
+            run_date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_RETRY_SECS),
+            id=f"{name}-retry",
+            name=f"{name} (retry)",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
     def run_snapshot(self) -> None:
         self._guarded("snapshot", lambda: run_snapshot_job(self.storage, self.work_dir))
 
@@ -318,11 +337,23 @@ class JobRunner:
 
     def _guarded(self, name: str, job: Any) -> None:
         """Run one job; nothing it raises may reach the scheduler or the stream loop."""
+        with self._turn:
+            self._run_guarded(name, job)
+
+    def _run_guarded(self, name: str, job: Any) -> None:
         self.runs[name] += 1
         try:
             result = job()
         except LockHeld as exc:
-            log.warning("Archive job skipped: lock held.", extra={"job": name, "reason": str(exc)})
+            # Another process's job holds the archive: try again soon, not at the next
+            # scheduled time (which may be a day away).
+            self.skipped[name] += 1
+            metrics.ERRORS.labels(f"job_{name}_skipped").inc()
+            log.warning(
+                "Archive job skipped: lock held; retrying later.",
+                extra={"job": name, "reason": str(exc), "retry_in_secs": _RETRY_SECS},
+            )
+            self._retry_later(name)
         except Exception as exc:  # noqa: BLE001 - a job must never stop the stream consumer
             self.failures[name] += 1
             metrics.ERRORS.labels(f"job_{name}").inc()

@@ -183,3 +183,51 @@ def test_lock_held_job_is_skipped_not_failed(tmp_path: Path) -> None:
     with JobLock(storage, "snapshot"):
         runner.run_retention()
     assert runner.runs["retention"] == 1 and runner.failures["retention"] == 0
+
+
+def test_jobs_of_one_process_take_turns_instead_of_skipping(tmp_path: Path) -> None:
+    """Both schedules firing at once (same cron line): each job runs, one after the other."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="every 1h",
+        retention_schedule="every 1h",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+    threads = [
+        threading.Thread(target=runner.run_snapshot),
+        threading.Thread(target=runner.run_retention),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert runner.runs == {"snapshot": 1, "retention": 1}
+    assert runner.skipped == {"snapshot": 0, "retention": 0}
+    assert runner.failures == {"snapshot": 0, "retention": 0}
+    assert len(list_snapshots(storage)) == 1
+
+
+def test_a_job_locked_out_by_another_process_is_retried(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="every 24h",
+        retention_schedule="",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+    runner.start()
+    try:
+        with JobLock(storage, "retention"):  # another connector's job on the same archive
+            runner.run_snapshot()
+        assert runner.skipped["snapshot"] == 1 and runner.failures["snapshot"] == 0
+        retry = runner.scheduler.get_job("snapshot-retry")
+        assert retry is not None and retry.next_run_time < dt.datetime.now(dt.UTC) + dt.timedelta(
+            hours=1
+        )
+    finally:
+        runner.shutdown()
