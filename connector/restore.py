@@ -27,7 +27,7 @@ import orjson
 from .archive import ArchiveReader
 from .errors import ConfigError
 from .events import EventId
-from .snapshot import fold_segments, list_snapshots, seed_state, state_sha256
+from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
 from .state import PHASES, StateStore
 from .storage import Storage
 
@@ -129,16 +129,14 @@ def materialise(storage: Storage, *, until: EventId | None, work_dir: Path) -> S
 
 def _warn_if_pruned(reader: ArchiveReader) -> bool:
     """Whether the oldest segment continues one that is gone (said loudly when it does)."""
-    for ref in reader.manifests():
-        if ref.manifest.after_event_id is not None:
-            log.warning(
-                "The archive's oldest segments are gone and no snapshot covers them: objects "
-                "not changed since then are missing from the restored state.",
-                extra={"first_segment": ref.manifest.segment},
-            )
-            return True
-        return False
-    return False
+    first = pruned_before(reader)
+    if first is not None:
+        log.warning(
+            "The archive's oldest segments are gone and no snapshot covers them: objects "
+            "not changed since then are missing from the restored state.",
+            extra={"first_segment": first},
+        )
+    return first is not None
 
 
 # ---------------------------------------------------------------------- bundle export

@@ -42,6 +42,7 @@ __all__ = [
     "PartInfo",
     "SnapshotInfo",
     "fold_segments",
+    "pruned_before",
     "iter_snapshot_object_lines",
     "iter_snapshot_objects",
     "iter_snapshot_tombstones",
@@ -294,6 +295,14 @@ def state_sha256(state: StateStore) -> str:
     return digest.hexdigest()
 
 
+def pruned_before(reader: ArchiveReader) -> str | None:
+    """The oldest segment when it continues one that is gone (retention pruned what came
+    before it: only a snapshot holds that history); None when the archive starts at its origin."""
+    for ref in reader.manifests():
+        return ref.manifest.segment if ref.manifest.after_event_id is not None else None
+    return None
+
+
 def fold_segments(
     state: StateStore,
     reader: ArchiveReader,
@@ -482,6 +491,14 @@ def write_snapshot(
         db_path.unlink(missing_ok=True)
         raise
     try:
+        pruned = pruned_before(ArchiveReader(storage)) if base is None else None
+        if pruned is not None:
+            # A snapshot of the segments alone would lack every object of the pruned history,
+            # and retention would then take it for a base and delete what is left of it.
+            raise PermanentError(
+                "no usable snapshot covers the history pruned before "
+                f"{pruned}: not writing one without it (opencti-sync verify shows what is damaged)"
+            )
         segments, events, last_key = fold_segments(
             state, ArchiveReader(storage), start_after=base.last_segment_manifest if base else None
         )

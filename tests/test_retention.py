@@ -11,6 +11,7 @@ import pytest
 from connector.archive import ArchiveReader
 from connector.archive.layout import quarantine_key
 from connector.checkpoint import Checkpoint, CheckpointStore
+from connector.errors import PermanentError
 from connector.events import EventId
 from connector.jobs import LOCK_KEY, run_retention_job
 from connector.metrics import REGISTRY
@@ -235,3 +236,22 @@ def test_retention_on_s3(s3_storage: Storage, tmp_path: Path) -> None:  # noqa: 
     assert len(list(ArchiveReader(s3_storage).manifests())) == before - 2
     verified = verify_archive(s3_storage, work_dir=tmp_path / "w")
     assert verified.ok, format_report(verified)
+
+
+def test_no_snapshot_is_written_without_the_pruned_history(tmp_path: Path) -> None:
+    """Retention pruned what the only snapshot covers, then that snapshot lost a part: a new
+    snapshot of the remaining segments alone would lack the pruned objects (and retention would
+    take it for a base). The job refuses instead, and nothing more is deleted."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    follow_until(storage, at_day(8))
+    policy = RetentionPolicy(keep_days=1, keep_snapshots=0)
+    apply_retention(storage, plan_retention(storage, policy, at_day(8)))
+    (first,) = list_snapshots(storage)
+    storage.delete(first.parts[0].key)
+    with pytest.raises(PermanentError, match="pruned"):
+        write_snapshot(storage, work_dir=tmp_path / "snap")
+    assert [s.as_of for s in list_snapshots(storage)] == [first.as_of]
+    keys = sorted(storage.list())
+    apply_retention(storage, plan_retention(storage, policy, at_day(8)))
+    assert sorted(storage.list()) == keys
