@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -597,3 +598,8 @@ def _validate(s: Settings) -> None:
     ):
         if url and not url.startswith(("http://", "https://")):
             raise ConfigError(url_key, "must start with http:// or https://")
+        if "@" in urlsplit(url).netloc:
+            # The URL is stored in the checkpoint, shown by status and logged: no credentials.
+            raise ConfigError(
+                url_key, "must not carry credentials (user:password@); the token authenticates"
+            )

@@ -247,3 +247,20 @@ def test_check_refuses_what_run_refuses(tmp_path: Path) -> None:
         done = _cli({**base, **extra}, tmp_path, "check")
         assert done.returncode == 2, (extra, done.stderr[-2000:])
         assert key in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env_name", "key"),
+    [("OPENCTI_URL", "opencti.url"), ("TARGET_OPENCTI_URL", "target.opencti_url")],
+)
+def test_platform_urls_carry_no_credentials(env_name: str, key: str) -> None:
+    """The source URL is stored in the checkpoint, shown by status and logged."""
+    env = {
+        "OPENCTI_URL": "http://opencti:8080",
+        "OPENCTI_TOKEN": "tok-0123456789",
+        "TARGET_OPENCTI_TOKEN": "tok-9876543210",
+        env_name: "https://backup:Pr0xyPassw0rd@opencti.example.org",
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert err.value.key == key and "Pr0xyPassw0rd" not in str(err.value)
