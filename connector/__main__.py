@@ -190,6 +190,9 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 connector_name=settings.connector.name,
                 synchronized=t.synchronized,
                 source_url=settings.opencti.url or None,
+                # With it, the target also tells the source by its platform id, not only by URL
+                # (the same platform under a second address would otherwise loop).
+                source_token=settings.opencti.token or None,
                 allow_same_platform=t.allow_same_platform,
                 transport=t.transport,
                 amqp_host=t.amqp_host,

@@ -181,6 +181,10 @@ class Pipeline:
         self._reconcile_at = 0.0  # monotonic time before which a failed reconcile is not retried
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
+        if self._saved_id is not None:
+            # The lag counts from the checkpoint found at start-up: a connector that restarts and
+            # cannot reach the platform must not report a lag of 0.
+            metrics.CHECKPOINT_TIMESTAMP.set(self._saved_id.ms / 1000)
         self._segment_last: EventId | None = (
             EventId.parse(checkpoint.last_segment_last_id)
             if checkpoint.last_segment_last_id

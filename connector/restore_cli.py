@@ -49,6 +49,7 @@ def _target(
         connector_name=f"{settings.connector.name} (restore)",
         synchronized=t.synchronized,
         source_url=source_url,
+        source_token=settings.opencti.token or None,
         allow_same_platform=force,
     )
 

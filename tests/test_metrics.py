@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connector import metrics
 from connector.archive import ArchiveReader
-from connector.checkpoint import CheckpointStore
+from connector.checkpoint import Checkpoint, CheckpointStore
+from connector.events import EventId
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.s3 import REGION, make_bucket, moto_server  # noqa: F401
@@ -239,3 +242,18 @@ def test_recover_progress_is_one_without_a_recovery(sim: SimServer, tmp_path: Pa
     finally:
         run.stop()
     assert run.error is None
+
+
+def test_lag_counts_from_the_checkpoint_found_at_start(tmp_path: Path) -> None:
+    """Restarted while the platform is unreachable: the lag is the checkpoint's age, not 0."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    archive = tmp_path / "a"
+    hour_ago = EventId(int(time.time() * 1000) - 3_600_000, 0)
+    CheckpointStore(LocalStorage(archive)).save(Checkpoint("live", url, str(hour_ago)))
+    metrics.CHECKPOINT_TIMESTAMP.set(0)
+    run = ConnectorThread(base_env(url, TOKEN, str(archive))).start()
+    try:
+        wait_until(lambda: value("opencti_sync_checkpoint_lag_seconds") > 0, what="a lag")
+        assert 3_590 < value("opencti_sync_checkpoint_lag_seconds") < 3_700
+    finally:
+        run.stop()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from connector.checkpoint import CheckpointStore
-from connector.errors import ConfigError
+from connector.errors import ConfigError, PermanentError
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
@@ -55,3 +55,24 @@ def test_an_archive_refuses_another_platform_until_told_it_moved(tmp_path: Path)
     after = CheckpointStore(storage).load()
     assert after is not None and after.source_url == other.url
     assert not after.retention_gaps
+
+
+def test_a_target_that_is_the_source_under_another_address_is_refused(tmp_path: Path) -> None:
+    """Two addresses of one platform (a second node, a proxy): the URLs differ, the platform id
+    does not. ``run`` gives the target the source's token, so its check compares ids."""
+    with (
+        SimServer(token=TOKEN, heartbeat_secs=0.2) as node1,
+        SimServer(token=TOKEN, heartbeat_secs=0.2, store=node1.store) as node2,
+    ):
+        env = base_env(
+            node2.url,
+            TOKEN,
+            str(tmp_path / "a"),
+            TARGET_OPENCTI_URL=node1.url,
+            TARGET_OPENCTI_TOKEN=TOKEN,
+            TARGET_TRANSPORT="api",
+        )
+        run = ConnectorThread(env).start()
+        run.join(60)
+        assert isinstance(run.error, PermanentError), run.error
+        assert "source platform itself" in str(run.error)
