@@ -585,6 +585,9 @@ def _validate(s: Settings) -> None:
 
         parse_schedule(s.snapshot.schedule, "snapshot.schedule")
         parse_schedule(s.retention.schedule, "retention.schedule")
+        if not s.archive.uri:
+            which = "snapshot.schedule" if s.snapshot.schedule.strip() else "retention.schedule"
+            raise ConfigError(which, "snapshots and retention work on an archive: set archive.uri")
     if s.metrics.port < 0 or s.metrics.port > 65535:
         raise ConfigError("metrics.port", "must be a TCP port")
     optional_bool("target.amqp_use_ssl", s.target.amqp_use_ssl)  # a bad word fails at load

@@ -264,3 +264,18 @@ def test_platform_urls_carry_no_credentials(env_name: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(None, env=env)
     assert err.value.key == key and "Pr0xyPassw0rd" not in str(err.value)
+
+
+@pytest.mark.parametrize("env_name", ["SNAPSHOT_SCHEDULE", "RETENTION_SCHEDULE"])
+def test_a_schedule_without_an_archive_is_refused(env_name: str) -> None:
+    env = {
+        "OPENCTI_URL": "http://opencti:8080",
+        "OPENCTI_TOKEN": "tok-0123456789",
+        "ARCHIVE_URI": "",
+        "TARGET_OPENCTI_URL": "http://other:8080",
+        "TARGET_OPENCTI_TOKEN": "tok-9876543210",
+        env_name: "every 6h",
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert err.value.key == env_name.lower().replace("_", ".", 1)
