@@ -326,7 +326,7 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
         start_from=f"{c.live_stream_start_timestamp}-0" if c.live_stream_start_timestamp else "0",
         recover_until=None if cp.recover_refused else cp.recover_until,
     )
-    jobs = _start_jobs(settings, runtime["archive"])
+    jobs = _start_jobs(settings, runtime["archive"], stop)
     pipeline = Pipeline(
         source=source,
         sinks=runtime["sinks"],
@@ -424,7 +424,7 @@ def _reconciler(archive: Any, config: Any, work_dir: Path) -> Any:
     return run
 
 
-def _start_jobs(settings: Settings, archive: Any) -> Any:
+def _start_jobs(settings: Settings, archive: Any, stop: threading.Event) -> Any:
     if archive is None or not (settings.snapshot.schedule or settings.retention.schedule):
         return None
     from .jobs import JobRunner
@@ -438,7 +438,11 @@ def _start_jobs(settings: Settings, archive: Any) -> Any:
             keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
         ),
         work_dir=Path(settings.connector.work_dir),
+        shutdown_timeout_secs=settings.connector.shutdown_timeout_secs,
     )
+    # The run's own stop event: SIGTERM stops a running snapshot at once, while the stream
+    # drains, rather than after the drain.
+    runner.stop = stop
     runner.start()
     return runner
 

@@ -15,6 +15,11 @@ starts them. The lock is advisory and best effort:
 
 A job failure is logged and counted (``opencti_sync_errors_total{kind="job_<name>"}``); it never
 propagates into the caller's stream loop.
+
+``JobRunner.shutdown`` sets a stop event the running snapshot checks per segment and per part (it
+then aborts: nothing committed, lock released, scratch file deleted) and waits for it at most
+``shutdown_timeout_secs``. A killed run's scratch database is removed by the next snapshot job
+once it holds the lock.
 """
 
 from __future__ import annotations
@@ -230,15 +235,24 @@ def parse_schedule(text: str, key: str = "schedule") -> BaseTrigger | None:
 
 
 def run_snapshot_job(
-    storage: Storage, work_dir: Path, *, ttl_secs: float = 600
+    storage: Storage,
+    work_dir: Path,
+    *,
+    ttl_secs: float = 600,
+    stop: threading.Event | None = None,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
-    there was nothing new). Raises ``LockHeld`` when another job runs."""
-    from .snapshot import write_snapshot  # the state helper's module; imported late on purpose
+    there was nothing new). Raises ``LockHeld`` when another job runs, ``SnapshotStopped``
+    (nothing committed, lock released) when ``stop`` is set meanwhile.
+
+    Once the lock is held, the scratch files of snapshot runs that were killed are deleted."""
+    # The state helper's module; imported late on purpose.
+    from .snapshot import remove_stale_scratch, write_snapshot
 
     work_dir.mkdir(parents=True, exist_ok=True)
     with JobLock(storage, "snapshot", ttl_secs):
-        return write_snapshot(storage, work_dir=work_dir)
+        remove_stale_scratch(work_dir)
+        return write_snapshot(storage, work_dir=work_dir, stop=stop)
 
 
 def run_retention_job(
@@ -273,10 +287,12 @@ class JobRunner:
         retention_schedule: str,
         retention: RetentionPolicy,
         work_dir: Path,
+        shutdown_timeout_secs: float = 20.0,
     ) -> None:
         self.storage = storage
         self.retention = retention
         self.work_dir = work_dir
+        self.shutdown_timeout_secs = shutdown_timeout_secs
         # Validate both before anything starts: a typo is a configuration error at start-up.
         self._triggers = {
             "snapshot": parse_schedule(snapshot_schedule, "snapshot.schedule"),
@@ -289,6 +305,11 @@ class JobRunner:
         # This process's jobs take turns (two schedules firing together must not lock each
         # other out); the archive lock still keeps other processes' jobs apart.
         self._turn = threading.Lock()
+        # Set by shutdown: the running snapshot stops at its next segment or part, and no job
+        # starts any more.
+        self.stop = threading.Event()
+        self._active = 0  # jobs entered (running or waiting for their turn)
+        self._idle = threading.Condition()
 
     def start(self) -> None:
         jobs = {"snapshot": self.run_snapshot, "retention": self.run_retention}
@@ -311,12 +332,29 @@ class JobRunner:
                 extra={k: str(v) for k, v in self._triggers.items() if v is not None},
             )
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_secs: float | None = None) -> bool:
+        """Stop scheduling, ask a running job to stop and wait for it at most ``timeout_secs``
+        (default ``shutdown_timeout_secs``). Returns whether no job is left running.
+
+        A snapshot stops at its next segment or part; a job still running at the deadline (a
+        stuck storage call) is left to its worker thread, which the interpreter joins at exit.
+        """
+        self.stop.set()
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
+            # Never wait=True: that joins the running job without any limit.
+            self.scheduler.shutdown(wait=False)
+        timeout = self.shutdown_timeout_secs if timeout_secs is None else timeout_secs
+        with self._idle:
+            idle = self._idle.wait_for(lambda: self._active == 0, timeout=max(timeout, 0.0))
+        if not idle:
+            log.warning(
+                "An archive job is still running after the shutdown timeout; not waiting for it.",
+                extra={"timeout_secs": timeout},
+            )
+        return idle
 
     def _retry_later(self, name: str) -> None:
-        if not self.scheduler.running:
+        if not self.scheduler.running or self.stop.is_set():
             return
         run = self.run_snapshot if name == "snapshot" else self.run_retention
         self.scheduler.add_job(
@@ -330,20 +368,36 @@ class JobRunner:
         )
 
     def run_snapshot(self) -> None:
-        self._guarded("snapshot", lambda: run_snapshot_job(self.storage, self.work_dir))
+        self._guarded(
+            "snapshot", lambda: run_snapshot_job(self.storage, self.work_dir, stop=self.stop)
+        )
 
     def run_retention(self) -> None:
         self._guarded("retention", lambda: run_retention_job(self.storage, self.retention))
 
     def _guarded(self, name: str, job: Any) -> None:
         """Run one job; nothing it raises may reach the scheduler or the stream loop."""
-        with self._turn:
-            self._run_guarded(name, job)
+        with self._idle:
+            self._active += 1
+        try:
+            with self._turn:
+                if self.stop.is_set():
+                    log.info("Archive job not started: shutting down.", extra={"job": name})
+                    return
+                self._run_guarded(name, job)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
     def _run_guarded(self, name: str, job: Any) -> None:
+        from .snapshot import SnapshotStopped  # late, as run_snapshot_job's import
+
         self.runs[name] += 1
         try:
             result = job()
+        except SnapshotStopped as exc:
+            log.info("Archive job stopped for shutdown.", extra={"job": name, "reason": str(exc)})
         except LockHeld as exc:
             # Another process's job holds the archive: try again soon, not at the next
             # scheduled time (which may be a day away).

@@ -10,15 +10,25 @@ part by part. Parts are named by the as-of id and compressed deterministically, 
 the same position writes nothing new. ``state_sha256`` is the sha256 of the lines
 ``"<key>\\t<event_id>\\n"`` of every live object in key order: two snapshots (or a snapshot and a
 replay) of the same history have the same value.
+
+A run can be stopped (``stop``, a ``threading.Event``): it is checked before each folded segment,
+each written part and the manifest, and a stopped run raises ``SnapshotStopped`` having committed
+nothing. Its scratch database ``<work_dir>/snapshot-<uuid>.sqlite`` is deleted whatever happens;
+one a killed process left is removed by ``remove_stale_scratch`` (the snapshot job calls it once
+it holds the archive's job lock), which spares the scratch files of live runs (they hold an
+``flock`` on theirs).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import gzip
 import hashlib
 import io
 import logging
+import os
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -32,7 +42,7 @@ import zstandard
 from .archive import ArchiveReader
 from .archive.layout import CODEC_SUFFIX
 from .archive.segment import iter_segment_lines, open_decompressed
-from .errors import MalformedEvent, NotFound, PermanentError
+from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
 from .events import EventId
 from .state import SNAPSHOT_ROWS, ObjectRecord, StateStore, TombstoneRecord
 from .storage import Storage
@@ -41,6 +51,7 @@ __all__ = [
     "SNAPSHOTS_PREFIX",
     "PartInfo",
     "SnapshotInfo",
+    "SnapshotStopped",
     "fold_segments",
     "pruned_before",
     "iter_snapshot_object_lines",
@@ -48,6 +59,7 @@ __all__ = [
     "iter_snapshot_tombstones",
     "list_snapshots",
     "read_snapshot_manifest",
+    "remove_stale_scratch",
     "seed_state",
     "snapshot_manifest_key",
     "state_sha256",
@@ -61,6 +73,16 @@ FORMAT = 1
 _MANIFEST = "manifest.json"
 # A part also closes at this many uncompressed bytes, so its in-memory body stays bounded.
 _PART_RAW_BYTES = 256 * 1024 * 1024
+_SCRATCH_GLOB = "snapshot-*.sqlite*"
+
+
+class SnapshotStopped(ConnectorError):
+    """The run was asked to stop (shutdown); nothing was committed."""
+
+
+def _check_stop(stop: threading.Event | None, where: str) -> None:
+    if stop is not None and stop.is_set():
+        raise SnapshotStopped(f"snapshot stopped {where}; nothing committed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,12 +331,14 @@ def fold_segments(
     *,
     start_after: str | None,
     until: EventId | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[int, int, str | None]:
     """Apply committed segments after manifest key ``start_after`` (group ids ``<= until``).
 
     Each segment is one transaction; events whose group id the state already holds are skipped,
     so overlapping segments and a seed snapshot combine without double application. Returns
-    (segments folded, events applied, last folded manifest key).
+    (segments folded, events applied, last folded manifest key). ``stop`` set: raises
+    ``SnapshotStopped`` before the next segment.
     """
     segments = events = 0
     last_key: str | None = None
@@ -337,6 +361,7 @@ def fold_segments(
                 "Archive gap: a segment continues from a position the state never reached.",
                 extra={"segment": m.segment, "after": m.after_event_id, "state": str(done)},
             )
+        _check_stop(stop, "while folding segments")
         # Lines straight into the state: one parse per line, no StreamEvent per event.
         with reader.storage.open(m.segment) as fh:
             events += state.fold_lines(
@@ -358,10 +383,18 @@ class _PartWriter:
     """
 
     def __init__(
-        self, storage: Storage, prefix: str, kind: str, codec: str, level: int, limit: int
+        self,
+        storage: Storage,
+        prefix: str,
+        kind: str,
+        codec: str,
+        level: int,
+        limit: int,
+        stop: threading.Event | None = None,
     ) -> None:
         self.storage, self.prefix, self.kind = storage, prefix, kind
         self.codec, self.level, self.limit = codec, level, limit
+        self.stop = stop
         self.parts: list[PartInfo] = []
         self.total = 0
         self._count = 0
@@ -390,6 +423,7 @@ class _PartWriter:
     def flush(self) -> None:
         if self._sink is None:
             return
+        _check_stop(self.stop, "while writing parts")
         if self.codec == "zstd":
             self._body.write(self._sink.flush())
         else:
@@ -417,11 +451,12 @@ def _export(
     codec: str,
     level: int,
     part_objects: int,
+    stop: threading.Event | None = None,
 ) -> SnapshotInfo:
     if state.as_of is None:
         raise PermanentError("cannot snapshot an empty state")
     prefix = f"{SNAPSHOTS_PREFIX}{state.as_of.key}/"
-    objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects)
+    objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects, stop)
     digest = hashlib.sha256()
     for row, aliases in state.snapshot_rows():
         key, stix_id, event_id, event, iid, stype, phase, version, refs, blob = row
@@ -434,7 +469,7 @@ def _export(
         record["aliases"], record["data"] = aliases, orjson.Fragment(blob)
         objects.add(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
     objects.flush()
-    tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects)
+    tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects, stop)
     for t in state.tombstones():
         tombs.add(
             orjson.dumps(
@@ -462,6 +497,7 @@ def _export(
         rows=SNAPSHOT_ROWS,
     )
     # The manifest commits the snapshot: written last, never replaced.
+    _check_stop(stop, "before its manifest")
     storage.put_if_absent(info.manifest_key, info.to_json())
     return info
 
@@ -473,24 +509,30 @@ def write_snapshot(
     codec: str = "zstd",
     level: int = 3,
     part_objects: int = 50_000,
+    stop: threading.Event | None = None,
 ) -> SnapshotInfo | None:
     """Snapshot the archive's latest committed position; None when nothing is new.
 
-    Seeds from the newest committed snapshot and folds only the segments after it.
+    Seeds from the newest committed snapshot and folds only the segments after it. ``stop``
+    set: raises ``SnapshotStopped`` at the next segment or part, before the manifest.
     """
     if codec not in CODEC_SUFFIX:
         raise PermanentError(f"unknown snapshot codec {codec!r}")
     if part_objects < 1:
         raise PermanentError("part_objects must be positive")
+    _check_stop(stop, "before it started")
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / f"snapshot-{uuid.uuid4().hex}.sqlite"
+    # Held until the file is gone: remove_stale_scratch spares a file a live run holds.
+    claim = _claim_scratch(db_path)
     try:
         # Deleted below, whatever happens.
         state, base = seed_state(db_path, storage, list_snapshots(storage))
     except BaseException:
-        db_path.unlink(missing_ok=True)
+        _drop_scratch(db_path, claim)
         raise
     try:
+        _check_stop(stop, "after loading its base")
         pruned = pruned_before(ArchiveReader(storage)) if base is None else None
         if pruned is not None:
             # A snapshot of the segments alone would lack every object of the pruned history,
@@ -500,7 +542,10 @@ def write_snapshot(
                 f"{pruned}: not writing one without it (opencti-sync verify shows what is damaged)"
             )
         segments, events, last_key = fold_segments(
-            state, ArchiveReader(storage), start_after=base.last_segment_manifest if base else None
+            state,
+            ArchiveReader(storage),
+            start_after=base.last_segment_manifest if base else None,
+            stop=stop,
         )
         if segments == 0 or state.as_of is None or (base is not None and state.as_of <= base.as_of):
             return None
@@ -514,6 +559,7 @@ def write_snapshot(
             codec=codec,
             level=level,
             part_objects=part_objects,
+            stop=stop,
         )
         log.info(
             "Snapshot written.",
@@ -527,6 +573,72 @@ def write_snapshot(
         )
         return info
     finally:
-        state.close()
-        for suffix in ("", "-journal"):
+        try:
+            state.close()
+        finally:
+            _drop_scratch(db_path, claim)
+
+
+def _claim_scratch(db_path: Path) -> int:
+    """Create the (empty) scratch database file and hold an exclusive ``flock`` on it. SQLite's
+    own locks are ``fcntl`` locks, which ``flock`` does not touch; this descriptor is closed only
+    after SQLite closed the database (closing a descriptor drops the process's ``fcntl`` locks
+    on the file)."""
+    fd = os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        db_path.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _drop_scratch(db_path: Path, claim: int) -> None:
+    try:
+        for suffix in ("", "-journal", "-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    finally:
+        os.close(claim)
+
+
+def remove_stale_scratch(work_dir: Path) -> list[str]:
+    """Delete the scratch databases (and their side files) of snapshot runs that died (killed,
+    out of memory, power loss) in ``work_dir``; returns their names. A file a live run holds
+    (its ``flock``) is left alone, so two processes sharing a work dir do not hurt each other."""
+    removed: list[str] = []
+    try:
+        candidates = sorted(work_dir.glob(_SCRATCH_GLOB))
+    except OSError:
+        return removed
+    for path in candidates:
+        base = path.name.split(".sqlite", 1)[0]
+        db = path.with_name(f"{base}.sqlite")
+        try:
+            fd = os.open(db, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None  # a side file whose database is gone
+        except OSError as exc:
+            log.warning("Scratch file not inspected.", extra={"path": str(path), "error": str(exc)})
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run's
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning(
+                    "Stale scratch file not removed.", extra={"path": str(path), "error": str(exc)}
+                )
+        finally:
+            if fd is not None:
+                os.close(fd)
+    if removed:
+        log.info("Removed scratch files of dead snapshot runs.", extra={"files": removed})
+    return removed

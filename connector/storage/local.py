@@ -2,13 +2,21 @@
 
 Writes go to a temporary file in the target directory, are fsynced, then linked into place:
 ``os.link`` never replaces an existing file, so a second write of the same key is a no-op, and a
-crash leaves either no object or a whole one (stray ``.tmp-*`` files are ignored and cleaned).
+crash leaves either no object or a whole one. A failed write removes its temporary file; the ones
+a crash leaves (``.tmp-*``) are ignored by ``list`` and removed by ``check`` once they are older
+than ``_TMP_STALE_SECS`` (a live writer of another process may still be filling a newer one).
+
+Durability: the file is fsynced before it is linked, then its directory; a directory created for
+it is made one level at a time and each new directory's parent is fsynced too, so a power loss
+cannot take away a new day directory (and the segments in it) that a later checkpoint relies on.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +28,8 @@ from . import check_key
 __all__ = ["LocalStorage"]
 
 _TMP = ".tmp-"
+# A temporary file untouched for this long belongs to a writer that died (or failed) mid-write.
+_TMP_STALE_SECS = 600
 
 
 class LocalStorage:
@@ -35,10 +45,15 @@ class LocalStorage:
         return self.root / check_key(key)
 
     def _write_tmp(self, path: Path, body: bytes) -> Path:
+        """``body`` in a new fsynced temporary file beside ``path``; on any failure no
+        temporary file is left behind."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(path.parent)
             tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _translate(exc, path) from exc
+        try:
             try:
                 view = memoryview(body)
                 while view:
@@ -47,9 +62,37 @@ class LocalStorage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            return tmp
-        except OSError as exc:
-            raise _translate(exc, path) from exc
+        except BaseException as exc:
+            # ENOSPC / EFBIG / EIO halfway: the partial file would stay (it is never listed).
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _translate(exc, path) from exc
+            raise
+        return tmp
+
+    def _make_dirs(self, directory: Path) -> list[Path]:
+        """Create ``directory`` and its missing ancestors one level at a time, fsyncing each
+        new directory's parent (``mkdir(parents=True)`` makes the entries, not their
+        durability). Returns the directories this call created, outermost first."""
+        missing: list[Path] = []
+        current = directory
+        while not current.is_dir():
+            missing.append(current)
+            if current.parent == current:
+                break
+            current = current.parent
+        created: list[Path] = []
+        for new in reversed(missing):
+            try:
+                os.mkdir(new)
+                created.append(new)
+            except FileExistsError:
+                if not new.is_dir():
+                    raise
+                # Made by a concurrent writer that may not have fsynced its parent yet: doing
+                # it again costs one fsync and keeps our object's path durable either way.
+            self._fsync_dir(new.parent)
+        return created
 
     def _fsync_dir(self, directory: Path) -> None:
         fd = os.open(directory, os.O_RDONLY)
@@ -58,10 +101,47 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    def _sync_dir(self, directory: Path) -> None:
+        try:
+            self._fsync_dir(directory)
+        except OSError as exc:
+            raise _translate(exc, directory) from exc
+
     def check(self) -> None:
+        self.remove_stale_tmp()
         probe = f".probe-{uuid.uuid4().hex}"
         self.put(probe, b"probe")
         self.delete(probe)
+
+    def remove_stale_tmp(self, older_than_secs: float = _TMP_STALE_SECS) -> int:
+        """Delete the temporary files dead writers left (untouched for ``older_than_secs``);
+        returns how many. Walks the whole tree (names only; only ``.tmp-*`` entries are
+        stat'ed)."""
+        limit = time.time() - older_than_secs
+        removed = 0
+        pending = [self.root]
+        while pending:
+            directory = pending.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise _translate(exc, directory) from exc
+            for entry in entries:
+                if entry.name.startswith(_TMP):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode) and st.st_mtime < limit:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        raise _translate(exc, Path(entry.path)) from exc
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+        return removed
 
     def put_if_absent(self, key: str, body: bytes) -> bool:
         path = self._path(key)
@@ -76,7 +156,7 @@ class LocalStorage:
             raise _translate(exc, path) from exc
         finally:
             tmp.unlink(missing_ok=True)
-        self._fsync_dir(path.parent)
+        self._sync_dir(path.parent)
         return True
 
     def put(self, key: str, body: bytes) -> None:
@@ -87,7 +167,7 @@ class LocalStorage:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _translate(exc, path) from exc
-        self._fsync_dir(path.parent)
+        self._sync_dir(path.parent)
 
     def get(self, key: str) -> bytes:
         try:

@@ -1,0 +1,195 @@
+"""Stopping the archive jobs: a bounded shutdown, a snapshot that aborts cleanly (nothing
+committed, lock released, scratch file deleted) and the scratch files of killed runs removed.
+Real scheduler, real filesystem, real child processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from connector.jobs import LOCK_KEY, JobRunner, run_snapshot_job
+from connector.retention import RetentionPolicy
+from connector.snapshot import SnapshotStopped, list_snapshots, write_snapshot
+from connector.storage.local import LocalStorage
+from tests.test_verify import build_good
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SlowSegments(LocalStorage):
+    """Opening a segment takes ``delay`` seconds (a big segment over a slow link)."""
+
+    delay = float(os.environ.get("SLOW_SEGMENT_SECS", "1.5"))
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__(root)
+        self.folding = threading.Event()
+
+    def open(self, key: str) -> BinaryIO:
+        if key.startswith("events/"):
+            self.folding.set()
+            time.sleep(self.delay)
+        return super().open(key)
+
+
+def _runner(storage: LocalStorage, work: Path, **kw: object) -> JobRunner:
+    return JobRunner(
+        storage,
+        snapshot_schedule="every 1h",
+        retention_schedule="every 1h",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=work,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _fire(runner: JobRunner, name: str) -> None:
+    runner.scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
+
+
+def test_shutdown_stops_a_running_snapshot_without_committing(tmp_path: Path) -> None:
+    storage = SlowSegments(tmp_path / "a")
+    build_good(storage)  # 3 segments: the whole snapshot takes 3 x delay
+    work = tmp_path / "w"
+    runner = _runner(storage, work)
+    runner.start()
+    try:
+        _fire(runner, "snapshot")
+        assert storage.folding.wait(20), "snapshot did not start"
+        assert list(work.glob("snapshot-*.sqlite"))  # its scratch database
+    finally:
+        t0 = time.monotonic()
+        idle = runner.shutdown()
+        took = time.monotonic() - t0
+    assert idle
+    # Only the segment being read finishes; the two after it are not folded.
+    assert took < 2 * SlowSegments.delay, took
+    assert list_snapshots(storage) == []
+    assert not list(storage.list("snapshots/"))  # not even a part
+    assert not storage.exists(LOCK_KEY)
+    assert list(work.glob("snapshot-*")) == []
+    assert runner.runs["snapshot"] == 1 and runner.failures["snapshot"] == 0
+    # A job firing after the shutdown does not start.
+    runner.run_snapshot()
+    assert runner.runs["snapshot"] == 1
+
+
+class StopAfterFirstPart(LocalStorage):
+    def __init__(self, root: Path, stop: threading.Event) -> None:
+        super().__init__(root)
+        self.stop = stop
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        written = super().put_if_absent(key, body)
+        if key.startswith("snapshots/") and "/part-" in key:
+            self.stop.set()
+        return written
+
+
+def test_write_snapshot_stops_between_parts(tmp_path: Path) -> None:
+    stop = threading.Event()
+    storage = StopAfterFirstPart(tmp_path / "a", stop)
+    build_good(storage)
+    with pytest.raises(SnapshotStopped):
+        write_snapshot(storage, work_dir=tmp_path / "w", part_objects=1, stop=stop)
+    parts = list(storage.list("snapshots/"))
+    assert len(parts) == 1 and "/part-00000" in parts[0]  # the second part was never written
+    assert list_snapshots(storage) == []  # no manifest: nothing committed
+    assert list((tmp_path / "w").glob("snapshot-*")) == []
+    # Run again without a stop: the leftover part is reused and the snapshot commits.
+    stop.clear()
+    storage.stop = threading.Event()
+    info = write_snapshot(storage, work_dir=tmp_path / "w", part_objects=1)
+    assert info is not None and list_snapshots(storage) == [info]
+
+
+class BlockingList(LocalStorage):
+    """``list`` hangs until released: a storage call stuck on a dead connection."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        self.entered.set()
+        self.release.wait(60)
+        return super().list(prefix, start_after)
+
+
+def test_shutdown_waits_a_bounded_time_for_a_stuck_job(tmp_path: Path) -> None:
+    storage = BlockingList(tmp_path / "a")
+    runner = _runner(storage, tmp_path / "w", shutdown_timeout_secs=0.5)
+    runner.start()
+    result: list[bool] = []
+    try:
+        _fire(runner, "retention")
+        assert storage.entered.wait(20)
+        closer = threading.Thread(target=lambda: result.append(runner.shutdown()))
+        t0 = time.monotonic()
+        closer.start()
+        closer.join(10)
+        took = time.monotonic() - t0
+        assert not closer.is_alive(), "shutdown waited for the stuck job without a limit"
+        assert result == [False] and 0.4 < took < 5
+    finally:
+        storage.release.set()
+    deadline = time.monotonic() + 20
+    while runner._active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner._active == 0
+
+
+_KILLED_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from connector.jobs import run_snapshot_job
+    from tests.test_jobs_stop import SlowSegments
+    run_snapshot_job(SlowSegments(sys.argv[1]), Path(sys.argv[2]))
+    """
+)
+
+
+def test_a_killed_runs_scratch_file_is_removed_by_the_next_job(tmp_path: Path) -> None:
+    archive, work = tmp_path / "a", tmp_path / "w"
+    build_good(LocalStorage(archive))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_SEGMENT_SECS": "30"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CHILD, str(archive), str(work)], env=env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(work.glob("snapshot-*.sqlite")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the fold
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (leftover,) = work.glob("snapshot-*.sqlite")
+    LocalStorage(archive).delete(LOCK_KEY)  # as if its ttl ran out
+    # Another process's run is live in the same work dir: its file (flocked) must stay.
+    live = work / "snapshot-live.sqlite"
+    fd = os.open(live, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    side = work / "snapshot-gone.sqlite-journal"  # a side file whose database is gone
+    side.write_bytes(b"x")
+    try:
+        info = run_snapshot_job(LocalStorage(archive), work)
+        assert info is not None
+        assert not leftover.exists() and not side.exists()
+        assert sorted(p.name for p in work.glob("snapshot-*")) == ["snapshot-live.sqlite"]
+    finally:
+        os.close(fd)

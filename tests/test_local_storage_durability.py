@@ -1,0 +1,117 @@
+"""LocalStorage on a real filesystem: failed writes leave no temporary file, crash leftovers are
+cleaned, and every directory a write creates is made durable in its parent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from connector.storage.local import _TMP_STALE_SECS, LocalStorage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A child process: RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG (a full disk).
+_FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from connector.errors import ConnectorError
+    from connector.storage.local import LocalStorage
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    s = LocalStorage(sys.argv[1])
+    s.put("seed", b"x")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    failed = 0
+    for put in (s.put_if_absent, s.put, s.put_if_absent):
+        try:
+            put("events/2024/01/01/seg.jsonl.zst", b"y" * (1024 * 1024))
+        except ConnectorError:
+            failed += 1
+    print(failed)
+    """
+)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(root)],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "3", out.stderr
+    assert [p.name for p in root.rglob(".tmp-*")] == []
+    assert not (root / "events/2024/01/01/seg.jsonl.zst").exists()
+
+
+def test_check_removes_stale_temporary_files_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "archive")
+    storage.put("events/2024/01/01/a.jsonl.zst", b"a")
+    day = tmp_path / "archive/events/2024/01/01"
+    stale = [day / ".tmp-deadbeef", tmp_path / "archive/.tmp-cafe"]
+    fresh = day / ".tmp-live-writer"
+    old = time.time() - _TMP_STALE_SECS - 60
+    for p in (*stale, fresh):
+        p.write_bytes(b"partial")
+    for p in stale:
+        os.utime(p, (old, old))
+    assert list(storage.list()) == ["events/2024/01/01/a.jsonl.zst"]
+    storage.check()
+    assert [p.exists() for p in stale] == [False, False]
+    assert fresh.exists()  # another process may be writing it right now
+    assert storage.get("events/2024/01/01/a.jsonl.zst") == b"a"
+
+
+class RecordingStorage(LocalStorage):
+    """Records every directory fsync (our own hook, the real fsync still runs)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.synced: list[Path] = []
+
+    def _fsync_dir(self, directory: Path) -> None:
+        self.synced.append(Path(directory))
+        super()._fsync_dir(directory)
+
+
+def _dirs(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_dir()} | ({root} if root.is_dir() else set())
+
+
+def test_every_new_directory_is_fsynced_in_its_parent(tmp_path: Path) -> None:
+    storage = RecordingStorage(tmp_path / "archive")  # the root itself does not exist yet
+    for put, key in (
+        (storage.put_if_absent, "events/2026/11/28/000001-0.jsonl.zst"),
+        (storage.put, "checkpoints/live.json"),
+        (storage.put_if_absent, "events/2026/11/29/000002-0.jsonl.zst"),
+    ):
+        before = _dirs(storage.root)
+        storage.synced.clear()
+        put(key, b"body")
+        created = _dirs(storage.root) - before
+        assert created, key
+        # Each created directory's entry is durable in its parent, and so is the object's own.
+        for new in created:
+            assert new.parent in storage.synced, (key, new, storage.synced)
+        assert (storage.root / key).parent in storage.synced
+    # A write into existing directories fsyncs only the object's directory.
+    storage.synced.clear()
+    storage.put_if_absent("events/2026/11/29/000003-0.jsonl.zst", b"body")
+    assert storage.synced == [storage.root / "events/2026/11/29"]
+
+
+def test_created_directories_are_reported_outermost_first(tmp_path: Path) -> None:
+    storage = RecordingStorage(tmp_path / "archive")
+    (tmp_path / "archive/events").mkdir(parents=True)
+    target = tmp_path / "archive/events/2026/11"
+    created = storage._make_dirs(target)
+    assert created == [tmp_path / "archive/events/2026", target]
+    assert storage.synced == [tmp_path / "archive/events", tmp_path / "archive/events/2026"]
+    assert storage._make_dirs(target) == []
