@@ -198,6 +198,7 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 amqp_host=t.amqp_host,
                 amqp_port=t.amqp_port,
                 amqp_use_ssl=optional_bool("target.amqp_use_ssl", t.amqp_use_ssl),
+                amqp_max_message_bytes=t.amqp_max_message_bytes,
             )
         )
     if not sinks:

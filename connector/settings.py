@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import os
 import shlex
@@ -30,6 +31,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULTS_ENV",
@@ -249,6 +252,12 @@ class TargetSection:
         "TLS to RabbitMQ: 'true' or 'false' (empty: as announced). Uses the target's "
         "ssl_verify and ca_bundle.",
         "",
+    )
+    amqp_max_message_bytes: int = _key(
+        "TARGET_AMQP_MAX_MESSAGE_BYTES",
+        "Largest message published on the amqp transport (the broker's max_message_size; "
+        "RabbitMQ 4.x default 16 MiB). A larger event is quarantined instead of stopping the sync.",
+        16 * 1024 * 1024 - 64 * 1024,
     )
 
 
@@ -591,6 +600,31 @@ def _validate(s: Settings) -> None:
     if s.metrics.port < 0 or s.metrics.port > 65535:
         raise ConfigError("metrics.port", "must be a TCP port")
     optional_bool("target.amqp_use_ssl", s.target.amqp_use_ssl)  # a bad word fails at load
+    t = s.target
+    if not 0 <= t.amqp_port <= 65535:
+        raise ConfigError("target.amqp_port", "must be a TCP port 0..65535 (0: the announced one)")
+    if t.amqp_max_message_bytes < 1024:
+        raise ConfigError("target.amqp_max_message_bytes", "must be >= 1024")
+    if t.opencti_url and t.transport == "api":
+        unused = [
+            name
+            for name, value in (
+                ("amqp_host", t.amqp_host),
+                ("amqp_port", t.amqp_port),
+                ("amqp_use_ssl", t.amqp_use_ssl),
+            )
+            if value
+        ]
+        if unused:
+            log.warning(
+                "Ignored with target.transport api: %s (used by the amqp transport only).",
+                ", ".join(f"target.{name}" for name in unused),
+            )
+        if t.synchronized:
+            log.warning(
+                "target.synchronized has no effect with target.transport api (stixBundlePush "
+                "does not carry it to the platform's workers); use transport amqp."
+            )
     if s.target.opencti_url and not s.target.opencti_token:
         raise ConfigError("target.opencti_token", "required when target.opencti_url is set")
     if s.s3.sse == "aws:kms" and not s.s3.kms_key_id:

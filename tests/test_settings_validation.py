@@ -279,3 +279,34 @@ def test_a_schedule_without_an_archive_is_refused(env_name: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(None, env=env)
     assert err.value.key == env_name.lower().replace("_", ".", 1)
+
+
+@pytest.mark.parametrize("port", ["-5", "70000"])
+def test_amqp_port_out_of_range_is_refused(port: str) -> None:
+    env = {
+        "OPENCTI_URL": "http://opencti:8080",
+        "OPENCTI_TOKEN": "tok-0123456789",
+        "TARGET_OPENCTI_URL": "http://other:8080",
+        "TARGET_OPENCTI_TOKEN": "tok-9876543210",
+        "TARGET_AMQP_PORT": port,
+    }
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert err.value.key == "target.amqp_port"
+
+
+def test_amqp_overrides_with_the_api_transport_are_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {
+        "OPENCTI_URL": "http://opencti:8080",
+        "OPENCTI_TOKEN": "tok-0123456789",
+        "TARGET_OPENCTI_URL": "http://other:8080",
+        "TARGET_OPENCTI_TOKEN": "tok-9876543210",
+        "TARGET_TRANSPORT": "api",
+        "TARGET_AMQP_HOST": "rabbit.internal",
+        "TARGET_SYNCHRONIZED": "true",
+    }
+    load_settings(None, env=env)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "target.amqp_host" in text and "target.synchronized has no effect" in text

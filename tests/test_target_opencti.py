@@ -6,6 +6,7 @@ writes them into simulator B; B's state must then equal A's.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,12 @@ import pytest
 from httpx_sse import connect_sse
 
 from connector.errors import PermanentError, RetryableError
-from connector.events import EventId, StreamEvent, octi_ext
+from connector.events import OCTI_EXT, EventId, StreamEvent, octi_ext
 from connector.sim import sample_bundle
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.target.opencti import OpenCTITarget, plan_pushes
+from connector.target.opencti import AccessRefused, OpenCTITarget, Push, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync, batch_of, malware, target_for
@@ -357,3 +358,181 @@ def test_listing_through_pycti(sync: Sync) -> None:
     assert ids == expected
     one = sorted(expected)[0]
     assert api.get_stix_content(one)["id"] == one
+
+
+# ------------------------------------------------------------------ refusals and quarantine
+
+
+def _event(ms: int, stix: dict[str, Any], kind: str = "create") -> StreamEvent:
+    envelope = {
+        "version": "4",
+        "type": kind,
+        "scope": "external",
+        "data": stix,
+        "message": kind,
+        "origin": {},
+    }
+    return StreamEvent.from_sse(f"{ms}-0", kind, json.dumps(envelope))
+
+
+def _refused(name: str) -> dict[str, Any]:
+    """An object the double refuses for itself (no type)."""
+    bad = malware(name)
+    del bad["type"]
+    return bad
+
+
+def test_connector_gone_stops_even_a_one_event_batch(platform_b: SimServer) -> None:
+    """The connector deleted on the target after check(): a quiet stream's one-event batch must
+    stop like a bigger one, not be quarantined with the checkpoint moving on."""
+    sink = make_target(platform_b.url)
+    sink.check()
+    platform_state(platform_b.store).connectors.clear()
+    a = SimStore()
+    a.upsert(malware("one"))
+    a.upsert(malware("two"))
+    events, _ = events_since(a)
+    try:
+        for batch in (events, events[:1]):
+            with pytest.raises(AccessRefused, match="Invalid connector"):
+                sink.write(batch_of(batch))
+            assert sink.rejected == []
+        assert platform_b.store.object_count == 0
+    finally:
+        sink.close()
+
+
+class _RefusingPlatform(BaseHTTPRequestHandler):
+    """A platform whose health check answers and whose stixBundlePush fails with ``error``."""
+
+    error: dict[str, Any] = {}
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        request = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        if "stixBundlePush" in request.get("query", ""):
+            answer: dict[str, Any] = {"errors": [self.error], "data": None}
+        else:
+            answer = {"data": {"about": {"version": "6.4.0"}, "settings": {"id": "b-platform"}}}
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _gql_error(name: str, message: str, **data: Any) -> dict[str, Any]:
+    return {"message": message, "name": name, "extensions": {"code": name, "data": data}}
+
+
+@pytest.mark.parametrize(
+    ("error", "quarantined"),
+    [
+        # The token lost the capability: nothing will go through.
+        (_gql_error("FORBIDDEN_ACCESS", "You are not allowed to do this."), False),
+        (_gql_error("AUTH_REQUIRED", "You must be logged in to do this."), False),
+        # A real platform's unknown connector: UnsupportedError('Invalid bundle', {cause}).
+        (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", cause="Invalid connector"), False),
+        # Not attributable to an object: the platform's own problem, never the object's.
+        (_gql_error("FUNCTIONAL_ERROR", "Something unexpected happened"), False),
+        (
+            _gql_error("UNKNOWN_ERROR", "Cannot read properties of undefined (reading 'objects')"),
+            False,
+        ),
+        # About the object: quarantined, the sync goes on.
+        (_gql_error("VALIDATION_ERROR", "Invalid value", id="malware--x"), True),
+        (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", reason="object #0 has no type"), True),
+    ],
+)
+def test_one_object_push_is_quarantined_only_for_an_object_level_error(
+    error: dict[str, Any], quarantined: bool
+) -> None:
+    handler = type("Handler", (_RefusingPlatform,), {"error": error})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    sink = make_target(f"http://127.0.0.1:{httpd.server_address[1]}", register=False)
+    try:
+        batch = batch_of([_event(1000, malware("Lonely"))])
+        if quarantined:
+            sink.write(batch)
+            assert [q.id_text for q in sink.rejected] == ["1000-0"]
+            assert sink.last_event_id == "1000-0"
+        else:
+            with pytest.raises(PermanentError, match=error["name"]):
+                sink.write(batch)
+            assert sink.rejected == []
+            assert sink.last_event_id is None
+    finally:
+        sink.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_quarantine_names_the_event_of_each_refused_object(platform_b: SimServer) -> None:
+    """A push of several objects refused because of some: retried object by object, each refused
+    object quarantined under the event its pushed version came from."""
+    good1, good2 = malware("good one"), malware("good two")
+    bad1, bad2 = _refused("refused one"), _refused("refused two")
+    bad2_later = {**bad2, "description": "updated"}
+    events = [
+        _event(1000, good1),
+        _event(2000, bad1),
+        _event(3000, bad2),
+        _event(4000, good2),
+        _event(5000, bad2_later, "update"),  # same object: its pushed version is this event's
+    ]
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of(events))
+        assert platform_b.store.get(good1["id"]) is not None
+        assert platform_b.store.get(good2["id"]) is not None
+        assert [(q.id_text, json.loads(q.raw)["id"]) for q in sink.rejected] == [
+            ("2000-0", bad1["id"]),
+            ("5000-0", bad2["id"]),
+        ]
+        assert all(str(q.after) == "5000-0" for q in sink.rejected)
+    finally:
+        sink.close()
+
+
+def test_every_object_refused_for_itself_is_quarantined(platform_b: SimServer) -> None:
+    """Decided by error kind, not by count: a batch whose objects are all refused for their own
+    data is quarantined (stopping would block the stream on them for good)."""
+    events = [_event(1000, _refused("bad one")), _event(2000, _refused("bad two"))]
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of(events))
+        assert [q.id_text for q in sink.rejected] == ["1000-0", "2000-0"]
+        assert sink.last_event_id == "2000-0"
+    finally:
+        sink.close()
+
+
+def test_bundle_ids_differ_when_contents_differ() -> None:
+    """A bundle id is deterministic (a replayed push is byte-identical) and names one content:
+    the single pushes of a refused push, a merge's upserts before and after it."""
+    one, two = malware("one"), malware("two")
+    assert Push("upsert", [one], ["1-0"]).bundle() == Push("upsert", [one], ["1-0"]).bundle()
+    ids = {json.loads(Push("upsert", [obj], ["1-0"]).bundle())["id"] for obj in (one, two)}
+    assert len(ids) == 2
+    whole = Push("upsert", [one, two], ["1-0", "2-0"], ["1-0", "2-0"])
+    singles = [json.loads(whole.single(i).bundle()) for i in range(2)]
+    assert len({b["id"] for b in singles}) == 2
+    assert [b["objects"] for b in singles] == [[one], [two]]
+    # A merge is upsert / merge / upsert of the same object for the same event.
+    a = SimStore()
+    target_ext = {OCTI_EXT: {"extension_type": "property-extension", "stix_ids": ["x--1"]}}
+    a.upsert(malware("Target", extensions=target_ext))
+    a.upsert(malware("Source"))
+    _, pos = events_since(a)
+    a.merge(malware("Target")["id"], [malware("Source")["id"]])
+    events, _ = events_since(a, pos)
+    pushes = plan_pushes(events)
+    assert [p.kind for p in pushes] == ["upsert", "merge", "upsert"]
+    before, after = (json.loads(pushes[i].bundle()) for i in (0, 2))
+    assert before["objects"] != after["objects"]  # the sources' ids come back as aliases
+    assert before["id"] != after["id"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,14 @@ from .common import (
     without_aliases,
 )
 
-__all__ = ["OPENCTI_SYSTEM_UUID", "AmqpEndpoint", "AmqpPublisher", "event_messages"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "OPENCTI_SYSTEM_UUID",
+    "AmqpEndpoint",
+    "AmqpPublisher",
+    "MessageTooLarge",
+    "event_messages",
+]
 
 log = logging.getLogger(__name__)
 # pika logs every failed connection attempt at ERROR with a traceback; we translate the failure
@@ -65,6 +73,20 @@ _HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while wa
 # Messages per transaction: bounds what the broker holds uncommitted for one channel (~2 MB of
 # 2 KB events) while keeping commits (one disk sync each) rare; throughput is flat from 500 up.
 _TX_CHUNK = 1000
+# RabbitMQ 4.x's default max_message_size is 16 MiB (3.x: 128 MiB); it bounds the body. Keep a
+# margin below it. A broker configured lower is learned from its refusal (see MessageTooLarge).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024 - 64 * 1024
+_MAX_SIZE = re.compile(r"max(?:imum)? (?:message )?size (?:of )?(\d+)", re.IGNORECASE)
+
+
+class MessageTooLarge(PermanentError):
+    """The broker closed the channel on a message over its ``max_message_size`` (406
+    PRECONDITION_FAILED "message size N is larger than configured max size M"). ``limit`` is M
+    when the broker said it. Nothing of the uncommitted transaction was taken."""
+
+    def __init__(self, message: str, limit: int | None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +231,9 @@ class AmqpPublisher:
         self._channel: Any = None
         self._returned: list[Any] = []  # basic.return of the current transaction
         self.published = 0
+        # How many leading messages of the last ``publish`` call the broker durably took, also
+        # when it raised (the chunks committed before the failure).
+        self.committed = 0
 
     def _parameters(self) -> Any:
         ep = self.endpoint
@@ -264,7 +289,8 @@ class AmqpPublisher:
 
     def publish(self, bodies: Sequence[bytes]) -> None:
         """Publish in order; returns once the broker durably took every message (else raises:
-        nothing of an uncommitted chunk was taken, earlier chunks were; send the batch again)."""
+        nothing of an uncommitted chunk was taken, the first ``committed`` messages were)."""
+        self.committed = 0
         if not bodies:
             return
 
@@ -281,9 +307,13 @@ class AmqpPublisher:
                     channel.basic_publish(
                         exchange, routing_key, body, properties=props, mandatory=True
                     )
+                    if self.confirm_each:
+                        self.committed += 1
+                        self.published += 1
                 if not self.confirm_each:
                     self._commit(channel)
-                self.published += len(chunk)
+                    self.committed += len(chunk)
+                    self.published += len(chunk)
 
         self._guard(f"publish of {len(bodies)} message(s)", run)
 
@@ -336,6 +366,12 @@ class AmqpPublisher:
                 return RetryableError(f"{where}: {detail}")
             if code == 406 and "partial tx" in str(exc.reply_text):  # a queue refused: a nack
                 return RetryableError(f"{where}: the broker refused the message(s) ({detail})")
+            if code == 406 and "message size" in str(exc.reply_text).lower():
+                found = _MAX_SIZE.search(str(exc.reply_text))
+                return MessageTooLarge(
+                    f"{where}: a message is larger than the broker's max_message_size ({detail})",
+                    int(found.group(1)) if found else None,
+                )
             return PermanentError(f"{where}: {detail}")
         if isinstance(exc, ex.UnroutableError):
             return PermanentError(

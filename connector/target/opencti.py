@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -39,7 +41,14 @@ from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
 from ..source import same_url
-from .amqp import OPENCTI_SYSTEM_UUID, AmqpEndpoint, AmqpPublisher, event_messages
+from .amqp import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    OPENCTI_SYSTEM_UUID,
+    AmqpEndpoint,
+    AmqpPublisher,
+    MessageTooLarge,
+    event_messages,
+)
 from .common import (
     live_aliases_of,
     merge_lookahead,
@@ -49,7 +58,16 @@ from .common import (
     without_aliases,
 )
 
-__all__ = ["TRANSPORTS", "OpenCTITarget", "Push", "plan_pushes", "previous_standard", "same_url"]
+__all__ = [
+    "TRANSPORTS",
+    "AccessRefused",
+    "ObjectRefused",
+    "OpenCTITarget",
+    "Push",
+    "plan_pushes",
+    "previous_standard",
+    "same_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +88,21 @@ _TRANSIENT_ERRORS = {
     "TOO_MANY_REQUESTS",
 }
 _TRANSIENT_WORDS = ("lock", "timeout", "timed out", "bad gateway", "unavailable", "try again")
+# Errors about the data of one object even when they do not name it.
+_OBJECT_ERRORS = {"VALIDATION_ERROR", "MISSING_REFERENCE_ERROR"}
+_OBJECT_WORD = re.compile(r"\bobject\b")  # "object #3 has no type", not "reading 'objects'"
+
+
+class AccessRefused(PermanentError):
+    """Nothing will go through: authentication, a lost capability, an unknown or invalid
+    connector. Never quarantines anything: the run stops, the checkpoint stays."""
+
+
+class ObjectRefused(PermanentError):
+    """The platform refused the data of an object (validation, a value it will not take, a
+    missing reference): the error names an object or is an object-level validation error.
+    The only refusal ``write`` quarantines."""
+
 
 _IDENTITY_QUERY = """
     query SyncTargetIdentity {
@@ -86,19 +119,30 @@ class Push:
     kind: str  # "upsert" | "delete" | "merge"
     objects: list[dict[str, Any]] = field(default_factory=list)
     event_ids: list[str] = field(default_factory=list)
+    # The event each object comes from (same order as ``objects``; the last event that set it
+    # when several did). Empty for pushes not made of stream events (restore).
+    object_events: list[str] = field(default_factory=list)
+
+    def event_of(self, index: int) -> str | None:
+        return self.object_events[index] if index < len(self.object_events) else None
+
+    def single(self, index: int) -> Push:
+        """The push of object ``index`` alone (retrying a refused push object by object)."""
+        event = self.event_of(index)
+        events = [event] if event is not None else list(self.event_ids)
+        return Push(self.kind, [self.objects[index]], events, [event] if event else [])
 
     def bundle(self) -> str:
-        # Deterministic bundle id: a replayed batch pushes byte-identical bundles.
-        if self.event_ids:
-            seed = f"{self.kind}:{self.event_ids[0]}:{self.event_ids[-1]}:{len(self.objects)}"
-        else:
-            seed = self.kind + ":" + ",".join(str(o.get("id")) for o in self.objects)
-        body = {
-            "type": "bundle",
-            "id": f"bundle--{uuid.uuid5(_BUNDLE_NS, seed)}",
-            "objects": self.objects,
-        }
-        return json.dumps(body, ensure_ascii=False)
+        # Deterministic bundle id: a replayed batch pushes byte-identical bundles, and two
+        # different bundles never share an id (the content's digest is part of the seed: the
+        # single pushes of a refused push, a merge's upserts before and after it).
+        objects = json.dumps(self.objects, ensure_ascii=False)
+        digest = hashlib.sha256(objects.encode("utf-8", "surrogatepass")).hexdigest()
+        events = f"{self.event_ids[0]}:{self.event_ids[-1]}" if self.event_ids else ""
+        seed = f"{self.kind}:{events}:{len(self.objects)}:{digest}"
+        bundle_id = f"bundle--{uuid.uuid5(_BUNDLE_NS, seed)}"
+        # Same text as json.dumps({"type", "id", "objects"}) without serialising twice.
+        return f'{{"type": "bundle", "id": "{bundle_id}", "objects": {objects}}}'
 
 
 def _with_alias(stix: dict[str, Any], alias: str) -> dict[str, Any]:
@@ -150,20 +194,26 @@ def plan_pushes(
     pushes: list[Push] = []
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
+    upsert_from: dict[str, str] = {}  # object id -> the event its pushed version comes from
     deletes: dict[str, dict[str, Any]] = {}
     delete_ids: list[str] = []
+    delete_from: dict[str, str] = {}
 
     def flush_upserts() -> None:
         if upserts:
-            pushes.append(Push("upsert", list(upserts.values()), list(upsert_ids)))
+            origin = [upsert_from[sid] for sid in upserts]
+            pushes.append(Push("upsert", list(upserts.values()), list(upsert_ids), origin))
             upserts.clear()
             upsert_ids.clear()
+            upsert_from.clear()
 
     def flush_deletes() -> None:
         if deletes:
-            pushes.append(Push("delete", list(deletes.values()), list(delete_ids)))
+            origin = [delete_from[sid] for sid in deletes]
+            pushes.append(Push("delete", list(deletes.values()), list(delete_ids), origin))
             deletes.clear()
             delete_ids.clear()
+            delete_from.clear()
 
     for ev, later_sources in zip(events, pending, strict=True):
         stix = ev.stix
@@ -178,10 +228,12 @@ def plan_pushes(
                 flush_upserts()
             upserts[ev.stix_id] = stix
             upsert_ids.append(ev.id_text)
+            upsert_from[ev.stix_id] = ev.id_text
         elif ev.event == "delete":
             flush_upserts()
             deletes[ev.stix_id] = _operation(stix, "delete")
             delete_ids.append(ev.id_text)
+            delete_from[ev.stix_id] = ev.id_text
             if len(deletes) >= max_objects:
                 flush_deletes()
         elif ev.event == "merge":
@@ -191,13 +243,13 @@ def plan_pushes(
             src_ids = [s["id"] for s in sources if isinstance(s.get("id"), str)]
             ids = [ev.id_text]
             dropped = source_ids(sources) | later_sources
-            pushes.append(Push("upsert", [without_aliases(stix, dropped)], ids))
+            pushes.append(Push("upsert", [without_aliases(stix, dropped)], ids, ids))
             if src_ids:
                 merge = _operation(
                     stix, "merge", merge_target_id=ev.stix_id, merge_source_ids=src_ids
                 )
-                pushes.append(Push("merge", [merge], ids))
-                pushes.append(Push("upsert", [without_aliases(stix, later_sources)], ids))
+                pushes.append(Push("merge", [merge], ids, ids))
+                pushes.append(Push("upsert", [without_aliases(stix, later_sources)], ids, ids))
     flush_upserts()
     flush_deletes()
     return pushes
@@ -228,10 +280,13 @@ class OpenCTITarget:
         amqp_host: str = "",
         amqp_port: int = 0,
         amqp_use_ssl: bool | None = None,
+        amqp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         resolve_aliases: bool = True,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+        if amqp_max_message_bytes < 1:
+            raise ValueError("amqp_max_message_bytes must be >= 1")
         self.url = url.rstrip("/")
         self._token = token
         self._verify: bool | str = ca_bundle if (ssl_verify and ca_bundle) else ssl_verify
@@ -255,6 +310,9 @@ class OpenCTITarget:
         # AMQP transport: broker overrides, and what registration told us.
         self.transport = transport
         self.amqp_host, self.amqp_port, self.amqp_use_ssl = amqp_host, amqp_port, amqp_use_ssl
+        # Largest message body published; lowered when the broker closes the channel on a
+        # bigger one (its max_message_size is not announced anywhere).
+        self.amqp_max_message_bytes = amqp_max_message_bytes
         self.resolve_aliases = resolve_aliases
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
@@ -322,15 +380,22 @@ class OpenCTITarget:
             text += (f": {reason}" if reason else "") + (f" (object {obj})" if obj else "")
             text = self._scrub(text)
             if name in _AUTH_ERRORS:
-                return PermanentError(text + " - check the target token and its capabilities")
+                return AccessRefused(text + " - check the target token and its capabilities")
             lowered = message.lower()
             if name in _TRANSIENT_ERRORS or any(w in lowered for w in _TRANSIENT_WORDS):
                 return RetryableError(text)
+            about = f"{message} {reason or ''}".lower()
+            if "connector" in about:  # "Invalid connector", "Connector not found", ...
+                return AccessRefused(
+                    text + " - is the connector registered on the target platform?"
+                )
+            if obj or _OBJECT_WORD.search(about) or name in _OBJECT_ERRORS:
+                return ObjectRefused(text)
             return PermanentError(text)
         status = self._status
         text = self._scrub(f"{where}: HTTP {status}: {detail}")
         if status in (401, 403):
-            return PermanentError(text + " - check the target token")
+            return AccessRefused(text + " - check the target token")
         if status is None or status == 429 or status >= 500 or status == 200:
             # 200 with an unreadable body is a proxy or a restarting platform, not our data.
             return RetryableError(text)
@@ -456,35 +521,38 @@ class OpenCTITarget:
     def write(self, batch: Batch) -> None:
         """Push the batch's events in stream order; returns once every push is acknowledged.
 
-        An object the platform refuses for itself (validation, a value it will not take) does
-        not stop the sync: the push is retried object by object, and each refused object is
-        reported in ``rejected`` (the pipeline quarantines it with the platform's reason). A
-        failure that is not about one object (auth, the platform itself) still raises.
+        An object the platform refuses for itself (``ObjectRefused``: validation, a value it
+        will not take) does not stop the sync: it is reported in ``rejected`` (the pipeline
+        quarantines it, under the event it came from, with the platform's reason). Which
+        refusals those are is decided by the kind of error, never by how many objects a push
+        or a batch holds: authentication, a lost capability, an unknown connector
+        (``AccessRefused``) and any error that names no object raise, and nothing of the batch
+        is quarantined. On ``amqp`` an event too large for the broker is reported the same way.
         """
         if not self._checked:
             self.check()
         self.rejected = []
+        try:
+            self._write(batch)
+        except BaseException:
+            self.rejected = []  # the batch is not done: nothing of it is quarantined
+            raise
+        if batch.events:
+            self.last_event_id = str(batch.last_id)
+        self._ping()
+
+    def _write(self, batch: Batch) -> None:
         live = self.live_aliases(batch.events) if self.resolve_aliases else {}
         if self.publisher is not None:
             self._publish(batch, live)
             return
-        pushes = plan_pushes(batch.events, self.max_bundle_objects, live)
-        last_error: PermanentError | None = None
-        for push in pushes:
+        for push in plan_pushes(batch.events, self.max_bundle_objects, live):
             try:
                 self._push(push)
+            except AccessRefused:
+                raise
             except PermanentError as exc:
-                last_error = exc
                 self._push_apart(push, exc, batch.last_id)
-        total = sum(len(p.objects) for p in pushes)
-        if last_error is not None and total > 1 and len(self.rejected) >= total:
-            # Everything refused (a deleted connector, a lost capability): stop, do not
-            # quarantine the whole stream.
-            self.rejected = []
-            raise last_error
-        if batch.events:
-            self.last_event_id = str(batch.last_id)
-        self._ping()
 
     def live_aliases(self, events: list[StreamEvent]) -> dict[str, set[str]]:
         """Aliases of upserts that name *another* live entity on the target, by object id.
@@ -548,44 +616,109 @@ class OpenCTITarget:
         return out
 
     def _publish(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
-        """AMQP: one confirmed message per event. The broker takes any well-formed message, so
-        refusals happen on the platform's workers (recorded in its works), not here."""
+        """AMQP: one message per event, committed in order. The broker takes any well-formed
+        message up to its ``max_message_size``; an event whose message is larger is reported in
+        ``rejected`` instead of stopping the sync (other refusals happen on the platform's
+        workers, recorded in its works). The broker does not announce its limit: a body over
+        ``amqp_max_message_bytes`` is never sent, and when the broker closes the channel on a
+        smaller one ("message size ... is larger than configured max size N") the limit is
+        lowered and only what was not committed yet is published again."""
         assert self.publisher is not None
-        messages = event_messages(
+        events = {ev.id_text: ev for ev in batch.events}
+        pending = event_messages(
             batch.events,
             applicant_id=self.applicant_id,
             synchronized=self.synchronized,
             live_aliases=live,
         )
-        self.publisher.publish([body for _, body in messages])
-        if batch.events:
-            self.last_event_id = str(batch.last_id)
-        self._ping()
+        while True:
+            limit = self.amqp_max_message_bytes
+            # Every message of an event goes, or none (a merge is an upsert plus the merge).
+            too_big: dict[str, int] = {}
+            for event_id, body in pending:
+                if len(body) > limit:
+                    too_big[event_id] = max(too_big.get(event_id, 0), len(body))
+            for event_id, size in too_big.items():
+                self._reject_oversized(events[event_id], size, limit, batch.last_id)
+            sendable = [(e, body) for e, body in pending if e not in too_big]
+            try:
+                self.publisher.publish([body for _, body in sendable])
+                return
+            except MessageTooLarge as exc:
+                # Committed chunks are on the queue: never send them again.
+                pending = sendable[self.publisher.committed :]
+                biggest = max((len(body) for _, body in pending), default=0)
+                if biggest == 0:
+                    raise
+                # The refused message is among the uncommitted ones, so the biggest of them is
+                # too large as well: the new limit is below it, and every round removes one.
+                known = exc.limit if exc.limit is not None and exc.limit < biggest else None
+                self.amqp_max_message_bytes = min(limit, known or biggest - 1)
+                log.warning(
+                    "The target's broker refused a message as too large; limit lowered.",
+                    extra={
+                        "target": self.url,
+                        "max_message_bytes": self.amqp_max_message_bytes,
+                        "reason": str(exc)[:300],
+                    },
+                )
+
+    def _reject_oversized(self, ev: StreamEvent, size: int, limit: int, after: EventId) -> None:
+        reason = (
+            f"refused by {self.url}: its message ({size} bytes) is larger than the broker's "
+            f"maximum message size ({limit} bytes; target.amqp_max_message_bytes or the "
+            "broker's max_message_size)"
+        )
+        log.warning(
+            "Event too large for the target's broker; quarantined.",
+            extra={"target": self.url, "stix_id": ev.stix_id, "event_id": ev.id_text},
+        )
+        self.rejected.append(
+            Quarantined(
+                after,
+                ev.id_text,
+                f"{ev.event}-refused-by-target",
+                json.dumps(ev.stix, ensure_ascii=False),
+                reason,
+            )
+        )
 
     def _push_apart(self, push: Push, error: PermanentError, after: EventId) -> None:
-        # Is the platform itself fine? Then the refusal is about what we sent.
+        """A push was refused: quarantine the objects the platform refuses for themselves.
+
+        Only ``ObjectRefused`` is quarantined, whatever the number of objects: a one-object push
+        refused otherwise raises its error; a bigger one is retried object by object, and a
+        single push failing with anything but ``ObjectRefused`` raises that error.
+        """
+        # Is the platform itself fine (reachable, the token accepted)? Else this raises.
         self._call("health check", lambda: self.api.query(_IDENTITY_QUERY))
-        singles = [Push(push.kind, [obj], push.event_ids) for obj in push.objects]
-        refused: list[tuple[dict[str, Any], str]] = []
-        for single in singles if len(singles) > 1 else []:
-            try:
-                self._push(single)
-            except PermanentError as exc:
-                refused.append((single.objects[0], str(exc)))
-        if len(singles) == 1:
-            refused.append((push.objects[0], str(error)))
-        if len(refused) == len(push.objects) > 1:
-            raise error  # every object refused: not an object's fault
-        first = push.event_ids[0] if push.event_ids else str(after)
-        for obj, reason in refused:
+        refused: list[tuple[int, str]] = []
+        if len(push.objects) == 1:
+            if not isinstance(error, ObjectRefused):
+                raise error
+            refused.append((0, str(error)))
+        else:
+            for index in range(len(push.objects)):
+                try:
+                    self._push(push.single(index))
+                except ObjectRefused as exc:
+                    refused.append((index, str(exc)))
+        for index, reason in refused:
+            obj = push.objects[index]
+            event = push.event_of(index) or str(after)
             log.warning(
                 "Target refused an object; quarantined.",
-                extra={"target": self.url, "stix_id": obj.get("id"), "reason": reason[:300]},
+                extra={
+                    "target": self.url,
+                    "stix_id": obj.get("id"),
+                    "event_id": event,
+                    "reason": reason[:300],
+                },
             )
             self.rejected.append(
                 Quarantined(
                     after,
-                    first,
+                    event,
                     f"{push.kind}-refused-by-target",
                     json.dumps(obj, ensure_ascii=False),
                     f"refused by {self.url}: {reason}",
