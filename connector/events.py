@@ -28,6 +28,7 @@ __all__ = [
     "loads_json",
     "parse_archive_line",
     "octi_ext",
+    "rewrite_granted_refs",
     "OCTI_EXT",
 ]
 
@@ -319,6 +320,22 @@ def octi_ext(stix: dict[str, Any]) -> dict[str, Any]:
         if isinstance(octi, dict):
             return octi
     return {}
+
+
+def rewrite_granted_refs(stix: dict[str, Any], ids: set[str], new_id: str | None) -> None:
+    """In place: ``ids`` in the extension's ``granted_refs`` renamed to ``new_id`` (a merge, a
+    standard-id change) or dropped (``None``: a delete). The platform treats them like any other
+    ref; the extension dicts are replaced, not edited, so a shallow copy of ``stix`` is enough."""
+    granted = octi_ext(stix).get("granted_refs")
+    if not isinstance(granted, list) or not ids.intersection(granted):
+        return
+    kept = (
+        [new_id if v in ids else v for v in granted]
+        if new_id
+        else [v for v in granted if v not in ids]
+    )
+    octi = {**octi_ext(stix), "granted_refs": list(dict.fromkeys(kept))}
+    stix["extensions"] = {**stix["extensions"], OCTI_EXT: octi}
 
 
 def archive_line_parts(ev: StreamEvent) -> tuple[bytes, bytes, bytes]:

@@ -32,6 +32,7 @@ from .events import (
     archive_line_fields,
     octi_ext,
     parse_archive_line,
+    rewrite_granted_refs,
 )
 
 if TYPE_CHECKING:
@@ -740,7 +741,10 @@ class StateStore:
         elif ev.event == "merge":
             self._merge(ev)
         elif ev.event == "delete":
-            self._delete(ev)
+            if ev.envelope.get("type") == "update":
+                self._leave_scope(ev)
+            else:
+                self._delete(ev)
         # The group id is the running maximum: a recovery event with a lower id stays in its group.
         self._set_as_of(ev.id)
 
@@ -1077,6 +1081,7 @@ class StateStore:
                     new[field] = new_id
                 elif field.endswith("_refs") and isinstance(value, list) and olds & set(value):
                     new[field] = list(dict.fromkeys(new_id if v in olds else v for v in value))
+            rewrite_granted_refs(new, olds, new_id)
             if _is_relation(new):
                 self._fill_relation_ext(new)
             self._write(key, new, rec.event_id, rec.event)
@@ -1106,6 +1111,15 @@ class StateStore:
         exts = dict(stix.get("extensions") or {})
         exts[OCTI_EXT] = octi
         stix["extensions"] = exts
+
+    def _leave_scope(self, ev: StreamEvent) -> None:
+        """A ``delete`` whose payload is an update (protocol doc §5.3, §8.14): the object no
+        longer matches the stream's filters or the user's rights. It leaves this state, but it
+        was not deleted upstream: nothing cascades, and no tombstone tells a restore to delete
+        it (the references to it stay, as on the platform)."""
+        key = self._resolve([ev.internal_id or None, ev.stix_id])
+        if key is not None:
+            self._forget(key)
 
     def _delete(self, ev: StreamEvent) -> None:
         iid = ev.internal_id or None
@@ -1153,6 +1167,7 @@ class StateStore:
                     del new[field]
                 elif field.endswith("_refs") and isinstance(value, list) and ids & set(value):
                     new[field] = [v for v in value if v not in ids]
+            rewrite_granted_refs(new, ids, None)
             self._write(user_key, new, rec.event_id, rec.event)
         return doomed
 

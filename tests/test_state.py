@@ -19,7 +19,7 @@ import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.errors import ConnectorError
-from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.events import OCTI_EXT, EventId, StreamEvent, octi_ext
 from connector.sim import sample_bundle
 from connector.sim.store import SimStore
 from connector.sink import Batch
@@ -433,3 +433,40 @@ def test_scratch_store_reads_aliases_still_waiting(tmp_path: Path) -> None:
         for obj in expected:
             iid = obj["extensions"][OCTI_EXT]["id"]
             assert (reopened.get(iid) or {}).get("id") == obj["id"]
+
+
+@pytest.mark.parametrize("edit", ["delete", "merge"])
+def test_granted_refs_follow_deletes_and_merges(tmp_path: Path, edit: str) -> None:
+    """The extension's ``granted_refs`` are refs like the top-level ones (protocol doc §5.2): a
+    deleted organisation leaves them, a merged one is renamed to the merge target; the fold and
+    the simulator both do so."""
+    org1, org2 = (
+        "identity--00000000-0000-4000-8000-0000000000a1",
+        "identity--00000000-0000-4000-8000-0000000000a2",
+    )
+    mal = "malware--00000000-0000-4000-8000-0000000000a3"
+    store = new_sim()
+    for sid, name in ((org1, "o1"), (org2, "o2")):
+        store.create(
+            {"type": "identity", "id": sid, "name": name, "identity_class": "organization"}
+        )
+    store.create(
+        {
+            "type": "malware",
+            "id": mal,
+            "name": "m",
+            "is_family": True,
+            "extensions": {OCTI_EXT: {"granted_refs": [org1, org2]}},
+        }
+    )
+    if edit == "delete":
+        store.delete(org2)
+    else:
+        store.merge(org1, [org2])
+    events, _ = sim_events(store)
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        folded = state.get(mal)
+        assert folded is not None
+        assert octi_ext(folded).get("granted_refs") == [org1]
+        assert_equal_objects(state_objects(state), sim_objects(store))

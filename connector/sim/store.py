@@ -21,7 +21,7 @@ from typing import Any
 import jsonpatch
 import orjson
 
-from ..events import OCTI_EXT
+from ..events import OCTI_EXT, rewrite_granted_refs
 from .filters import ENDPOINT_FIELDS, is_relation, stix_refs
 
 __all__ = [
@@ -810,6 +810,7 @@ class SimStore:
                     new[key] = new_id
                 elif key.endswith("_refs") and isinstance(value, list) and olds.intersection(value):
                     new[key] = list(dict.fromkeys(new_id if v in olds else v for v in value))
+            rewrite_granted_refs(new, olds, new_id)
             if is_relation(new):
                 octi = dict(_ext(new))
                 self._fill_relation_ext(new, octi)
@@ -851,6 +852,7 @@ class SimStore:
                     del new[key]
                 elif key.endswith("_refs") and isinstance(value, list) and ids.intersection(value):
                     new[key] = [v for v in value if v not in ids]
+            rewrite_granted_refs(new, ids, None)
             self._replace(u_iid, user, new)
 
     # ------------------------------------------------------------------ seeding
