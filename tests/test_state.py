@@ -470,3 +470,41 @@ def test_granted_refs_follow_deletes_and_merges(tmp_path: Path, edit: str) -> No
         assert folded is not None
         assert octi_ext(folded).get("granted_refs") == [org1]
         assert_equal_objects(state_objects(state), sim_objects(store))
+
+
+@pytest.mark.parametrize("target_dated", [False, True])
+def test_merge_drops_the_relationships_it_would_duplicate(
+    tmp_path: Path, target_dated: bool
+) -> None:
+    """T uses X, S uses X twice (once dated); S merged into T. The platform re-points a source's
+    relationship unless the target has the same one without dates, or an earlier source
+    relationship was the same (type, side, other end): those go with the source, no event."""
+    t, s, x = (f"intrusion-set--00000000-0000-4000-8000-0000000000b{n}" for n in (1, 2, 3))
+    c1, c2, c3 = (f"relationship--00000000-0000-4000-8000-0000000000c{n}" for n in (1, 2, 3))
+    dated = "2024-01-01T00:00:00.000Z"
+    store = new_sim()
+    for sid, name in ((t, "t"), (s, "s"), (x, "x")):
+        store.create({"type": "intrusion-set", "id": sid, "name": name})
+    for rid, src, start in (
+        (c1, t, dated if target_dated else None),
+        (c2, s, None),
+        (c3, s, dated),
+    ):
+        rel = {
+            "type": "relationship",
+            "id": rid,
+            "relationship_type": "uses",
+            "source_ref": src,
+            "target_ref": x,
+        }
+        if start:
+            rel["start_time"] = start
+        store.create(rel)
+    store.merge(t, [s])
+    events, _ = sim_events(store)
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        uses = {o["id"] for o in state_objects(state) if o.get("relationship_type") == "uses"}
+        assert uses == ({c1, c2} if target_dated else {c1})
+        assert all(state.get(r)["source_ref"] == t for r in uses)  # type: ignore[index]
+        assert_equal_objects(state_objects(state), sim_objects(store))
