@@ -34,7 +34,6 @@ from .events import (
     parse_archive_line,
     rewrite_granted_refs,
 )
-from .merge_rules import duplicate_relationships
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -1061,27 +1060,12 @@ class StateStore:
                 ev.stix_id,
             )
             absorbed.extend(i for i in ids if i not in absorbed)
-        if absorbed:
-            self._drop_duplicate_relationships(target, absorbed, ev.id_text)
         key = self._upsert(target, ev.id_text, "merge", None, guard=False)
         if key is not None and absorbed:
             self._add_aliases(
                 "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(a, key) for a in absorbed]
             )
             self._repoint(absorbed, ev.stix_id)
-
-    def _drop_duplicate_relationships(
-        self, target: dict[str, Any], absorbed: list[str], event_id: str
-    ) -> None:
-        """The sources' relationships the merge would duplicate go with them (merge_rules)."""
-        source_ids = set(absorbed)
-        target_ids = set(_ids_of(target)) - source_ids
-        target_rels = (r.data for r in map(self._load, self._referrers(target_ids)) if r)
-        source_rels = [
-            (k, r.data) for k in sorted(self._referrers(source_ids)) if (r := self._load(k))
-        ]
-        for key in duplicate_relationships(target_ids, target_rels, source_ids, source_rels):
-            self._cascade(key, event_id)
 
     def _repoint(self, old_ids: list[str], new_id: str) -> None:
         """Rewrite refs to ``old_ids`` into ``new_id`` (the platform does it without events)."""

@@ -22,7 +22,6 @@ import jsonpatch
 import orjson
 
 from ..events import OCTI_EXT, rewrite_granted_refs
-from ..merge_rules import duplicate_relationships
 from .filters import ENDPOINT_FIELDS, is_relation, stix_refs
 
 __all__ = [
@@ -780,13 +779,8 @@ class SimStore:
             self._stamp(new)
             patch = jsonpatch.make_patch(old, new).patch
             reverse = jsonpatch.make_patch(new, old).patch
-            doomed = self._duplicate_relationships(old, src_objs)
             for s_iid, src in zip(s_iids, src_objs, strict=True):
                 self._forget(s_iid, src)
-            for rel_iid in doomed:  # deleted with the sources, without events
-                rel = self._objects.get(rel_iid)
-                if rel is not None:
-                    self._cascade(rel_iid, rel)
             self._replace(t_iid, old, new)
             for src in src_objs:
                 for sid in self._ids_of(src):
@@ -799,20 +793,6 @@ class SimStore:
             context = {"patch": patch, "reverse_patch": reverse, "sources": src_objs}
             env = self._envelope("merge", new, message, None, context, event_id)
             return self._emit("merge", env)
-
-    def _duplicate_relationships(
-        self, target: dict[str, Any], sources: list[dict[str, Any]]
-    ) -> list[str]:
-        """Internal ids of the sources' relationships the merge deletes (merge_rules)."""
-        source_ids = {i for src in sources for i in self._ids_of(src)}
-        target_ids = set(self._ids_of(target)) - source_ids
-
-        def users(ids: set[str]) -> list[str]:
-            return sorted({u for i in ids for u in self._referrers.get(i, set())})
-
-        target_rels = [self._objects[u] for u in users(target_ids) if u in self._objects]
-        source_rels = [(u, self._objects[u]) for u in users(source_ids) if u in self._objects]
-        return duplicate_relationships(target_ids, target_rels, source_ids, source_rels)
 
     def _repoint(self, old_ids: list[str], new_id: str) -> None:
         """Rewrite refs to ``old_ids`` into ``new_id`` everywhere, silently (no events)."""
