@@ -7,12 +7,26 @@ Checked, streaming one object at a time:
   last group id, per-event rows and counts match the decoded lines;
 * segments without a manifest are warnings (a crash between the two writes leaves one);
 * continuity: each manifest starts after the previous one ends and its ``after_event_id`` names
-  the previous segment's last id. The oldest kept segment may name a segment retention deleted.
-  A break is an error unless the checkpoint's ``retention_gaps`` explain it;
+  the previous segment's last id. A break is an error unless the checkpoint's
+  ``retention_gaps`` explain it;
+* head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
+  able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
+  retention guarantees; otherwise the oldest segments are lost (error);
+* tail: when ``checkpoint.json`` lives in the archive, the segment it names as ``last_segment``
+  must have its manifest and the archive must reach its ``last_segment_last_id``; otherwise the
+  newest segments are lost (the stream resumes after them);
 * patch chains: an ``update``/``merge`` whose object's previous version was set by the event
   just before it (same object, no break or quarantined event in between) must turn back into
   that version when its ``reverse_patch`` is applied; otherwise an event was missed upstream.
-  The last version of every object lives in a sqlite index in ``work_dir``, not in memory;
+  Reference fields are left out of the comparison (top-level ``*_ref``/``*_refs`` and the
+  OpenCTI extension's ``*_ref``/``*_refs``, ``granted_refs`` included): the platform rewrites
+  them without an event when a referenced object is deleted, merged or gets a new standard id.
+  On a filtered stream, an object outside the filter gets its updates only while a container in
+  the filter holds it (container path), so updates made meanwhile never arrive, by design. Verify
+  cannot tell such deliveries apart, so a mismatch on an object the archive has seen in some
+  container's ``object_refs`` (and that is no container itself) is a warning, not an error; a
+  mismatch on any other object stays an error. The last version of every object lives in a
+  sqlite index in ``work_dir``, not in memory;
 * snapshots: each committed snapshot's parts exist with matching sha256, size and counts; when
   the state helper is available, each snapshot is recomputed from the previous one (or from an
   empty state when the archive starts at the beginning of the stream) plus the segments in
@@ -44,7 +58,7 @@ from .archive.layout import (
     manifest_key_for_segment,
 )
 from .archive.segment import Manifest, iter_segment_lines
-from .checkpoint import CHECKPOINT_KEY, CheckpointStore
+from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 from .snapshot import (
@@ -174,6 +188,7 @@ class _Index:
             "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB);"
             "CREATE TABLE segs (key TEXT PRIMARY KEY);"
             "CREATE TABLE quar (after TEXT);"
+            "CREATE TABLE members (sid TEXT PRIMARY KEY);"
             "CREATE INDEX quar_after ON quar (after);"
         )
 
@@ -194,6 +209,15 @@ class _Index:
     def forget(self, key: str) -> None:
         self.db.execute("DELETE FROM objs WHERE key = ?", (key,))
 
+    def add_members(self, ids: list[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO members VALUES (?)", [(i,) for i in ids])
+
+    def any_member(self, ids: set[str]) -> bool:
+        return any(
+            self.db.execute("SELECT 1 FROM members WHERE sid = ?", (i,)).fetchone() is not None
+            for i in ids
+        )
+
     def quarantined_between(self, low: EventId, high: EventId) -> bool:
         row = self.db.execute(
             "SELECT 1 FROM quar WHERE after >= ? AND after < ? LIMIT 1", (low.key, high.key)
@@ -208,18 +232,39 @@ def _object_key(stix: dict[str, Any]) -> str:
     return str(stix.get("id", ""))
 
 
+def _is_ref(name: str) -> bool:
+    return name.endswith(("_ref", "_refs"))
+
+
 def _comparable(stix: Any) -> Any:
+    """``stix`` without what the platform changes silently: reference fields (a referenced
+    object deleted, merged or given a new standard id) and denormalised relationship fields."""
     if not isinstance(stix, dict):
         return stix
+    out = {k: v for k, v in stix.items() if not _is_ref(k)}
     octi = octi_ext(stix)
-    if not _DENORMALISED.intersection(octi):
-        return stix
-    out = dict(stix)
-    out["extensions"] = {
-        **stix["extensions"],
-        OCTI_EXT: {k: v for k, v in octi.items() if k not in _DENORMALISED},
-    }
+    if octi:
+        out["extensions"] = {
+            **stix["extensions"],
+            OCTI_EXT: {k: v for k, v in octi.items() if k not in _DENORMALISED and not _is_ref(k)},
+        }
     return out
+
+
+def _stix_ids(*versions: dict[str, Any]) -> set[str]:
+    out: set[str] = set()
+    for stix in versions:
+        if isinstance(stix.get("id"), str):
+            out.add(stix["id"])
+        others = octi_ext(stix).get("stix_ids")
+        if isinstance(others, list):
+            out.update(i for i in others if isinstance(i, str))
+    return out
+
+
+def _members(stix: dict[str, Any]) -> list[str]:
+    refs = stix.get("object_refs")
+    return [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
 
 
 class _Verifier:
@@ -232,6 +277,10 @@ class _Verifier:
         self.gaps: list[tuple[EventId, EventId | None]] = []
         # The oldest segment starts the stream (no pruned history before it).
         self.origin = False
+        # The oldest kept segment's after_event_id when it names a segment no longer here.
+        self.head_after: EventId | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.snapshot_ids: list[EventId] = []  # as-of ids of the committed snapshots
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -241,6 +290,7 @@ class _Verifier:
         except ConnectorError as exc:
             self.report.warning(f"checkpoint.json unreadable ({exc}); retention gaps unknown")
             cp = None
+        self.checkpoint = cp
         for gap in cp.retention_gaps if cp else []:
             try:
                 low = EventId.parse(str(gap.get("checkpoint_event_id")))
@@ -287,6 +337,11 @@ class _Verifier:
                 self.report.error(f"manifest {key} has a malformed name")
             if self.report.segments == 0 and not unknown:
                 self.origin = m.after_event_id is None
+                if m.after_event_id is not None:
+                    try:
+                        self.head_after = EventId.parse(m.after_event_id)
+                    except ValueError:
+                        self.report.error(f"manifest {key} has a malformed after_event_id")
             if not unknown:
                 self.check_continuity(key, prev, m)
             unknown = False
@@ -303,11 +358,7 @@ class _Verifier:
 
     def check_continuity(self, key: str, prev: Manifest | None, m: Manifest) -> None:
         if prev is None:
-            if m.after_event_id is not None:
-                self.report.notes.append(
-                    f"archive starts after {m.after_event_id} (older segments pruned by retention)"
-                )
-            return
+            return  # the head is checked against the snapshots (check_head)
         if m.first <= prev.last:
             self.report.error(
                 f"manifest {key} overlaps the previous segment: first {m.first_event_id} <= "
@@ -332,6 +383,59 @@ class _Verifier:
             self.report.error(
                 f"segment(s) missing before {m.first_event_id}: manifest {key} continues from "
                 f"{m.after_event_id} but the previous segment ends at {prev.last_event_id}"
+            )
+
+    def check_head(self, snapshots: list[SnapshotInfo]) -> None:
+        """Retention deletes segments only below a committed snapshot: without one able to
+        start a restore from the oldest kept segment, the oldest segments are lost."""
+        after = self.head_after
+        if after is None:
+            return
+        if any(snap.as_of >= after for snap in snapshots):
+            self.report.notes.append(
+                f"archive starts after {after} (older segments pruned by retention)"
+            )
+            return
+        self.report.error(
+            f"the oldest segments are missing: the oldest kept segment continues from {after} "
+            "and no committed snapshot can start a restore there"
+        )
+
+    def check_tail(self) -> None:
+        """The archive's checkpoint names the last segment written and its last id: the stream
+        resumes after them, so segments missing there are lost for good (unless a committed
+        snapshot covers them: retention deletes segments wholly at or before its base)."""
+        cp = self.checkpoint
+        if cp is None or not (cp.last_segment or cp.last_segment_last_id):
+            return
+        try:
+            if cp.last_segment_last_id:
+                want = EventId.parse(cp.last_segment_last_id)
+            else:
+                want = id_from_key(str(cp.last_segment))
+        except ValueError:
+            self.report.error(
+                f"checkpoint.json names a malformed last segment {cp.last_segment!r} / "
+                f"{cp.last_segment_last_id!r}"
+            )
+            return
+        if any(as_of >= want for as_of in self.snapshot_ids):
+            return  # a snapshot covers the newest events (retention may have pruned them)
+        problems = []
+        if cp.last_segment:
+            try:
+                found = self.storage.exists(manifest_key_for_segment(cp.last_segment))
+            except ValueError:
+                found = False
+            if not found:
+                problems.append(f"its last segment {cp.last_segment} has no manifest")
+        end = self.report.last_event_id
+        if end is None or EventId.parse(end) < want:
+            problems.append(f"the archive ends at {end or 'nothing'}, before {want}")
+        if problems:
+            self.report.error(
+                "the newest segments are missing: checkpoint.json says the archive reaches "
+                f"{want}, but " + " and ".join(problems)
             )
 
     def check_segment(self, key: str, m: Manifest, prev: Manifest | None) -> None:
@@ -398,6 +502,9 @@ class _Verifier:
         stix = ev.stix
         key = _object_key(stix)
         origin = ev.envelope.get("origin")
+        if ev.event != "delete":
+            # Objects a container holds may reach a filtered stream by the container path only.
+            self.index.add_members(_members(stix))
         if isinstance(origin, dict) and origin.get("referer") == "init-dependencies":
             # A dependency carries the object as loaded when it was sent (often already past
             # the update that follows it in the same group): it is no link of the chain.
@@ -433,11 +540,25 @@ class _Verifier:
                 f"apply ({exc}); an event was missed upstream"
             )
             return
-        if _comparable(rebuilt) != _comparable(orjson.loads(data)):
-            self.report.error(
-                f"{ev.event} {ev.id_text} does not follow {prev_id} (object {key}): its "
-                f"reverse_patch leads elsewhere; an event was missed upstream"
+        previous = orjson.loads(data)
+        if _comparable(rebuilt) == _comparable(previous):
+            return
+        message = (
+            f"{ev.event} {ev.id_text} does not follow {prev_id} (object {key}): its "
+            f"reverse_patch leads elsewhere; an event was missed upstream"
+        )
+        versions = [v for v in (stix, rebuilt, previous) if isinstance(v, dict)]
+        if not any("object_refs" in v for v in versions) and self.index.any_member(
+            _stix_ids(*versions)
+        ):
+            # A container holds it: on a filtered stream, the updates made while no container
+            # in the filter held it are never sent (container path), so this may be no loss.
+            self.report.warning(
+                f"{message}, unless the stream is filtered (a container holds this object, "
+                "so updates made while it sat in no container of the filter are not sent)"
             )
+            return
+        self.report.error(message)
 
     # -- orphans ---------------------------------------------------------------------------
 
@@ -489,6 +610,8 @@ class _Verifier:
     def check_snapshots(self, work_dir: Path) -> None:
         snapshots = self.snapshot_infos()
         self.report.snapshots = len(snapshots)
+        self.snapshot_ids = [snap.as_of for snap in snapshots]
+        self.check_head(snapshots)
         good = [snap for snap in snapshots if self.check_snapshot_parts(snap)]
         if not good:
             return
@@ -604,6 +727,7 @@ def verify_archive(storage: Storage, *, work_dir: Path) -> VerifyReport:
         v.check_segments()
         v.check_orphans()
         v.check_snapshots(work_dir)
+        v.check_tail()
     finally:
         index.close()
     if report.segments == 0 and report.snapshots == 0:
