@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointStore
+from .errors import ConfigError
 from .events import EventId, octi_ext
 from .sim import SAMPLE_BUNDLES, sample_bundle
 from .sim.generator import generate
@@ -69,6 +70,9 @@ def _version(stix: dict[str, Any]) -> str:
     return str(octi_ext(stix).get("updated_at") or stix.get("modified") or "")
 
 
+_MARKER = ".opencti-sync-demo"
+
+
 def run_demo(directory: Path, *, keep: bool = False) -> int:
     import logging
 
@@ -77,7 +81,16 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
 
     directory = directory.absolute()
     if directory.exists() and not keep:
+        # Only a directory this demo made (its marker) or an empty one: ``--dir`` pointed at a
+        # real archive must never be wiped.
+        if any(directory.iterdir()) and not (directory / _MARKER).is_file():
+            raise ConfigError(
+                "--dir",
+                f"{directory} exists and was not made by the demo; give a new or empty directory",
+            )
         shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / _MARKER).write_text("made by `opencti-sync demo`: removed by the next demo run\n")
     work = Path(tempfile.mkdtemp(prefix="opencti-sync-demo-"))
     log_path = work / "connector.log"
     handler = logging.FileHandler(work / "demo.log")

@@ -22,3 +22,19 @@ def test_demo_ends_verified(tmp_path: Path) -> None:
     assert "Verified: nothing lost, nothing resurrected." in proc.stdout
     assert "missing / extra / stale versions  0 / 0 / 0" in proc.stdout
     assert (tmp_path / "demo-archive" / "checkpoint.json").is_file()
+
+
+def test_demo_never_wipes_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    precious = tmp_path / "archive"
+    precious.mkdir()
+    (precious / "checkpoint.json").write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "connector", "demo", "--dir", str(precious)],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--dir" in proc.stderr
+    assert (precious / "checkpoint.json").read_text() == "{}"
