@@ -88,9 +88,12 @@ def parse_until(text: str) -> EventId:
 
 
 def materialise_plan(
-    storage: Storage, *, until: EventId | None, work_dir: Path
+    storage: Storage, *, until: EventId | None, work_dir: Path, allow_partial: bool = False
 ) -> tuple[StateStore, RestorePlan]:
-    """The state after every event with group id ``<= until`` (all events when None)."""
+    """The state after every event with group id ``<= until`` (all events when None).
+
+    A damaged segment (sha256) or a gap in the chain raises ``PermanentError``; with
+    ``allow_partial`` a gap is only logged."""
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / "restore-state.sqlite"
     db_path.unlink(missing_ok=True)  # always rebuilt: the archive is the source of truth
@@ -104,6 +107,7 @@ def materialise_plan(
             reader,
             start_after=seed.last_segment_manifest if seed else None,
             until=until,
+            allow_gaps=allow_partial,
         )
         state.settle()  # the whole state in SQL before anything reads it, and the memory freed
     except BaseException:

@@ -82,7 +82,9 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     cp = CheckpointStore(storage).load()
-    state, plan = materialise_plan(storage, until=until, work_dir=work)
+    state, plan = materialise_plan(
+        storage, until=until, work_dir=work, allow_partial=args.allow_partial
+    )
     try:
         print(
             f"state as of {plan.as_of}: {plan.objects} objects, {plan.tombstones} tombstones "

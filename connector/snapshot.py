@@ -207,10 +207,11 @@ def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
 
 
 class _Checked:
-    """A part's body as it is read, hashed on the way: ``check`` compares it with the manifest."""
+    """An object's body as it is read, hashed on the way: ``check`` reads the rest and compares
+    the sha256 with the one its manifest records (a snapshot part, an archive segment)."""
 
-    def __init__(self, fh: IO[bytes], part: PartInfo) -> None:
-        self.fh, self.part = fh, part
+    def __init__(self, fh: IO[bytes], key: str, sha256: str, what: str) -> None:
+        self.fh, self.key, self.expected, self.what = fh, key, sha256, what
         self.sha = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
@@ -221,16 +222,16 @@ class _Checked:
     def check(self) -> None:
         while self.read(1 << 20):
             pass
-        if self.sha.hexdigest() != self.part.sha256:
+        if self.sha.hexdigest() != self.expected:
             raise PermanentError(
-                f"snapshot part {self.part.key} is damaged: its sha256 differs from the manifest"
+                f"{self.what} {self.key} is damaged: its sha256 differs from the manifest"
             )
 
 
 def _part_lines(storage: Storage, part: PartInfo, codec: str) -> Iterator[bytes]:
     """A part's lines; once the last is read, the part's sha256 is checked."""
     with storage.open(part.key) as fh:
-        body = _Checked(fh, part)
+        body = _Checked(fh, part.key, part.sha256, "snapshot part")
         try:
             for line in open_decompressed(body, codec):  # type: ignore[arg-type]
                 if line.strip():
@@ -332,6 +333,7 @@ def fold_segments(
     start_after: str | None,
     until: EventId | None = None,
     stop: threading.Event | None = None,
+    allow_gaps: bool = False,
 ) -> tuple[int, int, str | None]:
     """Apply committed segments after manifest key ``start_after`` (group ids ``<= until``).
 
@@ -339,6 +341,11 @@ def fold_segments(
     so overlapping segments and a seed snapshot combine without double application. Returns
     (segments folded, events applied, last folded manifest key). ``stop`` set: raises
     ``SnapshotStopped`` before the next segment.
+
+    Each segment's sha256 is checked against its manifest as it is read, and a segment that
+    continues from a position no earlier segment reached (a lost segment or manifest) is a gap:
+    both raise ``PermanentError`` (``allow_gaps``: a gap is only logged), so neither a restore nor
+    a snapshot is silently built from damaged or incomplete history.
     """
     segments = events = 0
     last_key: str | None = None
@@ -357,6 +364,12 @@ def fold_segments(
             and m.after_event_id is not None
             and EventId.parse(m.after_event_id) > done
         ):
+            if not allow_gaps:
+                raise PermanentError(
+                    f"archive gap before {m.segment}: it continues from {m.after_event_id}, which "
+                    f"no segment reaches (the state is at {done}); `opencti-sync verify` shows "
+                    "what is missing"
+                )
             log.warning(
                 "Archive gap: a segment continues from a position the state never reached.",
                 extra={"segment": m.segment, "after": m.after_event_id, "state": str(done)},
@@ -364,9 +377,24 @@ def fold_segments(
         _check_stop(stop, "while folding segments")
         # Lines straight into the state: one parse per line, no StreamEvent per event.
         with reader.storage.open(m.segment) as fh:
-            events += state.fold_lines(
-                iter_segment_lines(fh, m.codec), first=m.first, done=done, until=until
-            )
+            body = _Checked(fh, m.segment, m.sha256, "archive segment")
+            try:
+                events += state.fold_lines(
+                    iter_segment_lines(body, m.codec),  # type: ignore[arg-type]
+                    first=m.first,
+                    done=done,
+                    until=until,
+                )
+            except (
+                MalformedEvent,
+                zstandard.ZstdError,
+                gzip.BadGzipFile,
+                EOFError,
+                zlib.error,
+            ) as exc:
+                body.check()  # changed bytes say so first
+                raise PermanentError(f"archive segment {m.segment} cannot be read: {exc}") from exc
+            body.check()
         segments += 1
         if until is not None and m.last > until:
             break  # a partial segment is never recorded as folded

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from connector.__main__ import main
+from connector.archive import ArchiveReader
+from connector.errors import PermanentError
 from connector.retention import RetentionPolicy, apply_retention, plan_retention
 from connector.sim.server import SimServer
-from connector.snapshot import list_snapshots
+from connector.snapshot import list_snapshots, write_snapshot
 from connector.storage.local import LocalStorage
 from tests.support.tls import make_certs, server_context
 from tests.test_retention import at_day, build_days, follow_until
@@ -110,3 +112,31 @@ def test_verify_against_a_platform_behind_a_private_ca(
         assert main(args) == 0
         monkeypatch.delenv("TARGET_CA_BUNDLE")
         assert main(args) != 0  # the same platform, its certificate unverifiable
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "lost manifest"])
+def test_a_damaged_archive_is_never_restored_or_snapshotted_silently(
+    archive: Path, tmp_path: Path, damage: str
+) -> None:
+    """A segment whose bytes changed (bit rot) or whose manifest is gone (a hole in the chain):
+    restore and the snapshot job stop and say so instead of building a wrong or partial state
+    (which retention would then take for a base)."""
+    storage = LocalStorage(archive)
+    manifests = [r for r in ArchiveReader(storage).manifests()]
+    victim = manifests[len(manifests) // 2]
+    if damage == "flipped byte":
+        body = bytearray(storage.get(victim.manifest.segment))
+        body[len(body) // 2] ^= 0x01
+        storage.put(victim.manifest.segment, bytes(body))
+    else:
+        storage.delete(victim.manifest_key)
+    for snap in list_snapshots(storage):  # restore from the segments alone
+        storage.delete(snap.manifest_key)
+    out = tmp_path / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1
+    assert not out.exists()
+    with pytest.raises(PermanentError, match="damaged|gap"):
+        write_snapshot(storage, work_dir=tmp_path / "snap")
+    assert list_snapshots(storage) == []
+    if damage == "lost manifest":  # the operator may accept the hole knowingly
+        assert _restore(archive, tmp_path, "--to-bundle", str(out), "--allow-partial") == 0
