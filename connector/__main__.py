@@ -469,6 +469,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .archive import ArchiveReader
     from .events import EventId
+    from .source import iso_to_id
 
     settings = _settings(args)
     _configure_logs(settings)
@@ -530,7 +531,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             else None
         )
         oldest = [x for x in (first, str(snaps[0].as_of) if snaps else None) if x]
-        info["restorable_from"] = min(oldest, key=EventId.parse) if oldest else None
+        restorable = min(oldest, key=EventId.parse) if oldest else None
+        # The first run recovered each object as it was then, under its updated_at: a point
+        # before that recovery's end would hold only the objects unchanged since.
+        recovered = iso_to_id(cp.recover_until) if cp and cp.recover_until else None
+        if restorable is not None and recovered is not None:
+            restorable = str(max(EventId.parse(restorable), recovered))
+        info["restorable_from"] = restorable
     if args.json:
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
     else:

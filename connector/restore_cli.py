@@ -20,6 +20,7 @@ from .errors import ConfigError, ConnectorError
 from .events import octi_ext
 from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
 from .settings import Settings
+from .source import iso_to_id
 from .storage import Storage, open_storage
 
 __all__ = ["run_restore_cli", "verify_against_opencti", "compare_with_target"]
@@ -82,6 +83,14 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     cp = CheckpointStore(storage).load()
+    recovered = iso_to_id(cp.recover_until) if cp and cp.recover_until else None
+    if until is not None and recovered is not None and until < recovered and not args.allow_partial:
+        # The first run recovered each object as it was at its end, under its updated_at.
+        raise ConnectorError(
+            f"--until {args.until} is before the end of the archive's first recovery "
+            f"({cp.recover_until if cp else ''}): it holds each object only as it was then, so "
+            "that point would hold only the objects unchanged since. Accept it with --allow-partial"
+        )
     state, plan = materialise_plan(
         storage, until=until, work_dir=work, allow_partial=args.allow_partial
     )

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from connector.__main__ import main
 from connector.archive import ArchiveReader
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import PermanentError
+from connector.events import EventId
 from connector.retention import RetentionPolicy, apply_retention, plan_retention
 from connector.sim.server import SimServer
 from connector.snapshot import list_snapshots, write_snapshot
@@ -140,3 +143,32 @@ def test_a_damaged_archive_is_never_restored_or_snapshotted_silently(
     assert list_snapshots(storage) == []
     if damage == "lost manifest":  # the operator may accept the hole knowingly
         assert _restore(archive, tmp_path, "--to-bundle", str(out), "--allow-partial") == 0
+
+
+def test_a_point_inside_the_first_recovery_needs_allow_partial(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first run recovered each object as it was at the recovery's end, under its
+    updated_at: a point before that end holds only the objects unchanged since."""
+    storage = LocalStorage(archive)
+    recovered = at_day(3).isoformat().replace("+00:00", "Z")
+    CheckpointStore(storage).save(
+        Checkpoint(
+            "live",
+            "http://platform",
+            str(EventId(int(at_day(6).timestamp() * 1000), 0)),
+            recover_until=recovered,
+        )
+    )
+    out = tmp_path / "state.json"
+    day1 = at_day(1).isoformat().replace("+00:00", "Z")
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", day1) == 1
+    assert "first recovery" in capsys.readouterr().err and not out.exists()
+    assert (
+        _restore(archive, tmp_path, "--to-bundle", str(out), "--until", day1, "--allow-partial")
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["status", "--archive", str(archive), "--json"]) == 0
+    status = orjson.loads(capsys.readouterr().out)
+    assert EventId.parse(status["restorable_from"]).ms >= int(at_day(3).timestamp() * 1000)

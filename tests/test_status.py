@@ -17,6 +17,7 @@ from connector.events import EventId
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.source import iso_to_id
 from connector.storage.local import LocalStorage
 from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
 
@@ -117,5 +118,9 @@ def test_status_reports_the_retention_window(archive: Path) -> None:
     assert info["retention_keep_snapshots"] == 2
     start = EventId.parse(info["retention_window_start"])
     assert abs(start.ms / 1000 - (time.time() - 30 * 86400)) < 600
-    # The oldest point a restore can reach: the archive's first event (no retention ran).
-    assert info["restorable_from"] == info["archive_first_event_id"]
+    # The oldest point a restore can reach whole: the end of the first run's recovery (before
+    # it, the archive holds only the objects unchanged since); no retention ran.
+    recovered = iso_to_id(info["recover_until"])
+    assert recovered is not None
+    first = EventId.parse(info["archive_first_event_id"])
+    assert info["restorable_from"] == str(max(first, recovered))
