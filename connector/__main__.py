@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -33,7 +34,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opencti-sync", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="opencti-sync",
+        description=(
+            "Back up an OpenCTI platform's live stream into an archive (S3 or a directory), "
+            "synchronise it into a second platform, and restore either to any point in time."
+        ),
+        epilog="Exit codes: 0 done or clean stop, 1 runtime failure, 2 invalid configuration.",
+    )
     parser.add_argument("--version", action="version", version=f"opencti-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -156,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `status | head`: the reader left; say nothing more (and not at exit either).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -544,6 +556,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         width = max(len(k) for k in info)
         for key, value in info.items():
             print(f"{key:<{width}}  {value if value is not None else '-'}")
+    if cp is None and not info.get("archive_segments") and not info.get("snapshots"):
+        print(f"opencti-sync: no archive at {info['archive']} (yet?)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -632,10 +647,24 @@ def _archive_command(args: argparse.Namespace) -> tuple[Settings, Any]:
     return settings, archive
 
 
+def _require_archive(archive: Any) -> None:
+    """Commands that work on an existing archive say so when there is none at the URI (a
+    mistyped path or prefix would otherwise look like an empty, healthy archive)."""
+    from .checkpoint import CHECKPOINT_KEY
+
+    if archive.exists(CHECKPOINT_KEY):
+        return
+    for prefix in ("manifests/", "snapshots/"):
+        if next(iter(archive.list(prefix)), None) is not None:
+            return
+    raise ConnectorError(f"no archive at {archive.describe()} (no checkpoint, segment or snapshot)")
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .jobs import run_snapshot_job
 
     settings, archive = _archive_command(args)
+    _require_archive(archive)
     info = run_snapshot_job(archive, Path(settings.connector.work_dir))
     if info is None:
         print("snapshot: nothing new since the last one")
@@ -652,6 +681,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .retention import RetentionPolicy
 
     settings, archive = _archive_command(args)
+    _require_archive(archive)
     policy = RetentionPolicy(
         keep_days=settings.retention.keep_days, keep_snapshots=settings.retention.keep_snapshots
     )

@@ -76,7 +76,12 @@ class OpenCTISection:
 
 @dataclass
 class ConnectorSection:
-    id: str = _key("CONNECTOR_ID", "Connector UUID used when registering on an OpenCTI target.", "")
+    id: str = _key(
+        "CONNECTOR_ID",
+        "Connector UUID used when registering on the source and target platforms (empty: derived "
+        "from the URLs).",
+        "",
+    )
     name: str = _key("CONNECTOR_NAME", "Connector name shown in the platform UI.", "opencti-sync")
     log_level: str = _key(
         "CONNECTOR_LOG_LEVEL", "Log level.", "info", choices=("debug", "info", "warning", "error")
@@ -94,7 +99,8 @@ class ConnectorSection:
     )
     live_stream_id: str = _key(
         "CONNECTOR_LIVE_STREAM_ID",
-        "Stream collection id, 'live' for the global live stream, or 'raw' for /stream.",
+        "Stream collection id, 'live' for the global live stream, or 'raw' for /stream (no "
+        "recovery: a raw-stream backup holds only what the platform's stream still retains).",
         "live",
     )
     live_stream_listen_delete: bool = _key(
@@ -115,7 +121,8 @@ class ConnectorSection:
     )
     live_stream_start_timestamp: int = _key(
         "CONNECTOR_LIVE_STREAM_START_TIMESTAMP",
-        "First run only: start position as epoch MILLISECONDS (0: from the oldest retained event).",
+        "First run only: start position as epoch MILLISECONDS (0: from the oldest retained "
+        "event). The first recovery then sends only objects updated since: a partial backup.",
         0,
     )
     retention_gap: str = _key(

@@ -106,10 +106,16 @@ def test_status_table(archive: Path) -> None:
 
 
 def test_status_of_an_empty_archive(tmp_path: Path) -> None:
-    info = status_json(tmp_path / "nothing-yet")
+    """Nothing there (a mistyped path, or before the first run): said, and exit 1."""
+    out = cli("status", "--archive", str(tmp_path / "nothing-yet"), "--json", cwd=tmp_path)
+    assert out.returncode == 1 and "no archive at" in out.stderr
+    info = orjson.loads(out.stdout)
     assert info["last_event_id"] is None and info["events_archived"] == 0
     assert "lag_seconds" not in info or info["lag_seconds"] is None
     assert info["archive_segments"] == 0
+    for command in ("snapshot", "prune"):
+        out = cli(command, "--archive", str(tmp_path / "nothing-yet"), cwd=tmp_path)
+        assert out.returncode == 1 and "no archive at" in out.stderr, command
 
 
 def test_status_reports_the_retention_window(archive: Path) -> None:

@@ -255,6 +255,12 @@ def plan_pushes(
     return pushes
 
 
+_OVERRIDE = (
+    "To do it anyway: target.allow_same_platform (TARGET_ALLOW_SAME_PLATFORM) for run, "
+    "--force for restore."
+)
+
+
 class OpenCTITarget:
     """A ``connector.sink.Sink`` writing into an OpenCTI platform through real pycti."""
 
@@ -467,13 +473,12 @@ class OpenCTITarget:
             if source_id and source_id == self.platform_id:
                 raise PermanentError(
                     f"OpenCTI target {self.url} is the source platform itself (same settings id "
-                    f"{source_id}); syncing a platform into itself loops. Set "
-                    "allow_same_platform to override."
+                    f"{source_id}); syncing a platform into itself loops. {_OVERRIDE}"
                 )
         if same_url(self.source_url, self.url):
             raise PermanentError(
                 f"OpenCTI target {self.url} is the source URL; syncing a platform into itself "
-                "loops. Set allow_same_platform to override."
+                f"loops. {_OVERRIDE}"
             )
 
     def _ping(self, *, force: bool = False) -> None:
