@@ -15,12 +15,14 @@ from typing import Any
 
 import orjson
 
+from .archive import ArchiveReader
 from .checkpoint import CheckpointStore
 from .errors import ConfigError, ConnectorError
-from .events import octi_ext
+from .events import EventId, octi_ext
 from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
 from .settings import Settings
 from .source import iso_to_id
+from .state import StateStore
 from .storage import Storage, open_storage
 
 __all__ = ["run_restore_cli", "verify_against_opencti", "compare_with_target"]
@@ -85,12 +87,15 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     cp = CheckpointStore(storage).load()
     recovered = iso_to_id(cp.recover_until) if cp and cp.recover_until else None
     if until is not None and recovered is not None and until < recovered and not args.allow_partial:
-        # The first run recovered each object as it was at its end, under its updated_at.
-        raise ConnectorError(
-            f"--until {args.until} is before the end of the archive's first recovery "
-            f"({cp.recover_until if cp else ''}): it holds each object only as it was then, so "
-            "that point would hold only the objects unchanged since. Accept it with --allow-partial"
-        )
+        unknown = _versions_unknown(storage, until, recovered)
+        if unknown:
+            raise ConnectorError(
+                f"--until {args.until} is inside the archive's first recovery (up to "
+                f"{cp.recover_until if cp else ''}), which holds each object only as it was at "
+                f"its end: {unknown} objects that existed at that point changed before the "
+                "recovery, and their version then is unknown. Accept that state with "
+                "--allow-partial"
+            )
     state, plan = materialise_plan(
         storage, until=until, work_dir=work, allow_partial=args.allow_partial
     )
@@ -147,7 +152,33 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         print(orjson.dumps(_summary(report), option=orjson.OPT_INDENT_2).decode())
         return 0
     finally:
-        state.close()
+        _drop_state(state)
+
+
+def _versions_unknown(storage: Storage, until: EventId, recovered: EventId) -> int:
+    """Objects the first recovery holds only in a version from after ``until`` although they
+    existed at it (created at or before it, updated after it): their version then is unknown.
+    Recovery sends each object once, as it is at the recovery's end, under its ``updated_at``
+    or, as a dependency, under the id of the object that needed it (so possibly at or below
+    ``until``). Objects created after ``until`` are rightly absent then; the others are right."""
+    unknown: set[str] = set()
+    for ev in ArchiveReader(storage).events(until=recovered):
+        if not ev.synthetic:
+            continue
+        octi = octi_ext(ev.stix)
+        created = iso_to_id(str(octi.get("created_at") or ""))
+        updated = iso_to_id(str(octi.get("updated_at") or ""))
+        if created is not None and updated is not None and created.ms <= until.ms < updated.ms:
+            unknown.add(ev.stix_id)
+    return len(unknown)
+
+
+def _drop_state(state: StateStore) -> None:
+    """Close the materialised state and delete its file: every run rebuilds it from the archive
+    (a restore resumes from its progress file), and it is as large as the state."""
+    state.close()
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(f"{state.path}{suffix}").unlink(missing_ok=True)
 
 
 class _MeteredProgress:
@@ -280,7 +311,7 @@ def verify_against_opencti(
         diff = compare_with_target(state, listed)
     finally:
         target.close()
-        state.close()
+        _drop_state(state)
     print(
         f"against {url} as of {plan.as_of} "
         "(core objects, relationships, sightings, marking definitions):"

@@ -4,6 +4,7 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -11,13 +12,16 @@ import pytest
 
 from connector.__main__ import main
 from connector.archive import ArchiveReader
-from connector.checkpoint import Checkpoint, CheckpointStore
+from connector.checkpoint import CheckpointStore
 from connector.errors import PermanentError
 from connector.events import EventId
 from connector.retention import RetentionPolicy, apply_retention, plan_retention
+from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.snapshot import list_snapshots, write_snapshot
+from connector.source import iso_to_id
 from connector.storage.local import LocalStorage
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.tls import make_certs, server_context
 from tests.test_retention import at_day, build_days, follow_until
 
@@ -70,6 +74,7 @@ def test_a_point_before_the_history_is_an_error(archive: Path, tmp_path: Path) -
     assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", "2001-01-01") == 1
     assert not out.exists()
     assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 0 and out.exists()
+    assert not list((tmp_path / "w").glob("restore-state.sqlite*"))  # rebuilt by every run
 
 
 def test_a_partial_state_needs_allow_partial(archive: Path, tmp_path: Path) -> None:
@@ -146,29 +151,35 @@ def test_a_damaged_archive_is_never_restored_or_snapshotted_silently(
 
 
 def test_a_point_inside_the_first_recovery_needs_allow_partial(
-    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The first run recovered each object as it was at the recovery's end, under its
-    updated_at: a point before that end holds only the objects unchanged since."""
-    storage = LocalStorage(archive)
-    recovered = at_day(3).isoformat().replace("+00:00", "Z")
-    CheckpointStore(storage).save(
-        Checkpoint(
-            "live",
-            "http://platform",
-            str(EventId(int(at_day(6).timestamp() * 1000), 0)),
-            recover_until=recovered,
-        )
-    )
+    """The first run recovered each object as it was then, under its updated_at: at a point
+    before that, an object created earlier but updated since has no known version. Such a
+    point is refused unless --allow-partial; one where nothing changed since is fine."""
+    token = "recover-token-0123456789"
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 30, seed=3, mix="creates")
+        quiet = EventId.parse(sim.store.last_event_id)  # nothing changes between here and...
+        time.sleep(0.05)
+        changed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+        sim.store.update(changed, set={"description": "changed before the first backup"})
+        archive = tmp_path / "a"
+        storage = LocalStorage(archive)
+        run = ConnectorThread(base_env(sim.url, token, str(archive))).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
+        run.stop()
     out = tmp_path / "state.json"
-    day1 = at_day(1).isoformat().replace("+00:00", "Z")
-    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", day1) == 1
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", str(quiet)) == 1
     assert "first recovery" in capsys.readouterr().err and not out.exists()
     assert (
-        _restore(archive, tmp_path, "--to-bundle", str(out), "--until", day1, "--allow-partial")
+        _restore(
+            archive, tmp_path, "--to-bundle", str(out), "--until", str(quiet), "--allow-partial"
+        )
         == 0
     )
     capsys.readouterr()
     assert main(["status", "--archive", str(archive), "--json"]) == 0
     status = orjson.loads(capsys.readouterr().out)
-    assert EventId.parse(status["restorable_from"]).ms >= int(at_day(3).timestamp() * 1000)
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.recover_until
+    assert EventId.parse(status["restorable_from"]) >= iso_to_id(cp.recover_until)  # type: ignore[operator]
