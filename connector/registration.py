@@ -31,6 +31,8 @@ __all__ = ["SourceRegistration", "PING_EVERY_SECS", "connector_input", "stream_c
 log = logging.getLogger(__name__)
 
 PING_EVERY_SECS = 40.0
+_RETRY_FIRST_SECS = 5.0  # registration retries while the platform is unreachable
+_RETRY_MAX_SECS = 300.0
 
 _REGISTER = """
 mutation RegisterConnector($input: RegisterConnectorInput) {
@@ -147,17 +149,31 @@ class SourceRegistration:
             self._unregistered(exc)
             return
         with client:
-            try:
-                _mutation(
-                    client, _REGISTER, {"input": connector_input(self.connector_id, self.name)}
-                )
-                self.registered = True
-                log.info(
-                    "Registered on the source platform.", extra={"connector_id": self.connector_id}
-                )
-            except Exception as exc:  # noqa: BLE001 - best effort by design
-                self._unregistered(exc)
-                return
+            delay = _RETRY_FIRST_SECS
+            while True:
+                try:
+                    _mutation(
+                        client, _REGISTER, {"input": connector_input(self.connector_id, self.name)}
+                    )
+                    self.registered = True
+                    log.info(
+                        "Registered on the source platform.",
+                        extra={"connector_id": self.connector_id},
+                    )
+                    break
+                except httpx.TransportError as exc:
+                    # The platform is not up yet (a compose stack starts the connector first):
+                    # try again, until it answers or the run stops.
+                    log.info(
+                        "Source platform not reachable for registration; retrying.",
+                        extra={"error": _scrub(str(exc), self._token), "retry_in_secs": delay},
+                    )
+                    if stop.wait(delay):
+                        return
+                    delay = min(delay * 2, _RETRY_MAX_SECS)
+                except Exception as exc:  # noqa: BLE001 - best effort by design
+                    self._unregistered(exc)
+                    return
             stopping = False
             while True:
                 variables = {

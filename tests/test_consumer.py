@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from connector import registration
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.errors import StreamGoneError
@@ -542,6 +544,31 @@ def test_registration_pings_and_a_refusal_is_one_warning(
     warnings = [r for r in caplog.records if r.name == "connector.registration"]
     assert len(warnings) == 1 and "logged in" in str(warnings[0].__dict__.get("error"))
     assert TOKEN not in caplog.text
+
+
+def test_registration_waits_for_a_platform_that_is_not_up_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A compose stack starts the connector before OpenCTI answers: registration retries (the
+    backup does not wait for it) and succeeds once the platform is up."""
+    monkeypatch.setattr(registration, "_RETRY_FIRST_SECS", 0.2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cid = "5a3f6c39-3a5e-4c1e-9d2b-3d3f0b9c7a12"
+    reg = SourceRegistration(
+        url=f"http://127.0.0.1:{port}",
+        token=TOKEN,
+        verify=True,
+        connector_id=cid,
+        name="sync",
+        state=dict,
+    ).start()
+    time.sleep(0.5)
+    with SimServer(token=TOKEN, port=port) as late:
+        wait_until(lambda: reg.registered, what="registration once the platform is up")
+        reg.stop()
+        assert cid in late.store.platform_state.connectors  # type: ignore[attr-defined]
 
 
 def test_no_recover_is_remembered_and_consumer_metrics_advance(
