@@ -355,7 +355,7 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
         reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
-        on_batch=_recover_progress(
+        on_position=_recover_progress(
             None if cp.recover_refused else cp.recover_until, cp.last_event_id
         ),
     )
@@ -415,13 +415,21 @@ def _recover_progress(recover_until: str | None, position: str | None) -> Any:
 
     progress = RecoverProgress(recover_until)
 
-    def on_batch(batch: Any) -> None:
-        fraction = progress.update(batch.last_id.ms)
+    done = False
+
+    def on_position(position: Any) -> None:
+        # A heartbeat past the recovery's end finishes it too (its last batch carries the last
+        # object's updated_at, always below that end).
+        nonlocal done
+        if done:
+            return
+        fraction = progress.update(position.ms)
         metrics.RECOVER_PROGRESS.set(fraction)
         if fraction >= 1.0:
+            done = True
             progress.close()
 
-    return on_batch
+    return on_position
 
 
 def _reconciler(archive: Any, config: Any, work_dir: Path) -> Any:

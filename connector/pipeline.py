@@ -155,7 +155,7 @@ class Pipeline:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         shutdown_timeout: float = 30.0,
-        on_batch: Callable[[Batch], None] | None = None,
+        on_position: Callable[[EventId], None] | None = None,
         reconciler: Callable[[EventId], list[StreamEvent]] | None = None,
     ) -> None:
         self.source = source
@@ -167,7 +167,8 @@ class Pipeline:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.shutdown_timeout = shutdown_timeout
-        self.on_batch = on_batch
+        # Told every durable position: a batch's last group, or a heartbeat's when idle.
+        self.on_position = on_position
         self.reconciler = reconciler
         self._pending: list[StreamEvent] = []
         self._received: Counter[str] = Counter()
@@ -368,6 +369,8 @@ class Pipeline:
         if self._saved_id is None or event_id > self._saved_id:
             self.checkpoint.last_event_id = str(event_id)
             self._save()
+            if self.on_position is not None:
+                self.on_position(event_id)
 
     # -- flushing --------------------------------------------------------------------------
 
@@ -441,8 +444,8 @@ class Pipeline:
                 "sinks": [s.name for s in self.sinks],
             },
         )
-        if self.on_batch is not None:
-            self.on_batch(batch)
+        if self.on_position is not None and events:
+            self.on_position(batch.last_id)
         del self._pending[:n]
         del self._groups[:n]
         self._quarantined = []

@@ -257,3 +257,16 @@ def test_lag_counts_from_the_checkpoint_found_at_start(tmp_path: Path) -> None:
         assert 3_590 < value("opencti_sync_checkpoint_lag_seconds") < 3_700
     finally:
         run.stop()
+
+
+def test_recover_progress_reaches_one_on_an_idle_stream(sim: SimServer, tmp_path: Path) -> None:
+    """A first recovery that fits in one batch: its last object's updated_at is below the
+    recovery's end, so the idle stream's heartbeats are what finish it."""
+    metrics.RECOVER_PROGRESS.set(0.0)
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    try:
+        wait_until(lambda: value("opencti_sync_recover_progress_ratio") == 1.0, what="recovered")
+    finally:
+        run.stop()
+    assert run.error is None
