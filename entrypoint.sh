@@ -8,8 +8,8 @@ set -eu
 if [ "${1:-}" = "healthcheck" ]; then
     # Healthy when the metrics endpoint answers; with HEALTHCHECK_MAX_LAG_SECS > 0, also when the
     # checkpoint lag is below it, once the first recovery is done (recovered events carry the
-    # objects' old timestamps, so the lag means nothing while recover_progress is between 0 and
-    # 1). METRICS_ENABLED / METRICS_PORT come from the environment, else from the image's
+    # objects' old timestamps, so the lag means nothing while recover_progress is below 1; the
+    # connector sets it to 1 when there is no recovery to do). METRICS_ENABLED / METRICS_PORT come from the environment, else from the image's
     # OPENCTI_SYNC_DEFAULTS (an empty value counts as unset, as for the connector); a config
     # file's metrics keys are not read here.
     exec python - <<'PY'
@@ -34,7 +34,7 @@ for line in body.splitlines():
     name, _, value = line.partition(" ")
     if name in ("opencti_sync_checkpoint_lag_seconds", "opencti_sync_recover_progress_ratio"):
         samples[name] = float(value)
-recovering = 0 < samples.get("opencti_sync_recover_progress_ratio", 0.0) < 1
+recovering = samples.get("opencti_sync_recover_progress_ratio", 1.0) < 1
 if limit > 0 and not recovering:
     lag = samples.get("opencti_sync_checkpoint_lag_seconds", 0.0)
     if lag > limit:

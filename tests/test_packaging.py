@@ -331,6 +331,7 @@ def test_healthcheck_probes_the_metrics_endpoint(image: dict[str, object]) -> No
     stop = metrics.serve("127.0.0.1", port)
     old = metrics.REGISTRY.get_sample_value("opencti_sync_checkpoint_timestamp_seconds") or 0.0
     try:
+        metrics.RECOVER_PROGRESS.set(1.0)  # not recovering: the lag counts
         metrics.CHECKPOINT_TIMESTAMP.set(0)
         ok = probe()
         assert ok.returncode == 0 and ok.stdout.strip() == "healthy", ok.stderr
@@ -387,8 +388,9 @@ def test_healthcheck_skips_the_lag_check_during_the_first_recovery(metrics_port:
     metrics.RECOVER_PROGRESS.set(1.0)  # recovery done: the same lag is a stale checkpoint
     done = _entrypoint_healthcheck(**env)
     assert done.returncode != 0 and "checkpoint lag" in done.stderr
-    metrics.RECOVER_PROGRESS.set(0.0)  # no recovery (raw stream, or restarted after it)
-    assert _entrypoint_healthcheck(**env).returncode != 0
+    metrics.RECOVER_PROGRESS.set(0.0)  # a recovery before its first batch (no recovery: 1)
+    assert _entrypoint_healthcheck(**env).returncode == 0
+    metrics.RECOVER_PROGRESS.set(1.0)
     metrics.CHECKPOINT_TIMESTAMP.set(time.time())
     ok = _entrypoint_healthcheck(**env)
     assert ok.returncode == 0 and ok.stdout.strip() == "healthy", ok.stderr
