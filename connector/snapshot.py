@@ -301,7 +301,10 @@ def seed_state(
                     extra={"snapshot": info.key, "error": str(exc)},
                 )
                 state.close()  # a failed load discards a scratch store: start a new one
-                db_path.unlink(missing_ok=True)
+                # Emptied in place, not unlinked: a snapshot run holds an flock on this inode
+                # (remove_stale_scratch spares files a live run holds).
+                if db_path.exists():
+                    os.truncate(db_path, 0)
                 state = StateStore(db_path, scratch=True)
                 continue
             return state, info

@@ -193,3 +193,28 @@ def test_a_killed_runs_scratch_file_is_removed_by_the_next_job(tmp_path: Path) -
         assert sorted(p.name for p in work.glob("snapshot-*")) == ["snapshot-live.sqlite"]
     finally:
         os.close(fd)
+
+
+def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Path) -> None:
+    """seed_state falls back from a damaged newest snapshot by emptying its scratch file in
+    place: the run's flock on it still holds, so another process's cleanup spares it."""
+    from connector.snapshot import _claim_scratch, list_snapshots, remove_stale_scratch, seed_state
+    from connector.storage.local import LocalStorage
+    from tests.test_retention import build_days
+
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=4, snapshot_days={1, 2})
+    snaps = list_snapshots(storage)
+    part = storage.root / snaps[-1].parts[0].key
+    part.write_bytes(b"damaged" + part.read_bytes()[7:])  # same size, another sha256
+    work = tmp_path / "work"
+    work.mkdir()
+    db = work / "snapshot-live.sqlite"
+    claim = _claim_scratch(db)
+    try:
+        state, base = seed_state(db, storage, snaps)
+        state.close()
+        assert base is not None and base.as_of == snaps[-2].as_of  # fell back
+        assert remove_stale_scratch(work) == []
+    finally:
+        os.close(claim)
