@@ -180,6 +180,7 @@ class Pipeline:
         self._oldest: float | None = None
         self._deadline: float | None = None
         self._reconcile_at = 0.0  # monotonic time before which a failed reconcile is not retried
+        self._reconciled_at: EventId | None = None  # the group a reconciliation wrote
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
         if self._saved_id is not None:
@@ -239,6 +240,8 @@ class Pipeline:
         log.info("Stream drained.", extra={"last_event_id": self.checkpoint.last_event_id})
 
     def _handle(self, item: Item) -> None:
+        if isinstance(item, StreamEvent) and self._below_reconcile(item):
+            return
         if isinstance(item, StreamEvent):
             self._received[item.event] += 1
             if self._oldest is None:
@@ -299,6 +302,24 @@ class Pipeline:
             self.stop.set()
             raise item.error
 
+    def _below_reconcile(self, ev: StreamEvent) -> bool:
+        """An event sorting at or below the group a delete reconciliation archived (it arrived
+        late, below an idle heartbeat): it cannot be stored in order any more, so it is
+        quarantined with its reason rather than taken for one the archive already holds."""
+        at = self._reconciled_at
+        if at is None or ev.group > at:
+            return False
+        self._handle(
+            Quarantined(
+                at,
+                ev.id_text,
+                ev.event,
+                ev.data.decode("utf-8", "backslashreplace"),
+                f"event {ev.id_text} arrived after the delete reconciliation archived {at}",
+            )
+        )
+        return True
+
     def _maybe_reconcile(self, at: EventId) -> bool:
         """After a retention-gap repair has caught up, archive the deletes it could not see.
 
@@ -347,6 +368,9 @@ class Pipeline:
             tail = max(at, archived.tail) if archived.tail is not None else at
             self.checkpoint.last_segment_last_id = str(tail)
             self._segment_last = tail
+            # Archived at a heartbeat's position: an event the platform appends below it (its
+            # clock behind the heartbeat's) can no longer be stored in order; see _handle.
+            self._reconciled_at = at
         self.checkpoint.reconcile = {
             **rec,
             "due": False,

@@ -7,20 +7,26 @@ end is tested in test_consumer.py and test_faults.py.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
+from connector.archive import ArchiveReader, ArchiveSink
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, SourceRetryable
-from connector.events import EventId
+from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.pipeline import BatchPolicy, Pipeline
 from connector.reconcile import reconcile_deletes
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.source import SourceConfig
+from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 
@@ -103,3 +109,67 @@ def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_pat
     with SimServer(token=TOKEN, heartbeat_secs=0.2, store=store) as empty:
         with pytest.raises(SourceRetryable, match="listed no objects"):
             _reconcile(empty, storage, tmp_path, "live")
+
+
+def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Path) -> None:
+    """The reconciliation archives its deletes at an idle heartbeat's position H; an event the
+    platform appends below H afterwards (its clock behind the heartbeat's) cannot be stored in
+    order any more: it is quarantined with its reason, never dropped as one already stored."""
+    storage = LocalStorage(tmp_path / "a")
+    cp = Checkpoint(stream_id="live", source_url="http://x")
+    cp.reconcile = {"due": True}
+    store = CheckpointStore(storage)
+    store.save(cp)
+    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=None)
+
+    def envelope(n: int, kind: str) -> dict[str, Any]:
+        stix = {
+            "type": "malware",
+            "id": f"malware--00000000-0000-4000-8000-{n:012d}",
+            "name": f"m{n}",
+            "is_family": True,
+            "extensions": {
+                OCTI_EXT: {"id": f"00000000-0000-4000-8000-{n:012d}", "type": "Malware"}
+            },
+        }
+        return {
+            "version": "4",
+            "type": kind,
+            "scope": "external",
+            "message": "m",
+            "origin": {},
+            "data": stix,
+        }
+
+    def reconciler(at: EventId) -> list[StreamEvent]:
+        env = envelope(99, "delete")
+        return [StreamEvent(at, str(at), "delete", orjson.dumps(env).decode(), env)]
+
+    pipe = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_events=1),
+        stop=threading.Event(),
+        reconciler=reconciler,
+    )
+    d = EventId(1_800_000_000_000, 0)
+    h, late = EventId(d.ms + 10_000, 0), EventId(d.ms + 5_000, 0)
+
+    def feed(name: str, id_text: str, data: bytes) -> None:
+        out: list[Any] = []
+        source._handle(name, id_text, data, out)
+        for item in out:
+            pipe._handle(item)
+        pipe._maybe_flush()
+
+    feed("create", str(d), orjson.dumps(envelope(1, "create")))
+    feed("heartbeat", str(h), b'"x"')  # idle: the reconciliation runs and writes at h
+    assert cp.reconcile["due"] is False
+    feed("create", str(late), orjson.dumps(envelope(2, "create")))
+    pipe._flush()
+    archived = [ev.id_text for ev in ArchiveReader(storage).events()]
+    assert archived == [str(d), str(h)]
+    quarantined = list(storage.list("quarantine/"))
+    assert len(quarantined) == 1 and str(late) in storage.get(quarantined[0]).decode()
