@@ -290,10 +290,12 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
     source_url = settings.opencti.url.rstrip("/")
     if cp is None:
         raw = c.live_stream_id in ("", "raw")
+        recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())
         cp = Checkpoint(
             stream_id=c.live_stream_id,
             source_url=source_url,
-            recover_until=None if raw else (c.live_stream_recover_iso_date or iso_now()),
+            recover_until=recover_until,
+            first_recover_until=recover_until,
         )
         store.save(cp)  # the recover end date must survive a crash before the first batch
         log.info("First run: recovering.", extra={"recover_until": cp.recover_until})
@@ -554,7 +556,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         restorable = min(oldest, key=EventId.parse) if oldest else None
         # The first run recovered each object as it was then, under its updated_at: a point
         # before that recovery's end would hold only the objects unchanged since.
-        recovered = iso_to_id(cp.recover_until) if cp and cp.recover_until else None
+        first_end = cp.first_recovery_end if cp else None
+        recovered = iso_to_id(first_end) if first_end else None
         if restorable is not None and recovered is not None:
             restorable = str(max(EventId.parse(restorable), recovered))
         info["restorable_from"] = restorable

@@ -31,6 +31,9 @@ class Checkpoint:
     last_event_id: str | None = None
     # ISO date the first run recovers up to; None: no recover; "" never used.
     recover_until: str | None = None
+    # The first run's recovery end, never changed after (a retention-gap repair moves
+    # ``recover_until``): before it the archive holds objects only as they were at its end.
+    first_recover_until: str | None = None
     # The platform refused recovery for this stream (7.x ``no-recover``): never send it again.
     recover_refused: bool = False
     events_archived: int = 0
@@ -43,6 +46,14 @@ class Checkpoint:
     reconcile: dict[str, Any] | None = None
     retention_gaps: list[dict[str, Any]] = field(default_factory=list)
     saved_at: str | None = None
+
+    @property
+    def first_recovery_end(self) -> str | None:
+        """``first_recover_until``; for a checkpoint written before that field, ``recover_until``
+        when no retention-gap repair can have moved it."""
+        if self.first_recover_until:
+            return self.first_recover_until
+        return None if self.retention_gaps else self.recover_until
 
     def to_json(self) -> bytes:
         body = {"version": VERSION, **asdict(self)}

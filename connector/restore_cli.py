@@ -85,13 +85,14 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     cp = CheckpointStore(storage).load()
-    recovered = iso_to_id(cp.recover_until) if cp and cp.recover_until else None
+    first_end = cp.first_recovery_end if cp else None
+    recovered = iso_to_id(first_end) if first_end else None
     if until is not None and recovered is not None and until < recovered and not args.allow_partial:
         unknown = _versions_unknown(storage, until, recovered)
         if unknown:
             raise ConnectorError(
                 f"--until {args.until} is inside the archive's first recovery (up to "
-                f"{cp.recover_until if cp else ''}), which holds each object only as it was at "
+                f"{first_end}), which holds each object only as it was at "
                 f"its end: {unknown} objects that existed at that point changed before the "
                 "recovery, and their version then is unknown. Accept that state with "
                 "--allow-partial"

@@ -183,3 +183,40 @@ def test_a_point_inside_the_first_recovery_needs_allow_partial(
     cp = CheckpointStore(storage).load()
     assert cp is not None and cp.recover_until
     assert EventId.parse(status["restorable_from"]) >= iso_to_id(cp.recover_until)  # type: ignore[operator]
+
+
+def test_a_retention_gap_repair_does_not_move_the_first_recovery(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A repair recovers again and moves ``recover_until``; points between the first recovery
+    and the repair are archived as they were, and restore takes them (status too)."""
+    token = "repair-token-0123456789"
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 40, seed=3, mix="creates")
+        archive = tmp_path / "a"
+        storage = LocalStorage(archive)
+        env = base_env(sim.url, token, str(archive))
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
+        time.sleep(0.05)
+        generate(sim.store, 10, seed=4, mix="creates")
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live")
+        mid = EventId.parse(sim.store.last_event_id)
+        run.stop()
+        time.sleep(0.05)
+        victim = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+        sim.store.update(victim, set={"description": "changed while down"})
+        generate(sim.store, 10, seed=11, mix="creates")
+        sim.store.trim(5)  # the platform's stream passes the checkpoint: a repair
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="repair")
+        run.stop()
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and len(cp.retention_gaps) == 1
+    assert cp.first_recover_until and cp.recover_until != cp.first_recover_until
+    out = tmp_path / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", str(mid)) == 0
+    capsys.readouterr()
+    assert main(["status", "--archive", str(archive), "--json"]) == 0
+    status = orjson.loads(capsys.readouterr().out)
+    assert EventId.parse(status["restorable_from"]) <= mid
