@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from connector.events import StreamEvent
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
@@ -134,5 +135,24 @@ def test_configured_limit_withholds_an_event_the_broker_would_take(
         assert sink.publisher is not None and sink.publisher.published == 1
         assert _worker(platform_b, sink).wait_handled(1, timeout=30)
         assert platform_b.store.get(malware("small")["id"]) is not None
+    finally:
+        sink.close()
+
+
+def test_one_oversized_event_does_not_withhold_events_sharing_its_id(platform_b: SimServer) -> None:  # noqa: F811
+    """Events share a stream id (a live event's dependencies, recovery objects of one
+    millisecond, a reconciliation's deletes): only the oversized one is withheld and recorded."""
+    sink = _target(platform_b, amqp_max_message_bytes=LIMIT)
+    a = SimStore()
+    a.upsert(malware("small before"))
+    a.upsert(malware("huge", description="x" * LIMIT))
+    a.upsert(malware("small after"))
+    events, _ = sim_events(a)
+    first = events[0].id_text
+    events = [StreamEvent.from_sse(first, ev.event, ev.data) for ev in events]
+    try:
+        sink.write(batch_of(events))
+        assert sink.publisher is not None and sink.publisher.published == 2
+        assert len(sink.rejected) == 1 and "huge" in sink.rejected[0].raw
     finally:
         sink.close()

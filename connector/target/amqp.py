@@ -180,8 +180,10 @@ def event_messages(
     applicant_id: str,
     synchronized: bool,
     live_aliases: Mapping[str, set[str]] | None = None,
-) -> list[tuple[str, bytes]]:
-    """``(event id, message body)`` pairs to publish in this order for ``events``.
+) -> list[tuple[int, bytes]]:
+    """``(index of the event in events, message body)`` pairs to publish in this order. (By
+    index, not event id: dependency events, recovery objects of one millisecond and a
+    reconciliation's deletes share their id.)
 
     One message per event, like the Synchronizer, with two differences that keep the target
     equal to the source: until a merge is applied, no upsert carries its sources' ids among
@@ -190,8 +192,8 @@ def event_messages(
     received is created instead of failing the merge.
     """
     events = list(events)
-    out: list[tuple[str, bytes]] = []
-    for ev, later_sources in zip(events, merge_lookahead(events), strict=True):
+    out: list[tuple[int, bytes]] = []
+    for index, (ev, later_sources) in enumerate(zip(events, merge_lookahead(events), strict=True)):
         kind = ev.event
         if kind not in ("create", "update", "merge", "delete"):
             continue
@@ -199,10 +201,10 @@ def event_messages(
         if kind == "merge":
             pre = without_aliases(data, later_sources | merge_source_ids(ev))
             body = _message(ev, pre, "update", applicant_id, synchronized)
-            out.append((ev.id_text, body))
+            out.append((index, body))
         elif kind != "delete":
             data = without_aliases(data, later_sources | live_aliases_of(live_aliases, ev))
-        out.append((ev.id_text, _message(ev, data, kind, applicant_id, synchronized)))
+        out.append((index, _message(ev, data, kind, applicant_id, synchronized)))
     return out
 
 

@@ -629,7 +629,6 @@ class OpenCTITarget:
         smaller one ("message size ... is larger than configured max size N") the limit is
         lowered and only what was not committed yet is published again."""
         assert self.publisher is not None
-        events = {ev.id_text: ev for ev in batch.events}
         pending = event_messages(
             batch.events,
             applicant_id=self.applicant_id,
@@ -639,12 +638,12 @@ class OpenCTITarget:
         while True:
             limit = self.amqp_max_message_bytes
             # Every message of an event goes, or none (a merge is an upsert plus the merge).
-            too_big: dict[str, int] = {}
-            for event_id, body in pending:
+            too_big: dict[int, int] = {}  # by the event's index in the batch
+            for index, body in pending:
                 if len(body) > limit:
-                    too_big[event_id] = max(too_big.get(event_id, 0), len(body))
-            for event_id, size in too_big.items():
-                self._reject_oversized(events[event_id], size, limit, batch.last_id)
+                    too_big[index] = max(too_big.get(index, 0), len(body))
+            for index, size in too_big.items():
+                self._reject_oversized(batch.events[index], size, limit, batch.last_id)
             sendable = [(e, body) for e, body in pending if e not in too_big]
             try:
                 self.publisher.publish([body for _, body in sendable])
