@@ -444,6 +444,8 @@ def _gql_error(name: str, message: str, **data: Any) -> dict[str, Any]:
         ),
         # About the object: quarantined, the sync goes on.
         (_gql_error("VALIDATION_ERROR", "Invalid value", id="malware--x"), True),
+        # An object named like a connector is still the object's fault.
+        (_gql_error("VALIDATION_ERROR", "Name connector-x is not valid", id="tool--x"), True),
         (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", reason="object #0 has no type"), True),
     ],
 )

@@ -255,6 +255,9 @@ def plan_pushes(
     return pushes
 
 
+_CONNECTOR_REFUSAL = re.compile(
+    r"\b(invalid|unknown) connector\b|\bconnector (not found|does not exist|is not registered)"
+)
 _OVERRIDE = (
     "To do it anyway: target.allow_same_platform (TARGET_ALLOW_SAME_PLATFORM) for run, "
     "--force for restore."
@@ -391,7 +394,8 @@ class OpenCTITarget:
             if name in _TRANSIENT_ERRORS or any(w in lowered for w in _TRANSIENT_WORDS):
                 return RetryableError(text)
             about = f"{message} {reason or ''}".lower()
-            if "connector" in about:  # "Invalid connector", "Connector not found", ...
+            # "Invalid connector", "Connector not found", ... - not an object that names one.
+            if not obj and _CONNECTOR_REFUSAL.search(about):
                 return AccessRefused(
                     text + " - is the connector registered on the target platform?"
                 )
