@@ -741,9 +741,11 @@ class StateStore:
         elif ev.event == "merge":
             self._merge(ev)
         elif ev.event == "delete":
-            if ev.envelope.get("type") == "update":
-                self._leave_scope(ev)
-            else:
+            # A delete carrying an update (protocol doc §5.3, §8.14) only means the object left
+            # the stream's filters or rights; it was not deleted upstream. It stays as last seen:
+            # nothing cascades, no tombstone makes a restore delete it, and what still refers to
+            # it keeps a target a restore can push (the platform refuses a missing one).
+            if ev.envelope.get("type") != "update":
                 self._delete(ev)
         # The group id is the running maximum: a recovery event with a lower id stays in its group.
         self._set_as_of(ev.id)
@@ -1111,15 +1113,6 @@ class StateStore:
         exts = dict(stix.get("extensions") or {})
         exts[OCTI_EXT] = octi
         stix["extensions"] = exts
-
-    def _leave_scope(self, ev: StreamEvent) -> None:
-        """A ``delete`` whose payload is an update (protocol doc §5.3, §8.14): the object no
-        longer matches the stream's filters or the user's rights. It leaves this state, but it
-        was not deleted upstream: nothing cascades, and no tombstone tells a restore to delete
-        it (the references to it stay, as on the platform)."""
-        key = self._resolve([ev.internal_id or None, ev.stix_id])
-        if key is not None:
-            self._forget(key)
 
     def _delete(self, ev: StreamEvent) -> None:
         iid = ev.internal_id or None

@@ -1,7 +1,7 @@
 """A filtered stream (a collection): an update that takes an object out of the filter arrives as a
-``delete`` carrying the update (protocol doc §5.3, §8.14). The object leaves the archived state of
-the collection, but it was not deleted upstream: its relationships still in the filter and the
-containers holding it are untouched, and a restore deletes nothing for it."""
+``delete`` carrying the update (protocol doc §5.3, §8.14). It was not deleted upstream: the
+archived state keeps it as last seen, its relationships still in the filter and the containers
+holding it are untouched, and a restore deletes nothing for it."""
 
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def test_leaving_the_filter_is_not_an_upstream_delete(tmp_path: Path) -> None:
         assert run.error is None
         assert store.get(R) is not None and M in store.get(RP)["object_refs"]
     with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
-        assert state.get(M) is None  # out of the collection now
+        kept = state.get(M)  # out of the collection, but it exists: kept as last seen, so
+        assert kept is not None and kept["labels"] == ["keep"]  # what refers to it restores
         assert state.get(R) is not None  # still in the filter, never deleted upstream
         report = state.get(RP)
         assert report is not None and M in report["object_refs"]
