@@ -47,6 +47,7 @@ from tests.support.connector import (
     caught_up,
     checkpoint_id,
     raw_log,
+    start_pipeline,
     wait_until,
 )
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401 - fixture
@@ -422,16 +423,7 @@ def test_full_disk_stops_cleanly_and_resumes(
         backoff_initial=0.05,
         backoff_max=0.3,
     )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pipeline.run()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, errors = start_pipeline(pipeline)
     follow(storage, sim.store, "first backlog")
     before = checkpoint_id(storage)
     retries = metric("opencti_sync_retries_total", {"stage": "sending", "kind": "RetryableError"})

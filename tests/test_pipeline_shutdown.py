@@ -27,7 +27,7 @@ from connector.source import SourceConfig, SseSource
 from connector.storage import local
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
-from tests.support.connector import archived_events, checkpoint_id, wait_until
+from tests.support.connector import archived_events, checkpoint_id, start_pipeline, wait_until
 from tests.support.simlog import sim_events
 
 TOKEN = "pipeline-shutdown-token"
@@ -89,16 +89,7 @@ def start(
         backoff_max=0.2,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pipeline.run()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, errors = start_pipeline(pipeline)
     return thread, stop, errors
 
 

@@ -30,7 +30,7 @@ from connector.sim.store import SimStore, parse_date_ms
 from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
-from tests.support.connector import checkpoint_id, wait_until
+from tests.support.connector import checkpoint_id, start_pipeline, wait_until
 
 TOKEN = "sink-redelivery-token"
 
@@ -129,16 +129,7 @@ def run_pipeline(
         backoff_max=0.3,
         shutdown_timeout=5,
     )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pipeline.run()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, errors = start_pipeline(pipeline)
     wait_until(lambda: bool(errors) or not thread.is_alive() or until(), timeout=30, what=what)
     stop.set()
     thread.join(15)

@@ -20,6 +20,7 @@ from connector.__main__ import run_forever
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.events import EventId, StreamEvent
+from connector.pipeline import Pipeline
 from connector.settings import Settings, load_settings
 from connector.storage import Storage
 from connector.storage.local import LocalStorage
@@ -55,6 +56,21 @@ def base_env(sim_url: str, token: str, archive: str, **extra: Any) -> dict[str, 
 
 def settings_for(env: dict[str, str]) -> Settings:
     return load_settings(None, env=env)
+
+
+def start_pipeline(pipeline: Pipeline) -> tuple[threading.Thread, list[BaseException]]:
+    """``pipeline.run()`` in a daemon thread; what it raises is collected for the test."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
 
 
 class ConnectorThread:
