@@ -31,6 +31,17 @@ from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
 from tests.test_verify import build_good
 
 
+def _runner(storage: Storage, tmp_path: Path, *, snapshot: str, retention: str) -> JobRunner:
+    """A runner with these schedules, keeping one day of history."""
+    return JobRunner(
+        storage,
+        snapshot_schedule=snapshot,
+        retention_schedule=retention,
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+
+
 def test_parse_schedule() -> None:
     assert parse_schedule("") is None
     assert parse_schedule("   ") is None
@@ -125,13 +136,7 @@ def test_failing_job_is_counted_and_never_raises(tmp_path: Path) -> None:
     # A damaged manifest makes the snapshot job fail (PermanentError from the archive reader).
     first = next(iter(storage.list("manifests/")))
     storage.put(first, b"{not json")
-    runner = JobRunner(
-        storage,
-        snapshot_schedule="0 3 * * *",
-        retention_schedule="",
-        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
-        work_dir=tmp_path / "w",
-    )
+    runner = _runner(storage, tmp_path, snapshot="0 3 * * *", retention="")
     before = _errors("job_snapshot")
     runner.run_snapshot()  # direct call: must not raise
     assert runner.failures["snapshot"] == 1
@@ -173,13 +178,7 @@ def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
 def test_lock_held_job_is_skipped_not_failed(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
-    runner = JobRunner(
-        storage,
-        snapshot_schedule="",
-        retention_schedule="every 1h",
-        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
-        work_dir=tmp_path / "w",
-    )
+    runner = _runner(storage, tmp_path, snapshot="", retention="every 1h")
     with JobLock(storage, "snapshot"):
         runner.run_retention()
     assert runner.runs["retention"] == 1 and runner.failures["retention"] == 0
@@ -189,13 +188,7 @@ def test_jobs_of_one_process_take_turns_instead_of_skipping(tmp_path: Path) -> N
     """Both schedules firing at once (same cron line): each job runs, one after the other."""
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
-    runner = JobRunner(
-        storage,
-        snapshot_schedule="every 1h",
-        retention_schedule="every 1h",
-        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
-        work_dir=tmp_path / "w",
-    )
+    runner = _runner(storage, tmp_path, snapshot="every 1h", retention="every 1h")
     threads = [
         threading.Thread(target=runner.run_snapshot),
         threading.Thread(target=runner.run_retention),
@@ -213,13 +206,7 @@ def test_jobs_of_one_process_take_turns_instead_of_skipping(tmp_path: Path) -> N
 def test_a_job_locked_out_by_another_process_is_retried(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
-    runner = JobRunner(
-        storage,
-        snapshot_schedule="every 24h",
-        retention_schedule="",
-        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
-        work_dir=tmp_path / "w",
-    )
+    runner = _runner(storage, tmp_path, snapshot="every 24h", retention="")
     runner.start()
     try:
         with JobLock(storage, "retention"):  # another connector's job on the same archive
