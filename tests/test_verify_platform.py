@@ -131,36 +131,31 @@ def _drop_update(events: list[StreamEvent], stix_id: str, nth: int = 0) -> list[
     raise AssertionError("no such update")
 
 
-def test_missed_update_of_an_object_with_refs_is_still_an_error(tmp_path: Path) -> None:
+def _missed_update(tmp_path: Path, victim: str, *, in_report: bool, name: str) -> VerifyReport:
+    """Verify an archive that lost the first of two updates of ``victim`` upstream."""
     sim = new_sim()
-    _base(sim, in_report=False)
-    sim.update(M, set={"description": "lost"})
-    sim.update(M, set={"name": "m2"})
-    events = _drop_update(sim_events(sim)[0], M)
-    report = _verify(events, tmp_path)
-    assert not report.ok
-    assert any("missed upstream" in e for e in report.errors), report.errors
+    _base(sim, in_report=in_report)
+    sim.update(victim, set={"description": "lost"})
+    sim.update(victim, set={"name": name})
+    return _verify(_drop_update(sim_events(sim)[0], victim), tmp_path)
 
 
-def test_missed_update_of_a_container_is_still_an_error(tmp_path: Path) -> None:
-    sim = new_sim()
-    _base(sim, in_report=True)
-    sim.update(RP, set={"description": "lost"})
-    sim.update(RP, set={"name": "r2"})
-    events = _drop_update(sim_events(sim)[0], RP)
-    report = _verify(events, tmp_path)
+@pytest.mark.parametrize(
+    ("victim", "in_report", "name"),
+    [(M, False, "m2"), (RP, True, "r2")],
+    ids=["an object with refs", "a container"],
+)
+def test_a_missed_update_is_still_an_error(
+    tmp_path: Path, victim: str, in_report: bool, name: str
+) -> None:
+    report = _missed_update(tmp_path, victim, in_report=in_report, name=name)
     assert not report.ok
     assert any("missed upstream" in e for e in report.errors), report.errors
 
 
 def test_missed_update_of_a_container_member_is_a_warning(tmp_path: Path) -> None:
     """On a filtered stream that is the container path; verify cannot tell: a warning."""
-    sim = new_sim()
-    _base(sim, in_report=True)
-    sim.update(M, set={"description": "lost"})
-    sim.update(M, set={"name": "m2"})
-    events = _drop_update(sim_events(sim)[0], M)
-    report = _verify(events, tmp_path)
+    report = _missed_update(tmp_path, M, in_report=True, name="m2")
     assert report.ok, report.errors
     assert any("missed upstream" in w and "filtered" in w for w in report.warnings)
 
