@@ -36,6 +36,7 @@ from httpx_sse import connect_sse
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
+from .stix_lookup import standard_ids, stix_queries
 from .storage import Storage
 
 __all__ = ["REFERER", "platform_ids", "platform_lacks", "reconcile_deletes"]
@@ -102,9 +103,6 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
     return seen
 
 
-_LOOKUP = 100  # ids per GraphQL query
-
-
 def platform_lacks(config: SourceConfig, stix_ids: list[str]) -> set[str]:
     """The ids the platform does not hold as objects of their own: unknown, or now only an
     alias of another object (merged away). Asked through ``stix(id)``, 100 per query."""
@@ -113,26 +111,13 @@ def platform_lacks(config: SourceConfig, stix_ids: list[str]) -> set[str]:
     timeout = httpx.Timeout(30.0)
     try:
         with httpx.Client(timeout=timeout, verify=tls_verify(config.verify)) as client:
-            for start in range(0, len(stix_ids), _LOOKUP):
-                chunk = stix_ids[start : start + _LOOKUP]
-                names = ", ".join(f"$i{n}: String!" for n in range(len(chunk)))
-                calls = " ".join(f"a{n}: stix(id: $i{n})" for n in range(len(chunk)))
-                body = {
-                    "query": f"query SyncReconcile({names}) {{ {calls} }}",
-                    "variables": {f"i{n}": ref for n, ref in enumerate(chunk)},
-                }
+            for chunk, query, variables in stix_queries(stix_ids, "SyncReconcile"):
+                body = {"query": query, "variables": variables}
                 response = client.post(
                     f"{config.url.rstrip('/')}/graphql", content=orjson.dumps(body), headers=headers
                 )
-                data = _graphql_data(response)
-                for n, ref in enumerate(chunk):
-                    text = data.get(f"a{n}")
-                    try:
-                        obj = orjson.loads(text) if isinstance(text, str) else None
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if not isinstance(obj, dict) or obj.get("id") != ref:
-                        gone.add(ref)
+                resolved = standard_ids(chunk, _graphql_data(response))
+                gone.update(ref for ref in chunk if resolved[ref] != ref)
     except httpx.HTTPError as exc:
         raise SourceRetryable(f"reconcile lookup failed: {exc}") from exc
     return gone

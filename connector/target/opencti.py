@@ -41,6 +41,7 @@ from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
 from ..source import same_url
+from ..stix_lookup import standard_ids, stix_queries
 from .amqp import (
     DEFAULT_MAX_MESSAGE_BYTES,
     OPENCTI_SYSTEM_UUID,
@@ -605,23 +606,11 @@ class OpenCTITarget:
     def _standard_ids(self, ids: list[str]) -> dict[str, str | None]:
         """The standard id of the entity each id names on the target (None: unknown)."""
         out: dict[str, str | None] = {}
-        for start in range(0, len(ids), 100):
-            chunk = ids[start : start + 100]
-            names = [f"$i{n}: String!" for n in range(len(chunk))]
-            calls = [f"a{n}: stix(id: $i{n})" for n in range(len(chunk))]
-            query = f"query SyncAliases({', '.join(names)}) {{ {' '.join(calls)} }}"
-            variables = {f"i{n}": ref for n, ref in enumerate(chunk)}
+        for chunk, query, variables in stix_queries(ids, "SyncAliases"):
             answer = self._call(
                 "resolve aliases", functools.partial(self.api.query, query, variables)
             )
-            data = answer.get("data") or {}
-            for n, ref in enumerate(chunk):
-                text = data.get(f"a{n}")
-                try:
-                    obj = json.loads(text) if isinstance(text, str) else None
-                except ValueError:
-                    obj = None
-                out[ref] = obj.get("id") if isinstance(obj, dict) else None
+            out.update(standard_ids(chunk, answer.get("data") or {}))
         return out
 
     def _publish(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
