@@ -16,7 +16,6 @@ exits with code 2.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+from .progress import iso_to_ms
 
 log = logging.getLogger(__name__)
 
@@ -545,15 +545,13 @@ def load_settings(
 def _check_iso_date(key: str, env: str, text: str) -> None:
     """An ISO 8601 date the consumer can turn into an event id (naive dates are UTC)."""
     try:
-        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        ms = iso_to_ms(text)
     except ValueError:
         raise ConfigError(
             key,
             f"expected an ISO 8601 date like 2025-12-31T00:00:00Z, got {text[:40]!r} (env {env})",
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    if parsed < dt.datetime(1970, 1, 1, tzinfo=dt.UTC):
+    if ms < 0:
         raise ConfigError(key, f"must be after 1970-01-01, got {text[:40]!r} (env {env})")
 
 

@@ -39,6 +39,7 @@ from .events import (
     Quarantined,
     StreamEvent,
 )
+from .progress import iso_to_ms
 from .sse import SseBytesDecoder
 
 __all__ = [
@@ -141,12 +142,9 @@ def iso_now() -> str:
 def iso_to_id(text: str) -> EventId | None:
     """``<ms of an ISO 8601 date>-0``, or None when the text is no date."""
     try:
-        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return EventId(iso_to_ms(text), 0)
     except ValueError:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return EventId(int(value.timestamp() * 1000), 0)
 
 
 class SseSource:
