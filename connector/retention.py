@@ -30,7 +30,6 @@ archive job lock.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from .archive.layout import (
     id_from_key,
     manifest_key_for_segment,
 )
-from .archive.segment import Manifest
+from .archive.segment import HashingReader, Manifest
 from .checkpoint import CheckpointStore
 from .errors import ConfigError, ConnectorError, MalformedEvent, NotFound
 from .events import EventId
@@ -195,11 +194,10 @@ def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
             key = str(part["key"])
             if storage.size(key) != int(part["size"]):
                 raise ValueError(key)
-            digest = hashlib.sha256()
             with storage.open(key) as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != part["sha256"]:
+                body = HashingReader(fh)
+                body.drain()
+            if body.sha.hexdigest() != part["sha256"]:
                 raise ValueError(key)
     except (NotFound, KeyError, TypeError, ValueError) as exc:
         log.warning(

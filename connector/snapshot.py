@@ -41,7 +41,7 @@ import zstandard
 
 from .archive import ArchiveReader
 from .archive.layout import CODEC_SUFFIX
-from .archive.segment import iter_segment_lines, open_decompressed
+from .archive.segment import HashingReader, iter_segment_lines, open_decompressed
 from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
 from .events import EventId
 from .state import SNAPSHOT_ROWS, ObjectRecord, StateStore, TombstoneRecord
@@ -206,22 +206,16 @@ def list_snapshots(storage: Storage) -> list[SnapshotInfo]:
     return out
 
 
-class _Checked:
+class _Checked(HashingReader):
     """An object's body as it is read, hashed on the way: ``check`` reads the rest and compares
     the sha256 with the one its manifest records (a snapshot part, an archive segment)."""
 
     def __init__(self, fh: IO[bytes], key: str, sha256: str, what: str) -> None:
-        self.fh, self.key, self.expected, self.what = fh, key, sha256, what
-        self.sha = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        self.sha.update(data)
-        return data
+        super().__init__(fh)
+        self.key, self.expected, self.what = key, sha256, what
 
     def check(self) -> None:
-        while self.read(1 << 20):
-            pass
+        self.drain()
         if self.sha.hexdigest() != self.expected:
             raise PermanentError(
                 f"{self.what} {self.key} is damaged: its sha256 differs from the manifest"

@@ -35,7 +35,6 @@ Checked, streaming one object at a time:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import sqlite3
@@ -44,7 +43,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import jsonpatch
 import orjson
@@ -57,7 +56,7 @@ from .archive.layout import (
     id_from_key,
     manifest_key_for_segment,
 )
-from .archive.segment import Manifest, iter_segment_lines
+from .archive.segment import HashingReader, Manifest, iter_segment_lines
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
@@ -151,30 +150,6 @@ def format_report(report: VerifyReport) -> str:
         lines.append(f"WARNING  ... {report.warning_count - len(report.warnings)} more")
     lines.append(f"{'result':<{width}}  {'OK' if report.ok else 'DAMAGED'}")
     return "\n".join(lines)
-
-
-class _HashingReader(io.RawIOBase):
-    """Hashes and counts every byte read through it, so one read both decodes and checks."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.sha.update(data)
-        self.size += n
-        return n
-
-    def drain(self) -> None:
-        while self.readinto(bytearray(1 << 20)):
-            pass
 
 
 class _Index:
@@ -446,7 +421,7 @@ class _Verifier:
             self.gen += 1
             return
         with closing(fh):
-            tee = _HashingReader(fh)
+            tee = HashingReader(fh)
             decoded = self._decode(m, tee, prev)
             tee.drain()
         problems = []
@@ -460,7 +435,7 @@ class _Verifier:
             self.report.error(f"segment {m.segment}: " + "; ".join(problems))
             self.gen += 1
 
-    def _decode(self, m: Manifest, tee: _HashingReader, prev: Manifest | None) -> str | None:
+    def _decode(self, m: Manifest, tee: HashingReader, prev: Manifest | None) -> str | None:
         """Stream the events, feed the patch-chain check; a problem description or None."""
         count = 0
         hwm: EventId | None = None
@@ -696,7 +671,7 @@ class _Verifier:
         lines = 0
         decode_error = None
         with closing(fh):
-            tee = _HashingReader(fh)
+            tee = HashingReader(fh)
             try:
                 stream: BinaryIO = io.BufferedReader(tee, 1 << 20)
                 for line in iter_segment_lines(stream, codec):

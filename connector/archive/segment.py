@@ -174,3 +174,29 @@ def iter_segment_lines(fileobj: IO[bytes], codec: str) -> Iterator[bytes]:
 def iter_segment_events(lines: Iterable[bytes]) -> Iterator[StreamEvent]:
     for line in lines:
         yield parse_archive_line(line)
+
+
+class HashingReader(io.RawIOBase):
+    """Hashes and counts every byte read through it, so one read both decodes and checks an
+    object against its manifest (verify, a restore's fold, a snapshot load, retention)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        """Read (and hash) whatever the reader did not."""
+        while self.readinto(bytearray(1 << 20)):
+            pass
