@@ -110,7 +110,8 @@ def split_key(key: int) -> str:
 
 
 def internal_id_for(stix_id: str) -> str:
-    """The deterministic internal UUID the simulator gives an object created with ``stix_id``."""
+    """The deterministic internal UUID the simulator gives an object first created with
+    ``stix_id`` (``<stix_id>#<n>`` for its n-th creation, after deletes)."""
     return str(uuid.uuid5(_NS, stix_id))
 
 
@@ -210,6 +211,9 @@ class SimStore:
         # synchronised event: the platform records it per attribute (i_attributes.updated_at)
         # and isOutdatedUpdate compares against it, not against the local write time.
         self._version_ms: dict[str, int] = {}
+        # Objects created so far under each first STIX id: a re-creation after a delete is a new
+        # entity, with a new internal id, as on the platform (a fresh UUID at every creation).
+        self._lives: dict[str, int] = {}
         self.generation = 0  # bumped by wake() so waiting readers re-check their stop flags
 
     # ------------------------------------------------------------------ time and ids
@@ -511,7 +515,8 @@ class SimStore:
         self, stix: dict[str, Any], now: str, keep_times: bool
     ) -> tuple[str, dict[str, Any]]:
         sid = str(stix["id"])
-        iid = internal_id_for(sid)
+        lives = self._lives[sid] = self._lives.get(sid, 0) + 1
+        iid = internal_id_for(sid if lives == 1 else f"{sid}#{lives}")
         incoming = _ext(stix)
         stix.setdefault("spec_version", "2.1")
         created = str(stix.get("created") or now)
