@@ -796,10 +796,14 @@ class StateStore:
                         break
             stix_id = ids[0]
             if old is not None and old.version and version and version < old.version:
-                pass  # a dependency re-send or recovery duplicate of an older version
+                # A dependency re-send or recovery duplicate of an older version: not written,
+                # but its ids that no live object holds are the object's (its later version,
+                # sent ahead, could not take them from an earlier life deleted since).
+                key, mine, stale = old.key, old, True
             elif old is not None and old.stix_id != stix_id:
                 break  # standard-id change: re-point what referenced the old id (_upsert)
             else:
+                stale = False
                 key = old.key if old is not None else (iid or stix_id)
                 pend = pending.get(key)
                 if pend is None:
@@ -822,21 +826,21 @@ class StateStore:
                     mine = old
                 else:
                     mine = _Known(key, iid, stix_id, version, refs, None)
-                if len(ids) == 1 and (iid is None or iid == key):
-                    aliases: Iterable[str] = (key,) if stix_id == key else (key, stix_id)
-                else:
-                    aliases = dict.fromkeys((key, *ids, *((iid,) if iid else ())))
-                for alias in aliases:
-                    holder = known.get(alias)
-                    if holder is None or holder.key == key:
-                        known[alias] = mine
-                        if alias in wanted:
-                            alias_rows.append((alias, key))
-                        else:
-                            new_aliases[alias] = key
-                            queued.append(alias)
                 if tombstones:
                     written.append((key, stix_id))
+            if len(ids) == 1 and (iid is None or iid == key):
+                aliases: Iterable[str] = (key,) if stix_id == key else (key, stix_id)
+            else:
+                aliases = dict.fromkeys((key, *ids, *((iid,) if iid else ())))
+            for alias in aliases:
+                holder = known.get(alias)
+                if holder is None or (holder.key == key and not stale):
+                    known[alias] = mine
+                    if alias in wanted:
+                        alias_rows.append((alias, key))
+                    else:
+                        new_aliases[alias] = key
+                        queued.append(alias)
             if as_of is None or eid > as_of:
                 as_of = eid
             done += 1
@@ -1023,51 +1027,93 @@ class StateStore:
         if old is not None and guard:
             stored, incoming = self._version(old.key) or "", _version_of(stix)
             if stored and incoming and incoming < stored:
-                return None  # a dependency re-send or recovery duplicate of an older version
+                # A dependency re-send or recovery duplicate of an older version. Not written,
+                # but its ids no live object holds are the object's (its later version, sent
+                # ahead, could not take them from an earlier life deleted since), and when it is
+                # an id change the stored version already has, what still names the old id
+                # (folded since) follows it all the same.
+                self._add_aliases(_ADD_ALIAS, [(a, old.key) for a in _aliases_of(old.key, stix)])
+                self._renamed(old.key, [previous], old.stix_id)
+                return None
         key = key or iid or stix_id
         self._write(key, stix, event_id, event)
         # A new life for a deleted object (same identity, or same standard id re-created).
         self._db.execute("DELETE FROM tombstones WHERE key = ? OR stix_id = ?", (key, stix_id))
-        if old is not None and old.stix_id != stix_id:
-            # Standard id change: the old id stays an alias, and what referenced it follows.
-            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(old.stix_id, key)])
-            self._repoint([old.stix_id], stix_id)
+        # Standard id change (the stored id differs, or the event's reverse patch names the id
+        # before it): the old id stays an alias, and what referenced it follows.
+        self._renamed(key, [old.stix_id if old else None, previous], stix_id)
         return key
+
+    def _renamed(self, key: str, old_ids: list[str | None], new_id: str) -> None:
+        """``old_ids`` were the standard ids of the object at ``key``, now ``new_id``; an id
+        another live object holds is left alone."""
+        olds = [i for i in dict.fromkeys(old_ids) if i and i != new_id]
+        olds = [i for i in olds if self._resolve([i]) in (None, key)]
+        if olds:
+            self._add_aliases(
+                "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(i, key) for i in olds]
+            )
+            self._repoint(olds, new_id)
 
     def _merge(self, ev: StreamEvent) -> None:
         target = ev.stix
         context = ev.envelope.get("context")
         sources = context.get("sources") if isinstance(context, dict) else None
-        iid = octi_ext(target).get("id")
+        iid = _str_or_none(octi_ext(target).get("id"))
         # Resolve everything before the target is written: its stix_ids already name the sources.
-        t_key = self._resolve([iid if isinstance(iid, str) else None, ev.stix_id])
+        # By internal id: a live stream sends objects in their version at send time, so the
+        # entity that absorbs this merge's target or sources *later* can be folded before this
+        # merge, holding their ids. That entity is neither this merge's target nor a source.
+        t_key = self._resolve([iid, ev.stix_id], iid=iid)
         absorbed: list[str] = []
+        merged: list[tuple[str, str]] = []  # (tombstone key, stix id) of each source
+        held: dict[str, list[str]] = {}  # key of a live object holding sources' ids -> the ids
         for src in sources if isinstance(sources, list) else []:
             if not isinstance(src, dict) or not isinstance(src.get("id"), str):
                 continue
-            s_iid = octi_ext(src).get("id")
-            s_iid = s_iid if isinstance(s_iid, str) and s_iid else None
-            s_key = self._resolve([s_iid, *_ids_of(src)])
-            if s_key is not None and s_key == t_key:
+            s_iid = _str_or_none(octi_ext(src).get("id"))
+            s_ids = _ids_of(src)
+            s_key = self._resolve([s_iid, *s_ids], iid=s_iid)
+            holder = s_key if s_key == t_key else None
+            if s_key is None:
+                holder = self._resolve(s_ids)
+                if holder != t_key and s_iid is None:
+                    holder = None
+            if holder is not None:
+                # The target, or an entity absorbing this source later, already holds its ids
+                # (sent ahead in its current version): nothing to remove, but what still names
+                # the source follows it, as on the platform.
+                held.setdefault(holder, []).extend(s_ids)
                 continue
             stored = self._load(s_key) if s_key else None
-            ids = _ids_of(src) + (_ids_of(stored.data) if stored else [])
+            ids = s_ids + (_ids_of(stored.data) if stored else [])
             if s_key is not None:
                 self._forget(s_key)
-            self._tombstone(
-                s_key or s_iid or str(src["id"]),
-                stored.stix_id if stored else str(src["id"]),
-                ev.id_text,
-                "merged",
-                ev.stix_id,
+            merged.append(
+                (s_key or s_iid or str(src["id"]), stored.stix_id if stored else s_ids[0])
             )
             absorbed.extend(i for i in ids if i not in absorbed)
-        key = self._upsert(target, ev.id_text, "merge", None, guard=False)
+        # Guarded: the state may already hold a later version of the target (sent ahead as a
+        # dependency or by the recovery); the sources go all the same.
+        key = self._upsert(target, ev.id_text, "merge", None, guard=True) or t_key
+        into = (self._stix_id(key) if key is not None else None) or ev.stix_id
+        for s_key, s_stix in merged:
+            self._tombstone(s_key, s_stix, ev.id_text, "merged", into)
         if key is not None and absorbed:
             self._add_aliases(
                 "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(a, key) for a in absorbed]
             )
-            self._repoint(absorbed, ev.stix_id)
+        for holder, ids in held.items():
+            if holder == key:
+                absorbed.extend(i for i in ids if i not in absorbed)
+            else:
+                self._repoint(ids, self._stix_id(holder) or into)
+        if key is not None and absorbed:
+            self._repoint(absorbed, into)
+
+    def _stix_id(self, key: str) -> str | None:
+        row = self._db.execute("SELECT stix_id FROM objects WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
 
     def _repoint(self, old_ids: list[str], new_id: str) -> None:
         """Rewrite refs to ``old_ids`` into ``new_id`` (the platform does it without events)."""

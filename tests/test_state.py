@@ -329,6 +329,48 @@ def test_merge_target_sent_early_keeps_the_sources_apart(tmp_path: Path) -> None
         assert_equal_objects(state_objects(state), sim_objects(store))
 
 
+def test_a_later_absorber_sent_ahead_is_not_taken_for_a_merge_source(tmp_path: Path) -> None:
+    """A live stream read late sends objects as they are *now*: the entity that absorbs a merge's
+    target later (and with it the sources' ids) can come before that merge, and a source the
+    archive never held (replaced by the first recovery) is then found under its ids. The merge
+    must not remove that entity as its source, and what named the source must follow it."""
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    events, pos = sim_events(store)
+    third = "malware--00000000-0000-4000-8000-00000000000a"
+    store.create({"type": "malware", "id": third, "name": "Third"})
+    report = "report--00000000-0000-4000-8000-00000000000b"
+    store.create(
+        {
+            "type": "report",
+            "id": report,
+            "name": "R",
+            "published": "2026-01-01T00:00:00.000Z",
+            "object_refs": [third],
+        }
+    )
+    store.merge(PARADISE, [third])  # Paradise absorbs Third ...
+    store.merge(SPELEVO, [PARADISE])  # ... and is absorbed by Spelevo
+    later, _ = sim_events(store, pos)
+    created_third, created_report, first, second = later
+    assert (first.event, second.event) == ("merge", "merge")
+    ahead = StreamEvent.from_sse(
+        first.id_text,
+        "create",
+        orjson.dumps(
+            {"data": store.get(SPELEVO), "origin": {"referer": "init-dependencies"}, "version": "4"}
+        ).decode(),
+    )
+    with StateStore(tmp_path / "s.sqlite") as state:
+        # The archive starts after Third's creation; the report comes in its version of then.
+        state.apply_many([*events, created_report, ahead, first])
+        spelevo = state.get(SPELEVO)
+        assert spelevo is not None and spelevo["id"] == SPELEVO  # not removed as "Third"
+        state.apply(second)
+        assert_equal_objects(state_objects(state), sim_objects(store))
+        assert (state.get(report) or {}).get("object_refs") == [SPELEVO]
+
+
 def test_state_persists_and_rolls_back(tmp_path: Path) -> None:
     store = new_sim()
     store.load_bundle(sample_bundle(SAMPLE))

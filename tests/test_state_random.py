@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from connector import state as state_module
@@ -148,13 +149,22 @@ class _History:
         if stale:
             self.resends.append((len(self.events), self.rng.choice(stale)))
 
-    def stream(self) -> tuple[list[StreamEvent], list[StreamEvent]]:
-        """The events with the re-sends, each under the id after the event it follows."""
+    def stream(self, ahead_after: EventId) -> tuple[list[StreamEvent], list[StreamEvent]]:
+        """The events with the re-sends, each under the id after the event it follows, and,
+        before a third of the events after ``ahead_after``, what a live stream read late sends
+        ahead of them: the objects they refer to as they are *now*, as dependencies under the
+        event's id. Those can already hold the ids of objects they absorb later, or a standard
+        id taken later. (Before ``ahead_after`` the fold must equal the simulator's state at
+        that point, which a version from later would not.)"""
         out: list[StreamEvent] = []
         sent: list[StreamEvent] = []
         waiting = iter(self.resends)
         nxt = next(waiting, None)
         for n, ev in enumerate(self.events, start=1):
+            if ev.id > ahead_after and self.rng.random() < 0.3:
+                for dep in self._now(ev):
+                    payload = {"data": dep, "origin": {"referer": "init-dependencies"}}
+                    out.append(StreamEvent.from_sse(ev.id_text, "create", orjson.dumps(payload)))
             out.append(ev)
             while nxt is not None and nxt[0] == n:
                 sent.append(
@@ -163,6 +173,18 @@ class _History:
                 out.append(sent[-1])
                 nxt = next(waiting, None)
         return out, sent
+
+    def _now(self, ev: StreamEvent) -> list[dict[str, Any]]:
+        """The current version of each object ``ev``'s object refers to (the platform resolves
+        an absorbed or renamed id to the object that holds it now)."""
+        refs: list[str] = []
+        for field, value in ev.stix.items():
+            if field.endswith("_ref") and isinstance(value, str):
+                refs.append(value)
+            elif field.endswith("_refs") and isinstance(value, list):
+                refs.extend(v for v in value if isinstance(v, str))
+        found = (self.store.get(r) for r in dict.fromkeys(refs))
+        return list({str(o["id"]): o for o in found if o is not None}.values())
 
 
 def _tombstones(state: StateStore) -> list[TombstoneRecord]:
@@ -205,7 +227,8 @@ def test_random_history_folds_to_the_simulator_state(seed: int, tmp_path: Path) 
     assert {"create", "update", "merge", "delete"} <= kinds, kinds
     created = [ev.stix_id for ev in events if ev.event == "create"]
     assert len(created) > len(set(created)), "nothing was created twice"
-    stream, resends = history.stream()
+    assert half_id is not None
+    stream, resends = history.stream(ahead_after=EventId.parse(half_id))
     # The re-sends are real stale versions: taken as the newest, they would change the state.
     final = {octi_ext(o).get("id"): o for o in expected}
     assert any(ev.stix != final[ev.internal_id] for ev in resends if ev.internal_id in final)
