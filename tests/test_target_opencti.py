@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from httpx_sse import connect_sse
 
@@ -104,6 +105,31 @@ def test_merge_removes_sources_on_target(sync: Sync) -> None:
     merged = sync.b.store.get(s1)
     assert merged is not None and merged["id"] == target  # sources are aliases of the target
     assert all(o["id"] not in (s1, s2) for o in sync.b.store.objects())
+
+
+def test_an_absorber_sent_ahead_after_its_source_in_a_batch_keeps_them_apart(
+    sync: Sync,
+) -> None:
+    """A live stream read late sends an entity as it is now: after the create of a source it
+    absorbs later, already holding the source's id. The target learnt neither before the batch
+    (``live_aliases`` asks it then), so the batch's own order must keep the two apart until the
+    merge, or the merge finds one entity under both ids and the source stays on the target."""
+    sync.step()
+    a = sync.a
+    a.upsert(malware("Target"))
+    sync.step()
+    a.upsert(malware("Source"))
+    target, source = malware("Target")["id"], malware("Source")["id"]
+    created, pos = events_since(a, sync.pos)
+    a.merge(target, [source])
+    merged, _ = events_since(a, pos)
+    now = orjson.dumps({"data": a.get(target), "origin": {"referer": "init-dependencies"}})
+    ahead = StreamEvent.from_sse(created[-1].id_text, "create", now)
+    assert source in octi_ext(ahead.stix)["stix_ids"]
+    sync.target.write(batch_of([*created, ahead]))
+    sync.target.write(batch_of(merged))
+    sync.assert_converged()
+    assert [o["id"] for o in sync.b.store.objects() if o["type"] == "malware"].count(source) == 0
 
 
 def test_merge_with_sources_unknown_to_target_does_not_resurrect(platform_b: SimServer) -> None:

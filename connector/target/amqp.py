@@ -48,6 +48,7 @@ from .common import (
     merge_lookahead,
     merge_source_ids,
     previous_standard,
+    taken_earlier,
     without_aliases,
 )
 
@@ -193,7 +194,8 @@ def event_messages(
     """
     events = list(events)
     out: list[tuple[int, bytes]] = []
-    for index, (ev, later_sources) in enumerate(zip(events, merge_lookahead(events), strict=True)):
+    lookahead, taken = merge_lookahead(events), taken_earlier(events)
+    for index, (ev, later_sources, others) in enumerate(zip(events, lookahead, taken, strict=True)):
         kind = ev.event
         if kind not in ("create", "update", "merge", "delete"):
             continue
@@ -203,7 +205,7 @@ def event_messages(
             body = _message(ev, pre, "update", applicant_id, synchronized)
             out.append((index, body))
         elif kind != "delete":
-            data = without_aliases(data, later_sources | live_aliases_of(live_aliases, ev))
+            data = without_aliases(data, later_sources | others | live_aliases_of(live_aliases, ev))
         out.append((index, _message(ev, data, kind, applicant_id, synchronized)))
     return out
 

@@ -15,6 +15,7 @@ __all__ = [
     "merge_sources",
     "previous_standard",
     "source_ids",
+    "taken_earlier",
     "without_aliases",
 ]
 
@@ -56,6 +57,37 @@ def merge_lookahead(events: list[StreamEvent]) -> list[set[str]]:
         out[index] = pending
         if events[index].event == "merge":
             pending = pending | source_ids(merge_sources(events[index]))
+    return out
+
+
+def taken_earlier(events: list[StreamEvent]) -> list[set[str]]:
+    """For each event, its object's aliases that an earlier create or update in ``events`` made
+    the standard id of *another* entity (another internal id), still live at that point.
+
+    The stream sends objects as they are when sent: an entity that absorbs another one later can
+    come after that one's create, already holding its id. ``OpenCTITarget.live_aliases`` asks
+    the target before the batch, when that entity is not there yet; upserting with its id would
+    then resolve to it, or to both. The id comes back with the merge.
+    """
+    live: dict[str, str | None] = {}  # standard id -> internal id of its entity, so far
+    out: list[set[str]] = []
+    for ev in events:
+        taken: set[str] = set()
+        if ev.event in ("create", "update"):
+            own = ev.internal_id or None
+            aliases = octi_ext(ev.stix).get("stix_ids")
+            for alias in aliases if isinstance(aliases, list) else []:
+                other = live.get(alias)
+                if own is not None and other is not None and other != own:
+                    taken.add(alias)
+            live[ev.stix_id] = own
+        elif ev.event == "merge":
+            for gone in merge_source_ids(ev):
+                live.pop(gone, None)
+            live[ev.stix_id] = ev.internal_id or None
+        elif ev.event == "delete":
+            live.pop(ev.stix_id, None)
+        out.append(taken)
     return out
 
 

@@ -56,6 +56,7 @@ from .common import (
     merge_sources,
     previous_standard,
     source_ids,
+    taken_earlier,
     without_aliases,
 )
 
@@ -192,6 +193,7 @@ def plan_pushes(
     """
     events = list(events)
     pending = merge_lookahead(events)
+    taken = taken_earlier(events)
     pushes: list[Push] = []
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
@@ -216,11 +218,12 @@ def plan_pushes(
             delete_ids.clear()
             delete_from.clear()
 
-    for ev, later_sources in zip(events, pending, strict=True):
+    for ev, later_sources, others in zip(events, pending, taken, strict=True):
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
-            stix = without_aliases(stix, later_sources | live_aliases_of(live_aliases, ev))
+            dropped = later_sources | others | live_aliases_of(live_aliases, ev)
+            stix = without_aliases(stix, dropped)
             prev = previous_standard(ev) if ev.event == "update" else None
             if prev is not None:
                 flush_upserts()
