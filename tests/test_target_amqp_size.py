@@ -4,10 +4,7 @@ with a small limit + the platform double's worker."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +16,7 @@ from connector.sim.store import SimStore
 from connector.sim.worker import PlatformWorker
 from connector.target import amqp
 from connector.target.opencti import OpenCTITarget
-from tests.support.rabbitmq import RabbitNode, find_server
+from tests.support.rabbitmq import RabbitNode, private_broker
 from tests.support.simlog import sim_events
 from tests.support.target import batch_of, malware, target_for
 
@@ -29,19 +26,7 @@ LIMIT = 1024 * 1024  # the broker's max_message_size here (RabbitMQ 4.x default:
 
 @pytest.fixture(scope="module")
 def small_broker() -> Iterator[RabbitNode]:
-    server = find_server()
-    if server is None:
-        pytest.skip("rabbitmq-server not installed")
-    base = Path(tempfile.mkdtemp(prefix="octisync-rabbit-size-"))
-    node = RabbitNode(server, base)
-    with open(base / "rabbitmq.conf", "a") as conf:
-        conf.write(f"max_message_size = {LIMIT}\n")
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from private_broker("octisync-rabbit-size-", f"max_message_size = {LIMIT}\n")
 
 
 @pytest.fixture()

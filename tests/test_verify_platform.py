@@ -16,7 +16,7 @@ from connector.sim.server import SimServer, _Session
 from connector.sim.store import SimStore
 from connector.storage.local import LocalStorage
 from connector.verify import VerifyReport, format_report, verify_archive
-from tests.support.simlog import sim_events
+from tests.support.simlog import frame_events, sim_events
 from tests.test_state import archive_events, new_sim
 
 A = "identity--00000000-0000-4000-8000-0000000000c1"
@@ -56,16 +56,7 @@ class _Capture(_Session):
             self.pos = self.process_live(self.pos, chunk)
 
     def events(self) -> list[StreamEvent]:
-        out = []
-        for frame in self.frames:
-            fields: dict[str, str] = {}
-            for line in frame.decode().split("\n"):
-                name, sep, value = line.partition(": ")
-                if sep:
-                    fields[name] = value
-            if fields.get("event") in ("create", "update", "merge", "delete"):
-                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
-        return out
+        return frame_events(self.frames)
 
 
 def _verify(events: list[StreamEvent], tmp_path: Path) -> VerifyReport:

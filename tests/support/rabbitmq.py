@@ -260,20 +260,29 @@ class CutProxy:
         src.close()
 
 
-@pytest.fixture(scope="session")
-def rabbitmq() -> Iterator[RabbitNode]:
-    """A running private broker for the whole session (skips when RabbitMQ is not installed)."""
+def private_broker(prefix: str, conf: str = "") -> Iterator[RabbitNode]:
+    """A running private broker (``conf``: lines for its rabbitmq.conf), removed afterwards.
+    Skipped when RabbitMQ is not installed, failed on CI (.ci/run installs it)."""
     server = find_server()
     if server is None:
         reason = "rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)"
         if os.environ.get("CI"):
             pytest.fail(reason + "; CI must provide it (.ci/run installs it)")
         pytest.skip(reason)
-    base = Path(tempfile.mkdtemp(prefix="octisync-rabbit-"))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     node = RabbitNode(server, base)
+    if conf:
+        with open(base / "rabbitmq.conf", "a") as fh:
+            fh.write(conf)
     try:
         node.start()
         yield node
     finally:
         node.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitNode]:
+    """A running private broker for the whole session."""
+    yield from private_broker("octisync-rabbit-")

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from connector.events import StreamEvent
 from connector.sim.store import SimStore
 
-__all__ = ["sim_events"]
+__all__ = ["frame_events", "sim_events"]
+
+
+def frame_events(frames: Iterable[bytes]) -> list[StreamEvent]:
+    """The data events among SSE ``frames`` (heartbeats and other frames left out)."""
+    out: list[StreamEvent] = []
+    for frame in frames:
+        fields: dict[str, str] = {}
+        for line in frame.decode().split("\n"):
+            name, sep, value = line.partition(": ")
+            if sep:
+                fields[name] = value
+        if fields.get("event") in ("create", "update", "merge", "delete"):
+            out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
+    return out
 
 
 def sim_events(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
@@ -15,12 +31,5 @@ def sim_events(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
         chunk = store.read(pos)
         if not chunk.frames:
             return out, pos
-        for frame in chunk.frames:
-            fields: dict[str, str] = {}
-            for line in frame.decode().split("\n"):
-                name, sep, value = line.partition(": ")
-                if sep:
-                    fields[name] = value
-            if fields.get("event") in ("create", "update", "merge", "delete"):
-                out.append(StreamEvent.from_sse(fields["id"], fields["event"], fields["data"]))
+        out.extend(frame_events(chunk.frames))
         pos = chunk.start + len(chunk.frames)
