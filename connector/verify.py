@@ -21,6 +21,8 @@ Checked, streaming one object at a time:
   Reference fields are left out of the comparison (top-level ``*_ref``/``*_refs`` and the
   OpenCTI extension's ``*_ref``/``*_refs``, ``granted_refs`` included): the platform rewrites
   them without an event when a referenced object is deleted, merged or gets a new standard id.
+  Dependencies are no links (the object as loaded when sent), nor is a recovery copy for an
+  update in its own millisecond (the live part repeats the recover point's later updates).
   On a filtered stream, an object outside the filter gets its updates only while a container in
   the filter holds it (container path), so updates made meanwhile never arrive, by design. Verify
   cannot tell such deliveries apart, so a mismatch on an object the archive has seen in some
@@ -160,7 +162,8 @@ class _Index:
         self.db = sqlite3.connect(path)
         self.db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-            "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB);"
+            "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB,"
+            " recovered INTEGER);"
             "CREATE TABLE segs (key TEXT PRIMARY KEY);"
             "CREATE TABLE quar (after TEXT);"
             "CREATE TABLE members (sid TEXT PRIMARY KEY);"
@@ -171,14 +174,17 @@ class _Index:
         self.db.close()
         self.path.unlink(missing_ok=True)
 
-    def get(self, key: str) -> tuple[str, int, bytes] | None:
-        row = self.db.execute("SELECT event_id, gen, data FROM objs WHERE key = ?", (key,))
+    def get(self, key: str) -> tuple[str, int, bytes, bool] | None:
+        row = self.db.execute(
+            "SELECT event_id, gen, data, recovered FROM objs WHERE key = ?", (key,)
+        )
         found = row.fetchone()
-        return None if found is None else (found[0], found[1], found[2])
+        return None if found is None else (found[0], found[1], found[2], bool(found[3]))
 
-    def put(self, key: str, event_id: str, gen: int, data: bytes) -> None:
+    def put(self, key: str, event_id: str, gen: int, data: bytes, recovered: bool) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO objs VALUES (?, ?, ?, ?)", (key, event_id, gen, data)
+            "INSERT OR REPLACE INTO objs VALUES (?, ?, ?, ?, ?)",
+            (key, event_id, gen, data, recovered),
         )
 
     def forget(self, key: str) -> None:
@@ -480,7 +486,8 @@ class _Verifier:
         if ev.event != "delete":
             # Objects a container holds may reach a filtered stream by the container path only.
             self.index.add_members(_members(stix))
-        if isinstance(origin, dict) and origin.get("referer") == "init-dependencies":
+        referer = origin.get("referer") if isinstance(origin, dict) else None
+        if referer == "init-dependencies":
             # A dependency carries the object as loaded when it was sent (often already past
             # the update that follows it in the same group): it is no link of the chain.
             return
@@ -495,7 +502,7 @@ class _Verifier:
             for source in context.get("sources") or []:
                 if isinstance(source, dict):
                     self.index.forget(_object_key(source))
-        self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix))
+        self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix), referer == "init-create")
 
     def _check_reverse(
         self, ev: StreamEvent, key: str, stix: dict[str, Any], reverse: list[Any]
@@ -503,9 +510,14 @@ class _Verifier:
         row = self.index.get(key)
         if row is None:
             return  # first sight of the object (filtered stream, pruned history): nothing to do
-        prev_id, gen, data = row
+        prev_id, gen, data, recovered = row
         if gen != self.gen or self.index.quarantined_between(EventId.parse(prev_id), ev.id):
             return  # something may legitimately sit between the two versions
+        if recovered and EventId.parse(prev_id).ms == ev.id.ms:
+            # A recovery copy (id <its updated_at ms>-0) is the object as it was when sent, with
+            # every update up to the recover point; the live part then starts after <recover>-0,
+            # so an update made in the copy's own millisecond comes again and may be in it.
+            return
         self.report.updates_checked += 1
         try:
             rebuilt = jsonpatch.apply_patch(stix, reverse, in_place=False)

@@ -183,3 +183,37 @@ def test_container_path_gap_is_not_damage(tmp_path: Path) -> None:
     report = _verify(events, tmp_path)
     assert report.ok, report.errors
     assert report.warning_count == 1, report.warnings
+
+
+def test_an_update_in_the_recovery_copys_millisecond_is_no_damage(tmp_path: Path) -> None:
+    """A first run's recovery sends objects as they are when sent, updated up to the recover
+    point, each under ``<its updated_at ms>-0``; the live part starts after ``<recover>-0``
+    (§5.1), so an update made in that millisecond arrives again after a copy that holds it.
+    A live update that does not follow the one before it is still an error."""
+    now = [1_700_000_000_000]
+    sim = SimStore(clock=lambda: now[0])
+    sim.create({"type": "malware", "id": M, "name": "m", "is_family": True})
+    sim.create({"type": "intrusion-set", "id": I, "name": "i"})
+    now[0] += 1000
+    sim.update(M, set={"description": "first, in the recovery"})
+    sim.update(M, set={"description": "second, in the copy and sent live"})
+    recover_ms = now[0]
+    for text in ("updated after the recovery: sent live only", "lost upstream", "after the loss"):
+        now[0] += 1000
+        sim.update(I, set={"description": text})
+    live = _Capture(sim, None)
+    live.recover(recover_ms - 10_000, recover_ms)
+    live.pos = sim.position_after(recover_ms, 0)
+    live.pump()
+    events = live.events()
+    seen = [(ev.id_text, ev.event, ev.stix["id"]) for ev in events]
+    assert (f"{recover_ms}-0", "create", M) in seen  # the copy, already holding both updates
+    assert (f"{recover_ms}-1", "update", M) in seen  # the second update, sent live again
+
+    report = _verify(events, tmp_path / "all")
+    assert report.ok, report.errors
+    assert report.updates_checked == 2  # I's last two; M's repeat is no link of its chain
+
+    report = _verify(_drop_update(events, I, nth=1), tmp_path / "lost")
+    assert not report.ok
+    assert any("missed upstream" in e for e in report.errors), report.errors
