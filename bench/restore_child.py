@@ -22,6 +22,7 @@ from connector.archive import ArchiveReader
 from connector.events import EventId
 from connector.restore import materialise_plan, restore_to_target
 from connector.snapshot import SNAPSHOTS_PREFIX, write_snapshot
+from connector.storage import Storage
 from connector.storage.local import LocalStorage
 
 __all__ = ["WithoutSnapshots", "main"]
@@ -30,7 +31,7 @@ __all__ = ["WithoutSnapshots", "main"]
 class WithoutSnapshots:
     """A read view of an archive that hides its snapshots (the "no snapshot" restore plan)."""
 
-    def __init__(self, inner: LocalStorage) -> None:
+    def __init__(self, inner: Storage) -> None:
         self.inner = inner
 
     def describe(self) -> str:

@@ -20,6 +20,9 @@ What it does, all on 127.0.0.1:
   event, in order. Live stream: every event after the first recovery must be archived (except a
   relationship or sighting the stream drops because an endpoint was gone when it was sent, and
   that is gone at the end too: counted apart), each of the platform's own events once.
+  ``--snapshots SECS`` also has the connector write a snapshot and apply retention (keeping
+  two snapshots) every SECS seconds, between the kills: the restore then starts from the newest
+  snapshot, and the archive alone (snapshots hidden) must give the same state.
   ``--target`` also syncs into a second simulator (API transport) and compares it with the
   platform (other STIX ids as a set); see docs/OPENCTI-TARGET.md §5 for what a sync that lags
   behind a live stream leaves.
@@ -52,14 +55,17 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.restore_child import WithoutSnapshots  # noqa: E402
 from connector.archive import ArchiveReader  # noqa: E402
 from connector.checkpoint import CheckpointStore  # noqa: E402
 from connector.events import OCTI_EXT, EventId  # noqa: E402
+from connector.jobs import LOCK_KEY  # noqa: E402
 from connector.progress import iso_to_ms  # noqa: E402
-from connector.restore import materialise  # noqa: E402
+from connector.restore import materialise_plan  # noqa: E402
 from connector.sim.generator import generate  # noqa: E402
 from connector.sim.server import SimServer  # noqa: E402
 from connector.sim.store import SimStore  # noqa: E402
+from connector.snapshot import list_snapshots  # noqa: E402
 from connector.storage import Storage  # noqa: E402
 from connector.storage.local import LocalStorage  # noqa: E402
 from connector.verify import verify_archive  # noqa: E402
@@ -190,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also sync into a second simulator (API transport, perfect sync) and compare it",
     )
+    p.add_argument(
+        "--snapshots",
+        type=int,
+        default=0,
+        metavar="SECS",
+        help="the connector writes a snapshot and applies retention (2 kept) every SECS seconds",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=25.0)
     p.add_argument("--workdir", help="keep the archive and logs here (default: a temp dir)")
@@ -237,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             "CONNECTOR_LOG_LEVEL": "info",
         }
     )
+    if args.snapshots:
+        env.update(
+            {
+                "SNAPSHOT_SCHEDULE": f"every {args.snapshots}s",
+                "RETENTION_SCHEDULE": f"every {args.snapshots}s",
+                "RETENTION_KEEP_SNAPSHOTS": "2",
+            }
+        )
     watch = LogWatch(log_path)
     stop = threading.Event()
     produced = [store.event_count]
@@ -269,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = [threading.Thread(target=f, daemon=True) for f in (producer, dropper)]
     for t in threads:
         t.start()
-    kills = 0
+    kills = stale_locks = 0
     proc, spawned = ConnectorProcess(env, log_path), time.monotonic()
     while kills < args.kills and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 6.0))
         proc.kill()
         kills += 1
+        if args.snapshots and storage.exists(LOCK_KEY):
+            # The killed process's job lock would hold for its 10-minute lease, longer than the
+            # whole fault phase: expire it now (no other process runs archive jobs here).
+            storage.delete(LOCK_KEY)
+            stale_locks += 1
         proc, spawned = ConnectorProcess(env, log_path), time.monotonic()
         print(
             f"[{time.monotonic() - started:6.0f}s] kills {kills}/{args.kills}  events "
@@ -352,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         twice = len(own) - len(set(own))
         order_ok = all(a.id <= b.id for a, b in itertools.pairwise(events))
     report = verify_archive(storage, work_dir=workdir / "verify")
+    snapshots = len(list_snapshots(storage))
     t0 = time.monotonic()
-    state = materialise(storage, until=None, work_dir=workdir / "restore")
+    state, plan = materialise_plan(storage, until=None, work_dir=workdir / "restore")
     objects = [obj for _, _, _, obj in state.objects()]
     state.close()
     restore_secs = time.monotonic() - t0
@@ -361,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     diff = state_diff(dump, {"objects": objects}, limit=10)
     ids = [o["id"] for o in objects]
     duplicated = len(ids) - len(set(ids))
+    diff_archive_only: list[str] = []
+    if plan.snapshot is not None:
+        # The same state from the segments alone: a snapshot must change nothing but the time.
+        state, _ = materialise_plan(
+            WithoutSnapshots(storage), until=None, work_dir=workdir / "restore"
+        )
+        alone = [obj for _, _, _, obj in state.objects()]
+        state.close()
+        diff_archive_only = state_diff({"objects": objects}, {"objects": alone}, limit=10)
     target_diff: list[str] = []
     if target is not None:
         # An object's other STIX ids are a set on the platform; their order is not compared.
@@ -371,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if proxy is not None:
         proxy.stop()
     ok = lost == 0 and twice == 0 and order_ok and report.ok and not diff and duplicated == 0
-    ok = ok and not target_diff
+    ok = ok and not target_diff and not diff_archive_only
+    ok = ok and (not args.snapshots or plan.snapshot is not None)
     ok = ok and rc == 0
     figures: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -400,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         "segments": report.segments,
         "verify_errors": report.error_count,
         "verify_messages": report.errors[:5],
+        "job_locks_of_killed_processes": stale_locks,
+        "snapshots_kept": snapshots,
+        "restored_from_snapshot": plan.snapshot,
+        "snapshot_vs_archive_only_differences": diff_archive_only,
         "restore_secs": round(restore_secs, 1),
         "objects_platform": len(dump["objects"]),
         "objects_restored": len(objects),
