@@ -8,7 +8,8 @@ Checked, streaming one object at a time:
 * segments without a manifest are warnings (a crash between the two writes leaves one);
 * continuity: each manifest starts after the previous one ends and its ``after_event_id`` names
   the previous segment's last id. A break is an error unless the checkpoint's
-  ``retention_gaps`` explain it;
+  ``retention_gaps`` explain it. A recorded gap also restarts the patch chains (below), even
+  where the segments chain: the connector went on from its checkpoint, the stream did not;
 * head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
   able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
   retention guarantees; otherwise the oldest segments are lost (error);
@@ -348,6 +349,13 @@ class _Verifier:
             self.gen += 1
             return
         if m.after_event_id == prev.last_event_id:
+            if self._gap_explains(prev.last, m.first):
+                # The stream's retention lost events between these segments, though their chain
+                # holds (the connector went on from its checkpoint): patch chains start again.
+                self.gen += 1
+                self.report.notes.append(
+                    f"retention gap before {m.first_event_id}: patch chains restart there"
+                )
             return
         self.gen += 1
         if self._gap_explains(prev.last, m.first):

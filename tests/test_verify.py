@@ -355,6 +355,31 @@ def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
     assert any("retention gap" in n for n in report.notes)
 
 
+def test_updates_lost_in_a_retention_gap_are_no_missed_event(tmp_path: Path) -> None:
+    """The connector goes on from its checkpoint after a retention gap, so the segment chain
+    holds; the updates the stream trimmed before it was read are lost upstream, recorded."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    checkpoint_at = b.last
+    b.update(1, emit=False, labels=["a", "trimmed"])  # trimmed before the connector came back
+    b.update(1, description="after the repair")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok  # unexplained: an event was missed
+    assert any("missed upstream" in e for e in report.errors), report.errors
+
+    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
+    checkpoint.retention_gaps.append(
+        {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None}
+    )
+    CheckpointStore(storage).save(checkpoint)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert any("patch chains restart" in n for n in report.notes), report.notes
+
+
 def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
