@@ -375,7 +375,12 @@ class Pipeline:
             **rec,
             "due": False,
             "done_at_event_id": str(at),
-            "deleted": len(events),
+            "deleted": sum(ev.event == "delete" for ev in events),
+            "merged": sum(
+                len((ev.envelope.get("context") or {}).get("sources") or [])
+                for ev in events
+                if ev.event == "merge"
+            ),
         }
         self.checkpoint.last_event_id = str(at)
         self._save()

@@ -15,10 +15,13 @@ snapshot has no tombstones. So once the repair has caught up, this module
    (``stix(id)``, 100 ids per query): only those it no longer holds under their own id are gone.
    A stream's listing omits objects that are outside its filters and no longer a dependency of
    anything in them, though they still exist, and the stream itself never deletes those;
-4. returns a synthetic ``delete`` event for every object alive in the archive but gone from the
-   platform, carrying its last known STIX and ``origin.referer = "opencti-sync-reconcile"``.
+4. returns a synthetic event for every object alive in the archive but gone from the platform,
+   carrying its last known STIX and ``origin.referer = "opencti-sync-reconcile"``: a ``merge``
+   into the entity that answers to its id now, when the archive holds that entity (it was merged
+   away in the lost window: what referred to it follows it there, as on the platform), else a
+   ``delete``.
 
-The pipeline writes those events like any other batch (so an OpenCTI target deletes them too).
+The pipeline writes those events like any other batch (so an OpenCTI target applies them too).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .source import SourceConfig, iso_now, iso_to_id, tls_verify
 from .stix_lookup import standard_ids, stix_queries
 from .storage import Storage
 
-__all__ = ["REFERER", "platform_ids", "platform_lacks", "reconcile_deletes"]
+__all__ = ["REFERER", "platform_ids", "platform_resolves", "reconcile_deletes"]
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +106,11 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
     return seen
 
 
-def platform_lacks(config: SourceConfig, stix_ids: list[str]) -> set[str]:
-    """The ids the platform does not hold as objects of their own: unknown, or now only an
-    alias of another object (merged away). Asked through ``stix(id)``, 100 per query."""
-    gone: set[str] = set()
+def platform_resolves(config: SourceConfig, stix_ids: list[str]) -> dict[str, str | None]:
+    """The standard id of the entity the platform holds under each of ``stix_ids`` now: the id
+    itself, another one (merged into that entity), or None (unknown). Asked through
+    ``stix(id)``, 100 per query."""
+    out: dict[str, str | None] = {}
     headers = {"Authorization": f"Bearer {config.token}", "Content-Type": "application/json"}
     timeout = httpx.Timeout(30.0)
     try:
@@ -116,11 +120,10 @@ def platform_lacks(config: SourceConfig, stix_ids: list[str]) -> set[str]:
                 response = client.post(
                     f"{config.url.rstrip('/')}/graphql", content=orjson.dumps(body), headers=headers
                 )
-                resolved = standard_ids(chunk, _graphql_data(response))
-                gone.update(ref for ref in chunk if resolved[ref] != ref)
+                out.update(standard_ids(chunk, _graphql_data(response)))
     except httpx.HTTPError as exc:
         raise SourceRetryable(f"reconcile lookup failed: {exc}") from exc
-    return gone
+    return out
 
 
 def _graphql_data(response: httpx.Response) -> dict[str, Any]:
@@ -146,7 +149,8 @@ def _graphql_data(response: httpx.Response) -> dict[str, Any]:
 def reconcile_deletes(
     storage: Storage, config: SourceConfig, *, at: EventId, work_dir: Path | None = None
 ) -> list[StreamEvent]:
-    """Synthetic delete events (id ``at``) for archived objects the platform no longer has."""
+    """Synthetic merge and delete events (id ``at``) for archived objects the platform no
+    longer holds under their own id; merges first."""
     from .restore import materialise
 
     work = Path(tempfile.mkdtemp(prefix="reconcile-", dir=work_dir))
@@ -154,7 +158,6 @@ def reconcile_deletes(
     try:
         listed = platform_ids(config, db)
         state = materialise(storage, until=None, work_dir=work)
-        out: list[StreamEvent] = []
         try:
             archived = state.counts()["objects"]
             if listed == 0 and archived:
@@ -163,38 +166,76 @@ def reconcile_deletes(
                 raise SourceRetryable(
                     f"the platform listed no objects while the archive holds {archived}"
                 )
-            unlisted: list[tuple[str, dict[str, Any]]] = []
+            unlisted: list[tuple[str, str, dict[str, Any]]] = []
             for key, stix_id, _event, data in state.objects():
                 found = db.execute(
                     "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
                 ).fetchone()
                 if found is None:
-                    unlisted.append((stix_id, data))
-            gone = platform_lacks(config, [stix_id for stix_id, _ in unlisted])
-            for stix_id, data in unlisted:
-                if stix_id not in gone:
-                    continue
-                envelope = {
-                    "version": "4",
-                    "type": "delete",
-                    "scope": "external",
-                    "message": "deleted while the stream's retention was lost (reconciled)",
-                    "origin": {"referer": REFERER},
-                    "data": data,
-                }
-                raw = orjson.dumps(envelope).decode()
-                out.append(StreamEvent(at, str(at), "delete", raw, envelope))
+                    unlisted.append((key, stix_id, data))
+            now = platform_resolves(config, [stix_id for _, stix_id, _ in unlisted])
+            merges: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+            deletes: list[dict[str, Any]] = []
+            for key, stix_id, data in unlisted:
+                holder = now.get(stix_id)
+                if holder == stix_id:
+                    continue  # still there: outside the stream's filters, not deleted
+                target = state.get(holder) if holder else None
+                if target is not None and _key_of(target) != key:
+                    merges.setdefault(str(target.get("id")), (target, []))[1].append(data)
+                else:
+                    deletes.append(data)
         finally:
             state.close()
+        out = [_merge_event(at, target, sources) for target, sources in merges.values()]
+        out.extend(_delete_event(at, data) for data in deletes)
         log.warning(
             "Delete reconciliation done.",
             extra={
                 "platform_objects": listed,
                 "unlisted": len(unlisted),
-                "deleted": len(out),
+                "deleted": len(deletes),
+                "merged": sum(len(sources) for _, sources in merges.values()),
                 "event_id": str(at),
             },
         )
         return out
     finally:
         db.close()
+
+
+def _key_of(stix: dict[str, Any]) -> str:
+    iid = octi_ext(stix).get("id")
+    return iid if isinstance(iid, str) and iid else str(stix.get("id"))
+
+
+def _event(at: EventId, name: str, envelope: dict[str, Any]) -> StreamEvent:
+    raw = orjson.dumps(envelope).decode()
+    return StreamEvent(at, str(at), name, raw, envelope)
+
+
+def _delete_event(at: EventId, data: dict[str, Any]) -> StreamEvent:
+    envelope = {
+        "version": "4",
+        "type": "delete",
+        "scope": "external",
+        "message": "deleted while the stream's retention was lost (reconciled)",
+        "origin": {"referer": REFERER},
+        "data": data,
+    }
+    return _event(at, "delete", envelope)
+
+
+def _merge_event(at: EventId, target: dict[str, Any], sources: list[dict[str, Any]]) -> StreamEvent:
+    """The platform's merge event, as it would have sent it: the target (here as the archive
+    holds it) and the sources' last known STIX; no patch, the lost window's is unknown."""
+    envelope = {
+        "version": "4",
+        "type": "merge",
+        "scope": "external",
+        "message": "merged while the stream's retention was lost (reconciled)",
+        "origin": {"referer": REFERER},
+        "data": target,
+        "context": {"sources": sources},
+    }
+    return _event(at, "merge", envelope)

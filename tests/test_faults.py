@@ -511,8 +511,24 @@ def _reconciled(storage: Storage) -> bool:
 
 @pytest.fixture
 def trimmed_while_down(sim: SimServer, tmp_path: Path) -> dict[str, Any]:
-    """Backup, stop; edits (a delete among them), the platform trims its stream; backup again."""
+    """Backup, stop; edits (a delete and a merge among them), the platform trims its stream;
+    backup again."""
     generate(sim.store, 150, seed=61)
+    absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000061{n}" for n in (1, 2))
+    user = "intrusion-set--00000000-0000-4000-8000-000000000613"
+    uses = "relationship--00000000-0000-4000-8000-000000000614"
+    for stix_id, name in ((absorbed, "absorbed"), (kept, "kept")):
+        sim.store.create({"type": "malware", "id": stix_id, "name": name, "is_family": True})
+    sim.store.create({"type": "intrusion-set", "id": user, "name": "user"})
+    sim.store.create(
+        {
+            "type": "relationship",
+            "id": uses,
+            "relationship_type": "uses",
+            "source_ref": user,
+            "target_ref": absorbed,
+        }
+    )
     archive = str(tmp_path / "a")
     storage = LocalStorage(archive)
     env = base_env(sim.url, TOKEN, archive)
@@ -524,6 +540,8 @@ def trimmed_while_down(sim: SimServer, tmp_path: Path) -> dict[str, Any]:
     deleted = next(o for o in objects if o["type"] == "indicator")
     sim.store.update(victim["id"], set={"description": "changed while down"})
     sim.store.delete(deleted["id"])
+    # The relationship follows the merge silently: its only trace is the trimmed merge event.
+    sim.store.merge(kept, [absorbed])
     generate(sim.store, 60, seed=62)
     sim.store.trim(5)
     run = ConnectorThread(env).start()
@@ -531,7 +549,13 @@ def trimmed_while_down(sim: SimServer, tmp_path: Path) -> dict[str, Any]:
     wait_until(lambda: _reconciled(storage), what="delete reconciliation")
     run.stop()
     assert run.error is None
-    return {"storage": storage, "store": sim.store, "deleted": deleted["id"], "work": tmp_path}
+    return {
+        "storage": storage,
+        "store": sim.store,
+        "deleted": deleted["id"],
+        "merged": (absorbed, kept, uses),
+        "work": tmp_path,
+    }
 
 
 def test_retention_gap_detected_and_changes_recovered(trimmed_while_down: dict[str, Any]) -> None:
@@ -554,7 +578,15 @@ def test_retention_gap_repairs_deletes_in_the_lost_window(
     """The pass line: the restored state is the platform's, deletes of the lost window too."""
     t = trimmed_while_down
     restored = restored_bundle(t["storage"], t["work"] / "r2")
-    assert t["deleted"] not in {o["id"] for o in restored["objects"]}
+    by_id = {o["id"]: o for o in restored["objects"]}
+    assert t["deleted"] not in by_id
+    # Merged away in the lost window: gone, and what referred to it points at the merge target
+    # (a delete would have taken the relationship with it).
+    absorbed, kept, uses = t["merged"]
+    assert absorbed not in by_id
+    assert by_id[uses]["target_ref"] == kept
+    cp = CheckpointStore(t["storage"]).load()
+    assert cp is not None and cp.reconcile is not None and cp.reconcile["merged"] >= 1
     assert_restore_equals_platform(t["storage"], t["store"], t["work"] / "r3")
 
 
