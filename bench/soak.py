@@ -23,6 +23,11 @@ What it does, all on 127.0.0.1:
   ``--snapshots SECS`` also has the connector write a snapshot and apply retention (keeping
   two snapshots) every SECS seconds, between the kills: the restore then starts from the newest
   snapshot, and the archive alone (snapshots hidden) must give the same state.
+  ``--trim N --outages K`` (live stream): the platform's stream keeps only its last N events, and
+  K of the kills are followed by an outage long enough for it to trim past the checkpoint: each
+  restart then finds a retention gap, repairs it with a new recovery and reconciles the deletes
+  of the lost window. Events lost are then counted after the last repair's recover point, and
+  the restore must still equal the platform.
   ``--target`` also syncs into a second simulator (API transport) and compares it with the
   platform (other STIX ids as a set); see docs/OPENCTI-TARGET.md §5 for what a sync that lags
   behind a live stream leaves.
@@ -203,11 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECS",
         help="the connector writes a snapshot and applies retention (2 kept) every SECS seconds",
     )
+    p.add_argument(
+        "--trim", type=int, default=0, metavar="N", help="the stream keeps its last N events"
+    )
+    p.add_argument(
+        "--outages",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K kills (of --kills) wait until the stream trimmed past the checkpoint (--trim)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=25.0)
     p.add_argument("--workdir", help="keep the archive and logs here (default: a temp dir)")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
+    if args.outages and (not args.trim or args.stream != "live"):
+        p.error("--outages needs --trim and --stream live (a raw stream cannot repair a gap)")
     rng = random.Random(args.seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="opencti-sync-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.max_minutes * 60
 
-    store = SimStore()
+    store = SimStore(trim=args.trim or None)
     initial = min(20_000, args.events // 10)
     generate(store, initial, seed=args.seed)
     sim = SimServer(token=TOKEN, store=store, heartbeat_secs=1.0).start()
@@ -260,15 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     watch = LogWatch(log_path)
     stop = threading.Event()
-    produced = [store.event_count]
+
+    def appended() -> int:
+        # event_count is what the stream still holds; with --trim it stops growing.
+        return store.bounds()[1]
+
+    produced = [appended()]
 
     def producer() -> None:
         chunk = 0
-        while store.event_count < args.events and not stop.is_set():
-            n = min(2000, args.events - store.event_count)
+        while appended() < args.events and not stop.is_set():
+            n = min(2000, args.events - appended())
             generate(store, n, seed=args.seed * 100_000 + chunk)
             chunk += 1
-            produced[0] = store.event_count
+            produced[0] = appended()
             # Spread production over the fault phase (about 1,000 events/s).
             stop.wait(max(0.0, n / 1000 - 0.5))
 
@@ -291,11 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.start()
     kills = stale_locks = 0
+    # In the first half, while the platform is still producing (an outage needs new events).
+    early = range(1, max(args.outages, args.kills // 2) + 1)
+    outage_kills = set(rng.sample(early, min(args.outages, args.kills)))
     proc, spawned = ConnectorProcess(env, log_path), time.monotonic()
     while kills < args.kills and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.5, 6.0))
         proc.kill()
         kills += 1
+        if kills in outage_kills:
+            # Down until the stream has trimmed past where the connector stopped.
+            target_count = appended() + args.trim + 1000
+            while (
+                appended() < target_count
+                and appended() < args.events
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.2)
         if args.snapshots and storage.exists(LOCK_KEY):
             # The killed process's job lock would hold for its 10-minute lease, longer than the
             # whole fault phase: expire it now (no other process runs archive jobs here).
@@ -308,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     # Let production and the drops finish (bounded by the deadline).
-    while time.monotonic() < deadline and (
-        store.event_count < args.events or watch.poll() < args.drops
-    ):
+    while time.monotonic() < deadline and (appended() < args.events or watch.poll() < args.drops):
         time.sleep(1)
     stop.set()
     for t in threads:
@@ -329,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             print("final catch-up timed out", flush=True)
             break
         time.sleep(0.5)
+    while args.trim and time.monotonic() - t0 < 900:
+        # A repair's delete reconciliation runs once the connector is idle after catching up.
+        cp_now = CheckpointStore(storage).load()
+        if cp_now is None or not (cp_now.reconcile or {}).get("due"):
+            break
+        time.sleep(0.5)
     catch_up = time.monotonic() - t0
     # A SIGTERM during interpreter start-up, before the handler exists, ends the process at once
     # (nothing to flush yet, but no exit 0): the last restart gets its start-up first.
@@ -343,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.stop()
     lost_kinds: Counter[str] = Counter()  # live: events missing, by kind
     not_sent: Counter[str] = Counter()  # live: relations dropped for a missing endpoint
+    cp = CheckpointStore(storage).load()
     if args.stream == "raw":
         archived = [(ev.id_text, ev.event) for ev in events]
         distinct = [a for i, a in enumerate(archived) if i == 0 or a != archived[i - 1]]
@@ -355,9 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         # a dependency and as itself) and replaces the history before its first recovery with
         # the objects as they were: every event after that recovery must be there, each of the
         # platform's own events (not a dependency or recovery re-send) once, groups in order.
-        cp = CheckpointStore(storage).load()
         end = cp.first_recovery_end if cp is not None else None
         floor = iso_to_ms(end) if end else None
+        # A retention-gap repair is a recovery too: what it covers is no event.
+        for gap in cp.retention_gaps if cp is not None else []:
+            repaired = gap.get("repair_recover_until")
+            if repaired and (floor is None or iso_to_ms(repaired) > floor):
+                floor = iso_to_ms(repaired)
         archived = [(ev.id_text, ev.event, ev.stix_id) for ev in events]
         got_ids = {i for i, _, _ in archived}
         after = [i for i, _ in expected if floor is None or EventId.parse(i).ms > floor]
@@ -409,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = lost == 0 and twice == 0 and order_ok and report.ok and not diff and duplicated == 0
     ok = ok and not target_diff and not diff_archive_only
     ok = ok and (not args.snapshots or plan.snapshot is not None)
+    if args.outages:  # the repairs happened and their reconciliations ran
+        ok = ok and cp is not None and bool(cp.retention_gaps)
+        ok = ok and not (cp.reconcile or {}).get("due")
     ok = ok and rc == 0
     figures: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -416,9 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}",
         "command": " ".join(["python", "bench/soak.py", *(argv or sys.argv[1:])]),
         "storage": args.storage,
-        "events_produced": len(expected),
+        "events_produced": appended(),
+        "events_still_in_the_stream": len(expected),
         "mix": dict(Counter(e for _, e in expected)),
         "sigkills": kills,
+        "outages": len(outage_kills),
+        "retention_gaps": len(cp.retention_gaps) if cp is not None else 0,
+        "reconcile": cp.reconcile if cp is not None else None,
         "reconnects": watch.reconnects,
         "reconnect_reasons": dict(watch.reasons),
         "drop_faults_armed": armed[0],
