@@ -281,10 +281,14 @@ class Pipeline:
                 )
         elif isinstance(item, GapDetected):
             metrics.RETENTION_GAPS.inc()
+            end = self._archive_end()
             gap = {
                 "checkpoint_event_id": str(item.position),
                 "first_retained_event_id": str(item.first_event_id),
                 "repair_recover_until": item.repair_recover_until,
+                # Past the checkpoint when an earlier run archived more (a target lagging): the
+                # archive goes on after the gap from there (verify restarts patch chains there).
+                "archive_last_event_id": str(end) if end is not None else None,
             }
             self.checkpoint.retention_gaps.append(gap)
             if item.repair_recover_until:
@@ -375,6 +379,7 @@ class Pipeline:
             **rec,
             "due": False,
             "done_at_event_id": str(at),
+            "refreshed": sum(ev.event == "create" for ev in events),
             "deleted": sum(ev.event == "delete" for ev in events),
             "merged": sum(
                 len((ev.envelope.get("context") or {}).get("sources") or [])
@@ -518,6 +523,25 @@ class Pipeline:
         self.checkpoint.segments_written += len(archived.segments)
         if archived.segments:
             self.checkpoint.last_segment = archived.segments[-1]
+
+    def _archive_end(self) -> EventId | None:
+        """The archive's highest stored group (None without an archive sink)."""
+        ends = [getattr(s, "end", None) for s in self.sinks if s.name == "archive"]
+        end = ends[0] if ends else None
+        if end is None:
+            return None
+        found: list[EventId | None] = []
+        retry_call(
+            lambda: found.append(end(self._segment_last)),
+            stage="reading the archive",
+            stop=self.stop,
+            initial=self.backoff_initial,
+            cap=self.backoff_max,
+            deadline=self._shutdown_deadline,
+            shutdown_timeout=self.shutdown_timeout,
+            describe="archive",
+        )
+        return found[-1]
 
     def _archived(self, batch: Batch) -> _Archived:
         """What the archive sink's last write (the batch just written) stored."""

@@ -2,21 +2,28 @@
 
 When the platform trimmed its stream past our checkpoint, the repair (``recover`` from the
 checkpoint) re-sends what *changed*, but deletions in the lost window leave no trace: the database
-snapshot has no tombstones. So once the repair has caught up, this module
+snapshot has no tombstones. Nor is the repair's copy of a change always archived: when the archive
+had gone past the checkpoint (a target lagging behind it, a crash before the checkpoint), the
+repair's groups at or below the archive's end are taken for ones it holds, and an object the
+repair sent there as a dependency is not sent again at its own place. So once the repair has
+caught up, this module
 
-1. lists every object the platform holds now, through one extra recover-mode connection
+1. materialises the archive's own state (snapshot + segments, on disk);
+2. lists every object the platform holds now, through one extra recover-mode connection
    (``from=0&recover=<now>``, with the connector's own dependency setting, read until an id past
-   the recover point shows the live part has begun; ids only, kept in SQLite). A listing that
-   ends any other way (the connection closes, the stream refuses recovery, nothing is listed
-   while the archive holds objects) is an error, never a short list: each object missing from
-   it would become a delete;
-2. materialises the archive's own state (snapshot + segments, on disk);
+   the recover point shows the live part has begun; ids kept in SQLite, and the whole object
+   when the archive lacks it or holds an earlier version). A listing that ends any other way
+   (the connection closes, the stream refuses recovery, nothing is listed while the archive
+   holds objects) is an error, never a short list: each object missing from it would become a
+   delete;
 3. asks the platform's API about every archived live object missing from the listing
    (``stix(id)``, 100 ids per query): only those it no longer holds under their own id are gone.
    A stream's listing omits objects that are outside its filters and no longer a dependency of
    anything in them, though they still exist, and the stream itself never deletes those;
-4. returns a synthetic event for every object alive in the archive but gone from the platform,
-   carrying its last known STIX and ``origin.referer = "opencti-sync-reconcile"``: a ``merge``
+4. returns synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
+   carrying the listed object for every one the archive lacks or holds in an earlier version;
+   then, for every object alive in the archive but gone from the platform, with its last known
+   STIX, a ``merge``
    into the entity that answers to its id now, when the archive holds that entity (it was merged
    away in the lost window: what referred to it follows it there, as on the platform), else a
    ``delete``.
@@ -39,6 +46,7 @@ from httpx_sse import connect_sse
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
+from .state import StateStore, version_of
 from .stix_lookup import standard_ids, stix_queries
 from .storage import Storage
 
@@ -49,9 +57,14 @@ log = logging.getLogger(__name__)
 REFERER = "opencti-sync-reconcile"
 
 
-def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
-    """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform."""
+def platform_ids(
+    config: SourceConfig, db: sqlite3.Connection, state: StateStore | None = None
+) -> int:
+    """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform;
+    with ``state``, table ``newer(key, data)`` with each listed object it lacks or holds in an
+    earlier version."""
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
+    db.execute("CREATE TABLE IF NOT EXISTS newer (key TEXT PRIMARY KEY, data BLOB)")
     recover = iso_now()
     recover_id = iso_to_id(recover) or EventId(0, 0)  # iso_now() always parses
     base = config.url.rstrip("/")
@@ -92,11 +105,12 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
                     stix = loads_json(sse.data).get("data") or {}
                 except (orjson.JSONDecodeError, AttributeError):
                     continue
-                ids = [stix.get("id"), octi_ext(stix).get("id")]
-                db.executemany(
-                    "INSERT OR IGNORE INTO ids VALUES (?)",
-                    [(i,) for i in ids if isinstance(i, str)],
-                )
+                ids = [i for i in (octi_ext(stix).get("id"), stix.get("id")) if isinstance(i, str)]
+                db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
+                if state is not None and ids and _newer(state, ids, stix):
+                    db.execute(
+                        "INSERT OR REPLACE INTO newer VALUES (?, ?)", (ids[0], orjson.dumps(stix))
+                    )
                 seen += 1
     except httpx.HTTPError as exc:
         raise SourceRetryable(f"reconcile listing failed: {exc}") from exc
@@ -104,6 +118,12 @@ def platform_ids(config: SourceConfig, db: sqlite3.Connection) -> int:
         raise SourceRetryable("reconcile listing: the stream ended before its recovery did")
     db.commit()
     return seen
+
+
+def _newer(state: StateStore, ids: list[str], stix: dict[str, Any]) -> bool:
+    """Whether the archive lacks the listed object or holds an earlier version of it."""
+    held = next((v for v in map(state.version, ids) if v is not None), None)
+    return held is None or version_of(stix) > held
 
 
 def platform_resolves(config: SourceConfig, stix_ids: list[str]) -> dict[str, str | None]:
@@ -149,16 +169,16 @@ def _graphql_data(response: httpx.Response) -> dict[str, Any]:
 def reconcile_deletes(
     storage: Storage, config: SourceConfig, *, at: EventId, work_dir: Path | None = None
 ) -> list[StreamEvent]:
-    """Synthetic merge and delete events (id ``at``) for archived objects the platform no
-    longer holds under their own id; merges first."""
+    """Synthetic events (id ``at``): creates for what the archive missed, then merges and
+    deletes for archived objects the platform no longer holds under their own id."""
     from .restore import materialise
 
     work = Path(tempfile.mkdtemp(prefix="reconcile-", dir=work_dir))
     db = sqlite3.connect(work / "platform-ids.sqlite")
     try:
-        listed = platform_ids(config, db)
         state = materialise(storage, until=None, work_dir=work)
         try:
+            listed = platform_ids(config, db, state)
             archived = state.counts()["objects"]
             if listed == 0 and archived:
                 # A platform that lost everything it held is far likelier a platform not ready
@@ -182,18 +202,30 @@ def reconcile_deletes(
                     continue  # still there: outside the stream's filters, not deleted
                 target = state.get(holder) if holder else None
                 if target is not None and _key_of(target) != key:
+                    # As listed when the archive holds an earlier version (refreshed below): a
+                    # target platform must not be set back by the merge's upsert.
+                    listed_row = db.execute(
+                        "SELECT data FROM newer WHERE key = ?", (_key_of(target),)
+                    ).fetchone()
+                    target = orjson.loads(listed_row[0]) if listed_row else target
                     merges.setdefault(str(target.get("id")), (target, []))[1].append(data)
                 else:
                     deletes.append(data)
+            refreshed = [
+                _create_event(at, orjson.loads(data))
+                for (data,) in db.execute("SELECT data FROM newer ORDER BY key")
+            ]
         finally:
             state.close()
-        out = [_merge_event(at, target, sources) for target, sources in merges.values()]
+        out = list(refreshed)
+        out.extend(_merge_event(at, target, sources) for target, sources in merges.values())
         out.extend(_delete_event(at, data) for data in deletes)
         log.warning(
             "Delete reconciliation done.",
             extra={
                 "platform_objects": listed,
                 "unlisted": len(unlisted),
+                "refreshed": len(refreshed),
                 "deleted": len(deletes),
                 "merged": sum(len(sources) for _, sources in merges.values()),
                 "event_id": str(at),
@@ -212,6 +244,19 @@ def _key_of(stix: dict[str, Any]) -> str:
 def _event(at: EventId, name: str, envelope: dict[str, Any]) -> StreamEvent:
     raw = orjson.dumps(envelope).decode()
     return StreamEvent(at, str(at), name, raw, envelope)
+
+
+def _create_event(at: EventId, data: dict[str, Any]) -> StreamEvent:
+    """The object as the listing sent it, as a recovery would (a create of its current state)."""
+    envelope = {
+        "version": "4",
+        "type": "create",
+        "scope": "external",
+        "message": "changed while the stream's retention was lost (reconciled)",
+        "origin": {"referer": REFERER},
+        "data": data,
+    }
+    return _event(at, "create", envelope)
 
 
 def _delete_event(at: EventId, data: dict[str, Any]) -> StreamEvent:

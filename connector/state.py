@@ -46,6 +46,7 @@ __all__ = [
     "PHASES",
     "push_phase",
     "stix_refs",
+    "version_of",
 ]
 
 # Restore push order: what an object may reference is pushed in an earlier phase.
@@ -251,7 +252,8 @@ def _norm_version(text: str) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _version_of(stix: dict[str, Any]) -> str:
+def version_of(stix: dict[str, Any]) -> str:
+    """The version the state compares: OpenCTI's ``updated_at`` (else ``modified``), fixed width."""
     value = octi_ext(stix).get("updated_at") or stix.get("modified") or ""
     return _norm_version(value) if isinstance(value, str) else ""
 
@@ -280,7 +282,7 @@ def _object_row(key: str, stix: dict[str, Any], event_id: str, event: str) -> tu
         push_phase(stix),
         event_id,
         event,
-        _version_of(stix),
+        version_of(stix),
         orjson.dumps(stix),
         _refs_json(set(stix_refs(stix))),
     )
@@ -1027,7 +1029,7 @@ class StateStore:
             key = self._resolve([iid, stix_id, previous, *_ids_of(stix)[1:]], iid=iid)
         old = self._load(key) if key else None
         if old is not None and guard:
-            stored, incoming = self._version(old.key) or "", _version_of(stix)
+            stored, incoming = self._version(old.key) or "", version_of(stix)
             if stored and incoming and incoming < stored:
                 # A dependency re-send or recovery duplicate of an older version. Not written,
                 # but its ids no live object holds are the object's (its later version, sent
@@ -1322,6 +1324,15 @@ class StateStore:
             "SELECT o.data FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?", (ref,)
         ).fetchone()
         return _loads(row[0]) if row else None
+
+    def version(self, ref: str) -> str | None:
+        """The version (``version_of``) of the live object known under ``ref``."""
+        self.settle()
+        row = self._db.execute(
+            "SELECT o.version FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?",
+            (ref,),
+        ).fetchone()
+        return str(row[0]) if row else None
 
     def records(
         self, *, phase: int | None = None, after: str | None = None

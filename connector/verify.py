@@ -257,6 +257,7 @@ class _Verifier:
         # Bumped at every break in the event chain: versions from before it are not compared.
         self.gen = 0
         self.gaps: list[tuple[EventId, EventId | None]] = []
+        self.chain_breaks: list[EventId] = []  # where a retention gap restarts patch chains
         # The oldest segment starts the stream (no pruned history before it).
         self.origin = False
         # The oldest kept segment's after_event_id when it names a segment no longer here.
@@ -281,6 +282,12 @@ class _Verifier:
             high_text = gap.get("first_retained_event_id")
             high = EventId.parse(high_text) if isinstance(high_text, str) and high_text else None
             self.gaps.append((low, high))
+            end = gap.get("archive_last_event_id")
+            # The archive goes on after the gap from its own end, past the checkpoint when an
+            # earlier run stored more before it could checkpoint: the patch chains break there.
+            if isinstance(end, str) and EventId.is_valid(end):
+                low = max(low, EventId.parse(end))
+            self.chain_breaks.append(low)
         for key in self.storage.list(QUARANTINE_PREFIX):
             after = key[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
             self.index.db.execute("INSERT INTO quar VALUES (?)", (after,))
@@ -349,7 +356,7 @@ class _Verifier:
             self.gen += 1
             return
         if m.after_event_id == prev.last_event_id:
-            if self._gap_explains(prev.last, m.first):
+            if any(prev.last <= at < m.first for at in self.chain_breaks):
                 # The stream's retention lost events between these segments, though their chain
                 # holds (the connector went on from its checkpoint): patch chains start again.
                 self.gen += 1

@@ -57,10 +57,18 @@ def _backup(sim: SimServer, tmp_path: Path, stream: str) -> LocalStorage:
     return storage
 
 
-def _reconcile(sim: SimServer, storage: LocalStorage, tmp_path: Path, stream: str) -> set[str]:
+def _reconcile_events(
+    sim: SimServer, storage: LocalStorage, tmp_path: Path, stream: str
+) -> list[StreamEvent]:
     config = SourceConfig(url=sim.url, token=TOKEN, stream_id=stream, read_timeout=5)
     at = EventId(int(time.time() * 1000), 0)
-    return {ev.stix_id for ev in reconcile_deletes(storage, config, at=at, work_dir=tmp_path)}
+    return reconcile_deletes(storage, config, at=at, work_dir=tmp_path)
+
+
+def _reconcile(sim: SimServer, storage: LocalStorage, tmp_path: Path, stream: str) -> set[str]:
+    """The ids reconciled as deleted."""
+    events = _reconcile_events(sim, storage, tmp_path, stream)
+    return {ev.stix_id for ev in events if ev.event == "delete"}
 
 
 def _archived(storage: LocalStorage, tmp_path: Path) -> set[str]:
@@ -85,6 +93,22 @@ def test_listing_is_whole_despite_heartbeats_during_recovery(
     deletes = _reconcile(sim, storage, tmp_path, stream)
     assert doomed in deletes
     assert deletes == archived - platform
+
+
+def test_changes_the_archive_missed_are_refreshed(sim: SimServer, tmp_path: Path) -> None:
+    """A change the repair sent where the archive took it for one it held (the archive past the
+    checkpoint) is in no segment: the listing finds the later version, and only those."""
+    storage = _backup(sim, tmp_path, "live")
+    changed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+    sim.store.update(changed, set={"description": "changed where the archive did not look"})
+    added = "malware--00000000-0000-4000-8000-000000000777"
+    sim.store.create({"type": "malware", "id": added, "name": "never archived", "is_family": True})
+    events = _reconcile_events(sim, storage, tmp_path, "live")
+    created = {ev.stix_id: ev.stix for ev in events if ev.event == "create"}
+    assert set(created) == {changed, added}
+    assert created[changed]["description"] == "changed where the archive did not look"
+    assert all(ev.envelope["origin"] == {"referer": "opencti-sync-reconcile"} for ev in events)
+    assert not [ev for ev in events if ev.event != "create"]  # nothing deleted or merged
 
 
 def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:

@@ -380,6 +380,33 @@ def test_updates_lost_in_a_retention_gap_are_no_missed_event(tmp_path: Path) -> 
     assert any("patch chains restart" in n for n in report.notes), report.notes
 
 
+def test_a_retention_gap_breaks_the_chains_where_the_archive_went_on(tmp_path: Path) -> None:
+    """An earlier run archived past the checkpoint (a target lagging) before the gap was found:
+    the archive goes on after the gap from its own end, not from the checkpoint."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    checkpoint_at = b.last
+    b.update(1, description="archived, not yet checkpointed")
+    b.flush()
+    archive_end = b.last
+    b.update(1, emit=False, labels=["trimmed"])
+    b.update(1, description="after the repair")
+    b.flush()
+    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
+    gap = {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None}
+    checkpoint.retention_gaps.append(gap)
+    CheckpointStore(storage).save(checkpoint)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok  # the break is not where the checkpoint was
+    gap["archive_last_event_id"] = str(archive_end)
+    CheckpointStore(storage).save(checkpoint)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1  # the update before the gap still follows the create
+
+
 def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)

@@ -63,6 +63,13 @@ class ArchiveSink:
         """The highest group id this sink knows to be stored (None before any segment)."""
         return self._tail
 
+    def end(self, after_id: EventId | None) -> EventId | None:
+        """The highest group stored, reading once what an earlier run stored past ``after_id``
+        (the checkpoint's archive position): where the archive goes on after a retention gap."""
+        if not self._scanned:
+            self._scan(after_id)
+        return _max(self._tail, after_id)
+
     def check(self) -> None:
         self.storage.check()
 
