@@ -23,10 +23,9 @@ caught up, this module
 4. returns synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
    carrying the listed object for every one the archive lacks or holds in an earlier version;
    then, for every object alive in the archive but gone from the platform, with its last known
-   STIX, a ``merge``
-   into the entity that answers to its id now, when the archive holds that entity (it was merged
-   away in the lost window: what referred to it follows it there, as on the platform), else a
-   ``delete``.
+   STIX, a ``merge`` into the entity that answers to its id now, when the archive holds that
+   entity or the listing refreshes it (it was merged away in the lost window: what referred to
+   it follows it there, as on the platform), else a ``delete``.
 
 The pipeline writes those events like any other batch (so an OpenCTI target applies them too).
 """
@@ -64,7 +63,10 @@ def platform_ids(
     with ``state``, table ``newer(key, data)`` with each listed object it lacks or holds in an
     earlier version."""
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
-    db.execute("CREATE TABLE IF NOT EXISTS newer (key TEXT PRIMARY KEY, data BLOB)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS newer (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, data BLOB)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS newer_stix ON newer (stix_id)")
     recover = iso_now()
     recover_id = iso_to_id(recover) or EventId(0, 0)  # iso_now() always parses
     base = config.url.rstrip("/")
@@ -109,7 +111,8 @@ def platform_ids(
                 db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
                 if state is not None and ids and _newer(state, ids, stix):
                     db.execute(
-                        "INSERT OR REPLACE INTO newer VALUES (?, ?)", (ids[0], orjson.dumps(stix))
+                        "INSERT OR REPLACE INTO newer VALUES (?, ?, ?)",
+                        (ids[0], str(stix.get("id")), orjson.dumps(stix)),
                     )
                 seen += 1
     except httpx.HTTPError as exc:
@@ -200,14 +203,15 @@ def reconcile_deletes(
                 holder = now.get(stix_id)
                 if holder == stix_id:
                     continue  # still there: outside the stream's filters, not deleted
-                target = state.get(holder) if holder else None
-                if target is not None and _key_of(target) != key:
-                    # As listed when the archive holds an earlier version (refreshed below): a
-                    # target platform must not be set back by the merge's upsert.
+                target = None
+                if holder:
+                    # As listed when the archive lacks it or holds an earlier version (refreshed
+                    # first): a target platform must not be set back by the merge's upsert.
                     listed_row = db.execute(
-                        "SELECT data FROM newer WHERE key = ?", (_key_of(target),)
+                        "SELECT data FROM newer WHERE stix_id = ?", (holder,)
                     ).fetchone()
-                    target = orjson.loads(listed_row[0]) if listed_row else target
+                    target = orjson.loads(listed_row[0]) if listed_row else state.get(holder)
+                if target is not None and _key_of(target) != key:
                     merges.setdefault(str(target.get("id")), (target, []))[1].append(data)
                 else:
                     deletes.append(data)

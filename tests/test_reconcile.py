@@ -111,6 +111,25 @@ def test_changes_the_archive_missed_are_refreshed(sim: SimServer, tmp_path: Path
     assert not [ev for ev in events if ev.event != "create"]  # nothing deleted or merged
 
 
+def test_merged_into_an_entity_the_archive_never_saw(sim: SimServer, tmp_path: Path) -> None:
+    """Merged away in the lost window into an entity created there: a merge into the refreshed
+    entity (what referred to the source follows it), not a delete."""
+    storage = _backup(sim, tmp_path, "live")
+    source = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+    target = "malware--00000000-0000-4000-8000-000000000778"
+    sim.store.create(
+        {"type": "malware", "id": target, "name": "created while down", "is_family": True}
+    )
+    sim.store.merge(target, [source])
+    events = _reconcile_events(sim, storage, tmp_path, "live")
+    kinds = [
+        (ev.event, ev.stix_id) for ev in events if target in (ev.stix_id,) or ev.event != "create"
+    ]
+    assert kinds == [("create", target), ("merge", target)], kinds
+    merge = events[[ev.event for ev in events].index("merge")]
+    assert [s["id"] for s in merge.envelope["context"]["sources"]] == [source]
+
+
 def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:
     storage = _backup(sim, tmp_path, "live")
     sim.set_fault(no_recover=True)
