@@ -12,7 +12,7 @@ caught up, this module
 2. lists every object the platform holds now, through one extra recover-mode connection
    (``from=0&recover=<now>``, with the connector's own dependency setting, read until an id past
    the recover point shows the live part has begun; ids kept in SQLite, and the whole object
-   when the archive lacks it or holds an earlier version). A listing that ends any other way
+   when the archive lacks it or holds it otherwise). A listing that ends any other way
    (the connection closes, the stream refuses recovery, nothing is listed while the archive
    holds objects) is an error, never a short list: each object missing from it would become a
    delete;
@@ -21,7 +21,9 @@ caught up, this module
    A stream's listing omits objects that are outside its filters and no longer a dependency of
    anything in them, though they still exist, and the stream itself never deletes those;
 4. returns synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
-   carrying the listed object for every one the archive lacks or holds in an earlier version;
+   carrying the listed object for every one the archive lacks or holds otherwise (an earlier
+   version, or references the platform re-pointed silently when a change lost with the window
+   renamed or merged what they name);
    then, for every object alive in the archive but gone from the platform, with its last known
    STIX, a ``merge`` into the entity that answers to its id now, when the archive holds that
    entity or the listing refreshes it (it was merged away in the lost window: what referred to
@@ -60,13 +62,13 @@ def platform_ids(
     config: SourceConfig, db: sqlite3.Connection, state: StateStore | None = None
 ) -> int:
     """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform;
-    with ``state``, table ``newer(key, data)`` with each listed object it lacks or holds in an
-    earlier version."""
+    with ``state``, table ``refresh(key, stix_id, data)`` with each listed object it lacks or
+    holds otherwise."""
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
     db.execute(
-        "CREATE TABLE IF NOT EXISTS newer (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, data BLOB)"
+        "CREATE TABLE IF NOT EXISTS refresh (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, data BLOB)"
     )
-    db.execute("CREATE INDEX IF NOT EXISTS newer_stix ON newer (stix_id)")
+    db.execute("CREATE INDEX IF NOT EXISTS refresh_stix ON refresh (stix_id)")
     recover = iso_now()
     recover_id = iso_to_id(recover) or EventId(0, 0)  # iso_now() always parses
     base = config.url.rstrip("/")
@@ -109,9 +111,9 @@ def platform_ids(
                     continue
                 ids = [i for i in (octi_ext(stix).get("id"), stix.get("id")) if isinstance(i, str)]
                 db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
-                if state is not None and ids and _newer(state, ids, stix):
+                if state is not None and ids and _differs(state, ids, stix):
                     db.execute(
-                        "INSERT OR REPLACE INTO newer VALUES (?, ?, ?)",
+                        "INSERT OR REPLACE INTO refresh VALUES (?, ?, ?)",
                         (ids[0], str(stix.get("id")), orjson.dumps(stix)),
                     )
                 seen += 1
@@ -123,10 +125,18 @@ def platform_ids(
     return seen
 
 
-def _newer(state: StateStore, ids: list[str], stix: dict[str, Any]) -> bool:
-    """Whether the archive lacks the listed object or holds an earlier version of it."""
-    held = next((v for v in map(state.version, ids) if v is not None), None)
-    return held is None or version_of(stix) > held
+def _differs(state: StateStore, ids: list[str], stix: dict[str, Any]) -> bool:
+    """Whether the archive lacks the listed object or holds it otherwise (never a later one)."""
+    held = next((o for o in map(state.get, ids) if o is not None), None)
+    if held is None:
+        return True
+    if version_of(stix) < version_of(held):
+        return False  # the archive is ahead (sent ahead as a dependency): it stays
+    return _canonical(held) != _canonical(stix)
+
+
+def _canonical(stix: dict[str, Any]) -> bytes:
+    return orjson.dumps(stix, option=orjson.OPT_SORT_KEYS)
 
 
 def platform_resolves(config: SourceConfig, stix_ids: list[str]) -> dict[str, str | None]:
@@ -205,10 +215,10 @@ def reconcile_deletes(
                     continue  # still there: outside the stream's filters, not deleted
                 target = None
                 if holder:
-                    # As listed when the archive lacks it or holds an earlier version (refreshed
+                    # As listed when the archive lacks it or holds it otherwise (refreshed
                     # first): a target platform must not be set back by the merge's upsert.
                     listed_row = db.execute(
-                        "SELECT data FROM newer WHERE stix_id = ?", (holder,)
+                        "SELECT data FROM refresh WHERE stix_id = ?", (holder,)
                     ).fetchone()
                     target = orjson.loads(listed_row[0]) if listed_row else state.get(holder)
                 if target is not None and _key_of(target) != key:
@@ -217,7 +227,7 @@ def reconcile_deletes(
                     deletes.append(data)
             refreshed = [
                 _create_event(at, orjson.loads(data))
-                for (data,) in db.execute("SELECT data FROM newer ORDER BY key")
+                for (data,) in db.execute("SELECT data FROM refresh ORDER BY key")
             ]
         finally:
             state.close()

@@ -97,16 +97,27 @@ def test_listing_is_whole_despite_heartbeats_during_recovery(
 
 def test_changes_the_archive_missed_are_refreshed(sim: SimServer, tmp_path: Path) -> None:
     """A change the repair sent where the archive took it for one it held (the archive past the
-    checkpoint) is in no segment: the listing finds the later version, and only those."""
+    checkpoint) is in no segment: the listing finds what the archive lacks or holds otherwise
+    (a later version, references re-pointed silently), and only those."""
     storage = _backup(sim, tmp_path, "live")
-    changed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+    objects = list(sim.store.objects())
+    changed = next(o["id"] for o in objects if o["type"] == "malware")
     sim.store.update(changed, set={"description": "changed where the archive did not look"})
     added = "malware--00000000-0000-4000-8000-000000000777"
     sim.store.create({"type": "malware", "id": added, "name": "never archived", "is_family": True})
+    # A new standard id: the platform re-points what refers to it silently (same version).
+    uses = next(o for o in objects if o["type"] == "relationship" and o["target_ref"] != changed)
+    renamed = "malware--00000000-0000-4000-8000-000000000779"
+    sim.store.update(uses["target_ref"], new_id=renamed)
+    referrers = {
+        str(o["id"]) for o in sim.store.objects() if o["id"] != renamed and renamed in str(o)
+    }
+    assert uses["id"] in referrers
     events = _reconcile_events(sim, storage, tmp_path, "live")
     created = {ev.stix_id: ev.stix for ev in events if ev.event == "create"}
-    assert set(created) == {changed, added}
+    assert set(created) == {changed, added, renamed} | referrers
     assert created[changed]["description"] == "changed where the archive did not look"
+    assert created[uses["id"]]["target_ref"] == renamed
     assert all(ev.envelope["origin"] == {"referer": "opencti-sync-reconcile"} for ev in events)
     assert not [ev for ev in events if ev.event != "create"]  # nothing deleted or merged
 
