@@ -35,3 +35,27 @@ def test_live_soak_small(tmp_path: Path) -> None:
     assert result["events_lost"] == 0 and result["events_archived_twice"] == 0
     assert result["state_differences"] == [] and result["verify_errors"] == 0
     assert result["objects_restored"] == result["objects_platform"] > 0
+
+
+def test_live_soak_with_retention_gaps_and_snapshots_small(tmp_path: Path) -> None:
+    """The platform keeps only its last 1,500 events and two restarts wait until it trimmed
+    past the checkpoint: each repair, its reconciliation (deletes, merges, refreshed objects)
+    and the snapshots written meanwhile must still restore the platform's state."""
+    figures = tmp_path / "figures.json"
+    args = ["--stream", "live", "--storage", "local", "--events", "8000", "--kills", "4"]
+    args += ["--outages", "2", "--trim", "1500", "--drops", "20", "--snapshots", "2"]
+    args += ["--max-minutes", "4", "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), *args, "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result = orjson.loads(figures.read_bytes())
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert result["result"] == "PASS", result
+    assert result["retention_gaps"] >= 2 and result["reconcile"]["due"] is False
+    assert result["events_lost"] == 0 and result["events_archived_twice"] == 0
+    assert result["state_differences"] == [] and result["verify_errors"] == 0
+    assert result["snapshot_vs_archive_only_differences"] == []
+    assert result["objects_restored"] == result["objects_platform"] > 0
