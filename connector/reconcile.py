@@ -27,7 +27,8 @@ caught up, this module
    then, for every object alive in the archive but gone from the platform, with its last known
    STIX, a ``merge`` into the entity that answers to its id now, when the archive holds that
    entity or the listing refreshes it (it was merged away in the lost window: what referred to
-   it follows it there, as on the platform), else a ``delete``.
+   it follows it there, as on the platform), else a ``delete``. An object the platform answers
+   for under a new standard id, same internal id, is still there (outside the listing).
 
 The pipeline writes those events like any other batch (so an OpenCTI target applies them too).
 """
@@ -47,8 +48,8 @@ from httpx_sse import connect_sse
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
-from .state import StateStore, version_of
-from .stix_lookup import standard_ids, stix_queries
+from .state import StateStore, push_phase, version_of
+from .stix_lookup import entities, stix_queries
 from .storage import Storage
 
 __all__ = ["REFERER", "platform_ids", "platform_resolves", "reconcile_deletes"]
@@ -66,7 +67,8 @@ def platform_ids(
     holds otherwise."""
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
     db.execute(
-        "CREATE TABLE IF NOT EXISTS refresh (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, data BLOB)"
+        "CREATE TABLE IF NOT EXISTS refresh"
+        " (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, phase INTEGER NOT NULL, data BLOB)"
     )
     db.execute("CREATE INDEX IF NOT EXISTS refresh_stix ON refresh (stix_id)")
     recover = iso_now()
@@ -113,8 +115,8 @@ def platform_ids(
                 db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
                 if state is not None and ids and _differs(state, ids, stix):
                     db.execute(
-                        "INSERT OR REPLACE INTO refresh VALUES (?, ?, ?)",
-                        (ids[0], str(stix.get("id")), orjson.dumps(stix)),
+                        "INSERT OR REPLACE INTO refresh VALUES (?, ?, ?, ?)",
+                        (ids[0], str(stix.get("id")), push_phase(stix), orjson.dumps(stix)),
                     )
                 seen += 1
     except httpx.HTTPError as exc:
@@ -139,11 +141,13 @@ def _canonical(stix: dict[str, Any]) -> bytes:
     return orjson.dumps(stix, option=orjson.OPT_SORT_KEYS)
 
 
-def platform_resolves(config: SourceConfig, stix_ids: list[str]) -> dict[str, str | None]:
-    """The standard id of the entity the platform holds under each of ``stix_ids`` now: the id
-    itself, another one (merged into that entity), or None (unknown). Asked through
-    ``stix(id)``, 100 per query."""
-    out: dict[str, str | None] = {}
+def platform_resolves(
+    config: SourceConfig, stix_ids: list[str]
+) -> dict[str, tuple[str, str | None] | None]:
+    """The entity the platform holds under each of ``stix_ids`` now: its standard id (the id
+    itself, or another one: renamed, or merged into that entity) and internal id; None when it
+    does not know the id. Asked through ``stix(id)``, 100 per query."""
+    out: dict[str, tuple[str, str | None] | None] = {}
     headers = {"Authorization": f"Bearer {config.token}", "Content-Type": "application/json"}
     timeout = httpx.Timeout(30.0)
     try:
@@ -153,7 +157,7 @@ def platform_resolves(config: SourceConfig, stix_ids: list[str]) -> dict[str, st
                 response = client.post(
                     f"{config.url.rstrip('/')}/graphql", content=orjson.dumps(body), headers=headers
                 )
-                out.update(standard_ids(chunk, _graphql_data(response)))
+                out.update(entities(chunk, _graphql_data(response)))
     except httpx.HTTPError as exc:
         raise SourceRetryable(f"reconcile lookup failed: {exc}") from exc
     return out
@@ -210,9 +214,13 @@ def reconcile_deletes(
             merges: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
             deletes: list[dict[str, Any]] = []
             for key, stix_id, data in unlisted:
-                holder = now.get(stix_id)
-                if holder == stix_id:
-                    continue  # still there: outside the stream's filters, not deleted
+                found = now.get(stix_id)
+                if found is None:
+                    deletes.append(data)
+                    continue
+                holder, holder_iid = found
+                if holder == stix_id or holder_iid == key:
+                    continue  # still there (renamed or not), outside the stream's listing
                 target = None
                 if holder:
                     # As listed when the archive lacks it or holds it otherwise (refreshed
@@ -224,10 +232,12 @@ def reconcile_deletes(
                 if target is not None and _key_of(target) != key:
                     merges.setdefault(str(target.get("id")), (target, []))[1].append(data)
                 else:
-                    deletes.append(data)
+                    deletes.append(data)  # merged into an entity outside the stream's listing
             refreshed = [
                 _create_event(at, orjson.loads(data))
-                for (data,) in db.execute("SELECT data FROM refresh ORDER BY key")
+                # In push order: a target pushes runs of upserts in bundles, and an object must
+                # not come a bundle before what it references.
+                for (data,) in db.execute("SELECT data FROM refresh ORDER BY phase, key")
             ]
         finally:
             state.close()
@@ -286,8 +296,9 @@ def _delete_event(at: EventId, data: dict[str, Any]) -> StreamEvent:
 
 
 def _merge_event(at: EventId, target: dict[str, Any], sources: list[dict[str, Any]]) -> StreamEvent:
-    """The platform's merge event, as it would have sent it: the target (here as the archive
-    holds it) and the sources' last known STIX; no patch, the lost window's is unknown."""
+    """The platform's merge event, as it would have sent it: the target (as listed when the
+    reconciliation refreshes it, else as archived) and the sources' last known STIX; no patch,
+    the lost window's is unknown."""
     envelope = {
         "version": "4",
         "type": "merge",

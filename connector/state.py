@@ -1325,15 +1325,6 @@ class StateStore:
         ).fetchone()
         return _loads(row[0]) if row else None
 
-    def version(self, ref: str) -> str | None:
-        """The version (``version_of``) of the live object known under ``ref``."""
-        self.settle()
-        row = self._db.execute(
-            "SELECT o.version FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?",
-            (ref,),
-        ).fetchone()
-        return str(row[0]) if row else None
-
     def records(
         self, *, phase: int | None = None, after: str | None = None
     ) -> Iterator[ObjectRecord]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .events import loads_json
+from .events import loads_json, octi_ext
 
-__all__ = ["BATCH", "standard_ids", "stix_queries"]
+__all__ = ["BATCH", "entities", "standard_ids", "stix_queries"]
 
 BATCH = 100  # ids per GraphQL query
 
@@ -29,10 +29,11 @@ def stix_queries(ids: list[str], name: str) -> Iterator[tuple[list[str], str, di
         )
 
 
-def standard_ids(chunk: list[str], data: Mapping[str, Any]) -> dict[str, str | None]:
-    """From a ``stix_queries`` answer's ``data``: the standard id of the entity each id of
-    ``chunk`` names (None: the platform does not know it)."""
-    out: dict[str, str | None] = {}
+def entities(chunk: list[str], data: Mapping[str, Any]) -> dict[str, tuple[str, str | None] | None]:
+    """From a ``stix_queries`` answer's ``data``: the standard id and the internal id (None when
+    the answer lacks it) of the entity each id of ``chunk`` names; None: the platform does not
+    know the id."""
+    out: dict[str, tuple[str, str | None] | None] = {}
     for n, ref in enumerate(chunk):
         text = data.get(f"a{n}")
         try:
@@ -40,5 +41,15 @@ def standard_ids(chunk: list[str], data: Mapping[str, Any]) -> dict[str, str | N
         except ValueError:
             obj = None
         sid = obj.get("id") if isinstance(obj, dict) else None
-        out[ref] = sid if isinstance(sid, str) else None
+        if not isinstance(obj, dict) or not isinstance(sid, str):
+            out[ref] = None
+            continue
+        iid = octi_ext(obj).get("id")
+        out[ref] = (sid, iid if isinstance(iid, str) and iid else None)
     return out
+
+
+def standard_ids(chunk: list[str], data: Mapping[str, Any]) -> dict[str, str | None]:
+    """From a ``stix_queries`` answer's ``data``: the standard id of the entity each id of
+    ``chunk`` names (None: the platform does not know it)."""
+    return {ref: (found[0] if found else None) for ref, found in entities(chunk, data).items()}

@@ -22,8 +22,9 @@ Checked, streaming one object at a time:
   Reference fields are left out of the comparison (top-level ``*_ref``/``*_refs`` and the
   OpenCTI extension's ``*_ref``/``*_refs``, ``granted_refs`` included): the platform rewrites
   them without an event when a referenced object is deleted, merged or gets a new standard id.
-  Dependencies are no links (the object as loaded when sent), nor is a recovery copy for an
-  update in its own millisecond (the live part repeats the recover point's later updates).
+  Dependencies are no links (the object as loaded when sent), nor is a recovery or
+  reconciliation copy for an update no later than it (the copy was read after the position the
+  live part goes on from, and may hold the updates it repeats).
   On a filtered stream, an object outside the filter gets its updates only while a container in
   the filter holds it (container path), so updates made meanwhile never arrive, by design. Verify
   cannot tell such deliveries apart, so a mismatch on an object the archive has seen in some
@@ -63,6 +64,7 @@ from .archive.segment import HashingReader, Manifest, iter_segment_lines
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
+from .reconcile import REFERER
 from .snapshot import (
     SNAPSHOTS_PREFIX,
     SnapshotInfo,
@@ -70,7 +72,7 @@ from .snapshot import (
     snapshot_manifest_key,
     state_sha256,
 )
-from .state import StateStore
+from .state import StateStore, version_of
 from .storage import Storage
 
 __all__ = ["VerifyReport", "format_report", "verify_archive"]
@@ -285,9 +287,10 @@ class _Verifier:
             end = gap.get("archive_last_event_id")
             # The archive goes on after the gap from its own end, past the checkpoint when an
             # earlier run stored more before it could checkpoint: the patch chains break there.
-            if isinstance(end, str) and EventId.is_valid(end):
-                low = max(low, EventId.parse(end))
-            self.chain_breaks.append(low)
+            # (where the segments written after the gap begin; the checkpoint may be a later
+            # heartbeat or, when an earlier run had archived more, an earlier position)
+            valid = isinstance(end, str) and EventId.is_valid(end)
+            self.chain_breaks.append(EventId.parse(str(end)) if valid else low)
         for key in self.storage.list(QUARANTINE_PREFIX):
             after = key[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
             self.index.db.execute("INSERT INTO quar VALUES (?)", (after,))
@@ -517,7 +520,9 @@ class _Verifier:
             for source in context.get("sources") or []:
                 if isinstance(source, dict):
                     self.index.forget(_object_key(source))
-        self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix), referer == "init-create")
+        # A recovery or reconciliation copy is the object as it was when sent (see below).
+        copy = referer in ("init-create", REFERER)
+        self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix), copy)
 
     def _check_reverse(
         self, ev: StreamEvent, key: str, stix: dict[str, Any], reverse: list[Any]
@@ -525,13 +530,15 @@ class _Verifier:
         row = self.index.get(key)
         if row is None:
             return  # first sight of the object (filtered stream, pruned history): nothing to do
-        prev_id, gen, data, recovered = row
+        prev_id, gen, data, copy = row
         if gen != self.gen or self.index.quarantined_between(EventId.parse(prev_id), ev.id):
             return  # something may legitimately sit between the two versions
-        if recovered and EventId.parse(prev_id).ms == ev.id.ms:
-            # A recovery copy (id <its updated_at ms>-0) is the object as it was when sent, with
-            # every update up to the recover point; the live part then starts after <recover>-0,
-            # so an update made in the copy's own millisecond comes again and may be in it.
+        previous = orjson.loads(data)
+        if copy and version_of(stix) <= version_of(previous):
+            # A recovery copy (id <its updated_at ms>-0) or a reconciliation's is the object as
+            # it was when read, with every update made until then: the live part repeats the
+            # updates after its position (the recover point, the reconciliation's heartbeat)
+            # that were already made, so this one may be in the copy.
             return
         self.report.updates_checked += 1
         try:
@@ -542,7 +549,6 @@ class _Verifier:
                 f"apply ({exc}); an event was missed upstream"
             )
             return
-        previous = orjson.loads(data)
         if _comparable(rebuilt) == _comparable(previous):
             return
         message = (

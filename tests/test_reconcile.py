@@ -27,6 +27,7 @@ from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.source import SourceConfig, SseSource
+from connector.state import push_phase
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 
@@ -118,6 +119,9 @@ def test_changes_the_archive_missed_are_refreshed(sim: SimServer, tmp_path: Path
     assert set(created) == {changed, added, renamed} | referrers
     assert created[changed]["description"] == "changed where the archive did not look"
     assert created[uses["id"]]["target_ref"] == renamed
+    # In push order: a target pushes them in bundles, referenced objects first.
+    phases = [push_phase(ev.stix) for ev in events if ev.event == "create"]
+    assert phases == sorted(phases) and len(set(phases)) > 1
     assert all(ev.envelope["origin"] == {"referer": "opencti-sync-reconcile"} for ev in events)
     assert not [ev for ev in events if ev.event != "create"]  # nothing deleted or merged
 
@@ -139,6 +143,32 @@ def test_merged_into_an_entity_the_archive_never_saw(sim: SimServer, tmp_path: P
     assert kinds == [("create", target), ("merge", target)], kinds
     merge = events[[ev.event for ev in events].index("merge")]
     assert [s["id"] for s in merge.envelope["context"]["sources"]] == [source]
+
+
+def test_an_object_renamed_outside_a_filtered_listing_is_kept(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """On a Malware-only stream, an author is archived as a malware's dependency. Renamed in the
+    lost window and no longer the dependency of anything, the listing leaves it out, and the
+    platform answers its old id with its new standard id, same entity: not deleted."""
+    author = "identity--00000000-0000-4000-8000-000000000781"
+    authored = "malware--00000000-0000-4000-8000-000000000782"
+    sim.store.create({"type": "identity", "id": author, "name": "a", "identity_class": "group"})
+    sim.store.create(
+        {
+            "type": "malware",
+            "id": authored,
+            "name": "m",
+            "is_family": True,
+            "created_by_ref": author,
+        }
+    )
+    storage = _backup(sim, tmp_path, "malware")
+    assert author in _archived(storage, tmp_path)
+    sim.store.update(author, new_id="identity--00000000-0000-4000-8000-000000000783")
+    sim.store.update(authored, unset=["created_by_ref"])
+    events = _reconcile_events(sim, storage, tmp_path, "malware")
+    assert author not in {ev.stix_id for ev in events if ev.event != "create"}
 
 
 def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:

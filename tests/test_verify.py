@@ -407,6 +407,36 @@ def test_a_retention_gap_breaks_the_chains_where_the_archive_went_on(tmp_path: P
     assert report.updates_checked == 1  # the update before the gap still follows the create
 
 
+@pytest.mark.parametrize("referer", ["init-create", "opencti-sync-reconcile"])
+def test_a_copy_read_after_the_updates_it_holds_is_no_missed_event(
+    tmp_path: Path, referer: str
+) -> None:
+    """A recovery or reconciliation copy is read after its position (the recover point, the
+    reconciliation's heartbeat): updates made in between come live after it, already in it."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    position = EventId(b.ms + 1, 0)
+    first = b.update(1, description="made after the position, before the copy was read")
+    second = b.update(1, labels=["a", "b"])
+    assert first is not None and second is not None
+    envelope = {"version": "4", "data": b.objects["iid-1"], "origin": {"referer": referer}}
+    held = StreamEvent.from_sse(str(position), "create", orjson.dumps(envelope).decode())
+    b.pending.insert(0, held)
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1  # the second follows the first
+
+    # An update that does not follow the one before it is still missed upstream.
+    b.update(1, emit=False, labels=["lost"])
+    b.update(1, description="after the loss")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w2")
+    assert not report.ok
+
+
 def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
