@@ -39,7 +39,7 @@ import logging
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -48,9 +48,11 @@ from httpx_sse import connect_sse
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
-from .state import StateStore, push_phase, version_of
 from .stix_lookup import entities, stix_queries
 from .storage import Storage
+
+if TYPE_CHECKING:  # the state (sqlite, the fold) is imported when a reconciliation runs
+    from .state import StateStore
 
 __all__ = ["REFERER", "platform_ids", "platform_resolves", "reconcile_deletes"]
 
@@ -65,6 +67,8 @@ def platform_ids(
     """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform;
     with ``state``, table ``refresh(key, stix_id, data)`` with each listed object it lacks or
     holds otherwise."""
+    from .state import push_phase
+
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
     db.execute(
         "CREATE TABLE IF NOT EXISTS refresh"
@@ -129,6 +133,8 @@ def platform_ids(
 
 def _differs(state: StateStore, ids: list[str], stix: dict[str, Any]) -> bool:
     """Whether the archive lacks the listed object or holds it otherwise (never a later one)."""
+    from .state import version_of
+
     held = next((o for o in map(state.get, ids) if o is not None), None)
     if held is None:
         return True
