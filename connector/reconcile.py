@@ -78,7 +78,10 @@ def platform_ids(
     recover = iso_now()
     recover_id = iso_to_id(recover) or EventId(0, 0)  # iso_now() always parses
     base = config.url.rstrip("/")
-    url = f"{base}/stream/{config.stream_id or 'live'}"
+    # The raw stream cannot recover: its listing is the global live stream's (a raw stream
+    # needs the same BYPASS capability), which holds every object.
+    stream = "live" if config.stream_id in ("", "raw") else config.stream_id
+    url = f"{base}/stream/{stream}"
     params = {
         "from": "0",
         "recover": recover,

@@ -100,7 +100,9 @@ class ConnectorSection:
     live_stream_id: str = _key(
         "CONNECTOR_LIVE_STREAM_ID",
         "Stream collection id, 'live' for the global live stream, or 'raw' for /stream (no "
-        "recovery: a raw-stream backup holds only what the platform's stream still retains).",
+        "recovery: a raw-stream backup starts from what the platform's stream still retains, and "
+        "after a retention gap only the reconciliation, which lists the global live stream, "
+        "repairs it).",
         "live",
     )
     live_stream_listen_delete: bool = _key(

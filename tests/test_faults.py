@@ -509,10 +509,12 @@ def _reconciled(storage: Storage) -> bool:
     return cp is not None and bool(cp.reconcile) and not cp.reconcile.get("due")
 
 
-@pytest.fixture
-def trimmed_while_down(sim: SimServer, tmp_path: Path) -> dict[str, Any]:
+@pytest.fixture(params=["live", "raw"])
+def trimmed_while_down(
+    sim: SimServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> dict[str, Any]:
     """Backup, stop; edits (a delete and a merge among them), the platform trims its stream;
-    backup again."""
+    backup again. The raw stream cannot recover: only the reconciliation repairs it."""
     generate(sim.store, 150, seed=61)
     absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000061{n}" for n in (1, 2))
     user = "intrusion-set--00000000-0000-4000-8000-000000000613"
@@ -531,7 +533,7 @@ def trimmed_while_down(sim: SimServer, tmp_path: Path) -> dict[str, Any]:
     )
     archive = str(tmp_path / "a")
     storage = LocalStorage(archive)
-    env = base_env(sim.url, TOKEN, archive)
+    env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID=request.param)
     run = ConnectorThread(env).start()
     follow(storage, sim.store, "first run")
     run.stop()
