@@ -531,17 +531,21 @@ class Pipeline:
         if end is None:
             return None
         found: list[EventId | None] = []
+        self._retry(lambda: found.append(end(self._segment_last)), "reading the archive", "archive")
+        return found[-1]
+
+    def _retry(self, fn: Callable[[], None], stage: str, describe: str) -> None:
+        """``retry_call`` with this pipeline's backoff, stop and shutdown deadline."""
         retry_call(
-            lambda: found.append(end(self._segment_last)),
-            stage="reading the archive",
+            fn,
+            stage=stage,
             stop=self.stop,
             initial=self.backoff_initial,
             cap=self.backoff_max,
             deadline=self._shutdown_deadline,
             shutdown_timeout=self.shutdown_timeout,
-            describe="archive",
+            describe=describe,
         )
-        return found[-1]
 
     def _archived(self, batch: Batch) -> _Archived:
         """What the archive sink's last write (the batch just written) stored."""
@@ -554,15 +558,8 @@ class Pipeline:
         return _Archived(len(batch.events), [], None)
 
     def _save(self) -> None:
-        retry_call(
-            lambda: self.store.save(self.checkpoint),
-            stage="checkpointing",
-            stop=self.stop,
-            initial=self.backoff_initial,
-            cap=self.backoff_max,
-            deadline=self._shutdown_deadline,
-            shutdown_timeout=self.shutdown_timeout,
-            describe=self.store.storage.describe(),
+        self._retry(
+            lambda: self.store.save(self.checkpoint), "checkpointing", self.store.storage.describe()
         )
         last = self.checkpoint.last_event_id
         if last:

@@ -243,7 +243,7 @@ def reconcile_deletes(
                 else:
                     deletes.append(data)  # merged into an entity outside the stream's listing
             refreshed = [
-                _create_event(at, orjson.loads(data))
+                _reconciled(at, "create", orjson.loads(data))
                 # In push order: a target pushes runs of upserts in bundles, and an object must
                 # not come a bundle before what it references.
                 for (data,) in db.execute("SELECT data FROM refresh ORDER BY phase, key")
@@ -251,8 +251,11 @@ def reconcile_deletes(
         finally:
             state.close()
         out = list(refreshed)
-        out.extend(_merge_event(at, target, sources) for target, sources in merges.values())
-        out.extend(_delete_event(at, data) for data in deletes)
+        out.extend(
+            _reconciled(at, "merge", target, {"sources": sources})
+            for target, sources in merges.values()
+        )
+        out.extend(_reconciled(at, "delete", data) for data in deletes)
         log.warning(
             "Delete reconciliation done.",
             extra={
@@ -274,47 +277,29 @@ def _key_of(stix: dict[str, Any]) -> str:
     return iid if isinstance(iid, str) and iid else str(stix.get("id"))
 
 
-def _event(at: EventId, name: str, envelope: dict[str, Any]) -> StreamEvent:
-    raw = orjson.dumps(envelope).decode()
-    return StreamEvent(at, str(at), name, raw, envelope)
+# Why each kind of reconciliation event was written (its ``message``).
+_MESSAGES = {
+    # The object as the listing sent it, as a recovery would (a create of its current state).
+    "create": "changed while the stream's retention was lost (reconciled)",
+    "delete": "deleted while the stream's retention was lost (reconciled)",
+    # The target (as listed when the reconciliation refreshes it, else as archived) and the
+    # sources' last known STIX in ``context.sources``; no patch, the lost window's is unknown.
+    "merge": "merged while the stream's retention was lost (reconciled)",
+}
 
 
-def _create_event(at: EventId, data: dict[str, Any]) -> StreamEvent:
-    """The object as the listing sent it, as a recovery would (a create of its current state)."""
-    envelope = {
+def _reconciled(
+    at: EventId, name: str, data: dict[str, Any], context: dict[str, Any] | None = None
+) -> StreamEvent:
+    """A reconciliation event as the platform would have sent it, with ``REFERER``."""
+    envelope: dict[str, Any] = {
         "version": "4",
-        "type": "create",
+        "type": name,
         "scope": "external",
-        "message": "changed while the stream's retention was lost (reconciled)",
+        "message": _MESSAGES[name],
         "origin": {"referer": REFERER},
         "data": data,
     }
-    return _event(at, "create", envelope)
-
-
-def _delete_event(at: EventId, data: dict[str, Any]) -> StreamEvent:
-    envelope = {
-        "version": "4",
-        "type": "delete",
-        "scope": "external",
-        "message": "deleted while the stream's retention was lost (reconciled)",
-        "origin": {"referer": REFERER},
-        "data": data,
-    }
-    return _event(at, "delete", envelope)
-
-
-def _merge_event(at: EventId, target: dict[str, Any], sources: list[dict[str, Any]]) -> StreamEvent:
-    """The platform's merge event, as it would have sent it: the target (as listed when the
-    reconciliation refreshes it, else as archived) and the sources' last known STIX; no patch,
-    the lost window's is unknown."""
-    envelope = {
-        "version": "4",
-        "type": "merge",
-        "scope": "external",
-        "message": "merged while the stream's retention was lost (reconciled)",
-        "origin": {"referer": REFERER},
-        "data": target,
-        "context": {"sources": sources},
-    }
-    return _event(at, "merge", envelope)
+    if context is not None:
+        envelope["context"] = context
+    return StreamEvent(at, str(at), name, orjson.dumps(envelope).decode(), envelope)
