@@ -52,6 +52,7 @@ from tests.support.connector import (
 )
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401 - fixture
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket, moto_server  # noqa: F401
+from tests.support.simlog import copy_event
 from tests.test_state import sim_events
 
 TOKEN = "fault-suite-token"
@@ -317,13 +318,7 @@ def test_state_merge_after_early_target_version(tmp_path: Path) -> None:
     assert merge.event == "merge"
     # The platform's live stream sends the target's *current* version (aliases include the
     # source) as a dependency of a later event, before the merge event itself is replayed.
-    early = StreamEvent.from_sse(
-        merge.id_text,
-        "create",
-        orjson.dumps(
-            {"data": store.get(t_id), "origin": {"referer": "init-dependencies"}, "version": "4"}
-        ).decode(),
-    )
+    early = copy_event(merge.id_text, store.get(t_id))
     with StateStore(tmp_path / "s.sqlite") as state:
         # Archive order seen in the fault run: S, early T, the relationship, T, the merge.
         state.apply_many([events[0], early, events[1], events[2], merge])

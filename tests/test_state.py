@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
@@ -26,7 +25,7 @@ from connector.sink import Batch
 from connector.snapshot import fold_segments
 from connector.state import StateStore
 from connector.storage.local import LocalStorage
-from tests.support.simlog import sim_events
+from tests.support.simlog import copy_event, sim_events
 
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
 CLOCK0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -311,13 +310,7 @@ def test_merge_target_sent_early_keeps_the_sources_apart(tmp_path: Path) -> None
     store.merge(SPELEVO, [PARADISE])
     merge = sim_events(store, pos)[0][-1]
     assert merge.event == "merge"
-    early = StreamEvent.from_sse(
-        f"{merge.id.ms}-{merge.id.seq}",
-        "create",
-        orjson.dumps(
-            {"data": store.get(SPELEVO), "origin": {"referer": "init-dependencies"}, "version": "4"}
-        ).decode(),
-    )
+    early = copy_event(f"{merge.id.ms}-{merge.id.seq}", store.get(SPELEVO))
     with StateStore(tmp_path / "s.sqlite") as state:
         state.apply_many([*events, early])
         source = state.get(PARADISE)
@@ -354,13 +347,7 @@ def test_a_later_absorber_sent_ahead_is_not_taken_for_a_merge_source(tmp_path: P
     later, _ = sim_events(store, pos)
     created_third, created_report, first, second = later
     assert (first.event, second.event) == ("merge", "merge")
-    ahead = StreamEvent.from_sse(
-        first.id_text,
-        "create",
-        orjson.dumps(
-            {"data": store.get(SPELEVO), "origin": {"referer": "init-dependencies"}, "version": "4"}
-        ).decode(),
-    )
+    ahead = copy_event(first.id_text, store.get(SPELEVO))
     with StateStore(tmp_path / "s.sqlite") as state:
         # The archive starts after Third's creation; the report comes in its version of then.
         state.apply_many([*events, created_report, ahead, first])

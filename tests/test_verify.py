@@ -26,6 +26,7 @@ from connector.storage import Storage
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
+from tests.support.simlog import copy_event
 
 DAY_MS = 86_400_000
 
@@ -127,6 +128,14 @@ def build_good(storage: Storage, start_ms: int = 1_700_000_000_000) -> ArchiveBu
     b.update(3, description="y")
     b.flush()
     return b
+
+
+def record_gap(storage: Storage, checkpoint_at: EventId | None, **fields: str) -> None:
+    """A checkpoint whose pipeline recorded one retention gap at ``checkpoint_at``."""
+    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
+    gap = {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None, **fields}
+    checkpoint.retention_gaps.append(gap)
+    CheckpointStore(storage).save(checkpoint)
 
 
 def manifests(storage: Storage) -> list[Any]:
@@ -345,11 +354,7 @@ def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
     assert any("does not continue the chain" in e for e in report.errors), report.errors
 
     # The stream's own retention passed the checkpoint there, and the pipeline recorded it.
-    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
-    checkpoint.retention_gaps.append(
-        {"checkpoint_event_id": str(prev_last), "first_retained_event_id": None}
-    )
-    CheckpointStore(storage).save(checkpoint)
+    record_gap(storage, prev_last)
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert any("retention gap" in n for n in report.notes)
@@ -370,11 +375,7 @@ def test_updates_lost_in_a_retention_gap_are_no_missed_event(tmp_path: Path) -> 
     assert not report.ok  # unexplained: an event was missed
     assert any("missed upstream" in e for e in report.errors), report.errors
 
-    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
-    checkpoint.retention_gaps.append(
-        {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None}
-    )
-    CheckpointStore(storage).save(checkpoint)
+    record_gap(storage, checkpoint_at)
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert any("patch chains restart" in n for n in report.notes), report.notes
@@ -394,14 +395,10 @@ def test_a_retention_gap_breaks_the_chains_where_the_archive_went_on(tmp_path: P
     b.update(1, emit=False, labels=["trimmed"])
     b.update(1, description="after the repair")
     b.flush()
-    checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
-    gap = {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None}
-    checkpoint.retention_gaps.append(gap)
-    CheckpointStore(storage).save(checkpoint)
+    record_gap(storage, checkpoint_at)
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok  # the break is not where the checkpoint was
-    gap["archive_last_event_id"] = str(archive_end)
-    CheckpointStore(storage).save(checkpoint)
+    record_gap(storage, checkpoint_at, archive_last_event_id=str(archive_end))
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert report.updates_checked == 1  # the update before the gap still follows the create
@@ -421,9 +418,7 @@ def test_a_copy_read_after_the_updates_it_holds_is_no_missed_event(
     first = b.update(1, description="made after the position, before the copy was read")
     second = b.update(1, labels=["a", "b"])
     assert first is not None and second is not None
-    envelope = {"version": "4", "data": b.objects["iid-1"], "origin": {"referer": referer}}
-    held = StreamEvent.from_sse(str(position), "create", orjson.dumps(envelope).decode())
-    b.pending.insert(0, held)
+    b.pending.insert(0, copy_event(str(position), b.objects["iid-1"], referer))
     b.flush()
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)

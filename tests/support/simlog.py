@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import orjson
 
 from connector.events import StreamEvent
 from connector.sim.store import SimStore
 
-__all__ = ["frame_events", "sim_events"]
+__all__ = ["copy_event", "frame_events", "sim_events"]
 
 
 def frame_events(frames: Iterable[bytes]) -> list[StreamEvent]:
@@ -33,3 +36,10 @@ def sim_events(store: SimStore, pos: int = 0) -> tuple[list[StreamEvent], int]:
             return out, pos
         out.extend(frame_events(chunk.frames))
         pos = chunk.start + len(chunk.frames)
+
+
+def copy_event(id_text: str, stix: Any, referer: str = "init-dependencies") -> StreamEvent:
+    """A ``create`` carrying ``stix`` as it is when sent, the way the live stream sends a
+    dependency (or, with another ``referer``, a recovery or reconciliation copy)."""
+    envelope = {"data": stix, "origin": {"referer": referer}, "version": "4"}
+    return StreamEvent.from_sse(id_text, "create", orjson.dumps(envelope).decode())
