@@ -166,7 +166,7 @@ class _Index:
         self.db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
             "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB,"
-            " recovered INTEGER);"
+            " copy INTEGER);"
             "CREATE TABLE segs (key TEXT PRIMARY KEY);"
             "CREATE TABLE quar (after TEXT);"
             "CREATE TABLE members (sid TEXT PRIMARY KEY);"
@@ -178,16 +178,14 @@ class _Index:
         self.path.unlink(missing_ok=True)
 
     def get(self, key: str) -> tuple[str, int, bytes, bool] | None:
-        row = self.db.execute(
-            "SELECT event_id, gen, data, recovered FROM objs WHERE key = ?", (key,)
-        )
+        row = self.db.execute("SELECT event_id, gen, data, copy FROM objs WHERE key = ?", (key,))
         found = row.fetchone()
         return None if found is None else (found[0], found[1], found[2], bool(found[3]))
 
-    def put(self, key: str, event_id: str, gen: int, data: bytes, recovered: bool) -> None:
+    def put(self, key: str, event_id: str, gen: int, data: bytes, copy: bool) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO objs VALUES (?, ?, ?, ?, ?)",
-            (key, event_id, gen, data, recovered),
+            (key, event_id, gen, data, copy),
         )
 
     def forget(self, key: str) -> None:
