@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from connector.__main__ import _check_sinks
 from connector.archive import ArchiveSink
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.events import EventId
-from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout, retry_call
+from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout
+from connector.settings import load_settings
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.source import SourceConfig, SseSource
@@ -132,21 +134,23 @@ def test_sigterm_while_the_checkpoint_save_is_retried(sim: SimServer, tmp_path: 
 
 
 def test_sigterm_while_a_sink_check_is_retried(tmp_path: Path) -> None:
-    """The startup check (``_check_sinks``) retries the same way: a stop ends it too."""
+    """The startup check (``_check_sinks``) retries the same way, and a stop ends it within
+    ``CONNECTOR_SHUTDOWN_TIMEOUT_SECS`` (here 1 s, not the 30 s default)."""
     storage = FullFor(tmp_path / "archive", lambda key: True)
+    settings = load_settings(
+        None,
+        env={
+            "CONNECTOR_SHUTDOWN_TIMEOUT_SECS": str(SHUTDOWN_TIMEOUT),
+            "CONNECTOR_BACKOFF_INITIAL_SECS": "0.05",
+            "CONNECTOR_BACKOFF_MAX_SECS": "0.2",
+        },
+    )
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def check() -> None:
         try:
-            retry_call(
-                storage.check,
-                stage="checking",
-                stop=stop,
-                initial=0.05,
-                cap=0.2,
-                shutdown_timeout=SHUTDOWN_TIMEOUT,
-            )
+            _check_sinks([ArchiveSink(storage)], stop, settings)
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
 
