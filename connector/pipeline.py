@@ -15,13 +15,14 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import metrics
 from .checkpoint import Checkpoint, CheckpointStore
 from .errors import CannotReconcile, ConnectorError, RetryableError
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
+from .reconcile import reconcile_group
 from .sink import Batch, Sink
 from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
 
@@ -156,7 +157,7 @@ class Pipeline:
         backoff_max: float = 60.0,
         shutdown_timeout: float = 30.0,
         on_position: Callable[[EventId], None] | None = None,
-        reconciler: Callable[[EventId], list[StreamEvent]] | None = None,
+        reconciler: Callable[[EventId], Iterable[list[StreamEvent]]] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -180,7 +181,7 @@ class Pipeline:
         self._oldest: float | None = None
         self._deadline: float | None = None
         self._reconcile_at = 0.0  # monotonic time before which a failed reconcile is not retried
-        self._reconciled_at: EventId | None = None  # the group a reconciliation wrote
+        self._reconciled_at: EventId | None = None  # the last group a reconciliation wrote
         last = checkpoint.last_event_id
         self._saved_id: EventId | None = EventId.parse(last) if last else None
         if self._saved_id is not None:
@@ -327,8 +328,10 @@ class Pipeline:
     def _maybe_reconcile(self, at: EventId) -> bool:
         """After a retention-gap repair has caught up, archive the deletes it could not see.
 
-        Runs at an idle position ``at`` (nothing pending, above every archived group), so the
-        synthetic delete events form a group of their own. Returns whether it wrote them.
+        Runs at an idle position ``at`` (nothing pending, above every archived group). The
+        synthetic events come in groups of their own, with ids just below ``at``
+        (``reconcile_group``), so it waits for a position at least 2 ms past the archive's end.
+        Returns whether it wrote them.
         """
         rec = self.checkpoint.reconcile
         if self.reconciler is None or not rec or not rec.get("due"):
@@ -337,59 +340,76 @@ class Pipeline:
         repair = iso_to_id(str(until)) if until else None
         if repair is not None and at < repair:
             return False  # the repair's recovery is still under way
+        if self._segment_last is not None and self._segment_last >= reconcile_group(at, 0):
+            return False  # no room below ``at``: the next idle heartbeat will have it
         if time.monotonic() < self._reconcile_at:
             return False
+        groups = iter(self.reconciler(at))
         try:
-            events = self.reconciler(at)
-        except CannotReconcile as exc:
-            log.error(
-                "Delete reconciliation impossible: deletes made while the stream's retention was "
-                "lost are not in the archive.",
-                extra={"error": str(exc)},
-            )
-            self.checkpoint.reconcile = {**rec, "due": False, "failed": str(exc)}
-            self._save()
-            return False
-        except ConnectorError as exc:
-            # Each try lists the whole platform: not again at every heartbeat.
-            self._reconcile_at = time.monotonic() + self.backoff_max
-            log.warning(
-                "Delete reconciliation failed; retrying later.",
-                extra={"error": str(exc), "retry_in_secs": self.backoff_max},
-            )
-            return False
-        if events:
-            batch = Batch(
-                first_id=at,
-                last_id=at,
-                events=events,
-                after_id=self._segment_last,
-                size_bytes=sum(e.size for e in events),
-            )
-            self._write(self.sinks, batch)
-            archived = self._archived(batch)
-            self._record_archived(archived)
-            tail = max(at, archived.tail) if archived.tail is not None else at
-            self.checkpoint.last_segment_last_id = str(tail)
-            self._segment_last = tail
-            # Archived at a heartbeat's position: an event the platform appends below it (its
-            # clock behind the heartbeat's) can no longer be stored in order; see _handle.
-            self._reconciled_at = at
+            try:
+                group = next(groups, None)
+            except CannotReconcile as exc:
+                log.error(
+                    "Delete reconciliation impossible: deletes made while the stream's retention "
+                    "was lost are not in the archive.",
+                    extra={"error": str(exc)},
+                )
+                self.checkpoint.reconcile = {**rec, "due": False, "failed": str(exc)}
+                self._save()
+                return False
+            except ConnectorError as exc:
+                # Each try lists the whole platform: not again at every heartbeat.
+                self._reconcile_at = time.monotonic() + self.backoff_max
+                log.warning(
+                    "Delete reconciliation failed; retrying later.",
+                    extra={"error": str(exc), "retry_in_secs": self.backoff_max},
+                )
+                return False
+            counts = Counter[str]()
+            while group is not None:
+                self._write_reconciled(group)
+                # An event the platform appends at or below a group written here (its clock
+                # behind the heartbeat's) can no longer be stored in order; see _handle.
+                self._reconciled_at = group[0].id
+                for ev in group:
+                    counts[ev.event] += 1
+                    if ev.event == "merge":
+                        counts["merged"] += len(
+                            (ev.envelope.get("context") or {}).get("sources") or []
+                        )
+                group = next(groups, None)
+        finally:
+            close = getattr(groups, "close", None)
+            if close is not None:
+                close()  # a generator's work files go now, also when a write failed
         self.checkpoint.reconcile = {
             **rec,
             "due": False,
             "done_at_event_id": str(at),
-            "refreshed": sum(ev.event == "create" for ev in events),
-            "deleted": sum(ev.event == "delete" for ev in events),
-            "merged": sum(
-                len((ev.envelope.get("context") or {}).get("sources") or [])
-                for ev in events
-                if ev.event == "merge"
-            ),
+            "refreshed": counts["create"],
+            "deleted": counts["delete"],
+            "merged": counts["merged"],
         }
         self.checkpoint.last_event_id = str(at)
         self._save()
         return True
+
+    def _write_reconciled(self, events: list[StreamEvent]) -> None:
+        """One group of a reconciliation, written like a batch; the checkpoint waits for the last."""
+        group = events[0].id
+        batch = Batch(
+            first_id=group,
+            last_id=group,
+            events=events,
+            after_id=self._segment_last,
+            size_bytes=sum(e.size for e in events),
+        )
+        self._write(self.sinks, batch)
+        archived = self._archived(batch)
+        self._record_archived(archived)
+        tail = max(group, archived.tail) if archived.tail is not None else group
+        self.checkpoint.last_segment_last_id = str(tail)
+        self._segment_last = tail
 
     def _count_received(self) -> None:
         # Per wake-up, not per event: a labelled counter increment costs a lock each time.

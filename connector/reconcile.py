@@ -20,7 +20,7 @@ caught up, this module
    (``stix(id)``, 100 ids per query): only those it no longer holds under their own id are gone.
    A stream's listing omits objects that are outside its filters and no longer a dependency of
    anything in them, though they still exist, and the stream itself never deletes those;
-4. returns synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
+4. yields synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
    carrying the listed object for every one the archive lacks or holds otherwise (an earlier
    version, or references the platform re-pointed silently when a change lost with the window
    renamed or merged what they name);
@@ -30,14 +30,20 @@ caught up, this module
    it follows it there, as on the platform), else a ``delete``. An object the platform answers
    for under a new standard id, same internal id, is still there (outside the listing).
 
-The pipeline writes those events like any other batch (so an OpenCTI target applies them too).
+What it found waits in SQLite work files (removed when it is done), and the events come in groups
+of at most ``GROUP_EVENTS`` events and ``GROUP_BYTES`` of data, each group under its own id just
+below the idle position the reconciliation runs at (``reconcile_group``): a gap after a long
+outage costs disk, not memory. The pipeline writes each group like any other batch (so an
+OpenCTI target applies them too), and moves the checkpoint after the last.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +60,15 @@ from .storage import Storage
 if TYPE_CHECKING:  # the state (sqlite, the fold) is imported when a reconciliation runs
     from .state import StateStore
 
-__all__ = ["REFERER", "platform_ids", "platform_resolves", "reconcile_deletes"]
+__all__ = [
+    "GROUP_BYTES",
+    "GROUP_EVENTS",
+    "REFERER",
+    "platform_ids",
+    "platform_resolves",
+    "reconcile_deletes",
+    "reconcile_group",
+]
 
 log = logging.getLogger(__name__)
 
@@ -192,84 +206,176 @@ def _graphql_data(response: httpx.Response) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# A reconciliation's events are written in groups of at most this many events and bytes of
+# data, each held in memory while it is written, like the pipeline's own batches: what it
+# computes waits in its work files, so a gap after a long outage costs disk, not memory.
+GROUP_EVENTS = 5_000
+GROUP_BYTES = 16 * 1024 * 1024
+_RESOLVE_PAGE = 10_000  # archived objects missing from the listing, asked about per round
+
+
+def reconcile_group(at: EventId, index: int) -> EventId:
+    """The id of the ``index``-th group a reconciliation at the idle position ``at`` writes:
+    ``<at's ms - 1>-<index>``, below ``at`` and, as long as the archive ends before
+    ``<at's ms - 1>-0`` (the pipeline waits for such a position), above everything archived."""
+    return EventId(at.ms - 1, index)
+
+
 def reconcile_deletes(
-    storage: Storage, config: SourceConfig, *, at: EventId, work_dir: Path | None = None
-) -> list[StreamEvent]:
-    """Synthetic events (id ``at``): creates for what the archive missed, then merges and
-    deletes for archived objects the platform no longer holds under their own id."""
+    storage: Storage,
+    config: SourceConfig,
+    *,
+    at: EventId,
+    work_dir: Path | None = None,
+    max_events: int | None = None,
+    max_bytes: int | None = None,
+) -> Iterator[list[StreamEvent]]:
+    """Groups of synthetic events (ids from ``reconcile_group``): creates for what the archive
+    missed, then merges and deletes for archived objects the platform no longer holds under
+    their own id. Groups hold at most ``max_events`` events (``GROUP_EVENTS``) and
+    ``max_bytes`` of data (``GROUP_BYTES``).
+
+    A generator: the archive is materialised, the platform listed and compared when the first
+    group is asked for (errors are raised then); the groups are then read from the work files,
+    which are removed when the generator ends or is closed.
+    """
+    work = Path(tempfile.mkdtemp(prefix="reconcile-", dir=work_dir))
+    try:
+        db = sqlite3.connect(work / "platform-ids.sqlite")
+        try:
+            counts = _compare(storage, config, db, work)
+            log.warning("Delete reconciliation done.", extra={**counts, "event_id": str(at)})
+            yield from _groups(db, at, max_events or GROUP_EVENTS, max_bytes or GROUP_BYTES)
+        finally:
+            db.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare(storage: Storage, config: SourceConfig, db: sqlite3.Connection, work: Path) -> Any:
+    """Fill the work tables: ``refresh`` (listed, and missing from the archive or held
+    otherwise), ``targets`` / ``merge_sources`` and ``deletes``. Returns the counts to log."""
     from .restore import materialise
 
-    work = Path(tempfile.mkdtemp(prefix="reconcile-", dir=work_dir))
-    db = sqlite3.connect(work / "platform-ids.sqlite")
+    db.executescript(
+        """
+        CREATE TABLE gone (key TEXT NOT NULL, stix_id TEXT NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE targets (n INTEGER PRIMARY KEY, stix_id TEXT UNIQUE, data BLOB NOT NULL);
+        CREATE TABLE merge_sources (stix_id TEXT NOT NULL, data BLOB NOT NULL);
+        CREATE INDEX merge_sources_target ON merge_sources (stix_id);
+        CREATE TABLE deletes (data BLOB NOT NULL);
+        """
+    )
+    state = materialise(storage, until=None, work_dir=work)
     try:
-        state = materialise(storage, until=None, work_dir=work)
-        try:
-            listed = platform_ids(config, db, state)
-            archived = state.counts()["objects"]
-            if listed == 0 and archived:
-                # A platform that lost everything it held is far likelier a platform not ready
-                # (an empty search index after a restart) than a real mass delete.
-                raise SourceRetryable(
-                    f"the platform listed no objects while the archive holds {archived}"
-                )
-            unlisted: list[tuple[str, str, dict[str, Any]]] = []
-            for key, stix_id, _event, data in state.objects():
-                found = db.execute(
-                    "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
-                ).fetchone()
-                if found is None:
-                    unlisted.append((key, stix_id, data))
-            now = platform_resolves(config, [stix_id for _, stix_id, _ in unlisted])
-            merges: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-            deletes: list[dict[str, Any]] = []
-            for key, stix_id, data in unlisted:
-                found = now.get(stix_id)
-                if found is None:
-                    deletes.append(data)
-                    continue
-                holder, holder_iid = found
-                if holder == stix_id or holder_iid == key:
-                    continue  # still there (renamed or not), outside the stream's listing
-                target = None
-                if holder:
-                    # As listed when the archive lacks it or holds it otherwise (refreshed
-                    # first): a target platform must not be set back by the merge's upsert.
-                    listed_row = db.execute(
-                        "SELECT data FROM refresh WHERE stix_id = ?", (holder,)
-                    ).fetchone()
-                    target = orjson.loads(listed_row[0]) if listed_row else state.get(holder)
-                if target is not None and _key_of(target) != key:
-                    merges.setdefault(str(target.get("id")), (target, []))[1].append(data)
-                else:
-                    deletes.append(data)  # merged into an entity outside the stream's listing
-            refreshed = [
-                _reconciled(at, "create", orjson.loads(data))
-                # In push order: a target pushes runs of upserts in bundles, and an object must
-                # not come a bundle before what it references.
-                for (data,) in db.execute("SELECT data FROM refresh ORDER BY phase, key")
-            ]
-        finally:
-            state.close()
-        out = list(refreshed)
-        out.extend(
-            _reconciled(at, "merge", target, {"sources": sources})
-            for target, sources in merges.values()
-        )
-        out.extend(_reconciled(at, "delete", data) for data in deletes)
-        log.warning(
-            "Delete reconciliation done.",
-            extra={
-                "platform_objects": listed,
-                "unlisted": len(unlisted),
-                "refreshed": len(refreshed),
-                "deleted": len(deletes),
-                "merged": sum(len(sources) for _, sources in merges.values()),
-                "event_id": str(at),
-            },
-        )
-        return out
+        listed = platform_ids(config, db, state)
+        archived = state.counts()["objects"]
+        if listed == 0 and archived:
+            # A platform that lost everything it held is far likelier a platform not ready
+            # (an empty search index after a restart) than a real mass delete.
+            raise SourceRetryable(
+                f"the platform listed no objects while the archive holds {archived}"
+            )
+        for key, stix_id, _event, data in state.objects():
+            found = db.execute(
+                "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
+            ).fetchone()
+            if found is None:
+                db.execute("INSERT INTO gone VALUES (?, ?, ?)", (key, stix_id, orjson.dumps(data)))
+        after = 0
+        while True:
+            page = db.execute(
+                "SELECT rowid, key, stix_id, data FROM gone WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, _RESOLVE_PAGE),
+            ).fetchall()
+            if not page:
+                break
+            after = page[-1][0]
+            now = platform_resolves(config, [stix_id for _, _, stix_id, _ in page])
+            for _, key, stix_id, data in page:
+                _classify(db, state, key, stix_id, data, now.get(stix_id))
+        db.commit()
     finally:
-        db.close()
+        state.close()
+    return {
+        "platform_objects": listed,
+        "unlisted": _count(db, "gone"),
+        "refreshed": _count(db, "refresh"),
+        "deleted": _count(db, "deletes"),
+        "merged": _count(db, "merge_sources"),
+    }
+
+
+def _classify(
+    db: sqlite3.Connection,
+    state: StateStore,
+    key: str,
+    stix_id: str,
+    data: bytes,
+    found: tuple[str, str | None] | None,
+) -> None:
+    """An archived object missing from the listing: kept, merged into the entity that answers
+    to its id now, or deleted."""
+    if found is None:
+        db.execute("INSERT INTO deletes VALUES (?)", (data,))
+        return
+    holder, holder_iid = found
+    if holder == stix_id or holder_iid == key:
+        return  # still there (renamed or not), outside the stream's listing
+    target: dict[str, Any] | None = None
+    if holder:
+        # As listed when the archive lacks it or holds it otherwise (refreshed first): a
+        # target platform must not be set back by the merge's upsert.
+        listed = db.execute("SELECT data FROM refresh WHERE stix_id = ?", (holder,)).fetchone()
+        target = orjson.loads(listed[0]) if listed else state.get(holder)
+    if target is None or _key_of(target) == key:
+        db.execute("INSERT INTO deletes VALUES (?)", (data,))  # merged outside the listing
+        return
+    target_id = str(target.get("id"))
+    db.execute(
+        "INSERT OR IGNORE INTO targets (stix_id, data) VALUES (?, ?)",
+        (target_id, orjson.dumps(target)),
+    )
+    db.execute("INSERT INTO merge_sources VALUES (?, ?)", (target_id, data))
+
+
+def _count(db: sqlite3.Connection, table: str) -> int:
+    return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+
+def _groups(
+    db: sqlite3.Connection, at: EventId, max_events: int, max_bytes: int
+) -> Iterator[list[StreamEvent]]:
+    """The events, cut into groups of at most ``max_events`` events and ``max_bytes``."""
+    group: list[StreamEvent] = []
+    size = index = 0
+    for name, data, context in _specs(db):
+        ev = _reconciled(reconcile_group(at, index), name, data, context)
+        group.append(ev)
+        size += ev.size
+        if len(group) >= max_events or size >= max_bytes:
+            yield group
+            group, size, index = [], 0, index + 1
+    if group:
+        yield group
+
+
+def _specs(db: sqlite3.Connection) -> Iterator[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """``(event name, data, context)`` of each event: refreshed objects in push order (a target
+    pushes runs of upserts in bundles, and an object must not come a bundle before what it
+    references), then one merge per target, then the deletes."""
+    for (data,) in db.execute("SELECT data FROM refresh ORDER BY phase, key"):
+        yield "create", orjson.loads(data), None
+    for target_id, target in db.execute("SELECT stix_id, data FROM targets ORDER BY n"):
+        sources = [
+            orjson.loads(source)
+            for (source,) in db.execute(
+                "SELECT data FROM merge_sources WHERE stix_id = ? ORDER BY rowid", (target_id,)
+            )
+        ]
+        yield "merge", orjson.loads(target), {"sources": sources}
+    for (data,) in db.execute("SELECT data FROM deletes ORDER BY rowid"):
+        yield "delete", orjson.loads(data), None
 
 
 def _key_of(stix: dict[str, Any]) -> str:

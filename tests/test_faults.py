@@ -23,12 +23,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import zstandard
 
-from connector import metrics
+from connector import metrics, reconcile
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import EventId, StreamEvent
-from connector.pipeline import BatchPolicy, Pipeline
+from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -36,6 +37,7 @@ from connector.sim.store import SimStore
 from connector.source import SourceConfig, SseSource
 from connector.state import StateStore
 from connector.storage import Storage
+from connector.storage import local as local_storage
 from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
 from tests.support.compare import assert_same_state
@@ -504,12 +506,18 @@ def _reconciled(storage: Storage) -> bool:
     return cp is not None and bool(cp.reconcile) and not cp.reconcile.get("due")
 
 
-@pytest.fixture(params=["live", "raw"])
+@pytest.fixture(
+    params=[("live", None), ("raw", None), ("live", 2)], ids=["live", "raw", "live-groups-of-2"]
+)
 def trimmed_while_down(
-    sim: SimServer, tmp_path: Path, request: pytest.FixtureRequest
+    sim: SimServer, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, Any]:
     """Backup, stop; edits (a delete and a merge among them), the platform trims its stream;
-    backup again. The raw stream cannot recover: only the reconciliation repairs it."""
+    backup again. The raw stream cannot recover: only the reconciliation repairs it. With a
+    group size, the reconciliation's events are written that many at a time."""
+    stream, group_events = request.param
+    if group_events is not None:
+        monkeypatch.setattr(reconcile, "GROUP_EVENTS", group_events)
     generate(sim.store, 150, seed=61)
     absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000061{n}" for n in (1, 2))
     user = "intrusion-set--00000000-0000-4000-8000-000000000613"
@@ -528,7 +536,10 @@ def trimmed_while_down(
     )
     archive = str(tmp_path / "a")
     storage = LocalStorage(archive)
-    env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID=request.param)
+    work = tmp_path / "work"
+    env = base_env(
+        sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID=stream, OPENCTI_SYNC_WORK_DIR=str(work)
+    )
     run = ConnectorThread(env).start()
     follow(storage, sim.store, "first run")
     run.stop()
@@ -546,12 +557,15 @@ def trimmed_while_down(
     wait_until(lambda: _reconciled(storage), what="delete reconciliation")
     run.stop()
     assert run.error is None
+    # The materialised state and the listing are gone with the reconciliation.
+    assert not list(work.glob("reconcile-*"))
     return {
         "storage": storage,
         "store": sim.store,
         "deleted": deleted["id"],
         "merged": (absorbed, kept, uses),
         "work": tmp_path,
+        "group_events": group_events,
     }
 
 
@@ -560,6 +574,24 @@ def test_retention_gap_detected_and_changes_recovered(trimmed_while_down: dict[s
     cp = CheckpointStore(t["storage"]).load()
     assert cp is not None and len(cp.retention_gaps) == 1
     assert cp.reconcile is not None and cp.reconcile["deleted"] >= 1
+    # Its events: groups of their own, just below the idle position it ran at, where the
+    # checkpoint is; never more events in a group than the group size.
+    done_at = EventId.parse(cp.reconcile["done_at_event_id"])
+    groups: dict[str, int] = {}
+    kinds: dict[str, int] = {"create": 0, "delete": 0, "merged": 0}
+    for ev in ArchiveReader(t["storage"]).events():
+        if (ev.envelope.get("origin") or {}).get("referer") == reconcile.REFERER:
+            groups[ev.id_text] = groups.get(ev.id_text, 0) + 1
+            if ev.event == "merge":
+                kinds["merged"] += len(ev.envelope["context"]["sources"])
+            else:
+                kinds[ev.event] += 1
+    rec = cp.reconcile
+    assert kinds == {"create": rec["refreshed"], "delete": rec["deleted"], "merged": rec["merged"]}
+    assert list(groups) == [str(reconcile.reconcile_group(done_at, i)) for i in range(len(groups))]
+    assert EventId.parse(cp.last_event_id) >= done_at
+    if t["group_events"] is not None:
+        assert len(groups) >= 2 and max(groups.values()) <= t["group_events"]
     restored = restored_bundle(t["storage"], t["work"] / "r1")
     platform = t["store"].dump_bundle()
     # Everything that exists on the platform is restored, at its current version ...
@@ -585,6 +617,72 @@ def test_retention_gap_repairs_deletes_in_the_lost_window(
     cp = CheckpointStore(t["storage"]).load()
     assert cp is not None and cp.reconcile is not None and cp.reconcile["merged"] >= 1
     assert_restore_equals_platform(t["storage"], t["store"], t["work"] / "r3")
+
+
+def test_stopped_between_reconciliation_groups_resumes_exactly(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the disk refuses the reconciliation's second group: the checkpoint stays
+    before it, and the next run reconciles again against the archive with the first group in
+    it. Nothing is lost or stored twice, the restore equals the platform, verify is clean."""
+    from connector.verify import format_report, verify_archive
+
+    generate(sim.store, 150, seed=63)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    work = tmp_path / "work"
+    env = base_env(sim.url, TOKEN, archive, OPENCTI_SYNC_WORK_DIR=str(work))
+    run = ConnectorThread(env).start()
+    follow(storage, sim.store, "first run")
+    run.stop()
+    objects = list(sim.store.objects())
+    for o in [o for o in objects if o["type"] == "malware"][:3]:
+        sim.store.update(o["id"], set={"description": "changed while down"})
+    for o in [o for o in objects if o["type"] == "indicator"][:3]:
+        sim.store.delete(o["id"])
+    generate(sim.store, 40, seed=64)
+    sim.store.trim(5)
+    monkeypatch.setattr(reconcile, "GROUP_EVENTS", 2)
+    written: list[str] = []
+    refused: list[str] = []
+    put = LocalStorage.put_if_absent
+
+    def full_after_one_group(self: LocalStorage, key: str, body: bytes) -> bool:
+        # The disk fills up once one reconciliation group is stored: the next one is refused.
+        if key.startswith("events/") and key.endswith(".zst"):
+            if written:
+                refused.append(key)
+                err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+                raise local_storage._translate(err, self.root / key) from err
+            if reconcile.REFERER.encode() in _segment_bytes(body):
+                written.append(key)
+        return put(self, key, body)
+
+    monkeypatch.setattr(LocalStorage, "put_if_absent", full_after_one_group)
+    env = {**env, "CONNECTOR_SHUTDOWN_TIMEOUT_SECS": "1"}
+    run = ConnectorThread(env).start()
+    wait_until(lambda: len(refused) >= 3, timeout=90, what="the second group refused")
+    run.stop()
+    assert isinstance(run.error, ShutdownTimeout), run.error
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.reconcile is not None and cp.reconcile["due"] is True
+    assert len(written) == 1
+    monkeypatch.setattr(LocalStorage, "put_if_absent", put)  # disk space is back
+    run = ConnectorThread(env).start()
+    wait_until(lambda: _reconciled(storage), what="delete reconciliation")
+    follow(storage, sim.store, "after the reconciliation")
+    run.stop()
+    assert run.error is None
+    assert not list(work.glob("reconcile-*"))
+    report = verify_archive(storage, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
+    assert_restore_equals_platform(storage, sim.store, tmp_path / "r")
+
+
+def _segment_bytes(body: bytes) -> bytes:
+    """A segment's lines (zstd frames, one per slice)."""
+    with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+        return reader.read()
 
 
 # ---------------------------------------------------------------------- 5. target faults

@@ -21,7 +21,7 @@ from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, SourceRetryable
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
-from connector.reconcile import reconcile_deletes
+from connector.reconcile import reconcile_deletes, reconcile_group
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -63,7 +63,9 @@ def _reconcile_events(
 ) -> list[StreamEvent]:
     config = SourceConfig(url=sim.url, token=TOKEN, stream_id=stream, read_timeout=5)
     at = EventId(int(time.time() * 1000), 0)
-    return reconcile_deletes(storage, config, at=at, work_dir=tmp_path)
+    return [
+        ev for group in reconcile_deletes(storage, config, at=at, work_dir=tmp_path) for ev in group
+    ]
 
 
 def _reconcile(sim: SimServer, storage: LocalStorage, tmp_path: Path, stream: str) -> set[str]:
@@ -171,6 +173,27 @@ def test_an_object_renamed_outside_a_filtered_listing_is_kept(
     assert author not in {ev.stix_id for ev in events if ev.event != "create"}
 
 
+def test_groups_are_bounded_and_the_work_files_removed(sim: SimServer, tmp_path: Path) -> None:
+    """The events come in groups (here of one event each, by bytes) under consecutive ids just
+    below the position, the same events as in one group; the work files go with the last."""
+    storage = _backup(sim, tmp_path, "live")
+    objects = list(sim.store.objects())
+    for o in [o for o in objects if o["type"] == "malware"][:2]:
+        sim.store.update(o["id"], set={"description": "changed while unseen"})
+    for o in [o for o in objects if o["type"] == "indicator"][:2]:
+        sim.store.delete(o["id"])
+    config = SourceConfig(url=sim.url, token=TOKEN, stream_id="live", read_timeout=5)
+    at = EventId(int(time.time() * 1000), 0)
+    whole = list(reconcile_deletes(storage, config, at=at, work_dir=tmp_path))
+    groups = list(reconcile_deletes(storage, config, at=at, work_dir=tmp_path, max_bytes=1))
+    assert len(whole) == 1 and len(whole[0]) >= 4
+    assert [len(g) for g in groups] == [1] * len(whole[0])
+    assert [g[0].id for g in groups] == [reconcile_group(at, i) for i in range(len(groups))]
+    assert all(g[0].id < at for g in groups)
+    assert [(g[0].event, g[0].data) for g in groups] == [(ev.event, ev.data) for ev in whole[0]]
+    assert not list(tmp_path.glob("reconcile-*"))
+
+
 def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:
     storage = _backup(sim, tmp_path, "live")
     sim.set_fault(no_recover=True)
@@ -183,6 +206,7 @@ def test_a_listing_cut_short_is_an_error(sim: SimServer, tmp_path: Path) -> None
     sim.set_fault(drop_after_events=10)
     with pytest.raises(SourceRetryable, match="reconcile listing"):
         _reconcile(sim, storage, tmp_path, "live")
+    assert not list(tmp_path.glob("reconcile-*"))  # its work files are gone with it
 
 
 def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_path: Path) -> None:
@@ -196,9 +220,10 @@ def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_pat
 
 
 def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Path) -> None:
-    """The reconciliation archives its deletes at an idle heartbeat's position H; an event the
-    platform appends below H afterwards (its clock behind the heartbeat's) cannot be stored in
-    order any more: it is quarantined with its reason, never dropped as one already stored."""
+    """The reconciliation runs at an idle heartbeat's position H and archives its events just
+    below it; an event the platform appends at or below those groups afterwards (its clock
+    behind the heartbeat's) cannot be stored in order any more: it is quarantined with its
+    reason, never dropped as one already stored. One between them and H is stored."""
     storage = LocalStorage(tmp_path / "a")
     cp = Checkpoint(stream_id="live", source_url="http://x")
     cp.reconcile = {"due": True}
@@ -225,9 +250,13 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
             "data": stix,
         }
 
-    def reconciler(at: EventId) -> list[StreamEvent]:
+    calls: list[EventId] = []
+
+    def reconciler(at: EventId) -> list[list[StreamEvent]]:
+        calls.append(at)
         env = envelope(99, "delete")
-        return [StreamEvent(at, str(at), "delete", orjson.dumps(env).decode(), env)]
+        group = reconcile_group(at, 0)
+        return [[StreamEvent(group, str(group), "delete", orjson.dumps(env).decode(), env)]]
 
     pipe = Pipeline(
         source=source,
@@ -249,11 +278,20 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
         pipe._maybe_flush()
 
     feed("create", str(d), orjson.dumps(envelope(1, "create")))
-    feed("heartbeat", str(h), b'"x"')  # idle: the reconciliation runs and writes at h
+    # Idle, but its groups would go at d's millisecond, where the archive ends: it waits.
+    feed("heartbeat", str(EventId(d.ms + 1, 0)), b'"x"')
+    assert cp.reconcile["due"] is True and not calls
+    feed("heartbeat", str(h), b'"x"')  # idle: the reconciliation runs and writes just below h
     assert cp.reconcile["due"] is False
     feed("create", str(late), orjson.dumps(envelope(2, "create")))
+    # Below h but above the reconciliation's groups: stored in order, like any event below an
+    # idle heartbeat.
+    between = EventId(h.ms - 1, 5)
+    feed("create", str(between), orjson.dumps(envelope(3, "create")))
     pipe._flush()
     archived = [ev.id_text for ev in ArchiveReader(storage).events()]
-    assert archived == [str(d), str(h)]
+    assert calls == [h]
+    assert archived == [str(d), str(reconcile_group(h, 0)), str(between)]
+    assert cp.last_event_id == str(h)
     quarantined = list(storage.list("quarantine/"))
     assert len(quarantined) == 1 and str(late) in storage.get(quarantined[0]).decode()
