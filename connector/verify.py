@@ -22,9 +22,11 @@ Checked, streaming one object at a time:
   Reference fields are left out of the comparison (top-level ``*_ref``/``*_refs`` and the
   OpenCTI extension's ``*_ref``/``*_refs``, ``granted_refs`` included): the platform rewrites
   them without an event when a referenced object is deleted, merged or gets a new standard id.
-  Dependencies are no links (the object as loaded when sent), nor is a recovery or
-  reconciliation copy for an update no later than it (the copy was read after the position the
-  live part goes on from, and may hold the updates it repeats).
+  A recovery or reconciliation copy, and a dependency later than the version the chain holds,
+  is the object as read when sent: it is no link for an update no later than it (it was read
+  after the position the live part goes on from, and may hold the updates it repeats), and the
+  link for a later one (a recovery sends an object once: as another's dependency, the updates it
+  holds get no event of their own).
   On a filtered stream, an object outside the filter gets its updates only while a container in
   the filter holds it (container path), so updates made meanwhile never arrive, by design. Verify
   cannot tell such deliveries apart, so a mismatch on an object the archive has seen in some
@@ -504,8 +506,8 @@ class _Verifier:
             self.index.add_members(_members(stix))
         referer = origin.get("referer") if isinstance(origin, dict) else None
         if referer == "init-dependencies":
-            # A dependency carries the object as loaded when it was sent (often already past
-            # the update that follows it in the same group): it is no link of the chain.
+            if ev.event != "delete":
+                self._dependency(key, ev.id_text, stix)
             return
         if ev.event == "delete":
             self.index.forget(key)
@@ -521,6 +523,18 @@ class _Verifier:
         # A recovery or reconciliation copy is the object as it was when sent (see below).
         copy = referer in ("init-create", REFERER)
         self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix), copy)
+
+    def _dependency(self, key: str, event_id: str, stix: dict[str, Any]) -> None:
+        """A dependency is the object as loaded when it was sent: often past the updates that
+        follow it (skipped against it, as against a recovery copy), and in a recovery holding
+        updates whose events never come (the platform sends each object once: one that went as
+        another's dependency is not sent again at its own place). So it becomes the chain's
+        link, as a copy, when it is later than the version the chain holds."""
+        row = self.index.get(key)
+        if row is None or row[1] != self.gen:
+            return  # nothing to follow (first sight, or the chain broke since)
+        if version_of(stix) > version_of(orjson.loads(row[2])):
+            self.index.put(key, event_id, self.gen, orjson.dumps(stix), True)
 
     def _check_reverse(
         self, ev: StreamEvent, key: str, stix: dict[str, Any], reverse: list[Any]

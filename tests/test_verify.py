@@ -432,6 +432,39 @@ def test_a_copy_read_after_the_updates_it_holds_is_no_missed_event(
     assert not report.ok
 
 
+def test_a_dependency_later_than_the_chain_is_its_link(tmp_path: Path) -> None:
+    """A recovery sends each object once: one that went as another's dependency is not sent
+    again at its own place, so the updates that copy holds have no event of their own, and the
+    next live update follows the copy. A dependency older than the chain (a stale re-send)
+    changes nothing."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    created = copy.deepcopy(b.objects["iid-1"])
+    b.update(1, emit=False, description="made before the recover point")
+    b.pending.append(copy_event(str(EventId(b.ms + 1, 0)), b.objects["iid-1"]))
+    b.update(1, labels=["a", "b"])
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1
+
+    b.pending.append(copy_event(str(EventId(b.ms + 1, 0)), created))
+    b.update(1, description="after a stale re-send")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w2")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 2
+
+    # An update that does not follow the version before it is still missed upstream.
+    b.update(1, emit=False, labels=["lost"])
+    b.update(1, description="after the loss")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w3")
+    assert not report.ok
+
+
 def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
