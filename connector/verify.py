@@ -22,11 +22,13 @@ Checked, streaming one object at a time:
   Reference fields are left out of the comparison (top-level ``*_ref``/``*_refs`` and the
   OpenCTI extension's ``*_ref``/``*_refs``, ``granted_refs`` included): the platform rewrites
   them without an event when a referenced object is deleted, merged or gets a new standard id.
-  A recovery or reconciliation copy, and a dependency later than the version the chain holds,
-  is the object as read when sent: it is no link for an update no later than it (it was read
-  after the position the live part goes on from, and may hold the updates it repeats), and the
-  link for a later one (a recovery sends an object once: as another's dependency, the updates it
-  holds get no event of their own).
+  A dependency is no link (the object as loaded when sent, often past the update after it),
+  except one a recovery sent (id at or below its recover point, from ``checkpoint.json``) that is
+  later than the version the chain holds: a recovery sends an object once, so the updates such a
+  dependency holds get no event of their own. A recovery or reconciliation copy, and such a
+  dependency, is the object as read when sent: no link for an update no later than it (it was
+  read after the position the live part goes on from, and may hold the updates it repeats), the
+  link for a later one.
   On a filtered stream, an object outside the filter gets its updates only while a container in
   the filter holds it (container path), so updates made meanwhile never arrive, by design. Verify
   cannot tell such deliveries apart, so a mismatch on an object the archive has seen in some
@@ -74,6 +76,7 @@ from .snapshot import (
     snapshot_manifest_key,
     state_sha256,
 )
+from .source import iso_to_id
 from .state import StateStore, version_of
 from .storage import Storage
 
@@ -260,6 +263,10 @@ class _Verifier:
         self.gen = 0
         self.gaps: list[tuple[EventId, EventId | None]] = []
         self.chain_breaks: list[EventId] = []  # where a retention gap restarts patch chains
+        # (where the segments after it begin, its recover point) of the first run's recovery and
+        # of each retention-gap repair; and the one the segment being checked belongs to.
+        self.recoveries: list[tuple[EventId, EventId]] = []
+        self.recover_point: EventId | None = None
         # The oldest segment starts the stream (no pruned history before it).
         self.origin = False
         # The oldest kept segment's after_event_id when it names a segment no longer here.
@@ -276,6 +283,9 @@ class _Verifier:
             self.report.warning(f"checkpoint.json unreadable ({exc}); retention gaps unknown")
             cp = None
         self.checkpoint = cp
+        first = iso_to_id(cp.first_recovery_end) if cp and cp.first_recovery_end else None
+        if first is not None:
+            self.recoveries.append((EventId(0, 0), first))
         for gap in cp.retention_gaps if cp else []:
             try:
                 low = EventId.parse(str(gap.get("checkpoint_event_id")))
@@ -291,6 +301,11 @@ class _Verifier:
             # heartbeat or, when an earlier run had archived more, an earlier position)
             valid = isinstance(end, str) and EventId.is_valid(end)
             self.chain_breaks.append(EventId.parse(str(end)) if valid else low)
+            repair = gap.get("repair_recover_until")
+            repair_id = iso_to_id(repair) if isinstance(repair, str) else None
+            if repair_id is not None:
+                self.recoveries.append((self.chain_breaks[-1], repair_id))
+        self.recoveries.sort()
         for key in self.storage.list(QUARANTINE_PREFIX):
             after = key[len(QUARANTINE_PREFIX) :].split("/", 1)[0]
             self.index.db.execute("INSERT INTO quar VALUES (?)", (after,))
@@ -438,6 +453,7 @@ class _Verifier:
             )
 
     def check_segment(self, key: str, m: Manifest, prev: Manifest | None) -> None:
+        self.recover_point = next((r for at, r in reversed(self.recoveries) if at < m.first), None)
         try:
             fh = self.storage.open(m.segment)
         except NotFound:
@@ -506,8 +522,11 @@ class _Verifier:
             self.index.add_members(_members(stix))
         referer = origin.get("referer") if isinstance(origin, dict) else None
         if referer == "init-dependencies":
-            if ev.event != "delete":
-                self._dependency(key, ev.id_text, stix)
+            # A dependency is the object as loaded when it was sent, often past the update that
+            # follows it in its group: no link of the chain, except in a recovery (below).
+            point = self.recover_point
+            if ev.event != "delete" and point is not None and ev.id <= point:
+                self._recovery_dependency(key, ev.id_text, stix)
             return
         if ev.event == "delete":
             self.index.forget(key)
@@ -524,12 +543,11 @@ class _Verifier:
         copy = referer in ("init-create", REFERER)
         self.index.put(key, ev.id_text, self.gen, orjson.dumps(stix), copy)
 
-    def _dependency(self, key: str, event_id: str, stix: dict[str, Any]) -> None:
-        """A dependency is the object as loaded when it was sent: often past the updates that
-        follow it (skipped against it, as against a recovery copy), and in a recovery holding
-        updates whose events never come (the platform sends each object once: one that went as
-        another's dependency is not sent again at its own place). So it becomes the chain's
-        link, as a copy, when it is later than the version the chain holds."""
+    def _recovery_dependency(self, key: str, event_id: str, stix: dict[str, Any]) -> None:
+        """A recovery sends each object once: one that went as another's dependency is not sent
+        again at its own place, so the updates it holds (made before the recover point) have no
+        event, and the next live update follows it. It becomes the chain's link, as a recovery
+        copy, when it is later than the version the chain holds."""
         row = self.index.get(key)
         if row is None or row[1] != self.gen:
             return  # nothing to follow (first sight, or the chain broke since)

@@ -8,6 +8,7 @@ The ``ArchiveBuilder`` here is reused by the retention and job tests.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -432,7 +433,14 @@ def test_a_copy_read_after_the_updates_it_holds_is_no_missed_event(
     assert not report.ok
 
 
-def test_a_dependency_later_than_the_chain_is_its_link(tmp_path: Path) -> None:
+def _recovering_until(storage: Storage, ms: int) -> None:
+    """A checkpoint saying the first run recovered up to ``ms``."""
+    until = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+    cp = Checkpoint(stream_id="live", source_url="http://x", first_recover_until=until)
+    CheckpointStore(storage).save(cp)
+
+
+def test_a_recovery_dependency_later_than_the_chain_is_its_link(tmp_path: Path) -> None:
     """A recovery sends each object once: one that went as another's dependency is not sent
     again at its own place, so the updates that copy holds have no event of their own, and the
     next live update follows the copy. A dependency older than the chain (a stale re-send)
@@ -444,25 +452,42 @@ def test_a_dependency_later_than_the_chain_is_its_link(tmp_path: Path) -> None:
     created = copy.deepcopy(b.objects["iid-1"])
     b.update(1, emit=False, description="made before the recover point")
     b.pending.append(copy_event(str(EventId(b.ms + 1, 0)), b.objects["iid-1"]))
+    _recovering_until(storage, b.ms + 1)
+    b.pending.append(copy_event(str(EventId(b.ms + 1, 0)), created))  # a stale one
     b.update(1, labels=["a", "b"])
     b.flush()
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert report.updates_checked == 1
 
-    b.pending.append(copy_event(str(EventId(b.ms + 1, 0)), created))
-    b.update(1, description="after a stale re-send")
-    b.flush()
-    report = verify_archive(storage, work_dir=tmp_path / "w2")
-    assert report.ok, format_report(report)
-    assert report.updates_checked == 2
-
     # An update that does not follow the version before it is still missed upstream.
     b.update(1, emit=False, labels=["lost"])
     b.update(1, description="after the loss")
     b.flush()
-    report = verify_archive(storage, work_dir=tmp_path / "w3")
+    report = verify_archive(storage, work_dir=tmp_path / "w2")
     assert not report.ok
+
+
+@pytest.mark.parametrize("recovering", [False, True])
+def test_a_live_dependency_hides_no_missed_update(tmp_path: Path, recovering: bool) -> None:
+    """On the live stream an object is sent as a dependency, at its update's id, just before
+    the update (after every reconnect): loaded when sent, it already holds the update. The
+    update is still checked against the version before it, so a missed one is reported, also
+    after a recovery (the dependency's id is past the recover point)."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    if recovering:
+        _recovering_until(storage, b.ms + 1)
+    b.update(1, emit=False, labels=["lost"])
+    update = b.update(1, description="after the loss")
+    assert update is not None
+    b.pending.insert(-1, copy_event(update.id_text, copy.deepcopy(b.objects["iid-1"])))
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert report.updates_checked == 1
 
 
 def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
