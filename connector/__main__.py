@@ -440,9 +440,9 @@ def _reconciler(archive: Any, config: Any, work_dir: Path) -> Any:
         return None
     from .reconcile import reconcile_deletes
 
-    def run(at: Any) -> Any:
+    def run(at: Any, as_of: Any) -> Any:
         work_dir.mkdir(parents=True, exist_ok=True)
-        return reconcile_deletes(archive, config, at=at, work_dir=work_dir)
+        return reconcile_deletes(archive, config, at=at, as_of=as_of, work_dir=work_dir)
 
     return run
 

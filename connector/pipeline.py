@@ -15,12 +15,12 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import metrics
 from .checkpoint import Checkpoint, CheckpointStore
-from .errors import CannotReconcile, ConnectorError, RetryableError
+from .errors import CannotReconcile, ConnectorError, PermanentError, RetryableError
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .reconcile import reconcile_group
 from .sink import Batch, Sink
@@ -157,7 +157,7 @@ class Pipeline:
         backoff_max: float = 60.0,
         shutdown_timeout: float = 30.0,
         on_position: Callable[[EventId], None] | None = None,
-        reconciler: Callable[[EventId], Iterable[list[StreamEvent]]] | None = None,
+        reconciler: Callable[[EventId, EventId], Iterable[list[StreamEvent]]] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -340,18 +340,27 @@ class Pipeline:
         repair = iso_to_id(str(until)) if until else None
         if repair is not None and at < repair:
             return False  # the repair's recovery is still under way
-        if self._segment_last is not None and self._segment_last >= reconcile_group(at, 0):
-            return False  # no room below ``at``: the next idle heartbeat will have it
         if time.monotonic() < self._reconcile_at:
             return False
-        groups = iter(self.reconciler(at))
+        # The archive's end, with what an earlier run stored past the checkpoint.
+        end = max((e for e in (self._segment_last, self._archive_end()) if e), default=None)
+        if end is not None and end >= reconcile_group(at, 0):
+            return False  # no room below ``at``: the next idle heartbeat will have it
+        # Compared with the state every sink holds (the checkpoint's), not the archive's own: a
+        # target may lack what an earlier run archived past it, its groups included.
+        held = self.checkpoint.last_segment_last_id
+        as_of = EventId.parse(held) if held else EventId(0, 0)
+        groups: Iterator[list[StreamEvent]] = iter(())
         try:
             try:
-                group = next(groups, None)
+                # Lists the platform and compares: errors until the first group are the
+                # reconciliation's own; those of the writes after it stop the run as any write's.
+                groups = iter(self.reconciler(at, as_of))
+                first = next(groups, None)
             except CannotReconcile as exc:
                 log.error(
-                    "Delete reconciliation impossible: deletes made while the stream's retention "
-                    "was lost are not in the archive.",
+                    "Delete reconciliation impossible: deletes made while the stream's "
+                    "retention was lost are not in the archive.",
                     extra={"error": str(exc)},
                 )
                 self.checkpoint.reconcile = {**rec, "due": False, "failed": str(exc)}
@@ -365,19 +374,7 @@ class Pipeline:
                     extra={"error": str(exc), "retry_in_secs": self.backoff_max},
                 )
                 return False
-            counts = Counter[str]()
-            while group is not None:
-                self._write_reconciled(group)
-                # An event the platform appends at or below a group written here (its clock
-                # behind the heartbeat's) can no longer be stored in order; see _handle.
-                self._reconciled_at = group[0].id
-                for ev in group:
-                    counts[ev.event] += 1
-                    if ev.event == "merge":
-                        counts["merged"] += len(
-                            (ev.envelope.get("context") or {}).get("sources") or []
-                        )
-                group = next(groups, None)
+            counts = self._write_reconciliation(first, groups)
         finally:
             close = getattr(groups, "close", None)
             if close is not None:
@@ -394,6 +391,29 @@ class Pipeline:
         self._save()
         return True
 
+    def _write_reconciliation(
+        self, group: list[StreamEvent] | None, rest: Iterator[list[StreamEvent]]
+    ) -> Counter[str]:
+        """Write ``group`` and the ``rest``; returns the events written by name, and the merged
+        sources under "merged"."""
+        counts = Counter[str]()
+        while group is not None:
+            self._write_reconciled(group)
+            # An event the platform appends at or below a group written here (its clock behind
+            # the heartbeat's) can no longer be stored in order; see _handle.
+            self._reconciled_at = group[0].id
+            for ev in group:
+                counts[ev.event] += 1
+                if ev.event == "merge":
+                    sources = (ev.envelope.get("context") or {}).get("sources") or []
+                    counts["merged"] += len(sources)
+            group = next(rest, None)
+        log.warning(
+            "Delete reconciliation written.",
+            extra={k: counts[k] for k in ("create", "merge", "delete", "merged")},
+        )
+        return counts
+
     def _write_reconciled(self, events: list[StreamEvent]) -> None:
         """One group of a reconciliation, written like a batch; the checkpoint waits for the last."""
         group = events[0].id
@@ -406,7 +426,13 @@ class Pipeline:
         )
         self._write(self.sinks, batch)
         archived = self._archived(batch)
+        if archived.events != len(events):
+            # The room check makes this impossible unless another writer shares the archive.
+            raise PermanentError(
+                f"reconciliation group {group} was not archived: the archive already holds it"
+            )
         self._record_archived(archived)
+        self._quarantine_rejections(batch)
         tail = max(group, archived.tail) if archived.tail is not None else group
         self.checkpoint.last_segment_last_id = str(tail)
         self._segment_last = tail

@@ -8,7 +8,8 @@ repair's groups at or below the archive's end are taken for ones it holds, and a
 repair sent there as a dependency is not sent again at its own place. So once the repair has
 caught up, this module
 
-1. materialises the archive's own state (snapshot + segments, on disk);
+1. materialises the archive's state as of the checkpoint, which every sink holds (snapshot +
+   segments, on disk);
 2. lists every object the platform holds now, through one extra recover-mode connection
    (``from=0&recover=<now>``, with the connector's own dependency setting, read until an id past
    the recover point shows the live part has begun; ids kept in SQLite, and the whole object
@@ -226,14 +227,19 @@ def reconcile_deletes(
     config: SourceConfig,
     *,
     at: EventId,
+    as_of: EventId | None = None,
     work_dir: Path | None = None,
     max_events: int | None = None,
     max_bytes: int | None = None,
 ) -> Iterator[list[StreamEvent]]:
     """Groups of synthetic events (ids from ``reconcile_group``): creates for what the archive
     missed, then merges and deletes for archived objects the platform no longer holds under
-    their own id. Groups hold at most ``max_events`` events (``GROUP_EVENTS``) and
-    ``max_bytes`` of data (``GROUP_BYTES``).
+    their own id. Groups hold about ``max_events`` events (``GROUP_EVENTS``) and
+    ``max_bytes`` of data (``GROUP_BYTES``) at most.
+
+    The archive's state is taken as of ``as_of`` (all of it when None): the pipeline passes the
+    checkpoint's archive position, the state every sink holds, so that what an earlier run
+    archived past it (a crash, a target refusing) is sent to every sink again.
 
     A generator: the archive is materialised, the platform listed and compared when the first
     group is asked for (errors are raised then); the groups are then read from the work files,
@@ -243,8 +249,8 @@ def reconcile_deletes(
     try:
         db = sqlite3.connect(work / "platform-ids.sqlite")
         try:
-            counts = _compare(storage, config, db, work)
-            log.warning("Delete reconciliation done.", extra={**counts, "event_id": str(at)})
+            counts = _compare(storage, config, db, work, as_of)
+            log.warning("Delete reconciliation compared.", extra={**counts, "event_id": str(at)})
             yield from _groups(db, at, max_events or GROUP_EVENTS, max_bytes or GROUP_BYTES)
         finally:
             db.close()
@@ -252,7 +258,13 @@ def reconcile_deletes(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _compare(storage: Storage, config: SourceConfig, db: sqlite3.Connection, work: Path) -> Any:
+def _compare(
+    storage: Storage,
+    config: SourceConfig,
+    db: sqlite3.Connection,
+    work: Path,
+    as_of: EventId | None,
+) -> Any:
     """Fill the work tables: ``refresh`` (listed, and missing from the archive or held
     otherwise), ``targets`` / ``merge_sources`` and ``deletes``. Returns the counts to log."""
     from .restore import materialise
@@ -266,7 +278,7 @@ def _compare(storage: Storage, config: SourceConfig, db: sqlite3.Connection, wor
         CREATE TABLE deletes (data BLOB NOT NULL);
         """
     )
-    state = materialise(storage, until=None, work_dir=work)
+    state = materialise(storage, until=as_of, work_dir=work)
     try:
         listed = platform_ids(config, db, state)
         archived = state.counts()["objects"]
@@ -346,13 +358,15 @@ def _count(db: sqlite3.Connection, table: str) -> int:
 def _groups(
     db: sqlite3.Connection, at: EventId, max_events: int, max_bytes: int
 ) -> Iterator[list[StreamEvent]]:
-    """The events, cut into groups of at most ``max_events`` events and ``max_bytes``."""
+    """The events, cut into groups of about ``max_events`` events and ``max_bytes`` at most,
+    between units only (see ``_units``)."""
     group: list[StreamEvent] = []
     size = index = 0
-    for name, data, context in _specs(db):
-        ev = _reconciled(reconcile_group(at, index), name, data, context)
-        group.append(ev)
-        size += ev.size
+    for unit in _units(db):
+        for name, data, context in unit:
+            ev = _reconciled(reconcile_group(at, index), name, data, context)
+            group.append(ev)
+            size += ev.size
         if len(group) >= max_events or size >= max_bytes:
             yield group
             group, size, index = [], 0, index + 1
@@ -360,22 +374,41 @@ def _groups(
         yield group
 
 
-def _specs(db: sqlite3.Connection) -> Iterator[tuple[str, dict[str, Any], dict[str, Any] | None]]:
-    """``(event name, data, context)`` of each event: refreshed objects in push order (a target
+_Spec = tuple[str, dict[str, Any], dict[str, Any] | None]  # event name, data, context
+
+
+def _units(db: sqlite3.Connection) -> Iterator[list[_Spec]]:
+    """The events, in units a group never splits: refreshed objects in push order (a target
     pushes runs of upserts in bundles, and an object must not come a bundle before what it
-    references), then one merge per target, then the deletes."""
-    for (data,) in db.execute("SELECT data FROM refresh ORDER BY phase, key"):
-        yield "create", orjson.loads(data), None
+    references), each merge target's refresh with its merge right after it (a target applying
+    them in separate batches would take the refreshed entity, which carries its sources' ids,
+    for one of them); then the merges of targets not refreshed, then the deletes."""
+    merged: set[str] = set()
+    refreshed = db.execute(
+        "SELECT r.data, t.stix_id FROM refresh r LEFT JOIN targets t ON t.stix_id = r.stix_id"
+        " ORDER BY r.phase, r.key"
+    )
+    for data, target_id in refreshed:
+        unit: list[_Spec] = [("create", orjson.loads(data), None)]
+        if target_id is not None and target_id not in merged:
+            merged.add(target_id)
+            unit.append(_merge(db, target_id, unit[0][1]))
+        yield unit
     for target_id, target in db.execute("SELECT stix_id, data FROM targets ORDER BY n"):
-        sources = [
-            orjson.loads(source)
-            for (source,) in db.execute(
-                "SELECT data FROM merge_sources WHERE stix_id = ? ORDER BY rowid", (target_id,)
-            )
-        ]
-        yield "merge", orjson.loads(target), {"sources": sources}
+        if target_id not in merged:
+            yield [_merge(db, target_id, orjson.loads(target))]
     for (data,) in db.execute("SELECT data FROM deletes ORDER BY rowid"):
-        yield "delete", orjson.loads(data), None
+        yield [("delete", orjson.loads(data), None)]
+
+
+def _merge(db: sqlite3.Connection, target_id: str, target: dict[str, Any]) -> _Spec:
+    sources = [
+        orjson.loads(source)
+        for (source,) in db.execute(
+            "SELECT data FROM merge_sources WHERE stix_id = ? ORDER BY rowid", (target_id,)
+        )
+    ]
+    return "merge", target, {"sources": sources}
 
 
 def _key_of(stix: dict[str, Any]) -> str:

@@ -28,18 +28,21 @@ import zstandard
 from connector import metrics, reconcile
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
+from connector.errors import RetryableError
 from connector.events import EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.sink import Batch
 from connector.source import SourceConfig, SseSource
 from connector.state import StateStore
 from connector.storage import Storage
 from connector.storage import local as local_storage
 from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
+from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state
 from tests.support.connector import (
     ConnectorProcess,
@@ -838,6 +841,138 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         assert cp.last_segment == refs[-1].manifest.segment
     finally:
         proxy.stop()
+        b.stop()
+
+
+# The reconciliation after a retention gap, through a target: a raw stream cannot recover, so
+# the reconciliation alone brings the lost window to both sinks.
+def _raw_target_env(sim_url: str, tmp_path: Path, target_url: str) -> dict[str, str]:
+    env = _target_env(sim_url, str(tmp_path / "a"), target_url)
+    env.pop("CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE")
+    return {**env, "CONNECTOR_LIVE_STREAM_ID": "raw", "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w")}
+
+
+def _synced_then_down(sim: SimServer, env: dict[str, str], storage: Storage) -> None:
+    run = ConnectorThread(env).start()
+    follow(storage, sim.store, "first sync")
+    run.stop()
+    assert run.error is None
+
+
+def _reconciled_run(sim: SimServer, env: dict[str, str], storage: Storage) -> None:
+    run = ConnectorThread(env).start()
+    follow(storage, sim.store, "repair")
+    wait_until(lambda: _reconciled(storage), what="delete reconciliation")
+    run.stop()
+    assert run.error is None, run.error
+
+
+@pytest.mark.parametrize("group_events", [None, 1])
+def test_target_equals_the_platform_after_a_reconciliation_in_groups(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_events: int | None
+) -> None:
+    """A new entity absorbed an old one in the lost window: the reconciliation refreshes it
+    (carrying the old one's id) and merges the old one into it. Cut into groups of one, the
+    merge still comes in the same batch as the refresh, or the target would take the refreshed
+    entity for the old one."""
+    if group_events is not None:
+        monkeypatch.setattr(reconcile, "GROUP_EVENTS", group_events)
+    generate(sim.store, 60, seed=61, mix="creates")
+    old = "malware--00000000-0000-4000-8000-000000000711"
+    user = "intrusion-set--00000000-0000-4000-8000-000000000713"
+    sim.store.create({"type": "malware", "id": old, "name": "old source", "is_family": True})
+    sim.store.create({"type": "intrusion-set", "id": user, "name": "user"})
+    sim.store.create(
+        {
+            "type": "relationship",
+            "id": "relationship--00000000-0000-4000-8000-000000000714",
+            "relationship_type": "uses",
+            "source_ref": user,
+            "target_ref": old,
+        }
+    )
+    b = _target_platform()
+    try:
+        env = _raw_target_env(sim.url, tmp_path, b.url)
+        storage = LocalStorage(tmp_path / "a")
+        _synced_then_down(sim, env, storage)
+        new = "malware--00000000-0000-4000-8000-000000000712"
+        sim.store.create({"type": "malware", "id": new, "name": "new target", "is_family": True})
+        sim.store.merge(new, [old])
+        generate(sim.store, 10, seed=62, mix="creates")
+        sim.store.trim(3)
+        _reconciled_run(sim, env, storage)
+        assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
+    finally:
+        b.stop()
+
+
+def test_target_refusing_a_reconciled_object_quarantines_it(sim: SimServer, tmp_path: Path) -> None:
+    """An object only the reconciliation sends, refused by the target: quarantined with the
+    platform's reason, as a live one is."""
+    generate(sim.store, 30, seed=73, mix="creates")
+    b = _target_platform()
+    bad = "malware--0000dead-0000-4000-8000-000000000000"
+    proxy = _RejectingProxy(b.url, bad)
+    try:
+        env = _raw_target_env(sim.url, tmp_path, proxy.url)
+        storage = LocalStorage(tmp_path / "a")
+        _synced_then_down(sim, env, storage)
+        quarantined = metric("opencti_sync_quarantined_events_total")
+        malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
+        sim.store.create({**malware, "id": bad, "name": "Rejected"})
+        generate(sim.store, 10, seed=74, mix="creates")
+        sim.store.trim(3)  # its create is gone from the stream: only the reconciliation has it
+        _reconciled_run(sim, env, storage)
+        assert proxy.rejected >= 1
+        assert metric("opencti_sync_quarantined_events_total") > quarantined
+        reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
+        assert any("name is too long" in r for r in reasons)
+    finally:
+        proxy.stop()
+        b.stop()
+
+
+def test_target_down_during_a_reconciliation_converges(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the target refuses the reconciliation (the archive has stored it): the next
+    run reconciles from the checkpoint's state again, so the target gets every change of the
+    lost window, deletes included."""
+    generate(sim.store, 40, seed=81, mix="creates")
+    b = _target_platform()
+    try:
+        env = {**_raw_target_env(sim.url, tmp_path, b.url), "CONNECTOR_SHUTDOWN_TIMEOUT_SECS": "1"}
+        storage = LocalStorage(tmp_path / "a")
+        _synced_then_down(sim, env, storage)
+        doomed = [o["id"] for o in sim.store.objects() if o["type"] == "indicator"][:3]
+        for stix_id in doomed:
+            sim.store.delete(stix_id)
+        generate(sim.store, 5, seed=82, mix="creates")
+        sim.store.trim(2)
+        write = OpenCTITarget.write
+        refused: list[EventId] = []
+
+        def down_for_the_reconciliation(self: OpenCTITarget, batch: Batch) -> None:
+            if any(
+                (ev.envelope.get("origin") or {}).get("referer") == reconcile.REFERER
+                for ev in batch.events
+            ):
+                refused.append(batch.first_id)
+                raise RetryableError("target unavailable")
+            write(self, batch)
+
+        monkeypatch.setattr(OpenCTITarget, "write", down_for_the_reconciliation)
+        run = ConnectorThread(env).start()
+        wait_until(lambda: len(refused) >= 2, what="the reconciliation refused by the target")
+        run.stop()
+        assert isinstance(run.error, ShutdownTimeout), run.error
+        monkeypatch.setattr(OpenCTITarget, "write", write)
+        _reconciled_run(sim, env, storage)
+        assert [d for d in doomed if b.store.get(d) is not None] == []
+        assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
+        assert_restore_equals_platform(storage, sim.store, tmp_path / "r")
+    finally:
         b.stop()
 
 

@@ -21,11 +21,12 @@ from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, SourceRetryable
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
-from connector.reconcile import reconcile_deletes, reconcile_group
+from connector.reconcile import REFERER, reconcile_deletes, reconcile_group
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.sink import Batch
 from connector.source import SourceConfig, SseSource
 from connector.state import push_phase
 from connector.storage.local import LocalStorage
@@ -252,7 +253,7 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
 
     calls: list[EventId] = []
 
-    def reconciler(at: EventId) -> list[list[StreamEvent]]:
+    def reconciler(at: EventId, as_of: EventId) -> list[list[StreamEvent]]:
         calls.append(at)
         env = envelope(99, "delete")
         group = reconcile_group(at, 0)
@@ -295,3 +296,53 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
     assert cp.last_event_id == str(h)
     quarantined = list(storage.list("quarantine/"))
     assert len(quarantined) == 1 and str(late) in storage.get(quarantined[0]).decode()
+
+
+def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
+    """Run 1 stored a reconciliation group below its idle position T and stopped before its
+    checkpoint; run 2's idle position is T again (another platform node's clock): its groups
+    would get the same ids and be skipped as stored. It waits for a later position instead."""
+
+    def event(at: EventId, n: int, kind: str) -> StreamEvent:
+        stix = {
+            "type": "malware",
+            "id": f"malware--00000000-0000-4000-8000-{n:012d}",
+            "name": f"m{n}",
+            "is_family": True,
+            "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
+        }
+        env = {"version": "4", "type": kind, "origin": {"referer": REFERER}, "data": stix}
+        return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+
+    storage = LocalStorage(tmp_path / "a")
+    d = EventId(1_800_000_000_000, 0)
+    t = EventId(d.ms + 10_000, 0)
+    sink = ArchiveSink(storage)
+    sink.write(Batch(first_id=d, last_id=d, events=[event(d, 1, "create"), event(d, 2, "create")]))
+    g0 = reconcile_group(t, 0)
+    sink.write(Batch(first_id=g0, last_id=g0, events=[event(g0, 1, "delete")], after_id=d))
+    cp = Checkpoint(stream_id="live", source_url="http://x")
+    cp.reconcile = {"due": True}
+    cp.last_event_id = cp.last_segment_last_id = str(d)
+    store = CheckpointStore(storage)
+    store.save(cp)
+    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=d)
+    pipe = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_events=1),
+        stop=threading.Event(),
+        reconciler=lambda at, as_of: [[event(reconcile_group(at, 0), 2, "delete")]],
+    )
+    for heartbeat in (t, EventId(t.ms + 5_000, 0)):
+        out: list[Any] = []
+        source._handle("heartbeat", str(heartbeat), b'"x"', out)
+        for item in out:
+            pipe._handle(item)
+        if heartbeat == t:
+            assert cp.reconcile["due"] is True  # no room below t: it waits
+    assert cp.reconcile["due"] is False
+    deleted = [ev.stix_id for ev in ArchiveReader(storage).events() if ev.event == "delete"]
+    assert deleted == [event(d, 1, "delete").stix_id, event(d, 2, "delete").stix_id]
