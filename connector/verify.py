@@ -9,7 +9,8 @@ Checked, streaming one object at a time:
 * continuity: each manifest starts after the previous one ends and its ``after_event_id`` names
   the previous segment's last id. A break is an error unless the checkpoint's
   ``retention_gaps`` explain it. A recorded gap also restarts the patch chains (below), even
-  where the segments chain: the connector went on from its checkpoint, the stream did not;
+  where the segments chain (the connector went on from its checkpoint, the stream did not), and
+  inside a segment when the gap was found before the groups ahead of it were written;
 * head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
   able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
   retention guarantees; otherwise the oldest segments are lost (error);
@@ -475,10 +476,20 @@ class _Verifier:
             self.report.error(f"segment {m.segment}: " + "; ".join(problems))
             self.gen += 1
 
+    def _cross(self, low: EventId, high: EventId) -> None:
+        """The groups of a segment go from ``low`` to ``high``: a retention gap recorded between
+        them (found before the pending batch was written, so inside the segment that holds the
+        groups before and after it) restarts the patch chains there, as between segments."""
+        if any(low <= at < high for at in self.chain_breaks):
+            self.gen += 1
+            self.recover_point = next((r for at, r in reversed(self.recoveries) if at < high), None)
+            self.report.notes.append(f"retention gap before {high}: patch chains restart there")
+
     def _decode(self, m: Manifest, tee: HashingReader, prev: Manifest | None) -> str | None:
         """Stream the events, feed the patch-chain check; a problem description or None."""
         count = 0
         hwm: EventId | None = None
+        group = m.first  # the running group id, from the segment's first
         counts: dict[str, int] = {}
         floor = prev.last if prev is not None else None
         try:
@@ -496,6 +507,9 @@ class _Verifier:
                         f"segment {m.segment}: event {ev.id_text} at or below the previous "
                         f"segment's end {floor} (late recovery event?)"
                     )
+                if ev.id > group:
+                    self._cross(group, ev.id)
+                    group = ev.id
                 hwm = ev.id if hwm is None or ev.id > hwm else hwm
                 counts[ev.event] = counts.get(ev.event, 0) + 1
                 count += 1

@@ -433,6 +433,31 @@ def test_a_copy_read_after_the_updates_it_holds_is_no_missed_event(
     assert not report.ok
 
 
+def test_a_gap_found_before_its_batch_was_written_restarts_chains_inside_a_segment(
+    tmp_path: Path,
+) -> None:
+    """The gap was found while the groups before it were still pending (nothing archived yet):
+    they and the groups after it went into one segment. The update after the gap does not
+    follow the version before it (the one between was trimmed): its chain restarts at the gap's
+    position inside the segment."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.create(2, labels=["a"])
+    gap_at = EventId(b.ms, 0)
+    b.update(1, emit=False, labels=["trimmed"])
+    b.update(1, description="after the repair")
+    b.update(2, description="no gap in its chain")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok  # no gap recorded: a missed event
+    record_gap(storage, gap_at)
+    report = verify_archive(storage, work_dir=tmp_path / "w2")
+    assert report.ok, format_report(report)
+    assert report.segments == 1 and report.updates_checked == 0
+    assert any("patch chains restart" in note for note in report.notes)
+
+
 def _recovering_until(storage: Storage, ms: int) -> None:
     """A checkpoint saying the first run recovered up to ``ms``."""
     until = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
