@@ -296,6 +296,17 @@ class Pipeline:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.
                 self.checkpoint.recover_until = item.repair_recover_until
                 self.checkpoint.reconcile = {"due": True, **gap}
+            if self.reconciler is None:
+                # Without an archive there is nothing to compare the platform with: the target's
+                # own listing would hold objects the source never sent (deleting those is no
+                # repair). Said once, and kept in the checkpoint for `status`.
+                why = (
+                    "no archive to compare the platform with: deletes and merges made while the "
+                    "stream's retention was lost (and, on the raw stream, every change) do not "
+                    "reach the target; keep an archive (ARCHIVE_URI), or re-sync the target"
+                )
+                log.error("Delete reconciliation impossible.", extra={"error": why})
+                self.checkpoint.reconcile = {**gap, "due": False, "failed": why}
             self._save()
         elif isinstance(item, ControlEvent):
             if item.name == "no-recover" and not self.checkpoint.recover_refused:

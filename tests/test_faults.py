@@ -976,6 +976,32 @@ def test_target_down_during_a_reconciliation_converges(
         b.stop()
 
 
+def test_target_only_sync_says_it_cannot_reconcile_a_gap(sim: SimServer, tmp_path: Path) -> None:
+    """Without an archive there is nothing to compare the platform with (the target's own
+    listing holds objects the source never sent): a retention gap is repaired by the recovery,
+    and the checkpoint (``status``) says why its deletes cannot be reconciled."""
+    generate(sim.store, 30, seed=91, mix="creates")
+    b = _target_platform()
+    try:
+        state = LocalStorage(tmp_path / "state")
+        env = {**_target_env(sim.url, "", b.url), "CHECKPOINT_URI": str(state.root)}
+        _synced_then_down(sim, env, state)
+        doomed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+        sim.store.delete(doomed)
+        generate(sim.store, 10, seed=92, mix="creates")
+        sim.store.trim(3)
+        run = ConnectorThread(env).start()
+        follow(state, sim.store, "repair")
+        run.stop()
+        assert run.error is None
+        cp = CheckpointStore(state).load()
+        assert cp is not None and len(cp.retention_gaps) == 1 and cp.reconcile is not None
+        assert cp.reconcile["due"] is False and "ARCHIVE_URI" in cp.reconcile["failed"]
+        assert b.store.get(doomed) is not None  # as said: the delete did not reach the target
+    finally:
+        b.stop()
+
+
 # ---------------------------------------------------------------------- 6. clean shutdown
 def test_sigterm_under_load_drains_and_exits_0(tmp_path: Path) -> None:
     """SIGTERM while events pour in and a batch is open: drain, checkpoint, exit 0."""
