@@ -296,12 +296,12 @@ class _Verifier:
             high = EventId.parse(high_text) if isinstance(high_text, str) and high_text else None
             self.gaps.append((low, high))
             end = gap.get("archive_last_event_id")
-            # The archive goes on after the gap from its own end, past the checkpoint when an
-            # earlier run stored more before it could checkpoint: the patch chains break there.
-            # (where the segments written after the gap begin; the checkpoint may be a later
-            # heartbeat or, when an earlier run had archived more, an earlier position)
+            # The patch chains break after whatever was archived or complete when the gap was
+            # found: the archive's end, past the checkpoint when an earlier run stored more
+            # before it could checkpoint, or the checkpoint's position, past the archive's end
+            # when complete groups were still pending (they share a segment with the repair's).
             valid = isinstance(end, str) and EventId.is_valid(end)
-            self.chain_breaks.append(EventId.parse(str(end)) if valid else low)
+            self.chain_breaks.append(max(EventId.parse(str(end)), low) if valid else low)
             repair = gap.get("repair_recover_until")
             repair_id = iso_to_id(repair) if isinstance(repair, str) else None
             if repair_id is not None:

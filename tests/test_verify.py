@@ -458,6 +458,27 @@ def test_a_gap_found_before_its_batch_was_written_restarts_chains_inside_a_segme
     assert any("patch chains restart" in note for note in report.notes)
 
 
+def test_a_gap_found_with_complete_groups_pending_restarts_chains_after_them(
+    tmp_path: Path,
+) -> None:
+    """As the pipeline records it: the archive's end before the pending groups, the checkpoint's
+    position after them. The chains restart after the pending groups, not before."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    archive_end = b.last
+    b.update(1, labels=["a", "pending"])  # complete, still pending when the gap was found
+    position = EventId(b.ms, 0)
+    b.update(1, emit=False, labels=["trimmed"])
+    b.update(1, description="after the repair")
+    b.flush()
+    record_gap(storage, position, archive_last_event_id=str(archive_end))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1  # the pending update still follows the create
+
+
 def _recovering_until(storage: Storage, ms: int) -> None:
     """A checkpoint saying the first run recovered up to ``ms``."""
     until = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
