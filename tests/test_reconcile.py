@@ -18,7 +18,7 @@ import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
-from connector.errors import CannotReconcile, SourceRetryable
+from connector.errors import CannotReconcile, RetryableError, SourceRetryable
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
 from connector.reconcile import REFERER, reconcile_deletes, reconcile_group
@@ -298,29 +298,33 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
     assert len(quarantined) == 1 and str(late) in storage.get(quarantined[0]).decode()
 
 
+def _malware(at: EventId, n: int, kind: str) -> StreamEvent:
+    """A reconciliation-made event about malware ``n``, at ``at``."""
+    stix = {
+        "type": "malware",
+        "id": f"malware--00000000-0000-4000-8000-{n:012d}",
+        "name": f"m{n}",
+        "is_family": True,
+        "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
+    }
+    env = {"version": "4", "type": kind, "origin": {"referer": REFERER}, "data": stix}
+    return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+
+
 def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
     """Run 1 stored a reconciliation group below its idle position T and stopped before its
     checkpoint; run 2's idle position is T again (another platform node's clock): its groups
     would get the same ids and be skipped as stored. It waits for a later position instead."""
 
-    def event(at: EventId, n: int, kind: str) -> StreamEvent:
-        stix = {
-            "type": "malware",
-            "id": f"malware--00000000-0000-4000-8000-{n:012d}",
-            "name": f"m{n}",
-            "is_family": True,
-            "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
-        }
-        env = {"version": "4", "type": kind, "origin": {"referer": REFERER}, "data": stix}
-        return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
-
     storage = LocalStorage(tmp_path / "a")
     d = EventId(1_800_000_000_000, 0)
     t = EventId(d.ms + 10_000, 0)
     sink = ArchiveSink(storage)
-    sink.write(Batch(first_id=d, last_id=d, events=[event(d, 1, "create"), event(d, 2, "create")]))
+    sink.write(
+        Batch(first_id=d, last_id=d, events=[_malware(d, 1, "create"), _malware(d, 2, "create")])
+    )
     g0 = reconcile_group(t, 0)
-    sink.write(Batch(first_id=g0, last_id=g0, events=[event(g0, 1, "delete")], after_id=d))
+    sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=d))
     cp = Checkpoint(stream_id="live", source_url="http://x")
     cp.reconcile = {"due": True}
     cp.last_event_id = cp.last_segment_last_id = str(d)
@@ -334,7 +338,7 @@ def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: P
         checkpoint=cp,
         policy=BatchPolicy(max_events=1),
         stop=threading.Event(),
-        reconciler=lambda at, as_of: [[event(reconcile_group(at, 0), 2, "delete")]],
+        reconciler=lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
     )
     for heartbeat in (t, EventId(t.ms + 5_000, 0)):
         out: list[Any] = []
@@ -345,4 +349,53 @@ def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: P
             assert cp.reconcile["due"] is True  # no room below t: it waits
     assert cp.reconcile["due"] is False
     deleted = [ev.stix_id for ev in ArchiveReader(storage).events() if ev.event == "delete"]
-    assert deleted == [event(d, 1, "delete").stix_id, event(d, 2, "delete").stix_id]
+    assert deleted == [_malware(d, 1, "delete").stix_id, _malware(d, 2, "delete").stix_id]
+
+
+class _ManifestTimesOut(LocalStorage):
+    """The next manifest write times out after the segment was stored (an S3 timeout)."""
+
+    fail_next_manifest = False
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        if self.fail_next_manifest and key.startswith("manifests/"):
+            self.fail_next_manifest = False
+            raise RetryableError("storage timed out")
+        return super().put_if_absent(key, body)
+
+
+def test_a_group_retried_after_its_manifest_failed_counts_as_written(tmp_path: Path) -> None:
+    """The retry finds the segment its first attempt stored: the same bytes, so this write's,
+    not a group an earlier run stored (which would stop the run)."""
+    storage = _ManifestTimesOut(tmp_path / "a")
+    d = EventId(1_800_000_000_000, 0)
+    ArchiveSink(storage).write(Batch(first_id=d, last_id=d, events=[_malware(d, 1, "create")]))
+    cp = Checkpoint(stream_id="live", source_url="http://x")
+    cp.reconcile = {"due": True}
+    cp.last_event_id = cp.last_segment_last_id = str(d)
+    store = CheckpointStore(storage)
+    store.save(cp)
+    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=d)
+
+    def reconciler(at: EventId, as_of: EventId) -> list[list[StreamEvent]]:
+        storage.fail_next_manifest = True
+        return [[_malware(reconcile_group(at, 0), 1, "delete")]]
+
+    pipe = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_events=1),
+        stop=threading.Event(),
+        backoff_initial=0.01,
+        backoff_max=0.02,
+        reconciler=reconciler,
+    )
+    out: list[Any] = []
+    source._handle("heartbeat", str(EventId(d.ms + 10_000, 0)), b'"x"', out)
+    for item in out:
+        pipe._handle(item)
+    assert cp.reconcile["due"] is False and cp.reconcile["deleted"] == 1
+    assert [ev.event for ev in ArchiveReader(storage).events()] == ["create", "delete"]
+    assert cp.events_archived == 1 and cp.segments_written == 1

@@ -6,7 +6,9 @@ segments after the batch's ``after_id`` (keys sort in stream order), rebuilds a 
 left missing, and remembers the highest group stored. Every write then skips the leading groups
 at or below that tail and chains the rest after it, as a new segment named by its own first group
 id. So however the re-delivered stream is cut into batches (and even when a recovery re-delivers
-other ids), no group is stored twice and the manifests chain.
+other ids), no group is stored twice and the manifests chain. A segment found at a write's own
+key with the very bytes that write makes (a retry after a failed manifest write or a lost
+answer) is counted as that write's.
 """
 
 from __future__ import annotations
@@ -154,7 +156,16 @@ class ArchiveSink:
                 result.segments.append(key)
                 return
             # The key exists: an earlier attempt wrote these groups before it could checkpoint.
-            covered = self._committed_manifest(key, first, after, self.codec).last
+            stored = self._committed_manifest(key, first, after, self.codec)
+            if stored.sha256 == hashlib.sha256(body).hexdigest() and stored.last == batch.last_id:
+                # The very segment this write makes (a retry after a failed manifest write, an
+                # answer lost, a crashed run's identical batch): this write's, counted as such.
+                self._tail = _max(self._tail, batch.last_id)
+                result.events += len(events)
+                result.bytes += len(body)
+                result.segments.append(key)
+                return
+            covered = stored.last
             if covered < first:
                 raise PermanentError(f"archive manifest of {key} ends before its first group")
             self._tail = _max(self._tail, covered)
