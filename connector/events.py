@@ -37,6 +37,10 @@ DATA_EVENTS: frozenset[str] = frozenset({"create", "update", "merge", "delete"})
 OCTI_EXT = "extension-definition--ea279b3e-5c71-4632-ac08-831c66a786ba"
 
 
+# ``origin.referer`` of the events a retention-gap reconciliation writes.
+RECONCILE_REFERER = "opencti-sync-reconcile"
+
+
 class EventId(NamedTuple):
     """A stream position ``<ms>-<seq>``. Ordered like the platform's Redis stream ids.
 
@@ -159,6 +163,12 @@ class StreamEvent:
     def stix(self) -> dict[str, Any]:
         data = self.envelope.get("data")
         return data if isinstance(data, dict) else {}
+
+    @property
+    def reconciled(self) -> bool:
+        """Written by a retention-gap reconciliation (``connector.reconcile``): archived after
+        the repair's recovery, about changes made before it."""
+        return self.referer == RECONCILE_REFERER
 
     @property
     def synthetic(self) -> bool:

@@ -24,12 +24,12 @@ caught up, this module
 4. yields synthetic events with ``origin.referer = "opencti-sync-reconcile"``: a ``create``
    carrying the listed object for every one the archive lacks or holds otherwise (an earlier
    version, or references the platform re-pointed silently when a change lost with the window
-   renamed or merged what they name);
-   then, for every object alive in the archive but gone from the platform, with its last known
-   STIX, a ``merge`` into the entity that answers to its id now, when the archive holds that
-   entity or the listing refreshes it (it was merged away in the lost window: what referred to
-   it follows it there, as on the platform), else a ``delete``. An object the platform answers
-   for under a new standard id, same internal id, is still there (outside the listing).
+   renamed or merged what they name); for every object alive in the archive but gone from the
+   platform, with its last known STIX, a ``merge`` into the entity that answers to its id now,
+   when the archive holds that entity or the listing refreshes it (it was merged away in the
+   lost window: what referred to it follows it there, as on the platform), else a ``delete``.
+   An object the platform answers for under a new standard id, same internal id, is still
+   there (outside the listing). In the order ``_units`` gives: deletes first.
 
 What it found waits in SQLite work files (removed when it is done), and the events come in groups
 of at most ``GROUP_EVENTS`` events and ``GROUP_BYTES`` of data, each group under its own id just
@@ -53,7 +53,7 @@ import orjson
 from httpx_sse import connect_sse
 
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
-from .events import EventId, StreamEvent, loads_json, octi_ext
+from .events import RECONCILE_REFERER, EventId, StreamEvent, loads_json, octi_ext
 from .source import SourceConfig, iso_now, iso_to_id, tls_verify
 from .stix_lookup import entities, stix_queries
 from .storage import Storage
@@ -73,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFERER = "opencti-sync-reconcile"
+REFERER = RECONCILE_REFERER
 
 
 def platform_ids(
@@ -378,11 +378,15 @@ _Spec = tuple[str, dict[str, Any], dict[str, Any] | None]  # event name, data, c
 
 
 def _units(db: sqlite3.Connection) -> Iterator[list[_Spec]]:
-    """The events, in units a group never splits: refreshed objects in push order (a target
-    pushes runs of upserts in bundles, and an object must not come a bundle before what it
-    references), each merge target's refresh with its merge right after it (a target applying
-    them in separate batches would take the refreshed entity, which carries its sources' ids,
-    for one of them); then the merges of targets not refreshed, then the deletes."""
+    """The events, in units a group never splits. First the deletes: what the platform lists
+    exists now, so it came after any delete that freed one of its ids (a deleted object's old
+    standard id taken again), and a delete must not cascade over it. Then the refreshed objects
+    in push order (a target pushes runs of upserts in bundles, and an object must not come a
+    bundle before what it references), each merge target's refresh with its merge right after
+    it (a target applying them in separate batches would take the refreshed entity, which
+    carries its sources' ids, for one of them); then the merges of targets not refreshed."""
+    for (data,) in db.execute("SELECT data FROM deletes ORDER BY rowid"):
+        yield [("delete", orjson.loads(data), None)]
     merged: set[str] = set()
     refreshed = db.execute(
         "SELECT r.data, t.stix_id FROM refresh r LEFT JOIN targets t ON t.stix_id = r.stix_id"
@@ -397,8 +401,6 @@ def _units(db: sqlite3.Connection) -> Iterator[list[_Spec]]:
     for target_id, target in db.execute("SELECT stix_id, data FROM targets ORDER BY n"):
         if target_id not in merged:
             yield [_merge(db, target_id, orjson.loads(target))]
-    for (data,) in db.execute("SELECT data FROM deletes ORDER BY rowid"):
-        yield [("delete", orjson.loads(data), None)]
 
 
 def _merge(db: sqlite3.Connection, target_id: str, target: dict[str, Any]) -> _Spec:

@@ -781,6 +781,7 @@ class StateStore:
         tombstones = self._db.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None
         pending: dict[str, _Pending] = {}
         alias_rows: list[tuple[str, str]] = []  # may exist in SQL: the guarded insert
+        claimed: list[tuple[str, str]] = []  # standard ids taken from another live object
         new_aliases = self._new_aliases  # certainly not in SQL (the filter said so)
         queued: list[str] = []
         written: list[tuple[str, str]] = []
@@ -843,10 +844,17 @@ class StateStore:
                     else:
                         new_aliases[alias] = key
                         queued.append(alias)
+                elif alias == stix_id and not stale and holder.stix_id != alias:
+                    # Another live object lists this standard id as an old id: it lost it
+                    # (see _claim_standard_id).
+                    known[alias] = mine
+                    claimed.append((alias, key))
             if as_of is None or eid > as_of:
                 as_of = eid
             done += 1
         self._flush(pending, alias_rows, written)
+        if claimed:
+            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", claimed)
         # Queued aliases must be found by the next batches' lookups (this one uses ``known``).
         self._seen.add_many(queued)
         if len(new_aliases) >= _NEW_ALIASES_MAX:
@@ -987,9 +995,32 @@ class StateStore:
         row = _object_row(key, stix, event_id, event)
         db.execute(_UPSERT_OBJECT, row)
         self._add_aliases(_ADD_ALIAS, [(a, key) for a in _aliases_of(key, stix)])
+        self._claim_standard_id(key, row[1])
         if "by_key" in self._indexed:
             db.execute("DELETE FROM refs WHERE key = ?", (key,))
             db.executemany(_ADD_REF, [(r, key) for r in orjson.loads(row[-1])])
+
+    def _claim_standard_id(self, key: str, stix_id: str) -> None:
+        """An object's standard id is its own, even when another live object still lists it
+        as an old id: on the platform, an object created under an id another one lists is
+        upserted into that one, so that one has lost it (deleted or renamed since, by events
+        the archive holds later: a reconciliation's, written after the repair's recovery)."""
+        row = self._db.execute(
+            "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
+            " WHERE a.alias = ?",
+            (stix_id,),
+        ).fetchone()
+        if row is not None and row[0] != key and row[1] != stix_id:
+            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(stix_id, key)])
+
+    def _standard_id_of_another(self, stix_id: str, key: str | None) -> bool:
+        """Whether ``stix_id`` is the standard id of a live object other than ``key``."""
+        row = self._db.execute(
+            "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
+            " WHERE a.alias = ?",
+            (stix_id,),
+        ).fetchone()
+        return row is not None and row[0] != key and row[1] == stix_id
 
     def _forget(self, key: str) -> None:
         for table in ("objects", "aliases", "refs"):
@@ -1096,7 +1127,14 @@ class StateStore:
             merged.append(
                 (s_key or s_iid or str(src["id"]), stored.stix_id if stored else s_ids[0])
             )
-            absorbed.extend(i for i in ids if i not in absorbed)
+            # A reconciliation's merge (archived late): not another live object's standard id
+            # by then (see _cascade_users).
+            absorbed.extend(
+                i
+                for i in ids
+                if i not in absorbed
+                and not (ev.reconciled and self._standard_id_of_another(i, t_key))
+            )
         # Guarded: the state may already hold a later version of the target (sent ahead as a
         # dependency or by the recovery); the sources go all the same.
         key = self._upsert(target, ev.id_text, "merge", None, guard=True) or t_key
@@ -1170,12 +1208,13 @@ class StateStore:
         if key is None:
             # Unknown here (archive started later): tombstone it, and still clean its dependants.
             self._tombstone(iid or ev.stix_id, ev.stix_id, ev.id_text, "deleted", None)
-            for user_key in self._cascade_users(_ids_of(ev.stix), None, ev.id_text):
+            late = ev.reconciled
+            for user_key in self._cascade_users(_ids_of(ev.stix), None, ev.id_text, late=late):
                 self._cascade(user_key, ev.id_text)
             return
-        self._cascade(key, ev.id_text)
+        self._cascade(key, ev.id_text, late=ev.reconciled)
 
-    def _cascade(self, key: str, event_id: str) -> None:
+    def _cascade(self, key: str, event_id: str, *, late: bool = False) -> None:
         """Delete ``key`` and what depended on it, as the platform's single delete does."""
         pending = [key]
         while pending:
@@ -1184,11 +1223,21 @@ class StateStore:
                 continue
             self._forget(rec.key)
             self._tombstone(rec.key, rec.stix_id, event_id, "deleted", None)
-            pending.extend(self._cascade_users(_ids_of(rec.data), rec.key, event_id))
+            users = self._cascade_users(_ids_of(rec.data), rec.key, event_id, late=late)
+            pending.extend(users)
 
-    def _cascade_users(self, id_list: list[str], skip: str | None, event_id: str) -> list[str]:
-        """Drop refs to ``id_list`` from referrers; return the relations that must go too."""
+    def _cascade_users(
+        self, id_list: list[str], skip: str | None, event_id: str, *, late: bool = False
+    ) -> list[str]:
+        """Drop refs to ``id_list`` from referrers; return the relations that must go too.
+
+        ``late``: a reconciliation's delete, archived after the repair's recovery though made
+        before it; an id that is another live object's standard id by then is that object's (a
+        deleted object's old standard id taken again), and what uses it is spared. (Not for a
+        delete in stream order: an object sent ahead can hold a standard id it takes later.)"""
         ids = set(id_list)
+        if late:
+            ids = {i for i in ids if not self._standard_id_of_another(i, skip)}
         doomed: list[str] = []
         for user_key in self._referrers(ids):
             if user_key == skip:

@@ -844,6 +844,57 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         b.stop()
 
 
+_RENAMED = "malware--00000000-0000-4000-8000-0000000000f2"
+_OLD_ID = "malware--00000000-0000-4000-8000-0000000000f1"
+_USER = "intrusion-set--00000000-0000-4000-8000-0000000000f3"
+_USES = "relationship--00000000-0000-4000-8000-0000000000f4"
+
+
+def _renamed_then_reused(store: SimStore, *, before: bool) -> None:
+    """Before: malware under _OLD_ID renamed to _RENAMED (the old id stays its alias). After
+    (the lost window): it is deleted, a new malware takes the old id and is used."""
+    if before:
+        generate(store, 30, seed=3, mix="creates")
+        store.create({"type": "malware", "id": _OLD_ID, "name": "Foo", "is_family": True})
+        store.create({"type": "intrusion-set", "id": _USER, "name": "user"})
+        store.update(_OLD_ID, new_id=_RENAMED)
+        return
+    store.delete(_RENAMED)
+    store.create({"type": "malware", "id": _OLD_ID, "name": "Foo again", "is_family": True})
+    store.create(
+        {
+            "type": "relationship",
+            "id": _USES,
+            "relationship_type": "uses",
+            "source_ref": _USER,
+            "target_ref": _OLD_ID,
+        }
+    )
+    generate(store, 10, seed=4, mix="creates")
+    store.trim(3)
+
+
+@pytest.mark.parametrize("stream", ["live", "raw"])
+def test_reconciled_delete_spares_what_took_its_old_id(
+    sim: SimServer, tmp_path: Path, stream: str
+) -> None:
+    """The delete of an object renamed before the gap must not cascade over what took its old
+    id in the lost window: the reconciliation writes its deletes before its refreshes."""
+    _renamed_then_reused(sim.store, before=True)
+    storage = LocalStorage(tmp_path / "a")
+    env = base_env(
+        sim.url,
+        TOKEN,
+        str(storage.root),
+        CONNECTOR_LIVE_STREAM_ID=stream,
+        OPENCTI_SYNC_WORK_DIR=str(tmp_path / "w"),
+    )
+    _synced_then_down(sim, env, storage)
+    _renamed_then_reused(sim.store, before=False)
+    _reconciled_run(sim, env, storage)
+    assert_restore_equals_platform(storage, sim.store, tmp_path / "r")
+
+
 # The reconciliation after a retention gap, through a target: a raw stream cannot recover, so
 # the reconciliation alone brings the lost window to both sinks.
 def _raw_target_env(sim_url: str, tmp_path: Path, target_url: str) -> dict[str, str]:
