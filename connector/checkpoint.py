@@ -42,6 +42,10 @@ class Checkpoint:
     last_segment: str | None = None
     # Last group id of the last segment written (the next segment continues from it).
     last_segment_last_id: str | None = None
+    # Last group of the last batch every sink acknowledged. The archive can end past it (an
+    # earlier run stored more before it could checkpoint) where a target may not: a retention
+    # gap's reconciliation brings the target from here.
+    acked_event_id: str | None = None
     # Set when the stream's retention passed the checkpoint: the ids and dates of the repair.
     reconcile: dict[str, Any] | None = None
     retention_gaps: list[dict[str, Any]] = field(default_factory=list)

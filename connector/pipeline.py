@@ -157,7 +157,7 @@ class Pipeline:
         backoff_max: float = 60.0,
         shutdown_timeout: float = 30.0,
         on_position: Callable[[EventId], None] | None = None,
-        reconciler: Callable[[EventId, EventId], Iterable[list[StreamEvent]]] | None = None,
+        reconciler: Callable[[EventId, EventId | None], Iterable[list[StreamEvent]]] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -295,7 +295,7 @@ class Pipeline:
             if item.repair_recover_until:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.
                 self.checkpoint.recover_until = item.repair_recover_until
-                self.checkpoint.reconcile = {"due": True, **gap}
+                self.checkpoint.reconcile = {"due": True, **gap, **self._reconcile_from()}
             if self.reconciler is None:
                 # Without an archive there is nothing to compare the platform with: the target's
                 # own listing would hold objects the source never sent (deleting those is no
@@ -317,6 +317,19 @@ class Pipeline:
             metrics.ERRORS.labels(type(item.error).__name__).inc()
             self.stop.set()
             raise item.error
+
+    def _reconcile_from(self) -> dict[str, str]:
+        """``{"as_of": ...}``: with a sink other than the archive, the state the reconciliation
+        compares with is what every sink acknowledged before the gap (the archive may hold
+        more, stored by an earlier run, that the target never got, and no stream re-sends it
+        now); a reconciliation still due keeps the earlier one. Archive only: its whole state."""
+        if all(s.name == "archive" for s in self.sinks):
+            return {}
+        due = self.checkpoint.reconcile or {}
+        held = self.checkpoint.acked_event_id or self.checkpoint.last_segment_last_id
+        earlier = due.get("as_of") if due.get("due") else None
+        points = [EventId.parse(p) for p in (held, earlier) if p]
+        return {"as_of": str(min(points))} if points else {"as_of": str(EventId(0, 0))}
 
     def _below_reconcile(self, ev: StreamEvent) -> bool:
         """An event sorting at or below the group a delete reconciliation archived (it arrived
@@ -357,10 +370,9 @@ class Pipeline:
         end = max((e for e in (self._segment_last, self._archive_end()) if e), default=None)
         if end is not None and end >= reconcile_group(at, 0):
             return False  # no room below ``at``: the next idle heartbeat will have it
-        # Compared with the state every sink holds (the checkpoint's), not the archive's own: a
-        # target may lack what an earlier run archived past it, its groups included.
-        held = self.checkpoint.last_segment_last_id
-        as_of = EventId.parse(held) if held else EventId(0, 0)
+        # With a target: also compared with the state every sink held at the gap (see
+        # _reconcile_from); the archive's own whole state in any case.
+        as_of = EventId.parse(rec["as_of"]) if rec.get("as_of") else None
         groups: Iterator[list[StreamEvent]] = iter(())
         try:
             try:
@@ -447,6 +459,13 @@ class Pipeline:
         tail = max(group, archived.tail) if archived.tail is not None else group
         self.checkpoint.last_segment_last_id = str(tail)
         self._segment_last = tail
+        self._acked(group)
+
+    def _acked(self, group: EventId) -> None:
+        """Every sink acknowledged the groups up to ``group``."""
+        acked = self.checkpoint.acked_event_id
+        if acked is None or group > EventId.parse(acked):
+            self.checkpoint.acked_event_id = str(group)
 
     def _count_received(self) -> None:
         # Per wake-up, not per event: a labelled counter increment costs a lock each time.
@@ -518,6 +537,7 @@ class Pipeline:
                 tail = archived.tail
             cp.last_segment_last_id = str(tail)
             self._segment_last = tail
+            self._acked(batch.last_id)
         self._record_archived(archived)
         cp.quarantined += len(batch.quarantined)
         self._save()

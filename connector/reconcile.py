@@ -8,8 +8,9 @@ repair's groups at or below the archive's end are taken for ones it holds, and a
 repair sent there as a dependency is not sent again at its own place. So once the repair has
 caught up, this module
 
-1. materialises the archive's state as of the checkpoint, which every sink holds (snapshot +
-   segments, on disk);
+1. materialises the archive's state (snapshot + segments, on disk); with a target, also the
+   state every sink had acknowledged when the gap was found, when the archive holds more (an
+   earlier run stored it before it could checkpoint, and no stream re-sends it now);
 2. lists every object the platform holds now, through one extra recover-mode connection
    (``from=0&recover=<now>``, with the connector's own dependency setting, read until an id past
    the recover point shows the live part has begun; ids kept in SQLite, and the whole object
@@ -44,7 +45,7 @@ import logging
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +78,11 @@ REFERER = RECONCILE_REFERER
 
 
 def platform_ids(
-    config: SourceConfig, db: sqlite3.Connection, state: StateStore | None = None
+    config: SourceConfig, db: sqlite3.Connection, states: Sequence[StateStore] = ()
 ) -> int:
     """Fill table ``ids(id)`` with the internal and STIX ids of every object on the platform;
-    with ``state``, table ``refresh(key, stix_id, data)`` with each listed object it lacks or
-    holds otherwise."""
+    with ``states``, table ``refresh(key, stix_id, data)`` with each listed object one of them
+    lacks or holds otherwise."""
     from .state import push_phase
 
     db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY)")
@@ -135,7 +136,7 @@ def platform_ids(
                     continue
                 ids = [i for i in (octi_ext(stix).get("id"), stix.get("id")) if isinstance(i, str)]
                 db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
-                if state is not None and ids and _differs(state, ids, stix):
+                if ids and any(_differs(state, ids, stix) for state in states):
                     db.execute(
                         "INSERT OR REPLACE INTO refresh VALUES (?, ?, ?, ?)",
                         (ids[0], str(stix.get("id")), push_phase(stix), orjson.dumps(stix)),
@@ -237,9 +238,9 @@ def reconcile_deletes(
     their own id. Groups hold about ``max_events`` events (``GROUP_EVENTS``) and
     ``max_bytes`` of data (``GROUP_BYTES``) at most.
 
-    The archive's state is taken as of ``as_of`` (all of it when None): the pipeline passes the
-    checkpoint's archive position, the state every sink holds, so that what an earlier run
-    archived past it (a crash, a target refusing) is sent to every sink again.
+    ``as_of``: the last group every sink acknowledged (the pipeline passes it when a target
+    syncs); what the archive holds past it (a crash, a target refusing) is compared as well, and
+    written again, so that every sink gets it.
 
     A generator: the archive is materialised, the platform listed and compared when the first
     group is asked for (errors are raised then); the groups are then read from the work files,
@@ -266,34 +267,45 @@ def _compare(
     as_of: EventId | None,
 ) -> Any:
     """Fill the work tables: ``refresh`` (listed, and missing from the archive or held
-    otherwise), ``targets`` / ``merge_sources`` and ``deletes``. Returns the counts to log."""
+    otherwise), ``targets`` / ``merge_sources`` and ``deletes``. Returns the counts to log.
+
+    The archive's whole state, and with ``as_of`` before its end also the state as of it: an
+    object either lacks or holds otherwise is refreshed, one alive in either and not listed is
+    gone (the events are then written again for the archive, which held them already)."""
     from .restore import materialise
 
     db.executescript(
         """
-        CREATE TABLE gone (key TEXT NOT NULL, stix_id TEXT NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE gone (key TEXT PRIMARY KEY, stix_id TEXT NOT NULL, data BLOB NOT NULL);
         CREATE TABLE targets (n INTEGER PRIMARY KEY, stix_id TEXT UNIQUE, data BLOB NOT NULL);
         CREATE TABLE merge_sources (stix_id TEXT NOT NULL, data BLOB NOT NULL);
         CREATE INDEX merge_sources_target ON merge_sources (stix_id);
         CREATE TABLE deletes (data BLOB NOT NULL);
         """
     )
-    state = materialise(storage, until=as_of, work_dir=work)
+    states = [materialise(storage, until=None, work_dir=work / "archive")]
     try:
-        listed = platform_ids(config, db, state)
-        archived = state.counts()["objects"]
+        end = states[0].as_of
+        if as_of is not None and (end is None or as_of < end):
+            states.append(materialise(storage, until=as_of, work_dir=work / "acked"))
+        listed = platform_ids(config, db, states)
+        archived = states[0].counts()["objects"]
         if listed == 0 and archived:
             # A platform that lost everything it held is far likelier a platform not ready
             # (an empty search index after a restart) than a real mass delete.
             raise SourceRetryable(
                 f"the platform listed no objects while the archive holds {archived}"
             )
-        for key, stix_id, _event, data in state.objects():
-            found = db.execute(
-                "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
-            ).fetchone()
-            if found is None:
-                db.execute("INSERT INTO gone VALUES (?, ?, ?)", (key, stix_id, orjson.dumps(data)))
+        for state in states:
+            for key, stix_id, _event, data in state.objects():
+                found = db.execute(
+                    "SELECT 1 FROM ids WHERE id IN (?, ?) LIMIT 1", (key, stix_id)
+                ).fetchone()
+                if found is None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO gone VALUES (?, ?, ?)",
+                        (key, stix_id, orjson.dumps(data)),
+                    )
         after = 0
         while True:
             page = db.execute(
@@ -305,10 +317,11 @@ def _compare(
             after = page[-1][0]
             now = platform_resolves(config, [stix_id for _, _, stix_id, _ in page])
             for _, key, stix_id, data in page:
-                _classify(db, state, key, stix_id, data, now.get(stix_id))
+                _classify(db, states, key, stix_id, data, now.get(stix_id))
         db.commit()
     finally:
-        state.close()
+        for state in states:
+            state.close()
     return {
         "platform_objects": listed,
         "unlisted": _count(db, "gone"),
@@ -320,7 +333,7 @@ def _compare(
 
 def _classify(
     db: sqlite3.Connection,
-    state: StateStore,
+    states: Sequence[StateStore],
     key: str,
     stix_id: str,
     data: bytes,
@@ -339,7 +352,8 @@ def _classify(
         # As listed when the archive lacks it or holds it otherwise (refreshed first): a
         # target platform must not be set back by the merge's upsert.
         listed = db.execute("SELECT data FROM refresh WHERE stix_id = ?", (holder,)).fetchone()
-        target = orjson.loads(listed[0]) if listed else state.get(holder)
+        held = (state.get(holder) for state in states)
+        target = orjson.loads(listed[0]) if listed else next((t for t in held if t), None)
     if target is None or _key_of(target) == key:
         db.execute("INSERT INTO deletes VALUES (?)", (data,))  # merged outside the listing
         return

@@ -903,6 +903,10 @@ def _raw_target_env(sim_url: str, tmp_path: Path, target_url: str) -> dict[str, 
     return {**env, "CONNECTOR_LIVE_STREAM_ID": "raw", "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w")}
 
 
+def _work(tmp_path: Path) -> dict[str, str]:
+    return {"OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w")}
+
+
 def _synced_then_down(sim: SimServer, env: dict[str, str], storage: Storage) -> None:
     run = ConnectorThread(env).start()
     follow(storage, sim.store, "first sync")
@@ -953,6 +957,50 @@ def test_target_equals_the_platform_after_a_reconciliation_in_groups(
         generate(sim.store, 10, seed=62, mix="creates")
         sim.store.trim(3)
         _reconciled_run(sim, env, storage)
+        assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("stream", ["raw", "live"])
+def test_target_gets_what_only_the_archive_got_before_a_gap(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: str
+) -> None:
+    """A delete the archive stored while the target refused it (stopped before the checkpoint),
+    then a retention gap: the stream no longer re-sends it, so the reconciliation compares the
+    platform with what every sink had acknowledged too, and the target gets it."""
+    generate(sim.store, 30, seed=5, mix="creates")
+    b = _target_platform()
+    try:
+        env = _raw_target_env(sim.url, tmp_path, b.url)
+        if stream == "live":
+            env = {**_target_env(sim.url, str(tmp_path / "a"), b.url), **_work(tmp_path)}
+        env["CONNECTOR_SHUTDOWN_TIMEOUT_SECS"] = "1"
+        storage = LocalStorage(tmp_path / "a")
+        _synced_then_down(sim, env, storage)
+        doomed = next(o["id"] for o in sim.store.objects() if o["type"] == "malware")
+        write = OpenCTITarget.write
+        refused: list[EventId] = []
+
+        def down(self: OpenCTITarget, batch: Batch) -> None:
+            if batch.events:
+                refused.append(batch.first_id)
+                raise RetryableError("target unavailable")
+            write(self, batch)
+
+        monkeypatch.setattr(OpenCTITarget, "write", down)
+        sim.store.delete(doomed)
+        run = ConnectorThread(env).start()
+        wait_until(lambda: len(refused) >= 1, what="the delete refused by the target")
+        run.stop()
+        assert isinstance(run.error, ShutdownTimeout), run.error
+        monkeypatch.setattr(OpenCTITarget, "write", write)
+        assert b.store.get(doomed) is not None
+        generate(sim.store, 10, seed=6, mix="creates")
+        sim.store.trim(3)
+        _reconciled_run(sim, env, storage)
+        assert_restore_equals_platform(storage, sim.store, tmp_path / "r")
+        assert b.store.get(doomed) is None, "the delete never reached the target"
         assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
     finally:
         b.stop()

@@ -195,6 +195,37 @@ def test_groups_are_bounded_and_the_work_files_removed(sim: SimServer, tmp_path:
     assert not list(tmp_path.glob("reconcile-*"))
 
 
+def test_what_the_archive_holds_past_the_acknowledged_state_is_compared_too(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """With ``as_of`` (what every sink acknowledged) before the archive's end: an object created
+    after it and gone from the platform is deleted (the archive, what a restore replays, holds
+    it), and one changed after it is written again (a target may lack the change)."""
+    storage = _backup(sim, tmp_path, "live")
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.last_segment_last_id is not None
+    as_of = EventId.parse(cp.last_segment_last_id)
+    created = "malware--00000000-0000-4000-8000-0000000000aa"
+    sim.store.create({"type": "malware", "id": created, "name": "past as_of", "is_family": True})
+    changed = next(o["id"] for o in sim.store.objects() if o["type"] == "indicator")
+    sim.store.update(changed, set={"description": "changed past as_of"})
+    storage = _backup(sim, tmp_path, "live")
+    sim.store.delete(created)
+    config = SourceConfig(url=sim.url, token=TOKEN, stream_id="live", read_timeout=5)
+    at = EventId(int(time.time() * 1000), 0)
+    events = [
+        ev
+        for group in reconcile_deletes(storage, config, at=at, as_of=as_of, work_dir=tmp_path)
+        for ev in group
+    ]
+    assert {ev.stix_id for ev in events if ev.event == "delete"} == {created}
+    assert {ev.stix_id for ev in events if ev.event == "create"} == {changed}
+    archive_only = [
+        ev for group in reconcile_deletes(storage, config, at=at, work_dir=tmp_path) for ev in group
+    ]
+    assert [(ev.event, ev.stix_id) for ev in archive_only] == [("delete", created)]
+
+
 def test_a_stream_refusing_recovery_cannot_be_reconciled(sim: SimServer, tmp_path: Path) -> None:
     storage = _backup(sim, tmp_path, "live")
     sim.set_fault(no_recover=True)
