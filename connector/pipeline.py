@@ -456,16 +456,18 @@ class Pipeline:
             )
         self._record_archived(archived)
         self._quarantine_rejections(batch)
-        tail = max(group, archived.tail) if archived.tail is not None else group
+        self._archived_through(group, archived)
+
+    def _archived_through(self, last: EventId, archived: _Archived) -> None:
+        """Every sink acknowledged the groups up to ``last``. The archive may end past them: an
+        earlier run stored groups of the next batches before it could checkpoint, and the next
+        segment chains after them."""
+        tail = last if archived.tail is None else max(last, archived.tail)
         self.checkpoint.last_segment_last_id = str(tail)
         self._segment_last = tail
-        self._acked(group)
-
-    def _acked(self, group: EventId) -> None:
-        """Every sink acknowledged the groups up to ``group``."""
         acked = self.checkpoint.acked_event_id
-        if acked is None or group > EventId.parse(acked):
-            self.checkpoint.acked_event_id = str(group)
+        if acked is None or last > EventId.parse(acked):
+            self.checkpoint.acked_event_id = str(last)
 
     def _count_received(self) -> None:
         # Per wake-up, not per event: a labelled counter increment costs a lock each time.
@@ -530,14 +532,7 @@ class Pipeline:
             done = max(batch.last_id, self._complete_id or batch.last_id)
             if self._saved_id is None or done > self._saved_id:
                 cp.last_event_id = str(done)
-            # The archive may end past the batch: an earlier run stored groups of the next
-            # batches before it could checkpoint. The next segment chains after them.
-            tail = batch.last_id
-            if archived.tail is not None and archived.tail > tail:
-                tail = archived.tail
-            cp.last_segment_last_id = str(tail)
-            self._segment_last = tail
-            self._acked(batch.last_id)
+            self._archived_through(batch.last_id, archived)
         self._record_archived(archived)
         cp.quarantined += len(batch.quarantined)
         self._save()

@@ -234,8 +234,8 @@ def reconcile_deletes(
     max_bytes: int | None = None,
 ) -> Iterator[list[StreamEvent]]:
     """Groups of synthetic events (ids from ``reconcile_group``): creates for what the archive
-    missed, then merges and deletes for archived objects the platform no longer holds under
-    their own id. Groups hold about ``max_events`` events (``GROUP_EVENTS``) and
+    missed, merges and deletes for archived objects the platform no longer holds under their own
+    id, in the order ``_units`` gives (deletes first). Groups hold about ``max_events`` events (``GROUP_EVENTS``) and
     ``max_bytes`` of data (``GROUP_BYTES``) at most.
 
     ``as_of``: the last group every sink acknowledged (the pipeline passes it when a target

@@ -1005,22 +1005,23 @@ class StateStore:
         as an old id: on the platform, an object created under an id another one lists is
         upserted into that one, so that one has lost it (deleted or renamed since, by events
         the archive holds later: a reconciliation's, written after the repair's recovery)."""
-        row = self._db.execute(
-            "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
-            " WHERE a.alias = ?",
-            (stix_id,),
-        ).fetchone()
-        if row is not None and row[0] != key and row[1] != stix_id:
+        holder = self._alias_holder(stix_id)
+        if holder is not None and holder[0] != key and holder[1] != stix_id:
             self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(stix_id, key)])
 
     def _standard_id_of_another(self, stix_id: str, key: str | None) -> bool:
         """Whether ``stix_id`` is the standard id of a live object other than ``key``."""
+        holder = self._alias_holder(stix_id)
+        return holder is not None and holder[0] != key and holder[1] == stix_id
+
+    def _alias_holder(self, alias: str) -> tuple[str, str] | None:
+        """``(key, standard id)`` of the live object ``alias`` leads to."""
         row = self._db.execute(
             "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
             " WHERE a.alias = ?",
-            (stix_id,),
+            (alias,),
         ).fetchone()
-        return row is not None and row[0] != key and row[1] == stix_id
+        return (str(row[0]), str(row[1])) if row else None
 
     def _forget(self, key: str) -> None:
         for table in ("objects", "aliases", "refs"):
@@ -1208,8 +1209,8 @@ class StateStore:
         if key is None:
             # Unknown here (archive started later): tombstone it, and still clean its dependants.
             self._tombstone(iid or ev.stix_id, ev.stix_id, ev.id_text, "deleted", None)
-            late = ev.reconciled
-            for user_key in self._cascade_users(_ids_of(ev.stix), None, ev.id_text, late=late):
+            users = self._cascade_users(_ids_of(ev.stix), None, ev.id_text, late=ev.reconciled)
+            for user_key in users:
                 self._cascade(user_key, ev.id_text)
             return
         self._cascade(key, ev.id_text, late=ev.reconciled)
