@@ -257,69 +257,31 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
     behind the heartbeat's) cannot be stored in order any more: it is quarantined with its
     reason, never dropped as one already stored. One between them and H is stored."""
     storage = LocalStorage(tmp_path / "a")
-    cp = Checkpoint(stream_id="live", source_url="http://x")
-    cp.reconcile = {"due": True}
-    store = CheckpointStore(storage)
-    store.save(cp)
-    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=None)
-
-    def envelope(n: int, kind: str) -> dict[str, Any]:
-        stix = {
-            "type": "malware",
-            "id": f"malware--00000000-0000-4000-8000-{n:012d}",
-            "name": f"m{n}",
-            "is_family": True,
-            "extensions": {
-                OCTI_EXT: {"id": f"00000000-0000-4000-8000-{n:012d}", "type": "Malware"}
-            },
-        }
-        return {
-            "version": "4",
-            "type": kind,
-            "scope": "external",
-            "message": "m",
-            "origin": {},
-            "data": stix,
-        }
-
     calls: list[EventId] = []
 
-    def reconciler(at: EventId, as_of: EventId) -> list[list[StreamEvent]]:
+    def reconciler(at: EventId, as_of: EventId | None) -> list[list[StreamEvent]]:
         calls.append(at)
-        env = envelope(99, "delete")
-        group = reconcile_group(at, 0)
-        return [[StreamEvent(group, str(group), "delete", orjson.dumps(env).decode(), env)]]
+        return [[_malware(reconcile_group(at, 0), 99, "delete")]]
 
-    pipe = Pipeline(
-        source=source,
-        sinks=[ArchiveSink(storage)],
-        store=store,
-        checkpoint=cp,
-        policy=BatchPolicy(max_events=1),
-        stop=threading.Event(),
-        reconciler=reconciler,
-    )
+    source, pipe = _reconciling(storage, reconciler)
+    cp = pipe.checkpoint
     d = EventId(1_800_000_000_000, 0)
     h, late = EventId(d.ms + 10_000, 0), EventId(d.ms + 5_000, 0)
 
-    def feed(name: str, id_text: str, data: bytes) -> None:
-        out: list[Any] = []
-        source._handle(name, id_text, data, out)
-        for item in out:
-            pipe._handle(item)
-        pipe._maybe_flush()
+    def live(n: int) -> bytes:
+        return _malware(d, n, "create", referer=None).data
 
-    feed("create", str(d), orjson.dumps(envelope(1, "create")))
+    _feed(source, pipe, "create", str(d), live(1))
     # Idle, but its groups would go at d's millisecond, where the archive ends: it waits.
-    feed("heartbeat", str(EventId(d.ms + 1, 0)), b'"x"')
+    _feed(source, pipe, "heartbeat", str(EventId(d.ms + 1, 0)), b'"x"')
     assert cp.reconcile["due"] is True and not calls
-    feed("heartbeat", str(h), b'"x"')  # idle: the reconciliation runs and writes just below h
+    _feed(source, pipe, "heartbeat", str(h), b'"x"')  # idle: it runs and writes just below h
     assert cp.reconcile["due"] is False
-    feed("create", str(late), orjson.dumps(envelope(2, "create")))
+    _feed(source, pipe, "create", str(late), live(2))
     # Below h but above the reconciliation's groups: stored in order, like any event below an
     # idle heartbeat.
     between = EventId(h.ms - 1, 5)
-    feed("create", str(between), orjson.dumps(envelope(3, "create")))
+    _feed(source, pipe, "create", str(between), live(3))
     pipe._flush()
     archived = [ev.id_text for ev in ArchiveReader(storage).events()]
     assert calls == [h]
@@ -329,8 +291,8 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
     assert len(quarantined) == 1 and str(late) in storage.get(quarantined[0]).decode()
 
 
-def _malware(at: EventId, n: int, kind: str) -> StreamEvent:
-    """A reconciliation-made event about malware ``n``, at ``at``."""
+def _malware(at: EventId, n: int, kind: str, referer: str | None = REFERER) -> StreamEvent:
+    """An event about malware ``n``, at ``at``: by default one a reconciliation made."""
     stix = {
         "type": "malware",
         "id": f"malware--00000000-0000-4000-8000-{n:012d}",
@@ -338,8 +300,43 @@ def _malware(at: EventId, n: int, kind: str) -> StreamEvent:
         "is_family": True,
         "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
     }
-    env = {"version": "4", "type": kind, "origin": {"referer": REFERER}, "data": stix}
+    origin = {"referer": referer} if referer else {}
+    env = {"version": "4", "type": kind, "origin": origin, "data": stix}
     return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+
+
+def _reconciling(
+    storage: LocalStorage, reconciler: Any, *, resume: EventId | None = None, **options: Any
+) -> tuple[SseSource, Pipeline]:
+    """A source and a pipeline into ``storage`` whose checkpoint (at ``resume``) has a
+    reconciliation due; their items are fed by hand (``_feed``)."""
+    cp = Checkpoint(stream_id="live", source_url="http://x")
+    cp.reconcile = {"due": True}
+    if resume is not None:
+        cp.last_event_id = cp.last_segment_last_id = str(resume)
+    store = CheckpointStore(storage)
+    store.save(cp)
+    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=resume)
+    pipe = Pipeline(
+        source=source,
+        sinks=[ArchiveSink(storage)],
+        store=store,
+        checkpoint=cp,
+        policy=BatchPolicy(max_events=1),
+        stop=threading.Event(),
+        reconciler=reconciler,
+        **options,
+    )
+    return source, pipe
+
+
+def _feed(source: SseSource, pipe: Pipeline, name: str, id_text: str, data: bytes) -> None:
+    """One SSE message through the source's handling into the pipeline."""
+    out: list[Any] = []
+    source._handle(name, id_text, data, out)
+    for item in out:
+        pipe._handle(item)
+    pipe._maybe_flush()
 
 
 def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
@@ -356,28 +353,15 @@ def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: P
     )
     g0 = reconcile_group(t, 0)
     sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=d))
-    cp = Checkpoint(stream_id="live", source_url="http://x")
-    cp.reconcile = {"due": True}
-    cp.last_event_id = cp.last_segment_last_id = str(d)
-    store = CheckpointStore(storage)
-    store.save(cp)
-    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=d)
-    pipe = Pipeline(
-        source=source,
-        sinks=[ArchiveSink(storage)],
-        store=store,
-        checkpoint=cp,
-        policy=BatchPolicy(max_events=1),
-        stop=threading.Event(),
-        reconciler=lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
+    source, pipe = _reconciling(
+        storage,
+        lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
+        resume=d,
     )
-    for heartbeat in (t, EventId(t.ms + 5_000, 0)):
-        out: list[Any] = []
-        source._handle("heartbeat", str(heartbeat), b'"x"', out)
-        for item in out:
-            pipe._handle(item)
-        if heartbeat == t:
-            assert cp.reconcile["due"] is True  # no room below t: it waits
+    cp = pipe.checkpoint
+    _feed(source, pipe, "heartbeat", str(t), b'"x"')
+    assert cp.reconcile["due"] is True  # no room below t: it waits
+    _feed(source, pipe, "heartbeat", str(EventId(t.ms + 5_000, 0)), b'"x"')
     assert cp.reconcile["due"] is False
     deleted = [ev.stix_id for ev in ArchiveReader(storage).events() if ev.event == "delete"]
     assert deleted == [_malware(d, 1, "delete").stix_id, _malware(d, 2, "delete").stix_id]
@@ -401,32 +385,16 @@ def test_a_group_retried_after_its_manifest_failed_counts_as_written(tmp_path: P
     storage = _ManifestTimesOut(tmp_path / "a")
     d = EventId(1_800_000_000_000, 0)
     ArchiveSink(storage).write(Batch(first_id=d, last_id=d, events=[_malware(d, 1, "create")]))
-    cp = Checkpoint(stream_id="live", source_url="http://x")
-    cp.reconcile = {"due": True}
-    cp.last_event_id = cp.last_segment_last_id = str(d)
-    store = CheckpointStore(storage)
-    store.save(cp)
-    source = SseSource(SourceConfig(url="http://x", token="t", stream_id="live"), resume=d)
 
-    def reconciler(at: EventId, as_of: EventId) -> list[list[StreamEvent]]:
+    def reconciler(at: EventId, as_of: EventId | None) -> list[list[StreamEvent]]:
         storage.fail_next_manifest = True
         return [[_malware(reconcile_group(at, 0), 1, "delete")]]
 
-    pipe = Pipeline(
-        source=source,
-        sinks=[ArchiveSink(storage)],
-        store=store,
-        checkpoint=cp,
-        policy=BatchPolicy(max_events=1),
-        stop=threading.Event(),
-        backoff_initial=0.01,
-        backoff_max=0.02,
-        reconciler=reconciler,
+    source, pipe = _reconciling(
+        storage, reconciler, resume=d, backoff_initial=0.01, backoff_max=0.02
     )
-    out: list[Any] = []
-    source._handle("heartbeat", str(EventId(d.ms + 10_000, 0)), b'"x"', out)
-    for item in out:
-        pipe._handle(item)
+    cp = pipe.checkpoint
+    _feed(source, pipe, "heartbeat", str(EventId(d.ms + 10_000, 0)), b'"x"')
     assert cp.reconcile["due"] is False and cp.reconcile["deleted"] == 1
     assert [ev.event for ev in ArchiveReader(storage).events()] == ["create", "delete"]
     assert cp.events_archived == 1 and cp.segments_written == 1
