@@ -168,9 +168,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `status | head`: the reader left; say nothing more (and not at exit either).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # A local path the operator gave (work dir, bundle, archive) that cannot be used: one
+        # line that names it, not a traceback.
+        log.error("Stopped on a local file error.", extra={"error": str(exc)})
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"opencti-sync: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 # -- run --------------------------------------------------------------------------------------
+
+
+def _stored_nothing(cp: Any, archive: Any) -> bool:
+    """Nothing was ever made durable under this checkpoint: no event, segment or quarantined
+    event, in its counters or in the archive (a crash can store a segment before its
+    checkpoint)."""
+    if cp.last_event_id or cp.events_archived or cp.segments_written or cp.quarantined:
+        return False
+    if archive is None:
+        return True
+    from .archive.layout import EVENTS_PREFIX, QUARANTINE_PREFIX
+
+    return all(
+        next(iter(archive.list(p)), None) is None for p in (EVENTS_PREFIX, QUARANTINE_PREFIX)
+    )
 
 
 def build_runtime(settings: Settings) -> dict[str, Any]:
@@ -288,6 +310,14 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
     store = runtime["store"]
     cp = store.load()
     source_url = settings.opencti.url.rstrip("/")
+    if cp is not None and _stored_nothing(cp, runtime["archive"]):
+        if cp.stream_id != c.live_stream_id or not same_url(cp.source_url, source_url):
+            # A first run that never got an event (a mistyped stream id or URL) binds nothing.
+            log.info(
+                "The first run stored nothing: starting again with this stream.",
+                extra={"previous_stream": cp.stream_id, "previous_url": cp.source_url},
+            )
+            cp = None
     if cp is None:
         raw = c.live_stream_id in ("", "raw")
         recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())
@@ -575,18 +605,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_runtime_for_reading(settings: Settings) -> dict[str, Any]:
     """The archive storage (or None) and the checkpoint store, as configured."""
-    from .checkpoint import CheckpointStore
+    from .checkpoint import configured_store
     from .storage import open_storage
 
     s3 = settings.s3_options()
     archive = open_storage(settings.archive.uri, **s3) if settings.archive.uri else None
-    if settings.checkpoint.uri:
-        cp_storage = open_storage(settings.checkpoint.uri, **s3)
-    elif archive is not None:
-        cp_storage = archive
-    else:
-        cp_storage = open_storage("./opencti-sync-state")
-    return {"archive": archive, "store": CheckpointStore(cp_storage)}
+    return {"archive": archive, "store": configured_store(settings, archive)}
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -702,12 +726,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import configured_store
     from .verify import format_report, verify_archive
 
     settings, archive = _archive_command(args)
     work = Path(settings.connector.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    report = verify_archive(archive, work_dir=work)
+    report = verify_archive(archive, work_dir=work, checkpoints=configured_store(settings, archive))
     print(format_report(report))
     ok = bool(report.ok)
     if args.against_opencti:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .errors import CheckpointError, NotFound
-from .storage import Storage
+from .storage import Storage, open_storage
 
-__all__ = ["CHECKPOINT_KEY", "Checkpoint", "CheckpointStore"]
+if TYPE_CHECKING:
+    from .settings import Settings
+
+__all__ = ["CHECKPOINT_KEY", "Checkpoint", "CheckpointStore", "configured_store"]
 
 CHECKPOINT_KEY = "checkpoint.json"
 VERSION = 1
@@ -98,3 +101,12 @@ class CheckpointStore:
     def save(self, checkpoint: Checkpoint) -> None:
         checkpoint.saved_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         self.storage.put(self.key, checkpoint.to_json())
+
+
+def configured_store(settings: Settings, archive: Storage | None) -> CheckpointStore:
+    """Where ``run`` keeps its checkpoint: ``checkpoint.uri`` when set, else the archive, else
+    ``./opencti-sync-state``. Every command that reads it (status, restore, verify) looks there,
+    so a checkpoint kept apart from the archive still guards a restore and a verify."""
+    if settings.checkpoint.uri:
+        return CheckpointStore(open_storage(settings.checkpoint.uri, **settings.s3_options()))
+    return CheckpointStore(archive if archive is not None else open_storage("./opencti-sync-state"))

@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 
 from .archive import ArchiveReader
-from .checkpoint import CheckpointStore
+from .checkpoint import Checkpoint, configured_store
 from .errors import ConfigError, ConnectorError
 from .events import EventId, octi_ext
 from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
 from .settings import Settings
+from .snapshot import list_snapshots
 from .source import iso_to_id
 from .state import StateStore
 from .storage import Storage, open_storage
@@ -76,6 +77,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         ]
         if given:
             raise ConfigError(given[0], "applies to --opencti only, not to --to-bundle")
+        # Said now, not after the whole state is built.
+        folder = Path(args.to_bundle).parent
+        if not folder.is_dir():
+            raise ConfigError("--to-bundle", f"no such directory: {folder}")
 
 
 def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
@@ -83,8 +88,17 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     _check_flags(args)
     until = parse_until(args.until) if args.until else None
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    cp = CheckpointStore(storage).load()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("--work-dir", f"cannot use {work}: {exc.strerror or exc}") from None
+    # Where ``run`` keeps it (``checkpoint.uri``), which may not be the archive.
+    cp = configured_store(settings, storage).load()
+    if cp is None:
+        log.warning(
+            "No checkpoint found (in the archive, or at checkpoint.uri / CHECKPOINT_URI): a "
+            "point inside the first recovery and lost newest segments cannot be detected."
+        )
     first_end = cp.first_recovery_end if cp else None
     recovered = iso_to_id(first_end) if first_end else None
     if until is not None and recovered is not None and until < recovered and not args.allow_partial:
@@ -92,11 +106,14 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         if unknown:
             raise ConnectorError(
                 f"--until {args.until} is inside the archive's first recovery (up to "
-                f"{first_end}), which holds each object only as it was at "
-                f"its end: {unknown} objects that existed at that point changed before the "
-                "recovery, and their version then is unknown. Accept that state with "
-                "--allow-partial"
+                f"{first_end}), which holds each object only as it was at its end: {unknown} "
+                "objects are held only as they were later (changed before the recovery, or "
+                "created after that point and sent with an object that existed then), so the "
+                "state at that point is unknown. Accept that state with --allow-partial"
             )
+    lost = None if args.allow_partial else _lost_tail(storage, cp, until)
+    if lost:
+        raise ConnectorError(lost)
     state, plan = materialise_plan(
         storage, until=until, work_dir=work, allow_partial=args.allow_partial
     )
@@ -120,8 +137,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 "accept a partial state with --allow-partial"
             )
         if args.to_bundle:
-            with open(args.to_bundle, "wb") as out:
-                count = to_bundle(state, out)
+            count = _write_bundle(state, Path(args.to_bundle))
             print(f"wrote {count} objects to {args.to_bundle}")
             return 0
         token = args.token or settings.target.opencti_token
@@ -156,12 +172,48 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         _drop_state(state)
 
 
+def _write_bundle(state: StateStore, path: Path) -> int:
+    """The bundle is written beside its name and renamed when whole: a failed write (a full
+    disk) leaves no truncated bundle that looks like a restore."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "wb") as out:
+            count = to_bundle(state, out)
+        part.replace(path)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise ConnectorError(f"cannot write the bundle {path}: {exc.strerror or exc}") from None
+    return count
+
+
+def _lost_tail(storage: Storage, cp: Checkpoint | None, until: EventId | None) -> str | None:
+    """The checkpoint names the newest segment's last id; an archive that ends before it lost
+    its newest segments (or manifests), and a restore at a point past its end would silently
+    miss them: the message that says so, or None."""
+    if cp is None or not cp.last_segment_last_id or not EventId.is_valid(cp.last_segment_last_id):
+        return None
+    want = EventId.parse(cp.last_segment_last_id)
+    newest = ArchiveReader(storage).newest()
+    ends = [newest.last] if newest is not None else []
+    ends += [s.as_of for s in list_snapshots(storage)]  # retention may have pruned up to one
+    end = max(ends, default=None)
+    if end is not None and (end >= want or (until is not None and until <= end)):
+        return None
+    return (
+        f"the archive at {storage.describe()} ends at {end or 'nothing'}, but its checkpoint "
+        f"says it holds events up to {want} (segment {cp.last_segment}): the newest segments or "
+        "their manifests are missing (`opencti-sync verify` shows them). Restore a point at or "
+        "before the archive's end with --until, or accept this state with --allow-partial"
+    )
+
+
 def _versions_unknown(storage: Storage, until: EventId, recovered: EventId) -> int:
-    """Objects the first recovery holds only in a version from after ``until`` although they
-    existed at it (created at or before it, updated after it): their version then is unknown.
-    Recovery sends each object once, as it is at the recovery's end, under its ``updated_at``
-    or, as a dependency, under the id of the object that needed it (so possibly at or below
-    ``until``). Objects created after ``until`` are rightly absent then; the others are right."""
+    """Objects the first recovery holds only in a version from after ``until``: their state
+    then is unknown. Recovery sends each object once, as it is at the recovery's end, under its
+    ``updated_at`` or, as a dependency, under the id of the object that needed it (so possibly
+    at or below ``until``). Those existing at ``until`` but updated after it have an unknown
+    version; those created after it but sent at or below it would appear too early. Objects
+    created after ``until`` and sent after it are rightly absent; the others are right."""
     unknown: set[str] = set()
     for ev in ArchiveReader(storage).events(until=recovered):
         if not ev.synthetic:
@@ -170,6 +222,8 @@ def _versions_unknown(storage: Storage, until: EventId, recovered: EventId) -> i
         created = iso_to_id(str(octi.get("created_at") or ""))
         updated = iso_to_id(str(octi.get("updated_at") or ""))
         if created is not None and updated is not None and created.ms <= until.ms < updated.ms:
+            unknown.add(ev.stix_id)
+        elif created is not None and created.ms > until.ms and ev.id <= until:
             unknown.add(ev.stix_id)
     return len(unknown)
 

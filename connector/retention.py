@@ -45,6 +45,7 @@ from .archive.layout import (
     id_from_key,
     manifest_key_for_segment,
 )
+from .archive.reader import ArchiveReader
 from .archive.segment import HashingReader, Manifest
 from .checkpoint import CheckpointStore
 from .errors import ConfigError, ConnectorError, MalformedEvent, NotFound
@@ -227,16 +228,8 @@ def _archive_position(storage: Storage) -> EventId | None:
         cp = None
     if cp is not None and cp.last_event_id:
         return EventId.parse(cp.last_event_id)
-    last_key = None
-    for key in storage.list(MANIFESTS_PREFIX):
-        if key.endswith(".json"):
-            last_key = key
-    if last_key is None:
-        return None
-    try:
-        return Manifest.from_json(storage.get(last_key)).last
-    except (NotFound, MalformedEvent):
-        return None
+    newest = ArchiveReader(storage).newest()
+    return newest.last if newest is not None else None
 
 
 def _trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:

@@ -569,6 +569,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             "connector.live_stream_start_timestamp", "must be epoch milliseconds >= 0"
         )
+    if c.shutdown_timeout_secs <= 0:
+        raise ConfigError("connector.shutdown_timeout_secs", "must be > 0")
     if 0 < c.live_stream_start_timestamp < 100_000_000_000:
         # Seconds instead of milliseconds silently mean 1970 (a classic pycti pitfall).
         raise ConfigError(

@@ -373,7 +373,14 @@ def fold_segments(
             )
         _check_stop(stop, "while folding segments")
         # Lines straight into the state: one parse per line, no StreamEvent per event.
-        with reader.storage.open(m.segment) as fh:
+        try:
+            fh = reader.storage.open(m.segment)
+        except NotFound:
+            raise PermanentError(
+                f"archive segment {m.segment} is missing (its manifest {ref.manifest_key} is "
+                "there); `opencti-sync verify` shows what else is"
+            ) from None
+        with fh:
             body = _Checked(fh, m.segment, m.sha256, "archive segment")
             try:
                 events += state.fold_lines(

@@ -14,9 +14,10 @@ Checked, streaming one object at a time:
 * head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
   able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
   retention guarantees; otherwise the oldest segments are lost (error);
-* tail: when ``checkpoint.json`` lives in the archive, the segment it names as ``last_segment``
-  must have its manifest and the archive must reach its ``last_segment_last_id``; otherwise the
-  newest segments are lost (the stream resumes after them);
+* tail: when the checkpoint is found (in the archive, or where ``checkpoint.uri`` points), the
+  segment it names as ``last_segment`` must have its manifest and the archive must reach its
+  ``last_segment_last_id``; otherwise the newest segments are lost (the stream resumes after
+  them);
 * patch chains: an ``update``/``merge`` whose object's previous version was set by the event
   just before it (same object, no break or quarantined event in between) must turn back into
   that version when its ``reverse_patch`` is applied; otherwise an event was missed upstream.
@@ -277,9 +278,9 @@ class _Verifier:
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def load_context(self) -> None:
+    def load_context(self, checkpoints: CheckpointStore) -> None:
         try:
-            cp = CheckpointStore(self.storage).load()
+            cp = checkpoints.load()
         except ConnectorError as exc:
             self.report.warning(f"checkpoint.json unreadable ({exc}); retention gaps unknown")
             cp = None
@@ -768,14 +769,17 @@ class _Verifier:
         return None
 
 
-def verify_archive(storage: Storage, *, work_dir: Path) -> VerifyReport:
-    """Check the whole archive; ``report.ok`` is False when anything is damaged."""
+def verify_archive(
+    storage: Storage, *, work_dir: Path, checkpoints: CheckpointStore | None = None
+) -> VerifyReport:
+    """Check the whole archive; ``report.ok`` is False when anything is damaged. ``checkpoints``:
+    where the connector keeps its checkpoint when not in the archive (``checkpoint.uri``)."""
     report = VerifyReport(archive=storage.describe())
     work_dir.mkdir(parents=True, exist_ok=True)
     index = _Index(work_dir / f"verify-{uuid.uuid4().hex}.sqlite")
     try:
         v = _Verifier(storage, report, index)
-        v.load_context()
+        v.load_context(checkpoints or CheckpointStore(storage))
         v.check_segments()
         v.check_orphans()
         v.check_snapshots(work_dir)

@@ -5,6 +5,7 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 
 from connector.__main__ import main
 from connector.archive import ArchiveReader
-from connector.checkpoint import CheckpointStore
+from connector.checkpoint import CHECKPOINT_KEY, CheckpointStore
 from connector.errors import PermanentError
 from connector.events import EventId
 from connector.retention import RetentionPolicy, apply_retention, plan_retention
@@ -122,9 +123,9 @@ def test_verify_against_a_platform_behind_a_private_ca(
         assert main(args) != 0  # the same platform, its certificate unverifiable
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "lost manifest"])
+@pytest.mark.parametrize("damage", ["flipped byte", "lost manifest", "lost segment"])
 def test_a_damaged_archive_is_never_restored_or_snapshotted_silently(
-    archive: Path, tmp_path: Path, damage: str
+    archive: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A segment whose bytes changed (bit rot) or whose manifest is gone (a hole in the chain):
     restore and the snapshot job stop and say so instead of building a wrong or partial state
@@ -136,14 +137,19 @@ def test_a_damaged_archive_is_never_restored_or_snapshotted_silently(
         body = bytearray(storage.get(victim.manifest.segment))
         body[len(body) // 2] ^= 0x01
         storage.put(victim.manifest.segment, bytes(body))
-    else:
+    elif damage == "lost manifest":
         storage.delete(victim.manifest_key)
+    else:
+        storage.delete(victim.manifest.segment)
     for snap in list_snapshots(storage):  # restore from the segments alone
         storage.delete(snap.manifest_key)
     out = tmp_path / "state.json"
     assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1
+    err = capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(PermanentError, match="damaged|gap"):
+    if damage == "lost segment":  # named as such, not as a bare storage key
+        assert f"archive segment {victim.manifest.segment} is missing" in err
+    with pytest.raises(PermanentError, match="damaged|gap|missing"):
         write_snapshot(storage, work_dir=tmp_path / "snap")
     assert list_snapshots(storage) == []
     if damage == "lost manifest":  # the operator may accept the hole knowingly
@@ -220,3 +226,109 @@ def test_a_retention_gap_repair_does_not_move_the_first_recovery(
     assert main(["status", "--archive", str(archive), "--json"]) == 0
     status = orjson.loads(capsys.readouterr().out)
     assert EventId.parse(status["restorable_from"]) <= mid
+
+
+@pytest.mark.parametrize("where", ["in the archive", "apart"])
+def test_lost_newest_segments_are_never_restored_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """No chain link can show that the newest segments are gone: only the checkpoint knows how
+    far the archive reaches. A restore past the archive's end is refused (a point before it is
+    fine), and verify says so, also when the checkpoint is kept apart (``CHECKPOINT_URI``)."""
+    token = "tail-token-0123456789"
+    archive = tmp_path / "a"
+    storage = LocalStorage(archive)
+    kept = tmp_path / "cp" if where == "apart" else archive
+    extra = {"CHECKPOINT_URI": str(kept)} if where == "apart" else {}
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 20, seed=3, mix="creates")
+        run = ConnectorThread(base_env(sim.url, token, str(archive), **extra)).start()
+        wait_until(lambda: caught_up(LocalStorage(kept), sim.store.last_event_id), what="recovery")
+        time.sleep(0.05)
+        generate(sim.store, 5, seed=4, mix="creates")
+        wait_until(lambda: caught_up(LocalStorage(kept), sim.store.last_event_id), what="live")
+        run.stop()
+    assert storage.exists(CHECKPOINT_KEY) == (where != "apart")
+    for key, value in extra.items():
+        monkeypatch.setenv(key, value)
+    refs = list(ArchiveReader(storage).manifests())
+    assert len(refs) >= 2
+    storage.delete(refs[-1].manifest_key)  # its segment is no longer part of the archive
+    out = tmp_path / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1
+    assert "newest segments" in capsys.readouterr().err and not out.exists()
+    assert main(["verify", "--archive", str(archive)]) == 1
+    assert "newest segments are missing" in capsys.readouterr().out
+    end = str(refs[-2].manifest.last)
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", end) == 0
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--allow-partial") == 0
+
+
+def test_a_point_before_what_the_recovery_sent_early_needs_allow_partial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first recovery sends an entity with its relationships, under the entity's id: a
+    relationship created later, and its other endpoint, would appear at a point where they did
+    not exist yet. Such a point inside the first recovery is refused unless --allow-partial."""
+    token = "early-token-0123456789"
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        malware, actor = f"malware--{uuid.uuid4()}", f"intrusion-set--{uuid.uuid4()}"
+        sim.store.create({"type": "malware", "id": malware, "name": "Early", "is_family": True})
+        point = EventId.parse(sim.store.last_event_id)
+        time.sleep(0.05)
+        sim.store.create({"type": "intrusion-set", "id": actor, "name": "Later"})
+        sim.store.create(
+            {
+                "type": "relationship",
+                "id": f"relationship--{uuid.uuid4()}",
+                "relationship_type": "uses",
+                "source_ref": actor,
+                "target_ref": malware,
+            }
+        )
+        archive = tmp_path / "a"
+        storage = LocalStorage(archive)
+        run = ConnectorThread(base_env(sim.url, token, str(archive))).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="first run")
+        run.stop()
+    early = [ev for ev in ArchiveReader(storage).events(until=point) if ev.stix_id == actor]
+    assert early  # sent with the malware, at or below the point
+    out = tmp_path / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", str(point)) == 1
+    assert "first recovery" in capsys.readouterr().err and not out.exists()
+    args = ("--to-bundle", str(out), "--until", str(point), "--allow-partial")
+    assert _restore(archive, tmp_path, *args) == 0
+
+
+def test_bundle_and_work_paths_are_checked_and_a_failed_bundle_leaves_nothing(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle path in a missing directory, or a work dir that is a file, is refused before
+    any work (exit 2, naming the flag); a bundle that cannot be written leaves no partial file."""
+    missing = tmp_path / "no-such-dir" / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(missing)) == 2
+    assert "--to-bundle" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    args = ["restore", "--archive", str(archive), "--work-dir", str(a_file)]
+    assert main([*args, "--to-bundle", str(tmp_path / "state.json")]) == 2
+    assert "--work-dir" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()  # the rename onto a directory fails once the bundle is written
+    assert _restore(archive, tmp_path, "--to-bundle", str(taken)) == 1
+    assert "cannot write the bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("taken")) == ["taken"]
+
+
+def test_an_unusable_work_dir_is_one_line_not_a_traceback(
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    monkeypatch.setenv("OPENCTI_SYNC_WORK_DIR", str(a_file / "work"))
+    assert main(["verify", "--archive", str(archive)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{a_file / 'work'}" in err

@@ -216,6 +216,23 @@ def test_negative_retention_values_are_refused(env_name: str, path: str) -> None
     assert err.value.key == path
 
 
+@pytest.mark.parametrize("bad", ["0", "-5"])
+def test_a_shutdown_timeout_must_be_positive(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"CONNECTOR_SHUTDOWN_TIMEOUT_SECS": bad})
+    assert err.value.key == "connector.shutdown_timeout_secs"
+
+
+def test_a_relative_file_uri_is_refused(tmp_path: Path) -> None:
+    """``file://var/lib/x`` (two slashes, a compose-file typo) would be a path relative to
+    wherever the process runs; ``file:///var/lib/x`` is meant."""
+    done = _cli({}, tmp_path, "status", "--archive", "file://var/lib/opencti-sync")
+    assert done.returncode == 2 and "archive.uri" in done.stderr and "file:///" in done.stderr
+    assert not (tmp_path / "var").exists()
+    ok = _cli({}, tmp_path, "status", "--archive", f"file://{tmp_path}/a")
+    assert "configuration error" not in ok.stderr
+
+
 @pytest.mark.parametrize(
     ("env_name", "path"),
     [

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from connector.checkpoint import CheckpointStore
-from connector.errors import ConfigError, PermanentError
+from connector.errors import ConfigError, PermanentError, StreamGoneError
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
@@ -55,6 +55,32 @@ def test_an_archive_refuses_another_platform_until_told_it_moved(tmp_path: Path)
     after = CheckpointStore(storage).load()
     assert after is not None and after.source_url == other.url
     assert not after.retention_gaps
+
+
+def test_a_first_run_that_stored_nothing_binds_nothing(tmp_path: Path) -> None:
+    """A mistyped stream id on the very first run: the platform refuses the stream and nothing
+    is stored. Corrected, the run starts afresh instead of refusing the archive for good; once
+    it stored something, the archive follows that stream only."""
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 10, seed=1, mix="creates")
+        typo = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="nosuchstream")
+        first = ConnectorThread(typo).start()
+        first.join()
+        assert isinstance(first.error, StreamGoneError)  # the platform refused the stream
+        kept = CheckpointStore(storage).load()
+        assert kept is not None and kept.stream_id == "nosuchstream" and not kept.last_event_id
+        run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="backup")
+        run.stop()
+        assert run.error is None
+        cp = CheckpointStore(storage).load()
+        assert cp is not None and cp.stream_id == "live" and cp.events_archived > 0
+        again = ConnectorThread(typo).start()
+        again.join()
+        assert isinstance(again.error, ConfigError)
+        assert again.error.key == "connector.live_stream_id"
 
 
 def test_a_target_that_is_the_source_under_another_address_is_refused(tmp_path: Path) -> None:

@@ -57,6 +57,16 @@ class ArchiveReader:
                 raise PermanentError(f"archive manifest {key} is damaged: {exc.reason}") from exc
             yield SegmentRef(key, manifest)
 
+    def newest(self) -> Manifest | None:
+        """The newest readable manifest (the archive's end), or None for an empty archive."""
+        keys = [k for k in self.storage.list(MANIFESTS_PREFIX) if k.endswith(".json")]
+        for key in reversed(keys):
+            try:
+                return Manifest.from_json(self.storage.get(key))
+            except (NotFound, MalformedEvent):
+                continue  # pruned while we listed, or torn: the one before is the end we can read
+        return None
+
     def segment_events(self, manifest: Manifest) -> Iterator[StreamEvent]:
         with self.storage.open(manifest.segment) as fh:
             yield from iter_segment_events(iter_segment_lines(fh, manifest.codec))

@@ -103,4 +103,9 @@ def open_storage(uri: str, **options: object) -> Storage:
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     if not path:
         raise ConfigError("archive.uri", "empty path")
+    if uri.startswith("file://") and not path.startswith("/"):
+        # file://var/lib/x names host "var": as a path it would silently be relative.
+        raise ConfigError(
+            "archive.uri", f"a file:// URI needs an absolute path (file:///...): {uri!r}"
+        )
     return LocalStorage(path)
