@@ -66,7 +66,7 @@ def test_transient_faults_are_retryable(
     fault_proxy.fail_next(BOTO_ATTEMPTS, kind)
     with pytest.raises(RetryableError) as caught:
         storage.put_if_absent("k", b"v")
-    assert "will retry" in str(caught.value)
+    assert "transient" in str(caught.value)
     assert fault_proxy.stats[kind] == BOTO_ATTEMPTS
     # The pipeline's next attempt: a write whose answer was lost shows up as already there.
     expect_written = kind != "reset_after_forward"
@@ -185,10 +185,10 @@ def _client_error(status: int, code: str, message: str = "") -> Exception:
 @pytest.mark.parametrize(
     ("status", "code", "kind", "words"),
     [
-        (403, "RequestTimeTooSkewed", RetryableError, "will retry"),
-        (400, "RequestTimeout", RetryableError, "will retry"),
-        (409, "ConditionalRequestConflict", RetryableError, "will retry"),
-        (400, "KMS.ThrottlingException", RetryableError, "will retry"),
+        (403, "RequestTimeTooSkewed", RetryableError, "transient"),
+        (400, "RequestTimeout", RetryableError, "transient"),
+        (409, "ConditionalRequestConflict", RetryableError, "transient"),
+        (400, "KMS.ThrottlingException", RetryableError, "transient"),
         (400, "KMS.NotFoundException", PermanentError, "KMS refused"),
         (403, "AccessDenied", PermanentError, "KMS refused"),  # message names kms:
         (403, "ExpiredToken", PermanentError, "credentials rejected"),

@@ -408,7 +408,7 @@ def classify_s3_error(
     if isinstance(exc, bce.ClientError):
         status, code = _status_code(exc)
         if code in _RETRYABLE_CODES or "Throttl" in code or status >= 500 or status in (408, 429):
-            return RetryableError(f"S3 {action} {target} failed, will retry: HTTP {status} {code}")
+            return RetryableError(f"S3 {action} {target} failed (transient): HTTP {status} {code}")
         if code in _MISSING_KEY_CODES and key:
             return NotFound(key)
         if code == "NoSuchBucket" or (status == 404 and not key):
@@ -437,10 +437,10 @@ def classify_s3_error(
             f"S3 {action} {target}: TLS certificate verification failed: set ca_bundle"
         )
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
-        return RetryableError(f"S3 {action} {target}: cannot connect to the endpoint, will retry")
+        return RetryableError(f"S3 {action} {target}: cannot connect to the endpoint (transient)")
     if isinstance(exc, _TRANSIENT_TRANSPORT):
         return RetryableError(
-            f"S3 {action} {target}: connection failed, will retry ({type(exc).__name__})"
+            f"S3 {action} {target}: connection failed (transient, {type(exc).__name__})"
         )
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return PermanentError(
