@@ -130,6 +130,16 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 + " (check --archive / ARCHIVE_URI and --until; `opencti-sync status` shows "
                 "what it holds)"
             )
+        want = _recorded_end(cp)
+        if (
+            want is not None
+            and not args.allow_partial
+            and (until is None or until >= want)
+            and plan.as_of < want
+        ):
+            # The listings looked whole, but what the plan could use ends earlier (a snapshot
+            # over the lost segments that turned out damaged).
+            raise ConnectorError(_lost_tail_message(storage, plan.as_of, want, cp))
         if plan.incomplete and not args.allow_partial:
             raise ConnectorError(
                 "the archive's oldest segments were pruned and no usable snapshot covers them: "
@@ -189,21 +199,34 @@ def _write_bundle(state: StateStore, path: Path) -> int:
 def _lost_tail(storage: Storage, cp: Checkpoint | None, until: EventId | None) -> str | None:
     """The checkpoint names the newest segment's last id; an archive that ends before it lost
     its newest segments (or manifests), and a restore at a point past its end would silently
-    miss them: the message that says so, or None."""
-    if cp is None or not cp.last_segment_last_id or not EventId.is_valid(cp.last_segment_last_id):
+    miss them: the message that says so, or None. Checked on the listings before planning."""
+    want = _recorded_end(cp)
+    if want is None:
         return None
-    want = EventId.parse(cp.last_segment_last_id)
     newest = ArchiveReader(storage).newest()
     ends = [newest.last] if newest is not None else []
     ends += [s.as_of for s in list_snapshots(storage)]  # retention may have pruned up to one
     end = max(ends, default=None)
     if end is not None and (end >= want or (until is not None and until <= end)):
         return None
+    return _lost_tail_message(storage, end, want, cp)
+
+
+def _recorded_end(cp: Checkpoint | None) -> EventId | None:
+    if cp is None or not cp.last_segment_last_id or not EventId.is_valid(cp.last_segment_last_id):
+        return None
+    return EventId.parse(cp.last_segment_last_id)
+
+
+def _lost_tail_message(
+    storage: Storage, end: EventId | None, want: EventId, cp: Checkpoint | None
+) -> str:
     return (
         f"the archive at {storage.describe()} ends at {end or 'nothing'}, but its checkpoint "
-        f"says it holds events up to {want} (segment {cp.last_segment}): the newest segments or "
-        "their manifests are missing (`opencti-sync verify` shows them). Restore a point at or "
-        "before the archive's end with --until, or accept this state with --allow-partial"
+        f"says it holds events up to {want} (segment {cp.last_segment if cp else None}): the "
+        "newest segments or their manifests are missing (`opencti-sync verify` shows them). "
+        "Restore a point at or before the archive's end with --until, or accept this state "
+        "with --allow-partial"
     )
 
 

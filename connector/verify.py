@@ -274,7 +274,7 @@ class _Verifier:
         # The oldest kept segment's after_event_id when it names a segment no longer here.
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
-        self.snapshot_ids: list[EventId] = []  # as-of ids of the committed snapshots
+        self.snapshot_ids: list[EventId] = []  # as-of ids of the committed, usable snapshots
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -663,9 +663,10 @@ class _Verifier:
     def check_snapshots(self, work_dir: Path) -> None:
         snapshots = self.snapshot_infos()
         self.report.snapshots = len(snapshots)
-        self.snapshot_ids = [snap.as_of for snap in snapshots]
         self.check_head(snapshots)
         good = [snap for snap in snapshots if self.check_snapshot_parts(snap)]
+        # Only a usable snapshot stands in for pruned (or lost) newest segments (check_tail).
+        self.snapshot_ids = [snap.as_of for snap in good]
         if not good:
             return
         path = work_dir / f"verify-state-{uuid.uuid4().hex}.sqlite"

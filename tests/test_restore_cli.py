@@ -228,7 +228,7 @@ def test_a_retention_gap_repair_does_not_move_the_first_recovery(
     assert EventId.parse(status["restorable_from"]) <= mid
 
 
-@pytest.mark.parametrize("where", ["in the archive", "apart"])
+@pytest.mark.parametrize("where", ["in the archive", "apart", "under a damaged snapshot"])
 def test_lost_newest_segments_are_never_restored_silently(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
 ) -> None:
@@ -253,6 +253,10 @@ def test_lost_newest_segments_are_never_restored_silently(
         monkeypatch.setenv(key, value)
     refs = list(ArchiveReader(storage).manifests())
     assert len(refs) >= 2
+    if where == "under a damaged snapshot":  # it would cover the loss, but cannot be used
+        info = write_snapshot(storage, work_dir=tmp_path / "snap")
+        assert info is not None
+        storage.put(info.parts[0].key, b"damaged")
     storage.delete(refs[-1].manifest_key)  # its segment is no longer part of the archive
     out = tmp_path / "state.json"
     assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1
