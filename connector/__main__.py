@@ -279,7 +279,9 @@ def _check_sinks(sinks: Sequence[Any], stop: threading.Event, settings: Settings
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logs(settings)
-    stop = threading.Event()
+    from .pipeline import StopEvent
+
+    stop = StopEvent()
     _install_signals(stop)
     return run_forever(settings, stop, source_moved=args.source_moved)
 

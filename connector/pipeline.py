@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "Pipeline",
     "ShutdownTimeout",
+    "StopEvent",
     "write_with_retry",
     "retry_call",
 ]
@@ -39,6 +40,27 @@ log = logging.getLogger(__name__)
 
 # CONNECTOR_SHUTDOWN_TIMEOUT_SECS's default: how long retries go on once ``stop`` is set.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+
+class StopEvent(threading.Event):
+    """The run's stop signal (SIGTERM), remembering when it came: the shutdown timeout counts
+    from the signal, not from the end of the write under way then (a slow target can spend
+    minutes on one batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_at: float | None = None
+
+    def set(self) -> None:
+        if self.set_at is None:
+            self.set_at = time.monotonic()
+        super().set()
+
+
+def _stopped_at(stop: threading.Event) -> float:
+    """When ``stop`` was set: its own record (``StopEvent``), else now."""
+    at = getattr(stop, "set_at", None)
+    return at if isinstance(at, float) else time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ def retry_call(
             limit = deadline()
             if stop.is_set():
                 if stopping is None:
-                    stopping = time.monotonic()
+                    stopping = _stopped_at(stop)
                 grace = stopping + shutdown_timeout
                 limit = grace if limit is None else min(limit, grace)
             if limit is not None and time.monotonic() >= limit:
@@ -219,13 +241,14 @@ class Pipeline:
         save is being retried in the run loop bounds it too (the checkpoint has not moved:
         nothing is lost by giving up)."""
         if self._deadline is None and self.stop.is_set():
-            self._deadline = time.monotonic() + self.shutdown_timeout
+            self._deadline = _stopped_at(self.stop) + self.shutdown_timeout
         return self._deadline
 
     def _drain(self) -> None:
         # One shutdown timeout in all: a retry cut short by it does not start a new one here.
         if self._deadline is None:
-            self._deadline = time.monotonic() + self.shutdown_timeout
+            start = _stopped_at(self.stop) if self.stop.is_set() else time.monotonic()
+            self._deadline = start + self.shutdown_timeout
         self.source.close()
         # Items already read are still worth keeping.
         while True:
@@ -237,6 +260,13 @@ class Pipeline:
                 if not isinstance(item, Fatal):
                     self._handle(item)
         self._count_received()
+        if (self._complete_n or self._quarantined) and time.monotonic() >= self._deadline:
+            # The write under way when the stop came used the whole timeout (a slow target):
+            # another batch now would hold the stop as long again. The checkpoint has not moved.
+            raise ShutdownTimeout(
+                f"draining: the shutdown timeout ({self.shutdown_timeout:g} s) passed before "
+                f"{self._complete_n} event(s) could be written; the next run reads them again"
+            )
         self._flush()
         log.info("Stream drained.", extra={"last_event_id": self.checkpoint.last_event_id})
 

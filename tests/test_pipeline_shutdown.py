@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from connector.__main__ import _check_sinks
-from connector.archive import ArchiveSink
+from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.events import EventId
-from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout
+from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout, StopEvent
 from connector.settings import load_settings
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -60,6 +60,21 @@ class FullFor(LocalStorage):
         return super().put_if_absent(key, body)
 
 
+class SlowSegments(LocalStorage):
+    """A local archive on which every segment write takes ``delay`` seconds (a slow target)."""
+
+    def __init__(self, root: Path, delay: float) -> None:
+        super().__init__(root)
+        self.delay = delay
+        self.writes = 0
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        if key.startswith("events/"):
+            self.writes += 1
+            time.sleep(self.delay)
+        return super().put_if_absent(key, body)
+
+
 @pytest.fixture
 def sim() -> Iterator[SimServer]:
     server = SimServer(token=TOKEN, heartbeat_secs=0.2).start()
@@ -68,7 +83,7 @@ def sim() -> Iterator[SimServer]:
 
 
 def start(
-    storage: LocalStorage, sim: SimServer
+    storage: LocalStorage, sim: SimServer, policy: BatchPolicy | None = None
 ) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
     store = CheckpointStore(storage)
     cp = store.load()
@@ -79,13 +94,13 @@ def start(
         ),
         resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
     )
-    stop = threading.Event()
+    stop = StopEvent()  # as `run` makes it: it remembers when SIGTERM came
     pipeline = Pipeline(
         source=source,
         sinks=[ArchiveSink(storage)],
         store=store,
         checkpoint=cp,
-        policy=BatchPolicy(max_age_secs=0.2),
+        policy=policy or BatchPolicy(max_age_secs=0.2),
         stop=stop,
         backoff_initial=0.05,
         backoff_max=0.2,
@@ -131,6 +146,48 @@ def test_sigterm_while_a_write_is_retried(sim: SimServer, tmp_path: Path) -> Non
 
 def test_sigterm_while_the_checkpoint_save_is_retried(sim: SimServer, tmp_path: Path) -> None:
     sigterm_while_retrying(tmp_path, sim, lambda key: key == CHECKPOINT_KEY)
+
+
+def test_sigterm_during_a_slow_write_ends_within_the_timeout(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A write that succeeds, slowly (a slow target), when SIGTERM comes: the timeout counts from
+    the signal, so the run ends once that write is done instead of starting another batch for
+    what is still pending; the checkpoint covers what was written, the next run the rest."""
+    root = tmp_path / "archive"
+    CheckpointStore(LocalStorage(root)).save(Checkpoint(stream_id="live", source_url=sim.url))
+    generate(sim.store, 40, seed=5, mix="creates")
+    delay = SHUTDOWN_TIMEOUT * 2
+    storage = SlowSegments(root, delay)
+    thread, stop, errors = start(storage, sim, BatchPolicy(max_events=10, max_age_secs=0.2))
+    wait_until(lambda: storage.writes >= 1, timeout=30, what="the first slow write")
+    stopped = time.monotonic()
+    stop.set()  # SIGTERM, a write under way and more events pending
+    thread.join(delay * 3)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped < delay + SHUTDOWN_TIMEOUT, "another batch was started"
+    assert len(errors) == 1 and isinstance(errors[0], ShutdownTimeout), errors
+    assert storage.writes == 1
+    healthy = LocalStorage(root)
+    written = checkpoint_id(healthy)
+    assert written is not None and written < EventId.parse(sim.store.last_event_id or "0-0")
+    thread, stop, errors = start(healthy, sim)
+    last = EventId.parse(sim.store.last_event_id or "0-0")
+    wait_until(
+        lambda: (checkpoint_id(healthy) or EventId(0, 0)) >= last, timeout=30, what="catch-up"
+    )
+    stop.set()
+    thread.join(15)
+    assert not errors
+    # Nothing lost, nothing written twice: the second run's segments start after the first's.
+    archived = {(e.id_text, e.stix_id) for e in archived_events(healthy)}
+    manifests = [ref.manifest for ref in ArchiveReader(healthy).manifests()]
+    assert len(manifests) >= 2
+    assert all(a.last < b.first for a, b in zip(manifests, manifests[1:], strict=False))
+    expected, _ = sim_events(sim.store)
+    assert {(e.id_text, e.stix_id) for e in expected} <= archived
+    report = verify_archive(healthy, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
 
 
 def test_sigterm_while_a_sink_check_is_retried(tmp_path: Path) -> None:

@@ -764,6 +764,9 @@ class OpenCTITarget:
             self.publisher = None
         if self._api is not None:
             if self._checked:
+                # A courtesy to the UI, at shutdown: a hung platform must not hold the exit
+                # for the full request timeout.
+                self._api.session_requests_timeout = min(self.requests_timeout, 5)
                 try:
                     self._ping(force=True)  # let the UI show the final position
                 except SinkError as exc:
