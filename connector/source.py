@@ -23,6 +23,7 @@ import queue
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -336,7 +337,17 @@ class SseSource:
             try:
                 self._check_status(response)
                 decoder = SseBytesDecoder()
+                arrived = time.monotonic()
                 for chunk in response.iter_bytes():
+                    now = time.monotonic()
+                    if now - arrived > self.config.read_timeout:
+                        # Not read for longer than a silent stream may last (back-pressure from
+                        # a slow sink, a stopped process). The platform's reader waited on us
+                        # meanwhile; were its stream trimmed past our position, it would go on
+                        # from its oldest entry without a word. Reconnect before taking any of
+                        # it: the connect-time retention check sees such a gap.
+                        raise _Reconnect(f"reader stalled for {now - arrived:.0f} s", [])
+                    arrived = now
                     out: list[Item] = []
                     for name, id_text, data in decoder.feed(chunk):
                         self._handle(name, id_text, data, out)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
 import random
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -25,6 +27,7 @@ from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.source import GapDetected, SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from tests.support.connector import (
     ROOT,
@@ -595,3 +598,32 @@ def test_no_recover_is_remembered_and_consumer_metrics_advance(
     wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="after restart")
     run.stop()
     assert not [ev for ev in archived_events(archive) if ev.referer == "init-create"]
+
+
+def test_a_reader_stalled_past_a_trim_reconnects_and_sees_the_gap(sim: SimServer) -> None:
+    """The pipeline stops taking events (a slow sink: the queue is full) for longer than the read
+    timeout while the platform trims its stream past the reader's position. The platform's
+    reader waited on us, and would go on from its oldest entry without a word; the source
+    reconnects instead, and the connect-time check reports the gap."""
+    generate(sim.store, 30, seed=3, mix="creates")
+    config = SourceConfig(
+        url=sim.url, token=TOKEN, read_timeout=1.0, backoff_initial=0.05, backoff_max=0.2
+    )
+    source = SseSource(replace(config, queue_size=1), resume=None, recover_until=None).start()
+    try:
+        first: list[object] = []
+        wait_until(lambda: bool(first.extend(source.queue.get(timeout=5)) or first), what="read")
+        time.sleep(0.5)  # the queue fills again: the reader blocks on it
+        generate(sim.store, 50, seed=4, mix="creates")
+        sim.store.trim(5)
+        time.sleep(1.5)  # longer than the read timeout, without taking anything
+        seen: list[object] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(isinstance(i, GapDetected) for i in seen):
+            try:
+                seen.extend(source.queue.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        assert any(isinstance(i, GapDetected) for i in seen), "the trim went unnoticed"
+    finally:
+        source.close()
