@@ -42,7 +42,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from . import metrics
-from .errors import ConfigError, ConnectorError, NotFound
+from .errors import ConfigError, ConnectorError, NotFound, RetryableError
 from .retention import RetentionPolicy, RetentionReport, apply_retention, plan_retention
 from .storage import Storage
 
@@ -98,6 +98,9 @@ class LockRecord:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+_RELEASE_PAUSES = (0.5, 1.0, 2.0)  # between the tries to release the lock (s)
 
 
 class JobLock:
@@ -185,9 +188,23 @@ class JobLock:
         if not self._held:
             return
         self._held = False
-        current = self.read()
-        if current is not None and current.owner == self.owner:
-            self.storage.delete(self.key)
+        # A blip of the archive's storage here would hold every job off for the whole lease,
+        # and its error would replace the job's own outcome: a few quick tries, then a warning.
+        for pause in (*_RELEASE_PAUSES, None):
+            try:
+                current = self.read()
+                if current is not None and current.owner == self.owner:
+                    self.storage.delete(self.key)
+                return
+            except RetryableError as exc:
+                if pause is None:
+                    log.warning(
+                        "Could not release the archive job lock: it is held until its lease "
+                        "expires.",
+                        extra={"job": self.job, "error": str(exc)},
+                    )
+                    return
+                time.sleep(pause)
 
     @property
     def held(self) -> bool:
@@ -276,6 +293,19 @@ def run_retention_job(
         return report
 
 
+_FIRST_RUN_SECS = 300  # an interval job overdue at start runs this soon (or at its interval)
+
+
+def _newest_snapshot_time(storage: Storage) -> dt.datetime | None:
+    from .snapshot import list_snapshots
+
+    try:
+        snaps = list_snapshots(storage)
+        return dt.datetime.fromisoformat(snaps[-1].created_at) if snaps else None
+    except (ConnectorError, ValueError):
+        return None  # unreadable now: the job itself will say why
+
+
 class JobRunner:
     """Runs the scheduled jobs in a background scheduler beside the stream consumer."""
 
@@ -318,7 +348,7 @@ class JobRunner:
                 continue
             self.scheduler.add_job(
                 jobs[name],
-                trigger,
+                self._first_due(name, trigger),
                 id=name,
                 name=name,
                 max_instances=1,
@@ -331,6 +361,23 @@ class JobRunner:
                 "Archive jobs scheduled.",
                 extra={k: str(v) for k, v in self._triggers.items() if v is not None},
             )
+
+    def _first_due(self, name: str, trigger: BaseTrigger) -> BaseTrigger:
+        """An interval counts from each start: a connector restarted more often than its
+        interval (daily redeploys, ``every 24h``) would never run the job. The first run comes
+        one interval after the newest snapshot, or after at most ``_FIRST_RUN_SECS`` when that
+        is past or unknown (retention keeps no record of its runs: it is cheap and idempotent).
+        Cron schedules follow the clock and need none of this."""
+        if not isinstance(trigger, IntervalTrigger):
+            return trigger
+        now = dt.datetime.now(dt.UTC)
+        interval: dt.timedelta = trigger.interval
+        due = now + min(interval, dt.timedelta(seconds=_FIRST_RUN_SECS))
+        if name == "snapshot":
+            last = _newest_snapshot_time(self.storage)
+            if last is not None and last + interval > due:
+                due = last + interval
+        return IntervalTrigger(seconds=interval.total_seconds(), start_date=due, timezone=dt.UTC)
 
     def shutdown(self, timeout_secs: float | None = None) -> bool:
         """Stop scheduling, ask a running job to stop and wait for it at most ``timeout_secs``

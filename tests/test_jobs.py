@@ -12,7 +12,8 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from connector.errors import ConfigError
+from connector import jobs
+from connector.errors import ConfigError, RetryableError
 from connector.jobs import (
     LOCK_KEY,
     JobLock,
@@ -103,6 +104,30 @@ def test_release_keeps_a_lock_taken_over_by_another(tmp_path: Path) -> None:
     assert orjson.loads(storage.get(LOCK_KEY))["owner"] == "other"
 
 
+def test_a_storage_blip_at_release_neither_keeps_the_lock_nor_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two transient failures while the job lock is released: it is still released, and the
+    job's own outcome is not replaced by the storage's error."""
+    monkeypatch.setattr(jobs, "_RELEASE_PAUSES", (0.01, 0.01, 0.01), raising=False)
+
+    class Blip(LocalStorage):
+        failures = 0
+
+        def delete(self, key: str) -> None:
+            if key == LOCK_KEY and self.failures < 2:
+                self.failures += 1
+                raise RetryableError("S3 delete locks/archive-jobs.json: (transient)")
+            super().delete(key)
+
+    storage = Blip(tmp_path / "a")
+    with JobLock(storage, "snapshot"):
+        pass
+    assert storage.failures == 2 and not storage.exists(LOCK_KEY)
+    with JobLock(storage, "retention"):  # the next job is not held off
+        pass
+
+
 def test_snapshot_and_retention_exclude_each_other(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
@@ -161,6 +186,41 @@ def test_failing_job_is_counted_and_never_raises(tmp_path: Path) -> None:
     finally:
         runner.shutdown()
     assert not runner.scheduler.running
+
+
+def test_interval_jobs_overdue_at_start_run_soon(tmp_path: Path) -> None:
+    """``every 24h`` counts from each start: a connector redeployed daily would never take a
+    snapshot. The first run is one interval after the newest snapshot, or within five minutes
+    when that is past (or there is none, or for retention, which keeps no record of its runs)."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+
+    def next_runs() -> dict[str, dt.datetime]:
+        runner = _runner(storage, tmp_path, snapshot="every 24h", retention="every 24h")
+        runner.start()
+        try:
+            return {
+                name: runner.scheduler.get_job(name).next_run_time
+                for name in ("snapshot", "retention")
+            }
+        finally:
+            runner.shutdown()
+
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
+    runs = next_runs()  # no snapshot yet
+    assert runs["snapshot"] <= soon and runs["retention"] <= soon
+    info = run_snapshot_job(storage, tmp_path / "w")
+    assert info is not None
+    runs = next_runs()  # a fresh snapshot: the next one a day after it
+    assert runs["snapshot"] >= dt.datetime.now(dt.UTC) + dt.timedelta(hours=23)
+    assert runs["retention"] <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
+    # The newest snapshot two days old: overdue, so soon.
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    manifest["created_at"] = "2001-01-01T00:00:00Z"
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    assert list_snapshots(storage)[-1].created_at.startswith("2001")
+    runs = next_runs()
+    assert runs["snapshot"] <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
 
 
 def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
