@@ -566,7 +566,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "archive_last_event_id": last,
             }
         )
-        from .retention import RetentionPolicy, window_start
+        from .retention import RetentionPolicy, trusted_now, window_start
         from .snapshot import list_snapshots
 
         snaps = list_snapshots(runtime["archive"])
@@ -578,7 +578,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         info["retention_window_start"] = (
             str(
                 window_start(
-                    RetentionPolicy(r.keep_days, r.keep_snapshots), dt.datetime.now(dt.UTC)
+                    RetentionPolicy(r.keep_days, r.keep_snapshots),
+                    # The window prune uses: never more than a day past the archive's position.
+                    trusted_now(runtime["archive"], dt.datetime.now(dt.UTC)),
                 )
             )
             if r.keep_days > 0

@@ -61,6 +61,7 @@ __all__ = [
     "apply_retention",
     "committed_snapshots",
     "plan_retention",
+    "trusted_now",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _archive_position(storage: Storage) -> EventId | None:
     return newest.last if newest is not None else None
 
 
-def _trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:
+def trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:
     """``now``, unless it runs more than a day ahead of the archive's own position: a host
     clock set in the future would otherwise move the window forward and delete history that is
     inside it. (A connector stopped for long makes retention keep more, never less.)"""
@@ -253,7 +254,7 @@ def _trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:
 
 def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) -> RetentionReport:
     """What retention would delete now, and why. Reads only."""
-    now = _trusted_now(storage, now)
+    now = trusted_now(storage, now)
     report = RetentionReport(policy, window_start(policy, now))
     snapshots = committed_snapshots(storage)
     if not snapshots:

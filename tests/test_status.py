@@ -20,6 +20,8 @@ from connector.sim.store import SimStore
 from connector.source import iso_to_id
 from connector.storage.local import LocalStorage
 from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+from tests.test_retention import T0, at_day, build_days, follow_until
+from tests.test_verify import DAY_MS
 
 TOKEN = "tok-STATUS-77aa88bb99cc"
 
@@ -90,6 +92,17 @@ def test_status_json(archive: Path) -> None:
     assert info["snapshots"] == 1
     assert info["last_snapshot"] is not None
     assert EventId.parse(info["last_snapshot"]) == EventId.parse(cp.last_segment_last_id)
+
+
+def test_status_shows_the_retention_window_prune_uses(tmp_path: Path) -> None:
+    """Retention never measures its window from more than a day past the archive's position (a
+    host clock ahead, a connector stopped for long): status shows that window, not one from
+    the host's clock."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=3, snapshot_days={1})
+    follow_until(storage, at_day(3))  # the archive's position: 2023, long before now
+    info = status_json(tmp_path / "a", RETENTION_KEEP_DAYS="1")
+    assert EventId.parse(info["retention_window_start"]) == EventId(T0 + 3 * DAY_MS, 0)
 
 
 def test_status_table(archive: Path) -> None:
