@@ -159,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"opencti-sync: stream refused: {exc}", file=sys.stderr)
         return 1
     except (PermanentError, ConnectorError) as exc:
-        log.error("Stopped on a permanent error.", extra={"error": str(exc)})
+        # A transient error reaches here from a one-shot command (status, verify), which does
+        # not retry, or from a stop that cut retries short: not a "permanent" one.
+        what = "a transient" if isinstance(exc, RetryableError) else "a permanent"
+        log.error(f"Stopped on {what} error.", extra={"error": str(exc)})
         print(f"opencti-sync: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
