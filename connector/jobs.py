@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -293,7 +294,8 @@ def run_retention_job(
         return report
 
 
-_FIRST_RUN_SECS = 300  # an interval job overdue at start runs this soon (or at its interval)
+_FIRST_RUN_SECS = 300  # an interval job's first run comes this soon after start (at most)
+_DUE_SLACK = dt.timedelta(seconds=60)  # a snapshot due within this is taken at its first run
 
 
 def _newest_snapshot_time(storage: Storage) -> dt.datetime | None:
@@ -339,6 +341,8 @@ class JobRunner:
         # starts any more.
         self.stop = threading.Event()
         self._active = 0  # jobs entered (running or waiting for their turn)
+        # An interval snapshot schedule's interval until its first run (see _snapshot_due).
+        self._snapshot_interval: dt.timedelta | None = None
         self._idle = threading.Condition()
 
     def start(self) -> None:
@@ -365,19 +369,36 @@ class JobRunner:
     def _first_due(self, name: str, trigger: BaseTrigger) -> BaseTrigger:
         """An interval counts from each start: a connector restarted more often than its
         interval (daily redeploys, ``every 24h``) would never run the job. The first run comes
-        one interval after the newest snapshot, or after at most ``_FIRST_RUN_SECS`` when that
-        is past or unknown (retention keeps no record of its runs: it is cheap and idempotent).
-        Cron schedules follow the clock and need none of this."""
+        after at most ``_FIRST_RUN_SECS``; a snapshot then waits for one interval after the
+        newest snapshot when that is still ahead (``_snapshot_due``, read in the job's thread,
+        not here: a storage outage must not hold the start). Retention keeps no record of its
+        runs: it is cheap and idempotent. Cron schedules follow the clock and need none of it."""
         if not isinstance(trigger, IntervalTrigger):
             return trigger
-        now = dt.datetime.now(dt.UTC)
         interval: dt.timedelta = trigger.interval
-        due = now + min(interval, dt.timedelta(seconds=_FIRST_RUN_SECS))
         if name == "snapshot":
-            last = _newest_snapshot_time(self.storage)
-            if last is not None and last + interval > due:
-                due = last + interval
-        return IntervalTrigger(seconds=interval.total_seconds(), start_date=due, timezone=dt.UTC)
+            self._snapshot_interval = interval
+        first = dt.datetime.now(dt.UTC) + min(interval, dt.timedelta(seconds=_FIRST_RUN_SECS))
+        return IntervalTrigger(seconds=interval.total_seconds(), start_date=first, timezone=dt.UTC)
+
+    def _snapshot_due(self) -> bool:
+        """On the first run of an interval snapshot job: whether the newest snapshot is at least
+        one interval old; if not, the job moves to that time instead of running."""
+        interval, self._snapshot_interval = self._snapshot_interval, None
+        if interval is None:
+            return True
+        last = _newest_snapshot_time(self.storage)
+        if last is None or last + interval <= dt.datetime.now(dt.UTC) + _DUE_SLACK:
+            return True
+        try:
+            self.scheduler.modify_job("snapshot", next_run_time=last + interval)
+        except JobLookupError:
+            return False  # shut down meanwhile
+        log.info(
+            "Archive snapshot not due yet: the newest one is recent.",
+            extra={"job": "snapshot", "next_run": (last + interval).isoformat()},
+        )
+        return False
 
     def shutdown(self, timeout_secs: float | None = None) -> bool:
         """Stop scheduling, ask a running job to stop and wait for it at most ``timeout_secs``
@@ -415,6 +436,8 @@ class JobRunner:
         )
 
     def run_snapshot(self) -> None:
+        if not self.stop.is_set() and not self._snapshot_due():
+            return
         self._guarded(
             "snapshot", lambda: run_snapshot_job(self.storage, self.work_dir, stop=self.stop)
         )

@@ -190,37 +190,43 @@ def test_failing_job_is_counted_and_never_raises(tmp_path: Path) -> None:
 
 def test_interval_jobs_overdue_at_start_run_soon(tmp_path: Path) -> None:
     """``every 24h`` counts from each start: a connector redeployed daily would never take a
-    snapshot. The first run is one interval after the newest snapshot, or within five minutes
-    when that is past (or there is none, or for retention, which keeps no record of its runs)."""
+    snapshot. Interval jobs first run within five minutes of start; a snapshot job then waits
+    for one interval after the newest snapshot when that is still ahead."""
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
 
-    def next_runs() -> dict[str, dt.datetime]:
+    def restart() -> JobRunner:
         runner = _runner(storage, tmp_path, snapshot="every 24h", retention="every 24h")
         runner.start()
-        try:
-            return {
-                name: runner.scheduler.get_job(name).next_run_time
-                for name in ("snapshot", "retention")
-            }
-        finally:
-            runner.shutdown()
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
+        for name in ("snapshot", "retention"):
+            assert runner.scheduler.get_job(name).next_run_time <= soon
+        return runner
 
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
-    runs = next_runs()  # no snapshot yet
-    assert runs["snapshot"] <= soon and runs["retention"] <= soon
-    info = run_snapshot_job(storage, tmp_path / "w")
-    assert info is not None
-    runs = next_runs()  # a fresh snapshot: the next one a day after it
-    assert runs["snapshot"] >= dt.datetime.now(dt.UTC) + dt.timedelta(hours=23)
-    assert runs["retention"] <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
-    # The newest snapshot two days old: overdue, so soon.
+    runner = restart()  # no snapshot yet: the first run takes one
+    try:
+        runner.run_snapshot()
+        assert runner.runs["snapshot"] == 1 and len(list_snapshots(storage)) == 1
+    finally:
+        runner.shutdown()
+    runner = restart()  # a fresh snapshot: the first run moves to a day after it
+    try:
+        runner.run_snapshot()
+        assert runner.runs["snapshot"] == 0
+        later = runner.scheduler.get_job("snapshot").next_run_time
+        assert later >= dt.datetime.now(dt.UTC) + dt.timedelta(hours=23)
+    finally:
+        runner.shutdown()
+    info = list_snapshots(storage)[-1]  # the newest snapshot two days old: due at once
     manifest = orjson.loads(storage.get(info.manifest_key))
     manifest["created_at"] = "2001-01-01T00:00:00Z"
     storage.put(info.manifest_key, orjson.dumps(manifest))
-    assert list_snapshots(storage)[-1].created_at.startswith("2001")
-    runs = next_runs()
-    assert runs["snapshot"] <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=301)
+    runner = restart()
+    try:
+        runner.run_snapshot()
+        assert runner.runs["snapshot"] == 1
+    finally:
+        runner.shutdown()
 
 
 def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
