@@ -21,7 +21,7 @@ from .errors import ConfigError, ConnectorError
 from .events import EventId, octi_ext
 from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
 from .settings import Settings
-from .snapshot import list_snapshots
+from .snapshot import list_snapshots, pruned_before
 from .source import iso_to_id
 from .state import StateStore
 from .storage import Storage, open_storage
@@ -124,6 +124,14 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         )
         if plan.as_of is None:
             # Nothing to restore is never a success: a wrong path, or a point before the history.
+            if until is not None and pruned_before(ArchiveReader(storage)) is not None:
+                snaps = list_snapshots(storage)
+                oldest = f"snapshot {snaps[0].as_of}" if snaps else "none: no snapshot is left"
+                raise ConnectorError(
+                    f"--until {args.until} is before the history retention kept in "
+                    f"{storage.describe()}: it was pruned (the oldest restorable point is the "
+                    f"{oldest}; `opencti-sync status` shows restorable_from)"
+                )
             where = f"at or before {args.until}" if until is not None else ""
             raise ConnectorError(
                 f"the archive at {storage.describe()} holds no event {where}".strip()

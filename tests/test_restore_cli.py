@@ -94,6 +94,21 @@ def test_a_partial_state_needs_allow_partial(archive: Path, tmp_path: Path) -> N
     assert out.exists()
 
 
+def test_a_point_before_pruned_history_says_so(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "check --archive": the archive is right, retention pruned that point."""
+    storage = LocalStorage(archive)
+    follow_until(storage, at_day(8))
+    policy = RetentionPolicy(keep_days=1, keep_snapshots=0)
+    assert apply_retention(storage, plan_retention(storage, policy, at_day(8))).counts()
+    out = tmp_path / "state.json"
+    until = str(EventId(int(at_day(0.5).timestamp() * 1000), 0))
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", until) == 1
+    err = capsys.readouterr().err
+    assert "pruned" in err and "oldest restorable point" in err and not out.exists()
+
+
 def test_a_token_given_with_a_newline_works_and_never_shows(
     archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
