@@ -10,6 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
+from connector.errors import PermanentError
 from connector.storage.local import _TMP_STALE_SECS, LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +118,12 @@ def test_created_directories_are_reported_outermost_first(tmp_path: Path) -> Non
     assert created == [tmp_path / "archive/events/2026", target]
     assert storage.synced == [tmp_path / "archive/events", tmp_path / "archive/events/2026"]
     assert storage._make_dirs(target) == []
+
+
+def test_an_archive_path_through_a_file_says_so(tmp_path: Path) -> None:
+    """A file where the archive needs a directory (a mistyped path): the error names it as such
+    and stops for good, instead of a retry loop or a bare "File exists" on a probe object."""
+    (tmp_path / "file").write_text("x")
+    storage = LocalStorage(tmp_path / "file" / "archive")
+    with pytest.raises(PermanentError, match="is a file, not a directory"):
+        storage.put("events/k", b"v")

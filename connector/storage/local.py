@@ -88,7 +88,10 @@ class LocalStorage:
                 created.append(new)
             except FileExistsError:
                 if not new.is_dir():
-                    raise
+                    # A file where the archive needs a directory: say that, not "File exists".
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, f"{new} is a file, not a directory", str(new)
+                    ) from None
                 # Made by a concurrent writer that may not have fsynced its parent yet: doing
                 # it again costs one fsync and keeps our object's path durable either way.
             self._fsync_dir(new.parent)
