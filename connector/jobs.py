@@ -304,8 +304,8 @@ def _newest_snapshot_time(storage: Storage) -> dt.datetime | None:
     try:
         snaps = list_snapshots(storage)
         return dt.datetime.fromisoformat(snaps[-1].created_at) if snaps else None
-    except (ConnectorError, ValueError):
-        return None  # unreadable now: the job itself will say why
+    except Exception:  # noqa: BLE001 - unreadable now: the job itself will say why
+        return None
 
 
 class JobRunner:

@@ -93,7 +93,8 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError("--work-dir", f"cannot use {work}: {exc.strerror or exc}") from None
     # Where ``run`` keeps it (``checkpoint.uri``), which may not be the archive.
-    cp = configured_store(settings, storage).load()
+    checkpoints = configured_store(settings, storage)
+    cp = checkpoints.load()
     if cp is None:
         log.warning(
             "No checkpoint found (in the archive, or at checkpoint.uri / CHECKPOINT_URI): a "
@@ -113,7 +114,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
             )
     lost = None if args.allow_partial else _lost_tail(storage, cp, until)
     if lost:
-        raise ConnectorError(lost)
+        raise ConnectorError(lost + _elsewhere(checkpoints.storage, storage))
     state, plan = materialise_plan(
         storage, until=until, work_dir=work, allow_partial=args.allow_partial
     )
@@ -147,7 +148,10 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         ):
             # The listings looked whole, but what the plan could use ends earlier (a snapshot
             # over the lost segments that turned out damaged).
-            raise ConnectorError(_lost_tail_message(storage, plan.as_of, want, cp))
+            raise ConnectorError(
+                _lost_tail_message(storage, plan.as_of, want, cp)
+                + _elsewhere(checkpoints.storage, storage)
+            )
         if plan.incomplete and not args.allow_partial:
             raise ConnectorError(
                 "the archive's oldest segments were pruned and no usable snapshot covers them: "
@@ -201,6 +205,9 @@ def _write_bundle(state: StateStore, path: Path) -> int:
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise ConnectorError(f"cannot write the bundle {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)  # interrupted (Ctrl-C) or failed: no partial bundle left
+        raise
     return count
 
 
@@ -213,11 +220,22 @@ def _lost_tail(storage: Storage, cp: Checkpoint | None, until: EventId | None) -
         return None
     newest = ArchiveReader(storage).newest()
     ends = [newest.last] if newest is not None else []
-    ends += [s.as_of for s in list_snapshots(storage)]  # retention may have pruned up to one
+    # Retention may have pruned up to a snapshot; one past ``until`` is not used by its plan.
+    ends += [s.as_of for s in list_snapshots(storage) if until is None or s.as_of <= until]
     end = max(ends, default=None)
     if end is not None and (end >= want or (until is not None and until <= end)):
         return None
     return _lost_tail_message(storage, end, want, cp)
+
+
+def _elsewhere(kept: Storage, archive: Storage) -> str:
+    """A checkpoint kept apart may belong to another copy of the archive than the one given."""
+    if kept.describe() == archive.describe():
+        return ""
+    return (
+        f" (checkpoint read from {kept.describe()}, checkpoint.uri / CHECKPOINT_URI: restoring"
+        " another copy of the archive, leave that setting out)"
+    )
 
 
 def _recorded_end(cp: Checkpoint | None) -> EventId | None:

@@ -351,3 +351,30 @@ def test_an_unusable_work_dir_is_one_line_not_a_traceback(
     assert main(["verify", "--archive", str(archive)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{a_file / 'work'}" in err
+
+
+def test_a_point_inside_lost_newest_segments_is_refused_under_a_later_snapshot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A good snapshot past the lost segments does not vouch for a point before it: the plan
+    for that point cannot use the snapshot, so the lost events would be missing from it."""
+    token = "inside-token-0123456789"
+    archive = tmp_path / "a"
+    storage = LocalStorage(archive)
+    with SimServer(token=token, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 20, seed=3, mix="creates")
+        run = ConnectorThread(base_env(sim.url, token, str(archive))).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="recovery")
+        time.sleep(0.05)
+        generate(sim.store, 5, seed=4, mix="creates")
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="live")
+        run.stop()
+    assert write_snapshot(storage, work_dir=tmp_path / "snap") is not None
+    refs = list(ArchiveReader(storage).manifests())
+    lost = refs[-1]
+    storage.delete(lost.manifest_key)
+    out = tmp_path / "state.json"
+    assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 0  # the snapshot covers latest
+    inside = str(lost.manifest.first)
+    assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", inside) == 1
+    assert "newest segments" in capsys.readouterr().err
