@@ -193,9 +193,13 @@ def _stored_nothing(cp: Any, archive: Any) -> bool:
         return True
     from .archive.layout import EVENTS_PREFIX, QUARANTINE_PREFIX
 
-    return all(
-        next(iter(archive.list(p)), None) is None for p in (EVENTS_PREFIX, QUARANTINE_PREFIX)
-    )
+    return not _holds_any(archive, EVENTS_PREFIX, QUARANTINE_PREFIX)
+
+
+def _holds_any(storage: Any, *prefixes: str) -> bool:
+    """Whether ``storage`` holds at least one key under any of ``prefixes`` (one listing call
+    each, stopped at its first key)."""
+    return any(next(iter(storage.list(prefix)), None) is not None for prefix in prefixes)
 
 
 def build_runtime(settings: Settings) -> dict[str, Any]:
@@ -694,11 +698,8 @@ def _require_archive(archive: Any) -> None:
     mistyped path or prefix would otherwise look like an empty, healthy archive)."""
     from .checkpoint import CHECKPOINT_KEY
 
-    if archive.exists(CHECKPOINT_KEY):
+    if archive.exists(CHECKPOINT_KEY) or _holds_any(archive, "manifests/", "snapshots/"):
         return
-    for prefix in ("manifests/", "snapshots/"):
-        if next(iter(archive.list(prefix)), None) is not None:
-            return
     raise ConnectorError(f"no archive at {archive.describe()} (no checkpoint, segment or snapshot)")
 
 

@@ -110,6 +110,18 @@ def start(
     return thread, stop, errors
 
 
+def catch_up(storage: LocalStorage, sim: SimServer) -> None:
+    """A healthy run up to the simulator's last event, then a clean stop."""
+    thread, stop, errors = start(storage, sim)
+    last = EventId.parse(sim.store.last_event_id or "0-0")
+    wait_until(
+        lambda: (checkpoint_id(storage) or EventId(0, 0)) >= last, timeout=30, what="catch-up"
+    )
+    stop.set()
+    thread.join(15)
+    assert not errors
+
+
 def sigterm_while_retrying(tmp_path: Path, sim: SimServer, full: Callable[[str], bool]) -> None:
     root = tmp_path / "archive"
     CheckpointStore(LocalStorage(root)).save(Checkpoint(stream_id="live", source_url=sim.url))
@@ -126,14 +138,7 @@ def sigterm_while_retrying(tmp_path: Path, sim: SimServer, full: Callable[[str],
     assert checkpoint_id(LocalStorage(root)) is None, "the checkpoint moved"
     # Nothing was lost: the next run, disk back, archives every event once.
     healthy = LocalStorage(root)
-    thread, stop, errors = start(healthy, sim)
-    last = EventId.parse(sim.store.last_event_id or "0-0")
-    wait_until(
-        lambda: (checkpoint_id(healthy) or EventId(0, 0)) >= last, timeout=30, what="catch-up"
-    )
-    stop.set()
-    thread.join(15)
-    assert not errors
+    catch_up(healthy, sim)
     expected, _ = sim_events(sim.store)
     assert [e.id_text for e in archived_events(healthy)] == [e.id_text for e in expected]
     report = verify_archive(healthy, work_dir=tmp_path / "verify")
@@ -171,14 +176,7 @@ def test_sigterm_during_a_slow_write_ends_within_the_timeout(
     healthy = LocalStorage(root)
     written = checkpoint_id(healthy)
     assert written is not None and written < EventId.parse(sim.store.last_event_id or "0-0")
-    thread, stop, errors = start(healthy, sim)
-    last = EventId.parse(sim.store.last_event_id or "0-0")
-    wait_until(
-        lambda: (checkpoint_id(healthy) or EventId(0, 0)) >= last, timeout=30, what="catch-up"
-    )
-    stop.set()
-    thread.join(15)
-    assert not errors
+    catch_up(healthy, sim)
     # Nothing lost, nothing written twice: the second run's segments start after the first's.
     archived = {(e.id_text, e.stix_id) for e in archived_events(healthy)}
     manifests = [ref.manifest for ref in ArchiveReader(healthy).manifests()]
