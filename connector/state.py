@@ -228,6 +228,13 @@ def _ids_of(stix: dict[str, Any]) -> list[str]:
     return ids
 
 
+def _names_any(value: Any, ids: set[str]) -> bool:
+    """Whether a ref field's value (one id or a list) names any of ``ids``."""
+    if isinstance(value, str):
+        return value in ids
+    return isinstance(value, list) and bool(ids.intersection(value))
+
+
 def _name(stix: dict[str, Any]) -> str:
     # The platform's "representative" value shown in a relationship's extension.
     for key in ("name", "value", "pattern", "opinion", "abstract", "relationship_type"):
@@ -1089,7 +1096,7 @@ class StateStore:
             self._add_aliases(
                 "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(i, key) for i in olds]
             )
-            self._repoint(olds, new_id)
+            self._repoint(olds, new_id, key)
 
     def _merge(self, ev: StreamEvent) -> None:
         target = ev.stix
@@ -1150,16 +1157,17 @@ class StateStore:
             if holder == key:
                 absorbed.extend(i for i in ids if i not in absorbed)
             else:
-                self._repoint(ids, self._stix_id(holder) or into)
+                self._repoint(ids, self._stix_id(holder) or into, holder)
         if key is not None and absorbed:
-            self._repoint(absorbed, into)
+            self._repoint(absorbed, into, key)
 
     def _stix_id(self, key: str) -> str | None:
         row = self._db.execute("SELECT stix_id FROM objects WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
 
-    def _repoint(self, old_ids: list[str], new_id: str) -> None:
-        """Rewrite refs to ``old_ids`` into ``new_id`` (the platform does it without events)."""
+    def _repoint(self, old_ids: list[str], new_id: str, new_key: str) -> None:
+        """Rewrite refs to ``old_ids`` into ``new_id``, the object stored under ``new_key`` (the
+        platform does it without events)."""
         olds = set(old_ids)
         for key in self._referrers(olds):
             rec = self._load(key)
@@ -1174,19 +1182,31 @@ class StateStore:
                     new[field] = list(dict.fromkeys(new_id if v in olds else v for v in value))
             rewrite_granted_refs(new, olds, new_id)
             if _is_relation(new):
-                self._fill_relation_ext(new)
+                moved = {f for f, v in new.items() if v != obj.get(f)}
+                self._fill_relation_ext(new, moved, new_key)
             self._write(key, new, rec.event_id, rec.event)
 
-    def _fill_relation_ext(self, stix: dict[str, Any]) -> None:
-        """Refresh the endpoint ids, types and names a relationship's extension repeats."""
+    def _fill_relation_ext(self, stix: dict[str, Any], moved: set[str], new_key: str) -> None:
+        """Refresh the endpoint ids, types and names a relationship's extension repeats; those
+        in ``moved`` are now the object under ``new_key``. An endpoint not moved whose standard
+        id leads to another object than the extension's internal id keeps what the platform
+        sent: a standard id can be held by two live objects here for a while (one sent ahead as
+        a dependency), and that internal id is what tells them apart (see _names_another)."""
         octi = dict(octi_ext(stix))
+        moved_to = self._load(new_key)
         for field, prefix in _RELATION_EXT:
             ref = stix.get(field)
             if not isinstance(ref, str):
                 continue
+            if field in moved and moved_to is not None:
+                target: dict[str, Any] | None = moved_to.data
+            else:
+                target = self.get(ref)
+                sent = octi.get(prefix + "_ref")
+                if target is not None and sent and octi_ext(target).get("id") != sent:
+                    continue
             for suffix in ("_ref", "_type", "_value"):
                 octi.pop(prefix + suffix, None)
-            target = self.get(ref)
             if target is not None:
                 t_ext = octi_ext(target)
                 octi[prefix + "_ref"] = t_ext.get("id")
@@ -1247,15 +1267,17 @@ class StateStore:
             if rec is None:
                 continue
             user = rec.data
-            if _is_relation(user) and any(
-                (v in ids) if isinstance(v, str) else bool(ids.intersection(v))
-                for v in (user.get(f) for f in _ENDPOINTS)
-                if v
-            ):
-                doomed.append(user_key)
-                continue
+            spared: set[str] = set()
+            if _is_relation(user):
+                hit = [f for f in _ENDPOINTS if _names_any(user.get(f), ids)]
+                spared = {f for f in hit if self._names_another(user, f, skip)}
+                if len(spared) < len(hit):
+                    doomed.append(user_key)
+                    continue
             new = dict(user)
             for field, value in user.items():
+                if field in spared:
+                    continue
                 if field.endswith("_ref") and value in ids:
                     del new[field]
                 elif field.endswith("_refs") and isinstance(value, list) and ids & set(value):
@@ -1263,6 +1285,20 @@ class StateStore:
             rewrite_granted_refs(new, ids, None)
             self._write(user_key, new, rec.event_id, rec.event)
         return doomed
+
+    def _names_another(self, relation: dict[str, Any], field: str, gone: str | None) -> bool:
+        """Whether the endpoint in ``field`` is, by the internal id the relationship's extension
+        gives for it, a live object other than ``gone``. A relationship sent ahead as a
+        dependency can name, by standard id, an entity that takes that id later while a
+        since-deleted one still holds it here; its extension says which entity it joins. Without
+        that id, or when it leads nowhere live, the standard id decides (the delete wins)."""
+        if not field.endswith("_ref"):
+            return False  # where_sighted_refs: a list, whose extension ids may not line up
+        iid = octi_ext(relation).get(field)
+        if not isinstance(iid, str) or not iid or iid == gone:
+            return False
+        holder = self._resolve([iid])
+        return holder is not None and holder != gone
 
     # ------------------------------------------------------------------ seeding from a snapshot
     def load_lines(
