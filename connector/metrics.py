@@ -32,7 +32,6 @@ __all__ = [
     "EVENTS_WRITTEN",
     "QUARANTINED",
     "RECONNECTS",
-    "RESTORE_OBJECTS",
     "RESTORE_PROGRESS",
     "RETENTION_GAPS",
     "RETRIES",
@@ -104,12 +103,6 @@ RETENTION_GAPS = Counter(
 )
 RECONNECTS = Counter(
     "opencti_sync_reconnects", "Stream reconnections, by reason kind.", ["kind"], registry=REGISTRY
-)
-RESTORE_OBJECTS = Counter(
-    "opencti_sync_restore_objects",
-    "Objects pushed (or deleted) by restore, by action.",
-    ["action"],
-    registry=REGISTRY,
 )
 RESTORE_PROGRESS = Gauge(
     "opencti_sync_restore_progress_ratio", "Restore progress, 0 to 1.", registry=REGISTRY

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         progress = (
             None if args.dry_run else _MeteredProgress(TextProgress("restore", stream=sys.stderr))
         )
+        stop_metrics = _serve_metrics(settings) if progress is not None else None
         try:
             report = restore_to_target(
                 state,
@@ -188,6 +190,8 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
             )
         finally:
             target.close()
+            if stop_metrics is not None:
+                stop_metrics()
         print(orjson.dumps(_summary(report), option=orjson.OPT_INDENT_2).decode())
         return 0
     finally:
@@ -283,6 +287,25 @@ def _drop_state(state: StateStore) -> None:
     state.close()
     for suffix in ("", "-journal", "-wal", "-shm"):
         Path(f"{state.path}{suffix}").unlink(missing_ok=True)
+
+
+def _serve_metrics(settings: Settings) -> Callable[[], None] | None:
+    """``/metrics`` while a restore pushes (hours, on a large platform), when enabled. A port
+    already taken (a ``run`` beside it) costs the metrics, never the restore."""
+    if not settings.metrics.enabled:
+        return None
+    from .metrics import serve
+
+    try:
+        return serve(settings.metrics.host, settings.metrics.port)
+    except OSError as exc:
+        log.warning(
+            "Restore metrics not served on %s:%s (%s); the restore goes on.",
+            settings.metrics.host,
+            settings.metrics.port,
+            exc.strerror or exc,
+        )
+        return None
 
 
 class _MeteredProgress:

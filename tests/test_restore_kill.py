@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from connector.sim import sample_bundle
 from connector.sim.generator import generate
@@ -59,6 +62,20 @@ def _pushed(state: Any, start: int = 0) -> int:
     return sum(int(p["objects"]) for p in list(state.pushes)[start:])
 
 
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _gauge(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} not served")
+
+
 def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -78,12 +95,14 @@ def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
     archive_events(LocalStorage(archive), events, per_segment=400)
 
     work = tmp_path / "work"
+    port = _free_port()
+    metrics_env = {"METRICS_ENABLED": "true", "METRICS_HOST": "127.0.0.1", "METRICS_PORT": port}
     with SimServer(token=TOKEN) as double:
         double.store.api_token = TOKEN  # type: ignore[attr-defined]
         state = platform_state(double.store)  # created now, shared with the double
         child = subprocess.Popen(
             _command(archive, double.url, work),
-            env=_env(),
+            env={**_env(), **metrics_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -92,6 +111,10 @@ def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
             with state.lock:  # the child's next push now waits inside the double
                 assert child.poll() is None, "the restore finished before it could be killed"
                 first_run = _pushed(state)
+                # A long restore is watched on /metrics, as `run` is.
+                scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+                ratio = _gauge(scraped, "opencti_sync_restore_progress_ratio")
+                assert 0 < ratio < 1, ratio
                 os.kill(child.pid, signal.SIGKILL)
                 child.wait(timeout=30)
         finally:
