@@ -61,7 +61,8 @@ def render(fmt: str = "markdown") -> str:
         return "\n".join(lines) + "\n"
     rows = ["| yaml key | env variable | type | default | description |", "|---|---|---|---|---|"]
     for k in keys:
-        choices = f" One of: {', '.join(f'`{c}`' for c in k.choices if c)}." if k.choices else ""
+        named = ", ".join(f"`{c}`" if c else "empty" for c in k.choices)
+        choices = f" One of: {named}." if k.choices else ""
         desc = (k.description + choices).replace("|", "\\|")
         rows.append(
             f"| `{k.path}` | `{k.env}` | {k.type} | {_default(k.default, k.secret)} | {desc} |"

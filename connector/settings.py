@@ -207,7 +207,7 @@ class S3Section:
     ca_bundle: str = _key("S3_CA_BUNDLE", "CA bundle path for the S3 endpoint.", "")
     sse: str = _key(
         "S3_SSE",
-        "Server-side encryption: '', AES256 or aws:kms.",
+        "Server-side encryption (empty: none).",
         "",
         choices=("", "AES256", "aws:kms"),
     )
@@ -258,8 +258,8 @@ class TargetSection:
     amqp_port: int = _key("TARGET_AMQP_PORT", "RabbitMQ port override (0: the announced one).", 0)
     amqp_use_ssl: str = _key(
         "TARGET_AMQP_USE_SSL",
-        "TLS to RabbitMQ: 'true' or 'false' (empty: as announced). Uses the target's "
-        "ssl_verify and ca_bundle.",
+        "TLS to RabbitMQ: 'true' or 'false' (also yes/no, on/off, 1/0; empty or 'auto': as "
+        "announced). Uses the target's ssl_verify and ca_bundle.",
         "",
     )
     amqp_max_message_bytes: int = _key(
@@ -418,6 +418,19 @@ def _unset(key: KeyDoc, value: Any) -> bool:
     return key.type in _TYPED and (value is None or (isinstance(value, str) and not value.strip()))
 
 
+def _blanks_the_file(key: KeyDoc, env_value: str | None, file_value: Any) -> bool:
+    """An empty environment variable over a value in config.yml (a compose file's ``${VAR}``
+    left unset): it wins, as any variable does, but an empty ``ARCHIVE_URI`` means "no archive",
+    which nobody should learn from a missing backup."""
+    return (
+        env_value is not None
+        and not env_value.strip()
+        and not _unset(key, env_value)
+        and file_value is not None
+        and str(file_value).strip() != ""
+    )
+
+
 def _coerce(key: KeyDoc, value: Any) -> Any:
     kind = key.type
     shown = "<redacted>" if key.secret else repr(value)[:60]
@@ -533,6 +546,14 @@ def load_settings(
         for present, layer_value in layers:
             if present and not _unset(key, layer_value):
                 value = layer_value
+        if _blanks_the_file(key, env.get(key.env), sec_val.get(name)):
+            log.warning(
+                "%s is set but empty: it overrides %s from the config file, so %s is empty. "
+                "Unset the variable to use the file's value.",
+                key.env,
+                key.path,
+                key.path,
+            )
         value = _coerce(key, value)
         if key.choices and value not in key.choices:
             raise ConfigError(

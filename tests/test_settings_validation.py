@@ -6,6 +6,7 @@ refuses what `run` would refuse and nothing crashes later with a traceback.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,28 @@ def test_empty_env_falls_back_to_the_yaml_value(tmp_path: Path) -> None:
     assert s.s3.verify is False  # the operator's explicit yaml value, not the empty env
     assert s.retention.keep_days == 7
     assert s.retention.keep_snapshots == 0  # yaml null: the default
+
+
+def test_an_empty_variable_blanking_a_config_file_value_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compose file's ``ARCHIVE_URI=${ARCHIVE_URI}`` left unset blanks the archive the config
+    file names: that still wins (an empty variable is how the image's default is turned off),
+    but not in silence. A variable that blanks nothing, or a typed key, says nothing."""
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "archive: {uri: /var/lib/backup}\ns3: {verify: false}\n"
+        "target: {opencti_url: 'http://b:8080', opencti_token: t-0123456789}\n",
+        encoding="utf-8",
+    )
+    env = {"ARCHIVE_URI": "", "S3_VERIFY": "", "S3_STORAGE_CLASS": "", "TARGET_AMQP_HOST": ""}
+    with caplog.at_level(logging.WARNING, logger="connector.settings"):
+        s = load_settings(path, env=env)
+    assert s.archive.uri == ""
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "ARCHIVE_URI is set but empty" in warned[0] and "archive.uri" in warned[0]
+    assert "/var/lib/backup" not in warned[0]  # values are never shown (some are secrets)
 
 
 def test_explicit_false_words_still_work() -> None:
