@@ -206,6 +206,9 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         for name, value in rows:
             _say(f"   {name:<{width}}  {value}")
         state.close()
+        # The logs stay for the reader; the state (as large as the platform) is rebuilt at will.
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{state.path}{suffix}").unlink(missing_ok=True)
         if ok:
             _say(
                 f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})"

@@ -22,6 +22,10 @@ def test_demo_ends_verified(tmp_path: Path) -> None:
     assert "Verified: nothing lost, nothing resurrected." in proc.stdout
     assert "missing / extra / stale versions  0 / 0 / 0" in proc.stdout
     assert (tmp_path / "demo-archive" / "checkpoint.json").is_file()
+    # The logs it names stay; nothing else is left behind (the state it checked is megabytes).
+    logs = Path(proc.stdout.rsplit("(logs: ", 1)[1].split(")", 1)[0])
+    assert logs.is_file()
+    assert sorted(p.name for p in logs.parent.iterdir()) == ["connector.log", "demo.log"]
 
 
 def test_demo_never_wipes_a_directory_it_did_not_make(tmp_path: Path) -> None:
