@@ -111,7 +111,9 @@ class _History:
             store.delete(sid)
         else:  # the same object created again, after its delete
             old = self.deleted.pop(rng.randrange(len(self.deleted)))
-            store.create({k: v for k, v in old.items() if k != "extensions"})
+            ends = [old.get(f) for f in ("source_ref", "target_ref") if old.get(f)]
+            if all(store.get(str(e)) is not None for e in ends):  # the platform refuses others
+                store.create({k: v for k, v in old.items() if k != "extensions"})
 
     def _repoint(self, sid: str) -> None:
         """An update that changes references: author, markings, or a container's contents."""
