@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the platform this archive follows now answers at opencti.url (a new address)",
     )
+    p.add_argument(
+        "--resume-from-archive",
+        action="store_true",
+        help="the checkpoint is lost: go on after the archive's newest segment (same platform "
+        "and stream only)",
+    )
 
     p = sub.add_parser("status", help="checkpoint, lag and archive size")
     _add_common(p)
@@ -290,13 +296,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stop = StopEvent()
     _install_signals(stop)
-    return run_forever(settings, stop, source_moved=args.source_moved)
+    return run_forever(
+        settings,
+        stop,
+        source_moved=args.source_moved,
+        resume_from_archive=args.resume_from_archive,
+    )
 
 
-def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool = False) -> int:
+def run_forever(
+    settings: Settings,
+    stop: threading.Event,
+    *,
+    source_moved: bool = False,
+    resume_from_archive: bool = False,
+) -> int:
     """``opencti-sync run`` without the process concerns (signals, logging): tests call this.
 
     ``source_moved``: the archive's platform is now at ``opencti.url`` (another address).
+    ``resume_from_archive``: the checkpoint is lost; go on after the archive's newest segment.
     """
     from .checkpoint import Checkpoint
     from .events import EventId
@@ -327,6 +345,22 @@ def run_forever(settings: Settings, stop: threading.Event, *, source_moved: bool
                 extra={"previous_stream": cp.stream_id, "previous_url": cp.source_url},
             )
             cp = None
+    from .archive_position import adopt_archive, check_archive_end
+
+    archive = runtime["archive"]
+    kept_at = f"{store.storage.describe()} ({store.key})"
+    if cp is None and archive is not None:
+        cp = adopt_archive(
+            archive,
+            kept_at,
+            stream_id=c.live_stream_id,
+            source_url=source_url,
+            adopt=resume_from_archive,
+        )
+        if cp is not None:
+            store.save(cp)
+    elif cp is not None and archive is not None and check_archive_end(archive, cp, kept_at):
+        store.save(cp)
     if cp is None:
         raw = c.live_stream_id in ("", "raw")
         recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())

@@ -76,9 +76,12 @@ def start_pipeline(pipeline: Pipeline) -> tuple[threading.Thread, list[BaseExcep
 class ConnectorThread:
     """``run_forever`` in a background thread; ``stop()`` drains like SIGTERM does."""
 
-    def __init__(self, env: dict[str, str], *, source_moved: bool = False) -> None:
+    def __init__(
+        self, env: dict[str, str], *, source_moved: bool = False, resume_from_archive: bool = False
+    ) -> None:
         self.settings = settings_for(env)
         self.source_moved = source_moved
+        self.resume_from_archive = resume_from_archive
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.rc: int | None = None
@@ -86,7 +89,12 @@ class ConnectorThread:
 
     def _run(self) -> None:
         try:
-            self.rc = run_forever(self.settings, self.stop_event, source_moved=self.source_moved)
+            self.rc = run_forever(
+                self.settings,
+                self.stop_event,
+                source_moved=self.source_moved,
+                resume_from_archive=self.resume_from_archive,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             self.error = exc
 
