@@ -403,6 +403,7 @@ def run_forever(
         no_dependencies=c.live_stream_no_dependencies,
         with_inferences=c.live_stream_with_inferences,
         read_timeout=c.read_timeout_secs,
+        max_event_bytes=c.max_event_bytes,
         backoff_initial=c.backoff_initial_secs,
         backoff_max=c.backoff_max_secs,
         retention_gap=c.retention_gap,

@@ -198,6 +198,11 @@ class StreamEvent:
             raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
         if not isinstance(envelope, dict):
             raise MalformedEvent("data is not a JSON object")
+        if _too_deep(raw, envelope):
+            raise MalformedEvent(
+                "data is nested too deep to be written back (JSON parses 1024 levels, "
+                "serialises 254): a restore or snapshot could not hold it"
+            )
         stix = envelope.get("data")
         if not isinstance(stix, dict):
             raise MalformedEvent("envelope has no 'data' object")
@@ -243,6 +248,26 @@ def _loads_object(data: bytes) -> dict[str, Any]:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _INT_RANGE = range(-(2**63), 2**64)
+
+
+_DUMPS_DEPTH = 254  # orjson parses 1024 levels of nesting, but serialises only this many
+
+
+def _too_deep(raw: str | bytes, envelope: dict[str, Any]) -> bool:
+    """Whether ``envelope`` is nested deeper than it can be serialised again. Counting brackets
+    (in C) rules out nearly every event; only one with that many opening brackets is tried."""
+    opens = (
+        raw.count("[") + raw.count("{")
+        if isinstance(raw, str)
+        else raw.count(b"[") + raw.count(b"{")
+    )
+    if opens <= _DUMPS_DEPTH:
+        return False
+    try:
+        orjson.dumps(envelope)
+    except TypeError:
+        return True
+    return False
 
 
 def loads_json(data: str | bytes) -> Any:

@@ -138,6 +138,12 @@ class ConnectorSection:
         "Reconnect when the stream is silent this long (heartbeats arrive every 5 s).",
         45.0,
     )
+    max_event_bytes: int = _key(
+        "CONNECTOR_MAX_EVENT_BYTES",
+        "A stream message larger than this is quarantined (its first 4 KiB kept) instead of held "
+        "in memory whole.",
+        64 * 1024 * 1024,
+    )
     backoff_initial_secs: float = _key(
         "CONNECTOR_BACKOFF_INITIAL_SECS",
         "First reconnect / retry delay (exponential, full jitter).",
@@ -580,6 +586,8 @@ def _check_iso_date(key: str, env: str, text: str) -> None:
 
 def _validate(s: Settings) -> None:
     c, a = s.connector, s.archive
+    if c.max_event_bytes < 65536:
+        raise ConfigError("connector.max_event_bytes", "must be at least 65536")
     if c.read_timeout_secs <= 5:
         raise ConfigError("connector.read_timeout_secs", "must be above the 5 s heartbeat period")
     if c.backoff_initial_secs <= 0 or c.backoff_max_secs < c.backoff_initial_secs:

@@ -41,7 +41,7 @@ from .events import (
     StreamEvent,
 )
 from .progress import iso_to_ms
-from .sse import SseBytesDecoder
+from .sse import MAX_EVENT_BYTES, Oversized, SseBytesDecoder
 
 __all__ = [
     "Complete",
@@ -111,6 +111,7 @@ class SourceConfig:
     backoff_max: float = 60.0
     retention_gap: str = "repair"
     queue_size: int = 256
+    max_event_bytes: int = MAX_EVENT_BYTES
 
 
 def tls_verify(verify: bool | str) -> bool | ssl.SSLContext:
@@ -336,7 +337,7 @@ class SseSource:
             self._response = response
             try:
                 self._check_status(response)
-                decoder = SseBytesDecoder()
+                decoder = SseBytesDecoder(self.config.max_event_bytes)
                 arrived = time.monotonic()
                 for chunk in response.iter_bytes():
                     now = time.monotonic()
@@ -377,6 +378,13 @@ class SseSource:
     # -- message handling ------------------------------------------------------------------
 
     def _handle(self, name: str, id_text: str, data: bytes, out: list[Item]) -> None:
+        if isinstance(data, Oversized):
+            reason = (
+                f"message of {data.size} bytes, over connector.max_event_bytes "
+                f"({self.config.max_event_bytes}); its first {len(data)} bytes are kept here"
+            )
+            self._quarantine(id_text, name, data, reason, out)
+            return
         if name in DATA_EVENTS:
             self._data_event(name, id_text, data, out)
         elif name == "heartbeat":

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SseBytesDecoder"]
+__all__ = ["MAX_EVENT_BYTES", "Oversized", "SseBytesDecoder"]
 
 # Possessive quantifiers and "." (any byte but a newline: the decoder has already turned CR and
 # CRLF into LF) let the regex engine run its fastest loop over the ~2 KB data line.
 _FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*+)\nevent: (.*+)\ndata: (.*+)\n\n")
+
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+_HEAD_BYTES = 4096  # what an oversized message keeps, for its quarantine record
+
+
+class Oversized(bytes):
+    """The first bytes of a message larger than the decoder's limit (``size`` in all), given in
+    place of its data: the caller quarantines it instead of parsing it."""
+
+    size: int
 
 
 class SseBytesDecoder:
@@ -20,10 +30,18 @@ class SseBytesDecoder:
     exactly as they came. Splitting only on the three SSE line ends keeps raw U+2028 inside data
     (a multi-byte UTF-8 sequence that bytes-level splitting cannot cut). Yields (event name, last
     event id, data) per dispatched message; ``event`` is "message" when the server named none.
+
+    A message still incomplete is kept as a list of chunks and only the new bytes are searched
+    for its end, so a long message costs linear time. One larger than ``max_bytes`` is not
+    held: its first bytes come out as ``Oversized`` data and the rest is read past (a hostile or
+    broken stream cannot grow the reader's memory without bound).
     """
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_bytes
+        self._parts: list[bytes] = []  # the incomplete message: no blank line in it
+        self._size = 0
+        self._skipped: Oversized | None = None  # reading past an oversized message
         self._cr = False  # the previous chunk ended with CR: a LF right after it is the same end
         self._last_id = ""
 
@@ -36,8 +54,27 @@ class SseBytesDecoder:
             if chunk.endswith(b"\r"):
                 self._cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
         out: list[tuple[str, str, bytes]] = []
+        if not chunk:
+            return out
+        if self._parts:
+            # The kept bytes hold no blank line: look for one only where the new bytes join.
+            joined = self._parts[-1][-1:] == b"\n" and chunk[:1] == b"\n"
+            if not joined and chunk.find(b"\n\n") < 0:
+                self._keep(chunk, out)
+                return out
+            buf = b"".join(self._parts) + chunk
+            self._parts, self._size = [], 0
+        else:
+            buf = chunk
+        if self._skipped is not None:
+            end = buf.find(b"\n\n")
+            self._skipped.size += end if end >= 0 else len(buf)
+            if end < 0:
+                self._keep_tail(buf)
+                return out
+            self._flush_skipped(out)
+            buf = buf[end + 2 :]
         start = 0
         size = len(buf)
         while start < size:
@@ -53,8 +90,43 @@ class SseBytesDecoder:
                 break
             self._dispatch(buf[start:end], out)
             start = end + 2
-        self._buf = buf[start:]
+        if start < size:
+            self._keep(buf[start:] if start else buf, out)
         return out
+
+    def _keep(self, data: bytes, out: list[tuple[str, str, bytes]]) -> None:
+        """Hold ``data`` (no blank line in it) as part of the incomplete message."""
+        if self._skipped is not None:
+            self._skipped.size += len(data)
+            self._keep_tail(data)
+            return
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size > self._max:
+            head = b"".join(self._parts)
+            self._skipped = Oversized(head[:_HEAD_BYTES])
+            self._skipped.size = len(head)
+            self._parts, self._size = [], 0
+            self._keep_tail(head)
+
+    def _keep_tail(self, data: bytes) -> None:
+        # While reading past: only the last byte matters (a blank line across two chunks).
+        self._parts, self._size = [data[-1:]], 1
+
+    def _flush_skipped(self, out: list[tuple[str, str, bytes]]) -> None:
+        head = self._skipped
+        assert head is not None
+        self._skipped = None
+        event = b""
+        for line in head.split(b"\n")[:-1]:  # whole lines only
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"event":
+                event = value
+            elif name == b"id" and b"\0" not in value:
+                self._last_id = value.decode("latin-1")
+        out.append((event.decode("latin-1") or "message", self._last_id, head))
 
     def _dispatch(self, block: bytes, out: list[tuple[str, str, bytes]]) -> None:
         event = b""

@@ -75,6 +75,8 @@ def render(name: str, store: SimStore) -> bytes:
         "<<@CASE@>>": marker(name),
         '"@DEEP2000@"': "[" * 2000 + "]" * 2000,
         '"@DEEP200@"': "[" * 200 + "]" * 200,
+        '"@DEEP1000@"': "[" * 1000 + "]" * 1000,
+        "@PAD40MB@": "A" * 40_000_000,
         '"@REFS100K@"': orjson.dumps(refs).decode(),
         "@PAD20MB@": "A" * 20_000_000,
     }
@@ -122,6 +124,7 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             TOKEN,
             str(archive),
             CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE="1970-01-01T00:00:00.000Z",
+            CONNECTOR_MAX_EVENT_BYTES=str(32 * 1024 * 1024),
         )
         run = ConnectorThread(env).start()
         storage = LocalStorage(archive)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from connector.source import SseBytesDecoder
+from connector.sse import Oversized
 
 STREAM = (
     b'event: connected\ndata: {"a":1}\n\n'
@@ -45,3 +46,37 @@ def test_incomplete_message_waits_for_its_end() -> None:
     decoder = SseBytesDecoder()
     assert decoder.feed(b"id: 1-0\nevent: create\ndata: {}\n") == []
     assert decoder.feed(b"\n") == [("create", "1-0", b"{}")]
+
+
+def _feed(decoder: SseBytesDecoder, data: bytes, size: int) -> list[tuple[str, str, bytes]]:
+    out = []
+    for i in range(0, len(data), size):
+        out += decoder.feed(data[i : i + size])
+    return out
+
+
+def test_a_long_message_in_small_chunks_comes_out_whole() -> None:
+    """Only the new bytes are searched for a message's end (a long one costs linear time)."""
+    payload = b'{"d":"' + bytes(range(32, 127)) * 20_000 + b'"}'
+    stream = STREAM + b"id: 7-0\nevent: create\ndata: " + payload + b"\n\n"
+    assert _feed(SseBytesDecoder(), stream, 997) == [*EXPECTED, ("create", "7-0", payload)]
+
+
+@pytest.mark.parametrize("size", [1, 100, 4096])
+def test_an_oversized_message_is_cut_to_its_head_and_the_stream_goes_on(size: int) -> None:
+    limit = 10_000
+    big = b'id: 8-0\nevent: create\ndata: {"x":"' + b"A" * 50_000 + b'"}\n\n'
+    after = b"id: 9-0\nevent: update\ndata: {}\n\n"
+    stream = STREAM + big + after
+    decoder = SseBytesDecoder(limit)
+    out: list[tuple[str, str, bytes]] = []
+    for i in range(0, len(stream), size):
+        out += decoder.feed(stream[i : i + size])
+        held = sum(len(p) for p in decoder._parts)  # noqa: SLF001 - the bound under test
+        assert held <= limit + size
+    assert out[: len(EXPECTED)] == EXPECTED
+    (name, id_text, head), last = out[len(EXPECTED) :]
+    assert (name, id_text) == ("create", "8-0")
+    assert isinstance(head, Oversized) and head.size >= 50_000
+    assert 0 < len(head) <= 4096 and head.startswith(b"id: 8-0\nevent: create\n")
+    assert last == ("update", "9-0", b"{}")
