@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, ConnectorError, PermanentError, RetryableError, StreamGoneError
-from .settings import Settings, load_settings, optional_bool
+from .settings import Settings, check_platform_url, load_settings, optional_bool
 
 __all__ = ["main"]
 
@@ -134,6 +134,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         token = token.strip()
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
             raise ConfigError("--token", "contains control characters (value not shown)")
+        if not token.isascii():
+            raise ConfigError("--token", "contains non-ASCII characters (value not shown)")
+    for flag in ("opencti", "against_opencti"):
+        url = getattr(args, flag, None)
+        if url:
+            check_platform_url(f"--{flag.replace('_', '-')}", url)
+    if token:
         args.token = settings.target.opencti_token = token
     return settings
 

@@ -41,6 +41,7 @@ __all__ = [
     "Settings",
     "image_defaults",
     "iter_keys",
+    "check_platform_url",
     "load_settings",
     "optional_bool",
 ]
@@ -474,6 +475,11 @@ def _coerce(key: KeyDoc, value: Any) -> Any:
                 raise ConfigError(
                     key.path, f"contains control characters (env {key.env}; value not shown)"
                 )
+            if not text.isascii():
+                # It goes into an HTTP header or a signature: a typo, not a token.
+                raise ConfigError(
+                    key.path, f"contains non-ASCII characters (env {key.env}; value not shown)"
+                )
         return text
     except ValueError:
         raise ConfigError(key.path, f"expected {kind}, got {shown} (env {key.env})") from None
@@ -520,7 +526,9 @@ def load_settings(
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                "--config", f"{path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -582,6 +590,27 @@ def _check_iso_date(key: str, env: str, text: str) -> None:
         ) from None
     if ms < 0:
         raise ConfigError(key, f"must be after 1970-01-01, got {text[:40]!r} (env {env})")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's snippet of the line (it can be a token's)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = [p for p in (exc.context, exc.problem) if p]
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return "; ".join(parts) + where
+    return type(exc).__name__
+
+
+def check_platform_url(key: str, url: str) -> None:
+    """A platform URL: http(s), and no credentials (it is stored in the checkpoint or a restore's
+    progress file, shown by status and logged; the token authenticates)."""
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(key, "must start with http:// or https://")
+    if "@" in urlsplit(url).netloc:
+        raise ConfigError(
+            key, "must not carry credentials (user:password@); the token authenticates"
+        )
 
 
 def _validate(s: Settings) -> None:
@@ -671,10 +700,4 @@ def _validate(s: Settings) -> None:
         ("opencti.url", s.opencti.url),
         ("target.opencti_url", s.target.opencti_url),
     ):
-        if url and not url.startswith(("http://", "https://")):
-            raise ConfigError(url_key, "must start with http:// or https://")
-        if "@" in urlsplit(url).netloc:
-            # The URL is stored in the checkpoint, shown by status and logged: no credentials.
-            raise ConfigError(
-                url_key, "must not carry credentials (user:password@); the token authenticates"
-            )
+        check_platform_url(url_key, url)

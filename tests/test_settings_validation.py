@@ -106,6 +106,41 @@ def test_control_character_in_a_token_exits_2_naming_the_key(tmp_path: Path) -> 
     assert TOKEN not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("env_name", SECRET_ENVS)
+def test_a_non_ascii_secret_is_refused_without_showing_it(env_name: str) -> None:
+    """It goes into an HTTP header or a signature: httpx failed on it deep inside a request,
+    and `run` retried that for ever as a transient error."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={env_name: "tok-€uro-abcd"})
+    assert err.value.key == _key(env_name).path and "non-ASCII" in str(err.value)
+    assert "abcd" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_a_platform_url_given_on_the_command_line_carries_no_credentials(
+    tmp_path: Path, command: str
+) -> None:
+    """As for the configured URLs: a restore stored it in its progress file and logged it."""
+    flag = "--opencti" if command == "restore" else "--against-opencti"
+    url = "http://admin:PASS-9876@127.0.0.1:9"
+    args = [command, "--archive", str(tmp_path / "a"), flag, url, "--token", TOKEN]
+    done = _cli({}, tmp_path, *args)
+    assert done.returncode == 2, done.stderr
+    assert flag in done.stderr and "credentials" in done.stderr
+    assert "PASS-9876" not in done.stdout + done.stderr
+    assert not list(tmp_path.rglob("restore-progress.json"))
+
+
+def test_a_config_file_yaml_error_does_not_print_the_line(tmp_path: Path) -> None:
+    """PyYAML's message quotes the offending line, which can be the token's."""
+    path = tmp_path / "config.yml"
+    path.write_text(f'opencti:\n  url: http://127.0.0.1:9\n  token: "{TOKEN}\n', encoding="utf-8")
+    done = _cli({}, tmp_path, "check", "--config", str(path))
+    assert done.returncode == 2, done.stderr
+    assert "not valid YAML" in done.stderr and "line " in done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+
+
 # -- 2. an empty value of a typed key means "not set" ----------------------------------------
 
 
