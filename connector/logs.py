@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -89,12 +90,24 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(body, default=str).decode()
 
 
+# Control characters (newlines, ANSI escapes) in a text line: stream data reaches the log in
+# event names, ids and reasons, and must neither forge a line nor drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _STD and not k.startswith("_")
+            f"{k}={_visible(str(v))}"
+            for k, v in vars(record).items()
+            if k not in _STD and not k.startswith("_")
         )
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()}"
+        message = _visible(record.getMessage())
+        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {message}"
         if extras:
             line += f"  {extras}"
         if record.exc_info:

@@ -135,6 +135,24 @@ def test_terminal_gets_text_and_a_file_gets_json(restore_logging: None) -> None:
     assert "Not shown." not in plain.getvalue()
 
 
+def test_stream_data_cannot_forge_a_text_line_or_drive_the_terminal(
+    restore_logging: None,
+) -> None:
+    """Event names, ids and reasons come from the stream and reach the log: a newline in them
+    made a second, forged line; an ANSI escape reached the terminal. Shown escaped instead."""
+    out = TtyIO()
+    configure("info", "text", [], stream=out)
+    forged = "evil\n08:00:00 ERROR   FORGED line\x1b[31m"
+    logging.getLogger("connector.test").warning(
+        "Event quarantined: %s", forged, extra={"event": forged, "id": "\x1b[2Jbad\r"}
+    )
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line
+    assert "\x1b" not in text and "\r" not in text
+    assert "evil\\n08:00:00 ERROR   FORGED line\\x1b[31m" in text
+    assert "id=\\x1b[2Jbad\\r" in text
+
+
 def test_secrets_redacted_everywhere(restore_logging: None) -> None:
     out = io.StringIO()
     configure("info", "json", [TOKEN, S3_SECRET], stream=out)
