@@ -522,7 +522,7 @@ def _reconciler(archive: Any, config: Any, work_dir: Path) -> Any:
     from .reconcile import reconcile_deletes
 
     def run(at: Any, as_of: Any) -> Any:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return reconcile_deletes(archive, config, at=at, as_of=as_of, work_dir=work_dir)
 
     return run
@@ -781,7 +781,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     settings, archive = _archive_command(args)
     work = Path(settings.connector.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
     report = verify_archive(archive, work_dir=work, checkpoints=configured_store(settings, archive))
     print(format_report(report))
     ok = bool(report.ok)

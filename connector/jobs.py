@@ -267,7 +267,7 @@ def run_snapshot_job(
     # The state helper's module; imported late on purpose.
     from .snapshot import remove_stale_scratch, write_snapshot
 
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with JobLock(storage, "snapshot", ttl_secs):
         remove_stale_scratch(work_dir)
         return write_snapshot(storage, work_dir=work_dir, stop=stop)

@@ -43,11 +43,19 @@ __all__ = [
     "materialise",
     "materialise_plan",
     "parse_until",
+    "private_file",
     "restore_to_target",
     "to_bundle",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def private_file(path: str, flags: int) -> int:
+    """``open(..., opener=private_file)``: a file of the restore's (a copy of the CTI, a target
+    URL) readable by its owner and group only, as the archive's own files are."""
+    return os.open(path, flags, 0o640)
+
 
 _MAX_SEQ = 10**10 - 1  # the largest sequence an event id can carry (10 digits)
 _SAMPLE = 10
@@ -94,7 +102,7 @@ def materialise_plan(
 
     A damaged segment (sha256) or a gap in the chain raises ``PermanentError``; with
     ``allow_partial`` a gap is only logged."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db_path = work_dir / "restore-state.sqlite"
     db_path.unlink(missing_ok=True)  # always rebuilt: the archive is the source of truth
     candidates = [s for s in list_snapshots(storage) if until is None or s.as_of <= until]
@@ -273,7 +281,7 @@ class _Resume:
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb", opener=private_file) as fh:
             fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())

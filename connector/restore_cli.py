@@ -20,7 +20,14 @@ from .archive import ArchiveReader
 from .checkpoint import Checkpoint, configured_store
 from .errors import ConfigError, ConnectorError
 from .events import EventId, octi_ext
-from .restore import TextProgress, materialise_plan, parse_until, restore_to_target, to_bundle
+from .restore import (
+    TextProgress,
+    materialise_plan,
+    parse_until,
+    private_file,
+    restore_to_target,
+    to_bundle,
+)
 from .settings import Settings
 from .snapshot import list_snapshots, pruned_before
 from .source import iso_to_id
@@ -90,7 +97,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     until = parse_until(args.until) if args.until else None
     work = Path(args.work_dir)
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError("--work-dir", f"cannot use {work}: {exc.strerror or exc}") from None
     # Where ``run`` keeps it (``checkpoint.uri``), which may not be the archive.
@@ -203,7 +210,7 @@ def _write_bundle(state: StateStore, path: Path) -> int:
     disk) leaves no truncated bundle that looks like a restore."""
     part = path.with_name(path.name + ".part")
     try:
-        with open(part, "wb") as out:
+        with open(part, "wb", opener=private_file) as out:
             count = to_bundle(state, out)
         part.replace(path)
     except OSError as exc:

@@ -4,6 +4,8 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -378,3 +380,17 @@ def test_a_point_inside_lost_newest_segments_is_refused_under_a_later_snapshot(
     inside = str(lost.manifest.first)
     assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", inside) == 1
     assert "newest segments" in capsys.readouterr().err
+
+
+def test_what_a_restore_writes_is_not_world_readable(archive: Path, tmp_path: Path) -> None:
+    """The bundle and the work dir's state are a copy of the CTI: owner and group only, like
+    the archive's files, whatever the umask lets through (they were 0644 under 022)."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "state.json"
+        assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    work = tmp_path / "w"
+    assert work.is_dir() and stat.S_IMODE(work.stat().st_mode) == 0o700
