@@ -6,8 +6,10 @@ retried writes never duplicate or lose an object."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +172,36 @@ def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
     with pytest.raises(RetryableError, match="cannot connect"):
         storage.check()
     assert "127.0.0.1" in storage.describe()
+
+
+class _Redirecting(http.server.BaseHTTPRequestHandler):
+    """An endpoint that sends every request elsewhere (nginx redirecting http to https)."""
+
+    def _answer(self) -> None:
+        self.send_response(301)
+        self.send_header("Location", f"https://127.0.0.1:9{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+def test_an_endpoint_redirecting_every_request_is_one_clear_error(s3_settings: dict) -> None:
+    """botocore asked again after each redirect until Python's recursion limit: a RecursionError
+    and a 3,000-line traceback from check, run and status."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        storage = S3Storage(**{**s3_settings, "endpoint_url": url})
+        with pytest.raises(PermanentError, match="redirect"):
+            storage.check()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _client_error(status: int, code: str, message: str = "") -> Exception:

@@ -448,6 +448,13 @@ def classify_s3_error(
         )
     if isinstance(exc, bce.BotoCoreError):
         return PermanentError(f"S3 {action} {target} failed: {type(exc).__name__}")
+    if isinstance(exc, RecursionError):
+        # botocore follows a bucket-region redirect by asking again, for ever when every answer
+        # is a redirect (a proxy sending http to https, a website endpoint).
+        return PermanentError(
+            f"S3 {action} {target}: the endpoint answers every request with a redirect: check "
+            "endpoint_url (http or https, a proxy in front of the store) and the region"
+        )
     _reraise(exc)
 
 
