@@ -191,6 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"opencti-sync: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # The work dir's scratch database (restore, verify, snapshot): a full disk, mostly.
+        # (sqlite3 is checked by name: `run` never imports it unless it must.)
+        if type(exc).__module__ != "sqlite3":
+            raise
+        log.error("Stopped on a work dir database error.", extra={"error": str(exc)})
+        print(
+            f"opencti-sync: the work dir's database failed ({exc}): check free space and "
+            "permissions of OPENCTI_SYNC_WORK_DIR / --work-dir",
+            file=sys.stderr,
+        )
+        return 1
 
 
 # -- run --------------------------------------------------------------------------------------

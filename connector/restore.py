@@ -11,6 +11,7 @@ continues from there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -106,7 +107,11 @@ def materialise_plan(
     db_path = work_dir / "restore-state.sqlite"
     db_path.unlink(missing_ok=True)  # always rebuilt: the archive is the source of truth
     candidates = [s for s in list_snapshots(storage) if until is None or s.as_of <= until]
-    state, seed = seed_state(db_path, storage, candidates)  # closed on failure, rebuilt next run
+    try:
+        state, seed = seed_state(db_path, storage, candidates)  # closed on failure
+    except BaseException:
+        _drop(db_path)
+        raise
     try:
         reader = ArchiveReader(storage)
         incomplete = seed is None and _warn_if_pruned(reader)
@@ -119,7 +124,9 @@ def materialise_plan(
         )
         state.settle()  # the whole state in SQL before anything reads it, and the memory freed
     except BaseException:
-        state.close()
+        with contextlib.suppress(Exception):
+            state.close()  # its last write may fail too (a full disk)
+        _drop(db_path)
         raise
     counts = state.counts()
     plan = RestorePlan(
@@ -133,6 +140,12 @@ def materialise_plan(
     )
     log.info("State materialised.", extra={k: str(v) for k, v in asdict(plan).items()})
     return state, plan
+
+
+def _drop(db_path: Path) -> None:
+    """A failed plan's state: as large as the platform, not left to fill the work dir."""
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
 def materialise(storage: Storage, *, until: EventId | None, work_dir: Path) -> StateStore:

@@ -45,6 +45,7 @@ Checked, streaming one object at a time:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import sqlite3
@@ -68,7 +69,7 @@ from .archive.layout import (
 )
 from .archive.segment import HashingReader, Manifest, iter_segment_lines
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from .errors import ConnectorError, MalformedEvent, NotFound
+from .errors import ConnectorError, MalformedEvent, NotFound, RetryableError
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 from .reconcile import REFERER
 from .snapshot import (
@@ -516,6 +517,8 @@ class _Verifier:
                 count += 1
                 self.check_event(ev)
         except Exception as exc:  # noqa: BLE001
+            if _not_damage(exc):
+                raise
             # zstd, gzip and JSON all have their own error types; any of them means damage.
             return f"cannot be decoded after {count} events: {type(exc).__name__}: {exc}"
         if count != m.event_count:
@@ -670,15 +673,20 @@ class _Verifier:
         if not good:
             return
         path = work_dir / f"verify-state-{uuid.uuid4().hex}.sqlite"
-        state = StateStore(path, scratch=True)  # deleted below
+        state: StateStore | None = None
         try:
+            state = StateStore(path, scratch=True)  # deleted below
             self._recompute(state, good)
         except Exception as exc:  # noqa: BLE001 - damage already reported stops the replay
+            if _not_damage(exc):
+                raise
             self.report.error(
                 f"snapshot recomputation stopped: {type(exc).__name__}: {str(exc)[:200]}"
             )
         finally:
-            state.close()
+            if state is not None:
+                with contextlib.suppress(Exception):
+                    state.close()  # a scratch file deleted next: its last write may fail
             for suffix in ("", "-journal"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
 
@@ -768,6 +776,15 @@ class _Verifier:
         if lines != count:
             return f"holds {lines} lines, manifest says {count}"
         return None
+
+
+def _not_damage(exc: Exception) -> bool:
+    """A failure of this machine, not of the segment being read: the work dir's database (a
+    full disk), a transient storage error, or a system call failing (a damaged gzip file is an
+    OSError without an errno)."""
+    if isinstance(exc, sqlite3.Error | RetryableError):
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def verify_archive(

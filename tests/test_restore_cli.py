@@ -5,7 +5,11 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import stat
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +28,7 @@ from connector.sim.server import SimServer
 from connector.snapshot import list_snapshots, write_snapshot
 from connector.source import iso_to_id
 from connector.storage.local import LocalStorage
-from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
 from tests.support.tls import make_certs, server_context
 from tests.test_retention import at_day, build_days, follow_until
 
@@ -394,3 +398,35 @@ def test_what_a_restore_writes_is_not_world_readable(archive: Path, tmp_path: Pa
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
     work = tmp_path / "w"
     assert work.is_dir() and stat.S_IMODE(work.stat().st_mode) == 0o700
+
+
+def _full_disk() -> None:
+    """In the child: files may not grow past 64 KiB (EFBIG, what SQLite reports as a full
+    disk), without the signal that would kill the process instead."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_a_full_work_dir_is_one_line_and_not_archive_damage(
+    archive: Path, tmp_path: Path, command: str
+) -> None:
+    """verify reported every segment as damaged ("cannot be decoded ... database or disk is
+    full") and restore ended in a traceback, leaving its partial state on the full disk."""
+    work = tmp_path / "work"
+    args = [sys.executable, "-m", "connector", command, "--archive", str(archive)]
+    if command == "restore":
+        args += ["--to-bundle", str(tmp_path / "b.json"), "--work-dir", str(work)]
+    done = subprocess.run(
+        args,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OPENCTI_SYNC_WORK_DIR": str(work)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_full_disk,  # noqa: PLW1509 - a resource limit for the child alone
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "the work dir's database failed" in done.stderr
+    assert "damaged" not in (done.stdout + done.stderr).lower()
+    assert not list(work.rglob("*.sqlite"))
