@@ -96,7 +96,14 @@ class CheckpointStore:
             data = self.storage.get(self.key)
         except NotFound:
             return None
-        return Checkpoint.from_json(data)
+        try:
+            return Checkpoint.from_json(data)
+        except CheckpointError as exc:
+            # Name the file and the way out: an operator edits or replaces it by hand.
+            raise CheckpointError(
+                f"{self.storage.describe()} ({self.key}): {exc}. Put back a good copy; if none "
+                "is left, move it aside and run once with --resume-from-archive"
+            ) from exc
 
     def save(self, checkpoint: Checkpoint) -> None:
         checkpoint.saved_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")

@@ -195,6 +195,9 @@ class StreamEvent:
         try:
             envelope = loads_json(raw)
         except orjson.JSONDecodeError as exc:
+            if "Not enough memory" in str(exc):
+                # The machine's fault, not the event's: never quarantine good data for it.
+                raise MemoryError(f"parsing event {id_text[:64]}: {exc}") from exc
             raise MalformedEvent(f"data is not valid JSON (or not UTF-8): {exc}") from exc
         if not isinstance(envelope, dict):
             raise MalformedEvent("data is not a JSON object")

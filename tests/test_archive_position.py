@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from connector.archive.layout import MANIFESTS_PREFIX, manifest_key_for_segment
 from connector.checkpoint import CHECKPOINT_KEY, CheckpointStore
-from connector.errors import ConfigError
+from connector.errors import CheckpointError, ConfigError
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -132,3 +134,13 @@ def test_the_refusal_names_where_a_checkpoint_kept_apart_was_looked_for(tmp_path
         run.join()
         assert isinstance(run.error, ConfigError), run.error
         assert str(kept) in str(run.error)
+
+
+def test_a_damaged_checkpoint_names_its_file_and_the_way_out(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "archive")
+    storage.put(CHECKPOINT_KEY, b'{"version": 1, "stream_id": "live", ')  # cut short
+    with pytest.raises(CheckpointError) as err:
+        CheckpointStore(storage).load()
+    text = str(err.value)
+    assert str(tmp_path / "archive") in text and CHECKPOINT_KEY in text
+    assert "not valid JSON" in text and "--resume-from-archive" in text

@@ -386,3 +386,16 @@ def test_unreadable_config_file_exits_2_naming_the_key(
     assert done.returncode == 2, done.stderr
     assert key in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_parser_out_of_memory_is_not_taken_for_bad_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """orjson reports a failed allocation as a JSONDecodeError: a valid event was quarantined
+    under memory pressure (then the process died), leaving the archive for good."""
+    from connector import events
+
+    def starved(data: str | bytes) -> Any:
+        raise orjson.JSONDecodeError("Not enough memory to allocate buffer for parsing", "", 0)
+
+    monkeypatch.setattr(events, "loads_json", starved)
+    with pytest.raises(MemoryError):
+        StreamEvent.from_sse("5-0", "create", b'{"data": {"id": "x--1"}}')
