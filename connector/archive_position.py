@@ -92,6 +92,12 @@ def check_archive_end(archive: Storage, cp: Checkpoint, kept_at: str) -> bool:
     cp.last_event_id = end
     cp.last_segment = newest.segment
     cp.last_segment_last_id = end
+    # Read the platform's log from there, not its recovery: a recovery resumed inside its
+    # window sends again, under ids at or below that point (taken as already stored), the
+    # dependencies it had sent with later events, which were lost with those segments. The log
+    # holds every change since; had it been trimmed past that point, the connect-time
+    # retention check finds the gap and repairs it.
+    cp.recover_until = None
     if cp.acked_event_id and EventId.parse(cp.acked_event_id) > newest.last:
         cp.acked_event_id = end
     return True
