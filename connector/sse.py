@@ -13,6 +13,7 @@ _FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*+)\nevent: (.*+)\ndata: (.*+)\n\n")
 
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _HEAD_BYTES = 4096  # what an oversized message keeps, for its quarantine record
+_RESCAN_BYTES = 256 * 1024
 
 
 class Oversized(bytes):
@@ -58,12 +59,15 @@ class SseBytesDecoder:
         if not chunk:
             return out
         if self._parts:
-            # The kept bytes hold no blank line: look for one only where the new bytes join.
-            joined = self._parts[-1][-1:] == b"\n" and chunk[:1] == b"\n"
-            if not joined and chunk.find(b"\n\n") < 0:
-                self._keep(chunk, out)
-                return out
-            buf = b"".join(self._parts) + chunk
+            # The kept bytes hold no blank line. Past a few chunks' worth, look for one only
+            # where the new bytes join (a long message then costs linear time); below, the
+            # usual case (the start of the next message), one copy and the scan below.
+            if self._size > _RESCAN_BYTES:
+                joined = self._parts[-1][-1:] == b"\n" and chunk[:1] == b"\n"
+                if not joined and chunk.find(b"\n\n") < 0:
+                    self._keep(chunk, out)
+                    return out
+            buf = self._parts[0] + chunk if len(self._parts) == 1 else b"".join(self._parts) + chunk
             self._parts, self._size = [], 0
         else:
             buf = chunk
