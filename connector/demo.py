@@ -77,6 +77,7 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
     import logging
 
     from .restore import materialise
+    from .state import remove_state_files
     from .verify import verify_archive
 
     directory = directory.absolute()
@@ -207,8 +208,7 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
             _say(f"   {name:<{width}}  {value}")
         state.close()
         # The logs stay for the reader; the state (as large as the platform) is rebuilt at will.
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(f"{state.path}{suffix}").unlink(missing_ok=True)
+        remove_state_files(state.path)
         if ok:
             _say(
                 f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})"

@@ -29,7 +29,7 @@ from .archive import ArchiveReader
 from .errors import ConfigError
 from .events import EventId
 from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
-from .state import PHASES, StateStore
+from .state import PHASES, StateStore, remove_state_files
 from .storage import Storage
 
 __all__ = [
@@ -110,7 +110,7 @@ def materialise_plan(
     try:
         state, seed = seed_state(db_path, storage, candidates)  # closed on failure
     except BaseException:
-        _drop(db_path)
+        remove_state_files(db_path)  # as large as the platform: not left to fill the work dir
         raise
     try:
         reader = ArchiveReader(storage)
@@ -126,7 +126,7 @@ def materialise_plan(
     except BaseException:
         with contextlib.suppress(Exception):
             state.close()  # its last write may fail too (a full disk)
-        _drop(db_path)
+        remove_state_files(db_path)
         raise
     counts = state.counts()
     plan = RestorePlan(
@@ -140,12 +140,6 @@ def materialise_plan(
     )
     log.info("State materialised.", extra={k: str(v) for k, v in asdict(plan).items()})
     return state, plan
-
-
-def _drop(db_path: Path) -> None:
-    """A failed plan's state: as large as the platform, not left to fill the work dir."""
-    for suffix in ("", "-journal", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
 def materialise(storage: Storage, *, until: EventId | None, work_dir: Path) -> StateStore:

@@ -31,7 +31,7 @@ from .restore import (
 from .settings import Settings
 from .snapshot import list_snapshots, pruned_before
 from .source import iso_to_id
-from .state import StateStore
+from .state import StateStore, remove_state_files
 from .storage import Storage, open_storage
 
 __all__ = ["run_restore_cli", "verify_against_opencti", "compare_with_target"]
@@ -292,8 +292,7 @@ def _drop_state(state: StateStore) -> None:
     """Close the materialised state and delete its file: every run rebuilds it from the archive
     (a restore resumes from its progress file), and it is as large as the state."""
     state.close()
-    for suffix in ("", "-journal", "-wal", "-shm"):
-        Path(f"{state.path}{suffix}").unlink(missing_ok=True)
+    remove_state_files(state.path)
 
 
 def _serve_metrics(settings: Settings) -> Callable[[], None] | None:

@@ -44,7 +44,13 @@ from .archive.layout import CODEC_SUFFIX
 from .archive.segment import HashingReader, iter_segment_lines, open_decompressed
 from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
 from .events import EventId
-from .state import SNAPSHOT_ROWS, ObjectRecord, StateStore, TombstoneRecord
+from .state import (
+    SNAPSHOT_ROWS,
+    ObjectRecord,
+    StateStore,
+    TombstoneRecord,
+    remove_state_files,
+)
 from .storage import Storage
 
 __all__ = [
@@ -628,8 +634,7 @@ def _claim_scratch(db_path: Path) -> int:
 
 def _drop_scratch(db_path: Path, claim: int) -> None:
     try:
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        remove_state_files(db_path)
     finally:
         os.close(claim)
 

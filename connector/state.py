@@ -45,6 +45,7 @@ __all__ = [
     "TombstoneRecord",
     "PHASES",
     "push_phase",
+    "remove_state_files",
     "stix_refs",
     "version_of",
 ]
@@ -226,6 +227,13 @@ def _ids_of(stix: dict[str, Any]) -> list[str]:
     ids = [str(stix.get("id"))]
     ids.extend(x for x in octi_ext(stix).get("stix_ids") or [] if isinstance(x, str))
     return ids
+
+
+def remove_state_files(path: str | Path) -> None:
+    """Delete a state database and its SQLite side files (a scratch state is rebuilt at will,
+    and as large as the platform: never left behind)."""
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def _names_any(value: Any, ids: set[str]) -> bool:

@@ -80,7 +80,7 @@ from .snapshot import (
     state_sha256,
 )
 from .source import iso_to_id
-from .state import StateStore, version_of
+from .state import StateStore, remove_state_files, version_of
 from .storage import Storage
 
 __all__ = ["VerifyReport", "format_report", "verify_archive"]
@@ -687,8 +687,7 @@ class _Verifier:
             if state is not None:
                 with contextlib.suppress(Exception):
                     state.close()  # a scratch file deleted next: its last write may fail
-            for suffix in ("", "-journal"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            remove_state_files(path)
 
     def _recompute(self, state: StateStore, good: list[SnapshotInfo]) -> None:
         """Fold the archive once, comparing the state with each snapshot as it is reached."""
