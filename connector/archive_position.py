@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .events import EventId
 from .storage import Storage
 
-__all__ = ["adopt_archive", "check_archive_end"]
+__all__ = ["adopt_archive", "archive_end", "check_archive_end"]
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,31 @@ def adopt_archive(
     )
 
 
+def archive_end(archive: Storage, until: EventId | None = None) -> EventId | None:
+    """The newest point the archive can restore to (at or before ``until``): its newest
+    segment's last group, or a newer snapshot (retention deletes the segments it covers, the
+    newest one too on a quiet platform)."""
+    from .snapshot import list_snapshots  # not at import: `run` starts without the state store
+
+    newest = ArchiveReader(archive).newest()
+    ends = [newest.last] if newest is not None else []
+    ends += [s.as_of for s in list_snapshots(archive) if until is None or s.as_of <= until]
+    return max(ends, default=None)
+
+
 def check_archive_end(archive: Storage, cp: Checkpoint, kept_at: str) -> bool:
     """Move ``cp`` back to the archive's newest segment when the segments it counts as durable
     are gone, so that the stream is read again from there (or a retention gap is found and
     repaired). Returns whether ``cp`` changed. Refuses an archive that lost every segment."""
-    if not cp.last_segment or not cp.last_segment_last_id:
+    recorded = cp.recorded_end
+    if not cp.last_segment or recorded is None:
         return False  # nothing archived yet (or a checkpoint from before these fields)
     if archive.exists(manifest_key_for_segment(cp.last_segment)):
         return False
+    reached = archive_end(archive)
+    if reached is not None and reached >= recorded:
+        return False  # a snapshot holds the end, or one manifest is missing (verify reports it)
     newest = ArchiveReader(archive).newest()
-    recorded = EventId.parse(cp.last_segment_last_id)
-    if newest is not None and newest.last >= recorded:
-        return False  # that one manifest is missing, not the end: verify reports the hole
     if newest is None:
         raise ConfigError(
             "archive.uri",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .errors import CheckpointError, NotFound
+from .events import EventId
 from .storage import Storage, open_storage
 
 if TYPE_CHECKING:
@@ -61,6 +62,13 @@ class Checkpoint:
         if self.first_recover_until:
             return self.first_recover_until
         return None if self.retention_gaps else self.recover_until
+
+    @property
+    def recorded_end(self) -> EventId | None:
+        """Where this checkpoint says the archive's segments end: the last group id of the last
+        segment written (None before any, or when malformed)."""
+        end = self.last_segment_last_id
+        return EventId.parse(end) if end and EventId.is_valid(end) else None
 
     def to_json(self) -> bytes:
         body = {"version": VERSION, **asdict(self)}

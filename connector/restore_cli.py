@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from .archive import ArchiveReader
+from .archive_position import archive_end
 from .checkpoint import Checkpoint, configured_store
 from .errors import ConfigError, ConnectorError
 from .events import EventId, octi_ext
@@ -147,7 +148,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 + " (check --archive / ARCHIVE_URI and --until; `opencti-sync status` shows "
                 "what it holds)"
             )
-        want = _recorded_end(cp)
+        want = cp.recorded_end if cp else None
         if (
             want is not None
             and not args.allow_partial
@@ -226,14 +227,10 @@ def _lost_tail(storage: Storage, cp: Checkpoint | None, until: EventId | None) -
     """The checkpoint names the newest segment's last id; an archive that ends before it lost
     its newest segments (or manifests), and a restore at a point past its end would silently
     miss them: the message that says so, or None. Checked on the listings before planning."""
-    want = _recorded_end(cp)
+    want = cp.recorded_end if cp else None
     if want is None:
         return None
-    newest = ArchiveReader(storage).newest()
-    ends = [newest.last] if newest is not None else []
-    # Retention may have pruned up to a snapshot; one past ``until`` is not used by its plan.
-    ends += [s.as_of for s in list_snapshots(storage) if until is None or s.as_of <= until]
-    end = max(ends, default=None)
+    end = archive_end(storage, until)
     if end is not None and (end >= want or (until is not None and until <= end)):
         return None
     return _lost_tail_message(storage, end, want, cp)
@@ -247,12 +244,6 @@ def _elsewhere(kept: Storage, archive: Storage) -> str:
         f" (checkpoint read from {kept.describe()}, checkpoint.uri / CHECKPOINT_URI: restoring"
         " another copy of the archive, leave that setting out)"
     )
-
-
-def _recorded_end(cp: Checkpoint | None) -> EventId | None:
-    if cp is None or not cp.last_segment_last_id or not EventId.is_valid(cp.last_segment_last_id):
-        return None
-    return EventId.parse(cp.last_segment_last_id)
 
 
 def _lost_tail_message(

@@ -17,6 +17,7 @@ import pytest
 from connector.archive.layout import MANIFESTS_PREFIX, manifest_key_for_segment
 from connector.checkpoint import CHECKPOINT_KEY, CheckpointStore
 from connector.errors import CheckpointError, ConfigError
+from connector.jobs import run_snapshot_job
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -144,3 +145,20 @@ def test_a_damaged_checkpoint_names_its_file_and_the_way_out(tmp_path: Path) -> 
     text = str(err.value)
     assert str(tmp_path / "archive") in text and CHECKPOINT_KEY in text
     assert "not valid JSON" in text and "--resume-from-archive" in text
+
+
+def test_segments_pruned_under_a_snapshot_covering_the_end_are_not_lost(tmp_path: Path) -> None:
+    """Retention deletes every segment at or before its base snapshot, the newest one too on a
+    quiet platform: the snapshot holds the archive's end, nothing is missing, and run goes on."""
+    archive = tmp_path / "archive"
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 100, seed=11)
+        env = base_env(sim.url, TOKEN, str(archive), ARCHIVE_MAX_EVENTS="40")
+        _backup(env, storage, sim.store.last_event_id)
+        assert run_snapshot_job(storage, tmp_path / "snap") is not None
+        for key in list(storage.list("events/")) + list(storage.list(MANIFESTS_PREFIX)):
+            storage.delete(key)  # what retention does with that snapshot as its base
+        generate(sim.store, 20, seed=12)
+        _backup(env, storage, sim.store.last_event_id)
+        _assert_archive_is_the_platform(storage, sim, tmp_path)
