@@ -10,6 +10,8 @@ connector's own ``run`` in a thread, and the archive folded back into a state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,28 @@ def _backup(env: dict[str, str], storage: LocalStorage, last_id: str | None, **k
     assert run.error is None, run.error
 
 
+@contextmanager
+def _backed_up(
+    tmp_path: Path, events: int, seed: int, **extra: str
+) -> Iterator[tuple[SimServer, dict[str, str], LocalStorage]]:
+    """A simulator with ``events`` generated, and ``run`` caught up with it into
+    ``tmp_path/archive`` (its checkpoint where ``CHECKPOINT_URI`` says, if given)."""
+    storage = LocalStorage(tmp_path / "archive")
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, events, seed=seed)
+        env = base_env(sim.url, TOKEN, str(tmp_path / "archive"), **extra)
+        kept = extra.get("CHECKPOINT_URI")
+        _backup(env, LocalStorage(kept) if kept else storage, sim.store.last_event_id)
+        yield sim, env, storage
+
+
+def _refusal(env: dict[str, str]) -> ConfigError:
+    run = ConnectorThread(env).start()
+    run.join()
+    assert isinstance(run.error, ConfigError), run.error
+    return run.error
+
+
 def _delete_some(sim: SimServer, count: int) -> list[str]:
     victims = sorted(o["id"] for o in sim.store.objects() if o["type"] == "indicator")[:count]
     for sid in victims:
@@ -44,50 +68,38 @@ def _delete_some(sim: SimServer, count: int) -> list[str]:
     return victims
 
 
-def _assert_archive_is_the_platform(storage: LocalStorage, sim: SimServer, work: Path) -> None:
+def _assert_archive_is_the_platform(
+    storage: LocalStorage, sim: SimServer, work: Path, gone: list[str] | None = None
+) -> None:
+    """verify passes and the archive's state equals the platform's; ``gone`` (deleted while
+    the connector was down) is not brought back."""
     report = verify_archive(storage, work_dir=work / "verify")
     assert report.ok, report
     state = materialise(storage, until=None, work_dir=work / "plan")
     try:
         assert_equal_objects(state_objects(state), sim_objects(sim.store))
+        assert all(state.get(sid) is None for sid in gone or [])
     finally:
         state.close()
 
 
 def test_a_lost_checkpoint_is_refused_then_resumed_from_the_archive(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        generate(sim.store, 300, seed=5)
-        env = base_env(sim.url, TOKEN, str(archive), ARCHIVE_MAX_EVENTS="100")
-        _backup(env, storage, sim.store.last_event_id)
-        (archive / CHECKPOINT_KEY).unlink()
+    with _backed_up(tmp_path, 300, 5, ARCHIVE_MAX_EVENTS="100") as (sim, env, storage):
+        (tmp_path / "archive" / CHECKPOINT_KEY).unlink()
         gone = _delete_some(sim, 3)  # while the connector is down: never re-sent by a recovery
         generate(sim.store, 50, seed=6)
 
-        refused = ConnectorThread(env).start()
-        refused.join()
-        assert isinstance(refused.error, ConfigError), refused.error
-        assert refused.error.key == "checkpoint.uri"
-        assert "--resume-from-archive" in str(refused.error)
+        refused = _refusal(env)
+        assert refused.key == "checkpoint.uri"
+        assert "--resume-from-archive" in str(refused)
         assert CheckpointStore(storage).load() is None  # nothing written by the refusal
 
         _backup(env, storage, sim.store.last_event_id, resume_from_archive=True)
-        _assert_archive_is_the_platform(storage, sim, tmp_path)
-        state = materialise(storage, until=None, work_dir=tmp_path / "again")
-        try:
-            assert all(state.get(sid) is None for sid in gone)  # not resurrected
-        finally:
-            state.close()
+        _assert_archive_is_the_platform(storage, sim, tmp_path, gone)
 
 
 def test_lost_newest_segments_are_read_again_from_the_stream(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        generate(sim.store, 400, seed=7)
-        env = base_env(sim.url, TOKEN, str(archive), ARCHIVE_MAX_EVENTS="40")
-        _backup(env, storage, sim.store.last_event_id)
+    with _backed_up(tmp_path, 400, 7, ARCHIVE_MAX_EVENTS="40") as (sim, env, storage):
         cp = CheckpointStore(storage).load()
         assert cp is not None and cp.last_segment is not None
         manifests = sorted(storage.list(MANIFESTS_PREFIX))
@@ -105,36 +117,26 @@ def test_lost_newest_segments_are_read_again_from_the_stream(tmp_path: Path) -> 
         _assert_archive_is_the_platform(storage, sim, tmp_path)
 
 
+def _delete_every_segment(storage: LocalStorage) -> None:
+    for key in list(storage.list("events/")) + list(storage.list(MANIFESTS_PREFIX)):
+        storage.delete(key)
+
+
 def test_a_checkpoint_over_an_archive_that_lost_every_segment_is_refused(
     tmp_path: Path,
 ) -> None:
-    archive = tmp_path / "archive"
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        generate(sim.store, 100, seed=9)
-        env = base_env(sim.url, TOKEN, str(archive))
-        _backup(env, storage, sim.store.last_event_id)
-        for key in list(storage.list("events/")) + list(storage.list(MANIFESTS_PREFIX)):
-            storage.delete(key)
-        run = ConnectorThread(env).start()
-        run.join()
-        assert isinstance(run.error, ConfigError), run.error
-        assert run.error.key == "archive.uri"
-        assert "delete that checkpoint" in str(run.error)
+    with _backed_up(tmp_path, 100, 9) as (_sim, env, storage):
+        _delete_every_segment(storage)
+        refused = _refusal(env)
+        assert refused.key == "archive.uri"
+        assert "delete that checkpoint" in str(refused)
 
 
 def test_the_refusal_names_where_a_checkpoint_kept_apart_was_looked_for(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
     kept = tmp_path / "apart"
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        generate(sim.store, 50, seed=10)
-        env = base_env(sim.url, TOKEN, str(archive), CHECKPOINT_URI=str(kept))
-        _backup(env, LocalStorage(kept), sim.store.last_event_id)
+    with _backed_up(tmp_path, 50, 10, CHECKPOINT_URI=str(kept)) as (_sim, env, _storage):
         (kept / CHECKPOINT_KEY).unlink()
-        run = ConnectorThread(env).start()
-        run.join()
-        assert isinstance(run.error, ConfigError), run.error
-        assert str(kept) in str(run.error)
+        assert str(kept) in str(_refusal(env))
 
 
 def test_a_damaged_checkpoint_names_its_file_and_the_way_out(tmp_path: Path) -> None:
@@ -150,15 +152,9 @@ def test_a_damaged_checkpoint_names_its_file_and_the_way_out(tmp_path: Path) -> 
 def test_segments_pruned_under_a_snapshot_covering_the_end_are_not_lost(tmp_path: Path) -> None:
     """Retention deletes every segment at or before its base snapshot, the newest one too on a
     quiet platform: the snapshot holds the archive's end, nothing is missing, and run goes on."""
-    archive = tmp_path / "archive"
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        generate(sim.store, 100, seed=11)
-        env = base_env(sim.url, TOKEN, str(archive), ARCHIVE_MAX_EVENTS="40")
-        _backup(env, storage, sim.store.last_event_id)
+    with _backed_up(tmp_path, 100, 11, ARCHIVE_MAX_EVENTS="40") as (sim, env, storage):
         assert run_snapshot_job(storage, tmp_path / "snap") is not None
-        for key in list(storage.list("events/")) + list(storage.list(MANIFESTS_PREFIX)):
-            storage.delete(key)  # what retention does with that snapshot as its base
+        _delete_every_segment(storage)  # what retention does with that snapshot as its base
         generate(sim.store, 20, seed=12)
         _backup(env, storage, sim.store.last_event_id)
         _assert_archive_is_the_platform(storage, sim, tmp_path)

@@ -501,6 +501,16 @@ def test_granted_refs_follow_deletes_and_merges(tmp_path: Path, edit: str) -> No
         assert_equal_objects(state_objects(state), sim_objects(store))
 
 
+def _uses(rel: str, source: str, target: str) -> dict[str, Any]:
+    return {
+        "type": "relationship",
+        "id": rel,
+        "relationship_type": "uses",
+        "source_ref": source,
+        "target_ref": target,
+    }
+
+
 def test_a_relationship_sent_ahead_follows_its_endpoint_not_an_older_holder_of_its_id(
     tmp_path: Path,
 ) -> None:
@@ -517,15 +527,7 @@ def test_a_relationship_sent_ahead_follows_its_endpoint_not_an_older_holder_of_i
     report = "report--00000000-0000-4000-8000-0000000000a4"
     store.create({"type": "malware", "id": old, "name": "Old"})
     store.create({"type": "malware", "id": other, "name": "Other"})
-    store.create(
-        {
-            "type": "relationship",
-            "id": rel,
-            "relationship_type": "uses",
-            "source_ref": other,
-            "target_ref": AP_KEEP,
-        }
-    )
+    store.create(_uses(rel, other, AP_KEEP))
     store.create(
         {
             "type": "report",
@@ -574,15 +576,7 @@ def test_a_merge_repoints_one_endpoint_and_leaves_the_other_as_the_platform_sent
     store.create({"type": "tool", "id": doomed_tool, "name": "Doomed"})
     store.create({"type": "intrusion-set", "id": absorbed, "name": "A"})
     store.create({"type": "intrusion-set", "id": absorber, "name": "B"})
-    store.create(
-        {
-            "type": "relationship",
-            "id": rel,
-            "relationship_type": "uses",
-            "source_ref": absorbed,
-            "target_ref": doomed_tool,
-        }
-    )
+    store.create(_uses(rel, absorbed, doomed_tool))
     store.merge(absorber, [absorbed])
     store.delete(doomed_tool)
     store.update(later_tool, new_id=doomed_tool)
