@@ -121,16 +121,11 @@ class SseBytesDecoder:
         head = self._skipped
         assert head is not None
         self._skipped = None
-        event = b""
-        for line in head.split(b"\n")[:-1]:  # whole lines only
-            name, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"event":
-                event = value
-            elif name == b"id" and b"\0" not in value:
-                self._last_id = value.decode("latin-1")
-        out.append((event.decode("latin-1") or "message", self._last_id, head))
+        # Its name and id from the head's whole lines, read as any message's (this sets the
+        # last event id); the data cut short is the head itself.
+        fields: list[tuple[str, str, bytes]] = []
+        self._dispatch(head[: head.rfind(b"\n") + 1], fields)
+        out.append((fields[0][0] if fields else "message", self._last_id, head))
 
     def _dispatch(self, block: bytes, out: list[tuple[str, str, bytes]]) -> None:
         event = b""
