@@ -335,11 +335,6 @@ def run_forever(
     ``source_moved``: the archive's platform is now at ``opencti.url`` (another address).
     ``resume_from_archive``: the checkpoint is lost; go on after the archive's newest segment.
     """
-    from .checkpoint import Checkpoint
-    from .events import EventId
-    from .pipeline import BatchPolicy, Pipeline
-    from .source import SourceConfig, SseSource, iso_now, same_url
-
     _require_source(settings)
     c = settings.connector
     runtime = build_runtime(settings)
@@ -353,6 +348,41 @@ def run_forever(
         from .metrics import serve
 
         stop_metrics = serve(settings.metrics.host, settings.metrics.port)
+    from .run_lease import RunLease
+
+    store = runtime["store"]
+    archive = runtime["archive"]
+    held = [archive] if archive is not None else []
+    if archive is None or store.storage.describe() != archive.describe():
+        held.append(store.storage)
+    lease = RunLease(held, c.lease_secs, on_lost=stop.set)
+    try:
+        if not lease.wait(stop):
+            log.info("Stopped while another run held the archive.")
+            return 0
+        return _follow(settings, stop, runtime, lease, source_moved, resume_from_archive)
+    finally:
+        lease.release()
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+def _follow(
+    settings: Settings,
+    stop: threading.Event,
+    runtime: dict[str, Any],
+    lease: Any,
+    source_moved: bool,
+    resume_from_archive: bool,
+) -> int:
+    """``run`` once it holds the archive (``lease``): check the checkpoint against the archive
+    and follow the stream until stopped."""
+    from .checkpoint import Checkpoint
+    from .events import EventId
+    from .pipeline import BatchPolicy, Pipeline
+    from .source import SourceConfig, SseSource, iso_now, same_url
+
+    c = settings.connector
     store = runtime["store"]
     cp = store.load()
     source_url = settings.opencti.url.rstrip("/")
@@ -453,6 +483,7 @@ def run_forever(
         on_position=_recover_progress(
             None if cp.recover_refused else cp.recover_until, cp.last_event_id
         ),
+        guard=lease.check,
     )
     registration = None
     if c.register:
@@ -485,10 +516,10 @@ def run_forever(
             jobs.shutdown()
         for sink in runtime["sinks"]:
             sink.close()
-        if stop_metrics is not None:
-            stop_metrics()
         if registration is not None:
             registration.stop()
+    if lease.lost:
+        lease.check()  # raises LeaseLost: the stop came from a renewal that found it taken over
     log.info(
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )
@@ -604,6 +635,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         "reconcile_failed": (cp.reconcile or {}).get("failed") if cp else None,
         "checkpoint_saved_at": cp.saved_at if cp else None,
     }
+    from .run_lease import lease_holder
+
+    # The run writing this archive now (a second one waits: its standby).
+    info["run_held_by"] = lease_holder(runtime["archive"] or runtime["store"].storage)
     if cp and cp.last_event_id:
         info["lag_seconds"] = round(
             max(0.0, time.time() - EventId.parse(cp.last_event_id).ms / 1000), 3

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -72,16 +74,44 @@ _RETRY_SECS = 600  # a job skipped because another process holds the archive run
 class LockHeld(ConnectorError):
     """Another live job holds the archive's job lock."""
 
+    def __init__(self, message: str, record: LockRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace ('' where /proc does not say): a pid names a process only
+    inside its namespace (each container has its own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
 
 @dataclass(frozen=True, slots=True)
 class LockRecord:
     owner: str
     job: str
     expires_at: dt.datetime
+    # Who holds it, for the messages and to see at once that a holder on this host is gone.
+    host: str = ""
+    pid: int = 0
+    pidns: str = ""
+
+    @property
+    def holder(self) -> str:
+        return f"{self.host or '?'} pid {self.pid or '?'}"
 
     def to_json(self) -> bytes:
         return orjson.dumps(
-            {"owner": self.owner, "job": self.job, "expires_at": self.expires_at.isoformat()}
+            {
+                "owner": self.owner,
+                "job": self.job,
+                "expires_at": self.expires_at.isoformat(),
+                "host": self.host,
+                "pid": self.pid,
+                "pidns": self.pidns,
+            }
         )
 
     @classmethod
@@ -92,13 +122,40 @@ class LockRecord:
             expires = dt.datetime.fromisoformat(obj["expires_at"])
             if expires.tzinfo is None:
                 expires = expires.replace(tzinfo=dt.UTC)
-            return cls(str(obj["owner"]), str(obj.get("job", "")), expires)
+            pid = obj.get("pid", 0)
+            return cls(
+                str(obj["owner"]),
+                str(obj.get("job", "")),
+                expires,
+                str(obj.get("host", "")),
+                pid if isinstance(pid, int) else 0,
+                str(obj.get("pidns", "")),
+            )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
+
+    def holder_is_gone(self) -> bool:
+        """The holder was a process of this host and pid namespace that no longer exists (a
+        killed run restarted by systemd): its lease need not be waited out."""
+        if not self.pid or not self.pidns or self.host != socket.gethostname():
+            return False
+        if self.pidns != _pid_namespace():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # it exists (another user's): alive
+        return False
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _expired(record: LockRecord) -> bool:
+    return record.expires_at <= _now() or record.holder_is_gone()
 
 
 _RELEASE_PAUSES = (0.5, 1.0, 2.0)  # between the tries to release the lock (s)
@@ -120,11 +177,25 @@ class JobLock:
         self.key = key
         self.owner = uuid.uuid4().hex
         self._held = False
+        self._lost = False
+        self._renewed_at = 0.0  # time.monotonic() of the last write of our record
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _record(self) -> LockRecord:
-        return LockRecord(self.owner, self.job, _now() + self.ttl)
+        return LockRecord(
+            self.owner,
+            self.job,
+            _now() + self.ttl,
+            socket.gethostname(),
+            os.getpid(),
+            _pid_namespace(),
+        )
+
+    def _write_record(self) -> None:
+        started = time.monotonic()
+        self.storage.put(self.key, self._record().to_json())
+        self._renewed_at = started
 
     def read(self) -> LockRecord | None:
         try:
@@ -134,21 +205,24 @@ class JobLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""
+        started = time.monotonic()
         if self.storage.put_if_absent(self.key, self._record().to_json()):
+            self._renewed_at = started
             self._confirm()
             return
         current = self.read()
-        if current is not None and current.expires_at > _now() and current.owner != self.owner:
+        if current is not None and current.owner != self.owner and not _expired(current):
             raise LockHeld(
-                f"archive job lock held by job {current.job!r} until "
-                f"{current.expires_at.isoformat(timespec='seconds')}"
+                f"archive lock held by job {current.job!r} ({current.holder}) until "
+                f"{current.expires_at.isoformat(timespec='seconds')}",
+                current,
             )
         if current is not None and current.owner != self.owner:
             log.warning(
-                "Taking over an expired archive job lock.",
-                extra={"job": self.job, "previous_job": current.job},
+                "Taking over an expired archive lock.",
+                extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
             )
-        self.storage.put(self.key, self._record().to_json())
+        self._write_record()
         time.sleep(_SETTLE_SECS)
         self._confirm()
 
@@ -156,29 +230,56 @@ class JobLock:
         current = self.read()
         if current is None or current.owner != self.owner:
             raise LockHeld(
-                f"archive job lock taken by job {current.job if current else '?'!r} meanwhile"
+                f"archive lock taken by job {current.job if current else '?'!r} meanwhile",
+                current,
             )
         self._held = True
+        self._lost = False
         self._stop.clear()
         self._renewer = threading.Thread(
             target=self._renew_loop, name=f"lock-renew-{self.job}", daemon=True
         )
         self._renewer.start()
 
+    def renew(self) -> None:
+        """Push the expiry on; raise ``LockHeld`` (and remember it: ``lost``) when another
+        process took the lock over meanwhile, which it may once our lease ran out."""
+        current = self.read()
+        if current is None or current.owner != self.owner:
+            self._lost = True
+            raise LockHeld(
+                f"archive lock taken over by {current.holder if current else 'nobody'}",
+                current,
+            )
+        self._write_record()
+
+    @property
+    def lost(self) -> bool:
+        """Another process took the lock over while we held it."""
+        return self._lost
+
+    @property
+    def renewed_at(self) -> float:
+        """``time.monotonic()`` of the last write of our record."""
+        return self._renewed_at
+
     def _renew_loop(self) -> None:
         interval = max(self.ttl.total_seconds() / 3, 0.05)
         while not self._stop.wait(interval):
             try:
-                current = self.read()
-                if current is None or current.owner != self.owner:
-                    log.error("Archive job lock lost to another job.", extra={"job": self.job})
-                    return
-                self.storage.put(self.key, self._record().to_json())
+                self.renew()
+            except LockHeld:
+                log.error("Archive lock lost to another process.", extra={"job": self.job})
+                self.on_lost()
+                return
             except ConnectorError as exc:
                 log.warning(
-                    "Could not renew the archive job lock.",
+                    "Could not renew the archive lock.",
                     extra={"job": self.job, "error": str(exc)},
                 )
+
+    def on_lost(self) -> None:
+        """Called from the renewal thread when the lock was found taken over."""
 
     def release(self) -> None:
         """Delete the lock if we still own it (a taken-over lock belongs to its new owner)."""

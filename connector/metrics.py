@@ -112,6 +112,11 @@ RECOVER_PROGRESS = Gauge(
     "First-run recovery progress, 0 to 1 (share of the time span up to the recover date).",
     registry=REGISTRY,
 )
+STANDBY = Gauge(
+    "opencti_sync_standby",
+    "1 while this run waits for another run on the same archive to stop (its run lease).",
+    registry=REGISTRY,
+)
 BUILD_INFO = Info("opencti_sync_build", "Version of the running connector.", registry=REGISTRY)
 BUILD_INFO.info({"version": __version__})
 DELETIONS = Counter(

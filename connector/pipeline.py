@@ -147,12 +147,19 @@ def write_with_retry(
     cap: float = 60.0,
     deadline: Callable[[], float | None] = lambda: None,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    guard: Callable[[], None] = lambda: None,
 ) -> None:
     """Every sink makes the batch durable; a failing sink is retried alone (the others already
-    hold the batch, and writing it again would be harmless anyway)."""
+    hold the batch, and writing it again would be harmless anyway). ``guard`` runs before each
+    attempt (see ``Pipeline.guard``)."""
+
+    def attempt(sink: Sink) -> None:
+        guard()
+        sink.write(batch)
+
     for sink in sinks:
         retry_call(
-            lambda sink=sink: sink.write(batch),  # type: ignore[misc]
+            lambda sink=sink: attempt(sink),  # type: ignore[misc]
             stage="sending",
             stop=stop,
             initial=initial,
@@ -180,6 +187,7 @@ class Pipeline:
         shutdown_timeout: float = 30.0,
         on_position: Callable[[EventId], None] | None = None,
         reconciler: Callable[[EventId, EventId | None], Iterable[list[StreamEvent]]] | None = None,
+        guard: Callable[[], None] = lambda: None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -193,6 +201,9 @@ class Pipeline:
         # Told every durable position: a batch's last group, or a heartbeat's when idle.
         self.on_position = on_position
         self.reconciler = reconciler
+        # Called before every sink write and checkpoint save; raises when this run may no
+        # longer write (``run_lease.RunLease.check``: another run took the archive over).
+        self.guard = guard
         self._pending: list[StreamEvent] = []
         self._received: Counter[str] = Counter()
         self._groups: list[EventId] = []
@@ -617,6 +628,7 @@ class Pipeline:
             cap=self.backoff_max,
             deadline=self._shutdown_deadline,
             shutdown_timeout=self.shutdown_timeout,
+            guard=self.guard,
         )
 
     def _record_archived(self, archived: _Archived) -> None:
@@ -660,9 +672,11 @@ class Pipeline:
         return _Archived(len(batch.events), [], None)
 
     def _save(self) -> None:
-        self._retry(
-            lambda: self.store.save(self.checkpoint), "checkpointing", self.store.storage.describe()
-        )
+        def save() -> None:
+            self.guard()
+            self.store.save(self.checkpoint)
+
+        self._retry(save, "checkpointing", self.store.storage.describe())
         last = self.checkpoint.last_event_id
         if last:
             self._saved_id = EventId.parse(last)

@@ -163,6 +163,12 @@ class ConnectorSection:
         "How long SIGTERM may spend flushing the open batch.",
         30.0,
     )
+    lease_secs: float = _key(
+        "CONNECTOR_LEASE_SECS",
+        "One run per archive: a second run waits (standby) until the first stops, or until this "
+        "long after the first's last renewal of its lease (renewed every third of it) if it died.",
+        60.0,
+    )
 
 
 @dataclass
@@ -629,6 +635,8 @@ def _validate(s: Settings) -> None:
         )
     if c.shutdown_timeout_secs <= 0:
         raise ConfigError("connector.shutdown_timeout_secs", "must be > 0")
+    if c.lease_secs < 1:
+        raise ConfigError("connector.lease_secs", "must be at least 1 (second)")
     if 0 < c.live_stream_start_timestamp < 100_000_000_000:
         # Seconds instead of milliseconds silently mean 1970 (a classic pycti pitfall).
         raise ConfigError(

@@ -281,6 +281,13 @@ def test_a_shutdown_timeout_must_be_positive(bad: str) -> None:
     assert err.value.key == "connector.shutdown_timeout_secs"
 
 
+@pytest.mark.parametrize("bad", ["0", "0.5", "-1"])
+def test_a_run_lease_must_last_a_second_at_least(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"CONNECTOR_LEASE_SECS": bad})
+    assert err.value.key == "connector.lease_secs"
+
+
 def test_a_relative_file_uri_is_refused(tmp_path: Path) -> None:
     """``file://var/lib/x`` (two slashes, a compose-file typo) would be a path relative to
     wherever the process runs; ``file:///var/lib/x`` is meant."""

@@ -80,6 +80,7 @@ def test_status_json(archive: Path) -> None:
     assert info["events_archived"] == cp.events_archived >= 80
     assert info["segments_written"] == info["archive_segments"] == cp.segments_written >= 1
     assert info["stream_id"] == "live"
+    assert info["run_held_by"] is None  # the run stopped: its lease went with it
     assert info["quarantined"] == 0 and info["retention_gaps"] == 0
     # Lag derives from the checkpointed event id's milliseconds.
     lag = before - EventId.parse(cp.last_event_id).ms / 1000

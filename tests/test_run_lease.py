@@ -1,0 +1,172 @@
+"""One ``run`` per archive: a second one waits (standby) and takes over when the first stops.
+
+Two runs writing one archive cut their segments at different places (overlapping segments,
+which verify reports) and move one checkpoint back and forth. Real parts: the simulator over
+HTTP, a local archive, the connector's own ``run`` in threads, the archive verified and folded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from connector.checkpoint import CheckpointStore
+from connector.jobs import JobLock, LockHeld, LockRecord
+from connector.metrics import REGISTRY
+from connector.restore import materialise
+from connector.run_lease import RUN_LEASE_KEY, LeaseLost, RunLease, lease_holder
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from connector.verify import verify_archive
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.test_state import assert_equal_objects, sim_objects, state_objects
+
+TOKEN = "lease-token-0123456789"
+
+
+def _standby() -> float | None:
+    return REGISTRY.get_sample_value("opencti_sync_standby")
+
+
+def _holder(storage: LocalStorage) -> str:
+    record = LockRecord.from_json(storage.get(RUN_LEASE_KEY))
+    assert record is not None
+    return record.owner
+
+
+def _foreign(expires_in: float = 600, **kw: object) -> bytes:
+    """A lease record of another run (another host, unless told otherwise)."""
+    fields: dict[str, object] = {"host": "another-host", "pid": 4242, "pidns": ""}
+    fields.update(kw)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_in)
+    return LockRecord("another-run", "run", expires, **fields).to_json()  # type: ignore[arg-type]
+
+
+def _batches_by(run: ConnectorThread, caplog: pytest.LogCaptureFixture) -> int:
+    """How many batches ``run`` wrote (its pipeline runs in its own thread)."""
+    name = run._thread.name
+    return sum(r.getMessage() == "Batch written." and r.threadName == name for r in caplog.records)
+
+
+def test_a_second_run_waits_and_takes_over_when_the_first_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connector")
+    storage = LocalStorage(tmp_path / "archive")
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 200, seed=11)
+        env = base_env(sim.url, TOKEN, str(tmp_path / "archive"), ARCHIVE_MAX_EVENTS="50")
+        first = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
+        first_owner = _holder(storage)
+
+        # The second cuts its segments elsewhere: had it written beside the first, its segments
+        # would overlap the first's.
+        second = ConnectorThread({**env, "ARCHIVE_MAX_EVENTS": "7"}).start()
+        wait_until(lambda: _standby() == 1, what="the second run's standby")
+        generate(sim.store, 150, seed=12)
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="more")
+        assert second.alive and _holder(storage) == first_owner
+        assert f"pid {os.getpid()} until" in (lease_holder(storage) or "")  # as status says
+        assert _batches_by(first, caplog) > 0 and _batches_by(second, caplog) == 0
+
+        # A third one is stopped while it waits: it leaves as it came, writing nothing.
+        third = ConnectorThread(env).start()
+        third.stop()
+        assert third.rc == 0 and third.error is None
+        assert _holder(storage) == first_owner
+
+        first.stop()
+        assert first.error is None and first.rc == 0
+        # The lease (60 s) is released by the stop, not waited out.
+        wait_until(lambda: _standby() == 0, timeout=30, what="the take-over")
+        generate(sim.store, 150, seed=13)
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="the rest")
+        assert _holder(storage) not in (first_owner, "")
+        assert _batches_by(second, caplog) > 0
+        second.stop()
+        assert second.error is None and second.rc == 0
+        assert not storage.exists(RUN_LEASE_KEY)  # released at the stop
+
+        report = verify_archive(storage, work_dir=tmp_path / "verify")
+        assert report.ok, report
+        state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+        try:
+            assert_equal_objects(state_objects(state), sim_objects(sim.store))
+        finally:
+            state.close()
+
+
+def test_a_run_whose_lease_was_taken_over_stops_without_writing(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "archive")
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 100, seed=21)
+        env = base_env(sim.url, TOKEN, str(tmp_path / "archive"), CONNECTOR_LEASE_SECS="1.5")
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
+        saved = CheckpointStore(storage).load()
+
+        # Another run found the lease expired (this one paused, its storage cut) and took it.
+        # (Written again should the renewal's read-then-write have overwritten it.)
+        def taken_over() -> bool:
+            if _holder(storage) != "another-run":
+                storage.put(RUN_LEASE_KEY, _foreign())
+            return not run.alive
+
+        wait_until(taken_over, timeout=30, interval=0.2, what="the run to stop")
+        assert isinstance(run.error, LeaseLost), run.error
+        assert "took this archive over" in str(run.error)
+        assert _holder(storage) == "another-run"  # not deleted by the stopping run
+        generate(sim.store, 50, seed=22)
+        assert CheckpointStore(storage).load() == saved
+
+
+def test_a_lost_lease_is_found_before_the_next_write(tmp_path: Path) -> None:
+    """The guard the pipeline calls before each write: it reads the lease again once its last
+    renewal is half a lease old (another run may take over an expired one)."""
+    storage = LocalStorage(tmp_path)
+    lease = RunLease([storage], ttl_secs=3600)  # the renewal thread stays asleep
+    assert lease.wait(threading.Event())
+    try:
+        lease.check()  # renewed just now: no read
+        storage.put(RUN_LEASE_KEY, _foreign())
+        lease.check()  # still within half a lease of its renewal
+        lease._leases[0]._renewed_at -= 1801  # half an hour without a renewal
+        with pytest.raises(LeaseLost):
+            lease.check()
+        assert lease.lost
+    finally:
+        lease.release()
+    assert _holder(storage) == "another-run"
+
+
+def test_a_dead_holder_on_this_host_is_not_waited_out(tmp_path: Path) -> None:
+    """A run killed and restarted on the same host (systemd) takes over at once; a lease of a
+    live process, or of another host, is waited out."""
+    storage = LocalStorage(tmp_path)
+    me = JobLock(storage, "probe")._record()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    storage.put(RUN_LEASE_KEY, _foreign(host=me.host, pid=int(dead.stdout), pidns=me.pidns))
+    if me.pidns:  # where /proc says nothing, every lease is waited out
+        with JobLock(storage, "run", key=RUN_LEASE_KEY) as lock:
+            assert _holder(storage) == lock.owner
+
+    storage.put(RUN_LEASE_KEY, _foreign(host=me.host, pid=me.pid, pidns=me.pidns))
+    with pytest.raises(LockHeld, match=f"pid {me.pid}"):
+        JobLock(storage, "run", key=RUN_LEASE_KEY).acquire()
+    storage.put(RUN_LEASE_KEY, _foreign(pid=int(dead.stdout), pidns=me.pidns))
+    with pytest.raises(LockHeld):
+        JobLock(storage, "run", key=RUN_LEASE_KEY).acquire()
