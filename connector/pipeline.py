@@ -25,6 +25,7 @@ from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .reconcile import reconcile_group
 from .sink import Batch, Sink
 from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
+from .watchdog import watched
 
 __all__ = [
     "BatchPolicy",
@@ -116,7 +117,8 @@ def retry_call(
     stopping: float | None = None
     while True:
         try:
-            fn()
+            with watched(stage, describe):
+                fn()
             return
         except RetryableError as exc:
             attempt += 1

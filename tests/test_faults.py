@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import logging
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ import orjson
 import pytest
 import zstandard
 
-from connector import metrics, reconcile
+from connector import metrics, reconcile, watchdog
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import RetryableError
@@ -378,6 +379,59 @@ def test_s3_faults_through_the_proxy_lose_nothing(
     injected = sum(fault_proxy.stats[k] for k in ("500", "503", "reset", "reset_after_read"))
     assert injected >= 3 and fault_proxy.stats["reset_after_forward"] >= 3
     assert_restore_equals_platform(direct, store, tmp_path / "restore")
+
+
+def test_a_frozen_s3_endpoint_is_reported_while_the_write_waits(
+    moto_server: str,  # noqa: F811 - fixture
+    fault_proxy: FaultProxy,  # noqa: F811 - fixture
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An endpoint that stops answering holds a write until the client's timeouts and retries
+    give up (minutes for S3): the log says where the run waits meanwhile, not only after."""
+    monkeypatch.setattr(watchdog, "SLOW_SECS", 0.5)  # 30 s in a real run
+    caplog.set_level(logging.INFO, logger="connector")
+    store = SimStore()
+    generate(store, 60, seed=41)
+    bucket = make_bucket(moto_server)
+    direct = S3Storage(
+        bucket=bucket,
+        prefix="archive",
+        endpoint_url=moto_server,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        region=REGION,
+        path_style=True,
+    )
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        env = base_env(
+            sim.url,
+            TOKEN,
+            f"s3://{bucket}/archive",
+            S3_ENDPOINT_URL=fault_proxy.url,
+            S3_ACCESS_KEY_ID=ACCESS_KEY,
+            S3_SECRET_ACCESS_KEY=SECRET_KEY,
+            S3_REGION=REGION,
+            S3_PATH_STYLE="true",
+        )
+        run = ConnectorThread(env).start()
+        follow(direct, store, "the backlog")
+        # Every request now waits 4 s: frozen, as a 0.5 s watchdog sees it.
+        fault_proxy.configure(slow_rate=1.0, slow_secs=4)
+        generate(store, 20, seed=42)
+
+        def waiting() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage() == "Still waiting for an answer."]
+
+        wait_until(lambda: waiting(), timeout=30, what="the warning")
+        record = waiting()[0]
+        assert getattr(record, "stage", None) in ("sending", "checkpointing")
+        assert getattr(record, "waiting_secs", -1) >= 0
+        assert not any(r.getMessage() == "Write failed; retrying." for r in caplog.records)
+        fault_proxy.clear()
+        follow(direct, store, "after the freeze")
+        run.stop()
+        assert run.error is None and run.rc == 0
 
 
 class FullDisk(LocalStorage):
