@@ -10,7 +10,7 @@ then expires ``CONNECTOR_LEASE_SECS`` after its last renewal, at once when the h
 process of this host and pid namespace that no longer exists. It then starts from the
 checkpoint like any restart.
 
-The lease is the archive job lock's mechanism (``jobs.JobLock``: put-if-absent, renewal every
+The lease is the archive job lock's mechanism (``locks.JobLock``: put-if-absent, renewal every
 third of the lease, take-over of an expired one), with a guard: before each write to the sinks
 and each checkpoint save, the holder makes sure it still holds the lease, reading it again when
 its last renewal is older than half the lease. One that lost it (a storage outage or a pause
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 from . import metrics
 from .errors import ConnectorError, NotFound, RetryableError
-from .jobs import JobLock, LockHeld, LockRecord
+from .locks import JobLock, LockHeld, LockRecord
 from .storage import Storage
 
 __all__ = ["RUN_LEASE_KEY", "LeaseLost", "RunLease", "lease_holder"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from connector.checkpoint import CheckpointStore
-from connector.jobs import JobLock, LockHeld, LockRecord
+from connector.locks import JobLock, LockHeld, LockRecord
 from connector.metrics import REGISTRY
 from connector.restore import materialise
 from connector.run_lease import RUN_LEASE_KEY, LeaseLost, RunLease, lease_holder

@@ -1,0 +1,297 @@
+"""Advisory locks with a lease in an archive: the snapshot / retention job lock, and the run lease.
+
+The job lock (``locks/archive-jobs.json``) keeps snapshot and retention from running at the same
+time on one archive, whichever process starts them; ``run_lease`` builds ``run``'s lease on the
+same mechanism. It is advisory and best effort:
+
+* a free lock is taken with ``put_if_absent`` (atomic on both backends: ``os.link`` locally,
+  ``If-None-Match: *`` on S3), so two takers of a free lock cannot both win;
+* an *expired* lock is taken over with a plain ``put`` followed by a re-read. Two processes that
+  take over the same expired lock within one storage round trip can both believe they own it;
+  the re-read after a short settle delay narrows that window but cannot close it without a
+  compare-and-swap the Storage protocol does not offer. Expiry only happens when a holder died
+  (a live holder renews its lock every ``ttl/3``), so the window needs a crash plus two racing
+  takers. A holder that was a process of this host and pid namespace, and is gone, need not be
+  waited out.
+
+(Kept apart from ``jobs`` so that ``run`` takes its lease without importing the scheduler.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+
+import orjson
+
+from .errors import ConnectorError, NotFound, RetryableError
+from .storage import Storage
+
+__all__ = ["LOCK_KEY", "JobLock", "LockHeld", "LockRecord"]
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "locks/archive-jobs.json"
+# Time between our write of a taken-over lock and the re-read that confirms it.
+_SETTLE_SECS = 0.2
+
+
+class LockHeld(ConnectorError):
+    """Another live job holds the archive's job lock."""
+
+    def __init__(self, message: str, record: LockRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace ('' where /proc does not say): a pid names a process only
+    inside its namespace (each container has its own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class LockRecord:
+    owner: str
+    job: str
+    expires_at: dt.datetime
+    # Who holds it, for the messages and to see at once that a holder on this host is gone.
+    host: str = ""
+    pid: int = 0
+    pidns: str = ""
+
+    @property
+    def holder(self) -> str:
+        return f"{self.host or '?'} pid {self.pid or '?'}"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "owner": self.owner,
+                "job": self.job,
+                "expires_at": self.expires_at.isoformat(),
+                "host": self.host,
+                "pid": self.pid,
+                "pidns": self.pidns,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LockRecord | None:
+        """The record, or None when the object is unreadable (treated as expired)."""
+        try:
+            obj = orjson.loads(data)
+            expires = dt.datetime.fromisoformat(obj["expires_at"])
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=dt.UTC)
+            pid = obj.get("pid", 0)
+            return cls(
+                str(obj["owner"]),
+                str(obj.get("job", "")),
+                expires,
+                str(obj.get("host", "")),
+                pid if isinstance(pid, int) else 0,
+                str(obj.get("pidns", "")),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def holder_is_gone(self) -> bool:
+        """The holder was a process of this host and pid namespace that no longer exists (a
+        killed run restarted by systemd): its lease need not be waited out."""
+        if not self.pid or not self.pidns or self.host != socket.gethostname():
+            return False
+        if self.pidns != _pid_namespace():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # it exists (another user's): alive
+        return False
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _expired(record: LockRecord) -> bool:
+    return record.expires_at <= _now() or record.holder_is_gone()
+
+
+_RELEASE_PAUSES = (0.5, 1.0, 2.0)  # between the tries to release the lock (s)
+
+
+class JobLock:
+    """The archive-wide job lock (see the module docstring for its guarantees).
+
+    Use as a context manager; while held, a daemon thread renews the expiry every ``ttl/3`` so
+    long snapshots keep it.
+    """
+
+    def __init__(
+        self, storage: Storage, job: str, ttl_secs: float = 600, *, key: str = LOCK_KEY
+    ) -> None:
+        self.storage = storage
+        self.job = job
+        self.ttl = dt.timedelta(seconds=ttl_secs)
+        self.key = key
+        self.owner = uuid.uuid4().hex
+        self._held = False
+        self._lost = False
+        self._renewed_at = 0.0  # time.monotonic() of the last write of our record
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _record(self) -> LockRecord:
+        return LockRecord(
+            self.owner,
+            self.job,
+            _now() + self.ttl,
+            socket.gethostname(),
+            os.getpid(),
+            _pid_namespace(),
+        )
+
+    def _write_record(self) -> None:
+        started = time.monotonic()
+        self.storage.put(self.key, self._record().to_json())
+        self._renewed_at = started
+
+    def read(self) -> LockRecord | None:
+        try:
+            return LockRecord.from_json(self.storage.get(self.key))
+        except NotFound:
+            return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""
+        started = time.monotonic()
+        if self.storage.put_if_absent(self.key, self._record().to_json()):
+            self._renewed_at = started
+            self._confirm()
+            return
+        current = self.read()
+        if current is not None and current.owner != self.owner and not _expired(current):
+            raise LockHeld(
+                f"archive lock held by job {current.job!r} ({current.holder}) until "
+                f"{current.expires_at.isoformat(timespec='seconds')}",
+                current,
+            )
+        if current is not None and current.owner != self.owner:
+            log.warning(
+                "Taking over an expired archive lock.",
+                extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
+            )
+        self._write_record()
+        time.sleep(_SETTLE_SECS)
+        self._confirm()
+
+    def _confirm(self) -> None:
+        current = self.read()
+        if current is None or current.owner != self.owner:
+            raise LockHeld(
+                f"archive lock taken by job {current.job if current else '?'!r} meanwhile",
+                current,
+            )
+        self._held = True
+        self._lost = False
+        self._stop.clear()
+        self._renewer = threading.Thread(
+            target=self._renew_loop, name=f"lock-renew-{self.job}", daemon=True
+        )
+        self._renewer.start()
+
+    def renew(self) -> None:
+        """Push the expiry on; raise ``LockHeld`` (and remember it: ``lost``) when another
+        process took the lock over meanwhile, which it may once our lease ran out."""
+        current = self.read()
+        if current is None or current.owner != self.owner:
+            self._lost = True
+            raise LockHeld(
+                f"archive lock taken over by {current.holder if current else 'nobody'}",
+                current,
+            )
+        self._write_record()
+
+    @property
+    def lost(self) -> bool:
+        """Another process took the lock over while we held it."""
+        return self._lost
+
+    @property
+    def renewed_at(self) -> float:
+        """``time.monotonic()`` of the last write of our record."""
+        return self._renewed_at
+
+    def _renew_loop(self) -> None:
+        interval = max(self.ttl.total_seconds() / 3, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except LockHeld:
+                log.error("Archive lock lost to another process.", extra={"job": self.job})
+                self.on_lost()
+                return
+            except ConnectorError as exc:
+                log.warning(
+                    "Could not renew the archive lock.",
+                    extra={"job": self.job, "error": str(exc)},
+                )
+
+    def on_lost(self) -> None:
+        """Called from the renewal thread when the lock was found taken over."""
+
+    def release(self) -> None:
+        """Delete the lock if we still own it (a taken-over lock belongs to its new owner)."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+            self._renewer = None
+        if not self._held:
+            return
+        self._held = False
+        # A blip of the archive's storage here would hold every job off for the whole lease,
+        # and its error would replace the job's own outcome: a few quick tries, then a warning.
+        for pause in (*_RELEASE_PAUSES, None):
+            try:
+                current = self.read()
+                if current is not None and current.owner == self.owner:
+                    self.storage.delete(self.key)
+                return
+            except RetryableError as exc:
+                if pause is None:
+                    log.warning(
+                        "Could not release the archive job lock: it is held until its lease "
+                        "expires.",
+                        extra={"job": self.job, "error": str(exc)},
+                    )
+                    return
+                time.sleep(pause)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> JobLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
