@@ -480,6 +480,8 @@ def _follow(
         backoff_max=c.backoff_max_secs,
         shutdown_timeout=c.shutdown_timeout_secs,
         reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
+        spill_dir=Path(c.work_dir),
+        spill_bytes=c.spill_bytes,
         on_position=_recover_progress(
             None if cp.recover_refused else cp.recover_until, cp.last_event_id
         ),

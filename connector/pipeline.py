@@ -17,11 +17,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import metrics
 from .checkpoint import Checkpoint, CheckpointStore
 from .errors import CannotReconcile, ConnectorError, PermanentError, RetryableError
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
+from .pending import PendingEvents
 from .reconcile import reconcile_group
 from .sink import Batch, Sink
 from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
@@ -190,6 +192,8 @@ class Pipeline:
         on_position: Callable[[EventId], None] | None = None,
         reconciler: Callable[[EventId, EventId | None], Iterable[list[StreamEvent]]] | None = None,
         guard: Callable[[], None] = lambda: None,
+        spill_dir: Path | None = None,
+        spill_bytes: int = 0,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -206,13 +210,13 @@ class Pipeline:
         # Called before every sink write and checkpoint save; raises when this run may no
         # longer write (``run_lease.RunLease.check``: another run took the archive over).
         self.guard = guard
-        self._pending: list[StreamEvent] = []
+        # Past ``spill_bytes`` of pending data, on disk in ``spill_dir`` (a huge dependency group).
+        self._pending = PendingEvents(spill_dir, spill_bytes)
         self._received: Counter[str] = Counter()
         self._groups: list[EventId] = []
         self._quarantined: list[Quarantined] = []
         self._complete_n = 0
         self._complete_id: EventId | None = None
-        self._pending_bytes = 0
         self._oldest: float | None = None
         self._deadline: float | None = None
         self._reconcile_at = 0.0  # monotonic time before which a failed reconcile is not retried
@@ -245,7 +249,10 @@ class Pipeline:
                 self._count_received()
                 self._maybe_flush()
         finally:
-            self._drain()
+            try:
+                self._drain()
+            finally:
+                self._pending.close()  # a spill file of an incomplete group
 
     def _shutdown_deadline(self) -> float | None:
         """None while running; once ``stop`` is set (SIGTERM), the time retries must end by.
@@ -292,7 +299,6 @@ class Pipeline:
                 self._oldest = time.monotonic()
             self._pending.append(item)
             self._groups.append(item.group)
-            self._pending_bytes += len(item.data)
         elif isinstance(item, Complete):
             self._complete_n = len(self._pending)
             self._complete_id = item.id
@@ -314,9 +320,8 @@ class Pipeline:
             )
         elif isinstance(item, Disconnected):
             dropped = len(self._pending) - self._complete_n
-            del self._pending[self._complete_n :]
+            self._pending.drop_tail(self._complete_n)
             del self._groups[self._complete_n :]
-            self._pending_bytes = sum(len(e.data) for e in self._pending)
             metrics.RECONNECTS.labels(item.reason.split(":")[0][:40]).inc()
             if dropped:
                 log.info(
@@ -534,7 +539,7 @@ class Pipeline:
             return False
         if (
             self._complete_n >= self.policy.max_events
-            or self._pending_bytes >= self.policy.max_bytes
+            or self._pending.bytes >= self.policy.max_bytes
         ):
             return True
         return (
@@ -549,7 +554,7 @@ class Pipeline:
         n = self._complete_n
         if n == 0 and not self._quarantined:
             return
-        events = self._pending[:n]
+        events = self._pending.head(n)
         if events:
             assert self._complete_id is not None
             batch = Batch(
@@ -557,7 +562,7 @@ class Pipeline:
                 last_id=self._groups[n - 1],
                 events=events,
                 quarantined=self._quarantined,
-                size_bytes=sum(len(e.data) for e in events),
+                size_bytes=self._pending.head_bytes(n),
                 after_id=self._segment_last,
             )
         else:
@@ -595,12 +600,11 @@ class Pipeline:
         )
         if self.on_position is not None and events:
             self.on_position(batch.last_id)
-        del self._pending[:n]
+        self._pending.drop_head(n)
         del self._groups[:n]
         self._quarantined = []
         self._complete_n = 0
-        self._pending_bytes = sum(len(e.data) for e in self._pending)
-        self._oldest = time.monotonic() if self._pending else None
+        self._oldest = time.monotonic() if len(self._pending) else None
 
     def _quarantine_rejections(self, batch: Batch) -> None:
         """Objects a target refused are kept, with the target's reason, under quarantine/."""

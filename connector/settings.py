@@ -145,6 +145,13 @@ class ConnectorSection:
         "in memory whole.",
         64 * 1024 * 1024,
     )
+    spill_bytes: int = _key(
+        "CONNECTOR_SPILL_BYTES",
+        "A dependency group still incomplete past this many bytes of events waits in a scratch "
+        "file in OPENCTI_SYNC_WORK_DIR instead of memory (a popular entity's relationships, "
+        "sent whole after a reconnect).",
+        32 * 1024 * 1024,
+    )
     backoff_initial_secs: float = _key(
         "CONNECTOR_BACKOFF_INITIAL_SECS",
         "First reconnect / retry delay (exponential, full jitter).",
@@ -635,6 +642,8 @@ def _validate(s: Settings) -> None:
         )
     if c.shutdown_timeout_secs <= 0:
         raise ConfigError("connector.shutdown_timeout_secs", "must be > 0")
+    if c.spill_bytes < 65536:
+        raise ConfigError("connector.spill_bytes", "must be at least 65536")
     if c.lease_secs < 1:
         raise ConfigError("connector.lease_secs", "must be at least 1 (second)")
     if 0 < c.live_stream_start_timestamp < 100_000_000_000:

@@ -9,6 +9,7 @@ after every sink has returned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +30,8 @@ class Batch:
 
     first_id: EventId
     last_id: EventId
-    events: list[StreamEvent] = field(default_factory=list)
+    # A list, or a sequence read back from disk for a group too large for memory (pending.py).
+    events: Sequence[StreamEvent] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     size_bytes: int = 0
     # The archive position this batch continues from (the previous segment's last group id).

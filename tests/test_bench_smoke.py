@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -50,3 +52,18 @@ def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
     assert result["details"]["pycti"]["events"] == 300
     assert result["machine"]["nproc"] >= 1
     assert "backup_local_vs_raw_read" in done.stdout  # the printed table
+
+
+def test_big_group_bench_runs_at_tiny_size() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.big_group", "--relationships", "300"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert [r["group_events"] for r in rows] == [602, 602]  # with the spill, then without
+    assert all(r["peak_rss_mb"] > 0 and r["exit_code"] == 0 for r in rows)

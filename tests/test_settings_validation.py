@@ -281,6 +281,12 @@ def test_a_shutdown_timeout_must_be_positive(bad: str) -> None:
     assert err.value.key == "connector.shutdown_timeout_secs"
 
 
+def test_a_spill_limit_below_64_kib_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"CONNECTOR_SPILL_BYTES": "1000"})
+    assert err.value.key == "connector.spill_bytes"
+
+
 @pytest.mark.parametrize("bad", ["0", "0.5", "-1"])
 def test_a_run_lease_must_last_a_second_at_least(bad: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -13,9 +13,9 @@ import hashlib
 import io
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import itemgetter
 from typing import IO, Any, Protocol
 
 import orjson
@@ -105,12 +105,12 @@ def open_decompressed(fileobj: IO[bytes], codec: str) -> IO[bytes]:
     return gzip.GzipFile(fileobj=fileobj, mode="rb")  # type: ignore[return-value]
 
 
-_event_name = attrgetter("event")
+_event_name = itemgetter(1)  # of a manifest's objects row
 
 
 def encode_segment(
     key: str,
-    events: list[StreamEvent],
+    events: Sequence[StreamEvent],
     *,
     first: EventId,
     last: EventId,
@@ -118,13 +118,16 @@ def encode_segment(
     level: int,
     after: EventId | None = None,
 ) -> tuple[bytes, Manifest]:
-    """Compress ``events`` into a segment body and describe it in a manifest."""
+    """Compress ``events`` into a segment body and describe it in a manifest, in one pass over
+    them (a huge group's events are read back from disk for each pass)."""
     # Compressed in slices of ~1 MiB: the whole uncompressed segment never sits in memory.
     comp = _compressor(codec, level)
     out = bytearray()
     raw_size = 0
     chunk: list[bytes] = []
     chunk_size = 0
+    objects: list[list[Any]] = []
+    merged: list[list[Any]] = []
     for ev in events:
         parts = archive_line_parts(ev)
         chunk += parts
@@ -133,19 +136,18 @@ def encode_segment(
             out += comp.compress(b"".join(chunk))
             raw_size += chunk_size
             chunk, chunk_size = [], 0
-    out += comp.compress(b"".join(chunk))
-    raw_size += chunk_size
-    out += comp.flush()
-    body = bytes(out)
-    counts = dict(Counter(map(_event_name, events)))
-    objects = [[e.id_text, e.event, e.stix_id, e.internal_id, e.version_time] for e in events]
-    merged: list[list[Any]] = []
-    for ev in events:
+        objects.append([ev.id_text, ev.event, ev.stix_id, ev.internal_id, ev.version_time])
         if ev.event == "merge":
             sources = ev.envelope.get("context", {}).get("sources", [])
             merged.append(
                 [ev.id_text, ev.stix_id, [s.get("id") for s in sources if isinstance(s, dict)]]
             )
+    out += comp.compress(b"".join(chunk))
+    raw_size += chunk_size
+    out += comp.flush()
+    body = bytes(out)
+    del out
+    counts = Counter(map(_event_name, objects))
     manifest = Manifest(
         segment=key,
         codec=codec,
@@ -155,7 +157,7 @@ def encode_segment(
         size=len(body),
         raw_size=raw_size,
         sha256=hashlib.sha256(body).hexdigest(),
-        counts=counts,
+        counts=dict(counts),
         objects=objects,
         merged=merged,
         after_event_id=str(after) if after is not None else None,

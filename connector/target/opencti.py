@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -567,7 +567,7 @@ class OpenCTITarget:
             except PermanentError as exc:
                 self._push_apart(push, exc, batch.last_id)
 
-    def live_aliases(self, events: list[StreamEvent]) -> dict[str, set[str]]:
+    def live_aliases(self, events: Sequence[StreamEvent]) -> dict[str, set[str]]:
         """Aliases of upserts that name *another* live entity on the target, by object id.
 
         The stream can carry a merge target with its sources' ids as aliases before the merge

@@ -1,0 +1,181 @@
+"""A dependency group too large for memory waits on disk, and is archived whole all the same.
+
+After a reconnect the platform's cache is empty, and a live change to a popular entity brings
+every relationship it has, with their references, as dependencies under the change's own id.
+The pipeline holds a group until it is whole; past ``CONNECTOR_SPILL_BYTES`` the rest of it goes
+to a scratch file. Real parts: the simulator's dependency expansion over HTTP, the connector's
+own ``run``, a local archive read back and folded.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.archive import ArchiveReader
+from connector.events import EventId, StreamEvent
+from connector.pending import PendingEvents
+from connector.restore import materialise
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore
+from connector.storage.local import LocalStorage
+from connector.verify import verify_archive
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.test_state import assert_equal_objects, sim_objects, state_objects
+
+TOKEN = "pending-token-0123456789"
+
+
+def _event(ms: int, seq: int, size: int, group: EventId | None = None) -> StreamEvent:
+    text = f"{ms}-{seq}"
+    body = (
+        b'{"data":{"id":"indicator--%s","type":"indicator","spec_version":"2.1","name":"%s"},'
+        b'"message":"m","origin":{"referer":"init-dependencies"},"version":"4"}'
+        % (str(uuid.uuid4()).encode(), b"x" * size)
+    )
+    ev = StreamEvent(EventId(ms, seq), text, "create", body)
+    ev.group = group or ev.id
+    return ev
+
+
+def _same(got: list[StreamEvent], want: list[StreamEvent]) -> None:
+    assert [(e.id_text, e.event, e.data, e.group) for e in got] == [
+        (e.id_text, e.event, e.data, e.group) for e in want
+    ]
+
+
+def test_pending_events_spill_past_the_limit_and_read_back_as_received(tmp_path: Path) -> None:
+    pending = PendingEvents(tmp_path, spill_bytes=10_000)
+    small = [_event(1, i, 500) for i in range(8)]  # about 5 KB: held in memory
+    group = EventId(2, 0)
+    big = [_event(2, 0, 900, group) for _ in range(40)]  # one group of 40 KB
+    for ev in small + big:
+        pending.append(ev)
+    everything = small + big
+    assert len(pending) == 48 and 0 < pending.spilled < 40
+    assert pending.bytes == sum(len(e.data) for e in everything)
+    assert list(tmp_path.iterdir()) == []  # the scratch file is unlinked: nothing to clean up
+
+    head = pending.head(48)
+    _same(list(head), everything)
+    _same(list(head[10:20]), everything[10:20])
+    _same(list(head[30:]), everything[30:])
+    assert head[-1].data == everything[-1].data and head[3].data == everything[3].data
+    assert pending.head_bytes(20) == sum(len(e.data) for e in everything[:20])
+
+    # A disconnect drops the partial group: kept, the first 30 (some in memory, some on disk).
+    pending.drop_tail(30)
+    assert len(pending) == 30 and pending.bytes == sum(len(e.data) for e in everything[:30])
+    _same(list(pending.head(30)), everything[:30])
+    pending.append(big[0])  # appended after the truncation, read back in its place
+    _same(list(pending.head(31)), [*everything[:30], big[0]])
+
+    # A flush takes the first 25: what is left reads back in order.
+    pending.drop_head(25)
+    _same(list(pending.head(len(pending))), [*everything[25:30], big[0]])
+    pending.drop_head(len(pending))
+    assert len(pending) == 0 and pending.bytes == 0 and pending.spilled == 0
+    pending.append(small[0])  # memory again once the spill is gone
+    assert pending.spilled == 0
+    pending.close()
+
+
+def test_a_work_dir_that_cannot_take_the_spill_keeps_the_group_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping instead would meet the same group at every restart: a crash loop."""
+    blocked = tmp_path / "work"
+    blocked.write_text("a file where the work dir should be")
+    pending = PendingEvents(blocked, spill_bytes=10_000)
+    events = [_event(3, 0, 900, EventId(3, 0)) for _ in range(30)]
+    for ev in events:
+        pending.append(ev)
+    assert pending.spilled == 0 and len(pending) == 30
+    _same(list(pending.head(30)), events)
+    assert any("holding it in memory" in r.getMessage() for r in caplog.records)
+
+
+def _popular(store: SimStore, relationships: int) -> str:
+    """A malware that ``relationships`` indicators indicate (each with a 1 KB description)."""
+    malware = f"malware--{uuid.uuid4()}"
+    objects: list[dict[str, Any]] = [
+        {"type": "malware", "spec_version": "2.1", "id": malware, "name": "Popular"}
+    ]
+    for i in range(relationships):
+        indicator = f"indicator--{uuid.uuid4()}"
+        objects.append(
+            {
+                "type": "indicator",
+                "spec_version": "2.1",
+                "id": indicator,
+                "name": f"indicator {i}",
+                "description": "d" * 1024,
+                "pattern": f"[ipv4-addr:value = '10.0.{i // 250}.{i % 250}']",
+                "pattern_type": "stix",
+            }
+        )
+        objects.append(
+            {
+                "type": "relationship",
+                "spec_version": "2.1",
+                "id": f"relationship--{uuid.uuid4()}",
+                "relationship_type": "indicates",
+                "source_ref": indicator,
+                "target_ref": malware,
+            }
+        )
+    assert store.load_bundle(objects) == len(objects)
+    return malware
+
+
+def test_a_dependency_group_larger_than_memory_allows_is_archived_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connector")
+    storage = LocalStorage(tmp_path / "archive")
+    store = SimStore()
+    malware = _popular(store, 600)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        env = base_env(
+            sim.url,
+            TOKEN,
+            str(tmp_path / "archive"),
+            CONNECTOR_SPILL_BYTES="65536",
+            OPENCTI_SYNC_WORK_DIR=str(tmp_path / "work"),
+        )
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="recovery")
+        # A change past the recovery's end date: the next connection has no recovery to do.
+        sim.store.update(malware, set={"name": "Popular (renamed)"})
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="a change")
+        run.stop()
+        assert run.error is None
+
+        # A new connection: the platform's cache is empty, so the change brings every
+        # relationship of the malware and every indicator with it, under its own id.
+        before = len(caplog.records)
+        run = ConnectorThread(env).start()
+        change = sim.store.update(malware, set={"description": "Seen again."})
+        assert change is not None
+        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="the change")
+        run.stop()
+        assert run.error is None and run.rc == 0
+
+    spilled = [r for r in caplog.records[before:] if "outgrew memory" in r.getMessage()]
+    assert spilled, "the group never left memory: the test did not test the spill"
+    group = [e for e in ArchiveReader(storage).events() if e.id_text == change]
+    # The update after the malware, every relationship and every indicator (each sent once).
+    assert len(group) == 1 + 1 + 2 * 600
+    assert group[-1].event == "update" and group[-1].stix_id == malware
+    assert list((tmp_path / "work").iterdir()) == []  # nothing left behind
+    report = verify_archive(storage, work_dir=tmp_path / "verify")
+    assert report.ok, report
+    state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+    try:
+        assert_equal_objects(state_objects(state), sim_objects(store))
+    finally:
+        state.close()
