@@ -92,8 +92,8 @@ class RunLease:
                 if announced is None or now - announced >= _ANNOUNCE_EVERY_SECS:
                     record = exc.record
                     log.warning(
-                        "Another run holds this archive: waiting until it stops or its lease "
-                        "expires (standby).",
+                        "Another run holds this archive: waiting until it stops, or until its "
+                        "lease expires if it died (standby).",
                         extra={
                             "lease": where,
                             "holder": record.holder if record else "?",
