@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ConfigError, ConnectorError, PermanentError, RetryableError, StreamGoneError
+from .errors import (
+    ConfigError,
+    ConnectorError,
+    LeaseLost,
+    PermanentError,
+    RetryableError,
+    StreamGoneError,
+)
 from .settings import Settings, check_platform_url, load_settings, optional_bool
 
 __all__ = ["main"]
@@ -170,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "The platform refused the stream.", extra={"status": exc.status, "reason": exc.reason}
         )
         print(f"opencti-sync: stream refused: {exc}", file=sys.stderr)
+        return 1
+    except LeaseLost as exc:
+        # Not a failure of this run's data: another run writes the archive now. A restart makes
+        # this one its standby.
+        log.error("Stopped: another run took this archive over.", extra={"error": str(exc)})
+        print(f"opencti-sync: {exc}", file=sys.stderr)
         return 1
     except (PermanentError, ConnectorError) as exc:
         # A transient error reaches here from a one-shot command (status, verify), which does

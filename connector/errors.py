@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConnectorError",
+    "LeaseLost",
     "MalformedEvent",
     "NotFound",
     "PermanentError",
@@ -76,6 +77,10 @@ class RetryableError(SinkError):
 
 class PermanentError(SinkError):
     """Not worth retrying: the run stops and the checkpoint does not move."""
+
+
+class LeaseLost(ConnectorError):
+    """Another ``run`` took this archive over (``run_lease``): this one must not write more."""
 
 
 class NotFound(ConnectorError):

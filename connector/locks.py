@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import orjson
@@ -52,12 +53,21 @@ class LockHeld(ConnectorError):
 
 
 def _pid_namespace() -> str:
-    """This process's pid namespace ('' where /proc does not say): a pid names a process only
-    inside its namespace (each container has its own)."""
+    """This process's pid namespace and the kernel's boot ('' where /proc does not say): a pid
+    names a process only inside its namespace (each container has its own), and the host's own
+    namespace has the same number on every machine, so the boot id tells machines apart."""
     try:
-        return os.readlink("/proc/self/ns/pid")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{os.readlink('/proc/self/ns/pid')} boot {boot}"
     except OSError:
         return ""
+
+
+def elapsed_clock() -> float:
+    """Seconds on a clock that goes on while the machine is suspended (Linux ``CLOCK_BOOTTIME``;
+    elsewhere ``time.monotonic``): a lease's age must count a suspend."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +136,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _expired(record: LockRecord) -> bool:
-    return record.expires_at <= _now() or record.holder_is_gone()
-
-
 _RELEASE_PAUSES = (0.5, 1.0, 2.0)  # between the tries to release the lock (s)
 
 
@@ -141,16 +147,23 @@ class JobLock:
     """
 
     def __init__(
-        self, storage: Storage, job: str, ttl_secs: float = 600, *, key: str = LOCK_KEY
+        self,
+        storage: Storage,
+        job: str,
+        ttl_secs: float = 600,
+        *,
+        key: str = LOCK_KEY,
+        owner: str | None = None,
     ) -> None:
+        """``owner``: locks of one holder share it (two names of one place are one lock)."""
         self.storage = storage
         self.job = job
         self.ttl = dt.timedelta(seconds=ttl_secs)
         self.key = key
-        self.owner = uuid.uuid4().hex
+        self.owner = owner or uuid.uuid4().hex
         self._held = False
         self._lost = False
-        self._renewed_at = 0.0  # time.monotonic() of the last write of our record
+        self._renewed_at = 0.0  # elapsed_clock() of the last write of our record
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -165,7 +178,7 @@ class JobLock:
         )
 
     def _write_record(self) -> None:
-        started = time.monotonic()
+        started = elapsed_clock()
         self.storage.put(self.key, self._record().to_json())
         self._renewed_at = started
 
@@ -177,23 +190,40 @@ class JobLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""
-        started = time.monotonic()
-        if self.storage.put_if_absent(self.key, self._record().to_json()):
-            self._renewed_at = started
-            self._confirm()
+        for _ in range(2):
+            started = elapsed_clock()
+            if self.storage.put_if_absent(self.key, self._record().to_json()):
+                self._renewed_at = started
+                self._confirm()
+                return
+            try:
+                data = self.storage.get(self.key)
+            except NotFound:
+                # Released between our two requests: free again, and only put-if-absent may
+                # take a free lock (another taker may be at it too).
+                continue
+            current = LockRecord.from_json(data)
+            if current is not None and current.owner != self.owner and not self.expired(current):
+                raise LockHeld(
+                    f"archive lock held by job {current.job!r} ({current.holder}) until "
+                    f"{current.expires_at.isoformat(timespec='seconds')}",
+                    current,
+                )
+            if current is not None and current.owner != self.owner:
+                log.warning(
+                    "Taking over an archive lock whose holder is gone.",
+                    extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
+                )
+            self.take_over()
             return
-        current = self.read()
-        if current is not None and current.owner != self.owner and not _expired(current):
-            raise LockHeld(
-                f"archive lock held by job {current.job!r} ({current.holder}) until "
-                f"{current.expires_at.isoformat(timespec='seconds')}",
-                current,
-            )
-        if current is not None and current.owner != self.owner:
-            log.warning(
-                "Taking over an expired archive lock.",
-                extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
-            )
+        raise LockHeld("archive lock taken by another process meanwhile")
+
+    def expired(self, record: LockRecord) -> bool:
+        """Whether another holder's ``record`` may be taken over."""
+        return record.expires_at <= _now() or record.holder_is_gone()
+
+    def take_over(self) -> None:
+        """Replace the record (another holder's, found expired) with ours and confirm it."""
         self._write_record()
         time.sleep(_SETTLE_SECS)
         self._confirm()
@@ -272,13 +302,19 @@ class JobLock:
                 return
             except RetryableError as exc:
                 if pause is None:
-                    log.warning(
-                        "Could not release the archive job lock: it is held until its lease "
-                        "expires.",
-                        extra={"job": self.job, "error": str(exc)},
-                    )
+                    self._not_released(exc)
                     return
                 time.sleep(pause)
+            except ConnectorError as exc:
+                # Refused for good (a bucket policy without s3:DeleteObject): said, not raised.
+                self._not_released(exc)
+                return
+
+    def _not_released(self, exc: ConnectorError) -> None:
+        log.warning(
+            "Could not release the archive lock: it is held until its lease expires.",
+            extra={"job": self.job, "error": str(exc)},
+        )
 
     @property
     def held(self) -> bool:

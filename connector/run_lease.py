@@ -5,10 +5,12 @@ started while the old one drains) would both follow the stream, cut their segmen
 places (overlapping segments) and move the one checkpoint back and forth. So ``run`` holds a
 lease, ``locks/run.json``, in the archive and, when the checkpoint is kept apart, next to the
 checkpoint as well, before it reads the checkpoint. A second ``run`` waits for it (a standby:
-``opencti_sync_standby`` is 1) until the holder stops (it deletes the lease) or dies: its lease
-then expires ``CONNECTOR_LEASE_SECS`` after its last renewal, at once when the holder was a
-process of this host and pid namespace that no longer exists. It then starts from the
-checkpoint like any restart.
+``opencti_sync_standby`` is 1) until the holder stops (it deletes the lease) or dies: once the
+standby has seen the lease unrenewed for ``CONNECTOR_LEASE_SECS`` by its own clock (another
+machine's clock may be off), at once when the holder was a process of this machine and pid
+namespace that no longer exists, or when the lease's own date is long past (a holder dead before
+this start). It then starts from the checkpoint like any restart. A run's leases share one owner,
+so two names of one place (a symlink) are one lease.
 
 The lease is the archive job lock's mechanism (``locks.JobLock``: put-if-absent, renewal every
 third of the lease, take-over of an expired one), with a guard: before each write to the sinks
@@ -24,11 +26,12 @@ import datetime as dt
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from . import metrics
-from .errors import ConnectorError, NotFound, RetryableError
-from .locks import JobLock, LockHeld, LockRecord
+from .errors import LeaseLost, NotFound, RetryableError
+from .locks import JobLock, LockHeld, LockRecord, elapsed_clock
 from .storage import Storage
 
 __all__ = ["RUN_LEASE_KEY", "LeaseLost", "RunLease", "lease_holder"]
@@ -37,19 +40,26 @@ log = logging.getLogger(__name__)
 
 RUN_LEASE_KEY = "locks/run.json"
 _ANNOUNCE_EVERY_SECS = 300.0  # a standby says again that it waits
-
-
-class LeaseLost(ConnectorError):
-    """Another ``run`` took this archive over: this one must not write anything more."""
+# How far behind ours another machine's clock may run before its live lease looks expired.
+_CLOCK_SLACK = dt.timedelta(minutes=10)
 
 
 class _Lease(JobLock):
-    def __init__(self, storage: Storage, ttl_secs: float, on_lost: Callable[[], None]) -> None:
-        super().__init__(storage, "run", ttl_secs, key=RUN_LEASE_KEY)
+    def __init__(
+        self, storage: Storage, ttl_secs: float, owner: str, on_lost: Callable[[], None]
+    ) -> None:
+        super().__init__(storage, "run", ttl_secs, key=RUN_LEASE_KEY, owner=owner)
         self._on_lost = on_lost
 
     def on_lost(self) -> None:
         self._on_lost()
+
+    def expired(self, record: LockRecord) -> bool:
+        # Another machine's clock may run behind ours: by the record's own date only long after
+        # it (a holder that died well before this start). A standby watching an unchanged
+        # record does not need the clocks at all (RunLease._wait_one).
+        slack = max(self.ttl, _CLOCK_SLACK)
+        return record.holder_is_gone() or record.expires_at + slack <= dt.datetime.now(dt.UTC)
 
 
 class RunLease:
@@ -65,7 +75,10 @@ class RunLease:
         """``on_lost`` is called (from a renewal thread) when a lease is found taken over: the
         run stops on it, and its last flush meets ``check``."""
         self.ttl = ttl_secs
-        self._leases = [_Lease(s, ttl_secs, on_lost) for s in storages]
+        # One owner for all: two names of one place (a symlink) are then one lease, not a wait
+        # on ourselves.
+        owner = uuid.uuid4().hex
+        self._leases = [_Lease(s, ttl_secs, owner, on_lost) for s in storages]
 
     @property
     def lost(self) -> bool:
@@ -84,13 +97,24 @@ class RunLease:
         where = f"{lease.storage.describe()} ({lease.key})"
         poll = min(max(self.ttl / 6, 0.05), 5.0)
         announced: float | None = None
+        seen: tuple[str, dt.datetime] | None = None  # the holder's record, unchanged since
+        seen_at = 0.0
         while not stop.is_set():
             try:
-                lease.acquire()
+                if seen is not None and elapsed_clock() - seen_at >= self.ttl:
+                    # Not renewed for a whole lease by our own clock: its holder is gone,
+                    # whatever its clock wrote in the record.
+                    log.warning("Taking over a run lease not renewed for a whole lease.")
+                    seen = None
+                    lease.take_over()
+                else:
+                    lease.acquire()
             except LockHeld as exc:
+                record = exc.record
+                if record is not None and (record.owner, record.expires_at) != seen:
+                    seen, seen_at = (record.owner, record.expires_at), elapsed_clock()
                 now = time.monotonic()
                 if announced is None or now - announced >= _ANNOUNCE_EVERY_SECS:
-                    record = exc.record
                     log.warning(
                         "Another run holds this archive: waiting until it stops, or until its "
                         "lease expires if it died (standby).",
@@ -124,7 +148,7 @@ class RunLease:
         for lease in self._leases:
             if lease.lost:
                 self._lost(lease)
-            if time.monotonic() - lease.renewed_at > self.ttl / 2:
+            if elapsed_clock() - lease.renewed_at > self.ttl / 2:
                 try:
                     lease.renew()
                 except LockHeld:
@@ -148,6 +172,6 @@ def lease_holder(storage: Storage) -> str | None:
         record = LockRecord.from_json(storage.get(RUN_LEASE_KEY))
     except NotFound:
         return None
-    if record is None or record.expires_at <= dt.datetime.now(dt.UTC):
+    if record is None or record.expires_at <= dt.datetime.now(dt.UTC) or record.holder_is_gone():
         return None
     return f"{record.holder} until {record.expires_at.isoformat(timespec='seconds')}"

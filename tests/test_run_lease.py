@@ -13,11 +13,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from connector.checkpoint import CheckpointStore
+from connector.errors import PermanentError
 from connector.locks import JobLock, LockHeld, LockRecord
 from connector.metrics import REGISTRY
 from connector.restore import materialise
@@ -170,3 +172,139 @@ def test_a_dead_holder_on_this_host_is_not_waited_out(tmp_path: Path) -> None:
     storage.put(RUN_LEASE_KEY, _foreign(pid=int(dead.stdout), pidns=me.pidns))
     with pytest.raises(LockHeld):
         JobLock(storage, "run", key=RUN_LEASE_KEY).acquire()
+
+
+def test_a_dead_holder_elsewhere_is_waited_out_though_its_host_and_pid_look_the_same(
+    tmp_path: Path,
+) -> None:
+    """Another machine with this host name has the same host pid namespace number: only its
+    boot id tells it apart, and its pid says nothing here."""
+    storage = LocalStorage(tmp_path)
+    me = JobLock(storage, "probe")._record()
+    if not me.pidns:
+        pytest.skip("/proc does not tell the pid namespace here")
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert me.pidns.endswith(f" boot {boot}")  # what tells this machine apart
+    elsewhere = me.pidns.split(" boot ")[0] + " boot 00000000-0000-0000-0000-000000000000"
+    storage.put(RUN_LEASE_KEY, _foreign(host=me.host, pid=4_000_000, pidns=elsewhere))
+    with pytest.raises(LockHeld):
+        JobLock(storage, "run", key=RUN_LEASE_KEY).acquire()
+
+
+class _Racing(LocalStorage):
+    """One standby's view of the archive while, between its requests (a slow S3 PUT), the
+    holder stops and releases the lease and another standby takes it."""
+
+    def __init__(self, root: Path, other: JobLock) -> None:
+        super().__init__(root)
+        self.other = other
+        self.released = False
+        self.other_took = False
+
+    def get(self, key: str) -> bytes:
+        if key == RUN_LEASE_KEY and not self.released:
+            self.released = True
+            LocalStorage(self.root).delete(key)  # the holder stops
+        return super().get(key)
+
+    def put(self, key: str, body: bytes) -> None:
+        self._other_first(key)
+        super().put(key, body)
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        if self.released:
+            self._other_first(key)
+        return super().put_if_absent(key, body)
+
+    def _other_first(self, key: str) -> None:
+        if key == RUN_LEASE_KEY and not self.other_took:
+            self.other_took = True
+            self.other.acquire()
+
+
+def test_two_standbys_never_both_take_a_released_lease(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put(RUN_LEASE_KEY, _foreign())  # the holder, alive
+    other = JobLock(storage, "run", key=RUN_LEASE_KEY)
+    mine = JobLock(_Racing(tmp_path, other), "run", key=RUN_LEASE_KEY)
+    try:
+        with pytest.raises(LockHeld):
+            mine.acquire()
+        assert other.held and not mine.held
+        assert _holder(storage) == other.owner
+    finally:
+        other.release()
+        mine.release()
+
+
+def test_a_standby_times_the_holder_by_its_own_clock(tmp_path: Path) -> None:
+    """Another machine's clock may run ahead or behind: a standby takes over a record that stays
+    unchanged for a whole lease, and never one that is renewed, whatever its dates say."""
+    storage = LocalStorage(tmp_path)
+    # A dead holder whose clock ran a day ahead: its record says it holds until tomorrow.
+    storage.put(RUN_LEASE_KEY, _foreign(expires_in=86_400))
+    stop = threading.Event()
+    lease = RunLease([storage], ttl_secs=1.0)
+    timer = threading.Timer(30, stop.set)
+    timer.start()
+    try:
+        assert lease.wait(stop) and not stop.is_set()
+    finally:
+        timer.cancel()
+        lease.release()
+
+    # A live holder whose clock runs 5 minutes behind: each renewal writes a date already past.
+    renewing = threading.Event()
+
+    def renew() -> None:
+        while not renewing.wait(0.2):
+            storage.put(RUN_LEASE_KEY, _foreign(expires_in=-300, pid=4242 + int(time.time() * 5)))
+
+    storage.put(RUN_LEASE_KEY, _foreign(expires_in=-300))
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    stop = threading.Event()
+    standby = RunLease([storage], ttl_secs=1.0)
+    timer = threading.Timer(4, stop.set)  # four leases
+    timer.start()
+    try:
+        assert not standby.wait(stop)
+        assert _holder(storage) == "another-run"
+    finally:
+        renewing.set()
+        thread.join()
+        timer.cancel()
+        standby.release()
+
+
+def test_two_names_of_one_place_are_one_lease(tmp_path: Path) -> None:
+    """A checkpoint kept "apart" in a symlink to the archive: the run must not wait on itself."""
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "archive")
+    lease = RunLease([LocalStorage(tmp_path / "archive"), LocalStorage(tmp_path / "link")], 60)
+    stop = threading.Event()
+    timer = threading.Timer(20, stop.set)
+    timer.start()
+    try:
+        assert lease.wait(stop) and not stop.is_set()
+        lease.check()
+    finally:
+        timer.cancel()
+        lease.release()
+    assert not (tmp_path / "archive" / RUN_LEASE_KEY).exists()
+
+
+class _NoDelete(LocalStorage):
+    """A bucket policy without s3:DeleteObject."""
+
+    def delete(self, key: str) -> None:
+        raise PermanentError(f"AccessDenied: delete {key}")
+
+
+def test_a_lease_that_cannot_be_deleted_does_not_change_the_outcome(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lease = RunLease([_NoDelete(tmp_path)], 60)
+    assert lease.wait(threading.Event())
+    lease.release()  # no exception: the run's own outcome stands
+    assert any("Could not release" in r.getMessage() for r in caplog.records)
