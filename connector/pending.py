@@ -8,13 +8,16 @@ under one id (hundreds of thousands of events). Held in memory, such a group too
 past any container limit, and the restart met the same group again. Past ``spill_bytes`` of
 event data, ``PendingEvents`` therefore appends the events that follow to an unlinked scratch
 file in the work dir, and the batches made of them read them back from it, one parse per read.
-The spill is a suffix of the pending events: once it starts, every event goes there until the
-flushes have taken all of it.
+The spill is a suffix of the pending events: once it starts, every event goes there until a
+flush leaves no more pending than memory may hold (mostly: the group after the huge one), which
+is then read back into memory and the file closed. A work dir that cannot take the spill (full,
+read-only) leaves the events in memory, with an error logged.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
@@ -29,11 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class _SpillFile:
-    """Events written as archive lines to an unlinked file, with their offsets and group ids."""
+    """Events written as archive lines to an unlinked file, with their offsets and group ids.
+
+    Unbuffered, by offset (``pwrite`` / ``pread``): a full disk fails the very write of the
+    event that does not fit, and every event written before it still reads back."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._file: IO[bytes] = tempfile.TemporaryFile(dir=directory, prefix="pending-")
+        self._file: IO[bytes] = tempfile.TemporaryFile(
+            dir=directory, prefix="pending-", buffering=0
+        )
+        self._fd = self._file.fileno()
         self._offsets = array("q", [0])
         self._sizes = array("q")  # each event's data bytes
         self._groups: list[EventId] = []
@@ -44,9 +53,12 @@ class _SpillFile:
         return len(self._groups) - self.start
 
     def append(self, ev: StreamEvent) -> None:
-        self._file.seek(self._offsets[-1])
-        self._file.write(b"".join(archive_line_parts(ev)))
-        self._offsets.append(self._file.tell())
+        line = b"".join(archive_line_parts(ev))
+        end = self._offsets[-1]
+        written = 0
+        while written < len(line):  # a short write is not a failure
+            written += os.pwrite(self._fd, memoryview(line)[written:], end + written)
+        self._offsets.append(end + len(line))
         self._sizes.append(len(ev.data))
         self._groups.append(ev.group)
         self.bytes += len(ev.data)
@@ -70,9 +82,8 @@ class _SpillFile:
     def read(self, first: int, stop: int) -> Iterator[StreamEvent]:
         """Events ``first`` to ``stop`` (absolute indexes), parsed back from their lines."""
         for index in range(first, stop):
-            # Seek every time: a reader may be interleaved with another over the same file.
-            self._file.seek(self._offsets[index])
-            line = self._file.read(self._offsets[index + 1] - self._offsets[index])
+            offset = self._offsets[index]
+            line = os.pread(self._fd, self._offsets[index + 1] - offset, offset)
             ev = parse_archive_line(line)
             ev.group = self._groups[index]
             yield ev
@@ -144,6 +155,8 @@ class _Joined(Sequence[StreamEvent]):
             return tail if start >= n else _Joined(self._head[start:], tail)  # type: ignore[arg-type]
         if index < 0:
             index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         return self._head[index] if index < n else self._tail[index - n]
 
 
@@ -159,7 +172,8 @@ class PendingEvents:
         self._spill: _SpillFile | None = None
         self._spill_dir = spill_dir
         # Memory may hold this many data bytes (no limit without a spill dir).
-        self._limit = spill_bytes if spill_dir is not None and spill_bytes > 0 else 1 << 62
+        self._configured = spill_bytes if spill_dir is not None and spill_bytes > 0 else 1 << 62
+        self._limit = self._configured
         self._memory_bytes = 0
 
     def __len__(self) -> int:
@@ -212,13 +226,8 @@ class PendingEvents:
         )
         self._limit = 1 << 62
         if self._spill is not None:
-            spill = self._spill
-            self._spill = None
             # Written before the failure: every event up to the failed one reads back whole.
-            events = list(spill.read(spill.start, spill.start + len(spill)))
-            spill.close()
-            for held in events:
-                self.append(held)
+            self._unspill()
         self.append(ev)
 
     def head(self, n: int) -> Sequence[StreamEvent]:
@@ -245,8 +254,23 @@ class PendingEvents:
         del self._memory[:held]
         if self._spill is not None:
             self._spill.consume(n - held)
-            if not len(self._spill):
-                self._drop_spill()
+            if self._memory_bytes + self._spill.bytes <= self._configured:
+                # What is left fits in memory again (mostly: the group after a huge one). The
+                # spill would otherwise last as long as something is pending, which in a
+                # recovery is for ever: every event through the disk, the file ever larger.
+                self._unspill()
+        elif self._limit != self._configured and self._memory_bytes <= self._configured:
+            self._limit = self._configured  # the disk may take the next spill again
+
+    def _unspill(self) -> None:
+        spill, self._spill = self._spill, None
+        assert spill is not None
+        try:
+            events = list(spill.read(spill.start, spill.start + len(spill)))
+        finally:
+            spill.close()
+        self._memory.extend(events)
+        self._memory_bytes += sum(len(e.data) for e in events)
 
     def drop_tail(self, n: int) -> None:
         held = len(self._memory)

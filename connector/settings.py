@@ -147,9 +147,10 @@ class ConnectorSection:
     )
     spill_bytes: int = _key(
         "CONNECTOR_SPILL_BYTES",
-        "A dependency group still incomplete past this many bytes of events waits in a scratch "
-        "file in OPENCTI_SYNC_WORK_DIR instead of memory (a popular entity's relationships, "
-        "sent whole after a reconnect).",
+        "Pending events past this many bytes wait in a scratch file in OPENCTI_SYNC_WORK_DIR "
+        "instead of memory, until what is pending fits again: a dependency group not yet whole "
+        "(a popular entity's relationships, sent whole after a reconnect), since batches are "
+        "written at ARCHIVE_MAX_BYTES (keep this above it).",
         32 * 1024 * 1024,
     )
     backoff_initial_secs: float = _key(

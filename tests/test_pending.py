@@ -10,6 +10,10 @@ own ``run``, a local archive read back and folded.
 from __future__ import annotations
 
 import logging
+import os
+import random
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from tests.support.connector import ConnectorThread, base_env, caught_up, wait_u
 from tests.test_state import assert_equal_objects, sim_objects, state_objects
 
 TOKEN = "pending-token-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _event(ms: int, seq: int, size: int, group: EventId | None = None) -> StreamEvent:
@@ -97,6 +102,103 @@ def test_a_work_dir_that_cannot_take_the_spill_keeps_the_group_in_memory(
     assert pending.spilled == 0 and len(pending) == 30
     _same(list(pending.head(30)), events)
     assert any("holding it in memory" in r.getMessage() for r in caplog.records)
+
+
+def _key(ev: StreamEvent) -> tuple[str, str, bytes, EventId]:
+    return (ev.id_text, ev.event, ev.data, ev.group)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_pending_events_behave_as_a_list_whatever_the_spill_does(tmp_path: Path, seed: int) -> None:
+    """Random appends, batches, flushes and dropped partial groups against a plain list: the
+    spill starts, is partly and wholly taken, cut, read back into memory and starts again."""
+    rnd = random.Random(seed)
+    pending = PendingEvents(tmp_path, spill_bytes=rnd.choice([1, 500, 3000, 10_000]))
+    model: list[StreamEvent] = []
+    ms = 1
+    for _ in range(300):
+        op = rnd.random()
+        if op < 0.55:
+            ms += 1
+            ev = _event(ms, rnd.randrange(3), rnd.randrange(800), EventId(ms // 3, 0))
+            pending.append(ev)
+            model.append(ev)
+        elif op < 0.70:
+            n = rnd.randrange(len(model) + 1)
+            pending.drop_head(n)
+            del model[:n]
+        elif op < 0.80:
+            n = rnd.randrange(len(model) + 1)
+            pending.drop_tail(n)
+            del model[n:]
+        else:
+            n = rnd.randrange(len(model) + 1)
+            head, want = pending.head(n), model[:n]
+            assert [_key(e) for e in head] == [_key(e) for e in want]
+            assert [_key(e) for e in head] == [_key(e) for e in want]  # read twice
+            assert pending.head_bytes(n) == sum(len(e.data) for e in want)
+            for _ in range(5):
+                if n:
+                    i = rnd.randrange(-n, n)
+                    assert _key(head[i]) == _key(want[i])
+                a, b = rnd.randrange(-n - 2, n + 3), rnd.randrange(-n - 2, n + 3)
+                assert [_key(e) for e in head[a:b]] == [_key(e) for e in want[a:b]]
+            with pytest.raises(IndexError):
+                head[n]
+            with pytest.raises(IndexError):
+                head[-n - 1]
+        assert len(pending) == len(model)
+        assert pending.bytes == sum(len(e.data) for e in model)
+    pending.close()
+
+
+def test_the_spill_ends_once_what_is_pending_fits_in_memory_again(tmp_path: Path) -> None:
+    """In a recovery the newest group stays pending until the next id arrives: a spill kept
+    until nothing is pending would take every later event through the disk, for ever."""
+    pending = PendingEvents(tmp_path, spill_bytes=65536)
+    for _ in range(100):
+        pending.append(_event(1, 0, 1000, EventId(1, 0)))  # a big group
+    assert pending.spilled > 0
+    for ms in range(2, 2002):
+        complete = len(pending)
+        pending.append(_event(ms, 0, 1000))
+        if ms % 50 == 0:
+            pending.drop_head(complete)  # a batch: all but the newest group
+    assert pending.spilled == 0 and len(pending) <= 50
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from connector.events import EventId
+from connector.pending import PendingEvents
+from tests.test_pending import _event
+pending = PendingEvents(Path(sys.argv[1]), spill_bytes=65536)
+events = [_event(5, 0, 1000, EventId(5, 0)) for _ in range(300)]
+for ev in events:
+    pending.append(ev)
+assert len(pending) == 300 and pending.spilled == 0, (len(pending), pending.spilled)
+assert [e.data for e in pending.head(300)] == [e.data for e in events]
+print("held in memory")
+"""
+
+
+def test_a_work_dir_filling_up_during_the_spill_keeps_the_group_in_memory(tmp_path: Path) -> None:
+    """The kernel refuses the spill file's growth (RLIMIT_FSIZE, as a full disk): the events
+    written before read back, the rest stays in memory, nothing stops."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "held in memory" in done.stdout
+    assert "Cannot hold a large dependency group on disk" in done.stderr
 
 
 def _popular(store: SimStore, relationships: int) -> str:
