@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import (
@@ -27,6 +27,9 @@ from .errors import (
     StreamGoneError,
 )
 from .settings import Settings, check_platform_url, load_settings, optional_bool
+
+if TYPE_CHECKING:
+    from .run_lease import RunLease
 
 __all__ = ["main"]
 
@@ -384,7 +387,7 @@ def _follow(
     settings: Settings,
     stop: threading.Event,
     runtime: dict[str, Any],
-    lease: Any,
+    lease: RunLease,
     source_moved: bool,
     resume_from_archive: bool,
 ) -> int:
