@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import orjson
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
 from connector.events import EventId
+from connector.sim.generator import popular_entity
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.storage.local import LocalStorage
@@ -36,39 +36,6 @@ from connector.storage.local import LocalStorage
 from .harness import TOKEN, Child, connector_env
 
 OFF = 1 << 40  # a spill limit no group reaches: everything in memory, as before the spill
-
-
-def popular(store: SimStore, relationships: int) -> str:
-    """A malware that ``relationships`` indicators indicate (1 KB descriptions); its id."""
-    malware = f"malware--{uuid.uuid4()}"
-    objects: list[dict[str, Any]] = [
-        {"type": "malware", "spec_version": "2.1", "id": malware, "name": "Popular"}
-    ]
-    for i in range(relationships):
-        indicator = f"indicator--{uuid.uuid4()}"
-        objects.append(
-            {
-                "type": "indicator",
-                "spec_version": "2.1",
-                "id": indicator,
-                "name": f"indicator {i}",
-                "description": "d" * 1024,
-                "pattern": f"[ipv4-addr:value = '10.{i // 62500}.{i // 250 % 250}.{i % 250}']",
-                "pattern_type": "stix",
-            }
-        )
-        objects.append(
-            {
-                "type": "relationship",
-                "spec_version": "2.1",
-                "id": f"relationship--{uuid.uuid4()}",
-                "relationship_type": "indicates",
-                "source_ref": indicator,
-                "target_ref": malware,
-            }
-        )
-    store.load_bundle(objects)
-    return malware
 
 
 def _caught_up(archive: Path, store: SimStore, child: Child, timeout: float = 1800) -> None:
@@ -109,7 +76,7 @@ class _HighWater:
 
 def measure(relationships: int, spill_bytes: int, work: Path) -> dict[str, Any]:
     store = SimStore()
-    malware = popular(store, relationships)
+    malware = popular_entity(store, relationships)
     archive = work / "archive"
     with SimServer(token=TOKEN, store=store, heartbeat_secs=0.5) as sim:
         env = connector_env(

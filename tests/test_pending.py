@@ -16,7 +16,6 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,6 +23,7 @@ from connector.archive import ArchiveReader
 from connector.events import EventId, StreamEvent
 from connector.pending import PendingEvents
 from connector.restore import materialise
+from connector.sim.generator import popular_entity
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.storage.local import LocalStorage
@@ -201,46 +201,14 @@ def test_a_work_dir_filling_up_during_the_spill_keeps_the_group_in_memory(tmp_pa
     assert "Cannot hold a large dependency group on disk" in done.stderr
 
 
-def _popular(store: SimStore, relationships: int) -> str:
-    """A malware that ``relationships`` indicators indicate (each with a 1 KB description)."""
-    malware = f"malware--{uuid.uuid4()}"
-    objects: list[dict[str, Any]] = [
-        {"type": "malware", "spec_version": "2.1", "id": malware, "name": "Popular"}
-    ]
-    for i in range(relationships):
-        indicator = f"indicator--{uuid.uuid4()}"
-        objects.append(
-            {
-                "type": "indicator",
-                "spec_version": "2.1",
-                "id": indicator,
-                "name": f"indicator {i}",
-                "description": "d" * 1024,
-                "pattern": f"[ipv4-addr:value = '10.0.{i // 250}.{i % 250}']",
-                "pattern_type": "stix",
-            }
-        )
-        objects.append(
-            {
-                "type": "relationship",
-                "spec_version": "2.1",
-                "id": f"relationship--{uuid.uuid4()}",
-                "relationship_type": "indicates",
-                "source_ref": indicator,
-                "target_ref": malware,
-            }
-        )
-    assert store.load_bundle(objects) == len(objects)
-    return malware
-
-
 def test_a_dependency_group_larger_than_memory_allows_is_archived_whole(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="connector")
     storage = LocalStorage(tmp_path / "archive")
     store = SimStore()
-    malware = _popular(store, 600)
+    malware = popular_entity(store, 600)
+    assert store.object_count == 1 + 2 * 600  # every object loaded
     with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
         env = base_env(
             sim.url,

@@ -18,7 +18,7 @@ import orjson
 from ..events import OCTI_EXT
 from .store import SimStore, entity_type_of, iso_ms
 
-__all__ = ["TLP_MARKINGS", "bulk_creates", "generate", "make_object"]
+__all__ = ["TLP_MARKINGS", "bulk_creates", "generate", "make_object", "popular_entity"]
 
 # Fixed TLP marking ids chosen for the simulator (not the platform's own ids), so runs compare.
 TLP_MARKINGS = {
@@ -400,3 +400,40 @@ def _template(obj: dict[str, Any]) -> tuple[list[bytes], list[int]]:
         last = m.end()
     parts.append(text[last:].encode())
     return parts, slots
+
+
+def popular_entity(store: SimStore, relationships: int) -> str:
+    """Load a malware that ``relationships`` indicators (1 KB descriptions) indicate; its id.
+
+    A change to it, read on a fresh connection (the platform's cache empty), brings every
+    relationship and every indicator as dependencies under the change's id: a group of
+    ``2 * relationships + 2`` events (tests/test_pending.py, bench/big_group.py)."""
+    malware = f"malware--{uuid.uuid4()}"
+    objects: list[dict[str, Any]] = [
+        {"type": "malware", "spec_version": "2.1", "id": malware, "name": "Popular"}
+    ]
+    for i in range(relationships):
+        indicator = f"indicator--{uuid.uuid4()}"
+        objects.append(
+            {
+                "type": "indicator",
+                "spec_version": "2.1",
+                "id": indicator,
+                "name": f"indicator {i}",
+                "description": "d" * 1024,
+                "pattern": f"[ipv4-addr:value = '10.{i // 62500}.{i // 250 % 250}.{i % 250}']",
+                "pattern_type": "stix",
+            }
+        )
+        objects.append(
+            {
+                "type": "relationship",
+                "spec_version": "2.1",
+                "id": f"relationship--{uuid.uuid4()}",
+                "relationship_type": "indicates",
+                "source_ref": indicator,
+                "target_ref": malware,
+            }
+        )
+    store.load_bundle(objects)
+    return malware
