@@ -333,6 +333,30 @@ def test_state_merge_after_early_target_version(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- 3. storage faults
+def _s3_behind(endpoint: str, proxy: FaultProxy) -> tuple[S3Storage, dict[str, str]]:
+    """A fresh bucket's ``archive/`` prefix on the S3 ``endpoint`` (moto): read directly, and
+    the connector's settings that reach it through ``proxy``."""
+    bucket = make_bucket(endpoint)
+    direct = S3Storage(
+        bucket=bucket,
+        prefix="archive",
+        endpoint_url=endpoint,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        region=REGION,
+        path_style=True,
+    )
+    settings = {
+        "ARCHIVE_URI": f"s3://{bucket}/archive",
+        "S3_ENDPOINT_URL": proxy.url,
+        "S3_ACCESS_KEY_ID": ACCESS_KEY,
+        "S3_SECRET_ACCESS_KEY": SECRET_KEY,
+        "S3_REGION": REGION,
+        "S3_PATH_STYLE": "true",
+    }
+    return direct, settings
+
+
 def test_s3_faults_through_the_proxy_lose_nothing(
     moto_server: str,  # noqa: F811 - fixture
     fault_proxy: FaultProxy,  # noqa: F811 - fixture
@@ -341,31 +365,18 @@ def test_s3_faults_through_the_proxy_lose_nothing(
     """10% 5xx, 2% connection resets, 1% slow answers on every S3 request of the connector."""
     store = SimStore()
     generate(store, 300, seed=31)
-    bucket = make_bucket(moto_server)
+    direct, s3 = _s3_behind(moto_server, fault_proxy)
     fault_proxy.configure(
         error_rate_5xx=0.10, reset_rate=0.02, slow_rate=0.01, slow_secs=0.3, seed=31
-    )
-    direct = S3Storage(
-        bucket=bucket,
-        prefix="archive",
-        endpoint_url=moto_server,
-        access_key_id=ACCESS_KEY,
-        secret_access_key=SECRET_KEY,
-        region=REGION,
-        path_style=True,
     )
     with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
         env = base_env(
             sim.url,
             TOKEN,
-            f"s3://{bucket}/archive",
+            s3["ARCHIVE_URI"],
             CONNECTOR_LIVE_STREAM_ID="raw",
             ARCHIVE_MAX_EVENTS="40",
-            S3_ENDPOINT_URL=fault_proxy.url,
-            S3_ACCESS_KEY_ID=ACCESS_KEY,
-            S3_SECRET_ACCESS_KEY=SECRET_KEY,
-            S3_REGION=REGION,
-            S3_PATH_STYLE="true",
+            **s3,
         )
         run = ConnectorThread(env).start()
         follow(direct, store, "backlog through S3 faults")
@@ -393,27 +404,9 @@ def test_a_frozen_s3_endpoint_is_reported_while_the_write_waits(
     caplog.set_level(logging.INFO, logger="connector")
     store = SimStore()
     generate(store, 60, seed=41)
-    bucket = make_bucket(moto_server)
-    direct = S3Storage(
-        bucket=bucket,
-        prefix="archive",
-        endpoint_url=moto_server,
-        access_key_id=ACCESS_KEY,
-        secret_access_key=SECRET_KEY,
-        region=REGION,
-        path_style=True,
-    )
+    direct, s3 = _s3_behind(moto_server, fault_proxy)
     with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
-        env = base_env(
-            sim.url,
-            TOKEN,
-            f"s3://{bucket}/archive",
-            S3_ENDPOINT_URL=fault_proxy.url,
-            S3_ACCESS_KEY_ID=ACCESS_KEY,
-            S3_SECRET_ACCESS_KEY=SECRET_KEY,
-            S3_REGION=REGION,
-            S3_PATH_STYLE="true",
-        )
+        env = base_env(sim.url, TOKEN, s3["ARCHIVE_URI"], **s3)
         run = ConnectorThread(env).start()
         follow(direct, store, "the backlog")
         # Every request now waits 4 s: frozen, as a 0.5 s watchdog sees it.
