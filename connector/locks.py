@@ -35,7 +35,7 @@ import orjson
 from .errors import ConnectorError, NotFound, RetryableError
 from .storage import Storage
 
-__all__ = ["LOCK_KEY", "JobLock", "LockHeld", "LockRecord"]
+__all__ = ["LOCK_KEY", "JobLock", "LockHeld", "LockRecord", "elapsed_clock", "read_record"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,14 @@ class LockRecord:
         return False
 
 
+def read_record(storage: Storage, key: str) -> LockRecord | None:
+    """The lock record at ``key``; None when there is none or it is unreadable."""
+    try:
+        return LockRecord.from_json(storage.get(key))
+    except NotFound:
+        return None
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -183,10 +191,7 @@ class JobLock:
         self._renewed_at = started
 
     def read(self) -> LockRecord | None:
-        try:
-            return LockRecord.from_json(self.storage.get(self.key))
-        except NotFound:
-            return None
+        return read_record(self.storage, self.key)
 
     def acquire(self) -> None:
         """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""

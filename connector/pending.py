@@ -30,6 +30,8 @@ __all__ = ["PendingEvents"]
 
 log = logging.getLogger(__name__)
 
+_UNLIMITED = 1 << 62  # a memory limit no run reaches: no spill
+
 
 class _SpillFile:
     """Events written as archive lines to an unlinked file, with their offsets and group ids.
@@ -172,7 +174,7 @@ class PendingEvents:
         self._spill: _SpillFile | None = None
         self._spill_dir = spill_dir
         # Memory may hold this many data bytes (no limit without a spill dir).
-        self._configured = spill_bytes if spill_dir is not None and spill_bytes > 0 else 1 << 62
+        self._configured = spill_bytes if spill_dir is not None and spill_bytes > 0 else _UNLIMITED
         self._limit = self._configured
         self._memory_bytes = 0
 
@@ -224,7 +226,7 @@ class PendingEvents:
             "Cannot hold a large dependency group on disk: holding it in memory.",
             extra={"spill_dir": str(self._spill_dir), "error": str(exc)},
         )
-        self._limit = 1 << 62
+        self._limit = _UNLIMITED
         if self._spill is not None:
             # Written before the failure: every event up to the failed one reads back whole.
             self._unspill()

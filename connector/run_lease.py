@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from . import metrics
-from .errors import LeaseLost, NotFound, RetryableError
-from .locks import JobLock, LockHeld, LockRecord, elapsed_clock
+from .errors import LeaseLost, RetryableError
+from .locks import JobLock, LockHeld, LockRecord, elapsed_clock, read_record
 from .storage import Storage
 
 __all__ = ["RUN_LEASE_KEY", "LeaseLost", "RunLease", "lease_holder"]
@@ -168,10 +168,7 @@ class RunLease:
 def lease_holder(storage: Storage) -> str | None:
     """Who holds the run lease in ``storage`` and until when (``status``); None when nobody
     does (no lease, or an expired one)."""
-    try:
-        record = LockRecord.from_json(storage.get(RUN_LEASE_KEY))
-    except NotFound:
-        return None
+    record = read_record(storage, RUN_LEASE_KEY)
     if record is None or record.expires_at <= dt.datetime.now(dt.UTC) or record.holder_is_gone():
         return None
     return f"{record.holder} until {record.expires_at.isoformat(timespec='seconds')}"
