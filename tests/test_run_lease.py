@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -107,28 +108,47 @@ def test_a_second_run_waits_and_takes_over_when_the_first_stops(
             state.close()
 
 
-def test_a_run_whose_lease_was_taken_over_stops_without_writing(tmp_path: Path) -> None:
+def test_a_paused_run_whose_lease_was_taken_over_stops_without_writing(tmp_path: Path) -> None:
+    """The real case: a run paused (SIGSTOP) past its lease, another run took the lease over,
+    then the paused one wakes with events to write. (A takeover of a lease still being renewed
+    cannot happen, since only an expired lease is taken over: a thread cannot be paused, so
+    the run is a process of its own.)"""
     storage = LocalStorage(tmp_path / "archive")
-    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+    log_path = tmp_path / "run.log"
+    with SimServer(token=TOKEN, heartbeat_secs=2) as sim:
         generate(sim.store, 100, seed=21)
-        env = base_env(sim.url, TOKEN, str(tmp_path / "archive"), CONNECTOR_LEASE_SECS="1.5")
-        run = ConnectorThread(env).start()
-        wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
-        saved = CheckpointStore(storage).load()
-
-        # Another run found the lease expired (this one paused, its storage cut) and took it.
-        # (Written again should the renewal's read-then-write have overwritten it.)
-        def taken_over() -> bool:
-            if _holder(storage) != "another-run":
-                storage.put(RUN_LEASE_KEY, _foreign())
-            return not run.alive
-
-        wait_until(taken_over, timeout=30, interval=0.2, what="the run to stop")
-        assert isinstance(run.error, LeaseLost), run.error
-        assert "took this archive over" in str(run.error)
+        env = {
+            **os.environ,
+            **base_env(sim.url, TOKEN, str(tmp_path / "archive"), CONNECTOR_LEASE_SECS="1.5"),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+        with log_path.open("wb") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "connector", "run"], env=env, stdout=out, stderr=out
+            )
+        try:
+            wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
+            # Paused just after a heartbeat's checkpoint save, so no write is under way.
+            last = CheckpointStore(storage).load()
+            wait_until(lambda: CheckpointStore(storage).load() != last, what="a heartbeat save")
+            child.send_signal(signal.SIGSTOP)
+            saved = CheckpointStore(storage).load()
+            written = sorted(k for k in storage.list("") if not k.startswith("locks/"))
+            time.sleep(2.0)  # past the 1.5 s lease
+            storage.put(RUN_LEASE_KEY, _foreign())
+            generate(sim.store, 50, seed=22)
+            child.send_signal(signal.SIGCONT)
+            rc = child.wait(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        log = log_path.read_text()
+        assert rc == 1, log
+        assert "took this archive over" in log
         assert _holder(storage) == "another-run"  # not deleted by the stopping run
-        generate(sim.store, 50, seed=22)
         assert CheckpointStore(storage).load() == saved
+        assert sorted(k for k in storage.list("") if not k.startswith("locks/")) == written
 
 
 def test_a_lost_lease_is_found_before_the_next_write(tmp_path: Path) -> None:
