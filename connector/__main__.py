@@ -811,18 +811,11 @@ def _require_archive(archive: Any) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .jobs import run_snapshot_job
+    from .jobs import describe_snapshot, run_snapshot_job
 
     settings, archive = _archive_command(args)
     _require_archive(archive)
-    info = run_snapshot_job(archive, Path(settings.connector.work_dir))
-    if info is None:
-        print("snapshot: nothing new since the last one")
-    else:
-        print(
-            f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} tombstones, "
-            f"{len(info.parts)} parts (based on {info.based_on or 'nothing'})"
-        )
+    print(describe_snapshot(run_snapshot_job(archive, Path(settings.connector.work_dir))))
     return 0
 
 

@@ -102,6 +102,17 @@ def run_snapshot_job(
         return write_snapshot(storage, work_dir=work_dir, stop=stop)
 
 
+def describe_snapshot(info: SnapshotInfo | None) -> str:
+    """What a snapshot job did, in one line for the operator (log, ``snapshot`` command)."""
+    if info is None:
+        return "snapshot: nothing new since the last one"
+    return (
+        f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} tombstones, "
+        f"{len(info.parts)} parts, {sum(p.size for p in info.parts)} bytes "
+        f"(based on {info.based_on or 'nothing'})"
+    )
+
+
 def run_retention_job(
     storage: Storage,
     policy: RetentionPolicy,
@@ -268,7 +279,10 @@ class JobRunner:
         if not self.stop.is_set() and not self._snapshot_due():
             return
         self._guarded(
-            "snapshot", lambda: run_snapshot_job(self.storage, self.work_dir, stop=self.stop)
+            "snapshot",
+            lambda: describe_snapshot(
+                run_snapshot_job(self.storage, self.work_dir, stop=self.stop)
+            ),
         )
 
     def run_retention(self) -> None:

@@ -188,6 +188,26 @@ def test_failing_job_is_counted_and_never_raises(tmp_path: Path) -> None:
     assert not runner.scheduler.running
 
 
+def test_a_scheduled_snapshot_is_logged_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator reads what the job did, not a dataclass dump of every part."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = _runner(storage, tmp_path, snapshot="0 3 * * *", retention="")
+    caplog.set_level("INFO", logger="connector.jobs")
+    runner.run_snapshot()
+    runner.run_snapshot()
+    done = [r.result for r in caplog.records if r.getMessage() == "Archive job finished."]  # type: ignore[attr-defined]
+    info = list_snapshots(storage)[-1]
+    assert done == [
+        f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} "
+        f"tombstones, {len(info.parts)} parts, {sum(p.size for p in info.parts)} bytes "
+        "(based on nothing)",
+        "snapshot: nothing new since the last one",
+    ]
+
+
 def test_interval_jobs_overdue_at_start_run_soon(tmp_path: Path) -> None:
     """``every 24h`` counts from each start: a connector redeployed daily would never take a
     snapshot. Interval jobs first run within five minutes of start; a snapshot job then waits
