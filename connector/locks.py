@@ -6,13 +6,14 @@ same mechanism. It is advisory and best effort:
 
 * a free lock is taken with ``put_if_absent`` (atomic on both backends: ``os.link`` locally,
   ``If-None-Match: *`` on S3), so two takers of a free lock cannot both win;
-* an *expired* lock is taken over with a plain ``put`` followed by a re-read. Two processes that
-  take over the same expired lock within one storage round trip can both believe they own it;
-  the re-read after a short settle delay narrows that window but cannot close it without a
-  compare-and-swap the Storage protocol does not offer. Expiry only happens when a holder died
-  (a live holder renews its lock every ``ttl/3``), so the window needs a crash plus two racing
-  takers. A holder that was a process of this host and pid namespace, and is gone, need not be
-  waited out.
+* an *expired* lock is taken over, and a held one renewed, by a compare-and-swap
+  (``Storage.replace_if``: ``If-Match`` on S3, a directory flock locally) against the record
+  as it was read: of two processes taking over the same expired lock, or a holder renewing
+  while another takes its lock over, one write wins and the other learns it lost. A re-read
+  after a short settle delay still follows a take-over, for S3-compatible stores that ignore
+  ``If-Match``. Expiry only happens when a holder died or paused (a live holder renews its lock
+  every ``ttl/3``). A holder that was a process of this host and pid namespace, and is gone,
+  need not be waited out.
 
 (Kept apart from ``jobs`` so that ``run`` takes its lease without importing the scheduler.)
 """
@@ -47,9 +48,13 @@ _SETTLE_SECS = 0.2
 class LockHeld(ConnectorError):
     """Another live job holds the archive's job lock."""
 
-    def __init__(self, message: str, record: LockRecord | None = None) -> None:
+    def __init__(
+        self, message: str, record: LockRecord | None = None, tag: str | None = None
+    ) -> None:
+        """``record`` as read, with its storage ``tag`` (what a take-over must replace)."""
         super().__init__(message)
         self.record = record
+        self.tag = tag
 
 
 def _pid_namespace() -> str:
@@ -172,6 +177,7 @@ class JobLock:
         self._held = False
         self._lost = False
         self._renewed_at = 0.0  # elapsed_clock() of the last write of our record
+        self._renewing = threading.Lock()  # the renewal thread and a guard's check
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -185,13 +191,24 @@ class JobLock:
             _pid_namespace(),
         )
 
-    def _write_record(self) -> None:
+    def _replace_record(self, tag: str) -> bool:
+        """Write our record over the one read with ``tag``; False if it changed since."""
         started = elapsed_clock()
-        self.storage.put(self.key, self._record().to_json())
+        if not self.storage.replace_if(self.key, self._record().to_json(), tag):
+            return False
         self._renewed_at = started
+        return True
 
     def read(self) -> LockRecord | None:
         return read_record(self.storage, self.key)
+
+    def _read_tagged(self) -> tuple[LockRecord | None, str] | None:
+        """The record (None when unreadable) and its tag; None when there is no lock."""
+        try:
+            data, tag = self.storage.get_with_tag(self.key)
+        except NotFound:
+            return None
+        return LockRecord.from_json(data), tag
 
     def acquire(self) -> None:
         """Take the lock or raise ``LockHeld`` naming the holder's job and expiry."""
@@ -201,25 +218,25 @@ class JobLock:
                 self._renewed_at = started
                 self._confirm()
                 return
-            try:
-                data = self.storage.get(self.key)
-            except NotFound:
+            found = self._read_tagged()
+            if found is None:
                 # Released between our two requests: free again, and only put-if-absent may
                 # take a free lock (another taker may be at it too).
                 continue
-            current = LockRecord.from_json(data)
+            current, tag = found
             if current is not None and current.owner != self.owner and not self.expired(current):
                 raise LockHeld(
                     f"archive lock held by job {current.job!r} ({current.holder}) until "
                     f"{current.expires_at.isoformat(timespec='seconds')}",
                     current,
+                    tag,
                 )
             if current is not None and current.owner != self.owner:
                 log.warning(
                     "Taking over an archive lock whose holder is gone.",
                     extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
                 )
-            self.take_over()
+            self.take_over(tag)
             return
         raise LockHeld("archive lock taken by another process meanwhile")
 
@@ -227,18 +244,31 @@ class JobLock:
         """Whether another holder's ``record`` may be taken over."""
         return record.expires_at <= _now() or record.holder_is_gone()
 
-    def take_over(self) -> None:
-        """Replace the record (another holder's, found expired) with ours and confirm it."""
-        self._write_record()
+    def take_over(self, tag: str) -> None:
+        """Replace the record read with ``tag`` (another holder's, found expired; or ours) with
+        ours, only if it is still that one, and confirm it."""
+        if not self._replace_record(tag):
+            # Replaced since: by another taker, or by this very write, applied but its answer
+            # lost (the client's retry of it is then refused). Only the second is ours.
+            found = self._read_tagged()
+            current = found[0] if found else None
+            if found is None or current is None or current.owner != self.owner:
+                raise LockHeld(
+                    f"archive lock taken by job {current.job if current else '?'!r} meanwhile",
+                    current,
+                    found[1] if found else None,
+                )
         time.sleep(_SETTLE_SECS)
         self._confirm()
 
     def _confirm(self) -> None:
-        current = self.read()
-        if current is None or current.owner != self.owner:
+        found = self._read_tagged()
+        current = found[0] if found else None
+        if found is None or current is None or current.owner != self.owner:
             raise LockHeld(
                 f"archive lock taken by job {current.job if current else '?'!r} meanwhile",
                 current,
+                found[1] if found else None,
             )
         self._held = True
         self._lost = False
@@ -251,14 +281,22 @@ class JobLock:
     def renew(self) -> None:
         """Push the expiry on; raise ``LockHeld`` (and remember it: ``lost``) when another
         process took the lock over meanwhile, which it may once our lease ran out."""
-        current = self.read()
-        if current is None or current.owner != self.owner:
+        with self._renewing:
+            current: LockRecord | None = None
+            for _ in range(3):
+                found = self._read_tagged()
+                current = found[0] if found else None
+                if found is None or current is None or current.owner != self.owner:
+                    break
+                if self._replace_record(found[1]):
+                    return
+                # Replaced between our read and our write: by another taker, or by this very
+                # write, applied but its answer lost. Read again to tell.
             self._lost = True
             raise LockHeld(
                 f"archive lock taken over by {current.holder if current else 'nobody'}",
                 current,
             )
-        self._write_record()
 
     @property
     def lost(self) -> bool:

@@ -98,6 +98,7 @@ class RunLease:
         poll = min(max(self.ttl / 6, 0.05), 5.0)
         announced: float | None = None
         seen: tuple[str, dt.datetime] | None = None  # the holder's record, unchanged since
+        seen_tag = ""  # its storage tag: the take-over replaces that record or nothing
         seen_at = 0.0
         while not stop.is_set():
             try:
@@ -106,13 +107,15 @@ class RunLease:
                     # whatever its clock wrote in the record.
                     log.warning("Taking over a run lease not renewed for a whole lease.")
                     seen = None
-                    lease.take_over()
+                    lease.take_over(seen_tag)
                 else:
                     lease.acquire()
             except LockHeld as exc:
                 record = exc.record
                 if record is not None and (record.owner, record.expires_at) != seen:
                     seen, seen_at = (record.owner, record.expires_at), elapsed_clock()
+                if exc.tag is not None:
+                    seen_tag = exc.tag
                 now = time.monotonic()
                 if announced is None or now - announced >= _ANNOUNCE_EVERY_SECS:
                     log.warning(

@@ -221,15 +221,19 @@ class _Racing(LocalStorage):
         self.released = False
         self.other_took = False
 
-    def get(self, key: str) -> bytes:
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
         if key == RUN_LEASE_KEY and not self.released:
             self.released = True
             LocalStorage(self.root).delete(key)  # the holder stops
-        return super().get(key)
+        return super().get_with_tag(key)
 
     def put(self, key: str, body: bytes) -> None:
         self._other_first(key)
         super().put(key, body)
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        self._other_first(key)
+        return super().replace_if(key, body, tag)
 
     def put_if_absent(self, key: str, body: bytes) -> bool:
         if self.released:
@@ -255,6 +259,73 @@ def test_two_standbys_never_both_take_a_released_lease(tmp_path: Path) -> None:
     finally:
         other.release()
         mine.release()
+
+
+def test_two_takers_of_one_expired_lease_never_both_hold_it(tmp_path: Path) -> None:
+    """Both read the dead holder's record before either wrote (a slow S3 round trip): the
+    take-over replaces that record or nothing, so the second one learns it lost."""
+    storage = LocalStorage(tmp_path)
+    storage.put(RUN_LEASE_KEY, _foreign(expires_in=-3600, host="gone-host"))
+    _, tag = storage.get_with_tag(RUN_LEASE_KEY)
+    first = JobLock(storage, "run", key=RUN_LEASE_KEY)
+    second = JobLock(storage, "run", key=RUN_LEASE_KEY)
+    try:
+        first.take_over(tag)
+        with pytest.raises(LockHeld) as lost:
+            second.take_over(tag)  # its write came after the first's confirming re-read
+        assert first.held and not second.held
+        assert _holder(storage) == first.owner
+        assert lost.value.record is not None and lost.value.record.owner == first.owner
+    finally:
+        second.release()
+        first.release()
+
+
+def test_a_renewing_holder_is_not_displaced_by_a_stale_take_over(tmp_path: Path) -> None:
+    """A standby decided on a record the holder has renewed since (the holder was paused, then
+    resumed): its take-over writes nothing, and the holder keeps its lease."""
+    storage = LocalStorage(tmp_path)
+    holder = JobLock(storage, "run", ttl_secs=3600, key=RUN_LEASE_KEY)
+    holder.acquire()
+    standby = JobLock(storage, "run", key=RUN_LEASE_KEY)
+    try:
+        _, stale = storage.get_with_tag(RUN_LEASE_KEY)
+        holder.renew()
+        with pytest.raises(LockHeld):
+            standby.take_over(stale)
+        assert _holder(storage) == holder.owner
+        holder.renew()  # still ours: not lost
+        assert not holder.lost and not standby.held
+    finally:
+        standby.release()
+        holder.release()
+
+
+def test_a_holders_renewals_from_two_threads_do_not_lose_its_lease(tmp_path: Path) -> None:
+    """The renewal thread and the pipeline's guard both renew: each compares with what it
+    read, so one renewing between the other's read and write must not look like a take-over."""
+    storage = LocalStorage(tmp_path)
+    lease = JobLock(storage, "run", ttl_secs=3600, key=RUN_LEASE_KEY)
+    lease.acquire()
+    errors: list[BaseException] = []
+
+    def renew_many() -> None:
+        try:
+            for _ in range(100):
+                lease.renew()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=renew_many) for _ in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and not lease.lost
+        assert _holder(storage) == lease.owner
+    finally:
+        lease.release()
 
 
 def test_a_standby_times_the_holder_by_its_own_clock(tmp_path: Path) -> None:

@@ -164,6 +164,28 @@ def test_check_refuses_store_ignoring_conditional_writes(
     assert list(_through(fault_proxy, s3_settings).list()) == []  # probe removed
 
 
+def test_a_store_without_if_match_is_said_and_lock_writes_still_happen(
+    fault_proxy: FaultProxy, s3_settings: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If-Match ignored (the header dropped) or refused (501): the locks' compare-and-swap
+    becomes a plain write, confirmed by their re-read; ``check`` says so, and never fails."""
+    fault_proxy.drop_headers = {"if-match"}
+    storage = _through(fault_proxy, s3_settings)
+    storage.check()
+    assert "ignores If-Match" in caplog.text
+    fault_proxy.drop_headers = set()
+    storage.put("locks/run.json", b"old")
+    _, tag = storage.get_with_tag("locks/run.json")
+    storage.put("locks/run.json", b"renewed")
+    assert storage.replace_if("locks/run.json", b"mine", tag) is False  # honoured: refused
+    fault_proxy.fail_next(1, "501", method="PUT")
+    assert storage.replace_if("locks/run.json", b"mine", tag) is True  # refused with 501
+    assert storage.get("locks/run.json") == b"mine"
+    assert "does not support If-Match" in caplog.text
+    assert storage.replace_if("locks/run.json", b"again", tag) is True  # no longer asked
+    assert fault_proxy.stats["501"] == 1
+
+
 def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -72,6 +72,40 @@ def test_put_if_absent_never_replaces(storage: Storage) -> None:
     assert storage.get("m/manifest.json") == b"first"
 
 
+def test_replace_if_replaces_only_what_was_read(storage: Storage) -> None:
+    storage.put("locks/run.json", b"first")
+    data, tag = storage.get_with_tag("locks/run.json")
+    assert data == b"first"
+    assert storage.replace_if("locks/run.json", b"second", tag) is True
+    assert storage.replace_if("locks/run.json", b"third", tag) is False  # written since
+    data, newer = storage.get_with_tag("locks/run.json")
+    assert data == b"second" and newer != tag
+    storage.delete("locks/run.json")
+    assert storage.replace_if("locks/run.json", b"fourth", newer) is False  # deleted since
+    assert not storage.exists("locks/run.json")
+    with pytest.raises(NotFound):
+        storage.get_with_tag("locks/run.json")
+    assert storage.replace_if("missing-dir/x.json", b"x", newer) is False
+
+
+def test_replace_if_racers_of_one_read_have_one_winner(tmp_path: Path) -> None:
+    """Locally the compare and the replace are one step under the directory's flock, whatever
+    the threads or processes racing (each opens its own lock)."""
+    storage = LocalStorage(tmp_path)
+    storage.put("locks/run.json", b"expired")
+    _, tag = storage.get_with_tag("locks/run.json")
+    barrier = threading.Barrier(8)
+
+    def take(n: int) -> bool:
+        barrier.wait()
+        return storage.replace_if("locks/run.json", f"taker {n}".encode(), tag)
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [n for n, ok in enumerate(pool.map(take, range(8))) if ok]
+    assert len(won) == 1
+    assert storage.get("locks/run.json") == f"taker {won[0]}".encode()
+
+
 def test_put_replaces_and_readers_see_whole_versions(storage: Storage) -> None:
     storage.put("checkpoint.json", b"v0")
     assert storage.get("checkpoint.json") == b"v0"

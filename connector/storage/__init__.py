@@ -7,6 +7,8 @@ objects under ``/``-separated keys relative to its root:
   an existing object and answers whether it wrote.
 * ``put`` atomically replaces an object (checkpoint, lock). Readers see the old or the new
   version, never a mix.
+* ``get_with_tag`` / ``replace_if`` are the locks' compare-and-swap: a replacement that only
+  happens while the object is still the one read.
 * ``list`` yields keys in lexicographic order, paginated, never loading the key space at once.
 
 Errors are translated at the backend boundary: ``RetryableError`` (try again later),
@@ -66,6 +68,16 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes:
         """The whole object. Raises ``NotFound``."""
+        ...
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        """The whole object and a tag that changes with every write of it. Raises ``NotFound``."""
+        ...
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        """Atomically replace the object at ``key`` only if it still carries ``tag`` (from
+        ``get_with_tag``); durable on return. False, and nothing written, when it was written
+        or deleted since."""
         ...
 
     def open(self, key: str) -> BinaryIO:

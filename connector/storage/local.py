@@ -14,6 +14,8 @@ cannot take away a new day directory (and the segments in it) that a later check
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import stat
 import time
@@ -179,6 +181,35 @@ class LocalStorage:
             raise NotFound(key) from exc
         except OSError as exc:
             raise _translate(exc, self._path(key)) from exc
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        path = self._path(key)
+        # Every replace_if of a directory holds its flock: the compare and the replace are one
+        # step for the processes sharing the archive (also over NFS, where flock is a lock too).
+        try:
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _translate(exc, path.parent) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise _translate(exc, path) from exc
+            if hashlib.sha256(current).hexdigest() != tag:
+                return False
+            self.put(key, body)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
 
     def open(self, key: str) -> BinaryIO:
         try:

@@ -14,6 +14,7 @@ pipeline owns the retry policy. Credentials are handed to boto3 only; they never
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import uuid
@@ -87,6 +88,8 @@ _TRANSIENT_TRANSPORT = (
     TimeoutError,
 )
 
+log = logging.getLogger(__name__)
+
 
 class S3Storage:
     """Objects live at ``s3://bucket/prefix/<key>``; keys use ``/`` like LocalStorage keys."""
@@ -133,6 +136,7 @@ class S3Storage:
         # Only used to scrub them out of any service message we quote.
         self._secrets = tuple(s for s in (access_key_id, secret_access_key, session_token) if s)
         self._write_args: dict[str, str] = {}
+        self._conditional_replace = True  # If-Match on writes, until the store says 501
         if sse:
             self._write_args["ServerSideEncryption"] = sse
         if kms_key_id:
@@ -218,6 +222,13 @@ class S3Storage:
                     f"{self.describe()}: the endpoint ignores conditional writes (If-None-Match);"
                     " the archive needs them to stay duplicate-free"
                 )
+            if self.replace_if(probe, b"probe", '"not-the-probe"'):
+                # Not fatal: a lock take-over is then confirmed by a re-read only.
+                log.warning(
+                    "This S3 store ignores If-Match on writes: two standby runs taking over "
+                    "the same expired lease at the same moment could both start.",
+                    extra={"bucket": self.bucket},
+                )
         finally:
             self.delete(probe)
 
@@ -245,6 +256,40 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         with self.open(key) as reader:
             return reader.read()
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        full = self._key(key)
+        try:
+            response = cast(dict[str, Any], self._client.get_object(Bucket=self.bucket, Key=full))
+        except Exception as exc:
+            raise self._error(exc, "read", key) from exc
+        with io.BufferedReader(_BodyReader(response["Body"], self, key)) as reader:
+            return reader.read(), str(response["ETag"])
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        full = self._key(key)
+        if self._conditional_replace:
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=full, Body=body, IfMatch=tag, **self._write_args
+                )
+            except Exception as exc:
+                if _is_precondition(exc) or isinstance(self._error(exc, "write", key), NotFound):
+                    return False
+                if _status_code(exc)[0] != 501:
+                    raise self._error(exc, "write", key) from exc
+                # A store without conditional replacement (If-Match): a plain put, the locks'
+                # re-read after it is then all that tells two takers apart.
+                log.warning(
+                    "This S3 store does not support If-Match on writes: lock take-overs fall "
+                    "back to write-then-check.",
+                    extra={"bucket": self.bucket},
+                )
+                self._conditional_replace = False
+            else:
+                return True
+        self.put(key, body)
+        return True
 
     def open(self, key: str) -> BinaryIO:
         full = self._key(key)

@@ -16,6 +16,7 @@ kind                   what the client sees
 ``truncate``           the answer's headers and half its body arrive, then a reset
 ``403``                403 InvalidAccessKeyId;  ``signature``: 403 SignatureDoesNotMatch
 ``access_denied``      403 AccessDenied;  ``no_such_bucket``: 404 NoSuchBucket
+``501``                501 NotImplemented (a store without some feature, e.g. If-Match)
 =====================  ===================================================================
 
 ``proxy.stats`` counts requests, forwards and each injected kind. ``drop_headers`` (lower-case
@@ -51,6 +52,7 @@ _ERRORS: dict[str, tuple[int, str, str]] = {
     "signature": (403, "SignatureDoesNotMatch", "The request signature does not match."),
     "access_denied": (403, "AccessDenied", "Access Denied"),
     "no_such_bucket": (404, "NoSuchBucket", "The specified bucket does not exist"),
+    "501": (501, "NotImplemented", "A header you provided implies unimplemented functionality."),
 }
 KINDS = frozenset(_ERRORS) | {
     "reset",
