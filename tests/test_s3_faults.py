@@ -186,6 +186,32 @@ def test_a_store_without_if_match_is_said_and_lock_writes_still_happen(
     assert fault_proxy.stats["501"] == 1
 
 
+def test_a_lock_write_applied_but_unanswered_is_still_ours(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    """The answer to a lock's compare-and-swap is lost after S3 applied it: boto's retry of the
+    same If-Match write is refused (412), and the lock must read its own record back rather
+    than believe another process took it."""
+    from connector.locks import JobLock
+
+    storage = _through(fault_proxy, s3_settings)
+    expired = b'{"owner": "dead", "job": "run", "expires_at": "2001-01-01T00:00:00+00:00"}'
+    storage.put("locks/run.json", expired)
+    lock = JobLock(storage, "run", ttl_secs=3600, key="locks/run.json")
+    fault_proxy.fail_next(1, "slow", method="PUT")  # its put-if-absent, refused: forwarded
+    fault_proxy.fail_next(1, "reset_after_forward", method="PUT")  # the take-over's write
+    lock.acquire()
+    try:
+        assert lock.held
+        fault_proxy.fail_next(1, "reset_after_forward", method="PUT")  # a renewal's write
+        lock.renew()
+        assert not lock.lost
+        assert fault_proxy.stats["reset_after_forward"] == 2
+    finally:
+        lock.release()
+    assert not storage.exists("locks/run.json")
+
+
 def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
