@@ -368,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(0.5)
     catch_up = time.monotonic() - t0
+    while args.snapshots and not list_snapshots(storage) and time.monotonic() - t0 < 900:
+        # Every process may have been killed (or, now, stopped) in the middle of its snapshot
+        # on a slow machine: the restore from a snapshot is part of the pass line, so the last
+        # process gets the time to write one.
+        time.sleep(0.5)
     # A SIGTERM during interpreter start-up, before the handler exists, ends the process at once
     # (nothing to flush yet, but no exit 0): the last restart gets its start-up first.
     time.sleep(max(0.0, spawned + 3 - time.monotonic()))
