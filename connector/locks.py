@@ -7,7 +7,7 @@ same mechanism. It is advisory and best effort:
 * a free lock is taken with ``put_if_absent`` (atomic on both backends: ``os.link`` locally,
   ``If-None-Match: *`` on S3), so two takers of a free lock cannot both win;
 * an *expired* lock is taken over, and a held one renewed, by a compare-and-swap
-  (``Storage.replace_if``: ``If-Match`` on S3, a directory flock locally) against the record
+  (``Storage.replace_if``: ``If-Match`` on S3, a file flock locally) against the record
   as it was read: of two processes taking over the same expired lock, or a holder renewing
   while another takes its lock over, one write wins and the other learns it lost. A re-read
   after a short settle delay still follows a take-over, for S3-compatible stores that ignore

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -83,6 +84,7 @@ def test_replace_if_replaces_only_what_was_read(storage: Storage) -> None:
     storage.delete("locks/run.json")
     assert storage.replace_if("locks/run.json", b"fourth", newer) is False  # deleted since
     assert not storage.exists("locks/run.json")
+    assert list(storage.list()) == []  # whatever the compare-and-swap needs is no object
     with pytest.raises(NotFound):
         storage.get_with_tag("locks/run.json")
     assert storage.replace_if("missing-dir/x.json", b"x", newer) is False
@@ -104,6 +106,25 @@ def test_replace_if_racers_of_one_read_have_one_winner(tmp_path: Path) -> None:
         won = [n for n, ok in enumerate(pool.map(take, range(8))) if ok]
     assert len(won) == 1
     assert storage.get("locks/run.json") == f"taker {won[0]}".encode()
+
+
+class _NoLocks(LocalStorage):
+    """A file system mounted without locks (NFS ``nolock``): flock fails."""
+
+    def _lock_exclusive(self, fd: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+
+def test_replace_if_without_file_locks_still_compares(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = _NoLocks(tmp_path)
+    storage.put("locks/run.json", b"first")
+    _, tag = storage.get_with_tag("locks/run.json")
+    assert storage.replace_if("locks/run.json", b"second", tag) is True
+    assert storage.replace_if("locks/run.json", b"third", tag) is False
+    assert storage.get("locks/run.json") == b"second"
+    assert caplog.text.count("refuses file locks") == 1  # said once, not at every renewal
 
 
 def test_put_replaces_and_readers_see_whole_versions(storage: Storage) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 import time
@@ -32,6 +33,9 @@ __all__ = ["LocalStorage"]
 _TMP = ".tmp-"
 # A temporary file untouched for this long belongs to a writer that died (or failed) mid-write.
 _TMP_STALE_SECS = 600
+_CAS_LOCK = ".replace-lock"  # flocked by replace_if; never listed, never a key
+
+log = logging.getLogger(__name__)
 
 
 class LocalStorage:
@@ -39,6 +43,7 @@ class LocalStorage:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._warned_no_flock = False
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -188,16 +193,27 @@ class LocalStorage:
 
     def replace_if(self, key: str, body: bytes, tag: str) -> bool:
         path = self._path(key)
-        # Every replace_if of a directory holds its flock: the compare and the replace are one
-        # step for the processes sharing the archive (also over NFS, where flock is a lock too).
+        # Every replace_if in a directory holds the flock of its lock file there: the compare
+        # and the replace are one step for the processes sharing the archive (over NFS, flock
+        # is a byte-range lock of the server's, hence a file opened for writing).
         try:
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(path.parent / _CAS_LOCK, os.O_RDWR | os.O_CREAT, 0o640)
         except FileNotFoundError:
-            return False
+            return False  # no directory, no object to replace
         except OSError as exc:
             raise _translate(exc, path.parent) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._lock_exclusive(fd)
+            except OSError as exc:
+                # A file system without locks (NFS mounted nolock): compare, then replace.
+                if not self._warned_no_flock:
+                    self._warned_no_flock = True
+                    log.warning(
+                        "The archive's file system refuses file locks: lock take-overs fall "
+                        "back to write-then-check.",
+                        extra={"path": str(path.parent), "error": str(exc)},
+                    )
             try:
                 current = path.read_bytes()
             except FileNotFoundError:
@@ -210,6 +226,9 @@ class LocalStorage:
             return True
         finally:
             os.close(fd)  # releases the flock
+
+    def _lock_exclusive(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -243,7 +262,7 @@ class LocalStorage:
         # before "a0"; plain name sorting of "a" vs "a-b" already matches for our key shapes.
         entries = []
         for name in names:
-            if name.startswith(_TMP):
+            if name.startswith(_TMP) or name == _CAS_LOCK:
                 continue
             full = directory / name
             key = f"{rel}{name}"
