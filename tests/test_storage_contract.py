@@ -124,7 +124,22 @@ def test_replace_if_without_file_locks_still_compares(
     assert storage.replace_if("locks/run.json", b"second", tag) is True
     assert storage.replace_if("locks/run.json", b"third", tag) is False
     assert storage.get("locks/run.json") == b"second"
-    assert caplog.text.count("refuses file locks") == 1  # said once, not at every renewal
+    assert caplog.text.count("Cannot lock a file") == 1  # said once, not at every renewal
+
+
+def test_replace_if_with_a_lock_file_it_cannot_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lock file cannot be opened for writing (here a directory in its place; another
+    user's file does the same): still the right answers, and a warning."""
+    storage = LocalStorage(tmp_path)
+    storage.put("locks/run.json", b"first")
+    (tmp_path / "locks" / ".replace-lock").mkdir()
+    _, tag = storage.get_with_tag("locks/run.json")
+    assert storage.replace_if("locks/run.json", b"second", tag) is True
+    assert storage.replace_if("locks/run.json", b"third", tag) is False
+    assert storage.get("locks/run.json") == b"second"
+    assert caplog.text.count("Cannot lock a file") == 1
 
 
 def test_put_replaces_and_readers_see_whole_versions(storage: Storage) -> None:

@@ -194,26 +194,17 @@ class LocalStorage:
     def replace_if(self, key: str, body: bytes, tag: str) -> bool:
         path = self._path(key)
         # Every replace_if in a directory holds the flock of its lock file there: the compare
-        # and the replace are one step for the processes sharing the archive (over NFS, flock
-        # is a byte-range lock of the server's, hence a file opened for writing).
+        # and the replace are one step for the processes sharing the archive.
         try:
-            fd = os.open(path.parent / _CAS_LOCK, os.O_RDWR | os.O_CREAT, 0o640)
+            fd = self._open_lock(path.parent / _CAS_LOCK)
         except FileNotFoundError:
             return False  # no directory, no object to replace
-        except OSError as exc:
-            raise _translate(exc, path.parent) from exc
         try:
-            try:
-                self._lock_exclusive(fd)
-            except OSError as exc:
-                # A file system without locks (NFS mounted nolock): compare, then replace.
-                if not self._warned_no_flock:
-                    self._warned_no_flock = True
-                    log.warning(
-                        "The archive's file system refuses file locks: lock take-overs fall "
-                        "back to write-then-check.",
-                        extra={"path": str(path.parent), "error": str(exc)},
-                    )
+            if fd is not None:
+                try:
+                    self._lock_exclusive(fd)
+                except OSError as exc:
+                    self._unlocked(path.parent, exc)
             try:
                 current = path.read_bytes()
             except FileNotFoundError:
@@ -225,7 +216,29 @@ class LocalStorage:
             self.put(key, body)
             return True
         finally:
-            os.close(fd)  # releases the flock
+            if fd is not None:
+                os.close(fd)  # releases the flock
+
+    def _open_lock(self, lock: Path) -> int | None:
+        """The lock file, opened for writing (NFS turns flock into a byte-range lock of the
+        server's, which needs it); None when it cannot be (another user's file)."""
+        try:
+            return os.open(lock, os.O_RDWR | os.O_CREAT, 0o660)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            self._unlocked(lock.parent, exc)
+            return None
+
+    def _unlocked(self, directory: Path, exc: OSError) -> None:
+        """No file lock (NFS mounted nolock, a lock file nobody may open): compare, then
+        replace, which the locks' re-read after a take-over still checks. Said once."""
+        if not self._warned_no_flock:
+            self._warned_no_flock = True
+            log.warning(
+                "Cannot lock a file in the archive: lock take-overs fall back to write-then-check.",
+                extra={"path": str(directory), "error": str(exc)},
+            )
 
     def _lock_exclusive(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
