@@ -88,6 +88,8 @@ def test_replace_if_replaces_only_what_was_read(storage: Storage) -> None:
     with pytest.raises(NotFound):
         storage.get_with_tag("locks/run.json")
     assert storage.replace_if("missing-dir/x.json", b"x", newer) is False
+    storage.put("locks/run.json", b"again")
+    assert storage.replace_if("locks/run.json", b"untagged", "") is False  # no tag, no write
 
 
 def test_replace_if_racers_of_one_read_have_one_winner(tmp_path: Path) -> None:

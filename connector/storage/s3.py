@@ -268,6 +268,8 @@ class S3Storage:
 
     def replace_if(self, key: str, body: bytes, tag: str) -> bool:
         full = self._key(key)
+        if not tag:
+            return False  # an empty If-Match would be no condition at all
         if self._conditional_replace:
             try:
                 self._client.put_object(
