@@ -594,3 +594,22 @@ def test_cli_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_client_resetting_its_connection_prints_no_traceback(
+    sim: SimServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connector killed while its keep-alive connection waits: the console of ``opencti-sync
+    sim`` stays quiet, and the simulator serves on."""
+    import socket
+    import struct
+    import time
+
+    host, port = sim.url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /control/info HTTP/1.1\r\nHost: sim\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    time.sleep(0.5)  # the handler thread reads the reset
+    assert "Traceback" not in capsys.readouterr().err
+    assert httpx.get(f"{sim.url}/control/info").status_code == 401  # answered (no token given)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -467,6 +468,13 @@ class _HTTPServer(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     sim: SimServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (a connector killed, a reset keep-alive connection) is not
+        # the simulator's error: no traceback on the console for it.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
