@@ -10,7 +10,10 @@ of 2N + 2 events). Its peak RSS is the kernel's high-water mark (``VmHWM``), rea
 exits: ``wait4``'s would count the moment between fork and exec, when the child is a copy of
 this process and its simulator.
 
-    python -m bench.big_group [--relationships 50000]
+    python -m bench.big_group [--relationships 50000] [--target]
+
+``--target`` also syncs into a second simulator over the API transport (stixBundlePush): the
+group is then planned into pushes as well, 500 objects at a time.
 """
 
 from __future__ import annotations
@@ -74,17 +77,32 @@ class _HighWater:
             time.sleep(0.02)
 
 
-def measure(relationships: int, spill_bytes: int, work: Path) -> dict[str, Any]:
+def measure(
+    relationships: int, spill_bytes: int, work: Path, target: bool = False
+) -> dict[str, Any]:
     store = SimStore()
     malware = popular_entity(store, relationships)
     archive = work / "archive"
-    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.5) as sim:
+    with (
+        SimServer(token=TOKEN, store=store, heartbeat_secs=0.5) as sim,
+        SimServer(token=TOKEN) as other,
+    ):
+        sync = (
+            {
+                "TARGET_OPENCTI_URL": other.url,
+                "TARGET_OPENCTI_TOKEN": TOKEN,
+                "TARGET_TRANSPORT": "api",
+            }
+            if target
+            else {}
+        )
         env = connector_env(
             sim.url,
             str(archive),
             CONNECTOR_LIVE_STREAM_ID="live",
             CONNECTOR_SPILL_BYTES=str(spill_bytes),
             OPENCTI_SYNC_WORK_DIR=str(work / "work"),
+            **sync,
         )
         argv = [sys.executable, "-m", "connector", "run"]
         first = Child(argv, env, work / "first.log", work)
@@ -103,6 +121,7 @@ def measure(relationships: int, spill_bytes: int, work: Path) -> dict[str, Any]:
         rc = second.terminate()
     group = sum(1 for e in ArchiveReader(LocalStorage(archive)).events() if e.id_text == change)
     return {
+        "target": "api" if target else None,
         "spill_bytes": spill_bytes,
         "group_events": group,
         "peak_rss_mb": round(peak.mb, 1),
@@ -114,11 +133,12 @@ def measure(relationships: int, spill_bytes: int, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--relationships", type=int, default=50_000)
+    parser.add_argument("--target", action="store_true", help="sync into a second simulator too")
     args = parser.parse_args(argv)
     rows = []
     for spill in (32 * 1024 * 1024, OFF):
         with tempfile.TemporaryDirectory(prefix="big-group-") as tmp:
-            rows.append(measure(args.relationships, spill, Path(tmp)))
+            rows.append(measure(args.relationships, spill, Path(tmp), args.target))
         print(orjson.dumps(rows[-1]).decode(), flush=True)
     return 0
 

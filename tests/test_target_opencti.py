@@ -559,8 +559,40 @@ def test_bundle_ids_differ_when_contents_differ() -> None:
     _, pos = events_since(a)
     a.merge(malware("Target")["id"], [malware("Source")["id"]])
     events, _ = events_since(a, pos)
-    pushes = plan_pushes(events)
+    pushes = list(plan_pushes(events))
     assert [p.kind for p in pushes] == ["upsert", "merge", "upsert"]
     before, after = (json.loads(pushes[i].bundle()) for i in (0, 2))
     assert before["objects"] != after["objects"]  # the sources' ids come back as aliases
     assert before["id"] != after["id"]
+
+
+class _Watched(list[StreamEvent]):
+    """A batch that records how far it has been read (a spilled group is read from disk)."""
+
+    def __init__(self, events: list[StreamEvent]) -> None:
+        super().__init__(events)
+        self.read = -1
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        for index, ev in enumerate(super().__iter__()):
+            self.read = index
+            yield ev
+
+
+def test_pushes_are_planned_as_they_fill_not_from_the_whole_batch() -> None:
+    """A huge dependency group waits on disk; its pushes go 500 objects at a time, never all
+    planned (every object parsed and copied) before the first one is sent."""
+    a = SimStore()
+    for n in range(50):
+        a.upsert(malware(f"Member {n}"))
+    a.merge(malware("Member 0")["id"], [malware("Member 1")["id"]])
+    a.upsert(malware("Member 2", description="after the merge"))
+    events, _ = events_since(a)
+    batch = _Watched(events)
+    pushes = plan_pushes(batch, max_objects=10)
+    first = next(pushes)
+    assert first.kind == "upsert" and len(first.objects) == 10
+    assert batch.read < 20  # the second pass has reached the eleventh event, not the end
+    rest = list(pushes)
+    assert [p.kind for p in rest][-3:] == ["merge", "upsert", "upsert"]
+    assert [p.kind for p in [first, *rest]] == [p.kind for p in plan_pushes(list(events), 10)]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..events import OCTI_EXT, StreamEvent, octi_ext
 
 __all__ = [
+    "LiveIds",
+    "MergeLookahead",
     "live_aliases_of",
     "merge_lookahead",
     "merge_source_ids",
@@ -49,29 +52,50 @@ def source_ids(sources: list[dict[str, Any]]) -> set[str]:
     return ids
 
 
-def merge_lookahead(events: list[StreamEvent]) -> list[set[str]]:
+class MergeLookahead:
+    """The ids of the sources of the merges that come after each event of ``events``, from one
+    pass that keeps only the merges (a huge batch may wait on disk: it is read, not held)."""
+
+    def __init__(self, events: Iterable[StreamEvent]) -> None:
+        merges: list[tuple[int, set[str]]] = []
+        for index, ev in enumerate(events):
+            if ev.event == "merge":
+                merges.append((index, source_ids(merge_sources(ev))))
+        self._positions = [index for index, _ in merges]
+        # _after[k]: the sources of merges k, k+1, ...; the last entry, no merge: empty.
+        self._after: list[set[str]] = [set()]
+        for _, ids in reversed(merges):
+            self._after.append(self._after[-1] | ids)
+        self._after.reverse()
+
+    def after(self, index: int) -> set[str]:
+        """The sources of the merges strictly after position ``index``."""
+        return self._after[bisect.bisect_right(self._positions, index)]
+
+
+def merge_lookahead(events: Sequence[StreamEvent]) -> list[set[str]]:
     """For each event, the ids of the sources of the merges that come after it in ``events``."""
-    out: list[set[str]] = [set() for _ in events]
-    pending: set[str] = set()
-    for index in range(len(events) - 1, -1, -1):
-        out[index] = pending
-        if events[index].event == "merge":
-            pending = pending | source_ids(merge_sources(events[index]))
-    return out
+    lookahead = MergeLookahead(events)
+    return [lookahead.after(index) for index in range(len(events))]
 
 
-def taken_earlier(events: list[StreamEvent]) -> list[set[str]]:
-    """For each event, its object's aliases that an earlier create or update in ``events`` made
-    the standard id of *another* entity (another internal id), still live at that point.
+class LiveIds:
+    """Which entity each standard id names so far, event by event (``taken``)."""
 
-    The stream sends objects as they are when sent: an entity that absorbs another one later can
-    come after that one's create, already holding its id. ``OpenCTITarget.live_aliases`` asks
-    the target before the batch, when that entity is not there yet; upserting with its id would
-    then resolve to it, or to both. The id comes back with the merge.
-    """
-    live: dict[str, str | None] = {}  # standard id -> internal id of its entity, so far
-    out: list[set[str]] = []
-    for ev in events:
+    def __init__(self) -> None:
+        self._live: dict[str, str | None] = {}  # standard id -> internal id of its entity
+
+    def taken(self, ev: StreamEvent) -> set[str]:
+        """``ev``'s aliases that an earlier create or update made the standard id of *another*
+        entity (another internal id), still live at this point; then ``ev`` is applied.
+
+        The stream sends objects as they are when sent: an entity that absorbs another one
+        later can come after that one's create, already holding its id.
+        ``OpenCTITarget.live_aliases`` asks the target before the batch, when that entity is not
+        there yet; upserting with its id would then resolve to it, or to both. The id comes
+        back with the merge.
+        """
+        live = self._live
         taken: set[str] = set()
         if ev.event in ("create", "update"):
             own = ev.internal_id or None
@@ -87,8 +111,13 @@ def taken_earlier(events: list[StreamEvent]) -> list[set[str]]:
             live[ev.stix_id] = ev.internal_id or None
         elif ev.event == "delete":
             live.pop(ev.stix_id, None)
-        out.append(taken)
-    return out
+        return taken
+
+
+def taken_earlier(events: Iterable[StreamEvent]) -> list[set[str]]:
+    """For each event, ``LiveIds.taken`` of it."""
+    live = LiveIds()
+    return [live.taken(ev) for ev in events]
 
 
 def without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:

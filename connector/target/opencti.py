@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,12 +51,12 @@ from .amqp import (
     event_messages,
 )
 from .common import (
+    LiveIds,
+    MergeLookahead,
     live_aliases_of,
-    merge_lookahead,
     merge_sources,
     previous_standard,
     source_ids,
-    taken_earlier,
     without_aliases,
 )
 
@@ -176,10 +176,10 @@ def _operation(stix: dict[str, Any], operation: str, **extra: Any) -> dict[str, 
 
 
 def plan_pushes(
-    events: Iterable[StreamEvent],
+    events: Sequence[StreamEvent],
     max_objects: int = 500,
     live_aliases: Mapping[str, set[str]] | None = None,
-) -> list[Push]:
+) -> Iterator[Push]:
     """Turn stream events into pushes that, applied in order, reproduce the stream's effect.
 
     Consecutive creates/updates share a push (the last version of an object wins, at the
@@ -190,11 +190,13 @@ def plan_pushes(
     ``common.without_aliases``); ``live_aliases`` (object id -> aliases that name another live
     entity on the target, see ``OpenCTITarget.live_aliases``) extends that to merges in later
     batches. An id-changing update starts a new push so the old id is there to be found.
+
+    Pushes are yielded as they fill, and ``events`` is read twice, never held: a huge
+    dependency group that waits on disk (``connector.pending``) is pushed 500 objects at a time.
     """
-    events = list(events)
-    pending = merge_lookahead(events)
-    taken = taken_earlier(events)
-    pushes: list[Push] = []
+    lookahead = MergeLookahead(events)
+    live = LiveIds()
+    pushes: list[Push] = []  # filled by the step of one event, yielded after it
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
     upsert_from: dict[str, str] = {}  # object id -> the event its pushed version comes from
@@ -218,7 +220,10 @@ def plan_pushes(
             delete_ids.clear()
             delete_from.clear()
 
-    for ev, later_sources, others in zip(events, pending, taken, strict=True):
+    for index, ev in enumerate(events):
+        yield from pushes
+        pushes.clear()
+        later_sources, others = lookahead.after(index), live.taken(ev)
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
@@ -256,7 +261,7 @@ def plan_pushes(
                 pushes.append(Push("upsert", [without_aliases(stix, later_sources)], ids, ids))
     flush_upserts()
     flush_deletes()
-    return pushes
+    yield from pushes
 
 
 _CONNECTOR_REFUSAL = re.compile(
