@@ -107,7 +107,7 @@ def test_registration_gives_the_broker_and_messages_are_platform_events(sync: Sy
     assert (ep.exchange, ep.routing_key) == (WORKER_EXCHANGE, f"push_routing_{cid}")
     assert ep.password not in repr(ep) and ep.password not in ep.describe()
     events, _ = events_since(sync.a, 0)
-    body = event_messages(events[:1], applicant_id="u", synchronized=True)[0][1]
+    body = next(event_messages(events[:1], applicant_id="u", synchronized=True))[1]
     message = json.loads(body)
     assert set(message) == {
         "type",
@@ -179,6 +179,36 @@ def test_batch_of_several_hundred_events_spans_transactions_and_converges(
     assert sync.target.publisher is not None
     assert sync.target.publisher.published - before > 4 * 128
     sync.assert_converged()
+
+
+def test_a_batch_is_published_a_few_transactions_at_a_time_and_converges(
+    sync: Sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The messages of a batch are built and published a bounded number at a time (a huge
+    group waits on disk; it is never held whole as messages), and no event's messages are split
+    between two publishes (a merge is an upsert and the merge)."""
+    from connector.target import opencti
+
+    monkeypatch.setattr(opencti, "_PUBLISH_MESSAGES", 7)
+    sync.step()
+    publisher = sync.target.publisher
+    assert publisher is not None
+    sizes: list[int] = []
+    publish = publisher.publish
+
+    def counted(bodies: Any) -> None:
+        sizes.append(len(bodies))
+        publish(bodies)
+
+    monkeypatch.setattr(publisher, "publish", counted)
+    generate(sync.a, 300, seed=29)
+    events = sync.step()
+    assert {e.event for e in events} >= {"create", "update", "delete", "merge"}
+    assert len(sizes) > 30 and max(sizes) <= 8  # 7, or 8 when a merge's two end a chunk
+    sync.assert_converged()
+    messages = [(0, b"a"), (1, b"b"), (1, b"c"), (2, b"d"), (3, b"e"), (3, b"f"), (4, b"g")]
+    chunks = list(opencti._whole_events(iter(messages), 2))
+    assert [[m[0] for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
 
 
 def test_perfect_sync_propagates_removals(sync: Sync) -> None:
@@ -321,7 +351,7 @@ def test_stale_update_is_skipped(sync: Sync, rabbitmq: RabbitNode) -> None:  # n
     before = sync.b.store.event_count
     # The v2 update delivered again, late (a redelivery, another worker overtaken): its event
     # id is older than what B holds, so B keeps v3 and publishes nothing.
-    body = event_messages(old_update, applicant_id="u", synchronized=True)[0][1]
+    body = next(event_messages(old_update, applicant_id="u", synchronized=True))[1]
     handled = sync.worker.handled
     _publish_raw(rabbitmq.url, sync.target.connector_id, body)
     assert sync.worker.wait_handled(handled + 1)
@@ -335,9 +365,8 @@ def test_stale_update_is_skipped(sync: Sync, rabbitmq: RabbitNode) -> None:  # n
 def test_refused_messages_are_recorded(sync: Sync, rabbitmq: RabbitNode) -> None:  # noqa: F811
     sync.step()
     cid = sync.target.connector_id
-    good = json.loads(
-        event_messages(events_since(sync.a, 0)[0][:1], applicant_id="u", synchronized=False)[0][1]
-    )
+    first = events_since(sync.a, 0)[0][:1]
+    good = json.loads(next(event_messages(first, applicant_id="u", synchronized=False))[1])
     no_event_id = {k: v for k, v in good.items() if k != "event_id"}
     unknown_target = dict(good)
     content = json.loads(base64.b64decode(good["content"]))
@@ -534,7 +563,7 @@ def test_broker_lost_mid_batch_raises_then_the_batch_is_sent_again(
     sync.assert_converged()
     generate(sync.a, 400, seed=31)
     events, sync.pos = events_since(sync.a, sync.pos)
-    bodies = event_messages(events, applicant_id="u", synchronized=True)
+    bodies = list(event_messages(events, applicant_id="u", synchronized=True))
     assert len(bodies) < amqp._TX_CHUNK  # one transaction
     handled, published = sync.worker.handled, sync.target.publisher.published  # type: ignore[union-attr]
     # The link drops once about half of the batch's bytes have gone out.
@@ -601,7 +630,7 @@ def test_run_holds_the_checkpoint_when_the_broker_is_lost_mid_batch(
             assert held is not None and not _synced(storage, a)
             new_events, _ = events_since(a.store, pos)
             up_to_held = [e for e in new_events if e.id <= held]
-            expected = len(event_messages(up_to_held, applicant_id="u", synchronized=True))
+            expected = len(list(event_messages(up_to_held, applicant_id="u", synchronized=True)))
             assert _queued(rabbitmq, worker.queue) == expected
             proxy.restore()
             worker.start()

@@ -33,7 +33,7 @@ import base64
 import logging
 import re
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +44,11 @@ import pika.exceptions  # type: ignore[import-untyped]
 from ..errors import ConfigError, PermanentError, RetryableError, SinkError
 from ..events import StreamEvent
 from .common import (
+    LiveIds,
+    MergeLookahead,
     live_aliases_of,
-    merge_lookahead,
     merge_source_ids,
     previous_standard,
-    taken_earlier,
     without_aliases,
 )
 
@@ -176,12 +176,12 @@ def _message(
 
 
 def event_messages(
-    events: Iterable[StreamEvent],
+    events: Sequence[StreamEvent],
     *,
     applicant_id: str,
     synchronized: bool,
     live_aliases: Mapping[str, set[str]] | None = None,
-) -> list[tuple[int, bytes]]:
+) -> Iterator[tuple[int, bytes]]:
     """``(index of the event in events, message body)`` pairs to publish in this order. (By
     index, not event id: dependency events, recovery objects of one millisecond and a
     reconciliation's deletes share their id.)
@@ -191,23 +191,22 @@ def event_messages(
     its aliases (``merge_lookahead``; ``live_aliases`` extends it to merges in later batches),
     and a merge is preceded by an upsert of its target, so a target the other platform never
     received is created instead of failing the merge.
+
+    Yielded event by event, ``events`` read twice and never held (see ``plan_pushes``).
     """
-    events = list(events)
-    out: list[tuple[int, bytes]] = []
-    lookahead, taken = merge_lookahead(events), taken_earlier(events)
-    for index, (ev, later_sources, others) in enumerate(zip(events, lookahead, taken, strict=True)):
+    lookahead, live = MergeLookahead(events), LiveIds()
+    for index, ev in enumerate(events):
+        later_sources, others = lookahead.after(index), live.taken(ev)
         kind = ev.event
         if kind not in ("create", "update", "merge", "delete"):
             continue
         data = ev.stix
         if kind == "merge":
             pre = without_aliases(data, later_sources | merge_source_ids(ev))
-            body = _message(ev, pre, "update", applicant_id, synchronized)
-            out.append((index, body))
+            yield index, _message(ev, pre, "update", applicant_id, synchronized)
         elif kind != "delete":
             data = without_aliases(data, later_sources | others | live_aliases_of(live_aliases, ev))
-        out.append((index, _message(ev, data, kind, applicant_id, synchronized)))
-    return out
+        yield index, _message(ev, data, kind, applicant_id, synchronized)
 
 
 class AmqpPublisher:

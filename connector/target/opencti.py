@@ -264,6 +264,24 @@ def plan_pushes(
     yield from pushes
 
 
+_PUBLISH_MESSAGES = 4000  # per publish call: four of the publisher's 1,000-message transactions
+
+
+def _whole_events(
+    messages: Iterator[tuple[int, bytes]], size: int
+) -> Iterator[list[tuple[int, bytes]]]:
+    """``messages`` in lists of about ``size``, never splitting an event's messages (a merge is
+    an upsert and the merge: both go, or neither)."""
+    chunk: list[tuple[int, bytes]] = []
+    for message in messages:
+        if len(chunk) >= size and message[0] != chunk[-1][0]:
+            yield chunk
+            chunk = []
+        chunk.append(message)
+    if chunk:
+        yield chunk
+
+
 _CONNECTOR_REFUSAL = re.compile(
     r"\b(invalid|unknown) connector\b|\bconnector (not found|does not exist|is not registered)"
 )
@@ -630,12 +648,19 @@ class OpenCTITarget:
         smaller one ("message size ... is larger than configured max size N") the limit is
         lowered and only what was not committed yet is published again."""
         assert self.publisher is not None
-        pending = event_messages(
+        messages = event_messages(
             batch.events,
             applicant_id=self.applicant_id,
             synchronized=self.synchronized,
             live_aliases=live,
         )
+        # A few transactions' worth at a time: a huge group waiting on disk is never held
+        # whole as messages.
+        for chunk in _whole_events(messages, _PUBLISH_MESSAGES):
+            self._publish_chunk(batch, chunk)
+
+    def _publish_chunk(self, batch: Batch, pending: list[tuple[int, bytes]]) -> None:
+        assert self.publisher is not None
         while True:
             limit = self.amqp_max_message_bytes
             # Every message of an event goes, or none (a merge is an upsert plus the merge).
