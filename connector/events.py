@@ -7,6 +7,7 @@ re-serialised on the hot path.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -154,10 +155,20 @@ class StreamEvent:
 
     @property
     def envelope(self) -> dict[str, Any]:
+        """The parsed ``data``: the one handed over at construction, else parsed again at each
+        call and not kept (a batch of pending events would otherwise end up holding every
+        parsed event once a target has read them)."""
         env = self._envelope
-        if env is None:
-            env = self._envelope = _loads_object(self.data)
-        return env
+        return env if env is not None else _loads_object(self.data)
+
+    def parsed(self) -> StreamEvent:
+        """This event with its envelope parsed once and kept, for a pass that reads it several
+        times (a target's planning); dropped after it, the parse goes with it."""
+        if self._envelope is not None:
+            return self
+        ev = copy.copy(self)
+        ev._envelope = _loads_object(self.data)
+        return ev
 
     @property
     def stix(self) -> dict[str, Any]:

@@ -596,3 +596,20 @@ def test_pushes_are_planned_as_they_fill_not_from_the_whole_batch() -> None:
     rest = list(pushes)
     assert [p.kind for p in rest][-3:] == ["merge", "upsert", "upsert"]
     assert [p.kind for p in [first, *rest]] == [p.kind for p in plan_pushes(list(events), 10)]
+
+
+def test_planning_a_batch_keeps_no_parse_on_its_events() -> None:
+    """Events as received hold their bytes only; a target reading them (several times each)
+    must not leave every parsed event on a batch that may be a huge group (found with
+    ``python -m bench.big_group --target``: 380 MB against 187 MB)."""
+    a = SimStore()
+    for n in range(5):
+        a.upsert(malware(f"Kept {n}"))
+    a.merge(malware("Kept 0")["id"], [malware("Kept 1")["id"]])
+    received = [StreamEvent.from_sse(e.id_text, e.event, e.data) for e in events_since(a)[0]]
+    assert [p.kind for p in plan_pushes(received)] == ["upsert", "upsert", "merge", "upsert"]
+    assert all(ev._envelope is None for ev in received)
+    _ = received[0].stix
+    assert received[0]._envelope is None
+    once = received[0].parsed()
+    assert once is not received[0] and once.stix is once.stix  # one parse for the pass

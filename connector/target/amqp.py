@@ -195,7 +195,8 @@ def event_messages(
     Yielded event by event, ``events`` read twice and never held (see ``plan_pushes``).
     """
     lookahead, live = MergeLookahead(events), LiveIds()
-    for index, ev in enumerate(events):
+    for index, event in enumerate(events):
+        ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
         kind = ev.event
         if kind not in ("create", "update", "merge", "delete"):

@@ -220,9 +220,10 @@ def plan_pushes(
             delete_ids.clear()
             delete_from.clear()
 
-    for index, ev in enumerate(events):
+    for index, event in enumerate(events):
         yield from pushes
         pushes.clear()
+        ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
         stix = ev.stix
         if ev.event in ("create", "update"):
@@ -602,9 +603,10 @@ class OpenCTITarget:
         ``stix(id)`` calls, up to 100 per GraphQL query, only for upserts that carry aliases.
         """
         wanted: dict[str, list[str]] = {}
-        for ev in events:
-            if ev.event not in ("create", "update"):
+        for event in events:
+            if event.event not in ("create", "update"):
                 continue
+            ev = event.parsed()
             aliases = octi_ext(ev.stix).get("stix_ids")
             prev = previous_standard(ev)
             aliases = [a for a in aliases or [] if isinstance(a, str) and a != prev]
