@@ -188,7 +188,7 @@ def event_messages(
 
     One message per event, like the Synchronizer, with two differences that keep the target
     equal to the source: until a merge is applied, no upsert carries its sources' ids among
-    its aliases (``merge_lookahead``; ``live_aliases`` extends it to merges in later batches),
+    its aliases (``MergeLookahead``; ``live_aliases`` extends it to merges in later batches),
     and a merge is preceded by an upsert of its target, so a target the other platform never
     received is created instead of failing the merge.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..events import OCTI_EXT, StreamEvent, octi_ext
@@ -13,12 +13,10 @@ __all__ = [
     "LiveIds",
     "MergeLookahead",
     "live_aliases_of",
-    "merge_lookahead",
     "merge_source_ids",
     "merge_sources",
     "previous_standard",
     "source_ids",
-    "taken_earlier",
     "without_aliases",
 ]
 
@@ -73,12 +71,6 @@ class MergeLookahead:
         return self._after[bisect.bisect_right(self._positions, index)]
 
 
-def merge_lookahead(events: Sequence[StreamEvent]) -> list[set[str]]:
-    """For each event, the ids of the sources of the merges that come after it in ``events``."""
-    lookahead = MergeLookahead(events)
-    return [lookahead.after(index) for index in range(len(events))]
-
-
 class LiveIds:
     """Which entity each standard id names so far, event by event (``taken``)."""
 
@@ -112,12 +104,6 @@ class LiveIds:
         elif ev.event == "delete":
             live.pop(ev.stix_id, None)
         return taken
-
-
-def taken_earlier(events: Iterable[StreamEvent]) -> list[set[str]]:
-    """For each event, ``LiveIds.taken`` of it."""
-    live = LiveIds()
-    return [live.taken(ev) for ev in events]
 
 
 def without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
