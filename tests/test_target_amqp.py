@@ -677,11 +677,14 @@ def test_broker_down_holds_the_checkpoint_then_converges(
             wait_until(lambda: _synced(storage, a), timeout=120, what="sync")
             _wait_converged(a, b)
             rabbitmq.stop()
-            held = checkpoint_id(storage)
             retries = _retries()
             generate(a.store, 40, seed=5)
-            # Writes to the target fail (RetryableError, retried): the checkpoint waits.
-            wait_until(lambda: _retries() >= retries + 3, timeout=120, what="retries")
+            # Writes to the target fail (RetryableError, retried): the checkpoint waits. (Read
+            # once the first write failed: until the new events came, idle heartbeats could
+            # still move it, nothing being pending.)
+            wait_until(lambda: _retries() >= retries + 1, timeout=120, what="a failed write")
+            held = checkpoint_id(storage)
+            wait_until(lambda: _retries() >= retries + 4, timeout=120, what="retries")
             assert checkpoint_id(storage) == held
             assert not _synced(storage, a)
             rabbitmq.start()
