@@ -472,17 +472,18 @@ def test_full_disk_stops_cleanly_and_resumes(
     )
     thread, errors = start_pipeline(pipeline)
     follow(storage, sim.store, "first backlog")
-    before = checkpoint_id(storage)
     retries = metric("opencti_sync_retries_total", {"stage": "sending", "kind": "RetryableError"})
     storage.full.set()
     generate(sim.store, 50, seed=42)
-    wait_until(
-        lambda: (
-            metric("opencti_sync_retries_total", {"stage": "sending", "kind": "RetryableError"})
-            >= retries + 3
-        ),
-        what="retries on the full disk",
-    )
+
+    def failed(n: int) -> bool:
+        sending = {"stage": "sending", "kind": "RetryableError"}
+        return metric("opencti_sync_retries_total", sending) >= retries + n
+
+    # Read once a write failed: until then an idle heartbeat could still save a new position.
+    wait_until(lambda: failed(1), what="a write on the full disk")
+    before = checkpoint_id(storage)
+    wait_until(lambda: failed(4), what="retries on the full disk")
     assert checkpoint_id(storage) == before, "the checkpoint moved although nothing was written"
     assert thread.is_alive() and not errors
     full = [r for r in caplog.records if r.getMessage() == "Write failed; retrying."]
@@ -774,10 +775,12 @@ def test_target_down_slow_and_flaky_converges(sim: SimServer, tmp_path: Path) ->
         # Down: the archive has the events, but the checkpoint waits for the target.
         b.stop()
         retries = metric("opencti_sync_retries_total", SENDING)
-        before = checkpoint_id(storage)
         for oid in [o["id"] for o in sim.store.objects() if o["type"] == "malware"][:5]:
             sim.store.update(oid, set={"description": "edited while the target is down"})
-        wait_until(lambda: metric("opencti_sync_retries_total", SENDING) >= retries + 3)
+        # Read once a write failed: until the edits came, idle heartbeats could move it.
+        wait_until(lambda: metric("opencti_sync_retries_total", SENDING) >= retries + 1)
+        before = checkpoint_id(storage)
+        wait_until(lambda: metric("opencti_sync_retries_total", SENDING) >= retries + 4)
         assert checkpoint_id(storage) == before
         b.start()  # same port, same data: the platform is back
         follow(storage, sim.store, "target back")
