@@ -247,6 +247,7 @@ class JobLock:
     def take_over(self, tag: str) -> None:
         """Replace the record read with ``tag`` (another holder's, found expired; or ours) with
         ours, only if it is still that one, and confirm it."""
+        started = elapsed_clock()
         if not self._replace_record(tag):
             # Replaced since: by another taker, or by this very write, applied but its answer
             # lost (the client's retry of it is then refused). Only the second is ours.
@@ -258,6 +259,7 @@ class JobLock:
                     current,
                     found[1] if found else None,
                 )
+            self._renewed_at = started
         time.sleep(_SETTLE_SECS)
         self._confirm()
 
@@ -335,6 +337,12 @@ class JobLock:
         if not self._held:
             return
         self._held = False
+        if elapsed_clock() - self._renewed_at > self.ttl.total_seconds() / 2:
+            # Not renewed for half a lease (a pause, a storage outage): another process may be
+            # taking it over right now, and a delete between our read and its write would remove
+            # *its* lock. Left to expire (a live holder renews every third of a lease).
+            log.info("Archive lock left to expire: not renewed lately.", extra={"job": self.job})
+            return
         # A blip of the archive's storage here would hold every job off for the whole lease,
         # and its error would replace the job's own outcome: a few quick tries, then a warning.
         for pause in (*_RELEASE_PAUSES, None):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from connector.checkpoint import CheckpointStore
-from connector.errors import PermanentError
+from connector.errors import PermanentError, RetryableError
 from connector.locks import JobLock, LockHeld, LockRecord
 from connector.metrics import REGISTRY
 from connector.restore import materialise
@@ -326,6 +326,51 @@ def test_a_holders_renewals_from_two_threads_do_not_lose_its_lease(tmp_path: Pat
         assert _holder(storage) == lease.owner
     finally:
         lease.release()
+
+
+class _Outage(LocalStorage):
+    """The holder's view of the archive: renewals fail during an outage; a standby takes the
+    lease over right after the holder's release has read it (between that read and its delete)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.outage = False
+        self.standby: JobLock | None = None
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        if self.outage:
+            raise RetryableError("the archive is unreachable")
+        return super().replace_if(key, body, tag)
+
+    def get(self, key: str) -> bytes:
+        data = super().get(key)
+        if self.standby is not None and not self.standby.held:
+            self.standby.acquire()
+        return data
+
+
+def test_a_holder_released_after_its_lease_ran_out_never_deletes_its_successors(
+    tmp_path: Path,
+) -> None:
+    """A holder whose renewals failed past its lease stops: a standby may take the lease over
+    between the release's read and its delete, which must not remove the standby's lease."""
+    storage = _Outage(tmp_path)
+    holder = JobLock(storage, "run", ttl_secs=0.6, key=RUN_LEASE_KEY)
+    holder.acquire()
+    storage.outage = True
+    time.sleep(1.0)  # renewals fail; the lease runs out
+    standby = JobLock(LocalStorage(tmp_path), "run", ttl_secs=3600, key=RUN_LEASE_KEY)
+    storage.standby = standby
+    try:
+        holder.release()  # reads the lease at most: left to expire, not deleted
+        storage.standby = None
+        if not standby.held:
+            standby.acquire()  # the expired lease, taken over after the release then
+        assert _holder(storage) == standby.owner
+        standby.renew()  # still its own
+        assert not standby.lost
+    finally:
+        standby.release()
 
 
 def test_a_standby_times_the_holder_by_its_own_clock(tmp_path: Path) -> None:
