@@ -251,19 +251,13 @@ class JobLock:
         if not self._replace_record(tag):
             # Replaced since: by another taker, or by this very write, applied but its answer
             # lost (the client's retry of it is then refused). Only the second is ours.
-            found = self._read_tagged()
-            current = found[0] if found else None
-            if found is None or current is None or current.owner != self.owner:
-                raise LockHeld(
-                    f"archive lock taken by job {current.job if current else '?'!r} meanwhile",
-                    current,
-                    found[1] if found else None,
-                )
+            self._still_ours()
             self._renewed_at = started
         time.sleep(_SETTLE_SECS)
         self._confirm()
 
-    def _confirm(self) -> None:
+    def _still_ours(self) -> None:
+        """Raise ``LockHeld`` (with the record and its tag) unless the lock is our record."""
         found = self._read_tagged()
         current = found[0] if found else None
         if found is None or current is None or current.owner != self.owner:
@@ -272,6 +266,9 @@ class JobLock:
                 current,
                 found[1] if found else None,
             )
+
+    def _confirm(self) -> None:
+        self._still_ours()
         self._held = True
         self._lost = False
         self._stop.clear()
