@@ -104,7 +104,7 @@ def _s3(workdir: Path) -> tuple[Any, Any, dict[str, str], Storage]:
 
     from connector.storage.s3 import S3Storage
     from tests.support.faultproxy import FaultProxy
-    from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket
+    from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket, storage_settings
 
     os.environ.update(
         {
@@ -133,15 +133,7 @@ def _s3(workdir: Path) -> tuple[Any, Any, dict[str, str], Storage]:
         "S3_REGION": REGION,
         "S3_PATH_STYLE": "true",
     }
-    direct = S3Storage(
-        bucket=bucket,
-        prefix="archive",
-        endpoint_url=endpoint,
-        access_key_id=ACCESS_KEY,
-        secret_access_key=SECRET_KEY,
-        region=REGION,
-        path_style=True,
-    )
+    direct = S3Storage(**storage_settings(endpoint, bucket))
     return moto, proxy, env, direct
 
 

@@ -57,7 +57,14 @@ from tests.support.connector import (
     wait_until,
 )
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401 - fixture
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, make_bucket, moto_server  # noqa: F401
+from tests.support.s3 import (  # noqa: F401
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    make_bucket,
+    moto_server,
+    storage_settings,
+)
 from tests.support.simlog import copy_event
 from tests.test_state import sim_events
 
@@ -337,15 +344,7 @@ def _s3_behind(endpoint: str, proxy: FaultProxy) -> tuple[S3Storage, dict[str, s
     """A fresh bucket's ``archive/`` prefix on the S3 ``endpoint`` (moto): read directly, and
     the connector's settings that reach it through ``proxy``."""
     bucket = make_bucket(endpoint)
-    direct = S3Storage(
-        bucket=bucket,
-        prefix="archive",
-        endpoint_url=endpoint,
-        access_key_id=ACCESS_KEY,
-        secret_access_key=SECRET_KEY,
-        region=REGION,
-        path_style=True,
-    )
+    direct = S3Storage(**storage_settings(endpoint, bucket))
     settings = {
         "ARCHIVE_URI": f"s3://{bucket}/archive",
         "S3_ENDPOINT_URL": proxy.url,

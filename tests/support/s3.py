@@ -72,18 +72,23 @@ def make_bucket(endpoint_url: str, name: str | None = None) -> str:
     return bucket
 
 
-@pytest.fixture
-def s3_settings(moto_server: str) -> dict[str, Any]:
-    """S3Storage keyword arguments for a fresh, empty bucket."""
+def storage_settings(endpoint_url: str, bucket: str) -> dict[str, Any]:
+    """S3Storage keyword arguments for ``bucket``'s ``archive/`` prefix on the test server."""
     return {
-        "bucket": make_bucket(moto_server),
+        "bucket": bucket,
         "prefix": "archive",
-        "endpoint_url": moto_server,
+        "endpoint_url": endpoint_url,
         "access_key_id": ACCESS_KEY,
         "secret_access_key": SECRET_KEY,
         "region": REGION,
         "path_style": True,
     }
+
+
+@pytest.fixture
+def s3_settings(moto_server: str) -> dict[str, Any]:
+    """S3Storage keyword arguments for a fresh, empty bucket."""
+    return storage_settings(moto_server, make_bucket(moto_server))
 
 
 @pytest.fixture
