@@ -258,13 +258,9 @@ class S3Storage:
             return reader.read()
 
     def get_with_tag(self, key: str) -> tuple[bytes, str]:
-        full = self._key(key)
-        try:
-            response = cast(dict[str, Any], self._client.get_object(Bucket=self.bucket, Key=full))
-        except Exception as exc:
-            raise self._error(exc, "read", key) from exc
-        with io.BufferedReader(_BodyReader(response["Body"], self, key)) as reader:
-            return reader.read(), str(response["ETag"])
+        reader, etag = self._get_object(key)
+        with reader:
+            return reader.read(), etag
 
     def replace_if(self, key: str, body: bytes, tag: str) -> bool:
         full = self._key(key)
@@ -294,12 +290,17 @@ class S3Storage:
         return True
 
     def open(self, key: str) -> BinaryIO:
+        return self._get_object(key)[0]
+
+    def _get_object(self, key: str) -> tuple[BinaryIO, str]:
+        """A streaming reader of the object (caller closes it) and its ETag."""
         full = self._key(key)
         try:
             response = cast(dict[str, Any], self._client.get_object(Bucket=self.bucket, Key=full))
         except Exception as exc:
             raise self._error(exc, "read", key) from exc
-        return io.BufferedReader(_BodyReader(response["Body"], self, key), 1024 * 1024)
+        reader = io.BufferedReader(_BodyReader(response["Body"], self, key), 1024 * 1024)
+        return reader, str(response["ETag"])
 
     def exists(self, key: str) -> bool:
         try:
