@@ -210,7 +210,7 @@ def _lag(sim: SimProcess, work: Path, secs: float, rate: int, age: float) -> dic
         watch.stop()
     records = watch.records
     lags: list[float] = []
-    for ref in ArchiveReader(storage).manifests():
+    for ref in ArchiveReader(storage).manifests(rows=True):
         for row in ref.manifest.objects:
             eid = EventId.parse(row[0])
             if eid.ms < now_ms:

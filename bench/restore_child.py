@@ -58,7 +58,7 @@ class WithoutSnapshots:
 def _nth_event_id(storage: LocalStorage, n: int) -> EventId | None:
     """The last group id among the first ``n`` events, from the manifests alone."""
     seen = 0
-    for ref in ArchiveReader(storage).manifests():
+    for ref in ArchiveReader(storage).manifests(rows=True):
         rows = ref.manifest.objects
         if seen + len(rows) >= n:
             return EventId.parse(rows[n - seen - 1][0])

@@ -256,6 +256,9 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 archive_storage,
                 codec=settings.archive.codec,
                 level=settings.archive.compression_level,
+                # A huge group's segment is built in a scratch file past the spill limit.
+                spool_dir=Path(settings.connector.work_dir),
+                spool_bytes=settings.connector.spill_bytes,
             )
         )
     if settings.target.opencti_url:

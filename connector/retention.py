@@ -46,7 +46,7 @@ from .archive.layout import (
     manifest_key_for_segment,
 )
 from .archive.reader import ArchiveReader
-from .archive.segment import HashingReader, Manifest
+from .archive.segment import HashingReader, Manifest, read_manifest
 from .checkpoint import CheckpointStore
 from .errors import ConfigError, ConnectorError, MalformedEvent, NotFound
 from .events import EventId
@@ -214,7 +214,7 @@ def _oldest_manifest(storage: Storage) -> Manifest | None:
     for key in storage.list(MANIFESTS_PREFIX):
         if key.endswith(".json"):
             try:
-                return Manifest.from_json(storage.get(key))
+                return read_manifest(storage, key)
             except (NotFound, MalformedEvent):
                 continue
     return None
@@ -333,7 +333,7 @@ def _plan_segments(storage: Storage, report: RetentionReport, base: EventId | No
         if not key.endswith(".json"):
             continue
         try:
-            manifest = Manifest.from_json(storage.get(key))
+            manifest = read_manifest(storage, key)
         except NotFound:
             continue
         except MalformedEvent:

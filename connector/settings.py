@@ -150,7 +150,8 @@ class ConnectorSection:
         "Pending events past this many bytes wait in a scratch file in OPENCTI_SYNC_WORK_DIR "
         "instead of memory, until what is pending fits again: a dependency group not yet whole "
         "(a popular entity's relationships, sent whole after a reconnect), since batches are "
-        "written at ARCHIVE_MAX_BYTES (keep this above it).",
+        "written at ARCHIVE_MAX_BYTES (keep this above it). A segment or manifest past this size "
+        "(such a group's, never split) is built in a scratch file there too.",
         32 * 1024 * 1024,
     )
     backoff_initial_secs: float = _key(

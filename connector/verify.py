@@ -67,7 +67,13 @@ from .archive.layout import (
     id_from_key,
     manifest_key_for_segment,
 )
-from .archive.segment import HashingReader, Manifest, iter_segment_lines
+from .archive.segment import (
+    HashingReader,
+    Manifest,
+    iter_manifest_rows,
+    iter_segment_lines,
+    read_manifest,
+)
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound, RetryableError
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
@@ -323,14 +329,14 @@ class _Verifier:
             if not key.endswith(".json"):
                 continue
             try:
-                body = self.storage.get(key)
+                manifest = read_manifest(self.storage, key)  # its rows: see _decode
             except NotFound:
                 continue  # deleted by retention while we listed
-            try:
-                yield key, Manifest.from_json(body)
             except MalformedEvent as exc:
                 self.report.error(f"manifest {key} is damaged: {exc.reason}")
                 yield key, None
+            else:
+                yield key, manifest
 
     def check_segments(self) -> None:
         prev: Manifest | None = None
@@ -465,7 +471,7 @@ class _Verifier:
             return
         with closing(fh):
             tee = HashingReader(fh)
-            decoded = self._decode(m, tee, prev)
+            decoded = self._decode(key, m, tee, prev)
             tee.drain()
         problems = []
         if tee.size != m.size:
@@ -487,8 +493,17 @@ class _Verifier:
             self.recover_point = next((r for at, r in reversed(self.recoveries) if at < high), None)
             self.report.notes.append(f"retention gap before {high}: patch chains restart there")
 
-    def _decode(self, m: Manifest, tee: HashingReader, prev: Manifest | None) -> str | None:
-        """Stream the events, feed the patch-chain check; a problem description or None."""
+    def _decode(
+        self, key: str, m: Manifest, tee: HashingReader, prev: Manifest | None
+    ) -> str | None:
+        """Stream the events beside the manifest's rows, feed the patch-chain check; a problem
+        description or None."""
+        with _ManifestRows(self.storage, key, self.report) as rows:
+            return self._decode_with(m, tee, prev, rows)
+
+    def _decode_with(
+        self, m: Manifest, tee: HashingReader, prev: Manifest | None, rows: _ManifestRows
+    ) -> str | None:
         count = 0
         hwm: EventId | None = None
         group = m.first  # the running group id, from the segment's first
@@ -500,10 +515,9 @@ class _Verifier:
                 ev = parse_archive_line(line)
                 if count == 0 and ev.id > m.first:
                     return f"first event {ev.id_text} is above the manifest's first id"
-                if count < len(m.objects) and m.objects[count][0] != ev.id_text:
-                    return (
-                        f"event #{count} is {ev.id_text}, manifest row says {m.objects[count][0]}"
-                    )
+                row_id = rows.next_id()
+                if row_id is not None and row_id != ev.id_text:
+                    return f"event #{count} is {ev.id_text}, manifest row says {row_id}"
                 if floor is not None and ev.id <= floor:
                     self.report.warning(
                         f"segment {m.segment}: event {ev.id_text} at or below the previous "
@@ -775,6 +789,45 @@ class _Verifier:
         if lines != count:
             return f"holds {lines} lines, manifest says {count}"
         return None
+
+
+class _ManifestRows:
+    """A manifest's per-event rows, read as a stream beside its segment's events (a huge
+    group's rows are tens of MB). Damage among them is reported once; the rows then end."""
+
+    def __init__(self, storage: Storage, key: str, report: VerifyReport) -> None:
+        self._key = key
+        self._report = report
+        self._fh: BinaryIO | None = None
+        self._rows: Iterator[list[Any]] | None = None
+        try:
+            self._fh = storage.open(key)
+        except NotFound:
+            return  # deleted by retention since it was read: the segment is checked without it
+        self._rows = iter_manifest_rows(self._fh)
+
+    def __enter__(self) -> _ManifestRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def next_id(self) -> str | None:
+        """The next row's event id; None once the rows ended."""
+        if self._rows is None:
+            return None
+        try:
+            row = next(self._rows)
+        except StopIteration:
+            row = None
+        except MalformedEvent as exc:
+            self._report.error(f"manifest {self._key} is damaged: {exc.reason}")
+            row = None
+        if row is None:
+            self._rows = None
+            return None
+        return str(row[0]) if row else None
 
 
 def _not_damage(exc: Exception) -> bool:

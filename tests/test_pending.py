@@ -237,6 +237,8 @@ def test_a_dependency_group_larger_than_memory_allows_is_archived_whole(
 
     spilled = [r for r in caplog.records[before:] if "outgrew memory" in r.getMessage()]
     assert spilled, "the group never left memory: the test did not test the spill"
+    spooled = [r for r in caplog.records[before:] if "built in scratch files" in r.getMessage()]
+    assert spooled, "the segment never left memory: the test did not test the segment's spool"
     group = [e for e in ArchiveReader(storage).events() if e.id_text == change]
     # The update after the malware, every relationship and every indicator (each sent once).
     assert len(group) == 1 + 1 + 2 * 600

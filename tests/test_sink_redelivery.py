@@ -155,7 +155,7 @@ def manifests(storage: LocalStorage) -> list[tuple[str, str, str | None]]:
 def assert_each_group_once(storage: LocalStorage, tmp_path: Path) -> list[str]:
     """Every stored event once, segments chained, verify clean; the stored ids in order."""
     stored: list[str] = []
-    for ref in ArchiveReader(storage).manifests():
+    for ref in ArchiveReader(storage).manifests(rows=True):
         stored += [row[0] for row in ref.manifest.objects]
     assert len(stored) == len(set(stored)), f"stored twice: {manifests(storage)}"
     assert stored == sorted(stored, key=EventId.parse)

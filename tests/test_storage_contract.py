@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -258,6 +259,20 @@ def test_big_body_round_trips_and_refuses_second_write(make_storage: Factory) ->
     assert storage.put_if_absent("big/segment.zst", os.urandom(2 * 1024 * 1024)) is False
     assert storage.get("big/segment.zst") == body
     assert storage.size("big/segment.zst") == len(body)
+
+
+@pytest.mark.parametrize("size", [3000, 6 * 1024 * 1024 + 123])
+def test_a_file_body_is_stored_from_its_start(make_storage: Factory, size: int) -> None:
+    """A huge group's segment comes from a scratch file, whatever its read position: the
+    object is the whole file, in one put or in parts (S3 multipart past 1 MiB here)."""
+    storage = make_storage(multipart_threshold=1024 * 1024)
+    body = os.urandom(size)
+    with tempfile.TemporaryFile() as fh:
+        fh.write(body)  # left at its end, as a spool hands it over
+        assert storage.put_if_absent("big/spooled.zst", fh) is True
+        assert storage.put_if_absent("big/spooled.zst", fh) is False
+    assert storage.get("big/spooled.zst") == body
+    assert storage.size("big/spooled.zst") == size
 
 
 # -- S3 specifics -------------------------------------------------------------------------------

@@ -345,11 +345,11 @@ def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
     events, b.pending = b.pending, []
     first = events[0].id
     key = segment_key(first, "zstd")
-    body, manifest = encode_segment(
+    encoded = encode_segment(
         key, events, first=first, last=events[-1].id, codec="zstd", level=3, after=None
     )
-    storage.put(key, body)
-    storage.put(manifest_key(first), manifest.to_json())
+    storage.put_if_absent(key, encoded.body())
+    storage.put_if_absent(manifest_key(first), encoded.manifest_body())
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
     assert any("does not continue the chain" in e for e in report.errors), report.errors

@@ -9,7 +9,7 @@ from ..errors import MalformedEvent, NotFound, PermanentError
 from ..events import EventId, StreamEvent
 from ..storage import Storage
 from .layout import MANIFESTS_PREFIX
-from .segment import Manifest, iter_segment_events, iter_segment_lines
+from .segment import Manifest, iter_segment_events, iter_segment_lines, read_manifest
 
 __all__ = ["ArchiveReader", "SegmentRef", "group_filter"]
 
@@ -44,13 +44,20 @@ class ArchiveReader:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    def manifests(self, *, start_after: str | None = None) -> Iterator[SegmentRef]:
-        """Every committed segment's manifest, in key (= stream) order."""
+    def manifests(
+        self, *, start_after: str | None = None, rows: bool = False
+    ) -> Iterator[SegmentRef]:
+        """Every committed segment's manifest, in key (= stream) order; with its per-event
+        rows (``objects``) only if ``rows`` (a huge group's are tens of MB)."""
         for key in self.storage.list(MANIFESTS_PREFIX, start_after=start_after):
             if not key.endswith(".json"):
                 continue
             try:
-                manifest = Manifest.from_json(self.storage.get(key))
+                manifest = (
+                    Manifest.from_json(self.storage.get(key))
+                    if rows
+                    else read_manifest(self.storage, key)
+                )
             except NotFound:
                 continue  # removed by retention while we listed
             except MalformedEvent as exc:
@@ -62,7 +69,7 @@ class ArchiveReader:
         keys = [k for k in self.storage.list(MANIFESTS_PREFIX) if k.endswith(".json")]
         for key in reversed(keys):
             try:
-                return Manifest.from_json(self.storage.get(key))
+                return read_manifest(self.storage, key)
             except (NotFound, MalformedEvent):
                 continue  # pruned while we listed, or torn: the one before is the end we can read
         return None

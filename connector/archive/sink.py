@@ -14,7 +14,9 @@ answer) is counted as that write's.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+from pathlib import Path
 
 from ..errors import MalformedEvent, NotFound, PermanentError
 from ..events import EventId
@@ -28,7 +30,14 @@ from .layout import (
     quarantine_key,
     segment_key,
 )
-from .segment import Manifest, encode_segment, iter_segment_events, iter_segment_lines
+from .segment import (
+    HashingReader,
+    Manifest,
+    encode_segment,
+    iter_segment_events,
+    iter_segment_lines,
+    read_manifest,
+)
 
 __all__ = ["ArchiveSink", "WriteResult"]
 
@@ -51,10 +60,21 @@ class WriteResult:
 class ArchiveSink:
     name = "archive"
 
-    def __init__(self, storage: Storage, *, codec: str = "zstd", level: int = 3) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        codec: str = "zstd",
+        level: int = 3,
+        spool_dir: Path | None = None,
+        spool_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
         self.storage = storage
         self.codec = codec
         self.level = level
+        # A segment (and its manifest) past this many bytes is built in a scratch file here.
+        self.spool_dir = spool_dir
+        self.spool_bytes = spool_bytes
         self.last = WriteResult()
         # The highest group stored, once the archive past the first batch's position was read.
         self._tail: EventId | None = None
@@ -138,7 +158,7 @@ class ArchiveSink:
             first = groups[start]
             events = batch.events[start:]
             key = segment_key(first, self.codec)
-            body, manifest = encode_segment(
+            encoded = encode_segment(
                 key,
                 events,
                 first=first,
@@ -146,23 +166,35 @@ class ArchiveSink:
                 codec=self.codec,
                 level=self.level,
                 after=after,
+                spool_dir=self.spool_dir,
+                spool_bytes=self.spool_bytes,
             )
-            if self.storage.put_if_absent(key, body):
-                self.storage.put_if_absent(manifest_key(first), manifest.to_json())
-                # Only now: a retry after a failed manifest write must meet the segment again.
-                self._tail = _max(self._tail, batch.last_id)
-                result.events += len(events)
-                result.bytes += len(body)
-                result.segments.append(key)
-                return
-            # The key exists: an earlier attempt wrote these groups before it could checkpoint.
-            stored = self._committed_manifest(key, first, after, self.codec)
-            if stored.sha256 == hashlib.sha256(body).hexdigest() and stored.last == batch.last_id:
+            try:
+                manifest = encoded.manifest
+                if encoded.spooled:
+                    log.info(
+                        "A segment too large for memory (a huge dependency group) was built in "
+                        "scratch files in the work dir.",
+                        extra={"segment": key, "events": manifest.event_count},
+                    )
+                if self.storage.put_if_absent(key, encoded.body()):
+                    self.storage.put_if_absent(manifest_key(first), encoded.manifest_body())
+                    stored = None
+                else:
+                    # The key exists: an earlier attempt wrote these groups before it could
+                    # checkpoint.
+                    stored = self._committed_manifest(key, first, after, self.codec)
+            finally:
+                encoded.close()
+            if stored is None or (
                 # The very segment this write makes (a retry after a failed manifest write, an
                 # answer lost, a crashed run's identical batch): this write's, counted as such.
+                stored.sha256 == manifest.sha256 and stored.last == batch.last_id
+            ):
+                # Only now: a retry after a failed manifest write must meet the segment again.
                 self._tail = _max(self._tail, batch.last_id)
-                result.events += len(events)
-                result.bytes += len(body)
+                result.events += manifest.event_count
+                result.bytes += manifest.size
                 result.segments.append(key)
                 return
             covered = stored.last
@@ -177,30 +209,41 @@ class ArchiveSink:
         """The manifest of an existing segment; rebuilt when a crash left the segment alone."""
         mkey = manifest_key(first)
         try:
-            return Manifest.from_json(self.storage.get(mkey))
+            return read_manifest(self.storage, mkey)
         except NotFound:
             pass
         except MalformedEvent as exc:
             raise PermanentError(f"archive manifest {mkey} is damaged: {exc.reason}") from exc
+        # Streamed twice (the segment may hold a huge group): its events' highest id first,
+        # then the manifest's rows.
+        last: EventId | None = None
         with self.storage.open(key) as fh:
-            events = list(iter_segment_events(iter_segment_lines(fh, codec)))
-        if not events:
+            for ev in iter_segment_events(iter_segment_lines(fh, codec)):
+                last = ev.id if last is None or ev.id > last else last
+        if last is None:
             raise PermanentError(f"archive segment {key} exists but holds no events")
-        last = max(ev.id for ev in events)
-        body = self.storage.get(key)
-        _, manifest = encode_segment(
-            key,
-            events,
-            first=first,
-            last=max(last, first),
-            codec=codec,
-            level=self.level,
-            after=after,
-        )
-        # Describe the bytes actually stored, not a re-encoding of them.
-        manifest.size = len(body)
-        manifest.sha256 = hashlib.sha256(body).hexdigest()
-        self.storage.put_if_absent(mkey, manifest.to_json())
+        with self.storage.open(key) as fh:
+            # Hashed as read: the manifest describes the bytes stored, not a re-encoding of them.
+            tee = HashingReader(fh)
+            encoded = encode_segment(
+                key,
+                iter_segment_events(iter_segment_lines(io.BufferedReader(tee, 1 << 20), codec)),
+                first=first,
+                last=max(last, first),
+                codec=codec,
+                level=self.level,
+                after=after,
+                spool_dir=self.spool_dir,
+                spool_bytes=self.spool_bytes,
+            )
+            tee.drain()
+        try:
+            manifest = encoded.manifest
+            manifest.size = tee.size
+            manifest.sha256 = tee.sha.hexdigest()
+            self.storage.put_if_absent(mkey, encoded.manifest_body())
+        finally:
+            encoded.close()
         log.warning("Rebuilt the manifest of a segment left without one.", extra={"segment": key})
         return manifest
 

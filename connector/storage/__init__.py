@@ -4,7 +4,8 @@ The archive code above this package never knows where bytes go. A backend only s
 objects under ``/``-separated keys relative to its root:
 
 * ``put_if_absent`` is the idempotent write used for segments and manifests: it never replaces
-  an existing object and answers whether it wrote.
+  an existing object and answers whether it wrote. Its body is bytes, or a seekable file (a huge
+  dependency group's segment, spooled to disk rather than held in memory).
 * ``put`` atomically replaces an object (checkpoint, lock). Readers see the old or the new
   version, never a mix.
 * ``get_with_tag`` / ``replace_if`` are the locks' compare-and-swap: a replacement that only
@@ -17,12 +18,31 @@ Errors are translated at the backend boundary: ``RetryableError`` (try again lat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ..errors import ConfigError, PermanentError
 
-__all__ = ["Storage", "open_storage", "check_key"]
+__all__ = ["Body", "Storage", "body_chunks", "body_size", "open_storage", "check_key"]
+
+# What a write takes: the bytes, or a seekable binary file, read from its start.
+Body = bytes | BinaryIO
+
+_CHUNK = 1 << 20
+
+
+def body_size(body: Body) -> int:
+    if isinstance(body, bytes):
+        return len(body)
+    return body.seek(0, os.SEEK_END)
+
+
+def body_chunks(body: BinaryIO) -> Iterator[bytes]:
+    """A file body from its start, 1 MiB at a time."""
+    body.seek(0)
+    while chunk := body.read(_CHUNK):
+        yield chunk
 
 
 def check_key(key: str) -> str:
@@ -54,7 +74,7 @@ class Storage(Protocol):
         """
         ...
 
-    def put_if_absent(self, key: str, body: bytes) -> bool:
+    def put_if_absent(self, key: str, body: Body) -> bool:
         """Durably store ``body`` at ``key`` unless an object is already there.
 
         Returns True when written, False when the key already existed (left untouched).

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import NotFound, PermanentError, RetryableError
-from . import check_key
+from . import Body, body_chunks, check_key
 
 __all__ = ["LocalStorage"]
 
@@ -51,7 +51,7 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _write_tmp(self, path: Path, body: bytes) -> Path:
+    def _write_tmp(self, path: Path, body: Body) -> Path:
         """``body`` in a new fsynced temporary file beside ``path``; on any failure no
         temporary file is left behind."""
         try:
@@ -62,10 +62,11 @@ class LocalStorage:
             raise _translate(exc, path) from exc
         try:
             try:
-                view = memoryview(body)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for chunk in [body] if isinstance(body, bytes) else body_chunks(body):
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -153,7 +154,7 @@ class LocalStorage:
                     pending.append(Path(entry.path))
         return removed
 
-    def put_if_absent(self, key: str, body: bytes) -> bool:
+    def put_if_absent(self, key: str, body: Body) -> bool:
         path = self._path(key)
         if path.exists():
             return False

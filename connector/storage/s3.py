@@ -28,7 +28,7 @@ import urllib3.exceptions as u3e
 from botocore.config import Config
 
 from ..errors import ConfigError, ConnectorError, NotFound, PermanentError, RetryableError
-from . import check_key
+from . import Body, body_size, check_key
 
 __all__ = ["S3Storage", "classify_s3_error"]
 
@@ -232,10 +232,13 @@ class S3Storage:
         finally:
             self.delete(probe)
 
-    def put_if_absent(self, key: str, body: bytes) -> bool:
+    def put_if_absent(self, key: str, body: Body) -> bool:
         full = self._key(key)
-        if len(body) > self.multipart_threshold:
-            return self._multipart_if_absent(key, full, body)
+        size = body_size(body)
+        if size > self.multipart_threshold:
+            return self._multipart_if_absent(key, full, body, size)
+        if not isinstance(body, bytes):
+            body.seek(0)  # botocore reads a file body from here (and seeks back to retry)
         try:
             self._client.put_object(
                 Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*", **self._write_args
@@ -344,11 +347,11 @@ class S3Storage:
         except Exception as exc:
             raise self._error(exc, "read", key) from exc
 
-    def _multipart_if_absent(self, key: str, full: str, body: bytes) -> bool:
+    def _multipart_if_absent(self, key: str, full: str, body: Body, size: int) -> bool:
         # Skip uploading a large body that would be refused at completion anyway.
         if self.exists(key):
             return False
-        part_size = max(_MIN_PART, self.multipart_threshold, math.ceil(len(body) / _MAX_PARTS))
+        part_size = max(_MIN_PART, self.multipart_threshold, math.ceil(size / _MAX_PARTS))
         try:
             created = self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32", **self._write_args
@@ -358,13 +361,14 @@ class S3Storage:
         upload_id = cast(str, created["UploadId"])
         try:
             parts = []
-            for number, start in enumerate(range(0, len(body), part_size), start=1):
+            for number, start in enumerate(range(0, size, part_size), start=1):
+                # One part in memory at a time, however large a spooled body is.
                 answer = self._client.upload_part(
                     Bucket=self.bucket,
                     Key=full,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=body[start : start + part_size],
+                    Body=_part(body, start, part_size),
                     ChecksumAlgorithm="CRC32",
                 )
                 part = {"PartNumber": number, "ETag": answer["ETag"]}
@@ -532,6 +536,13 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+def _part(body: Body, start: int, size: int) -> bytes:
+    if isinstance(body, bytes):
+        return body[start : start + size]
+    body.seek(start)
+    return body.read(size)
 
 
 def _is_precondition(exc: BaseException) -> bool:

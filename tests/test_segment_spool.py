@@ -1,0 +1,207 @@
+"""A huge dependency group's segment is built in scratch files, and its manifest read as a stream.
+
+Segments rotate at ARCHIVE_MAX_BYTES, but a dependency group is never split: a popular entity's
+relationships, sent whole after a reconnect, make one segment of hundreds of thousands of events.
+Its compressed body and its manifest's per-event rows then go to scratch files in the work dir
+(past CONNECTOR_SPILL_BYTES), the storage reads them from there, and the archive's readers skip
+or stream the rows. The bytes stored are the same either way.
+"""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connector.archive import ArchiveReader, ArchiveSink
+from connector.archive.layout import manifest_key
+from connector.archive.segment import (
+    Manifest,
+    encode_segment,
+    iter_manifest_rows,
+    read_manifest,
+)
+from connector.errors import MalformedEvent
+from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.pending import PendingEvents
+from connector.sink import Batch
+from connector.storage.local import LocalStorage
+from connector.verify import verify_archive
+
+GROUP = EventId(1_800_000_000_000, 0)
+
+
+def _event(i: int, name: str = "create") -> StreamEvent:
+    """Event ``i`` of one dependency group (they all carry the group's id)."""
+    stix = f"indicator--{uuid.UUID(int=i)}"
+    data: dict[str, object] = {
+        "id": stix,
+        "type": "indicator",
+        "spec_version": "2.1",
+        "modified": "2026-01-01T00:00:00.000Z",
+        "description": f"indicator {i} " + "x" * 200,
+        "extensions": {OCTI_EXT: {"id": str(uuid.UUID(int=i + 1))}},
+    }
+    envelope: dict[str, object] = {"data": data, "message": "m", "version": "4"}
+    if name == "merge":
+        envelope["context"] = {"sources": [{"id": f"indicator--{uuid.UUID(int=i + 10**9)}"}]}
+    return StreamEvent(GROUP, str(GROUP), name, orjson.dumps(envelope))
+
+
+def _events(n: int) -> list[StreamEvent]:
+    return [_event(i, "merge" if i % 97 == 5 else "create") for i in range(n)]
+
+
+def _rows(events: list[StreamEvent]) -> list[list[object]]:
+    return [[e.id_text, e.event, e.stix_id, e.internal_id, e.version_time] for e in events]
+
+
+def _bytes(body: object) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    assert isinstance(body, io.IOBase | object) and hasattr(body, "read")
+    body.seek(0)  # type: ignore[attr-defined]
+    return body.read()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_a_spooled_segment_is_the_segment_built_in_memory(tmp_path: Path) -> None:
+    events = _events(3000)
+    common = {"first": GROUP, "last": GROUP, "codec": "zstd", "level": 3, "after": None}
+    held = encode_segment("events/k.zst", events, **common)  # type: ignore[arg-type]
+    spooled = encode_segment(
+        "events/k.zst",
+        iter(events),  # a stream of events, read once (a spilled group read back)
+        spool_dir=tmp_path,
+        spool_bytes=4096,
+        **common,  # type: ignore[arg-type]
+    )
+    try:
+        assert isinstance(held.body(), bytes) and isinstance(held.manifest_body(), bytes)
+        assert not isinstance(spooled.body(), bytes)  # it did leave memory
+        assert not isinstance(spooled.manifest_body(), bytes)
+        assert _bytes(spooled.body()) == held.body()
+        assert _bytes(spooled.manifest_body()) == held.manifest_body()
+        # The manifest the archive format describes, its rows and counts included.
+        manifest = Manifest.from_json(_bytes(held.manifest_body()))
+        assert manifest.to_json() == held.manifest_body()
+    finally:
+        held.close()
+        spooled.close()
+    assert manifest.objects == _rows(events)
+    assert manifest.event_count == 3000 and manifest.counts == {"create": 2969, "merge": 31}
+    assert len(manifest.merged) == 31
+    assert list(tmp_path.iterdir()) == []  # scratch files unlinked
+
+
+def _manifest(rows: list[list[object]]) -> Manifest:
+    return Manifest(
+        segment="events/2026/01/01/1800000000000-0.jsonl.zst",
+        codec="zstd",
+        first_event_id=str(GROUP),
+        last_event_id=str(GROUP),
+        event_count=len(rows),
+        size=1,
+        raw_size=1,
+        sha256="0" * 64,
+        counts={"create": len(rows)},
+        objects=rows,
+        merged=[["1-0", "a", ["b"]]],
+        after_event_id="1-0",
+    )
+
+
+# Strings that look like the manifest's own structure must not cut its rows.
+TRICKY = ['x"],"merged":[', '],"merged":[', "a\\", 'q\\"],[', "\u2028 é", None]
+
+
+@pytest.mark.parametrize("count", [0, 1, 40_000])  # 40k rows: about 6 MB, several reads
+def test_manifest_rows_are_skipped_or_streamed(tmp_path: Path, count: int) -> None:
+    storage = LocalStorage(tmp_path)
+    rows = [[f"{i}-0", "create", f"x--{i}", TRICKY[i % len(TRICKY)], None] for i in range(count)]
+    whole = _manifest(rows)
+    storage.put_if_absent("manifests/m.json", whole.to_json())
+    header = read_manifest(storage, "manifests/m.json")
+    assert header.objects == []
+    header.objects = rows
+    assert header == whole
+    with storage.open("manifests/m.json") as fh:
+        assert list(iter_manifest_rows(fh)) == rows
+
+
+def test_a_manifest_laid_out_otherwise_is_parsed_whole(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    whole = _manifest([["1-0", "create", "x--1", "i", None]])
+    fields = dict(reversed(list(whole.__dict__.items())))  # another key order
+    storage.put_if_absent("manifests/m.json", orjson.dumps(fields, option=orjson.OPT_INDENT_2))
+    header = read_manifest(storage, "manifests/m.json")
+    assert header.event_count == 1 and header.after_event_id == "1-0"
+    with storage.open("manifests/m.json") as fh:
+        assert list(iter_manifest_rows(fh)) == whole.objects
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b.replace(b'["7-0"', b'["7-0', 1),  # a row cut open
+        lambda b: b.replace(b'],["9-0"', b']x["9-0"', 1),  # garbage between rows
+        lambda b: b[: b.index(b'["11-0"') + 5],  # truncated inside the rows
+    ],
+)
+def test_damaged_rows_are_reported(tmp_path: Path, damage: object) -> None:
+    storage = LocalStorage(tmp_path)
+    rows: list[list[object]] = [[f"{i}-0", "create", f"x--{i}", "i", None] for i in range(20)]
+    storage.put_if_absent("manifests/m.json", damage(_manifest(rows).to_json()))  # type: ignore[operator]
+    with storage.open("manifests/m.json") as fh, pytest.raises(MalformedEvent):
+        list(iter_manifest_rows(fh))
+
+
+def test_verify_reports_a_manifest_damaged_inside_its_rows(tmp_path: Path) -> None:
+    """Readers skip the rows; verify reads them, and finds them damaged or wrong."""
+    storage = LocalStorage(tmp_path / "a")
+    events = _events(50)
+    ArchiveSink(storage).write(Batch(first_id=GROUP, last_id=GROUP, events=events))
+    assert verify_archive(storage, work_dir=tmp_path / "w").ok
+    key = manifest_key(GROUP)
+    path = tmp_path / "a" / key
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"create","indicator', b'"create",indicator', 1))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert any(f"manifest {key} is damaged" in e for e in report.errors), report.errors
+    assert read_manifest(storage, key).event_count == 50  # a restore still reads it
+    wrong_id = good.replace(b'[["1800000000000-0"', b'[["1800000000000-1"', 1)
+    path.write_bytes(wrong_id)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert any("manifest row says 1800000000000-1" in e for e in report.errors), report.errors
+
+
+def test_a_huge_group_is_written_without_holding_its_segment(tmp_path: Path) -> None:
+    """The events wait on disk (the pipeline's spill), the segment and its manifest are built in
+    scratch files: writing a 30,000-event group allocates about 5 MB (the same for 60,000), where
+    building both in memory took 18 MB (a 4.4 MB manifest and its rows as lists)."""
+    pending = PendingEvents(tmp_path / "work", spill_bytes=65536)
+    for i in range(30_000):
+        pending.append(_event(i))
+    batch = Batch(first_id=GROUP, last_id=GROUP, events=pending.head(len(pending)))
+    storage = LocalStorage(tmp_path / "a")
+    sink = ArchiveSink(storage, spool_dir=tmp_path / "work", spool_bytes=65536)
+    tracemalloc.start()
+    try:
+        sink.write(batch)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        pending.close()
+    assert sink.last.events == 30_000
+    manifest_size = storage.size(manifest_key(GROUP))
+    assert manifest_size > 4_000_000  # the rows, serialised
+    assert peak < 8_000_000, f"peak {peak:,} bytes while writing"
+    # What was stored reads back whole.
+    ref = next(ArchiveReader(storage).manifests(rows=True))
+    assert ref.manifest.event_count == 30_000 and len(ref.manifest.objects) == 30_000
+    assert sum(1 for _ in ArchiveReader(storage).events()) == 30_000
+    assert verify_archive(storage, work_dir=tmp_path / "v").ok
+    assert list((tmp_path / "work").iterdir()) == []
