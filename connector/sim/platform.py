@@ -14,9 +14,11 @@ declares the connector's push exchange and queue on it as the platform does (exc
 ``amqp.worker.exchange``, queue ``push_<id>``, routing key ``push_routing_<id>``), answers with
 that broker's coordinates, and starts a ``PlatformWorker`` consuming the queue (sim/worker.py). The
 import follows the worker (push_handler.py + pycti ``import_item``): upsert by every input id,
-``opencti_operation`` delete / merge, inferred objects skipped. Like the platform's push path it
-does not forward the ``synchronized-upsert`` / ``opencti-event-id`` request headers to the
-import, unless ``store.platform_forward_headers`` is set (a platform variant for experiments).
+``opencti_operation`` delete / merge, inferred objects skipped, attached files uploaded from
+their inline ``data`` (entries without it ignored, see ``SimStore._uploaded``). Like the
+platform's push path it does not forward the ``synchronized-upsert`` / ``opencti-event-id``
+request headers to the import, unless ``store.platform_forward_headers`` is set (a platform
+variant for experiments).
 """
 
 from __future__ import annotations
@@ -490,7 +492,10 @@ class PlatformApi:
             return  # pycti ignores inferred items on import
         operation = _attr(obj, "opencti_operation")
         if operation is None:
-            self.store.upsert(obj, synchronized=synchronized)
+            try:
+                self.store.upsert(obj, synchronized=synchronized)
+            except ValueError as exc:  # an attached file's data the worker cannot upload
+                raise PlatformError("VALIDATION_ERROR", str(exc), {"id": obj["id"]}) from None
         elif operation in ("delete", "delete_force"):
             self.store.delete(obj["id"])
         elif operation == "merge":

@@ -2,7 +2,8 @@
 
 Follows Appendix A of docs/opencti-stream-protocol.md: raw ``/stream``, live ``/stream/{id}``
 with recover mode, dependency events, filter translation, heartbeats, empty-body errors carrying
-the reason phrase. Written for throughput: ready messages are coalesced into one chunk of up to
+the reason phrase. ``/storage/get/<file id>`` serves attached files, ``/graphql`` the platform
+double (platform.py). Written for throughput: ready messages are coalesced into one chunk of up to
 ~256 KB and plain replayed frames are sent as stored, never re-serialised.
 """
 
@@ -19,14 +20,14 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import jsonpatch
 import orjson
 
 from ..events import OCTI_EXT
 from .filters import ENDPOINT_FIELDS, is_accessible, is_relation, match_filter_group, stix_refs
-from .store import SimStore, iso_ms, parse_date_ms, split_key
+from .store import FILE_URI_PREFIX, SimStore, iso_ms, parse_date_ms, split_key
 
 __all__ = ["SimServer", "parse_position"]
 
@@ -523,7 +524,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         path = url.path.rstrip("/") or "/"
-        if path == "/stream":
+        if url.path.startswith(FILE_URI_PREFIX):
+            self._file(unquote(url.path[len(FILE_URI_PREFIX) :]))
+        elif path == "/stream":
             self._raw_stream(query)
         elif path.startswith("/stream/"):
             self._live_stream(path[len("/stream/") :], query)
@@ -557,6 +560,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._status(401, "You cant access this resource")
         else:
             self._json(200, {"message": "ok"})
+
+    def _file(self, file_id: str) -> None:
+        """An attached file's bytes (``uri`` of its entry). The platform's route decodes the
+        path, so the file id is accepted raw or URL-encoded."""
+        user = self._user()
+        if user is None:
+            self._status(403, "Forbidden")  # the platform's storage routes answer 403 here
+            return
+        found = self.sim.store.file_download(file_id)
+        allowed = None if user == "bypass" else frozenset(self.sim.restricted_markings)
+        if found is None or not is_accessible(found[2], allowed):
+            # The platform's error handler redirects to its root instead of a 404.
+            self.send_response(302)
+            self.send_header("Location", "/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        content, entry, _owner = found
+        self.send_response(200)
+        self.send_header("Content-Type", str(entry.get("mime_type") or "application/octet-stream"))
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
 
     def _graphql(self) -> None:
         body = self._body()

@@ -9,6 +9,8 @@ so readers may hold references outside the lock.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import threading
 import time
@@ -25,9 +27,11 @@ from ..events import OCTI_EXT, rewrite_granted_refs
 from .filters import ENDPOINT_FIELDS, is_relation, stix_refs
 
 __all__ = [
+    "FILE_URI_PREFIX",
     "SimStore",
     "LogSlice",
     "entity_type_of",
+    "file_id_of",
     "internal_id_for",
     "iso_ms",
     "parse_date_ms",
@@ -70,6 +74,10 @@ _LOAD_RANK = {
     "sighting": 4,
 }
 _BARE_DIGITS = re.compile(r"^\d+$")
+# An attached file's uri on its platform: the file id appended as is (the platform's STIX
+# converter writes `/storage/get/${file.id}`, not URL-encoded).
+FILE_URI_PREFIX = "/storage/get/"
+_DEFAULT_MIME = "application/octet-stream"
 
 
 def _wall_ms() -> int:
@@ -174,6 +182,29 @@ def _comparable(stix: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _files(stix: dict[str, Any]) -> list[dict[str, Any]]:
+    files = _ext(stix).get("files")
+    return [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+
+
+def _set_files(octi: dict[str, Any], files: list[dict[str, Any]]) -> None:
+    # An empty list is dropped, as the platform's converter drops empty values.
+    if files:
+        octi["files"] = files
+    else:
+        octi.pop("files", None)
+
+
+def file_id_of(entry: dict[str, Any]) -> str | None:
+    """The platform's file id in an attached-file entry's ``uri`` (None for another form)."""
+    uri = entry.get("uri")
+    return (
+        uri.removeprefix(FILE_URI_PREFIX)
+        if isinstance(uri, str) and uri.startswith(FILE_URI_PREFIX)
+        else None
+    )
+
+
 class LogSlice:
     """A batch of consecutive log entries returned to a reader."""
 
@@ -214,6 +245,8 @@ class SimStore:
         # Objects created so far under each first STIX id: a re-creation after a delete is a new
         # entity, with a new internal id, as on the platform (a fresh UUID at every creation).
         self._lives: dict[str, int] = {}
+        # Attached files' bytes by file id (``import/<entity type>/<internal id>/<name>``).
+        self._file_bytes: dict[str, bytes] = {}
         self.generation = 0  # bumped by wake() so waiting readers re-check their stop flags
 
     # ------------------------------------------------------------------ time and ids
@@ -443,6 +476,9 @@ class SimStore:
         self._index(iid, new)
 
     def _forget(self, iid: str, obj: dict[str, Any]) -> None:
+        # The platform deletes an entity's files with it (a merge's sources included).
+        for entry in _files(obj):
+            self._file_bytes.pop(file_id_of(entry) or "", None)
         self._unindex_refs(iid, obj)
         self._objects.pop(iid, None)
         self._version_ms.pop(iid, None)
@@ -540,6 +576,7 @@ class SimStore:
         stix_ids = [s for s in incoming.get("stix_ids") or [] if isinstance(s, str) and s != sid]
         if stix_ids:
             octi["stix_ids"] = stix_ids
+        _set_files(octi, self._uploaded(octi, [], incoming.get("files")))
         if is_relation(stix):
             self._fill_relation_ext(stix, octi)
         _with_ext(stix, octi)
@@ -633,8 +670,10 @@ class SimStore:
             if key != OCTI_EXT:
                 exts[key] = value
         octi = dict(old_ext)
-        protected = {"id", "type", "created_at", "updated_at", "stix_ids", "is_inferred"}
+        protected = {"id", "type", "created_at", "updated_at", "stix_ids", "is_inferred", "files"}
         octi.update({k: v for k, v in _ext(inc).items() if k not in protected})
+        # Files are no attribute an upsert sets: only entries carrying data upload (or replace).
+        _set_files(octi, self._uploaded(old_ext, _files(old), _ext(inc).get("files")))
         ids = [*(old_ext.get("stix_ids") or []), *(_ext(inc).get("stix_ids") or [])]
         if new["id"] != old["id"]:
             ids.append(old["id"])
@@ -688,6 +727,11 @@ class SimStore:
             if isinstance(before, list) and isinstance(after, list):
                 change["added"] = [v for v in after if v not in before]
                 change["removed"] = [v for v in before if v not in after]
+            changes.append(change)
+        old_files, new_files = _files(old), _files(new)
+        if old_files != new_files:
+            change = {"field": "Files", "previous": [f.get("name") for f in old_files]}
+            change["new"] = [f.get("name") for f in new_files]
             changes.append(change)
         markings: list[str] = []
         if old.get("object_refs") != new.get("object_refs"):
@@ -859,6 +903,145 @@ class SimStore:
                     new[key] = [v for v in value if v not in ids]
             rewrite_granted_refs(new, ids, None)
             self._replace(u_iid, user, new)
+
+    # ------------------------------------------------------------------ attached files
+    def _put_file(
+        self,
+        octi: dict[str, Any],
+        files: list[dict[str, Any]],
+        name: str,
+        content: bytes,
+        mime_type: str,
+        version: str,
+    ) -> dict[str, Any]:
+        """Store ``content`` as the entity's file ``name`` (replacing one of that name in
+        ``files``, in place, else appended); returns the new entry."""
+        file_id = f"import/{octi.get('type')}/{octi.get('id')}/{name}"
+        self._file_bytes[file_id] = content
+        entry = {
+            "name": name,
+            "uri": FILE_URI_PREFIX + file_id,
+            "version": version,
+            "mime_type": mime_type,
+        }
+        for i, current in enumerate(files):
+            if current.get("name") == name:
+                files[i] = entry
+                return entry
+        files.append(entry)
+        return entry
+
+    def _uploaded(
+        self, octi: dict[str, Any], current: list[dict[str, Any]], incoming: Any
+    ) -> list[dict[str, Any]]:
+        """The worker's import of a files list: each entry carrying ``data`` (base64) is
+        uploaded (name, mime type and version kept when given), the others are ignored."""
+        uploads: list[tuple[str, bytes, dict[str, Any]]] = []
+        for item in incoming if isinstance(incoming, list) else []:
+            if not isinstance(item, dict) or not isinstance(item.get("data"), str):
+                continue
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("attached file without a name")
+            try:
+                content = base64.b64decode("".join(item["data"].split()), validate=True)
+            except binascii.Error:
+                raise ValueError(f"attached file {name!r}: data is not base64") from None
+            uploads.append((name, content, item))
+        # Stored only once every entry decoded: a refused import leaves no bytes behind.
+        files = [dict(f) for f in current]
+        now = iso_ms(self._clock())
+        for name, content, item in uploads:
+            mime, version = item.get("mime_type"), item.get("version")
+            entry = self._put_file(
+                octi,
+                files,
+                name,
+                content,
+                mime if isinstance(mime, str) and mime else _DEFAULT_MIME,
+                version if isinstance(version, str) and version else now,
+            )
+            markings = item.get("object_marking_refs")
+            if isinstance(markings, list) and markings:
+                entry["object_marking_refs"] = list(markings)
+        return files
+
+    def _commit_files(
+        self, iid: str, old: dict[str, Any], files: list[dict[str, Any]]
+    ) -> str | None:
+        new = _copy(old)
+        octi = dict(_ext(new))
+        _set_files(octi, files)
+        _with_ext(new, octi)
+        return self._commit_update(iid, old, new, None)
+
+    def attach_file(
+        self, ref: str, name: str, content: bytes, mime_type: str = "application/pdf"
+    ) -> str | None:
+        """Upload ``content`` as the entity's file ``name`` (a new version replacing one of
+        that name): one ``update`` event. None when ``ref`` is unknown."""
+        with self._lock:
+            iid = self._alias.get(ref)
+            if iid is None:
+                return None
+            old = self._objects[iid]
+            files = _files(old)
+            ms = self._clock()
+            for entry in files:
+                last = (
+                    parse_date_ms(str(entry.get("version", "")))
+                    if entry.get("name") == name
+                    else None
+                )
+                if last is not None:
+                    # Strictly later than the version it replaces, so (uri, version) always
+                    # names one content, even for two uploads within a millisecond.
+                    ms = max(ms, last + 1)
+            self._put_file(_ext(old), files, name, bytes(content), mime_type, iso_ms(ms))
+            return self._commit_files(iid, old, files)
+
+    def remove_file(self, ref: str, name: str) -> str | None:
+        """Delete the entity's file ``name`` (entry and bytes): one ``update`` event."""
+        with self._lock:
+            iid = self._alias.get(ref)
+            if iid is None:
+                return None
+            old = self._objects[iid]
+            files = _files(old)
+            kept = [f for f in files if f.get("name") != name]
+            if len(kept) == len(files):
+                return None
+            for entry in files:
+                if entry.get("name") == name:
+                    self._file_bytes.pop(file_id_of(entry) or "", None)
+            return self._commit_files(iid, old, kept)
+
+    def forget_file_content(self, file_id: str) -> None:
+        """Drop a file's bytes only (its entry stays): as if deleted before its download."""
+        with self._lock:
+            self._file_bytes.pop(file_id, None)
+
+    def file_content(self, file_id: str) -> bytes | None:
+        with self._lock:
+            return self._file_bytes.get(file_id)
+
+    def files_of(self, ref: str) -> list[dict[str, Any]]:
+        """The entity's attached-file entries (copies), in upload order."""
+        obj = self.get(ref)
+        return [dict(f) for f in _files(obj)] if obj is not None else []
+
+    def file_download(self, file_id: str) -> tuple[bytes, dict[str, Any], dict[str, Any]] | None:
+        """``(bytes, entry, owning object)`` of a file the platform serves, else None."""
+        parts = file_id.split("/", 3)
+        with self._lock:
+            content = self._file_bytes.get(file_id)
+            obj = self._objects.get(parts[2]) if len(parts) == 4 else None
+            if content is None or obj is None:
+                return None
+            for entry in _files(obj):
+                if file_id_of(entry) == file_id:
+                    return content, entry, obj
+            return None
 
     # ------------------------------------------------------------------ seeding
     def _endpoints_known(self, stix: dict[str, Any]) -> bool:

@@ -33,6 +33,13 @@ def comparable(obj: dict[str, Any]) -> dict[str, Any]:
     octi = exts.get(OCTI_EXT)
     if isinstance(octi, dict):
         exts[OCTI_EXT] = {k: v for k, v in octi.items() if k not in VOLATILE_EXT}
+        files = octi.get("files")
+        if isinstance(files, list):
+            # A file's uri holds the platform's internal id: name, type and version compare.
+            entries = [f for f in files if isinstance(f, dict)]
+            exts[OCTI_EXT]["files"] = sorted(
+                ((f.get("name"), f.get("mime_type"), f.get("version")) for f in entries), key=str
+            )
     if exts:
         out["extensions"] = exts
     return out
