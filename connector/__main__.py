@@ -251,6 +251,20 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
     archive_storage = runtime["archive"]
     sinks: list[Any] = []
     if archive_storage is not None:
+        files = None
+        if settings.archive.files and settings.opencti.url:
+            from .files import FileArchiver, FileFetcher
+
+            files = FileArchiver(
+                archive_storage,
+                FileFetcher(
+                    settings.opencti.url,
+                    settings.opencti.token,
+                    verify=settings.opencti.ca_bundle or settings.opencti.ssl_verify,
+                ),
+                spool_dir=Path(settings.connector.work_dir),
+                spool_bytes=settings.connector.spill_bytes,
+            )
         sinks.append(
             ArchiveSink(
                 archive_storage,
@@ -259,6 +273,7 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 # A huge group's segment is built in a scratch file past the spill limit.
                 spool_dir=Path(settings.connector.work_dir),
                 spool_bytes=settings.connector.spill_bytes,
+                files=files,
             )
         )
     if settings.target.opencti_url:

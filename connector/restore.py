@@ -28,6 +28,7 @@ import orjson
 from .archive import ArchiveReader
 from .errors import ConfigError
 from .events import EventId
+from .files import FILES_MARK, file_entries, with_file_data
 from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
 from .state import PHASES, StateStore, remove_state_files
 from .storage import Storage
@@ -159,8 +160,10 @@ def _warn_if_pruned(reader: ArchiveReader) -> bool:
 
 
 # ---------------------------------------------------------------------- bundle export
-def to_bundle(state: StateStore, out: BinaryIO) -> int:
-    """Write the state as one STIX 2.1 bundle, streamed, in push order. Returns the count."""
+def to_bundle(state: StateStore, out: BinaryIO, *, files: Storage | None = None) -> int:
+    """Write the state as one STIX 2.1 bundle, streamed, in push order. Returns the count.
+    ``files``: the archive, whose attached files go inline (``data``, base64), as the
+    platform's worker and OpenCTI's restore-files connector import them."""
     marker = str(state.as_of) if state.as_of else "empty"
     out.write(b'{"type":"bundle","id":"bundle--')
     out.write(str(uuid.uuid5(_BUNDLE_NS, marker)).encode())
@@ -171,6 +174,10 @@ def to_bundle(state: StateStore, out: BinaryIO) -> int:
         for blob in state.blobs(phase=phase):
             if count:
                 out.write(b",\n")
+            if files is not None and FILES_MARK in blob:
+                obj, _inline, lacking = with_file_data(orjson.loads(blob), files)
+                _say_lacking(obj, lacking)
+                blob = orjson.dumps(obj)
             out.write(blob)
             count += 1
     out.write(b"]}\n")
@@ -230,6 +237,8 @@ class RestoreReport:
     skipped_deletes: int = 0  # tombstoned ids now carried by a live object (merged into it)
     unchecked_merged: int = 0  # merged-away ids not checked: the target cannot resolve ids
     resumed_from: dict[str, Any] | None = None
+    files: int = 0  # attached files pushed inline (a dry run: named)
+    files_lacking: int = 0  # named by an object, not in the archive (gone when archived)
     upserts_by_type: dict[str, int] = field(default_factory=dict)
     deletes_by_type: dict[str, int] = field(default_factory=dict)
     # Dry run against a target that implements ``known_ids`` only.
@@ -345,6 +354,17 @@ class _Run:
             self._save(step, last_key)
         self.tick(len(batch))
 
+    def with_files(self, stix: dict[str, Any], files: Storage) -> dict[str, Any]:
+        """The object with its archived files inline (a dry run only counts them)."""
+        if self.dry_run:
+            self.report.files += len(file_entries(stix))
+            return stix
+        obj, inline, lacking = with_file_data(stix, files)
+        self.report.files += inline
+        self.report.files_lacking += len(lacking)
+        _say_lacking(obj, lacking)
+        return obj
+
     def delete(self, ids: list[str], step: int, last_key: str) -> None:
         report = self.report
         present = self.lookup.known_ids(ids) if self.lookup is not None and ids else set(ids)
@@ -379,8 +399,10 @@ def restore_to_target(
     resume_file: Path | None = None,
     batch_size: int = 500,
     target_name: str | None = None,
+    files: Storage | None = None,
 ) -> RestoreReport:
     """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``.
+    ``files``: the archive, whose attached files are pushed inline with their objects.
 
     A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
     made on one platform says nothing about another) continues after the last acknowledged
@@ -413,6 +435,13 @@ def restore_to_target(
         batch: list[dict[str, Any]] = []
         last_key = ""
         for rec in state.records(phase=index, after=resume.start_after(step)):
+            if files is not None and file_entries(rec.data):
+                # Pushed alone, its files inline: a bundle never carries two objects' files.
+                if batch:
+                    run.push(batch, step, last_key)
+                    batch = []
+                run.push([run.with_files(rec.data, files)], step, rec.key)
+                continue
             batch.append(rec.data)
             last_key = rec.key
             if len(batch) >= batch_size:
@@ -550,6 +579,15 @@ class TextProgress:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _say_lacking(stix: dict[str, Any], lacking: list[str]) -> None:
+    if lacking:
+        log.warning(
+            "Attached files not in the archive (gone from the platform when archived, or "
+            "archived without file backup): the object is restored without them.",
+            extra={"object": stix.get("id"), "files": lacking},
+        )
 
 
 def _hms(seconds: float) -> str:

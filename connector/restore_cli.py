@@ -168,7 +168,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 "accept a partial state with --allow-partial"
             )
         if args.to_bundle:
-            count = _write_bundle(state, Path(args.to_bundle))
+            count = _write_bundle(state, Path(args.to_bundle), files=storage)
             print(f"wrote {count} objects to {args.to_bundle}")
             return 0
         token = args.token or settings.target.opencti_token
@@ -195,6 +195,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 progress=progress,
                 resume_file=work / "restore-progress.json",
                 target_name=args.opencti.rstrip("/"),
+                files=storage,
             )
         finally:
             target.close()
@@ -206,13 +207,13 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         _drop_state(state)
 
 
-def _write_bundle(state: StateStore, path: Path) -> int:
+def _write_bundle(state: StateStore, path: Path, *, files: Storage) -> int:
     """The bundle is written beside its name and renamed when whole: a failed write (a full
     disk) leaves no truncated bundle that looks like a restore."""
     part = path.with_name(path.name + ".part")
     try:
         with open(part, "wb", opener=private_file) as out:
-            count = to_bundle(state, out)
+            count = to_bundle(state, out, files=files)
         part.replace(path)
     except OSError as exc:
         part.unlink(missing_ok=True)

@@ -203,6 +203,13 @@ class ArchiveSection:
         "Rotate a segment when its oldest event is this old (a quiet stream still flushes).",
         10.0,
     )
+    files: bool = _key(
+        "ARCHIVE_FILES",
+        "Download the attached files (a report's PDF, an artifact's sample) that archived events "
+        "name, once per version, and archive them before those events; a restore uploads them "
+        "again.",
+        True,
+    )
 
 
 @dataclass

@@ -77,6 +77,7 @@ from .archive.segment import (
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from .errors import ConnectorError, MalformedEvent, NotFound, RetryableError
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
+from .files import file_entries, file_key, missing_key, names_files
 from .reconcile import REFERER
 from .snapshot import (
     SNAPSHOTS_PREFIX,
@@ -122,6 +123,9 @@ class VerifyReport:
     snapshots_recomputed: int = 0
     updates_checked: int = 0
     orphans: int = 0
+    files: int = 0  # attached files found archived
+    files_gone: int = 0  # recorded as gone from the platform (or unreadable) when archived
+    files_not_archived: int = 0  # named by events archived without file backup
     error_count: int = 0
     warning_count: int = 0
     errors: list[str] = field(default_factory=list)
@@ -155,6 +159,7 @@ def format_report(report: VerifyReport) -> str:
         ("snapshots", f"{report.snapshots} ({report.snapshots_recomputed} recomputed)"),
         ("updates checked", str(report.updates_checked)),
         ("orphan segments", str(report.orphans)),
+        ("attached files", f"{report.files} ({report.files_gone} gone from the platform)"),
         ("errors", str(report.error_count)),
         ("warnings", str(report.warning_count)),
     ]
@@ -278,6 +283,7 @@ class _Verifier:
         self.recover_point: EventId | None = None
         # The oldest segment starts the stream (no pruned history before it).
         self.origin = False
+        self.files_seen: set[str] = set()  # attached files' keys already checked
         # The oldest kept segment's after_event_id when it names a segment no longer here.
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
@@ -530,6 +536,8 @@ class _Verifier:
                 counts[ev.event] = counts.get(ev.event, 0) + 1
                 count += 1
                 self.check_event(ev)
+                if names_files(ev):
+                    self.check_files(ev, m.files)
         except Exception as exc:  # noqa: BLE001
             if _not_damage(exc):
                 raise
@@ -631,6 +639,39 @@ class _Verifier:
         self.report.error(message)
 
     # -- orphans ---------------------------------------------------------------------------
+
+    def file_notes(self) -> None:
+        r = self.report
+        if r.files_gone:
+            r.warning(
+                f"{r.files_gone} attached file(s) were gone from the platform (or not readable "
+                "by the connector) when their events were archived: see files/*.missing"
+            )
+        if r.files_not_archived:
+            r.notes.append(
+                f"{r.files_not_archived} attached file reference(s) in segments written without "
+                "file backup (ARCHIVE_FILES off, or an older version)"
+            )
+
+    def check_files(self, ev: StreamEvent, archived: bool) -> None:
+        """Each attached file the event names is archived, or recorded as gone when it was."""
+        for entry in file_entries(ev.stix):
+            if not archived:
+                self.report.files_not_archived += 1
+                continue
+            key = file_key(entry)
+            if key in self.files_seen:
+                continue
+            self.files_seen.add(key)
+            if self.storage.exists(key):
+                self.report.files += 1
+            elif self.storage.exists(missing_key(entry)):
+                self.report.files_gone += 1
+            else:
+                self.report.error(
+                    f"attached file {entry['name']!r} of {ev.stix_id} (event {ev.id_text}) is "
+                    f"not in the archive ({key})"
+                )
 
     def check_orphans(self) -> None:
         for key in self.storage.list(EVENTS_PREFIX):
@@ -851,6 +892,7 @@ def verify_archive(
         v = _Verifier(storage, report, index)
         v.load_context(checkpoints or CheckpointStore(storage))
         v.check_segments()
+        v.file_notes()
         v.check_orphans()
         v.check_snapshots(work_dir)
         v.check_tail()

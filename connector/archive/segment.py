@@ -61,6 +61,9 @@ class Manifest:
     # The previous segment's last group id: consecutive manifests chain through it.
     after_event_id: str | None = None
     format: int = FORMAT
+    # The attached files its events name were archived with it (connector/files.py). Written
+    # only when true: manifests of archives without files keep their old bytes.
+    files: bool = False
 
     @property
     def first(self) -> EventId:
@@ -71,7 +74,9 @@ class Manifest:
         return EventId.parse(self.last_event_id)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.__dict__)
+        if self.files:
+            return orjson.dumps(self.__dict__)
+        return orjson.dumps({k: v for k, v in self.__dict__.items() if k != "files"})
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
@@ -169,6 +174,7 @@ def encode_segment(
     after: EventId | None = None,
     spool_dir: Path | None = None,
     spool_bytes: int = 1 << 62,
+    files: bool = False,
 ) -> EncodedSegment:
     """Compress ``events`` into a segment body and describe it in a manifest, in one pass over
     them (a huge group's events are read back from disk for each pass). Past ``spool_bytes``,
@@ -237,6 +243,7 @@ def encode_segment(
         objects=[],
         merged=merged,
         after_event_id=str(after) if after is not None else None,
+        files=files,
     )
     return EncodedSegment(body, manifest, rows)
 

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MalformedEvent, NotFound, PermanentError
 from ..events import EventId
@@ -38,6 +39,9 @@ from .segment import (
     iter_segment_lines,
     read_manifest,
 )
+
+if TYPE_CHECKING:
+    from ..files import FileArchiver
 
 __all__ = ["ArchiveSink", "WriteResult"]
 
@@ -68,6 +72,7 @@ class ArchiveSink:
         level: int = 3,
         spool_dir: Path | None = None,
         spool_bytes: int = 32 * 1024 * 1024,
+        files: FileArchiver | None = None,
     ) -> None:
         self.storage = storage
         self.codec = codec
@@ -75,6 +80,8 @@ class ArchiveSink:
         # A segment (and its manifest) past this many bytes is built in a scratch file here.
         self.spool_dir = spool_dir
         self.spool_bytes = spool_bytes
+        # Stores the attached files a batch names before its segments (None: not archived).
+        self.files = files
         self.last = WriteResult()
         # The highest group stored, once the archive past the first batch's position was read.
         self._tail: EventId | None = None
@@ -96,7 +103,8 @@ class ArchiveSink:
         self.storage.check()
 
     def close(self) -> None:
-        return None
+        if self.files is not None:
+            self.files.close()
 
     def write(self, batch: Batch) -> None:
         result = WriteResult()
@@ -107,6 +115,8 @@ class ArchiveSink:
         if batch.events:
             if not self._scanned:
                 self._scan(batch.after_id)
+            if self.files is not None:
+                self.files.store(batch.events)  # durable before the segment that names them
             self._write_events(batch, result)
         result.tail = self._tail
         self.last = result
@@ -168,6 +178,7 @@ class ArchiveSink:
                 after=after,
                 spool_dir=self.spool_dir,
                 spool_bytes=self.spool_bytes,
+                files=self.files is not None,
             )
             try:
                 manifest = encoded.manifest

@@ -1,0 +1,269 @@
+"""Attached files: an entity's uploaded documents (a report's PDF, an artifact's sample).
+
+The stream carries only their description, in ``extensions[octi].files``: ``{name, uri, version,
+mime_type}`` with ``uri = /storage/get/<file id>`` on the source platform. The archive sink
+downloads each file an archived event names, once per ``(uri, version)`` (an update of a report
+names all its files again), and stores the bytes under a key derived from that pair, before the
+batch's segments: the checkpoint then only moves past an event once its files are durable too.
+A file the platform no longer has (deleted since the event, or not readable by the connector's
+user) gets a small ``.missing`` record instead, with the reason, so that ``verify`` and a restore
+can tell "gone upstream" from "lost in the archive". A restore puts the bytes back inline
+(``data``, base64), the way the platform's own synchronizer pushes them, and the platform's
+worker uploads them.
+
+    files/<hh>/<sha256 of "uri\\nversion">            the file's bytes
+    files/<hh>/<sha256 of "uri\\nversion">.missing    why there are none (JSON)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from . import __version__
+from .archive.spool import Spool
+from .errors import NotFound, RetryableError
+from .events import StreamEvent, octi_ext
+from .source import tls_verify
+from .storage import Storage
+
+__all__ = [
+    "FILES_MARK",
+    "FILES_PREFIX",
+    "FileArchiver",
+    "FileFetcher",
+    "file_entries",
+    "file_key",
+    "missing_key",
+    "names_files",
+    "with_file_data",
+]
+
+log = logging.getLogger(__name__)
+
+FILES_PREFIX = "files/"
+_URI_PREFIX = "/storage/get/"
+# Cheap test on raw JSON before any parse: a non-empty files list.
+FILES_MARK = b'"files":[{'
+_REMEMBERED = 100_000  # (uri, version) pairs known stored, so an update does not ask again
+# A file the platform fails to serve (5xx) this often, over this long, is recorded as missing.
+_GIVE_UP_ATTEMPTS = 5
+_GIVE_UP_SECS = 600.0
+
+
+def names_files(ev: StreamEvent) -> bool:
+    """Whether the event may name attached files (a cheap test of its bytes, no parse)."""
+    return ev.event != "delete" and FILES_MARK in ev.data
+
+
+def file_entries(stix: dict[str, Any]) -> list[dict[str, Any]]:
+    """The object's attached files that the platform serves (``/storage/get/...``)."""
+    files = octi_ext(stix).get("files")
+    if not isinstance(files, list):
+        return []
+    return [
+        f
+        for f in files
+        if isinstance(f, dict)
+        and isinstance(f.get("uri"), str)
+        and f["uri"].startswith(_URI_PREFIX)
+        and isinstance(f.get("name"), str)
+    ]
+
+
+def _digest(entry: dict[str, Any]) -> str:
+    version = entry.get("version")
+    text = f"{entry['uri']}\n{version if isinstance(version, str) else ''}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def file_key(entry: dict[str, Any]) -> str:
+    """Where the bytes of this version of the file are archived (from the event, never the
+    clock: the same entry always names the same object)."""
+    digest = _digest(entry)
+    return f"{FILES_PREFIX}{digest[:2]}/{digest}"
+
+
+def missing_key(entry: dict[str, Any]) -> str:
+    return file_key(entry) + ".missing"
+
+
+class PlatformRefused(RetryableError):
+    """The platform answered a download, but not with the file (5xx, 403, a redirect): retried,
+    and recorded as missing once it has lasted (``FileArchiver``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class FileFetcher:
+    """Downloads files from the source platform with the connector's token."""
+
+    def __init__(self, url: str, token: str, *, verify: bool | str = True, timeout: float = 60.0):
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "User-Agent": f"opencti-sync/{__version__}",
+            },
+            timeout=httpx.Timeout(timeout),
+            verify=tls_verify(verify),
+            follow_redirects=False,
+        )
+        self._token = token
+
+    def download(self, uri: str, into: Spool) -> int | None:
+        """Stream the file at ``uri`` into ``into``: None when done, else the HTTP status of an
+        answer meaning the file is gone (404, 410, or the platform's redirect to its root, which
+        is how it answers for a file it does not have). Raises ``PlatformRefused`` for answers
+        that may or may not pass (5xx, 403: a token refused or a file not readable by this
+        user, another redirect) and ``RetryableError`` for the rest (network, 401, 429)."""
+        try:
+            with self._client.stream("GET", uri) as response:
+                status = response.status_code
+                if status in (404, 410):
+                    return status
+                if response.is_redirect:
+                    location = urlsplit(response.headers.get("location", "")).path
+                    if location in ("", "/"):
+                        return status
+                if status >= 500 or status == 403 or response.is_redirect:
+                    raise PlatformRefused(status, f"file download {uri!r}: HTTP {status}")
+                if status != 200:
+                    raise RetryableError(f"file download {uri!r}: HTTP {status}")
+                for chunk in response.iter_bytes(1 << 20):
+                    into.write(chunk)
+        except httpx.HTTPError as exc:
+            text = str(exc).replace(self._token, "***")
+            raise RetryableError(f"file download {uri!r}: {type(exc).__name__}: {text}") from exc
+        return None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class FileArchiver:
+    """Stores the files a batch's events name, before the batch itself."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        fetcher: FileFetcher,
+        *,
+        spool_dir: Path | None = None,
+        spool_bytes: int = 32 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.storage = storage
+        self.fetcher = fetcher
+        self.spool_dir = spool_dir
+        self.spool_bytes = spool_bytes
+        self._known: OrderedDict[str, None] = OrderedDict()
+        # Files the platform keeps failing to serve (5xx): first failure time, attempts.
+        self._failing: dict[str, tuple[float, int]] = {}
+        self._clock = clock
+        self.stored = 0
+        self.missing = 0
+
+    def store(self, events: Iterable[StreamEvent]) -> None:
+        for ev in events:
+            if not names_files(ev):
+                continue
+            for entry in file_entries(ev.stix):
+                self._store(entry, ev)
+
+    def _store(self, entry: dict[str, Any], ev: StreamEvent) -> None:
+        key = file_key(entry)
+        if key in self._known:
+            self._known.move_to_end(key)
+            return
+        if not (self.storage.exists(key) or self.storage.exists(key + ".missing")):
+            self._download(key, entry, ev)
+        self._known[key] = None
+        if len(self._known) > _REMEMBERED:
+            self._known.popitem(last=False)
+
+    def _download(self, key: str, entry: dict[str, Any], ev: StreamEvent) -> None:
+        spool = Spool(self.spool_dir, self.spool_bytes, "file-")
+        try:
+            refused = self.fetcher.download(entry["uri"], spool)
+            if refused is None:
+                if self.storage.put_if_absent(key, spool.body()):
+                    self.stored += 1
+                self._failing.pop(key, None)
+                return
+        except PlatformRefused as exc:
+            # The platform answers, but not with this file. Retried with the batch (the
+            # checkpoint waits) until it has failed long enough to be this file's problem (broken
+            # in the platform's storage, not readable by this user) rather than a restart or a
+            # token being replaced: then recorded as missing, so that one file cannot stop the
+            # backup.
+            now = self._clock()
+            first, attempts = self._failing.get(key, (now, 0))
+            attempts += 1
+            self._failing[key] = (first, attempts)
+            if attempts < _GIVE_UP_ATTEMPTS or now - first < _GIVE_UP_SECS:
+                raise
+            refused, reason = exc.status, f"the platform failed to serve it {attempts} times"
+            self._failing.pop(key, None)
+        finally:
+            spool.close()
+        if refused is not None and refused < 500 and refused != 403:
+            reason = "gone from the platform"
+        record = {
+            "uri": entry["uri"],
+            "version": entry.get("version"),
+            "name": entry["name"],
+            "object": ev.stix_id,
+            "event_id": ev.id_text,
+            "status": refused,
+            "reason": reason,
+        }
+        self.storage.put_if_absent(key + ".missing", orjson.dumps(record))
+        self.missing += 1
+        log.error(
+            f"An attached file could not be archived: {reason}.",
+            extra={"file": entry["name"], "object": ev.stix_id, "status": refused},
+        )
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+
+def with_file_data(stix: dict[str, Any], storage: Storage) -> tuple[dict[str, Any], int, list[str]]:
+    """The object with each archived file's bytes inline (``data``, base64), as the platform's
+    worker imports them; the count put inline and the names of those the archive lacks."""
+    entries = file_entries(stix)
+    if not entries:
+        return stix, 0, []
+    out = orjson.loads(orjson.dumps(stix))
+    files = octi_ext(out)["files"]
+    inline = 0
+    lacking: list[str] = []
+    for f in files:
+        if f not in entries:
+            continue
+        try:
+            with storage.open(file_key(f)) as fh:
+                f["data"] = _b64(fh)
+            inline += 1
+        except NotFound:
+            lacking.append(str(f["name"]))
+    return out, inline, lacking
+
+
+def _b64(fh: Any) -> str:
+    # Encoded 3 MiB at a time (a multiple of 3: the pieces join into one valid encoding).
+    parts: Iterator[bytes] = iter(lambda: fh.read(3 << 20), b"")
+    return "".join(base64.b64encode(p).decode("ascii") for p in parts)

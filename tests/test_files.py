@@ -1,0 +1,281 @@
+"""Attached files (a report's PDF): downloaded by `run`, archived before the events that name
+them, checked by `verify`, and put back by a restore, inline, the way the platform's worker
+imports them. Real parts: the simulator serves `/storage/get/...` over HTTP, the connector runs
+as it does in production, the restore pushes through pycti into the platform double."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from connector.archive.spool import Spool
+from connector.errors import RetryableError
+from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.files import FileArchiver, FileFetcher, file_entries, file_key, missing_key
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from connector.verify import verify_archive
+from tests.support.compare import assert_same_state
+from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+
+TOKEN_A = "token-files-a"
+TOKEN_B = "token-files-b"
+REPORT = "report--0b1f9a5e-7c7e-4d2b-9d55-3c1f2e8a4b61"
+MALWARE = "malware--5a0c3e0f-2f6a-4a43-8f62-6a3b7d0e9c21"
+
+
+def _seed(sim: SimServer) -> None:
+    sim.store.create(
+        {
+            "id": MALWARE,
+            "type": "malware",
+            "spec_version": "2.1",
+            "name": "Files Malware",
+            "is_family": True,
+        }
+    )
+    sim.store.create(
+        {
+            "id": REPORT,
+            "type": "report",
+            "spec_version": "2.1",
+            "name": "Files Report",
+            "published": "2026-01-01T00:00:00.000Z",
+            "object_refs": [MALWARE],
+        }
+    )
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _restore(archive: str, url: str, work: Path, *extra: str) -> dict[str, Any]:
+    proc = _cli(
+        "restore",
+        "--archive",
+        archive,
+        "--opencti",
+        url,
+        "--token",
+        TOKEN_B,
+        "--work-dir",
+        str(work),
+        *extra,
+        cwd=work.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, Any] = orjson.loads(proc.stdout[proc.stdout.index("{") :])  # after a line
+    return out
+
+
+def _contents(sim: SimServer, ref: str) -> dict[str, bytes | None]:
+    return {f["name"]: sim.store.file_content(_file_id(f)) for f in sim.store.files_of(ref)}
+
+
+def _file_id(entry: dict[str, Any]) -> str:
+    from urllib.parse import unquote
+
+    return unquote(entry["uri"].removeprefix("/storage/get/"))
+
+
+@pytest.fixture
+def source() -> Iterator[SimServer]:
+    with SimServer(token=TOKEN_A, heartbeat_secs=0.2) as sim:
+        yield sim
+
+
+def test_files_are_archived_verified_and_restored(source: SimServer, tmp_path: Path) -> None:
+    _seed(source)
+    pdf_v1, pdf_v2 = os.urandom(300_000), os.urandom(250_000)
+    csv = b"ip,seen\n10.0.0.1,2026\n" * 1000
+    source.store.attach_file(REPORT, "analysis.pdf", pdf_v1)
+    source.store.attach_file(MALWARE, "iocs.csv", csv, mime_type="text/csv")
+    archive = str(tmp_path / "archive")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    before_v2 = source.store.last_event_id
+    state_v1 = source.store.dump_bundle()
+    # A new version of the PDF: one more update event, one more archived file.
+    source.store.attach_file(REPORT, "analysis.pdf", pdf_v2)
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="the new version")
+    run.stop()
+    assert run.error is None
+
+    # Each version is archived under its (uri, version), with the bytes served.
+    entries = [e for ref in (REPORT, MALWARE) for e in source.store.files_of(ref)]
+    for entry in entries:
+        assert storage.get(file_key(entry)) == source.store.file_content(_file_id(entry))
+    archived = sorted(k for k in storage.list("files/"))
+    assert len(archived) == 3, archived  # pdf v1, pdf v2, csv: each once, though named again
+    report = verify_archive(storage, work_dir=tmp_path / "v")
+    assert report.ok, report.errors
+    assert report.files == 3 and report.files_gone == 0
+
+    # A restore puts them back: the latest state, and the point before the new version.
+    with SimServer(token=TOKEN_B) as b:
+        summary = _restore(archive, b.url, tmp_path / "w1")
+        assert summary["files"] == 2 and summary.get("files_lacking", 0) == 0
+        assert_same_state(source.store.dump_bundle(), b.store.dump_bundle())
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf_v2}
+        assert _contents(b, MALWARE) == {"iocs.csv": csv}
+    with SimServer(token=TOKEN_B) as b:
+        _restore(archive, b.url, tmp_path / "w2", "--until", before_v2)
+        assert_same_state(state_v1, b.store.dump_bundle())
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf_v1}
+
+    # The bundle carries them inline, as OpenCTI's restore-files connector reads them.
+    bundle = tmp_path / "state.json"
+    proc = _cli("restore", "--archive", archive, "--to-bundle", str(bundle), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    objects = {o["id"]: o for o in orjson.loads(bundle.read_bytes())["objects"]}
+    (pdf,) = file_entries(objects[REPORT])
+    assert base64.b64decode(pdf["data"]) == pdf_v2
+
+
+def test_a_file_gone_before_its_download_is_recorded_not_waited_for(
+    source: SimServer, tmp_path: Path
+) -> None:
+    _seed(source)
+    source.store.attach_file(REPORT, "kept.pdf", b"kept")
+    source.store.attach_file(REPORT, "gone.pdf", b"gone")
+    (gone,) = [f for f in source.store.files_of(REPORT) if f["name"] == "gone.pdf"]
+    source.store.forget_file_content(_file_id(gone))  # deleted before the connector read it
+    archive = str(tmp_path / "archive")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    run.stop()
+    assert run.error is None
+
+    record = orjson.loads(storage.get(missing_key(gone)))
+    assert record["status"] == 302 and record["object"] == REPORT  # the platform's answer
+    assert record["name"] == "gone.pdf" and "gone" in record["reason"]
+    report = verify_archive(storage, work_dir=tmp_path / "v")
+    assert report.ok and report.files == 1 and report.files_gone == 1
+    assert any("gone from the platform" in w for w in report.warnings)
+    with SimServer(token=TOKEN_B) as b:
+        summary = _restore(archive, b.url, tmp_path / "w")
+        assert summary["files"] == 1 and summary["files_lacking"] == 1
+        assert _contents(b, REPORT) == {"kept.pdf": b"kept"}
+
+
+def test_a_lost_file_is_an_error_and_files_off_archives_none(
+    source: SimServer, tmp_path: Path
+) -> None:
+    _seed(source)
+    source.store.attach_file(REPORT, "analysis.pdf", b"%PDF-1.7 ...")
+    archive = str(tmp_path / "archive")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    run.stop()
+    (entry,) = source.store.files_of(REPORT)
+    storage.delete(file_key(entry))
+    report = verify_archive(storage, work_dir=tmp_path / "v")
+    assert not report.ok
+    assert any("attached file 'analysis.pdf'" in e for e in report.errors), report.errors
+
+    off = str(tmp_path / "off")
+    run = ConnectorThread(base_env(source.url, TOKEN_A, off, ARCHIVE_FILES="false")).start()
+    wait_until(lambda: caught_up(LocalStorage(off), source.store.last_event_id), what="recovery")
+    run.stop()
+    assert list(LocalStorage(off).list("files/")) == []
+    report = verify_archive(LocalStorage(off), work_dir=tmp_path / "v2")
+    assert report.ok and report.files_not_archived == 1
+    assert any("without file backup" in n for n in report.notes)
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    status = 503
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self.send_response(self.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.mark.parametrize("status", [500, 503, 403, 429, 401])
+def test_a_download_that_may_pass_is_retried_not_recorded(tmp_path: Path, status: int) -> None:
+    """A platform error holds the batch (and so the checkpoint) for a retry; only "gone" and
+    "not readable" are recorded as missing."""
+    handler = type("H", (_Failing,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token")
+        spool = Spool(tmp_path, 1 << 20, "file-")
+        with pytest.raises(RetryableError) as caught:
+            fetcher.download("/storage/get/import/Report/x/a.pdf", spool)
+        assert str(status) in str(caught.value) and "secret-token" not in str(caught.value)
+        fetcher.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _naming_a_file(uri: str) -> StreamEvent:
+    stix = {
+        "id": REPORT,
+        "type": "report",
+        "spec_version": "2.1",
+        "extensions": {
+            OCTI_EXT: {"files": [{"name": "a.pdf", "uri": uri, "version": "2026-01-01"}]}
+        },
+    }
+    body = orjson.dumps({"data": stix, "message": "m", "version": "4"})
+    return StreamEvent(EventId(1_800_000_000_000, 0), "1800000000000-0", "update", body)
+
+
+def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minutes(
+    tmp_path: Path,
+) -> None:
+    """A 5xx is retried with the batch (a restarting platform), but one broken file must not
+    hold the backup forever: after 5 attempts over 10 minutes it is recorded as missing."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    now = [1000.0]
+    storage = LocalStorage(tmp_path / "a")
+    archiver = FileArchiver(
+        storage,
+        FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token"),
+        clock=lambda: now[0],
+    )
+    event = _naming_a_file("/storage/get/import/Report/x/a.pdf")
+    (entry,) = file_entries(event.stix)
+    try:
+        for minute in (0, 1, 2, 3, 4, 5, 9):  # 7 attempts, but not yet 10 minutes
+            now[0] = 1000.0 + 60 * minute
+            with pytest.raises(RetryableError):
+                archiver.store([event])
+        assert not storage.exists(missing_key(entry))
+        now[0] = 1000.0 + 601
+        archiver.store([event])
+        record = orjson.loads(storage.get(missing_key(entry)))
+        assert record["status"] == 503 and "8 times" in record["reason"]
+        archiver.store([event])  # known now: no download, no error
+    finally:
+        archiver.close()
+        server.shutdown()
+        server.server_close()
