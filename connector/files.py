@@ -177,11 +177,17 @@ class FileArchiver:
         self.missing = 0
 
     def store(self, events: Iterable[StreamEvent]) -> None:
+        for _ev in self.passing(events):
+            pass
+
+    def passing(self, events: Iterable[StreamEvent]) -> Iterator[StreamEvent]:
+        """``events``, each yielded once its files are stored: the segment encoder reads the
+        batch through this, so a group spilled to disk is read once, not once more for files."""
         for ev in events:
-            if not names_files(ev):
-                continue
-            for entry in file_entries(ev.stix):
-                self._store(entry, ev)
+            if names_files(ev):
+                for entry in file_entries(ev.stix):
+                    self._store(entry, ev)
+            yield ev
 
     def _store(self, entry: dict[str, Any], ev: StreamEvent) -> None:
         key = file_key(entry)

@@ -18,11 +18,13 @@ from typing import Any
 import orjson
 import pytest
 
+from connector.archive import ArchiveSink
 from connector.archive.spool import Spool
 from connector.errors import RetryableError
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.files import FileArchiver, FileFetcher, file_entries, file_key, missing_key
 from connector.sim.server import SimServer
+from connector.sink import Batch
 from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
@@ -277,5 +279,44 @@ def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minute
         archiver.store([event])  # known now: no download, no error
     finally:
         archiver.close()
+        server.shutdown()
+        server.server_close()
+
+
+class _Recording(LocalStorage):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writes: list[str] = []
+
+    def put_if_absent(self, key: str, body: Any) -> bool:
+        self.writes.append(key)
+        return super().put_if_absent(key, body)
+
+
+def test_files_are_durable_before_the_segment_that_names_them(
+    source: SimServer, tmp_path: Path
+) -> None:
+    _seed(source)
+    source.store.attach_file(REPORT, "analysis.pdf", b"%PDF")
+    (entry,) = source.store.files_of(REPORT)
+    event = _naming_a_file(entry["uri"])
+    batch = Batch(first_id=event.id, last_id=event.id, events=[event])
+    storage = _Recording(tmp_path / "a")
+    sink = ArchiveSink(storage, files=FileArchiver(storage, FileFetcher(source.url, TOKEN_A)))
+    sink.write(batch)
+    assert [k.split("/")[0] for k in storage.writes] == ["files", "events", "manifests"]
+
+    # A file that cannot be fetched yet holds the whole batch: no segment without its files.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        failing = _Recording(tmp_path / "b")
+        fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A)
+        sink = ArchiveSink(failing, files=FileArchiver(failing, fetcher))
+        with pytest.raises(RetryableError):
+            sink.write(batch)
+        assert failing.writes == [] and list(failing.list("")) == []
+        sink.close()
+    finally:
         server.shutdown()
         server.server_close()

@@ -115,8 +115,6 @@ class ArchiveSink:
         if batch.events:
             if not self._scanned:
                 self._scan(batch.after_id)
-            if self.files is not None:
-                self.files.store(batch.events)  # durable before the segment that names them
             self._write_events(batch, result)
         result.tail = self._tail
         self.last = result
@@ -170,7 +168,9 @@ class ArchiveSink:
             key = segment_key(first, self.codec)
             encoded = encode_segment(
                 key,
-                events,
+                # Each event's attached files are stored as it is encoded: durable before the
+                # segment that names them is written.
+                events if self.files is None else self.files.passing(events),
                 first=first,
                 last=batch.last_id,
                 codec=self.codec,
