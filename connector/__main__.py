@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opencti", metavar="URL", help="target platform URL")
     p.add_argument("--token", help="target platform token (or TARGET_OPENCTI_TOKEN)")
     p.add_argument("--to-bundle", metavar="FILE", help="write a STIX 2.1 bundle instead")
+    p.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=35.0,
+        help="attached files above this size are not pushed (the platform refuses requests "
+        "above its max_payload_body_size, 50 MB by default; base64 adds a third)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     p.add_argument("--apply-deletes", dest="apply_deletes", action="store_true", default=None)
     p.add_argument("--no-apply-deletes", dest="apply_deletes", action="store_false")

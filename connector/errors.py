@@ -79,6 +79,10 @@ class PermanentError(SinkError):
     """Not worth retrying: the run stops and the checkpoint does not move."""
 
 
+class PayloadTooLarge(PermanentError):
+    """The platform refused a request for its size (HTTP 413: its max_payload_body_size)."""
+
+
 class LeaseLost(ConnectorError):
     """Another ``run`` took this archive over (``run_lease``): this one must not write more."""
 

@@ -23,9 +23,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
@@ -42,6 +43,7 @@ __all__ = [
     "FILES_PREFIX",
     "FileArchiver",
     "FileFetcher",
+    "Inlined",
     "file_entries",
     "file_key",
     "missing_key",
@@ -98,6 +100,17 @@ def missing_key(entry: dict[str, Any]) -> str:
     return file_key(entry) + ".missing"
 
 
+def _not_found(response: httpx.Response) -> bool:
+    """The platform's answer for a file it does not have (or that this user may not read):
+    503 with "File not found or restricted" (its storage route's catch-all)."""
+    body = b""
+    for chunk in response.iter_bytes(4096):
+        body += chunk
+        if len(body) >= 4096:
+            break
+    return b"not found or restricted" in body.lower()
+
+
 class PlatformRefused(RetryableError):
     """The platform answered a download, but not with the file (5xx, 403, a redirect): retried,
     and recorded as missing once it has lasted (``FileArchiver``)."""
@@ -125,14 +138,24 @@ class FileFetcher:
 
     def download(self, uri: str, into: Spool) -> int | None:
         """Stream the file at ``uri`` into ``into``: None when done, else the HTTP status of an
-        answer meaning the file is gone (404, 410, or the platform's redirect to its root, which
-        is how it answers for a file it does not have). Raises ``PlatformRefused`` for answers
-        that may or may not pass (5xx, 403: a token refused or a file not readable by this
-        user, another redirect) and ``RetryableError`` for the rest (network, 401, 429)."""
+        answer meaning the file is gone (404, 410; the platform's 503 "File not found or
+        restricted", or its redirect to its root in older versions), or 0 for a uri no request
+        can carry. Raises ``PlatformRefused`` for answers that may or may not pass (5xx, 403: a
+        token refused or a file not readable by this user, another redirect) and
+        ``RetryableError`` for the rest (network, 401, 429)."""
+        # The uri holds the file id as is (spaces, '#', '?', '%' and all): each character is
+        # sent encoded, and the platform's route decodes the path back into the id.
+        path = quote(uri, safe="/")
         try:
-            with self._client.stream("GET", uri) as response:
+            request = self._client.build_request("GET", path)
+        except httpx.InvalidURL:
+            return 0  # a control character, or longer than any URL: no platform serves it
+        try:
+            with closing(self._client.send(request, stream=True)) as response:
                 status = response.status_code
                 if status in (404, 410):
+                    return status
+                if status == 503 and _not_found(response):
                     return status
                 if response.is_redirect:
                     location = urlsplit(response.headers.get("location", "")).path
@@ -202,6 +225,7 @@ class FileArchiver:
 
     def _download(self, key: str, entry: dict[str, Any], ev: StreamEvent) -> None:
         spool = Spool(self.spool_dir, self.spool_bytes, "file-")
+        reason: str | None = None
         try:
             refused = self.fetcher.download(entry["uri"], spool)
             if refused is None:
@@ -225,12 +249,19 @@ class FileArchiver:
             self._failing.pop(key, None)
         finally:
             spool.close()
-        if refused is not None and refused < 500 and refused != 403:
+        if reason is not None:
+            pass  # given up on above
+        elif refused == 0:
+            reason = "its uri cannot be requested (too long for a URL)"
+        elif refused == 503:
+            reason = "gone from the platform, or not readable by the connector's user"
+        else:
             reason = "gone from the platform"
+        name = _short(entry["name"])
         record = {
-            "uri": entry["uri"],
+            "uri": _short(entry["uri"]),
             "version": entry.get("version"),
-            "name": entry["name"],
+            "name": name,
             "object": ev.stix_id,
             "event_id": ev.id_text,
             "status": refused,
@@ -240,33 +271,53 @@ class FileArchiver:
         self.missing += 1
         log.error(
             f"An attached file could not be archived: {reason}.",
-            extra={"file": entry["name"], "object": ev.stix_id, "status": refused},
+            extra={"file": name, "object": ev.stix_id, "status": refused},
         )
 
     def close(self) -> None:
         self.fetcher.close()
 
 
-def with_file_data(stix: dict[str, Any], storage: Storage) -> tuple[dict[str, Any], int, list[str]]:
+class Inlined(NamedTuple):
+    stix: dict[str, Any]  # the object, each archived file's bytes inline
+    inline: int
+    lacking: list[str]  # names the archive has no bytes for (gone when archived)
+    too_large: list[str]  # names left out for their size
+
+
+def with_file_data(
+    stix: dict[str, Any], storage: Storage, *, max_bytes: int | None = None
+) -> Inlined:
     """The object with each archived file's bytes inline (``data``, base64), as the platform's
-    worker imports them; the count put inline and the names of those the archive lacks."""
+    worker imports them. A file above ``max_bytes`` is left out: the platform refuses a request
+    above its ``max_payload_body_size`` (50 MB by default, base64 adds a third), and the object
+    goes through without it. The object and its files are held in memory, base64 included
+    (about 2.5 times the files' size)."""
     entries = file_entries(stix)
     if not entries:
-        return stix, 0, []
+        return Inlined(stix, 0, [], [])
     out = orjson.loads(orjson.dumps(stix))
     files = octi_ext(out)["files"]
+    done = Inlined(out, 0, [], [])
     inline = 0
-    lacking: list[str] = []
     for f in files:
         if f not in entries:
             continue
+        key = file_key(f)
         try:
-            with storage.open(file_key(f)) as fh:
+            if max_bytes is not None and storage.size(key) > max_bytes:
+                done.too_large.append(str(f["name"]))
+                continue
+            with storage.open(key) as fh:
                 f["data"] = _b64(fh)
             inline += 1
         except NotFound:
-            lacking.append(str(f["name"]))
-    return out, inline, lacking
+            done.lacking.append(str(f["name"]))
+    return done._replace(inline=inline)
+
+
+def _short(text: str, limit: int = 1024) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _b64(fh: Any) -> str:

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Protocol, TextIO, runtime_checkable
 import orjson
 
 from .archive import ArchiveReader
-from .errors import ConfigError
+from .errors import ConfigError, PayloadTooLarge
 from .events import EventId
 from .files import FILES_MARK, file_entries, with_file_data
 from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
@@ -175,9 +175,9 @@ def to_bundle(state: StateStore, out: BinaryIO, *, files: Storage | None = None)
             if count:
                 out.write(b",\n")
             if files is not None and FILES_MARK in blob:
-                obj, _inline, lacking = with_file_data(orjson.loads(blob), files)
-                _say_lacking(obj, lacking)
-                blob = orjson.dumps(obj)
+                done = with_file_data(orjson.loads(blob), files)
+                _say_lacking(done.stix, done.lacking)
+                blob = orjson.dumps(done.stix)
             out.write(blob)
             count += 1
     out.write(b"]}\n")
@@ -239,6 +239,7 @@ class RestoreReport:
     resumed_from: dict[str, Any] | None = None
     files: int = 0  # attached files pushed inline (a dry run: named)
     files_lacking: int = 0  # named by an object, not in the archive (gone when archived)
+    files_too_large: int = 0  # left out: above --max-file-mb, or refused by the platform (413)
     upserts_by_type: dict[str, int] = field(default_factory=dict)
     deletes_by_type: dict[str, int] = field(default_factory=dict)
     # Dry run against a target that implements ``known_ids`` only.
@@ -354,16 +355,35 @@ class _Run:
             self._save(step, last_key)
         self.tick(len(batch))
 
-    def with_files(self, stix: dict[str, Any], files: Storage) -> dict[str, Any]:
-        """The object with its archived files inline (a dry run only counts them)."""
+    def push_with_files(
+        self, stix: dict[str, Any], files: Storage, max_bytes: int, step: int, key: str
+    ) -> None:
+        """Push one object alone, its archived files inline (a dry run only counts them).
+        Refused for its size (the platform's max_payload_body_size), it is pushed without
+        them: the object is restored, its files are counted as left out."""
+        report = self.report
         if self.dry_run:
-            self.report.files += len(file_entries(stix))
-            return stix
-        obj, inline, lacking = with_file_data(stix, files)
-        self.report.files += inline
-        self.report.files_lacking += len(lacking)
-        _say_lacking(obj, lacking)
-        return obj
+            report.files += len(file_entries(stix))
+            self.push([stix], step, key)
+            return
+        done = with_file_data(stix, files, max_bytes=max_bytes)
+        report.files_lacking += len(done.lacking)
+        _say_lacking(stix, done.lacking)
+        too_large = done.too_large
+        try:
+            self.push([done.stix], step, key)
+            report.files += done.inline
+        except PayloadTooLarge:
+            too_large = [*too_large, *(f["name"] for f in file_entries(done.stix) if "data" in f)]
+            self.push([stix], step, key)
+        if too_large:
+            report.files_too_large += len(too_large)
+            log.warning(
+                "Attached files too large for the platform's requests were left out: upload "
+                "them by hand from the archive (files/), or raise its max_payload_body_size "
+                "and --max-file-mb.",
+                extra={"object": stix.get("id"), "files": too_large},
+            )
 
     def delete(self, ids: list[str], step: int, last_key: str) -> None:
         report = self.report
@@ -400,9 +420,11 @@ def restore_to_target(
     batch_size: int = 500,
     target_name: str | None = None,
     files: Storage | None = None,
+    max_file_bytes: int = 35 * 1024 * 1024,
 ) -> RestoreReport:
     """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``.
-    ``files``: the archive, whose attached files are pushed inline with their objects.
+    ``files``: the archive, whose attached files are pushed inline with their objects (those
+    above ``max_file_bytes`` left out: see ``with_file_data``).
 
     A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
     made on one platform says nothing about another) continues after the last acknowledged
@@ -440,7 +462,7 @@ def restore_to_target(
                 if batch:
                     run.push(batch, step, last_key)
                     batch = []
-                run.push([run.with_files(rec.data, files)], step, rec.key)
+                run.push_with_files(rec.data, files, max_file_bytes, step, rec.key)
                 continue
             batch.append(rec.data)
             last_key = rec.key

@@ -73,6 +73,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--opencti", "give a target platform (--opencti URL) or --to-bundle FILE")
     if args.opencti and args.to_bundle:
         raise ConfigError("--to-bundle", "give either --opencti URL or --to-bundle FILE, not both")
+    if not args.max_file_mb > 0:
+        raise ConfigError("--max-file-mb", "must be a positive number of MB")
     if args.to_bundle:
         given = [
             flag
@@ -196,6 +198,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 resume_file=work / "restore-progress.json",
                 target_name=args.opencti.rstrip("/"),
                 files=storage,
+                max_file_bytes=int(args.max_file_mb * 1024 * 1024),
             )
         finally:
             target.close()

@@ -20,9 +20,10 @@ import pytest
 
 from connector.archive import ArchiveSink
 from connector.archive.spool import Spool
-from connector.errors import RetryableError
+from connector.errors import PayloadTooLarge, RetryableError
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.files import FileArchiver, FileFetcher, file_entries, file_key, missing_key
+from connector.restore import materialise, restore_to_target
 from connector.sim.server import SimServer
 from connector.sink import Batch
 from connector.storage.local import LocalStorage
@@ -144,6 +145,13 @@ def test_files_are_archived_verified_and_restored(source: SimServer, tmp_path: P
         assert_same_state(state_v1, b.store.dump_bundle())
         assert _contents(b, REPORT) == {"analysis.pdf": pdf_v1}
 
+    # A file above --max-file-mb is left out, said, and the object restored all the same.
+    with SimServer(token=TOKEN_B) as b:
+        summary = _restore(archive, b.url, tmp_path / "w3", "--max-file-mb", "0.1")
+        assert summary["files"] == 1 and summary["files_too_large"] == 1
+        assert _contents(b, REPORT) == {} and _contents(b, MALWARE) == {"iocs.csv": csv}
+        assert b.store.get(REPORT) is not None
+
     # The bundle carries them inline, as OpenCTI's restore-files connector reads them.
     bundle = tmp_path / "state.json"
     proc = _cli("restore", "--archive", archive, "--to-bundle", str(bundle), cwd=tmp_path)
@@ -169,7 +177,7 @@ def test_a_file_gone_before_its_download_is_recorded_not_waited_for(
     assert run.error is None
 
     record = orjson.loads(storage.get(missing_key(gone)))
-    assert record["status"] == 302 and record["object"] == REPORT  # the platform's answer
+    assert record["status"] == 503 and record["object"] == REPORT  # the platform's answer
     assert record["name"] == "gone.pdf" and "gone" in record["reason"]
     report = verify_archive(storage, work_dir=tmp_path / "v")
     assert report.ok and report.files == 1 and report.files_gone == 1
@@ -320,3 +328,134 @@ def test_files_are_durable_before_the_segment_that_names_them(
     finally:
         server.shutdown()
         server.server_close()
+
+
+ODD_NAMES = [
+    "Report #12.pdf",
+    "what?.pdf",
+    "a%41b.pdf",
+    "100% sure.pdf",
+    "naïve ü+.pdf",
+    "t\tab.pdf",
+]
+
+
+def test_file_names_with_url_characters_reach_their_own_file(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The uri holds the file id unencoded: '#', '?', '%' and the rest must be sent encoded,
+    or the platform serves another path (or nothing) and the file is recorded as gone."""
+    _seed(source)
+    for i, name in enumerate(ODD_NAMES):
+        source.store.attach_file(REPORT, name, f"content {i}".encode())
+    archive = str(tmp_path / "archive")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    run.stop()
+    assert run.error is None
+    for i, entry in enumerate(source.store.files_of(REPORT)):
+        assert storage.get(file_key(entry)) == f"content {i}".encode(), entry["name"]
+    report = verify_archive(storage, work_dir=tmp_path / "v")
+    assert report.ok and report.files == len(ODD_NAMES) and report.files_gone == 0
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """One canned answer for every download."""
+
+    status = 302
+    headers_out: dict[str, str] = {}
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self.send_response(self.status)
+        for name, value in self.headers_out.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "gone"),
+    [
+        (302, {"Location": "/"}, b"", True),  # older platforms: a file they do not have
+        (503, {}, b'{"status":"error","error":"File not found or restricted"}', True),
+        (503, {}, b"<html>Service Unavailable</html>", False),  # a proxy: the platform is down
+        (302, {"Location": "https://sso.example/login"}, b"", False),
+    ],
+)
+def test_what_the_platform_answers_for_a_file_it_does_not_have(
+    tmp_path: Path, status: int, headers: dict[str, str], body: bytes, gone: bool
+) -> None:
+    handler = type("H", (_Answer,), {"status": status, "headers_out": headers, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    storage = LocalStorage(tmp_path / "a")
+    fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A)
+    archiver = FileArchiver(storage, fetcher)
+    event = _naming_a_file("/storage/get/import/Report/x/a.pdf")
+    (entry,) = file_entries(event.stix)
+    try:
+        if gone:
+            archiver.store([event])
+            assert orjson.loads(storage.get(missing_key(entry)))["status"] == status
+        else:
+            with pytest.raises(RetryableError):
+                archiver.store([event])
+            assert list(storage.list("")) == []
+    finally:
+        archiver.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_uri_no_request_can_carry_is_recorded_not_a_crash_loop(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    archiver = FileArchiver(storage, FileFetcher("http://127.0.0.1:9", TOKEN_A))
+    event = _naming_a_file("/storage/get/import/Report/x/" + "n" * 70_000 + ".pdf")
+    (entry,) = file_entries(event.stix)
+    archiver.store([event])  # never reaches the network: nothing listens on port 9
+    record = orjson.loads(storage.get(missing_key(entry)))
+    assert record["status"] == 0 and "cannot be requested" in record["reason"]
+    assert len(record["uri"]) < 1100 and len(record["name"]) < 1100
+    archiver.close()
+
+
+class _RefusesLargeBodies:
+    """A restore target (our own protocol, connector.restore.RestoreTarget) that refuses a push
+    carrying file data as the platform does past its max_payload_body_size (HTTP 413)."""
+
+    def __init__(self) -> None:
+        self.pushed: list[dict[str, Any]] = []
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        if any("data" in f for o in objects for f in file_entries(o)):
+            raise PayloadTooLarge("HTTP 413: request entity too large")
+        self.pushed += objects
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        pass
+
+
+def test_an_object_refused_for_its_files_size_is_restored_without_them(
+    source: SimServer, tmp_path: Path
+) -> None:
+    _seed(source)
+    source.store.attach_file(REPORT, "huge.pdf", b"%PDF" * 1000)
+    archive = str(tmp_path / "archive")
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    run.stop()
+    state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+    target = _RefusesLargeBodies()
+    try:
+        report = restore_to_target(state, target, files=storage)
+    finally:
+        state.close()
+    assert sorted(o["id"] for o in target.pushed) == sorted([MALWARE, REPORT])
+    assert report.files == 0 and report.files_too_large == 1

@@ -205,3 +205,13 @@ def test_a_huge_group_is_written_without_holding_its_segment(tmp_path: Path) -> 
     assert sum(1 for _ in ArchiveReader(storage).events()) == 30_000
     assert verify_archive(storage, work_dir=tmp_path / "v").ok
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_manifest_field_this_version_does_not_know_is_ignored() -> None:
+    """A later version's field must not make the manifest 'damaged' after a downgrade."""
+    whole = _manifest([["1-0", "create", "x--1", "i", None]])
+    fields = {**whole.__dict__, "added_later": {"anything": [1, 2]}}
+    assert Manifest.from_json(orjson.dumps(fields)) == whole
+    files_on = Manifest(**{**whole.__dict__, "files": True})
+    assert b'"files":true' in files_on.to_json() and b'"files"' not in whole.to_json()
+    assert Manifest.from_json(files_on.to_json()) == files_on

@@ -84,11 +84,16 @@ class Manifest:
             obj = orjson.loads(data)
             if obj.get("format") != FORMAT:
                 raise MalformedEvent(f"unsupported manifest format {obj.get('format')!r}")
-            m = cls(**obj)
+            # Fields a later version adds are ignored: an archive stays readable after a
+            # downgrade from then on (versions before this rule reject ``files``).
+            m = cls(**{k: v for k, v in obj.items() if k in _FIELDS})
             m.first, m.last  # noqa: B018 - validates both ids
             return m
         except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
             raise MalformedEvent(f"damaged manifest: {exc}") from exc
+
+
+_FIELDS = frozenset(Manifest.__dataclass_fields__)
 
 
 class _Compressor(Protocol):

@@ -571,11 +571,9 @@ class _Handler(BaseHTTPRequestHandler):
         found = self.sim.store.file_download(file_id)
         allowed = None if user == "bypass" else frozenset(self.sim.restricted_markings)
         if found is None or not is_accessible(found[2], allowed):
-            # The platform's error handler redirects to its root instead of a 404.
-            self.send_response(302)
-            self.send_header("Location", "/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            # Not a 404: the platform's storage route answers any failure of loadFile ("File
+            # not found or restricted") with a 503 (older versions redirected to its root).
+            self._json(503, {"status": "error", "error": "File not found or restricted"})
             return
         content, entry, _owner = found
         self.send_response(200)

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import requests  # type: ignore[import-untyped]  # pycti's HTTP client; no stubs installed
 from pycti import OpenCTIApiClient
 
-from ..errors import PermanentError, RetryableError, SinkError
+from ..errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
 from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
 from ..registration import stream_connector
 from ..sink import Batch
@@ -434,6 +434,8 @@ class OpenCTITarget:
         text = self._scrub(f"{where}: HTTP {status}: {detail}")
         if status in (401, 403):
             return AccessRefused(text + " - check the target token")
+        if status == 413:
+            return PayloadTooLarge(text + " - larger than the platform's max_payload_body_size")
         if status is None or status == 429 or status >= 500 or status == 200:
             # 200 with an unreadable body is a proxy or a restarting platform, not our data.
             return RetryableError(text)
