@@ -108,6 +108,7 @@ class StreamEvent:
         "version_time",
         "referer",
         "group",
+        "files",
         "_envelope",
     )
 
@@ -138,6 +139,8 @@ class StreamEvent:
         origin = env.get("origin")
         referer = origin.get("referer") if isinstance(origin, dict) else None
         self.referer: str | None = referer if isinstance(referer, str) else None
+        # Names attached files (``extensions[octi].files`` not empty): see connector/files.py.
+        self.files: bool = bool(octi.get("files"))
         # Keep a parsed envelope only when the caller handed one over (it already paid for it).
         self._envelope = envelope
 
@@ -249,6 +252,7 @@ class StreamEvent:
         ev.internal_id = internal if isinstance(internal, str) else ""
         ev.version_time = version_time if isinstance(version_time, str) else ""
         ev.referer = referer if isinstance(referer, str) else None
+        ev.files = bool(octi.get("files"))
         ev._envelope = None  # see the class docstring: do not hold the parsed form
         return ev
 

@@ -64,8 +64,8 @@ _GIVE_UP_SECS = 600.0
 
 
 def names_files(ev: StreamEvent) -> bool:
-    """Whether the event may name attached files (a cheap test of its bytes, no parse)."""
-    return ev.event != "delete" and FILES_MARK in ev.data
+    """Whether the event names attached files (read when it was parsed: no parse here)."""
+    return ev.files and ev.event != "delete"
 
 
 def file_entries(stix: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,17 +124,28 @@ class FileFetcher:
     """Downloads files from the source platform with the connector's token."""
 
     def __init__(self, url: str, token: str, *, verify: bool | str = True, timeout: float = 60.0):
-        self._client = httpx.Client(
-            base_url=url.rstrip("/"),
-            headers={
-                "Authorization": f"Bearer {token}",
-                "User-Agent": f"opencti-sync/{__version__}",
-            },
-            timeout=httpx.Timeout(timeout),
-            verify=tls_verify(verify),
-            follow_redirects=False,
-        )
+        self._url = url.rstrip("/")
         self._token = token
+        self._verify = verify
+        self._timeout = timeout
+        self._http: httpx.Client | None = None
+
+    @property
+    def _client(self) -> httpx.Client:
+        # Made at the first download: a TLS context costs CPU at start-up, and most batches
+        # name no file.
+        if self._http is None:
+            self._http = httpx.Client(
+                base_url=self._url,
+                headers={
+                    "Authorization": f"Bearer {self._token}",
+                    "User-Agent": f"opencti-sync/{__version__}",
+                },
+                timeout=httpx.Timeout(self._timeout),
+                verify=tls_verify(self._verify),
+                follow_redirects=False,
+            )
+        return self._http
 
     def download(self, uri: str, into: Spool) -> int | None:
         """Stream the file at ``uri`` into ``into``: None when done, else the HTTP status of an
@@ -173,7 +184,9 @@ class FileFetcher:
         return None
 
     def close(self) -> None:
-        self._client.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
 
 class FileArchiver:
