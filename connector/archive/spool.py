@@ -30,6 +30,7 @@ class Spool:
         self._prefix = prefix
         self._mem = bytearray()
         self._file: BinaryIO | None = None
+        self._done: bytes | None = None  # the bytes, once asked for (nothing written after)
         self.size = 0
 
     @property
@@ -52,7 +53,10 @@ class Spool:
         """What was written: the bytes, or the scratch file (the storage reads it from its start;
         it stays open until ``close``)."""
         if self._file is None:
-            return bytes(self._mem)
+            if self._done is None:
+                # Copied once, and the buffer let go: a segment is not held twice while written.
+                self._done, self._mem = bytes(self._mem), bytearray()
+            return self._done
         try:
             self._file.flush()
         except OSError as exc:
@@ -61,6 +65,7 @@ class Spool:
 
     def close(self) -> None:
         self._mem = bytearray()
+        self._done = None
         if self._file is not None:
             self._file.close()
             self._file = None
