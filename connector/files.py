@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
-from . import __version__
+from . import __version__, metrics
 from .archive.spool import Spool
 from .errors import NotFound, RetryableError
 from .events import StreamEvent, octi_ext
@@ -58,9 +58,16 @@ _URI_PREFIX = "/storage/get/"
 # Cheap test on raw JSON before any parse: a non-empty files list.
 FILES_MARK = b'"files":[{'
 _REMEMBERED = 100_000  # (uri, version) pairs known stored, so an update does not ask again
-# A file the platform fails to serve (5xx) this often, over this long, is recorded as missing.
+# A file the platform keeps refusing (5xx, 403, a redirect) this often, over this long, is
+# recorded as missing.
 _GIVE_UP_ATTEMPTS = 5
 _GIVE_UP_SECS = 600.0
+
+
+_REASONS = {
+    0: "its uri cannot be requested (too long for a URL)",
+    503: "gone from the platform, or not readable by the connector's user",
+}
 
 
 def names_files(ev: StreamEvent) -> bool:
@@ -206,11 +213,9 @@ class FileArchiver:
         self.spool_dir = spool_dir
         self.spool_bytes = spool_bytes
         self._known: OrderedDict[str, None] = OrderedDict()
-        # Files the platform keeps failing to serve (5xx): first failure time, attempts.
+        # Files the platform keeps refusing: first refusal time, attempts.
         self._failing: dict[str, tuple[float, int]] = {}
         self._clock = clock
-        self.stored = 0
-        self.missing = 0
 
     def store(self, events: Iterable[StreamEvent]) -> None:
         for _ev in self.passing(events):
@@ -243,7 +248,7 @@ class FileArchiver:
             refused = self.fetcher.download(entry["uri"], spool)
             if refused is None:
                 if self.storage.put_if_absent(key, spool.body()):
-                    self.stored += 1
+                    metrics.FILES.labels(result="stored").inc()
                 self._failing.pop(key, None)
                 return
         except PlatformRefused as exc:
@@ -262,14 +267,8 @@ class FileArchiver:
             self._failing.pop(key, None)
         finally:
             spool.close()
-        if reason is not None:
-            pass  # given up on above
-        elif refused == 0:
-            reason = "its uri cannot be requested (too long for a URL)"
-        elif refused == 503:
-            reason = "gone from the platform, or not readable by the connector's user"
-        else:
-            reason = "gone from the platform"
+        if reason is None:  # not given up on above: the platform's answer says why
+            reason = _REASONS.get(refused or 0, "gone from the platform")
         name = _short(entry["name"])
         record = {
             "uri": _short(entry["uri"]),
@@ -280,8 +279,8 @@ class FileArchiver:
             "status": refused,
             "reason": reason,
         }
-        self.storage.put_if_absent(key + ".missing", orjson.dumps(record))
-        self.missing += 1
+        if self.storage.put_if_absent(key + ".missing", orjson.dumps(record)):
+            metrics.FILES.labels(result="missing").inc()
         log.error(
             f"An attached file could not be archived: {reason}.",
             extra={"file": name, "object": ev.stix_id, "status": refused},

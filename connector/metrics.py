@@ -30,6 +30,7 @@ __all__ = [
     "ERRORS",
     "EVENTS_RECEIVED",
     "EVENTS_WRITTEN",
+    "FILES",
     "QUARANTINED",
     "RECONNECTS",
     "RESTORE_PROGRESS",
@@ -91,6 +92,12 @@ RETRIES = Counter(
     registry=REGISTRY,
 )
 ERRORS = Counter("opencti_sync_errors", "Errors, by kind.", ["kind"], registry=REGISTRY)
+FILES = Counter(
+    "opencti_sync_files",
+    "Attached files archived: stored (bytes downloaded), missing (recorded as gone).",
+    ["result"],
+    registry=REGISTRY,
+)
 QUARANTINED = Counter(
     "opencti_sync_quarantined_events",
     "Malformed events archived under quarantine/ with their reason.",

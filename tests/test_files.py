@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from connector import metrics
 from connector.archive import ArchiveSink
 from connector.archive.spool import Spool
 from connector.errors import PayloadTooLarge, RetryableError
@@ -99,6 +100,11 @@ def _file_id(entry: dict[str, Any]) -> str:
     return unquote(entry["uri"].removeprefix("/storage/get/"))
 
 
+def metric(name: str, labels: dict[str, str]) -> float:
+    """A sample of the connector's registry (the connector runs in this process here)."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 @pytest.fixture
 def source() -> Iterator[SimServer]:
     with SimServer(token=TOKEN_A, heartbeat_secs=0.2) as sim:
@@ -106,6 +112,7 @@ def source() -> Iterator[SimServer]:
 
 
 def test_files_are_archived_verified_and_restored(source: SimServer, tmp_path: Path) -> None:
+    stored_before = metric("opencti_sync_files_total", {"result": "stored"})
     _seed(source)
     pdf_v1, pdf_v2 = os.urandom(300_000), os.urandom(250_000)
     csv = b"ip,seen\n10.0.0.1,2026\n" * 1000
@@ -129,6 +136,7 @@ def test_files_are_archived_verified_and_restored(source: SimServer, tmp_path: P
         assert storage.get(file_key(entry)) == source.store.file_content(_file_id(entry))
     archived = sorted(k for k in storage.list("files/"))
     assert len(archived) == 3, archived  # pdf v1, pdf v2, csv: each once, though named again
+    assert metric("opencti_sync_files_total", {"result": "stored"}) - stored_before == 3
     report = verify_archive(storage, work_dir=tmp_path / "v")
     assert report.ok, report.errors
     assert report.files == 3 and report.files_gone == 0
@@ -176,6 +184,7 @@ def test_a_file_gone_before_its_download_is_recorded_not_waited_for(
     run.stop()
     assert run.error is None
 
+    assert metric("opencti_sync_files_total", {"result": "missing"}) >= 1
     record = orjson.loads(storage.get(missing_key(gone)))
     assert record["status"] == 503 and record["object"] == REPORT  # the platform's answer
     assert record["name"] == "gone.pdf" and "gone" in record["reason"]
