@@ -2,10 +2,12 @@
 
 1. start the OpenCTI stream simulator, seeded with real OpenCTI sample data;
 2. run the connector as a child process: it recovers the platform into the archive;
-3. edit the platform live (update, standard-id change, merge, delete, create, a burst);
+3. edit the platform live (update, standard-id change, merge, delete, create, a file attached,
+   a burst);
 4. SIGKILL the connector in the middle of the burst, restart it;
 5. check the archive: its materialised state equals the simulator's, deleted and merged-away
-   objects are tombstoned, ``verify`` finds no damage; print the summary.
+   objects are tombstoned, the attached file's bytes are archived, ``verify`` finds no damage;
+   print the summary.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointStore
-from .errors import ConfigError
+from .errors import ConfigError, NotFound
 from .events import EventId, octi_ext
+from .files import file_key
 from .sim import SAMPLE_BUNDLES, sample_bundle
 from .sim.generator import generate
 from .sim.server import SimServer
@@ -139,18 +142,24 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         merged_away = sets[1:3]
         store.merge(sets[0], merged_away)
         store.delete(indicators[0])
+        report_id = "report--5a1c3e7b-9d2f-4b6a-8c0e-1f3a5b7d9e2c"
         store.create(
             {
                 "type": "report",
-                "id": "report--5a1c3e7b-9d2f-4b6a-8c0e-1f3a5b7d9e2c",
+                "id": report_id,
                 "spec_version": "2.1",
                 "name": "Demo live report",
                 "published": "2026-11-27T00:00:00.000Z",
                 "object_refs": [malware[0], sets[0]],
             }
         )
+        # An analyst attaches a document: the stream carries its name and uri, not its bytes.
+        pdf = b"%PDF-1.7\n% opencti-sync demo attachment\n" + secrets.token_bytes(200_000)
+        store.attach_file(report_id, "demo-analysis.pdf", pdf)
+        (attached,) = store.files_of(report_id)
         _say(
-            "3. Live edits: an update, a standard-id change, a merge of 2 intrusion sets, a delete, a new report."
+            "3. Live edits: an update, a standard-id change, a merge of 2 intrusion sets, a delete, "
+            "a new report with a PDF attached."
         )
 
         generate(store, 3000, seed=42)
@@ -182,12 +191,17 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         )
         report = verify_archive(storage, work_dir=work)
         checkpoint = CheckpointStore(storage).load()
+        try:
+            file_ok = storage.get(file_key(attached)) == pdf
+        except NotFound:
+            file_ok = False
         ok = (
             not missing
             and not extra
             and not stale
             and gone_ok
             and id_change_ok
+            and file_ok
             and bool(report.ok)
             and rc == 0
         )
@@ -198,6 +212,7 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
             ("missing / extra / stale versions", f"{len(missing)} / {len(extra)} / {len(stale)}"),
             ("deleted + merged-away tombstoned", "yes" if gone_ok else "NO"),
             ("standard-id change followed", "yes" if id_change_ok else "NO"),
+            ("attached PDF archived, bytes equal", "yes" if file_ok else "NO"),
             ("events archived", checkpoint.events_archived if checkpoint else 0),
             ("segments", report.segments if hasattr(report, "segments") else "-"),
             ("verify", "OK" if report.ok else "DAMAGED"),

@@ -20,7 +20,9 @@ def test_demo_ends_verified(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Verified: nothing lost, nothing resurrected." in proc.stdout
-    assert "missing / extra / stale versions  0 / 0 / 0" in proc.stdout
+    rows = {" ".join(line.split()) for line in proc.stdout.splitlines()}
+    assert "missing / extra / stale versions 0 / 0 / 0" in rows
+    assert "attached PDF archived, bytes equal yes" in rows
     assert (tmp_path / "demo-archive" / "checkpoint.json").is_file()
     # The logs it names stay; nothing else is left behind (the state it checked is megabytes).
     logs = Path(proc.stdout.rsplit("(logs: ", 1)[1].split(")", 1)[0])
