@@ -287,12 +287,14 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
             after_id=first[-1].id,
         )
     )
+    lost = storage.get(manifest_key(second[0].id))
     storage.delete(manifest_key(second[0].id))
     # The restart re-delivers from the middle of the second segment onwards.
     rest = events[15:]
     sink = ArchiveSink(storage)
     sink.write(Batch(first_id=rest[0].id, last_id=rest[-1].id, events=rest, after_id=first[-1].id))
     assert sink.last.skipped == 5 and sink.last.events == 10
+    assert storage.get(manifest_key(second[0].id)) == lost  # rebuilt as it was written
     assert sink.tail == events[-1].id
     stored = assert_each_group_once(storage, tmp_path)
     assert stored == [e.id_text for e in events]

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MalformedEvent, NotFound, PermanentError
-from ..events import EventId
+from ..events import EventId, StreamEvent
 from ..sink import Batch
 from ..storage import Storage
 from .layout import (
@@ -225,22 +226,27 @@ class ArchiveSink:
             pass
         except MalformedEvent as exc:
             raise PermanentError(f"archive manifest {mkey} is damaged: {exc.reason}") from exc
-        # Streamed twice (the segment may hold a huge group): its events' highest id first,
-        # then the manifest's rows.
+        # Streamed once (the segment may hold a huge group): its highest event id is found as
+        # the rows are encoded, and set in the manifest before it is written.
         last: EventId | None = None
-        with self.storage.open(key) as fh:
-            for ev in iter_segment_events(iter_segment_lines(fh, codec)):
-                last = ev.id if last is None or ev.id > last else last
-        if last is None:
-            raise PermanentError(f"archive segment {key} exists but holds no events")
+
+        def tracked(events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+            nonlocal last
+            for ev in events:
+                if last is None or ev.id > last:
+                    last = ev.id
+                yield ev
+
         with self.storage.open(key) as fh:
             # Hashed as read: the manifest describes the bytes stored, not a re-encoding of them.
             tee = HashingReader(fh)
             encoded = encode_segment(
                 key,
-                iter_segment_events(iter_segment_lines(io.BufferedReader(tee, 1 << 20), codec)),
+                tracked(
+                    iter_segment_events(iter_segment_lines(io.BufferedReader(tee, 1 << 20), codec))
+                ),
                 first=first,
-                last=max(last, first),
+                last=first,
                 codec=codec,
                 level=self.level,
                 after=after,
@@ -249,7 +255,10 @@ class ArchiveSink:
             )
             tee.drain()
         try:
+            if last is None:
+                raise PermanentError(f"archive segment {key} exists but holds no events")
             manifest = encoded.manifest
+            manifest.last_event_id = str(max(last, first))
             manifest.size = tee.size
             manifest.sha256 = tee.sha.hexdigest()
             self.storage.put_if_absent(mkey, encoded.manifest_body())
