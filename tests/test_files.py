@@ -8,8 +8,6 @@ from __future__ import annotations
 import base64
 import http.server
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from connector.sink import Batch
 from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
-from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
 
 TOKEN_A = "token-files-a"
 TOKEN_B = "token-files-b"
@@ -60,19 +58,18 @@ def _seed(sim: SimServer) -> None:
     )
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector", *args],
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def _backup(source: SimServer, archive: str, **env: str) -> LocalStorage:
+    """`run` from the source into ``archive`` until it caught up, then stopped cleanly."""
+    storage = LocalStorage(archive)
+    run = ConnectorThread(base_env(source.url, TOKEN_A, archive, **env)).start()
+    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
+    run.stop()
+    assert run.error is None
+    return storage
 
 
 def _restore(archive: str, url: str, work: Path, *extra: str) -> dict[str, Any]:
-    proc = _cli(
+    proc = cli(
         "restore",
         "--archive",
         archive,
@@ -162,7 +159,7 @@ def test_files_are_archived_verified_and_restored(source: SimServer, tmp_path: P
 
     # The bundle carries them inline, as OpenCTI's restore-files connector reads them.
     bundle = tmp_path / "state.json"
-    proc = _cli("restore", "--archive", archive, "--to-bundle", str(bundle), cwd=tmp_path)
+    proc = cli("restore", "--archive", archive, "--to-bundle", str(bundle), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     objects = {o["id"]: o for o in orjson.loads(bundle.read_bytes())["objects"]}
     (pdf,) = file_entries(objects[REPORT])
@@ -178,11 +175,7 @@ def test_a_file_gone_before_its_download_is_recorded_not_waited_for(
     (gone,) = [f for f in source.store.files_of(REPORT) if f["name"] == "gone.pdf"]
     source.store.forget_file_content(_file_id(gone))  # deleted before the connector read it
     archive = str(tmp_path / "archive")
-    storage = LocalStorage(archive)
-    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
-    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
-    run.stop()
-    assert run.error is None
+    storage = _backup(source, archive)
 
     assert metric("opencti_sync_files_total", {"result": "missing"}) >= 1
     record = orjson.loads(storage.get(missing_key(gone)))
@@ -203,10 +196,7 @@ def test_a_lost_file_is_an_error_and_files_off_archives_none(
     _seed(source)
     source.store.attach_file(REPORT, "analysis.pdf", b"%PDF-1.7 ...")
     archive = str(tmp_path / "archive")
-    storage = LocalStorage(archive)
-    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
-    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
-    run.stop()
+    storage = _backup(source, archive)
     (entry,) = source.store.files_of(REPORT)
     storage.delete(file_key(entry))
     report = verify_archive(storage, work_dir=tmp_path / "v")
@@ -214,11 +204,9 @@ def test_a_lost_file_is_an_error_and_files_off_archives_none(
     assert any("attached file 'analysis.pdf'" in e for e in report.errors), report.errors
 
     off = str(tmp_path / "off")
-    run = ConnectorThread(base_env(source.url, TOKEN_A, off, ARCHIVE_FILES="false")).start()
-    wait_until(lambda: caught_up(LocalStorage(off), source.store.last_event_id), what="recovery")
-    run.stop()
-    assert list(LocalStorage(off).list("files/")) == []
-    report = verify_archive(LocalStorage(off), work_dir=tmp_path / "v2")
+    without = _backup(source, off, ARCHIVE_FILES="false")
+    assert list(without.list("files/")) == []
+    report = verify_archive(without, work_dir=tmp_path / "v2")
     assert report.ok and report.files_not_archived == 1
     assert any("without file backup" in n for n in report.notes)
 
@@ -358,11 +346,7 @@ def test_file_names_with_url_characters_reach_their_own_file(
     for i, name in enumerate(ODD_NAMES):
         source.store.attach_file(REPORT, name, f"content {i}".encode())
     archive = str(tmp_path / "archive")
-    storage = LocalStorage(archive)
-    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
-    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
-    run.stop()
-    assert run.error is None
+    storage = _backup(source, archive)
     for i, entry in enumerate(source.store.files_of(REPORT)):
         assert storage.get(file_key(entry)) == f"content {i}".encode(), entry["name"]
     report = verify_archive(storage, work_dir=tmp_path / "v")
@@ -456,10 +440,7 @@ def test_an_object_refused_for_its_files_size_is_restored_without_them(
     _seed(source)
     source.store.attach_file(REPORT, "huge.pdf", b"%PDF" * 1000)
     archive = str(tmp_path / "archive")
-    storage = LocalStorage(archive)
-    run = ConnectorThread(base_env(source.url, TOKEN_A, archive)).start()
-    wait_until(lambda: caught_up(storage, source.store.last_event_id), what="recovery")
-    run.stop()
+    storage = _backup(source, archive)
     state = materialise(storage, until=None, work_dir=tmp_path / "plan")
     target = _RefusesLargeBodies()
     try:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -15,7 +13,7 @@ from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
 from tests.support.compare import assert_same_state
-from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
 
 TOKEN_A = "token-a"
 TOKEN_B = "token-b"
@@ -40,19 +38,6 @@ def _edit(sim: SimServer, seed: int) -> None:
         store.merge(sets[0], sets[1:3])
     store.delete(indicators[seed % len(indicators)])
     generate(store, 150, seed=seed)
-
-
-def _cli(
-    *args: str, timeout: float = 180, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "connector", *args],
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture
@@ -126,7 +111,7 @@ def test_restore_latest_and_earlier_points(
         points.append((a.store.last_event_id, a.store.dump_bundle()))
     run.stop()
     # Snapshot in the middle so restores exercise "snapshot + segments after it" too.
-    assert _cli("snapshot", "--archive", archive, cwd=tmp_path).returncode == 0
+    assert cli("snapshot", "--archive", archive, cwd=tmp_path).returncode == 0
     for i, (until, expected) in enumerate(points):
         with SimServer(token=TOKEN_B) as b:
             args = [
@@ -142,7 +127,7 @@ def test_restore_latest_and_earlier_points(
             ]
             if i < len(points) - 1:
                 args += ["--until", until]
-            proc = _cli(*args)
+            proc = cli(*args)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert_same_state(expected, b.store.dump_bundle())
 
@@ -159,7 +144,7 @@ def test_restore_dry_run_to_bundle_and_refusals(
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="backup")
     run.stop()
     before = b.store.event_count
-    dry = _cli(
+    dry = cli(
         "restore",
         "--archive",
         archive,
@@ -175,7 +160,7 @@ def test_restore_dry_run_to_bundle_and_refusals(
     assert b.store.event_count == before and b.store.object_count == 0
     assert '"dry_run": true' in dry.stdout
     # Restoring into the archive's own source platform is refused unless forced.
-    same = _cli(
+    same = cli(
         "restore",
         "--archive",
         archive,
@@ -189,7 +174,7 @@ def test_restore_dry_run_to_bundle_and_refusals(
     assert same.returncode != 0 and "into itself" in (same.stdout + same.stderr)
     # A bundle of the state, for inspection or other tools.
     out = tmp_path / "state.json"
-    proc = _cli(
+    proc = cli(
         "restore", "--archive", archive, "--to-bundle", str(out), "--work-dir", str(tmp_path / "w3")
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -209,14 +194,14 @@ def test_verify_against_opencti(platforms: tuple[SimServer, SimServer], tmp_path
     _edit(a, 9)
     wait_until(lambda: caught_up(storage, a.store.last_event_id), timeout=120, what="sync")
     run.stop()
-    ok = _cli(
+    ok = cli(
         "verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
     assert "platform matches the archive" in ok.stdout
     victim = next(o["id"] for o in b.store.objects() if o["type"] == "malware")
     b.store.delete(victim)
-    bad = _cli(
+    bad = cli(
         "verify", "--archive", archive, "--against-opencti", b.url, "--token", TOKEN_B, cwd=tmp_path
     )
     assert bad.returncode == 1 and victim in bad.stdout

@@ -54,6 +54,21 @@ def base_env(sim_url: str, token: str, archive: str, **extra: Any) -> dict[str, 
     return env
 
 
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``python -m connector ARGS`` in a child with a bare environment (no settings of this
+    machine's leak in), JSON logs, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "connector", *args],
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CONNECTOR_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def settings_for(env: dict[str, str]) -> Settings:
     return load_settings(None, env=env)
 
