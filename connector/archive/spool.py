@@ -5,7 +5,8 @@ events. Segments rotate at ``ARCHIVE_MAX_BYTES``, except for a dependency group,
 split: a popular entity's relationships, sent whole after a reconnect, make one segment of
 hundreds of thousands of events. Its compressed body and its manifest's per-event rows then go
 to an unlinked file in the work dir, and the storage reads them from there, so memory does not
-grow with the group. Ordinary segments never leave memory.
+grow with the group. Ordinary segments never leave memory. A downloaded attached file is
+spooled the same way (connector/files.py).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class Spool:
                 scratch.close()
             # No room for the scratch file: memory it is, as before there was one.
             log.error(
-                "Cannot spool a large segment to the work dir; it is built in memory.",
-                extra={"dir": str(self.directory), "error": str(exc)},
+                "Cannot use a scratch file in the work dir; the rest is kept in memory.",
+                extra={"dir": str(self.directory), "what": self._prefix, "error": str(exc)},
             )
             self.limit = 1 << 62
             return
@@ -94,4 +95,4 @@ class Spool:
 
 
 def _scratch_error(exc: OSError) -> RetryableError:
-    return RetryableError(f"cannot write a large segment's scratch file in the work dir: {exc}")
+    return RetryableError(f"cannot write a scratch file in the work dir: {exc}")
