@@ -564,6 +564,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _file(self, file_id: str) -> None:
         """An attached file's bytes (``uri`` of its entry). The platform's route decodes the
         path, so the file id is accepted raw or URL-encoded."""
+        self.sim.file_requests += 1
         user = self._user()
         if user is None:
             self._status(403, "Forbidden")  # the platform's storage routes answer 403 here
@@ -583,6 +584,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
     def _graphql(self) -> None:
+        limit = self.sim.max_body_bytes
+        if limit is not None and int(self.headers.get("Content-Length") or 0) > limit:
+            # The platform's express body parser above max_payload_body_size.
+            self._body()
+            self._status(413, "Payload Too Large")
+            return
         body = self._body()
         api = self.sim._platform_api()
         if api is None:
@@ -838,6 +845,9 @@ class SimServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._platform: Any = None
+        # The platform's max_payload_body_size: a larger /graphql request gets 413 (None: any).
+        self.max_body_bytes: int | None = None
+        self.file_requests = 0  # requests for attached files (``/storage/get/...``)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SimServer:

@@ -247,6 +247,7 @@ class SimStore:
         self._lives: dict[str, int] = {}
         # Attached files' bytes by file id (``import/<entity type>/<internal id>/<name>``).
         self._file_bytes: dict[str, bytes] = {}
+        self.file_uploads = 0  # files imported from pushed data (the worker's uploads)
         self.generation = 0  # bumped by wake() so waiting readers re-check their stop flags
 
     # ------------------------------------------------------------------ time and ids
@@ -964,6 +965,7 @@ class SimStore:
             markings = item.get("object_marking_refs")
             if isinstance(markings, list) and markings:
                 entry["object_marking_refs"] = list(markings)
+            self.file_uploads += 1
         return files
 
     def _commit_files(
