@@ -37,7 +37,7 @@ def _bodies(n: int) -> list[bytes]:
     bulk_creates(store, n, seed=1)
     events, _ = sim_events(store)
     messages = event_messages(events[:n], applicant_id="bench", synchronized=True)
-    return [body for _, body in messages][:n]
+    return [m.body for m in messages][:n]
 
 
 def _declare(node: RabbitNode) -> None:

@@ -29,6 +29,7 @@ from .errors import (
 from .settings import Settings, check_platform_url, load_settings, optional_bool
 
 if TYPE_CHECKING:
+    from .files import FileFetcher
     from .run_lease import RunLease
 
 __all__ = ["main"]
@@ -257,18 +258,15 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
     runtime = build_runtime_for_reading(settings)
     archive_storage = runtime["archive"]
     sinks: list[Any] = []
+    archived_files = bool(archive_storage is not None and settings.archive.files)
     if archive_storage is not None:
         files = None
-        if settings.archive.files and settings.opencti.url:
-            from .files import FileArchiver, FileFetcher
+        if archived_files and settings.opencti.url:
+            from .files import FileArchiver
 
             files = FileArchiver(
                 archive_storage,
-                FileFetcher(
-                    settings.opencti.url,
-                    settings.opencti.token,
-                    verify=settings.opencti.ca_bundle or settings.opencti.ssl_verify,
-                ),
+                _file_fetcher(settings),
                 spool_dir=Path(settings.connector.work_dir),
                 spool_bytes=settings.connector.spill_bytes,
             )
@@ -287,6 +285,18 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
         from .target.opencti import OpenCTITarget
 
         t = settings.target
+        carrier = None
+        if t.files and settings.opencti.url:
+            from .files import Downloads, FileCarrier
+
+            # The archive sink writes each batch, its files first, before the target does.
+            carrier = FileCarrier(
+                archive=archive_storage if archived_files else None,
+                downloads=Downloads(_file_fetcher(settings)),
+                max_bytes=int(t.max_file_mb * 1024 * 1024),
+                spool_dir=Path(settings.connector.work_dir),
+                spool_bytes=settings.connector.spill_bytes,
+            )
         sinks.append(
             OpenCTITarget(
                 url=t.opencti_url,
@@ -306,6 +316,7 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
                 amqp_port=t.amqp_port,
                 amqp_use_ssl=optional_bool("target.amqp_use_ssl", t.amqp_use_ssl),
                 amqp_max_message_bytes=t.amqp_max_message_bytes,
+                files=carrier,
             )
         )
     if not sinks:
@@ -313,6 +324,17 @@ def build_runtime(settings: Settings) -> dict[str, Any]:
             "archive.uri", "nothing to do: set an archive URI and/or target.opencti_url"
         )
     return {**runtime, "sinks": sinks}
+
+
+def _file_fetcher(settings: Settings) -> FileFetcher:
+    """Downloads of attached files from the source platform, with the connector's token."""
+    from .files import FileFetcher
+
+    return FileFetcher(
+        settings.opencti.url,
+        settings.opencti.token,
+        verify=settings.opencti.ca_bundle or settings.opencti.ssl_verify,
+    )
 
 
 def _default_connector_id(settings: Settings) -> str:

@@ -41,8 +41,11 @@ from .storage import Storage
 __all__ = [
     "FILES_MARK",
     "FILES_PREFIX",
+    "Downloads",
     "FileArchiver",
+    "FileCarrier",
     "FileFetcher",
+    "Gone",
     "Inlined",
     "file_entries",
     "file_key",
@@ -154,13 +157,14 @@ class FileFetcher:
             )
         return self._http
 
-    def download(self, uri: str, into: Spool) -> int | None:
+    def download(self, uri: str, into: Spool, *, limit: int | None = None) -> int | None:
         """Stream the file at ``uri`` into ``into``: None when done, else the HTTP status of an
         answer meaning the file is gone (404, 410; the platform's 503 "File not found or
         restricted", or its redirect to its root in older versions), or 0 for a uri no request
         can carry. Raises ``PlatformRefused`` for answers that may or may not pass (5xx, 403: a
         token refused or a file not readable by this user, another redirect) and
-        ``RetryableError`` for the rest (network, 401, 429)."""
+        ``RetryableError`` for the rest (network, 401, 429). With ``limit``, reading stops once
+        ``into`` holds more than that (the caller sees ``into.size > limit``)."""
         # The uri holds the file id as is (spaces, '#', '?', '%' and all): each character is
         # sent encoded, and the platform's route decodes the path back into the id.
         path = quote(uri, safe="/")
@@ -185,6 +189,8 @@ class FileFetcher:
                     raise RetryableError(f"file download {uri!r}: HTTP {status}")
                 for chunk in response.iter_bytes(1 << 20):
                     into.write(chunk)
+                    if limit is not None and into.size > limit:
+                        break
         except httpx.HTTPError as exc:
             text = str(exc).replace(self._token, "***")
             raise RetryableError(f"file download {uri!r}: {type(exc).__name__}: {text}") from exc
@@ -194,6 +200,49 @@ class FileFetcher:
         if self._http is not None:
             self._http.close()
             self._http = None
+
+
+class Gone(NamedTuple):
+    """Why a download brought no file: the platform's answer (0: no request could carry the
+    uri) and the reason in words."""
+
+    status: int
+    reason: str
+
+
+class Downloads:
+    """``FileFetcher`` downloads with patience for a platform that answers, but not with the
+    file (5xx, 403, a redirect): the error is raised, so the batch (and the checkpoint) waits and
+    retries, until the same file has failed long enough to be this file's problem (broken in the
+    platform's storage, not readable by this user) rather than a restart or a token being
+    replaced. Then it counts as gone, so that one file cannot stop the sync."""
+
+    def __init__(self, fetcher: FileFetcher, *, clock: Callable[[], float] = time.monotonic):
+        self.fetcher = fetcher
+        # Files the platform keeps refusing: first refusal time, attempts.
+        self._failing: dict[str, tuple[float, int]] = {}
+        self._clock = clock
+
+    def fetch(self, key: str, uri: str, into: Spool, *, limit: int | None = None) -> Gone | None:
+        """Download ``uri`` (archived as ``key``) into ``into``; None when done."""
+        try:
+            refused = self.fetcher.download(uri, into, limit=limit)
+        except PlatformRefused as exc:
+            now = self._clock()
+            first, attempts = self._failing.get(key, (now, 0))
+            attempts += 1
+            self._failing[key] = (first, attempts)
+            if attempts < _GIVE_UP_ATTEMPTS or now - first < _GIVE_UP_SECS:
+                raise
+            self._failing.pop(key, None)
+            return Gone(exc.status, f"the platform failed to serve it {attempts} times")
+        self._failing.pop(key, None)
+        if refused is None:
+            return None
+        return Gone(refused, _REASONS.get(refused, "gone from the platform"))
+
+    def close(self) -> None:
+        self.fetcher.close()
 
 
 class FileArchiver:
@@ -209,13 +258,10 @@ class FileArchiver:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.storage = storage
-        self.fetcher = fetcher
+        self.downloads = Downloads(fetcher, clock=clock)
         self.spool_dir = spool_dir
         self.spool_bytes = spool_bytes
         self._known: OrderedDict[str, None] = OrderedDict()
-        # Files the platform keeps refusing: first refusal time, attempts.
-        self._failing: dict[str, tuple[float, int]] = {}
-        self._clock = clock
 
     def store(self, events: Iterable[StreamEvent]) -> None:
         for _ev in self.passing(events):
@@ -243,32 +289,14 @@ class FileArchiver:
 
     def _download(self, key: str, entry: dict[str, Any], ev: StreamEvent) -> None:
         spool = Spool(self.spool_dir, self.spool_bytes, "file-")
-        reason: str | None = None
         try:
-            refused = self.fetcher.download(entry["uri"], spool)
-            if refused is None:
+            gone = self.downloads.fetch(key, entry["uri"], spool)
+            if gone is None:
                 if self.storage.put_if_absent(key, spool.body()):
                     metrics.FILES.labels(result="stored").inc()
-                self._failing.pop(key, None)
                 return
-        except PlatformRefused as exc:
-            # The platform answers, but not with this file. Retried with the batch (the
-            # checkpoint waits) until it has failed long enough to be this file's problem (broken
-            # in the platform's storage, not readable by this user) rather than a restart or a
-            # token being replaced: then recorded as missing, so that one file cannot stop the
-            # backup.
-            now = self._clock()
-            first, attempts = self._failing.get(key, (now, 0))
-            attempts += 1
-            self._failing[key] = (first, attempts)
-            if attempts < _GIVE_UP_ATTEMPTS or now - first < _GIVE_UP_SECS:
-                raise
-            refused, reason = exc.status, f"the platform failed to serve it {attempts} times"
-            self._failing.pop(key, None)
         finally:
             spool.close()
-        if reason is None:  # not given up on above: the platform's answer says why
-            reason = _REASONS.get(refused or 0, "gone from the platform")
         name = _short(entry["name"])
         record = {
             "uri": _short(entry["uri"]),
@@ -276,25 +304,52 @@ class FileArchiver:
             "name": name,
             "object": ev.stix_id,
             "event_id": ev.id_text,
-            "status": refused,
-            "reason": reason,
+            "status": gone.status,
+            "reason": gone.reason,
         }
         if self.storage.put_if_absent(key + ".missing", orjson.dumps(record)):
             metrics.FILES.labels(result="missing").inc()
         log.error(
-            f"An attached file could not be archived: {reason}.",
-            extra={"file": name, "object": ev.stix_id, "status": refused},
+            f"An attached file could not be archived: {gone.reason}.",
+            extra={"file": name, "object": ev.stix_id, "status": gone.status},
         )
 
     def close(self) -> None:
-        self.fetcher.close()
+        self.downloads.close()
 
 
 class Inlined(NamedTuple):
-    stix: dict[str, Any]  # the object, each archived file's bytes inline
+    stix: dict[str, Any]  # the object, each file's bytes inline
     inline: int
-    lacking: list[str]  # names the archive has no bytes for (gone when archived)
+    lacking: list[str]  # names with no bytes to send (gone from the platform)
     too_large: list[str]  # names left out for their size
+    keys: tuple[str, ...] = ()  # ``file_key`` of each file sent inline
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _inlined(
+    stix: dict[str, Any], entries: list[dict[str, Any]], read: Callable[[dict[str, Any]], str]
+) -> Inlined:
+    """A copy of ``stix`` where each of ``entries`` has ``read(entry)`` as its ``data``; ``read``
+    raises ``NotFound`` or ``_TooLarge`` for a file it leaves out."""
+    out = orjson.loads(orjson.dumps(stix))
+    lacking: list[str] = []
+    too_large: list[str] = []
+    keys: list[str] = []
+    for f in octi_ext(out)["files"]:
+        if f not in entries:
+            continue
+        try:
+            f["data"] = read(f)
+            keys.append(file_key(f))
+        except _TooLarge:
+            too_large.append(str(f["name"]))
+        except NotFound:
+            lacking.append(str(f["name"]))
+    return Inlined(out, len(keys), lacking, too_large, tuple(keys))
 
 
 def with_file_data(
@@ -308,24 +363,136 @@ def with_file_data(
     entries = file_entries(stix)
     if not entries:
         return Inlined(stix, 0, [], [])
-    out = orjson.loads(orjson.dumps(stix))
-    files = octi_ext(out)["files"]
-    done = Inlined(out, 0, [], [])
-    inline = 0
-    for f in files:
-        if f not in entries:
-            continue
-        key = file_key(f)
+
+    def read(entry: dict[str, Any]) -> str:
+        key = file_key(entry)
+        if max_bytes is not None and storage.size(key) > max_bytes:
+            raise _TooLarge
+        with storage.open(key) as fh:
+            return _b64(fh)
+
+    return _inlined(stix, entries, read)
+
+
+class FileCarrier:
+    """The attached files of objects synced live into a second platform, inline (``data``,
+    base64), as the platform's own Synchronizer sends them (it downloads each file an event
+    names). The bytes are read from the archive when its sink stored them (the pipeline writes
+    each batch to the archive before the target), else downloaded from the source.
+
+    A version (uri, version) this process carried to the target is not sent again, nor one found
+    gone or too large: an update of a report names all its files again, and the platform's
+    import leaves a file an upsert names without ``data`` as it is. A restart sends each once
+    more (harmless: the same bytes under the same name)."""
+
+    def __init__(
+        self,
+        *,
+        archive: Storage | None,
+        downloads: Downloads | None,
+        max_bytes: int,
+        spool_dir: Path | None = None,
+        spool_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.archive = archive
+        self.downloads = downloads
+        self.max_bytes = max_bytes
+        self.spool_dir = spool_dir
+        self.spool_bytes = spool_bytes
+        self._done: OrderedDict[str, None] = OrderedDict()
+
+    def _todo(self, stix: dict[str, Any]) -> list[dict[str, Any]]:
+        return [e for e in file_entries(stix) if file_key(e) not in self._done]
+
+    def pending(self, stix: dict[str, Any]) -> bool:
+        """Whether ``stix`` names a file not carried yet."""
+        return bool(self._todo(stix))
+
+    def inline(self, stix: dict[str, Any]) -> Inlined:
+        """``stix`` with the bytes of each file not carried yet inline. Files gone from the
+        source or too large are left out, counted and said here; those sent are remembered once
+        the caller reports them acknowledged (``carried``)."""
+        entries = self._todo(stix)
+        if not entries:
+            return Inlined(stix, 0, [], [])
+        gone: list[str] = []
+        big: list[str] = []
+
+        def read(entry: dict[str, Any]) -> str:
+            try:
+                return self._read(entry)
+            except NotFound:
+                gone.append(file_key(entry))
+                raise
+            except _TooLarge:
+                big.append(file_key(entry))
+                raise
+
+        done = _inlined(stix, entries, read)
+        obj = stix.get("id")
+        if done.lacking:
+            log.warning(
+                "Attached files the source no longer has: the target gets the object without them.",
+                extra={"object": obj, "files": done.lacking},
+            )
+            self._settle(gone, "gone")
+        if done.too_large:
+            self.left_out(big, obj, done.too_large, "above target.max_file_mb")
+        return done
+
+    def carried(self, keys: Iterable[str]) -> None:
+        """The files ``keys`` reached the target (the push or message was acknowledged)."""
+        self._settle(list(keys), "sent")
+
+    def left_out(self, keys: Iterable[str], obj: Any, names: list[str], why: str) -> None:
+        """Files not sent for their size (``why``): counted, said, not tried again."""
+        log.warning(
+            f"Attached files too large to carry to the target ({why}) were left out: upload "
+            "them by hand, or raise the limit.",
+            extra={"object": obj, "files": names},
+        )
+        self._settle(list(keys), "too_large")
+
+    def _settle(self, keys: list[str], result: str) -> None:
+        for key in keys:
+            if key not in self._done:
+                metrics.TARGET_FILES.labels(result=result).inc()
+            self._done[key] = None
+            self._done.move_to_end(key)
+        while len(self._done) > _REMEMBERED:
+            self._done.popitem(last=False)
+
+    def _read(self, entry: dict[str, Any]) -> str:
+        key = file_key(entry)
+        if self.archive is not None:
+            try:
+                if self.archive.size(key) > self.max_bytes:
+                    raise _TooLarge
+                with self.archive.open(key) as fh:
+                    return _b64(fh)
+            except NotFound:
+                if self.archive.exists(key + ".missing"):
+                    raise  # the archive's run found it gone: not asked again
+        if self.downloads is None:
+            raise NotFound(key)
+        spool = Spool(self.spool_dir, self.spool_bytes, "file-")
         try:
-            if max_bytes is not None and storage.size(key) > max_bytes:
-                done.too_large.append(str(f["name"]))
-                continue
-            with storage.open(key) as fh:
-                f["data"] = _b64(fh)
-            inline += 1
-        except NotFound:
-            done.lacking.append(str(f["name"]))
-    return done._replace(inline=inline)
+            gone = self.downloads.fetch(key, entry["uri"], spool, limit=self.max_bytes)
+            if gone is not None:
+                raise NotFound(f"{key}: {gone.reason}")
+            if spool.size > self.max_bytes:
+                raise _TooLarge
+            body = spool.body()
+            if isinstance(body, bytes):
+                return base64.b64encode(body).decode("ascii")
+            body.seek(0)
+            return _b64(body)
+        finally:
+            spool.close()
+
+    def close(self) -> None:
+        if self.downloads is not None:
+            self.downloads.close()
 
 
 def _short(text: str, limit: int = 1024) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "RETRIES",
     "SEGMENT_BYTES",
     "SEGMENTS_WRITTEN",
+    "TARGET_FILES",
     "DELETIONS",
     "serve",
 ]
@@ -95,6 +96,15 @@ ERRORS = Counter("opencti_sync_errors", "Errors, by kind.", ["kind"], registry=R
 FILES = Counter(
     "opencti_sync_files",
     "Attached files archived: stored (bytes downloaded), missing (recorded as gone).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+TARGET_FILES = Counter(
+    "opencti_sync_target_files",
+    "Attached files carried to the target platform: sent (inline, acknowledged), gone (the "
+    "source no longer has them), too_large (above target.max_file_mb or the transport's limit: "
+    "left out).",
     ["result"],
     registry=REGISTRY,
 )

@@ -297,6 +297,21 @@ class TargetSection:
         "RabbitMQ 4.x default 16 MiB). A larger event is quarantined instead of stopping the sync.",
         16 * 1024 * 1024 - 64 * 1024,
     )
+    files: bool = _key(
+        "TARGET_FILES",
+        "Carry the attached files' bytes (a report's PDF, an artifact's sample) to the target, "
+        "inline, as the platform's own synchroniser does: read from the archive when it archives "
+        "them, else downloaded from the source; each version once per run. Off: their names only.",
+        True,
+    )
+    max_file_mb: float = _key(
+        "TARGET_MAX_FILE_MB",
+        "Larger attached files are not carried to the target (counted and logged): a request "
+        "above the target's max_payload_body_size (50 MB) is refused, and a file is held in "
+        "memory about 4 times its size while it is sent. On the amqp transport the broker's "
+        "message size bounds it too (about 9 MB at its 16 MiB default): a larger one is left out.",
+        35.0,
+    )
 
 
 @dataclass
@@ -698,6 +713,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("target.amqp_port", "must be a TCP port 0..65535 (0: the announced one)")
     if t.amqp_max_message_bytes < 1024:
         raise ConfigError("target.amqp_max_message_bytes", "must be >= 1024")
+    if not t.max_file_mb > 0:
+        raise ConfigError(
+            "target.max_file_mb", "must be > 0 (to carry no file bytes: TARGET_FILES=false)"
+        )
     if t.opencti_url and t.transport == "api":
         unused = [
             name

@@ -294,6 +294,13 @@ def test_a_run_lease_must_last_a_second_at_least(bad: str) -> None:
     assert err.value.key == "connector.lease_secs"
 
 
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_the_largest_file_carried_to_a_target_must_be_positive(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env={"TARGET_MAX_FILE_MB": bad})
+    assert err.value.key == "target.max_file_mb" and "TARGET_FILES" in str(err.value)
+
+
 def test_a_relative_file_uri_is_refused(tmp_path: Path) -> None:
     """``file://var/lib/x`` (two slashes, a compose-file typo) would be a path relative to
     wherever the process runs; ``file:///var/lib/x`` is meant."""

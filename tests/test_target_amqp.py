@@ -28,7 +28,7 @@ from connector.sim.store import SimStore
 from connector.sim.worker import PlatformWorker
 from connector.storage.local import LocalStorage
 from connector.target import amqp
-from connector.target.amqp import AmqpEndpoint, AmqpPublisher, event_messages
+from connector.target.amqp import AmqpEndpoint, AmqpPublisher, Message, event_messages
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.connector import (
@@ -206,9 +206,14 @@ def test_a_batch_is_published_a_few_transactions_at_a_time_and_converges(
     assert {e.event for e in events} >= {"create", "update", "delete", "merge"}
     assert len(sizes) > 30 and max(sizes) <= 8  # 7, or 8 when a merge's two end a chunk
     sync.assert_converged()
-    messages = [(0, b"a"), (1, b"b"), (1, b"c"), (2, b"d"), (3, b"e"), (3, b"f"), (4, b"g")]
+    pairs = [(0, b"a"), (1, b"b"), (1, b"c"), (2, b"d"), (3, b"e"), (3, b"f"), (4, b"g")]
+    messages = [Message(at, body) for at, body in pairs]
     chunks = list(opencti._whole_events(iter(messages), 2))
-    assert [[m[0] for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
+    assert [[m.at for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
+    # Large messages (attached files inline) close a chunk by their bytes, events kept whole.
+    big = [Message(at, body * 40, body) for at, body in pairs]
+    chunks = list(opencti._whole_events(iter(big), 1000, max_bytes=100))
+    assert [[m.at for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
 
 
 def test_perfect_sync_propagates_removals(sync: Sync) -> None:
@@ -567,7 +572,7 @@ def test_broker_lost_mid_batch_raises_then_the_batch_is_sent_again(
     assert len(bodies) < amqp._TX_CHUNK  # one transaction
     handled, published = sync.worker.handled, sync.target.publisher.published  # type: ignore[union-attr]
     # The link drops once about half of the batch's bytes have gone out.
-    proxy.cut_after(sum(len(body) for _, body in bodies) // 2)
+    proxy.cut_after(sum(len(m.body) for m in bodies) // 2)
     with pytest.raises(RetryableError):
         sync.target.write(batch_of(events))
     assert proxy.down

@@ -33,9 +33,9 @@ import base64
 import logging
 import re
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pika  # type: ignore[import-untyped]  # pycti's AMQP client; no stubs published
@@ -43,6 +43,7 @@ import pika.exceptions  # type: ignore[import-untyped]
 
 from ..errors import ConfigError, PermanentError, RetryableError, SinkError
 from ..events import StreamEvent
+from ..files import Inlined, names_files
 from .common import (
     LiveIds,
     MergeLookahead,
@@ -57,6 +58,7 @@ __all__ = [
     "OPENCTI_SYSTEM_UUID",
     "AmqpEndpoint",
     "AmqpPublisher",
+    "Message",
     "MessageTooLarge",
     "event_messages",
 ]
@@ -175,26 +177,50 @@ def _message(
     return orjson.dumps(message)
 
 
+class Message(NamedTuple):
+    """One message to publish for the event at index ``at`` of the batch (by index, not event id:
+    dependency events, recovery objects of one millisecond and a reconciliation's deletes share
+    their id). With attached files inline, ``plain`` is the same message without them (sent
+    instead when the broker will not take the larger one) and ``keys`` are the files'."""
+
+    at: int
+    body: bytes
+    plain: bytes | None = None
+    keys: tuple[str, ...] = ()
+
+
 def event_messages(
     events: Sequence[StreamEvent],
     *,
     applicant_id: str,
     synchronized: bool,
     live_aliases: Mapping[str, set[str]] | None = None,
-) -> Iterator[tuple[int, bytes]]:
-    """``(index of the event in events, message body)`` pairs to publish in this order. (By
-    index, not event id: dependency events, recovery objects of one millisecond and a
-    reconciliation's deletes share their id.)
+    carry: Callable[[dict[str, Any]], Inlined] | None = None,
+) -> Iterator[Message]:
+    """The messages to publish for ``events``, in this order.
 
     One message per event, like the Synchronizer, with two differences that keep the target
     equal to the source: until a merge is applied, no upsert carries its sources' ids among
     its aliases (``MergeLookahead``; ``live_aliases`` extends it to merges in later batches),
     and a merge is preceded by an upsert of its target, so a target the other platform never
-    received is created instead of failing the merge.
+    received is created instead of failing the merge. ``carry`` puts an upsert's attached files
+    inline (``connector.files.FileCarrier.inline``), as the Synchronizer does.
 
     Yielded event by event, ``events`` read twice and never held (see ``plan_pushes``).
     """
     lookahead, live = MergeLookahead(events), LiveIds()
+
+    def message(index: int, ev: StreamEvent, data: dict[str, Any], kind: str) -> Message:
+        body = _message(ev, data, kind, applicant_id, synchronized)
+        if carry is None or kind == "delete" or not names_files(ev):
+            return Message(index, body)
+        done = carry(data)
+        if not done.keys:
+            return Message(index, body)
+        return Message(
+            index, _message(ev, done.stix, kind, applicant_id, synchronized), body, done.keys
+        )
+
     for index, event in enumerate(events):
         ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
@@ -204,10 +230,12 @@ def event_messages(
         data = ev.stix
         if kind == "merge":
             pre = without_aliases(data, later_sources | merge_source_ids(ev))
-            yield index, _message(ev, pre, "update", applicant_id, synchronized)
-        elif kind != "delete":
+            yield message(index, ev, pre, "update")
+            yield Message(index, _message(ev, data, kind, applicant_id, synchronized))
+            continue
+        if kind != "delete":
             data = without_aliases(data, later_sources | others | live_aliases_of(live_aliases, ev))
-        yield index, _message(ev, data, kind, applicant_id, synchronized)
+        yield message(index, ev, data, kind)
 
 
 class AmqpPublisher:

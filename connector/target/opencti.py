@@ -38,6 +38,7 @@ from pycti import OpenCTIApiClient
 
 from ..errors import PayloadTooLarge, PermanentError, RetryableError, SinkError
 from ..events import OCTI_EXT, EventId, Quarantined, StreamEvent, octi_ext
+from ..files import FileCarrier, file_entries, file_key
 from ..registration import stream_connector
 from ..sink import Batch
 from ..source import same_url
@@ -47,6 +48,7 @@ from .amqp import (
     OPENCTI_SYSTEM_UUID,
     AmqpEndpoint,
     AmqpPublisher,
+    Message,
     MessageTooLarge,
     event_messages,
 )
@@ -130,9 +132,12 @@ class Push:
 
     def single(self, index: int) -> Push:
         """The push of object ``index`` alone (retrying a refused push object by object)."""
-        event = self.event_of(index)
-        events = [event] if event is not None else list(self.event_ids)
-        return Push(self.kind, [self.objects[index]], events, [event] if event else [])
+        return self.part(index, index + 1)
+
+    def part(self, start: int, end: int) -> Push:
+        """The push of objects ``start`` to ``end`` (excluded), under their own events."""
+        events = self.object_events[start:end]
+        return Push(self.kind, self.objects[start:end], events or list(self.event_ids), events)
 
     def bundle(self) -> str:
         # Deterministic bundle id: a replayed batch pushes byte-identical bundles, and two
@@ -266,19 +271,23 @@ def plan_pushes(
 
 
 _PUBLISH_MESSAGES = 4000  # per publish call: four of the publisher's 1,000-message transactions
+# ... and about this many bytes at most: messages carrying attached files are megabytes each.
+_PUBLISH_BYTES = 64 * 1024 * 1024
 
 
 def _whole_events(
-    messages: Iterator[tuple[int, bytes]], size: int
-) -> Iterator[list[tuple[int, bytes]]]:
-    """``messages`` in lists of about ``size``, never splitting an event's messages (a merge is
-    an upsert and the merge: both go, or neither)."""
-    chunk: list[tuple[int, bytes]] = []
+    messages: Iterator[Message], size: int, max_bytes: int = _PUBLISH_BYTES
+) -> Iterator[list[Message]]:
+    """``messages`` in lists of about ``size`` messages or ``max_bytes`` bytes, never splitting
+    an event's messages (a merge is an upsert and the merge: both go, or neither)."""
+    chunk: list[Message] = []
+    held = 0
     for message in messages:
-        if len(chunk) >= size and message[0] != chunk[-1][0]:
+        if chunk and (len(chunk) >= size or held >= max_bytes) and message.at != chunk[-1].at:
             yield chunk
-            chunk = []
+            chunk, held = [], 0
         chunk.append(message)
+        held += len(message.body) + len(message.plain or b"")
     if chunk:
         yield chunk
 
@@ -319,6 +328,7 @@ class OpenCTITarget:
         amqp_use_ssl: bool | None = None,
         amqp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         resolve_aliases: bool = True,
+        files: FileCarrier | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
@@ -355,6 +365,8 @@ class OpenCTITarget:
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
         self.applicant_id = OPENCTI_SYSTEM_UUID
+        # Attached files' bytes for the live sync (None: their descriptions only, no bytes).
+        self.files = files
 
     # -- pycti plumbing -------------------------------------------------------------------
 
@@ -586,12 +598,59 @@ class OpenCTITarget:
             self._publish(batch, live)
             return
         for push in plan_pushes(batch.events, self.max_bundle_objects, live):
-            try:
-                self._push(push)
-            except AccessRefused:
-                raise
-            except PermanentError as exc:
-                self._push_apart(push, exc, batch.last_id)
+            for part, files in self._file_parts(push):
+                if files is not None:
+                    self._push_carrying(part, files, batch.last_id)
+                else:
+                    self._push_or_quarantine(part, batch.last_id)
+
+    def _push_or_quarantine(self, push: Push, after: EventId) -> None:
+        try:
+            self._push(push)
+        except AccessRefused:
+            raise
+        except PermanentError as exc:
+            self._push_apart(push, exc, after)
+
+    def _file_parts(self, push: Push) -> Iterator[tuple[Push, FileCarrier | None]]:
+        """``push``, cut around the objects whose attached files are to be carried: each of them
+        goes alone (with the carrier), so that no request holds two objects' files."""
+        files = self.files
+        start = 0
+        if files is not None and push.kind == "upsert":
+            for index, obj in enumerate(push.objects):
+                if files.pending(obj):
+                    if index > start:
+                        yield push.part(start, index), None
+                    yield push.single(index), files
+                    start = index + 1
+        if start == 0:
+            yield push, None
+        elif start < len(push.objects):
+            yield push.part(start, len(push.objects)), None
+
+    def _push_carrying(self, push: Push, files: FileCarrier, after: EventId) -> None:
+        """One object with its files inline. Refused for its size (the platform's
+        max_payload_body_size), it goes without them; refused for its data, it is quarantined
+        as it came, without the bytes."""
+        obj = push.objects[0]
+        done = files.inline(obj)
+        if not done.keys:
+            self._push_or_quarantine(push, after)
+            return
+        try:
+            self._push(Push(push.kind, [done.stix], push.event_ids, push.object_events))
+        except PayloadTooLarge:
+            names = [f["name"] for f in file_entries(done.stix) if "data" in f]
+            files.left_out(done.keys, obj.get("id"), names, "refused by the target for its size")
+            self._push_or_quarantine(push, after)
+            return
+        except AccessRefused:
+            raise
+        except PermanentError as exc:
+            self._push_apart(push, exc, after)
+            return
+        files.carried(done.keys)
 
     def live_aliases(self, events: Sequence[StreamEvent]) -> dict[str, set[str]]:
         """Aliases of upserts that name *another* live entity on the target, by object id.
@@ -657,31 +716,34 @@ class OpenCTITarget:
             applicant_id=self.applicant_id,
             synchronized=self.synchronized,
             live_aliases=live,
+            carry=self.files.inline if self.files is not None else None,
         )
         # A few transactions' worth at a time: a huge group waiting on disk is never held
         # whole as messages.
         for chunk in _whole_events(messages, _PUBLISH_MESSAGES):
             self._publish_chunk(batch, chunk)
 
-    def _publish_chunk(self, batch: Batch, pending: list[tuple[int, bytes]]) -> None:
+    def _publish_chunk(self, batch: Batch, pending: list[Message]) -> None:
         assert self.publisher is not None
         while True:
             limit = self.amqp_max_message_bytes
+            # A message too large with its attached files goes without them.
+            pending = [self._fit(m, limit, batch) for m in pending]
             # Every message of an event goes, or none (a merge is an upsert plus the merge).
             too_big: dict[int, int] = {}  # by the event's index in the batch
-            for index, body in pending:
-                if len(body) > limit:
-                    too_big[index] = max(too_big.get(index, 0), len(body))
+            for m in pending:
+                if len(m.body) > limit:
+                    too_big[m.at] = max(too_big.get(m.at, 0), len(m.body))
             for index, size in too_big.items():
                 self._reject_oversized(batch.events[index], size, limit, batch.last_id)
-            sendable = [(e, body) for e, body in pending if e not in too_big]
+            sendable = [m for m in pending if m.at not in too_big]
             try:
-                self.publisher.publish([body for _, body in sendable])
-                return
+                self.publisher.publish([m.body for m in sendable])
             except MessageTooLarge as exc:
                 # Committed chunks are on the queue: never send them again.
+                self._carried(sendable[: self.publisher.committed])
                 pending = sendable[self.publisher.committed :]
-                biggest = max((len(body) for _, body in pending), default=0)
+                biggest = max((len(m.body) for m in pending), default=0)
                 if biggest == 0:
                     raise
                 # The refused message is among the uncommitted ones, so the biggest of them is
@@ -696,6 +758,23 @@ class OpenCTITarget:
                         "reason": str(exc)[:300],
                     },
                 )
+                continue
+            self._carried(sendable)
+            return
+
+    def _fit(self, m: Message, limit: int, batch: Batch) -> Message:
+        if m.plain is None or len(m.body) <= limit:
+            return m
+        assert self.files is not None
+        ev = batch.events[m.at]
+        names = [f["name"] for f in file_entries(ev.parsed().stix) if file_key(f) in m.keys]
+        why = f"the message would pass the broker's maximum size, {limit} bytes"
+        self.files.left_out(m.keys, ev.stix_id, names, why)
+        return Message(m.at, m.plain)
+
+    def _carried(self, sent: list[Message]) -> None:
+        if self.files is not None:
+            self.files.carried(k for m in sent for k in m.keys)
 
     def _reject_oversized(self, ev: StreamEvent, size: int, limit: int, after: EventId) -> None:
         reason = (
@@ -793,6 +872,8 @@ class OpenCTITarget:
         return set(self.resolve_ids(stix_ids))
 
     def close(self) -> None:
+        if self.files is not None:
+            self.files.close()  # its download client; made again at the next download
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
