@@ -375,15 +375,19 @@ def with_file_data(
 
 
 class FileCarrier:
-    """The attached files of objects synced live into a second platform, inline (``data``,
-    base64), as the platform's own Synchronizer sends them (it downloads each file an event
-    names). The bytes are read from the archive when its sink stored them (the pipeline writes
-    each batch to the archive before the target), else downloaded from the source.
+    """The attached files of objects synced live into a second platform, as the platform's own
+    Synchronizer sends them: inline (``data``, base64), the worker's import uploads them. The
+    bytes are read from the archive when its sink stored them (the pipeline writes each batch
+    to the archive before the target), else downloaded from the source.
 
-    A version (uri, version) this process carried to the target is not sent again, nor one found
-    gone or too large: an update of a report names all its files again, and the platform's
-    import leaves a file an upsert names without ``data`` as it is. A restart sends each once
-    more (harmless: the same bytes under the same name)."""
+    The target sends each object as before, without bytes, then the object once more per file
+    to carry, that file's bytes inline (``one_by_one``): memory and request size are bounded by
+    one file, not by an object's files together, and a bundle is never cut around an object
+    (its references still arrive with it). A (uri, version) the target acknowledged, or found
+    gone or too large, is not sent again this run (an update of a report names all its files
+    again, and the import leaves a file named without ``data`` as it is); within a batch the
+    first event naming it claims it. A delete forgets the object's files, so that an object
+    that comes back gets them again. A restart sends each once more (the same bytes)."""
 
     def __init__(
         self,
@@ -400,45 +404,53 @@ class FileCarrier:
         self.spool_dir = spool_dir
         self.spool_bytes = spool_bytes
         self._done: OrderedDict[str, None] = OrderedDict()
+        self._claimed: set[str] = set()  # by a message or push of the batch being written
+
+    def begin(self) -> None:
+        """A batch is written (again): what the last attempt claimed is free again."""
+        self._claimed.clear()
 
     def _todo(self, stix: dict[str, Any]) -> list[dict[str, Any]]:
-        return [e for e in file_entries(stix) if file_key(e) not in self._done]
+        return [
+            e
+            for e in file_entries(stix)
+            if (key := file_key(e)) not in self._done and key not in self._claimed
+        ]
 
     def pending(self, stix: dict[str, Any]) -> bool:
-        """Whether ``stix`` names a file not carried yet."""
+        """Whether ``stix`` names a file not carried or claimed yet."""
         return bool(self._todo(stix))
 
-    def inline(self, stix: dict[str, Any]) -> Inlined:
-        """``stix`` with the bytes of each file not carried yet inline. Files gone from the
-        source or too large are left out, counted and said here; those sent are remembered once
-        the caller reports them acknowledged (``carried``)."""
-        entries = self._todo(stix)
-        if not entries:
-            return Inlined(stix, 0, [], [])
-        gone: list[str] = []
-        big: list[str] = []
-
-        def read(entry: dict[str, Any]) -> str:
+    def one_by_one(self, stix: dict[str, Any]) -> Iterator[Inlined]:
+        """``stix`` once per file to carry, with that file's bytes inline (``keys`` names it),
+        read as the copy is asked for. Each is claimed until ``carried``, ``left_out`` or
+        ``release``. Files gone from the source or too large are counted and said here."""
+        for entry in self._todo(stix):
+            key = file_key(entry)
+            if key in self._claimed or key in self._done:
+                continue  # named twice by the object
+            self._claimed.add(key)
+            name, obj = str(entry["name"]), stix.get("id")
             try:
-                return self._read(entry)
+                data = self._read(entry)
             except NotFound:
-                gone.append(file_key(entry))
-                raise
+                log.warning(
+                    "An attached file the source no longer has: the target gets the object "
+                    "without it.",
+                    extra={"object": obj, "file": name},
+                )
+                self._settle([key], "gone")
+                continue
             except _TooLarge:
-                big.append(file_key(entry))
-                raise
-
-        done = _inlined(stix, entries, read)
-        obj = stix.get("id")
-        if done.lacking:
-            log.warning(
-                "Attached files the source no longer has: the target gets the object without them.",
-                extra={"object": obj, "files": done.lacking},
-            )
-            self._settle(gone, "gone")
-        if done.too_large:
-            self.left_out(big, obj, done.too_large, "above target.max_file_mb")
-        return done
+                self.left_out([key], obj, [name], "above target.max_file_mb")
+                continue
+            out = orjson.loads(orjson.dumps(stix))
+            for f in octi_ext(out)["files"]:
+                if f == entry:
+                    f["data"] = data
+                    break
+            del data
+            yield Inlined(out, 1, [], [], (key,))
 
     def carried(self, keys: Iterable[str]) -> None:
         """The files ``keys`` reached the target (the push or message was acknowledged)."""
@@ -453,8 +465,27 @@ class FileCarrier:
         )
         self._settle(list(keys), "too_large")
 
+    def refused(self, keys: Iterable[str], obj: Any, names: list[str], reason: str) -> None:
+        """Files the target refused (its error names the object): counted, said."""
+        log.warning(
+            "The target refused an object with an attached file inline; the object is there, "
+            "the file is not.",
+            extra={"object": obj, "files": names, "reason": reason[:300]},
+        )
+        self._settle(list(keys), "refused")
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Files claimed by a message that was not sent (its event was quarantined)."""
+        self._claimed.difference_update(keys)
+
+    def forget(self, stix: dict[str, Any]) -> None:
+        """The object was deleted: its files go with it on the target."""
+        for entry in file_entries(stix):
+            self._done.pop(file_key(entry), None)
+
     def _settle(self, keys: list[str], result: str) -> None:
         for key in keys:
+            self._claimed.discard(key)
             if key not in self._done:
                 metrics.TARGET_FILES.labels(result=result).inc()
             self._done[key] = None

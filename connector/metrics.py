@@ -104,7 +104,7 @@ TARGET_FILES = Counter(
     "opencti_sync_target_files",
     "Attached files carried to the target platform: sent (inline, acknowledged), gone (the "
     "source no longer has them), too_large (above target.max_file_mb or the transport's limit: "
-    "left out).",
+    "left out), refused (the target refused the object with it).",
     ["result"],
     registry=REGISTRY,
 )

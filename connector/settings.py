@@ -306,11 +306,12 @@ class TargetSection:
     )
     max_file_mb: float = _key(
         "TARGET_MAX_FILE_MB",
-        "Larger attached files are not carried to the target (counted and logged): a request "
-        "above the target's max_payload_body_size (50 MB) is refused, and a file is held in "
-        "memory about 4 times its size while it is sent. On the amqp transport the broker's "
-        "message size bounds it too (about 9 MB at its 16 MiB default): a larger one is left out.",
-        35.0,
+        "Larger attached files are not carried to the target (counted and logged). A file is "
+        "sent alone, held in memory about 6 times its size while it is. The target's limits "
+        "apply too, and a file they refuse is left out the same way: its max_payload_body_size "
+        "(50 MB) and, on either transport, its broker's message size (base64 twice: about 9 MB "
+        "at RabbitMQ 4's default of 16 MiB).",
+        16.0,
     )
 
 

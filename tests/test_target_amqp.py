@@ -210,10 +210,14 @@ def test_a_batch_is_published_a_few_transactions_at_a_time_and_converges(
     messages = [Message(at, body) for at, body in pairs]
     chunks = list(opencti._whole_events(iter(messages), 2))
     assert [[m.at for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
-    # Large messages (attached files inline) close a chunk by their bytes, events kept whole.
-    big = [Message(at, body * 40, body) for at, body in pairs]
+    # Large messages (attached files inline) close a chunk by their bytes, events kept whole...
+    big = [Message(at, body * 40) for at, body in pairs]
     chunks = list(opencti._whole_events(iter(big), 1000, max_bytes=100))
     assert [[m.at for m in c] for c in chunks] == [[0, 1, 1], [2, 3, 3], [4]]
+    # ... but for the extra messages that carry an event's files, one at a time.
+    files = [Message(0, b"a" * 40), *(Message(0, b"f" * 60, ("k",), True) for _ in range(3))]
+    chunks = list(opencti._whole_events(iter(files), 1000, max_bytes=100))
+    assert [len(c) for c in chunks] == [2, 2]
 
 
 def test_perfect_sync_propagates_removals(sync: Sync) -> None:

@@ -1,13 +1,17 @@
 """Attached files carried live into a second platform (``TARGET_FILES``): inline, as the
-platform's own Synchronizer sends them, read from the archive when it archives them, else
-downloaded from the source; each version once; left out, counted and said, when too large for
-the target's requests or its broker's messages, or gone from the source. Real parts: the
-simulator serves files over HTTP, pycti pushes into the platform double, a private RabbitMQ
-carries the amqp transport to the double's worker."""
+platform's own Synchronizer sends them, one file per push or message after the object itself,
+read from the archive when it archives them, else downloaded from the source; each version once;
+left out, counted and said, when too large for the target's requests or its broker's messages,
+or gone from the source. Real parts: the simulator serves files over HTTP, pycti pushes into the
+platform double, a private RabbitMQ carries the amqp transport to the double's worker."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,7 +72,7 @@ def _sent(result: str) -> float:
 
 
 def _counts() -> dict[str, float]:
-    return {r: _sent(r) for r in ("sent", "gone", "too_large")}
+    return {r: _sent(r) for r in ("sent", "gone", "too_large", "refused")}
 
 
 def _since(before: dict[str, float]) -> dict[str, float]:
@@ -110,7 +114,7 @@ def test_run_carries_files_to_the_target_from_the_archive_once_per_version(
             assert _contents(b, REPORT) == {"analysis.pdf": pdf_v1}
             assert _contents(b, MALWARE) == {"iocs.csv": csv}
             assert source.file_requests == 2  # the archive's downloads only
-            assert _since(before) == {"sent": 2, "gone": 0, "too_large": 0}
+            assert _since(before) == {"sent": 2, "gone": 0, "too_large": 0, "refused": 0}
             assert b.store.file_uploads == 2
 
             # The report changes, its file does not: not sent again, still there.
@@ -179,7 +183,7 @@ def test_run_over_amqp_downloads_files_the_archive_does_not_keep(
         (worker,) = platform_state(b.store).workers.values()
         assert not worker.failures, worker.failures[:3]
         assert _contents(b, REPORT) == {}
-        assert _since(before) == {"sent": 1, "gone": 1, "too_large": 1}
+        assert _since(before) == {"sent": 1, "gone": 1, "too_large": 1, "refused": 0}
         # Everything but the two files' bytes is there.
         diff = state_diff(source.store.dump_bundle(), b.store.dump_bundle())
         assert diff and all(d.startswith(f"{REPORT} differs: extensions") for d in diff), diff
@@ -201,8 +205,9 @@ def _one_sync(source: SimServer, b: SimServer, target: OpenCTITarget) -> Sync:
 def test_an_object_the_target_refuses_for_its_size_goes_without_its_files(
     source: SimServer,
 ) -> None:
-    """api transport: a push above the target's max_payload_body_size (413) is sent again
-    without the file, which is counted as left out; the other object's file is carried."""
+    """api transport: the object goes first without its file, then with it; a push above the
+    target's max_payload_body_size (413) leaves the file out, counted; the other object's file is
+    carried."""
     before = _counts()
     _seed(source.store)
     source.store.attach_file(REPORT, "huge.pdf", os.urandom(120_000))
@@ -217,7 +222,7 @@ def test_an_object_the_target_refuses_for_its_size_goes_without_its_files(
         assert target.rejected == []
         assert b.store.get(REPORT) is not None and _contents(b, REPORT) == {}
         assert _contents(b, MALWARE) == {"small.txt": b"small"}
-        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 1}
+        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 1, "refused": 0}
 
 
 def test_a_message_the_broker_would_refuse_goes_without_its_files(
@@ -225,8 +230,8 @@ def test_a_message_the_broker_would_refuse_goes_without_its_files(
     rabbitmq: RabbitNode,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """amqp transport: an event whose message would pass the broker's maximum size only with
-    its files inline is published without them, not quarantined."""
+    """amqp transport: the message carrying a file that would pass the broker's maximum size is
+    not sent; the event's own message is, nothing is quarantined."""
     before = _counts()
     _seed(source.store)
     source.store.attach_file(REPORT, "big.pdf", os.urandom(60_000))
@@ -247,7 +252,7 @@ def test_a_message_the_broker_would_refuse_goes_without_its_files(
             target.close()
         assert target.rejected == [] and not worker.failures
         assert b.store.get(REPORT) is not None and _contents(b, REPORT) == {}
-        assert _since(before) == {"sent": 0, "gone": 0, "too_large": 1}
+        assert _since(before) == {"sent": 0, "gone": 0, "too_large": 1, "refused": 0}
         # The operator is told which file of which object to upload by hand.
         (said,) = [r for r in caplog.records if "too large to carry" in r.getMessage()]
         assert said.__dict__["files"] == ["big.pdf"] and said.__dict__["object"] == REPORT
@@ -287,3 +292,211 @@ def test_where_run_takes_the_files_it_carries(
         assert (target.files.archive is not None) is from_archive
         assert target.files.downloads is not None
         assert target.files.max_bytes == int(2.5 * 1024 * 1024)
+
+
+def _settle(b: SimServer, target: OpenCTITarget) -> None:
+    """Wait until B applied what the target sent (amqp: its worker; api: already applied)."""
+    if target.publisher is not None:
+        worker = platform_state(b.store).workers[target.connector_id]
+        assert worker.wait_handled(target.publisher.published, timeout=60)
+        assert not worker.failures, worker.failures[:1]
+
+
+@pytest.mark.parametrize("transport", ["api", "amqp"])
+def test_a_version_named_by_every_event_of_a_batch_is_read_and_sent_once(
+    source: SimServer,
+    transport: str,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """A report edited five times after its PDF was attached: six events of one batch name the
+    same version. Both transports download it once and upload it once."""
+    _seed(source.store)
+    pdf = os.urandom(100_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    for n in range(5):
+        source.store.update(REPORT, set={"description": f"edit {n}"})
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        target = target_for(b.url, token=TOKEN_B, transport=transport, files=_carrier(source))
+        try:
+            target.check()
+            Sync(source.store, b, target).step()
+            _settle(b, target)
+        finally:
+            target.close()
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+        assert (source.file_requests, b.store.file_uploads) == (1, 1)
+
+
+@pytest.mark.parametrize("transport", ["api", "amqp"])
+def test_files_that_fit_one_by_one_are_all_carried(
+    source: SimServer,
+    transport: str,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """Two 40 KB files on one report, a target taking about 100 KB per request (api: its
+    max_payload_body_size) or per message (amqp): together they would not pass, one by one
+    they do."""
+    before = _counts()
+    _seed(source.store)
+    one, two = os.urandom(40_000), os.urandom(40_000)
+    source.store.attach_file(REPORT, "one.pdf", one)
+    source.store.attach_file(REPORT, "two.pdf", two)
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        options: dict[str, Any] = {"transport": transport, "files": _carrier(source)}
+        if transport == "api":
+            b.max_body_bytes = 100_000
+        else:
+            options["amqp_max_message_bytes"] = 100_000
+        target = target_for(b.url, token=TOKEN_B, **options)
+        try:
+            target.check()
+            Sync(source.store, b, target).step()
+            _settle(b, target)
+        finally:
+            target.close()
+        assert _contents(b, REPORT) == {"one.pdf": one, "two.pdf": two}
+        assert _since(before) == {"sent": 2, "gone": 0, "too_large": 0, "refused": 0}
+
+
+def test_the_file_of_an_event_quarantined_for_its_own_size_is_carried_by_a_later_one(
+    source: SimServer,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """amqp: a report too large for the broker even without its 2 KB file is quarantined; the
+    file is not counted too large, and reaches the target with the report's next event."""
+    before = _counts()
+    _seed(source.store)
+    txt = os.urandom(2_000)
+    source.store.update(REPORT, set={"description": "x" * 80_000})
+    source.store.attach_file(REPORT, "notes.bin", txt)
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        target = target_for(
+            b.url,
+            token=TOKEN_B,
+            transport="amqp",
+            amqp_max_message_bytes=50_000,
+            files=_carrier(source),
+        )
+        try:
+            target.check()
+            sync = Sync(source.store, b, target)
+            sync.step()
+            _settle(b, target)
+            assert len(target.rejected) >= 1  # the oversized report: quarantined
+            source.store.update(REPORT, set={"description": "short"})  # its patch is 80 KB
+            source.store.update(REPORT, set={"description": "final"})  # a small message
+            sync.step()
+            _settle(b, target)
+        finally:
+            target.close()
+        assert b.store.get(REPORT)["description"] == "final"  # type: ignore[index]
+        assert _contents(b, REPORT) == {"notes.bin": txt}
+        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
+
+
+def test_a_file_sent_with_one_event_is_counted_sent_once_not_too_large(
+    source: SimServer,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """amqp: the report's attach event carries the file; a later update of the same batch, whose
+    message would pass the broker's limit with the file, names it again: it is not sent twice,
+    and it is counted sent, not too large."""
+    before = _counts()
+    _seed(source.store)
+    pdf = os.urandom(20_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    source.store.update(REPORT, set={"description": "y" * 6_000})
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        target = target_for(
+            b.url,
+            token=TOKEN_B,
+            transport="amqp",
+            amqp_max_message_bytes=50_000,
+            files=_carrier(source),
+        )
+        try:
+            target.check()
+            Sync(source.store, b, target).step()
+            _settle(b, target)
+        finally:
+            target.close()
+        assert target.rejected == []
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
+
+
+def test_a_deleted_object_gets_its_files_again_when_it_comes_back(source: SimServer) -> None:
+    """A delete takes the object's files with it on the target: the memory of what was carried
+    forgets them, so the same version is sent again with an object that comes back."""
+    _seed(source.store)
+    source.store.attach_file(REPORT, "analysis.pdf", b"%PDF one")
+    carrier = _carrier(source)
+    stix = source.store.get(REPORT)
+    assert stix is not None
+    (done,) = list(carrier.one_by_one(stix))
+    assert not carrier.pending(stix)  # claimed by the push that carries it
+    carrier.carried(done.keys)
+    carrier.begin()  # the next batch
+    assert not carrier.pending(stix)  # carried: not again
+    carrier.forget(stix)
+    assert carrier.pending(stix)
+    carrier.close()
+
+
+def test_a_platform_that_cannot_queue_a_request_for_its_size_is_told_apart() -> None:
+    """The broker behind the platform refuses a bundle above its max_message_size; the platform
+    answers with the broker's words. That is a push too large (the file is left out), not a
+    refusal that stops the sync."""
+    from connector.errors import PayloadTooLarge
+
+    target = target_for("http://127.0.0.1:9", token=TOKEN_B)
+    error = ValueError(
+        {
+            "name": "UNKNOWN_ERROR",
+            "error_message": "message size 20971600 is larger than configured max size 16777216",
+        }
+    )
+    assert isinstance(target._translate("push upsert", error), PayloadTooLarge)
+    other = ValueError({"name": "UNKNOWN_ERROR", "error_message": "something else"})
+    assert not isinstance(target._translate("push upsert", other), PayloadTooLarge)
+
+
+def _tracked_peak(source: SimServer, files: int, size: int) -> int:
+    """Peak of the bytes this process allocates while the target carries ``files`` files of
+    ``size`` bytes on one report (the target platform runs in another process)."""
+    source.store.attach_file(MALWARE, "x.txt", b"x")  # a first event that names a file
+    for i in range(files):
+        source.store.attach_file(REPORT, f"part{i}.bin", os.urandom(size))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connector.sim", "--port", "0", "--token", TOKEN_B],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        found = re.search(r"(http://\S+)", proc.stdout.readline())
+        assert found is not None
+        target = target_for(found.group(1), token=TOKEN_B, files=_carrier(source))
+        try:
+            target.check()
+            tracemalloc.start()
+            Sync(source.store, None, target).step()  # type: ignore[arg-type]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            target.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_memory_while_carrying_files_is_bounded_by_one_file_not_by_an_objects_files() -> None:
+    """One report with six 4 MB files needs about the memory of one: each goes alone."""
+    peaks = []
+    for files in (1, 6):
+        with SimServer(token=TOKEN_A) as source:
+            _seed(source.store)
+            peaks.append(_tracked_peak(source, files, 4_000_000))
+    one, six = peaks
+    assert one > 4_000_000  # the measure sees the file at all
+    assert six < 1.5 * one, f"one file: {one / 1e6:.1f} MB, six files: {six / 1e6:.1f} MB"

@@ -180,13 +180,13 @@ def _message(
 class Message(NamedTuple):
     """One message to publish for the event at index ``at`` of the batch (by index, not event id:
     dependency events, recovery objects of one millisecond and a reconciliation's deletes share
-    their id). With attached files inline, ``plain`` is the same message without them (sent
-    instead when the broker will not take the larger one) and ``keys`` are the files'."""
+    their id). ``extra``: the event's object once more, with the attached file ``keys`` inline
+    (after the event's own messages; it may go in another transaction than they do)."""
 
     at: int
     body: bytes
-    plain: bytes | None = None
     keys: tuple[str, ...] = ()
+    extra: bool = False
 
 
 def event_messages(
@@ -195,7 +195,8 @@ def event_messages(
     applicant_id: str,
     synchronized: bool,
     live_aliases: Mapping[str, set[str]] | None = None,
-    carry: Callable[[dict[str, Any]], Inlined] | None = None,
+    carry: Callable[[dict[str, Any]], Iterator[Inlined]] | None = None,
+    limit: Callable[[], int] | None = None,
 ) -> Iterator[Message]:
     """The messages to publish for ``events``, in this order.
 
@@ -203,24 +204,15 @@ def event_messages(
     equal to the source: until a merge is applied, no upsert carries its sources' ids among
     its aliases (``MergeLookahead``; ``live_aliases`` extends it to merges in later batches),
     and a merge is preceded by an upsert of its target, so a target the other platform never
-    received is created instead of failing the merge. ``carry`` puts an upsert's attached files
-    inline (``connector.files.FileCarrier.inline``), as the Synchronizer does.
+    received is created instead of failing the merge. With ``carry``
+    (``connector.files.FileCarrier.one_by_one``), an upsert's or a merge target's attached
+    files follow its messages, one ``extra`` message per file, built as they are read; not
+    when one of the event's own messages is above ``limit()`` (the event will be quarantined,
+    and its files are left to a later event).
 
     Yielded event by event, ``events`` read twice and never held (see ``plan_pushes``).
     """
     lookahead, live = MergeLookahead(events), LiveIds()
-
-    def message(index: int, ev: StreamEvent, data: dict[str, Any], kind: str) -> Message:
-        body = _message(ev, data, kind, applicant_id, synchronized)
-        if carry is None or kind == "delete" or not names_files(ev):
-            return Message(index, body)
-        done = carry(data)
-        if not done.keys:
-            return Message(index, body)
-        return Message(
-            index, _message(ev, done.stix, kind, applicant_id, synchronized), body, done.keys
-        )
-
     for index, event in enumerate(events):
         ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
@@ -230,12 +222,25 @@ def event_messages(
         data = ev.stix
         if kind == "merge":
             pre = without_aliases(data, later_sources | merge_source_ids(ev))
-            yield message(index, ev, pre, "update")
-            yield Message(index, _message(ev, data, kind, applicant_id, synchronized))
+            own = [
+                _message(ev, pre, "update", applicant_id, synchronized),
+                _message(ev, data, kind, applicant_id, synchronized),
+            ]
+            # After the merge, the target holds the sources' ids: its files go with them.
+            data = without_aliases(data, later_sources)
+        else:
+            if kind != "delete":
+                data = without_aliases(
+                    data, later_sources | others | live_aliases_of(live_aliases, ev)
+                )
+            own = [_message(ev, data, kind, applicant_id, synchronized)]
+        yield from (Message(index, body) for body in own)
+        if limit is not None and max(len(body) for body in own) > limit():
             continue
-        if kind != "delete":
-            data = without_aliases(data, later_sources | others | live_aliases_of(live_aliases, ev))
-        yield message(index, ev, data, kind)
+        if carry is not None and kind != "delete" and names_files(ev):
+            for done in carry(data):
+                body = _message(ev, done.stix, "update", applicant_id, synchronized)
+                yield Message(index, body, done.keys, True)
 
 
 class AmqpPublisher:

@@ -95,6 +95,11 @@ _TRANSIENT_WORDS = ("lock", "timeout", "timed out", "bad gateway", "unavailable"
 # Errors about the data of one object even when they do not name it.
 _OBJECT_ERRORS = {"VALIDATION_ERROR", "MISSING_REFERENCE_ERROR"}
 _OBJECT_WORD = re.compile(r"\bobject\b")  # "object #3 has no type", not "reading 'objects'"
+# A request the platform could not queue for its size: its broker's refusal ("message size N is
+# larger than configured max size M") or its body parser's ("request entity too large").
+_TOO_LARGE = re.compile(
+    r"larger than (the )?(configured )?max(imum)? (message )?size|entity too large", re.IGNORECASE
+)
 
 
 class AccessRefused(PermanentError):
@@ -132,12 +137,9 @@ class Push:
 
     def single(self, index: int) -> Push:
         """The push of object ``index`` alone (retrying a refused push object by object)."""
-        return self.part(index, index + 1)
-
-    def part(self, start: int, end: int) -> Push:
-        """The push of objects ``start`` to ``end`` (excluded), under their own events."""
-        events = self.object_events[start:end]
-        return Push(self.kind, self.objects[start:end], events or list(self.event_ids), events)
+        event = self.event_of(index)
+        events = [event] if event is not None else list(self.event_ids)
+        return Push(self.kind, [self.objects[index]], events, [event] if event else [])
 
     def bundle(self) -> str:
         # Deterministic bundle id: a replayed batch pushes byte-identical bundles, and two
@@ -271,23 +273,25 @@ def plan_pushes(
 
 
 _PUBLISH_MESSAGES = 4000  # per publish call: four of the publisher's 1,000-message transactions
-# ... and about this many bytes at most: messages carrying attached files are megabytes each.
-_PUBLISH_BYTES = 64 * 1024 * 1024
+# ... and about this many bytes at most: a message carrying an attached file is megabytes.
+_PUBLISH_BYTES = 32 * 1024 * 1024
 
 
 def _whole_events(
     messages: Iterator[Message], size: int, max_bytes: int = _PUBLISH_BYTES
 ) -> Iterator[list[Message]]:
     """``messages`` in lists of about ``size`` messages or ``max_bytes`` bytes, never splitting
-    an event's messages (a merge is an upsert and the merge: both go, or neither)."""
+    an event's own messages (a merge is an upsert and the merge: both go, or neither); the
+    extra messages carrying its files may go in the next list."""
     chunk: list[Message] = []
     held = 0
     for message in messages:
-        if chunk and (len(chunk) >= size or held >= max_bytes) and message.at != chunk[-1].at:
+        full = len(chunk) >= size or held >= max_bytes
+        if chunk and full and (message.at != chunk[-1].at or message.extra):
             yield chunk
             chunk, held = [], 0
         chunk.append(message)
-        held += len(message.body) + len(message.plain or b"")
+        held += len(message.body)
     if chunk:
         yield chunk
 
@@ -428,6 +432,8 @@ class OpenCTITarget:
             text = f"{where}: {name}: {message}"
             text += (f": {reason}" if reason else "") + (f" (object {obj})" if obj else "")
             text = self._scrub(text)
+            if _TOO_LARGE.search(f"{message} {reason or ''}"):
+                return PayloadTooLarge(text)
             if name in _AUTH_ERRORS:
                 return AccessRefused(text + " - check the target token and its capabilities")
             lowered = message.lower()
@@ -594,63 +600,46 @@ class OpenCTITarget:
 
     def _write(self, batch: Batch) -> None:
         live = self.live_aliases(batch.events) if self.resolve_aliases else {}
+        files = self.files
+        if files is not None:
+            files.begin()
+            for event in batch.events:
+                if event.event == "delete":
+                    files.forget(event.parsed().stix)
         if self.publisher is not None:
             self._publish(batch, live)
             return
         for push in plan_pushes(batch.events, self.max_bundle_objects, live):
-            for part, files in self._file_parts(push):
-                if files is not None:
-                    self._push_carrying(part, files, batch.last_id)
-                else:
-                    self._push_or_quarantine(part, batch.last_id)
+            refused: set[int] = set()
+            try:
+                self._push(push)
+            except AccessRefused:
+                raise
+            except PermanentError as exc:
+                refused = self._push_apart(push, exc, batch.last_id)
+            if files is not None and push.kind == "upsert":
+                for index, obj in enumerate(push.objects):
+                    if index not in refused and files.pending(obj):
+                        self._push_files(push.single(index), files)
 
-    def _push_or_quarantine(self, push: Push, after: EventId) -> None:
-        try:
-            self._push(push)
-        except AccessRefused:
-            raise
-        except PermanentError as exc:
-            self._push_apart(push, exc, after)
-
-    def _file_parts(self, push: Push) -> Iterator[tuple[Push, FileCarrier | None]]:
-        """``push``, cut around the objects whose attached files are to be carried: each of them
-        goes alone (with the carrier), so that no request holds two objects' files."""
-        files = self.files
-        start = 0
-        if files is not None and push.kind == "upsert":
-            for index, obj in enumerate(push.objects):
-                if files.pending(obj):
-                    if index > start:
-                        yield push.part(start, index), None
-                    yield push.single(index), files
-                    start = index + 1
-        if start == 0:
-            yield push, None
-        elif start < len(push.objects):
-            yield push.part(start, len(push.objects)), None
-
-    def _push_carrying(self, push: Push, files: FileCarrier, after: EventId) -> None:
-        """One object with its files inline. Refused for its size (the platform's
-        max_payload_body_size), it goes without them; refused for its data, it is quarantined
-        as it came, without the bytes."""
+    def _push_files(self, push: Push, files: FileCarrier) -> None:
+        """After ``push`` of one object went through: the object again once per attached file
+        to carry, that file inline. Refused for its size (413, the broker behind the platform)
+        or for its data, the file is left out, counted and said; the object is already there."""
         obj = push.objects[0]
-        done = files.inline(obj)
-        if not done.keys:
-            self._push_or_quarantine(push, after)
-            return
-        try:
-            self._push(Push(push.kind, [done.stix], push.event_ids, push.object_events))
-        except PayloadTooLarge:
+        for done in files.one_by_one(obj):
             names = [f["name"] for f in file_entries(done.stix) if "data" in f]
-            files.left_out(done.keys, obj.get("id"), names, "refused by the target for its size")
-            self._push_or_quarantine(push, after)
-            return
-        except AccessRefused:
-            raise
-        except PermanentError as exc:
-            self._push_apart(push, exc, after)
-            return
-        files.carried(done.keys)
+            try:
+                self._push(Push(push.kind, [done.stix], push.event_ids, push.object_events))
+            except PayloadTooLarge:
+                files.left_out(
+                    done.keys, obj.get("id"), names, "refused by the target for its size"
+                )
+                continue
+            except ObjectRefused as exc:
+                files.refused(done.keys, obj.get("id"), names, str(exc))
+                continue
+            files.carried(done.keys)
 
     def live_aliases(self, events: Sequence[StreamEvent]) -> dict[str, set[str]]:
         """Aliases of upserts that name *another* live entity on the target, by object id.
@@ -716,27 +705,28 @@ class OpenCTITarget:
             applicant_id=self.applicant_id,
             synchronized=self.synchronized,
             live_aliases=live,
-            carry=self.files.inline if self.files is not None else None,
+            carry=self.files.one_by_one if self.files is not None else None,
+            limit=lambda: self.amqp_max_message_bytes,
         )
+        refused: set[int] = set()  # events quarantined: their extra messages are not sent
         # A few transactions' worth at a time: a huge group waiting on disk is never held
         # whole as messages.
         for chunk in _whole_events(messages, _PUBLISH_MESSAGES):
-            self._publish_chunk(batch, chunk)
+            self._publish_chunk(batch, chunk, refused)
 
-    def _publish_chunk(self, batch: Batch, pending: list[Message]) -> None:
+    def _publish_chunk(self, batch: Batch, pending: list[Message], refused: set[int]) -> None:
         assert self.publisher is not None
         while True:
             limit = self.amqp_max_message_bytes
-            # A message too large with its attached files goes without them.
-            pending = [self._fit(m, limit, batch) for m in pending]
             # Every message of an event goes, or none (a merge is an upsert plus the merge).
             too_big: dict[int, int] = {}  # by the event's index in the batch
             for m in pending:
-                if len(m.body) > limit:
+                if not m.extra and len(m.body) > limit:
                     too_big[m.at] = max(too_big.get(m.at, 0), len(m.body))
             for index, size in too_big.items():
                 self._reject_oversized(batch.events[index], size, limit, batch.last_id)
-            sendable = [m for m in pending if m.at not in too_big]
+            refused.update(too_big)
+            sendable = [m for m in pending if self._sendable(m, limit, batch, refused)]
             try:
                 self.publisher.publish([m.body for m in sendable])
             except MessageTooLarge as exc:
@@ -762,15 +752,22 @@ class OpenCTITarget:
             self._carried(sendable)
             return
 
-    def _fit(self, m: Message, limit: int, batch: Batch) -> Message:
-        if m.plain is None or len(m.body) <= limit:
-            return m
-        assert self.files is not None
-        ev = batch.events[m.at]
-        names = [f["name"] for f in file_entries(ev.parsed().stix) if file_key(f) in m.keys]
-        why = f"the message would pass the broker's maximum size, {limit} bytes"
-        self.files.left_out(m.keys, ev.stix_id, names, why)
-        return Message(m.at, m.plain)
+    def _sendable(self, m: Message, limit: int, batch: Batch, refused: set[int]) -> bool:
+        """Whether ``m`` goes: not when its event was quarantined (its files are claimed no
+        more: a later event naming them carries them), nor a file's message above the broker's
+        limit (that file is left out; the object went without it)."""
+        if m.at in refused:
+            if self.files is not None:
+                self.files.release(m.keys)
+            return False
+        if m.extra and len(m.body) > limit:
+            assert self.files is not None
+            ev = batch.events[m.at]
+            names = [f["name"] for f in file_entries(ev.parsed().stix) if file_key(f) in m.keys]
+            why = f"its message would pass the broker's maximum size, {limit} bytes"
+            self.files.left_out(m.keys, ev.stix_id, names, why)
+            return False
+        return True
 
     def _carried(self, sent: list[Message]) -> None:
         if self.files is not None:
@@ -796,8 +793,9 @@ class OpenCTITarget:
             )
         )
 
-    def _push_apart(self, push: Push, error: PermanentError, after: EventId) -> None:
-        """A push was refused: quarantine the objects the platform refuses for themselves.
+    def _push_apart(self, push: Push, error: PermanentError, after: EventId) -> set[int]:
+        """A push was refused: quarantine the objects the platform refuses for themselves, and
+        return their indexes in the push.
 
         Only ``ObjectRefused`` is quarantined, whatever the number of objects: a one-object push
         refused otherwise raises its error; a bigger one is retried object by object, and a
@@ -837,6 +835,7 @@ class OpenCTITarget:
                     f"refused by {self.url}: {reason}",
                 )
             )
+        return {index for index, _ in refused}
 
     def push_objects(self, objects: list[dict[str, Any]]) -> None:
         """Plain upserts of STIX objects, in the given order (used by restore)."""
