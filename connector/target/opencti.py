@@ -603,12 +603,19 @@ class OpenCTITarget:
         files = self.files
         if files is not None:
             files.begin()
+        if self.publisher is not None:
+            self._publish(batch, live)
+        else:
+            self._push_batch(batch, live)
+        if files is not None:
+            # A delete took the object's files with it on the target: an object that comes
+            # back gets them again. (After the batch: its earlier events carried them.)
             for event in batch.events:
                 if event.event == "delete":
                     files.forget(event.parsed().stix)
-        if self.publisher is not None:
-            self._publish(batch, live)
-            return
+
+    def _push_batch(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
+        files = self.files
         for push in plan_pushes(batch.events, self.max_bundle_objects, live):
             refused: set[int] = set()
             try:
