@@ -218,6 +218,10 @@ def test_a_batch_is_published_a_few_transactions_at_a_time_and_converges(
     files = [Message(0, b"a" * 40), *(Message(0, b"f" * 60, ("k",), True) for _ in range(3))]
     chunks = list(opencti._whole_events(iter(files), 1000, max_bytes=100))
     assert [len(c) for c in chunks] == [2, 2]
+    # An event's extra messages end a list: the next event is built once they are published.
+    then = [Message(0, b"a"), Message(0, b"f", ("k",), True), Message(1, b"b"), Message(2, b"c")]
+    chunks = list(opencti._whole_events(iter(then), 1000))
+    assert [[m.at for m in c] for c in chunks] == [[0, 0], [1, 2]]
 
 
 def test_perfect_sync_propagates_removals(sync: Sync) -> None:

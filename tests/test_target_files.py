@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pytest
 
 from connector import metrics
-from connector.files import Downloads, FileCarrier, FileFetcher
+from connector.files import Downloads, FileArchiver, FileCarrier, FileFetcher
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
@@ -28,8 +28,9 @@ from connector.storage.local import LocalStorage
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
-from tests.support.rabbitmq import RabbitNode, rabbitmq  # noqa: F401
-from tests.support.target import Sync, target_for
+from tests.support.rabbitmq import RabbitNode, private_broker, rabbitmq  # noqa: F401
+from tests.support.simlog import copy_event, sim_events
+from tests.support.target import Sync, batch_of, target_for
 
 TOKEN_A = "token-target-files-a"
 TOKEN_B = "token-target-files-b"
@@ -425,24 +426,6 @@ def test_a_file_sent_with_one_event_is_counted_sent_once_not_too_large(
         assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
 
 
-def test_a_deleted_object_gets_its_files_again_when_it_comes_back(source: SimServer) -> None:
-    """A delete takes the object's files with it on the target: the memory of what was carried
-    forgets them, so the same version is sent again with an object that comes back."""
-    _seed(source.store)
-    source.store.attach_file(REPORT, "analysis.pdf", b"%PDF one")
-    carrier = _carrier(source)
-    stix = source.store.get(REPORT)
-    assert stix is not None
-    (done,) = list(carrier.one_by_one(stix))
-    assert not carrier.pending(stix)  # claimed by the push that carries it
-    carrier.carried(done.keys)
-    carrier.begin()  # the next batch
-    assert not carrier.pending(stix)  # carried: not again
-    carrier.forget(stix)
-    assert carrier.pending(stix)
-    carrier.close()
-
-
 def test_a_platform_that_cannot_queue_a_request_for_its_size_is_told_apart() -> None:
     """The broker behind the platform refuses a bundle above its max_message_size; the platform
     answers with the broker's words. That is a push too large (the file is left out), not a
@@ -500,3 +483,123 @@ def test_memory_while_carrying_files_is_bounded_by_one_file_not_by_an_objects_fi
     one, six = peaks
     assert one > 4_000_000  # the measure sees the file at all
     assert six < 1.5 * one, f"one file: {one / 1e6:.1f} MB, six files: {six / 1e6:.1f} MB"
+
+
+LIMIT = 1024 * 1024  # the small broker's max_message_size
+
+
+@pytest.fixture(scope="module")
+def small_broker() -> Iterator[RabbitNode]:
+    yield from private_broker("octisync-rabbit-files-", f"max_message_size = {LIMIT}\n")
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["limit-configured", "limit-learned"])
+def test_a_later_event_of_the_batch_carries_the_file_of_an_event_quarantined_for_size(
+    source: SimServer, small_broker: RabbitNode, learned: bool
+) -> None:
+    """A report too large for the broker names a 2 KB file; its last event of the same batch is
+    small and names it too: that event carries it, whether the broker's limit was configured or
+    is learned from its refusal in the middle of the batch."""
+    before = _counts()
+    _seed(source.store)
+    txt = os.urandom(2_000)
+    source.store.update(REPORT, set={"description": "x" * (LIMIT + 100_000)})
+    source.store.attach_file(REPORT, "notes.bin", txt)
+    source.store.update(REPORT, set={"description": "short"})  # its reverse patch is big
+    source.store.update(REPORT, set={"description": "final"})  # small, names the file
+    options = {} if learned else {"amqp_max_message_bytes": LIMIT}
+    with SimServer(token=TOKEN_B, amqp_url=small_broker.url) as b:
+        target = target_for(
+            b.url, token=TOKEN_B, transport="amqp", files=_carrier(source), **options
+        )
+        try:
+            target.check()
+            Sync(source.store, b, target).step()
+            _settle(b, target)
+        finally:
+            target.close()
+        assert target.amqp_max_message_bytes <= LIMIT
+        assert len(target.rejected) == 3  # the big update, the attach, "short"
+        assert b.store.get(REPORT)["description"] == "final"  # type: ignore[index]
+        assert _contents(b, REPORT) == {"notes.bin": txt}
+        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
+
+
+def _archive_then_target(archiver: FileArchiver, sync: Sync) -> None:
+    """What the pipeline does with one batch: the archive (files first), then the target."""
+    events, pos = sim_events(sync.a, sync.pos)
+    archiver.store(events)
+    sync.target.write(batch_of(events))
+    sync.pos = pos
+
+
+def test_a_file_carried_before_is_not_sent_again_to_an_object_deleted_in_the_batch(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The report's PDF reached the target in batch 1. Batch 2 edits the report (naming the PDF
+    again), then deletes it: the PDF is not read nor sent again."""
+    before = _counts()
+    _seed(source.store)
+    pdf = os.urandom(200_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    storage = LocalStorage(str(tmp_path / "archive"))
+    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+    carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
+    with SimServer(token=TOKEN_B) as b:
+        target = target_for(b.url, token=TOKEN_B, files=carrier)
+        try:
+            target.check()
+            sync = Sync(source.store, b, target)
+            _archive_then_target(archiver, sync)
+            assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+            source.store.update(REPORT, set={"description": "about to go"})
+            source.store.delete(REPORT)
+            _archive_then_target(archiver, sync)
+        finally:
+            target.close()
+            archiver.close()
+        assert b.store.get(REPORT) is None
+        assert b.store.file_uploads == 1
+        assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["delete-in-next-batch", "same-batch"])
+def test_an_object_that_comes_back_after_a_delete_gets_its_file_again(
+    source: SimServer, tmp_path: Path, together: bool
+) -> None:
+    """A delete takes the object's files with it on the target; the object that comes back
+    (the same entity and file: a restore from the platform's trash, sent here the way the stream
+    re-sends an object) gets its file again, also when the file was carried in the delete's own
+    batch."""
+    _seed(source.store)
+    pdf = os.urandom(100_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    report = source.store.get(REPORT)
+    assert report is not None
+    storage = LocalStorage(str(tmp_path / "archive"))
+    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+    carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
+    with SimServer(token=TOKEN_B) as b:
+        target = target_for(b.url, token=TOKEN_B, files=carrier)
+        try:
+            target.check()
+            sync = Sync(source.store, b, target)
+            if together:
+                events, pos = sim_events(source.store)
+                archiver.store(events)  # the archive has the PDF (downloaded before the delete)
+                source.store.delete(REPORT)
+                more, sync.pos = sim_events(source.store, pos)
+                target.write(batch_of(events + more))
+            else:
+                _archive_then_target(archiver, sync)
+                source.store.delete(REPORT)
+                _archive_then_target(archiver, sync)
+            assert b.store.get(REPORT) is None
+            last = sync.a.last_event_id
+            assert last is not None
+            back = copy_event(f"{int(last.split('-')[0]) + 1}-0", report)
+            target.write(batch_of([back]))
+        finally:
+            target.close()
+            archiver.close()
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf}

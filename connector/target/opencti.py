@@ -282,12 +282,17 @@ def _whole_events(
 ) -> Iterator[list[Message]]:
     """``messages`` in lists of about ``size`` messages or ``max_bytes`` bytes, never splitting
     an event's own messages (a merge is an upsert and the merge: both go, or neither); the
-    extra messages carrying its files may go in the next list."""
+    extra messages carrying its files may go in the next list.
+
+    A list also ends after an event's extra messages: the next event is built only once they
+    are published, so that when the broker refuses that event (a size limit learned now), the
+    files it claimed are free for the events after it."""
     chunk: list[Message] = []
     held = 0
     for message in messages:
         full = len(chunk) >= size or held >= max_bytes
-        if chunk and full and (message.at != chunk[-1].at or message.extra):
+        files_done = chunk and chunk[-1].extra and not message.extra
+        if chunk and (files_done or (full and (message.at != chunk[-1].at or message.extra))):
             yield chunk
             chunk, held = [], 0
         chunk.append(message)
