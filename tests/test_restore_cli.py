@@ -419,7 +419,14 @@ def test_a_full_work_dir_is_one_line_and_not_archive_damage(
         args += ["--to-bundle", str(tmp_path / "b.json"), "--work-dir", str(work)]
     done = subprocess.run(
         args,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OPENCTI_SYNC_WORK_DIR": str(work)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "OPENCTI_SYNC_WORK_DIR": str(work),
+            # Under the file size limit a bytecode cache written here would be cut short, and
+            # break every later import of that module (a run of this file alone, after an edit).
+            "PYTHONDONTWRITEBYTECODE": "1",
+        },
         capture_output=True,
         text=True,
         timeout=120,
