@@ -412,7 +412,7 @@ def _snapshot_header_row(line: bytes) -> tuple[tuple[Any, ...], list[str], str] 
     if type(head) is not dict or tuple(head) != _SNAPSHOT_HEADER:
         return None
     key, stix_id, event_id, event, iid, stype, phase, version, refs, aliases = head.values()
-    blob = line[cut + 8 : line.rstrip().rfind(b"}")]
+    blob = line[cut + 8 : line.rfind(b"}")]  # the last brace closes the line's object
     if not (
         type(key) is str
         and type(stix_id) is str
@@ -588,6 +588,9 @@ class StateStore:
         self._seen = _Seen()
         self._new_aliases: dict[str, str] = {}  # alias -> key, not yet in ``aliases``
         self._seen_loaded = self._db.execute("SELECT 1 FROM aliases LIMIT 1").fetchone() is None
+        # After a snapshot load: ids a fold may look up in SQLite before the filter is filled
+        # (filling it costs about as much as looking up an eighth of the aliases it holds).
+        self._unfiltered_budget = 0
         self.as_of: EventId | None = None
         self._reload_as_of()
 
@@ -783,14 +786,23 @@ class StateStore:
 
     def _fold_batch(self, items: list[_Item]) -> int:
         """Fold ``items`` up to the first one that needs ``_upsert``; returns how many."""
-        self._load_seen()
-        maybe = self._seen.maybe
         wanted: set[str] = set()
-        for item in items:
-            iid = item[3]
-            if iid and maybe(iid):
-                wanted.add(iid)
-            wanted.update(i for i in item[4] if maybe(i))
+        if not self._seen_loaded and self._unfiltered_budget > 0:
+            # A few events after a snapshot: asking SQLite about each id is cheaper than
+            # filling the filter with every alias the snapshot brought.
+            for item in items:
+                if item[3]:
+                    wanted.add(item[3])
+                wanted.update(item[4])
+            self._unfiltered_budget -= len(wanted)
+        else:
+            self._load_seen()
+            maybe = self._seen.maybe
+            for item in items:
+                iid = item[3]
+                if iid and maybe(iid):
+                    wanted.add(iid)
+                wanted.update(i for i in item[4] if maybe(i))
         known = self._lookup(wanted) if wanted else {}
         # Re-creating a tombstoned object ends its tombstone; most folds have none to check.
         tombstones = self._db.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None
@@ -1340,17 +1352,16 @@ class StateStore:
             self._indexed.discard("by_key")
             db.execute("CREATE TEMP TABLE IF NOT EXISTS snapshot_aliases (key TEXT, aliases TEXT)")
             db.execute("DELETE FROM temp.snapshot_aliases")
-            add = self._seen.add_many
             batch: list[tuple[Any, ...]] = []
             staged: list[tuple[str, str]] = []  # (key, JSON array of its aliases)
+            aliases_loaded = 0
             for line in object_lines:
                 got = _snapshot_header_row(line) if trusted else None
                 if got is None:
                     row, aliases = _snapshot_row(line)
                     got = row, aliases, orjson.dumps(aliases).decode()
                 batch.append(got[0])
-                # The filter learns every alias here, before the statement below writes them.
-                add(got[1])
+                aliases_loaded += len(got[1])
                 staged.append((got[0][0], got[2]))
                 if len(batch) >= _LOAD_ROWS:
                     db.executemany(_UPSERT_OBJECT, batch)
@@ -1366,6 +1377,11 @@ class StateStore:
             )
             self.as_of = None
             self._set_as_of(as_of)
+        # The filter does not know the loaded aliases: filled by the first fold that needs it
+        # (a plan from a recent snapshot folds a few events, and never does).
+        self._seen = _Seen()
+        self._seen_loaded = False
+        self._unfiltered_budget = aliases_loaded // 8
 
     def load_snapshot(self, storage: Storage, as_of_key: str) -> None:
         """Seed the state from the committed snapshot ``snapshots/<as_of_key>/``."""

@@ -16,7 +16,8 @@ import pytest
 from connector.archive import ArchiveReader
 from connector.archive.segment import compress
 from connector.errors import MalformedEvent, PermanentError
-from connector.events import OCTI_EXT, EventId
+from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.sim import sample_bundle
 from connector.snapshot import (
     fold_segments,
     iter_snapshot_object_lines,
@@ -31,12 +32,15 @@ from connector.state import SNAPSHOT_ROWS, StateStore
 from connector.storage.local import LocalStorage
 from tests.support.statedb import state_tables
 from tests.test_state import (
+    SAMPLE,
+    SPELEVO,
     archive_events,
     assert_equal_objects,
     new_sim,
     replay,
     run_scenario,
     sim_events,
+    sim_objects,
     state_objects,
 )
 
@@ -56,7 +60,10 @@ def _keys(storage: LocalStorage) -> list[str]:
     return list(storage.list(""))
 
 
-def test_incremental_snapshot_equals_full_replay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unfiltered", [None, 0, 10**9], ids=["as-loaded", "filter", "sql"])
+def test_incremental_snapshot_equals_full_replay(tmp_path: Path, unfiltered: int | None) -> None:
+    """``unfiltered``: how many ids the fold after the snapshot may look up in SQLite before
+    it fills its Bloom filter (None: what the load sets; 0: the filter at once; all of them)."""
     storage, marks, events, cut = _split_archive(tmp_path / "archive")
     first = write_snapshot(storage, work_dir=tmp_path / "work", part_objects=7)
     assert first is not None and first.as_of == EventId.parse(marks[2])
@@ -80,6 +87,8 @@ def test_incremental_snapshot_equals_full_replay(tmp_path: Path) -> None:
         # The first snapshot plus the segments after it is the full replay too.
         with StateStore(tmp_path / "folded.sqlite") as folded:
             folded.load_snapshot(storage, first.key)
+            if unfiltered is not None:
+                folded._unfiltered_budget = unfiltered
             segments, applied, last = fold_segments(
                 folded, ArchiveReader(storage), start_after=first.last_segment_manifest
             )
@@ -87,6 +96,34 @@ def test_incremental_snapshot_equals_full_replay(tmp_path: Path) -> None:
             assert last == second.last_segment_manifest
             assert_equal_objects(state_objects(folded), state_objects(full))
             assert list(folded.tombstones()) == list(full.tombstones())
+
+
+@pytest.mark.parametrize("unfiltered", [None, 0], ids=["as-loaded", "filter"])
+def test_a_stale_resend_after_a_snapshot_does_not_replace_the_newer_version(
+    tmp_path: Path, unfiltered: int | None
+) -> None:
+    """Events folded after a snapshot load resolve against the snapshot's objects, whether the
+    fold asks SQLite about each id (a few events: what the load sets) or fills its Bloom
+    filter first: an older version re-sent does not replace the snapshot's newer one."""
+    store = new_sim()
+    store.load_bundle(sample_bundle(SAMPLE))
+    first, pos = sim_events(store)
+    store.update(SPELEVO, set={"description": "v2"})
+    later, _ = sim_events(store, pos)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, first + later)
+    info = write_snapshot(storage, work_dir=tmp_path / "work")
+    assert info is not None
+    stale = next(ev for ev in first if ev.stix_id == SPELEVO)
+    resend = StreamEvent.from_sse(f"{later[-1].id.ms + 1}-0", "create", stale.raw)
+    with StateStore(tmp_path / "s.sqlite", scratch=True) as state:
+        state.load_snapshot(storage, info.key)
+        if unfiltered is not None:
+            state._unfiltered_budget = unfiltered
+        state.apply_many([resend])
+        obj = state.get(SPELEVO)
+        assert obj is not None and obj["description"] == "v2"
+        assert_equal_objects(state_objects(state), sim_objects(store))
 
 
 def test_rerun_is_idempotent(tmp_path: Path) -> None:
