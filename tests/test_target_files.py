@@ -196,11 +196,25 @@ def _carrier(source: SimServer, **kwargs: Any) -> FileCarrier:
     return FileCarrier(**{**options, **kwargs})
 
 
-def _one_sync(source: SimServer, b: SimServer, target: OpenCTITarget) -> Sync:
-    target.check()
-    sync = Sync(source.store, b, target)
-    sync.step()
-    return sync
+def _settle(b: SimServer, target: OpenCTITarget) -> None:
+    """Wait until B applied what the target sent (amqp: its worker; api: already applied)."""
+    if target.publisher is not None:
+        worker = platform_state(b.store).workers[target.connector_id]
+        assert worker.wait_handled(target.publisher.published, timeout=60)
+        assert not worker.failures, worker.failures[:1]
+
+
+def _sync_once(source: SimServer, b: SimServer, **options: Any) -> OpenCTITarget:
+    """The source's stream so far written to B in one batch by a target carrying files
+    (``options`` override ``target_for``'s), applied by B, the target closed; returns it."""
+    target = target_for(b.url, **{"token": TOKEN_B, "files": _carrier(source), **options})
+    try:
+        target.check()
+        Sync(source.store, b, target).step()
+        _settle(b, target)
+    finally:
+        target.close()
+    return target
 
 
 def test_an_object_the_target_refuses_for_its_size_goes_without_its_files(
@@ -215,11 +229,7 @@ def test_an_object_the_target_refuses_for_its_size_goes_without_its_files(
     source.store.attach_file(MALWARE, "small.txt", b"small", mime_type="text/plain")
     with SimServer(token=TOKEN_B) as b:
         b.max_body_bytes = 100_000
-        target = target_for(b.url, token=TOKEN_B, files=_carrier(source))
-        try:
-            _one_sync(source, b, target)
-        finally:
-            target.close()
+        target = _sync_once(source, b)
         assert target.rejected == []
         assert b.store.get(REPORT) is not None and _contents(b, REPORT) == {}
         assert _contents(b, MALWARE) == {"small.txt": b"small"}
@@ -237,21 +247,8 @@ def test_a_message_the_broker_would_refuse_goes_without_its_files(
     _seed(source.store)
     source.store.attach_file(REPORT, "big.pdf", os.urandom(60_000))
     with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
-        target = target_for(
-            b.url,
-            token=TOKEN_B,
-            transport="amqp",
-            amqp_max_message_bytes=50_000,
-            files=_carrier(source),
-        )
-        try:
-            _one_sync(source, b, target)
-            worker = platform_state(b.store).workers[target.connector_id]
-            assert target.publisher is not None
-            assert worker.wait_handled(target.publisher.published, timeout=60)
-        finally:
-            target.close()
-        assert target.rejected == [] and not worker.failures
+        target = _sync_once(source, b, transport="amqp", amqp_max_message_bytes=50_000)
+        assert target.rejected == []  # and B's worker refused nothing (_settle)
         assert b.store.get(REPORT) is not None and _contents(b, REPORT) == {}
         assert _since(before) == {"sent": 0, "gone": 0, "too_large": 1, "refused": 0}
         # The operator is told which file of which object to upload by hand.
@@ -295,14 +292,6 @@ def test_where_run_takes_the_files_it_carries(
         assert target.files.max_bytes == int(2.5 * 1024 * 1024)
 
 
-def _settle(b: SimServer, target: OpenCTITarget) -> None:
-    """Wait until B applied what the target sent (amqp: its worker; api: already applied)."""
-    if target.publisher is not None:
-        worker = platform_state(b.store).workers[target.connector_id]
-        assert worker.wait_handled(target.publisher.published, timeout=60)
-        assert not worker.failures, worker.failures[:1]
-
-
 @pytest.mark.parametrize("transport", ["api", "amqp"])
 def test_a_version_named_by_every_event_of_a_batch_is_read_and_sent_once(
     source: SimServer,
@@ -317,13 +306,7 @@ def test_a_version_named_by_every_event_of_a_batch_is_read_and_sent_once(
     for n in range(5):
         source.store.update(REPORT, set={"description": f"edit {n}"})
     with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
-        target = target_for(b.url, token=TOKEN_B, transport=transport, files=_carrier(source))
-        try:
-            target.check()
-            Sync(source.store, b, target).step()
-            _settle(b, target)
-        finally:
-            target.close()
+        _sync_once(source, b, transport=transport)
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
         assert (source.file_requests, b.store.file_uploads) == (1, 1)
 
@@ -343,18 +326,12 @@ def test_files_that_fit_one_by_one_are_all_carried(
     source.store.attach_file(REPORT, "one.pdf", one)
     source.store.attach_file(REPORT, "two.pdf", two)
     with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
-        options: dict[str, Any] = {"transport": transport, "files": _carrier(source)}
+        options: dict[str, Any] = {"transport": transport}
         if transport == "api":
             b.max_body_bytes = 100_000
         else:
             options["amqp_max_message_bytes"] = 100_000
-        target = target_for(b.url, token=TOKEN_B, **options)
-        try:
-            target.check()
-            Sync(source.store, b, target).step()
-            _settle(b, target)
-        finally:
-            target.close()
+        _sync_once(source, b, **options)
         assert _contents(b, REPORT) == {"one.pdf": one, "two.pdf": two}
         assert _since(before) == {"sent": 2, "gone": 0, "too_large": 0, "refused": 0}
 
@@ -408,19 +385,7 @@ def test_a_file_sent_with_one_event_is_counted_sent_once_not_too_large(
     source.store.attach_file(REPORT, "analysis.pdf", pdf)
     source.store.update(REPORT, set={"description": "y" * 6_000})
     with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
-        target = target_for(
-            b.url,
-            token=TOKEN_B,
-            transport="amqp",
-            amqp_max_message_bytes=50_000,
-            files=_carrier(source),
-        )
-        try:
-            target.check()
-            Sync(source.store, b, target).step()
-            _settle(b, target)
-        finally:
-            target.close()
+        target = _sync_once(source, b, transport="amqp", amqp_max_message_bytes=50_000)
         assert target.rejected == []
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
         assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
@@ -509,15 +474,7 @@ def test_a_later_event_of_the_batch_carries_the_file_of_an_event_quarantined_for
     source.store.update(REPORT, set={"description": "final"})  # small, names the file
     options = {} if learned else {"amqp_max_message_bytes": LIMIT}
     with SimServer(token=TOKEN_B, amqp_url=small_broker.url) as b:
-        target = target_for(
-            b.url, token=TOKEN_B, transport="amqp", files=_carrier(source), **options
-        )
-        try:
-            target.check()
-            Sync(source.store, b, target).step()
-            _settle(b, target)
-        finally:
-            target.close()
+        target = _sync_once(source, b, transport="amqp", **options)
         assert target.amqp_max_message_bytes <= LIMIT
         assert len(target.rejected) == 3  # the big update, the attach, "short"
         assert b.store.get(REPORT)["description"] == "final"  # type: ignore[index]
