@@ -330,28 +330,6 @@ class _TooLarge(Exception):
     pass
 
 
-def _inlined(
-    stix: dict[str, Any], entries: list[dict[str, Any]], read: Callable[[dict[str, Any]], str]
-) -> Inlined:
-    """A copy of ``stix`` where each of ``entries`` has ``read(entry)`` as its ``data``; ``read``
-    raises ``NotFound`` or ``_TooLarge`` for a file it leaves out."""
-    out = orjson.loads(orjson.dumps(stix))
-    lacking: list[str] = []
-    too_large: list[str] = []
-    keys: list[str] = []
-    for f in octi_ext(out)["files"]:
-        if f not in entries:
-            continue
-        try:
-            f["data"] = read(f)
-            keys.append(file_key(f))
-        except _TooLarge:
-            too_large.append(str(f["name"]))
-        except NotFound:
-            lacking.append(str(f["name"]))
-    return Inlined(out, len(keys), lacking, too_large, tuple(keys))
-
-
 def with_file_data(
     stix: dict[str, Any], storage: Storage, *, max_bytes: int | None = None
 ) -> Inlined:
@@ -363,15 +341,23 @@ def with_file_data(
     entries = file_entries(stix)
     if not entries:
         return Inlined(stix, 0, [], [])
-
-    def read(entry: dict[str, Any]) -> str:
-        key = file_key(entry)
-        if max_bytes is not None and storage.size(key) > max_bytes:
-            raise _TooLarge
-        with storage.open(key) as fh:
-            return _b64(fh)
-
-    return _inlined(stix, entries, read)
+    out = orjson.loads(orjson.dumps(stix))
+    done = Inlined(out, 0, [], [])
+    inline = 0
+    for f in octi_ext(out)["files"]:
+        if f not in entries:
+            continue
+        key = file_key(f)
+        try:
+            if max_bytes is not None and storage.size(key) > max_bytes:
+                done.too_large.append(str(f["name"]))
+                continue
+            with storage.open(key) as fh:
+                f["data"] = _b64(fh)
+            inline += 1
+        except NotFound:
+            done.lacking.append(str(f["name"]))
+    return done._replace(inline=inline)
 
 
 class FileCarrier:
