@@ -235,9 +235,9 @@ def event_messages(
                 )
             own = [_message(ev, data, kind, applicant_id, synchronized)]
         yield from (Message(index, body) for body in own)
-        if limit is not None and max(len(body) for body in own) > limit():
+        if carry is None or kind == "delete" or not names_files(ev):
             continue
-        if carry is not None and kind != "delete" and names_files(ev):
+        if limit is None or max(len(body) for body in own) <= limit():
             for done in carry(data):
                 body = _message(ev, done.stix, "update", applicant_id, synchronized)
                 yield Message(index, body, done.keys, True)
