@@ -51,6 +51,7 @@ __all__ = [
     "file_key",
     "missing_key",
     "names_files",
+    "each_file_inline",
     "with_file_data",
 ]
 
@@ -358,6 +359,40 @@ def with_file_data(
         except NotFound:
             done.lacking.append(str(f["name"]))
     return done._replace(inline=inline)
+
+
+class FileCopy(NamedTuple):
+    name: str  # the file's name on its object
+    stix: dict[str, Any] | None  # the object with this one file's bytes inline; None: not sent
+    why: str = ""  # when not sent: "lacking" (not in the archive) or "too_large"
+
+
+def each_file_inline(
+    stix: dict[str, Any], storage: Storage, *, max_bytes: int | None = None
+) -> Iterator[FileCopy]:
+    """The object once per archived file, with that one file's bytes inline (read as the copy
+    is asked for), for a restore to push after the object itself: a request and the memory
+    then hold one file (about 2.5 times its size), and files that each fit the platform's
+    request limit all go, however many the object has. A file not in the archive, or above
+    ``max_bytes``, comes as a copy without an object, saying why."""
+    for entry in file_entries(stix):
+        key, name = file_key(entry), str(entry["name"])
+        try:
+            if max_bytes is not None and storage.size(key) > max_bytes:
+                yield FileCopy(name, None, "too_large")
+                continue
+            with storage.open(key) as fh:
+                data = _b64(fh)
+        except NotFound:
+            yield FileCopy(name, None, "lacking")
+            continue
+        out = orjson.loads(orjson.dumps(stix))
+        for f in octi_ext(out)["files"]:
+            if f == entry:
+                f["data"] = data
+                break
+        del data
+        yield FileCopy(name, out)
 
 
 class FileCarrier:

@@ -28,7 +28,7 @@ import orjson
 from .archive import ArchiveReader
 from .errors import ConfigError, PayloadTooLarge
 from .events import EventId
-from .files import FILES_MARK, file_entries, with_file_data
+from .files import FILES_MARK, each_file_inline, file_entries, with_file_data
 from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
 from .state import PHASES, StateStore, remove_state_files
 from .storage import Storage
@@ -337,7 +337,9 @@ class _Run:
         if self.progress is not None:
             self.progress.update(min(self.done, self.total), self.total)
 
-    def push(self, batch: list[dict[str, Any]], step: int, last_key: str) -> None:
+    def push(
+        self, batch: list[dict[str, Any]], step: int, last_key: str, *, save: bool = True
+    ) -> None:
         report = self.report
         ids = [str(o["id"]) for o in batch]
         known = self.lookup.known_ids(ids) if self.lookup is not None else None
@@ -352,30 +354,38 @@ class _Run:
             self.target.push_objects(batch)
             report.pushed += len(batch)
             report.batches += 1
-            self._save(step, last_key)
+            if save:
+                self._save(step, last_key)
         self.tick(len(batch))
 
     def push_with_files(
         self, stix: dict[str, Any], files: Storage, max_bytes: int, step: int, key: str
     ) -> None:
-        """Push one object alone, its archived files inline (a dry run only counts them).
-        Refused for its size (the platform's max_payload_body_size), it is pushed without
-        them: the object is restored, its files are counted as left out."""
+        """Push one object, then once per archived file with that file's bytes inline (a dry
+        run only counts them): a request holds one file, so files that each fit the platform's
+        max_payload_body_size all go. A file refused for its size (413) is left out, said and
+        counted. The position is saved once the object's last file is acknowledged."""
         report = self.report
         if self.dry_run:
             report.files += len(file_entries(stix))
             self.push([stix], step, key)
             return
-        done = with_file_data(stix, files, max_bytes=max_bytes)
-        report.files_lacking += len(done.lacking)
-        _say_lacking(stix, done.lacking)
-        too_large = done.too_large
-        try:
-            self.push([done.stix], step, key)
-            report.files += done.inline
-        except PayloadTooLarge:
-            too_large = [*too_large, *(f["name"] for f in file_entries(done.stix) if "data" in f)]
-            self.push([stix], step, key)
+        self.push([stix], step, key, save=False)
+        lacking: list[str] = []
+        too_large: list[str] = []
+        for copy in each_file_inline(stix, files, max_bytes=max_bytes):
+            if copy.stix is None:
+                (lacking if copy.why == "lacking" else too_large).append(copy.name)
+                continue
+            try:
+                self.target.push_objects([copy.stix])
+            except PayloadTooLarge:
+                too_large.append(copy.name)
+                continue
+            report.files += 1
+            report.batches += 1
+        report.files_lacking += len(lacking)
+        _say_lacking(stix, lacking)
         if too_large:
             report.files_too_large += len(too_large)
             log.warning(
@@ -384,6 +394,7 @@ class _Run:
                 "and --max-file-mb.",
                 extra={"object": stix.get("id"), "files": too_large},
             )
+        self._save(step, key)
 
     def delete(self, ids: list[str], step: int, last_key: str) -> None:
         report = self.report
@@ -423,8 +434,8 @@ def restore_to_target(
     max_file_bytes: int = 35 * 1024 * 1024,
 ) -> RestoreReport:
     """Push the state into ``target``; see the module docstring. Resumable via ``resume_file``.
-    ``files``: the archive, whose attached files are pushed inline with their objects (those
-    above ``max_file_bytes`` left out: see ``with_file_data``).
+    ``files``: the archive, whose attached files are pushed inline after their objects, one
+    file a request (those above ``max_file_bytes`` left out: see ``each_file_inline``).
 
     A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
     made on one platform says nothing about another) continues after the last acknowledged
@@ -458,7 +469,7 @@ def restore_to_target(
         last_key = ""
         for rec in state.records(phase=index, after=resume.start_after(step)):
             if files is not None and file_entries(rec.data):
-                # Pushed alone, its files inline: a bundle never carries two objects' files.
+                # Pushed alone, then once per file: a bundle never carries two objects' files.
                 if batch:
                     run.push(batch, step, last_key)
                     batch = []

@@ -449,3 +449,67 @@ def test_an_object_refused_for_its_files_size_is_restored_without_them(
         state.close()
     assert sorted(o["id"] for o in target.pushed) == sorted([MALWARE, REPORT])
     assert report.files == 0 and report.files_too_large == 1
+
+
+def test_files_that_fit_one_by_one_are_restored_though_together_they_do_not(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The platform refuses a request above its max_payload_body_size (413). A report's files
+    that each fit are all restored, though no request could carry them together; one that does
+    not fit alone is left out, said and counted, and the others still go."""
+    _seed(source)
+    one, two, big = os.urandom(60_000), os.urandom(60_000), os.urandom(200_000)
+    source.store.attach_file(REPORT, "one.pdf", one)
+    source.store.attach_file(REPORT, "two.pdf", two)
+    source.store.attach_file(REPORT, "big.pdf", big)
+    archive = str(tmp_path / "archive")
+    _backup(source, archive)
+    with SimServer(token=TOKEN_B) as b:
+        b.max_body_bytes = 130_000  # one 60 KB file in base64 (80 KB) fits, two do not
+        summary = _restore(archive, b.url, tmp_path / "w")
+        assert _contents(b, REPORT) == {"one.pdf": one, "two.pdf": two}
+        assert summary["files"] == 2 and summary["files_too_large"] == 1
+        assert b.store.get(REPORT) is not None and b.store.get(MALWARE) is not None
+
+
+class _FailsOnFile:
+    """A restore target that fails (a platform gone away) at the ``fail_at``-th push carrying
+    file data, and records what it took."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at = fail_at
+        self.with_data: list[str] = []
+        self.pushed: list[str] = []
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        names = [f["name"] for o in objects for f in file_entries(o) if "data" in f]
+        if names and self.fail_at is not None and len(self.with_data) + 1 == self.fail_at:
+            raise RetryableError("the platform went away")
+        self.with_data += names
+        self.pushed += [o["id"] for o in objects]
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        pass
+
+
+def test_a_restore_stopped_between_an_objects_files_pushes_them_when_resumed(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The resume position moves past an object only once its last file is acknowledged."""
+    _seed(source)
+    source.store.attach_file(REPORT, "one.pdf", b"1" * 1000)
+    source.store.attach_file(REPORT, "two.pdf", b"2" * 1000)
+    storage = _backup(source, str(tmp_path / "archive"))
+    state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+    resume = tmp_path / "restore-progress.json"
+    try:
+        first = _FailsOnFile(fail_at=2)
+        with pytest.raises(RetryableError):
+            restore_to_target(state, first, files=storage, resume_file=resume, target_name="b")
+        assert first.with_data == ["one.pdf"]
+        again = _FailsOnFile(fail_at=None)
+        report = restore_to_target(state, again, files=storage, resume_file=resume, target_name="b")
+    finally:
+        state.close()
+    assert sorted(again.with_data) == ["one.pdf", "two.pdf"]
+    assert REPORT in again.pushed and report.files == 2
