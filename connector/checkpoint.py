@@ -123,5 +123,7 @@ def configured_store(settings: Settings, archive: Storage | None) -> CheckpointS
     ``./opencti-sync-state``. Every command that reads it (status, restore, verify) looks there,
     so a checkpoint kept apart from the archive still guards a restore and a verify."""
     if settings.checkpoint.uri:
-        return CheckpointStore(open_storage(settings.checkpoint.uri, **settings.s3_options()))
+        return CheckpointStore(
+            open_storage(settings.checkpoint.uri, setting="checkpoint.uri", **settings.s3_options())
+        )
     return CheckpointStore(archive if archive is not None else open_storage("./opencti-sync-state"))

@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import unicodedata
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -651,15 +652,29 @@ def check_platform_url(key: str, url: str) -> None:
         )
 
 
+def _is_uuid(text: str) -> bool:
+    """In its usual written form: 8-4-4-4-12 hex digits."""
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False
+
+
 def _validate(s: Settings) -> None:
     c, a = s.connector, s.archive
+    if c.id and not _is_uuid(c.id):
+        raise ConfigError(
+            "connector.id", "must be a UUID (e.g. from uuidgen), as the platform registers it"
+        )
     if c.max_event_bytes < 65536:
         raise ConfigError("connector.max_event_bytes", "must be at least 65536")
     if c.read_timeout_secs <= 5:
         raise ConfigError("connector.read_timeout_secs", "must be above the 5 s heartbeat period")
-    if c.backoff_initial_secs <= 0 or c.backoff_max_secs < c.backoff_initial_secs:
+    if c.backoff_initial_secs <= 0:
+        raise ConfigError("connector.backoff_initial_secs", "must be > 0")
+    if c.backoff_max_secs < c.backoff_initial_secs:
         raise ConfigError(
-            "connector.backoff_max_secs", "need 0 < backoff_initial_secs <= backoff_max_secs"
+            "connector.backoff_max_secs", "must be at least connector.backoff_initial_secs"
         )
     if c.live_stream_start_timestamp < 0:
         raise ConfigError(

@@ -119,25 +119,24 @@ class Storage(Protocol):
         ...
 
 
-def open_storage(uri: str, **options: object) -> Storage:
+def open_storage(uri: str, *, setting: str = "archive.uri", **options: object) -> Storage:
     """Build the backend for an archive URI: ``file:///path``, a plain path, or ``s3://bucket/prefix``.
 
-    ``options`` are backend settings (for S3: region, endpoint_url, credentials, ...).
+    ``options`` are backend settings (for S3: region, endpoint_url, credentials, ...); ``setting``
+    is the configuration key a bad URI is reported under (``checkpoint.uri`` for a checkpoint).
     """
     if uri.startswith("s3://"):
         from .s3 import S3Storage
 
-        return S3Storage.from_uri(uri, **options)
+        return S3Storage.from_uri(uri, setting=setting, **options)
     if "://" in uri and not uri.startswith("file://"):
-        raise ConfigError("archive.uri", f"unsupported scheme in {uri.split('://')[0]!r}://")
+        raise ConfigError(setting, f"unsupported scheme in {uri.split('://')[0]!r}://")
     from .local import LocalStorage
 
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     if not path:
-        raise ConfigError("archive.uri", "empty path")
+        raise ConfigError(setting, "empty path")
     if uri.startswith("file://") and not path.startswith("/"):
         # file://var/lib/x names host "var": as a path it would silently be relative.
-        raise ConfigError(
-            "archive.uri", f"a file:// URI needs an absolute path (file:///...): {uri!r}"
-        )
+        raise ConfigError(setting, f"a file:// URI needs an absolute path (file:///...): {uri!r}")
     return LocalStorage(path)

@@ -170,14 +170,15 @@ class S3Storage:
             raise ConfigError("s3", f"cannot build the S3 client: {type(exc).__name__}") from exc
 
     @classmethod
-    def from_uri(cls, uri: str, **options: object) -> S3Storage:
-        """``s3://bucket/prefix`` plus S3 options (as in ``__init__``, strings accepted)."""
+    def from_uri(cls, uri: str, *, setting: str = "archive.uri", **options: object) -> S3Storage:
+        """``s3://bucket/prefix`` plus S3 options (as in ``__init__``, strings accepted);
+        ``setting`` is the key a bad URI is reported under."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
-            raise ConfigError("archive.uri", "expected s3://bucket/prefix")
+            raise ConfigError(setting, "expected s3://bucket/prefix")
         if "@" in parts.netloc or parts.query or parts.fragment:
             raise ConfigError(
-                "archive.uri", "s3:// URIs carry no credentials or query; use the s3 options"
+                setting, "s3:// URIs carry no credentials or query; use the s3 options"
             )
         kwargs: dict[str, Any] = {}
         for name, value in options.items():
