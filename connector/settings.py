@@ -373,10 +373,10 @@ class Settings:
     retention: RetentionSection = field(default_factory=RetentionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
-    def s3_options(self) -> dict[str, object]:
+    def s3_options(self) -> dict[str, Any]:
         """Keyword arguments for the S3 storage backend (only the ones that are set)."""
         s = self.s3
-        opts: dict[str, object] = {"path_style": s.path_style, "verify": s.verify}
+        opts: dict[str, Any] = {"path_style": s.path_style, "verify": s.verify}
         for name in (
             "region",
             "endpoint_url",
