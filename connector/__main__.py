@@ -885,6 +885,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import format_report, verify_archive
 
     settings, archive = _archive_command(args)
+    token = args.token or settings.target.opencti_token
+    # Said now, not after the archive's verification, which may take minutes.
+    if args.against_opencti:
+        if not token:
+            raise ConfigError(
+                "--token", "required with --against-opencti (or TARGET_OPENCTI_TOKEN)"
+            )
+        if args.until:
+            from .restore import parse_until
+
+            parse_until(args.until)
+    else:
+        given = [
+            flag for flag, value in (("--until", args.until), ("--token", args.token)) if value
+        ]
+        if given:
+            raise ConfigError(given[0], "applies to --against-opencti only")
     work = Path(settings.connector.work_dir)
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     report = verify_archive(archive, work_dir=work, checkpoints=configured_store(settings, archive))
@@ -893,9 +910,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.against_opencti:
         from .restore_cli import verify_against_opencti
 
-        token = args.token or settings.target.opencti_token
-        if not token:
-            raise ConfigError("--token", "required with --against-opencti")
         diff_ok = verify_against_opencti(
             archive,
             url=args.against_opencti,

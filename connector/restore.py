@@ -88,12 +88,12 @@ def parse_until(text: str) -> EventId:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError("until", f"not an event id or ISO 8601 date: {text[:64]!r}") from None
+        raise ConfigError("--until", f"not an event id or ISO 8601 date: {text[:64]!r}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     ms = int(when.timestamp() * 1000)
     if ms < 0:
-        raise ConfigError("until", "date before 1970")
+        raise ConfigError("--until", "date before 1970")
     return EventId(ms, _MAX_SEQ)
 
 

@@ -67,8 +67,9 @@ def _target(
     )
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    """Refuse combinations that would silently ignore a flag."""
+def _check_flags(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse combinations that would silently ignore a flag, and say what is missing now,
+    not after the whole state is built."""
     if not args.opencti and not args.to_bundle:
         raise ConfigError("--opencti", "give a target platform (--opencti URL) or --to-bundle FILE")
     if args.opencti and args.to_bundle:
@@ -88,15 +89,18 @@ def _check_flags(args: argparse.Namespace) -> None:
         ]
         if given:
             raise ConfigError(given[0], "applies to --opencti only, not to --to-bundle")
-        # Said now, not after the whole state is built.
         folder = Path(args.to_bundle).parent
         if not folder.is_dir():
             raise ConfigError("--to-bundle", f"no such directory: {folder}")
+        if Path(args.to_bundle).is_dir():
+            raise ConfigError("--to-bundle", f"{args.to_bundle} is a directory: name a file")
+    elif not (args.token or settings.target.opencti_token):
+        raise ConfigError("--token", "required with --opencti (or TARGET_OPENCTI_TOKEN)")
 
 
 def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     storage = _archive(settings)
-    _check_flags(args)
+    _check_flags(args, settings)
     until = parse_until(args.until) if args.until else None
     work = Path(args.work_dir)
     try:
@@ -173,9 +177,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
             count = _write_bundle(state, Path(args.to_bundle), files=storage)
             print(f"wrote {count} objects to {args.to_bundle}")
             return 0
-        token = args.token or settings.target.opencti_token
-        if not token:
-            raise ConfigError("--token", "required with --opencti (or TARGET_OPENCTI_TOKEN)")
+        token = args.token or settings.target.opencti_token  # checked by _check_flags
         target = _target(
             settings,
             args.opencti,

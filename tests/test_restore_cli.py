@@ -4,6 +4,7 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -13,10 +14,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from connector import restore_cli
 from connector.__main__ import main
 from connector.archive import ArchiveReader
 from connector.checkpoint import CHECKPOINT_KEY, CheckpointStore
@@ -326,23 +329,75 @@ def test_a_point_before_what_the_recovery_sent_early_needs_allow_partial(
 
 
 def test_bundle_and_work_paths_are_checked_and_a_failed_bundle_leaves_nothing(
-    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    archive: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A bundle path in a missing directory, or a work dir that is a file, is refused before
-    any work (exit 2, naming the flag); a bundle that cannot be written leaves no partial file."""
+    """A bundle path in a missing directory or naming a directory, or a work dir that is a
+    file, is refused before any work (exit 2, naming the flag); a bundle that cannot be
+    written leaves no partial file."""
     missing = tmp_path / "no-such-dir" / "state.json"
     assert _restore(archive, tmp_path, "--to-bundle", str(missing)) == 2
     assert "--to-bundle" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert _restore(archive, tmp_path, "--to-bundle", str(taken)) == 2
+    said = capsys.readouterr()
+    assert "--to-bundle" in said.err and "is a directory" in said.err
+    assert "state as of" not in said.out  # said before the state was built
     a_file = tmp_path / "file"
     a_file.write_text("x")
     args = ["restore", "--archive", str(archive), "--work-dir", str(a_file)]
     assert main([*args, "--to-bundle", str(tmp_path / "state.json")]) == 2
     assert "--work-dir" in capsys.readouterr().err
-    taken = tmp_path / "taken"
-    taken.mkdir()  # the rename onto a directory fails once the bundle is written
-    assert _restore(archive, tmp_path, "--to-bundle", str(taken)) == 1
+
+    def disk_full_halfway(state: object, out: Any, **kwargs: object) -> int:
+        out.write(b'{"type": "bundle", "objects": [')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(restore_cli, "to_bundle", disk_full_halfway)  # our own writer
+    assert _restore(archive, tmp_path, "--to-bundle", str(tmp_path / "b.json")) == 1
     assert "cannot write the bundle" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("taken")) == ["taken"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("b.json")]
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_a_missing_token_is_said_before_any_work(
+    archive: Path, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restore into a platform, or a verify against one, without a token failed only once
+    the whole state was built (or the whole archive verified): minutes on a large archive."""
+    flag = "--opencti" if command == "restore" else "--against-opencti"
+    argv = [command, "--archive", str(archive), flag, "http://127.0.0.1:9"]
+    if command == "restore":
+        argv += ["--work-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert "--token" in said.err and "TARGET_OPENCTI_TOKEN" in said.err
+    assert "state as of" not in said.out and "result" not in said.out
+
+
+def test_a_bad_until_is_said_before_any_work(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    restore = ["restore", "--archive", str(archive), "--to-bundle", str(tmp_path / "b.json")]
+    verify = ["verify", "--archive", str(archive), "--against-opencti", "http://127.0.0.1:9"]
+    for argv in (restore, [*verify, "--token", "t"]):
+        assert main([*argv, "--until", "last tuesday"]) == 2
+        said = capsys.readouterr()
+        assert "--until" in said.err and "not an event id or ISO 8601 date" in said.err
+        assert "state as of" not in said.out and "result" not in said.out
+
+
+@pytest.mark.parametrize("flags", [["--until", "2026-01-01"], ["--token", "secret-token-1234"]])
+def test_verify_refuses_flags_it_would_ignore(
+    archive: Path, flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "--archive", str(archive), *flags]) == 2
+    said = capsys.readouterr()
+    assert flags[0] in said.err and "--against-opencti" in said.err
+    assert "result" not in said.out
 
 
 def test_an_unusable_work_dir_is_one_line_not_a_traceback(
