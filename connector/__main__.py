@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, logs
 from .errors import (
     ConfigError,
     ConnectorError,
@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    logs.hold()  # the settings' own warnings, written once the settings give the log format
     try:
         handler = _COMMANDS[args.command]
         return handler(args)
@@ -227,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        logs.release()
 
 
 # -- run --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["configure", "JsonFormatter", "Redactor"]
+__all__ = ["configure", "hold", "release", "JsonFormatter", "Redactor"]
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
@@ -117,6 +117,37 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _Held(logging.Handler):
+    """Records logged before ``configure``: while the settings load, which decide the format,
+    a warning about them cannot be written in it yet. ``configure`` writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 1000:
+            self.records.append(record)
+
+
+def hold() -> None:
+    """Hold what is logged until ``configure`` (when nothing else handles the logs yet)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(_Held())
+
+
+def release() -> None:
+    """Write what is still held (a command that never configured its logs) as plain lines, as
+    Python does for a program without logging set up."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if isinstance(old, _Held):
+            root.removeHandler(old)
+            for record in old.records:
+                logging.lastResort.handle(record)  # type: ignore[union-attr]
+
+
 def configure(
     level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (), stream: Any = None
 ) -> None:
@@ -127,10 +158,14 @@ def configure(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(Redactor(secrets))
     root = logging.getLogger()
+    held = [r for old in root.handlers if isinstance(old, _Held) for r in old.records]
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for record in held:
+        if record.levelno >= root.level:
+            handler.handle(record)
     # Request lines of the HTTP libraries are noise at INFO (and never carry our tokens).
     for name in (
         "httpx",

@@ -404,3 +404,25 @@ def test_a_parser_out_of_memory_is_not_taken_for_bad_data(monkeypatch: pytest.Mo
     monkeypatch.setattr(events, "loads_json", starved)
     with pytest.raises(MemoryError):
         StreamEvent.from_sse("5-0", "create", b'{"data": {"id": "x--1"}}')
+
+
+def test_the_settings_own_warnings_are_written_in_the_log_format(tmp_path: Path) -> None:
+    """Warnings about the settings were written as bare text before the logs were set up,
+    the one non-JSON line in a JSON log (what a log collector would drop or misparse)."""
+    env = {
+        "CONNECTOR_LOG_FORMAT": "json",
+        "TARGET_OPENCTI_URL": "http://127.0.0.1:9",
+        "TARGET_OPENCTI_TOKEN": "target-token-5678",
+        "TARGET_TRANSPORT": "api",
+        "TARGET_SYNCHRONIZED": "true",
+        "TARGET_AMQP_PORT": "5673",
+    }
+    done = _cli(tmp_path, env, "status")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    records = [orjson.loads(line) for line in lines if line.startswith("{")]
+    said = " ".join(str(r.get("message")) for r in records)
+    assert "target.synchronized has no effect" in said
+    assert "Ignored with target.transport api" in said
+    bare = [line for line in lines if not line.startswith(("{", "opencti-sync:"))]
+    assert not bare, bare
+    assert "target-token-5678" not in done.stderr
