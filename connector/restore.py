@@ -232,7 +232,7 @@ class RestoreReport:
     dry_run: bool
     as_of: str | None
     pushed: int = 0
-    deleted: int = 0
+    deleted: int = 0  # objects the target held (when it can say: KnownIds), asked to delete
     batches: int = 0
     skipped_deletes: int = 0  # tombstoned ids now carried by a live object (merged into it)
     unchecked_merged: int = 0  # merged-away ids not checked: the target cannot resolve ids
@@ -330,6 +330,8 @@ class _Run:
         self.progress, self.total, self.dry_run = progress, total, dry_run
         self.done = resume.pushed + resume.deleted
         self.lookup = target if dry_run and isinstance(target, KnownIds) else None
+        # Deletes are counted as the target held them: an id it does not hold is a no-op.
+        self.holds = target if isinstance(target, KnownIds) else None
         self.resolver = target if isinstance(target, ResolvesIds) else None
 
     def tick(self, n: int) -> None:
@@ -398,14 +400,16 @@ class _Run:
 
     def delete(self, ids: list[str], step: int, last_key: str) -> None:
         report = self.report
-        present = self.lookup.known_ids(ids) if self.lookup is not None and ids else set(ids)
+        present = self.holds.known_ids(ids) if self.holds is not None and ids else set(ids)
         for sid in ids:
             if sid in present:
                 report.count(report.deletes_by_type, "delete", sid)
         if not self.dry_run:
             if ids:
+                # Every id is sent (one the lookup missed is deleted all the same); those the
+                # target held are counted.
                 self.target.delete_ids(ids)
-                report.deleted += len(ids)
+                report.deleted += len(present)
                 report.batches += 1
             self._save(step, last_key)
         self.tick(len(ids))

@@ -269,6 +269,8 @@ def test_restore_into_empty_platform(
     assert_restored(target.store, marks[-1][1])
     assert report.pushed == len(marks[-1][1]) and report.batches > 1
     assert PARADISE in target.deleted and AP_GONE not in target.deleted
+    # Sent all the same, but an empty platform held none of them: nothing was deleted.
+    assert report.deleted == 0 and report.deletes_by_type == {}
 
 
 def test_restore_over_old_state_deletes_and_does_not_resurrect(
@@ -406,6 +408,11 @@ def test_restore_over_old_state_through_pycti(
     with materialise(storage, until=None, work_dir=tmp_path / "w2") as state:
         assert restore_to_target(state, double, dry_run=True) == dry
     assert report.unchecked_merged == 0
+    # Counted as the platform held them when asked: a relationship its deleted endpoint took
+    # with it is not counted again (the dry run, asked before any delete, counts it).
+    assert report.deleted == sum(report.deletes_by_type.values())
+    assert report.deletes_by_type["malware"] == 1 and report.deletes_by_type["attack-pattern"] == 1
+    assert report.deleted < sum(dry.deletes_by_type.values())
     # Ids only: the API push merges lists, so a ref removed since stays (docs/OPENCTI-TARGET.md).
     assert {o["id"] for o in store.dump_bundle()["objects"]} == {o["id"] for o in marks[-1][1]}
     merged = store.get(AP_GONE)  # only as an alias of the merge target now
