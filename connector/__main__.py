@@ -766,7 +766,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {value if value is not None else '-'}")
     if cp is None and not info.get("archive_segments") and not info.get("snapshots"):
-        print(f"opencti-sync: no archive at {info['archive']} (yet?)", file=sys.stderr)
+        if runtime["archive"] is None:  # a sync into a target only: its checkpoint
+            where = runtime["store"].storage.describe()
+            said = f"no archive configured (archive.uri is empty) and no checkpoint at {where}"
+        else:
+            said = f"no archive at {info['archive']}"
+        print(f"opencti-sync: {said} (yet?)", file=sys.stderr)
         return 1
     return 0
 

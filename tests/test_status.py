@@ -144,3 +144,13 @@ def test_status_reports_the_retention_window(archive: Path) -> None:
     assert recovered is not None
     first = EventId.parse(info["archive_first_event_id"])
     assert info["restorable_from"] == str(max(first, recovered))
+
+
+def test_status_without_an_archive_names_the_checkpoint_it_looked_for(tmp_path: Path) -> None:
+    """A sync into a target only (archive.uri empty): not "no archive at None"."""
+    config = tmp_path / "c.yml"
+    config.write_text("archive:\n  uri: ''\n")
+    out = cli("status", "--config", str(config), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "None" not in out.stderr
+    assert "no archive configured" in out.stderr and "opencti-sync-state" in out.stderr
