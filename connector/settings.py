@@ -243,7 +243,11 @@ class S3Section:
     )
     kms_key_id: str = _key("S3_KMS_KEY_ID", "KMS key id for aws:kms encryption.", "")
     storage_class: str = _key(
-        "S3_STORAGE_CLASS", "Storage class for written objects (empty: bucket default).", ""
+        "S3_STORAGE_CLASS",
+        "Storage class of the archive's objects (segments, manifests, snapshots, files; the "
+        "checkpoint and the locks, rewritten in place, keep the bucket default). GLACIER and "
+        "DEEP_ARCHIVE are refused: unreadable without a restore (empty: bucket default).",
+        "",
     )
 
 

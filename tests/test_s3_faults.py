@@ -13,14 +13,20 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
+import boto3
 import pytest
 
-from connector.errors import PermanentError, RetryableError
+from connector.errors import ConfigError, PermanentError, RetryableError
+from connector.jobs import run_retention_job
+from connector.retention import RetentionPolicy
+from connector.snapshot import list_snapshots
 from connector.storage.s3 import S3Storage
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
 from tests.support.s3 import moto_server, s3_settings  # noqa: F401
+from tests.test_retention import at_day, build_days
 
 T = TypeVar("T")
 # retries={"max_attempts": 2} means two retries after the first try.
@@ -273,6 +279,8 @@ def _client_error(status: int, code: str, message: str = "") -> Exception:
         (403, "AccessDenied", PermanentError, "KMS refused"),  # message names kms:
         (403, "ExpiredToken", PermanentError, "credentials rejected"),
         (400, "InvalidStorageClass", PermanentError, "InvalidStorageClass: bad class ***"),
+        (403, "InvalidObjectState", PermanentError, "archive storage class"),
+        (501, "NotImplemented", PermanentError, "does not implement"),
     ],
 )
 def test_error_codes_moto_cannot_produce(
@@ -304,3 +312,70 @@ def test_check_names_a_denied_write(fault_proxy: FaultProxy, s3_settings: dict) 
         storage.check()
     assert fault_proxy.stats["access_denied"] == 1
     assert list(storage.list()) == []
+
+
+def test_a_request_the_store_does_not_implement_is_permanent(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    """A store lacking a feature (If-None-Match, SSE-KMS on a MinIO without a KMS, a checksum
+    algorithm) answers 501 every time: taken for a transient error, the pipeline retried the
+    write for ever and `check` called it transient."""
+    storage = S3Storage(**{**s3_settings, "endpoint_url": fault_proxy.url})
+    fault_proxy.fail_next(1, "501", method="PUT")
+    with pytest.raises(PermanentError, match="does not implement"):
+        storage.put_if_absent("events/k", b"v")
+    fault_proxy.fail_next(1, "501", method="PUT")  # the probe's If-None-Match write
+    with pytest.raises(PermanentError, match="does not implement"):
+        storage.check()
+
+
+def _raw_client(settings: dict[str, Any]) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=settings["endpoint_url"],
+        region_name=settings["region"],
+        aws_access_key_id=settings["access_key_id"],
+        aws_secret_access_key=settings["secret_access_key"],
+    )
+
+
+def test_folder_markers_are_not_listed_and_retention_goes_on(
+    s3_settings: dict, tmp_path: Path
+) -> None:
+    """A zero-byte "folder" object (the AWS console's Create folder, s3fs, rclone) was listed as
+    'snapshots/<id>/', a key the backend itself refuses: retention planned it, died on it after
+    deleting the snapshot's manifest, and died the same way at every later run."""
+    storage = S3Storage(**s3_settings)
+    build_days(storage, tmp_path, days=4, snapshot_days={1, 2})
+    oldest = list_snapshots(storage)[0]
+    marker = f"{s3_settings['prefix'].strip('/')}/snapshots/{oldest.key}/"
+    _raw_client(s3_settings).put_object(Bucket=s3_settings["bucket"], Key=marker, Body=b"")
+    assert not [k for k in storage.list("snapshots/") if k.endswith("/")]
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=1, keep_snapshots=0), now=at_day(5)
+    )
+    assert report.deleted > 0
+    assert oldest.key not in {s.key for s in list_snapshots(storage)}
+
+
+def test_storage_class_keeps_the_archive_readable(s3_settings: dict) -> None:
+    """S3_STORAGE_CLASS applied to every write, the checkpoint and the locks included: with
+    GLACIER the connector could not read its own lease or checkpoint back (and said "access
+    denied"); with an infrequent-access class each checkpoint save and lease renewal was billed
+    a minimum duration."""
+    for unreadable in ("GLACIER", "DEEP_ARCHIVE"):
+        with pytest.raises(ConfigError, match="s3.storage_class"):
+            S3Storage(**s3_settings, storage_class=unreadable)
+    storage = S3Storage(**s3_settings, storage_class="STANDARD_IA")
+    storage.put("checkpoint.json", b"{}")
+    assert storage.put_if_absent("locks/run.json", b"{}")
+    assert storage.put_if_absent("events/2026/01/01/seg.jsonl.zst", b"x")
+    client, prefix = _raw_client(s3_settings), s3_settings["prefix"].strip("/")
+
+    def storage_class(key: str) -> str:
+        head = client.head_object(Bucket=s3_settings["bucket"], Key=f"{prefix}/{key}")
+        return str(head.get("StorageClass", "STANDARD"))
+
+    assert storage_class("events/2026/01/01/seg.jsonl.zst") == "STANDARD_IA"
+    assert storage_class("checkpoint.json") == "STANDARD"
+    assert storage_class("locks/run.json") == "STANDARD"

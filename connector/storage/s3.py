@@ -40,6 +40,10 @@ _SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
 # RequestTimeTooSkewed a 403). ConditionalRequestConflict (409) means a concurrent conditional
 # write of the same key is in flight: the other writer may still fail, so "already there" would
 # be a guess; a retry gets a definite 412 or a success.
+# Storage classes whose objects cannot be read without a restore request first.
+_UNREADABLE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+# Keys rewritten in place (see ``S3Storage._args``).
+_REWRITTEN = ("checkpoint.json", "locks/")
 _RETRYABLE_CODES = frozenset(
     {
         "SlowDown",
@@ -129,6 +133,13 @@ class S3Storage:
             raise ConfigError("s3.ca_bundle", f"no such file {ca_bundle!r}")
         if multipart_threshold < 1:
             raise ConfigError("s3.multipart_threshold", "must be positive")
+        if storage_class in _UNREADABLE_CLASSES:
+            raise ConfigError(
+                "s3.storage_class",
+                f"{storage_class} objects cannot be read until restored one by one: the archive "
+                "would be unreadable to verify, restore and retention (GLACIER_IR or "
+                "STANDARD_IA keep it readable)",
+            )
         self.bucket = bucket
         self.prefix = _normalise_prefix(prefix)
         self.endpoint_url = endpoint_url
@@ -141,6 +152,10 @@ class S3Storage:
             self._write_args["ServerSideEncryption"] = sse
         if kms_key_id:
             self._write_args["SSEKMSKeyId"] = kms_key_id
+        # Records rewritten in place (the checkpoint, the locks) keep the bucket's default
+        # class: each start reads them back, and an infrequent-access class bills every
+        # overwrite a minimum duration.
+        self._record_args = dict(self._write_args)
         if storage_class:
             self._write_args["StorageClass"] = storage_class
         try:
@@ -233,6 +248,9 @@ class S3Storage:
         finally:
             self.delete(probe)
 
+    def _args(self, key: str) -> dict[str, str]:
+        return self._record_args if key.startswith(_REWRITTEN) else self._write_args
+
     def put_if_absent(self, key: str, body: Body) -> bool:
         full = self._key(key)
         size = body_size(body)
@@ -242,7 +260,7 @@ class S3Storage:
             body.seek(0)  # botocore reads a file body from here (and seeks back to retry)
         try:
             self._client.put_object(
-                Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*", **self._write_args
+                Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*", **self._args(key)
             )
         except Exception as exc:
             if _is_precondition(exc):
@@ -253,7 +271,7 @@ class S3Storage:
     def put(self, key: str, body: bytes) -> None:
         full = self._key(key)
         try:
-            self._client.put_object(Bucket=self.bucket, Key=full, Body=body, **self._write_args)
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=body, **self._args(key))
         except Exception as exc:
             raise self._error(exc, "write", key) from exc
 
@@ -273,7 +291,7 @@ class S3Storage:
         if self._conditional_replace:
             try:
                 self._client.put_object(
-                    Bucket=self.bucket, Key=full, Body=body, IfMatch=tag, **self._write_args
+                    Bucket=self.bucket, Key=full, Body=body, IfMatch=tag, **self._args(key)
                 )
             except Exception as exc:
                 if _is_precondition(exc) or isinstance(self._error(exc, "write", key), NotFound):
@@ -326,7 +344,12 @@ class S3Storage:
             # code point order, the same order LocalStorage yields.
             for page in self._client.get_paginator("list_objects_v2").paginate(**params):
                 for item in page.get("Contents", ()):
-                    yield cast(str, item["Key"])[strip:]
+                    key = cast(str, item["Key"])[strip:]
+                    # A "folder" (the console's Create folder, s3fs, rclone): not an object
+                    # the archive wrote, and not a key it can name, as a directory is not one
+                    # for the local backend.
+                    if not key.endswith("/"):
+                        yield key
         except Exception as exc:
             raise self._error(exc, "list", prefix) from exc
 
@@ -355,7 +378,7 @@ class S3Storage:
         part_size = max(_MIN_PART, self.multipart_threshold, math.ceil(size / _MAX_PARTS))
         try:
             created = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32", **self._write_args
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32", **self._args(key)
             )
         except Exception as exc:
             raise self._error(exc, "write", key) from exc
@@ -460,6 +483,20 @@ def classify_s3_error(
         return exc
     if isinstance(exc, bce.ClientError):
         status, code = _status_code(exc)
+        if status == 501 or code == "NotImplemented":
+            # Every try gets the same answer: a feature this store lacks.
+            detail = _scrub(_message(exc), secrets)
+            return PermanentError(
+                f"S3 {action} {target}: the store does not implement this request (HTTP {status}"
+                f" {code}{f': {detail}' if detail else ''}); it needs conditional writes "
+                "(If-None-Match), and the sse / storage_class asked for, if any"
+            )
+        if code == "InvalidObjectState":
+            return PermanentError(
+                f"S3 {action} {target}: the object is in an archive storage class (Glacier, "
+                "Deep Archive) and must be restored in S3 before it can be read: check the "
+                "bucket's lifecycle rules"
+            )
         if code in _RETRYABLE_CODES or "Throttl" in code or status >= 500 or status in (408, 429):
             return RetryableError(f"S3 {action} {target} failed (transient): HTTP {status} {code}")
         if code in _MISSING_KEY_CODES and key:
