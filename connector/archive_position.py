@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from .archive.layout import EVENTS_PREFIX, MANIFESTS_PREFIX, manifest_key_for_segment
+from .archive.layout import (
+    EVENTS_PREFIX,
+    MANIFESTS_PREFIX,
+    SNAPSHOTS_PREFIX,
+    manifest_key_for_segment,
+)
 from .archive.reader import ArchiveReader
 from .checkpoint import Checkpoint
 from .errors import ConfigError
@@ -27,28 +32,48 @@ log = logging.getLogger(__name__)
 def adopt_archive(
     archive: Storage, kept_at: str, *, stream_id: str, source_url: str, adopt: bool
 ) -> Checkpoint | None:
-    """A checkpoint for an archive that holds segments but has none, when the operator says it
-    is this platform's stream (``adopt``: ``run --resume-from-archive``); None for an archive
-    with no segment (a first run). Refuses otherwise, naming both places."""
-    if not _holds_segments(archive):
+    """A checkpoint for an archive that holds history (segments, or a snapshot: retention
+    deletes the segments a snapshot covers, the newest one too on a quiet platform) but has
+    none, when the operator says it is this platform's stream (``adopt``: ``run
+    --resume-from-archive``); None for an archive with no history (a first run). Refuses
+    otherwise, naming both places."""
+    if not _holds_history(archive):
         return None
     newest = ArchiveReader(archive).newest()
-    end = newest.last_event_id if newest is not None else None
+    reached = archive_end(archive)
+    end = str(reached) if reached is not None else None
     if not adopt:
         raise ConfigError(
             "checkpoint.uri",
-            f"no checkpoint at {kept_at}, but the archive at {archive.describe()} holds segments "
-            f"(up to {end or 'an unreadable manifest'}): a first run would recover from scratch "
-            "and never record what was deleted since. Put the checkpoint back (CHECKPOINT_URI "
-            "names where it is kept), or, if it is lost and the archive holds this platform's "
-            f"stream {stream_id!r}, run once with --resume-from-archive",
+            f"no checkpoint at {kept_at}, but the archive at {archive.describe()} holds history "
+            f"(up to {end or 'an unreadable manifest'}): a first run would recover from "
+            "scratch and never record what was deleted since. Put the checkpoint back "
+            "(CHECKPOINT_URI names where it is kept), or, if it is lost and the archive holds "
+            f"this platform's stream {stream_id!r}, run once with --resume-from-archive",
         )
-    if newest is None:
+    if reached is None:
         raise ConfigError(
             "checkpoint.uri",
-            f"the archive at {archive.describe()} holds segments but no readable manifest: "
-            "nothing says where it ends (`opencti-sync verify` shows the damage)",
+            f"the archive at {archive.describe()} holds segments but no readable manifest or "
+            "snapshot: nothing says where it ends (`opencti-sync verify` shows the damage)",
         )
+    if newest is None or newest.last < reached:
+        # Only a snapshot holds the end: its segments were pruned.
+        log.warning(
+            "No checkpoint: resuming after the archive's newest snapshot. Counters start at 0, "
+            "and a restore cannot tell a point inside the first recovery.",
+            extra={"last_event_id": end},
+        )
+        # The next segment is chained after the snapshot's position, as after the segments
+        # it replaced (verify then knows the history before it was pruned, not absent).
+        return Checkpoint(
+            stream_id=stream_id,
+            source_url=source_url,
+            last_event_id=end,
+            last_segment_last_id=end,
+            acked_event_id=end,
+        )
+    end = newest.last_event_id
     log.warning(
         "No checkpoint: resuming after the archive's newest segment. Counters start at 0, and a "
         "restore cannot tell a point inside the first recovery.",
@@ -116,8 +141,8 @@ def check_archive_end(archive: Storage, cp: Checkpoint, kept_at: str) -> bool:
     return True
 
 
-def _holds_segments(archive: Storage) -> bool:
+def _holds_history(archive: Storage) -> bool:
     return any(
         next(iter(archive.list(prefix)), None) is not None
-        for prefix in (EVENTS_PREFIX, MANIFESTS_PREFIX)
+        for prefix in (EVENTS_PREFIX, MANIFESTS_PREFIX, SNAPSHOTS_PREFIX)
     )

@@ -40,7 +40,7 @@ import orjson
 import zstandard
 
 from .archive import ArchiveReader
-from .archive.layout import CODEC_SUFFIX
+from .archive.layout import CODEC_SUFFIX, SNAPSHOTS_PREFIX
 from .archive.segment import HashingReader, iter_segment_lines, open_decompressed
 from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
 from .events import EventId
@@ -74,7 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SNAPSHOTS_PREFIX = "snapshots/"
 FORMAT = 1
 _MANIFEST = "manifest.json"
 # A part also closes at this many uncompressed bytes, so its in-memory body stays bounded.

@@ -158,3 +158,25 @@ def test_segments_pruned_under_a_snapshot_covering_the_end_are_not_lost(tmp_path
         generate(sim.store, 20, seed=12)
         _backup(env, storage, sim.store.last_event_id)
         _assert_archive_is_the_platform(storage, sim, tmp_path)
+
+
+def test_a_lost_checkpoint_over_an_archive_pruned_to_its_snapshot_is_refused_then_resumed(
+    tmp_path: Path,
+) -> None:
+    """Retention on a quiet platform deletes every segment, the snapshot holding the archive's
+    end; the checkpoint is then lost. The history is in the snapshot: a first run from scratch
+    was started all the same, and never recorded what the platform deleted meanwhile (a restore
+    brought it back). Refused like an archive holding segments; resumed after the snapshot."""
+    with _backed_up(tmp_path, 100, 11, ARCHIVE_MAX_EVENTS="40") as (sim, env, storage):
+        assert run_snapshot_job(storage, tmp_path / "snap") is not None
+        _delete_every_segment(storage)  # what retention does with that snapshot as its base
+        (tmp_path / "archive" / CHECKPOINT_KEY).unlink()
+        gone = _delete_some(sim, 3)  # while the connector is down
+        generate(sim.store, 10, seed=13)
+
+        refused = _refusal(env)
+        assert refused.key == "checkpoint.uri" and "--resume-from-archive" in str(refused)
+        assert CheckpointStore(storage).load() is None
+
+        _backup(env, storage, sim.store.last_event_id, resume_from_archive=True)
+        _assert_archive_is_the_platform(storage, sim, tmp_path, gone)

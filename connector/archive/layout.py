@@ -19,6 +19,7 @@ __all__ = [
     "EVENTS_PREFIX",
     "MANIFESTS_PREFIX",
     "QUARANTINE_PREFIX",
+    "SNAPSHOTS_PREFIX",
     "CODEC_SUFFIX",
     "segment_key",
     "manifest_key",
@@ -30,6 +31,7 @@ __all__ = [
 EVENTS_PREFIX = "events/"
 MANIFESTS_PREFIX = "manifests/"
 QUARANTINE_PREFIX = "quarantine/"
+SNAPSHOTS_PREFIX = "snapshots/"
 CODEC_SUFFIX = {"zstd": ".jsonl.zst", "gzip": ".jsonl.gz"}
 
 
