@@ -65,6 +65,8 @@ __all__ = [
     "iter_snapshot_tombstones",
     "list_snapshots",
     "read_snapshot_manifest",
+    "claim_scratch",
+    "drop_scratch",
     "remove_stale_scratch",
     "seed_state",
     "snapshot_manifest_key",
@@ -558,12 +560,12 @@ def write_snapshot(
     work_dir.mkdir(parents=True, exist_ok=True)
     db_path = work_dir / f"snapshot-{uuid.uuid4().hex}.sqlite"
     # Held until the file is gone: remove_stale_scratch spares a file a live run holds.
-    claim = _claim_scratch(db_path)
+    claim = claim_scratch(db_path)
     try:
         # Deleted below, whatever happens.
         state, base = seed_state(db_path, storage, list_snapshots(storage))
     except BaseException:
-        _drop_scratch(db_path, claim)
+        drop_scratch(db_path, claim)
         raise
     try:
         _check_stop(stop, "after loading its base")
@@ -610,10 +612,10 @@ def write_snapshot(
         try:
             state.close()
         finally:
-            _drop_scratch(db_path, claim)
+            drop_scratch(db_path, claim)
 
 
-def _claim_scratch(db_path: Path) -> int:
+def claim_scratch(db_path: Path) -> int:
     """Create the (empty) scratch database file and hold an exclusive ``flock`` on it. SQLite's
     own locks are ``fcntl`` locks, which ``flock`` does not touch; this descriptor is closed only
     after SQLite closed the database (closing a descriptor drops the process's ``fcntl`` locks
@@ -628,20 +630,21 @@ def _claim_scratch(db_path: Path) -> int:
     return fd
 
 
-def _drop_scratch(db_path: Path, claim: int) -> None:
+def drop_scratch(db_path: Path, claim: int) -> None:
     try:
         remove_state_files(db_path)
     finally:
         os.close(claim)
 
 
-def remove_stale_scratch(work_dir: Path) -> list[str]:
-    """Delete the scratch databases (and their side files) of snapshot runs that died (killed,
-    out of memory, power loss) in ``work_dir``; returns their names. A file a live run holds
-    (its ``flock``) is left alone, so two processes sharing a work dir do not hurt each other."""
+def remove_stale_scratch(work_dir: Path, pattern: str = _SCRATCH_GLOB) -> list[str]:
+    """Delete the scratch databases (and their side files) of runs that died (killed, out of
+    memory, power loss) in ``work_dir``: snapshot runs', or those ``pattern`` names (verify's);
+    returns their names. A file a live run holds (its ``flock``, ``claim_scratch``) is left
+    alone, so two processes sharing a work dir do not hurt each other."""
     removed: list[str] = []
     try:
-        candidates = sorted(work_dir.glob(_SCRATCH_GLOB))
+        candidates = sorted(work_dir.glob(pattern))
     except OSError:
         return removed
     for path in candidates:
@@ -673,5 +676,5 @@ def remove_stale_scratch(work_dir: Path) -> list[str]:
             if fd is not None:
                 os.close(fd)
     if removed:
-        log.info("Removed scratch files of dead snapshot runs.", extra={"files": removed})
+        log.info("Removed scratch files of dead runs.", extra={"files": removed})
     return removed

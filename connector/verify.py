@@ -82,15 +82,20 @@ from .reconcile import REFERER
 from .snapshot import (
     SNAPSHOTS_PREFIX,
     SnapshotInfo,
+    claim_scratch,
+    drop_scratch,
     fold_segments,
+    remove_stale_scratch,
     snapshot_manifest_key,
     state_sha256,
 )
 from .source import iso_to_id
-from .state import StateStore, remove_state_files, version_of
+from .state import StateStore, version_of
 from .storage import Storage
 
 __all__ = ["VerifyReport", "format_report", "verify_archive"]
+
+_SCRATCH_GLOB = "verify-*.sqlite*"  # this module's scratch files: the index, the replayed state
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +186,7 @@ class _Index:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._claim = claim_scratch(path)  # a killed verify's file is removed by the next one
         self.db = sqlite3.connect(path)
         self.db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
@@ -194,7 +200,7 @@ class _Index:
 
     def close(self) -> None:
         self.db.close()
-        self.path.unlink(missing_ok=True)
+        drop_scratch(self.path, self._claim)
 
     def get(self, key: str) -> tuple[str, int, bytes, bool] | None:
         row = self.db.execute("SELECT event_id, gen, data, copy FROM objs WHERE key = ?", (key,))
@@ -728,6 +734,7 @@ class _Verifier:
         if not good:
             return
         path = work_dir / f"verify-state-{uuid.uuid4().hex}.sqlite"
+        claim = claim_scratch(path)  # a killed verify's file is removed by the next one
         state: StateStore | None = None
         try:
             state = StateStore(path, scratch=True)  # deleted below
@@ -742,7 +749,7 @@ class _Verifier:
             if state is not None:
                 with contextlib.suppress(Exception):
                     state.close()  # a scratch file deleted next: its last write may fail
-            remove_state_files(path)
+            drop_scratch(path, claim)
 
     def _recompute(self, state: StateStore, good: list[SnapshotInfo]) -> None:
         """Fold the archive once, comparing the state with each snapshot as it is reached."""
@@ -887,6 +894,7 @@ def verify_archive(
     where the connector keeps its checkpoint when not in the archive (``checkpoint.uri``)."""
     report = VerifyReport(archive=storage.describe())
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(work_dir, _SCRATCH_GLOB)
     index = _Index(work_dir / f"verify-{uuid.uuid4().hex}.sqlite")
     try:
         v = _Verifier(storage, report, index)

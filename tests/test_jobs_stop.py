@@ -198,7 +198,7 @@ def test_a_killed_runs_scratch_file_is_removed_by_the_next_job(tmp_path: Path) -
 def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Path) -> None:
     """seed_state falls back from a damaged newest snapshot by emptying its scratch file in
     place: the run's flock on it still holds, so another process's cleanup spares it."""
-    from connector.snapshot import _claim_scratch, list_snapshots, remove_stale_scratch, seed_state
+    from connector.snapshot import claim_scratch, list_snapshots, remove_stale_scratch, seed_state
     from connector.storage.local import LocalStorage
     from tests.test_retention import build_days
 
@@ -210,7 +210,7 @@ def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Pa
     work = tmp_path / "work"
     work.mkdir()
     db = work / "snapshot-live.sqlite"
-    claim = _claim_scratch(db)
+    claim = claim_scratch(db)
     try:
         state, base = seed_state(db, storage, snaps)
         state.close()

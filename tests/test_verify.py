@@ -543,3 +543,53 @@ def test_unfinished_snapshot_is_a_warning(tmp_path: Path) -> None:
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert any("unfinished snapshot" in w for w in report.warnings)
+
+
+_KILLED_VERIFY = """
+import sys
+from pathlib import Path
+from tests.test_jobs_stop import SlowSegments
+from connector.verify import verify_archive
+verify_archive(SlowSegments(sys.argv[1]), work_dir=Path(sys.argv[2]))
+"""
+
+
+def test_the_scratch_files_of_a_killed_verify_are_removed_by_the_next(tmp_path: Path) -> None:
+    """`verify` killed mid-way (a CronJob deadline, out of memory) left its index, a copy of
+    every object's last version, in the work dir `run` shares: each kill added another one.
+    The next verify removes them, and never the files of a verify still running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_jobs_stop import ROOT
+
+    archive, work = tmp_path / "a", tmp_path / "w"
+    build_good(LocalStorage(archive))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_SEGMENT_SECS": "30"}
+    args = [sys.executable, "-c", _KILLED_VERIFY, str(archive), str(work)]
+
+    def files(n: int) -> set[Path]:
+        deadline = time.monotonic() + 30
+        while len(found := set(work.glob("verify-*.sqlite"))) < n:
+            assert time.monotonic() < deadline, found
+            time.sleep(0.05)
+        return found
+
+    running = subprocess.Popen(args, env=env)  # held by a live verify: to be left alone
+    killed = None
+    try:
+        (alive,) = files(1)
+        killed = subprocess.Popen(args, env=env)
+        (left,) = files(2) - {alive}
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert verify_archive(LocalStorage(archive), work_dir=work).ok
+        assert not left.exists() and alive.exists()
+    finally:
+        for child in (running, killed):
+            if child is not None:
+                child.send_signal(signal.SIGKILL)
+                child.wait()
