@@ -189,19 +189,28 @@ def _snapshot_id(prefix: str) -> EventId | None:
 
 
 def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
-    """Every part present with the size and sha256 its manifest records: a base snapshot must
-    be loadable before the segments it replaces are deleted (restore checks the same sha256)."""
+    """The manifest as a restore reads it, and every part present with the size and sha256 it
+    records: a base snapshot must be loadable before the segments it replaces are deleted."""
+    from .snapshot import SnapshotInfo  # here: `run` starts without the state store
+
     try:
-        for part in snap.manifest["parts"]:
-            key = str(part["key"])
-            if storage.size(key) != int(part["size"]):
-                raise ValueError(key)
-            with storage.open(key) as fh:
+        info = SnapshotInfo.from_json(orjson.dumps(snap.manifest))
+    except MalformedEvent as exc:
+        log.warning(
+            "Snapshot not usable as a retention base: a restore would refuse its manifest.",
+            extra={"snapshot": str(snap.as_of), "error": exc.reason},
+        )
+        return False
+    try:
+        for part in info.parts:
+            if storage.size(part.key) != part.size:
+                raise ValueError(part.key)
+            with storage.open(part.key) as fh:
                 body = HashingReader(fh)
                 body.drain()
-            if body.sha.hexdigest() != part["sha256"]:
-                raise ValueError(key)
-    except (NotFound, KeyError, TypeError, ValueError) as exc:
+            if body.sha.hexdigest() != part.sha256:
+                raise ValueError(part.key)
+    except (NotFound, ValueError) as exc:
         log.warning(
             "Snapshot not usable as a retention base: a part is missing or damaged.",
             extra={"snapshot": str(snap.as_of), "part": str(exc)},

@@ -255,3 +255,25 @@ def test_no_snapshot_is_written_without_the_pruned_history(tmp_path: Path) -> No
     keys = sorted(storage.list())
     apply_retention(storage, plan_retention(storage, policy, at_day(8)))
     assert sorted(storage.list()) == keys
+
+
+def test_a_base_snapshot_whose_manifest_a_restore_refuses_lets_no_segment_go(
+    tmp_path: Path,
+) -> None:
+    """One flipped byte in a field name of the base snapshot's manifest: its parts still match
+    their sha256, so retention took it for its base and deleted the segments it replaced, while
+    a restore refuses that manifest and skips the snapshot: the history was gone."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    (snap,) = list_snapshots(storage)
+    body = storage.get(snap.manifest_key)
+    assert b'"object_count"' in body
+    storage.put(snap.manifest_key, body.replace(b'"object_count"', b'"object_coult"'))
+    assert list_snapshots(storage) == []  # what restore and the snapshot job see
+
+    report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(8))
+    assert report.base is None
+    assert not [d.key for d in report.deletions if d.kind == "segment"]
+    apply_retention(storage, report)
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert "oldest segments are missing" not in format_report(verified)
