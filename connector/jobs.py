@@ -228,15 +228,21 @@ class JobRunner:
         if interval is None:
             return True
         last = _newest_snapshot_time(self.storage)
-        if last is None or last + interval <= dt.datetime.now(dt.UTC) + _DUE_SLACK:
+        now = dt.datetime.now(dt.UTC)
+        if last is None:
+            return True
+        # At most one interval from now: a snapshot stamped by a clock running ahead (this
+        # host's then, or another machine's) would otherwise hold the schedule until that date.
+        due = min(last + interval, now + interval)
+        if due <= now + _DUE_SLACK:
             return True
         try:
-            self.scheduler.modify_job("snapshot", next_run_time=last + interval)
+            self.scheduler.modify_job("snapshot", next_run_time=due)
         except JobLookupError:
             return False  # shut down meanwhile
         log.info(
             "Archive snapshot not due yet: the newest one is recent.",
-            extra={"job": "snapshot", "next_run": (last + interval).isoformat()},
+            extra={"job": "snapshot", "next_run": due.isoformat()},
         )
         return False
 

@@ -247,6 +247,21 @@ def test_interval_jobs_overdue_at_start_run_soon(tmp_path: Path) -> None:
         assert runner.runs["snapshot"] == 1
     finally:
         runner.shutdown()
+    # The newest snapshot stamped by a clock a month ahead (written while this host's ran
+    # ahead, or by another machine): the schedule waited a month, again after each restart.
+    info = list_snapshots(storage)[-1]
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    manifest["created_at"] = ahead.isoformat(timespec="seconds").replace("+00:00", "Z")
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    runner = restart()
+    try:
+        runner.run_snapshot()
+        assert runner.runs["snapshot"] == 0
+        later = runner.scheduler.get_job("snapshot").next_run_time
+        assert later <= dt.datetime.now(dt.UTC) + dt.timedelta(hours=24, minutes=5)
+    finally:
+        runner.shutdown()
 
 
 def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
