@@ -96,6 +96,7 @@ from .storage import Storage
 __all__ = ["VerifyReport", "format_report", "verify_archive"]
 
 _SCRATCH_GLOB = "verify-*.sqlite*"  # this module's scratch files: the index, the replayed state
+_PASSES = 3  # at most, while retention prunes the archive under a verify (verify_archive)
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ class _Verifier:
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
         self.snapshot_ids: list[EventId] = []  # as-of ids of the committed, usable snapshots
+        self.head_key: str | None = None  # the first manifest read (retention may delete it)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -354,6 +356,7 @@ class _Verifier:
         prev: Manifest | None = None
         unknown = False  # the previous manifest was unreadable: its end is unknown
         for key, m in self.manifests():
+            self.head_key = self.head_key or key
             if m is None:
                 unknown, self.gen = True, self.gen + 1
                 continue
@@ -891,10 +894,45 @@ def verify_archive(
     storage: Storage, *, work_dir: Path, checkpoints: CheckpointStore | None = None
 ) -> VerifyReport:
     """Check the whole archive; ``report.ok`` is False when anything is damaged. ``checkpoints``:
-    where the connector keeps its checkpoint when not in the archive (``checkpoint.uri``)."""
-    report = VerifyReport(archive=storage.describe())
+    where the connector keeps its checkpoint when not in the archive (``checkpoint.uri``).
+
+    Retention may prune the archive's oldest segments and snapshots while it is read (verify
+    takes no lock: it writes nothing, and may run with read-only credentials). A pass that found
+    damage after the first segment it read was pruned is not believed: the archive is verified
+    again, up to ``_PASSES`` times, and a note says so."""
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(work_dir, _SCRATCH_GLOB)
+    pruned = 0
+    while True:
+        report, head = _verify_once(storage, work_dir, checkpoints)
+        if report.ok or head is None or storage.exists(head) or pruned + 1 >= _PASSES:
+            break
+        pruned += 1
+        log.warning(
+            "Retention pruned the archive while it was verified: verifying it again.",
+            extra={"pruned": head, "errors": report.error_count},
+        )
+    if pruned:
+        report.notes.append(
+            f"retention pruned the archive while it was verified: verified {pruned + 1} times"
+        )
+    log.info(
+        "Archive verified.",
+        extra={
+            "segments": report.segments,
+            "events": report.events,
+            "errors": report.error_count,
+            "warnings": report.warning_count,
+        },
+    )
+    return report
+
+
+def _verify_once(
+    storage: Storage, work_dir: Path, checkpoints: CheckpointStore | None
+) -> tuple[VerifyReport, str | None]:
+    """One pass over the archive, and the first manifest it read."""
+    report = VerifyReport(archive=storage.describe())
     index = _Index(work_dir / f"verify-{uuid.uuid4().hex}.sqlite")
     try:
         v = _Verifier(storage, report, index)
@@ -912,13 +950,4 @@ def verify_archive(
             report.warning("the archive holds a checkpoint but no segment yet")
         else:
             report.error("no archive here: no segment, snapshot or checkpoint")
-    log.info(
-        "Archive verified.",
-        extra={
-            "segments": report.segments,
-            "events": report.events,
-            "errors": report.error_count,
-            "warnings": report.warning_count,
-        },
-    )
-    return report
+    return report, v.head_key

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 import pytest
@@ -277,3 +279,44 @@ def test_a_base_snapshot_whose_manifest_a_restore_refuses_lets_no_segment_go(
     apply_retention(storage, report)
     verified = verify_archive(storage, work_dir=tmp_path / "w")
     assert "oldest segments are missing" not in format_report(verified)
+
+
+class _RetentionDuringVerify(LocalStorage):
+    """The archive as ``verify`` reads it while ``run``'s scheduled retention prunes it: the
+    retention job runs (through its own storage object, as another process would) right after
+    verify opened the oldest segment."""
+
+    def __init__(self, root: Path, prune: Callable[[], None]) -> None:
+        super().__init__(root)
+        self._prune = prune
+        self.pruned = False
+
+    def open(self, key: str) -> BinaryIO:
+        fh = super().open(key)
+        if key.startswith("events/") and not self.pruned:
+            self.pruned = True
+            self._prune()
+        return fh
+
+
+def test_verify_overlapping_retention_does_not_call_a_healthy_archive_damaged(
+    tmp_path: Path,
+) -> None:
+    """A scheduled verify overlapping run's scheduled retention (both at 03:00) reported
+    "segment(s) missing" and a snapshot the segments no longer reach, and exited 1 on an
+    archive the next verify found whole."""
+    root = tmp_path / "a"
+    plain = LocalStorage(root)
+    build_days(plain, tmp_path, days=8, snapshot_days={3})
+    follow_until(plain, at_day(9))
+    policy = RetentionPolicy(keep_days=2, keep_snapshots=0)
+
+    def prune() -> None:
+        assert run_retention_job(plain, policy, now=at_day(9)).deleted > 0
+
+    racing = _RetentionDuringVerify(root, prune)
+    report = verify_archive(racing, work_dir=tmp_path / "w1")
+    assert racing.pruned
+    assert report.ok, format_report(report)
+    assert any("pruned the archive while it was verified" in n for n in report.notes)
+    assert verify_archive(plain, work_dir=tmp_path / "w2").ok
