@@ -322,6 +322,7 @@ class Pipeline:
             dropped = len(self._pending) - self._complete_n
             self._pending.drop_tail(self._complete_n)
             del self._groups[self._complete_n :]
+            # The phrase before the colon (Disconnected); cut, should an error name be long.
             metrics.RECONNECTS.labels(item.reason.split(":")[0][:40]).inc()
             if dropped:
                 log.info(

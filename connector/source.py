@@ -74,7 +74,9 @@ class Complete:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The connection ended; events after ``resume`` will be re-delivered."""
+    """The connection ended; events after ``resume`` will be re-delivered. ``reason``'s text
+    before its first colon is the reconnect metric's ``kind``: a fixed phrase, never a value
+    (each distinct label is one more series)."""
 
     resume: EventId | None
     reason: str
@@ -347,7 +349,7 @@ class SseSource:
                         # meanwhile; were its stream trimmed past our position, it would go on
                         # from its oldest entry without a word. Reconnect before taking any of
                         # it: the connect-time retention check sees such a gap.
-                        raise _Reconnect(f"reader stalled for {now - arrived:.0f} s", [])
+                        raise _Reconnect(f"reader stalled: not read for {now - arrived:.0f} s", [])
                     arrived = now
                     out: list[Item] = []
                     for name, id_text, data in decoder.feed(chunk):
@@ -569,7 +571,7 @@ def _tls_verify_failed(exc: BaseException) -> bool:
 
 def _describe(exc: Exception) -> str:
     if isinstance(exc, httpx.ReadTimeout):
-        return "no message within the read timeout (silent stream)"
+        return "silent stream: no message within the read timeout"
     if isinstance(exc, httpx.ConnectError):
         return f"cannot connect: {exc}"
     if isinstance(exc, httpx.RemoteProtocolError):

@@ -145,8 +145,8 @@ def _aliases(obj: dict[str, Any]) -> list[str]:
     return sorted({str(obj["id"]), *(str(i) for i in ext.get("stix_ids") or [])})
 
 
-# The reconnect metric's label for a silent stream (the reason's first 40 characters).
-STALL_KIND = "no message within the read timeout (silent stream)"[:40]
+# The reconnect metric's label for a silent stream (the reason's text before its colon).
+STALL_KIND = "silent stream"
 
 
 def reconnects() -> float:

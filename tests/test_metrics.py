@@ -7,22 +7,32 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector import metrics
-from connector.archive import ArchiveReader
+from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import EventId
+from connector.pipeline import BatchPolicy, Pipeline, StopEvent
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
+from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
-from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.connector import (
+    ConnectorThread,
+    base_env,
+    caught_up,
+    start_pipeline,
+    wait_until,
+)
 from tests.support.s3 import REGION, make_bucket, moto_server  # noqa: F401
 
 TOKEN = "tok-METRICS-0f1e2d3c4b5a"
@@ -270,3 +280,70 @@ def test_recover_progress_reaches_one_on_an_idle_stream(sim: SimServer, tmp_path
     finally:
         run.stop()
     assert run.error is None
+
+
+class _SlowSegments(LocalStorage):
+    """A local archive whose segment writes take ``delays`` seconds in turn (a slow disk/S3)."""
+
+    def __init__(self, root: Path, delays: list[float]) -> None:
+        super().__init__(root)
+        self.delays = delays
+        self.writes = 0
+
+    def put_if_absent(self, key: str, body: Any) -> bool:
+        if key.startswith("events/"):
+            time.sleep(self.delays[min(self.writes, len(self.delays) - 1)])
+            self.writes += 1
+        return super().put_if_absent(key, body)
+
+
+def _reconnect_kinds() -> set[str]:
+    return {
+        s.labels["kind"]
+        for fam in metrics.RECONNECTS.collect()
+        for s in fam.samples
+        if s.name.endswith("_total")
+    }
+
+
+def test_the_reconnect_kind_of_a_stalled_reader_is_one_label(tmp_path: Path) -> None:
+    """A slow archive holds the pipeline longer than the read timeout: the source reconnects.
+    Its reason, "reader stalled for N s", was the metric's label: one more series for each
+    distinct duration, never grouped under one kind."""
+    with SimServer(token=TOKEN, heartbeat_secs=0.1) as sim:
+        root = tmp_path / "archive"
+        CheckpointStore(LocalStorage(root)).save(Checkpoint(stream_id="live", source_url=sim.url))
+        storage = _SlowSegments(root, [1.6, 2.7, 3.8, 0.0])
+        before = _reconnect_kinds()
+        source = SseSource(
+            replace(
+                SourceConfig(url=sim.url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2),
+                read_timeout=1.0,
+                queue_size=1,
+            ),
+            resume=None,
+        )
+        stop = StopEvent()
+        pipeline = Pipeline(
+            source=source,
+            sinks=[ArchiveSink(storage)],
+            store=CheckpointStore(storage),
+            checkpoint=CheckpointStore(storage).load() or Checkpoint("live", sim.url),
+            policy=BatchPolicy(max_events=5, max_age_secs=0.1),
+            stop=stop,
+            backoff_initial=0.05,
+            backoff_max=0.2,
+        )
+        thread, errors = start_pipeline(pipeline)
+        try:
+            for seed in range(4):
+                generate(sim.store, 10, seed=seed, mix="creates")
+                wait_until(lambda s=seed: storage.writes > s, timeout=30, what="a slow write")
+            wait_until(lambda: len(_reconnect_kinds() - before) > 0, timeout=30, what="a stall")
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            thread.join(20)
+        assert not errors, errors
+    new = _reconnect_kinds() - before
+    assert new == {"reader stalled"}, new
