@@ -7,13 +7,15 @@ set -eu
 
 if [ "${1:-}" = "healthcheck" ]; then
     # Healthy when the metrics endpoint answers; with HEALTHCHECK_MAX_LAG_SECS > 0, also when the
-    # checkpoint lag is below it, once the first recovery is done (recovered events carry the
-    # objects' old timestamps, so the lag means nothing while recover_progress is below 1; the
-    # connector sets it to 1 when there is no recovery to do). METRICS_ENABLED / METRICS_PORT come from the environment, else from the image's
-    # OPENCTI_SYNC_DEFAULTS (an empty value counts as unset, as for the connector); a config
-    # file's metrics keys are not read here.
+    # checkpoint lag is below it. While a recovery runs (the first one, or the repair of a
+    # retention gap: recover_progress below 1) the lag means nothing, as recovered events carry
+    # the objects' old timestamps: the checkpoint must then have been saved within that many
+    # seconds instead (a recovery that stopped moving). A standby run (waiting for the run that
+    # holds the archive) is healthy. METRICS_ENABLED / METRICS_PORT come from the environment,
+    # else from the image's OPENCTI_SYNC_DEFAULTS (an empty value counts as unset, as for the
+    # connector); a config file's metrics keys are not read here.
     exec python - <<'PY'
-import os, shlex, sys, urllib.request
+import os, shlex, sys, time, urllib.request
 defaults = {}
 for word in shlex.split(os.environ.get("OPENCTI_SYNC_DEFAULTS", "")):
     name, _, value = word.partition("=")
@@ -29,17 +31,30 @@ try:
         body = resp.read().decode()
 except OSError as exc:
     sys.exit(f"metrics endpoint unreachable: {exc}")
+WANTED = (
+    "opencti_sync_checkpoint_lag_seconds",
+    "opencti_sync_recover_progress_ratio",
+    "opencti_sync_checkpoint_saved_timestamp_seconds",
+    "opencti_sync_standby",
+)
 samples = {}
 for line in body.splitlines():
     name, _, value = line.partition(" ")
-    if name in ("opencti_sync_checkpoint_lag_seconds", "opencti_sync_recover_progress_ratio"):
+    if name in WANTED:
         samples[name] = float(value)
+if samples.get("opencti_sync_standby", 0.0) >= 1:
+    print("healthy (standby: another run holds the archive)")
+    sys.exit(0)
 recovering = samples.get("opencti_sync_recover_progress_ratio", 1.0) < 1
-if limit > 0 and not recovering:
+if limit > 0 and recovering:
+    saved = samples.get("opencti_sync_checkpoint_saved_timestamp_seconds", 0.0)
+    if saved > 0 and time.time() - saved > limit:
+        sys.exit(f"recovery stuck: no checkpoint saved for {time.time() - saved:.0f}s (above {limit:.0f}s)")
+elif limit > 0:
     lag = samples.get("opencti_sync_checkpoint_lag_seconds", 0.0)
     if lag > limit:
         sys.exit(f"checkpoint lag {lag:.0f}s above {limit:.0f}s")
-print("healthy (first recovery under way: lag not checked)" if limit > 0 and recovering else "healthy")
+print("healthy (recovery under way: progress checked, not the lag)" if limit > 0 and recovering else "healthy")
 PY
 fi
 

@@ -26,6 +26,7 @@ __all__ = [
     "BUILD_INFO",
     "RECOVER_PROGRESS",
     "CHECKPOINT_LAG",
+    "CHECKPOINT_SAVED",
     "CHECKPOINT_TIMESTAMP",
     "ERRORS",
     "EVENTS_RECEIVED",
@@ -69,6 +70,12 @@ SEGMENT_BYTES = Counter(
 CHECKPOINT_TIMESTAMP = Gauge(
     "opencti_sync_checkpoint_timestamp_seconds",
     "Time encoded in the checkpointed event id.",
+    registry=REGISTRY,
+)
+CHECKPOINT_SAVED = Gauge(
+    "opencti_sync_checkpoint_saved_timestamp_seconds",
+    "When this run last saved its checkpoint (wall clock; when it started following the stream,"
+    " before its first save). It stops moving when the connector is stuck, recovering or not.",
     registry=REGISTRY,
 )
 CHECKPOINT_LAG = Gauge(
@@ -126,7 +133,8 @@ RESTORE_PROGRESS = Gauge(
 )
 RECOVER_PROGRESS = Gauge(
     "opencti_sync_recover_progress_ratio",
-    "First-run recovery progress, 0 to 1 (share of the time span up to the recover date).",
+    "Recovery progress, 0 to 1 (share of the time span up to the recover date): the first"
+    " run's, or a retention gap's repair; 1 when there is none.",
     registry=REGISTRY,
 )
 STANDBY = Gauge(

@@ -227,6 +227,8 @@ class Pipeline:
             # The lag counts from the checkpoint found at start-up: a connector that restarts and
             # cannot reach the platform must not report a lag of 0.
             metrics.CHECKPOINT_TIMESTAMP.set(self._saved_id.ms / 1000)
+        # Progress counts from here: the healthcheck's clock while a recovery makes the lag moot.
+        metrics.CHECKPOINT_SAVED.set_to_current_time()
         self._segment_last: EventId | None = (
             EventId.parse(checkpoint.last_segment_last_id)
             if checkpoint.last_segment_last_id
@@ -684,6 +686,7 @@ class Pipeline:
             self.store.save(self.checkpoint)
 
         self._retry(save, "checkpointing", self.store.storage.describe())
+        metrics.CHECKPOINT_SAVED.set_to_current_time()
         last = self.checkpoint.last_event_id
         if last:
             self._saved_id = EventId.parse(last)

@@ -271,12 +271,18 @@ def test_lag_counts_from_the_checkpoint_found_at_start(tmp_path: Path) -> None:
 
 def test_recover_progress_reaches_one_on_an_idle_stream(sim: SimServer, tmp_path: Path) -> None:
     """A first recovery that fits in one batch: its last object's updated_at is below the
-    recovery's end, so the idle stream's heartbeats are what finish it."""
+    recovery's end, so the idle stream's heartbeats are what finish it. Each checkpoint save is
+    stamped (the healthcheck's clock while a recovery makes the lag moot)."""
     metrics.RECOVER_PROGRESS.set(0.0)
+    metrics.CHECKPOINT_SAVED.set(0)
     archive = str(tmp_path / "a")
+    started = time.time()
     run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
     try:
         wait_until(lambda: value("opencti_sync_recover_progress_ratio") == 1.0, what="recovered")
+        saved = value("opencti_sync_checkpoint_saved_timestamp_seconds")
+        assert started <= saved <= time.time()
+        assert CheckpointStore(LocalStorage(archive)).load() is not None
     finally:
         run.stop()
     assert run.error is None

@@ -362,7 +362,12 @@ def _entrypoint_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
 def metrics_port() -> Iterator[int]:
     port = _free_port()
     stop = metrics.serve("127.0.0.1", port)
-    gauges = (metrics.CHECKPOINT_TIMESTAMP, metrics.RECOVER_PROGRESS)
+    gauges = (
+        metrics.CHECKPOINT_TIMESTAMP,
+        metrics.RECOVER_PROGRESS,
+        metrics.CHECKPOINT_SAVED,
+        metrics.STANDBY,
+    )
     old = [next(iter(g.collect())).samples[0].value for g in gauges]
     try:
         yield port
@@ -372,9 +377,10 @@ def metrics_port() -> Iterator[int]:
         stop()
 
 
-def test_healthcheck_skips_the_lag_check_during_the_first_recovery(metrics_port: int) -> None:
+def test_healthcheck_checks_progress_not_lag_during_a_recovery(metrics_port: int) -> None:
     """rv/health_recovery.py: recovered events carry the objects' old timestamps, so the lag
-    is years during the first recovery; README: the lag check applies once it is done."""
+    is years during a recovery; README: the lag check applies once it is done, and until then
+    the checkpoint must keep being saved."""
     env = {
         "METRICS_ENABLED": "true",
         "METRICS_PORT": str(metrics_port),
@@ -382,6 +388,7 @@ def test_healthcheck_skips_the_lag_check_during_the_first_recovery(metrics_port:
     }
     metrics.CHECKPOINT_TIMESTAMP.set(1_431_681_136.432)  # an id seen in a real recovery (2015)
     metrics.RECOVER_PROGRESS.set(0.3)
+    metrics.CHECKPOINT_SAVED.set(time.time() - 60)  # the last batch a minute ago
     during = _entrypoint_healthcheck(**env)
     assert during.returncode == 0, during.stderr
     assert during.stdout.startswith("healthy")
@@ -390,6 +397,16 @@ def test_healthcheck_skips_the_lag_check_during_the_first_recovery(metrics_port:
     assert done.returncode != 0 and "checkpoint lag" in done.stderr
     metrics.RECOVER_PROGRESS.set(0.0)  # a recovery before its first batch (no recovery: 1)
     assert _entrypoint_healthcheck(**env).returncode == 0
+    # A recovery (the first, or a retention gap's repair after a restart) that stopped moving:
+    # nothing saved for two hours. It said "lag not checked" and stayed healthy for good.
+    metrics.RECOVER_PROGRESS.set(0.3)
+    metrics.CHECKPOINT_SAVED.set(time.time() - 7200)
+    stuck = _entrypoint_healthcheck(**env)
+    assert stuck.returncode != 0 and "recovery stuck" in stuck.stderr
+    metrics.STANDBY.set(1)  # waiting for the run that holds the archive: nothing to save
+    standby = _entrypoint_healthcheck(**env)
+    assert standby.returncode == 0 and "standby" in standby.stdout
+    metrics.STANDBY.set(0)
     metrics.RECOVER_PROGRESS.set(1.0)
     metrics.CHECKPOINT_TIMESTAMP.set(time.time())
     ok = _entrypoint_healthcheck(**env)
