@@ -80,6 +80,7 @@ class _Archived:
     events: int
     segments: list[str]
     tail: EventId | None
+    quarantined: int | None = None  # records it stored (None: no archive sink)
 
 
 class ShutdownTimeout(ConnectorError):
@@ -310,8 +311,7 @@ class Pipeline:
         elif isinstance(item, Quarantined):
             if self._oldest is None:
                 self._oldest = time.monotonic()
-            self._quarantined.append(item)
-            metrics.QUARANTINED.inc()
+            self._quarantined.append(item)  # counted once stored (_stored_quarantine)
             log.warning(
                 "Event quarantined.",
                 extra={
@@ -585,12 +585,17 @@ class Pipeline:
                 cp.last_event_id = str(done)
             self._archived_through(batch.last_id, archived)
         self._record_archived(archived)
-        cp.quarantined += len(batch.quarantined)
+        self._count_quarantined(batch.quarantined, archived.quarantined)
         self._save()
         counts = Counter(e.event for e in events)
-        for name, count in counts.items():
-            for sink in self.sinks:
-                metrics.EVENTS_WRITTEN.labels(sink.name, name).inc(count)
+        names = {e.id_text: e.event for e in events} if events else {}
+        for sink in self.sinks:
+            # The events whose objects a target refused went to quarantine, not to it.
+            ids = {q.id_text for q in getattr(sink, "rejected", None) or ()} & names.keys()
+            refused = Counter(names[i] for i in ids)
+            for name, count in counts.items():
+                if count > refused[name]:
+                    metrics.EVENTS_WRITTEN.labels(sink.name, name).inc(count - refused[name])
         log.info(
             "Batch written.",
             extra={
@@ -617,16 +622,26 @@ class Pipeline:
         if not rejected:
             return
         archives = [s for s in self.sinks if s.name == "archive"]
+        stored = None
         if archives:
             record = Batch(first_id=batch.first_id, last_id=batch.first_id, quarantined=rejected)
             self._write(archives, record)
+            stored = self._archived(record).quarantined
         for q in rejected:
-            metrics.QUARANTINED.inc()
             metrics.ERRORS.labels("target_rejected").inc()
             log.warning(
                 "Event quarantined.", extra={"event_id": q.id_text, "reason": q.reason[:300]}
             )
-        self.checkpoint.quarantined += len(rejected)
+        self._count_quarantined(rejected, stored)
+
+    def _count_quarantined(self, items: Sequence[Quarantined], stored: int | None) -> None:
+        """The quarantine counter and the checkpoint's count (``status``): the records the
+        archive stored, once each (an event delivered again after a reconnect has the same
+        record); without an archive, every delivery."""
+        count = len(items) if stored is None else stored
+        if count:
+            metrics.QUARANTINED.inc(count)
+            self.checkpoint.quarantined += count
 
     def _write(self, sinks: Sequence[Sink], batch: Batch) -> None:
         write_with_retry(
@@ -677,7 +692,9 @@ class Pipeline:
             if result is not None and sink.name == "archive":
                 metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
                 metrics.SEGMENT_BYTES.inc(result.bytes)
-                return _Archived(result.events, list(result.segments), result.tail)
+                return _Archived(
+                    result.events, list(result.segments), result.tail, result.quarantined
+                )
         return _Archived(len(batch.events), [], None)
 
     def _save(self) -> None:

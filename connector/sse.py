@@ -33,9 +33,11 @@ class SseBytesDecoder:
     event id, data) per dispatched message; ``event`` is "message" when the server named none.
 
     A message still incomplete is kept as a list of chunks and only the new bytes are searched
-    for its end, so a long message costs linear time. One larger than ``max_bytes`` is not
-    held: its first bytes come out as ``Oversized`` data and the rest is read past (a hostile or
-    broken stream cannot grow the reader's memory without bound).
+    for its end, so a long message costs linear time. One larger than ``max_bytes`` (its lines,
+    without the blank line that ends it) comes out as ``Oversized`` data, its first bytes, and
+    is not held: the rest is read past (a hostile or broken stream cannot grow the reader's
+    memory without bound). The limit and the size are the message's, wherever the stream was
+    cut into chunks.
     """
 
     def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
@@ -73,7 +75,9 @@ class SseBytesDecoder:
             buf = chunk
         if self._skipped is not None:
             end = buf.find(b"\n\n")
-            self._skipped.size += end if end >= 0 else len(buf)
+            # Less the byte kept from the previous chunk (_keep_tail), counted already: the
+            # size is the message's, however the stream was cut into chunks.
+            self._skipped.size += (end if end >= 0 else len(buf)) - 1
             if end < 0:
                 self._keep_tail(buf)
                 return out
@@ -85,14 +89,20 @@ class SseBytesDecoder:
             # Fast path, scanned in C: the platform's own "id: X\nevent: Y\ndata: Z\n\n".
             m = _FAST_MESSAGE.match(buf, start)
             if m is not None:
-                self._last_id = m.group(1).decode("latin-1")
-                out.append((m.group(2).decode("latin-1"), self._last_id, m.group(3)))
+                if m.end() - start - 2 > self._max:  # whole in the buffer, and too large
+                    self._oversized(buf[start : m.end() - 2], out)
+                else:
+                    self._last_id = m.group(1).decode("latin-1")
+                    out.append((m.group(2).decode("latin-1"), self._last_id, m.group(3)))
                 start = m.end()
                 continue
             end = buf.find(b"\n\n", start)
             if end < 0:
                 break
-            self._dispatch(buf[start:end], out)
+            if end - start > self._max:
+                self._oversized(buf[start:end], out)
+            else:
+                self._dispatch(buf[start:end], out)
             start = end + 2
         if start < size:
             self._keep(buf[start:] if start else buf, out)
@@ -106,12 +116,21 @@ class SseBytesDecoder:
             return
         self._parts.append(data)
         self._size += len(data)
-        if self._size > self._max:
+        # Past the limit even if the last byte is the blank line's first (a message exactly at
+        # the limit completes in the next chunk, and is measured whole there).
+        if self._size > self._max + 1:
             head = b"".join(self._parts)
             self._skipped = Oversized(head[:_HEAD_BYTES])
             self._skipped.size = len(head)
             self._parts, self._size = [], 0
             self._keep_tail(head)
+
+    def _oversized(self, block: bytes, out: list[tuple[str, str, bytes]]) -> None:
+        """A message over the limit that arrived whole: the same ``Oversized`` as one read past
+        (its size is the message's, wherever the stream was cut)."""
+        self._skipped = Oversized(block[:_HEAD_BYTES])
+        self._skipped.size = len(block)
+        self._flush_skipped(out)
 
     def _keep_tail(self, data: bytes) -> None:
         # While reading past: only the last byte matters (a blank line across two chunks).

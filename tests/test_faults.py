@@ -865,7 +865,12 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         storage = LocalStorage(tmp_path / "a")
         run = ConnectorThread(_target_env(sim.url, str(tmp_path / "a"), proxy.url)).start()
         follow(storage, sim.store, "first sync")
+        time.sleep(0.3)  # the counters follow the checkpoint's save
         quarantined = metric("opencti_sync_quarantined_events_total")
+        on_target = {"sink": "opencti", "event": "create"}
+        written = metric("opencti_sync_events_written_total", on_target)
+        cp0 = CheckpointStore(storage).load()
+        assert cp0 is not None
         malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
         sim.store.create({**malware, "id": bad, "name": "Rejected"})
         good = "malware--0000beef-0000-4000-8000-000000000000"
@@ -877,7 +882,10 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         assert proxy.rejected >= 1
         assert run.alive and run.error is None, f"the sync stopped: {run.error}"
         assert b.store.get(good) is not None  # the stream went on
-        assert metric("opencti_sync_quarantined_events_total") > quarantined
+        time.sleep(0.3)
+        assert metric("opencti_sync_quarantined_events_total") - quarantined == 1
+        # What the target refused is not counted as written to it.
+        assert metric("opencti_sync_events_written_total", on_target) - written == 1
         reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
         assert any("name is too long" in r for r in reasons)
         run.stop()
@@ -885,6 +893,7 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         refs = list(ArchiveReader(storage).manifests())
         cp = CheckpointStore(storage).load()
         assert cp is not None
+        assert cp.quarantined - cp0.quarantined == 1
         assert cp.events_archived == sum(r.manifest.event_count for r in refs)
         assert cp.segments_written == len(refs)
         assert cp.last_segment == refs[-1].manifest.segment

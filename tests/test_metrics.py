@@ -353,3 +353,48 @@ def test_the_reconnect_kind_of_a_stalled_reader_is_one_label(tmp_path: Path) -> 
         assert not errors, errors
     new = _reconnect_kinds() - before
     assert new == {"reader stalled"}, new
+
+
+def test_a_quarantined_event_delivered_again_after_a_drop_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    """An oversized event is quarantined, then the connection drops before any later position
+    completes past it: the stream sends it again after the reconnect. The archive holds one
+    record for it (the same bytes, the same key); the quarantine counter and the checkpoint's
+    count (`status`) said one per delivery."""
+    with SimServer(token=TOKEN, heartbeat_secs=1.0) as server:
+        generate(server.store, 5, seed=1, mix="creates")
+        archive = tmp_path / "a"
+        storage = LocalStorage(archive)
+        env = base_env(
+            server.url,
+            TOKEN,
+            str(archive),
+            CONNECTOR_LIVE_STREAM_ID="raw",
+            CONNECTOR_MAX_EVENT_BYTES="65536",
+        )
+        run = ConnectorThread(env).start()
+        try:
+            wait_until(lambda: caught_up(storage, server.store.last_event_id), what="catch-up")
+            time.sleep(0.3)
+            before = value("opencti_sync_quarantined_events_total")
+            cp0 = CheckpointStore(storage).load()
+            assert cp0 is not None
+            server.set_fault(drop_after_events=1)  # the next connection is cut after one event
+            server.drop_connections()
+            time.sleep(1.5)  # reconnected, with the fault armed
+            big = {"type": "malware", "id": "malware--0000b16b-0000-4000-8000-000000000000"}
+            server.store.create({**big, "name": "big", "is_family": True, "x": "x" * 200_000})
+            wait_until(
+                lambda: len(list(storage.list("quarantine/"))) == 1, what="the quarantine record"
+            )
+            time.sleep(3.0)  # cut, reconnected, delivered again; heartbeats complete past it
+            wait_until(lambda: caught_up(storage, server.store.last_event_id), what="the end")
+            time.sleep(0.3)
+        finally:
+            run.stop()
+        assert run.error is None, run.error
+        assert len(list(storage.list("quarantine/"))) == 1
+        assert value("opencti_sync_quarantined_events_total") - before == 1
+        cp = CheckpointStore(storage).load()
+        assert cp is not None and cp.quarantined - cp0.quarantined == 1

@@ -21,7 +21,7 @@ import pytest
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from connector.errors import PermanentError
+from connector.errors import PermanentError, RetryableError
 from connector.events import OCTI_EXT, EventId
 from connector.pipeline import BatchPolicy, Pipeline
 from connector.restore import materialise
@@ -298,3 +298,46 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
     assert sink.tail == events[-1].id
     stored = assert_each_group_once(storage, tmp_path)
     assert stored == [e.id_text for e in events]
+
+
+class _FailsFirstSegment(LocalStorage):
+    """A segment write that fails once (an S3 hiccup), after the batch's quarantine records
+    were stored."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failed = False
+
+    def put_if_absent(self, key: str, body: Any) -> bool:
+        if key.startswith(EVENTS_PREFIX) and not self.failed:
+            self.failed = True
+            raise RetryableError("simulated hiccup")
+        return super().put_if_absent(key, body)
+
+
+def test_quarantine_records_are_counted_once_across_retries_and_deliveries(
+    tmp_path: Path,
+) -> None:
+    """The archive counts the records it stores, which the quarantine counter and the
+    checkpoint's count follow: a batch retried after its quarantine record was stored still
+    counts it; the same event quarantined twice in a batch, or delivered again later, does not
+    count again."""
+    from connector.events import Quarantined, StreamEvent
+    from connector.sink import Batch
+
+    storage = _FailsFirstSegment(tmp_path / "a")
+    sink = ArchiveSink(storage)
+    bad = Quarantined(EventId(1, 0), "2-0", "create", "{not json", "not valid JSON")
+    good = StreamEvent.from_sse(
+        "3-0", "create", b'{"data":{"id":"malware--1","type":"malware","name":"m"}}'
+    )
+    batch = Batch(
+        first_id=good.id, last_id=good.id, events=[good], quarantined=[bad, bad], after_id=None
+    )
+    with pytest.raises(RetryableError):
+        sink.write(batch)
+    sink.write(batch)  # the retry
+    assert sink.last.quarantined == 1
+    sink.write(Batch(first_id=good.id, last_id=good.id, quarantined=[bad]))  # delivered again
+    assert sink.last.quarantined == 0
+    assert len(list(storage.list("quarantine/"))) == 1

@@ -80,3 +80,27 @@ def test_an_oversized_message_is_cut_to_its_head_and_the_stream_goes_on(size: in
     assert isinstance(head, Oversized) and head.size >= 50_000
     assert 0 < len(head) <= 4096 and head.startswith(b"id: 8-0\nevent: create\n")
     assert last == ("update", "9-0", b"{}")
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 4096, 65_536, 200_000])
+def test_the_limit_and_the_size_are_the_messages_wherever_the_stream_is_cut(size: int) -> None:
+    """A message over the limit that arrived whole in one chunk went through (100 KB with a
+    64 KiB limit), and one read past was counted a byte more or less depending on where the
+    chunks were cut: its quarantine record (which states the size) then differed between two
+    deliveries, and was stored twice. A message at the limit is taken, one byte more is not."""
+    limit = 10_000
+    head = b"id: 8-0\nevent: create\ndata: "
+    at_limit = head + b"B" * (limit - len(head))
+    over = head + b"A" * 50_000
+    stream = STREAM + at_limit + b"\n\n" + over + b"\n\n" + b"id: 9-0\nevent: update\ndata: {}\n\n"
+    out = _feed(SseBytesDecoder(limit), stream, size)
+    assert out[: len(EXPECTED)] == EXPECTED
+    taken, (name, id_text, cut), last = out[len(EXPECTED) :]
+    assert taken == ("create", "8-0", at_limit[len(head) :])
+    assert (name, id_text) == ("create", "8-0") and isinstance(cut, Oversized)
+    assert cut.size == len(over)
+    assert bytes(cut) == over[:4096]
+    assert last == ("update", "9-0", b"{}")
+    one_more = head + b"C" * (limit - len(head) + 1)
+    (got,) = _feed(SseBytesDecoder(limit), one_more + b"\n\n", size)
+    assert isinstance(got[2], Oversized) and got[2].size == limit + 1

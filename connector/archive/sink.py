@@ -87,6 +87,8 @@ class ArchiveSink:
         # The highest group stored, once the archive past the first batch's position was read.
         self._tail: EventId | None = None
         self._scanned = False
+        # Quarantine records stored by an attempt whose write failed after them (see write).
+        self._stored_unreported: set[str] = set()
 
     @property
     def tail(self) -> EventId | None:
@@ -109,15 +111,23 @@ class ArchiveSink:
 
     def write(self, batch: Batch) -> None:
         result = WriteResult()
+        counted: set[str] = set()
         for q in batch.quarantined:
-            digest = hashlib.sha256(q.record()).hexdigest()
-            if self.storage.put_if_absent(quarantine_key(q.after, digest), q.record()):
+            record = q.record()
+            key = quarantine_key(q.after, hashlib.sha256(record).hexdigest())
+            # Counted once: a record already there is the same event delivered again (in this
+            # batch too), unless an attempt of this batch that failed afterwards stored it.
+            stored = self.storage.put_if_absent(key, record)
+            if (stored or key in self._stored_unreported) and key not in counted:
+                self._stored_unreported.add(key)
+                counted.add(key)
                 result.quarantined += 1
         if batch.events:
             if not self._scanned:
                 self._scan(batch.after_id)
             self._write_events(batch, result)
         result.tail = self._tail
+        self._stored_unreported.clear()  # counted in this result
         self.last = result
         if result.segments or result.skipped:
             log.debug(
