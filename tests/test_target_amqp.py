@@ -41,7 +41,7 @@ from tests.support.connector import (
 from tests.support.rabbitmq import CutProxy, RabbitNode, rabbitmq  # noqa: F401
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync as SyncBase
-from tests.support.target import batch_of, malware, target_for
+from tests.support.target import batch_of, leaving_the_filter, malware, target_for
 
 TOKEN = "amqp-target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
@@ -736,3 +736,21 @@ def _wait_converged(a: SimServer, b: SimServer) -> None:
         timeout=60,
         what="B equal to A",
     )
+
+
+def test_an_object_leaving_the_filter_is_kept_with_what_holds_it(platform_b: SimServer) -> None:
+    """The same on amqp: the delete message made B's worker delete the object and cascade
+    (see tests.support.target.leaving_the_filter)."""
+    target = make_target(platform_b.url)
+    target.check()
+    try:
+
+        def applied() -> None:
+            assert target.publisher is not None
+            worker = platform_state(platform_b.store).workers[target.connector_id]
+            assert worker.wait_handled(target.publisher.published, timeout=60)
+            assert not worker.failures, worker.failures[:3]
+
+        leaving_the_filter(target, platform_b, applied)
+    finally:
+        target.close()

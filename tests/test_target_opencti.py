@@ -27,7 +27,7 @@ from connector.sim.store import SimStore
 from connector.target.opencti import AccessRefused, OpenCTITarget, Push, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.simlog import sim_events as events_since
-from tests.support.target import Sync, batch_of, malware, target_for
+from tests.support.target import Sync, batch_of, leaving_the_filter, malware, target_for
 
 TOKEN = "target-token-0123456789"
 SAMPLE = "DATA-TEST-STIX2_v2.json"  # real platform test data, packaged by the simulator
@@ -613,3 +613,14 @@ def test_planning_a_batch_keeps_no_parse_on_its_events() -> None:
     assert received[0]._envelope is None
     once = received[0].parsed()
     assert once is not received[0] and once.stix is once.stix  # one parse for the pass
+
+
+def test_an_object_leaving_the_filter_is_kept_with_what_holds_it(platform_b: SimServer) -> None:
+    """The stream's delete for an object that only left its filter was pushed as a delete:
+    the target platform took with it the relationship and the report contents still in the
+    stream's view, for good (see tests.support.target.leaving_the_filter)."""
+    target = make_target(platform_b.url)
+    try:
+        leaving_the_filter(target, platform_b)
+    finally:
+        target.close()

@@ -47,6 +47,7 @@ from ..files import Inlined, names_files
 from .common import (
     LiveIds,
     MergeLookahead,
+    left_the_view,
     live_aliases_of,
     merge_source_ids,
     previous_standard,
@@ -217,8 +218,8 @@ def event_messages(
         ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
         kind = ev.event
-        if kind not in ("create", "update", "merge", "delete"):
-            continue
+        if kind not in ("create", "update", "merge", "delete") or left_the_view(ev):
+            continue  # (a delete that only left the view: kept, see common.left_the_view)
         data = ev.stix
         if kind == "merge":
             pre = without_aliases(data, later_sources | merge_source_ids(ev))

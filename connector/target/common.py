@@ -11,6 +11,7 @@ from ..events import OCTI_EXT, StreamEvent, octi_ext
 
 __all__ = [
     "LiveIds",
+    "left_the_view",
     "MergeLookahead",
     "live_aliases_of",
     "merge_source_ids",
@@ -19,6 +20,14 @@ __all__ = [
     "source_ids",
     "without_aliases",
 ]
+
+
+def left_the_view(ev: StreamEvent) -> bool:
+    """A ``delete`` carrying an update (protocol doc §5.3, §8.14): the object left the stream's
+    filters or the user's rights; it was not deleted upstream. The target keeps it as last seen,
+    as the archive's state does: deleting it there would take with it the relationships and
+    the report contents still in the stream's view, which the stream never sends again."""
+    return ev.event == "delete" and ev.envelope.get("type") == "update"
 
 
 def previous_standard(ev: StreamEvent) -> str | None:
@@ -101,7 +110,7 @@ class LiveIds:
             for gone in merge_source_ids(ev):
                 live.pop(gone, None)
             live[ev.stix_id] = ev.internal_id or None
-        elif ev.event == "delete":
+        elif ev.event == "delete" and not left_the_view(ev):
             live.pop(ev.stix_id, None)
         return taken
 

@@ -55,6 +55,7 @@ from .amqp import (
 from .common import (
     LiveIds,
     MergeLookahead,
+    left_the_view,
     live_aliases_of,
     merge_sources,
     previous_standard,
@@ -247,6 +248,8 @@ def plan_pushes(
             upsert_ids.append(ev.id_text)
             upsert_from[ev.stix_id] = ev.id_text
         elif ev.event == "delete":
+            if left_the_view(ev):
+                continue  # kept as last seen (common.left_the_view)
             flush_upserts()
             deletes[ev.stix_id] = _operation(stix, "delete")
             delete_ids.append(ev.id_text)
@@ -616,7 +619,7 @@ class OpenCTITarget:
             # A delete took the object's files with it on the target: an object that comes
             # back gets them again. (After the batch: its earlier events carried them.)
             for event in batch.events:
-                if event.event == "delete":
+                if event.event == "delete" and not left_the_view(event.parsed()):
                     files.forget(event.parsed().stix)
 
     def _push_batch(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
