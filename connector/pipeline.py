@@ -26,7 +26,16 @@ from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .pending import PendingEvents
 from .reconcile import reconcile_group
 from .sink import Batch, Sink
-from .source import Complete, Disconnected, Fatal, GapDetected, Item, SseSource, iso_to_id
+from .source import (
+    Complete,
+    Disconnected,
+    Fatal,
+    GapDetected,
+    Item,
+    RecoverMoved,
+    SseSource,
+    iso_to_id,
+)
 from .watchdog import watched
 
 __all__ = [
@@ -358,6 +367,11 @@ class Pipeline:
                 )
                 log.error("Delete reconciliation impossible.", extra={"error": why})
                 self.checkpoint.reconcile = {**gap, "due": False, "failed": why}
+            self._save()
+        elif isinstance(item, RecoverMoved):
+            # Still the first recovery, as of a date the stream holds: kept for a restart.
+            self.checkpoint.recover_until = item.recover_until
+            self.checkpoint.first_recover_until = item.recover_until
             self._save()
         elif isinstance(item, ControlEvent):
             if item.name == "no-recover" and not self.checkpoint.recover_refused:

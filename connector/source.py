@@ -18,6 +18,7 @@ also gives TCP back-pressure), one list per network chunk to keep per-event over
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import queue
 import random
@@ -48,6 +49,7 @@ __all__ = [
     "Disconnected",
     "Fatal",
     "GapDetected",
+    "RecoverMoved",
     "SourceConfig",
     "SseSource",
     "iso_now",
@@ -63,6 +65,8 @@ _INIT_REFERERS = ("init-create", "init-dependencies")
 _KNOWN_CONTROL = {"consumer_metrics", "no-recover"}
 # How far before an idle heartbeat's position a reconnection starts (see _resume_point).
 _HEARTBEAT_SLACK_MS = 5_000
+# A first recovery's date may be this far ahead of the platform's ``Date`` (whole seconds).
+_DATE_SLACK_MS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +96,29 @@ class GapDetected:
 
 
 @dataclass(frozen=True, slots=True)
+class RecoverMoved:
+    """The first recovery's date was older than the stream's retention, before anything of it
+    was complete: it recovers as of ``recover_until`` instead (nothing lost, nothing durable
+    to reconcile)."""
+
+    recover_until: str
+
+
+@dataclass(frozen=True, slots=True)
 class Fatal:
     error: Exception
 
 
-Item = StreamEvent | Complete | Disconnected | GapDetected | Fatal | Quarantined | ControlEvent
+Item = (
+    StreamEvent
+    | Complete
+    | Disconnected
+    | GapDetected
+    | RecoverMoved
+    | Fatal
+    | Quarantined
+    | ControlEvent
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,7 @@ class SseSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
+        self._platform_ms: int | None = None  # the platform's clock: its last answer's Date
         self._client_factory = client_factory or self._default_client
         # Position state, owned by the reader thread.
         self._complete: EventId | None = resume
@@ -227,7 +250,8 @@ class SseSource:
 
     def _resume_point(self) -> EventId | None:
         """Where the next connection starts: the position, or up to ``_HEARTBEAT_SLACK_MS``
-        before it when that is an idle heartbeat's (never before the newest data group).
+        before it when that is an idle heartbeat's (never before the newest data group, when
+        one is known).
 
         A heartbeat id is the platform node's clock, an event id Redis's: an event appended in
         the heartbeat's millisecond, or by a Redis whose clock runs behind, sorts at or below
@@ -235,10 +259,12 @@ class SseSource:
         such an event; nothing received is re-sent, since no data group lies in between.
         """
         complete, data = self._complete, self._data_complete
-        if complete is None or data is None or complete <= data or self._recovering(complete):
+        if complete is None or self._recovering(complete):
+            return complete
+        if data is not None and complete <= data:
             return complete
         back = EventId(max(complete.ms - _HEARTBEAT_SLACK_MS, 0), 0)
-        return min(complete, max(back, data))
+        return min(complete, max(back, data) if data is not None else back)
 
     def _recovering(self, position: EventId) -> bool:
         recover_id = iso_to_id(self._recover_until) if self._recover_until else None
@@ -337,6 +363,7 @@ class SseSource:
         delivered = False
         with client.stream("GET", self._url(), params=params, headers=headers) as response:
             self._response = response
+            self._platform_ms = _date_ms(response.headers.get("date"))
             try:
                 self._check_status(response)
                 decoder = SseBytesDecoder(self.config.max_event_bytes)
@@ -447,10 +474,11 @@ class SseSource:
             self._hwm = hwm = ev.id
         elif hwm == self._complete:
             late = self._data_complete
-            if late is not None and late < ev.id and not self._recovering(ev.id):
-                # At or below an idle heartbeat's position, above every data group: the
-                # heartbeat came from the node's clock, this id from Redis's (same millisecond,
-                # or a clock behind). New, not a re-send: a group of its own.
+            if (late is None or late < ev.id) and not self._recovering(ev.id):
+                # At or below an idle heartbeat's position, above every data group (or before
+                # the first: a new collection nothing matched yet): the heartbeat came from the
+                # node's clock, this id from Redis's (same millisecond, or a clock behind).
+                # New, not a re-send: a group of its own.
                 ev.group = ev.id
                 out.append(ev)
                 if not ev.synthetic:
@@ -496,9 +524,38 @@ class SseSource:
             info = {}
         first = _opt_id(info.get("firstEventId"))
         position = self._complete
-        if position is None or first is None or position == EventId(0, 0):
+        if first is None:
             return
         recover_id = iso_to_id(self._recover_until) if self._recover_until else None
+        if position is None or position == EventId(0, 0):
+            # Nothing complete yet: a first run's recovery, whose live part starts at its
+            # recover date. A date the stream no longer holds (a first run refused, started
+            # again weeks later; a recover date given too old) would lose what changed between
+            # it and the oldest retained event. Nothing is durable yet: recover as of now.
+            start = _opt_id(self._start_from) or EventId(0, 0)
+            if recover_id is None or recover_id <= start:
+                return  # not a recovery: the stream replays its log from ``from``
+            platform = self._platform_ms
+            if recover_id < first:
+                log.warning(
+                    "The first recovery's date is older than the stream's retention: "
+                    "recovering as of now instead.",
+                    extra={"recover_until": self._recover_until, "first_event_id": str(first)},
+                )
+                self._recover_until = iso_now() if platform is None else _iso(platform)
+            elif platform is not None and recover_id.ms > platform + _DATE_SLACK_MS:
+                # Read against the platform's clocks: its live part starts after that date,
+                # and what it writes until the date comes is in neither part.
+                log.warning(
+                    "The first recovery's date is ahead of the platform's clock (this machine's "
+                    "runs ahead of it): recovering as of the platform's date instead.",
+                    extra={"recover_until": self._recover_until, "platform_date": _iso(platform)},
+                )
+                self._recover_until = _iso(platform)
+            else:
+                return
+            out.append(RecoverMoved(self._recover_until))
+            raise _Reconnect("recover date out of the stream: recovering as of now", out)
         effective = max(position, recover_id) if recover_id is not None else position
         if effective >= first:
             return
@@ -558,6 +615,24 @@ def _opt_id(value: object) -> EventId | None:
         except ValueError:
             return None
     return None
+
+
+def _date_ms(value: str | None) -> int | None:
+    """An HTTP ``Date`` header in epoch milliseconds (None when absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        return int(email.utils.parsedate_to_datetime(value).timestamp() * 1000)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _iso(ms: int) -> str:
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def _tls_verify_failed(exc: BaseException) -> bool:

@@ -17,9 +17,10 @@ import pytest
 
 from connector import registration
 from connector.archive import ArchiveReader
-from connector.checkpoint import CheckpointStore
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import StreamGoneError
 from connector.events import EventId
+from connector.progress import iso_to_ms
 from connector.reconcile import REFERER
 from connector.registration import SourceRegistration
 from connector.restore import materialise
@@ -636,3 +637,115 @@ def test_a_reader_stalled_past_a_trim_reconnects_and_sees_the_gap(sim: SimServer
         assert any(isinstance(i, GapDetected) for i in seen), "the trim went unnoticed"
     finally:
         source.close()
+
+
+def test_a_first_run_whose_recover_date_left_the_retention_recovers_as_of_now(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A first run refused (a wrong token) keeps its recover date in the checkpoint; started
+    again once the platform's retention has passed that date, its live part would start at a
+    date the stream no longer holds, and what changed between it and the oldest retained event
+    was never archived, with no gap said. Nothing was durable yet: it recovers as of now."""
+    generate(sim.store, 10, seed=1, mix="creates")
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    refused = ConnectorThread(base_env(sim.url, "wrong-token", archive)).start()
+    refused.join(30)
+    assert not refused.alive
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.recover_until and not cp.last_event_id
+    old_date = cp.recover_until
+    time.sleep(0.05)
+    generate(sim.store, 30, seed=2, mix="creates")  # weeks of work later...
+    sim.store.trim(5)  # ...and the stream's retention passed the recover date
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
+    run.stop()
+    assert run.error is None
+    archived = {ev.stix_id for ev in archived_events(archive)}
+    missing = sorted({o["id"] for o in sim.store.objects()} - archived)
+    assert not missing, f"{len(missing)} live objects never archived: {missing[:3]}"
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.first_recover_until and cp.first_recover_until > old_date
+    assert cp.retention_gaps == []  # nothing was lost: not a gap
+
+
+def test_the_first_event_of_a_collection_below_an_idle_heartbeat_is_archived(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A new collection nothing matches yet: its recovery sends nothing and the connector
+    follows idle heartbeats, no data group archived. With the platform node's clock ahead of
+    Redis's, the first matching object's event sorts below the heartbeat already received: it
+    was quarantined as "going backwards", never archived (a later data group was handled)."""
+    keep = {
+        "mode": "and",
+        "filterGroups": [],
+        "filters": [{"key": ["objectLabel"], "values": ["keep"], "operator": "eq", "mode": "or"}],
+    }
+    generate(sim.store, 10, seed=3, mix="creates")  # nothing labelled "keep"
+    sim.add_stream("keep", filters=keep)
+    sim.set_fault(heartbeat_ahead_ms=2_000)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+
+    def position() -> EventId:
+        cp = CheckpointStore(storage).load()
+        return EventId.parse(cp.last_event_id) if cp and cp.last_event_id else EventId(0, 0)
+
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="keep"))
+    run.start()
+    try:
+        wait_until(lambda: position().ms > sim.store.now_ms() + 1_000, what="a heartbeat ahead")
+        malware = "malware--00000000-0000-4000-8000-0000000000e1"
+        event_id = sim.store.create(
+            {"type": "malware", "id": malware, "name": "m", "labels": ["keep"], "is_family": True}
+        )
+        assert event_id is not None and EventId.parse(event_id) <= position()
+        wait_until(
+            lambda: malware in {e.stix_id for e in archived_events(archive)},
+            timeout=15,
+            what="the collection's first object archived",
+        )
+    finally:
+        run.stop()
+    assert run.error is None
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.quarantined == 0
+
+
+def test_a_first_run_on_a_clock_ahead_of_the_platforms_loses_nothing(tmp_path: Path) -> None:
+    """The first recovery's date came from this machine's clock; the platform reads it against
+    its own: the snapshot holds what was updated up to it, the live part starts after it. With
+    this clock 3 s ahead, what the platform wrote in those seconds after the connection was in
+    neither part (7 of 10 objects quarantined as going backwards). The date is now taken no
+    later than the platform's own (its answer's Date header)."""
+    skew_ms = 3_000
+    store = SimStore(clock=lambda: time.time_ns() // 1_000_000 - skew_ms)
+    with SimServer(token=TOKEN, heartbeat_secs=0.2, store=store) as sim:
+        generate(sim.store, 10, seed=7, mix="creates")
+        archive = str(tmp_path / "a")
+        storage = LocalStorage(archive)
+        run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+        try:
+            wait_until(
+                lambda: (CheckpointStore(storage).load() or Checkpoint("", "")).last_event_id,
+                what="the first run connected",
+            )
+            created = []
+            for n in range(10):  # the platform keeps working meanwhile
+                created.append(f"malware--00000000-0000-4000-8000-0000000001{n:02d}")
+                sim.store.create(
+                    {"type": "malware", "id": created[-1], "name": f"m{n}", "is_family": True}
+                )
+                time.sleep(0.4)
+            wait_until(
+                lambda: set(created) <= {e.stix_id for e in archived_events(archive)},
+                timeout=20,
+                what="every object created after the first connection archived",
+            )
+        finally:
+            run.stop()
+        cp = CheckpointStore(storage).load()
+        assert cp is not None and cp.quarantined == 0
+        assert cp.first_recover_until is not None
+        assert iso_to_ms(cp.first_recover_until) <= sim.store.now_ms()

@@ -485,6 +485,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         return  # quiet: tests and benchmarks drive thousands of requests
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header from the platform's clock (the store's: a test may skew it)."""
+        return super().date_time_string(
+            self.sim.store.now_ms() / 1000 if timestamp is None else timestamp
+        )
+
     # ------------------------------------------------------------------ helpers
     @property
     def sim(self) -> SimServer:
