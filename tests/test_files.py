@@ -18,6 +18,7 @@ import pytest
 
 from connector import metrics
 from connector.archive import ArchiveSink
+from connector.archive.layout import MANIFESTS_PREFIX, manifest_key
 from connector.archive.spool import Spool
 from connector.errors import PayloadTooLarge, RetryableError
 from connector.events import OCTI_EXT, EventId, StreamEvent
@@ -513,3 +514,47 @@ def test_a_restore_stopped_between_an_objects_files_pushes_them_when_resumed(
         state.close()
     assert sorted(again.with_data) == ["one.pdf", "two.pdf"]
     assert REPORT in again.pushed and report.files == 2
+
+
+class _ManifestDiskFull(LocalStorage):
+    """The disk fills up right after the segment: the manifest write fails once (ENOSPC)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failed = False
+
+    def put_if_absent(self, key: str, body: Any) -> bool:
+        if key.startswith(MANIFESTS_PREFIX) and not self.failed:
+            self.failed = True
+            raise RetryableError("local archive write failed: No space left on device")
+        return super().put_if_absent(key, body)
+
+
+def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archived(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """Segment stored, manifest write failed (a full disk; a kill there does the same), the
+    batch retried: the rebuilt manifest lacked `"files": true`, so verify took the segment for
+    one written without file backup and never checked its files again (one lost passed)."""
+    _seed(source)
+    source.store.attach_file(REPORT, "analysis.pdf", b"%PDF-1.7")
+    (entry,) = source.store.files_of(REPORT)
+    stix = {
+        "id": REPORT,
+        "type": "report",
+        "spec_version": "2.1",
+        "extensions": {OCTI_EXT: {"files": [entry]}},
+    }
+    body = orjson.dumps({"data": stix, "message": "m", "version": "4"})
+    event = StreamEvent(EventId(1_800_000_000_000, 0), "1800000000000-0", "update", body)
+    batch = Batch(first_id=event.id, last_id=event.id, events=[event])
+    ref = LocalStorage(tmp_path / "ref")
+    ArchiveSink(ref, files=FileArchiver(ref, FileFetcher(source.url, TOKEN_A))).write(batch)
+    storage = _ManifestDiskFull(tmp_path / "a")
+    sink = ArchiveSink(storage, files=FileArchiver(storage, FileFetcher(source.url, TOKEN_A)))
+    with pytest.raises(RetryableError):
+        sink.write(batch)
+    sink.write(batch)  # the pipeline's retry
+    assert storage.get(manifest_key(event.id)) == ref.get(manifest_key(event.id))
+    storage.delete(file_key(entry))
+    assert not verify_archive(storage, work_dir=tmp_path / "v").ok  # a lost file is found

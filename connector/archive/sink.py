@@ -262,6 +262,9 @@ class ArchiveSink:
                 after=after,
                 spool_dir=self.spool_dir,
                 spool_bytes=self.spool_bytes,
+                # As the run that wrote it (files are written before their segment): a manifest
+                # without it tells verify the segment's files were never archived.
+                files=self.files is not None,
             )
             tee.drain()
         try:
