@@ -272,6 +272,10 @@ class _Resume:
                 return
             step, last_key = int(saved["step"]), str(saved["last_key"])
             pushed, deleted, batches = (int(saved[k]) for k in ("pushed", "deleted", "batches"))
+            if not 0 <= step < len(STEPS) or saved.get("step_name") != STEPS[step]:
+                # Written by a version whose steps differ: its position means something else.
+                log.warning("Restore progress from another version's steps; starting over.")
+                return
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.warning("Ignoring an unreadable restore progress file: %s", exc)
             return
@@ -538,11 +542,33 @@ def _merged_away(run: _Run, batch_size: int) -> None:
 
 
 def _deleted(run: _Run, batch_size: int) -> None:
-    """Delete every tombstoned id that no live object answers to."""
+    """Delete every tombstoned id that no live object answers to, in the state and, when the
+    target can say (``ResolvesIds``), on the target: an id it holds only as an alias of another
+    entity (a merge target deleted and created again since, which the platform still finds
+    under a source's old id) is not deleted there, as deleting it would delete that entity."""
     state = run.state
     after = run.resume.start_after(_DELETED_STEP)
     ids: list[str] = []
     last_key = after or ""
+
+    def flush() -> None:
+        nonlocal ids
+        doomed = ids
+        if run.resolver is not None and ids:
+            held = run.resolver.resolve_ids(ids)
+            doomed = [sid for sid in ids if held.get(sid) == sid]
+            aliases = [sid for sid in ids if held.get(sid) not in (None, sid)]
+            if aliases:
+                run.report.skipped_deletes += len(aliases)
+                log.info(
+                    "Tombstoned ids the target holds only as aliases of other entities: not "
+                    "deleted there.",
+                    extra={"count": len(aliases), "sample": aliases[:5]},
+                )
+            run.tick(len(ids) - len(doomed))
+        run.delete(doomed, _DELETED_STEP, last_key)
+        ids = []
+
     for tomb in state.tombstones(after=after):
         last_key = tomb.key
         if state.get(tomb.stix_id) is not None:
@@ -552,10 +578,9 @@ def _deleted(run: _Run, batch_size: int) -> None:
             continue  # merged-away: handled (or counted) before the pushes
         ids.append(tomb.stix_id)
         if len(ids) >= batch_size:
-            run.delete(ids, _DELETED_STEP, last_key)
-            ids = []
+            flush()
     if ids or (last_key != (after or "")):
-        run.delete(ids, _DELETED_STEP, last_key)
+        flush()
 
 
 # ---------------------------------------------------------------------- progress display

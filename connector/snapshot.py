@@ -406,6 +406,14 @@ def fold_segments(
         segments += 1
         if until is not None and m.last > until:
             break  # a partial segment is never recorded as folded
+        if state.as_of != m.last:
+            # The segment's bytes match its manifest's sha256, but not its end: a damaged
+            # last_event_id would move the state past the segments after it, skipped unseen.
+            raise PermanentError(
+                f"archive manifest {ref.manifest_key} is damaged: it says its segment ends at "
+                f"{m.last_event_id}, its events end at {state.as_of}; `opencti-sync verify` "
+                "shows what else is"
+            )
         state.advance(m.last)
         last_key = ref.manifest_key
     return segments, events, last_key

@@ -61,6 +61,7 @@ PHASES = (
     "relationships-of-relationships",  # endpoints pushed in the phases before
     "containers",
     "notes",
+    "relationships-of-containers",  # an endpoint is a container or a note, pushed just before
 )
 _CONTAINER_TYPES = {"report", "grouping", "x-opencti-feedback", "x-opencti-task"}
 _NOTE_TYPES = {"note", "opinion"}
@@ -209,6 +210,8 @@ def push_phase(stix: dict[str, Any]) -> int:
         return 3
     if stype == "relationship":
         ends = (str(stix.get("source_ref", "")), str(stix.get("target_ref", "")))
+        if any(_pushed_late(e) for e in ends):
+            return 9
         return 6 if any(e.startswith(("relationship--", "sighting--")) for e in ends) else 4
     if stype == "sighting":
         return 5
@@ -217,6 +220,12 @@ def push_phase(stix: dict[str, Any]) -> int:
     if stype in _CONTAINER_TYPES or "case-" in stype or isinstance(stix.get("object_refs"), list):
         return 7
     return 2
+
+
+def _pushed_late(ref: str) -> bool:
+    """Whether the object ``ref`` names is pushed in the containers' or notes' phase."""
+    stype = ref.split("--", 1)[0]
+    return stype in _CONTAINER_TYPES or stype in _NOTE_TYPES or stype.startswith("case-")
 
 
 def _is_relation(stix: dict[str, Any]) -> bool:
@@ -387,7 +396,9 @@ _SNAPSHOT_HEADER = (
 )
 # The rules that derive a row's iid, type, phase, version, refs and aliases from the object.
 # Bump when they change: snapshots written under other rules are loaded by deriving them again.
-SNAPSHOT_ROWS = 2  # 2: sightings before relationships of relationships (phases 5, 6)
+# 2: sightings before relationships of relationships (phases 5, 6); 3: relationships of
+# containers and notes after them (phase 9).
+SNAPSHOT_ROWS = 3
 # A snapshot's aliases, sorted: each to the first key in key order that claims it. Aliases a
 # snapshot lists come from the state's alias table, where each has one key; those derived from
 # older snapshots' objects may be claimed twice, and a fold in key order keeps the first claim.

@@ -268,8 +268,8 @@ def test_restore_into_empty_platform(
         report = restore_to_target(state, target, apply_deletes=True, batch_size=8)
     assert_restored(target.store, marks[-1][1])
     assert report.pushed == len(marks[-1][1]) and report.batches > 1
-    assert PARADISE in target.deleted and AP_GONE not in target.deleted
-    # Sent all the same, but an empty platform held none of them: nothing was deleted.
+    # An empty platform holds none of the tombstoned ids: none is sent, nothing was deleted.
+    assert target.deleted == []
     assert report.deleted == 0 and report.deletes_by_type == {}
 
 
@@ -467,3 +467,131 @@ def test_verify_against_opencti_compares_marking_definitions(
     out = capsys.readouterr().out
     missing = next(line for line in out.splitlines() if line.strip().startswith("missing"))
     assert markings[0] in missing and " 1 " in missing
+
+
+def test_a_manifest_whose_last_id_is_damaged_is_never_restored_from(tmp_path: Path) -> None:
+    """One flipped digit in the first manifest's last_event_id (still a valid id, still valid
+    JSON; the segment's own bytes intact, its sha256 matching): the fold took the manifest's
+    end for the state's position and skipped every later segment as done, and the restore
+    said it succeeded, two thirds of the archive missing."""
+    from connector.archive import ArchiveSink
+    from connector.archive.layout import manifest_key
+    from connector.errors import PermanentError
+    from connector.sim.generator import generate
+    from connector.sink import Batch
+    from tests.support.simlog import sim_events
+
+    source = SimStore()
+    generate(source, 30, seed=7, mix="creates")
+    events, _ = sim_events(source)
+    storage = LocalStorage(tmp_path / "a")
+    sink, after = ArchiveSink(storage), None
+    for part in (events[:10], events[10:20], events[20:]):
+        sink.write(Batch(first_id=part[0].id, last_id=part[-1].id, events=part, after_id=after))
+        after = part[-1].id
+    key = manifest_key(events[0].id)
+    body = storage.get(key)
+    damaged = body.replace(b'"last_event_id":"1', b'"last_event_id":"3', 1)
+    assert damaged != body and len(damaged) == len(body)
+    storage.delete(key)
+    storage.put_if_absent(key, damaged)
+    with pytest.raises(PermanentError, match="is damaged"):
+        materialise(storage, until=None, work_dir=tmp_path / "w").close()
+
+
+class _RefusesMissingEndpoints(SimTarget):
+    """A platform that refuses a relationship whose endpoint it does not hold yet (its
+    MISSING_REFERENCE, as ``SimStore.load_bundle`` does)."""
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        for obj in objects:
+            assert self.store._endpoints_known(obj), f"{obj['id']} pushed before its endpoint"  # noqa: SLF001
+            super().push_objects([obj])
+
+
+def test_relationships_of_containers_and_notes_are_pushed_after_them(tmp_path: Path) -> None:
+    """A relationship was pushed in the relationships' phase, before the containers and notes:
+    one whose endpoint is a report, a case or a note was refused by an empty platform (its
+    endpoint missing), and missing after the restore. ``--to-bundle`` wrote the same order."""
+    from tests.support.target import malware
+
+    src = new_sim()
+    m = malware("Emotet")
+    src.create(m)
+    report = {
+        "type": "report",
+        "id": "report--5b0e1f7a-6c2d-4e8f-9a1b-2c3d4e5f6a7b",
+        "name": "Q3 campaign",
+        "published": "2026-01-01T00:00:00.000Z",
+        "object_refs": [m["id"]],
+    }
+    note = {
+        "type": "note",
+        "id": "note--6c1f2a8b-7d3e-4f90-8a2b-3d4e5f6a7b8c",
+        "content": "seen twice",
+        "object_refs": [m["id"]],
+    }
+    src.create(report)
+    src.create(note)
+    rels = []
+    for n, end in enumerate((report["id"], note["id"])):
+        rels.append(f"relationship--7d2a3c1e-0c55-4a4e-9e0f-1a2b3c4d5e{n:02d}")
+        src.create(
+            {
+                "type": "relationship",
+                "id": rels[-1],
+                "relationship_type": "related-to",
+                "source_ref": end,
+                "target_ref": m["id"],
+            }
+        )
+    events, _ = sim_events(src)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, events, per_segment=4)
+    target = _RefusesMissingEndpoints(SimStore())
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        restore_to_target(state, target, batch_size=10)
+    assert all(target.store.get(r) is not None for r in rels)
+
+
+def test_a_restore_over_old_state_keeps_a_merge_target_created_again(tmp_path: Path) -> None:
+    """S merged into T, T deleted, T created again (same standard id): the platform before the
+    delete still finds T under S's id. The restore pushed T (updating that old T), then deleted
+    S's id, which the platform resolved to T: T and its relationship, live in the archive's
+    latest state, were deleted."""
+    from tests.support.target import malware
+
+    src = new_sim()
+    t, s, other = malware("Tee"), malware("Ess"), malware("Other")
+    for obj in (t, s, other):
+        src.create(obj)
+    rel = {
+        "type": "relationship",
+        "id": "relationship--7d2a3c1e-0c55-4a4e-9e0f-1a2b3c4d5e6f",
+        "relationship_type": "related-to",
+        "source_ref": t["id"],
+        "target_ref": other["id"],
+    }
+    src.create(rel)
+    src.merge(t["id"], [s["id"]])
+    before = [o for o in src.dump_bundle()["objects"]]
+    src.delete(t["id"])
+    src.create(t)  # a new life under the same standard id
+    src.create(rel)
+    events, _ = sim_events(src)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, events, per_segment=4)
+    platform = SimStore()
+    platform.api_token = TOKEN  # type: ignore[attr-defined]
+    platform.load_bundle(before)
+    assert (platform.get(s["id"]) or {}).get("id") == t["id"]  # T answers to S's id there
+    with SimServer(token=TOKEN, store=platform) as server:
+        target = _pycti_target(server.url)
+        try:
+            with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+                report = restore_to_target(state, target, batch_size=10)
+        finally:
+            target.close()
+    assert platform.get(t["id"]) is not None, "the live T was deleted by the restore"
+    assert platform.get(rel["id"]) is not None
+    assert report.skipped_deletes >= 1
