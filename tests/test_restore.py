@@ -595,3 +595,24 @@ def test_a_restore_over_old_state_keeps_a_merge_target_created_again(tmp_path: P
     assert platform.get(t["id"]) is not None, "the live T was deleted by the restore"
     assert platform.get(rel["id"]) is not None
     assert report.skipped_deletes >= 1
+
+
+def test_restore_progress_from_another_versions_steps_starts_over(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """A progress file names its step by index and name: written by a version whose steps
+    differ (a push phase added), its index means another step, and is not resumed from."""
+    storage, marks = archived
+    store = SimStore()
+    progress_file = tmp_path / "restore-progress.json"
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        with pytest.raises(RetryableError):
+            restore_to_target(
+                state, SimTarget(store, fail_after=3), batch_size=5, resume_file=progress_file
+            )
+        saved = orjson.loads(progress_file.read_bytes())
+        progress_file.write_bytes(orjson.dumps({**saved, "step_name": "a-step-of-old"}))
+        again = SimTarget(store)
+        report = restore_to_target(state, again, batch_size=5, resume_file=progress_file)
+    assert report.resumed_from is None
+    assert sorted(again.pushed) == sorted(o["id"] for o in marks[-1][1])  # all pushed again
