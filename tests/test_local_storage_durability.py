@@ -127,3 +127,18 @@ def test_an_archive_path_through_a_file_says_so(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "file" / "archive")
     with pytest.raises(PermanentError, match="is a file, not a directory"):
         storage.put("events/k", b"v")
+
+
+def test_an_object_found_in_place_is_made_durable_before_it_counts_as_stored(
+    tmp_path: Path,
+) -> None:
+    """A writer killed between its link and its directory fsync leaves the object in place,
+    not yet durable: put_if_absent found it, said "already there" without an fsync, and the
+    sink moved the checkpoint past it; a power loss could still take the entry away."""
+    key = "events/2026/11/28/001795813193712-0000000000.jsonl.zst"
+    LocalStorage(tmp_path / "archive").put_if_absent(key, b"segment")  # the killed writer's
+    storage = RecordingStorage(tmp_path / "archive")
+    assert storage.put_if_absent(key, b"segment") is False
+    chain = [storage.root / "events/2026/11/28", storage.root / "events/2026/11"]
+    chain += [storage.root / "events/2026", storage.root / "events", storage.root]
+    assert storage.synced == chain

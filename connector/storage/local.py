@@ -157,11 +157,13 @@ class LocalStorage:
     def put_if_absent(self, key: str, body: Body) -> bool:
         path = self._path(key)
         if path.exists():
+            self._sync_found(path)
             return False
         tmp = self._write_tmp(path, body)
         try:
             os.link(tmp, path)
         except FileExistsError:
+            self._sync_found(path)
             return False
         except OSError as exc:
             raise _translate(exc, path) from exc
@@ -169,6 +171,17 @@ class LocalStorage:
             tmp.unlink(missing_ok=True)
         self._sync_dir(path.parent)
         return True
+
+    def _sync_found(self, path: Path) -> None:
+        """A file found in place may be a killed writer's, linked before it could fsync the
+        directories: the caller takes it as stored (and moves the checkpoint past it), so its
+        entry and its directories' are made durable now. A rare path: a few fsyncs."""
+        directory = path.parent
+        while True:
+            self._sync_dir(directory)
+            if directory == self.root or directory.parent == directory:
+                return
+            directory = directory.parent
 
     def put(self, key: str, body: bytes) -> None:
         path = self._path(key)
