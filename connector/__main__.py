@@ -360,18 +360,23 @@ def _require_source(settings: Settings) -> None:
 
 
 def _check_sinks(sinks: Sequence[Any], stop: threading.Event, settings: Settings) -> None:
+    for sink in sinks:
+        _check_storage(sink, sink.name, stop, settings)
+
+
+def _check_storage(what: Any, name: str, stop: threading.Event, settings: Settings) -> None:
+    """``what.check()`` (a sink, a storage), retried while it fails for a transient reason."""
     from .pipeline import retry_call
 
-    for sink in sinks:
-        retry_call(
-            sink.check,
-            stage="checking",
-            stop=stop,
-            initial=settings.connector.backoff_initial_secs,
-            cap=settings.connector.backoff_max_secs,
-            describe=sink.name,
-            shutdown_timeout=settings.connector.shutdown_timeout_secs,
-        )
+    retry_call(
+        what.check,
+        stage="checking",
+        stop=stop,
+        initial=settings.connector.backoff_initial_secs,
+        cap=settings.connector.backoff_max_secs,
+        describe=name,
+        shutdown_timeout=settings.connector.shutdown_timeout_secs,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -405,6 +410,10 @@ def run_forever(
     c = settings.connector
     runtime = build_runtime(settings)
     _check_sinks(runtime["sinks"], stop, settings)
+    if runtime["store"].storage is not runtime["archive"]:
+        # The checkpoint kept apart (checkpoint.uri, or no archive): writable, and cleared of
+        # what a killed save left there, as the archive is by its check.
+        _check_storage(runtime["store"].storage, "checkpoint", stop, settings)
     # Everything built so far lives for the whole run: keep it out of the collector's scans,
     # and let the young generation grow (the hot path allocates many short-lived objects).
     gc.freeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import socket
@@ -749,3 +750,30 @@ def test_a_first_run_on_a_clock_ahead_of_the_platforms_loses_nothing(tmp_path: P
         assert cp is not None and cp.quarantined == 0
         assert cp.first_recover_until is not None
         assert iso_to_ms(cp.first_recover_until) <= sim.store.now_ms()
+
+
+def test_what_a_killed_checkpoint_save_left_apart_from_the_archive_is_removed(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """The checkpoint kept apart (CHECKPOINT_URI): a run killed while saving it left a
+    temporary file there, and nothing ever removed it (only the archive's are, at start)."""
+    from connector.storage.local import _TMP, _TMP_STALE_SECS
+
+    generate(sim.store, 5, seed=4, mix="creates")
+    kept = tmp_path / "cp"
+    kept.mkdir()
+    left = kept / f"{_TMP}checkpoint.json.dead"
+    left.write_bytes(b"{")
+    old = time.time() - _TMP_STALE_SECS - 60
+    os.utime(left, (old, old))
+    archive = str(tmp_path / "a")
+    run = ConnectorThread(base_env(sim.url, TOKEN, archive, CHECKPOINT_URI=str(kept))).start()
+    try:
+        wait_until(
+            lambda: caught_up(LocalStorage(kept), sim.store.last_event_id or "0-0"),
+            what="the backup",
+        )
+    finally:
+        run.stop()
+    assert run.error is None
+    assert not left.exists()
