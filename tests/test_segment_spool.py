@@ -215,3 +215,25 @@ def test_a_manifest_field_this_version_does_not_know_is_ignored() -> None:
     files_on = Manifest(**{**whole.__dict__, "files": True})
     assert b'"files":true' in files_on.to_json() and b'"files"' not in whole.to_json()
     assert Manifest.from_json(files_on.to_json()) == files_on
+
+
+def test_a_spool_the_work_dir_cannot_take_is_kept_in_memory_only_up_to_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work dir unusable (full, read-only, a path through a file): a spool past its limit
+    was kept in memory without bound, so a multi-GB attached file got the process killed for
+    its memory, again at every restart. Now up to a bound, then an error the batch retries."""
+    from connector.archive import spool
+    from connector.errors import RetryableError
+
+    monkeypatch.setattr(spool, "_MEMORY_FALLBACK", 1 << 20)  # our own bound, made small
+    through_a_file = tmp_path / "file"
+    through_a_file.write_text("x")
+    s = spool.Spool(through_a_file / "work", 64 * 1024, "file-")
+    try:
+        s.write(b"a" * (512 * 1024))  # past the limit: no scratch file, kept in memory
+        assert not s.spilled
+        with pytest.raises(RetryableError, match="scratch file"):
+            s.write(b"b" * (1 << 20))  # past the bound
+    finally:
+        s.close()

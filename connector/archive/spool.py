@@ -23,6 +23,9 @@ __all__ = ["Spool"]
 
 log = logging.getLogger(__name__)
 
+# What a spool keeps in memory when the work dir cannot take its scratch file.
+_MEMORY_FALLBACK = 256 * 1024 * 1024
+
 
 class Spool:
     def __init__(self, directory: Path | None, limit: int, prefix: str) -> None:
@@ -83,12 +86,17 @@ class Spool:
         except OSError as exc:
             if scratch is not None:
                 scratch.close()
-            # No room for the scratch file: memory it is, as before there was one.
+            if self.limit >= _MEMORY_FALLBACK:
+                # Not without bound: a multi-GB attached file or group would get the process
+                # killed for its memory, again at every restart. Retried (and said) instead,
+                # until the work dir can take it.
+                raise _scratch_error(exc) from exc
+            # No room for the scratch file: memory, as before there was one, up to a bound.
             log.error(
-                "Cannot use a scratch file in the work dir; the rest is kept in memory.",
+                "Cannot use a scratch file in the work dir; kept in memory up to 256 MiB.",
                 extra={"dir": str(self.directory), "what": self._prefix, "error": str(exc)},
             )
-            self.limit = 1 << 62
+            self.limit = _MEMORY_FALLBACK
             return
         self._file = scratch
         self._mem = bytearray()
