@@ -320,7 +320,7 @@ class Pipeline:
         elif isinstance(item, Quarantined):
             if self._oldest is None:
                 self._oldest = time.monotonic()
-            self._quarantined.append(item)  # counted once stored (_stored_quarantine)
+            self._quarantined.append(item)  # counted once stored (_count_quarantined)
             log.warning(
                 "Event quarantined.",
                 extra={
@@ -602,9 +602,11 @@ class Pipeline:
         self._count_quarantined(batch.quarantined, archived.quarantined)
         self._save()
         counts = Counter(e.event for e in events)
-        names = {e.id_text: e.event for e in events} if events else {}
+        # The events whose objects a target refused went to quarantine, not to it (looked up
+        # only then: a huge group's events are read back from disk).
+        rejected = {q.id_text for s in self.sinks for q in getattr(s, "rejected", None) or ()}
+        names = {e.id_text: e.event for e in events if e.id_text in rejected} if rejected else {}
         for sink in self.sinks:
-            # The events whose objects a target refused went to quarantine, not to it.
             ids = {q.id_text for q in getattr(sink, "rejected", None) or ()} & names.keys()
             refused = Counter(names[i] for i in ids)
             for name, count in counts.items():
