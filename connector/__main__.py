@@ -557,9 +557,7 @@ def _follow(
         reconciler=_reconciler(runtime["archive"], source_config, Path(c.work_dir)),
         spill_dir=Path(c.work_dir),
         spill_bytes=c.spill_bytes,
-        on_position=_recover_progress(
-            None if cp.recover_refused else cp.recover_until, cp.last_event_id
-        ),
+        on_position=_following_recovery(cp),
         guard=lease.check,
     )
     registration = None
@@ -601,6 +599,23 @@ def _follow(
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )
     return 0
+
+
+def _following_recovery(cp: Any) -> Any:
+    """The recover_progress callback for the checkpoint's recovery, made again when its end
+    date changes while running (a retention gap's repair, a first recovery moved to a date the
+    stream holds): the gauge then says "recovering" for it too, as after a restart."""
+    until = None if cp.recover_refused else cp.recover_until
+    current = [until, _recover_progress(until, cp.last_event_id)]
+
+    def on_position(position: Any) -> None:
+        now_until = None if cp.recover_refused else cp.recover_until
+        if now_until != current[0]:
+            current[0], current[1] = now_until, _recover_progress(now_until, None)
+        if current[1] is not None:
+            current[1](position)
+
+    return on_position
 
 
 def _recover_progress(recover_until: str | None, position: str | None) -> Any:

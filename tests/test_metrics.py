@@ -398,3 +398,24 @@ def test_a_quarantined_event_delivered_again_after_a_drop_is_counted_once(
         assert value("opencti_sync_quarantined_events_total") - before == 1
         cp = CheckpointStore(storage).load()
         assert cp is not None and cp.quarantined - cp0.quarantined == 1
+
+
+def test_recover_progress_follows_a_repair_started_while_running() -> None:
+    """A retention gap's repair moves the checkpoint's recover date while `run` runs: the gauge
+    stayed at 1 (built once at start), so the healthcheck read the repair's old timestamps as a
+    stale checkpoint; after a restart mid-repair it said "recovering". Now the same both ways."""
+    from connector.__main__ import _following_recovery
+    from connector.source import iso_now
+
+    now_ms = int(time.time() * 1000)
+    cp = Checkpoint("live", "http://x", str(EventId(now_ms - 7_200_000, 0)))
+    on_position = _following_recovery(cp)
+    assert value("opencti_sync_recover_progress_ratio") == 1.0  # nothing to recover
+    on_position(EventId(now_ms - 7_100_000, 0))
+    assert value("opencti_sync_recover_progress_ratio") == 1.0
+    cp.recover_until = iso_now()  # the repair (pipeline, GapDetected)
+    on_position(EventId(now_ms - 3_600_000, 0))
+    on_position(EventId(now_ms - 1_800_000, 0))
+    assert 0.0 < value("opencti_sync_recover_progress_ratio") < 1.0
+    on_position(EventId(now_ms + 1_000, 0))  # past its end
+    assert value("opencti_sync_recover_progress_ratio") == 1.0
