@@ -367,6 +367,16 @@ class FileCopy(NamedTuple):
     why: str = ""  # when not sent: "lacking" (not in the archive) or "too_large"
 
 
+def _with_one_file(stix: dict[str, Any], entry: dict[str, Any], data: str) -> dict[str, Any]:
+    """A copy of ``stix`` with ``data`` (base64) inline in its file ``entry``, and no other."""
+    out: dict[str, Any] = orjson.loads(orjson.dumps(stix))
+    for f in octi_ext(out)["files"]:
+        if f == entry:
+            f["data"] = data
+            break
+    return out
+
+
 def each_file_inline(
     stix: dict[str, Any], storage: Storage, *, max_bytes: int | None = None
 ) -> Iterator[FileCopy]:
@@ -386,12 +396,8 @@ def each_file_inline(
         except NotFound:
             yield FileCopy(name, None, "lacking")
             continue
-        out = orjson.loads(orjson.dumps(stix))
-        for f in octi_ext(out)["files"]:
-            if f == entry:
-                f["data"] = data
-                break
-        del data
+        out = _with_one_file(stix, entry, data)
+        del data  # held by ``out`` alone: let go with it, before the next file is read
         yield FileCopy(name, out)
 
 
@@ -465,12 +471,8 @@ class FileCarrier:
             except _TooLarge:
                 self.left_out([key], obj, [name], "above target.max_file_mb")
                 continue
-            out = orjson.loads(orjson.dumps(stix))
-            for f in octi_ext(out)["files"]:
-                if f == entry:
-                    f["data"] = data
-                    break
-            del data
+            out = _with_one_file(stix, entry, data)
+            del data  # held by ``out`` alone: let go with it, before the next file is read
             yield Inlined(out, 1, [], [], (key,))
 
     def carried(self, keys: Iterable[str]) -> None:
