@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
 import pytest
 
 from connector.errors import ConfigError, PermanentError, RetryableError
@@ -25,7 +24,7 @@ from connector.retention import RetentionPolicy
 from connector.snapshot import list_snapshots
 from connector.storage.s3 import S3Storage
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
-from tests.support.s3 import moto_server, s3_settings  # noqa: F401
+from tests.support.s3 import moto_server, raw_client, s3_settings  # noqa: F401
 from tests.test_retention import at_day, build_days
 
 T = TypeVar("T")
@@ -329,16 +328,6 @@ def test_a_request_the_store_does_not_implement_is_permanent(
         storage.check()
 
 
-def _raw_client(settings: dict[str, Any]) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=settings["endpoint_url"],
-        region_name=settings["region"],
-        aws_access_key_id=settings["access_key_id"],
-        aws_secret_access_key=settings["secret_access_key"],
-    )
-
-
 def test_folder_markers_are_not_listed_and_retention_goes_on(
     s3_settings: dict, tmp_path: Path
 ) -> None:
@@ -349,7 +338,9 @@ def test_folder_markers_are_not_listed_and_retention_goes_on(
     build_days(storage, tmp_path, days=4, snapshot_days={1, 2})
     oldest = list_snapshots(storage)[0]
     marker = f"{s3_settings['prefix'].strip('/')}/snapshots/{oldest.key}/"
-    _raw_client(s3_settings).put_object(Bucket=s3_settings["bucket"], Key=marker, Body=b"")
+    raw_client(s3_settings["endpoint_url"]).put_object(
+        Bucket=s3_settings["bucket"], Key=marker, Body=b""
+    )
     assert not [k for k in storage.list("snapshots/") if k.endswith("/")]
     report = run_retention_job(
         storage, RetentionPolicy(keep_days=1, keep_snapshots=0), now=at_day(5)
@@ -370,7 +361,7 @@ def test_storage_class_keeps_the_archive_readable(s3_settings: dict) -> None:
     storage.put("checkpoint.json", b"{}")
     assert storage.put_if_absent("locks/run.json", b"{}")
     assert storage.put_if_absent("events/2026/01/01/seg.jsonl.zst", b"x")
-    client, prefix = _raw_client(s3_settings), s3_settings["prefix"].strip("/")
+    client, prefix = raw_client(s3_settings["endpoint_url"]), s3_settings["prefix"].strip("/")
 
     def storage_class(key: str) -> str:
         head = client.head_object(Bucket=s3_settings["bucket"], Key=f"{prefix}/{key}")

@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from connector.errors import NotFound, PermanentError
 from connector.storage import Storage, open_storage
 from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
-from tests.support.s3 import moto_server, s3_settings, s3_uri_and_options  # noqa: F401
+from tests.support.s3 import moto_server, raw_client, s3_settings, s3_uri_and_options  # noqa: F401
 
 Factory = Callable[..., Storage]
 
@@ -38,16 +37,6 @@ def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
 @pytest.fixture
 def storage(make_storage: Factory) -> Storage:
     return make_storage()
-
-
-def _raw_client(settings: dict[str, Any]) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=settings["endpoint_url"],
-        region_name=settings["region"],
-        aws_access_key_id=settings["access_key_id"],
-        aws_secret_access_key=settings["secret_access_key"],
-    )
 
 
 def test_satisfies_protocol(storage: Storage) -> None:
@@ -282,7 +271,7 @@ def test_s3_multipart_is_used_and_aborted_on_refusal(s3_settings: dict[str, Any]
     storage = S3Storage(**{**s3_settings, "multipart_threshold": 1024 * 1024})
     body = os.urandom(6 * 1024 * 1024)
     assert storage.put_if_absent("big", body)
-    raw = _raw_client(s3_settings)
+    raw = raw_client(s3_settings["endpoint_url"])
     head = raw.head_object(Bucket=s3_settings["bucket"], Key="archive/big")
     assert head["ETag"].strip('"').endswith("-2")  # a multipart object of two parts
     # Sneak an object in between the existence check and the completion: the conditional
@@ -297,7 +286,7 @@ def test_s3_multipart_is_used_and_aborted_on_refusal(s3_settings: dict[str, Any]
 
 def test_s3_keys_live_under_prefix(s3_settings: dict[str, Any]) -> None:
     storage = S3Storage(**s3_settings)
-    raw = _raw_client(s3_settings)
+    raw = raw_client(s3_settings["endpoint_url"])
     raw.put_object(Bucket=s3_settings["bucket"], Key="outside/x", Body=b"x")
     raw.put_object(Bucket=s3_settings["bucket"], Key="archive-sibling/y", Body=b"y")
     storage.put_if_absent("events/1", b"1")
@@ -323,7 +312,7 @@ def test_s3_encryption_and_storage_class_on_every_write(s3_settings: dict[str, A
     storage.put("p", b"1")
     storage.put_if_absent("pia", b"2")
     storage.put_if_absent("mp", os.urandom(6 * 1024 * 1024))
-    raw = _raw_client(s3_settings)
+    raw = raw_client(s3_settings["endpoint_url"])
     for key in ("p", "pia", "mp"):
         head = raw.head_object(Bucket=s3_settings["bucket"], Key=f"archive/{key}")
         assert head.get("ServerSideEncryption") == "AES256", key

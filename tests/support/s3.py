@@ -18,7 +18,14 @@ from moto.server import ThreadedMotoServer
 
 from connector.storage.s3 import S3Storage
 
-__all__ = ["moto_server", "s3_settings", "s3_storage", "s3_uri_and_options", "make_bucket"]
+__all__ = [
+    "moto_server",
+    "s3_settings",
+    "s3_storage",
+    "s3_uri_and_options",
+    "make_bucket",
+    "raw_client",
+]
 
 REGION = "us-east-1"
 ACCESS_KEY = "testing-access-key"
@@ -58,17 +65,22 @@ def moto_server() -> Iterator[str]:
             werkzeug.setLevel(level)
 
 
-def make_bucket(endpoint_url: str, name: str | None = None) -> str:
-    """Create a bucket on the server with plain boto3 and return its name."""
-    bucket = name or f"test-{uuid.uuid4().hex}"
-    client = boto3.client(
+def raw_client(endpoint_url: str) -> Any:
+    """Plain boto3 on the test server: what another tool does to the bucket, beside the code
+    under test."""
+    return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
         region_name=REGION,
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
     )
-    client.create_bucket(Bucket=bucket)
+
+
+def make_bucket(endpoint_url: str, name: str | None = None) -> str:
+    """Create a bucket on the server with plain boto3 and return its name."""
+    bucket = name or f"test-{uuid.uuid4().hex}"
+    raw_client(endpoint_url).create_bucket(Bucket=bucket)
     return bucket
 
 
