@@ -30,6 +30,7 @@ from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
+from tests.test_pipeline_shutdown import FullFor, first_write_under
 
 TOKEN_A = "token-files-a"
 TOKEN_B = "token-files-b"
@@ -516,20 +517,6 @@ def test_a_restore_stopped_between_an_objects_files_pushes_them_when_resumed(
     assert REPORT in again.pushed and report.files == 2
 
 
-class _ManifestDiskFull(LocalStorage):
-    """The disk fills up right after the segment: the manifest write fails once (ENOSPC)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.failed = False
-
-    def put_if_absent(self, key: str, body: Any) -> bool:
-        if key.startswith(MANIFESTS_PREFIX) and not self.failed:
-            self.failed = True
-            raise RetryableError("local archive write failed: No space left on device")
-        return super().put_if_absent(key, body)
-
-
 def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archived(
     source: SimServer, tmp_path: Path
 ) -> None:
@@ -550,7 +537,7 @@ def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archiv
     batch = Batch(first_id=event.id, last_id=event.id, events=[event])
     ref = LocalStorage(tmp_path / "ref")
     ArchiveSink(ref, files=FileArchiver(ref, FileFetcher(source.url, TOKEN_A))).write(batch)
-    storage = _ManifestDiskFull(tmp_path / "a")
+    storage = FullFor(tmp_path / "a", first_write_under(MANIFESTS_PREFIX))  # after the segment
     sink = ArchiveSink(storage, files=FileArchiver(storage, FileFetcher(source.url, TOKEN_A)))
     with pytest.raises(RetryableError):
         sink.write(batch)

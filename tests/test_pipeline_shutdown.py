@@ -60,6 +60,19 @@ class FullFor(LocalStorage):
         return super().put_if_absent(key, body)
 
 
+def first_write_under(prefix: str) -> Callable[[str], bool]:
+    """A ``FullFor`` rule: the disk is full for the first write under ``prefix`` only."""
+    hit: list[str] = []
+
+    def full(key: str) -> bool:
+        if key.startswith(prefix) and not hit:
+            hit.append(key)
+            return True
+        return False
+
+    return full
+
+
 class SlowSegments(LocalStorage):
     """A local archive on which every segment write takes ``delay`` seconds (a slow target)."""
 

@@ -31,6 +31,7 @@ from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
 from tests.support.connector import checkpoint_id, start_pipeline, wait_until
+from tests.test_pipeline_shutdown import FullFor, first_write_under
 
 TOKEN = "sink-redelivery-token"
 
@@ -300,21 +301,6 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
     assert stored == [e.id_text for e in events]
 
 
-class _FailsFirstSegment(LocalStorage):
-    """A segment write that fails once (an S3 hiccup), after the batch's quarantine records
-    were stored."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.failed = False
-
-    def put_if_absent(self, key: str, body: Any) -> bool:
-        if key.startswith(EVENTS_PREFIX) and not self.failed:
-            self.failed = True
-            raise RetryableError("simulated hiccup")
-        return super().put_if_absent(key, body)
-
-
 def test_quarantine_records_are_counted_once_across_retries_and_deliveries(
     tmp_path: Path,
 ) -> None:
@@ -325,7 +311,8 @@ def test_quarantine_records_are_counted_once_across_retries_and_deliveries(
     from connector.events import Quarantined, StreamEvent
     from connector.sink import Batch
 
-    storage = _FailsFirstSegment(tmp_path / "a")
+    # The segment write fails once, after the batch's quarantine records were stored.
+    storage = FullFor(tmp_path / "a", first_write_under(EVENTS_PREFIX))
     sink = ArchiveSink(storage)
     bad = Quarantined(EventId(1, 0), "2-0", "create", "{not json", "not valid JSON")
     good = StreamEvent.from_sse(
