@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -202,6 +203,24 @@ def _settle(b: SimServer, target: OpenCTITarget) -> None:
         worker = platform_state(b.store).workers[target.connector_id]
         assert worker.wait_handled(target.publisher.published, timeout=60)
         assert not worker.failures, worker.failures[:1]
+
+
+@contextmanager
+def _archived_sync(
+    source: SimServer, b: SimServer, tmp_path: Path
+) -> Iterator[tuple[FileArchiver, Sync]]:
+    """The archive's file archiver and a sync into B whose target carries files read from that
+    archive, as ``run`` has them; both closed after."""
+    storage = LocalStorage(str(tmp_path / "archive"))
+    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+    carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
+    target = target_for(b.url, token=TOKEN_B, files=carrier)
+    try:
+        target.check()
+        yield archiver, Sync(source.store, b, target)
+    finally:
+        target.close()
+        archiver.close()
 
 
 def _sync_once(source: SimServer, b: SimServer, **options: Any) -> OpenCTITarget:
@@ -499,22 +518,13 @@ def test_a_file_carried_before_is_not_sent_again_to_an_object_deleted_in_the_bat
     _seed(source.store)
     pdf = os.urandom(200_000)
     source.store.attach_file(REPORT, "analysis.pdf", pdf)
-    storage = LocalStorage(str(tmp_path / "archive"))
-    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
-    carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
     with SimServer(token=TOKEN_B) as b:
-        target = target_for(b.url, token=TOKEN_B, files=carrier)
-        try:
-            target.check()
-            sync = Sync(source.store, b, target)
+        with _archived_sync(source, b, tmp_path) as (archiver, sync):
             _archive_then_target(archiver, sync)
             assert _contents(b, REPORT) == {"analysis.pdf": pdf}
             source.store.update(REPORT, set={"description": "about to go"})
             source.store.delete(REPORT)
             _archive_then_target(archiver, sync)
-        finally:
-            target.close()
-            archiver.close()
         assert b.store.get(REPORT) is None
         assert b.store.file_uploads == 1
         assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
@@ -533,14 +543,9 @@ def test_an_object_that_comes_back_after_a_delete_gets_its_file_again(
     source.store.attach_file(REPORT, "analysis.pdf", pdf)
     report = source.store.get(REPORT)
     assert report is not None
-    storage = LocalStorage(str(tmp_path / "archive"))
-    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
-    carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
     with SimServer(token=TOKEN_B) as b:
-        target = target_for(b.url, token=TOKEN_B, files=carrier)
-        try:
-            target.check()
-            sync = Sync(source.store, b, target)
+        with _archived_sync(source, b, tmp_path) as (archiver, sync):
+            target = sync.target
             if together:
                 events, pos = sim_events(source.store)
                 archiver.store(events)  # the archive has the PDF (downloaded before the delete)
@@ -556,7 +561,4 @@ def test_an_object_that_comes_back_after_a_delete_gets_its_file_again(
             assert last is not None
             back = copy_event(f"{int(last.split('-')[0]) + 1}-0", report)
             target.write(batch_of([back]))
-        finally:
-            target.close()
-            archiver.close()
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
