@@ -402,9 +402,14 @@ class _Run:
             )
         self._save(step, key)
 
-    def delete(self, ids: list[str], step: int, last_key: str) -> None:
+    def delete(self, ids: list[str], step: int, last_key: str, *, resolved: bool = False) -> None:
+        """``resolved``: the target said it holds every one of ``ids`` under that very id (the
+        caller asked it), so it is not asked again."""
         report = self.report
-        present = self.holds.known_ids(ids) if self.holds is not None and ids else set(ids)
+        if resolved or self.holds is None or not ids:
+            present = set(ids)
+        else:
+            present = self.holds.known_ids(ids)
         for sid in ids:
             if sid in present:
                 report.count(report.deletes_by_type, "delete", sid)
@@ -522,7 +527,7 @@ def _merged_away(run: _Run, batch_size: int) -> None:
             return
         held = run.resolver.resolve_ids(pending) if pending else {}
         doomed = [sid for sid in pending if held.get(sid) == sid]
-        run.delete(doomed, _MERGED_STEP, last_key)
+        run.delete(doomed, _MERGED_STEP, last_key, resolved=True)
         run.tick(len(pending) - len(doomed))
         pending = []
 
@@ -553,8 +558,9 @@ def _deleted(run: _Run, batch_size: int) -> None:
 
     def flush() -> None:
         nonlocal ids
-        doomed = ids
+        doomed, resolved = ids, False
         if run.resolver is not None and ids:
+            resolved = True
             held = run.resolver.resolve_ids(ids)
             doomed = [sid for sid in ids if held.get(sid) == sid]
             aliases = [sid for sid in ids if held.get(sid) not in (None, sid)]
@@ -566,7 +572,7 @@ def _deleted(run: _Run, batch_size: int) -> None:
                     extra={"count": len(aliases), "sample": aliases[:5]},
                 )
             run.tick(len(ids) - len(doomed))
-        run.delete(doomed, _DELETED_STEP, last_key)
+        run.delete(doomed, _DELETED_STEP, last_key, resolved=resolved)
         ids = []
 
     for tomb in state.tombstones(after=after):
