@@ -3,7 +3,9 @@
 ``materialise`` starts from the newest snapshot at or before the wanted position and folds only
 the segments after it (never a full replay when a snapshot exists). ``restore_to_target`` pushes
 the state in dependency order (markings and identities, other objects, relationships, sightings,
-relationships of relationships or sightings, containers, notes) in acknowledged batches, then deletes every tombstoned id so a restore never
+relationships of relationships or sightings, containers, notes, relationships of containers or
+notes; a relationship of a relationship after that relationship, see ``StateStore.push_records``)
+in acknowledged batches, then deletes every tombstoned id so a restore never
 brings back what was deleted or merged away. After each acknowledged batch it records its
 position in a small JSON file, so a restart with the same arguments and the same target platform
 continues from there.
@@ -260,7 +262,9 @@ class _Resume:
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any]) -> None:
         self.path, self.fingerprint = path, fingerprint
-        self.step, self.last_key = 0, ""
+        # The position in a step: its last acknowledged key, and in a push phase the rank it
+        # was pushed under (``StateStore.push_records``; 0 in a file without one).
+        self.step, self.last_key, self.last_rank = 0, "", 0
         self.pushed = self.deleted = self.batches = 0
         self.resumed: dict[str, Any] | None = None
         if path is None or not path.exists():
@@ -271,6 +275,7 @@ class _Resume:
                 log.warning("Restore progress belongs to another restore; starting over.")
                 return
             step, last_key = int(saved["step"]), str(saved["last_key"])
+            last_rank = int(saved.get("last_rank", 0))
             pushed, deleted, batches = (int(saved[k]) for k in ("pushed", "deleted", "batches"))
             if not 0 <= step < len(STEPS) or saved.get("step_name") != STEPS[step]:
                 # Written by a version whose steps differ: its position means something else.
@@ -279,12 +284,15 @@ class _Resume:
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.warning("Ignoring an unreadable restore progress file: %s", exc)
             return
-        self.step, self.last_key = step, last_key
+        self.step, self.last_key, self.last_rank = step, last_key, last_rank
         self.pushed, self.deleted, self.batches = pushed, deleted, batches
         self.resumed = {"step": STEPS[step], "last_key": last_key}
+        if last_rank:
+            self.resumed["last_rank"] = last_rank
 
-    def save(self, step: int, last_key: str) -> None:
-        self.step, self.last_key = step, last_key
+    def save(self, step: int, at: tuple[int, str]) -> None:
+        self.step, (self.last_rank, self.last_key) = step, at
+        last_key = self.last_key
         if self.path is None:
             return
         body = orjson.dumps(
@@ -294,6 +302,7 @@ class _Resume:
                 "step": step,
                 "step_name": STEPS[step],
                 "last_key": last_key,
+                "last_rank": self.last_rank,
                 "pushed": self.pushed,
                 "deleted": self.deleted,
                 "batches": self.batches,
@@ -311,6 +320,12 @@ class _Resume:
     def start_after(self, step: int) -> str | None:
         """Where ``step`` resumes (None: from its start); steps already done are skipped."""
         return (self.last_key or None) if step == self.step else None
+
+    def push_after(self, step: int) -> tuple[int, str] | None:
+        """Where push phase ``step`` resumes: ``(rank, key)``, None from its start."""
+        if step != self.step or not (self.last_key or self.last_rank):
+            return None
+        return self.last_rank, self.last_key
 
     def done(self) -> None:
         if self.path is not None:
@@ -344,7 +359,7 @@ class _Run:
             self.progress.update(min(self.done, self.total), self.total)
 
     def push(
-        self, batch: list[dict[str, Any]], step: int, last_key: str, *, save: bool = True
+        self, batch: list[dict[str, Any]], step: int, at: tuple[int, str], *, save: bool = True
     ) -> None:
         report = self.report
         ids = [str(o["id"]) for o in batch]
@@ -361,11 +376,11 @@ class _Run:
             report.pushed += len(batch)
             report.batches += 1
             if save:
-                self._save(step, last_key)
+                self._save(step, at)
         self.tick(len(batch))
 
     def push_with_files(
-        self, stix: dict[str, Any], files: Storage, max_bytes: int, step: int, key: str
+        self, stix: dict[str, Any], files: Storage, max_bytes: int, step: int, at: tuple[int, str]
     ) -> None:
         """Push one object, then once per archived file with that file's bytes inline (a dry
         run only counts them): a request holds one file, so files that each fit the platform's
@@ -374,9 +389,9 @@ class _Run:
         report = self.report
         if self.dry_run:
             report.files += len(file_entries(stix))
-            self.push([stix], step, key)
+            self.push([stix], step, at)
             return
-        self.push([stix], step, key, save=False)
+        self.push([stix], step, at, save=False)
         lacking: list[str] = []
         too_large: list[str] = []
         for copy in each_file_inline(stix, files, max_bytes=max_bytes):
@@ -400,7 +415,7 @@ class _Run:
                 "and --max-file-mb.",
                 extra={"object": stix.get("id"), "files": too_large},
             )
-        self._save(step, key)
+        self._save(step, at)
 
     def delete(self, ids: list[str], step: int, last_key: str, *, resolved: bool = False) -> None:
         """``resolved``: the target said it holds every one of ``ids`` under that very id (the
@@ -420,17 +435,17 @@ class _Run:
                 self.target.delete_ids(ids)
                 report.deleted += len(present)
                 report.batches += 1
-            self._save(step, last_key)
+            self._save(step, (0, last_key))
         self.tick(len(ids))
 
-    def _save(self, step: int, last_key: str) -> None:
+    def _save(self, step: int, at: tuple[int, str]) -> None:
         r = self.report
         self.resume.pushed, self.resume.deleted, self.resume.batches = (
             r.pushed,
             r.deleted,
             r.batches,
         )
-        self.resume.save(step, last_key)
+        self.resume.save(step, at)
 
 
 def restore_to_target(
@@ -479,22 +494,22 @@ def restore_to_target(
         if step < resume.step:
             continue
         batch: list[dict[str, Any]] = []
-        last_key = ""
-        for rec in state.records(phase=index, after=resume.start_after(step)):
+        last = (0, "")
+        for rank, rec in state.push_records(index, after=resume.push_after(step)):
             if files is not None and file_entries(rec.data):
                 # Pushed alone, then once per file: a bundle never carries two objects' files.
                 if batch:
-                    run.push(batch, step, last_key)
+                    run.push(batch, step, last)
                     batch = []
-                run.push_with_files(rec.data, files, max_file_bytes, step, rec.key)
+                run.push_with_files(rec.data, files, max_file_bytes, step, (rank, rec.key))
                 continue
             batch.append(rec.data)
-            last_key = rec.key
+            last = (rank, rec.key)
             if len(batch) >= batch_size:
-                run.push(batch, step, last_key)
+                run.push(batch, step, last)
                 batch = []
         if batch:
-            run.push(batch, step, last_key)
+            run.push(batch, step, last)
     if apply_deletes:
         _deleted(run, batch_size)
     if not dry_run:

@@ -13,6 +13,7 @@ memory stays flat however large the platform is.
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,8 @@ from .events import (
 if TYPE_CHECKING:
     from .storage import Storage
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SNAPSHOT_ROWS",
     "ObjectRecord",
@@ -58,11 +61,19 @@ PHASES = (
     "observed-data",  # refers to observables; relationships and sightings may refer to it
     "relationships",
     "sightings",  # of entities and observables, never of relationships
-    "relationships-of-relationships",  # endpoints pushed in the phases before
+    "relationships-of-relationships",  # endpoints pushed before (see _OF_RELATIONS)
     "containers",
     "notes",
     "relationships-of-containers",  # an endpoint is a container or a note, pushed just before
 )
+# Relationships whose endpoint is a relationship are stored in phase 6 or 9 (a container or a
+# note at one end); a restore pushes each in the later of that phase and its endpoints', after
+# them (``StateStore.push_records``).
+_OF_RELATIONS = PHASES.index("relationships-of-relationships")
+_OF_CONTAINERS = PHASES.index("relationships-of-containers")
+# Rounds that order chains of relationships of relationships: one per link of the longest chain
+# (a cycle, which the platform cannot hold, is cut there).
+_ORDER_ROUNDS = 64
 _CONTAINER_TYPES = {"report", "grouping", "x-opencti-feedback", "x-opencti-task"}
 _NOTE_TYPES = {"note", "opinion"}
 # Ref fields whose target disappearing makes a relationship or sighting meaningless.
@@ -596,6 +607,7 @@ class StateStore:
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._indexed: set[str] = set()
+        self._ordered_at = -1  # total_changes when temp.push_order was built (-1: never)
         self._seen = _Seen()
         self._new_aliases: dict[str, str] = {}  # alias -> key, not yet in ``aliases``
         self._seen_loaded = self._db.execute("SELECT 1 FROM aliases LIMIT 1").fetchone() is None
@@ -1449,7 +1461,9 @@ class StateStore:
     def records(
         self, *, phase: int | None = None, after: str | None = None
     ) -> Iterator[ObjectRecord]:
-        """Live objects ordered by key (optionally one push phase, keys after ``after``)."""
+        """Live objects ordered by key (optionally those stored under one phase, the one
+        derived from the object alone; keys after ``after``). A restore pushes in the order of
+        ``push_records``."""
         if phase is not None:
             self._index("phase")
         sql = "SELECT key, stix_id, event_id, event, data FROM objects WHERE key > ?"
@@ -1461,12 +1475,97 @@ class StateStore:
         for row in cursor:
             yield ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
 
+    def push_records(
+        self, phase: int, *, after: tuple[int, str] | None = None
+    ) -> Iterator[tuple[int, ObjectRecord]]:
+        """``(rank, record)`` of one push phase's objects, in the order a restore pushes them,
+        after position ``(rank, key)`` when given.
+
+        Rank 0: the objects stored under that phase and no later one, by key. Then the
+        relationships whose endpoint is a relationship, that phase's last: each in the later of
+        its own phase and its endpoints' (a relationship of a relationship to a report goes
+        after the report's relationships), ranked one above its endpoints, so a chain goes
+        link by link."""
+        rank, key = after or (0, "")
+        for depth, row in self._push_rows(phase, rank, key, "key, stix_id, event_id, event, data"):
+            yield depth, ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
+
     def blobs(self, *, phase: int) -> Iterator[bytes]:
-        """The stored JSON of one push phase's objects, by key, unparsed (for bundles)."""
+        """The stored JSON of one push phase's objects, in push order, unparsed (bundles)."""
+        for _, row in self._push_rows(phase, 0, "", "data"):
+            yield row[0]
+
+    def _push_rows(
+        self, phase: int, rank: int, key: str, columns: str
+    ) -> Iterator[tuple[int, tuple[Any, ...]]]:
         self._index("phase")
-        cursor = self._db.execute("SELECT data FROM objects WHERE phase = ? ORDER BY key", (phase,))
-        for (blob,) in cursor:
-            yield blob
+        self._order_relations()
+        db = self._db
+        if rank == 0:
+            cursor = db.execute(
+                f"SELECT {columns} FROM objects o WHERE phase = ? AND key > ? AND NOT EXISTS"
+                " (SELECT 1 FROM temp.push_order p WHERE p.key = o.key) ORDER BY key",
+                (phase, key),
+            )
+            for row in cursor:
+                yield 0, row
+            key = ""
+        cursor = db.execute(
+            f"SELECT p.depth, {columns} FROM temp.push_order p JOIN objects o USING (key)"
+            " WHERE p.phase = ? AND (p.depth, p.key) > (?, ?) ORDER BY p.depth, p.key",
+            (phase, rank, key),
+        )
+        for row in cursor:
+            yield int(row[0]), row[1:]
+
+    def _order_relations(self) -> None:
+        """Rank the relationships whose endpoint is a relationship (``temp.push_order``: key,
+        phase, depth), in SQLite: built again once the state has changed since."""
+        self.settle()
+        db = self._db
+        if self._ordered_at == db.total_changes:
+            return
+        for table in ("push_ends", "push_order"):
+            db.execute(f"DROP TABLE IF EXISTS temp.{table}")
+        # A relationship's references to relationships or sightings are its endpoints.
+        db.execute(
+            "CREATE TEMP TABLE push_ends AS SELECT DISTINCT o.key, a.key AS end_key"
+            " FROM objects o, json_each(o.refs) j JOIN aliases a ON a.alias = j.value"
+            " WHERE o.phase IN (?, ?) AND o.type = 'relationship'"
+            " AND (j.value LIKE 'relationship--%' OR j.value LIKE 'sighting--%')",
+            (_OF_RELATIONS, _OF_CONTAINERS),
+        )
+        db.execute("CREATE INDEX temp.push_ends_key ON push_ends (key)")
+        db.execute(
+            "CREATE TEMP TABLE push_order (key TEXT PRIMARY KEY, phase INTEGER NOT NULL,"
+            " depth INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        db.execute(
+            "INSERT INTO temp.push_order SELECT o.key, o.phase, 0 FROM objects o"
+            " WHERE o.key IN (SELECT key FROM temp.push_ends)"
+        )
+        # One round per link: each takes the later phase of its endpoints and ranks one above
+        # them (an endpoint that is no relationship of a relationship ranks 0).
+        step = (
+            "UPDATE temp.push_order SET phase = max(push_order.phase, n.phase), depth = n.depth"
+            " FROM (SELECT e.key, max(coalesce(q.phase, o.phase)) AS phase,"
+            " max(coalesce(q.depth, 0)) + 1 AS depth FROM temp.push_ends e"
+            " JOIN objects o ON o.key = e.end_key"
+            " LEFT JOIN temp.push_order q ON q.key = e.end_key GROUP BY e.key) n"
+            " WHERE n.key = push_order.key"
+            " AND (n.phase > push_order.phase OR n.depth > push_order.depth)"
+        )
+        for _ in range(_ORDER_ROUNDS):
+            if db.execute(step).rowcount == 0:
+                break
+        else:
+            log.warning(
+                "Relationships of relationships name each other in a cycle: their push order "
+                "is cut after %d links.",
+                _ORDER_ROUNDS,
+            )
+        db.execute("CREATE INDEX temp.push_order_rank ON push_order (phase, depth, key)")
+        self._ordered_at = db.total_changes
 
     def objects(self) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
         """``(key, stix_id, event_id, stix)`` of every live object, ordered by key."""

@@ -616,3 +616,104 @@ def test_restore_progress_from_another_versions_steps_starts_over(
         report = restore_to_target(state, again, batch_size=5, resume_file=progress_file)
     assert report.resumed_from is None
     assert sorted(again.pushed) == sorted(o["id"] for o in marks[-1][1])  # all pushed again
+
+
+def _relationship(n: int, source: str, target: str) -> dict[str, Any]:
+    return {
+        "type": "relationship",
+        "id": f"relationship--3e8b1c2d-4f5a-4b6c-8d7e-9f0a1b2c3d{n:02d}",
+        "relationship_type": "related-to",
+        "source_ref": source,
+        "target_ref": target,
+    }
+
+
+def _chains(tmp_path: Path, ends: str = "both") -> tuple[LocalStorage, SimStore, list[str]]:
+    """An archive of chains of three relationships of relationships, from a relationship to a
+    report and to a note (``ends`` "containers"), to two malware ("entities"), or all four;
+    the source platform; the relationships' ids."""
+    from tests.support.target import malware
+
+    src = new_sim()
+    ms = [malware(f"Chain {n}") for n in range(6)]
+    for m in ms:
+        src.create(m)
+    report = {
+        "type": "report",
+        "id": "report--8a1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d",
+        "name": "Q4 campaign",
+        "published": "2026-01-01T00:00:00.000Z",
+        "object_refs": [ms[0]["id"]],
+    }
+    note = {
+        "type": "note",
+        "id": "note--9b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e",
+        "content": "seen thrice",
+        "object_refs": [ms[0]["id"]],
+    }
+    src.create(report)
+    src.create(note)
+    rels: list[str] = []
+    firsts = {"containers": (report, note), "entities": (ms[1], ms[2])}
+    for end in [o["id"] for kind, pair in firsts.items() if ends in (kind, "both") for o in pair]:
+        first = _relationship(len(rels), ms[0]["id"], end)
+        src.create(first)
+        rels.append(first["id"])
+        for depth in range(3):
+            rel = _relationship(len(rels), ms[3 + depth]["id"], rels[-1])
+            src.create(rel)
+            rels.append(rel["id"])
+    events, _ = sim_events(src)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, events, per_segment=7)
+    return storage, src, rels
+
+
+@pytest.mark.parametrize("ends", ["containers", "entities"])
+def test_relationships_of_relationships_are_pushed_after_their_endpoints(
+    tmp_path: Path, ends: str
+) -> None:
+    """A relationship whose endpoint is a relationship was pushed in its own phase (6), before
+    that endpoint when the endpoint's other end is a container or a note (pushed last, phase
+    9): the platform refused it (MISSING_REFERENCE_ERROR) and the restore stopped there
+    (``ObjectRefused``, at the same batch on every restart). Within a phase, relationships were
+    pushed by key: one of a chain (a relationship of a relationship of a relationship) went
+    before the one it names. ``--to-bundle`` wrote the same order."""
+    storage, src, rels = _chains(tmp_path, ends)
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        out = io.BytesIO()
+        to_bundle(state, out)
+        seen: set[str] = set()
+        for obj in orjson.loads(out.getvalue())["objects"]:
+            for ref in (obj.get("source_ref"), obj.get("target_ref")):
+                assert ref is None or ref in seen, f"{obj['id']} written before {ref}"
+            seen.add(obj["id"])
+        platform = SimStore()
+        platform.api_token = TOKEN  # type: ignore[attr-defined]
+        platform.platform_refuses_missing_references = True  # type: ignore[attr-defined]
+        with SimServer(token=TOKEN, store=platform) as server:
+            target = _pycti_target(server.url)
+            try:
+                restore_to_target(state, target, batch_size=3)
+            finally:
+                target.close()
+    assert [r for r in rels if platform.get(r) is None] == []
+    assert_restored(platform, src.dump_bundle()["objects"])
+
+
+def test_an_interrupted_restore_resumes_within_chains_of_relationships(tmp_path: Path) -> None:
+    """The position of a push phase is its rank and key: a restore stopped anywhere among the
+    chains' links resumes with none skipped and none pushed before its endpoint."""
+    storage, src, rels = _chains(tmp_path)
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        whole = _RefusesMissingEndpoints(SimStore())
+        restore_to_target(state, whole, batch_size=2)
+        for fail_after in range(1, whole.calls):
+            progress_file = tmp_path / f"progress-{fail_after}.json"
+            target = _RefusesMissingEndpoints(SimStore(), fail_after=fail_after)
+            with pytest.raises(RetryableError):
+                restore_to_target(state, target, batch_size=2, resume_file=progress_file)
+            target.fail_after = None
+            report = restore_to_target(state, target, batch_size=2, resume_file=progress_file)
+            assert report.resumed_from is not None
+            assert sorted(set(target.pushed)) == sorted(whole.pushed), fail_after

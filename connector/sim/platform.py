@@ -18,7 +18,9 @@ import follows the worker (push_handler.py + pycti ``import_item``): upsert by e
 their inline ``data`` (entries without it ignored, see ``SimStore._uploaded``). Like the
 platform's push path it does not forward the ``synchronized-upsert`` / ``opencti-event-id``
 request headers to the import, unless ``store.platform_forward_headers`` is set (a platform
-variant for experiments).
+variant for experiments). With ``store.platform_refuses_missing_references`` set, a pushed
+relationship or sighting whose endpoint the platform does not hold is refused with the
+platform's ``MISSING_REFERENCE_ERROR``, as its import does (by default the double takes it).
 """
 
 from __future__ import annotations
@@ -488,10 +490,17 @@ class PlatformApi:
         return True
 
     def _import(self, obj: dict[str, Any], synchronized: bool) -> None:
+        refuses_missing = bool(getattr(self.store, "platform_refuses_missing_references", False))
         if _ext(obj).get("is_inferred"):
             return  # pycti ignores inferred items on import
         operation = _attr(obj, "opencti_operation")
         if operation is None:
+            if refuses_missing and not self.store.endpoints_known(obj):
+                # The platform's import: a relationship or sighting whose endpoint it does not
+                # hold is refused (and, through its queue, never retried into existence).
+                raise PlatformError(
+                    "MISSING_REFERENCE_ERROR", "Element(s) not found", {"id": obj["id"]}
+                )
             try:
                 self.store.upsert(obj, synchronized=synchronized)
             except ValueError as exc:  # an attached file's data the worker cannot upload

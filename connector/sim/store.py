@@ -1046,6 +1046,12 @@ class SimStore:
             return None
 
     # ------------------------------------------------------------------ seeding
+    def endpoints_known(self, stix: dict[str, Any]) -> bool:
+        """Whether the platform holds every endpoint of a relationship or sighting (any other
+        object: True)."""
+        with self._lock:
+            return self._endpoints_known(stix)
+
     def _endpoints_known(self, stix: dict[str, Any]) -> bool:
         kind = stix.get("type")
         if kind == "relationship":
