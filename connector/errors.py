@@ -8,6 +8,7 @@
     ├── SinkError              a sink (archive storage, OpenCTI target) failed
     │   ├── RetryableError     try the same batch again later (backoff, no attempt limit)
     │   └── PermanentError     stop; the checkpoint stays where it was
+    │       └── MissingBucket  the configured S3 bucket does not exist (also a ConfigError)
     ├── NotFound               a storage key does not exist
     ├── CheckpointError        the checkpoint cannot be read or written
     └── MalformedEvent         one stream event is unusable: it is quarantined, never dropped
@@ -24,6 +25,7 @@ __all__ = [
     "ConnectorError",
     "LeaseLost",
     "MalformedEvent",
+    "MissingBucket",
     "NotFound",
     "PermanentError",
     "RetryableError",
@@ -77,6 +79,11 @@ class RetryableError(SinkError):
 
 class PermanentError(SinkError):
     """Not worth retrying: the run stops and the checkpoint does not move."""
+
+
+class MissingBucket(ConfigError, PermanentError):
+    """The configured S3 bucket does not exist (mistyped, or deleted). Permanent to whoever
+    writes or reads, and a configuration error (exit 2) naming the setting of the bucket."""
 
 
 class PayloadTooLarge(PermanentError):

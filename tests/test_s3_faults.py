@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,11 +20,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from connector.errors import ConfigError, PermanentError, RetryableError
+from connector.checkpoint import CheckpointStore
+from connector.errors import ConfigError, MissingBucket, NotFound, PermanentError, RetryableError
 from connector.jobs import run_retention_job
 from connector.retention import RetentionPolicy
 from connector.snapshot import list_snapshots
 from connector.storage.s3 import S3Storage
+from tests.support.connector import ROOT
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
 from tests.support.s3 import moto_server, raw_client, s3_settings  # noqa: F401
 from tests.test_retention import at_day, build_days
@@ -133,6 +137,93 @@ def test_missing_bucket_is_permanent(s3_settings: dict) -> None:
         storage.put_if_absent("k", b"v")
     with pytest.raises(PermanentError, match="does not exist"):
         list(storage.list())
+
+
+def test_a_missing_bucket_is_not_a_missing_key(s3_settings: dict) -> None:
+    """HEAD answers a missing bucket with a bare 404, as for a missing key: read as "nothing
+    there", a mistyped or deleted bucket would look like an archive with no checkpoint, or a
+    free lock."""
+    name = f"missing-{uuid.uuid4().hex}"
+    storage = S3Storage.from_uri(f"s3://{name}/archive", **_options(s3_settings))
+    for call in (lambda: storage.exists("checkpoint.json"), lambda: storage.size("k")):
+        with pytest.raises(MissingBucket, match=f"archive.uri: bucket '{name}' does not exist"):
+            call()
+    # The same error from the calls whose answer says NoSuchBucket: permanent, and a
+    # configuration error (exit 2) naming the setting.
+    with pytest.raises(MissingBucket) as caught:
+        CheckpointStore(storage).load()
+    assert isinstance(caught.value, PermanentError) and caught.value.key == "archive.uri"
+
+
+def test_a_missing_key_in_an_existing_bucket_is_still_missing(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    storage = _through(fault_proxy, s3_settings)
+    assert not storage.exists("nothing-here")
+    with pytest.raises(NotFound):
+        storage.size("nothing-here")
+    # Credentials without s3:ListBucket: HeadBucket is refused (403). That says nothing about
+    # the bucket, and a working setup must go on: the key is missing.
+    fault_proxy.fail_next(1, "pass", method="HEAD")  # the object's HEAD: a real 404
+    fault_proxy.fail_next(1, "access_denied", method="HEAD")  # the bucket's
+    assert not storage.exists("nothing-here")
+    assert fault_proxy.stats["access_denied"] == 1
+    # A bucket HEAD failing for a transient reason: unknown now, so retryable, never "missing".
+    fault_proxy.fail_next(1, "pass", method="HEAD")
+    fault_proxy.fail_next(BOTO_ATTEMPTS, "503", method="HEAD")
+    with pytest.raises(RetryableError):
+        storage.size("nothing-here")
+    storage.put("there", b"1")
+    assert storage.exists("there") and storage.size("there") == 1
+
+
+def _options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in ("bucket", "prefix")}
+
+
+def _cli_env(settings: dict[str, Any], tmp_path: Path, **env: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "work"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "OPENCTI_URL": "http://127.0.0.1:9",
+        "OPENCTI_TOKEN": "tok-missing-bucket",
+        "CONNECTOR_LIVE_STREAM_ID": "live",
+        "S3_ENDPOINT_URL": settings["endpoint_url"],
+        "S3_ACCESS_KEY_ID": settings["access_key_id"],
+        "S3_SECRET_ACCESS_KEY": settings["secret_access_key"],
+        "S3_REGION": settings["region"],
+        "S3_PATH_STYLE": "true",
+        **env,
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+@pytest.mark.parametrize("place", ["archive", "checkpoint"])
+def test_run_and_status_on_a_missing_bucket_exit_2_naming_the_setting(
+    s3_settings: dict, tmp_path: Path, command: str, place: str
+) -> None:
+    name = f"missing-{uuid.uuid4().hex}"
+    if place == "archive":
+        env = _cli_env(s3_settings, tmp_path, ARCHIVE_URI=f"s3://{name}/archive")
+    else:  # the checkpoint kept apart in the missing bucket, beside a local archive
+        env = _cli_env(
+            s3_settings,
+            tmp_path,
+            ARCHIVE_URI=str(tmp_path / "archive"),
+            CHECKPOINT_URI=f"s3://{name}/state",
+        )
+    out = subprocess.run(
+        [sys.executable, "-m", "connector", command],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"configuration error: {place}.uri: bucket '{name}' does not exist" in out.stderr
 
 
 @pytest.mark.parametrize(

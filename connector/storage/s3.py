@@ -27,7 +27,14 @@ import botocore.exceptions as bce
 import urllib3.exceptions as u3e
 from botocore.config import Config
 
-from ..errors import ConfigError, ConnectorError, NotFound, PermanentError, RetryableError
+from ..errors import (
+    ConfigError,
+    ConnectorError,
+    MissingBucket,
+    NotFound,
+    PermanentError,
+    RetryableError,
+)
 from . import Body, body_size, check_key
 
 __all__ = ["S3Storage", "classify_s3_error"]
@@ -118,7 +125,9 @@ class S3Storage:
         multipart_threshold: int = 64 * 1024 * 1024,
         connect_timeout: float = 10,
         read_timeout: float = 60,
+        setting: str = "archive.uri",
     ) -> None:
+        """``setting``: the configuration key that names the bucket, for a missing one."""
         if not bucket or "/" in bucket:
             raise ConfigError("s3.bucket", f"invalid bucket name {bucket!r}")
         if (access_key_id is None) != (secret_access_key is None):
@@ -141,6 +150,7 @@ class S3Storage:
                 "STANDARD_IA keep it readable)",
             )
         self.bucket = bucket
+        self.setting = setting
         self.prefix = _normalise_prefix(prefix)
         self.endpoint_url = endpoint_url
         self.multipart_threshold = multipart_threshold
@@ -203,7 +213,7 @@ class S3Storage:
             if kind is None:
                 raise ConfigError(f"s3.{name}", "unknown S3 option")
             kwargs[name] = _coerce(name, value, kind)
-        return cls(bucket=parts.netloc, prefix=parts.path, **kwargs)
+        return cls(bucket=parts.netloc, prefix=parts.path, setting=setting, **kwargs)
 
     def __repr__(self) -> str:
         return f"S3Storage({self.describe()!r})"
@@ -369,7 +379,25 @@ class S3Storage:
         try:
             return cast(dict[str, Any], self._client.head_object(Bucket=self.bucket, Key=full))
         except Exception as exc:
-            raise self._error(exc, "read", key) from exc
+            error = self._error(exc, "read", key)
+            if isinstance(error, NotFound):
+                self._confirm_bucket(key)
+            raise error from exc
+
+    def _confirm_bucket(self, key: str) -> None:
+        """After a HEAD's 404, raise ``MissingBucket`` if the bucket is what is missing.
+
+        A HEAD answer has no body, so a missing bucket reads as a missing key: a mistyped
+        bucket would look like an archive without a checkpoint, or a free lock. Only asked on a
+        404, so a present key costs nothing more."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            error = self._bucket_error(exc)
+            if isinstance(error, MissingBucket | RetryableError):
+                raise error from exc
+            # Refused (403: credentials without s3:ListBucket) or not understood: that says
+            # nothing about the bucket, and the key's own answer stands.
 
     def _multipart_if_absent(self, key: str, full: str, body: Body, size: int) -> bool:
         # Skip uploading a large body that would be refused at completion anyway.
@@ -424,7 +452,9 @@ class S3Storage:
     def _bucket_error(self, exc: BaseException) -> ConnectorError:
         status, _code = _status_code(exc)
         if status == 404:
-            return PermanentError(f"{self.describe()}: bucket {self.bucket!r} does not exist")
+            return MissingBucket(
+                self.setting, f"bucket {self.bucket!r} does not exist ({self.describe()})"
+            )
         if status == 403:
             return PermanentError(
                 f"{self.describe()}: access denied to bucket {self.bucket!r}:"
@@ -440,6 +470,7 @@ class S3Storage:
             bucket=self.bucket,
             key=key,
             secrets=self._secrets,
+            setting=self.setting,
         )
 
 
@@ -477,8 +508,10 @@ def classify_s3_error(
     bucket: str,
     key: str = "",
     secrets: tuple[str, ...] = (),
+    setting: str = "archive.uri",
 ) -> ConnectorError:
-    """Map a botocore/urllib3 exception to the error taxonomy with a message naming the cause."""
+    """Map a botocore/urllib3 exception to the error taxonomy with a message naming the cause;
+    ``setting`` is the configuration key a missing bucket is reported under."""
     if isinstance(exc, ConnectorError):
         return exc
     if isinstance(exc, bce.ClientError):
@@ -502,7 +535,9 @@ def classify_s3_error(
         if code in _MISSING_KEY_CODES and key:
             return NotFound(key)
         if code == "NoSuchBucket" or (status == 404 and not key):
-            return PermanentError(f"S3 {action} {target}: bucket {bucket!r} does not exist")
+            return MissingBucket(
+                setting, f"bucket {bucket!r} does not exist (S3 {action} {target})"
+            )
         if code in _BAD_CREDENTIAL_CODES:
             return PermanentError(
                 f"S3 {action} {target}: credentials rejected ({code}): check the access key id,"

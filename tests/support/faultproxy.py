@@ -17,6 +17,7 @@ kind                   what the client sees
 ``403``                403 InvalidAccessKeyId;  ``signature``: 403 SignatureDoesNotMatch
 ``access_denied``      403 AccessDenied;  ``no_such_bucket``: 404 NoSuchBucket
 ``501``                501 NotImplemented (a store without some feature, e.g. If-Match)
+``pass``               forwarded untouched (queued before a fault to aim it at a later request)
 =====================  ===================================================================
 
 ``proxy.stats`` counts requests, forwards and each injected kind. ``drop_headers`` (lower-case
@@ -60,6 +61,7 @@ KINDS = frozenset(_ERRORS) | {
     "reset_after_forward",
     "slow",
     "truncate",
+    "pass",
 }
 _HOP_BY_HOP = frozenset(
     {
@@ -228,7 +230,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if kind == "slow":
             time.sleep(self.owner.slow_secs)
-        if kind is None or kind in ("slow", "reset_after_forward", "truncate"):
+        if kind is None or kind in ("pass", "slow", "reset_after_forward", "truncate"):
             self._forward(lose_answer=kind == "reset_after_forward", truncate=kind == "truncate")
             return
         self._drain_body()
