@@ -30,7 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from . import metrics
 from .errors import ConfigError, ConnectorError
-from .locks import LOCK_KEY, JobLock, LockHeld, LockRecord
+from .locks import LOCK_KEY, JobLock, LockHeld, LockRecord, LockWatch
 from .retention import RetentionPolicy, RetentionReport, apply_retention, plan_retention
 from .storage import Storage
 
@@ -87,17 +87,19 @@ def run_snapshot_job(
     *,
     ttl_secs: float = 600,
     stop: threading.Event | None = None,
+    watch: LockWatch | None = None,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
     there was nothing new). Raises ``LockHeld`` when another job runs, ``SnapshotStopped``
-    (nothing committed, lock released) when ``stop`` is set meanwhile.
+    (nothing committed, lock released) when ``stop`` is set meanwhile. ``watch``: what earlier
+    tries saw of the lock (``JobLock``).
 
     Once the lock is held, the scratch files of snapshot runs that were killed are deleted."""
     # The state helper's module; imported late on purpose.
     from .snapshot import remove_stale_scratch, write_snapshot
 
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with JobLock(storage, "snapshot", ttl_secs):
+    with JobLock(storage, "snapshot", ttl_secs, watch=watch):
         remove_stale_scratch(work_dir)
         return write_snapshot(storage, work_dir=work_dir, stop=stop)
 
@@ -120,9 +122,10 @@ def run_retention_job(
     *,
     now: dt.datetime | None = None,
     ttl_secs: float = 600,
+    watch: LockWatch | None = None,
 ) -> RetentionReport:
     """Plan (and unless ``dry_run``, apply) retention under the job lock."""
-    with JobLock(storage, "retention", ttl_secs):
+    with JobLock(storage, "retention", ttl_secs, watch=watch):
         report = plan_retention(storage, policy, now or dt.datetime.now(dt.UTC))
         if dry_run:
             for d in report.deletions:
@@ -160,8 +163,13 @@ class JobRunner:
         retention: RetentionPolicy,
         work_dir: Path,
         shutdown_timeout_secs: float = 20.0,
+        lock_ttl_secs: float = 600,
     ) -> None:
         self.storage = storage
+        self.lock_ttl_secs = lock_ttl_secs
+        # One sighting of the lock for every try of both jobs: a retry after a skip takes over
+        # a record no one renewed for a whole lease, whatever another machine's clock wrote.
+        self._lock_watch = LockWatch()
         self.retention = retention
         self.work_dir = work_dir
         self.shutdown_timeout_secs = shutdown_timeout_secs
@@ -287,12 +295,26 @@ class JobRunner:
         self._guarded(
             "snapshot",
             lambda: describe_snapshot(
-                run_snapshot_job(self.storage, self.work_dir, stop=self.stop)
+                run_snapshot_job(
+                    self.storage,
+                    self.work_dir,
+                    ttl_secs=self.lock_ttl_secs,
+                    stop=self.stop,
+                    watch=self._lock_watch,
+                )
             ),
         )
 
     def run_retention(self) -> None:
-        self._guarded("retention", lambda: run_retention_job(self.storage, self.retention))
+        self._guarded(
+            "retention",
+            lambda: run_retention_job(
+                self.storage,
+                self.retention,
+                ttl_secs=self.lock_ttl_secs,
+                watch=self._lock_watch,
+            ),
+        )
 
     def _guarded(self, name: str, job: Any) -> None:
         """Run one job; nothing it raises may reach the scheduler or the stream loop."""

@@ -13,7 +13,11 @@ same mechanism. It is advisory and best effort:
   after a short settle delay still follows a take-over, for S3-compatible stores that ignore
   ``If-Match``. Expiry only happens when a holder died or paused (a live holder renews its lock
   every ``ttl/3``). A holder that was a process of this host and pid namespace, and is gone,
-  need not be waited out.
+  need not be waited out;
+* another machine's clock may run ahead of or behind ours, so the date in its record decides
+  nothing until long past (a holder dead well before this start): a reader takes such a record
+  over once it has seen it unchanged for a whole lease by its own clock (``LockWatch``), as a
+  live holder rewrites it every third of one.
 
 (Kept apart from ``jobs`` so that ``run`` takes its lease without importing the scheduler.)
 """
@@ -36,13 +40,23 @@ import orjson
 from .errors import ConnectorError, NotFound, RetryableError
 from .storage import Storage
 
-__all__ = ["LOCK_KEY", "JobLock", "LockHeld", "LockRecord", "elapsed_clock", "read_record"]
+__all__ = [
+    "LOCK_KEY",
+    "JobLock",
+    "LockHeld",
+    "LockRecord",
+    "LockWatch",
+    "elapsed_clock",
+    "read_record",
+]
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "locks/archive-jobs.json"
 # Time between our write of a taken-over lock and the re-read that confirms it.
 _SETTLE_SECS = 0.2
+# How far behind ours another machine's clock may run before its live holder's date looks past.
+_CLOCK_SLACK = dt.timedelta(minutes=10)
 
 
 class LockHeld(ConnectorError):
@@ -57,13 +71,21 @@ class LockHeld(ConnectorError):
         self.tag = tag
 
 
+def _boot_id() -> str:
+    """This machine's kernel boot ('' where /proc does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _pid_namespace() -> str:
     """This process's pid namespace and the kernel's boot ('' where /proc does not say): a pid
     names a process only inside its namespace (each container has its own), and the host's own
     namespace has the same number on every machine, so the boot id tells machines apart."""
+    boot = _boot_id()
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{os.readlink('/proc/self/ns/pid')} boot {boot}"
+        return f"{os.readlink('/proc/self/ns/pid')} boot {boot}" if boot else ""
     except OSError:
         return ""
 
@@ -121,6 +143,12 @@ class LockRecord:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
+    def dated_here(self) -> bool:
+        """Written on this machine since its boot (any container of it): its date is on our
+        clock."""
+        boot = _boot_id()
+        return bool(boot) and self.pidns.rpartition(" boot ")[2] == boot
+
     def holder_is_gone(self) -> bool:
         """The holder was a process of this host and pid namespace that no longer exists (a
         killed run restarted by systemd): its lease need not be waited out."""
@@ -149,6 +177,27 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class LockWatch:
+    """A reader's sighting of another holder's record and since when, by the reader's own
+    clock: a record left unchanged for a whole lease has no live holder, whatever date another
+    machine's clock wrote in it. Kept across the tries of one waiter (a standby's polls, a
+    scheduled job's retries)."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[str, dt.datetime] | None = None
+        self._since = 0.0
+        self._guard = threading.Lock()
+
+    def unchanged_secs(self, record: LockRecord) -> float:
+        """Seconds ``record`` has been seen unchanged (0 when it is new to us: noted now)."""
+        seen = (record.owner, record.expires_at)  # a renewal writes a new expiry
+        now = elapsed_clock()
+        with self._guard:
+            if seen != self._seen:
+                self._seen, self._since = seen, now
+            return now - self._since
+
+
 _RELEASE_PAUSES = (0.5, 1.0, 2.0)  # between the tries to release the lock (s)
 
 
@@ -167,13 +216,16 @@ class JobLock:
         *,
         key: str = LOCK_KEY,
         owner: str | None = None,
+        watch: LockWatch | None = None,
     ) -> None:
-        """``owner``: locks of one holder share it (two names of one place are one lock)."""
+        """``owner``: locks of one holder share it (two names of one place are one lock).
+        ``watch``: what earlier tries saw of another holder's record (``LockWatch``)."""
         self.storage = storage
         self.job = job
         self.ttl = dt.timedelta(seconds=ttl_secs)
         self.key = key
         self.owner = owner or uuid.uuid4().hex
+        self._watch = watch or LockWatch()
         self._held = False
         self._lost = False
         self._renewed_at = 0.0  # elapsed_clock() of the last write of our record
@@ -241,8 +293,17 @@ class JobLock:
         raise LockHeld("archive lock taken by another process meanwhile")
 
     def expired(self, record: LockRecord) -> bool:
-        """Whether another holder's ``record`` may be taken over."""
-        return record.expires_at <= _now() or record.holder_is_gone()
+        """Whether another holder's ``record`` may be taken over: its holder, a process of this
+        machine, is gone; or its lease ran out, by the record's date when our clock wrote it
+        or that date is long past, otherwise once we have seen it unchanged for a whole lease."""
+        if record.holder_is_gone():
+            return True
+        now = _now()
+        if record.dated_here():
+            return record.expires_at <= now
+        if record.expires_at + max(self.ttl, _CLOCK_SLACK) <= now:
+            return True
+        return self._watch.unchanged_secs(record) >= self.ttl.total_seconds()
 
     def take_over(self, tag: str) -> None:
         """Replace the record read with ``tag`` (another holder's, found expired; or ours) with

@@ -8,8 +8,8 @@ checkpoint as well, before it reads the checkpoint. A second ``run`` waits for i
 ``opencti_sync_standby`` is 1) until the holder stops (it deletes the lease) or dies: once the
 standby has seen the lease unrenewed for ``CONNECTOR_LEASE_SECS`` by its own clock (another
 machine's clock may be off), at once when the holder was a process of this machine and pid
-namespace that no longer exists, or when the lease's own date is long past (a holder dead before
-this start). It then starts from the checkpoint like any restart. A run's leases share one owner,
+namespace that no longer exists, or when the lease's own date is past (written by this machine's
+clock) or long past (a holder dead before this start): the job lock's expiry, ``JobLock.expired``. It then starts from the checkpoint like any restart. A run's leases share one owner,
 so two names of one place (a symlink) are one lease.
 
 The lease is the archive job lock's mechanism (``locks.JobLock``: put-if-absent, renewal every
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from . import metrics
 from .errors import LeaseLost, RetryableError
-from .locks import JobLock, LockHeld, LockRecord, elapsed_clock, read_record
+from .locks import JobLock, LockHeld, elapsed_clock, read_record
 from .storage import Storage
 
 __all__ = ["RUN_LEASE_KEY", "LeaseLost", "RunLease", "lease_holder"]
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 RUN_LEASE_KEY = "locks/run.json"
 _ANNOUNCE_EVERY_SECS = 300.0  # a standby says again that it waits
-# How far behind ours another machine's clock may run before its live lease looks expired.
-_CLOCK_SLACK = dt.timedelta(minutes=10)
 
 
 class _Lease(JobLock):
@@ -53,13 +51,6 @@ class _Lease(JobLock):
 
     def on_lost(self) -> None:
         self._on_lost()
-
-    def expired(self, record: LockRecord) -> bool:
-        # Another machine's clock may run behind ours: by the record's own date only long after
-        # it (a holder that died well before this start). A standby watching an unchanged
-        # record does not need the clocks at all (RunLease._wait_one).
-        slack = max(self.ttl, _CLOCK_SLACK)
-        return record.holder_is_gone() or record.expires_at + slack <= dt.datetime.now(dt.UTC)
 
 
 class RunLease:
@@ -97,25 +88,12 @@ class RunLease:
         where = f"{lease.storage.describe()} ({lease.key})"
         poll = min(max(self.ttl / 6, 0.05), 5.0)
         announced: float | None = None
-        seen: tuple[str, dt.datetime] | None = None  # the holder's record, unchanged since
-        seen_tag = ""  # its storage tag: the take-over replaces that record or nothing
-        seen_at = 0.0
         while not stop.is_set():
             try:
-                if seen is not None and elapsed_clock() - seen_at >= self.ttl:
-                    # Not renewed for a whole lease by our own clock: its holder is gone,
-                    # whatever its clock wrote in the record.
-                    log.warning("Taking over a run lease not renewed for a whole lease.")
-                    seen = None
-                    lease.take_over(seen_tag)
-                else:
-                    lease.acquire()
+                # The lease's own watch times a holder's unchanged record across these polls.
+                lease.acquire()
             except LockHeld as exc:
                 record = exc.record
-                if record is not None and (record.owner, record.expires_at) != seen:
-                    seen, seen_at = (record.owner, record.expires_at), elapsed_clock()
-                if exc.tag is not None:
-                    seen_tag = exc.tag
                 now = time.monotonic()
                 if announced is None or now - announced >= _ANNOUNCE_EVERY_SECS:
                     log.warning(

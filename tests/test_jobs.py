@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -19,6 +20,7 @@ from connector.jobs import (
     JobLock,
     JobRunner,
     LockHeld,
+    LockRecord,
     parse_schedule,
     run_retention_job,
     run_snapshot_job,
@@ -73,13 +75,16 @@ def test_lock_excludes_and_releases(tmp_path: Path) -> None:
         assert storage.exists(LOCK_KEY)
 
 
-def test_expired_lock_is_taken_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize("here", [False, True])
+def test_expired_lock_is_taken_over(tmp_path: Path, here: bool) -> None:
+    """At once: a record this machine's clock dated past, or one from anywhere dated long past
+    (another machine's clock may run minutes behind ours, not an hour)."""
     storage = LocalStorage(tmp_path / "a")
-    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    storage.put(
-        LOCK_KEY,
-        orjson.dumps({"owner": "dead-process", "job": "snapshot", "expires_at": past.isoformat()}),
-    )
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5 if here else 3600)
+    record = {"owner": "dead-process", "job": "snapshot", "expires_at": past.isoformat()}
+    if here:  # a holder on this machine whose pid is not known (pid 0)
+        record["pidns"] = JobLock(storage, "x")._record().pidns
+    storage.put(LOCK_KEY, orjson.dumps(record))
     lock = JobLock(storage, "retention")
     with lock:
         assert orjson.loads(storage.get(LOCK_KEY))["owner"] == lock.owner
@@ -319,3 +324,99 @@ def test_a_job_locked_out_by_another_process_is_retried(tmp_path: Path) -> None:
         )
     finally:
         runner.shutdown()
+
+
+def _foreign(storage: Storage, expires_in: float, *, seq: int = 0) -> None:
+    """Write the lock record of a job on another machine (its own clock, its own host); ``seq``
+    changes the record as a renewal does."""
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_in)
+    record = LockRecord(f"other-host-job-{seq}", "snapshot", expires, "another-host", 4242, "")
+    storage.put(LOCK_KEY, record.to_json())
+
+
+def _owner(storage: Storage) -> str:
+    return str(orjson.loads(storage.get(LOCK_KEY))["owner"])
+
+
+def test_a_live_holder_whose_clock_runs_behind_keeps_the_lock(tmp_path: Path) -> None:
+    """Another machine's clock runs minutes behind ours: each renewal writes a date already past
+    by our clock. The holder renews, so the lock is never taken over, whatever its dates say."""
+    storage = LocalStorage(tmp_path / "a")
+    lock = JobLock(storage, "retention", ttl_secs=0.6)
+    renewing = threading.Event()
+    displaced: list[str] = []
+
+    def renew() -> None:  # every ttl/3, as a live holder does: only over its own record
+        for seq in range(1, 1_000_000):
+            if renewing.wait(0.2):
+                return
+            data, tag = storage.get_with_tag(LOCK_KEY)
+            owner = orjson.loads(data)["owner"]
+            if not owner.startswith("other-host-job-"):
+                displaced.append(owner)
+                return
+            expires = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            record = LockRecord(f"other-host-job-{seq}", "snapshot", expires, "another-host", 1)
+            storage.replace_if(LOCK_KEY, record.to_json(), tag)
+
+    _foreign(storage, -300)
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2.4  # four leases by our clock
+        while time.monotonic() < deadline and not displaced:
+            with pytest.raises(LockHeld):
+                lock.acquire()
+            time.sleep(0.05)
+    finally:
+        renewing.set()
+        thread.join()
+    assert displaced == [] and _owner(storage).startswith("other-host-job-")
+    assert not lock.held
+
+
+def test_a_dead_holder_whose_clock_ran_ahead_is_taken_over_after_a_lease(tmp_path: Path) -> None:
+    """Another machine's clock ran a day ahead, then its job died: its record says it holds the
+    lock until tomorrow. Seen unchanged for a whole lease by our clock, it is taken over."""
+    storage = LocalStorage(tmp_path / "a")
+    _foreign(storage, 86_400)
+    ttl = 0.5
+    lock = JobLock(storage, "snapshot", ttl_secs=ttl)
+    first_seen = time.monotonic()
+    deadline = first_seen + 30
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockHeld:
+            assert time.monotonic() < deadline, "a dead holder's lock was never taken over"
+            time.sleep(0.05)
+    try:
+        assert time.monotonic() - first_seen >= ttl  # not before a whole lease
+        assert _owner(storage) == lock.owner
+    finally:
+        lock.release()
+
+
+def test_a_scheduled_job_takes_over_a_dead_holders_lock_on_its_retry(tmp_path: Path) -> None:
+    """The runner's jobs share what they saw of the lock between their tries: a retry a lease
+    after the skip takes over a record no one renewed meanwhile, however far ahead its date."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="",
+        retention_schedule="every 1h",
+        retention=RetentionPolicy(keep_days=1, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+        lock_ttl_secs=0.3,
+    )
+    _foreign(storage, 86_400)
+    runner.run_retention()
+    assert runner.skipped["retention"] == 1
+    time.sleep(0.4)
+    runner.run_retention()
+    assert runner.runs["retention"] == 2
+    assert runner.skipped["retention"] == 1 and runner.failures["retention"] == 0
+    # Taken over (then released, or left to expire: so short a lease was not renewed lately).
+    assert not storage.exists(LOCK_KEY) or _owner(storage) != "other-host-job-0"
