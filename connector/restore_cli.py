@@ -127,6 +127,17 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 "created after that point and sent with an object that existed then), so the "
                 "state at that point is unknown. Accept that state with --allow-partial"
             )
+    gap = _gap_around(cp, until) if cp is not None and until is not None else None
+    if gap is not None and not args.allow_partial:
+        lo, hi = gap
+        raise ConnectorError(
+            f"--until {args.until} is inside a retention gap: the platform's stream lost the "
+            f"events after {lo}, and the repair (a new recovery, then the reconciliation of the "
+            f"lost deletes) wrote them back only up to {hi}, each object as it was then: what "
+            "was deleted or changed in that window is unknown at that point (an object deleted "
+            "before it is still live). Restore a point outside it, or accept that state with "
+            "--allow-partial"
+        )
     lost = None if args.allow_partial else _lost_tail(storage, cp, until)
     if lost:
         raise ConnectorError(lost + _elsewhere(checkpoints.storage, storage))
@@ -262,6 +273,34 @@ def _lost_tail_message(
         "Restore a point at or before the archive's end with --until, or accept this state "
         "with --allow-partial"
     )
+
+
+def _gap_around(cp: Checkpoint, until: EventId) -> tuple[EventId, EventId] | None:
+    """The retention gap whose window holds ``until``: ``(checkpoint, repaired)``, None when
+    no gap does. Nothing after the checkpoint was archived until the repair: its recovery sends
+    each object as it is at its end (under its updated_at) and the reconciliation writes the
+    lost window's deletes and merges at its own time, so the state is known again only from
+    the later of the two (the reconciliation of this gap, when done)."""
+    rec = cp.reconcile or {}
+    for gap in cp.retention_gaps:
+        start = str(gap.get("checkpoint_event_id") or "")
+        if not EventId.is_valid(start):
+            continue
+        lo = EventId.parse(start)
+        ends: list[EventId] = []
+        first = str(gap.get("first_retained_event_id") or "")
+        if EventId.is_valid(first):
+            ends.append(EventId.parse(first))
+        recovered = iso_to_id(str(gap.get("repair_recover_until") or ""))
+        if recovered is not None:
+            ends.append(recovered)
+        done = str(rec.get("done_at_event_id") or "")
+        if rec.get("checkpoint_event_id") == start and EventId.is_valid(done):
+            ends.append(EventId.parse(done))
+        hi = max(ends, default=lo)
+        if lo < until < hi:
+            return lo, hi
+    return None
 
 
 def _versions_unknown(storage: Storage, until: EventId, recovered: EventId) -> int:
