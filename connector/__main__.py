@@ -116,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", help="restore a platform (or a STIX bundle) from the archive")
     _add_common(p)
-    p.add_argument("--until", help="event id <ms>-<seq> or ISO date (default: latest)")
+    p.add_argument(
+        "--until",
+        help="event id <ms>-<seq>, or ISO date/time (that instant included; no offset: UTC); "
+        "default: latest",
+    )
     p.add_argument("--opencti", metavar="URL", help="target platform URL")
     p.add_argument("--token", help="target platform token (or TARGET_OPENCTI_TOKEN)")
     p.add_argument("--to-bundle", metavar="FILE", help="write a STIX 2.1 bundle instead")

@@ -74,3 +74,38 @@ def test_a_point_inside_a_retention_gap_needs_allow_partial(
     assert "retention gap" in capsys.readouterr().err and not out.exists()
     args = ("--to-bundle", str(out), "--until", str(point), "--allow-partial")
     assert _restore(archive, tmp_path, *args) == 0
+
+
+def test_what_a_restore_does_with_objects_newer_than_the_point(tmp_path: Path) -> None:
+    """Restoring a point over the platform as it is now (undoing a mistake): an object created
+    after the point is left in place, but one that existed before the point, was deleted before
+    it and was created again after it under the same id (a deterministic standard id, an
+    import run again) is deleted, as the point's state holds its tombstone. README says so."""
+    from connector.restore import materialise, restore_to_target
+    from connector.sim.store import SimStore
+    from tests.test_restore import TOKEN, _pycti_target
+    from tests.test_state import archive_events, new_sim, sim_events
+
+    src = new_sim()
+    again = f"malware--{uuid.uuid4()}"
+    later = f"malware--{uuid.uuid4()}"
+    src.create({"type": "malware", "id": again, "name": "Again", "is_family": True})
+    src.delete(again)
+    point = EventId.parse(str(src.last_event_id))
+    src.create({"type": "malware", "id": again, "name": "Again", "is_family": True})
+    src.create({"type": "malware", "id": later, "name": "Later", "is_family": True})
+    events, _ = sim_events(src)
+    storage = LocalStorage(tmp_path / "a")
+    archive_events(storage, events, per_segment=2)
+    now = SimStore()
+    now.api_token = TOKEN  # type: ignore[attr-defined]
+    now.load_bundle(src.dump_bundle())
+    with SimServer(token=TOKEN, store=now) as server:
+        target = _pycti_target(server.url)
+        try:
+            with materialise(storage, until=point, work_dir=tmp_path / "w") as state:
+                report = restore_to_target(state, target)
+        finally:
+            target.close()
+    assert now.get(later) is not None  # created after the point: left in place
+    assert now.get(again) is None and report.deleted == 1  # created again after it: deleted
