@@ -142,12 +142,16 @@ class Progress:
         )
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def iso_to_ms(text: str) -> int:
     """Epoch milliseconds of an ISO 8601 date (``Z`` accepted; naive dates are UTC)."""
     parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
-    return int(parsed.timestamp() * 1000)
+    # Integer arithmetic: the float product is one millisecond short for some instants.
+    return (parsed - _EPOCH) // dt.timedelta(milliseconds=1)
 
 
 def recover_fraction(recover_until: str, current_ms: int, first_ms: int) -> float:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TextIO, runtime_checkable
 
@@ -61,6 +61,7 @@ def private_file(path: str, flags: int) -> int:
     return os.open(path, flags, 0o640)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_SEQ = 10**10 - 1  # the largest sequence an event id can carry (10 digits)
 _SAMPLE = 10
 _BUNDLE_NS = uuid.UUID("0d7f3a52-61c4-4b8e-9a0f-5c2e7b1d9e43")
@@ -93,7 +94,9 @@ def parse_until(text: str) -> EventId:
         raise ConfigError("--until", f"not an event id or ISO 8601 date: {text[:64]!r}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    ms = int(when.timestamp() * 1000)
+    # Whole milliseconds by integer arithmetic: ``timestamp() * 1000`` in floating point puts
+    # some instants one millisecond early (2038-06-04T14:17:18.107Z), leaving out their events.
+    ms = (when - _EPOCH) // timedelta(milliseconds=1)
     if ms < 0:
         raise ConfigError("--until", "date before 1970")
     return EventId(ms, _MAX_SEQ)

@@ -109,3 +109,21 @@ def test_what_a_restore_does_with_objects_newer_than_the_point(tmp_path: Path) -
             target.close()
     assert now.get(later) is not None  # created after the point: left in place
     assert now.get(again) is None and report.deleted == 1  # created again after it: deleted
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [
+        ("2038-06-04T14:17:18.107Z", 2159273838107),
+        ("1974-05-05T04:25:41.744Z", 136959941744),
+        ("2026-11-01T14:00:00.123+00:00", 1793541600123),
+        ("2026-11-01T16:00:00.123+02:00", 1793541600123),
+    ],
+)
+def test_an_until_date_keeps_its_millisecond(text: str, ms: int) -> None:
+    """Events at the very instant are included: its millisecond is never rounded down."""
+    from connector.progress import iso_to_ms
+    from connector.restore import parse_until
+
+    assert parse_until(text) == EventId(ms, 10**10 - 1)
+    assert iso_to_ms(text.replace("+00:00", "Z")) == ms
