@@ -287,6 +287,10 @@ def _gap_around(cp: Checkpoint, until: EventId) -> tuple[EventId, EventId] | Non
         if not EventId.is_valid(start):
             continue
         lo = EventId.parse(start)
+        archived = str(gap.get("archive_last_event_id") or "")
+        if EventId.is_valid(archived):
+            # An earlier run had archived past the checkpoint: the loss starts after that.
+            lo = max(lo, EventId.parse(archived))
         ends: list[EventId] = []
         first = str(gap.get("first_retained_event_id") or "")
         if EventId.is_valid(first):
