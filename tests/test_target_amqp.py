@@ -754,3 +754,40 @@ def test_an_object_leaving_the_filter_is_kept_with_what_holds_it(platform_b: Sim
         leaving_the_filter(target, platform_b, applied)
     finally:
         target.close()
+
+
+def test_link_lost_during_the_handshake_is_retryable(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    """A connection dropped in the middle of the AMQP handshake (a network blip, a broker
+    going down while a client logs in) is what pika reports as a "probable" authentication
+    (cut after connection.start) or vhost access error (cut after connection.tune): the
+    broker refused nothing, so it is retried, not a permanent stop of the run."""
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:  # the exchange exists, as after a registration
+        conn.channel().exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
+    finally:
+        conn.close()
+    proxy = CutProxy(rabbitmq.port)
+    answer = _answer(rabbitmq, "octisync-test-password")
+    answer["config"]["connection"]["port"] = proxy.port
+    publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer), timeout=10)
+    try:
+        proxy.cut_after(10**9)
+        publisher.check()
+        publisher.close()
+        sent = 10**9 - proxy._budget  # type: ignore[operator]  # the whole handshake's bytes
+        proxy.restore()
+        errors: dict[int, str] = {}
+        for cut in range(1, sent, 3):  # every third byte of what the client sends
+            proxy.cut_after(cut)
+            try:
+                publisher.check()
+            except RetryableError:
+                pass
+            except PermanentError as exc:
+                errors[cut] = str(exc)
+            proxy.restore()
+        assert not errors, sorted({e[e.index(": connect: ") + 10 :][:40] for e in errors.values()})
+        publisher.check()  # the link is back: connects
+    finally:
+        publisher.close()
+        proxy.close()

@@ -384,6 +384,13 @@ class AmqpPublisher:
         # pika's connection errors carry their cause in args with an empty str().
         text = str(exc) or "; ".join(repr(a) for a in exc.args)
         detail = self._scrub(f"{type(exc).__name__}: {text}")
+        if isinstance(exc, ex.ProbableAuthenticationError | ex.ProbableAccessDeniedError) and (
+            "StreamLostError" in text
+        ):
+            # pika's guess from the handshake state when the link dropped without a word from
+            # the broker (a refused login or vhost comes as ConnectionClosedByBroker 403/530):
+            # a network blip or a broker going down, nothing was refused.
+            return RetryableError(f"{where}: link lost during the AMQP handshake ({detail})")
         if isinstance(exc, ex.ProbableAuthenticationError | ex.AuthenticationError):
             return PermanentError(
                 f"{where}: login refused ({detail}) - check the broker user and password the "
