@@ -425,6 +425,10 @@ class AmqpPublisher:
             )
         if isinstance(exc, ex.NackError):
             return RetryableError(f"{where}: the broker refused the message(s) (nack)")
+        if isinstance(exc, ex.AMQPHeartbeatTimeout | ex.ConnectionBlockedTimeout):
+            # Connected, then the broker went silent (missed heartbeats) or kept the connection
+            # blocked (a resource alarm) too long: not a wrong host or port.
+            return RetryableError(f"{where}: the broker stopped answering ({detail})")
         if isinstance(exc, ex.AMQPConnectionError) and not isinstance(
             exc, ex.StreamLostError | ex.ConnectionClosed
         ):
