@@ -82,6 +82,20 @@ def relayed_publisher(rabbitmq: RabbitNode) -> Iterator[tuple[AmqpPublisher, Fre
         publisher.close()
 
 
+def test_closing_a_link_to_a_silent_broker_is_bounded(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+) -> None:
+    """At shutdown the target closes its broker connection before the run releases its lease:
+    pika waits for close-ok until its heartbeat gives up (about 70 s with the 30 s heartbeat),
+    past the shutdown timeout and docker's grace period (SIGKILL: the lease stays taken)."""
+    publisher, proxy = relayed_publisher
+    publisher.publish([b'{"n": 1}'])
+    proxy.frozen = True
+    started = time.monotonic()
+    publisher.close()
+    assert time.monotonic() - started < 15
+
+
 def test_a_broker_gone_silent_is_not_reported_as_unreachable(
     relayed_publisher: tuple[AmqpPublisher, FreezeProxy], monkeypatch: pytest.MonkeyPatch
 ) -> None:

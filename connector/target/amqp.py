@@ -33,6 +33,7 @@ import base64
 import logging
 import re
 import ssl
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -73,6 +74,7 @@ for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika."
 
 # The applicant the platform's Synchronizer uses when the sync has no user of its own.
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
+_CLOSE_WAIT_S = 5.0  # longest wait for a close-ok (see AmqpPublisher.close)
 _HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while waiting for a commit
 # Messages per transaction: bounds what the broker holds uncommitted for one channel (~2 MB of
 # 2 KB events) while keeping commits (one disk sync each) rare; throughput is flat from 500 up.
@@ -444,10 +446,30 @@ class AmqpPublisher:
         return RetryableError(f"{where}: unexpected {detail}")
 
     def close(self) -> None:
+        """Close the connection, waiting at most ``_CLOSE_WAIT_S`` for the broker's close-ok.
+
+        pika's close waits for it without a limit of its own: a broker gone silent (a network
+        partition) holds it until the heartbeat gives up, ~2 heartbeats, past the shutdown
+        timeout; the run releases its lease only after its sinks are closed. The close goes on
+        in a daemon thread then (the connection is used by nobody else from here on)."""
         conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception as exc:  # closing a broken link: nothing left to do
-                log.debug("AMQP close: %s", type(exc).__name__)
+        if conn is None:
+            return
+        closer = threading.Thread(
+            target=_close_connection, args=(conn,), name="amqp-close", daemon=True
+        )
+        closer.start()
+        closer.join(min(_CLOSE_WAIT_S, self._timeout))
+        if closer.is_alive():
+            log.warning(
+                "The target's broker did not answer the connection close; left behind.",
+                extra={"broker": self.endpoint.describe()},
+            )
+
+
+def _close_connection(conn: Any) -> None:
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception as exc:  # closing a broken link: nothing left to do
+        log.debug("AMQP close: %s", type(exc).__name__)
