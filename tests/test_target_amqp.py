@@ -791,3 +791,34 @@ def test_link_lost_during_the_handshake_is_retryable(rabbitmq: RabbitNode) -> No
     finally:
         publisher.close()
         proxy.close()
+
+
+def test_a_failed_status_ping_does_not_publish_a_durable_batch_again(
+    sync: Sync,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """The connector's status ping (the platform API, every 40 s) comes after the broker took
+    the batch. With the platform's API down and its broker up (a platform restart), a failed
+    ping must not make the committed batch count as not written: each retry of the pipeline
+    would publish it once more, the queue filling with copies for as long as the API is away."""
+    sync.step()
+    sync.assert_converged()
+    generate(sync.a, 30, seed=7, mix="creates")
+    events, sync.pos = events_since(sync.a, sync.pos)
+    queue = sync.worker.queue
+    expected = len(list(event_messages(events, applicant_id="u", synchronized=True)))
+    sync.b.stop()  # the platform's API and its workers; RabbitMQ stays up
+    try:
+        sync.target._last_ping = float("-inf")  # a status ping is due with this batch
+        sync.target.api.session.close()  # its kept-alive connection to B: dropped as well
+        for _ in range(3):  # the pipeline's retries
+            try:
+                sync.target.write(batch_of(events))
+                break
+            except RetryableError:
+                continue
+        assert _queued(rabbitmq, queue) == expected
+    finally:
+        sync.b.start()
+    sync.drain()
+    sync.assert_converged()

@@ -604,7 +604,14 @@ class OpenCTITarget:
             raise
         if batch.events:
             self.last_event_id = str(batch.last_id)
-        self._ping()
+        try:
+            self._ping()
+        except RetryableError as exc:
+            # The batch is on the target already: a status ping that fails for a transient
+            # reason (the platform's API restarting while its broker takes messages) must not
+            # make it count as not written, or each retry would send the batch once more. Due
+            # again with the next batch.
+            log.warning("Status ping to the target failed.", extra={"error": str(exc)[:300]})
 
     def _write(self, batch: Batch) -> None:
         live = self.live_aliases(batch.events) if self.resolve_aliases else {}
