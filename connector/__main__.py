@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.hold()  # the settings' own warnings, written once the settings give the log format
+    previous = _terminate_on_sigterm()  # `run` replaces it with its draining stop
     try:
         handler = _COMMANDS[args.command]
         return handler(args)
@@ -207,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(f"Stopped on {what} error.", extra={"error": str(exc)})
         print(f"opencti-sync: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        log.warning("Stopped by SIGTERM.")
+        return 143
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -233,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         logs.release()
 
 
@@ -688,6 +694,29 @@ def _start_jobs(settings: Settings, archive: Any, stop: threading.Event) -> Any:
     runner.stop = stop
     runner.start()
     return runner
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a one-shot command (restore, snapshot, prune, verify...)."""
+
+
+def _terminate_on_sigterm() -> Any:
+    """SIGTERM stops a one-shot command the way Ctrl-C does: its ``finally`` blocks run (the job
+    lock released, scratch files removed, a restore's progress kept). As a container's PID 1 a
+    process has no default action for SIGTERM: without a handler, ``docker stop`` was ignored
+    until its grace period ran out and SIGKILL left the job lock held for its whole lease.
+    Returns the handler to put back (None: called off the main thread, nothing set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return previous  # an embedding program's own handler
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    return previous
 
 
 def _install_signals(stop: threading.Event) -> None:

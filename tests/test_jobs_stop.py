@@ -218,3 +218,56 @@ def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Pa
         assert remove_stale_scratch(work) == []
     finally:
         os.close(claim)
+
+
+_TERMINATED_CHILD = textwrap.dedent(
+    """
+    import sys
+    import time
+    from connector import __main__ as cli
+    from connector.storage import local
+
+    plain_open = local.LocalStorage.open
+
+    def slow_open(self, key):  # a segment over a slow link: 30 s to open
+        if key.startswith("events/"):
+            time.sleep(30)
+        return plain_open(self, key)
+
+    local.LocalStorage.open = slow_open
+    sys.exit(cli.main(["snapshot", "--archive", sys.argv[1]]))
+    """
+)
+
+
+def test_sigterm_stops_a_one_shot_command_cleanly(tmp_path: Path) -> None:
+    """`docker stop` of `opencti-sync snapshot`: without a handler SIGTERM killed it with no
+    cleanup (the job lock held for its lease, the scratch state left) and, as a container's
+    PID 1, which has no default action for it, was ignored until SIGKILL. Now SIGTERM stops it
+    like Ctrl-C: exit 143, the lock released, the scratch state removed, nothing committed."""
+    archive, work = tmp_path / "a", tmp_path / "w"
+    build_good(LocalStorage(archive))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENCTI_SYNC_WORK_DIR": str(work)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _TERMINATED_CHILD, str(archive)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(work.glob("snapshot-*.sqlite")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the fold, inside a 30 s segment read
+        assert child.poll() is None
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 143, err.decode()
+    assert b"Traceback" not in err
+    storage = LocalStorage(archive)
+    assert not storage.exists(LOCK_KEY)
+    assert list_snapshots(storage) == []
+    assert list(work.glob("snapshot-*")) == []
