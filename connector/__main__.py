@@ -1,7 +1,8 @@
 """Command line and composition root: the only module that reads ``Settings``.
 
 Exit codes: 0 done / clean stop, 1 runtime failure (permanent stream or sink error, verify found
-damage), 2 invalid configuration or usage.
+damage), 2 invalid configuration or usage; a one-shot command stopped by Ctrl-C 130, by SIGTERM
+143 (``run`` drains and exits 0).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Back up an OpenCTI platform's live stream into an archive (S3 or a directory), "
             "synchronise it into a second platform, and restore either to any point in time."
         ),
-        epilog="Exit codes: 0 done or clean stop, 1 runtime failure, 2 invalid configuration.",
+        epilog=(
+            "Exit codes: 0 done or clean stop, 1 runtime failure, 2 invalid configuration; "
+            "a one-shot command stopped by Ctrl-C 130, by SIGTERM 143."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"opencti-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
