@@ -4,7 +4,8 @@
 the segments after it (never a full replay when a snapshot exists). ``restore_to_target`` pushes
 the state in dependency order (markings and identities, other objects, relationships, sightings,
 relationships of relationships or sightings, containers, notes, relationships of containers or
-notes; a relationship of a relationship after that relationship, see ``StateStore.push_records``)
+notes; an object referencing one of the same or a later phase, such as a relationship of a
+relationship or a report in a grouping, after it, see ``StateStore.push_records``)
 in acknowledged batches, then deletes every tombstoned id so a restore never
 brings back what was deleted or merged away. After each acknowledged batch it records its
 position in a small JSON file, so a restart with the same arguments and the same target platform

@@ -53,7 +53,8 @@ __all__ = [
     "version_of",
 ]
 
-# Restore push order: what an object may reference is pushed in an earlier phase.
+# Restore push order, by type: what an object references is mostly pushed in an earlier phase
+# (the rest is ranked by ``StateStore.push_records``).
 PHASES = (
     "markings",
     "identities",
@@ -61,18 +62,26 @@ PHASES = (
     "observed-data",  # refers to observables; relationships and sightings may refer to it
     "relationships",
     "sightings",  # of entities and observables, never of relationships
-    "relationships-of-relationships",  # endpoints pushed before (see _OF_RELATIONS)
+    "relationships-of-relationships",  # endpoints pushed before (see push_records)
     "containers",
     "notes",
     "relationships-of-containers",  # an endpoint is a container or a note, pushed just before
 )
-# Relationships whose endpoint is a relationship are stored in phase 6 or 9 (a container or a
-# note at one end); a restore pushes each in the later of that phase and its endpoints', after
-# them (``StateStore.push_records``).
-_OF_RELATIONS = PHASES.index("relationships-of-relationships")
-_OF_CONTAINERS = PHASES.index("relationships-of-containers")
-# Rounds that order chains of relationships of relationships: one per link of the longest chain
-# (a cycle, which the platform cannot hold, is cut there).
+# An object referencing one of the same or a later phase (a relationship of a relationship, a
+# report in a grouping, a sighting of a note, a note on a note) is pushed in the later of those
+# phases, after what it references (``StateStore.push_records``).
+_ENTITIES = PHASES.index("entities")
+_OBSERVED = PHASES.index("observed-data")
+_RELATIONSHIPS = PHASES.index("relationships")
+# Whether a reference ``j.value`` names a type stored from the observed-data phase on, in SQL:
+# one comparison of its type (a LIKE per type took twice the time of the whole scan).
+_REF_TYPE = "substr(j.value, 1, instr(j.value, '--') - 1)"
+_LATE_REF = (
+    f"({_REF_TYPE} IN ('observed-data', 'relationship', 'sighting', 'report', 'grouping',"
+    f" 'x-opencti-feedback', 'x-opencti-task', 'note', 'opinion') OR {_REF_TYPE} GLOB 'case-*')"
+)
+# Rounds that order chains of references: one per link of the longest chain (a cycle, which the
+# platform cannot hold, is cut there).
 _ORDER_ROUNDS = 64
 _CONTAINER_TYPES = {"report", "grouping", "x-opencti-feedback", "x-opencti-task"}
 _NOTE_TYPES = {"note", "opinion"}
@@ -1481,11 +1490,11 @@ class StateStore:
         """``(rank, record)`` of one push phase's objects, in the order a restore pushes them,
         after position ``(rank, key)`` when given.
 
-        Rank 0: the objects stored under that phase and no later one, by key. Then the
-        relationships whose endpoint is a relationship, that phase's last: each in the later of
-        its own phase and its endpoints' (a relationship of a relationship to a report goes
-        after the report's relationships), ranked one above its endpoints, so a chain goes
-        link by link."""
+        Rank 0: the objects stored under that phase and no later one, by key. Then the objects
+        referencing one stored in the same or a later phase (a relationship of a relationship,
+        a report in a grouping or holding a relationship to a note, a sighting of a report, a
+        note on a note), that phase's last: each in the later of its own phase and theirs,
+        ranked one above what it references there, so a chain goes link by link."""
         rank, key = after or (0, "")
         for depth, row in self._push_rows(phase, rank, key, "key, stix_id, event_id, event, data"):
             yield depth, ObjectRecord(row[0], row[1], row[2], row[3], _loads(row[4]))
@@ -1499,7 +1508,7 @@ class StateStore:
         self, phase: int, rank: int, key: str, columns: str
     ) -> Iterator[tuple[int, tuple[Any, ...]]]:
         self._index("phase")
-        self._order_relations()
+        self._order_references()
         db = self._db
         if rank == 0:
             cursor = db.execute(
@@ -1518,50 +1527,79 @@ class StateStore:
         for row in cursor:
             yield int(row[0]), row[1:]
 
-    def _order_relations(self) -> None:
-        """Rank the relationships whose endpoint is a relationship (``temp.push_order``: key,
-        phase, depth), in SQLite: built again once the state has changed since."""
+    def _order_references(self) -> None:
+        """Rank the objects that reference one of the same or a later push phase
+        (``temp.push_order``: key, phase, depth), in SQLite: built again once the state has
+        changed since."""
         self.settle()
         db = self._db
         if self._ordered_at == db.total_changes:
             return
-        for table in ("push_ends", "push_order"):
+        for table in ("push_late", "push_ends", "push_order"):
             db.execute(f"DROP TABLE IF EXISTS temp.{table}")
-        # A relationship's references to relationships or sightings are its endpoints.
+        # Which references may name an object of the same or a later phase is told by their
+        # id's type before any lookup: to what is stored from the observed-data phase on, or,
+        # from a marking, an identity or an entity, to their own kind or later. A
+        # relationship's entities, markings and authors are never looked up.
         db.execute(
-            "CREATE TEMP TABLE push_ends AS SELECT DISTINCT o.key, a.key AS end_key"
-            " FROM objects o, json_each(o.refs) j JOIN aliases a ON a.alias = j.value"
-            " WHERE o.phase IN (?, ?) AND o.type = 'relationship'"
-            " AND (j.value LIKE 'relationship--%' OR j.value LIKE 'sighting--%')",
-            (_OF_RELATIONS, _OF_CONTAINERS),
+            "CREATE TEMP TABLE push_ends AS SELECT DISTINCT o.key, o.phase AS own,"
+            " x.key AS end_key, x.phase AS end_phase"
+            " FROM objects o NOT INDEXED, json_each(o.refs) j JOIN aliases a ON a.alias = j.value"
+            " JOIN objects x ON x.key = a.key"
+            f" WHERE o.phase <= {_RELATIONSHIPS} AND x.key <> o.key AND ({_LATE_REF}"
+            f" OR (o.phase <= {_ENTITIES} AND {_REF_TYPE} <> 'marking-definition'"
+            f" AND (o.phase < {_ENTITIES} OR {_REF_TYPE} <> 'identity')))"
         )
+        # After the relationships' phase, an object's references are looked up among the few
+        # objects stored in the observed-data phase or after the relationships (from the phase
+        # index), not among the relationships, which a container often holds by the thousand:
+        # a relationship stays in its phase unless an endpoint of it moves past it, which none
+        # of the platform's objects does.
+        db.execute(
+            "CREATE TEMP TABLE push_late (alias TEXT PRIMARY KEY, key TEXT NOT NULL,"
+            " phase INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        db.execute(
+            "WITH o AS MATERIALIZED (SELECT key, phase FROM objects"
+            f" WHERE phase = {_OBSERVED} OR phase > {_RELATIONSHIPS})"
+            " INSERT INTO temp.push_late SELECT a.alias, a.key, o.phase FROM aliases a"
+            " JOIN o ON o.key = a.key"
+        )
+        db.execute(
+            "INSERT INTO temp.push_ends SELECT DISTINCT o.key, o.phase, x.key, x.phase"
+            " FROM objects o NOT INDEXED, json_each(o.refs) j"
+            " JOIN temp.push_late x ON x.alias = j.value"
+            f" WHERE o.phase > {_RELATIONSHIPS} AND x.key <> o.key AND {_LATE_REF}"
+        )
+        db.execute("DROP TABLE temp.push_late")
         db.execute("CREATE INDEX temp.push_ends_key ON push_ends (key)")
         db.execute(
             "CREATE TEMP TABLE push_order (key TEXT PRIMARY KEY, phase INTEGER NOT NULL,"
             " depth INTEGER NOT NULL) WITHOUT ROWID"
         )
-        db.execute(
-            "INSERT INTO temp.push_order SELECT o.key, o.phase, 0 FROM objects o"
-            " WHERE o.key IN (SELECT key FROM temp.push_ends)"
-        )
-        # One round per link: each takes the later phase of its endpoints and ranks one above
-        # them (an endpoint that is no relationship of a relationship ranks 0).
+        # One round per link: each object takes the latest phase among its own and what it
+        # references (as ranked so far), one rank above what it references in that phase; one
+        # whose references are all in earlier phases stays out (rank 0). (phase, depth) only
+        # grows, so positions only move later and the rounds end unless references cycle.
         step = (
-            "UPDATE temp.push_order SET phase = max(push_order.phase, n.phase), depth = n.depth"
-            " FROM (SELECT e.key, max(coalesce(q.phase, o.phase)) AS phase,"
-            " max(coalesce(q.depth, 0)) + 1 AS depth FROM temp.push_ends e"
-            " JOIN objects o ON o.key = e.end_key"
-            " LEFT JOIN temp.push_order q ON q.key = e.end_key GROUP BY e.key) n"
-            " WHERE n.key = push_order.key"
-            " AND (n.phase > push_order.phase OR n.depth > push_order.depth)"
+            "WITH e AS (SELECT p.key, p.own, coalesce(q.phase, p.end_phase) AS phase,"
+            " coalesce(q.depth, 0) AS depth FROM temp.push_ends p"
+            " LEFT JOIN temp.push_order q ON q.key = p.end_key),"
+            " t AS (SELECT key, max(max(own), max(phase)) AS phase FROM e GROUP BY key)"
+            " INSERT INTO temp.push_order (key, phase, depth)"
+            " SELECT t.key, t.phase, max(e.depth) + 1 FROM t JOIN e USING (key)"
+            " WHERE e.phase = t.phase GROUP BY t.key"
+            " ON CONFLICT (key) DO UPDATE SET phase = excluded.phase, depth = excluded.depth"
+            " WHERE (excluded.phase, excluded.depth) > (push_order.phase, push_order.depth)"
         )
         for _ in range(_ORDER_ROUNDS):
-            if db.execute(step).rowcount == 0:
+            before = db.total_changes  # (a WITH statement's rowcount is -1)
+            db.execute(step)
+            if db.total_changes == before:
                 break
         else:
             log.warning(
-                "Relationships of relationships name each other in a cycle: their push order "
-                "is cut after %d links.",
+                "Objects reference each other in a cycle: their push order is cut after %d links.",
                 _ORDER_ROUNDS,
             )
         db.execute("CREATE INDEX temp.push_order_rank ON push_order (phase, depth, key)")

@@ -32,7 +32,7 @@ from connector.restore_cli import verify_against_opencti
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.snapshot import list_snapshots, write_snapshot
-from connector.state import StateStore, push_phase
+from connector.state import StateStore, push_phase, stix_refs
 from connector.storage.local import LocalStorage
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import comparable
@@ -500,12 +500,12 @@ def test_a_manifest_whose_last_id_is_damaged_is_never_restored_from(tmp_path: Pa
 
 
 class _RefusesMissingEndpoints(SimTarget):
-    """A platform that refuses a relationship whose endpoint it does not hold yet (its
-    MISSING_REFERENCE, as ``SimStore.load_bundle`` does)."""
+    """A platform that refuses an object referencing one it does not hold yet (its
+    MISSING_REFERENCE_ERROR)."""
 
     def push_objects(self, objects: list[dict[str, Any]]) -> None:
         for obj in objects:
-            assert self.store._endpoints_known(obj), f"{obj['id']} pushed before its endpoint"  # noqa: SLF001
+            assert self.store.references_known(obj), f"{obj['id']} pushed before its references"
             super().push_objects([obj])
 
 
@@ -717,3 +717,183 @@ def test_an_interrupted_restore_resumes_within_chains_of_relationships(tmp_path:
             report = restore_to_target(state, target, batch_size=2, resume_file=progress_file)
             assert report.resumed_from is not None
             assert sorted(set(target.pushed)) == sorted(whole.pushed), fail_after
+
+
+def _sid(kind: str, name: str) -> str:
+    return f"{kind}--{uuid.uuid5(uuid.NAMESPACE_DNS, name)}"
+
+
+def _container(kind: str, name: str, refs: list[str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {"type": kind, "id": _sid(kind, name), "object_refs": refs}
+    if kind in ("note", "opinion"):
+        obj["content" if kind == "note" else "opinion"] = (
+            name if kind == "note" else "strongly-agree"
+        )
+    else:
+        obj["name"] = name
+    if kind == "report":
+        obj["published"] = "2026-01-01T00:00:00.000Z"
+    return obj
+
+
+def _sighting(name: str, of: str, where: list[str]) -> dict[str, Any]:
+    return {
+        "type": "sighting",
+        "id": _sid("sighting", name),
+        "sighting_of_ref": of,
+        "where_sighted_refs": where,
+        "count": 1,
+    }
+
+
+def _referencing(kind: str, m: str, ident: str) -> list[dict[str, Any]]:
+    """Objects, in an order the source can create them, each referencing one of the same or a
+    later push phase (``kind`` picks which), with the malware ``m`` and identity ``ident``
+    at the bottom; ids drawn so that key order puts referencing ones first somewhere."""
+    out: list[dict[str, Any]] = []
+
+    def add(obj: dict[str, Any]) -> str:
+        out.append(obj)
+        return str(obj["id"])
+
+    if kind in ("containers", "mixed"):
+        # Chains of containers in containers, both ways round in key order.
+        for n in range(3):
+            r1 = add(_container("report", f"inner {n}", [m]))
+            r2 = add(_container("report", f"outer {n}", [r1, m]))
+            g = add(_container("grouping", f"group {n}", [r2]))
+            add(_container("case-incident", f"case {n}", [g, r1]))
+    if kind in ("relationships", "mixed"):
+        # A container holding a relationship to a note (phase 9), and one of that relationship.
+        for n in range(3):
+            note = add(_container("note", f"about {n}", [m]))
+            rel = add(_relationship(40 + 2 * n, m, note))
+            rel2 = add(_relationship(41 + 2 * n, m, rel))
+            add(_container("report", f"holds {n}", [rel, rel2]))
+            add(_container("grouping", f"holds {n}", [rel]))
+    if kind in ("sightings", "mixed"):
+        # Sightings of a container or a note, or seen where a container stands.
+        for n in range(3):
+            r = add(_container("report", f"sighted {n}", [m]))
+            note = add(_container("note", f"sighted {n}", [m]))
+            add(_sighting(f"of report {n}", r, [ident]))
+            add(_sighting(f"of note {n}", note, [ident]))
+            add(_sighting(f"where report {n}", m, [ident, r]))
+    if kind in ("notes", "mixed"):
+        # Notes and opinions on notes and opinions, chains of three.
+        for n in range(3):
+            n1 = add(_container("note", f"first {n}", [m]))
+            o1 = add(_container("opinion", f"on first {n}", [n1]))
+            n2 = add(_container("note", f"on opinion {n}", [o1, n1]))
+            add(_container("opinion", f"on note {n}", [n2]))
+    if kind == "mixed":
+        # Relationships of sightings of reports, held by reports noted by notes.
+        for n in range(3):
+            r = add(_container("report", f"mixed {n}", [m]))
+            s = add(_sighting(f"mixed {n}", r, [ident]))
+            rel = add(_relationship(60 + 2 * n, m, s))
+            r2 = add(_container("report", f"mixed holds {n}", [rel, s]))
+            note = add(_container("note", f"mixed on {n}", [r2]))
+            add(_relationship(61 + 2 * n, m, note))
+    return out
+
+
+def _referencing_archive(
+    tmp_path: Path, kind: str
+) -> tuple[LocalStorage, SimStore, list[dict[str, Any]]]:
+    from tests.support.target import malware
+
+    src = new_sim()
+    m = malware("Referenced")
+    ident = {
+        "type": "identity",
+        "id": _sid("identity", "Seer"),
+        "name": "Seer",
+        "identity_class": "organization",
+    }
+    src.create(m)
+    src.create(ident)
+    objs = _referencing(kind, str(m["id"]), str(ident["id"]))
+    for obj in objs:
+        src.create(obj)
+    events, _ = sim_events(src)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, events, per_segment=7)
+    return storage, src, objs
+
+
+def _assert_referenced_first(objects: list[dict[str, Any]]) -> None:
+    ids = {str(o["id"]) for o in objects}
+    seen: set[str] = set()
+    for obj in objects:
+        for ref in stix_refs(obj):
+            assert ref not in ids or ref in seen, f"{obj['id']} written before {ref}"
+        seen.add(str(obj["id"]))
+
+
+@pytest.mark.parametrize("kind", ["containers", "relationships", "sightings", "notes", "mixed"])
+def test_objects_are_pushed_after_what_they_reference(tmp_path: Path, kind: str) -> None:
+    """An object referencing one of the same or a later push phase was pushed first when its
+    phase was earlier (a container holding a relationship to a note; a sighting of a report or
+    a note) or, in the same phase, by key (a report in a report, a grouping or a case; a note
+    or opinion on a note or opinion): the platform refused it (MISSING_REFERENCE_ERROR) and the
+    restore stopped there on every restart; ``--to-bundle`` wrote the same order."""
+    storage, src, objs = _referencing_archive(tmp_path, kind)
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        out = io.BytesIO()
+        to_bundle(state, out)
+        _assert_referenced_first(orjson.loads(out.getvalue())["objects"])
+        platform = SimStore()
+        platform.api_token = TOKEN  # type: ignore[attr-defined]
+        platform.platform_refuses_missing_references = True  # type: ignore[attr-defined]
+        with SimServer(token=TOKEN, store=platform) as server:
+            target = _pycti_target(server.url)
+            try:
+                restore_to_target(state, target, batch_size=3)
+            finally:
+                target.close()
+    assert [o["id"] for o in objs if platform.get(str(o["id"])) is None] == []
+    assert_restored(platform, src.dump_bundle()["objects"])
+
+
+def test_an_interrupted_restore_resumes_within_chains_of_references(tmp_path: Path) -> None:
+    """A restore stopped anywhere among chains of containers, notes, sightings and
+    relationships referencing each other resumes with none skipped and none pushed before what
+    it references."""
+    storage, _, _ = _referencing_archive(tmp_path, "mixed")
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        whole = _RefusesMissingEndpoints(SimStore())
+        restore_to_target(state, whole, batch_size=4)
+        for fail_after in range(1, whole.calls):
+            progress_file = tmp_path / f"progress-{fail_after}.json"
+            target = _RefusesMissingEndpoints(SimStore(), fail_after=fail_after)
+            with pytest.raises(RetryableError):
+                restore_to_target(state, target, batch_size=4, resume_file=progress_file)
+            target.fail_after = None
+            report = restore_to_target(state, target, batch_size=4, resume_file=progress_file)
+            assert report.resumed_from is not None
+            assert sorted(set(target.pushed)) == sorted(whole.pushed), fail_after
+
+
+def test_objects_referencing_each_other_in_a_cycle_are_pushed_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two notes naming each other (which the platform cannot hold both ways): their ranking
+    stops after its round cap with a warning, and each is still pushed once."""
+    from connector.events import StreamEvent
+
+    a, b = _container("note", "cycle a", []), _container("note", "cycle b", [])
+    a["object_refs"], b["object_refs"] = [b["id"]], [a["id"]]
+    events = [
+        StreamEvent.from_sse(f"{n}-0", "create", orjson.dumps({"data": obj, "version": "4"}))
+        for n, obj in enumerate((a, b), start=1)
+    ]
+    state = StateStore(tmp_path / "state.sqlite")
+    try:
+        state.apply_many(events)
+        phase = push_phase(a)
+        pushed = [rec.stix_id for _, rec in state.push_records(phase)]
+    finally:
+        state.close()
+    assert sorted(pushed) == sorted([a["id"], b["id"]])
+    assert "cycle" in caplog.text

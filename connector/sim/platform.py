@@ -19,8 +19,9 @@ their inline ``data`` (entries without it ignored, see ``SimStore._uploaded``). 
 platform's push path it does not forward the ``synchronized-upsert`` / ``opencti-event-id``
 request headers to the import, unless ``store.platform_forward_headers`` is set (a platform
 variant for experiments). With ``store.platform_refuses_missing_references`` set, a pushed
-relationship or sighting whose endpoint the platform does not hold is refused with the
-platform's ``MISSING_REFERENCE_ERROR``, as its import does (by default the double takes it).
+object referencing one the platform does not hold (an endpoint, a container's contents, its
+author or markings) is refused with the platform's ``MISSING_REFERENCE_ERROR``, as its import
+does (by default the double takes it).
 """
 
 from __future__ import annotations
@@ -495,9 +496,10 @@ class PlatformApi:
             return  # pycti ignores inferred items on import
         operation = _attr(obj, "opencti_operation")
         if operation is None:
-            if refuses_missing and not self.store.endpoints_known(obj):
-                # The platform's import: a relationship or sighting whose endpoint it does not
-                # hold is refused (and, through its queue, never retried into existence).
+            if refuses_missing and not self.store.references_known(obj):
+                # The platform's import: an object referencing one it does not hold is refused
+                # (a missing endpoint at once; any other reference after a few retries of its
+                # queue, which then imports it without that reference).
                 raise PlatformError(
                     "MISSING_REFERENCE_ERROR", "Element(s) not found", {"id": obj["id"]}
                 )

@@ -1046,11 +1046,11 @@ class SimStore:
             return None
 
     # ------------------------------------------------------------------ seeding
-    def endpoints_known(self, stix: dict[str, Any]) -> bool:
-        """Whether the platform holds every endpoint of a relationship or sighting (any other
-        object: True)."""
+    def references_known(self, stix: dict[str, Any]) -> bool:
+        """Whether the platform holds every object ``stix`` references (its endpoints, a
+        container's contents, its author, markings, ...)."""
         with self._lock:
-            return self._endpoints_known(stix)
+            return all(r in self._alias for r in stix_refs(stix))
 
     def _endpoints_known(self, stix: dict[str, Any]) -> bool:
         kind = stix.get("type")
