@@ -25,7 +25,7 @@ from .errors import CannotReconcile, ConnectorError, PermanentError, RetryableEr
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .pending import PendingEvents
 from .reconcile import reconcile_group
-from .sink import Batch, Sink
+from .sink import Batch, Bounded, Sink
 from .source import (
     Complete,
     Disconnected,
@@ -220,6 +220,11 @@ class Pipeline:
         # Called before every sink write and checkpoint save; raises when this run may no
         # longer write (``run_lease.RunLease.check``: another run took the archive over).
         self.guard = guard
+        for sink in self.sinks:
+            if isinstance(sink, Bounded):
+                # A write waiting on its target (a broker gone silent) ends by the deadline,
+                # where the retries end: the stop is not held past it.
+                sink.deadline = self._shutdown_deadline
         # Past ``spill_bytes`` of pending data, on disk in ``spill_dir`` (a huge dependency group).
         self._pending = PendingEvents(spill_dir, spill_bytes)
         self._received: Counter[str] = Counter()

@@ -5,17 +5,21 @@ is durable in the sink. It raises ``RetryableError`` when the same batch may suc
 ``PermanentError`` when it will not. It must accept the same batch twice without harm (at-least-
 once delivery into an idempotent sink). Sinks never touch the checkpoint: the pipeline moves it
 after every sink has returned.
+
+A sink whose write waits on a remote answer may be ``Bounded``: the pipeline sets its
+``deadline`` to the run's shutdown deadline, and a write still waiting then gives up with
+``RetryableError`` instead of holding the stop (the checkpoint has not moved: nothing is lost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .events import EventId, Quarantined, StreamEvent
 
-__all__ = ["Batch", "Sink"]
+__all__ = ["Batch", "Bounded", "Sink"]
 
 
 @dataclass(slots=True)
@@ -55,3 +59,11 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Bounded(Protocol):
+    """A sink told the run's shutdown deadline: ``deadline()`` is None while running, then the
+    monotonic time its writes must end by (``Pipeline`` sets it)."""
+
+    deadline: Callable[[], float | None]

@@ -6,17 +6,29 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika  # type: ignore[import-untyped]
 import pytest
 
 from connector.errors import RetryableError
+from connector.pipeline import ShutdownTimeout
+from connector.run_lease import lease_holder
+from connector.sim import sample_bundle
+from connector.sim.generator import generate
 from connector.sim.platform import WORKER_EXCHANGE
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
 from connector.target import amqp
 from connector.target.amqp import AmqpEndpoint, AmqpPublisher
+from tests.support.connector import ConnectorThread, archived_events, checkpoint_id, wait_until
 from tests.support.rabbitmq import RabbitNode, rabbitmq  # noqa: F401
-from tests.test_target_amqp import _answer
+from tests.test_target_amqp import SAMPLE, _answer, _run_env, _synced, _wait_converged
+
+# pika's own limit on a wait for a silent broker: ~2 heartbeats of 30 s (about 70 s measured).
+_HEARTBEAT_END_S = 2 * amqp._HEARTBEAT_S
 
 
 class FreezeProxy:
@@ -103,8 +115,122 @@ def test_a_broker_gone_silent_is_not_reported_as_unreachable(
     the operator to change target.amqp_host / amqp_port (the broker was reached)."""
     publisher, proxy = relayed_publisher
     monkeypatch.setattr(amqp, "_HEARTBEAT_S", 1)
+    monkeypatch.setattr(publisher, "_timeout", 30.0)  # pika's heartbeat ends the wait first
     publisher.check()
     proxy.frozen = True
     with pytest.raises(RetryableError) as caught:
         publisher.publish([b'{"n": 2}'])
+    assert "AMQPHeartbeatTimeout" in str(caught.value), str(caught.value)
     assert "target.amqp_host" not in str(caught.value), str(caught.value)
+
+
+def _drain(rabbit: RabbitNode, queue: str) -> list[bytes]:
+    conn = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    try:
+        channel, bodies = conn.channel(), []
+        while True:
+            method, _props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return bodies
+            bodies.append(body)
+    finally:
+        conn.close()
+
+
+def test_a_publish_to_a_silent_broker_gives_up_then_the_batch_goes_again(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """A commit to a broker gone silent waited for pika's heartbeat (~70 s): past the shutdown
+    timeout of a run stopped meanwhile. It ends after the request timeout (5 s here) with a
+    retryable error, and the batch sent again once the link is back arrives whole (a commit
+    that completes late on the given-up connection only adds duplicates)."""
+    publisher, proxy = relayed_publisher
+    _drain(rabbitmq, "silent_q")
+    publisher.publish([b'{"n": 0}'])
+    proxy.frozen = True
+    bodies = [f'{{"n": "{uuid.uuid4()}"}}'.encode() for _ in range(3)]
+    started = time.monotonic()
+    with pytest.raises(RetryableError) as caught:
+        publisher.publish(bodies)
+    assert time.monotonic() - started < _HEARTBEAT_END_S / 2
+    assert "stopped answering" in str(caught.value), str(caught.value)
+    assert publisher.committed == 0
+    proxy.frozen = False
+    publisher.publish(bodies)  # the pipeline's retry, on a new connection
+    assert publisher.committed == len(bodies)
+    queued = _drain(rabbitmq, "silent_q")
+    assert set(bodies) <= set(queued), queued
+
+
+def test_a_publish_to_a_silent_broker_ends_by_the_owners_deadline(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+) -> None:
+    """With a long request timeout, a publish waiting on a silent broker still ends at the
+    deadline its owner gives it (the pipeline: the run's shutdown deadline once stopping)."""
+    publisher, proxy = relayed_publisher
+    publisher._timeout = 600.0
+    publisher.check()
+    proxy.frozen = True
+    end = time.monotonic() + 2
+    publisher.deadline = lambda: end
+    with pytest.raises(RetryableError) as caught:
+        publisher.publish([b'{"n": 3}'])
+    assert time.monotonic() - end < 5
+    assert "stopping" in str(caught.value), str(caught.value)
+
+
+def test_run_stopped_during_a_publish_to_a_silent_broker_exits_in_time(
+    rabbitmq: RabbitNode,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``run`` (amqp transport through a relay) while the broker goes silent during a batch,
+    then a stop: the run ends within the shutdown timeout (3 s here; the request timeout is
+    60 s, pika's heartbeat ~70 s), the checkpoint not moved past what the target took, and the
+    run lease released."""
+    shutdown = 3.0
+    a = SimServer(token="token-a", heartbeat_secs=0.2).start()
+    b = SimServer(token="token-b", heartbeat_secs=0.2, amqp_url=rabbitmq.url).start()
+    proxy = FreezeProxy(rabbitmq.port)
+    try:
+        a.store.load_bundle(sample_bundle(SAMPLE))
+        archive = str(tmp_path / "archive")
+        env = _run_env(
+            a,
+            b,
+            archive,
+            TARGET_AMQP_PORT=str(proxy.port),
+            CONNECTOR_SHUTDOWN_TIMEOUT_SECS=str(shutdown),
+        )
+        storage = LocalStorage(archive)
+        run = ConnectorThread(env).start()
+        try:
+            wait_until(lambda: _synced(storage, a), timeout=120, what="sync")
+            _wait_converged(a, b)
+            held = checkpoint_id(storage)
+            archived = len(archived_events(storage))
+            proxy.frozen = True
+            generate(a.store, 20, seed=7)
+            # The archive sink writes a batch before the target does: the publish is under way.
+            wait_until(
+                lambda: len(archived_events(storage)) > archived, timeout=60, what="archived"
+            )
+            time.sleep(1)
+            assert run.alive
+            stopped = time.monotonic()
+            run.stop_event.set()
+            run.join(_HEARTBEAT_END_S)
+            took = time.monotonic() - stopped
+            assert not run.alive, "the run waited on the silent broker"
+        finally:
+            run.stop_event.set()
+            proxy.frozen = False
+            run.join(120)
+        assert took < shutdown + 10, took
+        assert isinstance(run.error, ShutdownTimeout), run.error
+        assert checkpoint_id(storage) == held
+        assert lease_holder(storage) is None
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()

@@ -25,18 +25,33 @@ per message), but pika's ``BlockingChannel`` waits for each confirm; streaming t
 asynchronous channel (private ``_impl`` or a ``SelectConnection`` with its own I/O loop).
 Transactions reach it with the blocking API as is. The per-message confirm path stays available
 (``confirm_each=True``) for comparison (``bench/amqp_publish.py``).
+
+A broker that goes silent (a network partition: the TCP link up, nothing answered) would hold a
+blocking pika call until the heartbeat gives up, ~2 heartbeats (about 70 s measured). pika has no
+time limit of its own on a ``tx.commit`` (nor on a flush of a full socket buffer), and its
+``BlockingConnection`` is not thread-safe. So each connection lives on a thread of its own
+(``_Link``) that alone calls pika; the caller waits for each call with a limit: ``timeout`` (the
+target's request timeout) without progress, or the owner's ``deadline`` (the run's shutdown
+deadline once it is stopping). A call that outlives it raises ``RetryableError`` and its link is
+given up: nothing else is sent on it, its thread closes the connection when pika returns and
+ends. The pipeline sends the batch again on a new connection; a transaction committed after it
+was given up only duplicates messages, which the target takes harmlessly (see "Batching").
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import queue
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import pika  # type: ignore[import-untyped]  # pycti's AMQP client; no stubs published
@@ -66,6 +81,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # pika logs every failed connection attempt at ERROR with a traceback; we translate the failure
 # into one RetryableError / PermanentError that the pipeline logs once per retry instead. Set on
 # pika's module loggers: pycti resets the "pika" parent's level whenever it builds a client.
@@ -75,6 +91,7 @@ for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika."
 # The applicant the platform's Synchronizer uses when the sync has no user of its own.
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
 _CLOSE_WAIT_S = 5.0  # longest wait for a close-ok (see AmqpPublisher.close)
+_POLL_S = 0.2  # how often a caller waiting on the link looks at its limits
 _HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while waiting for a commit
 # Messages per transaction: bounds what the broker holds uncommitted for one channel (~2 MB of
 # 2 KB events) while keeping commits (one disk sync each) rare; throughput is flat from 500 up.
@@ -246,11 +263,70 @@ def event_messages(
                 yield Message(index, body, done.keys, True)
 
 
+class _NoAnswer(Exception):
+    """A call on the broker connection outlived its limit (see ``AmqpPublisher._on_link``)."""
+
+
+class _Link:
+    """One broker connection and the thread that alone uses it: pika's ``BlockingConnection``
+    must only be used from one thread. ``call`` runs a function there and waits for it with a
+    limit; ``retire`` ends the link: its thread closes the connection once pika returns."""
+
+    def __init__(self, name: str) -> None:
+        self.conn: Any = None  # made and used on the link's thread only
+        self.channel: Any = None
+        self.returned: list[Any] = []  # basic.return of the current transaction
+        self.retired = False
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None]
+        self._calls = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, result = call
+            try:
+                result.set_result(fn())
+            except BaseException as exc:  # the caller's to handle
+                result.set_exception(exc)
+        conn, self.conn, self.channel = self.conn, None, None
+        if conn is not None:
+            _close_connection(conn)
+
+    def call(self, fn: Callable[[], T], give_up_at: Callable[[], float]) -> T:
+        """``fn()`` on the link's thread. ``give_up_at()`` is asked again every ``_POLL_S`` (a
+        stop may come during the wait); once it has passed the link is retired, and this
+        raises ``_NoAnswer`` while ``fn`` may still be waiting on the broker."""
+        result: Future[T] = Future()
+        self._calls.put((fn, result))
+        while not result.done():
+            left = give_up_at() - time.monotonic()
+            if left <= 0:
+                self.retire()
+                raise _NoAnswer()
+            wait_futures([result], timeout=min(_POLL_S, left))
+        return result.result()
+
+    def retire(self) -> None:
+        if not self.retired:
+            self.retired = True
+            self._calls.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Whether the link's thread ended (its connection closed) within ``timeout``."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 class AmqpPublisher:
     """A transactional publisher on one broker connection, reopened after any failure.
 
     ``confirm_each=True`` selects the former path: a confirm channel that waits for the broker's
     ack of each message (about 7x slower; kept for the benchmark).
+
+    Every wait on the broker ends, with ``RetryableError``, after ``timeout`` seconds without
+    progress (a commit-ok, a confirm) or at ``deadline()`` (a monotonic time, None: none), which
+    the owner sets to the run's shutdown deadline (see the module docstring).
     """
 
     def __init__(
@@ -261,15 +337,15 @@ class AmqpPublisher:
         ca_bundle: str | None = None,
         timeout: float = 30.0,
         confirm_each: bool = False,
+        deadline: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.endpoint = endpoint
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self._timeout = timeout
         self.confirm_each = confirm_each
-        self._conn: Any = None
-        self._channel: Any = None
-        self._returned: list[Any] = []  # basic.return of the current transaction
+        self.deadline = deadline
+        self._link: _Link | None = None
         self.published = 0
         # How many leading messages of the last ``publish`` call the broker durably took, also
         # when it raised (the chunks committed before the failure).
@@ -297,35 +373,62 @@ class AmqpPublisher:
             blocked_connection_timeout=self._timeout,
         )
 
-    def _connect(self) -> Any:
-        if self._channel is not None and self._conn is not None and self._conn.is_open:
+    def _on_link(self, fn: Callable[[_Link], T], progress: Callable[[], int] = lambda: 0) -> T:
+        """``fn(link)`` on the connection's own thread, given up after ``timeout`` without
+        ``progress()`` changing, or at ``deadline()``."""
+        link = self._link
+        if link is None:
+            ep = self.endpoint
+            link = self._link = _Link(f"amqp-{ep.host}:{ep.port}")
+        since, seen = time.monotonic(), progress()
+
+        def give_up_at() -> float:
+            nonlocal since, seen
+            if (now := progress()) != seen:
+                since, seen = time.monotonic(), now
+            limit, stop_at = since + self._timeout, self.deadline()
+            return limit if stop_at is None else min(limit, stop_at)
+
+        started = time.monotonic()
+        try:
+            return link.call(lambda: fn(link), give_up_at)
+        except _NoAnswer:
+            stopping = self.deadline() is not None
+            raise _NoAnswer(
+                f"no answer after {time.monotonic() - started:.1f} s"
+                + (" (the run is stopping)" if stopping else f" (timeout {self._timeout:g} s)")
+            ) from None
+
+    def _connect(self, link: _Link) -> Any:
+        """On the link's thread: its channel, opened (again) when needed."""
+        if link.channel is not None and link.conn is not None and link.conn.is_open:
             try:
-                self._conn.process_data_events(time_limit=0)  # heartbeats; notices a dead link
-                if self._channel.is_open:
-                    return self._channel
+                link.conn.process_data_events(time_limit=0)  # heartbeats; notices a dead link
+                if link.channel.is_open:
+                    return link.channel
             except pika.exceptions.AMQPError:
                 pass
-            self.close()
-        self.close()
-        self._conn = pika.BlockingConnection(self._parameters())
-        channel = self._conn.channel()
+        conn, link.conn, link.channel = link.conn, None, None
+        if conn is not None:
+            _close_connection(conn)
+        link.conn = pika.BlockingConnection(self._parameters())
+        channel = link.conn.channel()
         if self.confirm_each:
             channel.confirm_delivery()
         else:
-            self._returned = []
-            channel.add_on_return_callback(lambda _ch, method, props, body: self._on_return(method))
+            link.returned = []
+            channel.add_on_return_callback(
+                lambda _ch, method, props, body: link.returned.append(method)
+            )
             channel.tx_select()
         # Fails with NOT_FOUND when the platform never declared the exchange.
         channel.exchange_declare(self.endpoint.exchange, passive=True)
-        self._channel = channel
+        link.channel = channel
         return channel
-
-    def _on_return(self, method: Any) -> None:
-        self._returned.append(method)
 
     def check(self) -> None:
         """Connect and verify the push exchange exists."""
-        self._guard("connect", self._connect)
+        self._guard("connect", lambda: self._on_link(self._connect))
 
     def publish(self, bodies: Sequence[bytes]) -> None:
         """Publish in order; returns once the broker durably took every message (else raises:
@@ -333,9 +436,11 @@ class AmqpPublisher:
         self.committed = 0
         if not bodies:
             return
+        # Messages taken, counted on the link's thread: a call given up on may go on there.
+        taken = [0]
 
-        def run() -> None:
-            channel = self._connect()
+        def run(link: _Link) -> None:
+            channel = self._connect(link)
             props = pika.BasicProperties(
                 delivery_mode=2, content_type="application/json", content_encoding="utf-8"
             )
@@ -348,33 +453,44 @@ class AmqpPublisher:
                         exchange, routing_key, body, properties=props, mandatory=True
                     )
                     if self.confirm_each:
-                        self.committed += 1
-                        self.published += 1
+                        taken[0] += 1
                 if not self.confirm_each:
-                    self._commit(channel)
-                    self.committed += len(chunk)
-                    self.published += len(chunk)
+                    self._commit(link, channel)
+                    taken[0] += len(chunk)
 
-        self._guard(f"publish of {len(bodies)} message(s)", run)
+        try:
+            self._guard(
+                f"publish of {len(bodies)} message(s)",
+                lambda: self._on_link(run, lambda: taken[0]),
+            )
+        finally:
+            self.committed = taken[0]
+            self.published += self.committed
 
-    def _commit(self, channel: Any) -> None:
+    def _commit(self, link: _Link, channel: Any) -> None:
         channel.tx_commit()
         # A return precedes commit-ok on the wire; pika queued it as a pending event, which
-        # this dispatches (without waiting) to _on_return.
-        self._conn.process_data_events(time_limit=0)
-        if self._returned:
-            returned, self._returned = self._returned, []
+        # this dispatches (without waiting) to the return callback.
+        link.conn.process_data_events(time_limit=0)
+        if link.returned:
+            returned, link.returned = link.returned, []
             raise pika.exceptions.UnroutableError(returned)
 
-    def _guard(self, what: str, fn: Any) -> None:
+    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
         try:
             fn()
         except SinkError:
-            self.close()
+            self._drop()
             raise
         except Exception as exc:  # pika raises many types; classify, then reconnect next time
-            self.close()
+            self._drop()
             raise self._translate(what, exc) from None
+
+    def _drop(self) -> None:
+        """Give the connection up without waiting: its thread closes it (see ``close``)."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.retire()
 
     def _scrub(self, text: str) -> str:
         password = self.endpoint.password
@@ -427,6 +543,9 @@ class AmqpPublisher:
             )
         if isinstance(exc, ex.NackError):
             return RetryableError(f"{where}: the broker refused the message(s) (nack)")
+        if isinstance(exc, _NoAnswer):
+            # The link may be up: a partition, or a broker too busy to answer in time.
+            return RetryableError(f"{where}: the broker stopped answering ({exc}); given up")
         if isinstance(exc, ex.AMQPHeartbeatTimeout | ex.ConnectionBlockedTimeout):
             # Connected, then the broker went silent (missed heartbeats) or kept the connection
             # blocked (a resource alarm) too long: not a wrong host or port.
@@ -450,17 +569,13 @@ class AmqpPublisher:
 
         pika's close waits for it without a limit of its own: a broker gone silent (a network
         partition) holds it until the heartbeat gives up, ~2 heartbeats, past the shutdown
-        timeout; the run releases its lease only after its sinks are closed. The close goes on
-        in a daemon thread then (the connection is used by nobody else from here on)."""
-        conn, self._conn, self._channel = self._conn, None, None
-        if conn is None:
+        timeout; the run releases its lease only after its sinks are closed. The link's thread
+        goes on closing it then (a daemon: it does not hold the exit)."""
+        link, self._link = self._link, None
+        if link is None:
             return
-        closer = threading.Thread(
-            target=_close_connection, args=(conn,), name="amqp-close", daemon=True
-        )
-        closer.start()
-        closer.join(min(_CLOSE_WAIT_S, self._timeout))
-        if closer.is_alive():
+        link.retire()
+        if not link.join(min(_CLOSE_WAIT_S, self._timeout)):
             log.warning(
                 "The target's broker did not answer the connection close; left behind.",
                 extra={"broker": self.endpoint.describe()},

@@ -376,6 +376,9 @@ class OpenCTITarget:
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
+        # Set by the pipeline (``sink.Bounded``): once the run is stopping, when a publish still
+        # waiting on the broker gives up (amqp; a broker gone silent would hold it ~70 s).
+        self.deadline: Callable[[], float | None] = lambda: None
         self.applicant_id = OPENCTI_SYSTEM_UUID
         # Attached files' bytes for the live sync (None: their descriptions only, no bytes).
         self.files = files
@@ -517,6 +520,7 @@ class OpenCTITarget:
             ssl_verify=self._ssl_verify,
             ca_bundle=self._ca_bundle,
             timeout=float(self.requests_timeout),
+            deadline=lambda: self.deadline(),
         )
         self.publisher.check()
 
