@@ -17,6 +17,7 @@ Without the binary the tests using it SKIP, except when ``CI`` is set: then they
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -47,6 +48,9 @@ def find_server() -> str | None:
     return shutil.which("rabbitmq-server")
 
 
+_NODES = itertools.count(1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +67,8 @@ class RabbitNode:
         self.port = _free_port()
         self.dist_port = _free_port()
         self.epmd_port = _free_port()
-        self.nodename = f"octisync-{os.getpid()}@localhost"
+        # Unique per node, not only per process: a module's own broker runs beside the session's.
+        self.nodename = f"octisync-{os.getpid()}-{next(_NODES)}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None
         for sub in ("mnesia", "log", "home"):
             (base / sub).mkdir(parents=True, exist_ok=True)
