@@ -34,6 +34,7 @@ __all__ = ["SimServer", "parse_position"]
 _SPAN = 10**10
 _CHUNK = 256 * 1024
 _CACHE_MAX = 5000
+_RECOVERY_PAGE = 500  # the platform's elasticsearch:default_pagination_result
 _CONTAINERS = {"report", "grouping", "note", "opinion", "observed-data"}
 _NOT_AUTHENTICATED = "You are not authenticated, please check your credentials"
 _NOT_AUTHORIZED = "You are not authorized, please check your credentials"
@@ -48,6 +49,7 @@ _FAULT_KEYS = {
     "consumer_metrics",
     "recovery_heartbeats",
     "heartbeat_ahead_ms",
+    "recovery_index_order",
 }
 
 
@@ -338,7 +340,7 @@ class _Session:
     def recover(self, from_ms: int, recover_ms: int) -> None:
         """§5.1 snapshot of current objects updated in [from, recover]."""
         beat = self.sim._fault_flag("recovery_heartbeats")
-        for obj in self.store.snapshot(from_ms, recover_ms):
+        for obj in self._recovery_order(self.store.snapshot(from_ms, recover_ms)):
             if _ext(obj).get("is_inferred") and not self.with_inferences:
                 continue
             if not self.visible(obj) or self._cached(str(obj.get("id"))):
@@ -352,9 +354,31 @@ class _Session:
                 self.send_synthetic(id_text, key, "create", dep, "init-dependencies")
                 if beat:
                     self.recovery_heartbeat()
+            if self._cached(str(obj.get("id"))):
+                # Already sent as a dependency of one of its own relationships (just above):
+                # the platform does not send it again as init-create (sseMiddleware.js:687).
+                continue
             self.send_synthetic(id_text, key, "create", obj, "init-create")
             if beat:
                 self.recovery_heartbeat()
+
+    def _recovery_order(self, objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The order recovery sends its objects in. By default the snapshot's (updated_at, then
+        internal id). With the ``recovery_index_order`` fault, the platform's: its ``elList``
+        pages (500 by ``updated_at``, then internal id) are each loaded again by id
+        (``storeLoadByIdsWithRefs``, an unsorted search), which answers index by index, so
+        within a page the objects come before the relationships and sightings and the ids of
+        ``<updated_at>-0`` go back and forth (the pages stay in order)."""
+        page = self.sim._fault_value("recovery_index_order")
+        if not page:
+            return objs
+        size = _RECOVERY_PAGE if page is True else int(page)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(objs), size):
+            chunk = objs[start : start + size]
+            out.extend(o for o in chunk if not is_relation(o))
+            out.extend(o for o in chunk if is_relation(o))
+        return out
 
     def recovery_heartbeat(self) -> None:
         """The platform's heartbeat timer firing while recovery awaits the database (§2.3): its

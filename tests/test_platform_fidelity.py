@@ -1,0 +1,67 @@
+"""Behaviours of the real platform that the simulator reproduces only on request (faults)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connector.sim.server import SimServer
+from connector.sim.store import SimStore, iso_ms
+from tests.test_sim import data_msgs, read_stream
+
+TOKEN = "test-token"
+BASE_MS = 1_700_000_000_000
+
+
+def _interleaved(n: int) -> list[dict[str, Any]]:
+    """``n`` malware and the ``n - 1`` relationships chaining them, their ``updated_at``
+    alternating (malware i at +2i ms, relationship i at +2i+1 ms)."""
+    mal = [f"malware--{i:08d}-0000-4000-8000-000000000000" for i in range(n)]
+    objs: list[dict[str, Any]] = []
+    for i, sid in enumerate(mal):
+        at = iso_ms(BASE_MS + 2 * i)
+        objs.append(
+            {
+                "type": "malware",
+                "id": sid,
+                "spec_version": "2.1",
+                "name": f"m{i}",
+                "is_family": True,
+                "created": at,
+                "modified": at,
+            }
+        )
+    for i in range(n - 1):
+        at = iso_ms(BASE_MS + 2 * i + 1)
+        objs.append(
+            {
+                "type": "relationship",
+                "id": f"relationship--{i:08d}-0000-4000-8000-000000000000",
+                "spec_version": "2.1",
+                "relationship_type": "uses",
+                "source_ref": mal[i],
+                "target_ref": mal[i + 1],
+                "created": at,
+                "modified": at,
+            }
+        )
+    return objs
+
+
+def test_recovery_index_order_sends_ids_back_and_forth_and_skips_dependencies() -> None:
+    """The platform's recovery (sseMiddleware.js:673-707): each page of its updated_at-sorted
+    listing is loaded again by an unsorted search (storeLoadByIdsWithRefs), so ids within a page
+    are not sorted; and an object already sent as a dependency has no init-create."""
+    store = SimStore()
+    store.load_bundle(_interleaved(4))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        url = f"{sim.url}/stream/live?from=0&recover={iso_ms(store.now_ms() + 1000)}"
+        # With dependencies, a malware's relationships go with it, carrying its id; each
+        # object is sent once (not again as init-create after going as a dependency).
+        msgs = data_msgs(read_stream(url, headers=auth))
+        sent = [m[2]["data"]["id"] for m in msgs]
+        assert len(sent) == len(set(sent)) == 7
+        sim.set_fault(recovery_index_order=True)
+        msgs = data_msgs(read_stream(url + "&no-dependencies=true", headers=auth))
+    ids = [m[0] for m in msgs]
+    assert ids == [f"{BASE_MS + ms}-0" for ms in (0, 2, 4, 6, 1, 3, 5)]
