@@ -540,6 +540,7 @@ def _follow(
         listen_delete=c.live_stream_listen_delete,
         no_dependencies=c.live_stream_no_dependencies,
         with_inferences=c.live_stream_with_inferences,
+        recovery_page_size=c.live_stream_recovery_page_size,
         read_timeout=c.read_timeout_secs,
         max_event_bytes=c.max_event_bytes,
         backoff_initial=c.backoff_initial_secs,

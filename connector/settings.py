@@ -118,6 +118,14 @@ class ConnectorSection:
     live_stream_with_inferences: bool = _key(
         "CONNECTOR_LIVE_STREAM_WITH_INFERENCES", "Include inferred (rule engine) objects.", False
     )
+    live_stream_recovery_page_size: int = _key(
+        "CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE",
+        "The source platform's elasticsearch:default_pagination_result (its recovery sends its "
+        "snapshot in pages of that size, unsorted within a page): a recovery position is taken "
+        "only below the lowest of the last that many recovered ids. Never set it below the "
+        "platform's value.",
+        500,
+    )
     live_stream_recover_iso_date: str = _key(
         "CONNECTOR_LIVE_STREAM_RECOVER_ISO_DATE",
         "First run only: recover the database state up to this ISO date (default: the first start time).",
@@ -674,6 +682,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("connector.max_event_bytes", "must be at least 65536")
     if c.read_timeout_secs <= 5:
         raise ConfigError("connector.read_timeout_secs", "must be above the 5 s heartbeat period")
+    if c.live_stream_recovery_page_size < 1:
+        raise ConfigError("connector.live_stream_recovery_page_size", "must be at least 1")
     if c.backoff_initial_secs <= 0:
         raise ConfigError("connector.backoff_initial_secs", "must be > 0")
     if c.backoff_max_secs < c.backoff_initial_secs:

@@ -25,6 +25,8 @@ import random
 import ssl
 import threading
 import time
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +132,7 @@ class SourceConfig:
     listen_delete: bool = True
     no_dependencies: bool = False
     with_inferences: bool = False
+    recovery_page_size: int = 500  # see _RecoveryHold
     read_timeout: float = 45.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -201,6 +204,7 @@ class SseSource:
         self._start_from = start_from
         self._recover_until = recover_until
         self._unknown_logged: set[str] = set()
+        self._hold: _RecoveryHold | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -319,6 +323,10 @@ class SseSource:
                     delivered = True
                 if self._stop.is_set():
                     return
+                hold, self._hold = self._hold, None
+                if hold is not None:
+                    # What the recovery sent past the last safe position was never passed on.
+                    self._complete, self._data_complete = hold.released
                 # Whatever was pending beyond the last complete group will be re-sent.
                 self._hwm = self._complete
                 self._emit([Disconnected(self._complete, reason)])
@@ -367,6 +375,16 @@ class SseSource:
             try:
                 self._check_status(response)
                 decoder = SseBytesDecoder(self.config.max_event_bytes)
+                recover_id = iso_to_id(self._recover_until) if self._recover_until else None
+                hold = None
+                if recover_id is not None:
+                    hold = _RecoveryHold(
+                        recover_id,
+                        self._complete,
+                        self._data_complete,
+                        self.config.recovery_page_size,
+                    )
+                self._hold = hold
                 arrived = time.monotonic()
                 for chunk in response.iter_bytes():
                     now = time.monotonic()
@@ -380,7 +398,16 @@ class SseSource:
                     arrived = now
                     out: list[Item] = []
                     for name, id_text, data in decoder.feed(chunk):
-                        self._handle(name, id_text, data, out)
+                        if hold is None:
+                            self._handle(name, id_text, data, out)
+                            continue
+                        items: list[Item] = []
+                        self._handle(name, id_text, data, items)
+                        if self._recover_until is None:  # no-recover: nothing to hold
+                            hold.done = True
+                        out.extend(hold.feed(items, self._complete, self._data_complete))
+                        if hold.done:
+                            hold = self._hold = None
                     if out:
                         delivered = True
                         self._emit(out)
@@ -588,6 +615,94 @@ class SseSource:
         if name not in self._unknown_logged:
             self._unknown_logged.add(name)
             log.warning("Skipping an unknown control event.", extra={"event": name[:64]})
+
+
+class _RecoveryHold:
+    """Holds back a recovery's items until the position before them is safe to resume from.
+
+    The platform lists its recovery snapshot by ``updated_at`` in pages of at most
+    ``page_size`` objects (``connector.live_stream_recovery_page_size``: the platform's
+    ``elasticsearch:default_pagination_result``, default 500), but sends each page in the order
+    an unsorted search gives it (``storeLoadByIdsWithRefs``), each object with the id
+    ``<updated_at ms>-0``: within a page the ids go back and forth. A later id then does not
+    mean the earlier ones are all in; a position taken there and resumed from (``from=<it>``,
+    recovering ``updated_at >= it``) would
+    lose the objects of the page still to come below it.
+
+    So a recovery's items (in their order, ``Complete`` markers included) are passed on only up
+    to the last marker ``X`` below both every id received after it (a lower one voids it) and
+    the lowest of the last ``page_size`` recovered ids (anything still to come is in this
+    page or a later one, hence not below that). Past the recovery (an id beyond the recover
+    point) everything is passed on. ``released`` is the position (complete, data complete) of
+    what was passed on: the source goes back to it when the connection ends.
+    """
+
+    def __init__(
+        self,
+        recover_id: EventId,
+        complete: EventId | None,
+        data: EventId | None,
+        page_size: int,
+    ) -> None:
+        self.recover_id = recover_id
+        self.page_size = page_size
+        self.released: tuple[EventId | None, EventId | None] = (complete, data)
+        self.done = False
+        self._items: list[Item] = []
+        self._passed = 0  # items passed on so far (mark positions count from the first item)
+        # Live markers, ids ascending: their id, the items up to and including them, and the
+        # source's (complete, data complete) position right after them.
+        self._mark_ids: list[EventId] = []
+        self._mark_ends: list[int] = []
+        self._mark_positions: list[tuple[EventId | None, EventId | None]] = []
+        self._window: deque[EventId] = deque()  # the last recovered (init-create) ids
+        self._mins: deque[EventId] = deque()  # their sliding minimum (non-decreasing)
+
+    def feed(self, items: list[Item], complete: EventId | None, data: EventId | None) -> list[Item]:
+        """One message's items, and the source's position after it: returns what may go on."""
+        marks = self._mark_ids
+        for index, item in enumerate(items):
+            position = item.id if isinstance(item, (StreamEvent, Complete)) else None
+            if self.done or (position is not None and position > self.recover_id):
+                # The live part (or no recovery after all): everything held is safe now.
+                self.done = True
+                out = self._items + items[index:]
+                self._items = []
+                del marks[:], self._mark_ends[:], self._mark_positions[:]
+                self.released = (complete, data)
+                return out
+            if isinstance(item, StreamEvent):
+                while marks and marks[-1] >= item.id:
+                    # An id at or below it came after it: resuming there would skip this one.
+                    marks.pop()
+                    self._mark_ends.pop()
+                    self._mark_positions.pop()
+                if item.referer == "init-create":
+                    self._window.append(item.id)
+                    while self._mins and self._mins[-1] > item.id:
+                        self._mins.pop()
+                    self._mins.append(item.id)
+                    if len(self._window) > self.page_size and (
+                        self._window.popleft() == self._mins[0]
+                    ):
+                        self._mins.popleft()
+            self._items.append(item)
+            if isinstance(item, Complete):
+                marks.append(item.id)
+                self._mark_ends.append(self._passed + len(self._items))
+                self._mark_positions.append((complete, data))
+        if len(self._window) < self.page_size:
+            return []  # the first page may still be under way: no id is safe yet
+        safe = bisect_left(marks, self._mins[0])  # the marks below every id still to come
+        if not safe:
+            return []
+        count = self._mark_ends[safe - 1] - self._passed
+        self.released = self._mark_positions[safe - 1]
+        del marks[:safe], self._mark_ends[:safe], self._mark_positions[:safe]
+        out = self._items[:count]
+        del self._items[:count]
+        self._passed += count
+        return out
 
 
 class _Reconnect(Exception):

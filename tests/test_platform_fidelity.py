@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore, iso_ms
+from connector.storage.local import LocalStorage
+from tests.support.connector import (
+    ConnectorThread,
+    archived_events,
+    base_env,
+    caught_up,
+    wait_until,
+)
 from tests.test_sim import data_msgs, read_stream
 
 TOKEN = "test-token"
@@ -65,3 +76,49 @@ def test_recovery_index_order_sends_ids_back_and_forth_and_skips_dependencies() 
         msgs = data_msgs(read_stream(url + "&no-dependencies=true", headers=auth))
     ids = [m[0] for m in msgs]
     assert ids == [f"{BASE_MS + ms}-0" for ms in (0, 2, 4, 6, 1, 3, 5)]
+
+
+def test_a_recovery_cut_while_its_ids_go_back_and_forth_loses_nothing(tmp_path: Path) -> None:
+    """A first run's recovery cut in a page whose ids go back and forth: nothing is lost."""
+    objs = _interleaved(10)
+    store = SimStore()
+    store.load_bundle(objs)
+    archive = str(tmp_path / "a")
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        # One page: the 10 malware (ids +0 .. +18 ms), then the 9 relationships (+1 .. +17);
+        # the connection is cut after the malware and two relationships.
+        sim.set_fault(recovery_index_order=True, drop_after_events=12)
+        env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true")
+        run = ConnectorThread(env).start()
+        storage = LocalStorage(archive)
+        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        run.stop()
+    assert run.error is None
+    archived = {ev.stix_id for ev in archived_events(archive)}
+    assert {o["id"] for o in objs} - archived == set()
+
+
+@pytest.mark.parametrize("cut", [3, 6, 11, 17, 30])
+def test_recovery_pages_cut_anywhere_lose_nothing(tmp_path: Path, cut: int) -> None:
+    """Small pages (4 objects; the connector told so): positions are taken inside the recovery,
+    and a cut anywhere still loses nothing."""
+    objs = _interleaved(20)
+    store = SimStore()
+    store.load_bundle(objs)
+    archive = str(tmp_path / "a")
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        sim.set_fault(recovery_index_order=4, drop_after_events=cut, drop_times=2)
+        env = base_env(
+            sim.url,
+            TOKEN,
+            archive,
+            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
+            CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="4",
+        )
+        run = ConnectorThread(env).start()
+        storage = LocalStorage(archive)
+        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        run.stop()
+    assert run.error is None
+    events = archived_events(archive)
+    assert {o["id"] for o in objs} - {ev.stix_id for ev in events} == set()
