@@ -122,3 +122,84 @@ def test_recovery_pages_cut_anywhere_lose_nothing(tmp_path: Path, cut: int) -> N
     assert run.error is None
     events = archived_events(archive)
     assert {o["id"] for o in objs} - {ev.stix_id for ev in events} == set()
+
+
+def test_an_object_that_left_the_filter_is_not_resent_as_a_dependency() -> None:
+    """The platform caches what it sent as a delete (sseMiddleware.js:605,642): a report that
+    then references the object, on the same connection, comes without it."""
+    store = SimStore()
+    mal = "malware--00000000-0000-4000-8000-000000000001"
+    start = store.create({"type": "malware", "id": mal, "name": "m", "labels": ["keep"]})
+    store.update(mal, unset=["labels"])  # leaves the filter: a delete
+    rep = "report--00000000-0000-4000-8000-000000000001"
+    report = {"type": "report", "id": rep, "name": "r", "labels": ["keep"], "object_refs": [mal]}
+    store.create(report)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        sim.add_stream(
+            "kept",
+            filters={
+                "mode": "and",
+                "filterGroups": [],
+                "filters": [{"key": ["objectLabel"], "values": ["keep"], "operator": "eq"}],
+            },
+        )
+        # From after the create: the delete is the first this connection sends of the malware.
+        msgs = data_msgs(read_stream(f"{sim.url}/stream/kept?from={start}", headers=auth))
+    assert [(m[1], m[2]["data"]["id"]) for m in msgs] == [
+        ("delete", mal),
+        ("create", rep),  # the malware it holds is not sent again
+    ]
+
+
+def test_container_path_sends_a_relationship_whose_endpoint_cannot_be_resolved() -> None:
+    """With no-dependencies, an update of a relationship in a matching container goes by the
+    container path, which sends it even when an endpoint is invisible to the user (the platform
+    ignores the resolution's result there, sseMiddleware.js:633-634), without its refs."""
+    green = "marking-definition--00000000-0000-4000-8000-00000000000a"
+    red = "marking-definition--00000000-0000-4000-8000-00000000000b"
+    store = SimStore()
+    for mid, name in ((green, "TLP:GREEN"), (red, "TLP:RED")):
+        store.create({"type": "marking-definition", "id": mid, "name": name})
+    mal_a = "malware--00000000-0000-4000-8000-00000000000a"
+    mal_b = "malware--00000000-0000-4000-8000-00000000000b"
+    store.create({"type": "malware", "id": mal_a, "name": "a", "object_marking_refs": [green]})
+    store.create({"type": "malware", "id": mal_b, "name": "b", "object_marking_refs": [red]})
+    rel = "relationship--00000000-0000-4000-8000-00000000000a"
+    store.create(
+        {
+            "type": "relationship",
+            "id": rel,
+            "relationship_type": "uses",
+            "source_ref": mal_a,
+            "target_ref": mal_b,
+            "object_marking_refs": [green],
+        }
+    )
+    rep = {
+        "type": "report",
+        "id": "report--00000000-0000-4000-8000-00000000000a",
+        "name": "r",
+        "object_refs": [rel],
+        "object_marking_refs": [green],
+    }
+    start = store.create(rep)
+    store.update(rel, set={"description": "edited"})
+    with SimServer(
+        token=TOKEN,
+        store=store,
+        heartbeat_secs=0.2,
+        restricted_token="r",
+        restricted_markings=[green],
+    ) as sim:
+        sim.add_stream(
+            "reports",
+            filters={
+                "mode": "and",
+                "filterGroups": [],
+                "filters": [{"key": ["entity_type"], "values": ["Report"], "operator": "eq"}],
+            },
+        )
+        url = f"{sim.url}/stream/reports?from={start}&no-dependencies=true"
+        msgs = data_msgs(read_stream(url, headers={"Authorization": "Bearer r"}))
+    assert [(m[1], m[2]["data"]["id"]) for m in msgs] == [("update", rel)]

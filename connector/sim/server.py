@@ -434,6 +434,9 @@ class _Session:
             if before_visible and not now_visible:
                 if self.listen_delete:
                     self.send_data(id_text, "delete", payload, key)
+                    # The platform caches it as sent (sseMiddleware.js:605): while cached, it is
+                    # not sent again as another object's dependency on this connection.
+                    self._remember(str(data.get("id")))
             elif now_visible:
                 self.send_with_deps(
                     id_text, key, "create" if not before_visible else "update", payload, data
@@ -446,6 +449,7 @@ class _Session:
             if now_visible:
                 if self.listen_delete:
                     self.send_data(id_text, "delete", payload, key)
+                    self._remember(str(data.get("id")))  # as the platform does (line 642)
             elif is_relation(data) and not self.no_deps:
                 self._relation_dependency(id_text, key, stored, env, data)
         elif now_visible:
@@ -481,11 +485,14 @@ class _Session:
         if not any(self.visible(c) for c in self.store.containers_of(data)):
             return
         out: list[dict[str, Any]] = []
-        if not self._refs(data, out, set()):
-            return
-        for dep in out:
-            self.send_synthetic(id_text, key, "create", dep, "init-dependencies")
+        if self._refs(data, out, set()):
+            for dep in out:
+                self.send_synthetic(id_text, key, "create", dep, "init-dependencies")
+        # else (a relationship, with no-dependencies, whose endpoint cannot be resolved): no
+        # refs are sent, but the update is, as the platform ignores the resolution's result
+        # on this path (sseMiddleware.js:633-634).
         self.send_data(id_text, "update", payload, key)
+        self._remember(str(data.get("id")))
 
 
 class _HTTPServer(ThreadingHTTPServer):
