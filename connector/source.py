@@ -617,6 +617,9 @@ class SseSource:
             log.warning("Skipping an unknown control event.", extra={"event": name[:64]})
 
 
+_HOLD_BYTES = 8 * 1024 * 1024  # a recovery's data held back at most (see _RecoveryHold)
+
+
 class _RecoveryHold:
     """Holds back a recovery's items until the position before them is safe to resume from.
 
@@ -635,6 +638,11 @@ class _RecoveryHold:
     page or a later one, hence not below that). Past the recovery (an id beyond the recover
     point) everything is passed on. ``released`` is the position (complete, data complete) of
     what was passed on: the source goes back to it when the connection ends.
+
+    Held data is bounded by ``max_bytes`` (a report of 100,000 objects is that many dependency
+    events under one id): past it, the items held go on without their markers, which are not
+    safe positions. The pipeline keeps such events pending (spilled to its work dir when
+    large) until a later marker, found safe by the same rule, completes them all.
     """
 
     def __init__(
@@ -643,9 +651,12 @@ class _RecoveryHold:
         complete: EventId | None,
         data: EventId | None,
         page_size: int,
+        max_bytes: int = _HOLD_BYTES,
     ) -> None:
         self.recover_id = recover_id
         self.page_size = page_size
+        self.max_bytes = max_bytes
+        self._bytes = 0  # data bytes of the events held
         self.released: tuple[EventId | None, EventId | None] = (complete, data)
         self.done = False
         self._items: list[Item] = []
@@ -667,7 +678,7 @@ class _RecoveryHold:
                 # The live part (or no recovery after all): everything held is safe now.
                 self.done = True
                 out = self._items + items[index:]
-                self._items = []
+                self._items, self._bytes = [], 0
                 del marks[:], self._mark_ends[:], self._mark_positions[:]
                 self.released = (complete, data)
                 return out
@@ -687,10 +698,14 @@ class _RecoveryHold:
                     ):
                         self._mins.popleft()
             self._items.append(item)
+            if isinstance(item, StreamEvent):
+                self._bytes += len(item.data)
             if isinstance(item, Complete):
                 marks.append(item.id)
                 self._mark_ends.append(self._passed + len(self._items))
                 self._mark_positions.append((complete, data))
+        if self._bytes > self.max_bytes:
+            return self._overflow()
         if len(self._window) < self.page_size:
             return []  # the first page may still be under way: no id is safe yet
         safe = bisect_left(marks, self._mins[0])  # the marks below every id still to come
@@ -702,6 +717,15 @@ class _RecoveryHold:
         out = self._items[:count]
         del self._items[:count]
         self._passed += count
+        self._bytes -= sum(len(i.data) for i in out if isinstance(i, StreamEvent))
+        return out
+
+    def _overflow(self) -> list[Item]:
+        """Everything held goes on, less its markers (none is safe yet: ``released`` stays)."""
+        out: list[Item] = [i for i in self._items if not isinstance(i, Complete)]
+        self._passed += len(self._items)
+        self._items, self._bytes = [], 0
+        del self._mark_ids[:], self._mark_ends[:], self._mark_positions[:]
         return out
 
 

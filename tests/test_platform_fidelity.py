@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,29 @@ def test_container_path_sends_a_relationship_whose_endpoint_cannot_be_resolved()
         url = f"{sim.url}/stream/reports?from={start}&no-dependencies=true"
         msgs = data_msgs(read_stream(url, headers={"Authorization": "Bearer r"}))
     assert [(m[1], m[2]["data"]["id"]) for m in msgs] == [("update", rel)]
+
+
+def test_a_recovery_hold_is_bounded_and_keeps_its_unsafe_markers_back() -> None:
+    """A recovery's first page held whole would hold a large report's dependencies (one id,
+    as many events as the report has objects) in memory. Past its bound the hold passes its
+    events on without their markers (none is a safe position yet): the pipeline keeps them
+    pending, spilled when large, and the resume position stays where it was."""
+    from connector.events import EventId, StreamEvent
+    from connector.source import Complete, _RecoveryHold
+
+    hold = _RecoveryHold(EventId(BASE_MS + 10**6, 0), None, None, 500, max_bytes=20_000)
+    report_id = f"{BASE_MS}-0"
+    passed: list[Any] = []
+    for i in range(200):  # the report's dependencies, ~1 KB each, under the report's id
+        data = {
+            "data": {"type": "malware", "id": f"malware--{i:08d}-0000-4000-8000-000000000000"},
+            "origin": {"referer": "init-create"},
+        }
+        data["data"]["name"] = "x" * 1000
+        body = json.dumps(data)
+        passed += hold.feed([StreamEvent.from_sse(report_id, "create", body)], None, None)
+    passed += hold.feed([Complete(EventId(BASE_MS, 0))], None, None)
+    events = [i for i in passed if isinstance(i, StreamEvent)]
+    assert len(events) >= 200 - 25  # at most the bound's worth held back
+    assert not [i for i in passed if isinstance(i, Complete)]  # no unsafe position
+    assert hold.released == (None, None)
