@@ -397,6 +397,7 @@ class SseSource:
                         raise _Reconnect(f"reader stalled: not read for {now - arrived:.0f} s", [])
                     arrived = now
                     out: list[Item] = []
+                    holding = hold is not None
                     for name, id_text, data in decoder.feed(chunk):
                         if hold is None:
                             self._handle(name, id_text, data, out)
@@ -410,7 +411,14 @@ class SseSource:
                             hold = self._hold = None
                     if out:
                         delivered = True
-                        self._emit(out)
+                        if not holding or len(out) <= _EMIT_ITEMS:
+                            self._emit(out)
+                        else:
+                            # A recovery's hold can let go of thousands of items at once: in
+                            # slices, as the network gives them, so that batches still rotate
+                            # at their limits (the pipeline writes between two hand-overs).
+                            for start in range(0, len(out), _EMIT_ITEMS):
+                                self._emit(out[start : start + _EMIT_ITEMS])
                     if self._stop.is_set():
                         break
             finally:
@@ -617,6 +625,7 @@ class SseSource:
             log.warning("Skipping an unknown control event.", extra={"event": name[:64]})
 
 
+_EMIT_ITEMS = 64  # items per hand-over to the pipeline, at most, when a recovery's hold lets go
 _HOLD_BYTES = 8 * 1024 * 1024  # a recovery's data held back at most (see _RecoveryHold)
 
 
