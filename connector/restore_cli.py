@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,13 @@ from .restore import (
     to_bundle,
 )
 from .settings import Settings
-from .snapshot import list_snapshots, pruned_before
+from .snapshot import (
+    claim_scratch,
+    drop_scratch,
+    list_snapshots,
+    pruned_before,
+    remove_stale_scratch,
+)
 from .source import iso_to_id
 from .state import StateStore, remove_state_files
 from .storage import Storage, open_storage
@@ -390,46 +398,115 @@ _UNCOMPARED = META_TYPES - {MARKING}
 _STIX_QUERY = "query StixQuery($id: String!) { stix(id: $id) }"
 
 
-def compare_with_target(state: Any, target_objects: dict[str, str]) -> dict[str, list[str]]:
-    """Differences between the archive's state and ``{standard id: updated_at}`` of a platform.
+_PAGE = 500  # platform objects per listing request
+_SAMPLE = 5  # ids named per kind of difference
 
-    ``target_objects`` holds the platform's core objects, relationships and sightings, plus the
-    marking definitions it answered for (see ``_target_markings``).
-    """
-    missing: list[str] = []
-    stale: list[str] = []
-    seen: set[str] = set()
+
+@dataclass
+class Difference:
+    """How many objects differ one way, and the first ``_SAMPLE`` of their ids (sorted)."""
+
+    count: int = 0
+    sample: list[str] = field(default_factory=list)
+
+
+class TargetListing:
+    """A platform's ``{standard id: updated_at}`` and its differences with the archive's state,
+    in a scratch database in the work dir: both are as large as the platform."""
+
+    def __init__(self, work_dir: Path) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_stale_scratch(work_dir, _AGAINST_GLOB)
+        self.path = work_dir / f"against-{uuid.uuid4().hex}.sqlite"
+        self._claim = claim_scratch(self.path)
+        self.db = sqlite3.connect(self.path)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE target (sid TEXT PRIMARY KEY, updated TEXT, seen INTEGER DEFAULT 0);"
+            "CREATE TABLE tombs (sid TEXT PRIMARY KEY);"
+            "CREATE TABLE diff (kind TEXT, sid TEXT, PRIMARY KEY (kind, sid));"
+        )
+
+    def close(self) -> None:
+        self.db.close()
+        drop_scratch(self.path, self._claim)
+
+    def add(self, rows: Iterable[tuple[str, str]]) -> None:
+        """``(standard id, updated_at)`` of platform objects (a later one replaces)."""
+        self.db.executemany("INSERT OR REPLACE INTO target (sid, updated) VALUES (?, ?)", rows)
+
+    def _see(self, stix_id: str) -> str | None:
+        row = self.db.execute("SELECT updated FROM target WHERE sid = ?", (stix_id,)).fetchone()
+        if row is None:
+            return None
+        self.db.execute("UPDATE target SET seen = 1 WHERE sid = ?", (stix_id,))
+        return str(row[0])
+
+    def _difference(self, kind: str) -> Difference:
+        count = self.db.execute("SELECT count(*) FROM diff WHERE kind = ?", (kind,)).fetchone()
+        sample = self.db.execute(
+            "SELECT sid FROM diff WHERE kind = ? ORDER BY sid LIMIT ?", (kind, _SAMPLE)
+        )
+        return Difference(int(count[0]), [str(r[0]) for r in sample])
+
+
+_AGAINST_GLOB = "against-*.sqlite*"  # a killed comparison's scratch files
+
+
+def compare_with_target(state: Any, listing: TargetListing) -> dict[str, Difference]:
+    """Differences between the archive's state and a platform's objects in ``listing``: its
+    core objects, relationships and sightings, plus the marking definitions it answered for
+    (see ``_target_markings``)."""
+    db = listing.db
     for _key, stix_id, _event, data in state.objects():
-        seen.add(stix_id)
+        have = listing._see(stix_id)
         if data.get("type") in _UNCOMPARED:
             continue
-        have = target_objects.get(stix_id)
         if have is None:
-            missing.append(stix_id)
+            db.execute("INSERT OR IGNORE INTO diff VALUES ('missing', ?)", (stix_id,))
         elif have and _version(data) and have < _version(data):
-            stale.append(stix_id)
-    tombstoned = {t.stix_id for t in state.tombstones()}
-    resurrected = sorted(i for i in target_objects if i in tombstoned and i not in seen)
-    extra = sorted(i for i in target_objects if i not in seen and i not in tombstoned)
+            db.execute("INSERT OR IGNORE INTO diff VALUES ('stale', ?)", (stix_id,))
+    db.executemany(
+        "INSERT OR IGNORE INTO tombs VALUES (?)", ((t.stix_id,) for t in state.tombstones())
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO diff SELECT CASE WHEN sid IN (SELECT sid FROM tombs)"
+        " THEN 'resurrected' ELSE 'extra' END, sid FROM target WHERE seen = 0"
+    )
     return {
-        "missing": sorted(missing),
-        "stale": sorted(stale),
-        "resurrected": resurrected,
-        "extra": extra,
+        kind: listing._difference(kind) for kind in ("missing", "stale", "resurrected", "extra")
     }
 
 
-def _list_target(target: Any) -> dict[str, str]:
+def _list_target(target: Any, listing: TargetListing) -> None:
+    """The platform's core objects, relationships and sightings into ``listing``, a page at a
+    time (pycti's ``getAll`` would hold the whole listing)."""
     api = target.api
-    out: dict[str, str] = {}
     for lister in (
         api.stix_core_object,
         api.stix_core_relationship,
         api.stix_sighting_relationship,
     ):
-        for node in lister.list(customAttributes="id standard_id updated_at", getAll=True) or []:
-            out[str(node.get("standard_id"))] = str(node.get("updated_at") or "")
-    return out
+        after: str | None = None
+        while True:
+            page = (
+                lister.list(
+                    customAttributes="id standard_id updated_at",
+                    first=_PAGE,
+                    after=after,
+                    withPagination=True,
+                )
+                or {}
+            )
+            listing.add(
+                (str(node.get("standard_id")), str(node.get("updated_at") or ""))
+                for node in page.get("entities") or []
+            )
+            info = page.get("pagination") or {}
+            cursor = info.get("endCursor")
+            if not info.get("hasNextPage") or not cursor or cursor == after:
+                break
+            after = str(cursor)
 
 
 def _marking_ids(state: Any) -> list[str]:
@@ -477,21 +554,25 @@ def verify_against_opencti(
         register=False,
         allow_same_platform=True,
     )
+    listing: TargetListing | None = None
     try:
         target.check()
-        listed = _list_target(target)
-        listed.update(_target_markings(target, _marking_ids(state)))
-        diff = compare_with_target(state, listed)
+        listing = TargetListing(work_dir)
+        _list_target(target, listing)
+        listing.add(_target_markings(target, _marking_ids(state)).items())
+        diff = compare_with_target(state, listing)
     finally:
         target.close()
         _drop_state(state)
+        if listing is not None:
+            listing.close()
     print(
         f"against {url} as of {plan.as_of} "
         "(core objects, relationships, sightings, marking definitions):"
     )
-    for name, ids in diff.items():
-        sample = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
-        print(f"  {name:<12} {len(ids):>7}  {sample}")
-    ok = not any(diff.values())
+    for name, found in diff.items():
+        sample = ", ".join(found.sample) + (" ..." if found.count > len(found.sample) else "")
+        print(f"  {name:<12} {found.count:>7}  {sample}")
+    ok = not any(found.count for found in diff.values())
     print("  platform matches the archive" if ok else "  DIFFERENCES found")
     return ok
