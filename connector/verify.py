@@ -196,6 +196,7 @@ class _Index:
             "CREATE TABLE segs (key TEXT PRIMARY KEY);"
             "CREATE TABLE quar (after TEXT);"
             "CREATE TABLE members (sid TEXT PRIMARY KEY);"
+            "CREATE TABLE files (key TEXT PRIMARY KEY);"
             "CREATE INDEX quar_after ON quar (after);"
         )
 
@@ -225,6 +226,11 @@ class _Index:
             self.db.execute("SELECT 1 FROM members WHERE sid = ?", (i,)).fetchone() is not None
             for i in ids
         )
+
+    def first_sight_of_file(self, key: str) -> bool:
+        """True the first time ``key`` (an attached file's) is given: an archive holds millions
+        of file versions, remembered here rather than in memory."""
+        return self.db.execute("INSERT OR IGNORE INTO files VALUES (?)", (key,)).rowcount == 1
 
     def quarantined_between(self, low: EventId, high: EventId) -> bool:
         row = self.db.execute(
@@ -290,7 +296,6 @@ class _Verifier:
         self.recover_point: EventId | None = None
         # The oldest segment starts the stream (no pruned history before it).
         self.origin = False
-        self.files_seen: set[str] = set()  # attached files' keys already checked
         # The oldest kept segment's after_event_id when it names a segment no longer here.
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
@@ -669,9 +674,8 @@ class _Verifier:
                 self.report.files_not_archived += 1
                 continue
             key = file_key(entry)
-            if key in self.files_seen:
+            if not self.index.first_sight_of_file(key):
                 continue
-            self.files_seen.add(key)
             if self.storage.exists(key):
                 self.report.files += 1
             elif self.storage.exists(missing_key(entry)):
