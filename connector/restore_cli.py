@@ -126,7 +126,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
     first_end = cp.first_recovery_end if cp else None
     recovered = iso_to_id(first_end) if first_end else None
     if until is not None and recovered is not None and until < recovered and not args.allow_partial:
-        unknown = _versions_unknown(storage, until, recovered)
+        unknown = _versions_unknown(storage, until, recovered, work)
         if unknown:
             raise ConnectorError(
                 f"--until {args.until} is inside the archive's first recovery (up to "
@@ -315,25 +315,44 @@ def _gap_around(cp: Checkpoint, until: EventId) -> tuple[EventId, EventId] | Non
     return None
 
 
-def _versions_unknown(storage: Storage, until: EventId, recovered: EventId) -> int:
+_UNKNOWN_GLOB = "recovery-unknown-*.sqlite*"  # a killed count's scratch files
+
+
+def _versions_unknown(storage: Storage, until: EventId, recovered: EventId, work_dir: Path) -> int:
     """Objects the first recovery holds only in a version from after ``until``: their state
     then is unknown. Recovery sends each object once, as it is at the recovery's end, under its
     ``updated_at`` or, as a dependency, under the id of the object that needed it (so possibly
     at or below ``until``). Those existing at ``until`` but updated after it have an unknown
     version; those created after it but sent at or below it would appear too early. Objects
-    created after ``until`` and sent after it are rightly absent; the others are right."""
-    unknown: set[str] = set()
-    for ev in ArchiveReader(storage).events(until=recovered):
-        if not ev.synthetic:
-            continue
-        octi = octi_ext(ev.stix)
-        created = iso_to_id(str(octi.get("created_at") or ""))
-        updated = iso_to_id(str(octi.get("updated_at") or ""))
-        if created is not None and updated is not None and created.ms <= until.ms < updated.ms:
-            unknown.add(ev.stix_id)
-        elif created is not None and created.ms > until.ms and ev.id <= until:
-            unknown.add(ev.stix_id)
-    return len(unknown)
+    created after ``until`` and sent after it are rightly absent; the others are right.
+
+    Their ids are counted once each in a scratch database in ``work_dir``: a recovery sends the
+    whole platform."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    remove_stale_scratch(work_dir, _UNKNOWN_GLOB)
+    path = work_dir / f"recovery-unknown-{uuid.uuid4().hex}.sqlite"
+    claim = claim_scratch(path)
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE unknown (sid TEXT PRIMARY KEY);"
+        )
+        for ev in ArchiveReader(storage).events(until=recovered):
+            if not ev.synthetic:
+                continue
+            octi = octi_ext(ev.stix)
+            created = iso_to_id(str(octi.get("created_at") or ""))
+            updated = iso_to_id(str(octi.get("updated_at") or ""))
+            if created is None:
+                continue
+            later = updated is not None and created.ms <= until.ms < updated.ms
+            if later or (created.ms > until.ms and ev.id <= until):
+                db.execute("INSERT OR IGNORE INTO unknown VALUES (?)", (ev.stix_id,))
+        return int(db.execute("SELECT count(*) FROM unknown").fetchone()[0])
+    finally:
+        db.close()
+        drop_scratch(path, claim)
 
 
 def _drop_state(state: StateStore) -> None:
