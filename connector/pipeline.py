@@ -230,6 +230,9 @@ class Pipeline:
         self._received: Counter[str] = Counter()
         self._groups: list[EventId] = []
         self._quarantined: list[Quarantined] = []
+        # Their data's length: a batch goes out at max_bytes with them too, so a stream whose
+        # events are all quarantined is not held until max_age_secs.
+        self._quarantined_bytes = 0
         self._complete_n = 0
         self._complete_id: EventId | None = None
         self._oldest: float | None = None
@@ -326,6 +329,7 @@ class Pipeline:
             if self._oldest is None:
                 self._oldest = time.monotonic()
             self._quarantined.append(item)  # counted once stored (_count_quarantined)
+            self._quarantined_bytes += len(item.raw)
             log.warning(
                 "Event quarantined.",
                 extra={
@@ -560,8 +564,8 @@ class Pipeline:
         if self._complete_n == 0 and not self._quarantined:
             return False
         if (
-            self._complete_n >= self.policy.max_events
-            or self._pending.bytes >= self.policy.max_bytes
+            self._complete_n + len(self._quarantined) >= self.policy.max_events
+            or self._pending.bytes + self._quarantined_bytes >= self.policy.max_bytes
         ):
             return True
         return (
@@ -632,6 +636,7 @@ class Pipeline:
         self._pending.drop_head(n)
         del self._groups[:n]
         self._quarantined = []
+        self._quarantined_bytes = 0
         self._complete_n = 0
         self._oldest = time.monotonic() if len(self._pending) else None
 
