@@ -546,6 +546,8 @@ def _follow(
         backoff_initial=c.backoff_initial_secs,
         backoff_max=c.backoff_max_secs,
         retention_gap=c.retention_gap,
+        # Read ahead of the pipeline: about one batch more.
+        queue_bytes=settings.archive.max_bytes,
     )
     source = SseSource(
         source_config,

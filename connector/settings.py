@@ -204,7 +204,8 @@ class ArchiveSection:
     max_bytes: int = _key(
         "ARCHIVE_MAX_BYTES",
         "Rotate a segment after this many uncompressed bytes (pending events are held in "
-        "memory: the run's memory grows by about 3x this value).",
+        "memory: the run's memory grows by about 3x this value; the stream reader reads up to "
+        "this much more ahead of them).",
         16 * 1024 * 1024,
     )
     max_age_secs: float = _key(

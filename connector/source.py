@@ -17,6 +17,7 @@ also gives TCP back-pressure), one list per network chunk to keep per-event over
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import email.utils
 import logging
@@ -123,6 +124,46 @@ Item = (
 )
 
 
+def _weight(items: list[Item]) -> int:
+    """Bytes of event data in one message of the queue."""
+    total = 0
+    for item in items:
+        if isinstance(item, StreamEvent):
+            total += len(item.data)
+        elif isinstance(item, Quarantined):
+            total += len(item.raw)
+    return total
+
+
+class ItemQueue(queue.Queue[list[Item]]):
+    """The reader's hand-over to the pipeline: full at ``count`` messages or at ``max_bytes`` of
+    event data, whichever comes first. Each message weighs at least ``max_bytes / count``, so
+    the count still bounds small ones; one message larger than the rest of the room gets in
+    when the queue is not full (a single event is never refused)."""
+
+    def __init__(self, count: int, max_bytes: int) -> None:
+        self._floor = max(1, max_bytes // max(1, count))
+        super().__init__(maxsize=max(1, max_bytes))
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._weights: collections.deque[int] = collections.deque()
+        self._total = 0
+
+    def _qsize(self) -> int:
+        return self._total
+
+    def _put(self, item: list[Item]) -> None:
+        weight = max(self._floor, _weight(item))
+        super()._put(item)
+        self._weights.append(weight)
+        self._total += weight
+
+    def _get(self) -> list[Item]:
+        self._total -= self._weights.popleft()
+        return super()._get()
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     url: str
@@ -138,6 +179,9 @@ class SourceConfig:
     backoff_max: float = 60.0
     retention_gap: str = "repair"
     queue_size: int = 256
+    # And at most this many bytes of event data read ahead of the pipeline (past the first
+    # message): a message count alone let 256 events of up to max_event_bytes in.
+    queue_bytes: int = 16 * 1024 * 1024
     max_event_bytes: int = MAX_EVENT_BYTES
 
 
@@ -190,7 +234,7 @@ class SseSource:
         client_factory: Callable[[], httpx.Client] | None = None,
     ) -> None:
         self.config = config
-        self.queue: queue.Queue[list[Item]] = queue.Queue(maxsize=config.queue_size)
+        self.queue: queue.Queue[list[Item]] = ItemQueue(config.queue_size, config.queue_bytes)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
