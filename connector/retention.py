@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -106,12 +108,57 @@ class Deletion:
     reason: str
 
 
+class DeletionPlan:
+    """The deletions planned, in plan order: rows in a spooled temporary file (in memory up to
+    1 MiB, on disk past it), since a plan has a row per object deleted (every quarantine record:
+    one per quarantined event), and counts by kind."""
+
+    _MEMORY = 1 << 20
+
+    def __init__(self) -> None:
+        self._rows: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=self._MEMORY)
+        self._count = 0
+        self.kinds: dict[str, int] = {}
+
+    def append(self, deletion: Deletion) -> None:
+        self._rows.seek(0, os.SEEK_END)
+        self._rows.write(orjson.dumps([deletion.key, deletion.kind, deletion.reason]) + b"\n")
+        self._count += 1
+        self.kinds[deletion.kind] = self.kinds.get(deletion.kind, 0) + 1
+
+    def __iter__(self) -> Iterator[Deletion]:
+        self._rows.seek(0)
+        offset = 0
+        while True:
+            # Read by offset: a caller may append (or iterate again) between two rows.
+            self._rows.seek(offset)
+            line = self._rows.readline()
+            if not line:
+                return
+            offset = self._rows.tell()
+            key, kind, reason = orjson.loads(line)
+            yield Deletion(key, kind, reason)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DeletionPlan | list):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DeletionPlan({self._count} rows, {self.kinds})"
+
+
 @dataclass
 class RetentionReport:
     policy: RetentionPolicy
     window_start: EventId
     base: str | None = None  # as_of id of the base snapshot
-    deletions: list[Deletion] = field(default_factory=list)
+    deletions: DeletionPlan = field(default_factory=DeletionPlan)
     kept_segments: int = 0
     kept_snapshots: list[str] = field(default_factory=list)
     note: str = ""
@@ -119,10 +166,7 @@ class RetentionReport:
     deleted: int = 0
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in self.deletions:
-            out[d.kind] = out.get(d.kind, 0) + 1
-        return out
+        return dict(self.deletions.kinds)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts().items())) or "nothing"
