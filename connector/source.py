@@ -421,7 +421,9 @@ class SseSource:
                 decoder = SseBytesDecoder(self.config.max_event_bytes)
                 recover_id = iso_to_id(self._recover_until) if self._recover_until else None
                 hold = None
-                if recover_id is not None:
+                # The raw stream has no recovery (``recover`` is not even sent): its replay is
+                # Redis ids in order, each group complete as it comes. Nothing to hold there.
+                if recover_id is not None and self.config.stream_id not in ("", "raw"):
                     hold = _RecoveryHold(
                         recover_id,
                         self._complete,
