@@ -320,7 +320,9 @@ class Pipeline:
             self._pending.append(item)
             self._groups.append(item.group)
         elif isinstance(item, Complete):
-            self._complete_n = len(self._pending)
+            # The last ``behind`` events went on past a recovery's hold bound before this
+            # position was found safe: they are not complete yet.
+            self._complete_n = len(self._pending) - item.behind
             self._complete_id = item.id
             if not self._pending and not self._quarantined:
                 if not self._maybe_reconcile(item.id):

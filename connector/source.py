@@ -74,9 +74,12 @@ _DATE_SLACK_MS = 1_000
 
 @dataclass(frozen=True, slots=True)
 class Complete:
-    """Every event received so far belongs to groups at or below ``id``, all complete."""
+    """Every event received so far belongs to groups at or below ``id``, all complete, but for
+    the last ``behind`` ones: a recovery's hold passed those on past its bound before this
+    position was found safe (see _RecoveryHold); they stay pending."""
 
     id: EventId
+    behind: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,8 +699,11 @@ class _RecoveryHold:
 
     Held data is bounded by ``max_bytes`` (a report of 100,000 objects is that many dependency
     events under one id): past it, the items held go on without their markers, which are not
-    safe positions. The pipeline keeps such events pending (spilled to its work dir when
-    large) until a later marker, found safe by the same rule, completes them all.
+    safe positions yet. The pipeline keeps such events pending (spilled to its work dir when
+    large). The markers stay candidates: one found safe later goes on as ``Complete(id,
+    behind)``, ``behind`` being the events passed on after it (a page larger than the bound
+    would otherwise overflow again before any marker is found safe: no position for the
+    whole recovery).
     """
 
     def __init__(
@@ -716,10 +722,13 @@ class _RecoveryHold:
         self.done = False
         self._items: list[Item] = []
         self._passed = 0  # items passed on so far (mark positions count from the first item)
+        self._events_in = 0  # events taken in so far
+        self._events_passed = 0  # events passed on so far
         # Live markers, ids ascending: their id, the items up to and including them, and the
         # source's (complete, data complete) position right after them.
         self._mark_ids: list[EventId] = []
         self._mark_ends: list[int] = []
+        self._mark_events: list[int] = []  # the events taken in up to them
         self._mark_positions: list[tuple[EventId | None, EventId | None]] = []
         self._window: deque[EventId] = deque()  # the last recovered (init-create) ids
         self._mins: deque[EventId] = deque()  # their sliding minimum (non-decreasing)
@@ -734,7 +743,7 @@ class _RecoveryHold:
                 self.done = True
                 out = self._items + items[index:]
                 self._items, self._bytes = [], 0
-                del marks[:], self._mark_ends[:], self._mark_positions[:]
+                self._drop_marks(len(marks))
                 self.released = (complete, data)
                 return out
             if isinstance(item, StreamEvent):
@@ -742,6 +751,7 @@ class _RecoveryHold:
                     # An id at or below it came after it: resuming there would skip this one.
                     marks.pop()
                     self._mark_ends.pop()
+                    self._mark_events.pop()
                     self._mark_positions.pop()
                 if item.referer == "init-create":
                     self._window.append(item.id)
@@ -755,9 +765,11 @@ class _RecoveryHold:
             self._items.append(item)
             if isinstance(item, StreamEvent):
                 self._bytes += len(item.data)
+                self._events_in += 1
             if isinstance(item, Complete):
                 marks.append(item.id)
                 self._mark_ends.append(self._passed + len(self._items))
+                self._mark_events.append(self._events_in)
                 self._mark_positions.append((complete, data))
         if self._bytes > self.max_bytes:
             return self._overflow()
@@ -768,19 +780,32 @@ class _RecoveryHold:
             return []
         count = self._mark_ends[safe - 1] - self._passed
         self.released = self._mark_positions[safe - 1]
-        del marks[:safe], self._mark_ends[:safe], self._mark_positions[:safe]
+        if count <= 0:
+            # Its marker went by in an overflow: the events passed on since are not covered.
+            behind = self._events_passed - self._mark_events[safe - 1]
+            gone: list[Item] = [Complete(marks[safe - 1], behind)]
+            self._drop_marks(safe)
+            return gone
+        self._drop_marks(safe)
         out = self._items[:count]
         del self._items[:count]
         self._passed += count
-        self._bytes -= sum(len(i.data) for i in out if isinstance(i, StreamEvent))
+        events = [i for i in out if isinstance(i, StreamEvent)]
+        self._events_passed += len(events)
+        self._bytes -= sum(len(i.data) for i in events)
         return out
 
+    def _drop_marks(self, n: int) -> None:
+        del self._mark_ids[:n], self._mark_ends[:n], self._mark_events[:n]
+        del self._mark_positions[:n]
+
     def _overflow(self) -> list[Item]:
-        """Everything held goes on, less its markers (none is safe yet: ``released`` stays)."""
+        """Everything held goes on, less its markers (none is safe yet: ``released`` stays);
+        the markers stay candidates (see ``behind``)."""
         out: list[Item] = [i for i in self._items if not isinstance(i, Complete)]
         self._passed += len(self._items)
+        self._events_passed += sum(1 for i in out if isinstance(i, StreamEvent))
         self._items, self._bytes = [], 0
-        del self._mark_ids[:], self._mark_ends[:], self._mark_positions[:]
         return out
 
 

@@ -53,3 +53,104 @@ def test_a_raw_stream_gap_repair_is_not_held_as_a_recovery(tmp_path: Path) -> No
         finally:
             run.stop()
         assert run.error is None
+
+
+def test_a_recovery_of_large_objects_still_takes_positions(tmp_path: Path) -> None:
+    """Past its 8 MiB bound the hold passed its events on and dropped every marker it held,
+    unsafe yet but safe a page later. When a page of the recovery (its objects with their
+    dependencies) is larger than the bound, the hold overflows again before any marker can
+    be found safe: no position was ever passed on, the checkpoint did not move for the whole
+    recovery (the healthcheck's clock while recovering), every event stayed pending, and a
+    cut or a restart began the recovery again from its start."""
+    import os
+
+    from connector.sim.store import SimStore, iso_ms
+
+    base = 1_700_000_000_000
+    objs = []
+    for i in range(120):  # ~600 KB each: a page of 20 is ~12 MB of held data
+        at = iso_ms(base + i)
+        objs.append(
+            {
+                "type": "malware",
+                "id": f"malware--{i:08d}-0000-4000-8000-000000000000",
+                "spec_version": "2.1",
+                "name": f"m{i}",
+                "is_family": True,
+                "description": os.urandom(300_000).hex(),
+                "created": at,
+                "modified": at,
+            }
+        )
+    store = SimStore()
+    store.load_bundle(objs)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        sim.set_fault(recovery_index_order=20, stall_after_events=100, stall_secs=4)
+        env = base_env(
+            sim.url,
+            TOKEN,
+            archive,
+            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
+            CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="20",
+        )
+        run = ConnectorThread(env).start()
+        try:
+            saved = None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                cp = CheckpointStore(storage).load()
+                saved = cp.last_event_id if cp is not None else None
+                if saved is not None:
+                    break
+                time.sleep(0.1)
+            assert saved is not None, "no position taken inside the recovery"
+            from connector.events import EventId
+
+            assert EventId.parse(saved) < EventId(base + 100, 0), "not inside the recovery"
+            wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        finally:
+            run.stop()
+        assert run.error is None
+    assert {o["id"] for o in objs} - {ev.stix_id for ev in archived_events(archive)} == set()
+
+
+def test_the_hold_finds_positions_past_its_bound() -> None:
+    """The hold alone: pages (4 objects) larger than its bound (3 events' worth). Markers
+    that went by in an overflow are still found safe later, and say how many of the events
+    passed on after them they do not cover."""
+    import json
+
+    from connector.events import EventId, StreamEvent
+    from connector.source import Complete, _RecoveryHold
+
+    base = 1_700_000_000_000
+    size = len(
+        json.dumps({"data": {"id": "malware--0", "x": "x" * 1000}, "origin": {"referer": "r"}})
+    )
+    hold = _RecoveryHold(EventId(base + 10**6, 0), None, None, 4, max_bytes=3 * size)
+    passed: list[object] = []
+    for i in range(1, 41):
+        body = json.dumps(
+            {
+                "data": {"type": "malware", "id": f"malware--{i}", "x": "x" * 1000},
+                "origin": {"referer": "init-create"},
+            }
+        )
+        items: list[object] = []
+        if i > 1:
+            items.append(Complete(EventId(base + i - 1, 0)))
+        items.append(StreamEvent.from_sse(f"{base + i}-0", "create", body))
+        passed += hold.feed(items, EventId(base + i - 1, 0), EventId(base + i - 1, 0))  # type: ignore[arg-type]
+    marks = [p for p in passed if isinstance(p, Complete)]
+    assert marks, "no position found safe past the bound"
+    assert hold.released[0] is not None and hold.released[0] >= EventId(base + 30, 0)
+    # Each marker covers exactly the events up to its id: what it leaves behind is above it.
+    for index, item in enumerate(passed):
+        if isinstance(item, Complete):
+            before = [p for p in passed[:index] if isinstance(p, StreamEvent)]
+            covered = before[: len(before) - item.behind]
+            assert all(ev.id <= item.id for ev in covered)
+            assert all(ev.id > item.id for ev in before[len(covered) :])
+            assert len(covered) == item.id.ms - base
