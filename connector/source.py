@@ -502,7 +502,7 @@ class SseSource:
             self._data_event(name, id_text, data, out)
         elif name == "heartbeat":
             hb = self._position(id_text)
-            if hb is None:
+            if hb is None or self._in_recovery(hb):
                 return
             if self._hwm is None or hb > self._hwm:
                 self._complete_position(hb)
@@ -514,13 +514,25 @@ class SseSource:
             if name == "no-recover":
                 log.warning("The platform refuses recovery for this stream; continuing live.")
                 self._recover_until = None
-            elif pos is not None and (self._hwm is None or pos > self._hwm):
+            elif (
+                pos is not None
+                and not self._in_recovery(pos)
+                and (self._hwm is None or pos > self._hwm)
+            ):
                 # consumer_metrics carries a position like a heartbeat does.
                 self._complete_position(pos)
                 out.append(Complete(pos))
             out.append(ControlEvent(name, pos))
         else:
             self._unknown(name, id_text, data, out)
+
+    def _in_recovery(self, position: EventId) -> bool:
+        """A heartbeat-like position inside a recovery under way: the last id the platform sent,
+        no more. Its ids go back and forth, so it completes nothing; and it is above every id
+        taken in when that event was quarantined (its later ids below it were then dropped as
+        re-sent). The recovery's groups are completed by later ids or its end."""
+        hold = self._hold
+        return hold is not None and position <= hold.recover_id
 
     def _complete_position(self, position: EventId) -> None:
         """A heartbeat-like position past ``_hwm``: it also completes a pending data group."""

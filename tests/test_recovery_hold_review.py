@@ -154,3 +154,36 @@ def test_the_hold_finds_positions_past_its_bound() -> None:
             assert all(ev.id <= item.id for ev in covered)
             assert all(ev.id > item.id for ev in before[len(covered) :])
             assert len(covered) == item.id.ms - base
+
+
+def test_a_recovery_heartbeat_after_a_quarantined_event_loses_nothing(tmp_path: Path) -> None:
+    """During a recovery the platform's heartbeat carries the last id it sent. When that event
+    was quarantined (here: over CONNECTOR_MAX_EVENT_BYTES), the heartbeat's id is above every
+    id the reader took in: it was taken for a position, complete, and the rest of the page,
+    whose ids go back below it, was dropped as "re-sent at or below the position"."""
+    from connector.sim.store import SimStore
+    from tests.test_platform_fidelity import _interleaved
+
+    objs = _interleaved(10)  # malware at +0 .. +18 ms, relationships at +1 .. +17 ms
+    objs[9]["description"] = "x" * 70_000  # the last malware sent, quarantined as oversized
+    store = SimStore()
+    store.load_bundle(objs)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        # One page: the malware first, then the relationships, whose ids go back down.
+        sim.set_fault(recovery_index_order=True, recovery_heartbeats=True)
+        env = base_env(
+            sim.url,
+            TOKEN,
+            archive,
+            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
+            CONNECTOR_MAX_EVENT_BYTES="65536",
+        )
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        run.stop()
+    assert run.error is None
+    archived = {ev.stix_id for ev in archived_events(archive)}
+    lost = sorted({str(o["id"]) for o in objs if o is not objs[9]} - archived)
+    assert lost == []
