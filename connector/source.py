@@ -729,7 +729,7 @@ class _RecoveryHold:
         self.recover_id = recover_id
         self.page_size = page_size
         self.max_bytes = max_bytes
-        self._bytes = 0  # data bytes of the events held
+        self._bytes = 0  # data bytes of the events held (quarantined ones too)
         self.released: tuple[EventId | None, EventId | None] = (complete, data)
         self.done = False
         self._items: list[Item] = []
@@ -775,8 +775,8 @@ class _RecoveryHold:
                     ):
                         self._mins.popleft()
             self._items.append(item)
+            self._bytes += _weight([item])
             if isinstance(item, StreamEvent):
-                self._bytes += len(item.data)
                 self._events_in += 1
             if isinstance(item, Complete):
                 marks.append(item.id)
@@ -802,9 +802,8 @@ class _RecoveryHold:
         out = self._items[:count]
         del self._items[:count]
         self._passed += count
-        events = [i for i in out if isinstance(i, StreamEvent)]
-        self._events_passed += len(events)
-        self._bytes -= sum(len(i.data) for i in events)
+        self._events_passed += sum(1 for i in out if isinstance(i, StreamEvent))
+        self._bytes -= _weight(out)
         return out
 
     def _drop_marks(self, n: int) -> None:

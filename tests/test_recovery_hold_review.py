@@ -187,3 +187,18 @@ def test_a_recovery_heartbeat_after_a_quarantined_event_loses_nothing(tmp_path: 
     archived = {ev.stix_id for ev in archived_events(archive)}
     lost = sorted({str(o["id"]) for o in objs if o is not objs[9]} - archived)
     assert lost == []
+
+
+def test_the_hold_bounds_quarantined_events_too() -> None:
+    """The hold's bound counted only good events: malformed ones (each kept whole, up to
+    CONNECTOR_MAX_EVENT_BYTES) inside a recovery were held without limit."""
+    from connector.events import EventId, Quarantined
+    from connector.source import _RecoveryHold
+
+    base = 1_700_000_000_000
+    hold = _RecoveryHold(EventId(base + 10**6, 0), None, None, 500, max_bytes=100_000)
+    passed: list[object] = []
+    for i in range(100):  # 100 malformed events of 10 KB: 1 MB, ten times the bound
+        bad = Quarantined(EventId(0, 0), f"{base + i}-0", "create", "{" * 10_000, "not JSON")
+        passed += hold.feed([bad], None, None)
+    assert len(passed) >= 100 - 11, f"{100 - len(passed)} malformed events held"
