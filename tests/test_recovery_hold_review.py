@@ -202,3 +202,35 @@ def test_the_hold_bounds_quarantined_events_too() -> None:
         bad = Quarantined(EventId(0, 0), f"{base + i}-0", "create", "{" * 10_000, "not JSON")
         passed += hold.feed([bad], None, None)
     assert len(passed) >= 100 - 11, f"{100 - len(passed)} malformed events held"
+
+
+def test_a_cut_after_positions_found_past_the_bound_loses_nothing(tmp_path: Path) -> None:
+    """Pages larger than the hold's bound, ids back and forth within each, the connection cut
+    twice: positions found safe after an overflow (``Complete.behind``) resume exactly."""
+    import os
+
+    from connector.sim.store import SimStore
+    from tests.test_platform_fidelity import _interleaved
+
+    objs = _interleaved(40)
+    for o in objs:
+        if o["type"] == "malware":
+            o["description"] = os.urandom(300_000).hex()  # ~600 KB
+    store = SimStore()
+    store.load_bundle(objs)
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        sim.set_fault(recovery_index_order=20, drop_after_events=50, drop_times=2)
+        env = base_env(
+            sim.url,
+            TOKEN,
+            archive,
+            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
+            CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="20",
+        )
+        run = ConnectorThread(env).start()
+        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        run.stop()
+    assert run.error is None
+    assert {str(o["id"]) for o in objs} - {ev.stix_id for ev in archived_events(archive)} == set()
