@@ -4,6 +4,7 @@ up, nothing comes back), through a relay that stops forwarding. A real private R
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -234,3 +235,54 @@ def test_run_stopped_during_a_publish_to_a_silent_broker_exits_in_time(
         proxy.close()
         a.stop()
         b.stop()
+
+
+def _queue_process(rabbit: RabbitNode, queue: str, action: str) -> None:
+    """``sys:suspend`` / ``sys:resume`` the broker's process of ``queue``: the node, its
+    connections and their heartbeats go on, the queue answers nothing (a stalled queue: no
+    confirm, so no commit-ok, for a transaction that published to it)."""
+    expr = (
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+        f"sys:{action}(amqqueue:get_pid(Q))."
+    )
+    ctl = Path(rabbit.server).with_name("rabbitmqctl")
+    subprocess.run(
+        [str(ctl), "-n", rabbit.nodename, "eval", expr],
+        env=rabbit._env(),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_given_up_links_to_a_stalled_queue_are_bounded(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker that keeps sending heartbeats but never answers the commit (its queue stalled)
+    holds a given-up link's thread in tx.commit for as long as it lasts: pika's heartbeat never
+    ends it. The pipeline retries for as long as the outage lasts; each retry must not leave
+    one more thread and connection behind."""
+    publisher, _proxy = relayed_publisher
+    monkeypatch.setattr(amqp, "_HEARTBEAT_S", 1)  # pika would have given up on a silent link
+    publisher._timeout = 1.5
+    publisher.check()
+    name = publisher._link._thread.name  # type: ignore[union-attr]
+
+    def links() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == name)
+
+    _queue_process(rabbitmq, "silent_q", "suspend")
+    try:
+        for attempt in range(6):
+            with pytest.raises(RetryableError) as caught:
+                publisher.publish([f'{{"attempt": {attempt}}}'.encode()])
+            assert "stopped answering" in str(caught.value), str(caught.value)
+        time.sleep(4 * amqp._HEARTBEAT_S)  # what a silent link would have needed to end
+        assert links() <= 3, links()  # the link in use and two given up
+    finally:
+        _queue_process(rabbitmq, "silent_q", "resume")
+    wait_until(lambda: links() == 0, timeout=30, what="the given-up links end")
+    publisher.publish([b'{"n": "after"}'])
+    assert publisher.committed == 1

@@ -35,7 +35,10 @@ target's request timeout) without progress, or the owner's ``deadline`` (the run
 deadline once it is stopping). A call that outlives it raises ``RetryableError`` and its link is
 given up: nothing else is sent on it, its thread closes the connection when pika returns and
 ends. The pipeline sends the batch again on a new connection; a transaction committed after it
-was given up only duplicates messages, which the target takes harmlessly (see "Batching").
+was given up only duplicates messages, which the target takes harmlessly (see "Batching"). A
+broker that answers heartbeats but not the commit (a stalled queue) never ends such a thread:
+while ``_MAX_RETIRED`` given-up links still wait, no new connection is opened (the write raises
+``RetryableError`` at once), so a long outage holds at most that many threads and sockets.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika."
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
 _CLOSE_WAIT_S = 5.0  # longest wait for a close-ok (see AmqpPublisher.close)
 _POLL_S = 0.2  # how often a caller waiting on the link looks at its limits
+# Links given up whose thread still waits on the broker (see AmqpPublisher._on_link): past this
+# many, no new connection is opened until one of them ends.
+_MAX_RETIRED = 2
 _HEARTBEAT_S = 30  # a dead broker is noticed within ~2 heartbeats even while waiting for a commit
 # Messages per transaction: bounds what the broker holds uncommitted for one channel (~2 MB of
 # 2 KB events) while keeping commits (one disk sync each) rare; throughput is flat from 500 up.
@@ -312,6 +318,10 @@ class _Link:
             self.retired = True
             self._calls.put(None)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float) -> bool:
         """Whether the link's thread ended (its connection closed) within ``timeout``."""
         self._thread.join(timeout)
@@ -346,6 +356,8 @@ class AmqpPublisher:
         self.confirm_each = confirm_each
         self.deadline = deadline
         self._link: _Link | None = None
+        # Links given up, kept while their thread still waits on the broker.
+        self._retired: list[_Link] = []
         self.published = 0
         # How many leading messages of the last ``publish`` call the broker durably took, also
         # when it raised (the chunks committed before the failure).
@@ -378,6 +390,14 @@ class AmqpPublisher:
         ``progress()`` changing, or at ``deadline()``."""
         link = self._link
         if link is None:
+            # A broker that sends heartbeats but never answers (a queue stalled: no commit-ok)
+            # keeps a given-up link's thread and connection forever: one more per retry.
+            self._retired = [old for old in self._retired if old.alive]
+            if len(self._retired) >= _MAX_RETIRED:
+                raise _NoAnswer(
+                    f"{len(self._retired)} connections given up still wait on it; "
+                    "no new one until one of them ends"
+                )
             ep = self.endpoint
             link = self._link = _Link(f"amqp-{ep.host}:{ep.port}")
         since, seen = time.monotonic(), progress()
@@ -491,6 +511,7 @@ class AmqpPublisher:
         link, self._link = self._link, None
         if link is not None:
             link.retire()
+            self._retired.append(link)
 
     def _scrub(self, text: str) -> str:
         password = self.endpoint.password
