@@ -286,3 +286,23 @@ def test_given_up_links_to_a_stalled_queue_are_bounded(
     wait_until(lambda: links() == 0, timeout=30, what="the given-up links end")
     publisher.publish([b'{"n": "after"}'])
     assert publisher.committed == 1
+
+
+def test_a_broker_that_cannot_be_reached_is_reported_as_such() -> None:
+    """A broker address that drops connection attempts (a firewall, a wrong address): the start
+    check fails after the request timeout, retryable, with the advice to set target.amqp_host /
+    amqp_port, not as a broker that was reached and stopped answering."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as blackhole:
+        port = blackhole.getsockname()[1]
+        # The backlog is full: further SYNs are dropped, a connection attempt waits unanswered.
+        with socket.create_connection(("127.0.0.1", port)):
+            endpoint = AmqpEndpoint("127.0.0.1", port, "/", False, "u", "secret", "ex", "rk")
+            publisher = AmqpPublisher(endpoint, timeout=2)
+            started = time.monotonic()
+            with pytest.raises(RetryableError) as caught:
+                publisher.check()
+            took = time.monotonic() - started
+            publisher.close()
+    assert took < 2 + 3, took
+    assert "cannot reach the broker" in str(caught.value), str(caught.value)
+    assert "target.amqp_host" in str(caught.value), str(caught.value)

@@ -95,6 +95,9 @@ for _name in [n for n in logging.root.manager.loggerDict if n.startswith("pika."
 OPENCTI_SYSTEM_UUID = "6a4b11e1-90ca-4e42-ba42-db7bc7f7d505"
 _CLOSE_WAIT_S = 5.0  # longest wait for a close-ok (see AmqpPublisher.close)
 _POLL_S = 0.2  # how often a caller waiting on the link looks at its limits
+# While a link connects, pika's own limit (the same timeout) ends the wait first and says why
+# (a broker that cannot be reached is not one that stopped answering).
+_CONNECT_GRACE_S = 1.0
 # Links given up whose thread still waits on the broker (see AmqpPublisher._on_link): past this
 # many, no new connection is opened until one of them ends.
 _MAX_RETIRED = 2
@@ -407,6 +410,8 @@ class AmqpPublisher:
             if (now := progress()) != seen:
                 since, seen = time.monotonic(), now
             limit, stop_at = since + self._timeout, self.deadline()
+            if link.conn is None:  # not connected yet (set on the link's thread once it is)
+                limit += _CONNECT_GRACE_S
             return limit if stop_at is None else min(limit, stop_at)
 
         started = time.monotonic()
