@@ -306,3 +306,26 @@ def test_a_broker_that_cannot_be_reached_is_reported_as_such() -> None:
     assert took < 2 + 3, took
     assert "cannot reach the broker" in str(caught.value), str(caught.value)
     assert "target.amqp_host" in str(caught.value), str(caught.value)
+
+
+def test_nothing_more_is_sent_on_a_link_given_up(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """A publish given up (here at once: the owner's deadline has passed) must not go on on the
+    link's thread: the caller reported the batch as not taken and its retry sends it again."""
+    publisher, _proxy = relayed_publisher
+    publisher.check()
+    name = publisher._link._thread.name  # type: ignore[union-attr]
+    _drain(rabbitmq, "silent_q")
+    publisher.deadline = lambda: time.monotonic() - 1
+    body = f'{{"n": "{uuid.uuid4()}"}}'.encode()
+    with pytest.raises(RetryableError):
+        publisher.publish([body] * 3)
+    assert publisher.committed == 0
+    wait_until(
+        lambda: not any(t.name == name for t in threading.enumerate()),
+        timeout=30,
+        what="the given-up link ends",
+    )
+    assert body not in _drain(rabbitmq, "silent_q")

@@ -294,6 +294,9 @@ class _Link:
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
             fn, result = call
+            if self.retired:  # given up before it started: nothing more goes on this link
+                result.set_exception(_NoAnswer())
+                continue
             try:
                 result.set_result(fn())
             except BaseException as exc:  # the caller's to handle
@@ -471,6 +474,8 @@ class AmqpPublisher:
             )
             exchange, routing_key = self.endpoint.exchange, self.endpoint.routing_key
             for start in range(0, len(bodies), _TX_CHUNK):
+                if link.retired:  # the caller gave up: its retry sends the batch again
+                    raise _NoAnswer()
                 chunk = bodies[start : start + _TX_CHUNK]
                 for body in chunk:
                     # Transactional: no wait here. confirm_each: waits for the ack (or a return).
