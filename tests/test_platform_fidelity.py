@@ -79,23 +79,35 @@ def test_recovery_index_order_sends_ids_back_and_forth_and_skips_dependencies() 
     assert ids == [f"{BASE_MS + ms}-0" for ms in (0, 2, 4, 6, 1, 3, 5)]
 
 
-def test_a_recovery_cut_while_its_ids_go_back_and_forth_loses_nothing(tmp_path: Path) -> None:
-    """A first run's recovery cut in a page whose ids go back and forth: nothing is lost."""
-    objs = _interleaved(10)
+def recovered_ids(
+    tmp_path: Path, objs: list[dict[str, Any]], faults: dict[str, Any], **env: str
+) -> set[str]:
+    """A first run's recovery of ``objs`` (no dependencies) under the simulator ``faults``,
+    followed to its end: the STIX ids it archived."""
     store = SimStore()
     store.load_bundle(objs)
     archive = str(tmp_path / "a")
     with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
-        # One page: the 10 malware (ids +0 .. +18 ms), then the 9 relationships (+1 .. +17);
-        # the connection is cut after the malware and two relationships.
-        sim.set_fault(recovery_index_order=True, drop_after_events=12)
-        env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true")
-        run = ConnectorThread(env).start()
+        sim.set_fault(**faults)
+        run_env = base_env(
+            sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true", **env
+        )
+        run = ConnectorThread(run_env).start()
         storage = LocalStorage(archive)
         wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
         run.stop()
     assert run.error is None
-    archived = {ev.stix_id for ev in archived_events(archive)}
+    return {ev.stix_id for ev in archived_events(archive)}
+
+
+def test_a_recovery_cut_while_its_ids_go_back_and_forth_loses_nothing(tmp_path: Path) -> None:
+    """A first run's recovery cut in a page whose ids go back and forth: nothing is lost."""
+    objs = _interleaved(10)
+    # One page: the 10 malware (ids +0 .. +18 ms), then the 9 relationships (+1 .. +17); the
+    # connection is cut after the malware and two relationships.
+    archived = recovered_ids(
+        tmp_path, objs, {"recovery_index_order": True, "drop_after_events": 12}
+    )
     assert {o["id"] for o in objs} - archived == set()
 
 
@@ -104,25 +116,9 @@ def test_recovery_pages_cut_anywhere_lose_nothing(tmp_path: Path, cut: int) -> N
     """Small pages (4 objects; the connector told so): positions are taken inside the recovery,
     and a cut anywhere still loses nothing."""
     objs = _interleaved(20)
-    store = SimStore()
-    store.load_bundle(objs)
-    archive = str(tmp_path / "a")
-    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
-        sim.set_fault(recovery_index_order=4, drop_after_events=cut, drop_times=2)
-        env = base_env(
-            sim.url,
-            TOKEN,
-            archive,
-            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
-            CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="4",
-        )
-        run = ConnectorThread(env).start()
-        storage = LocalStorage(archive)
-        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
-        run.stop()
-    assert run.error is None
-    events = archived_events(archive)
-    assert {o["id"] for o in objs} - {ev.stix_id for ev in events} == set()
+    faults = {"recovery_index_order": 4, "drop_after_events": cut, "drop_times": 2}
+    archived = recovered_ids(tmp_path, objs, faults, CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="4")
+    assert {o["id"] for o in objs} - archived == set()
 
 
 def test_an_object_that_left_the_filter_is_not_resent_as_a_dependency() -> None:

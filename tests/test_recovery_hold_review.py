@@ -161,30 +161,13 @@ def test_a_recovery_heartbeat_after_a_quarantined_event_loses_nothing(tmp_path: 
     was quarantined (here: over CONNECTOR_MAX_EVENT_BYTES), the heartbeat's id is above every
     id the reader took in: it was taken for a position, complete, and the rest of the page,
     whose ids go back below it, was dropped as "re-sent at or below the position"."""
-    from connector.sim.store import SimStore
-    from tests.test_platform_fidelity import _interleaved
+    from tests.test_platform_fidelity import _interleaved, recovered_ids
 
     objs = _interleaved(10)  # malware at +0 .. +18 ms, relationships at +1 .. +17 ms
     objs[9]["description"] = "x" * 70_000  # the last malware sent, quarantined as oversized
-    store = SimStore()
-    store.load_bundle(objs)
-    archive = str(tmp_path / "a")
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
-        # One page: the malware first, then the relationships, whose ids go back down.
-        sim.set_fault(recovery_index_order=True, recovery_heartbeats=True)
-        env = base_env(
-            sim.url,
-            TOKEN,
-            archive,
-            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
-            CONNECTOR_MAX_EVENT_BYTES="65536",
-        )
-        run = ConnectorThread(env).start()
-        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
-        run.stop()
-    assert run.error is None
-    archived = {ev.stix_id for ev in archived_events(archive)}
+    # One page: the malware first, then the relationships, whose ids go back down.
+    faults = {"recovery_index_order": True, "recovery_heartbeats": True}
+    archived = recovered_ids(tmp_path, objs, faults, CONNECTOR_MAX_EVENT_BYTES="65536")
     lost = sorted({str(o["id"]) for o in objs if o is not objs[9]} - archived)
     assert lost == []
 
@@ -209,28 +192,12 @@ def test_a_cut_after_positions_found_past_the_bound_loses_nothing(tmp_path: Path
     twice: positions found safe after an overflow (``Complete.behind``) resume exactly."""
     import os
 
-    from connector.sim.store import SimStore
-    from tests.test_platform_fidelity import _interleaved
+    from tests.test_platform_fidelity import _interleaved, recovered_ids
 
     objs = _interleaved(40)
     for o in objs:
         if o["type"] == "malware":
             o["description"] = os.urandom(300_000).hex()  # ~600 KB
-    store = SimStore()
-    store.load_bundle(objs)
-    archive = str(tmp_path / "a")
-    storage = LocalStorage(archive)
-    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
-        sim.set_fault(recovery_index_order=20, drop_after_events=50, drop_times=2)
-        env = base_env(
-            sim.url,
-            TOKEN,
-            archive,
-            CONNECTOR_LIVE_STREAM_NO_DEPENDENCIES="true",
-            CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="20",
-        )
-        run = ConnectorThread(env).start()
-        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
-        run.stop()
-    assert run.error is None
-    assert {str(o["id"]) for o in objs} - {ev.stix_id for ev in archived_events(archive)} == set()
+    faults = {"recovery_index_order": 20, "drop_after_events": 50, "drop_times": 2}
+    archived = recovered_ids(tmp_path, objs, faults, CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="20")
+    assert {str(o["id"]) for o in objs} - archived == set()
