@@ -701,22 +701,30 @@ def test_relationships_of_relationships_are_pushed_after_their_endpoints(
     assert_restored(platform, src.dump_bundle()["objects"])
 
 
-def test_an_interrupted_restore_resumes_within_chains_of_relationships(tmp_path: Path) -> None:
-    """The position of a push phase is its rank and key: a restore stopped anywhere among the
-    chains' links resumes with none skipped and none pushed before its endpoint."""
-    storage, src, rels = _chains(tmp_path)
+def _resumes_after_every_batch(storage: LocalStorage, tmp_path: Path, *, batch_size: int) -> None:
+    """A restore into a platform refusing missing references, stopped after each batch in turn
+    and resumed from its progress file: it ends with what an uninterrupted one pushed."""
     with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
         whole = _RefusesMissingEndpoints(SimStore())
-        restore_to_target(state, whole, batch_size=2)
+        restore_to_target(state, whole, batch_size=batch_size)
         for fail_after in range(1, whole.calls):
             progress_file = tmp_path / f"progress-{fail_after}.json"
             target = _RefusesMissingEndpoints(SimStore(), fail_after=fail_after)
             with pytest.raises(RetryableError):
-                restore_to_target(state, target, batch_size=2, resume_file=progress_file)
+                restore_to_target(state, target, batch_size=batch_size, resume_file=progress_file)
             target.fail_after = None
-            report = restore_to_target(state, target, batch_size=2, resume_file=progress_file)
+            report = restore_to_target(
+                state, target, batch_size=batch_size, resume_file=progress_file
+            )
             assert report.resumed_from is not None
             assert sorted(set(target.pushed)) == sorted(whole.pushed), fail_after
+
+
+def test_an_interrupted_restore_resumes_within_chains_of_relationships(tmp_path: Path) -> None:
+    """The position of a push phase is its rank and key: a restore stopped anywhere among the
+    chains' links resumes with none skipped and none pushed before its endpoint."""
+    storage, src, rels = _chains(tmp_path)
+    _resumes_after_every_batch(storage, tmp_path, batch_size=2)
 
 
 def _sid(kind: str, name: str) -> str:
@@ -861,18 +869,7 @@ def test_an_interrupted_restore_resumes_within_chains_of_references(tmp_path: Pa
     relationships referencing each other resumes with none skipped and none pushed before what
     it references."""
     storage, _, _ = _referencing_archive(tmp_path, "mixed")
-    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
-        whole = _RefusesMissingEndpoints(SimStore())
-        restore_to_target(state, whole, batch_size=4)
-        for fail_after in range(1, whole.calls):
-            progress_file = tmp_path / f"progress-{fail_after}.json"
-            target = _RefusesMissingEndpoints(SimStore(), fail_after=fail_after)
-            with pytest.raises(RetryableError):
-                restore_to_target(state, target, batch_size=4, resume_file=progress_file)
-            target.fail_after = None
-            report = restore_to_target(state, target, batch_size=4, resume_file=progress_file)
-            assert report.resumed_from is not None
-            assert sorted(set(target.pushed)) == sorted(whole.pushed), fail_after
+    _resumes_after_every_batch(storage, tmp_path, batch_size=4)
 
 
 def test_objects_referencing_each_other_in_a_cycle_are_pushed_once(
