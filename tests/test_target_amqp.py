@@ -497,6 +497,22 @@ def _answer(rabbit: RabbitNode, password: str, exchange: str = WORKER_EXCHANGE) 
     }
 
 
+def _declare_exchange(rabbitmq: RabbitNode) -> None:  # noqa: F811
+    """The platform's push exchange, as its registration leaves it."""
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        conn.channel().exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
+    finally:
+        conn.close()
+
+
+def publisher_via(rabbitmq: RabbitNode, port: int, *, timeout: float) -> AmqpPublisher:  # noqa: F811
+    """A publisher whose registration names ``port`` (a relay in front of the broker)."""
+    answer = _answer(rabbitmq, "octisync-test-password")
+    answer["config"]["connection"]["port"] = port
+    return AmqpPublisher(AmqpEndpoint.from_registration(answer), timeout=timeout)
+
+
 def test_wrong_broker_password_is_permanent_and_not_leaked(rabbitmq: RabbitNode) -> None:  # noqa: F811
     secret = "wrong-password-0xdeadbeef"
     publisher = AmqpPublisher(AmqpEndpoint.from_registration(_answer(rabbitmq, secret)))
@@ -519,11 +535,7 @@ def test_unroutable_batch_is_permanent(rabbitmq: RabbitNode) -> None:  # noqa: F
     """The broker returns unroutable mandatory messages during the commit, before commit-ok:
     the publish that committed them raises."""
     answer = _answer(rabbitmq, "octisync-test-password")
-    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
-    try:  # the exchange exists (as after a registration), no queue is bound to push_routing_x
-        conn.channel().exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
-    finally:
-        conn.close()
+    _declare_exchange(rabbitmq)  # no queue is bound to push_routing_x
     publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer))
     try:
         with pytest.raises(PermanentError, match="unroutable"):
@@ -761,15 +773,9 @@ def test_link_lost_during_the_handshake_is_retryable(rabbitmq: RabbitNode) -> No
     going down while a client logs in) is what pika reports as a "probable" authentication
     (cut after connection.start) or vhost access error (cut after connection.tune): the
     broker refused nothing, so it is retried, not a permanent stop of the run."""
-    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
-    try:  # the exchange exists, as after a registration
-        conn.channel().exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
-    finally:
-        conn.close()
+    _declare_exchange(rabbitmq)
     proxy = CutProxy(rabbitmq.port)
-    answer = _answer(rabbitmq, "octisync-test-password")
-    answer["config"]["connection"]["port"] = proxy.port
-    publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer), timeout=10)
+    publisher = publisher_via(rabbitmq, proxy.port, timeout=10)
     try:
         proxy.cut_after(10**9)
         publisher.check()

@@ -26,7 +26,14 @@ from connector.target import amqp
 from connector.target.amqp import AmqpEndpoint, AmqpPublisher
 from tests.support.connector import ConnectorThread, archived_events, checkpoint_id, wait_until
 from tests.support.rabbitmq import RabbitNode, rabbitmq  # noqa: F401
-from tests.test_target_amqp import SAMPLE, _answer, _run_env, _synced, _wait_converged
+from tests.test_target_amqp import (
+    SAMPLE,
+    _declare_exchange,
+    _run_env,
+    _synced,
+    _wait_converged,
+    publisher_via,
+)
 
 # pika's own limit on a wait for a silent broker: ~2 heartbeats of 30 s (about 70 s measured).
 _HEARTBEAT_END_S = 2 * amqp._HEARTBEAT_S
@@ -76,18 +83,16 @@ class FreezeProxy:
 
 @pytest.fixture()
 def relayed_publisher(rabbitmq: RabbitNode) -> Iterator[tuple[AmqpPublisher, FreezeProxy]]:  # noqa: F811
+    _declare_exchange(rabbitmq)
     conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
     try:
         channel = conn.channel()
-        channel.exchange_declare(WORKER_EXCHANGE, exchange_type="direct", durable=True)
         channel.queue_declare("silent_q", durable=True)
         channel.queue_bind("silent_q", WORKER_EXCHANGE, routing_key="push_routing_x")
     finally:
         conn.close()
     proxy = FreezeProxy(rabbitmq.port)
-    answer = _answer(rabbitmq, "octisync-test-password")
-    answer["config"]["connection"]["port"] = proxy.port
-    publisher = AmqpPublisher(AmqpEndpoint.from_registration(answer), timeout=5)
+    publisher = publisher_via(rabbitmq, proxy.port, timeout=5)
     try:
         yield publisher, proxy
     finally:
