@@ -90,9 +90,8 @@ def sentinel(index: int) -> str:
     return f"malware--{index:08d}-5e47-4000-8000-000000000000"
 
 
-@pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("bad-input")
+def store_with_an_identity() -> ByteStore:
+    """A stream whose first event is a good identity: the malformed ones come after it."""
     store = ByteStore()
     store.create(
         {
@@ -103,6 +102,13 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             "identity_class": "organization",
         }
     )
+    return store
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("bad-input")
+    store = store_with_an_identity()
     ids: dict[str, str] = {}
     for index, name in enumerate(CASES):
         ids[name] = next_id(store)

@@ -10,23 +10,14 @@ from connector.events import EventId
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, wait_until
-from tests.test_bad_input import ByteStore, next_id
+from tests.test_bad_input import next_id, store_with_an_identity
 
 TOKEN = "quarantine-memory-token"
 SIZE = 400_000  # characters of each malformed event
 
 
 def test_quarantined_events_are_written_at_the_batch_size(tmp_path: Path) -> None:
-    store = ByteStore()
-    store.create(
-        {
-            "type": "identity",
-            "id": "identity--00000000-0000-4000-8000-00000000000b",
-            "spec_version": "2.1",
-            "name": "Before",
-            "identity_class": "organization",
-        }
-    )
+    store = store_with_an_identity()
     last = EventId.parse(next_id(store))
     for i in range(12):  # 4.8 MB of malformed JSON, no good event after it
         data = '{"broken": "' + "A" * SIZE
