@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,13 +31,7 @@ from .restore import (
     to_bundle,
 )
 from .settings import Settings
-from .snapshot import (
-    claim_scratch,
-    drop_scratch,
-    list_snapshots,
-    pruned_before,
-    remove_stale_scratch,
-)
+from .snapshot import ScratchDb, list_snapshots, pruned_before, remove_stale_scratch
 from .source import iso_to_id
 from .state import StateStore, remove_state_files
 from .storage import Storage, open_storage
@@ -331,13 +324,8 @@ def _versions_unknown(storage: Storage, until: EventId, recovered: EventId, work
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     remove_stale_scratch(work_dir, _UNKNOWN_GLOB)
     path = work_dir / f"recovery-unknown-{uuid.uuid4().hex}.sqlite"
-    claim = claim_scratch(path)
-    db = sqlite3.connect(path)
-    try:
-        db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-            "CREATE TABLE unknown (sid TEXT PRIMARY KEY);"
-        )
+    with ScratchDb(path, "CREATE TABLE unknown (sid TEXT PRIMARY KEY);") as scratch:
+        db = scratch.db
         for ev in ArchiveReader(storage).events(until=recovered):
             if not ev.synthetic:
                 continue
@@ -350,9 +338,6 @@ def _versions_unknown(storage: Storage, until: EventId, recovered: EventId, work
             if later or (created.ms > until.ms and ev.id <= until):
                 db.execute("INSERT OR IGNORE INTO unknown VALUES (?)", (ev.stix_id,))
         return int(db.execute("SELECT count(*) FROM unknown").fetchone()[0])
-    finally:
-        db.close()
-        drop_scratch(path, claim)
 
 
 def _drop_state(state: StateStore) -> None:
@@ -436,19 +421,16 @@ class TargetListing:
     def __init__(self, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_scratch(work_dir, _AGAINST_GLOB)
-        self.path = work_dir / f"against-{uuid.uuid4().hex}.sqlite"
-        self._claim = claim_scratch(self.path)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+        self._scratch = ScratchDb(
+            work_dir / f"against-{uuid.uuid4().hex}.sqlite",
             "CREATE TABLE target (sid TEXT PRIMARY KEY, updated TEXT, seen INTEGER DEFAULT 0);"
             "CREATE TABLE tombs (sid TEXT PRIMARY KEY);"
-            "CREATE TABLE diff (kind TEXT, sid TEXT, PRIMARY KEY (kind, sid));"
+            "CREATE TABLE diff (kind TEXT, sid TEXT, PRIMARY KEY (kind, sid));",
         )
+        self.db = self._scratch.db
 
     def close(self) -> None:
-        self.db.close()
-        drop_scratch(self.path, self._claim)
+        self._scratch.close()
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
         """``(standard id, updated_at)`` of platform objects (a later one replaces)."""

@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import sqlite3
 import threading
 import uuid
 import zlib
@@ -65,6 +66,7 @@ __all__ = [
     "iter_snapshot_tombstones",
     "list_snapshots",
     "read_snapshot_manifest",
+    "ScratchDb",
     "claim_scratch",
     "drop_scratch",
     "remove_stale_scratch",
@@ -643,6 +645,32 @@ def drop_scratch(db_path: Path, claim: int) -> None:
         remove_state_files(db_path)
     finally:
         os.close(claim)
+
+
+class ScratchDb:
+    """A command's work database in its work dir (verify's index, a comparison's listing, a
+    count): no journal and no syncs, held (``claim_scratch``) while open and deleted when
+    closed; ``remove_stale_scratch`` deletes it if the process is killed."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self._claim = claim_scratch(path)
+        try:
+            self.db = sqlite3.connect(path)
+            self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + schema)
+        except BaseException:
+            drop_scratch(path, self._claim)
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+        drop_scratch(self.path, self._claim)
+
+    def __enter__(self) -> ScratchDb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def remove_stale_scratch(work_dir: Path, pattern: str = _SCRATCH_GLOB) -> list[str]:

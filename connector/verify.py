@@ -81,6 +81,7 @@ from .files import file_entries, file_key, missing_key, names_files
 from .reconcile import REFERER
 from .snapshot import (
     SNAPSHOTS_PREFIX,
+    ScratchDb,
     SnapshotInfo,
     claim_scratch,
     drop_scratch,
@@ -186,23 +187,21 @@ class _Index:
     """Last seen version of every object (sqlite in work_dir), plus quarantine positions."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._claim = claim_scratch(path)  # a killed verify's file is removed by the next one
-        self.db = sqlite3.connect(path)
-        self.db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+        # A killed verify's file is removed by the next one.
+        self._scratch = ScratchDb(
+            path,
             "CREATE TABLE objs (key TEXT PRIMARY KEY, event_id TEXT, gen INTEGER, data BLOB,"
             " copy INTEGER);"
             "CREATE TABLE segs (key TEXT PRIMARY KEY);"
             "CREATE TABLE quar (after TEXT);"
             "CREATE TABLE members (sid TEXT PRIMARY KEY);"
             "CREATE TABLE files (key TEXT PRIMARY KEY);"
-            "CREATE INDEX quar_after ON quar (after);"
+            "CREATE INDEX quar_after ON quar (after);",
         )
+        self.path, self.db = path, self._scratch.db
 
     def close(self) -> None:
-        self.db.close()
-        drop_scratch(self.path, self._claim)
+        self._scratch.close()
 
     def get(self, key: str) -> tuple[str, int, bytes, bool] | None:
         row = self.db.execute("SELECT event_id, gen, data, copy FROM objs WHERE key = ?", (key,))
