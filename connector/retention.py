@@ -127,7 +127,6 @@ class DeletionPlan:
         self.kinds[deletion.kind] = self.kinds.get(deletion.kind, 0) + 1
 
     def __iter__(self) -> Iterator[Deletion]:
-        self._rows.seek(0)
         offset = 0
         while True:
             # Read by offset: a caller may append (or iterate again) between two rows.

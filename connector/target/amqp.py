@@ -331,7 +331,7 @@ class _Link:
     def join(self, timeout: float) -> bool:
         """Whether the link's thread ended (its connection closed) within ``timeout``."""
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return not self.alive
 
 
 class AmqpPublisher:
