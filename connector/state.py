@@ -76,15 +76,17 @@ _RELATIONSHIPS = PHASES.index("relationships")
 # Whether a reference ``j.value`` names a type stored from the observed-data phase on, in SQL:
 # one comparison of its type (a LIKE per type took twice the time of the whole scan).
 _REF_TYPE = "substr(j.value, 1, instr(j.value, '--') - 1)"
-_LATE_REF = (
-    f"({_REF_TYPE} IN ('observed-data', 'relationship', 'sighting', 'report', 'grouping',"
-    f" 'x-opencti-feedback', 'x-opencti-task', 'note', 'opinion') OR {_REF_TYPE} GLOB 'case-*')"
-)
 # Rounds that order chains of references: one per link of the longest chain (a cycle, which the
 # platform cannot hold, is cut there).
 _ORDER_ROUNDS = 64
 _CONTAINER_TYPES = {"report", "grouping", "x-opencti-feedback", "x-opencti-task"}
 _NOTE_TYPES = {"note", "opinion"}
+# (The types pushed from the observed-data phase on; case-* as in push_phase.)
+_LATE_TYPES = ", ".join(
+    f"'{t}'"
+    for t in sorted({"observed-data", "relationship", "sighting"} | _CONTAINER_TYPES | _NOTE_TYPES)
+)
+_LATE_REF = f"({_REF_TYPE} IN ({_LATE_TYPES}) OR {_REF_TYPE} GLOB 'case-*')"
 # Ref fields whose target disappearing makes a relationship or sighting meaningless.
 _ENDPOINTS = ("source_ref", "target_ref", "sighting_of_ref", "where_sighted_refs")
 _RELATION_EXT = (
