@@ -25,7 +25,8 @@ What it does, all on 127.0.0.1:
   snapshot, and the archive alone (snapshots hidden) must give the same state.
   ``--trim N --outages K`` (live stream): the platform's stream keeps only its last N events, and
   K of the kills are followed by an outage long enough for it to trim past the checkpoint: each
-  restart then finds a retention gap, repairs it with a new recovery and reconciles the deletes
+  restart then finds a retention gap (an outage after production ended produces its own events,
+  past ``--events``), repairs it with a new recovery and reconciles the deletes
   of the lost window. Events lost are then counted after the last repair's recover point, and
   the restore must still equal the platform.
   ``--target`` also syncs into a second simulator (API transport) and compares it with the
@@ -316,11 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         if kills in outage_kills:
             # Down until the stream has trimmed past where the connector stopped.
             target_count = appended() + args.trim + 1000
-            while (
-                appended() < target_count
-                and appended() < args.events
-                and time.monotonic() < deadline
-            ):
+            while appended() < target_count and time.monotonic() < deadline:
+                if not threads[0].is_alive():
+                    # Production ended before the outage did (a late kill): the platform goes
+                    # on creating while the connector is down, or the outage would leave no gap.
+                    generate(
+                        store, target_count - appended(), seed=args.seed * 100_000 + 90_000 + kills
+                    )
+                    produced[0] = appended()
+                    break
                 time.sleep(0.2)
         if args.snapshots and storage.exists(LOCK_KEY):
             # The killed process's job lock would hold for its 10-minute lease, longer than the
