@@ -81,7 +81,7 @@ class ConnectorSection:
     id: str = _key(
         "CONNECTOR_ID",
         "Connector UUID used when registering on the source and target platforms (empty: derived "
-        "from the URLs).",
+        "from the source URL and the stream id).",
         "",
     )
     name: str = _key("CONNECTOR_NAME", "Connector name shown in the platform UI.", "opencti-sync")
