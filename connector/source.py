@@ -761,6 +761,14 @@ class _RecoveryHold:
             if isinstance(item, StreamEvent):
                 while marks and marks[-1] >= item.id:
                     # An id at or below it came after it: resuming there would skip this one.
+                    # Its Complete item goes too, not only the candidate: left among the items
+                    # held, it went on with them once a later marker was found safe (or the
+                    # recovery ended), and the pipeline could checkpoint there (a flush between
+                    # two hand-overs) with this event pending after it, then skipped as re-sent
+                    # on resuming. Later markers were popped first, so no kept end moves.
+                    held = self._mark_ends[-1] - 1 - self._passed
+                    if held >= 0:  # else it went by in an overflow, without its marker
+                        del self._items[held]
                     marks.pop()
                     self._mark_ends.pop()
                     self._mark_events.pop()

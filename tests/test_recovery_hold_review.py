@@ -201,3 +201,45 @@ def test_a_cut_after_positions_found_past_the_bound_loses_nothing(tmp_path: Path
     faults = {"recovery_index_order": 20, "drop_after_events": 50, "drop_times": 2}
     archived = recovered_ids(tmp_path, objs, faults, CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="20")
     assert {str(o["id"]) for o in objs} - archived == set()
+
+
+def test_the_hold_never_passes_on_a_marker_a_later_id_voided() -> None:
+    """A recovery page sends ids 1, 2, 3 then 2 again (an object of the page below the last
+    ones): the reader's ``Complete(2)`` came before that second 2, so it is no position. The hold
+    voided it as a candidate but kept it among its items: once a later marker was found safe,
+    it went on with them, and the pipeline could checkpoint at 2 (one hand-over of 64 items, a
+    flush) with the second 2 pending after it; resumed from 2, the platform's re-sent object
+    at 2 is skipped as "at or below the position": lost."""
+    import json
+    from typing import Any
+
+    from connector.events import EventId, StreamEvent
+    from connector.source import Complete, _RecoveryHold
+
+    base = 1_700_000_000_000
+
+    def ev(ms: int, n: int) -> StreamEvent:
+        body = {
+            "data": {"type": "malware", "id": f"malware--{n:08d}-0000-4000-8000-000000000000"},
+            "origin": {"referer": "init-create"},
+        }
+        return StreamEvent.from_sse(f"{base + ms}-0", "create", json.dumps(body))
+
+    def at(ms: int) -> EventId:
+        return EventId(base + ms, 0)
+
+    hold = _RecoveryHold(at(10**6), None, None, 2)
+    passed: list[Any] = []
+    # As the reader gives them: a marker for the previous id before each higher one.
+    passed += hold.feed([ev(1, 1)], None, None)
+    passed += hold.feed([Complete(at(1)), ev(2, 2)], at(1), at(1))
+    passed += hold.feed([Complete(at(2)), ev(3, 3)], at(2), at(2))
+    passed += hold.feed([ev(2, 4)], at(2), at(2))  # voids Complete(2)
+    for i in range(5, 9):  # later pages: every marker up to 3 is found safe
+        passed += hold.feed([Complete(at(i - 2)), ev(i, i)], at(i - 2), at(i - 2))
+    marks = [i for i in passed if isinstance(i, Complete)]
+    assert marks, "no position found safe"
+    for index, item in enumerate(passed):
+        if isinstance(item, Complete):
+            later = [p.id for p in passed[index + 1 :] if isinstance(p, StreamEvent)]
+            assert all(i > item.id for i in later), f"{item} passed on, then ids {later}"
