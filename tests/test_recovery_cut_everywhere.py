@@ -332,3 +332,38 @@ def test_a_recovery_cut_by_the_platform_anywhere_loses_nothing(
             h = Harness(sim, recover, page=page, no_deps=no_deps)
             durable, _, _, _ = consume(h.run(None, None), None)
             assert fold(durable) == want, f"cut after {k} events: state differs"
+
+
+@pytest.mark.parametrize("cut", [9, 25])
+def test_the_connector_cut_in_a_recovery_with_dependencies_loses_nothing(
+    tmp_path: Any, cut: int
+) -> None:
+    """The whole connector (pipeline, archive) on a recovery with dependencies (pages of 4),
+    cut twice. After the cut at 25 the reader resumed at a position whose object the platform
+    re-sent with its dependencies, which were skipped as re-sent: 2 objects changed after the
+    position (malware 10, relationship 11), then in the connection's cache, were never sent."""
+    from connector.storage.local import LocalStorage
+    from tests.support.connector import (
+        ConnectorThread,
+        archived_events,
+        base_env,
+        caught_up,
+        wait_until,
+    )
+
+    objs = _platform(30)
+    store = SimStore()
+    store.load_bundle(objs)
+    store.update(str(objs[0]["id"]), set={"description": "edited"})  # now last to recover
+    store.delete(str(objs[-1]["id"]))
+    archive = str(tmp_path / "a")
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        sim.set_fault(recovery_index_order=4, drop_after_events=cut, drop_times=2)
+        env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_RECOVERY_PAGE_SIZE="4")
+        run = ConnectorThread(env).start()
+        storage = LocalStorage(archive)
+        wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="recovery")
+        run.stop()
+    assert run.error is None
+    lost = {str(o["id"]) for o in objs[:-1]} - {ev.stix_id for ev in archived_events(archive)}
+    assert lost == set()
