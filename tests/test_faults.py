@@ -50,6 +50,7 @@ from tests.support.connector import (
     ConnectorThread,
     archived_events,
     base_env,
+    batch_counted,
     caught_up,
     checkpoint_id,
     raw_log,
@@ -855,8 +856,9 @@ class _RejectingProxy:
 
 
 def test_target_rejecting_an_object_quarantines_it_and_goes_on(
-    sim: SimServer, tmp_path: Path
+    sim: SimServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="connector")
     generate(sim.store, 30, seed=73, mix="creates")
     b = _target_platform()
     bad = "malware--0000dead-0000-4000-8000-000000000000"
@@ -865,7 +867,7 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         storage = LocalStorage(tmp_path / "a")
         run = ConnectorThread(_target_env(sim.url, str(tmp_path / "a"), proxy.url)).start()
         follow(storage, sim.store, "first sync")
-        time.sleep(0.3)  # the counters follow the checkpoint's save
+        wait_until(lambda: batch_counted(storage, caplog.records), what="the first sync counted")
         quarantined = metric("opencti_sync_quarantined_events_total")
         on_target = {"sink": "opencti", "event": "create"}
         written = metric("opencti_sync_events_written_total", on_target)
@@ -882,7 +884,7 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
         assert proxy.rejected >= 1
         assert run.alive and run.error is None, f"the sync stopped: {run.error}"
         assert b.store.get(good) is not None  # the stream went on
-        time.sleep(0.3)
+        wait_until(lambda: batch_counted(storage, caplog.records), what="the last batch counted")
         assert metric("opencti_sync_quarantined_events_total") - quarantined == 1
         # What the target refused is not counted as written to it.
         assert metric("opencti_sync_events_written_total", on_target) - written == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -186,6 +187,21 @@ def checkpoint_id(storage: Storage) -> EventId | None:
 def caught_up(storage: Storage, last_id: str) -> bool:
     cp = checkpoint_id(storage)
     return cp is not None and cp >= EventId.parse(last_id)
+
+
+def batch_counted(storage: Storage, records: list[logging.LogRecord]) -> bool:
+    """The batch the saved checkpoint ends with is in the metrics. The pipeline counts a batch's
+    written events just after the checkpoint's save, on its own thread, then logs "Batch
+    written." for it: seeing the checkpoint caught up says nothing yet about the counters.
+    ``records``: the connector's INFO records (``caplog.records``)."""
+    try:
+        cp = CheckpointStore(storage).load()
+    except Exception:  # noqa: BLE001 - a checkpoint being replaced is read again next poll
+        return False
+    logged = {
+        getattr(r, "last_event_id", None) for r in records if r.getMessage() == "Batch written."
+    }
+    return cp is not None and cp.last_segment_last_id in logged
 
 
 def archived_events(archive: str | Storage) -> list[StreamEvent]:
