@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import time
@@ -29,6 +30,7 @@ from connector.storage.s3 import S3Storage
 from tests.support.connector import (
     ConnectorThread,
     base_env,
+    batch_counted,
     caught_up,
     start_pipeline,
     wait_until,
@@ -102,7 +104,10 @@ def _storage(env: dict[str, str]) -> S3Storage:
     )
 
 
-def test_scrape_while_running(sim: SimServer, s3_env: dict[str, str]) -> None:
+def test_scrape_while_running(
+    sim: SimServer, s3_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connector")
     port = free_port()
     env = base_env(
         sim.url,
@@ -148,6 +153,7 @@ def test_scrape_while_running(sim: SimServer, s3_env: dict[str, str]) -> None:
         ).raise_for_status()
         sim.store.update(ids[3], set={"description": "after the reconnect"})
         wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="reconnect")
+        wait_until(lambda: batch_counted(storage, caplog.records), what="the last batch counted")
         text = scrape(port)
     finally:
         run.stop()
