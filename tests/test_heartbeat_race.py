@@ -30,7 +30,10 @@ from tests.support.connector import (
 )
 
 TOKEN = "test-token"
-AHEAD_MS = 2_000
+# Below source._HEARTBEAT_SLACK_MS (5 s), which a restart rewinds; as far ahead as that allows:
+# the late events must be appended before the event clock reaches the checkpointed heartbeat,
+# after the test has read it (and, in the restart test, stopped the run, ~0.35 s, more if loaded).
+AHEAD_MS = 4_000
 
 
 @pytest.fixture
