@@ -603,13 +603,24 @@ def test_a_client_resetting_its_connection_prints_no_traceback(
     sim`` stays quiet, and the simulator serves on."""
     import socket
     import struct
+    import threading
     import time
 
+    def handlers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+
+    before = handlers()
     host, port = sim.url.split("//")[1].rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"GET /control/info HTTP/1.1\r\nHost: sim\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        assert handlers() - before, "no handler thread serves the connection"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
-    time.sleep(0.5)  # the handler thread reads the reset
+    # The connection's handler thread reads the reset and ends: only then is the console's
+    # verdict in (a fixed sleep could look before it, and pass whatever it would print).
+    deadline = time.monotonic() + 30
+    while handlers() - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not handlers() - before, "the handler thread never ended"
     assert "Traceback" not in capsys.readouterr().err
     assert httpx.get(f"{sim.url}/control/info").status_code == 401  # answered (no token given)
