@@ -548,8 +548,14 @@ class SseSource:
         self._hwm = self._complete = position
 
     def _carry_into(self, group: EventId, out: list[Item]) -> None:
+        # Archived under the group's id, as a dependency is under its trigger's: kept under
+        # their own id, at or below the previous group's, they read as going backwards (verify
+        # warns of a late event where a segment started at the group). They are the objects as
+        # sent now, so the later id is the truer one too.
+        text = str(group)
         for carried in self._carried:
-            carried.group = group
+            carried.id = carried.group = group
+            carried.id_text = text
             out.append(carried)
         self._carried = []
 
