@@ -383,6 +383,21 @@ def _pycti_target(url: str) -> OpenCTITarget:
     )
 
 
+def _restore_into_a_strict_platform(state: StateStore) -> SimStore:
+    """``state`` restored through pycti, 3 objects a batch, into an empty platform double that
+    refuses an object referencing one it does not hold (as the platform does); that platform."""
+    platform = SimStore()
+    platform.api_token = TOKEN  # type: ignore[attr-defined]
+    platform.platform_refuses_missing_references = True  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=platform) as server:
+        target = _pycti_target(server.url)
+        try:
+            restore_to_target(state, target, batch_size=3)
+        finally:
+            target.close()
+    return platform
+
+
 def test_restore_over_old_state_through_pycti(
     archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
 ) -> None:
@@ -688,15 +703,7 @@ def test_relationships_of_relationships_are_pushed_after_their_endpoints(
             for ref in (obj.get("source_ref"), obj.get("target_ref")):
                 assert ref is None or ref in seen, f"{obj['id']} written before {ref}"
             seen.add(obj["id"])
-        platform = SimStore()
-        platform.api_token = TOKEN  # type: ignore[attr-defined]
-        platform.platform_refuses_missing_references = True  # type: ignore[attr-defined]
-        with SimServer(token=TOKEN, store=platform) as server:
-            target = _pycti_target(server.url)
-            try:
-                restore_to_target(state, target, batch_size=3)
-            finally:
-                target.close()
+        platform = _restore_into_a_strict_platform(state)
     assert [r for r in rels if platform.get(r) is None] == []
     assert_restored(platform, src.dump_bundle()["objects"])
 
@@ -851,15 +858,7 @@ def test_objects_are_pushed_after_what_they_reference(tmp_path: Path, kind: str)
         out = io.BytesIO()
         to_bundle(state, out)
         _assert_referenced_first(orjson.loads(out.getvalue())["objects"])
-        platform = SimStore()
-        platform.api_token = TOKEN  # type: ignore[attr-defined]
-        platform.platform_refuses_missing_references = True  # type: ignore[attr-defined]
-        with SimServer(token=TOKEN, store=platform) as server:
-            target = _pycti_target(server.url)
-            try:
-                restore_to_target(state, target, batch_size=3)
-            finally:
-                target.close()
+        platform = _restore_into_a_strict_platform(state)
     assert [o["id"] for o in objs if platform.get(str(o["id"])) is None] == []
     assert_restored(platform, src.dump_bundle()["objects"])
 
