@@ -80,21 +80,13 @@ from tests.support.connector import (  # noqa: E402
     ConnectorProcess,
     base_env,
     caught_up,
+    checkpoint_id,
     raw_log,
 )
 
 TOKEN = "soak-token"
 TARGET_TOKEN = "soak-target-token"
 __all__ = ["main"]
-
-
-def _has_position(storage: Storage) -> bool:
-    """Whether the checkpoint holds a stream position (something of the stream is durable)."""
-    try:
-        cp = CheckpointStore(storage).load()
-    except Exception:  # noqa: BLE001 - a checkpoint being replaced is read again next poll
-        return False
-    return cp is not None and bool(cp.last_event_id)
 
 
 def _ids_sorted(bundle: dict[str, Any]) -> dict[str, Any]:
@@ -325,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             # A retention gap is a trim past a position the run made durable: a first run killed
             # before its first checkpoint (its start-up slow on a loaded machine) restarts with
             # nothing durable and recovers as of now, by design no gap. Kill it once it has one.
-            while not _has_position(storage) and time.monotonic() < deadline:
+            while checkpoint_id(storage) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
         proc.kill()
         kills += 1

@@ -19,7 +19,7 @@ from httpx_sse import connect_sse
 
 from connector.__main__ import run_forever
 from connector.archive import ArchiveReader
-from connector.checkpoint import CheckpointStore
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import EventId, StreamEvent
 from connector.pipeline import Pipeline
 from connector.settings import Settings, load_settings
@@ -176,11 +176,16 @@ def wait_until(
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def checkpoint_id(storage: Storage) -> EventId | None:
+def saved_checkpoint(storage: Storage) -> Checkpoint | None:
+    """The checkpoint as saved now (None: none yet, or being replaced: read again next poll)."""
     try:
-        cp = CheckpointStore(storage).load()
+        return CheckpointStore(storage).load()
     except Exception:  # noqa: BLE001 - a checkpoint being replaced is read again next poll
         return None
+
+
+def checkpoint_id(storage: Storage) -> EventId | None:
+    cp = saved_checkpoint(storage)
     return EventId.parse(cp.last_event_id) if cp and cp.last_event_id else None
 
 
@@ -194,10 +199,7 @@ def batch_counted(storage: Storage, records: list[logging.LogRecord]) -> bool:
     written events just after the checkpoint's save, on its own thread, then logs "Batch
     written." for it: seeing the checkpoint caught up says nothing yet about the counters.
     ``records``: the connector's INFO records (``caplog.records``)."""
-    try:
-        cp = CheckpointStore(storage).load()
-    except Exception:  # noqa: BLE001 - a checkpoint being replaced is read again next poll
-        return False
+    cp = saved_checkpoint(storage)
     logged = {
         getattr(r, "last_event_id", None) for r in records if r.getMessage() == "Batch written."
     }
