@@ -624,3 +624,73 @@ def test_an_object_leaving_the_filter_is_kept_with_what_holds_it(platform_b: Sim
         leaving_the_filter(target, platform_b)
     finally:
         target.close()
+
+
+def _replayed(platform_b: SimServer, a: SimStore, mark: int, cuts: list[tuple[int, int]]) -> None:
+    """The events of ``a`` after log position ``mark`` written whole, then the slices ``cuts``
+    of them again (a retry after a failure in the middle of the batch, or a restart before the
+    checkpoint that re-cuts it): B must equal A."""
+    events, _ = events_since(a, mark)
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of(events))
+        for start, stop in cuts:
+            sink.write(batch_of(events[start:stop]))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("cuts", [[(0, 4)], [(1, 4)], [(2, 4)], [(2, 3), (3, 4)]])
+def test_a_replayed_update_of_a_merged_source_leaves_the_merge_target_alone(
+    platform_b: SimServer, cuts: list[tuple[int, int]]
+) -> None:
+    """The target applied an update of a source and its merge, then the batch failed (or the
+    process died) before the checkpoint: the update pushed again named the merge target on B
+    (the source's id is its alias there) and gave it the source's description."""
+    a = SimStore()
+    x, y = malware("absorber"), malware("absorbed", description="before")
+    a.upsert(x)
+    a.upsert(y)
+    a.update(y["id"], set={"description": "changed before the merge"})
+    a.merge(x["id"], [y["id"]])
+    _replayed(platform_b, a, 0, cuts)
+
+
+def test_a_replayed_delete_of_a_merged_source_keeps_the_merge_target(
+    platform_b: SimServer,
+) -> None:
+    """Deleted, created again and merged: the delete pushed again named the merge target on B
+    and deleted it with its relationships, which the stream never sends again."""
+    a = SimStore()
+    x, y, tool = malware("keeper"), malware("recycled"), malware("tool")
+    for obj in (x, y, tool):
+        a.upsert(obj)
+    a.upsert(_uses(x["id"], tool["id"]))
+    _, mark = events_since(a)
+    a.delete(y["id"])
+    a.upsert(y)
+    a.merge(x["id"], [y["id"]])
+    _replayed(platform_b, a, 0, [(0, 7), (mark, 7)])
+
+
+def test_an_id_freed_by_a_delete_in_the_batch_is_pushed(platform_b: SimServer) -> None:
+    """B holds the source's id as an alias of its merge target; the batch deletes the merge
+    target, then creates an object under that id again: that create is no replay."""
+    a = SimStore()
+    x, y = malware("gone absorber"), malware("comes back")
+    a.upsert(x)
+    a.upsert(y)
+    a.merge(x["id"], [y["id"]])
+    _, mark = events_since(a)
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of(events_since(a)[0]))
+        a.delete(x["id"])
+        a.upsert(y)
+        assert a.get(y["id"]) is not None
+        sink.write(batch_of(events_since(a, mark)[0]))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+        assert platform_b.store.get(y["id"]) is not None
+    finally:
+        sink.close()

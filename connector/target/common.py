@@ -10,6 +10,7 @@ from typing import Any
 from ..events import OCTI_EXT, StreamEvent, octi_ext
 
 __all__ = [
+    "Absorbed",
     "LiveIds",
     "left_the_view",
     "MergeLookahead",
@@ -113,6 +114,43 @@ class LiveIds:
         elif ev.event == "delete" and not left_the_view(ev):
             live.pop(ev.stix_id, None)
         return taken
+
+
+class Absorbed:
+    """The events of a batch that the target has already gone past: their object's own id names
+    *another* entity there (``OpenCTITarget.on_target``: merged into it, or renamed to it).
+
+    The target applies a batch before the checkpoint moves: a retry after a transient error in
+    the middle of a batch, or a restart after a kill before the checkpoint, pushes again events
+    whose later merge (or standard-id change) the target already applied. The merged-away
+    source's id is then an alias of the merge target, and the platform resolves an upsert by
+    every id: the replayed ``update`` of the source went into the merge target, which kept the
+    source's fields (and a replayed ``delete`` of it deleted the merge target). The stream
+    brings the entity to its state again with the merge it re-sends, so such events are left
+    out. Only while nothing earlier in the batch deleted, merged away or renamed the entity the
+    id names: then the id is free again (a re-created object) and is pushed as usual.
+    """
+
+    def __init__(self, into: Mapping[str, str] | None = None) -> None:
+        self._into = dict(into or {})  # object id -> standard id of the entity it names there
+
+    def skip(self, ev: StreamEvent) -> bool:
+        """Whether to leave ``ev`` (the batch read in order) out; then ``ev`` is applied."""
+        if not self._into:
+            return False
+        skip = ev.stix_id in self._into
+        gone: set[str] = set()
+        if ev.event == "delete" and not left_the_view(ev):
+            gone.add(ev.stix_id)
+        elif ev.event == "merge":
+            gone |= merge_source_ids(ev)
+        elif ev.event == "update":
+            prev = previous_standard(ev)
+            if prev is not None:
+                gone.add(prev)
+        if gone:
+            self._into = {k: v for k, v in self._into.items() if v not in gone}
+        return skip
 
 
 def without_aliases(stix: dict[str, Any], dropped: set[str]) -> dict[str, Any]:

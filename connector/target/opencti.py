@@ -53,6 +53,7 @@ from .amqp import (
     event_messages,
 )
 from .common import (
+    Absorbed,
     LiveIds,
     MergeLookahead,
     left_the_view,
@@ -187,6 +188,7 @@ def plan_pushes(
     events: Sequence[StreamEvent],
     max_objects: int = 500,
     live_aliases: Mapping[str, set[str]] | None = None,
+    absorbed: Mapping[str, str] | None = None,
 ) -> Iterator[Push]:
     """Turn stream events into pushes that, applied in order, reproduce the stream's effect.
 
@@ -198,12 +200,16 @@ def plan_pushes(
     ``common.without_aliases``); ``live_aliases`` (object id -> aliases that name another live
     entity on the target, see ``OpenCTITarget.live_aliases``) extends that to merges in later
     batches. An id-changing update starts a new push so the old id is there to be found.
+    Events of objects the target already merged away or renamed (``absorbed``, object id ->
+    the entity it names there, see ``OpenCTITarget.on_target``) are left out
+    (``common.Absorbed``).
 
     Pushes are yielded as they fill, and ``events`` is read twice, never held: a huge
     dependency group that waits on disk (``connector.pending``) is pushed 500 objects at a time.
     """
     lookahead = MergeLookahead(events)
     live = LiveIds()
+    past = Absorbed(absorbed)
     pushes: list[Push] = []  # filled by the step of one event, yielded after it
     upserts: dict[str, dict[str, Any]] = {}
     upsert_ids: list[str] = []
@@ -233,6 +239,8 @@ def plan_pushes(
         pushes.clear()
         ev = event.parsed()
         later_sources, others = lookahead.after(index), live.taken(ev)
+        if past.skip(ev):
+            continue  # a replay of what the target already went past (common.Absorbed)
         stix = ev.stix
         if ev.event in ("create", "update"):
             flush_deletes()
@@ -618,14 +626,20 @@ class OpenCTITarget:
             log.warning("Status ping to the target failed.", extra={"error": str(exc)[:300]})
 
     def _write(self, batch: Batch) -> None:
-        live = self.live_aliases(batch.events) if self.resolve_aliases else {}
+        live: dict[str, set[str]] = {}
+        absorbed: dict[str, str] = {}
+        if self.resolve_aliases:
+            # amqp: not its own ids. Its messages are applied later by the platform's workers,
+            # so what the API says now is no proof of a replay, and a batch must still reach
+            # the broker while the API is down (a platform restart).
+            live, absorbed = self.on_target(batch.events, own_ids=self.publisher is None)
         files = self.files
         if files is not None:
             files.begin()
         if self.publisher is not None:
             self._publish(batch, live)
         else:
-            self._push_batch(batch, live)
+            self._push_batch(batch, live, absorbed)
         if files is not None:
             # A delete took the object's files with it on the target: an object that comes
             # back gets them again. (After the batch: its earlier events carried them.)
@@ -633,9 +647,11 @@ class OpenCTITarget:
                 if event.event == "delete" and not left_the_view(event.parsed()):
                     files.forget(event.parsed().stix)
 
-    def _push_batch(self, batch: Batch, live: Mapping[str, set[str]]) -> None:
+    def _push_batch(
+        self, batch: Batch, live: Mapping[str, set[str]], absorbed: Mapping[str, str]
+    ) -> None:
         files = self.files
-        for push in plan_pushes(batch.events, self.max_bundle_objects, live):
+        for push in plan_pushes(batch.events, self.max_bundle_objects, live, absorbed):
             refused: set[int] = set()
             try:
                 self._push(push)
@@ -668,30 +684,61 @@ class OpenCTITarget:
             files.carried(done.keys)
 
     def live_aliases(self, events: Sequence[StreamEvent]) -> dict[str, set[str]]:
-        """Aliases of upserts that name *another* live entity on the target, by object id.
+        """Aliases of upserts that name *another* live entity on the target (``on_target``)."""
+        return self.on_target(events, own_ids=False)[0]
+
+    def on_target(
+        self, events: Sequence[StreamEvent], *, own_ids: bool = True
+    ) -> tuple[dict[str, set[str]], dict[str, str]]:
+        """What the target holds for the batch's objects: ``(live_aliases, absorbed)``.
+
+        ``live_aliases``: aliases of upserts that name *another* live entity on the target, by
+        object id.
 
         The stream can carry a merge target with its sources' ids as aliases before the merge
         (dependency re-sends are loaded at send time); the batch's own look-ahead covers a merge
         in the same batch, this covers one in a later batch. An alias is dropped when the target
         knows the upsert's own id *and* resolves the alias to a different entity (a source not
         merged yet); it comes back with the merge. It is kept when the target does not know the
-        upsert's id: the alias may be how the entity is found (a standard-id change). Asked with
-        ``stix(id)`` calls, up to 100 per GraphQL query, only for upserts that carry aliases.
+        upsert's id: the alias may be how the entity is found (a standard-id change).
+
+        ``absorbed``: the objects of the batch's events whose own id the target resolves to
+        another entity (the standard id of that entity, by object id): a replay of events the
+        target already went past (``common.Absorbed``); only with ``own_ids``. Relationships
+        and sightings are never merged nor renamed: not asked.
+
+        Asked with ``stix(id)`` calls, up to 100 per GraphQL query.
         """
         wanted: dict[str, list[str]] = {}
+        mine: set[str] = set()  # the objects' own ids
         for event in events:
-            if event.event not in ("create", "update"):
+            if event.event not in ("create", "update", "merge", "delete"):
                 continue
             ev = event.parsed()
+            if own_ids and not ev.stix_id.startswith(("relationship--", "sighting--")):
+                mine.add(ev.stix_id)
+            if event.event not in ("create", "update"):
+                continue
             aliases = octi_ext(ev.stix).get("stix_ids")
             prev = previous_standard(ev)
             aliases = [a for a in aliases or [] if isinstance(a, str) and a != prev]
             if aliases:
                 wanted.setdefault(ev.stix_id, []).extend(aliases)
-        if not wanted:
-            return {}
-        ids = list(dict.fromkeys([*wanted, *(a for al in wanted.values() for a in al)]))
+        if not wanted and not mine:
+            return {}, {}
+        ids = list(dict.fromkeys([*mine, *wanted, *(a for al in wanted.values() for a in al)]))
         resolved = self._standard_ids(ids)
+        absorbed: dict[str, str] = {}
+        for sid in mine:
+            into = resolved.get(sid)
+            if into is not None and into != sid:
+                absorbed[sid] = into
+        if absorbed:
+            log.warning(
+                "Events of objects the target already merged away or renamed are left out "
+                "(a batch pushed again after a retry or a restart).",
+                extra={"target": self.url, "objects": len(absorbed)},
+            )
         out: dict[str, set[str]] = {}
         for sid, aliases in wanted.items():
             own = resolved.get(sid)
@@ -705,7 +752,7 @@ class OpenCTITarget:
                 "Aliases naming other live entities on the target left out of upserts",
                 extra={"target": self.url, "objects": len(out)},
             )
-        return out
+        return out, absorbed
 
     def _standard_ids(self, ids: list[str]) -> dict[str, str | None]:
         """The standard id of the entity each id names on the target (None: unknown)."""
