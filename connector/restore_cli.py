@@ -65,6 +65,7 @@ def _target(
         source_url=source_url,
         source_token=settings.opencti.token or None,
         allow_same_platform=force,
+        replay_guard=False,
     )
 
 
@@ -554,6 +555,7 @@ def verify_against_opencti(
         connector_id=str(uuid.uuid4()),
         register=False,
         allow_same_platform=True,
+        replay_guard=False,
     )
     listing: TargetListing | None = None
     try:

@@ -694,3 +694,35 @@ def test_an_id_freed_by_a_delete_in_the_batch_is_pushed(platform_b: SimServer) -
         assert platform_b.store.get(y["id"]) is not None
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("batches", ["one by one", "together"])
+def test_a_rename_back_to_an_id_the_target_keeps_as_an_alias_is_pushed(
+    platform_b: SimServer, batches: str
+) -> None:
+    """Renamed and renamed back: B holds the first id as an alias of the renamed entity, so
+    the target resolves the rename back's id to another entity. That event is the rename
+    itself (its previous id is that entity's), not a replay of one the target went past."""
+    a = SimStore()
+    alpha = malware("Alpha")
+    a.upsert(alpha)
+    beta_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'Beta')}"
+    sink = make_target(platform_b.url)
+    try:
+        mark = 0
+        if batches == "one by one":
+            events, mark = events_since(a)
+            sink.write(batch_of(events))
+        a.update(alpha["id"], set={"name": "Beta"}, new_id=beta_id)
+        if batches == "one by one":
+            events, mark = events_since(a, mark)
+            sink.write(batch_of(events))
+            renamed = platform_b.store.get(alpha["id"])
+            assert renamed is not None and renamed["id"] == beta_id  # the alias on B
+        a.update(beta_id, set={"name": "Alpha"}, new_id=alpha["id"])
+        sink.write(batch_of(events_since(a, mark)[0]))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+        back = platform_b.store.get(alpha["id"])
+        assert back is not None and back["id"] == alpha["id"] and back["name"] == "Alpha"
+    finally:
+        sink.close()

@@ -138,16 +138,18 @@ class Absorbed:
         """Whether to leave ``ev`` (the batch read in order) out; then ``ev`` is applied."""
         if not self._into:
             return False
-        skip = ev.stix_id in self._into
+        prev = previous_standard(ev) if ev.event == "update" else None
+        into = self._into.get(ev.stix_id)
+        # A rename back to an id the target keeps as an alias of the renamed entity resolves
+        # to that entity: the event renames it (its previous id is that entity's), no replay.
+        skip = into is not None and into != prev
         gone: set[str] = set()
         if ev.event == "delete" and not left_the_view(ev):
             gone.add(ev.stix_id)
         elif ev.event == "merge":
             gone |= merge_source_ids(ev)
-        elif ev.event == "update":
-            prev = previous_standard(ev)
-            if prev is not None:
-                gone.add(prev)
+        elif prev is not None:
+            gone.add(prev)
         if gone:
             self._into = {k: v for k, v in self._into.items() if v not in gone}
         return skip

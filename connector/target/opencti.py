@@ -348,6 +348,7 @@ class OpenCTITarget:
         amqp_use_ssl: bool | None = None,
         amqp_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         resolve_aliases: bool = True,
+        replay_guard: bool = True,
         files: FileCarrier | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
@@ -381,6 +382,10 @@ class OpenCTITarget:
         # bigger one (its max_message_size is not announced anywhere).
         self.amqp_max_message_bytes = amqp_max_message_bytes
         self.resolve_aliases = resolve_aliases
+        # Leave out the events of objects the target already merged away or renamed (a batch
+        # of the stream pushed again, common.Absorbed). Off for a restore: it pushes the
+        # archive's state, not stream events, so there is no merge of a batch to replay.
+        self.replay_guard = replay_guard
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
@@ -632,7 +637,8 @@ class OpenCTITarget:
             # amqp: not its own ids. Its messages are applied later by the platform's workers,
             # so what the API says now is no proof of a replay, and a batch must still reach
             # the broker while the API is down (a platform restart).
-            live, absorbed = self.on_target(batch.events, own_ids=self.publisher is None)
+            own = self.replay_guard and self.publisher is None
+            live, absorbed = self.on_target(batch.events, own_ids=own)
         files = self.files
         if files is not None:
             files.begin()
