@@ -562,3 +562,25 @@ def test_an_object_that_comes_back_after_a_delete_gets_its_file_again(
             back = copy_event(f"{int(last.split('-')[0]) + 1}-0", report)
             target.write(batch_of([back]))
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+
+
+def test_an_object_deleted_and_back_in_one_batch_gets_its_file_again(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The PDF reached the target in batch 1; batch 2 deletes the report and brings it back
+    (same entity, same file): the delete took the PDF on the target, so the report that comes
+    back in the same batch gets it again."""
+    _seed(source.store)
+    pdf = os.urandom(100_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    report = source.store.get(REPORT)
+    assert report is not None
+    with SimServer(token=TOKEN_B) as b:
+        with _archived_sync(source, b, tmp_path) as (archiver, sync):
+            _archive_then_target(archiver, sync)
+            assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+            source.store.delete(REPORT)
+            gone, sync.pos = sim_events(source.store, sync.pos)
+            back = copy_event(f"{int(gone[-1].id_text.split('-')[0]) + 1}-0", report)
+            sync.target.write(batch_of([*gone, back]))
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf}

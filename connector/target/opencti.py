@@ -646,9 +646,10 @@ class OpenCTITarget:
             self._publish(batch, live)
         else:
             self._push_batch(batch, live, absorbed)
-        if files is not None:
+        if files is not None and self.publisher is not None:
             # A delete took the object's files with it on the target: an object that comes
-            # back gets them again. (After the batch: its earlier events carried them.)
+            # back gets them again. (After the batch: its earlier events carried them. The
+            # API transport forgets them as each delete is pushed, see _push_batch.)
             for event in batch.events:
                 if event.event == "delete" and not left_the_view(event.parsed()):
                     files.forget(event.parsed().stix)
@@ -669,6 +670,11 @@ class OpenCTITarget:
                 for index, obj in enumerate(push.objects):
                     if index not in refused and files.pending(obj):
                         self._push_files(push.single(index), files)
+            elif files is not None and push.kind == "delete":
+                # The target deleted them with their files: an object that comes back, later
+                # in this batch too, gets its files again.
+                for obj in push.objects:
+                    files.forget(obj)
 
     def _push_files(self, push: Push, files: FileCarrier) -> None:
         """After ``push`` of one object went through: the object again once per attached file
