@@ -184,6 +184,17 @@ def _operation(stix: dict[str, Any], operation: str, **extra: Any) -> dict[str, 
     return out
 
 
+def _pushing_to(answer: Any) -> EventId | None:
+    """The ``pushing_to`` mark of a registration's answer (the connector's saved state)."""
+    raw = answer.get("connector_state") if isinstance(answer, dict) else None
+    try:
+        state = json.loads(raw) if isinstance(raw, str) and raw else None
+        mark = state.get("pushing_to") if isinstance(state, dict) else None
+        return EventId.parse(mark) if isinstance(mark, str) else None
+    except ValueError:  # not JSON, or not an event id
+        return None
+
+
 def plan_pushes(
     events: Sequence[StreamEvent],
     max_objects: int = 500,
@@ -386,6 +397,14 @@ class OpenCTITarget:
         # of the stream pushed again, common.Absorbed). Off for a restore: it pushes the
         # archive's state, not stream events, so there is no merge of a batch to replay.
         self.replay_guard = replay_guard
+        # Where a batch may be a replay (api transport): the last id of the batch a write was
+        # pushing when it stopped, kept on the target as this connector's state ("pushing_to",
+        # written before each batch's pushes, read back at registration; any id when the
+        # connector is not registered), and every write after a failed one.
+        self._pushing_to: EventId | None = None
+        self._replay_until: EventId | None = None
+        self._replay_always = False
+        self._after_failure = False
         self._ssl_verify = ssl_verify
         self._ca_bundle = ca_bundle
         self.publisher: AmqpPublisher | None = None
@@ -500,6 +519,9 @@ class OpenCTITarget:
             )
         if self.transport == "amqp":
             self._open_publisher(answer)
+        self._replay_until = _pushing_to(answer)
+        self._pushing_to = self._replay_until
+        self._replay_always = not self.register
         self._checked = True
         self._ping(force=True)
         log.info(
@@ -564,7 +586,9 @@ class OpenCTITarget:
         now = time.monotonic()
         if not force and now - self._last_ping < PING_EVERY_S:
             return
-        state = {"last_event_id": self.last_event_id}
+        state: dict[str, Any] = {"last_event_id": self.last_event_id}
+        if self._pushing_to is not None:
+            state["pushing_to"] = str(self._pushing_to)
         info = {
             "run_and_terminate": False,
             "buffering": False,
@@ -618,7 +642,9 @@ class OpenCTITarget:
             self._write(batch)
         except BaseException:
             self.rejected = []  # the batch is not done: nothing of it is quarantined
+            self._after_failure = True  # what it pushed may be pushed again: a replay
             raise
+        self._after_failure = False
         if batch.events:
             self.last_event_id = str(batch.last_id)
         try:
@@ -637,8 +663,7 @@ class OpenCTITarget:
             # amqp: not its own ids. Its messages are applied later by the platform's workers,
             # so what the API says now is no proof of a replay, and a batch must still reach
             # the broker while the API is down (a platform restart).
-            own = self.replay_guard and self.publisher is None
-            live, absorbed = self.on_target(batch.events, own_ids=own)
+            live, absorbed = self.on_target(batch.events, own_ids=self._may_replay(batch))
         files = self.files
         if files is not None:
             files.begin()
@@ -653,6 +678,30 @@ class OpenCTITarget:
             for event in batch.events:
                 if event.event == "delete" and not left_the_view(event.parsed()):
                     files.forget(event.parsed().stix)
+
+    def _may_replay(self, batch: Batch) -> bool:
+        """Whether ``batch`` may hold events the target has applied already (then the replay
+        guard asks the target for the objects' own ids, ``common.Absorbed``). On ``api``, the
+        batch's last id is first kept on the target as this connector's state: a write that
+        stops after a push (a kill, a failure) leaves the mark behind it, and the next run's
+        batches up to it are guarded. Elsewhere a batch is new and costs no look-up."""
+        if not self.replay_guard or self.publisher is not None or not batch.events:
+            return False
+        if self.register and (self._pushing_to is None or batch.last_id > self._pushing_to):
+            self._pushing_to = batch.last_id
+            try:
+                self._ping(force=True)  # before any push of the batch
+            except ObjectRefused as exc:
+                # The one object a ping names is this connector: gone from the target.
+                raise AccessRefused(
+                    f"{exc} - is the connector registered on the target platform?"
+                ) from exc
+        until = self._replay_until
+        return (
+            self._replay_always
+            or self._after_failure
+            or (until is not None and batch.first_id <= until)
+        )
 
     def _push_batch(
         self, batch: Batch, live: Mapping[str, set[str]], absorbed: Mapping[str, str]
