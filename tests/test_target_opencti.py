@@ -26,6 +26,7 @@ from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.target.opencti import AccessRefused, OpenCTITarget, Push, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
+from tests.support.faultproxy import FaultProxy
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync, batch_of, leaving_the_filter, malware, target_for
 
@@ -740,3 +741,29 @@ def test_a_rename_back_to_an_id_the_target_keeps_as_an_alias_is_pushed(
             again.close()
     finally:
         sink.close()
+
+
+def test_a_mark_the_target_could_not_save_is_saved_before_the_retry_pushes(
+    platform_b: SimServer,
+) -> None:
+    """The ping that saves a batch's mark fails: the retry saves it before it pushes (else a
+    kill after the retry's pushes would leave the restart without it, unguarded)."""
+    a = SimStore()
+    a.upsert(malware("one"))
+    events, _ = events_since(a)
+    batch = batch_of(events)
+    proxy = FaultProxy(platform_b.url, seed=3).start()
+    cid = str(uuid.uuid4())
+    sink = make_target(proxy.url, connector_id=cid)
+    try:
+        sink.check()
+        proxy.fail_next(1, "500", method="POST")  # the mark's ping, before any push
+        with pytest.raises(RetryableError):
+            sink.write(batch)
+        assert platform_b.store.object_count == 0
+        sink.write(batch)
+        state = platform_state(platform_b.store).connectors[cid]["connector_state"]
+        assert orjson.loads(state)["pushing_to"] == str(batch.last_id)
+    finally:
+        sink.close()
+        proxy.stop()

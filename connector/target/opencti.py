@@ -687,15 +687,20 @@ class OpenCTITarget:
         batches up to it are guarded. Elsewhere a batch is new and costs no look-up."""
         if not self.replay_guard or self.publisher is not None or not batch.events:
             return False
-        if self.register and (self._pushing_to is None or batch.last_id > self._pushing_to):
+        marked = self._pushing_to
+        if self.register and (marked is None or batch.last_id > marked):
             self._pushing_to = batch.last_id
             try:
                 self._ping(force=True)  # before any push of the batch
             except ObjectRefused as exc:
+                self._pushing_to = marked
                 # The one object a ping names is this connector: gone from the target.
                 raise AccessRefused(
                     f"{exc} - is the connector registered on the target platform?"
                 ) from exc
+            except BaseException:
+                self._pushing_to = marked  # not saved: the retry marks again before pushing
+                raise
         until = self._replay_until
         return (
             self._replay_always
