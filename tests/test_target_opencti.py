@@ -524,7 +524,8 @@ def test_quarantine_names_the_event_of_each_refused_object(platform_b: SimServer
             ("2000-0", bad1["id"]),
             ("5000-0", bad2["id"]),
         ]
-        assert all(str(q.after) == "5000-0" for q in sink.rejected)
+        # Named after its own event, wherever the batch was cut (a restart cuts it otherwise).
+        assert [str(q.after) for q in sink.rejected] == ["2000-0", "5000-0"]
     finally:
         sink.close()
 

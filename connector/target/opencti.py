@@ -863,7 +863,7 @@ class OpenCTITarget:
                 if not m.extra and len(m.body) > limit:
                     too_big[m.at] = max(too_big.get(m.at, 0), len(m.body))
             for index, size in too_big.items():
-                self._reject_oversized(batch.events[index], size, limit, batch.last_id)
+                self._reject_oversized(batch.events[index], size, limit)
             refused.update(too_big)
             sendable = [m for m in pending if self._sendable(m, limit, batch, refused)]
             try:
@@ -912,7 +912,7 @@ class OpenCTITarget:
         if self.files is not None:
             self.files.carried(k for m in sent for k in m.keys)
 
-    def _reject_oversized(self, ev: StreamEvent, size: int, limit: int, after: EventId) -> None:
+    def _reject_oversized(self, ev: StreamEvent, size: int, limit: int) -> None:
         reason = (
             f"refused by {self.url}: its message ({size} bytes) is larger than the broker's "
             f"maximum message size ({limit} bytes; target.amqp_max_message_bytes or the "
@@ -924,7 +924,7 @@ class OpenCTITarget:
         )
         self.rejected.append(
             Quarantined(
-                after,
+                ev.id,  # named by the event, not the batch: see _push_apart
                 ev.id_text,
                 f"{ev.event}-refused-by-target",
                 json.dumps(ev.stix, ensure_ascii=False),
@@ -955,7 +955,11 @@ class OpenCTITarget:
                     refused.append((index, str(exc)))
         for index, reason in refused:
             obj = push.objects[index]
-            event = push.event_of(index) or str(after)
+            event = push.event_of(index)
+            # The record is named after the refused event, not the batch: a restart that cuts
+            # its batches otherwise stores the same refusal under the same name, once.
+            own = EventId.parse(event) if event is not None and EventId.is_valid(event) else after
+            event = event or str(after)
             log.warning(
                 "Target refused an object; quarantined.",
                 extra={
@@ -967,7 +971,7 @@ class OpenCTITarget:
             )
             self.rejected.append(
                 Quarantined(
-                    after,
+                    own,
                     event,
                     f"{push.kind}-refused-by-target",
                     json.dumps(obj, ensure_ascii=False),
