@@ -432,10 +432,14 @@ class FileCarrier:
         self.spool_bytes = spool_bytes
         self._done: OrderedDict[str, None] = OrderedDict()
         self._claimed: set[str] = set()  # by a message or push of the batch being written
+        # Claimed by a message built before its object's delete: that message's acknowledgement
+        # does not carry the file for the object that comes back.
+        self._stale: set[str] = set()
 
     def begin(self) -> None:
         """A batch is written (again): what the last attempt claimed is free again."""
         self._claimed.clear()
+        self._stale.clear()
 
     def _todo(self, stix: dict[str, Any]) -> list[dict[str, Any]]:
         return [
@@ -466,10 +470,10 @@ class FileCarrier:
                     "without it.",
                     extra={"object": obj, "file": name},
                 )
-                self._settle([key], "gone")
+                self._settle([key], "gone", claimed_now=True)
                 continue
             except _TooLarge:
-                self.left_out([key], obj, [name], "above target.max_file_mb")
+                self.left_out([key], obj, [name], "above target.max_file_mb", claimed_now=True)
                 continue
             out = _with_one_file(stix, entry, data)
             del data  # held by ``out`` alone: let go with it, before the next file is read
@@ -479,14 +483,22 @@ class FileCarrier:
         """The files ``keys`` reached the target (the push or message was acknowledged)."""
         self._settle(list(keys), "sent")
 
-    def left_out(self, keys: Iterable[str], obj: Any, names: list[str], why: str) -> None:
+    def left_out(
+        self,
+        keys: Iterable[str],
+        obj: Any,
+        names: list[str],
+        why: str,
+        *,
+        claimed_now: bool = False,
+    ) -> None:
         """Files not sent for their size (``why``): counted, said, not tried again."""
         log.warning(
             f"Attached files too large to carry to the target ({why}) were left out: upload "
             "them by hand, or raise the limit.",
             extra={"object": obj, "files": names},
         )
-        self._settle(list(keys), "too_large")
+        self._settle(list(keys), "too_large", claimed_now=claimed_now)
 
     def refused(self, keys: Iterable[str], obj: Any, names: list[str], reason: str) -> None:
         """Files the target refused (its error names the object): counted, said."""
@@ -499,15 +511,28 @@ class FileCarrier:
 
     def release(self, keys: Iterable[str]) -> None:
         """Files claimed by a message that was not sent (its event was quarantined)."""
-        self._claimed.difference_update(keys)
+        for key in keys:
+            if key in self._stale:
+                self._stale.discard(key)  # a later event's claim of it stands
+            else:
+                self._claimed.discard(key)
 
     def forget(self, stix: dict[str, Any]) -> None:
-        """The object was deleted: its files go with it on the target."""
+        """The object was deleted: its files go with it on the target, and the object coming
+        back, in this batch too, carries them again."""
         for entry in file_entries(stix):
-            self._done.pop(file_key(entry), None)
+            key = file_key(entry)
+            self._done.pop(key, None)
+            if key in self._claimed:  # its message is not acknowledged yet (amqp)
+                self._claimed.discard(key)
+                self._stale.add(key)
 
-    def _settle(self, keys: list[str], result: str) -> None:
+    def _settle(self, keys: list[str], result: str, *, claimed_now: bool = False) -> None:
+        """``claimed_now``: settled as it is claimed (``one_by_one``), so not a stale claim."""
         for key in keys:
+            if key in self._stale and not claimed_now:
+                self._stale.discard(key)  # carried to the object since deleted: not done
+                continue
             self._claimed.discard(key)
             if key not in self._done:
                 metrics.TARGET_FILES.labels(result=result).inc()

@@ -207,14 +207,14 @@ def _settle(b: SimServer, target: OpenCTITarget) -> None:
 
 @contextmanager
 def _archived_sync(
-    source: SimServer, b: SimServer, tmp_path: Path
+    source: SimServer, b: SimServer, tmp_path: Path, **options: Any
 ) -> Iterator[tuple[FileArchiver, Sync]]:
     """The archive's file archiver and a sync into B whose target carries files read from that
-    archive, as ``run`` has them; both closed after."""
+    archive, as ``run`` has them (``options`` override ``target_for``'s); both closed after."""
     storage = LocalStorage(str(tmp_path / "archive"))
     archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
     carrier = FileCarrier(archive=storage, downloads=None, max_bytes=1 << 30)
-    target = target_for(b.url, token=TOKEN_B, files=carrier)
+    target = target_for(b.url, **{"token": TOKEN_B, "files": carrier, **options})
     try:
         target.check()
         yield archiver, Sync(source.store, b, target)
@@ -564,23 +564,36 @@ def test_an_object_that_comes_back_after_a_delete_gets_its_file_again(
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
 
 
+@pytest.mark.parametrize("transport", ["api", "amqp"])
+@pytest.mark.parametrize("carried", ["in-an-earlier-batch", "in-the-same-batch"])
 def test_an_object_deleted_and_back_in_one_batch_gets_its_file_again(
-    source: SimServer, tmp_path: Path
+    source: SimServer,
+    tmp_path: Path,
+    transport: str,
+    carried: str,
+    rabbitmq: RabbitNode,  # noqa: F811
 ) -> None:
-    """The PDF reached the target in batch 1; batch 2 deletes the report and brings it back
-    (same entity, same file): the delete took the PDF on the target, so the report that comes
-    back in the same batch gets it again."""
+    """One batch deletes the report and brings it back (same entity, same file), after the PDF
+    reached the target in an earlier batch or earlier in the same one: the delete took the PDF
+    on the target, so the report that comes back gets it again, on both transports."""
     _seed(source.store)
     pdf = os.urandom(100_000)
     source.store.attach_file(REPORT, "analysis.pdf", pdf)
     report = source.store.get(REPORT)
     assert report is not None
-    with SimServer(token=TOKEN_B) as b:
-        with _archived_sync(source, b, tmp_path) as (archiver, sync):
-            _archive_then_target(archiver, sync)
-            assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        with _archived_sync(source, b, tmp_path, transport=transport) as (archiver, sync):
+            earlier: list[Any] = []
+            if carried == "in-an-earlier-batch":
+                _archive_then_target(archiver, sync)
+                _settle(b, sync.target)
+                assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+            else:
+                earlier, sync.pos = sim_events(source.store, sync.pos)
+                archiver.store(earlier)  # the archive has the PDF (downloaded before the delete)
             source.store.delete(REPORT)
             gone, sync.pos = sim_events(source.store, sync.pos)
             back = copy_event(f"{int(gone[-1].id_text.split('-')[0]) + 1}-0", report)
-            sync.target.write(batch_of([*gone, back]))
+            sync.target.write(batch_of([*earlier, *gone, back]))
+            _settle(b, sync.target)
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}

@@ -225,6 +225,7 @@ def event_messages(
     synchronized: bool,
     live_aliases: Mapping[str, set[str]] | None = None,
     carry: Callable[[dict[str, Any]], Iterator[Inlined]] | None = None,
+    forget: Callable[[dict[str, Any]], None] | None = None,
     limit: Callable[[], int] | None = None,
 ) -> Iterator[Message]:
     """The messages to publish for ``events``, in this order.
@@ -237,7 +238,9 @@ def event_messages(
     (``connector.files.FileCarrier.one_by_one``), an upsert's or a merge target's attached
     files follow its messages, one ``extra`` message per file, built as they are read; not
     when one of the event's own messages is above ``limit()`` (the event will be quarantined,
-    and its files are left to a later event).
+    and its files are left to a later event). ``forget`` (``FileCarrier.forget``) is told of
+    each delete as its message is built: the target deletes the files with the object, so the
+    object coming back, later in the same batch too, carries them again.
 
     Yielded event by event, ``events`` read twice and never held (see ``plan_pushes``).
     """
@@ -263,6 +266,8 @@ def event_messages(
                     data, later_sources | others | live_aliases_of(live_aliases, ev)
                 )
             own = [_message(ev, data, kind, applicant_id, synchronized)]
+        if kind == "delete" and forget is not None:
+            forget(data)  # (a file message of an earlier event may not be acknowledged yet)
         yield from (Message(index, body) for body in own)
         if carry is None or kind == "delete" or not names_files(ev):
             continue

@@ -671,13 +671,6 @@ class OpenCTITarget:
             self._publish(batch, live)
         else:
             self._push_batch(batch, live, absorbed)
-        if files is not None and self.publisher is not None:
-            # A delete took the object's files with it on the target: an object that comes
-            # back gets them again. (After the batch: its earlier events carried them. The
-            # API transport forgets them as each delete is pushed, see _push_batch.)
-            for event in batch.events:
-                if event.event == "delete" and not left_the_view(event.parsed()):
-                    files.forget(event.parsed().stix)
 
     def _may_replay(self, batch: Batch) -> bool:
         """Whether ``batch`` may hold events the target has applied already (then the replay
@@ -845,6 +838,7 @@ class OpenCTITarget:
             synchronized=self.synchronized,
             live_aliases=live,
             carry=self.files.one_by_one if self.files is not None else None,
+            forget=self.files.forget if self.files is not None else None,
             limit=lambda: self.amqp_max_message_bytes,
         )
         refused: set[int] = set()  # events quarantined: their extra messages are not sent
