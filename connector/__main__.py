@@ -487,6 +487,7 @@ def _follow(
 
     archive = runtime["archive"]
     kept_at = f"{store.storage.describe()} ({store.key})"
+    tail_due = False  # the archive's newest segment, for the other sinks (see below)
     if cp is None and archive is not None:
         cp = adopt_archive(
             archive,
@@ -495,7 +496,8 @@ def _follow(
             source_url=source_url,
             adopt=resume_from_archive,
         )
-        if cp is not None:
+        tail_due = cp is not None and any(s.name != "archive" for s in runtime["sinks"])
+        if cp is not None and not tail_due:
             store.save(cp)
     elif cp is not None and archive is not None and check_archive_end(archive, cp, kept_at):
         store.save(cp)
@@ -602,6 +604,11 @@ def _follow(
         },
     )
     try:
+        if tail_due:
+            # Saved once the other sinks have the archive's newest segment: a run stopped
+            # before finds no checkpoint again, and --resume-from-archive delivers it again.
+            pipeline.deliver_archive_tail(archive)
+            store.save(cp)
         pipeline.run()
     finally:
         if jobs is not None:

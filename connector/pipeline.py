@@ -36,6 +36,7 @@ from .source import (
     SseSource,
     iso_to_id,
 )
+from .storage import Storage
 from .watchdog import watched
 
 __all__ = [
@@ -227,6 +228,7 @@ class Pipeline:
                 sink.deadline = self._shutdown_deadline
         # Past ``spill_bytes`` of pending data, on disk in ``spill_dir`` (a huge dependency group).
         self._pending = PendingEvents(spill_dir, spill_bytes)
+        self._spill = (spill_dir, spill_bytes)
         self._received: Counter[str] = Counter()
         self._groups: list[EventId] = []
         self._quarantined: list[Quarantined] = []
@@ -670,6 +672,42 @@ class Pipeline:
         if count:
             metrics.QUARANTINED.inc(count)
             self.checkpoint.quarantined += count
+
+    def deliver_archive_tail(self, archive: Storage) -> bool:
+        """``run --resume-from-archive`` with another sink: the checkpoint, which said what
+        every sink acknowledged, is lost, and the stream goes on after the archive's end. A
+        batch is stored in the archive before the other sinks take it, so they can lack the
+        newest segment: it is written to them again from the archive (idempotent; a sink that
+        guards against replays guards it, ``Batch.replay``). Returns whether it wrote one."""
+        from .archive.reader import ArchiveReader  # (`run` imports the archive package anyway)
+
+        others = [s for s in self.sinks if s.name != "archive"]
+        reader = ArchiveReader(archive)
+        newest = reader.newest()
+        if not others or newest is None:
+            return False
+        events = PendingEvents(*self._spill)  # a huge group's segment: on disk past the bound
+        try:
+            for ev in reader.segment_events(newest):
+                events.append(ev)
+            batch = Batch(
+                first_id=newest.first,
+                last_id=newest.last,
+                events=events.head(len(events)),
+                size_bytes=events.bytes,
+                after_id=EventId.parse(newest.after_event_id) if newest.after_event_id else None,
+                replay=True,
+            )
+            log.warning(
+                "No checkpoint: the archive's newest segment is written to the other sinks "
+                "again, which may not have taken it.",
+                extra={"segment": newest.segment, "events": len(batch.events)},
+            )
+            self._write(others, batch)
+            self._quarantine_rejections(batch)
+        finally:
+            events.close()
+        return True
 
     def _write(self, sinks: Sequence[Sink], batch: Batch) -> None:
         write_with_retry(

@@ -40,6 +40,9 @@ class Batch:
     size_bytes: int = 0
     # The archive position this batch continues from (the previous segment's last group id).
     after_id: EventId | None = None
+    # Events a sink may have applied already (read back from the archive, the record of what
+    # the sink acknowledged lost): a sink that guards against replays guards this batch.
+    replay: bool = False
 
     def __len__(self) -> int:
         return len(self.events)

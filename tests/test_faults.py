@@ -28,7 +28,7 @@ import zstandard
 
 from connector import metrics, reconcile, watchdog
 from connector.archive import ArchiveReader, ArchiveSink
-from connector.checkpoint import Checkpoint, CheckpointStore
+from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.errors import RetryableError
 from connector.events import EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout
@@ -798,6 +798,58 @@ def test_target_down_slow_and_flaky_converges(sim: SimServer, tmp_path: Path) ->
         assert run.error is None and run.rc == 0
         assert metric("opencti_sync_retries_total", SENDING) >= after_down + 3
         assert proxy.stats["slow"] > 0 and proxy.stats["500"] >= 2
+        assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
+    finally:
+        proxy.stop()
+        b.stop()
+
+
+def test_a_lost_checkpoint_resumed_from_the_archive_gives_the_target_its_last_batch(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """The target went away after the archive stored a batch of edits; the run was stopped and
+    its checkpoint lost. ``run --resume-from-archive`` goes on after the archive's end: the
+    target, which never took that batch, gets it from the archive, and the checkpoint is saved
+    only then."""
+    generate(sim.store, 60, seed=73, mix="creates")
+    b = _target_platform()
+    proxy = FaultProxy(b.url, seed=73).start()
+    try:
+        storage = LocalStorage(tmp_path / "a")
+        env = {
+            **_target_env(sim.url, str(tmp_path / "a"), proxy.url),
+            "CONNECTOR_SHUTDOWN_TIMEOUT_SECS": "1",
+        }
+        run = ConnectorThread(env).start()
+        follow(storage, sim.store, "first sync")
+        b.stop()
+        for oid in [o["id"] for o in sim.store.objects() if o["type"] == "malware"][:5]:
+            sim.store.update(oid, set={"description": "edited while the target is down"})
+        last = EventId.parse(sim.store.last_event_id or "0-0")
+
+        def archived() -> bool:
+            newest = ArchiveReader(storage).newest()
+            return newest is not None and newest.last >= last
+
+        # In the archive, not on the target: the checkpoint waits for it.
+        wait_until(archived, what="the edits archived")
+        time.sleep(1)  # a few of the target's retries
+        assert not caught_up(storage, str(last))
+        run.stop()
+        (tmp_path / "a" / CHECKPOINT_KEY).unlink()
+        # Resumed while the target is still down: stopped before it took the segment, the run
+        # leaves no checkpoint behind, so the next --resume-from-archive delivers it again.
+        run = ConnectorThread(env, resume_from_archive=True).start()
+        time.sleep(1.5)
+        run.stop()
+        assert CheckpointStore(storage).load() is None
+        b.start()  # the platform is back, without the edits
+        assert sim.store.dump_bundle() != b.store.dump_bundle()
+
+        run = ConnectorThread(env, resume_from_archive=True).start()
+        follow(storage, sim.store, "resumed from the archive")
+        run.stop()
+        assert run.error is None and run.rc == 0
         assert_same_state(sim.store.dump_bundle(), b.store.dump_bundle())
     finally:
         proxy.stop()

@@ -697,6 +697,7 @@ class OpenCTITarget:
         until = self._replay_until
         return (
             self._replay_always
+            or batch.replay
             or self._after_failure
             or (until is not None and batch.first_id <= until)
         )
