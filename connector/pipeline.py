@@ -684,8 +684,8 @@ class Pipeline:
         others = [s for s in self.sinks if s.name != "archive"]
         reader = ArchiveReader(archive)
         newest = reader.newest()
-        if not others or newest is None:
-            return False
+        if not others or newest is None or newest.last_event_id != self.checkpoint.last_event_id:
+            return False  # (a snapshot holds the end: its segments were pruned long since)
         events = PendingEvents(*self._spill)  # a huge group's segment: on disk past the bound
         try:
             for ev in reader.segment_events(newest):
