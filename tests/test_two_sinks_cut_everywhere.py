@@ -339,12 +339,15 @@ def test_a_batch_cut_around_its_merge_converges(source: SimServer, tmp_path: Pat
 
 
 def test_a_refused_object_cut_after_the_target_write(source: SimServer, tmp_path: Path) -> None:
-    """B refuses one object: killed after the target's write, before the quarantine record;
-    the restart (batches cut otherwise) quarantines it and moves on."""
+    """B refuses one object: killed after the target's write, before or after the quarantine
+    record, or before the checkpoint; the restart (batches cut otherwise) quarantines it once
+    and moves on."""
     calls = _case(tmp_path / "clean", source, None, "kill", refuse=True)
     # The target's write of the batch whose push B refused (retried object by object).
-    write = max(i for i in range(calls.index("put quarantine")) if calls[i] == "target write")
-    for i, how in ((write, "kill-after"), (calls.index("put quarantine"), "kill")):
+    put = calls.index("put quarantine")
+    write = max(i for i in range(put) if calls[i] == "target write")
+    saved = calls.index("checkpoint", put)
+    for i, how in ((write, "kill-after"), (put, "kill"), (put, "kill-after"), (saved, "kill")):
         _case(tmp_path / f"{how}-{i}", source, i, how, refuse=True, recut=3)
 
 
