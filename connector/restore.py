@@ -270,6 +270,8 @@ class _Resume:
         # was pushed under (``StateStore.push_records``; 0 in a file without one).
         self.step, self.last_key, self.last_rank = 0, "", 0
         self.pushed = self.deleted = self.batches = 0
+        # What the progress display had counted (ids skipped or not held count too).
+        self.counted = 0
         self.resumed: dict[str, Any] | None = None
         if path is None or not path.exists():
             return
@@ -281,6 +283,7 @@ class _Resume:
             step, last_key = int(saved["step"]), str(saved["last_key"])
             last_rank = int(saved.get("last_rank", 0))
             pushed, deleted, batches = (int(saved[k]) for k in ("pushed", "deleted", "batches"))
+            counted = int(saved.get("counted", pushed + deleted))  # absent in older files
             if not 0 <= step < len(STEPS) or saved.get("step_name") != STEPS[step]:
                 # Written by a version whose steps differ: its position means something else.
                 log.warning("Restore progress from another version's steps; starting over.")
@@ -290,6 +293,7 @@ class _Resume:
             return
         self.step, self.last_key, self.last_rank = step, last_key, last_rank
         self.pushed, self.deleted, self.batches = pushed, deleted, batches
+        self.counted = counted
         self.resumed = {"step": STEPS[step], "last_key": last_key}
         if last_rank:
             self.resumed["last_rank"] = last_rank
@@ -310,6 +314,7 @@ class _Resume:
                 "pushed": self.pushed,
                 "deleted": self.deleted,
                 "batches": self.batches,
+                "counted": self.counted,
             },
             option=orjson.OPT_INDENT_2,
         )
@@ -351,7 +356,7 @@ class _Run:
     ) -> None:
         self.state, self.target, self.resume, self.report = state, target, resume, report
         self.progress, self.total, self.dry_run = progress, total, dry_run
-        self.done = resume.pushed + resume.deleted
+        self.done = resume.counted
         self.lookup = target if dry_run and isinstance(target, KnownIds) else None
         # Deletes are counted as the target held them: an id it does not hold is a no-op.
         self.holds = target if isinstance(target, KnownIds) else None
@@ -379,9 +384,9 @@ class _Run:
             self.target.push_objects(batch)
             report.pushed += len(batch)
             report.batches += 1
-            if save:
-                self._save(step, at)
-        self.tick(len(batch))
+        self.tick(len(batch))  # before the save: a resumed run counts on from there
+        if save and not self.dry_run:
+            self._save(step, at)
 
     def push_with_files(
         self, stix: dict[str, Any], files: Storage, max_bytes: int, step: int, at: tuple[int, str]
@@ -439,8 +444,9 @@ class _Run:
                 self.target.delete_ids(ids)
                 report.deleted += len(present)
                 report.batches += 1
-            self._save(step, (0, last_key))
         self.tick(len(ids))
+        if not self.dry_run:
+            self._save(step, (0, last_key))
 
     def _save(self, step: int, at: tuple[int, str]) -> None:
         r = self.report
@@ -449,6 +455,7 @@ class _Run:
             r.deleted,
             r.batches,
         )
+        self.resume.counted = self.done
         self.resume.save(step, at)
 
 
@@ -546,8 +553,8 @@ def _merged_away(run: _Run, batch_size: int) -> None:
             return
         held = run.resolver.resolve_ids(pending) if pending else {}
         doomed = [sid for sid in pending if held.get(sid) == sid]
+        run.tick(len(pending) - len(doomed))  # counted before the position passes them
         run.delete(doomed, _MERGED_STEP, last_key, resolved=True)
-        run.tick(len(pending) - len(doomed))
         pending = []
 
     for tomb in state.tombstones(after=after):
