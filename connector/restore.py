@@ -261,6 +261,19 @@ class RestoreReport:
             ids.append(stix_id)
 
 
+# Summary counts a resumed run carries on from the progress file, so that its summary covers
+# the whole restore as ``pushed`` and ``deleted`` do.
+_CARRIED = (
+    "files",
+    "files_lacking",
+    "files_too_large",
+    "skipped_deletes",
+    "unchecked_merged",
+    "upserts_by_type",
+    "deletes_by_type",
+)
+
+
 class _Resume:
     """The restore position, saved atomically after every acknowledged batch."""
 
@@ -272,6 +285,7 @@ class _Resume:
         self.pushed = self.deleted = self.batches = 0
         # What the progress display had counted (ids skipped or not held count too).
         self.counted = 0
+        self.tallies: dict[str, Any] = {}  # ``_CARRIED`` counts of the report
         self.resumed: dict[str, Any] | None = None
         if path is None or not path.exists():
             return
@@ -284,6 +298,8 @@ class _Resume:
             last_rank = int(saved.get("last_rank", 0))
             pushed, deleted, batches = (int(saved[k]) for k in ("pushed", "deleted", "batches"))
             counted = int(saved.get("counted", pushed + deleted))  # absent in older files
+            tallies = saved.get("tallies")
+            tallies = tallies if isinstance(tallies, dict) else {}
             if not 0 <= step < len(STEPS) or saved.get("step_name") != STEPS[step]:
                 # Written by a version whose steps differ: its position means something else.
                 log.warning("Restore progress from another version's steps; starting over.")
@@ -293,7 +309,7 @@ class _Resume:
             return
         self.step, self.last_key, self.last_rank = step, last_key, last_rank
         self.pushed, self.deleted, self.batches = pushed, deleted, batches
-        self.counted = counted
+        self.counted, self.tallies = counted, tallies
         self.resumed = {"step": STEPS[step], "last_key": last_key}
         if last_rank:
             self.resumed["last_rank"] = last_rank
@@ -315,6 +331,7 @@ class _Resume:
                 "deleted": self.deleted,
                 "batches": self.batches,
                 "counted": self.counted,
+                "tallies": self.tallies,
             },
             option=orjson.OPT_INDENT_2,
         )
@@ -456,6 +473,11 @@ class _Run:
             r.batches,
         )
         self.resume.counted = self.done
+        tallies: dict[str, Any] = {}
+        for key in _CARRIED:
+            value = getattr(r, key)
+            tallies[key] = dict(value) if isinstance(value, dict) else value
+        self.resume.tallies = tallies
         self.resume.save(step, at)
 
 
@@ -495,6 +517,7 @@ def restore_to_target(
     resume = _Resume(None if dry_run else resume_file, fingerprint)
     report = RestoreReport(dry_run=dry_run, as_of=as_of, resumed_from=resume.resumed)
     report.pushed, report.deleted, report.batches = resume.pushed, resume.deleted, resume.batches
+    _carry_on(report, resume.tallies)
     total = counts["objects"] + (counts["tombstones"] if apply_deletes else 0)
     run = _Run(state, target, resume, report, progress, total, dry_run)
     run.tick(0)
@@ -532,6 +555,18 @@ def restore_to_target(
         extra={"pushed": report.pushed, "deleted": report.deleted, "batches": report.batches},
     )
     return report
+
+
+def _carry_on(report: RestoreReport, tallies: dict[str, Any]) -> None:
+    """The counts a stopped run had saved, into the report of the run that resumes it (a value
+    of another shape, from a damaged file, is left out)."""
+    for key in _CARRIED:
+        value, start = tallies.get(key), getattr(report, key)
+        if isinstance(start, int) and isinstance(value, int):
+            setattr(report, key, value)
+        elif isinstance(start, dict) and isinstance(value, dict):
+            counts = {str(k): n for k, n in value.items() if isinstance(n, int)}
+            setattr(report, key, counts)
 
 
 def _merged_away(run: _Run, batch_size: int) -> None:
