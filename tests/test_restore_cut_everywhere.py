@@ -435,6 +435,24 @@ def _restore_in_process(state: Any, store: SimStore, work: Path, plan: Plan) -> 
         restore._Resume = saved  # type: ignore[misc]  # noqa: SLF001
 
 
+def _finished(
+    state: Any, store: SimStore, work: Path, plan: Plan, reference: dict[str, Any]
+) -> str | None:
+    """The run that resumes a cut one, with ``plan`` (which may cut it again: then one more
+    run finishes): None when B ends as the uncut restore left it and the progress at 100%,
+    else what differs."""
+    bar = _restore_in_process(state, store, work, plan)
+    bar = bar or _restore_in_process(state, store, work, Plan())
+    assert bar is not None
+    try:
+        assert_same_state(reference, store.dump_bundle())
+        # The progress shown ends at 100% (the metric a restore serves).
+        assert bar.last[0] == bar.last[1], f"progress ended at {bar.last}"
+    except AssertionError as exc:
+        return str(exc)
+    return None
+
+
 Point = tuple[Any, list[dict[str, Any]]]
 
 
@@ -487,15 +505,9 @@ def test_restore_of_random_histories_cut_at_every_call(seed: int, tmp_path: Path
                     first = Plan(i, "kill" if how == "kill" else "kill-after")
                     assert _restore_in_process(state, store, work, first) is None
                     again = _WritesPlan() if how == "kill-twice" else Plan()
-                    bar = _restore_in_process(state, store, work, again)
-                    bar = bar or _restore_in_process(state, store, work, Plan())
-                    assert bar is not None
-                    try:
-                        assert_same_state(reference, store.dump_bundle())
-                        # The progress shown ends at 100% (the metric a restore serves).
-                        assert bar.last[0] == bar.last[1], f"progress ended at {bar.last}"
-                    except AssertionError as exc:
-                        failures.append(f"--until {until} {i} {how} {calls[i]}: {exc}"[:500])
+                    error = _finished(state, store, work, again, reference)
+                    if error is not None:
+                        failures.append(f"--until {until} {i} {how} {calls[i]}: {error}"[:500])
     assert not failures, f"{len(failures)} of the cuts failed:\n" + "\n".join(failures)
 
 
@@ -522,15 +534,10 @@ def test_restore_of_a_random_history_cut_twice(tmp_path: Path) -> None:
                             _restore_in_process(state, store, work, Plan(i, "kill-after")) is None
                         )
                         second = Plan(j, how)
-                        bar = _restore_in_process(state, store, work, second)
-                        bar = bar or _restore_in_process(state, store, work, Plan())
-                        assert bar is not None
-                        try:
-                            assert_same_state(reference, store.dump_bundle())
-                            assert bar.last[0] == bar.last[1], f"progress ended at {bar.last}"
-                        except AssertionError as exc:
+                        error = _finished(state, store, work, second, reference)
+                        if error is not None:
                             what = f"--until {until} {i} then {j} {how}"
-                            failures.append(f"{what}: {exc}"[:500])
+                            failures.append(f"{what}: {error}"[:500])
                         if not second.dead or not everywhere:
                             break
                         j += 1

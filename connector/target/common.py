@@ -93,7 +93,7 @@ class LiveIds:
 
         The stream sends objects as they are when sent: an entity that absorbs another one
         later can come after that one's create, already holding its id.
-        ``OpenCTITarget.live_aliases`` asks the target before the batch, when that entity is not
+        ``OpenCTITarget.on_target`` asks the target before the batch, when that entity is not
         there yet; upserting with its id would then resolve to it, or to both. The id comes
         back with the merge.
         """
@@ -180,5 +180,5 @@ def merge_source_ids(ev: StreamEvent) -> set[str]:
 
 def live_aliases_of(live_aliases: Mapping[str, set[str]] | None, ev: StreamEvent) -> set[str]:
     """The aliases of ``ev``'s object that name another live entity on the target (from
-    ``OpenCTITarget.live_aliases``): left out of its upsert like later merges' sources."""
+    ``OpenCTITarget.on_target``): left out of its upsert like later merges' sources."""
     return set(live_aliases.get(ev.stix_id, ())) if live_aliases else set()

@@ -209,7 +209,7 @@ def plan_pushes(
     be unknown here), merge the sources into it, upsert it again so its content is the source's
     final one. Until a merge is applied, no upsert carries its sources' ids as aliases (see
     ``common.without_aliases``); ``live_aliases`` (object id -> aliases that name another live
-    entity on the target, see ``OpenCTITarget.live_aliases``) extends that to merges in later
+    entity on the target, see ``OpenCTITarget.on_target``) extends that to merges in later
     batches. An id-changing update starts a new push so the old id is there to be found.
     Events of objects the target already merged away or renamed (``absorbed``, object id ->
     the entity it names there, see ``OpenCTITarget.on_target``) are left out
@@ -742,10 +742,6 @@ class OpenCTITarget:
                 files.refused(done.keys, obj.get("id"), names, str(exc))
                 continue
             files.carried(done.keys)
-
-    def live_aliases(self, events: Sequence[StreamEvent]) -> dict[str, set[str]]:
-        """Aliases of upserts that name *another* live entity on the target (``on_target``)."""
-        return self.on_target(events, own_ids=False)[0]
 
     def on_target(
         self, events: Sequence[StreamEvent], *, own_ids: bool = True
