@@ -35,6 +35,7 @@ from .files import FILES_MARK, each_file_inline, file_entries, with_file_data
 from .snapshot import fold_segments, list_snapshots, pruned_before, seed_state, state_sha256
 from .state import PHASES, StateStore, remove_state_files
 from .storage import Storage
+from .storage.local import fsync_dir
 
 __all__ = [
     "KnownIds",
@@ -342,6 +343,9 @@ class _Resume:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        # The rename is an entry of the directory: a power cut could undo it until that is
+        # synced too, and the next run would go on from an older position, with older counts.
+        fsync_dir(self.path.parent)
 
     def start_after(self, step: int) -> str | None:
         """Where ``step`` resumes (None: from its start); steps already done are skipped."""
@@ -354,8 +358,15 @@ class _Resume:
         return self.last_rank, self.last_key
 
     def done(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        if self.path is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return
+        # Else a power cut could bring the file back: the same restore run again later would
+        # take itself for finished and push nothing.
+        fsync_dir(self.path.parent)
 
 
 class _Run:

@@ -28,7 +28,7 @@ from typing import BinaryIO
 from ..errors import NotFound, PermanentError, RetryableError
 from . import Body, body_chunks, check_key
 
-__all__ = ["LocalStorage"]
+__all__ = ["LocalStorage", "fsync_dir"]
 
 _TMP = ".tmp-"
 # A temporary file untouched for this long belongs to a writer that died (or failed) mid-write.
@@ -36,6 +36,17 @@ _TMP_STALE_SECS = 600
 _CAS_LOCK = ".replace-lock"  # flocked by replace_if; never listed, never a key
 
 log = logging.getLogger(__name__)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make ``directory``'s entries durable: a file renamed or linked into it is there after a
+    power loss only once its directory is fsynced too (fsyncing the file keeps its bytes, not
+    its name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStorage:
@@ -106,11 +117,7 @@ class LocalStorage:
         return created
 
     def _fsync_dir(self, directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)  # a method: the tests record the directories it syncs
 
     def _sync_dir(self, directory: Path) -> None:
         try:
