@@ -275,6 +275,30 @@ _CARRIED = (
 )
 
 
+# What each part of the progress file's fingerprint stands for, in the operator's words. Each
+# changes what a restore pushes or where: progress made under other values does not count.
+_FINGERPRINT_WORDS = {
+    "as_of": "the point in time (--until)",
+    "state_sha256": "the archived state",
+    "tombstones": "the archived state",
+    "apply_deletes": "--apply-deletes",
+    "batch_size": "the batch size",
+    "target": "the target platform (--opencti)",
+    "files": "whether attached files are pushed",
+    "max_file_bytes": "--max-file-mb",
+}
+
+
+def _what_differs(saved: Any, fingerprint: dict[str, Any]) -> str:
+    """Why a progress file's fingerprint is not this restore's, for the log."""
+    if not isinstance(saved, dict):
+        return "no fingerprint"
+    if any(key not in saved for key in fingerprint):
+        return "written by an older version, which recorded less of the restore's settings"
+    changed = [_FINGERPRINT_WORDS.get(k, k) for k in fingerprint if saved.get(k) != fingerprint[k]]
+    return "another " + ", ".join(dict.fromkeys(changed)) if changed else "other settings"
+
+
 class _Resume:
     """The restore position, saved atomically after every acknowledged batch."""
 
@@ -292,8 +316,13 @@ class _Resume:
             return
         try:
             saved = orjson.loads(path.read_bytes())
-            if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-                log.warning("Restore progress belongs to another restore; starting over.")
+            theirs = saved.get("fingerprint") if isinstance(saved, dict) else None
+            if theirs != fingerprint:
+                log.warning(
+                    "Restore progress belongs to another restore (%s); starting over: "
+                    "everything is pushed again.",
+                    _what_differs(theirs, fingerprint),
+                )
                 return
             step, last_key = int(saved["step"]), str(saved["last_key"])
             last_rank = int(saved.get("last_rank", 0))
@@ -511,7 +540,11 @@ def restore_to_target(
 
     A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
     made on one platform says nothing about another) continues after the last acknowledged
-    batch, so at most one batch is pushed twice (pushes are idempotent upserts).
+    batch, so at most one batch is pushed twice (pushes are idempotent upserts). Any other
+    value of what decides what is pushed and where (the state, ``apply_deletes``,
+    ``batch_size``, ``target_name``, whether ``files`` are pushed, ``max_file_bytes``) starts
+    over, said in the log; what only decides how (the target's token, timeouts) is not part of
+    it.
     """
     if batch_size < 1:
         raise ConfigError("restore.batch_size", "must be positive")
@@ -524,6 +557,10 @@ def restore_to_target(
         "apply_deletes": apply_deletes,
         "batch_size": batch_size,
         "target": target_name,
+        # Objects already pushed went with the files of these rules: a run with others must
+        # push them again, or their files would never be sent (or be left out unsaid).
+        "files": files is not None,
+        "max_file_bytes": max_file_bytes if files is not None else None,
     }
     resume = _Resume(None if dry_run else resume_file, fingerprint)
     report = RestoreReport(dry_run=dry_run, as_of=as_of, resumed_from=resume.resumed)

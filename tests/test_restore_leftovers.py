@@ -1,5 +1,9 @@
 """A resumable restore's progress file: what it is bound to, how it is written, what it counts.
 
+* A restore resumed with other rules for attached files (``--max-file-mb``, or files pushed or
+  not) starts over: the objects already pushed went with the files of the first rules, and
+  skipping them would leave their files out. The archive is written by the real connector
+  (``run``) from the platform double; the target is our own protocol's (a recording class).
 * The rename that puts a new progress file in place, and the removal of a finished one, are
   made durable (the work dir fsynced after them), seen in the system calls of a real process
   traced by strace.
@@ -7,15 +11,26 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from connector.errors import RetryableError
+from connector.files import file_entries
+from connector.restore import materialise, restore_to_target
+from connector.sim.server import SimServer
+from connector.storage.local import LocalStorage
+from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.target import malware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +108,102 @@ def test_the_progress_files_rename_and_removal_are_made_durable(tmp_path: Path) 
     synced = _dir_synced_after(lines, removed[-1], work, until=str(progress))
     assert synced, "no fsync of the work dir after the unlink"
     assert not progress.exists()
+
+
+# ---------------------------------------------------------------------- rules for files
+TOKEN_A = "leftovers-token-a"
+REPORT = "report--2c4e6a8b-0d1f-4a3b-8c5d-7e9f1a2b3c4d"
+PDF = b"%PDF-1.7 " + b"x" * 3000
+
+
+@pytest.fixture(scope="module")
+def with_a_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStorage]:
+    """An archive written by ``run``: malware, a report with a 3 KB file, and a malware
+    deleted (so that a restore deletes after its pushes)."""
+    archive = LocalStorage(tmp_path_factory.mktemp("leftovers") / "archive")
+    with SimServer(token=TOKEN_A, heartbeat_secs=0.2) as a:
+        a.store.create(malware("leftover seed"))
+        run = ConnectorThread(base_env(a.url, TOKEN_A, str(archive.root))).start()
+        wait_until(lambda: caught_up(archive, str(a.store.last_event_id)), what="the seed")
+        a.store.create(
+            {
+                "type": "report",
+                "spec_version": "2.1",
+                "id": REPORT,
+                "name": "leftover report",
+                "published": "2026-01-01T00:00:00.000Z",
+                "object_refs": [malware("leftover seed")["id"]],
+            }
+        )
+        a.store.attach_file(REPORT, "analysis.pdf", PDF)
+        a.store.create(malware("leftover gone"))
+        a.store.delete(str(malware("leftover gone")["id"]))
+        wait_until(lambda: caught_up(archive, str(a.store.last_event_id)), what="the archive")
+        run.stop()
+        assert run.error is None
+    yield archive
+
+
+class _Recording:
+    """A restore target (our own protocol) recording the files pushed with their bytes; with
+    ``fail_deletes`` it goes away at the first delete, after every push."""
+
+    def __init__(self, *, fail_deletes: bool = False) -> None:
+        self.fail_deletes = fail_deletes
+        self.with_data: list[tuple[str, bytes]] = []
+        self.pushed: list[str] = []
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        for obj in objects:
+            self.pushed.append(str(obj["id"]))
+            for f in file_entries(obj):
+                if "data" in f:
+                    self.with_data.append((str(f["name"]), base64.b64decode(f["data"])))
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        if self.fail_deletes:
+            raise RetryableError("the platform went away")
+
+
+@pytest.mark.parametrize(
+    ("first", "words"),
+    [
+        ({"files": None}, "whether attached files are pushed"),
+        ({"max_file_bytes": 1000}, "--max-file-mb"),
+        ({}, None),  # the same rules: resumed
+    ],
+    ids=["files-then", "larger-max-file-mb", "same"],
+)
+def test_a_restore_resumed_with_other_rules_for_files_starts_over(
+    with_a_file: LocalStorage,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    first: dict[str, Any],
+    words: str | None,
+) -> None:
+    """First run without files, or with a --max-file-mb the file is above, stopped after the
+    report was pushed; the run that follows pushes files up to 35 MB: the report's file must
+    reach the target. Resumed, it never did (the report was behind the saved position)."""
+    progress = tmp_path / "restore-progress.json"
+    rules: dict[str, Any] = {"files": with_a_file, "resume_file": progress, "target_name": "b"}
+    with materialise(with_a_file, until=None, work_dir=tmp_path / "w") as state:
+        stopped = _Recording(fail_deletes=True)
+        with pytest.raises(RetryableError):
+            restore_to_target(state, stopped, **{**rules, **first})
+        assert REPORT in stopped.pushed and progress.exists()
+        if words is None:
+            assert stopped.with_data == [("analysis.pdf", PDF)]
+        else:
+            assert stopped.with_data == []  # left out by the first run's rules
+        caplog.clear()
+        again = _Recording()
+        report = restore_to_target(state, again, **rules)
+    said = [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()]
+    if words is None:
+        assert report.resumed_from is not None and not said
+        assert again.with_data == [] and report.files == 1  # pushed once, by the first run
+        return
+    assert again.with_data == [("analysis.pdf", PDF)], "the report's file was never sent"
+    assert report.resumed_from is None, "resumed under other rules for files"
+    assert report.files == 1 and report.files_too_large == 0
+    assert len(said) == 1 and words in said[0], said
