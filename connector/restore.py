@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -311,6 +311,10 @@ class _Resume:
         # What the progress display had counted (ids skipped or not held count too).
         self.counted = 0
         self.tallies: dict[str, Any] = {}  # ``_CARRIED`` counts of the report
+        # Ids the target held that a delete request sent after the last position asks it to
+        # delete: written before the request, so that a run stopped once it was acknowledged
+        # (before the position moved past it) leaves their count to the run that resumes it.
+        self.deleting: set[str] = set()
         self.resumed: dict[str, Any] | None = None
         if path is None or not path.exists():
             return
@@ -330,6 +334,8 @@ class _Resume:
             counted = int(saved.get("counted", pushed + deleted))  # absent in older files
             tallies = saved.get("tallies")
             tallies = tallies if isinstance(tallies, dict) else {}
+            deleting = saved.get("deleting") or []  # absent in older files
+            deleting = {str(sid) for sid in deleting} if isinstance(deleting, list) else set()
             if not 0 <= step < len(STEPS) or saved.get("step_name") != STEPS[step]:
                 # Written by a version whose steps differ: its position means something else.
                 log.warning("Restore progress from another version's steps; starting over.")
@@ -339,13 +345,16 @@ class _Resume:
             return
         self.step, self.last_key, self.last_rank = step, last_key, last_rank
         self.pushed, self.deleted, self.batches = pushed, deleted, batches
-        self.counted, self.tallies = counted, tallies
+        self.counted, self.tallies, self.deleting = counted, tallies, deleting
         self.resumed = {"step": STEPS[step], "last_key": last_key}
         if last_rank:
             self.resumed["last_rank"] = last_rank
 
-    def save(self, step: int, at: tuple[int, str]) -> None:
+    def save(self, step: int, at: tuple[int, str], deleting: Collection[str] = ()) -> None:
+        """The position ``at`` in ``step`` with the counts set before; ``deleting``: the ids
+        of a delete request about to be sent after that position (see ``self.deleting``)."""
         self.step, (self.last_rank, self.last_key) = step, at
+        self.deleting = set(deleting)
         last_key = self.last_key
         if self.path is None:
             return
@@ -362,6 +371,7 @@ class _Resume:
                 "batches": self.batches,
                 "counted": self.counted,
                 "tallies": self.tallies,
+                "deleting": sorted(self.deleting),
             },
             option=orjson.OPT_INDENT_2,
         )
@@ -385,6 +395,10 @@ class _Resume:
         if step != self.step or not (self.last_key or self.last_rank):
             return None
         return self.last_rank, self.last_key
+
+    def saving_deletes(self, ids: Collection[str]) -> None:
+        """Written before a delete request for ``ids``: the same position and counts."""
+        self.save(self.step, (self.last_rank, self.last_key), deleting=ids)
 
     def done(self) -> None:
         if self.path is None:
@@ -418,6 +432,8 @@ class _Run:
         # Deletes are counted as the target held them: an id it does not hold is a no-op.
         self.holds = target if isinstance(target, KnownIds) else None
         self.resolver = target if isinstance(target, ResolvesIds) else None
+        # Ids the run this one resumes was deleting when it stopped (held by the target then).
+        self.deleting = set(resume.deleting)
 
     def tick(self, n: int) -> None:
         self.done += n
@@ -483,15 +499,32 @@ class _Run:
             )
         self._save(step, at)
 
-    def delete(self, ids: list[str], step: int, last_key: str, *, resolved: bool = False) -> None:
+    def delete(
+        self,
+        ids: list[str],
+        step: int,
+        last_key: str,
+        *,
+        resolved: bool = False,
+        asked: list[str] | None = None,
+    ) -> None:
         """``resolved``: the target said it holds every one of ``ids`` under that very id (the
-        caller asked it), so it is not asked again."""
+        caller asked it), so it is not asked again. ``asked``: the batch the caller kept
+        ``ids`` from (``ids`` when None); those of its ids the stopped run this one resumes was
+        deleting count as deleted, held still or gone since, as in a run never stopped."""
         report = self.report
         if resolved or self.holds is None or not ids:
             present = set(ids)
         else:
             present = self.holds.known_ids(ids)
-        for sid in ids:
+        batch = ids if asked is None else asked
+        present |= self.deleting.intersection(batch)
+        self.deleting -= present
+        if ids and present and not self.dry_run:
+            # Before the request: acknowledged and then stopped, the position has not moved,
+            # and the ids it deleted are gone when the resumed run asks again.
+            self.resume.saving_deletes(present)
+        for sid in batch:
             if sid in present:
                 report.count(report.deletes_by_type, "delete", sid)
         if not self.dry_run:
@@ -499,6 +532,7 @@ class _Run:
                 # Every id is sent (one the lookup missed is deleted all the same); those the
                 # target held are counted.
                 self.target.delete_ids(ids)
+            if ids or present:
                 report.deleted += len(present)
                 report.batches += 1
         self.tick(len(ids))
@@ -637,7 +671,7 @@ def _merged_away(run: _Run, batch_size: int) -> None:
         held = run.resolver.resolve_ids(pending) if pending else {}
         doomed = [sid for sid in pending if held.get(sid) == sid]
         run.tick(len(pending) - len(doomed))  # counted before the position passes them
-        run.delete(doomed, _MERGED_STEP, last_key, resolved=True)
+        run.delete(doomed, _MERGED_STEP, last_key, resolved=True, asked=pending)
         pending = []
 
     for tomb in state.tombstones(after=after):
@@ -681,7 +715,7 @@ def _deleted(run: _Run, batch_size: int) -> None:
                     extra={"count": len(aliases), "sample": aliases[:5]},
                 )
             run.tick(len(ids) - len(doomed))
-        run.delete(doomed, _DELETED_STEP, last_key, resolved=resolved)
+        run.delete(doomed, _DELETED_STEP, last_key, resolved=resolved, asked=ids)
         ids = []
 
     for tomb in state.tombstones(after=after):

@@ -4,6 +4,9 @@
   not) starts over: the objects already pushed went with the files of the first rules, and
   skipping them would leave their files out. The archive is written by the real connector
   (``run``) from the platform double; the target is our own protocol's (a recording class).
+* A restore stopped right after a delete request was acknowledged (before its position moved
+  past it) counts those deletes when resumed: ``deleted`` and the deletes by type come out as
+  in a restore never stopped, though the target no longer holds the ids when asked again.
 * The rename that puts a new progress file in place, and the removal of a finished one, are
   made durable (the work dir fsynced after them), seen in the system calls of a real process
   traced by strace.
@@ -26,11 +29,13 @@ import pytest
 
 from connector.errors import RetryableError
 from connector.files import file_entries
-from connector.restore import materialise, restore_to_target
+from connector.restore import RestoreReport, materialise, restore_to_target
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.target import malware
+from tests.test_restore import SimTarget
+from tests.test_state import archive_events, new_sim, run_scenario, sim_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,3 +212,89 @@ def test_a_restore_resumed_with_other_rules_for_files_starts_over(
     assert report.resumed_from is None, "resumed under other rules for files"
     assert report.files == 1 and report.files_too_large == 0
     assert len(said) == 1 and words in said[0], said
+
+
+# ---------------------------------------------------------------------- deletes counted
+class Killed(BaseException):
+    """The process dies: nothing catches it, nothing runs after it."""
+
+
+class _Knows:
+    """A SimStore target that can say which ids it holds, not which entity they name."""
+
+    def __init__(self, store: Any) -> None:
+        self.inner = SimTarget(store)
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        self.inner.push_objects(objects)
+
+    def delete_ids(self, stix_ids: list[str]) -> None:
+        self.inner.delete_ids(stix_ids)
+
+    def known_ids(self, stix_ids: list[str]) -> set[str]:
+        return self.inner.known_ids(stix_ids)
+
+
+def _killed_after_delete(target: Any, n: int | None) -> Any:
+    """``target`` whose process dies just after its ``n``-th delete request returned."""
+    calls = [0]
+    delete = target.delete_ids
+
+    def delete_ids(stix_ids: list[str]) -> None:
+        delete(stix_ids)
+        calls[0] += 1
+        if calls[0] == n:
+            raise Killed(f"killed after delete request {n}")
+
+    target.delete_ids = delete_ids
+    return target
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStorage, list[Any]]:
+    """tests/test_state's edit script archived (a merge, deletes, a re-creation)."""
+    store = new_sim()
+    marks = run_scenario(store)
+    events, _ = sim_events(store)
+    storage = LocalStorage(tmp_path_factory.mktemp("scenario") / "archive")
+    archive_events(storage, events, per_segment=10)
+    return storage, marks
+
+
+@pytest.mark.parametrize("kind", ["resolves", "knows"])
+def test_a_restore_stopped_right_after_a_delete_counts_it_when_resumed(
+    scenario: tuple[LocalStorage, list[Any]], tmp_path: Path, kind: str
+) -> None:
+    """Over the scenario's first state (which holds what it deletes and merges away later),
+    killed just after each delete request in turn, then run again: the summary's deleted and
+    deletes_by_type are the uncut run's. They were up to one batch lower: the ids deleted
+    were asked again, gone, and not counted."""
+    storage, marks = scenario
+
+    def platform() -> tuple[Any, Any]:
+        store = new_sim()
+        store.load_bundle(marks[0][1])
+        return store, (SimTarget if kind == "resolves" else _Knows)
+
+    def restore(work: Path, n: int | None) -> tuple[RestoreReport, bool]:
+        """Killed after delete request ``n`` (None: not killed), then run again."""
+        store, make = platform()
+        args: dict[str, Any] = {"batch_size": 2, "resume_file": work / "restore-progress.json"}
+        with materialise(storage, until=None, work_dir=work / "w") as state:
+            try:
+                return restore_to_target(state, _killed_after_delete(make(store), n), **args), False
+            except Killed:
+                return restore_to_target(state, make(store), **args), True
+
+    uncut, _ = restore(tmp_path / "uncut", None)
+    assert uncut.deleted >= 3 and sum(uncut.deletes_by_type.values()) == uncut.deleted
+    wrong: list[str] = []
+    n, killed = 1, True
+    while killed:
+        report, killed = restore(tmp_path / f"cut-{n}", n)
+        got = (report.deleted, report.deletes_by_type)
+        if got != (uncut.deleted, uncut.deletes_by_type):
+            wrong.append(f"after delete {n}: {got}, uncut {uncut.deleted, uncut.deletes_by_type}")
+        n += 1
+    assert n > 3, "fewer delete requests than expected"
+    assert not wrong, "\n".join(wrong)
