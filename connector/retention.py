@@ -16,7 +16,10 @@ never used, since copies and restores change them):
 * snapshots older than the base go (they restore only to points outside the window); with
   ``keep_snapshots > 0`` only the newest ``keep_snapshots`` snapshots are kept besides the base.
   A snapshot is deleted manifest first for the same reason. Unfinished snapshot directories
-  (no manifest) older than the base are crash leftovers and go too;
+  (no manifest) older than the newest committed snapshot are crash leftovers (a snapshot job
+  killed before its commit, a retention killed between a manifest and its parts) and go too,
+  base or no base: a snapshot job writes past the newest committed snapshot, and runs only
+  while retention does not hold the job lock;
 * quarantine objects stay for operators to inspect until the event they follow is itself covered
   by the base (older than the window and compacted away); then they go;
 * with no base (no snapshot, keep_days 0, or all snapshots newer than W) no segment is deleted,
@@ -350,8 +353,7 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
             report.kept_snapshots.append(str(snap.as_of))
         else:
             _plan_snapshot(storage, report, snap.prefix, reason)
-    if base is not None:
-        _plan_unfinished_snapshots(storage, report, base.as_of, {s.prefix for s in snapshots})
+    _plan_unfinished_snapshots(storage, report, snapshots[-1].as_of, {s.prefix for s in snapshots})
     _plan_segments(storage, report, base.as_of if base is not None else None)
     if base is not None:
         _plan_quarantine(storage, report, base.as_of)
@@ -367,15 +369,15 @@ def _plan_snapshot(storage: Storage, report: RetentionReport, prefix: str, reaso
 
 
 def _plan_unfinished_snapshots(
-    storage: Storage, report: RetentionReport, base: EventId, committed: set[str]
+    storage: Storage, report: RetentionReport, newest: EventId, committed: set[str]
 ) -> None:
     for prefix, keys in _snapshot_dirs(storage):
         as_of = _snapshot_id(prefix)
-        if prefix in committed or as_of is None or as_of >= base:
+        if prefix in committed or as_of is None or as_of >= newest:
             continue  # a newer unfinished one may be in progress elsewhere: leave it
         for key in keys:
             report.deletions.append(
-                Deletion(key, "snapshot", f"unfinished snapshot older than base {base}")
+                Deletion(key, "snapshot", f"unfinished snapshot older than snapshot {newest}")
             )
 
 

@@ -172,6 +172,28 @@ def test_keep_snapshots_with_forever_window(tmp_path: Path) -> None:
     assert verified.ok, format_report(verified)
 
 
+def test_unfinished_snapshots_older_than_the_newest_go_even_without_a_base(
+    tmp_path: Path,
+) -> None:
+    """Keeping history forever (no base): what a killed job left of a snapshot (its parts,
+    no manifest: a snapshot job killed before its commit, or a retention killed between a
+    snapshot's manifest and its parts) goes once a newer snapshot is committed. One past the
+    newest committed snapshot may be a snapshot job's work in progress: it stays."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={1, 2, 4})
+    left = list_snapshots(storage)[1]
+    storage.delete(left.manifest_key)  # as a retention killed after the manifest leaves it
+    ahead = f"snapshots/{EventId(T0 + 9 * DAY_MS, 0).key}/part-00000.jsonl.zst"
+    storage.put(ahead, b"a snapshot job's part, its manifest not written yet")
+    segments = len(list(ArchiveReader(storage).manifests()))
+    report = run_retention_job(storage, RetentionPolicy(keep_days=0, keep_snapshots=0))
+    assert report.base is None
+    assert not any(k.startswith(f"snapshots/{left.key}/") for k in storage.list("snapshots/"))
+    assert storage.exists(ahead)
+    assert len(list(ArchiveReader(storage).manifests())) == segments
+    assert len(list_snapshots(storage)) == 2
+
+
 def test_keep_snapshots_never_drops_the_base(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_days(storage, tmp_path, days=8, snapshot_days={1, 5, 6, 7})
