@@ -10,7 +10,8 @@ snapshot job writes snapshots on the way. Three archives to start from:
 * *before retention*: the same with S3, then the last quarter. The clock (``now``, given to
   the job) puts the window's start W between S2 and S3: S2 is the base, so S1, the segments
   S2 covers and the quarantine records before it go;
-* *with S4*: the same with S4 at its end: with ``keep_snapshots=1`` retention deletes S3 too.
+* *with S4*: the same with S4 at its end (with ``keep_snapshots=1`` retention deletes S3
+  too), and the lock of a retention job killed just after it took it.
 
 A clean run of a job records every call it makes to the archive's storage (a subclass of our
 ``LocalStorage``: listings, reads, the lock's writes and compare-and-swap, puts, deletes).
@@ -303,6 +304,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     now = dt.datetime.fromtimestamp((window.ms + DAY_MS) / 1000, dt.UTC)
     for path in (root, before_retention, with_s4):
         assert trusted_now(LocalStorage(path), now) == now
+    # There, a retention job was killed just after it took the lock: the next one takes it over.
+    with pytest.raises(Killed):
+        run_retention_job(CutStorage(with_s4, Plan(0, "kill-after")), POLICY, now=now)
+    _bury(with_s4)
     ids = sorted({ev.id for ev in stream})
     inside = [i for i in ids if i >= window]
     outside = [i for i in ids if i < window]
@@ -503,7 +508,7 @@ def _sweep(world: World, sweep: Sweep, tmp: Path, sample: Sample) -> list[str]:
             _case(world, sweep, finals, tmp / f"{how}-{i}", i, how)
         except AssertionError as exc:
             failures.append(f"{how} {i} {calls[i]}: {str(exc)[:600]}")
-    print(f"{sweep.start}: {sweep.cut} cut at {len(cases)} of {len(calls)} calls")
+    print(f"{sweep.start}: {sweep.cut} ({len(calls)} calls) cut in {len(cases)} cases")
     assert not failures, f"{len(failures)} of {len(cases)} cuts failed:\n" + "\n".join(failures)
     return calls
 
@@ -578,22 +583,23 @@ def test_a_retention_job_cut_at_every_call(world: World, tmp_path: Path) -> None
 
 def _newer_snapshot_sample(calls: list[str]) -> list[Case]:
     """The snapshot beyond ``keep_snapshots`` (newer than the base): its manifest just
-    deleted; the lock just taken."""
+    deleted; the lock of the killed job just taken over."""
     manifests = [
         i
         for i, c in enumerate(calls)
         if c.startswith("delete snapshots/") and c.endswith("/manifest.json")
     ]
-    return [(manifests[-1], "kill-after"), (_first(calls, "put_if_absent", LOCK_KEY), "kill-after")]
+    return [(manifests[-1], "kill-after"), (_first(calls, "replace_if", LOCK_KEY), "kill-after")]
 
 
 @LONG
 def test_a_retention_job_deleting_a_newer_snapshot_cut_at_every_call(
     world: World, tmp_path: Path
 ) -> None:
-    """With S4 there, retention also deletes S3 (``keep_snapshots=1``): cut anywhere, then
-    run again."""
+    """With S4 there, retention also deletes S3 (``keep_snapshots=1``), once it took over
+    the lock a killed job left: cut anywhere, then run again."""
     sweep = Sweep("with S4", "retention", (("retention",),))
     calls = _sweep(world, sweep, tmp_path, _newer_snapshot_sample)
     s3 = str(list_snapshots(LocalStorage(world.starts["with S4"]))[2].as_of.key)
     assert f"delete snapshots/{s3}/manifest.json" in calls, calls
+    assert f"replace_if {LOCK_KEY}" in calls, calls
