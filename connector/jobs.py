@@ -90,18 +90,22 @@ def run_snapshot_job(
     watch: LockWatch | None = None,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
-    there was nothing new). Raises ``LockHeld`` when another job runs, ``SnapshotStopped``
-    (nothing committed, lock released) when ``stop`` is set meanwhile. ``watch``: what earlier
-    tries saw of the lock (``JobLock``).
+    there was nothing new). Raises ``LockHeld`` when another job runs, or took the lock over
+    before the commit (nothing committed), ``SnapshotStopped`` (nothing committed, lock
+    released) when ``stop`` is set meanwhile. ``watch``: what earlier tries saw of the lock
+    (``JobLock``).
 
     Once the lock is held, the scratch files of snapshot runs that were killed are deleted."""
     # The state helper's module; imported late on purpose.
     from .snapshot import remove_stale_scratch, write_snapshot
 
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with JobLock(storage, "snapshot", ttl_secs, watch=watch):
+    with JobLock(storage, "snapshot", ttl_secs, watch=watch) as lock:
         remove_stale_scratch(work_dir)
-        return write_snapshot(storage, work_dir=work_dir, stop=stop)
+        # A job paused for longer than the lease (a suspended VM) may have lost the lock to a
+        # retention that took its parts for a killed job's leftovers: it commits only if the
+        # lock is still its own (``LockHeld`` otherwise: retried later, parts left to retention).
+        return write_snapshot(storage, work_dir=work_dir, stop=stop, before_commit=lock.renew)
 
 
 def describe_snapshot(info: SnapshotInfo | None) -> str:

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -498,6 +498,7 @@ def _export(
     level: int,
     part_objects: int,
     stop: threading.Event | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> SnapshotInfo:
     if state.as_of is None:
         raise PermanentError("cannot snapshot an empty state")
@@ -544,6 +545,8 @@ def _export(
     )
     # The manifest commits the snapshot: written last, never replaced.
     _check_stop(stop, "before its manifest")
+    if before_commit is not None:
+        before_commit()
     storage.put_if_absent(info.manifest_key, info.to_json())
     return info
 
@@ -556,11 +559,14 @@ def write_snapshot(
     level: int = 3,
     part_objects: int = 50_000,
     stop: threading.Event | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> SnapshotInfo | None:
     """Snapshot the archive's latest committed position; None when nothing is new.
 
     Seeds from the newest committed snapshot and folds only the segments after it. ``stop``
     set: raises ``SnapshotStopped`` at the next segment or part, before the manifest.
+    ``before_commit``: called just before the manifest is written; what it raises leaves the
+    snapshot uncommitted (the job checks that it still holds the archive lock).
     """
     if codec not in CODEC_SUFFIX:
         raise PermanentError(f"unknown snapshot codec {codec!r}")
@@ -606,6 +612,7 @@ def write_snapshot(
             level=level,
             part_objects=part_objects,
             stop=stop,
+            before_commit=before_commit,
         )
         log.info(
             "Snapshot written.",

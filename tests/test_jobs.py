@@ -28,7 +28,7 @@ from connector.jobs import (
 from connector.metrics import REGISTRY
 from connector.retention import RetentionPolicy
 from connector.snapshot import list_snapshots
-from connector.storage import Storage
+from connector.storage import Body, Storage
 from connector.storage.local import LocalStorage
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
 from tests.test_verify import build_good
@@ -145,6 +145,36 @@ def test_snapshot_and_retention_exclude_each_other(tmp_path: Path) -> None:
     info = run_snapshot_job(storage, tmp_path / "w")
     assert info is not None and not storage.exists(LOCK_KEY)
     assert run_snapshot_job(storage, tmp_path / "w") is None  # nothing new
+
+
+def test_a_snapshot_job_that_lost_its_lock_does_not_commit(tmp_path: Path) -> None:
+    """A job paused past its lease loses the lock; the new holder's retention may delete its
+    parts as a killed job's leftovers. It must then not write its manifest (which would name
+    missing parts): here another process takes the lock over while the first part is written."""
+    root = tmp_path / "a"
+    build_good(LocalStorage(root))
+    taker = JobLock(LocalStorage(root), "retention", owner="another-process")
+    takeovers = []
+
+    class TakenOverMidway(LocalStorage):
+        def put_if_absent(self, key: str, body: Body) -> bool:
+            written = super().put_if_absent(key, body)
+            if key.startswith("snapshots/") and not takeovers:
+                found = taker._read_tagged()  # noqa: SLF001 - the record as a taker reads it
+                assert found is not None
+                taker.take_over(found[1])  # as after the holder's lease ran out
+                takeovers.append(key)
+            return written
+
+    storage = TakenOverMidway(root)
+    with pytest.raises(LockHeld, match="taken over"):
+        run_snapshot_job(storage, tmp_path / "w")
+    assert list_snapshots(storage) == []  # nothing committed; the parts are retention's
+    record = taker.read()
+    assert record is not None and record.owner == "another-process"  # the lock stays the taker's
+    taker.release()
+    info = run_snapshot_job(storage, tmp_path / "w")  # the next try commits
+    assert info is not None and [s.as_of for s in list_snapshots(storage)] == [info.as_of]
 
 
 def test_lock_on_s3(s3_storage: Storage) -> None:  # noqa: F811
