@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,59 +35,21 @@ import pytest
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import EVENTS_PREFIX, QUARANTINE_PREFIX, manifest_key_for_segment
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from connector.errors import PermanentError, RetryableError
 from connector.events import EventId
 from connector.pipeline import BatchPolicy, Pipeline
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.sink import Batch
-from connector.source import Item, ItemQueue, SourceConfig, SseSource
+from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from connector.target.opencti import ObjectRefused, OpenCTITarget, Push
 from tests.support.compare import assert_same_state
 from tests.support.connector import start_pipeline, wait_until
+from tests.support.cuts import Killed, OneByOne, Plan, cut_history, malware_id
 from tests.support.simlog import sim_events
-from tests.support.target import malware
 
 TOKEN = "two-sinks-cut-token"
 B_TOKEN = "two-sinks-target-token"
-
-
-class Killed(PermanentError):
-    """The simulated death of the process: every later call of that run fails."""
-
-
-class Plan:
-    """Where one run is cut, and what was recorded on the way (shared by the run's parts)."""
-
-    def __init__(self, cut: int | None = None, how: str = "kill") -> None:
-        self.cut, self.how = cut, how
-        self.calls: list[str] = []
-        self.dead = False
-        self.lock = threading.Lock()
-
-    def before(self, label: str) -> int:
-        """A call at our interface is about to be made: its index in the run."""
-        with self.lock:
-            if self.dead:
-                raise Killed(f"dead (cut at {self.cut})")
-            index = len(self.calls)
-            self.calls.append(label)
-            if index == self.cut and self.how == "retry":
-                raise RetryableError(f"cut: {label} failed once")
-            if index == self.cut and self.how == "kill":
-                self.dead = True
-                raise Killed(f"killed before {label}")
-            return index
-
-    def after(self, index: int) -> None:
-        """Call ``index`` returned."""
-        with self.lock:
-            if self.dead:
-                raise Killed(f"dead (cut at {self.cut})")
-            if index == self.cut and self.how == "kill-after":
-                self.dead = True
-                raise Killed(f"killed after {self.calls[index]}")
 
 
 class Durable:
@@ -187,44 +148,13 @@ class CutTarget(OpenCTITarget):
         self.plan.after(call)
 
 
-class OneByOne(ItemQueue):
-    """The reader's items handed over one at a time, so that batches are cut by count at the
-    same places in every run (the simulator sends a preloaded log in a few large reads)."""
-
-    def put(self, item: list[Item], block: bool = True, timeout: float | None = None) -> None:
-        for one in item:
-            super().put([one], block, timeout)
-
-
-def _malware_id(n: int) -> str:
-    return str(malware(f"cut {n}")["id"])
-
-
-REFUSED = _malware_id(5)  # created once, never changed after
-
-
-def _history(a: SimStore) -> None:
-    """Creates, updates, a merge and a delete: every kind of push on the target."""
-    for n in range(7):
-        time.sleep(0.003)
-        a.upsert(malware(f"cut {n}"))
-    time.sleep(0.003)
-    a.update(_malware_id(1), set={"description": "changed"})
-    # The merge's source changed just before the merge, in the same batch of two.
-    time.sleep(0.003)
-    a.update(_malware_id(4), set={"description": "absorbed"})
-    time.sleep(0.003)
-    a.merge(_malware_id(3), [_malware_id(4)])
-    time.sleep(0.003)
-    a.delete(_malware_id(2))
-    time.sleep(0.003)
-    a.upsert(malware("cut 7"))
+REFUSED = malware_id(5)  # created once, never changed after
 
 
 @pytest.fixture(scope="module")
 def source() -> Iterator[SimServer]:
     with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
-        _history(sim.store)
+        cut_history(sim.store)
         yield sim
 
 

@@ -1,0 +1,133 @@
+"""Shared pieces of the cut-everywhere sweeps: a plan that records the calls of a run and cuts it
+at one of them, the reader's items handed over one at a time, and a short stream with every
+kind of event.
+
+A case reruns the same stream from scratch and cuts it at one recorded call:
+
+* ``kill`` / ``kill-after``: the process dies just before the call / just after it returned
+  (every later call of that run fails with ``Killed``);
+* ``lost-answer``: the call is applied, then fails with ``RetryableError`` as if its answer was
+  lost on the way back (the run goes on and retries);
+* ``retry``: the call fails once with ``RetryableError`` before it is applied.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from connector.errors import PermanentError, RetryableError
+from connector.sim.store import SimStore
+from connector.source import Item, ItemQueue
+from tests.support.target import malware
+
+__all__ = ["KINDS", "Killed", "OneByOne", "Plan", "cut_history", "malware_id"]
+
+KINDS = ("kill", "kill-after", "lost-answer", "retry")
+
+
+class Killed(PermanentError):
+    """The simulated death of the process: every later call of that run fails."""
+
+
+def _retryable(label: str, applied: bool) -> BaseException:
+    said = "answer lost" if applied else "failed once"
+    return RetryableError(f"cut: {label}: {said}")
+
+
+class Plan:
+    """Where one run is cut, and what was recorded on the way (shared by the run's parts).
+
+    ``failure(label, applied)`` builds what a ``retry`` (applied False) or ``lost-answer``
+    (applied True) cut raises: ``RetryableError`` by default, or what the layer below the
+    interface raises (a botocore error for calls cut at the S3 client)."""
+
+    def __init__(
+        self,
+        cut: int | None = None,
+        how: str = "kill",
+        failure: Callable[[str, bool], BaseException] = _retryable,
+    ) -> None:
+        assert how in KINDS, how
+        self.cut, self.how = cut, how
+        self.failure = failure
+        self.calls: list[str] = []
+        self.dead = False
+        self.lock = threading.Lock()
+        # Called once when the run dies (before the cut call raises).
+        self.on_death: Callable[[], None] = lambda: None
+
+    def before(self, label: str) -> int:
+        """A call at our interface is about to be made: its index in the run."""
+        with self.lock:
+            if self.dead:
+                raise Killed(f"dead (cut at {self.cut})")
+            index = len(self.calls)
+            self.calls.append(label)
+            if index == self.cut and self.how == "retry":
+                raise self.failure(label, False)
+            if index == self.cut and self.how == "kill":
+                self._die()
+                raise Killed(f"killed before {label}")
+            return index
+
+    def after(self, index: int) -> None:
+        """Call ``index`` returned (it was applied)."""
+        with self.lock:
+            if self.dead:
+                raise Killed(f"dead (cut at {self.cut})")
+            if index == self.cut and self.how == "kill-after":
+                self._die()
+                raise Killed(f"killed after {self.calls[index]}")
+            if index == self.cut and self.how == "lost-answer":
+                raise self.failure(self.calls[index], True)
+
+    def _die(self) -> None:
+        self.dead = True
+        self.on_death()
+
+
+class OneByOne(ItemQueue):
+    """The reader's items handed over one at a time, so that batches are cut by count at the
+    same places in every run (the simulator sends a preloaded log in a few large reads).
+
+    The reader offers its list again when the queue was full; the items of it already taken are
+    not handed over twice (a large event fills the queue's bytes)."""
+
+    def __init__(self, count: int, max_bytes: int) -> None:
+        super().__init__(count, max_bytes)
+        self._partial: tuple[list[Item], int] | None = None
+
+    def put(self, item: list[Item], block: bool = True, timeout: float | None = None) -> None:
+        done = self._partial[1] if self._partial and self._partial[0] is item else 0
+        for n in range(done, len(item)):
+            try:
+                super().put([item[n]], block, timeout)
+            except queue.Full:
+                self._partial = (item, n)
+                raise
+        self._partial = None
+
+
+def malware_id(n: int) -> str:
+    return str(malware(f"cut {n}")["id"])
+
+
+def cut_history(a: SimStore) -> None:
+    """Creates, updates, a merge and a delete: every kind of event (and of push on a target)."""
+    for n in range(7):
+        time.sleep(0.003)
+        a.upsert(malware(f"cut {n}"))
+    time.sleep(0.003)
+    a.update(malware_id(1), set={"description": "changed"})
+    # The merge's source changed just before the merge, in the same batch of two.
+    time.sleep(0.003)
+    a.update(malware_id(4), set={"description": "absorbed"})
+    time.sleep(0.003)
+    a.merge(malware_id(3), [malware_id(4)])
+    time.sleep(0.003)
+    a.delete(malware_id(2))
+    time.sleep(0.003)
+    a.upsert(malware("cut 7"))
