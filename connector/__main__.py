@@ -466,73 +466,30 @@ def _follow(
 ) -> int:
     """``run`` once it holds the archive (``lease``): check the checkpoint against the archive
     and follow the stream until stopped."""
-    from .checkpoint import Checkpoint
     from .events import EventId
-    from .pipeline import BatchPolicy, Pipeline
-    from .source import SourceConfig, SseSource, iso_now, same_url
+    from .pipeline import BatchPolicy, Pipeline, retry_call
+    from .source import SourceConfig, SseSource
 
     c = settings.connector
     store = runtime["store"]
-    cp = store.load()
-    source_url = settings.opencti.url.rstrip("/")
-    if cp is not None and _stored_nothing(cp, runtime["archive"]):
-        if cp.stream_id != c.live_stream_id or not same_url(cp.source_url, source_url):
-            # A first run that never got an event (a mistyped stream id or URL) binds nothing.
-            log.info(
-                "The first run stored nothing: starting again with this stream.",
-                extra={"previous_stream": cp.stream_id, "previous_url": cp.source_url},
-            )
-            cp = None
-    from .archive_position import adopt_archive, check_archive_end
-
     archive = runtime["archive"]
-    kept_at = f"{store.storage.describe()} ({store.key})"
-    tail_due = False  # the archive's newest segment, for the other sinks (see below)
-    if cp is None and archive is not None:
-        cp = adopt_archive(
-            archive,
-            kept_at,
-            stream_id=c.live_stream_id,
-            source_url=source_url,
-            adopt=resume_from_archive,
-        )
-        tail_due = cp is not None and any(s.name != "archive" for s in runtime["sinks"])
-        if cp is not None and not tail_due:
-            store.save(cp)
-    elif cp is not None and archive is not None and check_archive_end(archive, cp, kept_at):
-        store.save(cp)
-    if cp is None:
-        raw = c.live_stream_id in ("", "raw")
-        recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())
-        cp = Checkpoint(
-            stream_id=c.live_stream_id,
-            source_url=source_url,
-            recover_until=recover_until,
-            first_recover_until=recover_until,
-        )
-        store.save(cp)  # the recover end date must survive a crash before the first batch
-        log.info("First run: recovering.", extra={"recover_until": cp.recover_until})
-    elif cp.stream_id != c.live_stream_id:
-        raise ConfigError(
-            "connector.live_stream_id",
-            f"this archive follows stream {cp.stream_id!r}, not {c.live_stream_id!r}: use another archive",
-        )
-    elif not cp.source_url or not same_url(cp.source_url, source_url):
-        # Another platform's stream in this archive would read as a retention gap, be
-        # "repaired" into it, and its reconciliation would record this platform's objects as
-        # deleted. A platform that only moved is acknowledged once, explicitly.
-        if cp.source_url and not source_moved:
-            raise ConfigError(
-                "opencti.url",
-                f"this archive follows {cp.source_url}, not {source_url}: use another archive, "
-                "or, if the same platform moved to this address, run once with --source-moved",
-            )
-        log.warning(
-            "The archive now follows this platform address.",
-            extra={"previous": cp.source_url, "source_url": source_url},
-        )
-        cp.source_url = source_url
-        store.save(cp)
+    source_url = settings.opencti.url.rstrip("/")
+    started: list[tuple[Any, bool]] = []
+    # Reads and writes of the archive and the checkpoint: a transient failure here (an S3
+    # request that outlasts botocore's own tries) is retried with the run's backoff, as the
+    # pipeline's writes are, instead of ending the run. Each try starts from what is stored.
+    retry_call(
+        lambda: started.append(
+            _start_position(settings, runtime, source_moved, resume_from_archive)
+        ),
+        stage="starting",
+        stop=stop,
+        initial=c.backoff_initial_secs,
+        cap=c.backoff_max_secs,
+        describe=f"{store.storage.describe()} ({store.key})",
+        shutdown_timeout=c.shutdown_timeout_secs,
+    )
+    cp, tail_due = started[-1]
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
     source_config = SourceConfig(
         url=settings.opencti.url,
@@ -608,7 +565,15 @@ def _follow(
             # Saved once the other sinks have the archive's newest segment: a run stopped
             # before finds no checkpoint again, and --resume-from-archive delivers it again.
             pipeline.deliver_archive_tail(archive)
-            store.save(cp)
+            retry_call(
+                lambda: store.save(cp),
+                stage="checkpoint",
+                stop=stop,
+                initial=c.backoff_initial_secs,
+                cap=c.backoff_max_secs,
+                describe=f"{store.storage.describe()} ({store.key})",
+                shutdown_timeout=c.shutdown_timeout_secs,
+            )
         pipeline.run()
     finally:
         if jobs is not None:
@@ -623,6 +588,79 @@ def _follow(
         "Stopped.", extra={"last_event_id": cp.last_event_id, "events_archived": cp.events_archived}
     )
     return 0
+
+
+def _start_position(
+    settings: Settings, runtime: dict[str, Any], source_moved: bool, resume_from_archive: bool
+) -> tuple[Any, bool]:
+    """Where ``run`` starts: the checkpoint, checked against the archive (or adopted from it,
+    or a first run's), saved when it changed; and whether the archive's newest segment is due
+    to the other sinks first (``Pipeline.deliver_archive_tail``)."""
+    from .archive_position import adopt_archive, check_archive_end
+    from .checkpoint import Checkpoint
+    from .source import iso_now, same_url
+
+    c = settings.connector
+    store = runtime["store"]
+    cp = store.load()
+    source_url = settings.opencti.url.rstrip("/")
+    if cp is not None and _stored_nothing(cp, runtime["archive"]):
+        if cp.stream_id != c.live_stream_id or not same_url(cp.source_url, source_url):
+            # A first run that never got an event (a mistyped stream id or URL) binds nothing.
+            log.info(
+                "The first run stored nothing: starting again with this stream.",
+                extra={"previous_stream": cp.stream_id, "previous_url": cp.source_url},
+            )
+            cp = None
+    archive = runtime["archive"]
+    kept_at = f"{store.storage.describe()} ({store.key})"
+    tail_due = False  # the archive's newest segment, for the other sinks (see below)
+    if cp is None and archive is not None:
+        cp = adopt_archive(
+            archive,
+            kept_at,
+            stream_id=c.live_stream_id,
+            source_url=source_url,
+            adopt=resume_from_archive,
+        )
+        tail_due = cp is not None and any(s.name != "archive" for s in runtime["sinks"])
+        if cp is not None and not tail_due:
+            store.save(cp)
+    elif cp is not None and archive is not None and check_archive_end(archive, cp, kept_at):
+        store.save(cp)
+    if cp is None:
+        raw = c.live_stream_id in ("", "raw")
+        recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())
+        cp = Checkpoint(
+            stream_id=c.live_stream_id,
+            source_url=source_url,
+            recover_until=recover_until,
+            first_recover_until=recover_until,
+        )
+        store.save(cp)  # the recover end date must survive a crash before the first batch
+        log.info("First run: recovering.", extra={"recover_until": cp.recover_until})
+    elif cp.stream_id != c.live_stream_id:
+        raise ConfigError(
+            "connector.live_stream_id",
+            f"this archive follows stream {cp.stream_id!r}, not {c.live_stream_id!r}: use another archive",
+        )
+    elif not cp.source_url or not same_url(cp.source_url, source_url):
+        # Another platform's stream in this archive would read as a retention gap, be
+        # "repaired" into it, and its reconciliation would record this platform's objects as
+        # deleted. A platform that only moved is acknowledged once, explicitly.
+        if cp.source_url and not source_moved:
+            raise ConfigError(
+                "opencti.url",
+                f"this archive follows {cp.source_url}, not {source_url}: use another archive, "
+                "or, if the same platform moved to this address, run once with --source-moved",
+            )
+        log.warning(
+            "The archive now follows this platform address.",
+            extra={"previous": cp.source_url, "source_url": source_url},
+        )
+        cp.source_url = source_url
+        store.save(cp)
+    return cp, tail_due
 
 
 def _following_recovery(cp: Any) -> Any:

@@ -392,6 +392,46 @@ def test_s3_faults_through_the_proxy_lose_nothing(
     assert_restore_equals_platform(direct, store, tmp_path / "restore")
 
 
+def test_a_transient_failure_reading_the_checkpoint_at_start_up_is_retried(
+    moto_server: str,  # noqa: F811 - fixture
+    fault_proxy: FaultProxy,  # noqa: F811 - fixture
+) -> None:
+    """The checkpoint's read at start-up failing for longer than botocore's own tries: `run`
+    retries it with its backoff and goes on (it exited 1 on it before session 21)."""
+    store = SimStore()
+    generate(store, 40, seed=43)
+    direct, s3 = _s3_behind(moto_server, fault_proxy)
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        env = base_env(
+            sim.url,
+            TOKEN,
+            s3["ARCHIVE_URI"],
+            CONNECTOR_LIVE_STREAM_ID="raw",
+            CONNECTOR_BACKOFF_MAX_SECS="0.2",
+            **s3,
+        )
+        run = ConnectorThread(env).start()
+        follow(direct, store, "the first run")
+        run.stop()
+        assert run.error is None and run.rc == 0
+        retried = metrics.REGISTRY.get_sample_value(
+            "opencti_sync_retries_total", {"stage": "starting", "kind": "RetryableError"}
+        )
+        # Two start-up tries, each through botocore's three attempts.
+        fault_proxy.fail_next(6, "503", method="GET", path=CHECKPOINT_KEY)
+        generate(store, 20, seed=44)
+        run = ConnectorThread(env).start()
+        follow(direct, store, "the run started through the failed reads")
+        run.stop()
+        assert run.error is None and run.rc == 0
+        assert fault_proxy.stats["503"] == 6
+        after = metrics.REGISTRY.get_sample_value(
+            "opencti_sync_retries_total", {"stage": "starting", "kind": "RetryableError"}
+        )
+        assert (after or 0) - (retried or 0) == 2
+        assert_nothing_lost(sim.url, direct)
+
+
 def test_a_frozen_s3_endpoint_is_reported_while_the_write_waits(
     moto_server: str,  # noqa: F811 - fixture
     fault_proxy: FaultProxy,  # noqa: F811 - fixture

@@ -14,9 +14,8 @@ is recorded. Each case runs the same stream again from scratch, on a fresh bucke
 one request (``tests.support.cuts``): killed just before it or just after it returned (a fresh
 run, with fresh storage, then goes on to the end), its answer lost after S3 applied it (a read
 timeout: the run retries, and a retried conditional write finds its own object there), or
-failing once before it was sent (cannot connect). ``run`` does not retry its start-up reads
-(the checkpoint, the archive's end): a transient failure there ends it (exit 1), and a fresh
-run, as a supervisor starts one, goes on (a limit, docs/RELIABILITY.md).
+failing once before it was sent (cannot connect). As ``run`` does, the start-up reads (the
+checkpoint, the archive's end) are retried while they fail for a transient reason.
 
 Whatever the cut: every checkpoint saved was at or below what the archive held (read back from
 S3), the archive ends holding every event of the stream once and in order, ``verify`` finds no
@@ -45,7 +44,7 @@ from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment
 from connector.archive_position import check_archive_end
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from connector.errors import ConnectorError, RetryableError
+from connector.errors import ConnectorError
 from connector.events import EventId
 from connector.locks import LockHeld, LockRecord
 from connector.pipeline import BatchPolicy, Pipeline, retry_call
@@ -228,9 +227,6 @@ class Run:
         self.settings, self.a, self.plan, self.durable = settings, a, plan, durable
         self.errors: list[BaseException] = []
         self.lease_wait = 0.0
-        # What ended the run before its pipeline started: ``run`` does not retry its start-up
-        # reads of the checkpoint and the archive's end, and exits 1 on a transient failure.
-        self.exited: RetryableError | None = None
 
     def go(self) -> None:
         stand_in = subprocess.Popen(["sleep", "600"])
@@ -258,15 +254,19 @@ class Run:
     def _follow(self, storage: CutS3Storage, lease: CutLease, stop: threading.Event) -> None:
         a = self.a
         store = CheckpointStore(storage)
-        try:
+        started: list[Checkpoint] = []
+
+        def start() -> None:
             cp = store.load()
             if cp is None:
                 cp = Checkpoint(stream_id="live", source_url=a.url)
             elif check_archive_end(storage, cp, "checkpoint.json"):
                 store.save(cp)
-        except RetryableError as exc:
-            self.exited = exc  # as ``run`` does: "Stopped on a transient error", exit 1
-            return
+            started.append(cp)
+
+        # As ``run`` does: its start-up reads retried while they fail for a transient reason.
+        retry_call(start, stage="starting", stop=stop, initial=0.01, cap=0.02)
+        cp = started[-1]
         src = SseSource(
             SourceConfig(url=a.url, token=TOKEN, stream_id="live", backoff_initial=0.02),
             resume=EventId.parse(cp.last_event_id) if cp.last_event_id else None,
@@ -321,8 +321,8 @@ def _case(
     if plan.dead:
         # None when it died releasing the lease: the release says so in a warning only.
         assert all(isinstance(e, Killed) for e in first.errors), first.errors
-    if plan.dead or first.exited:
-        # A new process: after a kill, or after ``run`` exited (a supervisor restarts it).
+    if plan.dead:
+        # A new process after a kill.
         runs.append(Run(settings, a, Plan(), durable))
         runs[-1].go()
     last = runs[-1]
@@ -346,7 +346,6 @@ def _case(
     assert durable.saved, "no checkpoint was saved"
     uploads = raw_client(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     left = {
-        "exited": str(first.exited) if first.exited else None,
         "warnings": report.warnings,
         "uploads": len(uploads),
         "probes": [k for k in storage.list() if k.startswith(".probe-")],
@@ -363,7 +362,7 @@ def test_an_s3_archive_cut_at_every_request(
     """The whole sweep with CUT_EVERYWHERE=1; otherwise six cuts: the steps of a segment's
     multipart upload and the lease's compare-and-swap."""
     calls, left, _ = _case(moto_server, tmp_path / "clean", source, None, "kill")
-    assert left == {"exited": None, "warnings": [], "uploads": 0, "probes": []}, left
+    assert left == {"warnings": [], "uploads": 0, "probes": []}, left
     assert any(c.startswith("CreateMultipartUpload events") for c in calls), calls
     assert any(c.startswith("ReplaceIf lease") for c in calls), calls
     everywhere = bool(os.environ.get("CUT_EVERYWHERE"))
@@ -378,7 +377,7 @@ def test_an_s3_archive_cut_at_every_request(
                 failures.append(f"{i} {how} {calls[i]}: {str(exc)[:400]}")
                 print(f"cut failed: {failures[-1]}", flush=True)
                 continue
-            if left != {"exited": None, "warnings": [], "uploads": 0, "probes": []}:
+            if left != {"warnings": [], "uploads": 0, "probes": []}:
                 leftovers.append(f"{i} {how} {calls[i]}: {left}")
     print("\n".join(["requests:", *[f"{i} {c}" for i, c in enumerate(calls)]]))
     print("\n".join(["leftovers:", *leftovers]))
@@ -404,7 +403,7 @@ def test_a_segment_in_two_parts_cut_between_them(
     CUT_EVERYWHERE=1, otherwise a few: killed between the parts, the second part's or the
     completion's answer lost."""
     calls, left, bucket = _case(moto_server, tmp_path / "clean", big_source, None, "kill")
-    assert left == {"exited": None, "warnings": [], "uploads": 0, "probes": []}, left
+    assert left == {"warnings": [], "uploads": 0, "probes": []}, left
     raw = raw_client(moto_server)
     tags = [
         raw.head_object(Bucket=bucket, Key=o["Key"])["ETag"]

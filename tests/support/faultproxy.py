@@ -100,7 +100,7 @@ class FaultProxy:
         self.stats: Counter[str] = Counter()
         self.drop_headers: set[str] = set()
         self._lock = threading.Lock()
-        self._queue: deque[tuple[str, str | None]] = deque()
+        self._queue: deque[tuple[str, str | None, str | None]] = deque()
         self._rng = random.Random(seed)
         self.configure(
             error_rate_5xx=error_rate_5xx,
@@ -137,12 +137,15 @@ class FaultProxy:
             if seed is not None:
                 self._rng = random.Random(seed)
 
-    def fail_next(self, n: int, kind: str, *, method: str | None = None) -> None:
-        """Inject ``kind`` into the next ``n`` requests (only those with ``method`` if given)."""
+    def fail_next(
+        self, n: int, kind: str, *, method: str | None = None, path: str | None = None
+    ) -> None:
+        """Inject ``kind`` into the next ``n`` requests (only those with ``method``, and whose
+        path contains ``path``, if given)."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(KINDS)}")
         with self._lock:
-            self._queue.extend([(kind, method)] * n)
+            self._queue.extend([(kind, method, path)] * n)
 
     def clear(self) -> None:
         """Drop queued faults and random rates."""
@@ -150,12 +153,12 @@ class FaultProxy:
             self._queue.clear()
         self.configure()
 
-    def _draw(self, method: str) -> str | None:
+    def _draw(self, method: str, path: str) -> str | None:
         """The fault for one request, or None to forward it untouched."""
         with self._lock:
             self.stats["requests"] += 1
-            for index, (kind, only) in enumerate(self._queue):
-                if only is None or only == method:
+            for index, (kind, only, part) in enumerate(self._queue):
+                if (only is None or only == method) and (part is None or part in path):
                     del self._queue[index]
                     self.stats[kind] += 1
                     return kind
@@ -219,7 +222,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         try:
-            self._inject_or_forward(self.owner._draw(self.command))
+            self._inject_or_forward(self.owner._draw(self.command, self.path))
         except (OSError, http.client.HTTPException):
             # Upstream or client went away mid-request: drop the connection, as S3 would.
             self._reset()
@@ -295,11 +298,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 response.read()
                 self._reset()
                 return
+            with self.owner._lock:
+                # Counted before the answer is relayed: a client that has its answer may
+                # read the stats at once.
+                self.owner.stats["forwarded"] += 1
             self._relay(response, truncate=truncate)
         finally:
             upstream.close()
-        with self.owner._lock:
-            self.owner.stats["forwarded"] += 1
 
     def _relay(self, response: http.client.HTTPResponse, *, truncate: bool = False) -> None:
         self.send_response_only(response.status, response.reason)
