@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -89,6 +90,9 @@ def start_pipeline(pipeline: Pipeline) -> tuple[threading.Thread, list[BaseExcep
     return thread, errors
 
 
+_GC_THRESHOLD = gc.get_threshold()
+
+
 class ConnectorThread:
     """``run_forever`` in a background thread; ``stop()`` drains like SIGTERM does."""
 
@@ -113,6 +117,12 @@ class ConnectorThread:
             )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             self.error = exc
+        finally:
+            # ``run`` tunes the collector for its own process (frozen start-up objects, a young
+            # generation of 50,000): in a test worker that would outlive the run and let the
+            # next tests' cyclic garbage pile up (memory tests read it as growth).
+            gc.unfreeze()
+            gc.set_threshold(*_GC_THRESHOLD)
 
     def start(self) -> ConnectorThread:
         self._thread.start()
