@@ -71,6 +71,7 @@ from connector.snapshot import list_snapshots
 from connector.storage import Body
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
+from tests.support import cuts
 from tests.support.simlog import sim_events
 from tests.support.statedb import state_tables
 from tests.test_state import (
@@ -95,28 +96,10 @@ class Killed(BaseException):
     """The simulated death of the process: nothing catches it."""
 
 
-class Plan:
+class Plan(cuts.Plan):
     """Where one run is cut, and the storage calls it made (labels, in order)."""
 
-    def __init__(self, cut: int | None = None, how: str = "kill") -> None:
-        self.cut, self.how = cut, how
-        self.calls: list[str] = []
-        self.dead = False
-
-    def before(self, label: str) -> int:
-        if self.dead:
-            raise Killed(f"a call after the kill: {label}")
-        index = len(self.calls)
-        self.calls.append(label)
-        if index == self.cut and self.how == "kill":
-            self.dead = True
-            raise Killed(f"killed before {label}")
-        return index
-
-    def after(self, index: int) -> None:
-        if index == self.cut and self.how == "kill-after":
-            self.dead = True
-            raise Killed(f"killed after {self.calls[index]}")
+    killed = Killed
 
 
 class CutStorage(LocalStorage):

@@ -47,6 +47,7 @@ from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.storage.local import LocalStorage
 from connector.target.opencti import OpenCTITarget, Push
+from tests.support import cuts
 from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.target import malware
@@ -80,27 +81,12 @@ class Bar:
         self.closed = True
 
 
-class Plan:
-    """Where one run is cut, and the calls it made (labels, in order)."""
+class Plan(cuts.Plan):
+    """Where one run is cut, and the calls it made (labels, in order); nothing of a run may
+    happen after its death."""
 
-    def __init__(self, cut: int | None = None, how: str = "kill") -> None:
-        self.cut, self.how = cut, how
-        self.calls: list[str] = []
-        self.dead = False
-
-    def before(self, label: str) -> int:
-        assert not self.dead, f"a call after the kill: {label}"
-        index = len(self.calls)
-        self.calls.append(label)
-        if index == self.cut and self.how == "kill":
-            self.dead = True
-            raise Killed(f"killed before {label}")
-        return index
-
-    def after(self, index: int) -> None:
-        if index == self.cut and self.how == "kill-after":
-            self.dead = True
-            raise Killed(f"killed after {self.calls[index]}")
+    killed = Killed
+    strict = True
 
 
 class CutTarget(OpenCTITarget):

@@ -42,7 +42,14 @@ class Plan:
 
     ``failure(label, applied)`` builds what a ``retry`` (applied False) or ``lost-answer``
     (applied True) cut raises: ``RetryableError`` by default, or what the layer below the
-    interface raises (a botocore error for calls cut at the S3 client)."""
+    interface raises (a botocore error for calls cut at the S3 client).
+
+    A sweep whose code under test catches ``PermanentError`` names its own ``killed`` (a
+    ``BaseException`` nothing catches); ``strict`` makes a call after the death fail the test
+    instead of raising ``killed`` (a run that must do nothing once dead)."""
+
+    killed: type[BaseException] = Killed
+    strict = False
 
     def __init__(
         self,
@@ -63,24 +70,25 @@ class Plan:
         """A call at our interface is about to be made: its index in the run."""
         with self.lock:
             if self.dead:
-                raise Killed(f"dead (cut at {self.cut})")
+                assert not self.strict, f"a call after the kill: {label}"
+                raise self.killed(f"dead (cut at {self.cut})")
             index = len(self.calls)
             self.calls.append(label)
             if index == self.cut and self.how == "retry":
                 raise self.failure(label, False)
             if index == self.cut and self.how == "kill":
                 self._die()
-                raise Killed(f"killed before {label}")
+                raise self.killed(f"killed before {label}")
             return index
 
     def after(self, index: int) -> None:
         """Call ``index`` returned (it was applied)."""
         with self.lock:
             if self.dead:
-                raise Killed(f"dead (cut at {self.cut})")
+                raise self.killed(f"dead (cut at {self.cut})")
             if index == self.cut and self.how == "kill-after":
                 self._die()
-                raise Killed(f"killed after {self.calls[index]}")
+                raise self.killed(f"killed after {self.calls[index]}")
             if index == self.cut and self.how == "lost-answer":
                 raise self.failure(self.calls[index], True)
 
