@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -380,15 +380,22 @@ def _check_sinks(sinks: Sequence[Any], stop: threading.Event, settings: Settings
 
 def _check_storage(what: Any, name: str, stop: threading.Event, settings: Settings) -> None:
     """``what.check()`` (a sink, a storage), retried while it fails for a transient reason."""
+    _retrying(what.check, "checking", name, stop, settings)
+
+
+def _retrying(
+    fn: Callable[[], None], stage: str, what: str, stop: threading.Event, settings: Settings
+) -> None:
+    """``fn()``, retried with the run's backoff while it fails for a transient reason."""
     from .pipeline import retry_call
 
     retry_call(
-        what.check,
-        stage="checking",
+        fn,
+        stage=stage,
         stop=stop,
         initial=settings.connector.backoff_initial_secs,
         cap=settings.connector.backoff_max_secs,
-        describe=name,
+        describe=what,
         shutdown_timeout=settings.connector.shutdown_timeout_secs,
     )
 
@@ -467,7 +474,7 @@ def _follow(
     """``run`` once it holds the archive (``lease``): check the checkpoint against the archive
     and follow the stream until stopped."""
     from .events import EventId
-    from .pipeline import BatchPolicy, Pipeline, retry_call
+    from .pipeline import BatchPolicy, Pipeline
     from .source import SourceConfig, SseSource
 
     c = settings.connector
@@ -478,16 +485,15 @@ def _follow(
     # Reads and writes of the archive and the checkpoint: a transient failure here (an S3
     # request that outlasts botocore's own tries) is retried with the run's backoff, as the
     # pipeline's writes are, instead of ending the run. Each try starts from what is stored.
-    retry_call(
+    kept_at = f"{store.storage.describe()} ({store.key})"
+    _retrying(
         lambda: started.append(
             _start_position(settings, runtime, source_moved, resume_from_archive)
         ),
-        stage="starting",
-        stop=stop,
-        initial=c.backoff_initial_secs,
-        cap=c.backoff_max_secs,
-        describe=f"{store.storage.describe()} ({store.key})",
-        shutdown_timeout=c.shutdown_timeout_secs,
+        "starting",
+        kept_at,
+        stop,
+        settings,
     )
     cp, tail_due = started[-1]
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
@@ -565,15 +571,7 @@ def _follow(
             # Saved once the other sinks have the archive's newest segment: a run stopped
             # before finds no checkpoint again, and --resume-from-archive delivers it again.
             pipeline.deliver_archive_tail(archive)
-            retry_call(
-                lambda: store.save(cp),
-                stage="checkpoint",
-                stop=stop,
-                initial=c.backoff_initial_secs,
-                cap=c.backoff_max_secs,
-                describe=f"{store.storage.describe()} ({store.key})",
-                shutdown_timeout=c.shutdown_timeout_secs,
-            )
+            _retrying(lambda: store.save(cp), "checkpoint", kept_at, stop, settings)
         pipeline.run()
     finally:
         if jobs is not None:
