@@ -368,6 +368,16 @@ def _metrics(d: dict[str, Any], n: int, small: int) -> dict[str, dict[str, Any]]
     m["restore_plan_snapshot_speedup"] = _row(
         plan0["secs"], plan1["secs"], "s (without / with)", "info", None, "ratio = speed-up"
     )
+    if "plan_snapshot_parts" in r:
+        parts = r["plan_snapshot_parts"]
+        m["restore_plan_snapshot_parts"] = _row(
+            plan0["events"] / parts["secs"],
+            None,
+            "events/s",
+            "info",
+            None,
+            "the snapshot's parts loaded, not its state image",
+        )
     push = r["push"]
     m["restore_push"] = _row(push["objects"] / push["secs"], None, "objects/s", "info", None)
     big, little = d["local"]["maxrss_mb"], d["small"]["maxrss_mb"]

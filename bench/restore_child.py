@@ -3,7 +3,8 @@
 ``python -m bench.restore_child snapshot ARCHIVE WORK``
     writes a snapshot of the archive's latest position; prints ``{"secs": s}``.
 ``python -m bench.restore_child restore ARCHIVE WORK PLATFORM_URL TOKEN PUSH_EVENTS``
-    plans (materialises) the latest state without, then with, the snapshot; then materialises
+    plans (materialises) the latest state without, then with, the snapshot (its state image, then
+    its parts alone); then materialises
     the state after the first PUSH_EVENTS events and pushes it with ``restore_to_target`` through
     the real ``OpenCTITarget`` into the platform double at PLATFORM_URL; prints one JSON line.
 """
@@ -25,7 +26,7 @@ from connector.snapshot import SNAPSHOTS_PREFIX, write_snapshot
 from connector.storage import Storage
 from connector.storage.local import LocalStorage
 
-__all__ = ["WithoutSnapshots", "main"]
+__all__ = ["WithoutSnapshots", "WithoutStateImages", "main"]
 
 
 class WithoutSnapshots:
@@ -53,6 +54,22 @@ class WithoutSnapshots:
 
     def size(self, key: str) -> int:
         return self.inner.size(key)
+
+
+class WithoutStateImages(WithoutSnapshots):
+    """A read view in which snapshots name no state image (as with ``snapshot.state_image``
+    off): a restore loads their parts."""
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        return self.inner.list(prefix, start_after)
+
+    def get(self, key: str) -> bytes:
+        body = self.inner.get(key)
+        if key.startswith(SNAPSHOTS_PREFIX) and key.endswith("/manifest.json"):
+            manifest = json.loads(body)
+            manifest["state_schema"] = None
+            body = json.dumps(manifest).encode()
+        return body
 
 
 def _nth_event_id(storage: LocalStorage, n: int) -> EventId | None:
@@ -116,6 +133,7 @@ def main(argv: list[str]) -> int:
         out = {
             "plan_no_snapshot": _plan(WithoutSnapshots(storage), work / "plan1"),
             "plan_snapshot": _plan(storage, work / "plan2"),
+            "plan_snapshot_parts": _plan(WithoutStateImages(storage), work / "plan3"),
             "push": _push(storage, work / "push", url, token, push_events),
         }
     print(json.dumps(out), flush=True)

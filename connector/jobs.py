@@ -88,9 +88,10 @@ def run_snapshot_job(
     ttl_secs: float = 600,
     stop: threading.Event | None = None,
     watch: LockWatch | None = None,
+    state_image: bool = True,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
-    there was nothing new). Raises ``LockHeld`` when another job runs, or took the lock over
+    there was nothing new; ``state_image`` as there). Raises ``LockHeld`` when another job runs, or took the lock over
     before the commit (nothing committed), ``SnapshotStopped`` (nothing committed, lock
     released) when ``stop`` is set meanwhile. ``watch``: what earlier tries saw of the lock
     (``JobLock``).
@@ -105,7 +106,13 @@ def run_snapshot_job(
         # A job paused for longer than the lease (a suspended VM) may have lost the lock to a
         # retention that took its parts for a killed job's leftovers: it commits only if the
         # lock is still its own (``LockHeld`` otherwise: retried later, parts left to retention).
-        return write_snapshot(storage, work_dir=work_dir, stop=stop, before_commit=lock.renew)
+        return write_snapshot(
+            storage,
+            work_dir=work_dir,
+            stop=stop,
+            before_commit=lock.renew,
+            state_image=state_image,
+        )
 
 
 def describe_snapshot(info: SnapshotInfo | None) -> str:
@@ -114,7 +121,8 @@ def describe_snapshot(info: SnapshotInfo | None) -> str:
         return "snapshot: nothing new since the last one"
     return (
         f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} tombstones, "
-        f"{len(info.parts)} parts, {sum(p.size for p in info.parts)} bytes "
+        f"{len(info.parts)} parts{' with its state image' if info.state_image else ''}, "
+        f"{sum(p.size for p in info.parts)} bytes "
         f"(based on {info.based_on or 'nothing'})"
     )
 
@@ -168,8 +176,10 @@ class JobRunner:
         work_dir: Path,
         shutdown_timeout_secs: float = 20.0,
         lock_ttl_secs: float = 600,
+        state_image: bool = True,
     ) -> None:
         self.storage = storage
+        self.state_image = state_image
         self.lock_ttl_secs = lock_ttl_secs
         # One sighting of the lock for every try of both jobs: a retry after a skip takes over
         # a record no one renewed for a whole lease, whatever another machine's clock wrote.
@@ -305,6 +315,7 @@ class JobRunner:
                     ttl_secs=self.lock_ttl_secs,
                     stop=self.stop,
                     watch=self._lock_watch,
+                    state_image=self.state_image,
                 )
             ),
         )

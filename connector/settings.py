@@ -346,6 +346,13 @@ class SnapshotSection:
         "('0 3 * * *' is 03:00 UTC), 'every <N>s|m|h|d', or '' (never).",
         "",
     )
+    state_image: bool = _key(
+        "SNAPSHOT_STATE_IMAGE",
+        "Store the restore's state database beside each snapshot's parts (compressed, about "
+        "twice their size): a restore from the snapshot then opens it instead of loading the "
+        "parts object by object, several times faster. Off: parts only.",
+        True,
+    )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     snapshots/<as-of-key>/part-<nnnnn>.jsonl.zst        live objects, one JSON line each
     snapshots/<as-of-key>/tombstones-<nnnnn>.jsonl.zst  deleted / merged-away objects
+    snapshots/<as-of-key>/state.sqlite.zst              the restore's state database itself
     snapshots/<as-of-key>/manifest.json                 written last: its presence commits
 
 A snapshot is built incrementally: the newest committed one seeds an on-disk ``StateStore``, the
@@ -10,6 +11,12 @@ part by part. Parts are named by the as-of id and compressed deterministically, 
 the same position writes nothing new. ``state_sha256`` is the sha256 of the lines
 ``"<key>\\t<event_id>\\n"`` of every live object in key order: two snapshots (or a snapshot and a
 replay) of the same history have the same value.
+
+The state image is the scratch database the snapshot was exported from, compressed whole: a
+restore (or the next snapshot) whose state schema and row rules are the writer's decompresses it
+and opens it, with no Python per object, instead of loading the parts row by row. The parts stay
+the portable, documented form and the fallback: an image that is missing, damaged, of another
+schema or that does not give the manifest's position and counts is passed over for them.
 
 A run can be stopped (``stop``, a ``threading.Event``): it is checked before each folded segment,
 each written part and the manifest, and a stopped run raises ``SnapshotStopped`` having committed
@@ -21,6 +28,7 @@ it holds the archive's job lock), which spares the scratch files of live runs (t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import gzip
@@ -28,7 +36,9 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import uuid
 import zlib
@@ -43,19 +53,21 @@ import zstandard
 from .archive import ArchiveReader
 from .archive.layout import CODEC_SUFFIX, SNAPSHOTS_PREFIX
 from .archive.segment import HashingReader, iter_segment_lines, open_decompressed
-from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError
+from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError, RetryableError
 from .events import EventId
 from .state import (
     SNAPSHOT_ROWS,
+    STATE_SCHEMA,
     ObjectRecord,
     StateStore,
     TombstoneRecord,
     remove_state_files,
 )
-from .storage import Storage
+from .storage import Storage, body_chunks
 
 __all__ = [
     "SNAPSHOTS_PREFIX",
+    "STATE_KIND",
     "PartInfo",
     "SnapshotInfo",
     "SnapshotStopped",
@@ -65,6 +77,7 @@ __all__ = [
     "iter_snapshot_objects",
     "iter_snapshot_tombstones",
     "list_snapshots",
+    "open_state_image",
     "read_snapshot_manifest",
     "ScratchDb",
     "claim_scratch",
@@ -83,6 +96,8 @@ _MANIFEST = "manifest.json"
 # A part also closes at this many uncompressed bytes, so its in-memory body stays bounded.
 _PART_RAW_BYTES = 256 * 1024 * 1024
 _SCRATCH_GLOB = "snapshot-*.sqlite*"
+STATE_KIND = "state"  # the part that is the state image
+_IMAGE_SUFFIX = {"zstd": ".sqlite.zst", "gzip": ".sqlite.gz"}
 
 
 class SnapshotStopped(ConnectorError):
@@ -97,7 +112,7 @@ def _check_stop(stop: threading.Event | None, where: str) -> None:
 @dataclass(frozen=True, slots=True)
 class PartInfo:
     key: str
-    kind: str  # "objects" | "tombstones"
+    kind: str  # "objects" | "tombstones" | "state" (count: the objects in it)
     count: int
     size: int
     sha256: str
@@ -118,7 +133,18 @@ class SnapshotInfo:
     codec: str = "zstd"
     # ``state.SNAPSHOT_ROWS`` of the writer: the rules its lines' row headers follow.
     rows: int | None = None
+    # ``state.STATE_SCHEMA`` of the writer, when a state image is among the parts.
+    state_schema: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def state_image(self) -> PartInfo | None:
+        """The state image this code can open: written under the same state schema and row
+        rules (a database of another layout would be rebuilt empty when opened)."""
+        if self.state_schema != STATE_SCHEMA or self.rows != SNAPSHOT_ROWS:
+            return None
+        images = [p for p in self.parts if p.kind == STATE_KIND]
+        return images[0] if len(images) == 1 else None
 
     @property
     def key(self) -> str:
@@ -139,6 +165,7 @@ class SnapshotInfo:
                 "tombstone_count": self.tombstone_count,
                 "codec": self.codec,
                 "rows": self.rows,
+                "state_schema": self.state_schema,
                 "parts": [
                     {
                         "key": p.key,
@@ -178,9 +205,14 @@ class SnapshotInfo:
                 created_at=str(obj.get("created_at", "")),
                 codec=str(obj.get("codec", "zstd")),
                 rows=obj["rows"] if isinstance(obj.get("rows"), int) else None,
+                state_schema=_opt_int(obj.get("state_schema")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedEvent(f"damaged snapshot manifest: {exc}") from exc
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def snapshot_manifest_key(as_of_key: str) -> str:
@@ -293,9 +325,23 @@ def seed_state(
     caller folds the segments from the start). A restore is when an operator can least afford to
     stop, and a damaged newest snapshot must not stop every later snapshot from being written.
     """
-    state = StateStore(db_path, scratch=True)
+    state: StateStore | None = StateStore(db_path, scratch=True)
     try:
         for info in reversed(candidates):
+            assert state is not None
+            image = info.state_image
+            if image is not None:
+                state.close()
+                state = None
+                try:
+                    state = open_state_image(db_path, storage, info, image)
+                    return state, info
+                except PermanentError as exc:
+                    log.warning(
+                        "Snapshot state image unusable, loading the snapshot's parts instead.",
+                        extra={"snapshot": info.key, "error": str(exc)},
+                    )
+                state = _emptied(db_path)
             try:
                 state.load_snapshot(storage, info.key)
             except PermanentError as exc:
@@ -304,17 +350,81 @@ def seed_state(
                     extra={"snapshot": info.key, "error": str(exc)},
                 )
                 state.close()  # a failed load discards a scratch store: start a new one
-                # Emptied in place, not unlinked: a snapshot run holds an flock on this inode
-                # (remove_stale_scratch spares files a live run holds).
-                if db_path.exists():
-                    os.truncate(db_path, 0)
-                state = StateStore(db_path, scratch=True)
+                state = None
+                state = _emptied(db_path)
                 continue
             return state, info
     except BaseException:
-        state.close()
+        if state is not None:
+            state.close()
         raise
+    assert state is not None
     return state, None
+
+
+def _write_scratch(out: IO[bytes], chunk: bytes, path: Path) -> None:
+    """A write into the work dir, whose failure (a full disk) says so, as a database's does."""
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"the work dir's database failed ({exc.strerror}): check free space and "
+            "permissions of OPENCTI_SYNC_WORK_DIR / --work-dir",
+            str(path),
+        ) from exc
+
+
+def _emptied(db_path: Path) -> StateStore:
+    """A new scratch store at ``db_path``, emptied in place, not unlinked: a snapshot run holds
+    an flock on this inode (remove_stale_scratch spares files a live run holds)."""
+    if db_path.exists():
+        os.truncate(db_path, 0)
+    return StateStore(db_path, scratch=True)
+
+
+def open_state_image(
+    db_path: Path, storage: Storage, info: SnapshotInfo, image: PartInfo
+) -> StateStore:
+    """The scratch state at ``db_path`` (no store open on it; replaced in place, so that a
+    claim's flock on it holds) made from the snapshot's state image: decompressed into it as it
+    is read, its sha256 checked, then opened and checked against the manifest (position,
+    counts). Raises ``PermanentError`` when it cannot serve; the file is then whatever was
+    written."""
+    try:
+        with storage.open(image.key) as fh, open(db_path, "wb") as out:
+            body = _Checked(fh, image.key, image.sha256, "snapshot state image")
+            src = open_decompressed(body, info.codec)  # type: ignore[arg-type]
+            while chunk := src.read(1 << 20):
+                _write_scratch(out, chunk, db_path)
+            body.check()
+    except NotFound as exc:
+        raise PermanentError(f"snapshot state image {image.key} is missing") from exc
+    except (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise PermanentError(f"snapshot state image {image.key} is damaged: {exc}") from exc
+    state: StateStore | None = None
+    try:
+        state = StateStore(db_path, scratch=True)
+        counts = state.counts()
+        if (
+            state.as_of != info.as_of
+            or counts["objects"] != info.object_count
+            or counts["tombstones"] != info.tombstone_count
+        ):
+            raise PermanentError(
+                f"snapshot state image {image.key} holds {counts['objects']} objects and "
+                f"{counts['tombstones']} tombstones as of {state.as_of}, not the manifest's"
+            )
+    except BaseException as exc:
+        if state is not None:
+            with contextlib.suppress(Exception):
+                state.close()
+        if isinstance(exc, (sqlite3.DatabaseError, ValueError)):
+            raise PermanentError(f"snapshot state image {image.key} does not open: {exc}") from exc
+        raise
+    # The filter is filled by the first fold that needs it (see StateStore.load_lines).
+    state.defer_filter(info.object_count // 8)
+    return state
 
 
 def state_sha256(state: StateStore) -> str:
@@ -499,6 +609,7 @@ def _export(
     part_objects: int,
     stop: threading.Event | None = None,
     before_commit: Callable[[], None] | None = None,
+    state_image: bool = True,
 ) -> SnapshotInfo:
     if state.as_of is None:
         raise PermanentError("cannot snapshot an empty state")
@@ -531,17 +642,21 @@ def _export(
             )
         )
     tombs.flush()
+    parts = objects.parts + tombs.parts
+    if state_image:
+        parts.append(_write_state_image(state, storage, prefix, codec, level, objects.total, stop))
     info = SnapshotInfo(
         as_of=state.as_of,
         based_on=based_on,
         last_segment_manifest=last_segment_manifest,
         object_count=objects.total,
         tombstone_count=tombs.total,
-        parts=tuple(objects.parts + tombs.parts),
+        parts=tuple(parts),
         state_sha256=digest.hexdigest(),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         codec=codec,
         rows=SNAPSHOT_ROWS,
+        state_schema=STATE_SCHEMA if state_image else None,
     )
     # The manifest commits the snapshot: written last, never replaced.
     _check_stop(stop, "before its manifest")
@@ -549,6 +664,41 @@ def _export(
         before_commit()
     storage.put_if_absent(info.manifest_key, info.to_json())
     return info
+
+
+def _write_state_image(
+    state: StateStore,
+    storage: Storage,
+    prefix: str,
+    codec: str,
+    level: int,
+    objects: int,
+    stop: threading.Event | None,
+) -> PartInfo:
+    """The state's database file, compressed whole into a scratch file beside it, then stored.
+    A scratch store has no journal: once settled, every committed page is in the file."""
+    _check_stop(stop, "before its state image")
+    state.settle()
+    key = f"{prefix}state{_IMAGE_SUFFIX[codec]}"
+    with tempfile.TemporaryFile(dir=state.path.parent) as spool:
+        with open(state.path, "rb") as db:
+            if codec == "zstd":
+                zstandard.ZstdCompressor(level=level).copy_stream(db, spool)
+            else:
+                with gzip.GzipFile(fileobj=spool, mode="wb", compresslevel=level, mtime=0) as gz:
+                    shutil.copyfileobj(db, gz, 1 << 20)
+        digest = hashlib.sha256()
+        for chunk in body_chunks(spool):
+            digest.update(chunk)
+        size = spool.tell()
+        _check_stop(stop, "while writing its state image")
+        if not storage.put_if_absent(key, spool):
+            # Left by an attempt killed before its manifest (an image's bytes depend on how
+            # the database was built, so it is not compared): this one replaces it.
+            storage.delete(key)
+            if not storage.put_if_absent(key, spool):
+                raise RetryableError(f"snapshot state image {key} was written meanwhile")
+    return PartInfo(key, STATE_KIND, objects, size, digest.hexdigest())
 
 
 def write_snapshot(
@@ -560,6 +710,7 @@ def write_snapshot(
     part_objects: int = 50_000,
     stop: threading.Event | None = None,
     before_commit: Callable[[], None] | None = None,
+    state_image: bool = True,
 ) -> SnapshotInfo | None:
     """Snapshot the archive's latest committed position; None when nothing is new.
 
@@ -567,6 +718,7 @@ def write_snapshot(
     set: raises ``SnapshotStopped`` at the next segment or part, before the manifest.
     ``before_commit``: called just before the manifest is written; what it raises leaves the
     snapshot uncommitted (the job checks that it still holds the archive lock).
+    ``state_image``: store the state database itself too (``snapshot.state_image``).
     """
     if codec not in CODEC_SUFFIX:
         raise PermanentError(f"unknown snapshot codec {codec!r}")
@@ -613,6 +765,7 @@ def write_snapshot(
             part_objects=part_objects,
             stop=stop,
             before_commit=before_commit,
+            state_image=state_image,
         )
         log.info(
             "Snapshot written.",

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SNAPSHOT_ROWS",
+    "STATE_SCHEMA",
     "ObjectRecord",
     "StateStore",
     "TombstoneRecord",
@@ -96,7 +97,9 @@ _RELATION_EXT = (
 )
 
 # Bumped when the layout changes; a state database is scratch, rebuilt from the archive at will.
+# A snapshot's state image (connector/snapshot.py) is opened only by code of the same version.
 _SCHEMA_VERSION = 5
+STATE_SCHEMA = _SCHEMA_VERSION
 # ``objects`` is a rowid table: rows are appended, and lookups by key walk the small ``key`` index
 # instead of a B-tree whose leaves hold 2 KB blobs. Each object row carries its own references
 # (``refs``, a JSON array). The reverse index (``refs`` table: who references an id) and the
@@ -1416,6 +1419,14 @@ class StateStore:
         self._seen = _Seen()
         self._seen_loaded = False
         self._unfiltered_budget = aliases_loaded // 8
+
+    def defer_filter(self, lookups: int) -> None:
+        """Opened on a snapshot's state image: as after ``load_lines``, the filter is filled only
+        once folds have asked SQLite about ``lookups`` ids (a plan from a recent snapshot folds
+        a few events, and filling it costs about as much as an eighth of its aliases' lookups)."""
+        self._seen = _Seen()
+        self._seen_loaded = False
+        self._unfiltered_budget = lookups
 
     def load_snapshot(self, storage: Storage, as_of_key: str) -> None:
         """Seed the state from the committed snapshot ``snapshots/<as_of_key>/``."""

@@ -40,7 +40,11 @@ Checked, streaming one object at a time:
 * snapshots: each committed snapshot's parts exist with matching sha256, size and counts; when
   the state helper is available, each snapshot is recomputed from the previous one (or from an
   empty state when the archive starts at the beginning of the stream) plus the segments in
-  between, and its ``state_sha256`` and counts compared.
+  between, and its ``state_sha256`` and counts compared. A state image (the restore's database,
+  stored beside the parts) is checked by its sha256 and size and, when this version can open
+  it, opened and compared with the manifest (position, counts, ``state_sha256``): a restore
+  opens it instead of the parts. A damaged image is an error; the snapshot still serves a
+  restore through its parts.
 """
 
 from __future__ import annotations
@@ -75,17 +79,19 @@ from .archive.segment import (
     read_manifest,
 )
 from .checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from .errors import ConnectorError, MalformedEvent, NotFound, RetryableError
+from .errors import ConnectorError, MalformedEvent, NotFound, PermanentError, RetryableError
 from .events import OCTI_EXT, EventId, StreamEvent, octi_ext, parse_archive_line
 from .files import file_entries, file_key, missing_key, names_files
 from .reconcile import REFERER
 from .snapshot import (
     SNAPSHOTS_PREFIX,
+    STATE_KIND,
     ScratchDb,
     SnapshotInfo,
     claim_scratch,
     drop_scratch,
     fold_segments,
+    open_state_image,
     remove_stale_scratch,
     snapshot_manifest_key,
     state_sha256,
@@ -299,6 +305,7 @@ class _Verifier:
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
         self.snapshot_ids: list[EventId] = []  # as-of ids of the committed, usable snapshots
+        self._whole_images: set[str] = set()  # snapshots whose state image's bytes are whole
         self.head_key: str | None = None  # the first manifest read (retention may delete it)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -735,6 +742,9 @@ class _Verifier:
         self.report.snapshots = len(snapshots)
         self.check_head(snapshots)
         good = [snap for snap in snapshots if self.check_snapshot_parts(snap)]
+        for snap in good:
+            if snap.key in self._whole_images:
+                self.check_state_image(snap, work_dir)
         # Only a usable snapshot stands in for pruned (or lost) newest segments (check_tail).
         self.snapshot_ids = [snap.as_of for snap in good]
         if not good:
@@ -793,19 +803,29 @@ class _Verifier:
                 start_after = snap.last_segment_manifest
 
     def check_snapshot_parts(self, snap: SnapshotInfo) -> bool:
+        """Whether the snapshot's parts are whole (its state image is reported, not counted:
+        without it a restore loads the parts)."""
         name = f"snapshot {snap.as_of}"
         ok = True
         totals = {"objects": 0, "tombstones": 0}
         for part in snap.parts:
             if not part.key.startswith(f"{SNAPSHOTS_PREFIX}{snap.key}/"):
                 self.report.error(f"{name}: part {part.key} lies outside the snapshot")
-                ok = False
+                ok = ok and part.kind == STATE_KIND
                 continue
-            problem = self._check_part(part.key, part.size, part.sha256, part.count, snap.codec)
+            image = part.kind == STATE_KIND
+            problem = self._check_part(
+                part.key, part.size, part.sha256, None if image else part.count, snap.codec
+            )
             if problem:
-                self.report.error(f"{name}: part {part.key} {problem}")
-                ok = False
-            totals[part.kind] = totals.get(part.kind, 0) + part.count
+                self.report.error(
+                    f"{name}: {'state image' if image else 'part'} {part.key} {problem}"
+                )
+                ok = ok and image
+            elif image:
+                self._whole_images.add(snap.key)
+            if not image:
+                totals[part.kind] = totals.get(part.kind, 0) + part.count
         for kind, declared in (
             ("objects", snap.object_count),
             ("tombstones", snap.tombstone_count),
@@ -817,7 +837,35 @@ class _Verifier:
                 ok = False
         return ok
 
-    def _check_part(self, key: str, size: int, sha: str, count: int, codec: str) -> str | None:
+    def check_state_image(self, snap: SnapshotInfo, work_dir: Path) -> None:
+        """The state image, opened as a restore opens it, gives the manifest's state."""
+        image = snap.state_image
+        if image is None:
+            return  # none, or another version's (its bytes were checked)
+        path = work_dir / f"verify-image-{uuid.uuid4().hex}.sqlite"
+        claim = claim_scratch(path)
+        try:
+            state = open_state_image(path, self.storage, snap, image)
+            try:
+                same = state_sha256(state) == snap.state_sha256
+            finally:
+                with contextlib.suppress(Exception):
+                    state.close()
+            if not same:
+                self.report.error(
+                    f"snapshot {snap.as_of}: state image {image.key} gives another state "
+                    "(state_sha256 differs from the manifest)"
+                )
+        except PermanentError as exc:
+            self.report.error(f"snapshot {snap.as_of}: {exc}")
+        finally:
+            drop_scratch(path, claim)
+
+    def _check_part(
+        self, key: str, size: int, sha: str, count: int | None, codec: str
+    ) -> str | None:
+        """What is wrong with a stored part (None: nothing). ``count``: the JSON lines it must
+        hold; None for a part that is no JSON Lines (a state image), checked by its bytes."""
         try:
             fh = self.storage.open(key)
         except NotFound:
@@ -826,13 +874,14 @@ class _Verifier:
         decode_error = None
         with closing(fh):
             tee = HashingReader(fh)
-            try:
-                stream: BinaryIO = io.BufferedReader(tee, 1 << 20)
-                for line in iter_segment_lines(stream, codec):
-                    orjson.loads(line)
-                    lines += 1
-            except Exception as exc:  # noqa: BLE001 - any decoder error means damage
-                decode_error = f"cannot be decoded: {type(exc).__name__}"
+            if count is not None:
+                try:
+                    stream: BinaryIO = io.BufferedReader(tee, 1 << 20)
+                    for line in iter_segment_lines(stream, codec):
+                        orjson.loads(line)
+                        lines += 1
+                except Exception as exc:  # noqa: BLE001 - any decoder error means damage
+                    decode_error = f"cannot be decoded: {type(exc).__name__}"
             tee.drain()
         if tee.sha.hexdigest() != sha:
             return "sha256 differs from the manifest (bytes changed)"
@@ -840,7 +889,7 @@ class _Verifier:
             return f"size {tee.size} != manifest {size}"
         if decode_error:
             return decode_error
-        if lines != count:
+        if count is not None and lines != count:
             return f"holds {lines} lines, manifest says {count}"
         return None
 

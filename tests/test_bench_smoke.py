@@ -20,6 +20,7 @@ METRICS = {
     "restore_plan_no_snapshot",
     "restore_plan_with_snapshot",
     "restore_plan_snapshot_speedup",
+    "restore_plan_snapshot_parts",
     "restore_push",
     "rss_run",
     "rss_restore",

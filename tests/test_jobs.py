@@ -237,7 +237,8 @@ def test_a_scheduled_snapshot_is_logged_in_words(
     info = list_snapshots(storage)[-1]
     assert done == [
         f"snapshot {info.as_of}: {info.object_count} objects, {info.tombstone_count} "
-        f"tombstones, {len(info.parts)} parts, {sum(p.size for p in info.parts)} bytes "
+        f"tombstones, {len(info.parts)} parts with its state image, "
+        f"{sum(p.size for p in info.parts)} bytes "
         "(based on nothing)",
         "snapshot: nothing new since the last one",
     ]

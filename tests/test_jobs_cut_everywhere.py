@@ -55,6 +55,7 @@ from typing import Any, BinaryIO
 
 import orjson
 import pytest
+import zstandard
 
 from connector.archive import ArchiveReader
 from connector.archive.layout import quarantine_key
@@ -67,7 +68,7 @@ from connector.retention import RetentionPolicy, trusted_now
 from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.store import SimStore
-from connector.snapshot import list_snapshots
+from connector.snapshot import STATE_KIND, list_snapshots
 from connector.storage import Body
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
@@ -346,7 +347,10 @@ def _end(storage: LocalStorage) -> EventId:
 
 def _contents(root: Path) -> dict[str, bytes]:
     """Every object of the archive but the lock; snapshot manifests and the checkpoint
-    without their dates (and a snapshot without the one it was built on)."""
+    without their dates (and a snapshot without the one it was built on); a snapshot's state
+    image as the tables it holds (its bytes depend on how its database was built: from the
+    previous snapshot's image or parts, or from the segments), and its entry in the manifest
+    without its sha256 and size."""
     storage = LocalStorage(root)
     out: dict[str, bytes] = {}
     for key in storage.list():
@@ -358,7 +362,15 @@ def _contents(root: Path) -> dict[str, bytes]:
             # Its date, and the snapshot it was built on: a cut job may leave one fewer.
             manifest.pop("created_at")
             manifest.pop("based_on")
+            for part in manifest["parts"]:
+                if part["kind"] == STATE_KIND:
+                    part.pop("sha256"), part.pop("size")
             body = orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)
+        elif key.startswith("snapshots/") and "/state.sqlite" in key:
+            image = root.parent / "image.sqlite"
+            image.write_bytes(zstandard.ZstdDecompressor().stream_reader(body).read())
+            body = repr(state_tables(image)).encode()
+            image.unlink()
         elif key == CHECKPOINT_KEY:
             checkpoint = orjson.loads(body)
             checkpoint.pop("saved_at")

@@ -200,13 +200,15 @@ def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Pa
     place: the run's flock on it still holds, so another process's cleanup spares it."""
     from connector.snapshot import claim_scratch, list_snapshots, remove_stale_scratch, seed_state
     from connector.storage.local import LocalStorage
+    from tests.support.snapshots import and_its_image
     from tests.test_retention import build_days
 
     storage = LocalStorage(tmp_path / "a")
     build_days(storage, tmp_path, days=4, snapshot_days={1, 2})
     snaps = list_snapshots(storage)
-    part = storage.root / snaps[-1].parts[0].key
-    part.write_bytes(b"damaged" + part.read_bytes()[7:])  # same size, another sha256
+    for damaged in and_its_image(snaps[-1], snaps[-1].parts[0]):
+        part = storage.root / damaged.key
+        part.write_bytes(b"damaged" + part.read_bytes()[7:])  # same size, another sha256
     work = tmp_path / "work"
     work.mkdir()
     db = work / "snapshot-live.sqlite"

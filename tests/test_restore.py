@@ -7,7 +7,9 @@ platform double (SimServer answering POST /graphql).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +33,8 @@ from connector.restore import (
 from connector.restore_cli import verify_against_opencti
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.snapshot import list_snapshots, write_snapshot
-from connector.state import StateStore, push_phase, stix_refs
+from connector.snapshot import SnapshotInfo, list_snapshots, write_snapshot
+from connector.state import STATE_SCHEMA, StateStore, push_phase, stix_refs
 from connector.storage.local import LocalStorage
 from connector.target.opencti import OpenCTITarget
 from tests.support.compare import comparable
@@ -169,6 +171,8 @@ def test_damaged_snapshot_is_skipped_for_an_older_one(
     part = next(
         p for p in info.parts if p.kind == ("tombstones" if damage == "record" else "objects")
     )
+    if damage != "manifest":  # else a restore would open the snapshot's state image
+        _damage_image(storage, info, "missing" if damage == "record" else damage)
     body = storage.get(part.key)
     lines = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
     if damage == "bytes":  # not even decompressible
@@ -193,6 +197,68 @@ def test_damaged_snapshot_is_skipped_for_an_older_one(
     assert len(errors) == 1 and info.key in str(errors[0].__dict__["error"])
     if damage != "record":
         assert write_snapshot(storage, work_dir=tmp_path / "next") is not None
+
+
+def _damage_image(storage: LocalStorage, info: SnapshotInfo, damage: str) -> None:
+    image = info.state_image
+    assert image is not None
+    body = storage.get(image.key)
+    if damage == "bytes":  # not even decompressible
+        storage.put(image.key, body[:10] + bytes(len(body) - 10))
+    elif damage == "checksum":  # a whole database, other bytes: only the checksum tells
+        db = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+        storage.put(image.key, compress(db, info.codec, 19))
+    elif damage == "missing":
+        storage.delete(image.key)
+    else:
+        raise AssertionError(damage)
+
+
+@pytest.mark.parametrize("damage", ["bytes", "checksum", "missing", "other state", "other schema"])
+def test_a_state_image_that_cannot_serve_leaves_the_snapshot_to_its_parts(
+    archived: tuple[LocalStorage, list[Mark]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A restore opens the snapshot's state image instead of loading its parts. One it cannot
+    trust (damaged, gone, a whole database of another state that the manifest was made to
+    name) is said and passed over for the same snapshot's parts; one of another version's
+    layout is not read at all. The same state either way, and no error."""
+    storage, marks = archived
+    (info,) = list_snapshots(storage)
+    image = info.state_image
+    assert image is not None
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    if damage == "other state":  # one object fewer, its sha256 and size in the manifest
+        db = tmp_path / "other.sqlite"
+        db.write_bytes(
+            zstandard.ZstdDecompressor().stream_reader(io.BytesIO(storage.get(image.key))).read()
+        )
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM objects WHERE rid = (SELECT max(rid) FROM objects)")
+        body = compress(db.read_bytes(), "zstd", 3)
+        storage.put(image.key, body)
+        (entry,) = [p for p in manifest["parts"] if p["kind"] == "state"]
+        entry["sha256"], entry["size"] = hashlib.sha256(body).hexdigest(), len(body)
+        storage.put(info.manifest_key, orjson.dumps(manifest))
+    elif damage == "other schema":
+        manifest["state_schema"] = STATE_SCHEMA + 1
+        storage.put(info.manifest_key, orjson.dumps(manifest))
+        storage.put(image.key, b"not read")
+    else:
+        _damage_image(storage, info, damage)
+    caplog.set_level("WARNING")
+    state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
+    with state:
+        assert plan.snapshot == info.key  # the snapshot still served, through its parts
+        assert_equal_objects(state_objects(state), marks[-1][1])
+    said = [r for r in caplog.records if "state image" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    if damage == "other schema":
+        assert said == []
+    else:
+        assert len(said) == 1 and image.key in str(said[0].__dict__["error"])
 
 
 @pytest.mark.parametrize("step", [0, 1, 3, 4])

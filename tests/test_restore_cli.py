@@ -32,6 +32,7 @@ from connector.snapshot import list_snapshots, write_snapshot
 from connector.source import iso_to_id
 from connector.storage.local import LocalStorage
 from tests.support.connector import ROOT, ConnectorThread, base_env, caught_up, wait_until
+from tests.support.snapshots import and_its_image
 from tests.support.tls import make_certs, server_context
 from tests.test_retention import at_day, build_days, follow_until
 
@@ -94,8 +95,9 @@ def test_a_partial_state_needs_allow_partial(archive: Path, tmp_path: Path) -> N
     policy = RetentionPolicy(keep_days=1, keep_snapshots=0)
     report = apply_retention(storage, plan_retention(storage, policy, at_day(8)))
     assert report.counts().get("segment")
-    part = list_snapshots(storage)[0].parts[0]
-    storage.put(part.key, b"damaged")
+    info = list_snapshots(storage)[0]
+    for part in and_its_image(info, info.parts[0]):
+        storage.put(part.key, b"damaged")
     out = tmp_path / "state.json"
     assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1
     assert not out.exists()
@@ -280,7 +282,8 @@ def test_lost_newest_segments_are_never_restored_silently(
     if where == "under a damaged snapshot":  # it would cover the loss, but cannot be used
         info = write_snapshot(storage, work_dir=tmp_path / "snap")
         assert info is not None
-        storage.put(info.parts[0].key, b"damaged")
+        for part in and_its_image(info, info.parts[0]):
+            storage.put(part.key, b"damaged")
     storage.delete(refs[-1].manifest_key)  # its segment is no longer part of the archive
     out = tmp_path / "state.json"
     assert _restore(archive, tmp_path, "--to-bundle", str(out)) == 1

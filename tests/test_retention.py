@@ -24,6 +24,7 @@ from connector.storage import Storage
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
+from tests.support.snapshots import and_its_image
 from tests.test_verify import DAY_MS, ArchiveBuilder
 
 T0 = 1_700_000_000_000
@@ -272,7 +273,8 @@ def test_no_snapshot_is_written_without_the_pruned_history(tmp_path: Path) -> No
     policy = RetentionPolicy(keep_days=1, keep_snapshots=0)
     apply_retention(storage, plan_retention(storage, policy, at_day(8)))
     (first,) = list_snapshots(storage)
-    storage.delete(first.parts[0].key)
+    for part in and_its_image(first, first.parts[0]):
+        storage.delete(part.key)
     with pytest.raises(PermanentError, match="pruned"):
         write_snapshot(storage, work_dir=tmp_path / "snap")
     assert [s.as_of for s in list_snapshots(storage)] == [first.as_of]

@@ -8,14 +8,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pytest
 
 from connector.archive import ArchiveReader
 from connector.archive.segment import compress
-from connector.errors import MalformedEvent, PermanentError
+from connector.errors import MalformedEvent, PermanentError, RetryableError
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.sim import sample_bundle
 from connector.snapshot import (
@@ -24,11 +24,13 @@ from connector.snapshot import (
     iter_snapshot_objects,
     iter_snapshot_tombstones,
     list_snapshots,
+    open_state_image,
     read_snapshot_manifest,
+    seed_state,
     state_sha256,
     write_snapshot,
 )
-from connector.state import SNAPSHOT_ROWS, StateStore
+from connector.state import SNAPSHOT_ROWS, STATE_SCHEMA, StateStore
 from connector.storage.local import LocalStorage
 from tests.support.statedb import state_tables
 from tests.test_state import (
@@ -174,7 +176,7 @@ def test_parts_are_bounded_and_checksummed(tmp_path: Path, codec: str) -> None:
     manifest = read_snapshot_manifest(storage, info.key)
     assert manifest == info
     objects = [p for p in info.parts if p.kind == "objects"]
-    assert all(p.count <= 5 for p in info.parts)
+    assert all(p.count <= 5 for p in objects)
     assert sum(p.count for p in objects) == info.object_count
     assert len(objects) == -(-info.object_count // 5)  # memory per part is bounded by its size
     for part in info.parts:
@@ -222,6 +224,77 @@ def test_snapshot_loads_back_the_exact_state(tmp_path: Path) -> None:
     assert seeded_tables == full
     keys = {row[0] for row in full["objects"]}
     assert len(full["aliases"]) > len(keys) and len(full["tombstones"]) > 0
+
+
+@pytest.mark.parametrize("codec", ["zstd", "gzip"])
+def test_the_state_image_opens_to_the_exact_state(tmp_path: Path, codec: str) -> None:
+    """A snapshot's state image, incremental (built on the previous snapshot's image) and
+    opened as a restore opens it, holds the rows, aliases and tombstones of a full replay;
+    folding on from it works like folding on from the parts."""
+    storage, _, events, cut = _split_archive(tmp_path / "archive")
+    first = write_snapshot(storage, work_dir=tmp_path / "work", codec=codec)
+    assert first is not None and first.state_image is not None
+    archive_events(storage, events[cut:], per_segment=9, after=first.as_of)
+    second = write_snapshot(storage, work_dir=tmp_path / "work", codec=codec)
+    assert second is not None and second.based_on == str(first.as_of)
+    image = second.state_image
+    assert image is not None and image.key.endswith(
+        "/state.sqlite" + (".zst" if codec == "zstd" else ".gz")
+    )
+    assert second.state_schema == STATE_SCHEMA and image.count == second.object_count
+    replay(storage, tmp_path / "full.sqlite").close()
+    db = tmp_path / "image.sqlite"
+    db.touch()
+    open_state_image(db, storage, second, image).close()
+    assert state_tables(db) == state_tables(tmp_path / "full.sqlite")
+    # The first image, then the segments after it: the same state again.
+    db = tmp_path / "first.sqlite"
+    db.touch()
+    assert first.state_image is not None
+    state = open_state_image(db, storage, first, first.state_image)
+    with state:
+        fold_segments(state, ArchiveReader(storage), start_after=first.last_segment_manifest)
+        assert state_sha256(state) == second.state_sha256
+    assert state_tables(db) == state_tables(tmp_path / "full.sqlite")
+
+
+class _ImageUnreachable(LocalStorage):
+    """The storage failing for a moment (S3 answering 503) while the state image is read."""
+
+    def open(self, key: str) -> BinaryIO:
+        if "/state.sqlite" in key:
+            raise RetryableError(f"storage unavailable reading {key}")
+        return super().open(key)
+
+
+def test_a_transient_failure_reading_the_state_image_is_not_damage(tmp_path: Path) -> None:
+    """A storage error that may pass is raised as it is (the caller retries): the snapshot is
+    not passed over for its parts or an older one, and no store is left open."""
+    storage, _, _, _ = _split_archive(tmp_path / "archive")
+    info = write_snapshot(storage, work_dir=tmp_path / "work")
+    assert info is not None
+    flaky = _ImageUnreachable(storage.root)
+    db = tmp_path / "seed.sqlite"
+    with pytest.raises(RetryableError, match="storage unavailable"):
+        seed_state(db, flaky, list_snapshots(flaky))
+    state, seed = seed_state(db, storage, list_snapshots(storage))  # the file is usable again
+    with state:
+        assert seed == info and state.counts()["objects"] == info.object_count
+
+
+def test_a_snapshot_without_its_state_image(tmp_path: Path) -> None:
+    """``snapshot.state_image`` off: parts only, and a restore (or the next snapshot) loads
+    them."""
+    storage, _, events, cut = _split_archive(tmp_path / "archive")
+    first = write_snapshot(storage, work_dir=tmp_path / "work", state_image=False)
+    assert first is not None and first.state_image is None and first.state_schema is None
+    assert {p.kind for p in first.parts} == {"objects"}  # (no tombstones yet)
+    assert not [k for k in _keys(storage) if "/state." in k]
+    archive_events(storage, events[cut:], per_segment=9, after=first.as_of)
+    second = write_snapshot(storage, work_dir=tmp_path / "work", state_image=False)
+    assert second is not None and second.based_on == str(first.as_of)
+    with replay(storage, tmp_path / "full.sqlite") as full:
+        assert second.state_sha256 == state_sha256(full)
 
 
 def test_older_snapshot_rows_are_derived_again(tmp_path: Path) -> None:

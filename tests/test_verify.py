@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import orjson
 import pytest
+import zstandard
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import manifest_key, segment_key
-from connector.archive.segment import encode_segment
+from connector.archive.segment import compress, encode_segment
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.sink import Batch
@@ -271,6 +274,43 @@ def test_snapshots_verified_and_bad_part_detected(tmp_path: Path) -> None:
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
     assert any(part in e and "sha256" in e for e in report.errors), report.errors
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "other state"])
+def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str) -> None:
+    """The image a restore would open: a byte flipped (sha256), or a whole database holding
+    another state than the manifest's (one object fewer, the manifest made to name it). The
+    snapshot's parts still serve a restore: it is still checked against the segments."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    info = write_snapshot(storage, work_dir=tmp_path / "s")
+    assert info is not None and info.state_image is not None
+    key = info.state_image.key
+    path = tmp_path / "a" / key
+    if damage == "flipped byte":
+        body = bytearray(path.read_bytes())
+        body[len(body) // 2] ^= 0x55
+        path.write_bytes(bytes(body))
+    else:
+        db = tmp_path / "other.sqlite"
+        db.write_bytes(zstandard.ZstdDecompressor().stream_reader(path.read_bytes()).read())
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM objects WHERE rid = (SELECT max(rid) FROM objects)")
+        body = compress(db.read_bytes(), "zstd", 3)
+        path.write_bytes(body)
+        manifest = orjson.loads(storage.get(info.manifest_key))
+        (entry,) = [p for p in manifest["parts"] if p["kind"] == "state"]
+        entry["sha256"], entry["size"] = hashlib.sha256(body).hexdigest(), len(body)
+        storage.put(info.manifest_key, orjson.dumps(manifest))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    said = "sha256 differs" if damage == "flipped byte" else "not the manifest's"
+    assert [e for e in report.errors if "state image" in e] == [
+        e for e in report.errors if key in e and said in e
+    ], report.errors
+    assert len(report.errors) == 1, report.errors
+    assert report.snapshots_recomputed == 1
+    assert not list((tmp_path / "w").glob("*.sqlite"))
 
 
 def test_snapshot_inconsistent_with_segments(tmp_path: Path) -> None:
