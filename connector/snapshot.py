@@ -16,7 +16,8 @@ The state image is the scratch database the snapshot was exported from, compress
 restore (or the next snapshot) whose state schema and row rules are the writer's decompresses it
 and opens it, with no Python per object, instead of loading the parts row by row. The parts stay
 the portable, documented form and the fallback: an image that is missing, damaged, of another
-schema or that does not give the manifest's position and counts is passed over for them.
+schema, holding more than the state's tables and indexes, or that does not give the manifest's
+position and counts is passed over for them.
 
 A run can be stopped (``stop``, a ``threading.Event``): it is checked before each folded segment,
 each written part and the manifest, and a stopped run raises ``SnapshotStopped`` having committed
@@ -405,6 +406,11 @@ def open_state_image(
     state: StateStore | None = None
     try:
         state = StateStore(db_path, scratch=True)
+        foreign = state.foreign_schema()
+        if foreign:
+            raise PermanentError(
+                f"snapshot state image {image.key} holds more than a state: {foreign[:3]}"
+            )
         counts = state.counts()
         if (
             state.as_of != info.as_of

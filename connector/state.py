@@ -135,6 +135,12 @@ _LAZY_INDEXES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "phase": ("objects_phase", ("CREATE INDEX objects_phase ON objects (phase, key)",)),
 }
+
+
+def _index_names(sqls: tuple[str, ...]) -> list[str]:
+    return [sql.split()[2] for sql in sqls if sql.startswith("CREATE INDEX ")]
+
+
 _UPSERT_OBJECT = (
     "INSERT INTO objects (key, stix_id, iid, type, phase, event_id, event, version, data, refs)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -1419,6 +1425,18 @@ class StateStore:
         self._seen = _Seen()
         self._seen_loaded = False
         self._unfiltered_budget = aliases_loaded // 8
+
+    def foreign_schema(self) -> list[str]:
+        """What the database holds besides this store's own tables and indexes: a snapshot's
+        state image holding a trigger or a view would run code of its own in a restore."""
+        own = {"objects", "aliases", "refs", "tombstones", "meta", "tombstones_stix"}
+        own |= {name for _, sqls in _LAZY_INDEXES.values() for name in _index_names(sqls)}
+        return [
+            f"{kind} {name}"
+            for kind, name in self._db.execute("SELECT type, name FROM sqlite_master")
+            if kind not in ("table", "index")
+            or (name not in own and not str(name).startswith("sqlite_autoindex_"))
+        ]
 
     def defer_filter(self, lookups: int) -> None:
         """Opened on a snapshot's state image: as after ``load_lines``, the filter is filled only
