@@ -236,8 +236,9 @@ def _snapshot_id(prefix: str) -> EventId | None:
 
 def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
     """The manifest as a restore reads it, and every part present with the size and sha256 it
-    records: a base snapshot must be loadable before the segments it replaces are deleted."""
-    from .snapshot import SnapshotInfo  # here: `run` starts without the state store
+    records: a base snapshot must be loadable before the segments it replaces are deleted. Its
+    state image is not read: a restore that cannot use it loads these parts."""
+    from .snapshot import STATE_KIND, SnapshotInfo  # here: `run` starts without the state store
 
     try:
         info = SnapshotInfo.from_json(orjson.dumps(snap.manifest))
@@ -249,6 +250,8 @@ def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
         return False
     try:
         for part in info.parts:
+            if part.kind == STATE_KIND:
+                continue
             if storage.size(part.key) != part.size:
                 raise ValueError(part.key)
             with storage.open(part.key) as fh:

@@ -222,11 +222,15 @@ def test_quarantine_kept_until_covered_by_base(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["missing", "flipped byte"])
-def test_base_with_a_damaged_part_is_not_used(tmp_path: Path, damage: str) -> None:
-    """A restore would refuse that snapshot (sha256): the segments it covers must stay."""
+@pytest.mark.parametrize("which", ["part", "state image"])
+def test_base_with_a_damaged_part_is_not_used(tmp_path: Path, damage: str, which: str) -> None:
+    """A restore would refuse that snapshot (sha256): the segments it covers must stay. Its
+    state image alone damaged, a restore loads the parts instead: it is still the base."""
     storage = LocalStorage(tmp_path / "a")
     build_days(storage, tmp_path, days=6, snapshot_days={2})
-    part = list_snapshots(storage)[0].parts[0]
+    info = list_snapshots(storage)[0]
+    part = info.state_image if which == "state image" else info.parts[0]
+    assert part is not None
     if damage == "missing":
         storage.delete(part.key)
     else:
@@ -234,6 +238,10 @@ def test_base_with_a_damaged_part_is_not_used(tmp_path: Path, damage: str) -> No
         body[len(body) // 2] ^= 0x01  # same size: only the checksum tells
         storage.put(part.key, bytes(body))
     report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(8))
+    if which == "state image":
+        assert report.base == str(info.as_of)
+        assert any(d.kind == "segment" for d in report.deletions)
+        return
     assert report.base is None
     assert not any(d.kind in ("segment", "manifest") for d in report.deletions)
 
