@@ -305,7 +305,7 @@ class _Verifier:
         self.head_after: EventId | None = None
         self.checkpoint: Checkpoint | None = None
         self.snapshot_ids: list[EventId] = []  # as-of ids of the committed, usable snapshots
-        self._whole_images: set[str] = set()  # snapshots whose state image's bytes are whole
+        self._images: set[str] = set()  # snapshots whose state image is to be opened
         self.head_key: str | None = None  # the first manifest read (retention may delete it)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -743,7 +743,7 @@ class _Verifier:
         self.check_head(snapshots)
         good = [snap for snap in snapshots if self.check_snapshot_parts(snap)]
         for snap in good:
-            if snap.key in self._whole_images:
+            if snap.key in self._images:
                 self.check_state_image(snap, work_dir)
         # Only a usable snapshot stands in for pruned (or lost) newest segments (check_tail).
         self.snapshot_ids = [snap.as_of for snap in good]
@@ -814,6 +814,9 @@ class _Verifier:
                 ok = ok and part.kind == STATE_KIND
                 continue
             image = part.kind == STATE_KIND
+            if image and part == snap.state_image:
+                self._images.add(snap.key)  # opened below, its sha256 checked as it is read
+                continue
             problem = self._check_part(
                 part.key, part.size, part.sha256, None if image else part.count, snap.codec
             )
@@ -822,8 +825,6 @@ class _Verifier:
                     f"{name}: {'state image' if image else 'part'} {part.key} {problem}"
                 )
                 ok = ok and image
-            elif image:
-                self._whole_images.add(snap.key)
             if not image:
                 totals[part.kind] = totals.get(part.kind, 0) + part.count
         for kind, declared in (
@@ -838,7 +839,8 @@ class _Verifier:
         return ok
 
     def check_state_image(self, snap: SnapshotInfo, work_dir: Path) -> None:
-        """The state image, opened as a restore opens it, gives the manifest's state."""
+        """The state image, opened as a restore opens it (its sha256 checked on the way), gives
+        the manifest's state."""
         image = snap.state_image
         if image is None:
             return  # none, or another version's (its bytes were checked)

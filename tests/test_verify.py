@@ -276,7 +276,7 @@ def test_snapshots_verified_and_bad_part_detected(tmp_path: Path) -> None:
     assert any(part in e and "sha256" in e for e in report.errors), report.errors
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "other state"])
+@pytest.mark.parametrize("damage", ["flipped byte", "other state", "another version's, flipped"])
 def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str) -> None:
     """The image a restore would open: a byte flipped (sha256), or a whole database holding
     another state than the manifest's (one object fewer, the manifest made to name it). The
@@ -287,10 +287,14 @@ def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str
     assert info is not None and info.state_image is not None
     key = info.state_image.key
     path = tmp_path / "a" / key
-    if damage == "flipped byte":
+    if damage != "other state":
         body = bytearray(path.read_bytes())
         body[len(body) // 2] ^= 0x55
         path.write_bytes(bytes(body))
+        if damage != "flipped byte":  # not opened by this version: its bytes are checked
+            manifest = orjson.loads(storage.get(info.manifest_key))
+            manifest["state_schema"] += 1
+            storage.put(info.manifest_key, orjson.dumps(manifest))
     else:
         db = tmp_path / "other.sqlite"
         db.write_bytes(zstandard.ZstdDecompressor().stream_reader(path.read_bytes()).read())
@@ -304,7 +308,7 @@ def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str
         storage.put(info.manifest_key, orjson.dumps(manifest))
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
-    said = "sha256 differs" if damage == "flipped byte" else "not the manifest's"
+    said = "not the manifest's" if damage == "other state" else "sha256 differs"
     assert [e for e in report.errors if "state image" in e] == [
         e for e in report.errors if key in e and said in e
     ], report.errors
