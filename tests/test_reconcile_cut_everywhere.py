@@ -1,0 +1,419 @@
+"""The run that repairs a retention gap and reconciles it, cut at every storage call.
+
+A first run of the real connector (``run_forever``, in a thread) archives the simulator's
+history over HTTP into a local directory and stops. While it is down the platform changes
+objects, deletes some, merges one into another (a relationship follows the merge silently),
+creates more, and trims its stream: a retention gap. The run that repairs it (the recovery from
+the checkpoint, then the delete reconciliation, in groups of ``GROUP_EVENTS`` = 3 events) makes
+every call to the archive's storage through ``CutStorage`` (a ``LocalStorage`` subclass:
+listings, reads, the lease's writes, puts, deletes): an uncut run records them, and each case
+runs it again on a fresh copy of the archive and cuts it at one of them, each of the four ways
+of ``tests/support/cuts.py`` (``kill``, ``kill-after``: nothing of that run reaches the archive
+from the cut on; ``lost-answer``, ``retry``: the run goes on). A call is named by its method and
+the kind of its key (a reconciliation group's segment apart from the recovery's) and cut at the
+same occurrence of that name as in the uncut run: heartbeats' checkpoint saves come as the clock
+has them, the other calls in the same order every time.
+
+After the cut the connector is started again, as an operator would (the lease of a killed run
+names a process that is gone), until it has caught up and no reconciliation is due; then:
+
+* ``verify`` reports no error, and no warning but the uncut run's and an orphan segment;
+* the restored state equals the simulator's (``assert_restore_equals_platform``);
+* the checkpoint's ``reconcile`` is done (``due: False``), with the uncut run's counts;
+* the archive holds the uncut run's events once each: the recovery's under the same ids, the
+  reconciliation's the same (their ids depend on the heartbeat it ran at).
+
+``CUT_EVERYWHERE=1`` cuts at every call, each way; otherwise at a few calls of the
+reconciliation (its first reads, a group's segment and manifest, the checkpoint after it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import pytest
+import zstandard
+
+from connector import reconcile
+from connector import storage as storage_mod
+from connector.archive import ArchiveReader
+from connector.checkpoint import CheckpointStore
+from connector.errors import NotFound
+from connector.events import EventId
+from connector.run_lease import RUN_LEASE_KEY
+from connector.sim.generator import generate
+from connector.sim.server import SimServer
+from connector.storage import Body
+from connector.storage.local import LocalStorage
+from connector.verify import format_report, verify_archive
+from tests.support import cuts
+from tests.support.connector import (
+    ConnectorThread,
+    base_env,
+    caught_up,
+    saved_checkpoint,
+    wait_until,
+)
+from tests.test_faults import assert_restore_equals_platform
+
+TOKEN = "reconcile-cut-token"
+EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
+LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
+GROUP_EVENTS = 3
+ALLOWED_WARNINGS = ("orphan segment ",)
+
+
+class Killed(BaseException):
+    """The simulated death of the process: nothing catches it (the pipeline catches
+    ``ConnectorError`` around the reconciliation)."""
+
+
+class Plan(cuts.Plan):
+    """Cuts the run at the ``at[1]``-th call named ``at[0]`` (0 for the first)."""
+
+    killed = Killed
+
+    def __init__(self, at: tuple[str, int] | None = None, how: str = "kill") -> None:
+        super().__init__(None, how)
+        self.at = at
+        self.seen: Counter[str] = Counter()
+
+    def before(self, label: str) -> int:
+        with self.lock:
+            n = self.seen[label]
+            self.seen[label] += 1
+            if self.at == (label, n) and self.cut is None:
+                self.cut = len(self.calls)
+        return super().before(label)
+
+
+def _kind(key: str, body: bytes | None = None) -> str:
+    if key.startswith("events/") and body is not None:
+        lines = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True).read()
+        return "segment (reconcile)" if reconcile.REFERER.encode() in lines else "segment"
+    for prefix, kind in (
+        ("events/", "segment"),
+        ("manifests/", "manifest"),
+        ("quarantine/", "quarantine"),
+        (".probe-", "probe"),
+    ):
+        if key.startswith(prefix):
+            return kind
+    return key
+
+
+class CutStorage(LocalStorage):
+    """The archive's local storage; every call goes through ``plan``."""
+
+    def __init__(self, root: Path, plan: Plan) -> None:
+        super().__init__(root)
+        self.plan = plan
+
+    def _call(self, label: str, fn: Any, *args: Any) -> Any:
+        call = self.plan.before(label)
+        out = fn(*args)
+        self.plan.after(call)
+        return out
+
+    def put_if_absent(self, key: str, body: Body) -> bool:
+        data = body if isinstance(body, bytes) else None
+        return bool(
+            self._call(f"put_if_absent {_kind(key, data)}", super().put_if_absent, key, body)
+        )
+
+    def put(self, key: str, body: bytes) -> None:
+        self._call(f"put {_kind(key)}", super().put, key, body)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self._call(f"get {_kind(key)}", super().get, key))
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        found: tuple[bytes, str] = self._call(
+            f"get_with_tag {_kind(key)}", super().get_with_tag, key
+        )
+        return found
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        return bool(self._call(f"replace_if {_kind(key)}", super().replace_if, key, body, tag))
+
+    def open(self, key: str) -> BinaryIO:
+        fh: BinaryIO = self._call(f"open {_kind(key)}", super().open, key)
+        return fh
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(f"exists {_kind(key)}", super().exists, key))
+
+    def size(self, key: str) -> int:
+        return int(self._call(f"size {_kind(key)}", super().size, key))
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        self.plan.before(f"list {prefix}")  # a listing is read as it is consumed
+        for key in super().list(prefix, start_after):
+            if self.plan.dead:
+                raise Killed("a listing read after the kill")
+            yield key
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {_kind(key)}", super().delete, key)
+
+
+def _gone_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+GONE = _gone_pid()
+
+
+def _bury(root: Path) -> None:
+    """The lease a killed run left names its process, which is gone now."""
+    storage = LocalStorage(root)
+    try:
+        record = orjson.loads(storage.get(RUN_LEASE_KEY))
+    except NotFound:
+        return
+    record["pid"] = GONE
+    storage.put(RUN_LEASE_KEY, orjson.dumps(record))
+
+
+# ---------------------------------------------------------------------- the history
+@dataclass
+class World:
+    sim: SimServer
+    before: Path  # the archive the first run left, before the gap
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("reconcile-cut")
+    with SimServer(token=TOKEN, heartbeat_secs=0.1) as sim:
+        generate(sim.store, 60, seed=71)
+        absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000071{n}" for n in (1, 2))
+        user = "intrusion-set--00000000-0000-4000-8000-000000000713"
+        uses = "relationship--00000000-0000-4000-8000-000000000714"
+        for stix_id, name in ((absorbed, "absorbed"), (kept, "kept")):
+            sim.store.create({"type": "malware", "id": stix_id, "name": name, "is_family": True})
+        sim.store.create({"type": "intrusion-set", "id": user, "name": "user"})
+        sim.store.create(
+            {
+                "type": "relationship",
+                "id": uses,
+                "relationship_type": "uses",
+                "source_ref": user,
+                "target_ref": absorbed,
+            }
+        )
+        before = tmp / "before" / "archive"
+        run = ConnectorThread(_env(sim, before, tmp / "first-work")).start()
+        storage = LocalStorage(before)
+        wait_until(lambda: caught_up(storage, str(sim.store.last_event_id)), what="first run")
+        run.stop()
+        assert run.error is None
+        # While it is down: changes, deletes, a merge the relationship follows silently, and
+        # creates; then the platform trims its stream past the checkpoint.
+        objects = list(sim.store.objects())
+        malware = [o for o in objects if o["type"] == "malware" and o["id"] not in (absorbed, kept)]
+        for o in malware[:3]:
+            sim.store.update(o["id"], set={"description": "changed while down"})
+        for o in [o for o in objects if o["type"] == "indicator"][:4]:
+            sim.store.delete(o["id"])
+        sim.store.merge(kept, [absorbed])
+        generate(sim.store, 15, seed=72, mix="creates")
+        sim.store.trim(3)
+        yield World(sim, before, tmp)
+
+
+def _env(sim: SimServer, archive: Path, work: Path) -> dict[str, str]:
+    return base_env(
+        sim.url,
+        TOKEN,
+        str(archive),
+        OPENCTI_SYNC_WORK_DIR=str(work),
+        ARCHIVE_MAX_EVENTS="8",
+        CONNECTOR_BACKOFF_INITIAL_SECS="0.01",
+        CONNECTOR_BACKOFF_MAX_SECS="0.05",
+        CONNECTOR_SHUTDOWN_TIMEOUT_SECS="3",
+        CONNECTOR_LEASE_SECS="600",  # no renewal within a run: the same calls every time
+    )
+
+
+def _done(storage: LocalStorage, last: str) -> bool:
+    cp = saved_checkpoint(storage)
+    return (
+        cp is not None
+        and bool(cp.reconcile)
+        and cp.reconcile.get("due") is False
+        and caught_up(storage, last)
+    )
+
+
+def _run(world: World, root: Path, plan: Plan, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """One connector run on ``root`` (its archive through ``CutStorage(root, plan)``) until it
+    died, or caught up with the reconciliation done; returns it (``error``, ``rc``)."""
+    opened: list[CutStorage] = []
+
+    def open_storage(uri: str, **_: Any) -> CutStorage:
+        assert uri == str(root), uri
+        opened.append(CutStorage(root, plan))
+        return opened[-1]
+
+    monkeypatch.setattr(storage_mod, "open_storage", open_storage)
+    run = ConnectorThread(_env(world.sim, root, root.parent / "work")).start()
+    plain = LocalStorage(root)
+    last = str(world.sim.store.last_event_id)
+    wait_until(lambda: not run.alive or _done(plain, last), timeout=60, what="the run's end")
+    if run.alive:
+        run.stop()
+    run.join(15)
+    return run
+
+
+def _events(root: Path) -> tuple[list[tuple[str, str, bytes]], Counter[tuple[str, str, bytes]]]:
+    """The archive's events: the stream's (id, event, data), the reconciliation's as a multiset
+    of (event, STIX id, data): their ids depend on the heartbeat it ran at."""
+    stream: list[tuple[str, str, bytes]] = []
+    reconciled: Counter[tuple[str, str, bytes]] = Counter()
+    for ev in ArchiveReader(LocalStorage(root)).events():
+        if (ev.envelope.get("origin") or {}).get("referer") == reconcile.REFERER:
+            reconciled[ev.event, ev.stix_id, bytes(ev.data)] += 1
+        else:
+            stream.append((ev.id_text, ev.event, bytes(ev.data)))
+    return stream, reconciled
+
+
+@dataclass
+class Reference:
+    calls: list[str]
+    stream: list[tuple[str, str, bytes]]
+    reconciled: Counter[tuple[str, str, bytes]]
+    counts: dict[str, int]
+    warnings: list[str]
+
+
+COUNTS = ("refreshed", "deleted", "merged")
+
+
+def _counts(root: Path) -> dict[str, int]:
+    cp = CheckpointStore(LocalStorage(root)).load()
+    assert cp is not None and cp.reconcile is not None
+    assert cp.reconcile.get("due") is False and "failed" not in cp.reconcile, cp.reconcile
+    return {k: int(cp.reconcile[k]) for k in COUNTS}
+
+
+@pytest.fixture(scope="module")
+def reference(world: World) -> Iterator[Reference]:
+    mp = pytest.MonkeyPatch()
+    mp.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
+    root = world.tmp / "uncut" / "archive"
+    shutil.copytree(world.before, root)
+    plan = Plan()
+    run = _run(world, root, plan, mp)
+    mp.undo()
+    assert run.error is None and run.rc in (0, None), (run.error, run.rc)
+    stream, reconciled = _events(root)
+    report = verify_archive(LocalStorage(root), work_dir=world.tmp / "uncut" / "verify")
+    assert report.ok, format_report(report)
+    yield Reference(plan.calls, stream, reconciled, _counts(root), list(report.warnings))
+
+
+def _case(
+    world: World, ref: Reference, tmp: Path, at: tuple[str, int], how: str, mp: pytest.MonkeyPatch
+) -> None:
+    root = tmp / "archive"
+    shutil.copytree(world.before, root)
+    plan = Plan(at, how)
+    run = _run(world, root, plan, mp)
+    assert plan.cut is not None, f"the cut {at} was never reached"
+    if plan.dead:
+        assert isinstance(run.error, Killed), (run.error, run.rc)
+        _bury(root)
+    else:
+        # A transient failure: the run goes on by itself.
+        assert run.error is None and run.rc in (0, None), (run.error, run.rc)
+    # Started again until it is idle (once more after a run that finished: it must not redo).
+    again = _run(world, root, Plan(), mp)
+    assert again.error is None and again.rc in (0, None), (again.error, again.rc)
+    storage = LocalStorage(root)
+    report = verify_archive(storage, work_dir=tmp / "verify")
+    assert report.ok, format_report(report)
+    odd = [w for w in report.warnings if w not in ref.warnings and not w.startswith(ALLOWED_WARNINGS)]
+    assert not odd, f"verify warns {odd}"
+    assert _counts(root) == ref.counts, "the reconciliation's counts differ from the uncut run's"
+    stream, reconciled = _events(root)
+    assert stream == ref.stream, "the stream's events differ from the uncut run's"
+    twice = {k[:2]: n for k, n in reconciled.items() if n > 1}
+    assert not twice, f"reconciliation events stored twice: {twice}"
+    missing = [k[:2] for k in ref.reconciled - reconciled]
+    extra = [k[:2] for k in reconciled - ref.reconciled]
+    assert not missing and not extra, f"reconciliation events: missing {missing}, extra {extra}"
+    assert_restore_equals_platform(storage, world.sim.store, tmp / "restore")
+
+
+Case = tuple[tuple[str, int], str]
+
+
+def _named(calls: list[str]) -> list[tuple[str, int]]:
+    """Each call as (its name, its occurrence among the calls of that name)."""
+    seen: Counter[str] = Counter()
+    out = []
+    for call in calls:
+        out.append((call, seen[call]))
+        seen[call] += 1
+    return out
+
+
+def _sample(calls: list[str], how: str) -> list[tuple[str, int]]:
+    """The reconciliation's first read of the archive, a group's segment and its manifest, the
+    checkpoint saved after the last group."""
+    named = _named(calls)
+    groups = [i for i, c in enumerate(calls) if c == "put_if_absent segment (reconcile)"]
+    assert len(groups) >= 3, calls
+    second = groups[1]
+    manifest = next(i for i in range(second, len(calls)) if calls[i] == "put_if_absent manifest")
+    after_last = next(i for i in range(groups[-1], len(calls)) if calls[i] == "put checkpoint.json")
+    first_read = next(i for i in range(groups[0], -1, -1) if calls[i].startswith("list events"))
+    points = {
+        "kill": [first_read, second],
+        "kill-after": [second, manifest, after_last],
+        "lost-answer": [manifest, after_last],
+        "retry": [second, after_last],
+    }[how]
+    return [named[i] for i in points]
+
+
+def test_the_uncut_repair_reconciles_in_groups(world: World, reference: Reference) -> None:
+    """The uncut run deletes, merges and refreshes, in several groups, and restores right."""
+    assert all(reference.counts[k] >= 1 for k in COUNTS), reference.counts
+    assert sum(reference.reconciled.values()) > 2 * GROUP_EVENTS
+    root = world.tmp / "uncut" / "archive"
+    assert_restore_equals_platform(LocalStorage(root), world.sim.store, world.tmp / "uncut" / "r")
+    print(f"{len(reference.calls)} calls")
+
+
+@LONG
+@pytest.mark.parametrize("how", cuts.KINDS)
+def test_a_reconciling_run_cut_at_every_call(
+    world: World, reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
+    points = _named(reference.calls) if EVERYWHERE else _sample(reference.calls, how)
+    failures: list[str] = []
+    started = time.monotonic()
+    for n, at in enumerate(points):
+        try:
+            _case(world, reference, tmp_path / f"{n}", at, how, monkeypatch)
+        except AssertionError as exc:
+            failures.append(f"{how} {at}: {str(exc)[:600]}")
+    print(f"{how}: {len(points)} cases in {time.monotonic() - started:.0f} s")
+    assert not failures, f"{len(failures)} of {len(points)} cuts failed:\n" + "\n".join(failures)
