@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, CheckpointStore
 from .errors import CannotReconcile, ConnectorError, PermanentError, RetryableError
 from .events import ControlEvent, EventId, Quarantined, StreamEvent
 from .pending import PendingEvents
-from .reconcile import reconcile_group
+from .reconcile import archived_counts, count_event, reconcile_group
 from .sink import Batch, Bounded, Sink
 from .source import (
     Complete,
@@ -368,7 +368,16 @@ class Pipeline:
             if item.repair_recover_until:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.
                 self.checkpoint.recover_until = item.repair_recover_until
-                self.checkpoint.reconcile = {"due": True, **gap, **self._reconcile_from()}
+                due = self.checkpoint.reconcile or {}
+                # Its groups go above the archive's end now. A run stopped during the repair
+                # finds the gap again on restart: the groups it stored are above the first end.
+                first = due.get("groups_after", due.get("archive_last_event_id"))
+                self.checkpoint.reconcile = {
+                    "due": True,
+                    **gap,
+                    "groups_after": first if due.get("due") else gap["archive_last_event_id"],
+                    **self._reconcile_from(),
+                }
             if self.reconciler is None:
                 # Without an archive there is nothing to compare the platform with: the target's
                 # own listing would hold objects the source never sent (deleting those is no
@@ -451,6 +460,9 @@ class Pipeline:
         # With a target: also compared with the state every sink held at the gap (see
         # _reconcile_from); the archive's own whole state in any case.
         as_of = EventId.parse(rec["as_of"]) if rec.get("as_of") else None
+        # Archive only: groups an earlier run stored before it was stopped are in the archive's
+        # state, not written again, but counted. (With as_of they are compared, written again.)
+        earlier = self._archived_reconciliation(rec) if as_of is None else Counter[str]()
         groups: Iterator[list[StreamEvent]] = iter(())
         try:
             try:
@@ -475,7 +487,7 @@ class Pipeline:
                     extra={"error": str(exc), "retry_in_secs": self.backoff_max},
                 )
                 return False
-            counts = self._write_reconciliation(first, groups)
+            counts = self._write_reconciliation(first, groups) + earlier
         finally:
             close = getattr(groups, "close", None)
             if close is not None:
@@ -492,6 +504,23 @@ class Pipeline:
         self._save()
         return True
 
+    def _archived_reconciliation(self, rec: dict[str, object]) -> Counter[str]:
+        """The events of this reconciliation's groups already in the archive (see
+        ``reconcile.archived_counts``), above the archive's end when it became due."""
+        archives = (getattr(s, "storage", None) for s in self.sinks if s.name == "archive")
+        storage: Storage | None = next(archives, None)
+        if storage is None:
+            return Counter()
+        since = rec.get("groups_after", rec.get("archive_last_event_id"))
+        after = EventId.parse(str(since)) if since else None
+        found: list[Counter[str]] = []
+        self._retry(
+            lambda: found.append(archived_counts(storage, after)),
+            "reading the archive",
+            storage.describe(),
+        )
+        return found[-1]
+
     def _write_reconciliation(
         self, group: list[StreamEvent] | None, rest: Iterator[list[StreamEvent]]
     ) -> Counter[str]:
@@ -504,10 +533,7 @@ class Pipeline:
             # the heartbeat's) can no longer be stored in order; see _handle.
             self._reconciled_at = group[0].id
             for ev in group:
-                counts[ev.event] += 1
-                if ev.event == "merge":
-                    sources = (ev.envelope.get("context") or {}).get("sources") or []
-                    counts["merged"] += len(sources)
+                count_event(counts, ev)
             group = next(rest, None)
         log.warning(
             "Delete reconciliation written.",

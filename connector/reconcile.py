@@ -45,6 +45,7 @@ import logging
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,8 @@ __all__ = [
     "GROUP_BYTES",
     "GROUP_EVENTS",
     "REFERER",
+    "archived_counts",
+    "count_event",
     "platform_ids",
     "platform_resolves",
     "reconcile_deletes",
@@ -214,6 +217,30 @@ def _graphql_data(response: httpx.Response) -> dict[str, Any]:
 GROUP_EVENTS = 5_000
 GROUP_BYTES = 16 * 1024 * 1024
 _RESOLVE_PAGE = 10_000  # archived objects missing from the listing, asked about per round
+
+
+def count_event(counts: Counter[str], ev: StreamEvent) -> None:
+    """Count a reconciliation's event by name, and a merge's sources under "merged"."""
+    counts[ev.event] += 1
+    if ev.event == "merge":
+        sources = (ev.envelope.get("context") or {}).get("sources") or []
+        counts["merged"] += len(sources)
+
+
+def archived_counts(storage: Storage, after: EventId | None) -> Counter[str]:
+    """The reconciliation events the archive holds past ``after``, counted as ``count_event``
+    does: the groups an earlier run stored and was stopped before it could checkpoint."""
+    from .archive import ArchiveReader
+    from .archive.layout import manifest_key
+
+    reader = ArchiveReader(storage)
+    counts = Counter[str]()
+    start = manifest_key(after) if after is not None else None
+    for ref in reader.manifests(start_after=start):
+        for ev in reader.segment_events(ref.manifest):
+            if (after is None or ev.group > after) and ev.reconciled:
+                count_event(counts, ev)
+    return counts
 
 
 def reconcile_group(at: EventId, index: int) -> EventId:

@@ -398,3 +398,33 @@ def test_a_group_retried_after_its_manifest_failed_counts_as_written(tmp_path: P
     assert cp.reconcile["due"] is False and cp.reconcile["deleted"] == 1
     assert [ev.event for ev in ArchiveReader(storage).events()] == ["create", "delete"]
     assert cp.events_archived == 1 and cp.segments_written == 1
+
+
+def test_a_restart_counts_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
+    """Run 1 stored the first of two groups, then was killed before its checkpoint. Run 2 finds
+    the gap again (its checkpoint is still in the repair's recovery), compares the archive with
+    that group in it and writes the other: the checkpoint counts both, as an uncut run would."""
+    from connector.source import GapDetected
+
+    storage = LocalStorage(tmp_path / "a")
+    d = EventId(1_800_000_000_000, 0)
+    t = EventId(d.ms + 10_000, 0)
+    sink = ArchiveSink(storage)
+    events = [_malware(d, n, "create", referer=None) for n in (1, 2, 3)]
+    sink.write(Batch(first_id=d, last_id=d, events=events))
+    # The archive's end when the reconciliation became due: d. Run 1's group is above it.
+    g0 = reconcile_group(t, 0)
+    sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=d))
+    source, pipe = _reconciling(
+        storage,
+        lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
+        resume=d,
+    )
+    cp = pipe.checkpoint
+    cp.reconcile = {"due": True, "archive_last_event_id": str(d), "groups_after": str(d)}
+    pipe._handle(GapDetected(d, EventId(d.ms + 1, 0), "2027-01-15T08:00:00.000Z"))
+    assert cp.reconcile["groups_after"] == str(d)  # not g0, the archive's end now
+    cp.reconcile["repair_recover_until"] = None  # the repair's recovery is over
+    _feed(source, pipe, "heartbeat", str(EventId(t.ms + 5_000, 0)), b'"x"')
+    assert cp.reconcile["due"] is False
+    assert (cp.reconcile["deleted"], cp.reconcile["refreshed"]) == (2, 0)
