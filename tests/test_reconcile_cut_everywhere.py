@@ -346,7 +346,15 @@ def _case(
     else:
         # A transient failure: the run goes on by itself.
         assert run.error is None and run.rc in (0, None), (run.error, run.rc)
-    # Started again until it is idle (once more after a run that finished: it must not redo).
+    _restart_and_check(world, ref, root, tmp, mp)
+    return True
+
+
+def _restart_and_check(
+    world: World, ref: Reference, root: Path, tmp: Path, mp: pytest.MonkeyPatch
+) -> None:
+    """The connector started again until it is idle (once more after a run that finished: it
+    must not redo anything), then the checks of the module docstring."""
     again = _run(world, root, Plan(), mp)
     assert again.error is None and again.rc in (0, None), (again.error, again.rc)
     storage = LocalStorage(root)
@@ -365,7 +373,6 @@ def _case(
     extra = [k[:2] for k in reconciled - ref.reconciled]
     assert not missing and not extra, f"reconciliation events: missing {missing}, extra {extra}"
     assert_restore_equals_platform(storage, world.sim.store, tmp / "restore")
-    return True
 
 
 def _named(calls: list[str]) -> list[tuple[str, int]]:
@@ -424,3 +431,68 @@ def test_a_reconciling_run_cut_at_every_call(
     took = time.monotonic() - started
     print(f"{how}: {len(points)} cases ({cut} cut) in {took:.0f} s")
     assert not failures, f"{len(failures)} of {len(points)} cuts failed:\n" + "\n".join(failures)
+
+
+class ArmPlan(Plan):
+    """No storage cut: ``arm`` is called as the reconciliation starts to read the archive
+    (its first listing of snapshots), just before it lists the platform."""
+
+    def __init__(self, arm: Any) -> None:
+        super().__init__()
+        self.arm = arm
+
+    def before(self, label: str) -> int:
+        if label == "list snapshots/" and self.arm is not None:
+            self.arm, arm = None, self.arm
+            arm()
+        return super().before(label)
+
+
+# Faults of the next stream connection: the platform listing's (docs/SIMULATOR.md).
+LISTING_FAULTS: list[dict[str, Any]] = [
+    {"fail_next": {"status": 503, "count": 2}},
+    {"fail_next": {"status": 429}},
+    {"drop_after_events": 0},
+    {"drop_after_events": 1, "mid_message": True},
+    {"drop_after_events": 30},
+    {"drop_after_events": 30, "drop_times": 2},
+    {"drop_after_events": 40, "mid_message": True},
+    {"stall_secs": 8, "stall_after_events": 10},
+]
+
+
+@LONG
+@pytest.mark.parametrize("fault", LISTING_FAULTS, ids=lambda f: ",".join(map(str, f.values())))
+def test_the_platform_listing_cut(
+    world: World,
+    reference: Reference,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: dict[str, Any],
+) -> None:
+    """The reconciliation's listing of the platform (one more recover-mode connection) refused,
+    cut after some of its events (mid-message too), or stalled past the read timeout: never
+    taken for a short list; the run retries and ends as the uncut one."""
+    monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
+    root = tmp_path / "archive"
+    shutil.copytree(world.before, root)
+    armed: list[bool] = []
+
+    def arm() -> None:
+        world.sim.set_fault(**fault)
+        armed.append(True)
+
+    try:
+        run = _run(world, root, ArmPlan(arm), monkeypatch)
+    finally:
+        world.sim.set_fault(**dict.fromkeys(fault))
+    assert armed and run.error is None and run.rc in (0, None), (run.error, run.rc)
+    failed = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "Delete reconciliation failed; retrying later."
+        and "reconcile listing" in str(getattr(r, "error", ""))
+    ]
+    assert failed, "the fault did not reach the listing"
+    _restart_and_check(world, reference, root, tmp_path, monkeypatch)
