@@ -346,17 +346,30 @@ def _case(
     else:
         # A transient failure: the run goes on by itself.
         assert run.error is None and run.rc in (0, None), (run.error, run.rc)
-    _restart_and_check(world, ref, root, tmp, mp)
+    # Cut before the repair's recovery was over, the restart finds the gap again (its
+    # checkpoint is still in that recovery); from the reconciliation on, it must not.
+    repaired = _named(ref.calls).index(at) >= ref.calls.index("list snapshots/")
+    _restart_and_check(world, ref, root, tmp, mp, gaps=1 if repaired else None)
     return True
 
 
 def _restart_and_check(
-    world: World, ref: Reference, root: Path, tmp: Path, mp: pytest.MonkeyPatch
+    world: World,
+    ref: Reference,
+    root: Path,
+    tmp: Path,
+    mp: pytest.MonkeyPatch,
+    gaps: int | None = 1,
 ) -> None:
     """The connector started again until it is idle (once more after a run that finished: it
-    must not redo anything), then the checks of the module docstring."""
+    must not redo anything), then the checks of the module docstring; ``gaps``: the retention
+    gaps the checkpoint should record."""
     again = _run(world, root, Plan(), mp)
     assert again.error is None and again.rc in (0, None), (again.error, again.rc)
+    cp = CheckpointStore(LocalStorage(root)).load()
+    assert cp is not None
+    if gaps is not None:
+        assert len(cp.retention_gaps) == gaps, f"{len(cp.retention_gaps)} retention gaps recorded"
     storage = LocalStorage(root)
     report = verify_archive(storage, work_dir=tmp / "verify")
     assert report.ok, format_report(report)
@@ -394,7 +407,7 @@ def _sample(calls: list[str], how: str) -> list[tuple[str, int]]:
     second = groups[1]
     manifest = next(i for i in range(second, len(calls)) if calls[i] == "put_if_absent manifest")
     after_last = next(i for i in range(groups[-1], len(calls)) if calls[i] == "put checkpoint.json")
-    first_read = next(i for i in range(groups[0], -1, -1) if calls[i].startswith("list events"))
+    first_read = calls.index("list snapshots/")  # the reconciliation's materialise
     points = {
         "kill": [first_read, second],
         "kill-after": [second, manifest, after_last],
@@ -495,4 +508,61 @@ def test_the_platform_listing_cut(
         and "reconcile listing" in str(getattr(r, "error", ""))
     ]
     assert failed, "the fault did not reach the listing"
+    _restart_and_check(world, reference, root, tmp_path, monkeypatch)
+
+
+class FailingApi:
+    """The simulator's GraphQL API failing its next ``times`` queries, one way: a 502 or a 429
+    (not applied), the connection closed after the query was answered (the answer lost), or a
+    page that is no GraphQL answer (a proxy's)."""
+
+    def __init__(self, api: Any, how: str, times: int) -> None:
+        self.api, self.how, self.times = api, how, times
+        self.failed = 0
+
+    def handle(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.times <= 0:
+            status, data = self.api.handle(body, headers)
+            return int(status), bytes(data)
+        self.times -= 1
+        self.failed += 1
+        if self.how == "lost":
+            self.api.handle(body, headers)
+            raise ConnectionResetError("the answer is lost")  # the server closes the socket
+        if self.how == "html":
+            return 200, b"<html><body>502 Bad Gateway</body></html>"
+        return int(self.how), b'{"errors": [{"message": "try again"}]}'
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.api, name)
+
+
+@LONG
+@pytest.mark.parametrize(("how", "times"), [("502", 1), ("429", 3), ("lost", 1), ("html", 2)])
+def test_the_platform_lookup_cut(
+    world: World,
+    reference: Reference,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    times: int,
+) -> None:
+    """The reconciliation's look-up of the archived objects missing from the listing
+    (``stix(id)`` on the platform's API) failing for a transient reason: retried, never taken
+    for "gone" or for a refusal; the run ends as the uncut one."""
+    monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
+    root = tmp_path / "archive"
+    shutil.copytree(world.before, root)
+    failing: list[FailingApi] = []
+
+    def arm() -> None:
+        failing.append(FailingApi(world.sim._platform_api(), how, times))
+        monkeypatch.setattr(world.sim, "_platform_api", lambda: failing[0])
+
+    try:
+        run = _run(world, root, ArmPlan(arm), monkeypatch)
+    finally:
+        monkeypatch.delattr(world.sim, "_platform_api", raising=False)
+    assert run.error is None and run.rc in (0, None), (run.error, run.rc)
+    assert failing and failing[0].failed == times, "the look-up was not cut"
     _restart_and_check(world, reference, root, tmp_path, monkeypatch)
