@@ -237,6 +237,8 @@ def archived_counts(storage: Storage, after: EventId | None) -> Counter[str]:
     counts = Counter[str]()
     start = manifest_key(after) if after is not None else None
     for ref in reader.manifests(start_after=start):
+        if ref.manifest.first != ref.manifest.last:
+            continue  # a group is written alone, in segments of its own: not the recovery's
         for ev in reader.segment_events(ref.manifest):
             if (after is None or ev.group > after) and ev.reconciled:
                 count_event(counts, ev)
