@@ -369,8 +369,8 @@ class Pipeline:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.
                 self.checkpoint.recover_until = item.repair_recover_until
                 due = self.checkpoint.reconcile or {}
-                # Its groups go above the archive's end now. A run stopped during the repair
-                # finds the gap again on restart: the groups it stored are above the first end.
+                # Its groups go above the archive's end now; a gap found again while it is due
+                # (trimmed again during it) keeps the first end: a killed run's groups are above.
                 first = due.get("groups_after", due.get("archive_last_event_id"))
                 self.checkpoint.reconcile = {
                     "due": True,

@@ -402,8 +402,9 @@ def test_a_group_retried_after_its_manifest_failed_counts_as_written(tmp_path: P
 
 def test_a_restart_counts_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
     """Run 1 stored the first of two groups, then was killed before its checkpoint. Run 2 finds
-    the gap again (its checkpoint is still in the repair's recovery), compares the archive with
-    that group in it and writes the other: the checkpoint counts both, as an uncut run would."""
+    a gap again (the platform trimmed its stream past the checkpoint once more), compares the
+    archive with that group in it and writes the other: the checkpoint counts both, as an uncut
+    run would."""
     from connector.source import GapDetected
 
     storage = LocalStorage(tmp_path / "a")
