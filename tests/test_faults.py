@@ -66,6 +66,7 @@ from tests.support.s3 import (  # noqa: F401
     moto_server,
     storage_settings,
 )
+from tests.support.scenes import merge_to_come
 from tests.support.simlog import copy_event
 from tests.test_state import sim_events
 
@@ -610,21 +611,7 @@ def trimmed_while_down(
     if group_events is not None:
         monkeypatch.setattr(reconcile, "GROUP_EVENTS", group_events)
     generate(sim.store, 150, seed=61)
-    absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000061{n}" for n in (1, 2))
-    user = "intrusion-set--00000000-0000-4000-8000-000000000613"
-    uses = "relationship--00000000-0000-4000-8000-000000000614"
-    for stix_id, name in ((absorbed, "absorbed"), (kept, "kept")):
-        sim.store.create({"type": "malware", "id": stix_id, "name": name, "is_family": True})
-    sim.store.create({"type": "intrusion-set", "id": user, "name": "user"})
-    sim.store.create(
-        {
-            "type": "relationship",
-            "id": uses,
-            "relationship_type": "uses",
-            "source_ref": user,
-            "target_ref": absorbed,
-        }
-    )
+    absorbed, kept, uses = merge_to_come(sim.store, "61")
     archive = str(tmp_path / "a")
     storage = LocalStorage(archive)
     work = tmp_path / "work"

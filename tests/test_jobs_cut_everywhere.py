@@ -47,7 +47,6 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ import zstandard
 from connector.archive import ArchiveReader
 from connector.archive.layout import quarantine_key
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
-from connector.errors import NotFound, PermanentError
+from connector.errors import PermanentError
 from connector.events import EventId, StreamEvent
 from connector.jobs import LOCK_KEY, run_retention_job, run_snapshot_job
 from connector.restore import materialise_plan
@@ -170,25 +169,9 @@ class CutStorage(LocalStorage):
         self.plan.after(call)
 
 
-def _gone_pid() -> int:
-    """The pid of a process that has ended (a child, reaped)."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
-GONE = _gone_pid()
-
-
 def _bury(root: Path) -> None:
     """The lock a killed job left names its process, which is gone now."""
-    storage = LocalStorage(root)
-    try:
-        record = orjson.loads(storage.get(LOCK_KEY))
-    except NotFound:
-        return  # none left
-    record["pid"] = GONE
-    storage.put(LOCK_KEY, orjson.dumps(record))
+    cuts.bury(LocalStorage(root), LOCK_KEY)
 
 
 # ---------------------------------------------------------------------- the history

@@ -339,24 +339,36 @@ def _feed(source: SseSource, pipe: Pipeline, name: str, id_text: str, data: byte
     pipe._maybe_flush()
 
 
+_D = EventId(1_800_000_000_000, 0)  # the archive's end when the reconciliation became due
+_T = EventId(_D.ms + 10_000, 0)  # run 1's idle position, where it reconciled
+
+
+def _run_1_stored_a_group(
+    storage: LocalStorage, creates: list[StreamEvent]
+) -> tuple[SseSource, Pipeline]:
+    """``creates`` archived at ``_D``; above them the first group of run 1's reconciliation at
+    ``_T`` (malware 1 deleted), stored before it stopped without its checkpoint. Run 2's
+    source and pipeline, from ``_D``, whose reconciliation deletes malware 2."""
+    sink = ArchiveSink(storage)
+    sink.write(Batch(first_id=_D, last_id=_D, events=creates))
+    g0 = reconcile_group(_T, 0)
+    sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=_D))
+    return _reconciling(
+        storage,
+        lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
+        resume=_D,
+    )
+
+
 def test_a_restart_reconciles_above_the_groups_an_earlier_run_stored(tmp_path: Path) -> None:
     """Run 1 stored a reconciliation group below its idle position T and stopped before its
     checkpoint; run 2's idle position is T again (another platform node's clock): its groups
     would get the same ids and be skipped as stored. It waits for a later position instead."""
 
     storage = LocalStorage(tmp_path / "a")
-    d = EventId(1_800_000_000_000, 0)
-    t = EventId(d.ms + 10_000, 0)
-    sink = ArchiveSink(storage)
-    sink.write(
-        Batch(first_id=d, last_id=d, events=[_malware(d, 1, "create"), _malware(d, 2, "create")])
-    )
-    g0 = reconcile_group(t, 0)
-    sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=d))
-    source, pipe = _reconciling(
-        storage,
-        lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
-        resume=d,
+    d, t = _D, _T
+    source, pipe = _run_1_stored_a_group(
+        storage, [_malware(d, 1, "create"), _malware(d, 2, "create")]
     )
     cp = pipe.checkpoint
     _feed(source, pipe, "heartbeat", str(t), b'"x"')
@@ -408,18 +420,9 @@ def test_a_restart_counts_the_groups_an_earlier_run_stored(tmp_path: Path) -> No
     from connector.source import GapDetected
 
     storage = LocalStorage(tmp_path / "a")
-    d = EventId(1_800_000_000_000, 0)
-    t = EventId(d.ms + 10_000, 0)
-    sink = ArchiveSink(storage)
-    events = [_malware(d, n, "create", referer=None) for n in (1, 2, 3)]
-    sink.write(Batch(first_id=d, last_id=d, events=events))
-    # The archive's end when the reconciliation became due: d. Run 1's group is above it.
-    g0 = reconcile_group(t, 0)
-    sink.write(Batch(first_id=g0, last_id=g0, events=[_malware(g0, 1, "delete")], after_id=d))
-    source, pipe = _reconciling(
-        storage,
-        lambda at, as_of: [[_malware(reconcile_group(at, 0), 2, "delete")]],
-        resume=d,
+    d, t = _D, _T
+    source, pipe = _run_1_stored_a_group(
+        storage, [_malware(d, n, "create", referer=None) for n in (1, 2, 3)]
     )
     cp = pipe.checkpoint
     cp.reconcile = {"due": True, "archive_last_event_id": str(d), "groups_after": str(d)}

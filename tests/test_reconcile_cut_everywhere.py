@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import orjson
 import pytest
 import zstandard
 
@@ -47,7 +45,6 @@ from connector import reconcile
 from connector import storage as storage_mod
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
-from connector.errors import NotFound
 from connector.run_lease import RUN_LEASE_KEY
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -62,6 +59,7 @@ from tests.support.connector import (
     saved_checkpoint,
     wait_until,
 )
+from tests.support.scenes import merge_to_come
 from tests.test_faults import assert_restore_equals_platform
 
 TOKEN = "reconcile-cut-token"
@@ -165,24 +163,9 @@ class CutStorage(LocalStorage):
         self._call(f"delete {_kind(key)}", super().delete, key)
 
 
-def _gone_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
-GONE = _gone_pid()
-
-
 def _bury(root: Path) -> None:
     """The lease a killed run left names its process, which is gone now."""
-    storage = LocalStorage(root)
-    try:
-        record = orjson.loads(storage.get(RUN_LEASE_KEY))
-    except NotFound:
-        return
-    record["pid"] = GONE
-    storage.put(RUN_LEASE_KEY, orjson.dumps(record))
+    cuts.bury(LocalStorage(root), RUN_LEASE_KEY)
 
 
 # ---------------------------------------------------------------------- the history
@@ -198,21 +181,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("reconcile-cut")
     with SimServer(token=TOKEN, heartbeat_secs=0.1) as sim:
         generate(sim.store, 60, seed=71)
-        absorbed, kept = (f"malware--00000000-0000-4000-8000-00000000071{n}" for n in (1, 2))
-        user = "intrusion-set--00000000-0000-4000-8000-000000000713"
-        uses = "relationship--00000000-0000-4000-8000-000000000714"
-        for stix_id, name in ((absorbed, "absorbed"), (kept, "kept")):
-            sim.store.create({"type": "malware", "id": stix_id, "name": name, "is_family": True})
-        sim.store.create({"type": "intrusion-set", "id": user, "name": "user"})
-        sim.store.create(
-            {
-                "type": "relationship",
-                "id": uses,
-                "relationship_type": "uses",
-                "source_ref": user,
-                "target_ref": absorbed,
-            }
-        )
+        absorbed, kept, _ = merge_to_come(sim.store, "71")
         before = tmp / "before" / "archive"
         run = ConnectorThread(_env(sim, before, tmp / "first-work")).start()
         storage = LocalStorage(before)

@@ -14,18 +14,43 @@ A case reruns the same stream from scratch and cuts it at one recorded call:
 from __future__ import annotations
 
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 
-from connector.errors import PermanentError, RetryableError
+import orjson
+
+from connector.errors import NotFound, PermanentError, RetryableError
 from connector.sim.store import SimStore
 from connector.source import Item, ItemQueue
+from connector.storage import Storage
 from tests.support.target import malware
 
-__all__ = ["KINDS", "Killed", "OneByOne", "Plan", "cut_history", "malware_id"]
+__all__ = ["KINDS", "Killed", "OneByOne", "Plan", "bury", "cut_history", "malware_id"]
 
 KINDS = ("kill", "kill-after", "lost-answer", "retry")
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended (a child, reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+_GONE = _gone_pid()
+
+
+def bury(storage: Storage, key: str) -> None:
+    """The lock or lease at ``key`` that a killed run left names its process, which is gone
+    now (as after a real kill): the next run may take it over at once."""
+    try:
+        record = orjson.loads(storage.get(key))
+    except NotFound:
+        return  # none left
+    record["pid"] = _GONE
+    storage.put(key, orjson.dumps(record))
 
 
 class Killed(PermanentError):
