@@ -47,10 +47,10 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 import pytest
@@ -68,7 +68,6 @@ from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.store import SimStore
 from connector.snapshot import STATE_KIND, list_snapshots
-from connector.storage import Body
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
 from tests.support import cuts
@@ -92,81 +91,9 @@ ALLOWED_WARNINGS = ("orphan segment ", "unfinished snapshot ")
 WRITES = ("put", "put_if_absent", "replace_if", "delete")
 
 
-class Killed(BaseException):
-    """The simulated death of the process: nothing catches it."""
-
-
-class Plan(cuts.Plan):
-    """Where one run is cut, and the storage calls it made (labels, in order)."""
-
-    killed = Killed
-
-
-class CutStorage(LocalStorage):
-    """The archive's local storage; every call goes through ``plan``."""
-
-    def __init__(self, root: Path, plan: Plan) -> None:
-        super().__init__(root)
-        self.plan = plan
-
-    def put_if_absent(self, key: str, body: Body) -> bool:
-        call = self.plan.before(f"put_if_absent {key}")
-        stored = super().put_if_absent(key, body)
-        self.plan.after(call)
-        return stored
-
-    def put(self, key: str, body: bytes) -> None:
-        call = self.plan.before(f"put {key}")
-        super().put(key, body)
-        self.plan.after(call)
-
-    def get(self, key: str) -> bytes:
-        call = self.plan.before(f"get {key}")
-        body = super().get(key)
-        self.plan.after(call)
-        return body
-
-    def get_with_tag(self, key: str) -> tuple[bytes, str]:
-        call = self.plan.before(f"get_with_tag {key}")
-        found = super().get_with_tag(key)
-        self.plan.after(call)
-        return found
-
-    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
-        call = self.plan.before(f"replace_if {key}")
-        done = super().replace_if(key, body, tag)
-        self.plan.after(call)
-        return done
-
-    def open(self, key: str) -> BinaryIO:
-        call = self.plan.before(f"open {key}")
-        fh = super().open(key)
-        self.plan.after(call)
-        return fh
-
-    def exists(self, key: str) -> bool:
-        call = self.plan.before(f"exists {key}")
-        found = super().exists(key)
-        self.plan.after(call)
-        return found
-
-    def size(self, key: str) -> int:
-        call = self.plan.before(f"size {key}")
-        size = super().size(key)
-        self.plan.after(call)
-        return size
-
-    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
-        self.plan.before(f"list {prefix}")  # a listing is read as it is consumed
-        for key in super().list(prefix, start_after):
-            if self.plan.dead:
-                raise Killed("a listing read after the kill")
-            yield key
-
-    def delete(self, key: str) -> None:
-        call = self.plan.before(f"delete {key}")
-        super().delete(key)
-        self.plan.after(call)
+Killed = cuts.Uncaught
+Plan = cuts.UncaughtPlan
+CutStorage = cuts.CutStorage
 
 
 def _bury(root: Path) -> None:

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 import zstandard
@@ -69,15 +69,11 @@ GROUP_EVENTS = 3
 ALLOWED_WARNINGS = ("orphan segment ",)
 
 
-class Killed(BaseException):
-    """The simulated death of the process: nothing catches it (the pipeline catches
-    ``ConnectorError`` around the reconciliation)."""
+Killed = cuts.Uncaught
 
 
-class Plan(cuts.Plan):
+class Plan(cuts.UncaughtPlan):
     """Cuts the run at the ``at[1]``-th call named ``at[0]`` (0 for the first)."""
-
-    killed = Killed
 
     def __init__(self, at: tuple[str, int] | None = None, how: str = "kill") -> None:
         super().__init__(None, how)
@@ -108,59 +104,12 @@ def _kind(key: str, body: bytes | None = None) -> str:
     return key
 
 
-class CutStorage(LocalStorage):
-    """The archive's local storage; every call goes through ``plan``."""
+class CutStorage(cuts.CutStorage):
+    """Calls named by their method and the kind of their key (a reconciliation's segment apart
+    from the recovery's), not the key: the ids of a run's groups depend on the clock."""
 
-    def __init__(self, root: Path, plan: Plan) -> None:
-        super().__init__(root)
-        self.plan = plan
-
-    def _call(self, label: str, fn: Any, *args: Any) -> Any:
-        call = self.plan.before(label)
-        out = fn(*args)
-        self.plan.after(call)
-        return out
-
-    def put_if_absent(self, key: str, body: Body) -> bool:
-        data = body if isinstance(body, bytes) else None
-        return bool(
-            self._call(f"put_if_absent {_kind(key, data)}", super().put_if_absent, key, body)
-        )
-
-    def put(self, key: str, body: bytes) -> None:
-        self._call(f"put {_kind(key)}", super().put, key, body)
-
-    def get(self, key: str) -> bytes:
-        return bytes(self._call(f"get {_kind(key)}", super().get, key))
-
-    def get_with_tag(self, key: str) -> tuple[bytes, str]:
-        found: tuple[bytes, str] = self._call(
-            f"get_with_tag {_kind(key)}", super().get_with_tag, key
-        )
-        return found
-
-    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
-        return bool(self._call(f"replace_if {_kind(key)}", super().replace_if, key, body, tag))
-
-    def open(self, key: str) -> BinaryIO:
-        fh: BinaryIO = self._call(f"open {_kind(key)}", super().open, key)
-        return fh
-
-    def exists(self, key: str) -> bool:
-        return bool(self._call(f"exists {_kind(key)}", super().exists, key))
-
-    def size(self, key: str) -> int:
-        return int(self._call(f"size {_kind(key)}", super().size, key))
-
-    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
-        self.plan.before(f"list {prefix}")  # a listing is read as it is consumed
-        for key in super().list(prefix, start_after):
-            if self.plan.dead:
-                raise Killed("a listing read after the kill")
-            yield key
-
-    def delete(self, key: str) -> None:
-        self._call(f"delete {_kind(key)}", super().delete, key)
+    def label(self, method: str, key: str, body: Body | None = None) -> str:
+        return f"{method} {_kind(key, body if isinstance(body, bytes) else None)}"
 
 
 def _bury(root: Path) -> None:

@@ -64,8 +64,7 @@ SAMPLE = "DATA-TEST-STIX2_v2.json"
 RENAMED = "malware--3f9e2d1c-7a6b-4c5d-8e9f-0a1b2c3d4e5f"
 
 
-class Killed(BaseException):
-    """The simulated death of the process: nothing catches it, and nothing runs after it."""
+Killed = cuts.Uncaught
 
 
 class Bar:
@@ -81,11 +80,10 @@ class Bar:
         self.closed = True
 
 
-class Plan(cuts.Plan):
+class Plan(cuts.UncaughtPlan):
     """Where one run is cut, and the calls it made (labels, in order); nothing of a run may
     happen after its death."""
 
-    killed = Killed
     strict = True
 
 

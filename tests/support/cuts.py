@@ -17,17 +17,31 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import orjson
 
 from connector.errors import NotFound, PermanentError, RetryableError
 from connector.sim.store import SimStore
 from connector.source import Item, ItemQueue
-from connector.storage import Storage
+from connector.storage import Body, Storage
+from connector.storage.local import LocalStorage
 from tests.support.target import malware
 
-__all__ = ["KINDS", "Killed", "OneByOne", "Plan", "bury", "cut_history", "malware_id"]
+__all__ = [
+    "KINDS",
+    "CutStorage",
+    "Killed",
+    "OneByOne",
+    "Plan",
+    "Uncaught",
+    "UncaughtPlan",
+    "bury",
+    "cut_history",
+    "malware_id",
+]
 
 KINDS = ("kill", "kill-after", "lost-answer", "retry")
 
@@ -120,6 +134,75 @@ class Plan:
     def _die(self) -> None:
         self.dead = True
         self.on_death()
+
+
+class Uncaught(BaseException):
+    """The simulated death of the process, for a sweep whose code under test catches
+    ``PermanentError`` (a pipeline, a job, a restore): nothing catches it."""
+
+
+class UncaughtPlan(Plan):
+    """A plan whose death is ``Uncaught``."""
+
+    killed = Uncaught
+
+
+class CutStorage(LocalStorage):
+    """A local archive whose every call goes through ``plan``, named by ``label``."""
+
+    def __init__(self, root: Path, plan: Plan) -> None:
+        super().__init__(root)
+        self.plan = plan
+
+    def label(self, method: str, key: str, body: Body | None = None) -> str:
+        """How a call is named in the plan (by default its method and key)."""
+        return f"{method} {key}"
+
+    def _call(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+        call = self.plan.before(label)
+        out = fn(*args)
+        self.plan.after(call)
+        return out
+
+    def put_if_absent(self, key: str, body: Body) -> bool:
+        label = self.label("put_if_absent", key, body)
+        return bool(self._call(label, super().put_if_absent, key, body))
+
+    def put(self, key: str, body: bytes) -> None:
+        self._call(self.label("put", key, body), super().put, key, body)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self._call(self.label("get", key), super().get, key))
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        found: tuple[bytes, str] = self._call(
+            self.label("get_with_tag", key), super().get_with_tag, key
+        )
+        return found
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        label = self.label("replace_if", key, body)
+        return bool(self._call(label, super().replace_if, key, body, tag))
+
+    def open(self, key: str) -> BinaryIO:
+        fh: BinaryIO = self._call(self.label("open", key), super().open, key)
+        return fh
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(self.label("exists", key), super().exists, key))
+
+    def size(self, key: str) -> int:
+        return int(self._call(self.label("size", key), super().size, key))
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        self.plan.before(f"list {prefix}")  # a listing is read as it is consumed
+        for key in super().list(prefix, start_after):
+            if self.plan.dead:
+                raise self.plan.killed("a listing read after the kill")
+            yield key
+
+    def delete(self, key: str) -> None:
+        self._call(self.label("delete", key), super().delete, key)
 
 
 class OneByOne(ItemQueue):
