@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-file-mb",
         type=float,
-        default=35.0,
-        help="attached files above this size are not pushed (the platform refuses requests "
-        "above its max_payload_body_size, 50 MB by default; base64 adds a third)",
+        default=None,
+        help="--opencti only: attached files above this size are not pushed (default 35: the "
+        "platform refuses requests above its max_payload_body_size, 50 MB by default; base64 "
+        "adds a third)",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     p.add_argument("--apply-deletes", dest="apply_deletes", action="store_true", default=None)

@@ -38,6 +38,9 @@ from .storage import Storage, open_storage
 
 __all__ = ["run_restore_cli", "verify_against_opencti", "compare_with_target"]
 
+MAX_FILE_MB = 35.0
+"""``--max-file-mb`` when not given (with ``--opencti``; a bundle holds every file)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -76,12 +79,13 @@ def _check_flags(args: argparse.Namespace, settings: Settings) -> None:
         raise ConfigError("--opencti", "give a target platform (--opencti URL) or --to-bundle FILE")
     if args.opencti and args.to_bundle:
         raise ConfigError("--to-bundle", "give either --opencti URL or --to-bundle FILE, not both")
-    if not args.max_file_mb > 0:
+    if args.max_file_mb is not None and not args.max_file_mb > 0:
         raise ConfigError("--max-file-mb", "must be a positive number of MB")
     if args.to_bundle:
         given = [
             flag
             for flag, value in (
+                ("--max-file-mb", args.max_file_mb is not None),  # a bundle holds every file
                 ("--dry-run", args.dry_run),
                 ("--apply-deletes / --no-apply-deletes", args.apply_deletes is not None),
                 ("--force", args.force),
@@ -213,7 +217,9 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 resume_file=work / "restore-progress.json",
                 target_name=args.opencti.rstrip("/"),
                 files=storage,
-                max_file_bytes=int(args.max_file_mb * 1024 * 1024),
+                max_file_bytes=int(
+                    (MAX_FILE_MB if args.max_file_mb is None else args.max_file_mb) * 1024 * 1024
+                ),
             )
         finally:
             target.close()

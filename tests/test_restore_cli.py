@@ -61,6 +61,7 @@ def _restore(archive: Path, tmp_path: Path, *args: str) -> int:
         ["--no-apply-deletes"],
         ["--force"],
         ["--token", "secret-token-1234"],
+        ["--max-file-mb", "35"],  # a bundle holds every file: even the default is not applied
     ],
 )
 def test_flags_a_bundle_would_ignore_are_refused(
