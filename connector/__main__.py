@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and stream only)",
     )
 
-    p = sub.add_parser("status", help="checkpoint, lag and archive size")
+    p = sub.add_parser(
+        "status", help="checkpoint, lag, archive size, snapshots and retention window"
+    )
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -137,8 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
         "adds a third)",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
-    p.add_argument("--apply-deletes", dest="apply_deletes", action="store_true", default=None)
-    p.add_argument("--no-apply-deletes", dest="apply_deletes", action="store_false")
+    p.add_argument(
+        "--apply-deletes",
+        dest="apply_deletes",
+        action="store_true",
+        default=None,
+        help="delete on the platform what the archive records as deleted or merged away "
+        "(the default)",
+    )
+    p.add_argument(
+        "--no-apply-deletes",
+        dest="apply_deletes",
+        action="store_false",
+        help="upsert only: delete nothing",
+    )
     p.add_argument(
         "--force", action="store_true", help="allow restoring into the archive's source platform"
     )
@@ -146,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-partial",
         action="store_true",
-        help="restore even when pruned history without a usable snapshot makes the state partial",
+        help="restore a state known to be partial or unknown: pruned history without a usable "
+        "snapshot, lost newest segments, a hole in the segment chain, a point inside the first "
+        "recovery or a retention gap",
     )
     return parser
 
