@@ -173,7 +173,8 @@ class ConnectorSection:
     )
     work_dir: str = _key(
         "OPENCTI_SYNC_WORK_DIR",
-        "Scratch directory for snapshots, verify and reconciliation (on-disk state stores).",
+        "Scratch directory: the on-disk state stores of snapshots, verify and reconciliation, "
+        "and the pending events, segments and attached files past connector.spill_bytes.",
         "./.opencti-sync-work",
     )
     shutdown_timeout_secs: float = _key(
