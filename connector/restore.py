@@ -146,7 +146,10 @@ def materialise_plan(
         tombstones=counts["tombstones"],
         incomplete=incomplete,
     )
-    log.info("State materialised.", extra={k: str(v) for k, v in asdict(plan).items()})
+    # Counts stay numbers and a missing snapshot stays null in JSON logs; the position is text.
+    fields = asdict(plan)
+    fields["as_of"] = str(plan.as_of) if plan.as_of is not None else None
+    log.info("State materialised.", extra=fields)
     return state, plan
 
 

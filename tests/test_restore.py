@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import sqlite3
 import uuid
 from datetime import UTC, datetime
@@ -141,15 +142,35 @@ def _iso(event_id: str) -> str:
 
 # ---------------------------------------------------------------------- materialise
 def test_materialise_latest_from_snapshot(
-    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     storage, marks = archived
+    caplog.set_level(logging.INFO, logger="connector.restore")
     state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
     with state:
         assert_equal_objects(state_objects(state), marks[-1][1])
         assert plan.snapshot == EventId.parse(marks[2][0]).key  # seeded, not a full replay
         assert plan.as_of == EventId.parse(marks[-1][0])
         assert 0 < plan.segments and plan.objects == len(marks[-1][1])
+    # The log's fields keep their JSON types: counts are numbers, the position is its text.
+    (done,) = [r.__dict__ for r in caplog.records if r.getMessage() == "State materialised."]
+    assert done["objects"] == plan.objects and done["segments"] == plan.segments
+    assert done["as_of"] == marks[-1][0] and done["incomplete"] is False
+
+
+def test_materialise_without_a_snapshot_logs_none_as_null(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = new_sim()
+    marks = run_scenario(store)
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, sim_events(store)[0], per_segment=9)
+    caplog.set_level(logging.INFO, logger="connector.restore")
+    state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "w")
+    state.close()
+    assert plan.snapshot is None and plan.objects == len(marks[-1][1])
+    (done,) = [r.__dict__ for r in caplog.records if r.getMessage() == "State materialised."]
+    assert done["snapshot"] is None and done["tombstones"] == plan.tombstones
 
 
 @pytest.mark.parametrize("damage", ["bytes", "checksum", "manifest", "missing", "record"])
