@@ -130,16 +130,15 @@ class Progress:
             self.stream.flush()
             return
         eta = self.eta_secs(now)
-        log.info(
-            "Progress finished." if final else "Progress.",
-            extra={
-                "task": self.label,
-                "done": self.done,
-                "total": self.total,
-                "rate_per_sec": round(self.rate(now), 2),
-                "eta_secs": None if eta is None else round(eta),
-            },
-        )
+        fields: dict[str, object] = {"task": self.label}
+        if self.counts:
+            fields.update(done=self.done, total=self.total, rate_per_sec=round(self.rate(now), 2))
+        else:
+            # Not items (the recovery's share of its time span): "done 0 of 1000" read as events.
+            frac = self.fraction()
+            fields["percent"] = None if frac is None else round(100 * frac, 1)
+        fields["eta_secs"] = None if eta is None else round(eta)
+        log.info("Progress finished." if final else "Progress.", extra=fields)
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

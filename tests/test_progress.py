@@ -104,3 +104,22 @@ def test_recover_progress_shows_percent_and_eta() -> None:
     assert rec.update(end_ms - 500) == 0.5
     assert out.getvalue().endswith("recover [############............]  50.0% ETA 0:01:00")
     rec.close()
+
+
+def test_recover_progress_off_a_tty_logs_a_percent_not_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The recovery's progress is a share of its time span: its log gives that percent, never
+    "done 0 of 1000" that an operator reads as events."""
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger="connector.progress")
+    end_ms = iso_to_ms("2026-01-01T00:00:00Z")
+    rec = RecoverProgress("2026-01-01T00:00:00Z", stream=io.StringIO(), clock=clock)
+    rec.update(end_ms - 1000)
+    clock.now += 60
+    rec.update(end_ms - 250)
+    rec.close()
+    records = [r.__dict__ for r in caplog.records if r.name == "connector.progress"]
+    assert [r["percent"] for r in records] == [0.0, 75.0, 75.0]  # the last: finished
+    assert records[-1]["eta_secs"] == 20 and records[-1]["task"] == "recover"
+    assert not any("done" in r or "total" in r or "rate_per_sec" in r for r in records)
