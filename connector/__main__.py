@@ -756,6 +756,8 @@ def _start_jobs(settings: Settings, archive: Any, stop: threading.Event) -> Any:
         work_dir=Path(settings.connector.work_dir),
         shutdown_timeout_secs=settings.connector.shutdown_timeout_secs,
         state_image=settings.snapshot.state_image,
+        codec=settings.archive.codec,
+        level=settings.archive.compression_level,
     )
     # The run's own stop event: SIGTERM stops a running snapshot at once, while the stream
     # drains, rather than after the drain.
@@ -996,7 +998,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     settings, archive = _archive_command(args)
     _require_archive(archive)
     work_dir = Path(settings.connector.work_dir)
-    info = run_snapshot_job(archive, work_dir, state_image=settings.snapshot.state_image)
+    info = run_snapshot_job(
+        archive,
+        work_dir,
+        state_image=settings.snapshot.state_image,
+        codec=settings.archive.codec,
+        level=settings.archive.compression_level,
+    )
     print(describe_snapshot(info))
     return 0
 

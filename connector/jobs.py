@@ -89,9 +89,11 @@ def run_snapshot_job(
     stop: threading.Event | None = None,
     watch: LockWatch | None = None,
     state_image: bool = True,
+    codec: str = "zstd",
+    level: int = 3,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
-    there was nothing new; ``state_image`` as there). Raises ``LockHeld`` when another job runs,
+    there was nothing new; ``state_image``, ``codec`` and ``level`` as there: the archive's). Raises ``LockHeld`` when another job runs,
     or took the lock over before the commit (nothing committed), ``SnapshotStopped`` (nothing
     committed, lock released) when ``stop`` is set meanwhile. ``watch``: what earlier tries saw
     of the lock (``JobLock``).
@@ -112,6 +114,8 @@ def run_snapshot_job(
             stop=stop,
             before_commit=lock.renew,
             state_image=state_image,
+            codec=codec,
+            level=level,
         )
 
 
@@ -177,9 +181,13 @@ class JobRunner:
         shutdown_timeout_secs: float = 20.0,
         lock_ttl_secs: float = 600,
         state_image: bool = True,
+        codec: str = "zstd",
+        level: int = 3,
     ) -> None:
         self.storage = storage
         self.state_image = state_image
+        # The snapshots' compression: the archive's (``archive.codec``, ``compression_level``).
+        self.codec, self.level = codec, level
         self.lock_ttl_secs = lock_ttl_secs
         # One sighting of the lock for every try of both jobs: a retry after a skip takes over
         # a record no one renewed for a whole lease, whatever another machine's clock wrote.
@@ -316,6 +324,8 @@ class JobRunner:
                     stop=self.stop,
                     watch=self._lock_watch,
                     state_image=self.state_image,
+                    codec=self.codec,
+                    level=self.level,
                 )
             ),
         )

@@ -197,7 +197,13 @@ class ArchiveSection:
         "Archive location: a path, file:///path or s3://bucket/prefix. Empty: no archive.",
         "./archive",
     )
-    codec: str = _key("ARCHIVE_CODEC", "Segment compression.", "zstd", choices=("zstd", "gzip"))
+    codec: str = _key(
+        "ARCHIVE_CODEC",
+        "Compression of the segments and snapshots (a snapshot keeps the codec it was written "
+        "with; readers follow each manifest).",
+        "zstd",
+        choices=("zstd", "gzip"),
+    )
     compression_level: int = _key(
         "ARCHIVE_COMPRESSION_LEVEL", "Compression level (zstd 1-19, gzip 1-9).", 3
     )

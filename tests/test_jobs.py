@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -453,3 +456,49 @@ def test_a_scheduled_job_takes_over_a_dead_holders_lock_on_its_retry(tmp_path: P
     assert runner.skipped["retention"] == 1 and runner.failures["retention"] == 0
     # Taken over (then released, or left to expire: so short a lease was not renewed lately).
     assert not storage.exists(LOCK_KEY) or _owner(storage) != "other-host-job-0"
+
+
+def test_snapshots_take_the_archive_codec_and_level(tmp_path: Path) -> None:
+    """``ARCHIVE_CODEC=gzip`` (an operator who reads the archive with standard tools) gives
+    gzip snapshots, parts and state image alike, from the command and from the schedule; a
+    restore opens them."""
+    from connector.__main__ import _start_jobs
+    from connector.restore import materialise_plan
+    from connector.settings import load_settings
+
+    storage = LocalStorage(tmp_path / "a")
+    archive = build_good(storage)
+    env = {
+        "ARCHIVE_URI": str(tmp_path / "a"),
+        "ARCHIVE_CODEC": "gzip",
+        "ARCHIVE_COMPRESSION_LEVEL": "9",
+        "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w"),
+        "PATH": os.environ["PATH"],
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "connector", "snapshot"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (by_command,) = list_snapshots(storage)
+    archive.create(9)
+    archive.flush()
+    stop = threading.Event()
+    runner = _start_jobs(
+        load_settings(None, env={**env, "SNAPSHOT_SCHEDULE": "0 3 * * *"}), storage, stop
+    )
+    try:
+        runner.run_snapshot()
+    finally:
+        stop.set()
+        runner.shutdown()
+    by_schedule = list_snapshots(storage)[-1]
+    assert by_schedule.as_of != by_command.as_of
+    for info in (by_command, by_schedule):
+        assert info.codec == "gzip" and info.state_image is not None
+        for part in info.parts:
+            body = storage.get(part.key)
+            assert part.key.endswith(".gz") and body[:2] == b"\x1f\x8b", part.key
+            assert body[8] == 2  # the gzip header's "best compression" flag: level 9
+    state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "r")
+    state.close()
+    assert plan.snapshot == by_schedule.key and plan.objects == len(archive.objects)
