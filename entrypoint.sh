@@ -1,6 +1,8 @@
 #!/bin/sh
-# Container entrypoint: prepares the state directory, then replaces itself with opencti-sync so
-# SIGTERM from 'docker stop' reaches the connector, which drains its open batch and exits 0.
+# Container entrypoint: creates OPENCTI_SYNC_WORK_DIR when the environment sets it (the connector
+# also creates its directories when it needs them, the image's defaults included), then replaces
+# itself with opencti-sync so SIGTERM from 'docker stop' reaches the connector, which drains its
+# open batch and exits 0.
 #   /entrypoint.sh run | status --json | check | restore ... | any opencti-sync command
 #   /entrypoint.sh healthcheck   (used by the image's HEALTHCHECK)
 set -eu
