@@ -21,326 +21,70 @@ names a process that is gone), until it has caught up and no reconciliation is d
 * the restored state equals the simulator's (``assert_restore_equals_platform``);
 * the checkpoint's ``reconcile`` is done (``due: False``), with the uncut run's counts;
 * the archive holds the uncut run's events once each: the recovery's under the same ids, the
-  reconciliation's the same (their ids depend on the heartbeat it ran at).
+  reconciliation's the same (their ids depend on the heartbeat it ran at), and nothing is
+  quarantined.
 
 ``CUT_EVERYWHERE=1`` cuts at every call, each way; otherwise at a few calls of the
 reconciliation (its first reads, a group's segment and manifest, the checkpoint after it).
+More tests cut its HTTP requests to the simulator (the platform's listing, the look-up), or
+drop the live stream's connection while its groups are written. The scene and the checks are
+``tests/support/reconcile_cuts.py``'s, shared with the S3 sweep
+(``tests/test_reconcile_s3_cut_everywhere.py``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from connector import reconcile
-from connector import storage as storage_mod
-from connector.archive import ArchiveReader
-from connector.checkpoint import CheckpointStore
-from connector.run_lease import RUN_LEASE_KEY
-from connector.sim.generator import generate
-from connector.sim.server import SimServer
-from connector.storage import Body
-from connector.storage.local import LocalStorage
-from connector.verify import format_report, verify_archive
 from tests.support import cuts
-from tests.support.connector import (
-    ConnectorThread,
-    base_env,
-    caught_up,
-    saved_checkpoint,
-    wait_until,
+from tests.support.reconcile_cuts import (
+    COUNTS,
+    DROPS,
+    GROUP_EVENTS,
+    ArmPlan,
+    LocalArchive,
+    Reference,
+    World,
+    case,
+    drop_case,
+    drop_id,
+    make_reference,
+    make_world,
+    named,
+    restart_and_check,
+    run_once,
+    sample,
 )
-from tests.support.scenes import merge_to_come
 from tests.test_faults import assert_restore_equals_platform
 
-TOKEN = "reconcile-cut-token"
 EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
 LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
-GROUP_EVENTS = 3
-ALLOWED_WARNINGS = ("orphan segment ",)
-
-
-Killed = cuts.Uncaught
-
-
-class Plan(cuts.UncaughtPlan):
-    """Cuts the run at the ``at[1]``-th call named ``at[0]`` (0 for the first)."""
-
-    def __init__(self, at: tuple[str, int] | None = None, how: str = "kill") -> None:
-        super().__init__(None, how)
-        self.at = at
-        self.seen: Counter[str] = Counter()
-
-    def before(self, label: str) -> int:
-        with self.lock:
-            n = self.seen[label]
-            self.seen[label] += 1
-            if self.at == (label, n) and self.cut is None:
-                self.cut = len(self.calls)
-        return super().before(label)
-
-
-def _kind(key: str, body: bytes | None = None) -> str:
-    if key.startswith("events/") and body is not None:
-        lines = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True).read()
-        return "segment (reconcile)" if reconcile.REFERER.encode() in lines else "segment"
-    for prefix, kind in (
-        ("events/", "segment"),
-        ("manifests/", "manifest"),
-        ("quarantine/", "quarantine"),
-        (".probe-", "probe"),
-    ):
-        if key.startswith(prefix):
-            return kind
-    return key
-
-
-class CutStorage(cuts.CutStorage):
-    """Calls named by their method and the kind of their key (a reconciliation's segment apart
-    from the recovery's), not the key: the ids of a run's groups depend on the clock."""
-
-    def label(self, method: str, key: str, body: Body | None = None) -> str:
-        return f"{method} {_kind(key, body if isinstance(body, bytes) else None)}"
-
-
-def _bury(root: Path) -> None:
-    """The lease a killed run left names its process, which is gone now."""
-    cuts.bury(LocalStorage(root), RUN_LEASE_KEY)
-
-
-# ---------------------------------------------------------------------- the history
-@dataclass
-class World:
-    sim: SimServer
-    before: Path  # the archive the first run left, before the gap
-    tmp: Path
+LOCAL = LocalArchive()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("reconcile-cut")
-    with SimServer(token=TOKEN, heartbeat_secs=0.1) as sim:
-        generate(sim.store, 60, seed=71)
-        absorbed, kept, _ = merge_to_come(sim.store, "71")
-        before = tmp / "before" / "archive"
-        run = ConnectorThread(_env(sim, before, tmp / "first-work")).start()
-        storage = LocalStorage(before)
-        wait_until(lambda: caught_up(storage, str(sim.store.last_event_id)), what="first run")
-        run.stop()
-        assert run.error is None
-        # While it is down: changes, deletes, a merge the relationship follows silently, and
-        # creates; then the platform trims its stream past the checkpoint.
-        objects = list(sim.store.objects())
-        malware = [o for o in objects if o["type"] == "malware" and o["id"] not in (absorbed, kept)]
-        for o in malware[:3]:
-            sim.store.update(o["id"], set={"description": "changed while down"})
-        for o in [o for o in objects if o["type"] == "indicator"][:4]:
-            sim.store.delete(o["id"])
-        sim.store.merge(kept, [absorbed])
-        generate(sim.store, 15, seed=72, mix="creates")
-        sim.store.trim(3)
-        yield World(sim, before, tmp)
-
-
-def _env(sim: SimServer, archive: Path, work: Path) -> dict[str, str]:
-    return base_env(
-        sim.url,
-        TOKEN,
-        str(archive),
-        OPENCTI_SYNC_WORK_DIR=str(work),
-        ARCHIVE_MAX_EVENTS="8",
-        CONNECTOR_BACKOFF_INITIAL_SECS="0.01",
-        CONNECTOR_BACKOFF_MAX_SECS="0.05",
-        CONNECTOR_SHUTDOWN_TIMEOUT_SECS="3",
-        CONNECTOR_LEASE_SECS="600",  # no renewal within a run: the same calls every time
-    )
-
-
-def _done(storage: LocalStorage, last: str) -> bool:
-    cp = saved_checkpoint(storage)
-    return (
-        cp is not None
-        and bool(cp.reconcile)
-        and cp.reconcile.get("due") is False
-        and caught_up(storage, last)
-    )
-
-
-def _run(world: World, root: Path, plan: Plan, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """One connector run on ``root`` (its archive through ``CutStorage(root, plan)``) until it
-    died, or caught up with the reconciliation done; returns it (``error``, ``rc``)."""
-    opened: list[CutStorage] = []
-
-    def open_storage(uri: str, **_: Any) -> CutStorage:
-        assert uri == str(root), uri
-        opened.append(CutStorage(root, plan))
-        return opened[-1]
-
-    monkeypatch.setattr(storage_mod, "open_storage", open_storage)
-    run = ConnectorThread(_env(world.sim, root, root.parent / "work")).start()
-    plain = LocalStorage(root)
-    last = str(world.sim.store.last_event_id)
-    wait_until(lambda: not run.alive or _done(plain, last), timeout=60, what="the run's end")
-    if run.alive:
-        run.stop()
-    run.join(15)
-    return run
-
-
-def _events(root: Path) -> tuple[list[tuple[str, str, bytes]], Counter[tuple[str, str, bytes]]]:
-    """The archive's events: the stream's (id, event, data), the reconciliation's as a multiset
-    of (event, STIX id, data): their ids depend on the heartbeat it ran at."""
-    stream: list[tuple[str, str, bytes]] = []
-    reconciled: Counter[tuple[str, str, bytes]] = Counter()
-    for ev in ArchiveReader(LocalStorage(root)).events():
-        if (ev.envelope.get("origin") or {}).get("referer") == reconcile.REFERER:
-            reconciled[ev.event, ev.stix_id, bytes(ev.data)] += 1
-        else:
-            stream.append((ev.id_text, ev.event, bytes(ev.data)))
-    return stream, reconciled
-
-
-@dataclass
-class Reference:
-    calls: list[str]
-    stream: list[tuple[str, str, bytes]]
-    reconciled: Counter[tuple[str, str, bytes]]
-    counts: dict[str, int]
-    warnings: list[str]
-
-
-COUNTS = ("refreshed", "deleted", "merged")
-
-
-def _counts(root: Path) -> dict[str, int]:
-    cp = CheckpointStore(LocalStorage(root)).load()
-    assert cp is not None and cp.reconcile is not None
-    assert cp.reconcile.get("due") is False and "failed" not in cp.reconcile, cp.reconcile
-    return {k: int(cp.reconcile[k]) for k in COUNTS}
+    yield from make_world(tmp_path_factory.mktemp("reconcile-cut"))
 
 
 @pytest.fixture(scope="module")
-def reference(world: World) -> Iterator[Reference]:
-    mp = pytest.MonkeyPatch()
-    mp.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
-    root = world.tmp / "uncut" / "archive"
-    shutil.copytree(world.before, root)
-    plan = Plan()
-    run = _run(world, root, plan, mp)
-    mp.undo()
-    assert run.error is None and run.rc in (0, None), (run.error, run.rc)
-    stream, reconciled = _events(root)
-    report = verify_archive(LocalStorage(root), work_dir=world.tmp / "uncut" / "verify")
-    assert report.ok, format_report(report)
-    yield Reference(plan.calls, stream, reconciled, _counts(root), list(report.warnings))
-
-
-def _case(
-    world: World, ref: Reference, tmp: Path, at: tuple[str, int], how: str, mp: pytest.MonkeyPatch
-) -> bool:
-    """One case; False when the run was done before the cut (see below)."""
-    root = tmp / "archive"
-    shutil.copytree(world.before, root)
-    plan = Plan(at, how)
-    run = _run(world, root, plan, mp)
-    if plan.cut is None:
-        # Idle heartbeats' checkpoint saves come as the clock has them: this run was done
-        # before that many (the uncut one made it). Every other call is always reached.
-        assert at[0] == "put checkpoint.json", f"the cut {at} was never reached"
-        assert run.error is None and run.rc in (0, None), (run.error, run.rc)
-        return False
-    if plan.dead:
-        assert isinstance(run.error, Killed), (run.error, run.rc)
-        _bury(root)
-    else:
-        # A transient failure: the run goes on by itself.
-        assert run.error is None and run.rc in (0, None), (run.error, run.rc)
-    # Cut before the repair's recovery was over, the restart finds the gap again (its
-    # checkpoint is still in that recovery); from the reconciliation on, it must not.
-    repaired = _named(ref.calls).index(at) >= ref.calls.index("list snapshots/")
-    _restart_and_check(world, ref, root, tmp, mp, gaps=1 if repaired else None)
-    return True
-
-
-def _restart_and_check(
-    world: World,
-    ref: Reference,
-    root: Path,
-    tmp: Path,
-    mp: pytest.MonkeyPatch,
-    gaps: int | None = 1,
-) -> None:
-    """The connector started again until it is idle (once more after a run that finished: it
-    must not redo anything), then the checks of the module docstring; ``gaps``: the retention
-    gaps the checkpoint should record."""
-    again = _run(world, root, Plan(), mp)
-    assert again.error is None and again.rc in (0, None), (again.error, again.rc)
-    cp = CheckpointStore(LocalStorage(root)).load()
-    assert cp is not None
-    if gaps is not None:
-        assert len(cp.retention_gaps) == gaps, f"{len(cp.retention_gaps)} retention gaps recorded"
-    storage = LocalStorage(root)
-    report = verify_archive(storage, work_dir=tmp / "verify")
-    assert report.ok, format_report(report)
-    odd = [
-        w for w in report.warnings if w not in ref.warnings and not w.startswith(ALLOWED_WARNINGS)
-    ]
-    assert not odd, f"verify warns {odd}"
-    assert _counts(root) == ref.counts, "the reconciliation's counts differ from the uncut run's"
-    stream, reconciled = _events(root)
-    assert stream == ref.stream, "the stream's events differ from the uncut run's"
-    twice = {k[:2]: n for k, n in reconciled.items() if n > 1}
-    assert not twice, f"reconciliation events stored twice: {twice}"
-    missing = [k[:2] for k in ref.reconciled - reconciled]
-    extra = [k[:2] for k in reconciled - ref.reconciled]
-    assert not missing and not extra, f"reconciliation events: missing {missing}, extra {extra}"
-    assert_restore_equals_platform(storage, world.sim.store, tmp / "restore")
-
-
-def _named(calls: list[str]) -> list[tuple[str, int]]:
-    """Each call as (its name, its occurrence among the calls of that name)."""
-    seen: Counter[str] = Counter()
-    out = []
-    for call in calls:
-        out.append((call, seen[call]))
-        seen[call] += 1
-    return out
-
-
-def _sample(calls: list[str], how: str) -> list[tuple[str, int]]:
-    """The reconciliation's first read of the archive, a group's segment and its manifest, the
-    checkpoint saved after the last group."""
-    named = _named(calls)
-    groups = [i for i, c in enumerate(calls) if c == "put_if_absent segment (reconcile)"]
-    assert len(groups) >= 3, calls
-    second = groups[1]
-    manifest = next(i for i in range(second, len(calls)) if calls[i] == "put_if_absent manifest")
-    after_last = next(i for i in range(groups[-1], len(calls)) if calls[i] == "put checkpoint.json")
-    first_read = calls.index("list snapshots/")  # the reconciliation's materialise
-    points = {
-        "kill": [first_read, second],
-        "kill-after": [second, manifest, after_last],
-        "lost-answer": [manifest, after_last],
-        "retry": [second, after_last],
-    }[how]
-    return [named[i] for i in points]
+def reference(world: World) -> Reference:
+    return make_reference(world, LOCAL)
 
 
 def test_the_uncut_repair_reconciles_in_groups(world: World, reference: Reference) -> None:
     """The uncut run deletes, merges and refreshes, in several groups, and restores right."""
     assert all(reference.counts[k] >= 1 for k in COUNTS), reference.counts
     assert sum(reference.reconciled.values()) > 2 * GROUP_EVENTS
-    root = world.tmp / "uncut" / "archive"
-    assert_restore_equals_platform(LocalStorage(root), world.sim.store, world.tmp / "uncut" / "r")
+    storage = LOCAL.plain(reference.uri)
+    assert_restore_equals_platform(storage, world.sim.store, world.tmp / "uncut" / "r")
     print(f"{len(reference.calls)} calls")
 
 
@@ -350,13 +94,13 @@ def test_a_reconciling_run_cut_at_every_call(
     world: World, reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
-    points = _named(reference.calls) if EVERYWHERE else _sample(reference.calls, how)
+    points = named(reference.calls) if EVERYWHERE else sample(reference.calls, LOCAL.names, how)
     failures: list[str] = []
     started = time.monotonic()
     cut = 0
     for n, at in enumerate(points):
         try:
-            cut += _case(world, reference, tmp_path / f"{n}", at, how, monkeypatch)
+            cut += case(world, LOCAL, reference, tmp_path / f"{n}", at, how, monkeypatch)
         except AssertionError as exc:
             failures.append(f"{how} {at}: {str(exc)[:600]}")
     took = time.monotonic() - started
@@ -364,19 +108,10 @@ def test_a_reconciling_run_cut_at_every_call(
     assert not failures, f"{len(failures)} of {len(points)} cuts failed:\n" + "\n".join(failures)
 
 
-class ArmPlan(Plan):
+def first_read(arm: Any) -> ArmPlan:
     """No storage cut: ``arm`` is called as the reconciliation starts to read the archive
     (its first listing of snapshots), just before it lists the platform."""
-
-    def __init__(self, arm: Any) -> None:
-        super().__init__()
-        self.arm = arm
-
-    def before(self, label: str) -> int:
-        if label == "list snapshots/" and self.arm is not None:
-            self.arm, arm = None, self.arm
-            arm()
-        return super().before(label)
+    return ArmPlan(arm, LOCAL.names.first_read)
 
 
 # Faults of the next stream connection: the platform listing's (docs/SIMULATOR.md).
@@ -406,8 +141,7 @@ def test_the_platform_listing_cut(
     cut after some of its events (mid-message too), or stalled past the read timeout: never
     taken for a short list; the run retries and ends as the uncut one."""
     monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
-    root = tmp_path / "archive"
-    shutil.copytree(world.before, root)
+    uri = LOCAL.copy(world.before, tmp_path)
     armed: list[bool] = []
 
     def arm() -> None:
@@ -415,7 +149,7 @@ def test_the_platform_listing_cut(
         armed.append(True)
 
     try:
-        run = _run(world, root, ArmPlan(arm), monkeypatch)
+        run = run_once(world, LOCAL, uri, first_read(arm), monkeypatch)
     finally:
         world.sim.set_fault(**dict.fromkeys(fault))
     assert armed and run.error is None and run.rc in (0, None), (run.error, run.rc)
@@ -426,7 +160,7 @@ def test_the_platform_listing_cut(
         and "reconcile listing" in str(getattr(r, "error", ""))
     ]
     assert failed, "the fault did not reach the listing"
-    _restart_and_check(world, reference, root, tmp_path, monkeypatch)
+    restart_and_check(world, LOCAL, reference, uri, tmp_path, monkeypatch)
 
 
 class FailingApi:
@@ -469,8 +203,7 @@ def test_the_platform_lookup_cut(
     (``stix(id)`` on the platform's API) failing for a transient reason: retried, never taken
     for "gone" or for a refusal; the run ends as the uncut one."""
     monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
-    root = tmp_path / "archive"
-    shutil.copytree(world.before, root)
+    uri = LOCAL.copy(world.before, tmp_path)
     failing: list[FailingApi] = []
 
     def arm() -> None:
@@ -478,9 +211,26 @@ def test_the_platform_lookup_cut(
         monkeypatch.setattr(world.sim, "_platform_api", lambda: failing[0])
 
     try:
-        run = _run(world, root, ArmPlan(arm), monkeypatch)
+        run = run_once(world, LOCAL, uri, first_read(arm), monkeypatch)
     finally:
         monkeypatch.delattr(world.sim, "_platform_api", raising=False)
     assert run.error is None and run.rc in (0, None), (run.error, run.rc)
     assert failing and failing[0].failed == times, "the look-up was not cut"
-    _restart_and_check(world, reference, root, tmp_path, monkeypatch)
+    restart_and_check(world, LOCAL, reference, uri, tmp_path, monkeypatch)
+
+
+@LONG
+@pytest.mark.parametrize("drop", DROPS, ids=drop_id)
+def test_the_stream_dropped_while_the_groups_are_written(
+    world: World,
+    reference: Reference,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    drop: tuple[int, bool, dict[str, Any]],
+) -> None:
+    """The live stream's connection dropped between two groups' writes, or after a group's
+    segment before its manifest (and its reconnection refused twice): the run reconnects and
+    ends as the uncut one."""
+    monkeypatch.setattr(reconcile, "GROUP_EVENTS", GROUP_EVENTS)
+    drop_case(world, LOCAL, reference, tmp_path, monkeypatch, caplog, drop)
