@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions as bce
 import orjson
 import pytest
 
@@ -53,6 +52,7 @@ from connector.sim.server import SimServer
 from connector.source import SourceConfig, SseSource
 from connector.storage.s3 import S3Storage
 from connector.verify import verify_archive
+from tests.support import s3
 from tests.support.compare import assert_same_state
 from tests.support.connector import start_pipeline, wait_until
 from tests.support.cuts import KINDS, Killed, OneByOne, Plan, cut_history, malware_id
@@ -84,23 +84,7 @@ def _label(operation: str, params: dict[str, Any]) -> str:
         what = key.split("/")[0] or "all"
     else:
         what = key or "bucket"
-    if operation == "PutObject":
-        operation = (
-            "PutIfAbsent"
-            if "IfNoneMatch" in params
-            else "ReplaceIf"
-            if "IfMatch" in params
-            else "Put"
-        )
-    return f"{operation} {what}"
-
-
-def _s3_failure(label: str, applied: bool) -> BaseException:
-    """What botocore raises: a read timeout once the request went (its answer lost), or no
-    connection before it."""
-    if applied:
-        return bce.ReadTimeoutError(endpoint_url=f"cut: {label}")
-    return bce.EndpointConnectionError(endpoint_url=f"cut: {label}")
+    return f"{s3.s3_operation(operation, params)} {what}"
 
 
 class Durable:
@@ -128,33 +112,23 @@ class Durable:
         )
 
 
-class CutS3Storage(S3Storage):
-    """Our S3 storage, its real boto3 client hooked: every request is a call of the plan."""
+class CutS3Storage(s3.CutS3Storage):
+    """Requests named by ``_label``; every checkpoint about to be saved checked (``Durable``)."""
 
     def __init__(self, plan: Plan, durable: Durable, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.plan, self.durable = plan, durable
-        events = self._client.meta.events
-        events.register("before-parameter-build.s3", self._before_request)
-        events.register("after-call.s3", self._after_request)
+        super().__init__(plan, **settings)
+        self.durable = durable
+
+    def label(self, operation: str, params: dict[str, Any]) -> str:
+        return _label(operation, params)
 
     def _before_request(self, params: dict[str, Any], model: Any, context: Any, **_: Any) -> None:
-        label = _label(model.name, params)
-        context["cut_call"] = self.plan.before(label)
-        if label == "Put checkpoint":
+        super()._before_request(params, model, context)
+        if self.label(model.name, params) == "Put checkpoint":
             body = params["Body"]  # bytes, or botocore's BytesIO over them
             self.durable.check_checkpoint(
                 body if isinstance(body, bytes) else body.getvalue(), self.plan
             )
-
-    def _after_request(self, parsed: dict[str, Any], context: Any, **_: Any) -> None:
-        try:
-            self.plan.after(context["cut_call"])
-        except BaseException:
-            body = parsed.get("Body")
-            if body is not None:
-                body.close()  # an answer not read: its connection back to the pool
-            raise
 
 
 class StandIn(_Lease):
@@ -314,7 +288,7 @@ def _case(
     settings = storage_settings(endpoint, bucket)
     durable = Durable(settings, reference)
     _dead_holder(durable.plain)
-    plan = Plan(cut, how, _s3_failure)
+    plan = Plan(cut, how, s3.s3_failure)
     first = Run(settings, a, plan, durable)
     first.go()
     runs = [first]

@@ -13,13 +13,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import botocore.exceptions as bce
 import pytest
 from moto.server import ThreadedMotoServer
 
 from connector.storage.s3 import S3Storage
+from tests.support.cuts import Plan
 
 __all__ = [
+    "CutS3Storage",
     "moto_server",
+    "s3_failure",
+    "s3_operation",
     "s3_settings",
     "s3_storage",
     "s3_uri_and_options",
@@ -112,3 +117,50 @@ def s3_uri_and_options(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Split S3Storage kwargs into what ``open_storage(uri, **options)`` takes."""
     options = {k: v for k, v in settings.items() if k not in ("bucket", "prefix")}
     return f"s3://{settings['bucket']}/{settings.get('prefix', '')}", options
+
+
+def s3_operation(operation: str, params: dict[str, Any]) -> str:
+    """An S3 request's operation, a PUT by its condition (``PutIfAbsent``, ``ReplaceIf``,
+    ``Put``)."""
+    if operation != "PutObject":
+        return operation
+    if "IfNoneMatch" in params:
+        return "PutIfAbsent"
+    return "ReplaceIf" if "IfMatch" in params else "Put"
+
+
+def s3_failure(label: str, applied: bool) -> BaseException:
+    """What botocore raises for a request cut (``cuts.Plan``'s ``failure``): a read timeout once
+    the request went (its answer lost), or no connection before it."""
+    if applied:
+        return bce.ReadTimeoutError(endpoint_url=f"cut: {label}")
+    return bce.EndpointConnectionError(endpoint_url=f"cut: {label}")
+
+
+class CutS3Storage(S3Storage):
+    """Our S3 storage, its real boto3 client hooked: every request is a call of ``plan``,
+    named by ``label``. botocore's own retries of a request happen between the two hooks:
+    a cut request is one call, however often it was sent."""
+
+    def __init__(self, plan: Plan, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.plan = plan
+        events = self._client.meta.events
+        events.register("before-parameter-build.s3", self._before_request)
+        events.register("after-call.s3", self._after_request)
+
+    def label(self, operation: str, params: dict[str, Any]) -> str:
+        """How a request is named in the plan (by default its operation and key)."""
+        return f"{s3_operation(operation, params)} {params.get('Key', '')}"
+
+    def _before_request(self, params: dict[str, Any], model: Any, context: Any, **_: Any) -> None:
+        context["cut_call"] = self.plan.before(self.label(model.name, params))
+
+    def _after_request(self, parsed: dict[str, Any], context: Any, **_: Any) -> None:
+        try:
+            self.plan.after(context["cut_call"])
+        except BaseException:
+            body = parsed.get("Body")
+            if body is not None:
+                body.close()  # an answer not read: its connection back to the pool
+            raise
