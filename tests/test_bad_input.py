@@ -432,3 +432,20 @@ def test_the_settings_own_warnings_are_written_in_the_log_format(tmp_path: Path)
     bare = [line for line in lines if not line.startswith(("{", "opencti-sync:"))]
     assert not bare, bare
     assert "target-token-5678" not in done.stderr
+
+
+def test_an_idle_position_waits_for_the_quarantine_records_before_it(tmp_path: Path) -> None:
+    """A heartbeat with no event pending but a quarantined one not yet stored: the checkpoint
+    stays where it is until the record is written with the next batch. Moved at the heartbeat,
+    a stop before that batch lost the record (the platform does not send it again)."""
+    from connector.events import Quarantined
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, resume=at(0))
+    pipe._handle(Quarantined(at(0), str(at(1)), "create", '{"broken"', "not JSON"))
+    pipe._handle(Complete(at(5)))  # an idle heartbeat past it
+    assert saved_position(storage) == str(at(0))
+    pipe._flush()
+    assert sum(1 for _ in storage.list("quarantine/")) == 1

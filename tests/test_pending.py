@@ -252,3 +252,24 @@ def test_a_dependency_group_larger_than_memory_allows_is_archived_whole(
         assert_equal_objects(state_objects(state), sim_objects(store))
     finally:
         state.close()
+
+
+def test_a_group_left_pending_by_a_flush_still_goes_out_by_age(tmp_path: Path) -> None:
+    """A batch goes out while the next group is still arriving: that group's age counts from
+    the flush, so a quiet stream writes it at ``max_age_secs`` once a heartbeat completes it.
+    Without an age, it waited for more events, or for the stop."""
+    from connector.pipeline import BatchPolicy
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, malware, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, policy=BatchPolicy(max_age_secs=0.0))
+    pipe._handle(malware(at(1), 1))
+    pipe._handle(Complete(at(1)))
+    pipe._handle(malware(at(2), 2))  # a dependency of the next group: not complete yet
+    pipe._maybe_flush()
+    assert saved_position(storage) == str(at(1)) and len(pipe._pending) == 1
+    pipe._handle(Complete(at(3)))  # a quiet stream's heartbeat completes it
+    pipe._maybe_flush()
+    assert saved_position(storage) == str(at(3))
+    assert [ev.id for ev in ArchiveReader(storage).events()] == [at(1), at(2)]

@@ -244,3 +244,23 @@ def test_the_hold_never_passes_on_a_marker_a_later_id_voided() -> None:
         if isinstance(item, Complete):
             later = [p.id for p in passed[index + 1 :] if isinstance(p, StreamEvent)]
             assert all(i > item.id for i in later), f"{item} passed on, then ids {later}"
+
+
+def test_the_events_behind_a_position_found_safe_late_stay_pending(tmp_path: Path) -> None:
+    """``Complete(X, behind)``: the last ``behind`` events received went on past the hold's
+    bound after X was taken in, and their groups are not known complete. The batch stops at X
+    and the checkpoint with it; taken into the batch, they moved the checkpoint to their own
+    group, and a cut then lost the rest of their page."""
+    from connector.archive import ArchiveReader
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, malware, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage)
+    pipe._handle(malware(at(1), 1))
+    pipe._handle(malware(at(2), 2))  # passed on in an overflow, after X = at(1)
+    pipe._handle(Complete(at(1), 1))
+    pipe._flush()
+    assert saved_position(storage) == str(at(1))
+    assert [ev.id for ev in ArchiveReader(storage).events()] == [at(1)]
+    assert len(pipe._pending) == 1  # at(2) waits for a position above it
