@@ -28,6 +28,7 @@ from connector.pipeline import BatchPolicy, Pipeline
 from connector.restore import materialise
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore, parse_date_ms
+from connector.sink import Batch
 from connector.source import SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
@@ -342,3 +343,78 @@ def test_quarantine_records_are_counted_once_across_retries_and_deliveries(
     sink.write(Batch(first_id=good.id, last_id=good.id, quarantined=[bad]))  # delivered again
     assert sink.last.quarantined == 0
     assert len(list(storage.list("quarantine/"))) == 1
+
+
+def test_a_partial_group_cut_by_a_disconnect_is_stored_once(tmp_path: Path) -> None:
+    """The connection ends inside a dependency group: the events of it already received are
+    dropped, since the platform sends the whole group again after the complete position. Kept,
+    the group's first dependency was stored twice."""
+    from connector.source import Complete, Disconnected
+    from tests.support.handfed import at, hand_fed, malware, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage)
+    pipe._handle(malware(at(1), 1))
+    pipe._handle(Complete(at(1)))
+    pipe._handle(malware(at(2), 2))  # a dependency of the group at(2); then the cut
+    pipe._handle(Disconnected(at(1), "connection lost: test"))
+    for n in (2, 3):  # the whole group again: its dependency, then its trigger
+        pipe._handle(malware(at(2), n))
+    pipe._handle(Complete(at(2)))
+    pipe._flush()
+    assert [ev.stix_id[-2:] for ev in ArchiveReader(storage).events()] == ["01", "02", "03"]
+    assert saved_position(storage) == str(at(2))
+
+
+def test_the_acknowledged_position_follows_every_batch(tmp_path: Path) -> None:
+    """``acked_event_id`` is the last group of the last batch every sink acknowledged: a
+    retention gap's reconciliation compares the platform with the state there. Left at the
+    first batch, it compared with an older state than the target held."""
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, malware
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage)
+    for n in (1, 2):
+        pipe._handle(malware(at(n), n))
+        pipe._handle(Complete(at(n)))
+        pipe._flush()
+        assert pipe.checkpoint.acked_event_id == str(at(n))
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.acked_event_id == str(at(2))
+
+
+class _Killed(Exception):
+    """The process dies here (nothing after the failing call happens)."""
+
+
+class _DiesOnSegments(LocalStorage):
+    """A local archive on which the process dies at the next segment write, while ``dying``."""
+
+    dying = True
+
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        if self.dying and key.startswith(EVENTS_PREFIX):
+            raise _Killed(key)
+        return super().put_if_absent(key, body)
+
+
+def test_a_kill_at_a_segment_write_leaves_no_manifest_for_it(tmp_path: Path) -> None:
+    """The segment is stored before its manifest: a run killed at the segment leaves nothing,
+    and the next run, whose batches are cut otherwise, chains its own segments. A manifest
+    stored first would describe a segment never written, and stay (put-if-absent) over the
+    segment the next run stores at that key: a damaged archive."""
+    from tests.support.handfed import at, malware
+
+    storage = _DiesOnSegments(tmp_path / "a")
+    with pytest.raises(_Killed):
+        ArchiveSink(storage).write(
+            Batch(first_id=at(1), last_id=at(2), events=[malware(at(1), 1), malware(at(2), 2)])
+        )
+    storage.dying = False
+    sink = ArchiveSink(storage)  # the next run: one group a batch
+    sink.write(Batch(first_id=at(1), last_id=at(1), events=[malware(at(1), 1)]))
+    sink.write(Batch(first_id=at(2), last_id=at(2), events=[malware(at(2), 2)], after_id=at(1)))
+    report = verify_archive(storage, work_dir=tmp_path / "verify")
+    assert report.ok, format_report(report)
+    assert [ev.id for ev in ArchiveReader(storage).events()] == [at(1), at(2)]
