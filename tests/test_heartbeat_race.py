@@ -110,3 +110,34 @@ def test_a_restart_from_a_heartbeat_does_not_skip_them(sim: SimServer, tmp_path:
     assert run.error is None
     seen = [(e.id_text, e.stix_id) for e in archived_events(archive)]
     assert len(seen) == len(set(seen))  # and nothing archived twice
+
+
+def test_a_heartbeat_at_the_position_does_not_take_the_dependencies_carried_there() -> None:
+    """A recovery resumed at our position re-sends there dependencies of objects it sends
+    later; they are carried into the next group, above the position (the archive skips groups
+    at or below its tail). A heartbeat at the position itself completes nothing: taken as a
+    new position, it put them in a group at the position, where the archive skipped them."""
+    import orjson
+
+    from connector.events import OCTI_EXT, StreamEvent
+    from connector.source import Complete, SourceConfig, SseSource
+    from tests.support.handfed import at
+
+    position = at(0)
+    source = SseSource(
+        SourceConfig(url="http://x", token="t", stream_id="live"),
+        resume=position,
+        recover_until="2027-01-15T08:00:00.000Z",  # after the position: still recovering
+    )
+    stix = {"type": "malware", "id": "malware--00000000-0000-4000-8000-000000000001"}
+    stix["extensions"] = {OCTI_EXT: {"id": "iid-1", "type": "Malware"}}
+    env = {"version": "4", "type": "create", "origin": {"referer": "init-dependencies"}}
+    out: list[object] = []
+    source._handle("create", str(position), orjson.dumps({**env, "data": stix}), out)
+    assert out == []  # carried
+    source._handle("heartbeat", str(position), b'"x"', out)
+    assert out == []
+    source._handle("heartbeat", str(at(1)), b'"x"', out)
+    carried, complete = out
+    assert isinstance(carried, StreamEvent) and carried.group == at(1)
+    assert complete == Complete(at(1))

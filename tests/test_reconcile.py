@@ -432,3 +432,43 @@ def test_a_restart_counts_the_groups_an_earlier_run_stored(tmp_path: Path) -> No
     _feed(source, pipe, "heartbeat", str(EventId(t.ms + 5_000, 0)), b'"x"')
     assert cp.reconcile["due"] is False
     assert (cp.reconcile["deleted"], cp.reconcile["refreshed"]) == (2, 0)
+
+
+def test_an_event_at_the_reconciliation_group_itself_is_quarantined(tmp_path: Path) -> None:
+    """An event the platform appends with the very id of a group a reconciliation archived
+    (its clock behind the heartbeat's) cannot be stored in order either: quarantined, not
+    skipped by the archive as a group it already holds."""
+    storage = LocalStorage(tmp_path / "a")
+
+    def reconciler(at: EventId, as_of: EventId | None) -> list[list[StreamEvent]]:
+        return [[_malware(reconcile_group(at, 0), 99, "delete")]]
+
+    source, pipe = _reconciling(storage, reconciler)
+    d = EventId(1_800_000_000_000, 0)
+    h = EventId(d.ms + 10_000, 0)
+    _feed(source, pipe, "create", str(d), _malware(d, 1, "create", referer=None).data)
+    _feed(source, pipe, "heartbeat", str(h), b'"x"')  # the reconciliation runs below h
+    assert pipe.checkpoint.reconcile["due"] is False
+    same = reconcile_group(h, 0)
+    _feed(source, pipe, "create", str(same), _malware(same, 2, "create", referer=None).data)
+    pipe._flush()
+    assert [ev.id for ev in ArchiveReader(storage).events()] == [d, same]
+    quarantined = list(storage.list("quarantine/"))
+    assert len(quarantined) == 1 and "malware--00000000-0000-4000-8000-000000000002" in (
+        storage.get(quarantined[0]).decode()
+    )
+
+
+def test_a_checkpoint_at_the_oldest_retained_event_is_no_retention_gap() -> None:
+    """The stream reads strictly after ``from``: a checkpoint at its oldest retained event
+    misses nothing. Taken for a gap, every restart at that point started a repair's recovery
+    and recorded a gap that never was."""
+    from connector.source import SourceConfig
+
+    position = EventId(1_800_000_000_000, 3)
+    config = SourceConfig(url="http://x", token="t", stream_id="live", retention_gap="repair")
+    out: list[Any] = []
+    SseSource(config, resume=position)._handle(
+        "connected", "", orjson.dumps({"firstEventId": str(position)}), out
+    )
+    assert out == []
