@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from connector.archive.layout import MANIFESTS_PREFIX, manifest_key_for_segment
-from connector.checkpoint import CHECKPOINT_KEY, CheckpointStore
+from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.errors import CheckpointError, ConfigError
 from connector.jobs import run_snapshot_job
 from connector.restore import materialise
@@ -147,6 +147,64 @@ def test_a_damaged_checkpoint_names_its_file_and_the_way_out(tmp_path: Path) -> 
     text = str(err.value)
     assert str(tmp_path / "archive") in text and CHECKPOINT_KEY in text
     assert "not valid JSON" in text and "--resume-from-archive" in text
+
+
+def test_a_checkpoint_of_another_version_is_refused(tmp_path: Path) -> None:
+    """A checkpoint written by a later version (its fields may mean something else) is not
+    read as this one's."""
+    storage = LocalStorage(tmp_path / "archive")
+    body = Checkpoint(stream_id="live", source_url="http://x", last_event_id="1-0").to_json()
+    storage.put(CHECKPOINT_KEY, body.replace(b'"version": 1', b'"version": 2'))
+    with pytest.raises(CheckpointError, match="unsupported checkpoint version 2"):
+        CheckpointStore(storage).load()
+
+
+def _two_segments(storage: LocalStorage) -> str:
+    """Segments at ``at(1)`` and ``at(2)`` in ``storage``: returns the second's key."""
+    from connector.archive import ArchiveSink
+    from connector.sink import Batch
+    from tests.support.handfed import at, malware
+
+    sink = ArchiveSink(storage)
+    sink.write(Batch(first_id=at(1), last_id=at(1), events=[malware(at(1), 1)]))
+    sink.write(Batch(first_id=at(2), last_id=at(2), events=[malware(at(2), 2)], after_id=at(1)))
+    return sink.last.segments[0]
+
+
+def test_lost_newest_segments_move_the_checkpoint_back_out_of_its_recovery(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint goes back to the archive's end, and reads the platform's log from there,
+    not the recovery it was in: a recovery resumed inside its window re-sends, at or below
+    that point (taken as stored), dependencies it had sent with later events, lost with the
+    segments."""
+    from connector.archive_position import check_archive_end
+    from tests.support.handfed import at
+
+    storage = LocalStorage(tmp_path / "a")
+    second = _two_segments(storage)
+    cp = Checkpoint(stream_id="live", source_url="http://x", last_event_id=str(at(2)))
+    cp.last_segment, cp.last_segment_last_id, cp.acked_event_id = second, str(at(2)), str(at(2))
+    cp.recover_until = "2027-01-15T08:00:00.000Z"
+    storage.delete(manifest_key_for_segment(second))
+    storage.delete(second)
+    assert check_archive_end(storage, cp, "here") is True
+    assert (cp.last_event_id, cp.last_segment_last_id, cp.acked_event_id) == (str(at(1)),) * 3
+    assert cp.recover_until is None
+
+
+def test_a_snapshot_at_the_point_asked_for_is_the_archive_end_there(tmp_path: Path) -> None:
+    """``archive_end(until)`` counts a snapshot taken at ``until`` itself: its segments pruned,
+    a restore at that point was otherwise told the archive lost its newest segments."""
+    from connector.archive_position import archive_end
+    from tests.support.handfed import at
+
+    storage = LocalStorage(tmp_path / "a")
+    _two_segments(storage)
+    assert run_snapshot_job(storage, tmp_path / "snap") is not None
+    _delete_every_segment(storage)
+    assert archive_end(storage, at(2)) == at(2)
+    assert archive_end(storage, at(1)) is None
 
 
 def test_segments_pruned_under_a_snapshot_covering_the_end_are_not_lost(tmp_path: Path) -> None:

@@ -237,3 +237,22 @@ def test_a_spool_the_work_dir_cannot_take_is_kept_in_memory_only_up_to_a_bound(
             s.write(b"b" * (1 << 20))  # past the bound
     finally:
         s.close()
+
+
+def test_a_manifest_names_each_merge_and_its_sources(tmp_path: Path) -> None:
+    """The manifest's ``merged`` rows (docs/ARCHIVE.md): ``[event id, target STIX id, [source
+    STIX ids]]``, the sources as the merge event's context lists them."""
+    target = "malware--00000000-0000-4000-8000-000000000001"
+    sources = [f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (2, 3)]
+    at = EventId(1_800_000_000_000, 0)
+    env = {
+        "version": "4",
+        "type": "merge",
+        "data": {"type": "malware", "id": target, "extensions": {OCTI_EXT: {"id": "iid-1"}}},
+        "context": {"sources": [{"type": "malware", "id": s} for s in sources]},
+    }
+    merge = StreamEvent(at, str(at), "merge", orjson.dumps(env).decode(), env)
+    storage = LocalStorage(tmp_path / "a")
+    ArchiveSink(storage).write(Batch(first_id=at, last_id=at, events=[merge]))
+    manifest = orjson.loads(storage.get(manifest_key(at)))
+    assert manifest["merged"] == [[str(at), target, sources]]

@@ -530,6 +530,16 @@ def _recovering_until(storage: Storage, ms: int) -> None:
     CheckpointStore(storage).save(cp)
 
 
+def test_a_checkpoint_from_before_first_recover_until_after_a_gap_names_no_first_end() -> None:
+    """A checkpoint written before ``first_recover_until`` existed has only ``recover_until``;
+    after a retention-gap repair that is the repair's date, not the first recovery's end, which
+    is then unknown (taken for it, verify and restore would place the first recovery there)."""
+    old = Checkpoint(stream_id="live", source_url="http://x", recover_until="2026-01-02T00:00:00Z")
+    assert old.first_recovery_end == "2026-01-02T00:00:00Z"
+    old.retention_gaps.append({"checkpoint_event_id": "1-0"})
+    assert old.first_recovery_end is None
+
+
 def test_a_recovery_dependency_later_than_the_chain_is_its_link(tmp_path: Path) -> None:
     """A recovery sends each object once: one that went as another's dependency is not sent
     again at its own place, so the updates that copy holds have no event of their own, and the
