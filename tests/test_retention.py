@@ -221,6 +221,20 @@ def test_quarantine_kept_until_covered_by_base(tmp_path: Path) -> None:
     assert storage.exists(recent)
 
 
+def test_a_quarantine_record_at_the_base_position_is_kept(tmp_path: Path) -> None:
+    """A record's key names the position before its event: one at the base snapshot's own
+    position came after it, and the snapshot does not hold it."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    base = list_snapshots(storage)[0].as_of
+    before, at_base = (quarantine_key(p, "c" * 64) for p in (EventId(base.ms - 1, 0), base))
+    for key in (before, at_base):
+        storage.put(key, orjson.dumps({"reason": "test"}))
+    run_retention_job(storage, RetentionPolicy(keep_days=2, keep_snapshots=0), now=at_day(6))
+    assert not storage.exists(before)
+    assert storage.exists(at_base)
+
+
 @pytest.mark.parametrize("damage", ["missing", "flipped byte"])
 @pytest.mark.parametrize("which", ["part", "state image"])
 def test_base_with_a_damaged_part_is_not_used(tmp_path: Path, damage: str, which: str) -> None:

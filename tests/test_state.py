@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
@@ -589,3 +590,41 @@ def test_a_merge_repoints_one_endpoint_and_leaves_the_other_as_the_platform_sent
         state.apply_many([*events, ahead, *later])
         assert state.get(rel) is None
         assert_equal_objects(state_objects(state), sim_objects(store))
+
+
+def _malware_event(ms: int, kind: str, stix_id: str, **context: Any) -> StreamEvent:
+    """An event about the malware of internal id ``iid-1``, under ``stix_id``."""
+    at = EventId(CLOCK0 + ms, 0)
+    stix = {
+        "type": "malware",
+        "id": stix_id,
+        "name": "m1",
+        "is_family": True,
+        "extensions": {OCTI_EXT: {"id": "iid-1", "type": "Malware"}},
+    }
+    env: dict[str, Any] = {"version": "4", "type": kind, "origin": {}, "data": stix}
+    if context:
+        env["context"] = context
+    return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+
+
+def test_a_delete_of_an_object_never_archived_leaves_its_tombstone(tmp_path: Path) -> None:
+    """The archive never held the object (started later, or filtered): its delete is still
+    recorded, so a restore over a target that holds it deletes it there."""
+    gone = "malware--00000000-0000-4000-8000-000000000001"
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([_malware_event(1, "delete", gone)])
+        assert [(t.stix_id, t.reason) for t in state.tombstones()] == [(gone, "deleted")]
+
+
+def test_a_re_creation_with_a_new_standard_id_ends_the_tombstone(tmp_path: Path) -> None:
+    """A deleted object comes back in an event that also changes its standard id (the
+    per-event path): it is live again, and no longer a tombstone a restore would act on."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    patch = [{"op": "replace", "path": "/id", "value": old}]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([_malware_event(1, "create", old), _malware_event(2, "delete", old)])
+        assert [t.stix_id for t in state.tombstones()] == [old]
+        state.apply_many([_malware_event(3, "update", new, reverse_patch=patch)])
+        assert state.get(new) is not None
+        assert list(state.tombstones()) == []
