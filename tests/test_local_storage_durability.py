@@ -73,15 +73,37 @@ def test_check_removes_stale_temporary_files_only(tmp_path: Path) -> None:
 
 
 class RecordingStorage(LocalStorage):
-    """Records every directory fsync (our own hook, the real fsync still runs)."""
+    """Records every directory fsync, and the size of every file fsynced (our own hooks, the
+    real fsync still runs)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.synced: list[Path] = []
+        self.files: list[int] = []
 
     def _fsync_dir(self, directory: Path) -> None:
         self.synced.append(Path(directory))
         super()._fsync_dir(directory)
+
+    def _fsync_file(self, fd: int) -> None:
+        self.files.append(os.fstat(fd).st_size)
+        super()._fsync_file(fd)
+
+
+def test_every_object_is_fsynced_whole_before_it_is_in_place(tmp_path: Path) -> None:
+    """The directory fsync keeps the object's name; its bytes need the file's own fsync, once
+    all are written and before the name is linked: without it a power loss could leave a
+    segment or the checkpoint in place, empty or cut short."""
+    storage = RecordingStorage(tmp_path / "archive")
+    for put, key, body in (
+        (storage.put_if_absent, "events/2026/11/28/000001-0.jsonl.zst", b"segment"),
+        (storage.put, "checkpoint.json", b'{"version": 1}'),
+        (storage.put, "checkpoint.json", b'{"version": 1, "saved": 2}'),
+    ):
+        storage.files.clear()
+        put(key, body)
+        assert storage.files == [len(body)], key
+        assert storage.get(key) == body
 
 
 def _dirs(root: Path) -> set[Path]:

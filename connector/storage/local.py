@@ -78,7 +78,7 @@ class LocalStorage:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                os.fsync(fd)
+                self._fsync_file(fd)
             finally:
                 os.close(fd)
         except BaseException as exc:
@@ -115,6 +115,9 @@ class LocalStorage:
                 # it again costs one fsync and keeps our object's path durable either way.
             self._fsync_dir(new.parent)
         return created
+
+    def _fsync_file(self, fd: int) -> None:
+        os.fsync(fd)  # a method, as _fsync_dir: the tests record the files it syncs
 
     def _fsync_dir(self, directory: Path) -> None:
         fsync_dir(directory)  # a method: the tests record the directories it syncs
