@@ -196,10 +196,15 @@ MUTATIONS: list[tuple[str, str, str, str, str, list[str], str | None]] = [
 ]  # fmt: skip
 
 
-def run(selected: set[str]) -> int:
+Mutation = tuple[str, str, str, str, str, list[str], str | None]
+
+
+def run(selected: set[str], mutations: list[Mutation] = MUTATIONS) -> int:
+    """Apply each selected mutation (all when ``selected`` is empty) and run its tests; 1 when
+    one that is not equivalent survived. Other tables (``scripts/mutations_*.py``) call this."""
     python = sys.executable
     survivors = []
-    for mid, what, name, text, new, tests, equivalent in MUTATIONS:
+    for mid, what, name, text, new, tests, equivalent in mutations:
         if selected and mid not in selected:
             continue
         path = ROOT / name
