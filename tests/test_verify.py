@@ -276,7 +276,10 @@ def test_snapshots_verified_and_bad_part_detected(tmp_path: Path) -> None:
     assert any(part in e and "sha256" in e for e in report.errors), report.errors
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "other state", "another version's, flipped"])
+@pytest.mark.parametrize(
+    "damage",
+    ["flipped byte", "other state", "same counts, other state", "another version's, flipped"],
+)
 def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str) -> None:
     """The image a restore would open: a byte flipped (sha256), or a whole database holding
     another state than the manifest's (one object fewer, the manifest made to name it). The
@@ -287,7 +290,7 @@ def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str
     assert info is not None and info.state_image is not None
     key = info.state_image.key
     path = tmp_path / "a" / key
-    if damage != "other state":
+    if "other state" not in damage:
         body = bytearray(path.read_bytes())
         body[len(body) // 2] ^= 0x55
         path.write_bytes(bytes(body))
@@ -299,7 +302,12 @@ def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str
         db = tmp_path / "other.sqlite"
         db.write_bytes(zstandard.ZstdDecompressor().stream_reader(path.read_bytes()).read())
         with sqlite3.connect(db) as conn:
-            conn.execute("DELETE FROM objects WHERE rid = (SELECT max(rid) FROM objects)")
+            if damage == "other state":
+                conn.execute("DELETE FROM objects WHERE rid = (SELECT max(rid) FROM objects)")
+            else:  # one object at another event: only the state's checksum tells
+                conn.execute(
+                    "UPDATE objects SET event_id = '1-0' WHERE rid = (SELECT max(rid) FROM objects)"
+                )
         body = compress(db.read_bytes(), "zstd", 3)
         path.write_bytes(body)
         manifest = orjson.loads(storage.get(info.manifest_key))
@@ -308,13 +316,31 @@ def test_a_state_image_that_cannot_serve_is_an_error(tmp_path: Path, damage: str
         storage.put(info.manifest_key, orjson.dumps(manifest))
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
-    said = "not the manifest's" if damage == "other state" else "sha256 differs"
+    said = {"other state": "not the manifest's", "same counts, other state": "another state"}
+    said = said.get(damage, "sha256 differs")
     assert [e for e in report.errors if "state image" in e] == [
         e for e in report.errors if key in e and said in e
     ], report.errors
     assert len(report.errors) == 1, report.errors
     assert report.snapshots_recomputed == 1
     assert not list((tmp_path / "w").glob("*.sqlite"))
+
+
+def test_a_part_holding_other_than_its_count_is_named(tmp_path: Path) -> None:
+    """A snapshot manifest whose part count (and total) says one object more than the part
+    holds: the part is named, not only the recomputed total."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    info = write_snapshot(storage, work_dir=tmp_path / "s")
+    assert info is not None
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    part = next(p for p in manifest["parts"] if p["kind"] == "objects")
+    part["count"] += 1
+    manifest["object_count"] += 1
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    said = f"holds {part['count'] - 1} lines, manifest says {part['count']}"
+    assert any(part["key"] in e and said in e for e in report.errors), report.errors
 
 
 def test_snapshot_inconsistent_with_segments(tmp_path: Path) -> None:
@@ -328,7 +354,9 @@ def test_snapshot_inconsistent_with_segments(tmp_path: Path) -> None:
     storage.put(info.manifest_key, orjson.dumps(obj))
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
-    assert any("state_sha256" in e for e in report.errors), report.errors
+    # Said by the recomputation from the segments (the state image says it too).
+    said = "state_sha256 differs from the previous snapshot + segments"
+    assert any(said in e for e in report.errors), report.errors
 
 
 def test_segment_count_mismatch_is_reported(tmp_path: Path) -> None:
@@ -396,6 +424,11 @@ def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:
     storage.put_if_absent(manifest_key(first), encoded.manifest_body())
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert not report.ok
+    assert any("does not continue the chain" in e for e in report.errors), report.errors
+
+    # A retention gap recorded elsewhere (before the archive starts) explains nothing here.
+    record_gap(storage, EventId(prev_last.ms - DAY_MS, 0))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
     assert any("does not continue the chain" in e for e in report.errors), report.errors
 
     # The stream's own retention passed the checkpoint there, and the pipeline recorded it.
