@@ -194,6 +194,10 @@ def test_uncommitted_snapshot_is_rebuilt(tmp_path: Path) -> None:
     assert crashed is not None
     storage.delete(crashed.manifest_key)
     assert list_snapshots(storage) == []
+    # Its state image as another build of the database left it (an image's bytes depend on
+    # how the database was built, and are not compared): the next run's replaces it.
+    (image,) = [p for p in crashed.parts if p.kind == "state"]
+    storage.put(image.key, storage.get(image.key) + b"another build")
     info = write_snapshot(storage, work_dir=tmp_path / "work", part_objects=50)
     assert info is not None and info.as_of == crashed.as_of
     for part in info.parts:
@@ -202,6 +206,22 @@ def test_uncommitted_snapshot_is_rebuilt(tmp_path: Path) -> None:
         with StateStore(tmp_path / "seeded.sqlite") as seeded:
             seeded.load_snapshot(storage, info.key)
             assert_equal_objects(state_objects(seeded), state_objects(full))
+
+
+def test_no_snapshot_is_folded_over_a_lost_segment(tmp_path: Path) -> None:
+    """A segment after the base snapshot lost with its manifest: the next segment continues
+    from a position no segment reaches, and no snapshot is written over the hole."""
+    storage, _, events, cut = _split_archive(tmp_path / "archive")
+    first = write_snapshot(storage, work_dir=tmp_path / "work")
+    assert first is not None
+    archive_events(storage, events[cut:], per_segment=2, after=first.as_of)
+    later = [r for r in ArchiveReader(storage).manifests() if r.manifest.first > first.as_of]
+    assert len(later) >= 2
+    storage.delete(later[0].manifest.segment)
+    storage.delete(later[0].manifest_key)
+    with pytest.raises(PermanentError, match="archive gap before"):
+        write_snapshot(storage, work_dir=tmp_path / "work")
+    assert list_snapshots(storage) == [first]
 
 
 def _aliases(db: Path) -> dict[str, str]:
