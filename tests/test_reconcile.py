@@ -7,9 +7,11 @@ end is tested in test_consumer.py and test_faults.py.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,12 @@ from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, RetryableError, SourceRetryable
 from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
-from connector.reconcile import REFERER, reconcile_deletes, reconcile_group
+from connector.reconcile import (
+    REFERER,
+    platform_ids,
+    reconcile_deletes,
+    reconcile_group,
+)
 from connector.restore import materialise
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -239,6 +246,40 @@ def test_a_listing_cut_short_is_an_error(sim: SimServer, tmp_path: Path) -> None
     with pytest.raises(SourceRetryable, match="reconcile listing"):
         _reconcile(sim, storage, tmp_path, "live")
     assert not list(tmp_path.glob("reconcile-*"))  # its work files are gone with it
+
+
+class _ListsOneAndEnds(BaseHTTPRequestHandler):
+    """A stream that sends one recovered object, then ends its response properly (a proxy
+    closing a long response, a platform node shutting down): no transport error, and no id
+    past the recover point either."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        stix = {"id": "malware--00000000-0000-4000-8000-000000000001", "type": "malware"}
+        data = orjson.dumps({"version": "4", "type": "create", "data": stix}).decode()
+        body = f"id: 1000-0\nevent: create\ndata: {data}\n\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_listing_that_ends_cleanly_before_the_live_part_is_an_error(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ListsOneAndEnds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = sqlite3.connect(tmp_path / "ids.sqlite")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        config = SourceConfig(url=url, token=TOKEN, stream_id="live", read_timeout=5)
+        with pytest.raises(SourceRetryable, match="ended before its recovery"):
+            platform_ids(config, db)
+    finally:
+        db.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_path: Path) -> None:
