@@ -170,6 +170,24 @@ def test_a_lost_lease_is_found_before_the_next_write(tmp_path: Path) -> None:
     assert _holder(storage) == "another-run"
 
 
+def test_a_lease_its_renewal_found_taken_over_stops_the_next_write(tmp_path: Path) -> None:
+    """The renewal thread found the lease taken over (``lost``): the next check says so at once,
+    though the last renewal is recent and no read of the lease is due."""
+    storage = LocalStorage(tmp_path)
+    lease = RunLease([storage], ttl_secs=3600)  # the renewal thread stays asleep
+    assert lease.wait(threading.Event())
+    try:
+        storage.put(RUN_LEASE_KEY, _foreign())
+        with pytest.raises(LockHeld):
+            lease._leases[0].renew()  # what the renewal thread does every third of a lease
+        assert lease.lost
+        with pytest.raises(LeaseLost):
+            lease.check()
+    finally:
+        lease.release()
+    assert _holder(storage) == "another-run"
+
+
 def test_a_dead_holder_on_this_host_is_not_waited_out(tmp_path: Path) -> None:
     """A run killed and restarted on the same host (systemd) takes over at once; a lease of a
     live process, or of another host, is waited out."""
