@@ -50,7 +50,7 @@ MUTATIONS: list[Mutation] = [
      ["test_snapshot", "test_verify"], None),
     ("SS2", "a state image holding more than a state (a foreign schema) accepted", SNAP,
      "        if foreign:\n", "        if False:\n",
-     ["test_snapshot", "test_verify"], None),
+     ["test_snapshot", "test_verify", "test_restore"], None),
     ("SS3", "a state image's counts not compared with the manifest's", SNAP,
      "            or counts[\"objects\"] != info.object_count\n"
      "            or counts[\"tombstones\"] != info.tombstone_count\n", "",
@@ -58,7 +58,7 @@ MUTATIONS: list[Mutation] = [
     ("SS4", "a state image written under another state schema opened", SNAP,
      "if self.state_schema != STATE_SCHEMA or self.rows != SNAPSHOT_ROWS:",
      "if self.rows != SNAPSHOT_ROWS:",
-     ["test_snapshot", "test_verify"], None),
+     ["test_snapshot", "test_verify", "test_restore"], None),
     ("SS5", "a snapshot folded over a gap in the segments", SNAP,
      "            if not allow_gaps:\n                raise PermanentError(",
      "            if False:\n                raise PermanentError(",
@@ -84,7 +84,10 @@ MUTATIONS: list[Mutation] = [
     ("RC3", "archived_counts counts the group at after again", REC,
      "if (after is None or ev.group > after) and ev.reconciled:",
      "if (after is None or ev.group >= after) and ev.reconciled:",
-     ["test_reconcile"], None),
+     ["test_reconcile"],
+     "a reconciliation group is written alone (a segment whose first id is its last) and its "
+     "manifest is named by that id; the listing starts after manifest_key(after), so no segment "
+     "it reads holds a group at after"),
     ("RC5", "an empty listing while the archive holds objects taken as mass delete", REC,
      "if listed == 0 and archived:", "if False:",
      ["test_reconcile"], None),
@@ -105,7 +108,9 @@ MUTATIONS: list[Mutation] = [
     ("LK4", "a lost take-over (compare-and-swap refused) taken as won", LOCKS,
      "            self._still_ours()\n            self._renewed_at = started\n",
      "            self._renewed_at = started\n",
-     ["test_run_lease", "test_jobs"], None),
+     ["test_run_lease", "test_jobs"],
+     "the confirmation after the settle pause (_confirm) reads the record again and raises the "
+     "same LockHeld when it is not ours: the refusal only comes _SETTLE_SECS (0.2 s) later"),
     ("LK5", "a renewal writes over another owner's record", LOCKS,
      "                if found is None or current is None or current.owner != self.owner:\n"
      "                    break\n",
