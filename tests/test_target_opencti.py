@@ -10,6 +10,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +28,7 @@ from connector.sim.store import SimStore
 from connector.target.opencti import AccessRefused, OpenCTITarget, Push, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.faultproxy import FaultProxy
+from tests.support.simlog import copy_event
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync, batch_of, leaving_the_filter, malware, target_for
 
@@ -768,3 +770,226 @@ def test_a_mark_the_target_could_not_save_is_saved_before_the_retry_pushes(
     finally:
         sink.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("goes", ["merged-away", "renamed"])
+def test_an_id_freed_when_its_absorber_goes_then_is_deleted_is_pushed(
+    platform_b: SimServer, goes: str
+) -> None:
+    """B holds k's id as an alias of x (merged there; the connector was killed after that
+    push). The batch pushed again goes on: x is merged into z (or renamed), that entity is
+    deleted, k is created again. The merge (or the rename) freed k's id: its create is no
+    replay, though B still resolves k's id to x when the batch starts."""
+    a = SimStore()
+    x, k, z = malware("first absorber"), malware("absorbed twice"), malware("second absorber")
+    for obj in (x, k, z):
+        a.upsert(obj)
+    a.merge(x["id"], [k["id"]])
+    applied = len(events_since(a)[0])
+    if goes == "merged-away":
+        a.merge(z["id"], [x["id"]])
+        a.delete(z["id"])
+    else:
+        renamed = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'renamed absorber')}"
+        a.update(x["id"], set={"name": "renamed absorber"}, new_id=renamed)
+        a.delete(renamed)
+    a.upsert(k)
+    events, _ = events_since(a)
+    cid = str(uuid.uuid4())
+    sink = make_target(platform_b.url, connector_id=cid)
+    try:
+        sink.write(batch_of(events[:applied]))
+        resolved = platform_b.store.get(k["id"])
+        assert resolved is not None and resolved["id"] == x["id"]  # k's id: an alias on B
+        # Killed before its checkpoint; the restart pushes the whole batch again: a replay.
+        again = make_target(platform_b.url, connector_id=cid)
+        try:
+            again.write(batch_of(events))
+            assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+            back = platform_b.store.get(k["id"])
+            assert back is not None and back["id"] == k["id"]
+        finally:
+            again.close()
+    finally:
+        sink.close()
+
+
+def _updated_then_merged() -> tuple[SimStore, dict[str, Any], dict[str, Any]]:
+    """A: an absorbed malware updated, then merged into another one (a replay of the update
+    into B, where the absorbed id is an alias of the merge target, changes that target)."""
+    a = SimStore()
+    x, y = malware("absorber"), malware("absorbed", description="before")
+    a.upsert(x)
+    a.upsert(y)
+    a.update(y["id"], set={"description": "changed before the merge"})
+    a.merge(x["id"], [y["id"]])
+    return a, x, y
+
+
+def test_a_batch_the_pipeline_marks_as_a_replay_is_guarded(platform_b: SimServer) -> None:
+    """A batch read back from the archive (``Batch.replay``) is guarded without any mark on B:
+    here B got it whole through another connector id, so this one has no mark at all."""
+    a, _, _ = _updated_then_merged()
+    events, _ = events_since(a)
+    first = make_target(platform_b.url)
+    again = make_target(platform_b.url)
+    try:
+        first.write(batch_of(events))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+        again.write(replace(batch_of(events), replay=True))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+    finally:
+        first.close()
+        again.close()
+
+
+def test_a_batch_starting_at_the_mark_is_guarded(platform_b: SimServer) -> None:
+    """The killed run's batch ended with the merge (its mark); the restart's batch is that
+    merge's group: a dependency re-send of the source, then the merge, all under the mark's id.
+    The re-send is a replay too (B holds the source's id as the merge target's alias)."""
+    a, _, y = _updated_then_merged()
+    events, _ = events_since(a)
+    merge = events[-1]
+    assert merge.event == "merge"
+    cid = str(uuid.uuid4())
+    sink = make_target(platform_b.url, connector_id=cid)
+    try:
+        sink.write(batch_of(events))
+        # Killed: no checkpoint. The stream sends the merge's group again, with a dependency.
+        source = {**y, "description": "changed before the merge"}
+        group = [copy_event(merge.id_text, source), merge]
+        again = make_target(platform_b.url, connector_id=cid)
+        try:
+            again.write(batch_of(group))
+            assert batch_of(group).first_id == EventId.parse(merge.id_text)  # the mark itself
+            assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+        finally:
+            again.close()
+    finally:
+        sink.close()
+
+
+class _AnswerLost(OpenCTITarget):
+    """A target whose push number ``lose`` reaches the platform, which applies it, and whose
+    answer is lost on the way back (a connection cut): the write fails after that push."""
+
+    lose = 0
+    pushed = 0
+
+    def _push(self, push: Push) -> None:
+        super()._push(push)
+        self.pushed += 1
+        if self.pushed == self.lose:
+            raise RetryableError("the platform's answer was lost")
+
+
+def test_a_batch_retried_after_a_failure_in_the_same_run_is_guarded(
+    platform_b: SimServer,
+) -> None:
+    """A fresh connector (no mark on B): the batch's merge is applied, the answer of the push
+    after it is lost, the write fails. Its retry pushes the source's update again: guarded, it
+    leaves the merge target alone."""
+    a, _, _ = _updated_then_merged()
+    a.upsert(malware("after the merge"))
+    events, _ = events_since(a)
+    sink = _AnswerLost(
+        url=platform_b.url,
+        token=TOKEN,
+        connector_id=str(uuid.uuid4()),
+        source_url="http://source.example:4000",
+    )
+    # upsert [x, y], then the merge's upsert, merge, upsert; then the last create.
+    sink.lose = 4
+    try:
+        with pytest.raises(RetryableError, match="answer was lost"):
+            sink.write(batch_of(events))
+        assert (
+            platform_b.store.get(
+                "malware--" + str(uuid.uuid5(uuid.NAMESPACE_DNS, "after the merge"))
+            )
+            is None
+        )
+        sink.write(batch_of(events))
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+    finally:
+        sink.close()
+
+
+class _Unacknowledging(_RefusingPlatform):
+    """A platform that answers every stixBundlePush with no data: nothing was queued."""
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        request = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        if "stixBundlePush" in request.get("query", ""):
+            answer: dict[str, Any] = {"data": {"stixBundlePush": None}}
+        else:
+            answer = {"data": {"about": {"version": "6.4.0"}, "settings": {"id": "b-platform"}}}
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_push_the_platform_does_not_acknowledge_is_not_written() -> None:
+    """A 200 answer without ``stixBundlePush`` (a proxy, a platform restarting) is no proof the
+    bundle was queued: the write fails, to be retried; the checkpoint stays."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Unacknowledging)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    sink = make_target(f"http://127.0.0.1:{httpd.server_address[1]}", register=False)
+    try:
+        with pytest.raises(RetryableError, match="not acknowledged"):
+            sink.write(batch_of([_event(1000, malware("Unacknowledged"))]))
+        assert sink.last_event_id is None
+    finally:
+        sink.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_pushes_hold_at_most_max_objects_and_an_id_change_starts_one() -> None:
+    """``max_bundle_objects`` bounds every push, upserts and deletes alike; an update that
+    changes its object's standard id starts a new push, after the one holding the old id."""
+    five = [malware(f"bounded {n}") for n in range(5)]
+    creates = [_event(1000 + n, m) for n, m in enumerate(five)]
+    assert [len(p.objects) for p in plan_pushes(creates, 2)] == [2, 2, 1]
+    deletes = [_event(2000 + n, m, "delete") for n, m in enumerate(five)]
+    assert [(p.kind, len(p.objects)) for p in plan_pushes(deletes, 2)] == [
+        ("delete", 2),
+        ("delete", 2),
+        ("delete", 1),
+    ]
+    a = SimStore()
+    one, two = malware("stays"), malware("renamed")
+    a.upsert(one)
+    a.upsert(two)
+    new_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'renamed twice')}"
+    a.update(two["id"], set={"name": "renamed twice"}, new_id=new_id)
+    pushes = list(plan_pushes(events_since(a)[0]))
+    assert [[o["id"] for o in p.objects] for p in pushes] == [[one["id"], two["id"]], [new_id]]
+
+
+def test_a_copy_of_a_renamed_object_finds_it_by_its_old_id(platform_b: SimServer) -> None:
+    """B holds the object under its old standard id; the stream sends it renamed as a copy (a
+    dependency re-send, a recovery copy: a create, no reverse patch), the old id among its
+    aliases. B does not know the new id: the alias is how the upsert finds the entity, so it is
+    kept (no duplicate under the new id)."""
+    a = SimStore()
+    x = malware("before the rename")
+    a.upsert(x)
+    events, pos = events_since(a)
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of(events))
+        new_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'after the rename')}"
+        a.update(x["id"], set={"name": "after the rename"}, new_id=new_id)
+        renamed = a.get(new_id)
+        assert renamed is not None and x["id"] in octi_ext(renamed)["stix_ids"]
+        (update,), _ = events_since(a, pos)
+        sink.write(batch_of([copy_event(update.id_text, renamed)]))
+        assert platform_b.store.object_count == 1
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+    finally:
+        sink.close()
