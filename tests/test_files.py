@@ -30,6 +30,7 @@ from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
+from tests.support.simlog import sim_events
 from tests.test_pipeline_shutdown import FullFor, first_write_under
 
 TOKEN_A = "token-files-a"
@@ -545,3 +546,25 @@ def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archiv
     assert storage.get(manifest_key(event.id)) == ref.get(manifest_key(event.id))
     storage.delete(file_key(entry))
     assert not verify_archive(storage, work_dir=tmp_path / "v").ok  # a lost file is found
+
+
+def test_a_file_recorded_missing_is_not_asked_for_again_after_a_restart(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """A file the archive recorded gone (``.missing``) is taken as such by the next run: its
+    events are archived again after a restart without asking the source for it once more."""
+    _seed(source)
+    source.store.attach_file(REPORT, "gone.pdf", b"gone")
+    (gone,) = source.store.files_of(REPORT)
+    source.store.forget_file_content(_file_id(gone))
+    storage = LocalStorage(str(tmp_path / "archive"))
+    events = sim_events(source.store)[0]
+    first = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+    first.store(events)
+    first.close()
+    assert storage.exists(missing_key(gone))
+    asked = source.file_requests
+    again = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))  # the restart's
+    again.store(events)
+    again.close()
+    assert source.file_requests == asked

@@ -828,3 +828,28 @@ def test_a_failed_status_ping_does_not_publish_a_durable_batch_again(
         sync.b.start()
     sync.drain()
     sync.assert_converged()
+
+
+def test_a_merge_into_a_target_the_other_platform_never_got(platform_b: SimServer) -> None:
+    """B never received the merge target nor its source (created before this connector): the
+    merge's messages create the target first, then merge into it; B's worker refuses nothing.
+    (B's entity does not answer to the source's id: nothing of the source was there to merge.)"""
+    a = SimStore()
+    for name in ("Never sent target", "Never sent source"):
+        a.upsert(malware(name))
+    keeper, gone = malware("Never sent target")["id"], malware("Never sent source")["id"]
+    _, pos = events_since(a)  # B never saw the creates
+    a.merge(keeper, [gone])
+    target = make_target(platform_b.url)
+    target.check()
+    try:
+        sync = Sync(a, platform_b, target)
+        sync.pos = pos
+        sync.step()
+        sync.drain()
+        assert not sync.worker.failures, sync.worker.failures[:3]
+        held = platform_b.store.get(keeper)
+        assert held is not None and held["name"] == "Never sent target"
+        assert platform_b.store.object_count == 1  # the source was never there
+    finally:
+        target.close()

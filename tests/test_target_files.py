@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tracemalloc
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,8 @@ from urllib.parse import unquote
 import pytest
 
 from connector import metrics
-from connector.files import Downloads, FileArchiver, FileCarrier, FileFetcher
+from connector.errors import RetryableError
+from connector.files import Downloads, FileArchiver, FileCarrier, FileFetcher, file_entries
 from connector.sim.platform import platform_state
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
@@ -597,3 +599,125 @@ def test_an_object_deleted_and_back_in_one_batch_gets_its_file_again(
             sync.target.write(batch_of([*earlier, *gone, back]))
             _settle(b, sync.target)
         assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+
+
+MIB = 1 << 20  # the size of the pieces a download is read in
+
+
+@pytest.mark.parametrize("read_from", ["archive", "source"])
+def test_a_file_of_exactly_the_limit_is_carried_and_one_byte_more_is_not(
+    source: SimServer, tmp_path: Path, read_from: str
+) -> None:
+    """``max_file_mb`` is the largest file carried: a file of exactly that size goes whole; one
+    byte more is left out, counted too large, never sent cut at the limit (a download stops
+    reading once it holds more than the limit)."""
+    before = _counts()
+    _seed(source.store)
+    exact, over = os.urandom(MIB), os.urandom(MIB + 1)
+    source.store.attach_file(REPORT, "exact.bin", exact)
+    source.store.attach_file(MALWARE, "over.bin", over)
+    storage = LocalStorage(str(tmp_path / "archive"))
+    if read_from == "archive":
+        archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+        archiver.store(sim_events(source.store)[0])
+        archiver.close()
+        carrier = FileCarrier(archive=storage, downloads=None, max_bytes=MIB)
+    else:
+        carrier = _carrier(source, max_bytes=MIB)
+    with SimServer(token=TOKEN_B) as b:
+        _sync_once(source, b, files=carrier)
+        assert _contents(b, REPORT) == {"exact.bin": exact}
+        assert _contents(b, MALWARE) == {}
+    assert _since(before) == {"sent": 1, "gone": 0, "too_large": 1, "refused": 0}
+
+
+def test_a_file_the_archive_recorded_missing_is_not_asked_of_the_source_again(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The archive's run found the file gone and recorded it so: the target reading from that
+    archive takes its word, counts it gone and does not ask the source once more."""
+    before = _counts()
+    _seed(source.store)
+    source.store.attach_file(REPORT, "gone.pdf", b"gone soon")
+    (gone,) = source.store.files_of(REPORT)
+    source.store.forget_file_content(unquote(gone["uri"].removeprefix("/storage/get/")))
+    storage = LocalStorage(str(tmp_path / "archive"))
+    archiver = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
+    archiver.store(sim_events(source.store)[0])
+    archiver.close()
+    assert [k for k in storage.list("files/") if k.endswith(".missing")]
+    asked = source.file_requests
+    carrier = FileCarrier(
+        archive=storage, downloads=Downloads(FileFetcher(source.url, TOKEN_A)), max_bytes=MIB
+    )
+    with SimServer(token=TOKEN_B) as b:
+        _sync_once(source, b, files=carrier)
+        assert b.store.get(REPORT) is not None and _contents(b, REPORT) == {}
+    assert source.file_requests == asked
+    assert _since(before) == {"sent": 0, "gone": 1, "too_large": 0, "refused": 0}
+
+
+class _FileAnswerLost(OpenCTITarget):
+    """A target whose first push carrying a file's bytes fails (the answer lost on the way)."""
+
+    failed = False
+
+    def _push(self, push: Any) -> None:
+        carries = any("data" in f for o in push.objects for f in file_entries(o))
+        if carries and not self.failed:
+            self.failed = True
+            raise RetryableError("the platform's answer was lost")
+        super()._push(push)
+
+
+def test_a_batch_retried_after_a_failed_file_push_carries_the_file(source: SimServer) -> None:
+    """The push of the report with its PDF inline fails: the write fails, the batch is written
+    again, and the PDF its first attempt claimed goes with the retry."""
+    _seed(source.store)
+    pdf = os.urandom(50_000)
+    source.store.attach_file(REPORT, "analysis.pdf", pdf)
+    with SimServer(token=TOKEN_B) as b:
+        target = _FileAnswerLost(
+            url=b.url,
+            token=TOKEN_B,
+            connector_id=str(uuid.uuid4()),
+            source_url="http://source.example:4000",
+            files=_carrier(source),
+        )
+        try:
+            target.check()
+            batch = batch_of(sim_events(source.store)[0])
+            with pytest.raises(RetryableError, match="answer was lost"):
+                target.write(batch)
+            target.write(batch)
+        finally:
+            target.close()
+        assert target.failed
+        assert _contents(b, REPORT) == {"analysis.pdf": pdf}
+
+
+def test_the_file_of_an_object_the_target_refused_is_carried_when_it_is_taken(
+    source: SimServer,
+) -> None:
+    """api: the target refuses the malware for its own data (quarantined): its file is not
+    pushed with it, nor counted; the malware's next event, taken, carries the file."""
+    before = _counts()
+    _seed(source.store)
+    csv = b"ip\n10.0.0.3\n" * 100
+    source.store.attach_file(MALWARE, "iocs.csv", csv, mime_type="text/csv")
+    good = source.store.get(MALWARE)
+    assert good is not None
+    bad = {k: v for k, v in good.items() if k != "type"}  # the double refuses it
+    with SimServer(token=TOKEN_B) as b:
+        target = target_for(b.url, token=TOKEN_B, files=_carrier(source))
+        try:
+            target.check()
+            target.write(batch_of([copy_event("1000-0", bad)]))
+            assert [q.id_text for q in target.rejected] == ["1000-0"]
+            assert _since(before) == {"sent": 0, "gone": 0, "too_large": 0, "refused": 0}
+            target.write(batch_of([copy_event("2000-0", good)]))
+            assert target.rejected == []
+        finally:
+            target.close()
+        assert _contents(b, MALWARE) == {"iocs.csv": csv}
+    assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
