@@ -3,6 +3,7 @@ cleaned, and every directory a write creates is made durable in its parent."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from connector.errors import PermanentError
+from connector.errors import PermanentError, RetryableError
+from connector.storage import local
 from connector.storage.local import _TMP_STALE_SECS, LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,3 +166,36 @@ def test_an_object_found_in_place_is_made_durable_before_it_counts_as_stored(
     chain = [storage.root / "events/2026/11/28", storage.root / "events/2026/11"]
     chain += [storage.root / "events/2026", storage.root / "events", storage.root]
     assert storage.synced == chain
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENOSPC, RetryableError),  # a full disk may be cleaned up: retried
+        (errno.EDQUOT, RetryableError),
+        (errno.EIO, RetryableError),
+        (errno.EACCES, PermanentError),  # permissions and paths will not mend themselves
+        (errno.EROFS, PermanentError),
+        (errno.ENAMETOOLONG, PermanentError),
+    ],
+)
+def test_os_errors_are_retried_only_when_they_may_clear_up(
+    tmp_path: Path, code: int, kind: type[Exception]
+) -> None:
+    # Root ignores permissions and no test fills a disk: the translation is checked directly.
+    error = local._translate(OSError(code, os.strerror(code)), tmp_path / "k")
+    assert type(error) is kind
+    assert str(tmp_path / "k") in str(error)
+
+
+def test_a_key_that_is_a_directory_fails_as_a_storage_error(tmp_path: Path) -> None:
+    """Every read translates its OSError (here EISDIR): a raw OSError would escape the error
+    taxonomy, and the retry policy, of every caller."""
+    storage = LocalStorage(tmp_path / "a")
+    storage.put("snapshots/x/part-0.jsonl", b"1")
+    for read in (storage.get, storage.open):
+        with pytest.raises(PermanentError, match="local archive failed at"):
+            read("snapshots/x")
+    (tmp_path / "file").write_bytes(b"")  # an archive path naming a file
+    with pytest.raises(PermanentError, match="local archive failed at"):
+        list(LocalStorage(tmp_path / "file").list())

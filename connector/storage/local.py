@@ -272,6 +272,8 @@ class LocalStorage:
             return open(self._path(key), "rb")  # noqa: SIM115 - caller closes
         except FileNotFoundError as exc:
             raise NotFound(key) from exc
+        except OSError as exc:
+            raise _translate(exc, self._path(key)) from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -281,6 +283,8 @@ class LocalStorage:
             return self._path(key).stat().st_size
         except FileNotFoundError as exc:
             raise NotFound(key) from exc
+        except OSError as exc:
+            raise _translate(exc, self._path(key)) from exc
 
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
         # Walk directories in sorted order so keys come out lexicographically without ever
@@ -295,6 +299,8 @@ class LocalStorage:
             names = sorted(os.listdir(directory))
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise _translate(exc, directory) from exc
         # Sort as keys sort: a directory "a" contributes keys "a/...", which sort after "a" and
         # before "a0"; plain name sorting of "a" vs "a-b" already matches for our key shapes.
         entries = []
