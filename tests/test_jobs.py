@@ -28,11 +28,13 @@ from connector.jobs import (
     run_retention_job,
     run_snapshot_job,
 )
+from connector.locks import elapsed_clock
 from connector.metrics import REGISTRY
 from connector.retention import RetentionPolicy
 from connector.snapshot import list_snapshots
 from connector.storage import Body, Storage
 from connector.storage.local import LocalStorage
+from tests.support.connector import wait_until
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
 from tests.test_verify import build_good
 
@@ -502,3 +504,63 @@ def test_snapshots_take_the_archive_codec_and_level(tmp_path: Path) -> None:
     state, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "r")
     state.close()
     assert plan.snapshot == by_schedule.key and plan.objects == len(archive.objects)
+
+
+def test_a_storage_blip_does_not_end_the_lock_renewals(tmp_path: Path) -> None:
+    """A renewal failing for a transient reason is tried again at the next interval: one blip
+    must not leave the lock to expire under a long job."""
+
+    class Blip(LocalStorage):
+        armed = False
+        failures = 0
+
+        def get_with_tag(self, key: str) -> tuple[bytes, str]:
+            if key == LOCK_KEY and self.armed:
+                self.armed = False
+                self.failures += 1
+                raise RetryableError("S3 read locks/archive-jobs.json failed (transient)")
+            return super().get_with_tag(key)
+
+    storage = Blip(tmp_path / "a")
+    lock = JobLock(storage, "snapshot", ttl_secs=0.3)  # renewed every 0.1 s
+    with lock:
+        storage.armed = True
+        wait_until(lambda: storage.failures == 1, 30, what="the failed renewal")
+        failed_at = elapsed_clock()
+        # Liveness only: a renewal after the blip comes at the next interval.
+        wait_until(lambda: lock.renewed_at > failed_at, 30, what="a renewal after the blip")
+        assert not lock.lost
+
+
+def test_a_lock_not_renewed_for_half_a_lease_is_not_deleted_at_release(tmp_path: Path) -> None:
+    """Renewals failing (a storage outage) for over half a lease: another process may take the
+    lock over between release's read and its delete, so release leaves it to expire."""
+
+    class Outage(LocalStorage):
+        renewals_fail = False
+        take_over_on_read = False
+
+        def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+            if key == LOCK_KEY and self.renewals_fail:
+                raise RetryableError("S3 write locks/archive-jobs.json failed (transient)")
+            return super().replace_if(key, body, tag)
+
+        def get(self, key: str) -> bytes:
+            data = super().get(key)
+            if key == LOCK_KEY and self.take_over_on_read and threading.current_thread() is main:
+                # Another process takes the (by now expired) lock over right after our read.
+                future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+                other = {"owner": "other", "job": "retention", "expires_at": future.isoformat()}
+                super().put(key, orjson.dumps(other))
+            return data
+
+    main = threading.current_thread()
+    storage = Outage(tmp_path / "a")
+    lock = JobLock(storage, "snapshot", ttl_secs=0.4)
+    lock.acquire()
+    storage.renewals_fail = True
+    time.sleep(0.3)  # past half the lease without a renewal (a lower bound, not a timing)
+    storage.take_over_on_read = True
+    lock.release()
+    # No delete: the lock is ours, left to expire (and a take-over meanwhile would keep its).
+    assert storage.exists(LOCK_KEY)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from connector import pipeline
 from connector.__main__ import _check_sinks
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
@@ -229,3 +230,35 @@ def test_sigterm_while_a_sink_check_is_retried(tmp_path: Path) -> None:
     thread.join(SHUTDOWN_TIMEOUT + 3)
     assert not thread.is_alive(), "the check is still retried after SIGTERM"
     assert len(errors) == 1 and isinstance(errors[0], ShutdownTimeout), errors
+
+
+class _Waits(threading.Event):
+    """A stop event that records how long each backoff asked to wait, and does not wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return False
+
+
+def test_the_backoff_grows_and_is_capped() -> None:
+    """Full jitter between 0 and min(cap, initial * 2^(attempt-1)): a throttled store is asked
+    less and less often, but never less than once per cap."""
+    stop = _Waits()
+    for _ in range(200):
+        pipeline._sleep_backoff(1, 1.0, 60.0, stop, None)
+    first = list(stop.waits)
+    stop.waits.clear()
+    for _ in range(200):
+        pipeline._sleep_backoff(5, 1.0, 60.0, stop, None)
+    fifth = list(stop.waits)
+    stop.waits.clear()
+    for _ in range(200):
+        pipeline._sleep_backoff(30, 1.0, 60.0, stop, None)
+    thirtieth = list(stop.waits)
+    assert max(first) <= 1.0
+    assert 1.0 < max(fifth) <= 16.0  # 200 draws all below 1 of 16: (1/16)^200
+    assert 16.0 < max(thirtieth) <= 60.0

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from connector.archive import ArchiveReader
-from connector.archive.layout import quarantine_key
+from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment, quarantine_key
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import PermanentError
 from connector.events import EventId
@@ -366,3 +366,35 @@ def test_verify_overlapping_retention_does_not_call_a_healthy_archive_damaged(
     assert report.ok, format_report(report)
     assert any("pruned the archive while it was verified" in n for n in report.notes)
     assert verify_archive(plain, work_dir=tmp_path / "w2").ok
+
+
+def test_a_segment_whose_manifest_is_damaged_is_not_deleted_as_an_orphan(tmp_path: Path) -> None:
+    """A damaged manifest is left for verify to report, and so is its segment: only a segment
+    with no manifest at all is an orphan (a crash between the two deletes)."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={3})
+    segment = next(iter(storage.list(EVENTS_PREFIX)))
+    storage.put(manifest_key_for_segment(segment), b"{damaged")
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=1, keep_snapshots=0), now=at_day(8)
+    )
+    assert report.base is not None and report.deletions  # other old segments went
+    assert segment not in {d.key for d in report.deletions}
+    assert storage.exists(segment) and storage.exists(manifest_key_for_segment(segment))
+
+
+def test_without_a_base_the_snapshot_before_the_oldest_kept_segment_stays(tmp_path: Path) -> None:
+    """Older segments were pruned by an earlier retention: with no base now (a longer window),
+    the snapshot the oldest kept segment follows is the only start of a restore to a point
+    before the next snapshot, and keep_snapshots must not take it."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={2, 6, 7})
+    first = run_retention_job(
+        storage, RetentionPolicy(keep_days=1, keep_snapshots=0), now=at_day(9)
+    )
+    snaps = [str(s.as_of) for s in list_snapshots(storage)]
+    assert first.base == snaps[0] and len(snaps) == 2  # day 6's (the base), day 7's
+    report = plan_retention(storage, RetentionPolicy(keep_days=30, keep_snapshots=1), at_day(9))
+    assert report.base is None
+    assert report.kept_snapshots == snaps  # day 6's protected, day 7's the newest
+    assert [d for d in report.deletions if d.kind == "snapshot"] == []

@@ -462,3 +462,49 @@ def test_a_lease_that_cannot_be_deleted_does_not_change_the_outcome(
     assert lease.wait(threading.Event())
     lease.release()  # no exception: the run's own outcome stands
     assert any("Could not release" in r.getMessage() for r in caplog.records)
+
+
+def test_a_transient_failure_while_waiting_for_the_lease_is_retried(tmp_path: Path) -> None:
+    """A storage blip (RetryableError) on the first try to take the lease: the run waits on,
+    it does not end."""
+
+    class Blip(LocalStorage):
+        failures = 0
+
+        def put_if_absent(self, key: str, body: object) -> bool:  # type: ignore[override]
+            if key == RUN_LEASE_KEY and self.failures == 0:
+                self.failures += 1
+                raise RetryableError("S3 write locks/run.json failed (transient): HTTP 503")
+            return super().put_if_absent(key, body)  # type: ignore[arg-type]
+
+    storage = Blip(tmp_path / "a")
+    lease = RunLease([storage], ttl_secs=60)
+    try:
+        assert lease.wait(threading.Event()) is True
+        assert storage.failures == 1 and storage.exists(RUN_LEASE_KEY)
+    finally:
+        lease.release()
+    assert not storage.exists(RUN_LEASE_KEY)
+
+
+def test_a_stop_while_waiting_for_the_second_lease_releases_the_first(tmp_path: Path) -> None:
+    """Leases are taken in order (archive, then the checkpoint's storage): a stop that comes
+    while another run holds the second leaves nothing held, the first included."""
+    first = LocalStorage(tmp_path / "archive")
+    other = RunLease([LocalStorage(tmp_path / "state")], ttl_secs=600)
+    assert other.wait(threading.Event())
+    stop = threading.Event()
+
+    class StopsWhenAsked(LocalStorage):
+        def put_if_absent(self, key: str, body: object) -> bool:  # type: ignore[override]
+            stop.set()  # the stop comes while this lease is held by the other run
+            return super().put_if_absent(key, body)  # type: ignore[arg-type]
+
+    lease = RunLease([first, StopsWhenAsked(tmp_path / "state")], ttl_secs=600)
+    try:
+        assert lease.wait(stop) is False
+        assert not first.exists(RUN_LEASE_KEY)  # the first lease went with the stop
+        assert not lease.lost
+    finally:
+        lease.release()
+        other.release()

@@ -371,6 +371,12 @@ def _client_error(status: int, code: str, message: str = "") -> Exception:
         (400, "InvalidStorageClass", PermanentError, "InvalidStorageClass: bad class ***"),
         (403, "InvalidObjectState", PermanentError, "archive storage class"),
         (501, "NotImplemented", PermanentError, "does not implement"),
+        # A HEAD's answer has no body: its code is the status only.
+        (501, "501", PermanentError, "does not implement"),
+        (502, "502", RetryableError, "transient"),  # a proxy in front of the store
+        (429, "TooManyRequests", RetryableError, "transient"),
+        (400, "Throttled", RetryableError, "transient"),  # unlisted codes naming throttling
+        (503, "ServiceUnavailable", RetryableError, "transient"),
     ],
 )
 def test_error_codes_moto_cannot_produce(
