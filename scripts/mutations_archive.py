@@ -3,7 +3,9 @@
 The same kind of table as ``scripts/mutations.py`` (each a small bug put in on purpose, its test
 files run against it, the file written back as it was), for ``verify.py``, ``snapshot.py`` (with
 its state image), ``retention.py``'s base, ``reconcile.py``, ``locks.py``, ``run_lease.py``,
-``jobs.py`` and ``storage/s3.py``. Equivalent ones say why.
+``jobs.py`` and ``storage/s3.py``; round 2 adds the error classification and retries of
+``storage/s3.py``, ``storage/local.py``, ``errors.py`` and ``pipeline.py``, and more retention,
+lock and lease corners. Equivalent ones say why.
 
     .venv/bin/python scripts/mutations_archive.py            # all of them
     .venv/bin/python scripts/mutations_archive.py V3 S3-1    # some
@@ -20,6 +22,7 @@ from mutations import Mutation, run
 VER, SNAP, RET = "connector/verify.py", "connector/snapshot.py", "connector/retention.py"
 REC, LOCKS, LEASE = "connector/reconcile.py", "connector/locks.py", "connector/run_lease.py"
 JOBS, S3 = "connector/jobs.py", "connector/storage/s3.py"
+LOCAL, PIPE, ERRS = "connector/storage/local.py", "connector/pipeline.py", "connector/errors.py"
 
 # (id, what it breaks, file, text, replacement, test files, equivalent: why or None)
 MUTATIONS: list[Mutation] = [
@@ -159,6 +162,134 @@ MUTATIONS: list[Mutation] = [
      "            if self.put_if_absent(probe, b\"probe\"):\n                raise PermanentError(",
      "            if False:\n                raise PermanentError(",
      ["test_s3_faults", "test_storage_contract"], None),
+    # round 2
+    ("S3-10", "a 5xx without a known code (a proxy's 502) taken as permanent", S3,
+     "or status >= 500 or status in (408, 429)", "or status in (408, 429)",
+     ["test_s3_faults"], None),
+    ("S3-11", "a 429 without a known code taken as permanent", S3,
+     "or status >= 500 or status in (408, 429)", "or status >= 500 or status == 408",
+     ["test_s3_faults"], None),
+    ("S3-12", "an unlisted code naming throttling (Throttled) taken as permanent", S3,
+     "if code in _RETRYABLE_CODES or \"Throttl\" in code or", "if code in _RETRYABLE_CODES or",
+     ["test_s3_faults"], None),
+    ("S3-14", "a connection reset / read timeout taken as permanent", S3,
+     "    if isinstance(exc, _TRANSIENT_TRANSPORT):\n        return RetryableError(",
+     "    if isinstance(exc, _TRANSIENT_TRANSPORT):\n        return PermanentError(",
+     ["test_s3_faults"], None),
+    ("S3-17", "NoSuchBucket taken as retryable (retried forever)", S3,
+     "        if code == \"NoSuchBucket\" or (status == 404 and not key):\n            return MissingBucket(\n"
+     "                setting, f\"bucket {bucket!r} does not exist (S3 {action} {target})\"\n            )",
+     "        if code == \"NoSuchBucket\" or (status == 404 and not key):\n            return RetryableError(\n"
+     "                f\"bucket {bucket!r} does not exist (S3 {action} {target})\"\n            )",
+     ["test_s3_faults"], None),
+    ("S3-18", "AccessDenied (403) taken as retryable (retried forever)", S3,
+     "        if status == 403:\n            return PermanentError(\n                f\"S3 {action} {target}: access denied",
+     "        if status == 403:\n            return RetryableError(\n                f\"S3 {action} {target}: access denied",
+     ["test_s3_faults"], None),
+    ("S3-19", "a missing key read as empty", S3,
+     "        with self.open(key) as reader:\n            return reader.read()",
+     "        try:\n            reader = self.open(key)\n        except NotFound:\n            return b\"\"\n"
+     "        with reader:\n            return reader.read()",
+     ["test_storage_contract"], None),
+    ("S3-20", "a body read failing mid-stream taken as the object's end", S3,
+     "            raise self._storage._error(exc, \"read\", self._key) from exc\n",
+     "            return 0\n",
+     ["test_s3_faults"], None),
+    ("S3-21", "a HEAD's 404 never asks whether the bucket exists", S3,
+     "            if isinstance(error, NotFound):\n                self._confirm_bucket(key)\n",
+     "            if False:\n                self._confirm_bucket(key)\n",
+     ["test_s3_faults"], None),
+    ("S3-22", "a transient failure of the bucket check after a HEAD's 404 read as a missing key",
+     S3, "if isinstance(error, MissingBucket | RetryableError):",
+     "if isinstance(error, MissingBucket):",
+     ["test_s3_faults"], None),
+    ("S3-23", "a 501 whose code is not NotImplemented (a HEAD: no body) retried forever", S3,
+     "if status == 501 or code == \"NotImplemented\":", "if code == \"NotImplemented\":",
+     ["test_s3_faults"], None),
+    ("S3-24", "a missing key's delete (NotFound) raised", S3,
+     "            if not isinstance(err, NotFound):\n                raise err from exc",
+     "            raise err from exc",
+     ["test_storage_contract", "test_s3_faults"],
+     "S3 DeleteObject answers 204 for a missing key (moto too): no delete raises NotFound; "
+     "a missing bucket is NoSuchBucket, MissingBucket, raised either way"),
+    ("L2", "local: a full disk (ENOSPC) taken as permanent", LOCAL,
+     "if exc.errno in (errno.ENOSPC, errno.EDQUOT,", "if exc.errno in (errno.EDQUOT,",
+     ["test_local_storage_durability", "test_storage_contract"], None),
+    ("L3", "local: a permission error taken as retryable (retried forever)", LOCAL,
+     "    return PermanentError(f\"local archive failed at {path}: {exc.strerror or exc}\")",
+     "    return RetryableError(f\"local archive failed at {path}: {exc.strerror or exc}\")",
+     ["test_local_storage_durability", "test_storage_contract"], None),
+    ("L4", "local: a missing key read as empty", LOCAL,
+     "        except FileNotFoundError as exc:\n            raise NotFound(key) from exc\n"
+     "        except OSError as exc:\n            raise _translate(exc, self._path(key)) from exc\n"
+     "\n    def get_with_tag",
+     "        except FileNotFoundError:\n            return b\"\"\n"
+     "        except OSError as exc:\n            raise _translate(exc, self._path(key)) from exc\n"
+     "\n    def get_with_tag",
+     ["test_storage_contract"], None),
+    ("ER1", "MissingBucket no longer a PermanentError", ERRS,
+     "class MissingBucket(ConfigError, PermanentError):", "class MissingBucket(ConfigError):",
+     ["test_s3_faults"], None),
+    ("P12", "retry_call: the backoff does not grow (initial delay every time)", PIPE,
+     "delay = random.uniform(0, min(cap, initial * 2 ** max(0, attempt - 1)))",
+     "delay = random.uniform(0, min(cap, initial))",
+     ["test_pipeline_shutdown"], None),
+    ("P14", "retry_call gives up at the first RetryableError", PIPE,
+     "            _sleep_backoff(attempt, initial, cap, stop, limit)\n",
+     "            raise exc\n",
+     ["test_s3_cut_everywhere"], None),
+    ("RT4", "retention: a segment whose manifest is damaged deleted as an orphan", RET,
+     "        if key in planned or storage.exists(mkey):\n", "        if key in planned:\n",
+     ["test_retention"], None),
+    ("RT5", "retention: the base taken from snapshots newer than the window", RET,
+     "older = [s for s in snapshots if s.as_of <= report.window_start]", "older = snapshots",
+     ["test_retention"], None),
+    ("RT6", "retention: an unfinished snapshot newer than the newest committed one deleted", RET,
+     "if prefix in committed or as_of is None or as_of >= newest:",
+     "if prefix in committed or as_of is None:",
+     ["test_retention"], None),
+    ("RT7", "retention without a base: the snapshot standing in for pruned history not kept",
+     RET, "            if floor:\n                protected.add(floor[0].as_of)\n", "",
+     ["test_retention"], None),
+    ("RT8", "retention: a dry run deletes", JOBS,
+     "        if dry_run:\n            for d in report.deletions:",
+     "        if dry_run:\n            apply_retention(storage, report)\n            for d in report.deletions:",
+     ["test_retention", "test_jobs"], None),
+    ("RT9", "retention: a base part's size not compared (sha256 only)", RET,
+     "            if storage.size(part.key) != part.size:\n                raise ValueError(part.key)\n",
+     "",
+     ["test_retention"],
+     "a part of another size has other bytes, so its sha256 differs too and the part is refused "
+     "by the same check; the size is only a cheap first look"),
+    ("LK10", "release deletes a lock not renewed for half a lease", LOCKS,
+     "if elapsed_clock() - self._renewed_at > self.ttl.total_seconds() / 2:", "if False:",
+     ["test_jobs", "test_run_lease"], None),
+    ("LK11", "a storage blip stops the renewal thread for good", LOCKS,
+     "                    \"Could not renew the archive lock.\",\n"
+     "                    extra={\"job\": self.job, \"error\": str(exc)},\n                )\n",
+     "                    \"Could not renew the archive lock.\",\n"
+     "                    extra={\"job\": self.job, \"error\": str(exc)},\n                )\n"
+     "                return\n",
+     ["test_jobs", "test_run_lease"], None),
+    ("LK12", "release raises a permanent refusal (no s3:DeleteObject) over the job's outcome",
+     LOCKS,
+     "            except ConnectorError as exc:\n                # Refused for good",
+     "            except ConnectorError:\n                raise\n"
+     "            except ConnectorError as exc:\n                # Refused for good",
+     ["test_run_lease", "test_jobs"], None),
+    ("LL3", "check() does not re-read a lease not renewed for half its ttl", LEASE,
+     "            if elapsed_clock() - lease.renewed_at > self.ttl / 2:", "            if False:",
+     ["test_run_lease"], None),
+    ("LL4", "a transient read failure while waiting for the lease ends the run", LEASE,
+     "            except RetryableError as exc:\n                log.warning(\n"
+     "                    \"Could not read the run lease; retrying.\",",
+     "            except RetryableError as exc:\n                raise\n                log.warning(\n"
+     "                    \"Could not read the run lease; retrying.\",",
+     ["test_run_lease"], None),
+    ("LL5", "a stop while waiting for the second lease keeps the first held", LEASE,
+     "            if not self._wait_one(lease, stop):\n                self.release()\n",
+     "            if not self._wait_one(lease, stop):\n",
+     ["test_run_lease"], None),
 ]  # fmt: skip
 
 
