@@ -21,7 +21,7 @@ import pytest
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, RetryableError, SourceRetryable
-from connector.events import OCTI_EXT, EventId, StreamEvent
+from connector.events import EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
 from connector.reconcile import (
     REFERER,
@@ -38,6 +38,7 @@ from connector.source import SourceConfig, SseSource
 from connector.state import push_phase
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.handfed import malware
 
 TOKEN = "test-token"
 MALWARE_ONLY = {
@@ -334,16 +335,7 @@ def test_an_event_arriving_below_the_reconciliation_is_quarantined(tmp_path: Pat
 
 def _malware(at: EventId, n: int, kind: str, referer: str | None = REFERER) -> StreamEvent:
     """An event about malware ``n``, at ``at``: by default one a reconciliation made."""
-    stix = {
-        "type": "malware",
-        "id": f"malware--00000000-0000-4000-8000-{n:012d}",
-        "name": f"m{n}",
-        "is_family": True,
-        "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
-    }
-    origin = {"referer": referer} if referer else {}
-    env = {"version": "4", "type": kind, "origin": origin, "data": stix}
-    return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+    return malware(at, n, kind, referer)
 
 
 def _reconciling(

@@ -437,10 +437,13 @@ class _RefusingPlatform(BaseHTTPRequestHandler):
 
     error: dict[str, Any] = {}
 
+    def push_answer(self) -> dict[str, Any]:
+        return {"errors": [self.error], "data": None}
+
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         request = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
         if "stixBundlePush" in request.get("query", ""):
-            answer: dict[str, Any] = {"errors": [self.error], "data": None}
+            answer = self.push_answer()
         else:
             answer = {"data": {"about": {"version": "6.4.0"}, "settings": {"id": "b-platform"}}}
         body = json.dumps(answer).encode()
@@ -918,18 +921,8 @@ def test_a_batch_retried_after_a_failure_in_the_same_run_is_guarded(
 class _Unacknowledging(_RefusingPlatform):
     """A platform that answers every stixBundlePush with no data: nothing was queued."""
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        request = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-        if "stixBundlePush" in request.get("query", ""):
-            answer: dict[str, Any] = {"data": {"stixBundlePush": None}}
-        else:
-            answer = {"data": {"about": {"version": "6.4.0"}, "settings": {"id": "b-platform"}}}
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def push_answer(self) -> dict[str, Any]:
+        return {"data": {"stixBundlePush": None}}
 
 
 def test_a_push_the_platform_does_not_acknowledge_is_not_written() -> None:

@@ -24,8 +24,10 @@ def at(ms: int, seq: int = 0) -> EventId:
     return EventId(BASE_MS + ms, seq)
 
 
-def malware(event_id: EventId, n: int, kind: str = "create") -> StreamEvent:
-    """An event about malware ``n`` with id ``event_id`` (its own group)."""
+def malware(
+    event_id: EventId, n: int, kind: str = "create", referer: str | None = None
+) -> StreamEvent:
+    """An event about malware ``n`` with id ``event_id`` (its own group), from ``referer``."""
     stix = {
         "type": "malware",
         "id": f"malware--00000000-0000-4000-8000-{n:012d}",
@@ -33,7 +35,8 @@ def malware(event_id: EventId, n: int, kind: str = "create") -> StreamEvent:
         "is_family": True,
         "extensions": {OCTI_EXT: {"id": f"iid-{n}", "type": "Malware"}},
     }
-    env = {"version": "4", "type": kind, "origin": {}, "data": stix}
+    origin = {"referer": referer} if referer else {}
+    env = {"version": "4", "type": kind, "origin": origin, "data": stix}
     return StreamEvent(event_id, str(event_id), kind, orjson.dumps(env).decode(), env)
 
 
