@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,8 +81,7 @@ from tests.test_state import (
     ticking_clock,
 )
 
-EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
-LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
+EVERYWHERE, LONG = cuts.EVERYWHERE, cuts.LONG
 DAY_MS = 86_400_000
 POLICY = RetentionPolicy(keep_days=1, keep_snapshots=1)
 # What verify may warn about in an archive a job was cut in (docs/ARCHIVE.md).

@@ -34,7 +34,6 @@ drop the live stream's connection while its groups are written. The scene and th
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +63,7 @@ from tests.support.reconcile_cuts import (
 )
 from tests.test_faults import assert_restore_equals_platform
 
-EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
-LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
+EVERYWHERE, LONG = cuts.EVERYWHERE, cuts.LONG
 LOCAL = LocalArchive()
 
 

@@ -18,7 +18,6 @@ reconciliation (its first read, a group's segment and manifest, the checkpoint a
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,8 +61,7 @@ from tests.support.s3 import (  # noqa: F401
 )
 from tests.test_faults import assert_restore_equals_platform
 
-EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
-LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
+EVERYWHERE, LONG = cuts.EVERYWHERE, cuts.LONG
 
 
 class ReconcileS3Storage(CutS3Storage):

@@ -50,12 +50,11 @@ from connector.target.opencti import OpenCTITarget, Push
 from tests.support import cuts
 from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
+from tests.support.cuts import EVERYWHERE
 from tests.support.target import malware
 
 # The whole sweeps run longer than the suite's per-test timeout.
-LONG = pytest.mark.timeout(
-    0 if os.environ.get("CUT_EVERYWHERE") or os.environ.get("CUT_TWICE") else 300
-)
+LONG = pytest.mark.timeout(0 if cuts.EVERYWHERE or os.environ.get("CUT_TWICE") else 300)
 TOKEN_A = "restore-cut-token-a"
 TOKEN_B = "restore-cut-token-b"
 BATCH = 2  # small batches: many pushes and progress writes
@@ -355,7 +354,7 @@ def test_restore_cut_at_every_call(source: Source, tmp_path: Path) -> None:
     """The whole sweep with CUT_EVERYWHERE=1; otherwise a few calls for each way of cutting."""
     calls, clean, summary = _case(source, tmp_path / "clean", None, "kill")
     reference = clean.dump_bundle()  # A at the archive's end (lists merged with B's)
-    everywhere = bool(os.environ.get("CUT_EVERYWHERE"))
+    everywhere = EVERYWHERE
     failures: list[str] = []
     for n, how in enumerate(("kill", "kill-after", "kill-twice")):
         points = range(len(calls)) if everywhere else [(5 + 11 * n) % len(calls)]
@@ -473,7 +472,7 @@ def test_restore_of_random_histories_cut_at_every_call(seed: int, tmp_path: Path
     ids), each restored at a few points over a platform holding the history's end, cut at
     every call (CUT_EVERYWHERE=1) or at a few: B ends as the uncut restore leaves it."""
     archive, wanted, platform = _random_case(seed, tmp_path)
-    everywhere = bool(os.environ.get("CUT_EVERYWHERE"))
+    everywhere = EVERYWHERE
     failures: list[str] = []
     for n, (until, _) in enumerate(wanted):
         state, _ = materialise_plan(archive, until=until, work_dir=tmp_path / "w")

@@ -55,14 +55,22 @@ from connector.verify import verify_archive
 from tests.support import s3
 from tests.support.compare import assert_same_state
 from tests.support.connector import start_pipeline, wait_until
-from tests.support.cuts import KINDS, Killed, OneByOne, Plan, cut_history, malware_id
+from tests.support.cuts import (
+    EVERYWHERE,
+    KINDS,
+    LONG,
+    Killed,
+    OneByOne,
+    Plan,
+    cut_history,
+    malware_id,
+)
 from tests.support.s3 import make_bucket, moto_server, raw_client, storage_settings  # noqa: F401
 from tests.support.simlog import sim_events
 from tests.test_faults import restored_bundle
 
 TOKEN = "s3-cut-token"
 # The whole sweeps run longer than the suite's per-test timeout.
-LONG = pytest.mark.timeout(0 if os.environ.get("CUT_EVERYWHERE") else 300)
 # Long enough for no renewal by the clock in a run; a standby's poll is a sixth of it (2 s).
 LEASE_SECS = 12.0
 # Segments (about 700 bytes and more) go up in a multipart upload; the records (lease,
@@ -339,7 +347,7 @@ def test_an_s3_archive_cut_at_every_request(
     assert left == {"warnings": [], "uploads": 0, "probes": []}, left
     assert any(c.startswith("CreateMultipartUpload events") for c in calls), calls
     assert any(c.startswith("ReplaceIf lease") for c in calls), calls
-    everywhere = bool(os.environ.get("CUT_EVERYWHERE"))
+    everywhere = EVERYWHERE
     failures: list[str] = []
     leftovers: list[str] = []
     for n, how in enumerate(KINDS):
@@ -387,7 +395,7 @@ def test_a_segment_in_two_parts_cut_between_them(
     steps = ["CreateMultipartUpload events", "UploadPart events", "UploadPart events"]
     create = next(i for i in range(len(calls)) if calls[i : i + 3] == steps)
     assert calls[create + 3] == "CompleteMultipartUpload events", calls[create:]
-    if os.environ.get("CUT_EVERYWHERE"):
+    if EVERYWHERE:
         cuts = [(i, how) for how in KINDS for i in range(create - 2, create + 9)]
     else:
         cuts = [

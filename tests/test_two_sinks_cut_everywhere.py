@@ -23,7 +23,6 @@ the HTTP servers are real.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +44,7 @@ from connector.storage.local import LocalStorage
 from connector.target.opencti import ObjectRefused, OpenCTITarget, Push
 from tests.support.compare import assert_same_state
 from tests.support.connector import start_pipeline, wait_until
-from tests.support.cuts import Killed, OneByOne, Plan, cut_history, malware_id
+from tests.support.cuts import EVERYWHERE, Killed, OneByOne, Plan, cut_history, malware_id
 from tests.support.simlog import sim_events
 
 TOKEN = "two-sinks-cut-token"
@@ -288,7 +287,7 @@ def test_two_sinks_cut_at_every_call(
     """The whole sweep with CUT_EVERYWHERE=1 (about 10 min); otherwise one call for each way
     of cutting, spread over the run (a few seconds a case)."""
     calls = _case(tmp_path / "clean", source, None, "kill", refuse=refuse)
-    everywhere = bool(os.environ.get("CUT_EVERYWHERE"))
+    everywhere = EVERYWHERE
     failures: list[str] = []
     for n, how in enumerate(("kill", "kill-after", "retry")):
         points = range(len(calls)) if everywhere else [(7 + 15 * n + recut) % len(calls)]

@@ -13,6 +13,7 @@ A case reruns the same stream from scratch and cuts it at one recorded call:
 
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+import pytest
 
 from connector.errors import NotFound, PermanentError, RetryableError
 from connector.sim.store import SimStore
@@ -30,8 +32,15 @@ from connector.storage import Body, Storage
 from connector.storage.local import LocalStorage
 from tests.support.target import malware
 
+# ``CUT_EVERYWHERE=1``: a sweep cuts at every call, each way, instead of at its sample; its tests
+# (``LONG``) then run past the suite's per-test timeout.
+EVERYWHERE = bool(os.environ.get("CUT_EVERYWHERE"))
+LONG = pytest.mark.timeout(0 if EVERYWHERE else 300)
+
 __all__ = [
+    "EVERYWHERE",
     "KINDS",
+    "LONG",
     "CutStorage",
     "Killed",
     "OneByOne",
