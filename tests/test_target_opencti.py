@@ -662,12 +662,7 @@ def test_a_replayed_update_of_a_merged_source_leaves_the_merge_target_alone(
     """The target applied an update of a source and its merge, then the batch failed (or the
     process died) before the checkpoint: the update pushed again named the merge target on B
     (the source's id is its alias there) and gave it the source's description."""
-    a = SimStore()
-    x, y = malware("absorber"), malware("absorbed", description="before")
-    a.upsert(x)
-    a.upsert(y)
-    a.update(y["id"], set={"description": "changed before the merge"})
-    a.merge(x["id"], [y["id"]])
+    a, _, _ = _updated_then_merged()
     _replayed(platform_b, a, 0, cuts)
 
 
