@@ -93,10 +93,10 @@ def run_snapshot_job(
     level: int = 3,
 ) -> SnapshotInfo | None:
     """Write a snapshot under the job lock; returns what ``write_snapshot`` returns (None when
-    there was nothing new; ``state_image``, ``codec`` and ``level`` as there: the archive's). Raises ``LockHeld`` when another job runs,
-    or took the lock over before the commit (nothing committed), ``SnapshotStopped`` (nothing
-    committed, lock released) when ``stop`` is set meanwhile. ``watch``: what earlier tries saw
-    of the lock (``JobLock``).
+    there was nothing new; ``state_image``, ``codec`` and ``level`` as there: the archive's).
+    Raises ``LockHeld`` when another job runs, or took the lock over before the commit (nothing
+    committed), ``SnapshotStopped`` (nothing committed, lock released) when ``stop`` is set
+    meanwhile. ``watch``: what earlier tries saw of the lock (``JobLock``).
 
     Once the lock is held, the scratch files of snapshot runs that were killed are deleted."""
     # The state helper's module; imported late on purpose.
