@@ -193,7 +193,7 @@ def test_a_key_that_is_a_directory_fails_as_a_storage_error(tmp_path: Path) -> N
     taxonomy, and the retry policy, of every caller."""
     storage = LocalStorage(tmp_path / "a")
     storage.put("snapshots/x/part-0.jsonl", b"1")
-    for read in (storage.get, storage.open):
+    for read in (storage.get, storage.open, storage.size):
         with pytest.raises(PermanentError, match="local archive failed at"):
             read("snapshots/x")
     (tmp_path / "file").write_bytes(b"")  # an archive path naming a file

@@ -279,12 +279,17 @@ class LocalStorage:
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         try:
-            return self._path(key).stat().st_size
+            st = path.stat()
         except FileNotFoundError as exc:
             raise NotFound(key) from exc
         except OSError as exc:
-            raise _translate(exc, self._path(key)) from exc
+            raise _translate(exc, path) from exc
+        if stat.S_ISDIR(st.st_mode):
+            # stat() succeeds on a directory; answer as get() and open() do, not its size.
+            raise _translate(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), path)
+        return st.st_size
 
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
         # Walk directories in sorted order so keys come out lexicographically without ever
