@@ -886,13 +886,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if restorable is not None and recovered is not None:
             restorable = str(max(EventId.parse(restorable), recovered))
         info["restorable_from"] = restorable
-    if args.json:
+    nothing = cp is None and not info.get("archive_segments") and not info.get("snapshots")
+    if args.json:  # a script reads the zeros as well as the exit code
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
-    else:
+    elif not nothing:  # a table of zeros above the error would read as an empty archive found
         width = max(len(k) for k in info)
         for key, value in info.items():
             print(f"{key:<{width}}  {value if value is not None else '-'}")
-    if cp is None and not info.get("archive_segments") and not info.get("snapshots"):
+    if nothing:
         if runtime["archive"] is None:  # a sync into a target only: its checkpoint
             where = runtime["store"].storage.describe()
             said = f"no archive configured (archive.uri is empty) and no checkpoint at {where}"

@@ -127,6 +127,10 @@ def test_status_of_an_empty_archive(tmp_path: Path) -> None:
     assert info["last_event_id"] is None and info["events_archived"] == 0
     assert "lag_seconds" not in info or info["lag_seconds"] is None
     assert info["archive_segments"] == 0
+    # The table says nothing but the error: a table of zeros would read as an archive found.
+    out = cli("status", "--archive", str(tmp_path / "nothing-yet"), cwd=tmp_path)
+    assert out.returncode == 1 and "no archive at" in out.stderr
+    assert out.stdout == ""
     for command in ("snapshot", "prune"):
         out = cli(command, "--archive", str(tmp_path / "nothing-yet"), cwd=tmp_path)
         assert out.returncode == 1 and "no archive at" in out.stderr, command
@@ -151,6 +155,6 @@ def test_status_without_an_archive_names_the_checkpoint_it_looked_for(tmp_path: 
     config = tmp_path / "c.yml"
     config.write_text("archive:\n  uri: ''\n")
     out = cli("status", "--config", str(config), cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 1 and out.stdout == ""
     assert "None" not in out.stderr
     assert "no archive configured" in out.stderr and "opencti-sync-state" in out.stderr
