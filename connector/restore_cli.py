@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -79,8 +80,9 @@ def _check_flags(args: argparse.Namespace, settings: Settings) -> None:
         raise ConfigError("--opencti", "give a target platform (--opencti URL) or --to-bundle FILE")
     if args.opencti and args.to_bundle:
         raise ConfigError("--to-bundle", "give either --opencti URL or --to-bundle FILE, not both")
-    if args.max_file_mb is not None and not args.max_file_mb > 0:
-        raise ConfigError("--max-file-mb", "must be a positive number of MB")
+    if args.max_file_mb is not None and not 0 < args.max_file_mb < math.inf:
+        # inf passed and then failed as a bare OverflowError once the whole state was built.
+        raise ConfigError("--max-file-mb", "must be a positive, finite number of MB")
     if args.to_bundle:
         given = [
             flag

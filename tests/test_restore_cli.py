@@ -496,3 +496,14 @@ def test_a_full_work_dir_is_one_line_and_not_archive_damage(
     assert "the work dir's database failed" in done.stderr
     assert "damaged" not in (done.stdout + done.stderr).lower()
     assert not list(work.rglob("*.sqlite"))
+
+
+@pytest.mark.parametrize("mb", ["0", "-1", "nan", "inf"])
+def test_a_max_file_mb_of_zero_or_no_number_is_refused(
+    archive: Path, tmp_path: Path, mb: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Said before any work: 0 would carry no file, and ``inf`` (for "no limit") passed this
+    check and then failed as a bare OverflowError once the whole state was built."""
+    args = ("--opencti", "http://127.0.0.1:9", "--token", "t", "--max-file-mb", mb)
+    assert _restore(archive, tmp_path, *args) == 2
+    assert "--max-file-mb" in capsys.readouterr().err
