@@ -475,6 +475,23 @@ def test_files_that_fit_one_by_one_are_restored_though_together_they_do_not(
         assert b.store.get(REPORT) is not None and b.store.get(MALWARE) is not None
 
 
+def test_max_file_mb_is_in_mib_and_a_file_of_exactly_that_size_is_restored(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """``--max-file-mb 0.01`` is 10485 bytes (0.01 MiB, rounded down): a file of exactly that
+    size is restored, one byte more is left out and counted."""
+    _seed(source)
+    fits, over = os.urandom(10_485), os.urandom(10_486)
+    source.store.attach_file(REPORT, "fits.pdf", fits)
+    source.store.attach_file(MALWARE, "over.bin", over)
+    archive = str(tmp_path / "archive")
+    _backup(source, archive)
+    with SimServer(token=TOKEN_B) as b:
+        summary = _restore(archive, b.url, tmp_path / "w", "--max-file-mb", "0.01")
+        assert _contents(b, REPORT) == {"fits.pdf": fits} and _contents(b, MALWARE) == {}
+        assert summary["files"] == 1 and summary["files_too_large"] == 1
+
+
 class _FailsOnFile:
     """A restore target that fails (a platform gone away) at the ``fail_at``-th push carrying
     file data, and records what it took."""

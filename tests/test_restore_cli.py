@@ -5,9 +5,11 @@ state that pruned history makes partial. In-process through ``main`` (exit codes
 from __future__ import annotations
 
 import errno
+import io
 import os
 import resource
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -498,6 +500,29 @@ def test_a_full_work_dir_is_one_line_and_not_archive_damage(
     assert not list(work.rglob("*.sqlite"))
 
 
+DELETED = "malware--00000000-0000-4000-8000-000000001000"  # deleted on day 4, back on day 5
+
+
+@pytest.mark.parametrize("flags", [[], ["--apply-deletes"], ["--no-apply-deletes"]])
+def test_deletes_are_applied_unless_told_not_to_and_the_configured_token_serves(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str]
+) -> None:
+    """What the archive records as deleted is deleted on the platform by default; with
+    ``--no-apply-deletes`` it is left in place. No ``--token``: TARGET_OPENCTI_TOKEN serves."""
+    token = "deletes-token-0123456789"
+    monkeypatch.setenv("TARGET_OPENCTI_TOKEN", token)
+    (gone,) = [
+        ev.id for ev in ArchiveReader(LocalStorage(archive)).events() if ev.event == "delete"
+    ]
+    with SimServer(token=token) as sim:
+        sim.store.create({"type": "malware", "id": DELETED, "name": "malware 1000"})
+        args = ("--opencti", sim.url, "--until", str(gone), *flags)
+        assert _restore(archive, tmp_path, *args) == 0
+        assert sim.store.object_count > 1
+        kept = sim.store.get(DELETED) is not None
+    assert kept == (flags == ["--no-apply-deletes"])
+
+
 @pytest.mark.parametrize("mb", ["0", "-1", "nan", "inf"])
 def test_a_max_file_mb_of_zero_or_no_number_is_refused(
     archive: Path, tmp_path: Path, mb: str, capsys: pytest.CaptureFixture[str]
@@ -507,3 +532,59 @@ def test_a_max_file_mb_of_zero_or_no_number_is_refused(
     args = ("--opencti", "http://127.0.0.1:9", "--token", "t", "--max-file-mb", mb)
     assert _restore(archive, tmp_path, *args) == 2
     assert "--max-file-mb" in capsys.readouterr().err
+
+
+def test_a_restore_without_a_target_is_refused_before_any_work(
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A configured token (TARGET_OPENCTI_TOKEN) is no target: neither --opencti nor
+    --to-bundle is refused, not found out after the whole state is built."""
+    monkeypatch.setenv("TARGET_OPENCTI_TOKEN", "configured-token-0123")
+    assert _restore(archive, tmp_path) == 2
+    said = capsys.readouterr()
+    assert "--opencti" in said.err and "--to-bundle" in said.err
+    assert "state as of" not in said.out
+
+
+@pytest.mark.parametrize("bad", ["tok\x7fabcd", "tok\x00abcd", "tok\nabcd", "tok-€-abcd"])
+def test_a_token_flag_with_control_or_non_ascii_characters_is_refused(
+    archive: Path, tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As for the configured token: it goes into an HTTP header."""
+    assert _restore(archive, tmp_path, "--opencti", "http://127.0.0.1:9", "--token", bad) == 2
+    err = capsys.readouterr().err
+    assert "--token" in err and "abcd" not in err
+
+
+def test_a_metrics_port_already_taken_costs_the_metrics_not_the_restore(
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = "metrics-token-0123456789"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in (("ENABLED", "true"), ("HOST", "127.0.0.1"), ("PORT", str(port))):
+            monkeypatch.setenv(f"METRICS_{name}", value)
+        with SimServer(token=token) as sim:
+            assert _restore(archive, tmp_path, "--opencti", sim.url, "--token", token) == 0
+            assert sim.store.object_count > 0
+    assert "Restore metrics not served" in capsys.readouterr().err
+
+
+def test_the_progress_gauge_of_an_empty_restore_says_done() -> None:
+    """A restore with nothing to push (a state where everything was deleted, deletes off)
+    reports 0 of 0: the gauge says 1, as for a finished restore, not "stuck at 0"."""
+    from connector import metrics
+    from connector.restore import TextProgress
+
+    progress = restore_cli._MeteredProgress(TextProgress("restore", stream=io.StringIO()))
+    progress.update(0, 0)
+    progress.close()
+    assert metrics.REGISTRY.get_sample_value("opencti_sync_restore_progress_ratio") == 1.0

@@ -12,7 +12,10 @@ import pytest
 
 from connector.__main__ import main
 from connector.checkpoint import CheckpointStore
+from connector.errors import ConfigError
 from connector.events import EventId
+from connector.restore import parse_until
+from connector.restore_cli import _gap_around
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
@@ -74,6 +77,13 @@ def test_a_point_inside_a_retention_gap_needs_allow_partial(
     assert "retention gap" in capsys.readouterr().err and not out.exists()
     args = ("--to-bundle", str(out), "--until", str(point), "--allow-partial")
     assert _restore(archive, tmp_path, *args) == 0
+    # The window's ends are known states: the last event archived before the loss, and the
+    # point the repair wrote everything back to.
+    window = _gap_around(cp, point)
+    assert window is not None and window[0] < point < window[1]
+    for end in window:
+        out.unlink()
+        assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", str(end)) == 0
 
 
 def test_what_a_restore_does_with_objects_newer_than_the_point(tmp_path: Path) -> None:
@@ -123,7 +133,26 @@ def test_what_a_restore_does_with_objects_newer_than_the_point(tmp_path: Path) -
 def test_an_until_date_keeps_its_millisecond(text: str, ms: int) -> None:
     """Events at the very instant are included: its millisecond is never rounded down."""
     from connector.progress import iso_to_ms
-    from connector.restore import parse_until
 
     assert parse_until(text) == EventId(ms, 10**10 - 1)
     assert iso_to_ms(text.replace("+00:00", "Z")) == ms
+
+
+def test_an_until_date_without_an_offset_is_utc_whatever_the_host_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the help says (no offset: UTC): a host in New York restores the same point."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_until("2026-01-01T00:00:00") == EventId(1767225600000, 10**10 - 1)
+        assert parse_until("2026-01-01") == EventId(1767225600000, 10**10 - 1)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_an_until_date_before_1970_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_until("1969-12-31T23:59:59Z")
+    assert err.value.key == "--until" and "1970" in str(err.value)

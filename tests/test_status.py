@@ -92,6 +92,8 @@ def test_status_json(archive: Path) -> None:
     assert info["archive_last_event_id"] == cp.last_segment_last_id
     assert info["snapshots"] == 1
     assert info["last_snapshot"] is not None
+    # keep_days 0 (the default) keeps everything: no window start, not one of today's date.
+    assert info["retention_keep_days"] == 0 and info["retention_window_start"] is None
     assert EventId.parse(info["last_snapshot"]) == EventId.parse(cp.last_segment_last_id)
 
 
