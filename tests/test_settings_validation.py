@@ -95,6 +95,29 @@ def test_token_read_with_a_newline_still_works_and_never_leaks(tmp_path: Path) -
     assert "Illegal header" not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("failing", ["source", "archive"])
+def test_check_exits_1_when_a_check_fails(tmp_path: Path, failing: str) -> None:
+    """`check` is what an operator (or a deployment's probe) runs before `run`: a FAIL line
+    alone, exit code 0, would pass that probe."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 5, seed=3, mix="creates")
+        env = {
+            "OPENCTI_URL": sim.url,
+            "OPENCTI_TOKEN": "wrong-token-0123" if failing == "source" else TOKEN,
+            "ARCHIVE_URI": str(blocker / "a" if failing == "archive" else tmp_path / "a"),
+            "CONNECTOR_REGISTER": "false",
+        }
+        done = _cli(env, tmp_path, "check")
+    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["source", "FAIL" if failing == "source" else "OK"],
+        ["archive", "FAIL" if failing == "archive" else "OK"],
+    ], lines
+
+
 def test_control_character_in_a_token_exits_2_naming_the_key(tmp_path: Path) -> None:
     done = _cli(
         {"OPENCTI_URL": "http://127.0.0.1:9", "OPENCTI_TOKEN": f"{TOKEN}\nX-Evil: 1"},
@@ -405,3 +428,92 @@ def test_amqp_overrides_with_the_api_transport_are_reported(
     load_settings(None, env=env)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "target.amqp_host" in text and "target.synchronized has no effect" in text
+
+
+# -- 5. each bound at its edge, and values of the wrong kind ---------------------------------
+
+NOW_SECONDS = "1767225600"  # 2026-01-01 in epoch seconds: what pycti users often give
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CONNECTOR_MAX_EVENT_BYTES": "65536"},
+        {"CONNECTOR_BACKOFF_INITIAL_SECS": "2", "CONNECTOR_BACKOFF_MAX_SECS": "2"},
+        {"ARCHIVE_CODEC": "gzip", "ARCHIVE_COMPRESSION_LEVEL": "9"},
+        {"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "19"},
+        {"METRICS_PORT": "65535"},
+        {"CONNECTOR_LIVE_STREAM_START_TIMESTAMP": NOW_SECONDS + "000"},
+        {"CONNECTOR_ID": "7C1D2E3F-0000-4000-8000-00000000BEEF"},
+    ],
+    ids=lambda env: " ".join(f"{k}={v}" for k, v in env.items()),
+)
+def test_a_value_at_its_bound_is_accepted(env: dict[str, str]) -> None:
+    load_settings(None, env=env)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CONNECTOR_MAX_EVENT_BYTES": "65535"}, "connector.max_event_bytes"),
+        ({"ARCHIVE_CODEC": "gzip", "ARCHIVE_COMPRESSION_LEVEL": "10"}, "archive.compression_level"),
+        ({"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "20"}, "archive.compression_level"),
+        ({"METRICS_PORT": "65536"}, "metrics.port"),
+        (
+            {"CONNECTOR_LIVE_STREAM_START_TIMESTAMP": NOW_SECONDS},
+            "connector.live_stream_start_timestamp",
+        ),
+        ({"CONNECTOR_ID": "7c1d2e3f00004000800000000000beef"}, "connector.id"),
+        ({"CONNECTOR_ID": "{7c1d2e3f-0000-4000-8000-00000000beef}"}, "connector.id"),
+        ({"OPENCTI_URL": "ftp://opencti.example.org"}, "opencti.url"),
+        ({"TARGET_AMQP_USE_SSL": "maybe"}, "target.amqp_use_ssl"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_a_value_past_its_bound_is_refused(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("archive: {max_events: true}\n", "archive.max_events"),
+        ("metrics: {port: false}\n", "metrics.port"),
+        ("archive: {max_age_secs: true}\n", "archive.max_age_secs"),
+        ("archive: {max_events: 5.7}\n", "archive.max_events"),
+    ],
+)
+def test_a_yaml_value_of_another_kind_is_no_count(tmp_path: Path, yaml_text: str, key: str) -> None:
+    """``max_events: true`` is a slip (a key name misread), not 1 event per segment; 5.7
+    events is no count, not 5."""
+    path = tmp_path / "config.yml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("shape", ["[{}]", "{{value: {}}}"])
+def test_a_secret_of_the_wrong_type_is_refused_without_showing_it(
+    tmp_path: Path, shape: str
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(f"opencti:\n  token: {shape.format(TOKEN)}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert err.value.key == "opencti.token" and "OPENCTI_TOKEN" in str(err.value)
+    assert TOKEN not in str(err.value) and TOKEN[-6:] not in str(err.value)
+
+
+def test_a_settings_warning_is_shown_with_the_error_it_explains(tmp_path: Path) -> None:
+    """The empty ``ARCHIVE_URI`` that blanks config.yml's archive is why a schedule is refused:
+    the warning, held until the log format is known, is written though the logs never are."""
+    config = tmp_path / "config.yml"
+    config.write_text("archive: {uri: /var/lib/backup}\n", encoding="utf-8")
+    env = {"ARCHIVE_URI": "", "SNAPSHOT_SCHEDULE": "every 6h"}
+    done = _cli(env, tmp_path, "status", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    assert "snapshot.schedule" in done.stderr
+    assert "ARCHIVE_URI is set but empty" in done.stderr
