@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 from collections import Counter
@@ -11,9 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from connector import logs
 from connector.archive import ArchiveReader
 from connector.checkpoint import CheckpointStore
-from connector.logs import configure
+from connector.logs import JsonFormatter, configure
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
@@ -194,3 +196,69 @@ def test_escaped_forms_of_secrets_are_redacted(restore_logging: None) -> None:
     recs = [orjson.loads(line) for line in text.splitlines()]
     assert recs[0]["error"] == "Illegal header value b'Bearer <redacted>'"
     assert recs[2]["message"] == "Token <redacted>."
+
+
+def test_a_short_secret_is_redacted_too(restore_logging: None) -> None:
+    """Only forms shorter than 4 characters are spared (they would blank common words)."""
+    out = io.StringIO()
+    configure("info", "json", ["Zq9!"], stream=out)
+    logging.getLogger("connector.test").warning("Refused: %s", "Bearer Zq9!")
+    assert orjson.loads(out.getvalue())["message"] == "Refused: Bearer <redacted>"
+
+
+def test_json_fields_timestamp_in_utc_and_the_traceback(restore_logging: None) -> None:
+    """The timestamp carries its offset (UTC, whatever the host's zone); a traceback is kept
+    when no secret is configured (nothing to redact: the record goes out as logged)."""
+    out = io.StringIO()
+    configure("info", "json", [], stream=out)
+    log = logging.getLogger("connector.test")
+    try:
+        raise RuntimeError("the archive is gone")
+    except RuntimeError:
+        log.exception("Unexpected error.")
+    rec = orjson.loads(out.getvalue())
+    assert "RuntimeError: the archive is gone" in rec["exception"]
+    stamp = dt.datetime.fromisoformat(rec["timestamp"])
+    assert stamp.utcoffset() == dt.timedelta(0)
+    record = logging.LogRecord("connector.test", logging.INFO, "", 0, "At.", (), None)
+    record.created = 1767225600.123  # 2026-01-01T00:00:00.123Z
+    assert orjson.loads(JsonFormatter().format(record))["timestamp"] == (
+        "2026-01-01T00:00:00.123+00:00"
+    )
+
+
+def test_c1_control_characters_are_escaped_in_text(restore_logging: None) -> None:
+    """\\x9b is a one-byte CSI for some terminals, as \\x1b[ is; \\x85 a line break for some."""
+    out = TtyIO()
+    configure("info", "text", [], stream=out)
+    logging.getLogger("connector.test").warning("Bad event %s", "a\x9b2Jb\x85c\x7f")
+    text = out.getvalue()
+    assert not any(ch in text for ch in "\x9b\x85\x7f"), repr(text)
+    assert "a\\x9b2Jb\\x85c\\x7f" in text
+
+
+def test_records_held_before_the_logs_are_set_up_are_written(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings' own warnings come before the log level and format are known: held, then
+    written once configured, at the configured level itself too; or as plain lines by
+    ``release`` when the command never configures its logs (it failed first)."""
+    root = logging.getLogger()
+    log = logging.getLogger("connector.settings")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logs.hold()
+    log.warning("Held warning.")
+    log.info("Held info.")
+    out = io.StringIO()
+    configure("warning", "json", [], stream=out)
+    assert [orjson.loads(line)["message"] for line in out.getvalue().splitlines()] == [
+        "Held warning."
+    ]
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logs.hold()
+    log.warning("Held, never configured.")
+    logs.release()
+    assert "Held, never configured." in capsys.readouterr().err
+    assert not root.handlers

@@ -241,6 +241,9 @@ def test_lag_follows_the_clock_between_saves() -> None:
         assert lag > 1_700_000_000
         metrics.CHECKPOINT_TIMESTAMP.set(0)
         assert value("opencti_sync_checkpoint_lag_seconds") == 0.0  # no checkpoint yet
+        # The platform's clock ahead of this host's: no negative lag (an alert's `< 0` branch).
+        metrics.CHECKPOINT_TIMESTAMP.set(time.time() + 3600)
+        assert value("opencti_sync_checkpoint_lag_seconds") == 0.0
     finally:
         metrics.CHECKPOINT_TIMESTAMP.set(old)
 
@@ -425,3 +428,18 @@ def test_recover_progress_follows_a_repair_started_while_running() -> None:
     assert 0.0 < value("opencti_sync_recover_progress_ratio") < 1.0
     on_position(EventId(now_ms + 1_000, 0))  # past its end
     assert value("opencti_sync_recover_progress_ratio") == 1.0
+
+
+def test_the_endpoint_listens_on_metrics_host_only_and_has_no_created_series() -> None:
+    """``METRICS_HOST=127.0.0.1`` keeps the endpoint off other interfaces (here: 127.0.0.2 is
+    one, 127.0.0.1 another); counters have no ``*_created`` twin series."""
+    port = free_port()
+    stop = metrics.serve("127.0.0.2", port)
+    try:
+        text = httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=10).text
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        stop()
+    assert "opencti_sync_events_written_total" in text
+    assert "_created" not in text
