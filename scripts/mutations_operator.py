@@ -8,7 +8,7 @@ and metrics (``logs.py``, ``metrics.py``: redaction, JSON fields, names and labe
 flags, exit codes, ``status``, ``verify``, ``check``) and ``progress.py``. Equivalent ones
 say why.
 
-    .venv/bin/python scripts/mutations_operator.py            # all of them (about 6 min)
+    .venv/bin/python scripts/mutations_operator.py            # all of them (about 8 min)
     .venv/bin/python scripts/mutations_operator.py CF3 RC5    # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
@@ -131,7 +131,8 @@ MUTATIONS: list[Mutation] = [
      [T_MET], None),
     # -- restore_cli.py: flags, points, exit codes ----------------------------------------------
     ("RC1", "--max-file-mb with --to-bundle accepted", RCLI,
-     '                ("--max-file-mb", args.max_file_mb is not None),  # a bundle holds every file\n',
+     '                ("--max-file-mb", args.max_file_mb is not None),'
+     "  # a bundle holds every file\n",
      "", [T_RCLI], None),
     ("RC2", "--max-file-mb 0 accepted", RCLI,
      "not 0 < args.max_file_mb < math.inf:", "not 0 <= args.max_file_mb < math.inf:",
@@ -209,7 +210,8 @@ MUTATIONS: list[Mutation] = [
      "now - self._shown_at >= self.interval:", "now - self._shown_at > self.interval:",
      ["test_progress"], None),
     ("PG2", "recover_fraction: an event at exactly the end date not taken as done", PROG,
-     "    if current_ms >= end:\n        return 1.0", "    if current_ms > end:\n        return 1.0",
+     "    if current_ms >= end:\n        return 1.0",
+     "    if current_ms > end:\n        return 1.0",
      ["test_progress"],
      "at current_ms == end the span's share is (end - first) / (end - first), 1.0 exactly (and "
      "1.0 too when the span is empty): the same value the early return gives"),
