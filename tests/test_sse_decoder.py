@@ -104,3 +104,46 @@ def test_the_limit_and_the_size_are_the_messages_wherever_the_stream_is_cut(size
     one_more = head + b"C" * (limit - len(head) + 1)
     (got,) = _feed(SseBytesDecoder(limit), one_more + b"\n\n", size)
     assert isinstance(got[2], Oversized) and got[2].size == limit + 1
+
+
+def test_only_the_first_space_after_the_colon_is_removed() -> None:
+    """The field's value starts after one optional space: a second one is the value's."""
+    stream = b'id:7-0\nevent:create\ndata:  {"a":1}\n\n' + b"id:  8-0\nevent: update\ndata: {}\n\n"
+    assert SseBytesDecoder().feed(stream) == [
+        ("create", "7-0", b' {"a":1}'),
+        ("update", " 8-0", b"{}"),  # not an id the source takes: quarantined there
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 200_000])
+def test_a_message_of_any_fields_at_the_limit_is_taken(size: int) -> None:
+    """The limit is the message's, whatever its fields: one with a comment line (not the
+    platform's usual three lines) at exactly the limit is taken, one byte more is not."""
+    limit = 10_000
+    head = b": a comment\nid: 8-0\nevent: create\ndata: "
+    at_limit = head + b"B" * (limit - len(head))
+    (taken,) = _feed(SseBytesDecoder(limit), at_limit + b"\n\n", size)
+    assert taken == ("create", "8-0", at_limit[len(head) :])
+    (cut,) = _feed(SseBytesDecoder(limit), at_limit + b"B\n\n", size)
+    assert isinstance(cut[2], Oversized) and cut[2].size == limit + 1
+
+
+def test_a_long_message_comes_out_as_soon_as_its_end_arrives() -> None:
+    """A long message whose blank line is cut between two chunks comes out with the chunk that
+    completes it. Held instead until a later chunk holding a blank line, the next message's
+    bytes were counted with it: two messages each under the limit read past as one."""
+    limit = 400_000  # above the size from which only the new bytes are searched
+    first = b"id: 7-0\nevent: create\ndata: " + b"A" * 300_000
+    second = b"id: 8-0\nevent: create\ndata: " + b"C" * 200_000
+    decoder = SseBytesDecoder(limit)
+    assert _feed(decoder, first + b"\n", 65_536) == []
+    assert decoder.feed(b"\n") == [("create", "7-0", first[-300_000:])]
+    assert _feed(decoder, second, 65_536) == []
+    assert decoder.feed(b"\n\n") == [("create", "8-0", second[-200_000:])]
+
+
+def test_a_block_without_data_or_event_dispatches_nothing() -> None:
+    """A keep-alive comment, an id alone: no message (the id is kept for the next one)."""
+    decoder = SseBytesDecoder()
+    assert decoder.feed(b": keep-alive\n\nid: 9-0\n\n:\n\n") == []
+    assert decoder.feed(b"data: {}\n\n") == [("message", "9-0", b"{}")]
