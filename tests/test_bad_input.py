@@ -301,12 +301,51 @@ def test_archive_line_with_a_lone_surrogate_parses() -> None:
         b'{"data":{"id":"a--b","name":"\\ud83d"},"n":123456789012345678901234567890}',
         b'{"data":{"id":"a--b","name":"\\ud83d"}',
         b'{"data":{"id":"a--b","name":"\\ud83d \xff"}}',
+        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":-1e999}',
+        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":' + b"[" * 2000 + b"]" * 2000 + b"}",
     ],
-    ids=["nan", "bigint", "truncated", "non-utf8"],
+    ids=["nan", "bigint", "truncated", "non-utf8", "infinite", "too-deep"],
 )
 def test_lone_surrogate_does_not_let_other_bad_json_in(data: bytes) -> None:
     """The fallback parser takes only what orjson refuses for the surrogate escape alone."""
     with pytest.raises(MalformedEvent, match="not valid JSON"):
+        StreamEvent.from_sse("5-0", "create", data)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        (b'"cut \\ude00"', "cut \ufffd"),  # a low surrogate alone
+        (b'{"\\ud83d": 1}', {"\ufffd": 1}),  # in a key
+        (b'["\\udbff", 18446744073709551615]', ["\ufffd", 2**64 - 1]),  # in a list; orjson's
+    ],  # largest integer
+    ids=["low", "key", "list"],
+)
+def test_lone_surrogates_anywhere_read_as_u_fffd(value: bytes, parsed: object) -> None:
+    """Wherever the lone surrogate is, the parsed view can be written as UTF-8 again (state,
+    targets); the data bytes stay as received."""
+    data = b'{"version":"4","data":{"id":"malware--1","type":"malware","x":' + value + b"}}"
+    ev = StreamEvent.from_sse("5-0", "create", data)
+    assert ev.data == data
+    assert ev.stix["x"] == parsed and type(ev.stix["x"]) is type(parsed)
+    assert orjson.loads(orjson.dumps(ev.envelope)) == ev.envelope
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662-0", "12-\u0663", "\uff11\uff12-0", "1\u00b2-0"])
+def test_an_id_of_other_digits_than_ascii_is_refused(text: str) -> None:
+    """Arabic-Indic or fullwidth digits are digits to str.isdigit() and int(), not in an id."""
+    with pytest.raises(ValueError, match="not a stream event id"):
+        EventId.parse(text)
+
+
+@pytest.mark.parametrize("brackets", ["[]", "{}"])
+def test_data_nested_too_deep_to_be_written_back_is_refused(brackets: str) -> None:
+    """300 levels parse but do not serialise again, whether arrays or objects."""
+    opening, closing = brackets
+    inner = '{"a":' if opening == "{" else "["
+    nested = inner * 300 + "1" + closing * 300
+    data = '{"version":"4","data":{"id":"malware--1","type":"malware","x":' + nested + "}}"
+    with pytest.raises(MalformedEvent, match="nested too deep"):
         StreamEvent.from_sse("5-0", "create", data)
 
 
