@@ -317,7 +317,8 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _without_lone_surrogates(value: Any) -> Any:
-    """The parsed value with lone surrogates replaced; numbers orjson would refuse raise."""
+    """The parsed value with lone surrogates replaced, numbers as orjson reads them; those it
+    would refuse raise."""
     if isinstance(value, str):
         return _LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
@@ -327,9 +328,14 @@ def _without_lone_surrogates(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        if value not in _INT_RANGE:
-            raise ValueError("integer exceeds 64-bit range")
-        return value
+        if value in _INT_RANGE:
+            return value
+        # As orjson reads it: a float (JavaScript writes 1e20 as 21 digits), refused only past
+        # a float's range; refusing it quarantined a valid event for its lone surrogate.
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("number out of range") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("number out of range")
     return value

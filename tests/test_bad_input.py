@@ -298,7 +298,7 @@ def test_archive_line_with_a_lone_surrogate_parses() -> None:
     "data",
     [
         b'{"data":{"id":"a--b","name":"\\ud83d"},"n":NaN}',
-        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":123456789012345678901234567890}',
+        b'{"data":{"id":"a--b","name":"\\ud83d"},"n":1' + b"0" * 400 + b"}",
         b'{"data":{"id":"a--b","name":"\\ud83d"}',
         b'{"data":{"id":"a--b","name":"\\ud83d \xff"}}',
         b'{"data":{"id":"a--b","name":"\\ud83d"},"n":-1e999}',
@@ -329,6 +329,16 @@ def test_lone_surrogates_anywhere_read_as_u_fffd(value: bytes, parsed: object) -
     assert ev.data == data
     assert ev.stix["x"] == parsed and type(ev.stix["x"]) is type(parsed)
     assert orjson.loads(orjson.dumps(ev.envelope)) == ev.envelope
+
+
+def test_lone_surrogate_with_an_integer_beyond_64_bits_reads_as_without_one() -> None:
+    """orjson reads an integer beyond 64 bits as a float (JavaScript writes 1e20 as 21 digits);
+    the fallback refused it, and quarantined a valid event for its lone surrogate."""
+    plain = b'{"version":"4","data":{"id":"malware--1","type":"malware","n":100000000000000000000'
+    cut = plain + b',"name":"\\ud83d"}}'
+    assert StreamEvent.from_sse("5-0", "create", plain + b"}}").stix["n"] == 1e20
+    ev = StreamEvent.from_sse("5-0", "create", cut)
+    assert ev.data == cut and ev.stix["n"] == 1e20 and isinstance(ev.stix["n"], float)
 
 
 @pytest.mark.parametrize("text", ["\u0661\u0662-0", "12-\u0663", "\uff11\uff12-0", "1\u00b2-0"])
