@@ -9,6 +9,7 @@ full (ENOSPC through LocalStorage's own error translation) for the objects a tes
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -262,3 +263,38 @@ def test_the_backoff_grows_and_is_capped() -> None:
     assert max(first) <= 1.0
     assert 1.0 < max(fifth) <= 16.0  # 200 draws all below 1 of 16: (1/16)^200
     assert 16.0 < max(thirtieth) <= 60.0
+
+
+def test_a_slow_call_is_said_while_it_waits_once_per_repeat_and_no_more_once_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watchdog over every retried call (``watched``): nothing for a call under SLOW_SECS,
+    one warning when it passes it, the next only REPEAT_SECS later, none once it returned."""
+    from connector import watchdog
+
+    monkeypatch.setattr(watchdog, "_TICK_SECS", 0.02)
+    monkeypatch.setattr(watchdog, "SLOW_SECS", 0.2)
+    monkeypatch.setattr(watchdog, "REPEAT_SECS", 60.0)
+    caplog.set_level(logging.WARNING, logger="connector.watchdog")
+
+    def said(target: str) -> int:
+        return sum(
+            r.getMessage() == "Still waiting for an answer." and getattr(r, "target", "") == target
+            for r in caplog.records
+        )
+
+    with watchdog.watched("sending", "slow"):
+        wait_until(lambda: said("slow") > 0, timeout=10, what="the warning")
+        time.sleep(0.3)  # many ticks: the next warning is a minute away
+    assert said("slow") == 1
+    monkeypatch.setattr(watchdog, "SLOW_SECS", 30.0)  # the tick stays 0.02 s
+    with watchdog.watched("sending", "quick"):
+        time.sleep(0.3)
+    assert said("quick") == 0
+    monkeypatch.setattr(watchdog, "SLOW_SECS", 0.2)
+    monkeypatch.setattr(watchdog, "REPEAT_SECS", 0.2)
+    with watchdog.watched("checkpointing", "back"):
+        wait_until(lambda: said("back") > 0, timeout=10, what="the warning")
+    back = said("back")
+    time.sleep(1.0)  # five repeats, were it still watched
+    assert said("back") == back
