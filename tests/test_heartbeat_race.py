@@ -112,14 +112,18 @@ def test_a_restart_from_a_heartbeat_does_not_skip_them(sim: SimServer, tmp_path:
     assert len(seen) == len(set(seen))  # and nothing archived twice
 
 
-def test_a_heartbeat_at_the_position_does_not_take_the_dependencies_carried_there() -> None:
+@pytest.mark.parametrize("name", ["heartbeat", "consumer_metrics"])
+def test_a_heartbeat_at_the_position_does_not_take_the_dependencies_carried_there(
+    name: str,
+) -> None:
     """A recovery resumed at our position re-sends there dependencies of objects it sends
     later; they are carried into the next group, above the position (the archive skips groups
     at or below its tail). A heartbeat at the position itself completes nothing: taken as a
-    new position, it put them in a group at the position, where the archive skipped them."""
+    new position, it put them in a group at the position, where the archive skipped them. The
+    same for ``consumer_metrics``, which carries a position as a heartbeat does."""
     import orjson
 
-    from connector.events import OCTI_EXT, StreamEvent
+    from connector.events import OCTI_EXT, ControlEvent, StreamEvent
     from connector.source import Complete, SourceConfig, SseSource
     from tests.support.handfed import at
 
@@ -135,9 +139,10 @@ def test_a_heartbeat_at_the_position_does_not_take_the_dependencies_carried_ther
     out: list[object] = []
     source._handle("create", str(position), orjson.dumps({**env, "data": stix}), out)
     assert out == []  # carried
-    source._handle("heartbeat", str(position), b'"x"', out)
-    assert out == []
-    source._handle("heartbeat", str(at(1)), b'"x"', out)
-    carried, complete = out
+    source._handle(name, str(position), b'"x"', out)
+    assert [i for i in out if not isinstance(i, ControlEvent)] == []
+    out.clear()
+    source._handle(name, str(at(1)), b'"x"', out)
+    carried, complete = (i for i in out if not isinstance(i, ControlEvent))
     assert isinstance(carried, StreamEvent) and carried.group == at(1)
     assert complete == Complete(at(1))
