@@ -241,6 +241,7 @@ class SseSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
+        self._delivered = False  # the current connection delivered something (_connect_once)
         self._platform_ms: int | None = None  # the platform's clock: its last answer's Date
         self._client_factory = client_factory or self._default_client
         # Position state, owned by the reader thread.
@@ -342,10 +343,10 @@ class SseSource:
         client = self._client_factory()
         try:
             while not self._stop.is_set():
-                delivered = False
+                self._delivered = False
                 reason = ""
                 try:
-                    delivered = self._connect_once(client)
+                    self._connect_once(client)
                     reason = "stream ended (EOF)"
                 except StreamGoneError as exc:
                     self._emit([Fatal(exc)], final=True)
@@ -369,7 +370,7 @@ class SseSource:
                 except _Reconnect as exc:
                     self._emit(exc.pending)
                     reason = exc.reason
-                    delivered = True
+                    self._delivered = True
                 if self._stop.is_set():
                     return
                 hold, self._hold = self._hold, None
@@ -380,7 +381,7 @@ class SseSource:
                 # Whatever was pending beyond the last complete group will be re-sent.
                 self._hwm = self._complete
                 self._emit([Disconnected(self._complete, reason)])
-                attempt = 0 if delivered else attempt + 1
+                attempt = 0 if self._delivered else attempt + 1
                 delay = (
                     0.0
                     if attempt == 0
@@ -409,8 +410,10 @@ class SseSource:
         finally:
             client.close()
 
-    def _connect_once(self, client: httpx.Client) -> bool:
-        """One connection. Returns whether it delivered anything (resets the backoff)."""
+    def _connect_once(self, client: httpx.Client) -> None:
+        """One connection. Sets ``_delivered`` once it delivers anything (which resets the
+        backoff), so that it holds also when the connection then ends in an error: returned,
+        it was lost with the error, and a drop after hours of delivery waited as a failure."""
         headers = {
             "Authorization": f"Bearer {self.config.token}",
             "Accept": "text/event-stream",
@@ -418,7 +421,6 @@ class SseSource:
         }
         params = self.request_params()
         log.info("Stream connecting.", extra={"url": self._url(), "params": params})
-        delivered = False
         with client.stream("GET", self._url(), params=params, headers=headers) as response:
             self._response = response
             self._platform_ms = _date_ms(response.headers.get("date"))
@@ -462,7 +464,7 @@ class SseSource:
                         if hold.done:
                             hold = self._hold = None
                     if out:
-                        delivered = True
+                        self._delivered = True
                         if not holding or len(out) <= _EMIT_ITEMS:
                             self._emit(out)
                         else:
@@ -475,7 +477,6 @@ class SseSource:
                         break
             finally:
                 self._response = None
-        return delivered
 
     def _check_status(self, response: httpx.Response) -> None:
         status = response.status_code

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import orjson
 import pytest
 
 from connector import registration
+from connector import source as source_module
 from connector.archive import ArchiveReader
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import StreamGoneError
-from connector.events import EventId
+from connector.events import EventId, Quarantined, StreamEvent
 from connector.progress import iso_to_ms
 from connector.reconcile import REFERER
 from connector.registration import SourceRegistration
@@ -30,7 +32,7 @@ from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.source import GapDetected, SourceConfig, SseSource
+from connector.source import GapDetected, Item, SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from tests.support.connector import (
     ROOT,
@@ -785,3 +787,60 @@ def test_what_a_killed_checkpoint_save_left_apart_from_the_archive_is_removed(
         run.stop()
     assert run.error is None
     assert not left.exists()
+
+
+# ---------------------------------------------------------------------- reconnects
+def _items_until(source: SseSource, done: Callable[[list[Item]], bool], what: str) -> list[Item]:
+    """The source's items, taken as the pipeline takes them, until ``done`` says enough."""
+    seen: list[Item] = []
+    deadline = time.monotonic() + 20
+    while not done(seen):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        try:
+            seen.extend(source.queue.get(timeout=0.2))
+        except queue.Empty:
+            pass
+    return seen
+
+
+class _Bounds:
+    """The source's ``random``: records each backoff's upper bound, and waits that long (the
+    longest the full jitter can draw)."""
+
+    def __init__(self) -> None:
+        self.highs: list[float] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.highs.append(high)
+        return high
+
+
+def test_the_reconnect_backoff_grows_is_capped_and_starts_again_after_a_delivery(
+    sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused connections wait up to initial * 2^(attempt-1), at most the cap; a connection
+    that delivered is followed at once, and the failures after it start from the initial."""
+    generate(sim.store, 3, seed=16, mix="creates")
+    bounds = _Bounds()
+    monkeypatch.setattr(source_module, "random", bounds)
+    sim.set_fault(fail_next={"status": 503, "count": 6})
+    config = SourceConfig(url=sim.url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+    source = SseSource(config, resume=None, recover_until=None).start()
+    try:
+        _items_until(source, lambda s: any(isinstance(i, StreamEvent) for i in s), "events")
+        assert bounds.highs == pytest.approx([0.01, 0.02, 0.04, 0.04, 0.04, 0.04])
+        sim.set_fault(fail_next={"status": 503, "count": 2})
+        sim.drop_connections()
+        generate(sim.store, 1, seed=17, mix="creates")
+        last = sim.store.last_event_id
+        after = _items_until(
+            source,
+            lambda s: any(isinstance(i, StreamEvent) and i.id_text == last for i in s),
+            "the event after the drop",
+        )
+    finally:
+        source.close()
+    assert bounds.highs == pytest.approx([0.01, 0.02, 0.04, 0.04, 0.04, 0.04, 0.01, 0.02])
+    # Each reconnect started at the position: nothing before it came again.
+    assert [i.id_text for i in after if isinstance(i, StreamEvent)] == [last]
+    assert not [i for i in after if isinstance(i, Quarantined)]
