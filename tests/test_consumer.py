@@ -9,10 +9,12 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -32,7 +34,7 @@ from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.source import GapDetected, Item, SourceConfig, SseSource
+from connector.source import Complete, Disconnected, GapDetected, Item, SourceConfig, SseSource
 from connector.storage.local import LocalStorage
 from tests.support.connector import (
     ROOT,
@@ -844,3 +846,70 @@ def test_the_reconnect_backoff_grows_is_capped_and_starts_again_after_a_delivery
     # Each reconnect started at the position: nothing before it came again.
     assert [i.id_text for i in after if isinstance(i, StreamEvent)] == [last]
     assert not [i for i in after if isinstance(i, Quarantined)]
+
+
+class _LoginPage(BaseHTTPRequestHandler):
+    """A proxy's sign-in page where the stream should be: 200, but HTML."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        return
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        body = b"<html><body>Sign in to continue</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_page_that_is_not_an_event_stream_is_said_as_such() -> None:
+    """Read as a stream, the page gave no message and an end: "stream ended (EOF)" said
+    nothing of the proxy in the way."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LoginPage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    source = SseSource(
+        SourceConfig(url=url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2),
+        resume=None,
+        recover_until=None,
+    ).start()
+    try:
+        seen = _items_until(
+            source, lambda s: any(isinstance(i, Disconnected) for i in s), "a reconnect"
+        )
+    finally:
+        source.close()
+        server.shutdown()
+        server.server_close()
+    first = next(i for i in seen if isinstance(i, Disconnected))
+    assert "expected text/event-stream, got 'text/html'" in first.reason
+    assert not [i for i in seen if isinstance(i, (StreamEvent, Complete))]
+
+
+def test_a_stream_that_talks_is_kept_and_a_silent_one_is_left(sim: SimServer) -> None:
+    """Heartbeats (every 0.2 s) keep a connection however much longer than the read timeout it
+    lasts; one that says nothing for the read timeout is left, and the stream read again."""
+    generate(sim.store, 3, seed=18, mix="creates")
+    config = SourceConfig(
+        url=sim.url, token=TOKEN, read_timeout=2.0, backoff_initial=0.05, backoff_max=0.2
+    )
+    source = SseSource(config, resume=None, recover_until=None).start()
+    try:
+        until = time.monotonic() + 4.5  # over twice the read timeout
+        seen = _items_until(source, lambda _: time.monotonic() > until, "heartbeats")
+        assert not [i for i in seen if isinstance(i, Disconnected)]
+        assert sum(isinstance(i, Complete) for i in seen) > 5  # the heartbeats meanwhile
+        sim.set_fault(stall_secs=30, stall_after_events=1)  # the next connection's
+        sim.drop_connections()
+        generate(sim.store, 1, seed=19, mix="creates")
+        _items_until(
+            source,
+            lambda s: any(
+                isinstance(i, Disconnected) and i.reason.startswith("silent stream") for i in s
+            ),
+            "the silent stream left",
+        )
+    finally:
+        source.close()
