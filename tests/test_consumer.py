@@ -25,7 +25,7 @@ from connector import source as source_module
 from connector.archive import ArchiveReader
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import StreamGoneError
-from connector.events import EventId, Quarantined, StreamEvent
+from connector.events import ControlEvent, EventId, Quarantined, StreamEvent
 from connector.progress import iso_to_ms
 from connector.reconcile import REFERER
 from connector.registration import SourceRegistration
@@ -621,6 +621,21 @@ def test_no_recover_is_remembered_and_consumer_metrics_advance(
     wait_until(lambda: caught_up(storage, sim.store.last_event_id), what="after restart")
     run.stop()
     assert not [ev for ev in archived_events(archive) if ev.referer == "init-create"]
+
+
+def test_a_refused_recovery_is_not_asked_again_on_reconnecting() -> None:
+    """Once the platform said ``no-recover``, the next connections carry on live: asking again
+    held the live events below the recover date back as a recovery's, each time."""
+    source = SseSource(
+        SourceConfig(url="http://127.0.0.1:9", token=TOKEN),
+        resume=EventId(1_000, 0),
+        recover_until="2027-01-15T08:00:00.000Z",
+    )
+    assert source.request_params()["recover"] == "2027-01-15T08:00:00.000Z"
+    out: list[Item] = []
+    source._handle("no-recover", "1000-0", b'{"message":"Recovery is not available"}', out)
+    assert out == [ControlEvent("no-recover", EventId(1_000, 0))]
+    assert "recover" not in source.request_params()
 
 
 def test_a_reader_stalled_past_a_trim_reconnects_and_sees_the_gap(sim: SimServer) -> None:
