@@ -213,6 +213,37 @@ def test_case(corpus_run: dict[str, Any], name: str) -> None:
     assert any(ev.stix_id == sentinel(index) for ev in corpus_run["events"]), "stream stopped"
 
 
+def test_undecodable_bytes_stay_visible_in_their_quarantine_record(
+    corpus_run: dict[str, Any],
+) -> None:
+    """The record's data is text: bytes that are not UTF-8 are written as escapes, not lost."""
+    name = "non-utf8-in-data"
+    (record,) = [r for r in corpus_run["records"] if _mentions(r, name, corpus_run["ids"][name])]
+    assert "\\xff\\xfe" in record["data"] and "\ufffd" not in record["data"]
+
+
+def test_a_quarantine_record_follows_the_last_complete_group() -> None:
+    """A malformed event inside a group still open (here its trigger, after a dependency under
+    the same id) is placed after the last complete group, not after the open one: that
+    position is only reached once the group completes."""
+    from connector.events import Quarantined
+    from connector.source import SourceConfig, SseSource
+    from tests.support.handfed import at
+
+    source = SseSource(SourceConfig(url="http://x", token="t"), resume=at(0))
+    dependency = {
+        "version": "4",
+        "type": "create",
+        "origin": {"referer": "init-dependencies"},
+        "data": {"type": "identity", "id": "identity--00000000-0000-4000-8000-000000000001"},
+    }
+    out: list[object] = []
+    source._handle("create", str(at(1)), orjson.dumps(dependency), out)
+    source._handle("create", str(at(1)), b'{"broken"', out)
+    quarantined = [i for i in out if isinstance(i, Quarantined)]
+    assert [q.after for q in quarantined] == [at(0)]
+
+
 # ---------------------------------------------------------------------- lone surrogates
 # Node's JSON.stringify writes a lone UTF-16 surrogate (a string cut inside an emoji) as the
 # escape "\ud83d": valid JSON that orjson refuses. Archived verbatim, never quarantined.
