@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from connector.checkpoint import CheckpointStore
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
@@ -157,17 +159,25 @@ def test_the_hold_finds_positions_past_its_bound() -> None:
             assert len(covered) == item.id.ms - base
 
 
-def test_a_recovery_heartbeat_after_a_quarantined_event_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("metrics", [False, True], ids=["heartbeat", "consumer_metrics"])
+def test_a_recovery_heartbeat_after_a_quarantined_event_loses_nothing(
+    tmp_path: Path, metrics: bool
+) -> None:
     """During a recovery the platform's heartbeat carries the last id it sent. When that event
     was quarantined (here: over CONNECTOR_MAX_EVENT_BYTES), the heartbeat's id is above every
     id the reader took in: it was taken for a position, complete, and the rest of the page,
-    whose ids go back below it, was dropped as "re-sent at or below the position"."""
+    whose ids go back below it, was dropped as "re-sent at or below the position". The same
+    for the 7.x ``consumer_metrics`` that follows it."""
     from tests.test_platform_fidelity import _interleaved, recovered_ids
 
     objs = _interleaved(10)  # malware at +0 .. +18 ms, relationships at +1 .. +17 ms
     objs[9]["description"] = "x" * 70_000  # the last malware sent, quarantined as oversized
     # One page: the malware first, then the relationships, whose ids go back down.
-    faults = {"recovery_index_order": True, "recovery_heartbeats": True}
+    faults = {
+        "recovery_index_order": True,
+        "recovery_heartbeats": True,
+        "consumer_metrics": metrics,
+    }
     archived = recovered_ids(tmp_path, objs, faults, CONNECTOR_MAX_EVENT_BYTES="65536")
     lost = sorted({str(o["id"]) for o in objs if o is not objs[9]} - archived)
     assert lost == []

@@ -202,14 +202,7 @@ class _Session:
         self.last_key = key
         date = iso_ms(key // _SPAN)
         self.write(_frame(id_text, "heartbeat", orjson.dumps(date)))
-        if self.consumer_metrics:
-            metrics = {
-                "connectionId": self.connection_id,
-                "lastEventId": id_text,
-                "deliveryRate": 0,
-                "timeLag": 0,
-            }
-            self.write(_frame(id_text, "consumer_metrics", orjson.dumps(metrics)))
+        self._consumer_metrics(id_text)
         self.flush()
         self.last_hb = time.monotonic()
 
@@ -389,6 +382,18 @@ class _Session:
                 split_key(self.last_key), "heartbeat", orjson.dumps(iso_ms(self.last_key // _SPAN))
             )
         )
+        self._consumer_metrics(split_key(self.last_key))
+
+    def _consumer_metrics(self, id_text: str) -> None:
+        """7.x: the metrics message after a heartbeat, carrying the same last id."""
+        if self.consumer_metrics:
+            metrics = {
+                "connectionId": self.connection_id,
+                "lastEventId": id_text,
+                "deliveryRate": 0,
+                "timeLag": 0,
+            }
+            self.write(_frame(id_text, "consumer_metrics", orjson.dumps(metrics)))
 
     def process_live(self, pos: int, sl: Any) -> int:
         for offset, (key, kind, frame) in enumerate(zip(sl.keys, sl.kinds, sl.frames, strict=True)):
