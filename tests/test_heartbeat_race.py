@@ -146,3 +146,24 @@ def test_a_heartbeat_at_the_position_does_not_take_the_dependencies_carried_ther
     carried, complete = (i for i in out if not isinstance(i, ControlEvent))
     assert isinstance(carried, StreamEvent) and carried.group == at(1)
     assert complete == Complete(at(1))
+
+
+def test_a_reconnect_after_a_heartbeat_completed_a_group_starts_at_that_group() -> None:
+    """A heartbeat completing a group of dependency events records it as the newest data group:
+    the next connection starts there, not the heartbeat slack before it, where the group's
+    events came again and, above the older data group, were taken for new ones."""
+    import orjson
+
+    from connector.events import OCTI_EXT
+    from connector.source import Complete, SourceConfig, SseSource
+    from tests.support.handfed import at
+
+    source = SseSource(SourceConfig(url="http://x", token="t"), resume=at(0), resume_data=at(0))
+    stix = {"type": "malware", "id": "malware--00000000-0000-4000-8000-000000000002"}
+    stix["extensions"] = {OCTI_EXT: {"id": "iid-2", "type": "Malware"}}
+    env = {"version": "4", "type": "create", "origin": {"referer": "init-dependencies"}}
+    out: list[object] = []
+    source._handle("create", str(at(100)), orjson.dumps({**env, "data": stix}), out)
+    source._handle("heartbeat", str(at(200)), b'"x"', out)
+    assert out[-1] == Complete(at(200))
+    assert source.request_params()["from"] == str(at(100))
