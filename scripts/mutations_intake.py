@@ -10,7 +10,7 @@ ids, the per-message bound), the event's validation (``connector/events.py``: ``
 in on purpose, the test files named with it are run (one process, ``-x``, cheapest first), and
 the file is written back as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_intake.py           # all of them (about 8 min on 2 cores)
+    .venv/bin/python scripts/mutations_intake.py           # all of them (about 12 min on 2 cores)
     .venv/bin/python scripts/mutations_intake.py D5 I7     # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
@@ -139,7 +139,7 @@ MUTATIONS: list[Mutation] = [
      [T_SHUT], None),
     # -- source.py: reconnects, position, recover, heartbeats, quarantine, silence --------------
     ("I1", "the backoff not reset after a connection that delivered", SRC,
-     "attempt = 0 if delivered else attempt + 1", "attempt = attempt + 1",
+     "attempt = 0 if self._delivered else attempt + 1", "attempt = attempt + 1",
      [T_CONS], None),
     ("I2", "the backoff's first bound twice the initial", SRC,
      "self.config.backoff_initial * 2 ** (attempt - 1),",
@@ -161,7 +161,11 @@ MUTATIONS: list[Mutation] = [
      [T_CONS], None),
     ("I6", "a partial group kept at a reconnect", SRC,
      "                self._hwm = self._complete\n", "",
-     [T_HB, T_CONS], None),
+     [T_HB, T_CONS],
+     "the next connection re-sends everything after the resume point in Redis order (ids "
+     "only grow): the open group's events come again under its own id, taken in it as before, "
+     "and no unseen id below it can follow them; in a recovery, the hold passes on nothing "
+     "until a marker is below every id still to come, and restores the released position"),
     ("I7", "recover never sent", SRC,
      '                params["recover"] = self._recover_until\n', "                pass\n",
      [T_CONS], None),
