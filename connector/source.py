@@ -241,7 +241,6 @@ class SseSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
-        self._delivered = False  # the current connection delivered something (_connect_once)
         self._platform_ms: int | None = None  # the platform's clock: its last answer's Date
         self._client_factory = client_factory or self._default_client
         # Position state, owned by the reader thread.
@@ -343,7 +342,7 @@ class SseSource:
         client = self._client_factory()
         try:
             while not self._stop.is_set():
-                self._delivered = False
+                at_start, asked = self._complete, False
                 reason = ""
                 try:
                     self._connect_once(client)
@@ -370,7 +369,7 @@ class SseSource:
                 except _Reconnect as exc:
                     self._emit(exc.pending)
                     reason = exc.reason
-                    self._delivered = True
+                    asked = True  # reconnect at once
                 if self._stop.is_set():
                     return
                 hold, self._hold = self._hold, None
@@ -381,7 +380,10 @@ class SseSource:
                 # Whatever was pending beyond the last complete group will be re-sent.
                 self._hwm = self._complete
                 self._emit([Disconnected(self._complete, reason)])
-                attempt = 0 if self._delivered else attempt + 1
+                # The backoff starts again only after a connection that moved the position: one
+                # cut each time inside the same group (a proxy's byte limit under a large
+                # group) delivers every time and would otherwise reconnect at once, forever.
+                attempt = 0 if asked or self._complete != at_start else attempt + 1
                 delay = (
                     0.0
                     if attempt == 0
@@ -411,9 +413,8 @@ class SseSource:
             client.close()
 
     def _connect_once(self, client: httpx.Client) -> None:
-        """One connection. Sets ``_delivered`` once it delivers anything (which resets the
-        backoff), so that it holds also when the connection then ends in an error: returned,
-        it was lost with the error, and a drop after hours of delivery waited as a failure."""
+        """One connection; what it moved ``_complete`` to decides the next backoff (``_run``),
+        also when it ends in an error."""
         headers = {
             "Authorization": f"Bearer {self.config.token}",
             "Accept": "text/event-stream",
@@ -464,7 +465,6 @@ class SseSource:
                         if hold.done:
                             hold = self._hold = None
                     if out:
-                        self._delivered = True
                         if not holding or len(out) <= _EMIT_ITEMS:
                             self._emit(out)
                         else:

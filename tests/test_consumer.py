@@ -46,6 +46,7 @@ from tests.support.connector import (
     raw_log,
     wait_until,
 )
+from tests.support.handfed import at, malware
 
 TOKEN = "test-token"
 
@@ -861,6 +862,59 @@ def test_the_reconnect_backoff_grows_is_capped_and_starts_again_after_a_delivery
     # Each reconnect started at the position: nothing before it came again.
     assert [i.id_text for i in after if isinstance(i, StreamEvent)] == [last]
     assert not [i for i in after if isinstance(i, Quarantined)]
+
+
+class _CutInsideAGroup(BaseHTTPRequestHandler):
+    """A stream cut each time inside the same group (a proxy's byte limit under a large
+    dependency group): two of the group's dependencies, sharing its id, then the end (before
+    the trigger that completes it), on every connection."""
+
+    requests: list[str] = []
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        return
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        type(self).requests.append(self.path)
+        group = at(1)
+        body = b"".join(
+            b"id: %s\nevent: create\ndata: %s\n\n" % (str(group).encode(), ev.data)
+            for ev in (malware(group, n, referer="init-dependencies") for n in (1, 2))
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection delivers, but none completes a group: the position never moves, so the
+    backoff grows as after refusals. Followed at once because it delivered, such a stream was
+    asked again without a pause, forever, each time re-sending the whole group."""
+    bounds = _Bounds()
+    monkeypatch.setattr(source_module, "random", bounds)
+    _CutInsideAGroup.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutInsideAGroup)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+    source = SseSource(config, resume=at(0), resume_data=at(0)).start()
+    try:
+        seen = _items_until(
+            source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
+        )
+    finally:
+        source.close()
+        server.shutdown()
+        server.server_close()
+    assert len([i for i in seen if isinstance(i, StreamEvent)]) >= 8, "each connection delivered"
+    assert not [i for i in seen if isinstance(i, Complete)]
+    assert bounds.highs[:3] == pytest.approx([0.01, 0.02, 0.04])
+    # Every connection asked for the same position, the one before the group.
+    assert len(set(_CutInsideAGroup.requests)) == 1
+    assert f"from={at(0)}" in _CutInsideAGroup.requests[0]
 
 
 class _LoginPage(BaseHTTPRequestHandler):
