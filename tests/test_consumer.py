@@ -837,7 +837,8 @@ def test_the_reconnect_backoff_grows_is_capped_and_starts_again_after_a_delivery
     sim: SimServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Refused connections wait up to initial * 2^(attempt-1), at most the cap; a connection
-    that delivered is followed at once, and the failures after it start from the initial."""
+    that delivered (moving the position) and then dropped is followed at once, and the failures
+    after it start from the initial."""
     generate(sim.store, 3, seed=16, mix="creates")
     bounds = _Bounds()
     monkeypatch.setattr(source_module, "random", bounds)
