@@ -19,7 +19,7 @@ import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.errors import ConnectorError
-from connector.events import OCTI_EXT, EventId, StreamEvent, octi_ext
+from connector.events import OCTI_EXT, RECONCILE_REFERER, EventId, StreamEvent, octi_ext
 from connector.sim import sample_bundle
 from connector.sim.store import SimStore
 from connector.sink import Batch
@@ -592,15 +592,28 @@ def test_a_merge_repoints_one_endpoint_and_leaves_the_other_as_the_platform_sent
         assert_equal_objects(state_objects(state), sim_objects(store))
 
 
-def _malware_event(ms: int, kind: str, stix_id: str, **context: Any) -> StreamEvent:
-    """An event about the malware of internal id ``iid-1``, under ``stix_id``."""
+def _malware_event(
+    ms: int,
+    kind: str,
+    stix_id: str,
+    *,
+    fields: dict[str, Any] | None = None,
+    updated_at: str | None = None,
+    **context: Any,
+) -> StreamEvent:
+    """An event about the malware of internal id ``iid-1``, under ``stix_id``, with ``fields``
+    and the extension's ``updated_at`` when given."""
     at = EventId(CLOCK0 + ms, 0)
+    octi = {"id": "iid-1", "type": "Malware"}
+    if updated_at is not None:
+        octi["updated_at"] = updated_at
     stix = {
         "type": "malware",
         "id": stix_id,
         "name": "m1",
         "is_family": True,
-        "extensions": {OCTI_EXT: {"id": "iid-1", "type": "Malware"}},
+        **(fields or {}),
+        "extensions": {OCTI_EXT: octi},
     }
     env: dict[str, Any] = {"version": "4", "type": kind, "origin": {}, "data": stix}
     if context:
@@ -628,3 +641,191 @@ def test_a_re_creation_with_a_new_standard_id_ends_the_tombstone(tmp_path: Path)
         state.apply_many([_malware_event(3, "update", new, reverse_patch=patch)])
         assert state.get(new) is not None
         assert list(state.tombstones()) == []
+
+
+MALWARE_1 = "malware--00000000-0000-4000-8000-000000000001"
+
+
+def _description(state: StateStore) -> Any:
+    obj = state.get(MALWARE_1)
+    return obj["description"] if obj is not None else None
+
+
+def _version_events(*versions: tuple[str, dict[str, Any]]) -> list[StreamEvent]:
+    """A create then updates of one malware, each with ``updated_at`` and ``fields``; the
+    description says which event it is."""
+    return [
+        _malware_event(
+            n + 1,
+            "create" if n == 0 else "update",
+            MALWARE_1,
+            updated_at=stamp,
+            fields={"description": f"v{n + 1}", **fields},
+        )
+        for n, (stamp, fields) in enumerate(versions)
+    ]
+
+
+@pytest.mark.parametrize("batches", ["one", "each"])
+def test_an_update_stamped_in_the_same_millisecond_replaces_the_version_stored(
+    tmp_path: Path, batches: str
+) -> None:
+    """A create and its update within one millisecond carry the same ``updated_at``: the
+    later in the stream is the object as it is, in one fold batch or in two."""
+    events = _version_events(("2026-01-01T00:00:00.123Z", {}), ("2026-01-01T00:00:00.123Z", {}))
+    with StateStore(tmp_path / "s.sqlite") as state:
+        for part in [events] if batches == "one" else [[ev] for ev in events]:
+            state.apply_many(part)
+        assert _description(state) == "v2"
+
+
+def test_versions_compare_by_instant_whatever_their_precision(tmp_path: Path) -> None:
+    """The platform stamps milliseconds; a stamp with microseconds (STIX allows any precision)
+    just after one of them is the newer version, and one just before it the older."""
+    events = _version_events(
+        ("2026-01-01T00:00:00.123Z", {}),
+        ("2026-01-01T00:00:00.123456Z", {}),  # newer: written
+        ("2026-01-01T00:00:00.123400+00:00", {}),  # older than that: not written
+    )
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert _description(state) == "v2"
+
+
+def test_versions_compare_by_updated_at_before_modified(tmp_path: Path) -> None:
+    """``modified`` is the STIX author's (an import keeps the source's); the platform's
+    ``updated_at`` is what orders its versions: a newer one wins even when its ``modified``
+    is older (a re-import of an older copy)."""
+    events = _version_events(
+        ("2026-01-01T00:00:01.000Z", {"modified": "2026-01-01T00:00:09.000Z"}),
+        ("2026-01-01T00:00:02.000Z", {"modified": "2026-01-01T00:00:05.000Z"}),
+    )
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert _description(state) == "v2"
+
+
+def _event(
+    ms: int, kind: str, stix: dict[str, Any], *, referer: str | None = None, **context: Any
+) -> StreamEvent:
+    at = EventId(CLOCK0 + ms, 0)
+    origin = {"referer": referer} if referer else {}
+    env: dict[str, Any] = {"version": "4", "type": kind, "origin": origin, "data": stix}
+    if context:
+        env["context"] = context
+    return StreamEvent(at, str(at), kind, orjson.dumps(env).decode(), env)
+
+
+def _entity(stix_id: str, iid: str, *stix_ids: str, **fields: Any) -> dict[str, Any]:
+    octi: dict[str, Any] = {"id": iid, "type": "Malware"}
+    if stix_ids:
+        octi["stix_ids"] = list(stix_ids)
+    return {"type": "malware", "id": stix_id, "name": iid, "is_family": True, **fields,
+            "extensions": {OCTI_EXT: octi}}  # fmt: skip
+
+
+def _report(refs: list[str]) -> dict[str, Any]:
+    return {
+        "type": "report",
+        "id": REPORT,
+        "name": "R",
+        "published": "2026-01-01T00:00:00.000Z",
+        "object_refs": refs,
+        "extensions": {OCTI_EXT: {"id": "iid-report", "type": "Report"}},
+    }
+
+
+def test_a_merge_hands_its_sources_ids_to_the_target_whatever_the_target_lists(
+    tmp_path: Path,
+) -> None:
+    """The live stream sends a merge's target as it is when sent, which need not list the
+    sources' ids any more (removed from its stix ids since): as of the merge, the target
+    answers to them, so a restore takes them for its aliases (never deleting them on their
+    own), and what named a source names the target."""
+    source, target = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    events = [
+        _event(1, "create", _entity(source, "iid-s")),
+        _event(2, "create", _entity(target, "iid-t")),
+        _event(3, "create", _report([source])),
+        _event(4, "merge", _entity(target, "iid-t"), sources=[_entity(source, "iid-s")]),
+    ]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert (state.get(source) or {}).get("id") == target
+        assert (state.get(REPORT) or {}).get("object_refs") == [target]
+        assert [(t.stix_id, t.reason, t.into) for t in state.tombstones()] == [
+            (source, "merged", target)
+        ]
+
+
+def test_a_reconciliations_delete_spares_an_old_id_another_object_took(tmp_path: Path) -> None:
+    """A reconciliation archives, after the repair's recovery, the delete of an object whose
+    old standard id another object holds by then: what names that id names the other object
+    and keeps it. A delete in stream order is not spared so (an object sent ahead can hold an
+    id it takes only later)."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    gone = _entity(new, "iid-a", old)  # renamed from ``old`` before the gap
+    events = [
+        _event(1, "create", gone),
+        _event(2, "create", _entity(old, "iid-b")),  # a new object under the old id
+        _event(3, "create", _report([old])),
+    ]
+    for referer, kept in ((RECONCILE_REFERER, [old]), (None, [])):
+        with StateStore(tmp_path / f"{kept}.sqlite") as state:
+            state.apply_many([*events, _event(4, "delete", gone, referer=referer)])
+            assert octi_ext(state.get(old) or {}).get("id") == "iid-b"
+            assert state.get(new) is None
+            assert (state.get(REPORT) or {}).get("object_refs") == kept, referer
+
+
+def test_a_standard_id_change_not_announced_repoints_what_named_the_old_id(
+    tmp_path: Path,
+) -> None:
+    """A copy of an object under its new standard id without the reverse patch that announces
+    the change (a recovery's or a dependency's): the object is the same (same internal id), and
+    what named its old id names the new one, as on the platform."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    events = [
+        _event(1, "create", _entity(old, "iid-a")),
+        _event(2, "create", _report([old])),
+        _event(3, "create", _entity(new, "iid-a", old), referer="init-dependencies"),
+    ]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert (state.get(old) or {}).get("id") == new
+        assert (state.get(REPORT) or {}).get("object_refs") == [new]
+        assert state.counts()["objects"] == 2
+
+
+def test_an_object_first_seen_listing_a_live_objects_id_stays_apart_from_it(
+    tmp_path: Path,
+) -> None:
+    """A merge's target the archive never held, sent as a dependency just before the merge in
+    its version after it (its stix ids naming the source): another entity (another internal id)
+    than the source, which stays live until the merge event."""
+    source, target = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([_event(1, "create", _entity(source, "iid-s"))])
+        early = _entity(target, "iid-t", source)
+        state.apply_many([_event(2, "create", early, referer="init-dependencies")])
+        assert (state.get(source) or {}).get("id") == source
+        assert (state.get(target) or {}).get("id") == target
+        state.apply(_event(3, "merge", early, sources=[_entity(source, "iid-s")]))
+        assert (state.get(source) or {}).get("id") == target
+        assert state.counts() == {"objects": 1, "tombstones": 1, "merged": 1}
+
+
+def test_lines_before_a_segments_first_group_id_are_in_its_first_group(tmp_path: Path) -> None:
+    """Recovery events arrive below the position (their ids are their ``updated_at``): those
+    that open a segment are in its first group, above what the state already holds, and are
+    folded, whatever their own ids."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([_event(5, "create", _entity(old, "iid-a"))])
+        done = state.as_of
+        assert done is not None
+        below = _event(1, "create", _entity(new, "iid-b"), referer="init-create")
+        first = EventId(done.ms + 5, 0)
+        line = orjson.dumps({"id": below.id_text, "event": "create", "data": below.envelope})
+        assert state.fold_lines([line], first=first, done=done) == 1
+        assert state.get(new) is not None and state.as_of == done
