@@ -170,6 +170,11 @@ _LOAD_ROWS = 512
 _NEW_ALIASES_MAX = 65_536
 _CACHE_KIB = 8192  # page cache: see PRAGMA cache_size in StateStore.__init__
 _REF_SUFFIXES = ("_ref", "_refs")
+# An alias row "<prefix><standard id>" -> key: that live object has this standard id while
+# another live object holds it (one of them sent ahead, in a version from after the other is
+# gone). Once the holder is forgotten, the id is handed over (``_forget``). A row of the alias
+# table, so snapshots carry it like any alias; no id starts so.
+_CLAIM = "claim:"
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -919,6 +924,8 @@ class StateStore:
                     # (see _claim_standard_id).
                     known[alias] = mine
                     claimed.append((alias, key))
+                elif alias == stix_id and not stale:
+                    claimed.append((_CLAIM + alias, key))  # its standard id too (_CLAIM)
             if as_of is None or eid > as_of:
                 as_of = eid
             done += 1
@@ -1076,8 +1083,10 @@ class StateStore:
         upserted into that one, so that one has lost it (deleted or renamed since, by events
         the archive holds later: a reconciliation's, written after the repair's recovery)."""
         holder = self._alias_holder(stix_id)
-        if holder is not None and holder[0] != key and holder[1] != stix_id:
-            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(stix_id, key)])
+        if holder is not None and holder[0] != key:
+            # Held as an old id: taken; held as the holder's standard id too: claimed (_CLAIM).
+            alias = stix_id if holder[1] != stix_id else _CLAIM + stix_id
+            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(alias, key)])
 
     def _standard_id_of_another(self, stix_id: str, key: str | None) -> bool:
         """Whether ``stix_id`` is the standard id of a live object other than ``key``."""
@@ -1094,8 +1103,20 @@ class StateStore:
         return (str(row[0]), str(row[1])) if row else None
 
     def _forget(self, key: str) -> None:
+        db = self._db
+        held = [str(r[0]) for r in db.execute("SELECT alias FROM aliases WHERE key = ?", (key,))]
         for table in ("objects", "aliases", "refs"):
-            self._db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))  # noqa: S608
+            db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))  # noqa: S608
+        # A standard id it held that another live object claims (_CLAIM) is that object's now:
+        # left to none, the id of a live object would be deleted by a restore (its tombstone).
+        for alias in held:
+            row = db.execute(
+                "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
+                " WHERE a.alias = ?",
+                (_CLAIM + alias,),
+            ).fetchone()
+            if row is not None and row[1] == alias:
+                self._add_aliases(_ADD_ALIAS, [(alias, str(row[0]))])
 
     def _tombstone(
         self, key: str, stix_id: str, event_id: str, reason: str, into: str | None

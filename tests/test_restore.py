@@ -22,7 +22,7 @@ import zstandard
 
 from connector.archive.segment import compress
 from connector.errors import RetryableError
-from connector.events import OCTI_EXT, EventId
+from connector.events import OCTI_EXT, RECONCILE_REFERER, EventId
 from connector.restore import (
     TextProgress,
     materialise,
@@ -46,6 +46,8 @@ from tests.test_state import (
     PARADISE,
     REL_CAMPAIGN,
     Mark,
+    _entity,
+    _event,
     archive_events,
     assert_equal_objects,
     new_sim,
@@ -707,6 +709,28 @@ def test_a_restore_over_old_state_keeps_a_merge_target_created_again(tmp_path: P
     assert platform.get(t["id"]) is not None, "the live T was deleted by the restore"
     assert platform.get(rel["id"]) is not None
     assert report.skipped_deletes >= 1
+
+
+def test_a_restore_keeps_an_object_sent_ahead_under_a_deleted_objects_id(
+    tmp_path: Path,
+) -> None:
+    """A repair's recovery sent B under the standard id A still had here; the reconciliation
+    then archived A's delete. The restore pushed B, then deleted that id (A's tombstone, no
+    live object answering to it): B was gone from the restored platform."""
+    sid = "malware--00000000-0000-4000-8000-000000000001"
+    b = _entity(sid, "iid-b", description="B")
+    events = [
+        _event(1, "create", _entity(sid, "iid-a")),
+        _event(2, "create", b, referer="init-create"),
+        _event(3, "delete", _entity(sid, "iid-a"), referer=RECONCILE_REFERER),
+    ]
+    storage = LocalStorage(tmp_path / "archive")
+    archive_events(storage, events)
+    target = SimTarget(SimStore())
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        report = restore_to_target(state, target, batch_size=10)
+    assert (target.store.get(sid) or {}).get("description") == "B"
+    assert target.deleted == [] and report.skipped_deletes == 1
 
 
 def test_restore_progress_from_another_versions_steps_starts_over(

@@ -20,10 +20,11 @@ import pytest
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.errors import ConnectorError
 from connector.events import OCTI_EXT, RECONCILE_REFERER, EventId, StreamEvent, octi_ext
+from connector.restore import materialise_plan
 from connector.sim import sample_bundle
 from connector.sim.store import SimStore
 from connector.sink import Batch
-from connector.snapshot import fold_segments
+from connector.snapshot import fold_segments, write_snapshot
 from connector.state import StateStore
 from connector.storage.local import LocalStorage
 from tests.support.simlog import copy_event, sim_events
@@ -813,6 +814,34 @@ def test_an_object_first_seen_listing_a_live_objects_id_stays_apart_from_it(
         state.apply(_event(3, "merge", early, sources=[_entity(source, "iid-s")]))
         assert (state.get(source) or {}).get("id") == target
         assert state.counts() == {"objects": 1, "tombstones": 1, "merged": 1}
+
+
+@pytest.mark.parametrize("referer", [RECONCILE_REFERER, None])
+def test_a_standard_id_two_live_objects_hold_goes_to_the_one_left(
+    tmp_path: Path, referer: str | None
+) -> None:
+    """An object sent ahead (a repair's recovery, a dependency) under the standard id another
+    live object still has here, until that one's delete: the id is then the one left's. Left
+    to none, its tombstone made a restore delete the live object it had just pushed. The
+    claim survives a snapshot's parts."""
+    sid = "malware--00000000-0000-4000-8000-000000000001"
+    first = [
+        _event(1, "create", _entity(sid, "iid-a")),
+        _event(2, "create", _entity(sid, "iid-b", description="ahead"), referer="init-create"),
+    ]
+    delete = _event(3, "delete", _entity(sid, "iid-a"), referer=referer)
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([*first, delete])
+        assert (state.get(sid) or {}).get("description") == "ahead"
+    storage = LocalStorage(tmp_path / "archive")
+    after = archive_events(storage, first)
+    info = write_snapshot(storage, work_dir=tmp_path / "w", state_image=False)
+    assert info is not None and info.state_image is None
+    archive_events(storage, [delete], after=after)
+    seeded, plan = materialise_plan(storage, until=None, work_dir=tmp_path / "r")
+    with seeded:
+        assert plan.snapshot == info.key and plan.events == 1
+        assert (seeded.get(sid) or {}).get("description") == "ahead"
 
 
 def test_lines_before_a_segments_first_group_id_are_in_its_first_group(tmp_path: Path) -> None:
