@@ -663,9 +663,12 @@ def test_relationships_of_containers_and_notes_are_pushed_after_them(tmp_path: P
     storage = LocalStorage(tmp_path / "archive")
     archive_events(storage, events, per_segment=4)
     target = _RefusesMissingEndpoints(SimStore())
+    out = io.BytesIO()
     with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
         restore_to_target(state, target, batch_size=10)
+        to_bundle(state, out)
     assert all(target.store.get(r) is not None for r in rels)
+    assert [o["id"] for o in orjson.loads(out.getvalue())["objects"]] == target.pushed
 
 
 def test_a_restore_over_old_state_keeps_a_merge_target_created_again(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from connector.snapshot import (
     state_sha256,
     write_snapshot,
 )
-from connector.state import SNAPSHOT_ROWS, STATE_SCHEMA, StateStore
+from connector.state import SNAPSHOT_ROWS, STATE_SCHEMA, StateStore, push_phase, stix_refs
 from connector.storage.local import LocalStorage
 from tests.support.statedb import state_tables
 from tests.test_state import (
@@ -341,6 +341,8 @@ def _line(key: str, stix_id: str, extra: list[str], **fields: Any) -> bytes:
 
 def test_snapshot_lines_first_claim_wins_and_other_layouts_load(tmp_path: Path) -> None:
     a = _line("a", "malware--1", ["malware--9"])
+    # An alias the line lists beyond the object's own ids (an old standard id) is the object's.
+    a = a[:-2] + b', "aliases": ["malware--7"]}\n'
     b = _line("b", "malware--9", [])
     # Written by hand, not by us: other key order and spacing take the parse-and-dump path.
     c_data = {"type": "malware", "id": "malware--3", "name": 'c "data": x', "extensions": {}}
@@ -357,11 +359,47 @@ def test_snapshot_lines_first_claim_wins_and_other_layouts_load(tmp_path: Path) 
     assert _aliases(db) == {
         "a": "a",
         "malware--1": "a",
+        "malware--7": "a",
         "malware--9": "a",
         "b": "b",
         "c": "c",
         "malware--3": "c",
     }
+
+
+def _header_line(stix: dict[str, Any], phase: int, order: tuple[str, ...] = ()) -> bytes:
+    """A line in the snapshot writer's layout (its row header first), fields in ``order``
+    first when given."""
+    octi = stix["extensions"][OCTI_EXT]
+    head = {"key": octi["id"], "stix_id": stix["id"], "event_id": "5-0", "event": "create"}
+    head |= {"iid": octi["id"], "type": stix["type"], "phase": phase, "version": ""}
+    head |= {"refs": stix_refs(stix), "aliases": [octi["id"], stix["id"]]}
+    head = {k: head[k] for k in order} | head
+    return orjson.dumps({**head, "data": stix}) + b"\n"
+
+
+def test_lines_under_older_row_rules_or_another_header_order_are_derived_again(
+    tmp_path: Path,
+) -> None:
+    """Rows of lines written under other row rules (a relationship of a report was pushed with
+    the relationships, rules 2) are derived from the object; so are those whose header fields
+    come in another order: only the writer's own layout and rules are taken as they are."""
+    rel = {"type": "relationship", "id": "relationship--1", "relationship_type": "related-to",
+           "source_ref": "report--1", "target_ref": "malware--1",
+           "extensions": {OCTI_EXT: {"id": "r1"}}}  # fmt: skip
+    other = {"type": "malware", "id": "malware--2", "name": "m",
+             "extensions": {OCTI_EXT: {"id": "m2"}}}  # fmt: skip
+    assert push_phase(rel) == 9 and push_phase(other) == 2
+    for rows, lines in (
+        (2, [_header_line(rel, 4), _header_line(other, 2)]),
+        (SNAPSHOT_ROWS, [_header_line(other, 2, order=("stix_id", "key"))]),
+    ):
+        with StateStore(tmp_path / f"{rows}.sqlite", scratch=True) as state:
+            state.load_lines(lines, [], EventId(5, 0), rows=rows)
+            assert state.get("malware--2") == other
+            assert state.phase_count(2) == 1 and state.phase_count(4) == 0
+            assert state.phase_count(9) == (rows == 2)
+        assert _aliases(tmp_path / f"{rows}.sqlite")["m2"] == "m2"
 
 
 def test_damaged_snapshot_line_is_a_clear_error(tmp_path: Path) -> None:
