@@ -817,17 +817,23 @@ def test_an_object_first_seen_listing_a_live_objects_id_stays_apart_from_it(
 
 
 @pytest.mark.parametrize("referer", [RECONCILE_REFERER, None])
+@pytest.mark.parametrize("renamed", [False, True])
 def test_a_standard_id_two_live_objects_hold_goes_to_the_one_left(
-    tmp_path: Path, referer: str | None
+    tmp_path: Path, referer: str | None, renamed: bool
 ) -> None:
     """An object sent ahead (a repair's recovery, a dependency) under the standard id another
     live object still has here, until that one's delete: the id is then the one left's. Left
     to none, its tombstone made a restore delete the live object it had just pushed. The
-    claim survives a snapshot's parts."""
+    claim survives a snapshot's parts. (``renamed``: it comes as a standard-id change, the
+    per-event path.)"""
     sid = "malware--00000000-0000-4000-8000-000000000001"
+    ahead = _entity(sid, "iid-b", description="ahead")
+    patch = [{"op": "replace", "path": "/id", "value": sid[:-1] + "9"}]
     first = [
         _event(1, "create", _entity(sid, "iid-a")),
-        _event(2, "create", _entity(sid, "iid-b", description="ahead"), referer="init-create"),
+        _event(2, "update", ahead, reverse_patch=patch)
+        if renamed
+        else _event(2, "create", ahead, referer="init-create"),
     ]
     delete = _event(3, "delete", _entity(sid, "iid-a"), referer=referer)
     with StateStore(tmp_path / "s.sqlite") as state:
