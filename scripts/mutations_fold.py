@@ -1,4 +1,4 @@
-"""Session 24's hand-made mutations of the restore's fold and the archive reader (docs/RELIABILITY.md).
+"""Session 24's hand-made mutations of the fold and the archive reader (docs/RELIABILITY.md).
 
 The same kind of table as ``scripts/mutations.py`` (whose ``run`` this uses), for what its core
 table leaves of ``connector/state.py`` (versions, merges, deletes and their tombstones,
@@ -10,7 +10,7 @@ archive's reading (``connector/archive/reader.py``, ``segment.py``'s manifests a
 bug put in on purpose, its test files are run (one process, ``-x``, cheapest first), and the file
 is written back as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_fold.py             # all of them (about N min on 2 cores)
+    .venv/bin/python scripts/mutations_fold.py             # all of them (about 4 min on 2 cores)
     .venv/bin/python scripts/mutations_fold.py FD4 RS6     # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
