@@ -1110,13 +1110,18 @@ class StateStore:
         # A standard id it held that another live object claims (_CLAIM) is that object's now:
         # left to none, the id of a live object would be deleted by a restore (its tombstone).
         for alias in held:
-            row = db.execute(
-                "SELECT a.key, o.stix_id FROM aliases a JOIN objects o ON o.key = a.key"
-                " WHERE a.alias = ?",
-                (_CLAIM + alias,),
-            ).fetchone()
-            if row is not None and row[1] == alias:
-                self._add_aliases(_ADD_ALIAS, [(alias, str(row[0]))])
+            claimer = self._claimer(alias)
+            if claimer is not None:
+                self._add_aliases(_ADD_ALIAS, [(alias, claimer)])
+
+    def _claimer(self, stix_id: str) -> str | None:
+        """The key of the live object that claimed ``stix_id`` as its standard id (_CLAIM). One
+        that changed its standard id since still has it as an old id, as the platform keeps it."""
+        row = self._db.execute(
+            "SELECT a.key FROM aliases a JOIN objects o ON o.key = a.key WHERE a.alias = ?",
+            (_CLAIM + stix_id,),
+        ).fetchone()
+        return str(row[0]) if row is not None else None
 
     def _tombstone(
         self, key: str, stix_id: str, event_id: str, reason: str, into: str | None
@@ -1177,9 +1182,10 @@ class StateStore:
         olds = [i for i in dict.fromkeys(old_ids) if i and i != new_id]
         olds = [i for i in olds if self._resolve([i]) in (None, key)]
         if olds:
-            self._add_aliases(
-                "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(i, key) for i in olds]
-            )
+            # An old id another live object claims as its standard id (_CLAIM) is that one's
+            # now; what named it at the change still follows this object (the platform's way).
+            rows = [(i, self._claimer(i) or key) for i in olds]
+            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", rows)
             self._repoint(olds, new_id, key)
 
     def _merge(self, ev: StreamEvent) -> None:

@@ -141,7 +141,15 @@ MUTATIONS: list[Mutation] = [
      "            alias = stix_id\n            if holder[1] == stix_id:\n                return\n",
      ["test_state"], None),
     ("FD28", "a forgotten object's claimed ids not handed over", STATE,
-     "            if row is not None and row[1] == alias:", "            if False:",
+     "            if claimer is not None:", "            if False:",
+     ["test_state"], None),
+    ("FD29", "a renamed object keeps an old id another live object claims", STATE,
+     "rows = [(i, self._claimer(i) or key) for i in olds]", "rows = [(i, key) for i in olds]",
+     ["test_state"], None),
+    ("FD30", "a claim dropped once the claimer's own standard id changed", STATE,
+     "(_CLAIM + stix_id,),\n        ).fetchone()\n        return str(row[0]) if row is not None else None",
+     "(_CLAIM + stix_id,),\n        ).fetchone()\n"
+     "        return None if row is None or self._stix_id(row[0]) != stix_id else str(row[0])",
      ["test_state"], None),
     # -- push order --------------------------------------------------------------------------
     ("RS1", "a chain of references not ranked link by link (the depth never grows)", STATE,

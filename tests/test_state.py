@@ -850,6 +850,44 @@ def test_a_standard_id_two_live_objects_hold_goes_to_the_one_left(
         assert (seeded.get(sid) or {}).get("description") == "ahead"
 
 
+def test_a_standard_id_two_live_objects_hold_goes_to_the_one_left_by_a_rename(
+    tmp_path: Path,
+) -> None:
+    """The same two objects, the holder's standard id then changed instead of deleted: the
+    old id is the claimer's, not an old id of the renamed one (which kept it, so the id led a
+    restore's readers to the renamed object and B answered to nothing but its internal id)."""
+    sid = "malware--00000000-0000-4000-8000-000000000001"
+    renamed = "malware--00000000-0000-4000-8000-000000000009"
+    events = [
+        _event(1, "create", _entity(sid, "iid-a")),
+        _event(2, "create", _entity(sid, "iid-b", description="ahead"), referer="init-create"),
+        _event(3, "update", _entity(renamed, "iid-a", description="renamed")),
+    ]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert (state.get(sid) or {}).get("description") == "ahead"
+        assert (state.get(renamed) or {}).get("description") == "renamed"
+        assert state.counts()["objects"] == 2
+
+
+def test_a_claimed_standard_id_goes_to_its_claimer_renamed_since(tmp_path: Path) -> None:
+    """The claimer's own standard id changed before the holder's delete: the claimed id is
+    still its old id (the platform keeps one), not an id left to none, which a restore would
+    delete with the holder's tombstone while the platform resolves it to the claimer."""
+    sid = "malware--00000000-0000-4000-8000-000000000001"
+    later = "malware--00000000-0000-4000-8000-000000000009"
+    events = [
+        _event(1, "create", _entity(sid, "iid-a")),
+        _event(2, "create", _entity(sid, "iid-b", description="ahead"), referer="init-create"),
+        _event(3, "update", _entity(later, "iid-b", sid, description="renamed")),
+        _event(4, "delete", _entity(sid, "iid-a"), referer=RECONCILE_REFERER),
+    ]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert (state.get(sid) or {}).get("description") == "renamed"
+        assert (state.get(later) or {}).get("description") == "renamed"
+
+
 def test_lines_before_a_segments_first_group_id_are_in_its_first_group(tmp_path: Path) -> None:
     """Recovery events arrive below the position (their ids are their ``updated_at``): those
     that open a segment are in its first group, above what the state already holds, and are
