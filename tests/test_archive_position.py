@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
+import orjson
 import pytest
 
 from connector.archive.layout import MANIFESTS_PREFIX, manifest_key_for_segment
@@ -157,6 +159,43 @@ def test_a_checkpoint_of_another_version_is_refused(tmp_path: Path) -> None:
     storage.put(CHECKPOINT_KEY, body.replace(b'"version": 1', b'"version": 2'))
     with pytest.raises(CheckpointError, match="unsupported checkpoint version 2"):
         CheckpointStore(storage).load()
+
+
+def test_every_field_of_the_checkpoint_is_read_back_and_one_added_later_is_left_aside(
+    tmp_path: Path,
+) -> None:
+    """A restart reads back all a checkpoint holds (one left out is a recovery sent again, a
+    reconciliation forgotten, a gap verify no longer explains); a field a later version of the
+    same format adds (a downgrade) is left aside, not taken for damage."""
+    storage = LocalStorage(tmp_path / "archive")
+    store = CheckpointStore(storage)
+    gap = {"checkpoint": "5-0", "first_retained": "9-0", "detected_at": "2026-01-03T00:00:00Z"}
+    cp = Checkpoint(
+        stream_id="live",
+        source_url="http://x",
+        last_event_id="12-0",
+        recover_until="2026-01-02T00:00:00Z",
+        first_recover_until="2026-01-01T00:00:00Z",
+        recover_refused=True,
+        events_archived=7,
+        segments_written=2,
+        quarantined=1,
+        last_segment="events/1970/01/01/00000000000012-0000000000.jsonl.zst",
+        last_segment_last_id="12-0",
+        acked_event_id="11-0",
+        reconcile={**gap, "due": True},
+        retention_gaps=[gap],
+    )
+    store.save(cp)
+    assert cp.saved_at  # status shows when the backup last moved
+    blank = Checkpoint(stream_id="live", source_url="http://x")
+    assert all(getattr(cp, f.name) != getattr(blank, f.name) for f in fields(cp)[2:])
+    assert store.load() == cp
+
+    body = orjson.loads(storage.get(CHECKPOINT_KEY))
+    body["added_later"] = {"by": "a later version"}
+    storage.put(CHECKPOINT_KEY, orjson.dumps(body))
+    assert store.load() == cp
 
 
 def _two_segments(storage: LocalStorage) -> str:
