@@ -102,6 +102,14 @@ def test_a_work_dir_that_cannot_take_the_spill_keeps_the_group_in_memory(
     assert pending.spilled == 0 and len(pending) == 30
     _same(list(pending.head(30)), events)
     assert any("holding it in memory" in r.getMessage() for r in caplog.records)
+    # Once the group is written, the next one that outgrows memory tries the disk again (room
+    # made meanwhile): memory is not left without a limit for the rest of the run.
+    blocked.unlink()
+    pending.drop_head(30)
+    for _ in range(30):
+        pending.append(_event(4, 0, 900, EventId(4, 0)))
+    assert pending.spilled > 0 and len(pending) == 30
+    pending.close()
 
 
 def _key(ev: StreamEvent) -> tuple[str, str, bytes, EventId]:
@@ -165,6 +173,52 @@ def test_the_spill_ends_once_what_is_pending_fits_in_memory_again(tmp_path: Path
         if ms % 50 == 0:
             pending.drop_head(complete)  # a batch: all but the newest group
     assert pending.spilled == 0 and len(pending) <= 50
+
+
+def _spill_files(work: Path) -> list[int]:
+    """Sizes of the files in ``work`` this process holds open: the spill files (unlinked, only
+    their descriptors keep them and the disk space they take)."""
+    sizes = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the descriptor listdir itself used
+        if target.startswith(f"{work}/"):
+            sizes.append(os.stat(f"/proc/self/fd/{fd}").st_size)
+    return sizes
+
+
+def test_the_spill_file_gives_back_what_is_dropped_and_goes_when_the_spill_ends(
+    tmp_path: Path,
+) -> None:
+    """A spill file is the disk a huge group takes: a dropped partial group (a disconnect) gives
+    its part back, and the file goes once the spill ends (read back into memory, dropped
+    whole, or the pending events closed at the end of the run)."""
+    work = tmp_path / "work"
+    pending = PendingEvents(work, spill_bytes=10_000)
+    for _ in range(60):
+        pending.append(_event(2, 0, 900, EventId(2, 0)))
+    held = len(pending) - pending.spilled
+    (size,) = _spill_files(work)
+    pending.drop_tail(held + 5)  # the platform sends the partial group again
+    (cut,) = _spill_files(work)
+    assert pending.spilled == 5 and cut * 5 < size
+    batch = pending.head(held + 1)  # its last event read back from disk
+    assert len(batch) == held + 1 and len(list(batch)) == held + 1
+    pending.drop_head(held + 1)  # written; the rest fits in memory again: read back
+    # Closed now, not once the batch made of it is let go (the flush still holds it).
+    assert pending.spilled == 0 and len(pending) == 4 and _spill_files(work) == []
+    for _ in range(60):
+        pending.append(_event(3, 0, 900, EventId(3, 0)))
+    assert pending.spilled > 0 and len(_spill_files(work)) == 1
+    pending.drop_tail(len(pending) - pending.spilled)  # the spilled part dropped whole
+    assert pending.spilled == 0 and _spill_files(work) == []
+    for _ in range(60):
+        pending.append(_event(4, 0, 900, EventId(4, 0)))
+    assert len(_spill_files(work)) == 1
+    pending.close()
+    assert _spill_files(work) == []
 
 
 _FULL_DISK = """
