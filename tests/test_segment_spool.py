@@ -27,6 +27,7 @@ from connector.archive.segment import (
     encode_segment,
     iter_manifest_rows,
     iter_segment_lines,
+    open_decompressed,
     read_manifest,
 )
 from connector.errors import MalformedEvent, PermanentError
@@ -94,6 +95,8 @@ def test_a_spooled_segment_is_the_segment_built_in_memory(tmp_path: Path) -> Non
         # The manifest the archive format describes, its rows and counts included.
         manifest = Manifest.from_json(_bytes(held.manifest_body()))
         assert manifest.to_json() == held.manifest_body()
+        raw = open_decompressed(io.BytesIO(held.body()), "zstd").read()
+        assert manifest.raw_size == len(raw) > 1 << 20  # compressed in more than one slice
     finally:
         held.close()
         spooled.close()

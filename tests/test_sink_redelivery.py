@@ -307,13 +307,47 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
     storage.delete(manifest_key(second[0].id))
     # The restart re-delivers from the middle of the second segment onwards.
     rest = events[15:]
-    sink = ArchiveSink(storage)
+    # Restarted with another compression level: the rebuilt manifest still describes the bytes
+    # stored (their sha256), not this run's encoding of them.
+    sink = ArchiveSink(storage, level=19)
     sink.write(Batch(first_id=rest[0].id, last_id=rest[-1].id, events=rest, after_id=first[-1].id))
     assert sink.last.skipped == 5 and sink.last.events == 10
     assert storage.get(manifest_key(second[0].id)) == lost  # rebuilt as it was written
     assert sink.tail == events[-1].id
     stored = assert_each_group_once(storage, tmp_path)
     assert stored == [e.id_text for e in events]
+
+
+class WritesOnce(LocalStorage):
+    """Refuses a second write to the same key: a sink that would write it for ever."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.written: set[str] = set()
+
+    def put_if_absent(self, key: str, body: Any) -> bool:
+        assert key not in self.written, f"{key} written again"
+        self.written.add(key)
+        return super().put_if_absent(key, body)
+
+
+def test_a_manifest_ending_before_its_own_segment_is_refused(tmp_path: Path) -> None:
+    """A damaged manifest at a write's key says its segment ends before the group it is named
+    by: the write stops on it (an operator's matter), rather than meet the same key again and
+    again."""
+    from connector.archive.layout import manifest_key
+    from connector.sink import Batch
+    from tests.support.handfed import at
+    from tests.support.handfed import malware as event
+
+    storage = WritesOnce(tmp_path / "a")
+    batch = Batch(first_id=at(2), last_id=at(2), events=[event(at(2), 2)], after_id=at(1))
+    ArchiveSink(storage).write(batch)
+    mkey = manifest_key(at(2))
+    storage.put(mkey, storage.get(mkey).replace(str(at(2)).encode(), str(at(1, 5)).encode()))
+    storage.written.clear()
+    with pytest.raises(PermanentError, match="ends before its first group"):
+        ArchiveSink(storage).write(batch)
 
 
 def test_quarantine_records_are_counted_once_across_retries_and_deliveries(
