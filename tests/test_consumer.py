@@ -46,6 +46,7 @@ from tests.support.connector import (
     raw_log,
     wait_until,
 )
+from tests.support.faultproxy import FaultProxy
 from tests.support.handfed import at, malware
 
 TOKEN = "test-token"
@@ -596,6 +597,36 @@ def test_registration_waits_for_a_platform_that_is_not_up_yet(
         wait_until(lambda: reg.registered, what="registration once the platform is up")
         reg.stop()
         assert cid in late.store.platform_state.connectors  # type: ignore[attr-defined]
+
+
+def test_registration_refuses_a_non_graphql_error_and_outlives_a_failed_ping(
+    sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Best effort both ways: an error page without GraphQL errors (a proxy's 403) is a
+    refusal, not a registration; a ping the network loses is one warning, and the pings go on."""
+    monkeypatch.setattr(registration, "PING_EVERY_SECS", 0.05)
+    cid = "5a3f6c39-3a5e-4c1e-9d2b-3d3f0b9c7a13"
+    with FaultProxy(sim.url) as proxy:
+
+        def registering() -> SourceRegistration:
+            return SourceRegistration(
+                url=proxy.url, token=TOKEN, verify=True, connector_id=cid, name="sync", state=dict
+            ).start()
+
+        proxy.fail_next(1, "403", method="POST", path="/graphql")
+        refused = registering()
+        refused.stop(timeout=30)
+        assert not refused.registered and refused.pings == 0
+        assert proxy.stats["403"] == 1
+
+        reg = registering()
+        wait_until(lambda: reg.pings >= 1, what="first ping")
+        proxy.fail_next(1, "reset", method="POST", path="/graphql")
+        wait_until(lambda: proxy.stats["reset"] == 1, what="a ping lost")
+        pings = reg.pings
+        wait_until(lambda: reg.pings > pings, timeout=15, what="the pings after a lost one")
+        reg.stop()
+        assert reg.registered
 
 
 def test_no_recover_is_remembered_and_consumer_metrics_advance(
