@@ -11,7 +11,7 @@ best effort, never in the backup's way). Each mutation is a small bug put in on 
 files named with it are run (one process, ``-x``, cheapest first), and the file is written back
 as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_durable.py            # all of them (about 7 min on 2 cores)
+    .venv/bin/python scripts/mutations_durable.py            # all of them (about 5 min on 2 cores)
     .venv/bin/python scripts/mutations_durable.py DK1 DB4    # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
