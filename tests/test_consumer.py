@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -896,28 +897,53 @@ def test_the_reconnect_backoff_grows_is_capped_and_starts_again_after_a_delivery
     assert not [i for i in after if isinstance(i, Quarantined)]
 
 
-class _CutInsideAGroup(BaseHTTPRequestHandler):
-    """A stream cut each time inside the same group (a proxy's byte limit under a large
-    dependency group): two of the group's dependencies, sharing its id, then the end (before
-    the trigger that completes it), on every connection."""
+class _Fixed(BaseHTTPRequestHandler):
+    """Answers every GET 200 with ``body()`` as ``content_type``, and records its path."""
 
+    content_type = "text/event-stream"
     requests: list[str] = []
+
+    def body(self) -> bytes:
+        raise NotImplementedError
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         return
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         type(self).requests.append(self.path)
-        group = at(1)
-        body = b"".join(
-            b"id: %s\nevent: create\ndata: %s\n\n" % (str(group).encode(), ev.data)
-            for ev in (malware(group, n, referer="init-dependencies") for n in (1, 2))
-        )
+        body = self.body()
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", self.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def _serving(handler: type[_Fixed]) -> Iterator[str]:
+    """``handler`` served on 127.0.0.1 (its requests cleared): yields its URL."""
+    handler.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _CutInsideAGroup(_Fixed):
+    """A stream cut each time inside the same group (a proxy's byte limit under a large
+    dependency group): two of the group's dependencies, sharing its id, then the end (before
+    the trigger that completes it), on every connection."""
+
+    def body(self) -> bytes:
+        group = at(1)
+        return b"".join(
+            b"id: %s\nevent: create\ndata: %s\n\n" % (str(group).encode(), ev.data)
+            for ev in (malware(group, n, referer="init-dependencies") for n in (1, 2))
+        )
 
 
 def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -926,21 +952,15 @@ def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPat
     asked again without a pause, forever, each time re-sending the whole group."""
     bounds = _Bounds()
     monkeypatch.setattr(source_module, "random", bounds)
-    _CutInsideAGroup.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutInsideAGroup)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
-    source = SseSource(config, resume=at(0), resume_data=at(0)).start()
-    try:
-        seen = _items_until(
-            source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
-        )
-    finally:
-        source.close()
-        server.shutdown()
-        server.server_close()
+    with _serving(_CutInsideAGroup) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        source = SseSource(config, resume=at(0), resume_data=at(0)).start()
+        try:
+            seen = _items_until(
+                source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
+            )
+        finally:
+            source.close()
     assert len([i for i in seen if isinstance(i, StreamEvent)]) >= 8, "each connection delivered"
     assert not [i for i in seen if isinstance(i, Complete)]
     assert bounds.highs[:3] == pytest.approx([0.01, 0.02, 0.04])
@@ -949,41 +969,30 @@ def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPat
     assert f"from={at(0)}" in _CutInsideAGroup.requests[0]
 
 
-class _LoginPage(BaseHTTPRequestHandler):
+class _LoginPage(_Fixed):
     """A proxy's sign-in page where the stream should be: 200, but HTML."""
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        return
+    content_type = "text/html"
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        body = b"<html><body>Sign in to continue</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def body(self) -> bytes:
+        return b"<html><body>Sign in to continue</body></html>"
 
 
 def test_a_page_that_is_not_an_event_stream_is_said_as_such() -> None:
     """Read as a stream, the page gave no message and an end: "stream ended (EOF)" said
     nothing of the proxy in the way."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _LoginPage)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    source = SseSource(
-        SourceConfig(url=url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2),
-        resume=None,
-        recover_until=None,
-    ).start()
-    try:
-        seen = _items_until(
-            source, lambda s: any(isinstance(i, Disconnected) for i in s), "a reconnect"
-        )
-    finally:
-        source.close()
-        server.shutdown()
-        server.server_close()
+    with _serving(_LoginPage) as url:
+        source = SseSource(
+            SourceConfig(url=url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2),
+            resume=None,
+            recover_until=None,
+        ).start()
+        try:
+            seen = _items_until(
+                source, lambda s: any(isinstance(i, Disconnected) for i in s), "a reconnect"
+            )
+        finally:
+            source.close()
     first = next(i for i in seen if isinstance(i, Disconnected))
     assert "expected text/event-stream, got 'text/html'" in first.reason
     assert not [i for i in seen if isinstance(i, (StreamEvent, Complete))]
