@@ -1104,15 +1104,20 @@ class StateStore:
 
     def _forget(self, key: str) -> None:
         db = self._db
-        held = [str(r[0]) for r in db.execute("SELECT alias FROM aliases WHERE key = ?", (key,))]
+        # A standard id it holds that another live object claims (_CLAIM) is that object's now:
+        # left to none, the id of a live object would be deleted by a restore (its tombstone).
+        handed = [
+            (str(claim)[len(_CLAIM) :], str(claimer))
+            for claim, claimer in db.execute(
+                "SELECT c.alias, c.key FROM aliases c JOIN objects o ON o.key = c.key"
+                " WHERE c.key != ? AND c.alias IN (SELECT ? || alias FROM aliases WHERE key = ?)",
+                (key, _CLAIM, key),
+            )
+        ]
         for table in ("objects", "aliases", "refs"):
             db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))  # noqa: S608
-        # A standard id it held that another live object claims (_CLAIM) is that object's now:
-        # left to none, the id of a live object would be deleted by a restore (its tombstone).
-        for alias in held:
-            claimer = self._claimer(alias)
-            if claimer is not None:
-                self._add_aliases(_ADD_ALIAS, [(alias, claimer)])
+        if handed:
+            self._add_aliases(_ADD_ALIAS, handed)
 
     def _claimer(self, stix_id: str) -> str | None:
         """The key of the live object that claimed ``stix_id`` as its standard id (_CLAIM). One
