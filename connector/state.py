@@ -172,8 +172,8 @@ _CACHE_KIB = 8192  # page cache: see PRAGMA cache_size in StateStore.__init__
 _REF_SUFFIXES = ("_ref", "_refs")
 # An alias row "<prefix><standard id>" -> key: that live object has this standard id while
 # another live object holds it (one of them sent ahead, in a version from after the other is
-# gone). Once the holder is forgotten, the id is handed over (``_forget``). A row of the alias
-# table, so snapshots carry it like any alias; no id starts so.
+# gone). Once the holder is forgotten or renamed, the id is handed over (``_forget``,
+# ``_renamed``). A row of the alias table, so snapshots carry it like any alias; no id starts so.
 _CLAIM = "claim:"
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
