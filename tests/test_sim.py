@@ -624,3 +624,62 @@ def test_a_client_resetting_its_connection_prints_no_traceback(
     assert not handlers() - before, "the handler thread never ended"
     assert "Traceback" not in capsys.readouterr().err
     assert httpx.get(f"{sim.url}/control/info").status_code == 401  # answered (no token given)
+
+
+def _clocked_sim(now: list[int]) -> SimServer:
+    """A simulator whose event clock is ``now[0]`` (epoch ms), set by the test."""
+    return SimServer(heartbeat_secs=0.2, store=SimStore(clock=lambda: now[0])).start()
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/stream", "from={ahead}"),
+        ("/stream/live", "from={ahead}"),
+        ("/stream/live", "from=0-0&recover={ahead_iso}"),
+    ],
+    ids=["raw", "live", "recover"],
+)
+def test_a_start_id_ahead_of_the_log_skips_what_sorts_below_it(path: str, query: str) -> None:
+    """The platform reads strictly after the start id (XREAD), not after a place in the log: from
+    an id (or a recover date) ahead of the event clock, what is appended while the clock is
+    still below it is never sent (protocol doc §3.1, §5.1 "recover must not be in the future").
+    The simulator sent it, hiding that loss from a connector resuming from such an id."""
+    now = [1_800_000_000_000]
+    sim = _clocked_sim(now)
+    try:
+        sim.store.create(obj("malware", 1))
+        ahead = now[0] + 5_000
+        url = sim.url + path + "?" + query.format(ahead=f"{ahead}-0", ahead_iso=iso_ms(ahead))
+        appended: list[str | None] = []
+
+        def append_then_stop(msgs: list[Msg]) -> bool:
+            if len(msgs) == 1:  # connected: the reader waits at its start id now
+                now[0] += 1_000
+                appended.append(sim.store.create(obj("malware", 2)))  # below the start id
+                now[0] = ahead + 1
+                appended.append(sim.store.create(obj("malware", 3)))  # above it
+            return bool(data_msgs(msgs)) and data_msgs(msgs)[-1][2]["origin"].get("referer") is None
+
+        msgs = read_stream(url, until=append_then_stop)
+        live = [m for m in data_msgs(msgs) if m[2]["origin"].get("referer") is None]
+        assert [m[0] for m in live] == [appended[1]]
+        assert "malware 2" not in [m[2]["data"]["name"] for m in data_msgs(msgs)]
+    finally:
+        sim.stop()
+
+
+def test_a_recover_id_is_used_as_given_for_the_live_part() -> None:
+    """``recover=<ms>-<seq>`` starts the live part strictly after that id, as the platform
+    passes it to its reader verbatim (``sseMiddleware.js:709``); the simulator started after
+    ``<ms>-0``, sending again the same millisecond's events up to it."""
+    now = [1_800_000_000_000]
+    sim = _clocked_sim(now)
+    try:
+        ids = [sim.store.create(obj("malware", i)) for i in range(4)]  # <ms>-0 .. <ms>-3
+        assert ids[1] == f"{now[0]}-1"
+        msgs = data_msgs(read_stream(f"{sim.url}/stream/live?from=0-0&recover={ids[1]}"))
+        live = [m[0] for m in msgs if m[2]["origin"].get("referer") != "init-create"]
+        assert live == ids[2:]
+    finally:
+        sim.stop()

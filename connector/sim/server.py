@@ -27,7 +27,7 @@ import orjson
 
 from ..events import OCTI_EXT
 from .filters import ENDPOINT_FIELDS, is_accessible, is_relation, match_filter_group, stix_refs
-from .store import FILE_URI_PREFIX, SimStore, iso_ms, parse_date_ms, split_key
+from .store import FILE_URI_PREFIX, LogSlice, SimStore, iso_ms, parse_date_ms, split_key
 
 __all__ = ["SimServer", "parse_position"]
 
@@ -100,6 +100,9 @@ class _Session:
         self.data_sent = 0
         self.last_hb = time.monotonic()
         self.cache: OrderedDict[str, None] = OrderedDict()
+        # The start id the reader reads strictly after (XREAD), while log entries may still
+        # sort at or below it: a start ahead of the log's clock (see _above_floor).
+        self.floor: int | None = None
         faults = sim._take_connection_faults()
         self.drop_after: int | None = faults.get("drop_after_events")
         self.mid_message = bool(faults.get("mid_message"))
@@ -225,15 +228,38 @@ class _Session:
             if time.monotonic() - self.last_hb >= hb:
                 self.heartbeat(pos)
 
+    def _above_floor(self, sl: Any) -> Any:
+        """Only the entries that sort after the start id. The platform's reader asks Redis for
+        entries strictly after an id (``XREAD ... <id>``), not after a place in the log: from a
+        start id ahead of the log's clock (a node clock ahead, a ``recover`` date in the
+        future) what is appended until the clock passes it is never sent (protocol doc §3.1,
+        §5.1). Injected ``raw`` test frames are no Redis entries: always sent."""
+        floor = self.floor
+        if floor is None:
+            return sl
+        if sl.keys and sl.keys[-1] > floor:
+            self.floor = None  # the log's keys only grow: every later entry is above it
+        if sl.keys and sl.keys[0] > floor:
+            return sl
+        keep = [i for i, k in enumerate(sl.keys) if k > floor or sl.kinds[i] == "raw"]
+        return LogSlice(
+            sl.start,
+            [sl.keys[i] for i in keep],
+            [sl.kinds[i] for i in keep],
+            [sl.frames[i] for i in keep],
+        )
+
     def process_raw(self, pos: int, sl: Any) -> int:
         """Raw ``/stream``: frames verbatim, coalesced (the fast path)."""
+        end = int(sl.start) + len(sl.frames)
+        sl = self._above_floor(sl)
         if self.drop_after is None and not self.stall_secs:
             self.write(b"".join(sl.frames))
             last = [k for k, kind in zip(sl.keys, sl.kinds, strict=True) if kind != "raw"]
             if last:
                 self.last_key = last[-1]
             self.data_sent += len(last)
-            return int(sl.start) + len(sl.frames)
+            return end
         for offset, (key, kind, frame) in enumerate(zip(sl.keys, sl.kinds, sl.frames, strict=True)):
             if kind == "raw":
                 self.write(frame)
@@ -241,7 +267,7 @@ class _Session:
             start = frame.index(b"\ndata: ") + 7
             self.send_data(split_key(key), kind, frame[start:-2], key)
             del offset
-        return int(sl.start) + len(sl.frames)
+        return end
 
     # ------------------------------------------------------------------ live stream
     def visible(self, stix: dict[str, Any]) -> bool:
@@ -396,6 +422,8 @@ class _Session:
             self.write(_frame(id_text, "consumer_metrics", orjson.dumps(metrics)))
 
     def process_live(self, pos: int, sl: Any) -> int:
+        end = int(sl.start) + len(sl.frames)
+        sl = self._above_floor(sl)
         for offset, (key, kind, frame) in enumerate(zip(sl.keys, sl.kinds, sl.frames, strict=True)):
             if kind == "raw":
                 self.write(frame)
@@ -404,7 +432,7 @@ class _Session:
             self._live_event(key, kind, frame[start:-2], (sl.start + offset) % 100)
             if self.last_key is None or self.last_key < key:
                 self.last_key = key  # filtered-out events still advance the heartbeat id
-        return int(sl.start) + len(sl.frames)
+        return end
 
     def _live_event(self, key: int, kind: str, payload: bytes, index: int) -> None:
         try:
@@ -721,7 +749,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pos = store.bounds()[1]
             else:
                 pos = store.position_after(*start)
-                session.last_key = start[0] * _SPAN + start[1]
+                session.last_key = session.floor = start[0] * _SPAN + start[1]
             session.pump(pos, session.process_raw)
 
         self._run(session, body)
@@ -800,7 +828,7 @@ class _Handler(BaseHTTPRequestHandler):
             if start is None:
                 pos = store.bounds()[1]
             else:
-                session.last_key = start[0] * _SPAN + start[1]
+                session.last_key = session.floor = start[0] * _SPAN + start[1]
                 pos = store.position_after(*start)
             if start is not None and recover is not None and recover[0] > start[0]:
                 if sim._fault_flag("no_recover"):
@@ -809,8 +837,11 @@ class _Handler(BaseHTTPRequestHandler):
                     session.flush()
                 else:
                     session.recover(start[0], recover[0])
-                    pos = store.position_after(recover[0], 0)
-                    session.last_key = max(session.last_key or 0, recover[0] * _SPAN)
+                    # The live part starts at the recover id as given: "<ms>-0" for a date,
+                    # verbatim for an "<ms>-<seq>" id (sseMiddleware.js:709).
+                    pos = store.position_after(*recover)
+                    session.floor = recover[0] * _SPAN + recover[1]
+                    session.last_key = max(session.last_key or 0, session.floor)
             session.pump(pos, session.process_live)
 
         self._run(session, body)
