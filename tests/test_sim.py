@@ -683,3 +683,28 @@ def test_a_recover_id_is_used_as_given_for_the_live_part() -> None:
         assert live == ids[2:]
     finally:
         sim.stop()
+
+
+@pytest.mark.parametrize("inferences", ["false", "true"])
+def test_an_inferred_relationship_is_no_dependency(sim: SimServer, inferences: str) -> None:
+    """The relations sent ahead of an element are listed on the non-inferred indices only
+    (protocol doc §5.2), with or without ``with-inferences``: a rule's relationship comes only
+    as an event of its own. The simulator sent it as an ``init-dependencies`` create."""
+    store = sim.store
+    a, b = obj("intrusion-set", 1), obj("malware", 2)
+    store.create(a)
+    store.create(b)
+    rel = {
+        "type": "relationship",
+        "id": "relationship--00000000-0000-4000-8000-000000000009",
+        "relationship_type": "uses",
+        "source_ref": a["id"],
+        "target_ref": b["id"],
+        "extensions": {OCTI_EXT: {"is_inferred": True}},
+    }
+    before = store.create(rel)
+    trigger = store.update(a["id"], set={"description": "changed"})
+    url = f"{sim.url}/stream/live?from={before}&with-inferences={inferences}"
+    assert [(m[0], m[1], m[2]["data"]["id"]) for m in data_msgs(read_stream(url))] == [
+        (trigger, "update", a["id"])
+    ]

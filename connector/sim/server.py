@@ -325,6 +325,8 @@ class _Session:
                 rel_id = str(rel.get("id"))
                 if rel_id in seen or self._cached(rel_id) or not is_accessible(rel, self.allowed):
                     continue
+                if _ext(rel).get("is_inferred"):
+                    continue  # listed on the non-inferred indices only, whatever with-inferences
                 sub: list[dict[str, Any]] = []
                 seen.add(rel_id)
                 if self._refs(rel, sub, seen):
