@@ -226,3 +226,52 @@ def test_a_recovery_hold_is_bounded_and_keeps_its_unsafe_markers_back() -> None:
     assert len(events) >= 200 - 25  # at most the bound's worth held back
     assert not [i for i in passed if isinstance(i, Complete)]  # no unsafe position
     assert hold.released == (None, None)
+
+
+def test_a_heartbeat_between_a_triggers_dependencies_then_a_cut_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """The platform's heartbeat timer may fire between a trigger's dependencies, with the
+    trigger's id, before the trigger is written (protocol doc §2.3, the simulator's
+    ``dependency_heartbeats``); the connection is then cut. Taken as a position passed, that
+    heartbeat made the reconnection start after the trigger, which was never sent again."""
+    store = SimStore()
+    green = "marking-definition--00000000-0000-4000-8000-00000000000a"
+    org = "identity--00000000-0000-4000-8000-00000000000a"
+    store.create({"type": "marking-definition", "id": green, "name": "TLP:GREEN"})
+    store.create({"type": "identity", "id": org, "name": "o", "identity_class": "organization"})
+    mal = "malware--00000000-0000-4000-8000-00000000000a"
+    other = "malware--00000000-0000-4000-8000-00000000000b"
+    with SimServer(token=TOKEN, store=store, heartbeat_secs=0.2) as sim:
+        archive = str(tmp_path / "a")
+        storage = LocalStorage(archive)
+        run = ConnectorThread(base_env(sim.url, TOKEN, archive)).start()
+        try:
+            wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="backup")
+            # An event past the first run's recover date: the reconnection below starts after
+            # it, with no recovery to re-send the refs first.
+            store.create({"type": "malware", "id": other, "name": "x", "is_family": True})
+            wait_until(lambda: caught_up(storage, str(store.last_event_id)), what="caught up")
+            # The next connection (its cache empty: both refs are sent again as dependencies)
+            # is cut after the second one: dependency, heartbeat, dependency, cut.
+            sim.set_fault(dependency_heartbeats=True, drop_after_events=2)
+            sim.drop_connections()
+            store.create(
+                {
+                    "type": "malware",
+                    "id": mal,
+                    "name": "m",
+                    "is_family": True,
+                    "object_marking_refs": [green],
+                    "created_by_ref": org,
+                }
+            )
+            wait_until(
+                lambda: mal in {e.stix_id for e in archived_events(archive)},
+                timeout=20,
+                what="the trigger archived",
+            )
+            assert sim._fault_value("drop_after_events") is None  # the cut did happen
+        finally:
+            run.stop()
+    assert run.error is None

@@ -708,3 +708,26 @@ def test_an_inferred_relationship_is_no_dependency(sim: SimServer, inferences: s
     assert [(m[0], m[1], m[2]["data"]["id"]) for m in data_msgs(read_stream(url))] == [
         (trigger, "update", a["id"])
     ]
+
+
+def test_dependency_heartbeats_fault_carries_the_triggers_id(sim: SimServer) -> None:
+    """The platform's heartbeat timer may fire between a trigger's dependencies, before the
+    trigger itself: its id is the trigger's (protocol doc §2.3)."""
+    store = sim.store
+    store.create(marking(GREEN, "TLP:GREEN"))
+    before = store.create(obj("intrusion-set", 1))
+    trigger = store.create(
+        obj("malware", 2, object_marking_refs=[GREEN], created_by_ref=obj("intrusion-set", 1)["id"])
+    )
+    sim.set_fault(dependency_heartbeats=True)
+    msgs = read_stream(
+        f"{sim.url}/stream/live?from={before}",
+        until=lambda m: m[-1][1] == "create" and "event_id" in m[-1][2],
+    )
+    assert [(m[0], m[1]) for m in msgs[1:]] == [
+        (trigger, "create"),
+        (trigger, "heartbeat"),
+        (trigger, "create"),
+        (trigger, "heartbeat"),
+        (trigger, "create"),
+    ]

@@ -48,6 +48,7 @@ _FAULT_KEYS = {
     "no_recover",
     "consumer_metrics",
     "recovery_heartbeats",
+    "dependency_heartbeats",
     "heartbeat_ahead_ms",
     "recovery_index_order",
 }
@@ -109,6 +110,7 @@ class _Session:
         self.stall_secs: float | None = faults.get("stall_secs")
         self.stall_after = int(faults.get("stall_after_events") or 0)
         self.consumer_metrics = bool(faults.get("consumer_metrics"))
+        self.dependency_heartbeats = sim._fault_flag("dependency_heartbeats")
         # Live-stream options (defaults = raw stream).
         self.allowed: frozenset[str] | None = None
         self.filters: dict[str, Any] | None = None
@@ -346,6 +348,8 @@ class _Session:
         )
         self.send_data(id_text, event, payload, key)
         self._remember(str(obj.get("id")))
+        if self.dependency_heartbeats and ref == "init-dependencies":
+            self.recovery_heartbeat()
 
     def send_with_deps(
         self, id_text: str, key: int, event: str, payload: bytes, data: dict[str, Any]
@@ -402,8 +406,9 @@ class _Session:
         return out
 
     def recovery_heartbeat(self) -> None:
-        """The platform's heartbeat timer firing while recovery awaits the database (§2.3): its
-        id is the last id sent, a recovery id, well below the recover point."""
+        """The platform's heartbeat timer firing while recovery or a dependency resolution
+        awaits the database (§2.3): its id is the last id sent (in recovery, a recovery id well
+        below the recover point; after a dependency, the id its trigger, still to come, shares)."""
         assert self.last_key is not None
         self.write(
             _frame(
