@@ -731,3 +731,22 @@ def test_dependency_heartbeats_fault_carries_the_triggers_id(sim: SimServer) -> 
         (trigger, "heartbeat"),
         (trigger, "create"),
     ]
+
+
+def test_live_stream_keeps_versions_from_4_up(sim: SimServer) -> None:
+    """The live stream drops events whose ``version`` reads below 4 as a JavaScript
+    ``parseInt`` (sseMiddleware.js:591-593): a newer "5" (or a number 4) reaches the client,
+    where the simulator sent only the exact string "4". The raw stream sends them all."""
+    start = sim.store.create(obj("malware", 0))
+    versions: list[Any] = ["3", "5", None, 4, "4"]
+    frames = []
+    for n, version in enumerate(versions, start=1):
+        env: dict[str, Any] = {"type": "create", "scope": "external", "data": obj("malware", n)}
+        if version is not None:
+            env["version"] = version
+        frames.append(("create", orjson.dumps(env)))
+    sim.store.append_frames(frames)
+    live = data_msgs(read_stream(f"{sim.url}/stream/live?from={start}"))
+    assert [m[2].get("version") for m in live] == ["5", 4, "4"]
+    raw = data_msgs(read_stream(f"{sim.url}/stream?from={start}"))
+    assert [m[2].get("version") for m in raw] == versions

@@ -9,6 +9,7 @@ double (platform.py). Written for throughput: ready messages are coalesced into 
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import sys
@@ -36,6 +37,7 @@ _CHUNK = 256 * 1024
 _CACHE_MAX = 5000
 _RECOVERY_PAGE = 500  # the platform's elasticsearch:default_pagination_result
 _CONTAINERS = {"report", "grouping", "note", "opinion", "observed-data"}
+_LEADING_INT = re.compile(r"\s*([+-]?\d+)")  # what JavaScript's parseInt reads
 _NOT_AUTHENTICATED = "You are not authenticated, please check your credentials"
 _NOT_AUTHORIZED = "You are not authorized, please check your credentials"
 _FAULT_KEYS = {
@@ -74,6 +76,13 @@ def _ext(stix: dict[str, Any]) -> dict[str, Any]:
     ext = stix.get("extensions")
     octi = ext.get(OCTI_EXT) if isinstance(ext, dict) else None
     return octi if isinstance(octi, dict) else {}
+
+
+def _compatible_version(value: Any) -> bool:
+    """The live stream's version check, ``parseInt(version ?? '0') >= 4``
+    (sseMiddleware.js:591-593): older events are dropped, a newer one ("5") is sent on."""
+    found = _LEADING_INT.match("0" if value is None else str(value))
+    return found is not None and int(found.group(1)) >= 4
 
 
 def _frame(id_text: str | None, event: str, payload: bytes) -> bytes:
@@ -449,7 +458,7 @@ class _Session:
                 return
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
-        if env.get("version") != "4":
+        if not _compatible_version(env.get("version")):
             return
         octi = _ext(data)
         if octi.get("is_inferred") and not self.with_inferences:
