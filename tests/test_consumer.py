@@ -398,6 +398,25 @@ def test_permanent_http_errors_stop_with_the_reason(
     assert run.error.status == status and run.error.reason == reason
 
 
+def test_a_collection_stopped_mid_stream_stops_the_run_with_its_reason(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A collection stopped while the connector follows it: the platform ends the response
+    cleanly (no error event) and answers the reconnection 410. The run stops on that answer,
+    with what it received before checkpointed."""
+    generate(sim.store, 5, seed=1)
+    sim.add_stream("s1")
+    archive = str(tmp_path / "a")
+    env = base_env(sim.url, TOKEN, archive, CONNECTOR_LIVE_STREAM_ID="s1")
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id), what="backup")
+    sim.add_stream("s1", live=False)
+    run.join(30)
+    assert isinstance(run.error, StreamGoneError)
+    assert (run.error.status, run.error.reason) == (410, "This live stream is stopped")
+    assert caught_up(LocalStorage(archive), sim.store.last_event_id)
+
+
 def test_server_errors_are_retried(sim: SimServer, tmp_path: Path) -> None:
     generate(sim.store, 20, seed=2)
     sim.set_fault(fail_next={"status": 500, "count": 2})

@@ -750,3 +750,45 @@ def test_live_stream_keeps_versions_from_4_up(sim: SimServer) -> None:
     assert [m[2].get("version") for m in live] == ["5", 4, "4"]
     raw = data_msgs(read_stream(f"{sim.url}/stream?from={start}"))
     assert [m[2].get("version") for m in raw] == versions
+
+
+def _labelled(label: str) -> dict[str, Any]:
+    return {
+        "mode": "and",
+        "filterGroups": [],
+        "filters": [{"key": ["objectLabel"], "values": [label], "operator": "eq", "mode": "or"}],
+    }
+
+
+def test_a_collection_changed_or_stopped_mid_stream(sim: SimServer) -> None:
+    """The platform computes the collection again after every read (protocol doc §1.3): new
+    filters apply from the next read, and a stop ends the response cleanly, with no error
+    event; the next request gets 410. The simulator kept a connection's first settings."""
+    store = sim.store
+    start = store.create(obj("malware", 1, labels=["a"]))
+    sim.add_stream("s1", filters=_labelled("a"))
+    beats = {"seen": 0, "after_stop": 0}
+    stopped = []
+
+    def drive(msgs: list[Msg]) -> bool:
+        event = msgs[-1][1]
+        if stopped:
+            beats["after_stop"] += event == "heartbeat"
+            return beats["after_stop"] > 25  # still open seconds later: not ended
+        if event == "heartbeat":
+            beats["seen"] += 1
+            if beats["seen"] == 1:
+                sim.add_stream("s1", filters=_labelled("b"))
+            elif beats["seen"] == 2:  # read again since: the new filters hold
+                store.create(obj("malware", 2, labels=["a"]))
+                store.create(obj("malware", 3, labels=["b"]))
+        elif event == "create":
+            sim.add_stream("s1", filters=_labelled("b"), live=False)
+            stopped.append(True)
+        return False
+
+    msgs = read_stream(f"{sim.url}/stream/s1?from={start}", until=drive)
+    assert [m[2]["data"]["name"] for m in data_msgs(msgs)] == ["malware 3"]
+    assert stopped and beats["after_stop"] <= 25, "the stream did not end"
+    resp = httpx.get(f"{sim.url}/stream/s1", headers=AUTH)
+    assert (resp.status_code, resp.reason_phrase) == (410, "This live stream is stopped")

@@ -121,6 +121,7 @@ class _Session:
         self.consumer_metrics = bool(faults.get("consumer_metrics"))
         self.dependency_heartbeats = sim._fault_flag("dependency_heartbeats")
         # Live-stream options (defaults = raw stream).
+        self.stream_id: str | None = None  # a collection's, checked again after every read
         self.allowed: frozenset[str] | None = None
         self.filters: dict[str, Any] | None = None
         self.no_deps = False
@@ -228,6 +229,7 @@ class _Session:
             sl = self.store.read(pos, max_bytes=_CHUNK)
             if sl.frames:
                 pos = process(pos, sl)
+                self.recheck()
                 continue
             self.flush()
             gen = self.store.generation
@@ -236,8 +238,27 @@ class _Session:
                 continue
             if self.closed:
                 break
+            self.recheck()  # an empty read ends the same way on the platform
             if time.monotonic() - self.last_hb >= hb:
                 self.heartbeat(pos)
+
+    def recheck(self) -> None:
+        """After every read the platform computes the user and the collection again
+        (sseMiddleware.js:660-664): a collection stopped or deleted meanwhile ends the response
+        as it is, a clean end of the body with no error event (the next request gets the
+        status), and changed filters apply from the next read (protocol doc §1.3)."""
+        if self.stream_id is None:
+            return
+        collection = self.sim._collection(self.stream_id)
+        if collection is None or not collection["live"]:
+            self.flush()
+            try:
+                self.handler.wfile.write(b"0\r\n\r\n")  # the chunked body's last chunk
+            except OSError:
+                pass
+            self.closed = True
+            raise _Dropped
+        self.filters = collection["filters"]
 
     def _above_floor(self, sl: Any) -> Any:
         """Only the entries that sort after the start id. The platform's reader asks Redis for
@@ -820,6 +841,7 @@ class _Handler(BaseHTTPRequestHandler):
         session = _Session(sim, self, user or "anonymous")
         session.allowed = None if user == "bypass" else frozenset(sim.restricted_markings)
         session.filters = filters
+        session.stream_id = None if stream_id == "live" else stream_id
         session.no_deps = (
             self._param(
                 query,
@@ -1056,6 +1078,11 @@ class SimServer:
                 else:
                     self._faults["drop_times"] = times - 1
             return out
+
+    def _collection(self, stream_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._streams.get(stream_id)
+            return dict(found) if found is not None else None
 
     def _fault_flag(self, name: str) -> bool:
         with self._lock:
