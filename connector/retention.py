@@ -23,7 +23,9 @@ never used, since copies and restores change them):
 * quarantine objects stay for operators to inspect until the event they follow is itself covered
   by the base (older than the window and compacted away); then they go;
 * with no base (no snapshot, keep_days 0, or all snapshots newer than W) no segment is deleted,
-  and the oldest snapshot able to start a restore from the oldest kept segment is protected.
+  and the oldest snapshot able to start a restore from the oldest kept segment is protected
+  (and, while the oldest manifests are damaged, the newest snapshot before each of their
+  segments: what such a segment continues from is unknown until its manifest is repaired).
 
 ``plan_retention`` only reads (streamed listings; the plan holds one row per deletion);
 ``apply_retention`` executes a plan. ``run_retention_job`` (connector.jobs) wraps both in the
@@ -51,7 +53,7 @@ from .archive.layout import (
     manifest_key_for_segment,
 )
 from .archive.reader import ArchiveReader
-from .archive.segment import HashingReader, Manifest, read_manifest
+from .archive.segment import HashingReader, read_manifest
 from .checkpoint import CheckpointStore
 from .errors import ConfigError, ConnectorError, MalformedEvent, NotFound
 from .events import EventId
@@ -268,14 +270,37 @@ def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
     return True
 
 
-def _oldest_manifest(storage: Storage) -> Manifest | None:
+def _pruned_floor(storage: Storage, snapshots: list[SnapshotRef]) -> set[EventId]:
+    """With no base: the snapshots a restore to a point before the oldest kept segments needs,
+    when older segments were pruned. The one at the position the oldest manifest continues
+    from; and for each damaged manifest before it (what its segment continues from unknown),
+    the newest snapshot before that segment's first group, so that a repaired manifest finds
+    its snapshot still there: a deleted snapshot cannot be had again."""
+    floor: set[EventId] = set()
     for key in storage.list(MANIFESTS_PREFIX):
-        if key.endswith(".json"):
+        if not key.endswith(".json"):
+            continue
+        try:
+            oldest = read_manifest(storage, key)
+        except NotFound:
+            continue
+        except MalformedEvent:
             try:
-                return read_manifest(storage, key)
-            except (NotFound, MalformedEvent):
+                first = id_from_key(key)
+            except ValueError:
                 continue
-    return None
+            before = [s.as_of for s in snapshots if s.as_of < first]
+            if before:
+                floor.add(before[-1])
+            continue
+        if oldest.after_event_id:
+            # Older segments were pruned: some snapshot must stand in for them.
+            after = EventId.parse(oldest.after_event_id)
+            standing = [s.as_of for s in snapshots if s.as_of >= after]
+            if standing:
+                floor.add(standing[0])
+        break
+    return floor
 
 
 def _archive_position(storage: Storage) -> EventId | None:
@@ -329,17 +354,7 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
         protected.add(base.as_of)
     else:
         report.note = "no snapshot at or before the window start: no segment is old enough"
-        oldest = _oldest_manifest(storage)
-        after = (
-            EventId.parse(oldest.after_event_id)
-            if oldest is not None and oldest.after_event_id
-            else None
-        )
-        if after is not None:
-            # Older segments were pruned: some snapshot must stand in for them.
-            floor = [s for s in snapshots if s.as_of >= after]
-            if floor:
-                protected.add(floor[0].as_of)
+        protected |= _pruned_floor(storage, snapshots)
     newest = (
         {s.as_of for s in snapshots[-policy.keep_snapshots :]} if policy.keep_snapshots else None
     )

@@ -249,7 +249,7 @@ MUTATIONS: list[Mutation] = [
      "if prefix in committed or as_of is None:",
      ["test_retention"], None),
     ("RT7", "retention without a base: the snapshot standing in for pruned history not kept",
-     RET, "            if floor:\n                protected.add(floor[0].as_of)\n", "",
+     RET, "            if standing:\n                floor.add(standing[0])\n", "",
      ["test_retention"], None),
     ("RT8", "retention: a dry run deletes", JOBS,
      "        if dry_run:\n            for d in report.deletions:",

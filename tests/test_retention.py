@@ -398,3 +398,25 @@ def test_without_a_base_the_snapshot_before_the_oldest_kept_segment_stays(tmp_pa
     assert report.base is None
     assert report.kept_snapshots == snaps  # day 6's protected, day 7's the newest
     assert [d for d in report.deletions if d.kind == "snapshot"] == []
+
+
+def test_without_a_base_a_damaged_oldest_manifest_keeps_the_snapshot_its_segment_follows(
+    tmp_path: Path,
+) -> None:
+    """Older segments pruned, no base now, and the oldest kept manifest damaged: what its
+    segment continues from is unknown, so the newest snapshot before the segment stays (a
+    repaired manifest needs it), and so does the one the next manifest continues from."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={2, 3, 5, 7})
+    follow_until(storage, at_day(9))
+    first = run_retention_job(
+        storage, RetentionPolicy(keep_days=6, keep_snapshots=0), now=at_day(9)
+    )
+    snaps = [str(s.as_of) for s in list_snapshots(storage)]
+    assert first.base == snaps[0] and len(snaps) == 4  # day 2's, then 3, 5, 7
+    oldest = next(iter(storage.list("manifests/")))
+    storage.put(oldest, b"{damaged")
+    report = plan_retention(storage, RetentionPolicy(keep_days=30, keep_snapshots=1), at_day(9))
+    assert report.base is None
+    # Day 2's (before the damaged segment), day 3's (the next manifest's), day 7's (newest).
+    assert report.kept_snapshots == [snaps[0], snaps[1], snaps[3]]
