@@ -115,6 +115,26 @@ def test_write_snapshot_stops_between_parts(tmp_path: Path) -> None:
     assert info is not None and list_snapshots(storage) == [info]
 
 
+class StopAtStateImage(StopAfterFirstPart):
+    def put_if_absent(self, key: str, body: bytes) -> bool:
+        written = LocalStorage.put_if_absent(self, key, body)
+        if "/state.sqlite" in key:
+            self.stop.set()
+        return written
+
+
+def test_a_stop_while_the_state_image_is_stored_commits_nothing(tmp_path: Path) -> None:
+    """The state image is the last thing stored before the manifest: a stop that comes while
+    it is written still ends the run uncommitted (a shutdown does not wait for a commit)."""
+    stop = threading.Event()
+    storage = StopAtStateImage(tmp_path / "a", stop)
+    build_good(storage)
+    with pytest.raises(SnapshotStopped, match="before its manifest"):
+        write_snapshot(storage, work_dir=tmp_path / "w", stop=stop)
+    assert any("/state.sqlite" in k for k in storage.list("snapshots/"))
+    assert list_snapshots(storage) == []
+
+
 class BlockingList(LocalStorage):
     """``list`` hangs until released: a storage call stuck on a dead connection."""
 

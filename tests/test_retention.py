@@ -11,7 +11,12 @@ import orjson
 import pytest
 
 from connector.archive import ArchiveReader
-from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment, quarantine_key
+from connector.archive.layout import (
+    EVENTS_PREFIX,
+    manifest_key_for_segment,
+    quarantine_key,
+    segment_key,
+)
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import PermanentError
 from connector.events import EventId
@@ -141,6 +146,8 @@ def test_no_snapshot_deletes_nothing(tmp_path: Path) -> None:
 def test_snapshot_newer_than_window_deletes_no_segment(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_days(storage, tmp_path, days=6, snapshot_days={5})
+    # A quarantine record follows an event no base covers: it stays for operators too.
+    storage.put(quarantine_key(EventId(T0, 0), "d" * 64), orjson.dumps({"reason": "test"}))
     report = plan_retention(storage, RetentionPolicy(keep_days=3, keep_snapshots=0), at_day(6))
     assert report.base is None
     assert report.deletions == []
@@ -398,6 +405,42 @@ def test_without_a_base_the_snapshot_before_the_oldest_kept_segment_stays(tmp_pa
     assert report.base is None
     assert report.kept_snapshots == snaps  # day 6's protected, day 7's the newest
     assert [d for d in report.deletions if d.kind == "snapshot"] == []
+
+
+def test_a_snapshot_goes_manifest_first(tmp_path: Path) -> None:
+    """A snapshot's manifest commits it: deleted before its parts, a retention killed midway
+    leaves an unfinished snapshot (the next run removes it), never a committed snapshot whose
+    parts are gone, which a restore would pick and fail on."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={1, 2, 6})
+    old = list_snapshots(storage)[:2]
+    follow_until(storage, at_day(12))
+    report = plan_retention(storage, RetentionPolicy(keep_days=1, keep_snapshots=0), at_day(12))
+    assert report.base == str(list_snapshots(storage)[2].as_of)
+    rows = [d.key for d in report.deletions if d.kind == "snapshot"]
+    for snap in old:
+        mine = [k for k in rows if k.startswith(f"snapshots/{snap.key}/")]
+        assert len(mine) > 1 and mine[0] == snap.manifest_key, mine
+        assert sorted(mine) == sorted(storage.list(f"snapshots/{snap.key}/"))
+
+
+def test_an_orphan_segment_at_the_base_goes_and_one_after_it_stays(tmp_path: Path) -> None:
+    """An orphan (a segment without its manifest, left by a retention killed between the two
+    deletes) is judged by its first group: at the base position it holds nothing past the base,
+    after it, it may."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    base = list_snapshots(storage)[0].as_of
+    at_base = segment_key(base, "zstd")
+    after_base = segment_key(EventId(base.ms, base.seq + 1), "zstd")
+    for key in (at_base, after_base):
+        storage.put(key, b"an orphan's bytes")
+    report = run_retention_job(
+        storage, RetentionPolicy(keep_days=2, keep_snapshots=0), now=at_day(6)
+    )
+    assert report.base == str(base)
+    assert not storage.exists(at_base)
+    assert storage.exists(after_base)
 
 
 def test_without_a_base_a_damaged_oldest_manifest_keeps_the_snapshot_its_segment_follows(

@@ -164,6 +164,24 @@ def test_same_state_same_bytes_in_another_process(tmp_path: Path) -> None:
     assert digests[0] and digests[0] == digests[1]
 
 
+def test_a_committed_snapshot_its_listing_passes_over_is_left_as_it_is(tmp_path: Path) -> None:
+    """A manifest of another format (a newer version's) is not read, so the next run folds to
+    the same position: it finds that position committed and writes nothing, not parts and a
+    state image over the ones that manifest names."""
+    storage, _, _, _ = _split_archive(tmp_path / "archive")
+    info = write_snapshot(storage, work_dir=tmp_path / "work")
+    assert info is not None
+    manifest = storage.get(info.manifest_key)
+    assert manifest.count(b'"format": 1,') == 1
+    storage.put(info.manifest_key, manifest.replace(b'"format": 1,', b'"format": 2,'))
+    with pytest.raises(PermanentError, match="unsupported snapshot format 2"):
+        read_snapshot_manifest(storage, info.key)
+    assert list_snapshots(storage) == []
+    stored = {k: storage.get(k) for k in storage.list("snapshots/")}
+    assert write_snapshot(storage, work_dir=tmp_path / "work") is None
+    assert {k: storage.get(k) for k in storage.list("snapshots/")} == stored
+
+
 def test_nothing_to_snapshot(tmp_path: Path) -> None:
     assert write_snapshot(LocalStorage(tmp_path / "empty"), work_dir=tmp_path / "w") is None
 
