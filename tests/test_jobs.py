@@ -80,6 +80,19 @@ def test_lock_excludes_and_releases(tmp_path: Path) -> None:
         assert storage.exists(LOCK_KEY)
 
 
+def test_release_ends_the_renewals_at_once(tmp_path: Path) -> None:
+    """A renewal thread left running would renew a lock that is gone (and call it lost), and
+    release would wait on it for its whole join timeout."""
+    storage = LocalStorage(tmp_path / "a")
+    lock = JobLock(storage, "release-check", ttl_secs=3)  # renewed every second
+    lock.acquire()
+    started = time.monotonic()
+    lock.release()
+    assert time.monotonic() - started < 2
+    assert not [t for t in threading.enumerate() if t.name == "lock-renew-release-check"]
+    assert not storage.exists(LOCK_KEY) and not lock.lost
+
+
 @pytest.mark.parametrize("here", [False, True])
 def test_expired_lock_is_taken_over(tmp_path: Path, here: bool) -> None:
     """At once: a record this machine's clock dated past, or one from anywhere dated long past
@@ -564,3 +577,77 @@ def test_a_lock_not_renewed_for_half_a_lease_is_not_deleted_at_release(tmp_path:
     lock.release()
     # No delete: the lock is ours, left to expire (and a take-over meanwhile would keep its).
     assert storage.exists(LOCK_KEY)
+
+
+def test_a_live_holder_renewing_under_one_owner_keeps_the_lock(tmp_path: Path) -> None:
+    """As a real holder renews: its owner stays, its expiry moves. Another machine's clock
+    runs behind ours, so its dates look past by ours; each renewal is a new sighting, and the
+    record is never seen unchanged for a lease."""
+    storage = LocalStorage(tmp_path / "a")
+    lock = JobLock(storage, "retention", ttl_secs=1.5)
+    renewing = threading.Event()
+    displaced: list[str] = []
+
+    def renew() -> None:  # the expiry only, every 0.2 s, as a live holder does: its own record
+        while not renewing.wait(0.2):
+            data, tag = storage.get_with_tag(LOCK_KEY)
+            owner = orjson.loads(data)["owner"]
+            if owner != "other-host-job-0":
+                displaced.append(owner)
+                return
+            expires = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            record = LockRecord("other-host-job-0", "snapshot", expires, "another-host", 1)
+            storage.replace_if(LOCK_KEY, record.to_json(), tag)
+
+    _foreign(storage, -300)
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 4.5  # three leases by our clock
+        while time.monotonic() < deadline and not displaced:
+            with pytest.raises(LockHeld):
+                lock.acquire()
+            time.sleep(0.05)
+    finally:
+        renewing.set()
+        thread.join()
+    assert displaced == [] and _owner(storage) == "other-host-job-0"
+    assert not lock.held
+
+
+def test_a_held_lock_is_renewed_well_before_it_expires(tmp_path: Path) -> None:
+    """Every third of a lease: a reader on this machine, who goes by the record's date, never
+    finds it near its expiry while its holder lives."""
+    storage = LocalStorage(tmp_path / "a")
+    ttl = 3.0  # renewed every second: a slow renewal on a loaded machine still fits
+    with JobLock(storage, "snapshot", ttl_secs=ttl) as lock:
+        margins = []
+        deadline = time.monotonic() + 1.2 * ttl  # past a whole lease since it was taken
+        while time.monotonic() < deadline:
+            record = lock.read()
+            assert record is not None and record.owner == lock.owner
+            margins.append((record.expires_at - dt.datetime.now(dt.UTC)).total_seconds())
+            time.sleep(0.05)
+    assert min(margins) > ttl / 4, min(margins)
+
+
+class _LostAnswer(LocalStorage):
+    """A compare-and-swap applied whose answer is lost: the client's retry of it is refused
+    (the object is no longer the one read), so the caller hears False once."""
+
+    lose = False
+
+    def replace_if(self, key: str, body: bytes, tag: str) -> bool:
+        done = super().replace_if(key, body, tag)
+        if self.lose and key == LOCK_KEY:
+            self.lose = False
+            return False
+        return done
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lock(tmp_path: Path) -> None:
+    storage = _LostAnswer(tmp_path / "a")
+    with JobLock(storage, "snapshot", ttl_secs=600) as lock:  # no renewal of its own here
+        storage.lose = True
+        lock.renew()  # reads again: the record is ours, written by that very renewal
+        assert not lock.lost and _owner(storage) == lock.owner

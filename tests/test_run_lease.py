@@ -508,3 +508,30 @@ def test_a_stop_while_waiting_for_the_second_lease_releases_the_first(tmp_path: 
     finally:
         lease.release()
         other.release()
+
+
+def test_status_names_the_holder_of_a_live_lease_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a")
+    storage.put(RUN_LEASE_KEY, _foreign(expires_in=-5))  # its holder died: nobody holds it
+    assert lease_holder(storage) is None
+    storage.put(RUN_LEASE_KEY, _foreign(expires_in=600))
+    assert (lease_holder(storage) or "").startswith("another-host pid 4242 until ")
+
+
+def test_a_run_that_lost_one_of_its_two_leases_has_lost(tmp_path: Path) -> None:
+    """The checkpoint kept apart: another run took the lease next to it over. The run is
+    stopped by the renewal that finds it, and its end says so (exit 1), though it still
+    holds the archive's lease."""
+    archive, kept = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "c")
+    found = threading.Event()
+    lease = RunLease([archive, kept], 0.3, on_lost=found.set)  # renewed every 0.1 s
+    assert lease.wait(threading.Event())
+    try:
+        kept.put(RUN_LEASE_KEY, _foreign())
+        assert found.wait(20), "the renewal never found the lease taken over"
+        assert lease.lost
+        with pytest.raises(LeaseLost):
+            lease.check()
+    finally:
+        lease.release()
+    assert _holder(kept) == "another-run"  # its lease, not deleted by our release
