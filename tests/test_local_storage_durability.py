@@ -199,3 +199,14 @@ def test_a_key_that_is_a_directory_fails_as_a_storage_error(tmp_path: Path) -> N
     (tmp_path / "file").write_bytes(b"")  # an archive path naming a file
     with pytest.raises(PermanentError, match="local archive failed at"):
         list(LocalStorage(tmp_path / "file").list())
+
+
+def test_writes_leave_no_temporary_file(tmp_path: Path) -> None:
+    """A write's temporary file is gone once it returns, stored or found already there: they
+    are never listed, but would pile up until a check (every segment write makes one)."""
+    storage = LocalStorage(tmp_path / "archive")
+    assert storage.put_if_absent("events/2026/11/28/a.jsonl.zst", b"a")
+    assert not storage.put_if_absent("events/2026/11/28/a.jsonl.zst", b"a")
+    storage.put("checkpoint.json", b"c")
+    storage.put("checkpoint.json", b"d")
+    assert [p.name for p in storage.root.rglob(".tmp-*")] == []

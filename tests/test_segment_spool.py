@@ -9,6 +9,7 @@ or stream the rows. The bytes stored are the same either way.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import tracemalloc
@@ -19,7 +20,7 @@ import orjson
 import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
-from connector.archive.layout import manifest_key
+from connector.archive.layout import manifest_key, segment_key
 from connector.archive.segment import (
     _READ,
     Manifest,
@@ -366,3 +367,13 @@ def test_a_segment_naming_no_predecessor_is_restored(tmp_path: Path) -> None:
     assert whole["after_event_id"] == str(events[1].id)
     storage.put(key, orjson.dumps({**whole, "after_event_id": None}))
     assert sorted(_materialised(storage, tmp_path / "w")) == sorted(ev.stix_id for ev in events)
+
+
+def test_keys_sort_in_stream_order_across_days_months_and_years() -> None:
+    """Readers, retention and the sink's scan take the listing order for stream order: the date
+    folders are zero-padded as the ids are, or October's keys would list before September's."""
+    days = [(2026, 1, 9), (2026, 1, 10), (2026, 9, 30), (2026, 10, 1), (2026, 12, 31), (2027, 1, 1)]
+    ids = [EventId(int(dt.datetime(*d, tzinfo=dt.UTC).timestamp() * 1000), 0) for d in days]
+    for name in (lambda i: segment_key(i, "zstd"), manifest_key):
+        keys = [name(i) for i in ids]
+        assert sorted(keys) == keys, keys
