@@ -138,7 +138,7 @@ MUTATIONS: list[Mutation] = [
      [T_JOBS, T_LEASE], None),
     ("K26", "a renewal whose answer was lost taken as a lost lock (no second read)", LOCKS,
      "            for _ in range(3):\n", "            for _ in range(1):\n",
-     [T_LEASE, T_JOBS], None),
+     [T_JOBS, T_LEASE], None),
     ("K27", "the lock renewed every lease instead of every third of one", LOCKS,
      "interval = max(self.ttl.total_seconds() / 3, 0.05)",
      "interval = max(self.ttl.total_seconds(), 0.05)",
