@@ -7,6 +7,7 @@ end is tested in test_consumer.py and test_faults.py.
 
 from __future__ import annotations
 
+import copy
 import sqlite3
 import threading
 import time
@@ -21,7 +22,7 @@ import pytest
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import CannotReconcile, RetryableError, SourceRetryable
-from connector.events import EventId, StreamEvent
+from connector.events import OCTI_EXT, EventId, StreamEvent
 from connector.pipeline import BatchPolicy, Pipeline
 from connector.reconcile import (
     REFERER,
@@ -39,6 +40,7 @@ from connector.state import push_phase
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.handfed import malware
+from tests.test_verify import ArchiveBuilder
 
 TOKEN = "test-token"
 MALWARE_ONLY = {
@@ -505,3 +507,180 @@ def test_a_checkpoint_at_the_oldest_retained_event_is_no_retention_gap() -> None
         "connected", "", orjson.dumps({"firstEventId": str(position)}), out
     )
     assert out == []
+
+
+# -- a hand-made platform: a listing and a stix(id) lookup answered as each test says ------------
+
+_FAR = "4000000000000-0"  # an id past any recover point: the live part has begun
+
+
+class _Platform(BaseHTTPRequestHandler):
+    """The listing sends ``listing`` (event name, STIX) then a heartbeat past the recover point;
+    ``stix(id)`` answers from ``known`` (a standard id: the entity's STIX, absent: unknown)."""
+
+    listing: list[tuple[str, dict[str, Any]]] = []
+    known: dict[str, dict[str, Any]] = {}
+    stream_status = 200
+    lookup: str = "answer"  # or "403" (no GraphQL errors), "close" (no answer at all)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.stream_status != 200:
+            self.send_response(self.stream_status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = "".join(
+            f"id: 1000-{n}\nevent: {name}\ndata: "
+            f"{orjson.dumps({'version': '4', 'type': name, 'data': stix}).decode()}\n\n"
+            for n, (name, stix) in enumerate(self.listing)
+        )
+        raw = (body + f'id: {_FAR}\nevent: heartbeat\ndata: "x"\n\n').encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_POST(self) -> None:  # noqa: N802
+        asked = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))["variables"]
+        if self.lookup == "close":
+            self.close_connection = True  # the connection drops before any answer
+            return
+        data = {
+            f"a{n}": orjson.dumps(self.known[ref]).decode() if ref in self.known else None
+            for n, ref in enumerate(asked[f"i{i}"] for i in range(len(asked)))
+        }
+        raw = orjson.dumps({} if self.lookup == "403" else {"data": data})
+        self.send_response(403 if self.lookup == "403" else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _platform_events(
+    storage: LocalStorage, tmp_path: Path, *, max_events: int | None = None, **answers: Any
+) -> list[list[StreamEvent]]:
+    """The groups a reconciliation of ``storage`` writes against a ``_Platform`` set up with
+    ``answers`` (its class attributes, for this call only)."""
+    handler = type("_ThisPlatform", (_Platform,), answers)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        config = SourceConfig(url=url, token=TOKEN, stream_id="live", read_timeout=5)
+        at = EventId(int(time.time() * 1000), 0)
+        groups = reconcile_deletes(storage, config, at=at, work_dir=tmp_path, max_events=max_events)
+        return list(groups)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _archive(tmp_path: Path, *numbers: int) -> tuple[LocalStorage, ArchiveBuilder]:
+    storage = LocalStorage(tmp_path / "archive")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    for n in numbers:
+        b.create(n)
+    b.flush()
+    return storage, b
+
+
+def _sid(n: int) -> str:
+    return f"malware--00000000-0000-4000-8000-{n:012d}"
+
+
+def test_a_listing_or_lookup_failing_for_now_is_retried_and_a_refused_one_is_no_delete(
+    tmp_path: Path,
+) -> None:
+    """A rate-limited listing (429) and a lookup whose connection drops are tried again later;
+    a lookup answered 4xx without GraphQL errors is a refusal, not "no such entity": taken for
+    the latter, every archived object outside the listing would be deleted."""
+    storage, b = _archive(tmp_path, 1, 2)
+    with pytest.raises(SourceRetryable, match="HTTP 429"):
+        _platform_events(storage, tmp_path, stream_status=429)
+    listing = [("create", b.objects["iid-2"])]  # 1 is not listed: the lookup is asked
+    with pytest.raises(SourceRetryable, match="lookup failed"):
+        _platform_events(storage, tmp_path, listing=listing, lookup="close")
+    with pytest.raises(CannotReconcile, match="refuses the lookup"):
+        _platform_events(storage, tmp_path, listing=listing, lookup="403")
+    assert not list(tmp_path.glob("reconcile-*"))
+
+
+def test_an_object_listed_by_a_merge_event_is_no_delete(tmp_path: Path) -> None:
+    """A listing may send an object as a merge (into it) as well as a create or an update: it
+    is there, so it is neither looked up nor deleted."""
+    storage, b = _archive(tmp_path, 1, 2)
+    listing = [("create", b.objects["iid-1"]), ("merge", b.objects["iid-2"])]
+    assert _platform_events(storage, tmp_path, listing=listing) == []
+
+
+def test_an_archive_ahead_of_the_listing_is_not_set_back(tmp_path: Path) -> None:
+    """The archive holds a later version than the listing sends (a dependency sent ahead of
+    its place): no create of the older one, which would set a target back."""
+    storage, b = _archive(tmp_path, 1)
+    older = copy.deepcopy(b.objects["iid-1"])
+    b.update(1, description="later")
+    b.flush()
+    assert _platform_events(storage, tmp_path, listing=[("create", older)]) == []
+
+
+def test_an_object_merged_under_its_own_alias_outside_the_listing_is_deleted(
+    tmp_path: Path,
+) -> None:
+    """The platform answers 1's id with another standard id that the archive knows as 1's own
+    alias, without an internal id: the entity that holds it now is none the archive holds
+    (merged outside the listing). A delete, never a merge of 1 into itself."""
+    storage = LocalStorage(tmp_path / "archive")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, extensions={OCTI_EXT: {"id": "iid-1", "stix_ids": [_sid(9)]}})
+    b.create(2)
+    b.flush()
+    known = {_sid(1): {"id": _sid(9), "type": "malware"}}
+    groups = _platform_events(
+        storage, tmp_path, listing=[("create", b.objects["iid-2"])], known=known
+    )
+    assert [(ev.event, ev.stix_id) for g in groups for ev in g] == [("delete", _sid(1))]
+
+
+def test_deletes_come_first_and_a_merge_follows_its_refreshed_target(tmp_path: Path) -> None:
+    """1 deleted, 2 changed, 3 merged into 4, itself changed and now under its alias 8 as its
+    standard id: the delete first, then the creates in push order with 4's merge right after
+    its refresh, carrying the listed 4 (the archived one, found under the alias, would set a
+    target back and name the old id) and 3 as its source. With one event a group, the create
+    and the merge stay together (a group never splits a unit, nor takes one more)."""
+    storage = LocalStorage(tmp_path / "archive")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    for n in (1, 2, 3):
+        b.create(n)
+    b.create(4, extensions={OCTI_EXT: {"id": "iid-4", "stix_ids": [_sid(8)]}})
+    b.flush()
+    listed = {n: copy.deepcopy(b.objects[f"iid-{n}"]) for n in (2, 4)}
+    for n in (2, 4):
+        listed[n]["description"] = "changed while the stream's retention was lost"
+    listed[4]["id"] = _sid(8)
+    four = {"id": _sid(8), "type": "malware", "extensions": {OCTI_EXT: {"id": "iid-4"}}}
+    answers: dict[str, Any] = {
+        "listing": [("update", listed[2]), ("update", listed[4])],
+        "known": {_sid(3): four},
+    }
+    groups = _platform_events(storage, tmp_path, **answers)
+    events = [ev for g in groups for ev in g]
+    assert [(ev.event, ev.stix_id) for ev in events] == [
+        ("delete", _sid(1)),
+        ("create", _sid(2)),
+        ("create", _sid(8)),
+        ("merge", _sid(8)),
+    ]
+    merge = events[-1]
+    assert merge.stix == listed[4]
+    assert [s["id"] for s in merge.envelope["context"]["sources"]] == [_sid(3)]
+    bounded = _platform_events(storage, tmp_path, max_events=1, **answers)
+    assert [[ev.event for ev in g] for g in bounded] == [
+        ["delete"],
+        ["create"],
+        ["create", "merge"],
+    ]
