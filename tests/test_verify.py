@@ -20,7 +20,13 @@ import pytest
 import zstandard
 
 from connector.archive import ArchiveReader, ArchiveSink
-from connector.archive.layout import manifest_key, segment_key
+from connector.archive.layout import (
+    EVENTS_PREFIX,
+    MANIFESTS_PREFIX,
+    manifest_key,
+    quarantine_key,
+    segment_key,
+)
 from connector.archive.segment import compress, encode_segment
 from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.events import OCTI_EXT, EventId, StreamEvent
@@ -29,6 +35,7 @@ from connector.snapshot import list_snapshots, write_snapshot
 from connector.storage import Storage
 from connector.storage.local import LocalStorage
 from connector.verify import format_report, verify_archive
+from tests.support.handfed import malware
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
 from tests.support.simlog import copy_event
 
@@ -172,6 +179,8 @@ def test_corrupted_segment(tmp_path: Path) -> None:
     assert not report.ok
     assert any(seg in e and "sha256" in e for e in report.errors), report.errors
     assert "DAMAGED" in format_report(report)
+    # Nothing was pruned meanwhile: one pass is believed, not repeated (and said so).
+    assert not any("pruned" in n for n in report.notes), report.notes
 
 
 def test_missing_segment(tmp_path: Path) -> None:
@@ -371,6 +380,53 @@ def test_segment_count_mismatch_is_reported(tmp_path: Path) -> None:
     assert any("manifest says" in e for e in report.errors), report.errors
 
 
+@pytest.mark.parametrize(
+    ("field", "said"),
+    [("size", "!= manifest"), ("last_event_id", "last group id is")],
+)
+def test_a_manifest_field_unlike_its_segment_is_named(
+    tmp_path: Path, field: str, said: str
+) -> None:
+    """The newest manifest says a size or a last group id its segment does not have (its bytes
+    and sha256 untouched): the mismatch is damage, named."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    ref = manifests(storage)[-1]
+    obj = orjson.loads(storage.get(ref.manifest_key))
+    last = ref.manifest.last
+    obj[field] = obj[field] + 1 if field == "size" else str(EventId(last.ms + 1, 0))
+    storage.put(ref.manifest_key, orjson.dumps(obj))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(ref.manifest.segment in e and said in e for e in report.errors), report.errors
+
+
+def test_a_segment_starting_at_the_previous_ones_last_id_overlaps(tmp_path: Path) -> None:
+    """A segment chained to the previous one (its after_event_id) but holding that segment's
+    last group again: the same group stored twice is an overlap, an error."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1)
+    b.create(2)
+    last = b.flush().last_id
+    # Written elsewhere (this archive's sink would skip the group it holds), then copied in.
+    other = LocalStorage(tmp_path / "other")
+    ArchiveSink(other).write(
+        Batch(first_id=last, last_id=last, events=[malware(last, 3)], after_id=None)
+    )
+    for key in [*other.list(EVENTS_PREFIX), *other.list(MANIFESTS_PREFIX)]:
+        body = other.get(key)
+        if key.startswith(MANIFESTS_PREFIX):
+            obj = orjson.loads(body)
+            obj["after_event_id"] = str(last)
+            body = orjson.dumps(obj)
+        storage.put(key, body)
+    assert [r.manifest.first for r in manifests(storage)][-1] == last
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("overlaps the previous segment" in e for e in report.errors), report.errors
+
+
 def test_manifest_under_wrong_name(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
@@ -404,6 +460,74 @@ def test_gzip_archive_passes(tmp_path: Path, codec: str) -> None:
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert report.updates_checked == 1
+
+
+def test_a_gzip_segment_that_is_no_gzip_is_reported_not_raised(tmp_path: Path) -> None:
+    """gzip says "not a gzipped file" with an OSError that has no errno: damage of the segment
+    (reported), not a failure of this machine (raised)."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.sink = ArchiveSink(storage, codec="gzip")
+    b.create(1)
+    b.flush()
+    seg = manifests(storage)[0].manifest.segment
+    body = bytearray(storage.get(seg))
+    body[0] ^= 0xFF  # the gzip magic number
+    storage.put(seg, bytes(body))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any(seg in e and "cannot be decoded" in e for e in report.errors), report.errors
+
+
+def test_no_archive_at_all_is_an_error_and_a_lone_checkpoint_a_warning(tmp_path: Path) -> None:
+    """A wrong path or bucket prefix must not verify as OK; a connector that checkpointed but
+    wrote no segment yet is only a warning."""
+    storage = LocalStorage(tmp_path / "a")
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("no archive here" in e for e in report.errors), report.errors
+    CheckpointStore(storage).save(Checkpoint(stream_id="live", source_url="http://127.0.0.1"))
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert any("checkpoint but no segment" in w for w in report.warnings), report.warnings
+
+
+def test_a_quarantined_event_right_after_the_previous_version_explains_the_update(
+    tmp_path: Path,
+) -> None:
+    """The update the platform sent right after the create was quarantined (a record at the
+    create's id): the next update cannot follow the create, and that is no missed event."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    created = b.create(1, labels=["a"])
+    b.flush()
+    b.update(1, emit=False, labels=["a", "quarantined"])
+    b.update(1, description="after it")
+    b.flush()
+    storage.put(quarantine_key(created.id, "0" * 32), b"{}")
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 0
+
+
+def test_a_container_held_by_another_container_still_errs_on_a_missed_update(
+    tmp_path: Path,
+) -> None:
+    """The filtered stream's container path explains missed updates of what a container holds,
+    not of a container (its own updates always reach the stream): an error, even when another
+    container holds it."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, object_refs=["malware--00000000-0000-4000-8000-000000000099"])
+    b.create(2, object_refs=[b.objects["iid-1"]["id"]])
+    b.flush()
+    b.update(1, emit=False, name="lost upstream")
+    b.update(1, description="after the loss")
+    b.flush()
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("missed upstream" in e for e in report.errors), report.errors
+    assert not report.warnings
 
 
 def test_chain_break_unless_a_retention_gap_explains_it(tmp_path: Path) -> None:

@@ -96,6 +96,21 @@ def test_newest_segments_pruned_behind_a_snapshot_are_fine(tmp_path: Path) -> No
     assert report.ok, format_report(report)
 
 
+def test_a_snapshot_older_than_the_lost_newest_segments_does_not_stand_in(tmp_path: Path) -> None:
+    """Only a snapshot reaching the checkpoint's last id covers newest segments gone missing;
+    an older one (taken before them) does not."""
+    storage = LocalStorage(tmp_path / "a")
+    b = build_good(storage)
+    assert write_snapshot(storage, work_dir=tmp_path / "s") is not None
+    b.update(1, description="after the snapshot")
+    b.flush()
+    _save_checkpoint(storage)
+    _drop(storage, -1)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    assert not report.ok
+    assert any("newest segments are missing" in e for e in report.errors), report.errors
+
+
 def test_lost_oldest_segment_without_a_snapshot_is_an_error(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a")
     build_good(storage)
