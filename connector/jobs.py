@@ -162,9 +162,14 @@ def _newest_snapshot_time(storage: Storage) -> dt.datetime | None:
 
     try:
         snaps = list_snapshots(storage)
-        return dt.datetime.fromisoformat(snaps[-1].created_at) if snaps else None
+        if not snaps:
+            return None
+        created = dt.datetime.fromisoformat(snaps[-1].created_at)
     except Exception:  # noqa: BLE001 - unreadable now: the job itself will say why
         return None
+    # A time without an offset (not one this connector writes) is UTC: compared as it is with
+    # the aware clock, it raised outside the job's guard (_snapshot_due runs before it).
+    return created if created.tzinfo is not None else created.replace(tzinfo=dt.UTC)
 
 
 class JobRunner:

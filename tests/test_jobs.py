@@ -318,6 +318,28 @@ def test_interval_jobs_overdue_at_start_run_soon(tmp_path: Path) -> None:
         runner.shutdown()
 
 
+def test_a_snapshot_time_without_an_offset_is_read_as_utc(tmp_path: Path) -> None:
+    """A newest snapshot whose created_at has no UTC offset (a manifest from another tool, or
+    edited by hand): read as UTC. Compared as it was with the aware clock, the due check raised
+    a TypeError outside the job's guard, straight into the scheduler, and no snapshot was taken
+    (neither run nor counted as failed)."""
+    storage = LocalStorage(tmp_path / "a")
+    build_good(storage)
+    runner = _runner(storage, tmp_path, snapshot="0 3 * * *", retention="")
+    runner.run_snapshot()
+    info = list_snapshots(storage)[-1]
+    manifest = orjson.loads(storage.get(info.manifest_key))
+    manifest["created_at"] = "2001-01-01T00:00:00"  # long due
+    storage.put(info.manifest_key, orjson.dumps(manifest))
+    runner = _runner(storage, tmp_path, snapshot="every 24h", retention="")
+    runner.start()
+    try:
+        runner.run_snapshot()  # direct call: must not raise
+        assert runner.runs["snapshot"] == 1 and runner.failures["snapshot"] == 0
+    finally:
+        runner.shutdown()
+
+
 def test_runner_rejects_bad_schedule(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         JobRunner(
