@@ -211,6 +211,10 @@ MUTATIONS: list[Mutation] = [
     ("AJ10", "a killed run's scratch files not removed by the next snapshot job", JOBS,
      "        remove_stale_scratch(work_dir)\n", "",
      [T_STOP, T_JOBS], None),
+    ("AJ11", "a newest snapshot's time without an offset compared as it is (fixed: it raised)", JOBS,
+     "    return created if created.tzinfo is not None else created.replace(tzinfo=dt.UTC)",
+     "    return created",
+     [T_JOBS], None),
 ]  # fmt: skip
 
 
