@@ -12,7 +12,7 @@ AR are used by older tables. Each mutation is a small bug put in on purpose, the
 with it are run (one process, ``-x``, cheapest first), and the file is written back as it was.
 Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_verify.py            # all of them (about 10 min on 2 cores)
+    .venv/bin/python scripts/mutations_verify.py            # all of them (about 7 min on 2 cores)
     .venv/bin/python scripts/mutations_verify.py AV1 AC4    # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
