@@ -210,8 +210,11 @@ def test_dependencies_first_with_trigger_id(sim: SimServer) -> None:
     assert main[2]["type"] == "create" and "event_id" in main[2]
 
 
-def test_relations_expansion_and_no_dependencies(sim: SimServer) -> None:
-    store = sim.store
+def _two_and_their_relation(
+    store: SimStore, **extra: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
+    """An intrusion set, a malware and a ``uses`` relationship between them (with ``extra``):
+    the three objects and the relationship's event id."""
     a, b = obj("intrusion-set", 1), obj("malware", 2)
     store.create(a)
     store.create(b)
@@ -221,8 +224,14 @@ def test_relations_expansion_and_no_dependencies(sim: SimServer) -> None:
         "relationship_type": "uses",
         "source_ref": a["id"],
         "target_ref": b["id"],
+        **extra,
     }
-    before = store.create(rel)
+    return a, b, rel, store.create(rel)
+
+
+def test_relations_expansion_and_no_dependencies(sim: SimServer) -> None:
+    store = sim.store
+    a, b, rel, before = _two_and_their_relation(store)
     store.update(a["id"], set={"description": "changed"})
     full = data_msgs(read_stream(f"{sim.url}/stream/live?from={before}"))
     # a is first sent as a dependency of the relation, then b, the relation, then the update.
@@ -691,18 +700,7 @@ def test_an_inferred_relationship_is_no_dependency(sim: SimServer, inferences: s
     (protocol doc §5.2), with or without ``with-inferences``: a rule's relationship comes only
     as an event of its own. The simulator sent it as an ``init-dependencies`` create."""
     store = sim.store
-    a, b = obj("intrusion-set", 1), obj("malware", 2)
-    store.create(a)
-    store.create(b)
-    rel = {
-        "type": "relationship",
-        "id": "relationship--00000000-0000-4000-8000-000000000009",
-        "relationship_type": "uses",
-        "source_ref": a["id"],
-        "target_ref": b["id"],
-        "extensions": {OCTI_EXT: {"is_inferred": True}},
-    }
-    before = store.create(rel)
+    a, _, _, before = _two_and_their_relation(store, extensions={OCTI_EXT: {"is_inferred": True}})
     trigger = store.update(a["id"], set={"description": "changed"})
     url = f"{sim.url}/stream/live?from={before}&with-inferences={inferences}"
     assert [(m[0], m[1], m[2]["data"]["id"]) for m in data_msgs(read_stream(url))] == [
