@@ -853,3 +853,59 @@ def test_a_merge_into_a_target_the_other_platform_never_got(platform_b: SimServe
         assert platform_b.store.object_count == 1  # the source was never there
     finally:
         target.close()
+
+
+def test_a_message_carries_the_event_id_its_event_came_with() -> None:
+    """An event a synchroniser applied on the source keeps the first platform's event id: the
+    message carries it (the target's stale-update protection compares those), and only an event
+    without one gets its own stream id, as the platform fills it."""
+    a = SimStore()
+    a.upsert(malware("Relayed"))
+    relayed = "4000000000000-7"  # later than the object's own events: not a stale one
+    a.upsert(malware("Relayed", description="v2"), event_id=relayed)
+    events, _ = events_since(a, 0)
+    assert events[-1].envelope.get("event_id") == relayed
+    ids = [
+        json.loads(m.body)["event_id"]
+        for m in event_messages(events, applicant_id="u", synchronized=True)
+    ]
+    assert ids == [events[0].id_text, relayed]
+
+
+def _offline_publisher(password: str = "octisync-test-password") -> AmqpPublisher:
+    """A publisher never connected: its error translation is what these tests look at."""
+    answer = {
+        "config": {
+            "connection": {"host": "127.0.0.1", "port": 9, "user": "u", "pass": password},
+            "push_exchange": WORKER_EXCHANGE,
+            "push_routing": "push_routing_x",
+        }
+    }
+    return AmqpPublisher(AmqpEndpoint.from_registration(answer))
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (320, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"),
+        (541, "INTERNAL_ERROR"),
+    ],
+)
+def test_a_broker_closing_for_its_shutdown_or_an_internal_error_is_retryable(
+    code: int, text: str
+) -> None:
+    """A broker stopping (a restart, an upgrade) or failing inside closes its connections: the
+    batch goes again once it is back, the run does not stop as for a refusal."""
+    closed = pika.exceptions.ConnectionClosedByBroker(code, text)
+    error = _offline_publisher()._translate("publish of 3 message(s)", closed)
+    assert isinstance(error, RetryableError), error
+    assert text in str(error)
+
+
+def test_the_broker_password_is_scrubbed_from_any_error_text() -> None:
+    """Whatever a pika error says (its arguments may hold connection parameters), the broker
+    password the platform announced never reaches an error, hence never a log."""
+    secret = "announced-broker-secret-0x5eed"
+    cause = pika.exceptions.AMQPConnectionError(f"cannot connect as u:{secret}@127.0.0.1:9")
+    error = _offline_publisher(secret)._translate("connect", cause)
+    assert secret not in str(error) and "u:***@127.0.0.1:9" in str(error), str(error)

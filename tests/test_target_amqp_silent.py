@@ -46,6 +46,7 @@ class FreezeProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.frozen = False
+        self.delay = 0.0  # seconds each read from the broker is held (a slow link)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -59,14 +60,18 @@ class FreezeProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, answers in ((client, upstream, False), (upstream, client, True)):
+                pump = threading.Thread(target=self._pump, args=(src, dst, answers))
+                pump.daemon = True
+                pump.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         try:
             while data := src.recv(65536):
                 while self.frozen:
                     time.sleep(0.05)
+                if answers and self.delay:
+                    time.sleep(self.delay)
                 dst.sendall(data)
         except OSError:
             pass
@@ -334,3 +339,52 @@ def test_nothing_more_is_sent_on_a_link_given_up(
         what="the given-up link ends",
     )
     assert body not in _drain(rabbitmq, "silent_q")
+
+
+def test_a_commit_given_up_on_sends_none_of_the_next_chunks(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit given up on (the broker silent) completes late on the link's thread once the
+    broker answers again; the next chunks of that batch are not published there (the caller
+    reported the batch not taken, and its retry sends them again, in order, on a new link)."""
+    publisher, proxy = relayed_publisher
+    monkeypatch.setattr(amqp, "_TX_CHUNK", 1)  # one transaction per message
+    publisher.check()
+    name = publisher._link._thread.name  # type: ignore[union-attr]
+    _drain(rabbitmq, "silent_q")
+    bodies = [f'{{"n": "{uuid.uuid4()}"}}'.encode() for _ in range(3)]
+    proxy.frozen = True
+    with pytest.raises(RetryableError):
+        publisher.publish(bodies)
+    assert publisher.committed == 0
+    proxy.frozen = False  # the first commit reaches the broker and is answered
+    wait_until(
+        lambda: not any(t.name == name for t in threading.enumerate()),
+        timeout=30,
+        what="the given-up link ends",
+    )
+    assert _drain(rabbitmq, "silent_q") == bodies[:1]
+
+
+def test_a_publish_making_progress_is_not_given_up_at_the_timeout(
+    relayed_publisher: tuple[AmqpPublisher, FreezeProxy],
+    rabbitmq: RabbitNode,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request timeout bounds a wait without progress, not a whole publish: a batch of
+    several transactions, each answered well within it, goes through though it takes longer
+    in all (a slow link must not give up a large batch again and again)."""
+    publisher, proxy = relayed_publisher
+    monkeypatch.setattr(amqp, "_TX_CHUNK", 1)
+    publisher._timeout = 2.0
+    publisher.check()
+    _drain(rabbitmq, "silent_q")
+    bodies = [f'{{"n": "{uuid.uuid4()}"}}'.encode() for _ in range(5)]
+    proxy.delay = 0.8  # each commit-ok: ~0.8 s; the five: ~4 s
+    started = time.monotonic()
+    publisher.publish(bodies)
+    assert time.monotonic() - started > publisher._timeout
+    assert publisher.committed == len(bodies)
+    assert _drain(rabbitmq, "silent_q") == bodies

@@ -721,3 +721,21 @@ def test_the_file_of_an_object_the_target_refused_is_carried_when_it_is_taken(
             target.close()
         assert _contents(b, MALWARE) == {"iocs.csv": csv}
     assert _since(before) == {"sent": 1, "gone": 0, "too_large": 0, "refused": 0}
+
+
+def test_the_files_of_an_event_quarantined_for_its_own_size_are_not_read_for_it(
+    source: SimServer,
+    rabbitmq: RabbitNode,  # noqa: F811
+) -> None:
+    """amqp: every event naming the file is too large for the broker even without it: they are
+    quarantined and the file is left to a later event, not read for them (here it would be
+    counted too large for a message never sent)."""
+    before = _counts()
+    _seed(source.store)
+    source.store.update(REPORT, set={"description": "x" * 80_000})
+    source.store.attach_file(REPORT, "over.bin", os.urandom(MIB + 1))
+    with SimServer(token=TOKEN_B, amqp_url=rabbitmq.url) as b:
+        options = {"transport": "amqp", "amqp_max_message_bytes": 50_000}
+        target = _sync_once(source, b, files=_carrier(source, max_bytes=MIB), **options)
+    assert len(target.rejected) == 2  # the update and the attach event
+    assert _since(before) == {"sent": 0, "gone": 0, "too_large": 0, "refused": 0}

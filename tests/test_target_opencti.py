@@ -981,3 +981,16 @@ def test_a_copy_of_a_renamed_object_finds_it_by_its_old_id(platform_b: SimServer
         assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
     finally:
         sink.close()
+
+
+def test_ids_past_a_hundred_are_all_looked_up(platform_b: SimServer) -> None:
+    """Ids are asked ``stix_lookup.BATCH`` (100) per query: every one of 250 is asked and
+    answered (one left out per query would read as an object the target does not hold)."""
+    ids = [malware(f"looked up {n}")["id"] for n in range(250)]
+    for n in range(250):
+        platform_b.store.upsert(malware(f"looked up {n}"))
+    sink = make_target(platform_b.url)
+    try:
+        assert sink.resolve_ids(ids) == {i: i for i in ids}
+    finally:
+        sink.close()
