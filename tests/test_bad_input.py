@@ -529,3 +529,38 @@ def test_an_idle_position_waits_for_the_quarantine_records_before_it(tmp_path: P
     assert saved_position(storage) == str(at(0))
     pipe._flush()
     assert sum(1 for _ in storage.list("quarantine/")) == 1
+
+
+def test_an_idle_position_moves_the_checkpoint_once_the_quarantine_records_are_stored(
+    tmp_path: Path,
+) -> None:
+    """The batch that stored a quarantine record is done with it: the next idle heartbeat
+    moves the checkpoint (kept, the record held every later idle position back and was
+    written again with each batch)."""
+    from connector.events import Quarantined
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, resume=at(0))
+    pipe._handle(Quarantined(at(0), str(at(1)), "create", '{"broken"', "not JSON"))
+    pipe._flush()
+    pipe._handle(Complete(at(5)))
+    assert saved_position(storage) == str(at(5))
+    assert pipe.checkpoint.quarantined == 1
+
+
+def test_a_quarantined_event_alone_goes_out_at_the_max_age(tmp_path: Path) -> None:
+    """A quarantined event starts the batch's age as an event does: a stream whose only
+    events are quarantined stores their records within ARCHIVE_MAX_AGE_SECS, not only once
+    enough of them come."""
+    from connector.events import Quarantined
+    from connector.pipeline import BatchPolicy
+    from tests.support.handfed import at, hand_fed
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, resume=at(0), policy=BatchPolicy(max_age_secs=0.05))
+    pipe._handle(Quarantined(at(0), str(at(1)), "create", '{"broken"', "not JSON"))
+    time.sleep(0.1)
+    pipe._maybe_flush()
+    assert sum(1 for _ in storage.list("quarantine/")) == 1

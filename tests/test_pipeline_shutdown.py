@@ -22,6 +22,7 @@ from connector import pipeline
 from connector.__main__ import _check_sinks
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
+from connector.errors import RetryableError
 from connector.events import EventId
 from connector.pipeline import BatchPolicy, Pipeline, ShutdownTimeout, StopEvent
 from connector.settings import load_settings
@@ -298,3 +299,23 @@ def test_a_slow_call_is_said_while_it_waits_once_per_repeat_and_no_more_once_bac
     back = said("back")
     time.sleep(1.0)  # five repeats, were it still watched
     assert said("back") == back
+
+
+def test_a_retry_at_a_stop_counts_the_shutdown_timeout_from_the_signal() -> None:
+    """A call that was still waiting when SIGTERM came (a start-up check against a slow store)
+    fails after the shutdown timeout has passed: it is not tried again. Counted from the
+    retry instead, the stop waited a whole timeout more."""
+    stop = StopEvent()
+    stop.set()
+    calls: list[float] = []
+
+    def slow_failure() -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.5)
+        raise RetryableError("the store is slow, then busy")
+
+    with pytest.raises(ShutdownTimeout):
+        pipeline.retry_call(
+            slow_failure, stage="checking", stop=stop, initial=0.01, shutdown_timeout=0.3
+        )
+    assert len(calls) == 1

@@ -684,3 +684,45 @@ def test_deletes_come_first_and_a_merge_follows_its_refreshed_target(tmp_path: P
         ["create"],
         ["create", "merge"],
     ]
+
+
+class _Acknowledging:
+    """A sink beside the archive that takes every batch (a target, for the pipeline's rules)."""
+
+    name = "target"
+
+    def check(self) -> None:
+        pass
+
+    def write(self, batch: Batch) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_gap_found_again_while_its_reconciliation_is_due_keeps_the_older_state(
+    tmp_path: Path,
+) -> None:
+    """With a sink beside the archive, the reconciliation compares the platform with what every
+    sink acknowledged before the gap. A second gap while the first one's is still due (the
+    stream trimmed again during the repair) keeps the first state: what was acknowledged since
+    came from the repair's recovery, which never sent the deletes lost in the first gap."""
+    from connector.source import Complete, GapDetected
+    from tests.support.handfed import at, hand_fed
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, resume=at(1))
+    pipe.sinks.append(_Acknowledging())
+    pipe.reconciler = lambda at, as_of: []  # never reached: no idle position comes
+    cp = pipe.checkpoint
+    cp.acked_event_id = str(at(1))
+    repair = "2030-01-01T00:00:00.000Z"
+    pipe._handle(GapDetected(at(1), at(50), repair))
+    assert cp.reconcile is not None and cp.reconcile["as_of"] == str(at(1))
+    pipe._handle(malware(at(60), 1))
+    pipe._handle(Complete(at(60)))
+    pipe._flush()
+    assert cp.acked_event_id == str(at(60))
+    pipe._handle(GapDetected(at(60), at(70), repair))
+    assert cp.reconcile["due"] is True and cp.reconcile["as_of"] == str(at(1))

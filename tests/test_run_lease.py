@@ -535,3 +535,26 @@ def test_a_run_that_lost_one_of_its_two_leases_has_lost(tmp_path: Path) -> None:
     finally:
         lease.release()
     assert _holder(kept) == "another-run"  # its lease, not deleted by our release
+
+
+def test_an_idle_run_whose_renewal_finds_the_lease_taken_over_ends_as_lost(
+    tmp_path: Path,
+) -> None:
+    """The renewal finds the lease taken over while the run has nothing to write: the run
+    stops, and ends with LeaseLost (exit 1, the operator told why), not as a clean stop."""
+    storage = LocalStorage(tmp_path / "archive")
+    with SimServer(token=TOKEN, heartbeat_secs=2) as sim:
+        generate(sim.store, 20, seed=23)
+        env = base_env(sim.url, TOKEN, str(tmp_path / "archive"), CONNECTOR_LEASE_SECS="1.5")
+        run = ConnectorThread(env).start()
+        try:
+            wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="backup")
+            # Just after a heartbeat's save: the next one is 2 s away, the renewal 0.5 s.
+            last = CheckpointStore(storage).load()
+            wait_until(lambda: CheckpointStore(storage).load() != last, what="a heartbeat save")
+            storage.put(RUN_LEASE_KEY, _foreign())
+            run.join(timeout=30)
+        finally:
+            run.stop()
+    assert isinstance(run.error, LeaseLost), (run.error, run.rc)
+    assert _holder(storage) == "another-run"

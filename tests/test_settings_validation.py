@@ -517,3 +517,12 @@ def test_a_settings_warning_is_shown_with_the_error_it_explains(tmp_path: Path) 
     assert done.returncode == 2, done.stderr
     assert "snapshot.schedule" in done.stderr
     assert "ARCHIVE_URI is set but empty" in done.stderr
+
+
+def test_a_missing_source_token_exits_2_naming_the_key(tmp_path: Path) -> None:
+    """A source URL without its token is a configuration error said at once, naming the key
+    and its variable, not a source that fails its check (or a run retrying a refusal)."""
+    env = {"OPENCTI_URL": "http://127.0.0.1:9", "ARCHIVE_URI": str(tmp_path / "a")}
+    done = _cli(env, tmp_path, "check")
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    assert "opencti.token" in done.stderr and "OPENCTI_TOKEN" in done.stderr

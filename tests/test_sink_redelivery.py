@@ -452,3 +452,40 @@ def test_a_kill_at_a_segment_write_leaves_no_manifest_for_it(tmp_path: Path) -> 
     report = verify_archive(storage, work_dir=tmp_path / "verify")
     assert report.ok, format_report(report)
     assert [ev.id for ev in ArchiveReader(storage).events()] == [at(1), at(2)]
+
+
+def test_the_checkpoint_goes_on_to_the_position_that_completed_the_batch(tmp_path: Path) -> None:
+    """The batch's last group was found complete at a later position (a heartbeat): everything
+    up to it is durable with the batch, so the checkpoint goes there, while the archive's chain
+    and the acknowledged position stay at the batch's last group. Left at that group, a restart
+    read the stream again from there."""
+    from connector.source import Complete
+    from tests.support.handfed import at, hand_fed, malware, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage)
+    pipe._handle(malware(at(1), 1))
+    pipe._handle(malware(at(2), 2))
+    pipe._handle(Complete(at(9)))
+    pipe._flush()
+    assert saved_position(storage) == str(at(9))
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.last_segment_last_id == cp.acked_event_id == str(at(2))
+
+
+def test_a_fatal_error_read_while_draining_does_not_cost_the_groups_before_it(
+    tmp_path: Path,
+) -> None:
+    """At a stop, what the reader queued is still handled; a fatal error among it (the stream
+    refused as it was closing) is left to the run, and the complete groups before it are
+    written and checkpointed all the same."""
+    from connector.source import Complete, Fatal
+    from tests.support.handfed import at, hand_fed, malware, saved_position
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage)
+    refused = Fatal(PermanentError("the stream was refused"))
+    pipe.source.queue.put([malware(at(1), 1), Complete(at(1)), refused])
+    pipe._drain()
+    assert [ev.stix_id[-2:] for ev in ArchiveReader(storage).events()] == ["01"]
+    assert saved_position(storage) == str(at(1))
