@@ -378,11 +378,11 @@ def test_a_publish_making_progress_is_not_given_up_at_the_timeout(
     in all (a slow link must not give up a large batch again and again)."""
     publisher, proxy = relayed_publisher
     monkeypatch.setattr(amqp, "_TX_CHUNK", 1)
-    publisher._timeout = 2.0
+    publisher._timeout = 3.0  # far above one commit's ~0.8 s, also on a loaded machine
     publisher.check()
     _drain(rabbitmq, "silent_q")
-    bodies = [f'{{"n": "{uuid.uuid4()}"}}'.encode() for _ in range(5)]
-    proxy.delay = 0.8  # each commit-ok: ~0.8 s; the five: ~4 s
+    bodies = [f'{{"n": "{uuid.uuid4()}"}}'.encode() for _ in range(6)]
+    proxy.delay = 0.8  # each commit-ok: ~0.8 s; the six: ~4.8 s
     started = time.monotonic()
     publisher.publish(bodies)
     assert time.monotonic() - started > publisher._timeout
