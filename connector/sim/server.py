@@ -148,6 +148,15 @@ class _Session:
         except OSError as exc:
             raise _Dropped from exc
 
+    def end(self) -> None:
+        """End the body cleanly: what is buffered, then the chunked body's last chunk."""
+        self.flush()
+        self.closed = True
+        try:
+            self.handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+
     def cut(self) -> None:
         """Close the socket abruptly (no chunked terminator): the client sees a broken stream."""
         self.closed = True
@@ -251,12 +260,7 @@ class _Session:
             return
         collection = self.sim._collection(self.stream_id)
         if collection is None or not collection["live"]:
-            self.flush()
-            try:
-                self.handler.wfile.write(b"0\r\n\r\n")  # the chunked body's last chunk
-            except OSError:
-                pass
-            self.closed = True
+            self.end()
             raise _Dropped
         self.filters = collection["filters"]
 
