@@ -10,12 +10,11 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import orjson
@@ -49,6 +48,7 @@ from tests.support.connector import (
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.handfed import at, malware
+from tests.support.served import serving
 
 TOKEN = "test-token"
 
@@ -942,14 +942,8 @@ class _Fixed(BaseHTTPRequestHandler):
 def _serving(handler: type[_Fixed]) -> Iterator[str]:
     """``handler`` served on 127.0.0.1 (its requests cleared): yields its URL."""
     handler.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(handler) as url:
+        yield url
 
 
 class _CutInsideAGroup(_Fixed):

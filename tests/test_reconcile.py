@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from connector.state import push_phase
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
 from tests.support.handfed import malware
+from tests.support.served import serving
 from tests.test_verify import ArchiveBuilder
 
 TOKEN = "test-token"
@@ -249,40 +250,6 @@ def test_a_listing_cut_short_is_an_error(sim: SimServer, tmp_path: Path) -> None
     with pytest.raises(SourceRetryable, match="reconcile listing"):
         _reconcile(sim, storage, tmp_path, "live")
     assert not list(tmp_path.glob("reconcile-*"))  # its work files are gone with it
-
-
-class _ListsOneAndEnds(BaseHTTPRequestHandler):
-    """A stream that sends one recovered object, then ends its response properly (a proxy
-    closing a long response, a platform node shutting down): no transport error, and no id
-    past the recover point either."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        stix = {"id": "malware--00000000-0000-4000-8000-000000000001", "type": "malware"}
-        data = orjson.dumps({"version": "4", "type": "create", "data": stix}).decode()
-        body = f"id: 1000-0\nevent: create\ndata: {data}\n\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_a_listing_that_ends_cleanly_before_the_live_part_is_an_error(tmp_path: Path) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ListsOneAndEnds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    db = sqlite3.connect(tmp_path / "ids.sqlite")
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        config = SourceConfig(url=url, token=TOKEN, stream_id="live", read_timeout=5)
-        with pytest.raises(SourceRetryable, match="ended before its recovery"):
-            platform_ids(config, db)
-    finally:
-        db.close()
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_empty_listing_is_not_taken_for_mass_deletion(sim: SimServer, tmp_path: Path) -> None:
@@ -515,10 +482,12 @@ _FAR = "4000000000000-0"  # an id past any recover point: the live part has begu
 
 
 class _Platform(BaseHTTPRequestHandler):
-    """The listing sends ``listing`` (event name, STIX) then a heartbeat past the recover point;
+    """The listing sends ``listing`` (event name, STIX) then a heartbeat past the recover point
+    (unless ``live_part`` is false: the response ends properly inside the recovery);
     ``stix(id)`` answers from ``known`` (a standard id: the entity's STIX, absent: unknown)."""
 
     listing: list[tuple[str, dict[str, Any]]] = []
+    live_part = True
     known: dict[str, dict[str, Any]] = {}
     stream_status = 200
     lookup: str = "answer"  # or "403" (no GraphQL errors), "close" (no answer at all)
@@ -534,7 +503,9 @@ class _Platform(BaseHTTPRequestHandler):
             f"{orjson.dumps({'version': '4', 'type': name, 'data': stix}).decode()}\n\n"
             for n, (name, stix) in enumerate(self.listing)
         )
-        raw = (body + f'id: {_FAR}\nevent: heartbeat\ndata: "x"\n\n').encode()
+        if self.live_part:
+            body += f'id: {_FAR}\nevent: heartbeat\ndata: "x"\n\n'
+        raw = body.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Content-Length", str(len(raw)))
@@ -566,18 +537,26 @@ def _platform_events(
 ) -> list[list[StreamEvent]]:
     """The groups a reconciliation of ``storage`` writes against a ``_Platform`` set up with
     ``answers`` (its class attributes, for this call only)."""
-    handler = type("_ThisPlatform", (_Platform,), answers)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
+    with serving(type("_ThisPlatform", (_Platform,), answers)) as url:
         config = SourceConfig(url=url, token=TOKEN, stream_id="live", read_timeout=5)
         at = EventId(int(time.time() * 1000), 0)
         groups = reconcile_deletes(storage, config, at=at, work_dir=tmp_path, max_events=max_events)
         return list(groups)
+
+
+def test_a_listing_that_ends_cleanly_before_the_live_part_is_an_error(tmp_path: Path) -> None:
+    """One recovered object, then the response ends properly (a proxy closing a long response,
+    a platform node shutting down): no transport error, and no id past the recover point."""
+    stix = {"id": "malware--00000000-0000-4000-8000-000000000001", "type": "malware"}
+    answers = {"listing": [("create", stix)], "live_part": False}
+    db = sqlite3.connect(tmp_path / "ids.sqlite")
+    try:
+        with serving(type("_EndsInRecovery", (_Platform,), answers)) as url:
+            config = SourceConfig(url=url, token=TOKEN, stream_id="live", read_timeout=5)
+            with pytest.raises(SourceRetryable, match="ended before its recovery"):
+                platform_ids(config, db)
     finally:
-        server.shutdown()
-        server.server_close()
+        db.close()
 
 
 def _archive(tmp_path: Path, *numbers: int) -> tuple[LocalStorage, ArchiveBuilder]:
