@@ -25,7 +25,7 @@ from connector.sim import sample_bundle
 from connector.sim.store import SimStore
 from connector.sink import Batch
 from connector.snapshot import fold_segments, write_snapshot
-from connector.state import StateStore
+from connector.state import PHASES, StateStore
 from connector.storage.local import LocalStorage
 from tests.support.simlog import copy_event, sim_events
 
@@ -355,6 +355,8 @@ def test_a_later_absorber_sent_ahead_is_not_taken_for_a_merge_source(tmp_path: P
         state.apply_many([*events, created_report, ahead, first])
         spelevo = state.get(SPELEVO)
         assert spelevo is not None and spelevo["id"] == SPELEVO  # not removed as "Third"
+        # The report named Third: it names the entity holding Third's ids from this merge on.
+        assert (state.get(report) or {}).get("object_refs") == [SPELEVO]
         state.apply(second)
         assert_equal_objects(state_objects(state), sim_objects(store))
         assert (state.get(report) or {}).get("object_refs") == [SPELEVO]
@@ -376,8 +378,12 @@ def test_state_persists_and_rolls_back(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError):
             state.apply_many(broken())
         assert state.counts() == before and state.as_of == events[9].id
+        # What the first fold committed is still found by its ids: its aliases were committed
+        # with it, not left waiting for the fold that was undone.
+        assert all(state.get(ev.stix_id) is not None for ev in events[:10])
     with StateStore(path) as state:  # reopened: same state and position
         assert state.counts() == before and state.as_of == events[9].id
+        assert all(state.get(ev.stix_id) is not None for ev in events[:10])
 
 
 def test_scratch_store_folds_alike_and_refuses_use_after_a_failure(
@@ -902,3 +908,134 @@ def test_lines_before_a_segments_first_group_id_are_in_its_first_group(tmp_path:
         line = orjson.dumps({"id": below.id_text, "event": "create", "data": below.envelope})
         assert state.fold_lines([line], first=first, done=done) == 1
         assert state.get(new) is not None and state.as_of == done
+
+
+def _stamped(stix: dict[str, Any], updated_at: str) -> dict[str, Any]:
+    stix["extensions"][OCTI_EXT]["updated_at"] = updated_at
+    return stix
+
+
+def test_a_recovery_event_below_the_position_leaves_it_on_the_per_event_path(
+    tmp_path: Path,
+) -> None:
+    """A recovery event's id is its ``updated_at``, below the position; one that changes a
+    standard id unannounced takes the per-event path. It is folded, and the position stays the
+    group's (fold_segments checks it against the segment's last id)."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many([_event(5, "create", _entity(old, "iid-a"))])
+        done = state.as_of
+        below = _event(1, "create", _entity(new, "iid-a", old), referer="init-create")
+        state.apply_many([below])
+        assert (state.get(old) or {}).get("id") == new
+        assert state.as_of == done
+
+
+def test_an_object_first_written_by_a_merge_keeps_its_version_guard(tmp_path: Path) -> None:
+    """The merge event is the first the archive holds of its target (written on the per-event
+    path): a later re-send of an older version of the target still finds it (the lookups skip
+    ids never stored) and does not replace it."""
+    source, target = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    merged = _stamped(_entity(target, "iid-t", description="merged"), "2026-01-01T00:00:09.000Z")
+    stale = _stamped(_entity(target, "iid-t", description="stale"), "2026-01-01T00:00:01.000Z")
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(
+            [
+                _event(1, "create", _entity(source, "iid-s")),
+                _event(2, "merge", merged, sources=[_entity(source, "iid-s")]),
+                _event(3, "update", stale, referer="init-dependencies"),
+            ]
+        )
+        assert (state.get(target) or {}).get("description") == "merged"
+        assert state.counts()["objects"] == 1
+
+
+def test_a_stale_copy_under_an_id_no_live_object_holds_gives_it_to_the_object(
+    tmp_path: Path,
+) -> None:
+    """The object's later version, sent ahead, comes first; an older update, announcing the
+    change to an earlier standard id (the per-event path), is not written, but its ids that no
+    live object holds are the object's from then on, as on the platform (which keeps an
+    object's old ids)."""
+    first, old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3))
+    ahead = _stamped(_entity(new, "iid-a", description="ahead"), "2026-01-01T00:00:09.000Z")
+    older = _stamped(_entity(old, "iid-a", description="older"), "2026-01-01T00:00:01.000Z")
+    patch = [{"op": "replace", "path": "/id", "value": first}]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(
+            [_event(1, "create", ahead), _event(2, "update", older, reverse_patch=patch)]
+        )
+        for sid in (new, old, first):
+            assert (state.get(sid) or {}).get("description") == "ahead", sid
+        assert state.counts()["objects"] == 1
+
+
+def test_a_reconciliations_merge_leaves_an_old_id_another_object_took(tmp_path: Path) -> None:
+    """A reconciliation archives, after the repair's recovery, the merge of a source whose old
+    standard id another object holds by then: the target does not take that id, and what
+    names it still names the other object."""
+    old, renamed, target = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3))
+    source = _entity(renamed, "iid-s", old)  # renamed from ``old`` before the gap
+    events = [
+        _event(1, "create", source),
+        _event(2, "create", _entity(old, "iid-b")),  # a new object under the old id
+        _event(3, "create", _entity(target, "iid-t")),
+        _event(4, "create", _report([old])),
+        _event(5, "merge", _entity(target, "iid-t"), sources=[source], referer=RECONCILE_REFERER),
+    ]
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert octi_ext(state.get(old) or {}).get("id") == "iid-b"
+        assert (state.get(renamed) or {}).get("id") == target
+        assert (state.get(REPORT) or {}).get("object_refs") == [old]
+
+
+def _container(stix_id: str, iid: str, refs: list[str]) -> dict[str, Any]:
+    return {"type": "report", "id": stix_id, "name": iid, "published": "2026-01-01T00:00:00.000Z",
+            "object_refs": refs, "extensions": {OCTI_EXT: {"id": iid, "type": "Report"}}}  # fmt: skip
+
+
+def test_the_push_order_follows_the_state_as_it_changes(tmp_path: Path) -> None:
+    """A state read in push order, then folded on: a report put in another report since is
+    ranked after it (the order is built again), and the keys after a given one are those
+    after it."""
+    outer, inner = (f"report--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    malware = "malware--00000000-0000-4000-8000-000000000003"
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(
+            [
+                _event(1, "create", _entity(malware, "iid-m")),
+                _event(2, "create", _container(inner, "iid-b", [malware])),
+            ]
+        )
+        containers = PHASES.index("containers")
+        assert [(r, rec.key) for r, rec in state.push_records(containers)] == [(0, "iid-b")]
+        state.apply_many([_event(3, "create", _container(outer, "iid-a", [inner]))])
+        assert [(r, rec.key) for r, rec in state.push_records(containers)] == [
+            (0, "iid-b"),
+            (1, "iid-a"),
+        ]
+        assert [rec.key for rec in state.records(after="iid-b")] == ["iid-m"]
+
+
+def test_a_late_copy_of_a_rename_leaves_the_old_id_to_the_object_that_took_it(
+    tmp_path: Path,
+) -> None:
+    """A renamed from ``old`` to ``new`` (its later version sent ahead), then B created under
+    ``old``: a late copy of A's rename (a recovery's duplicate, older than what is stored)
+    announces ``old`` again. The id is B's now: it stays B's, and what names it names B."""
+    old, new = (f"malware--00000000-0000-4000-8000-00000000000{n}" for n in (1, 2))
+    patch = [{"op": "replace", "path": "/id", "value": old}]
+    events = [
+        _event(1, "create", _stamped(_entity(old, "iid-a"), "2026-01-01T00:00:01.000Z")),
+        _event(2, "update", _stamped(_entity(new, "iid-a", old), "2026-01-01T00:00:03.000Z")),
+        _event(3, "create", _stamped(_entity(old, "iid-b"), "2026-01-01T00:00:04.000Z")),
+        _event(4, "create", _report([old])),
+        _event(5, "update", _stamped(_entity(new, "iid-a", old), "2026-01-01T00:00:02.000Z"),
+               reverse_patch=patch),
+    ]  # fmt: skip
+    with StateStore(tmp_path / "s.sqlite") as state:
+        state.apply_many(events)
+        assert octi_ext(state.get(old) or {}).get("id") == "iid-b"
+        assert octi_ext(state.get(new) or {}).get("id") == "iid-a"
+        assert (state.get(REPORT) or {}).get("object_refs") == [old]
