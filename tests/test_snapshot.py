@@ -34,8 +34,11 @@ from connector.state import SNAPSHOT_ROWS, STATE_SCHEMA, StateStore, push_phase,
 from connector.storage.local import LocalStorage
 from tests.support.statedb import state_tables
 from tests.test_state import (
+    CLOCK0,
     SAMPLE,
     SPELEVO,
+    _entity,
+    _event,
     archive_events,
     assert_equal_objects,
     new_sim,
@@ -418,6 +421,28 @@ def test_lines_under_older_row_rules_or_another_header_order_are_derived_again(
             assert state.phase_count(2) == 1 and state.phase_count(4) == 0
             assert state.phase_count(9) == (rows == 2)
         assert _aliases(tmp_path / f"{rows}.sqlite")["m2"] == "m2"
+
+
+def test_a_snapshot_loaded_over_a_used_state_replaces_it_whole(tmp_path: Path) -> None:
+    """verify loads a snapshot over the state it was folding when that snapshot disagrees: no
+    tombstone of the state before stays, and a delete folded after it still takes what
+    depended on the deleted object (the reverse index is built again from the loaded rows)."""
+    gone = "malware--00000000-0000-4000-8000-000000000009"
+    rel = _line("r", "relationship--1", [], relationship_type="uses",
+                source_ref="malware--1", target_ref="malware--2")  # fmt: skip
+    with StateStore(tmp_path / "s.sqlite", scratch=True) as state:
+        # A delete: the reverse index is built, and a tombstone written.
+        state.apply_many(
+            [_event(1, "create", _entity(gone, "g")), _event(2, "delete", _entity(gone, "g"))]
+        )
+        assert state.counts()["tombstones"] == 1
+        lines = [_line("m1", "malware--1", []), _line("m2", "malware--2", []), rel]
+        state.load_lines(lines, [], EventId(CLOCK0 + 5, 0))
+        assert list(state.tombstones()) == [] and state.counts()["objects"] == 3
+        deleted = {"type": "malware", "id": "malware--1", "extensions": {OCTI_EXT: {"id": "m1"}}}
+        state.apply(_event(6, "delete", deleted))
+        assert state.get("relationship--1") is None
+        assert [t.stix_id for t in state.tombstones()] == ["malware--1", "relationship--1"]
 
 
 def test_damaged_snapshot_line_is_a_clear_error(tmp_path: Path) -> None:
