@@ -29,6 +29,7 @@ from connector.storage.s3 import S3Storage
 from tests.support.connector import ROOT
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
 from tests.support.s3 import moto_server, raw_client, s3_settings  # noqa: F401
+from tests.support.served import serving
 from tests.test_retention import at_day, build_days
 
 T = TypeVar("T")
@@ -306,6 +307,75 @@ def test_a_lock_write_applied_but_unanswered_is_still_ours(
     finally:
         lock.release()
     assert not storage.exists("locks/run.json")
+
+
+def test_a_compare_and_swap_failing_for_a_moment_is_never_forced(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    """A lock's conditional replace failing for a moment (503 past boto's retries) is a
+    RetryableError: only a 501 (no If-Match at all) makes it a plain write, which here would
+    overwrite the record another process wrote since it was read."""
+    storage = _through(fault_proxy, s3_settings)
+    storage.put("locks/run.json", b"old")
+    _, tag = storage.get_with_tag("locks/run.json")
+    storage.put("locks/run.json", b"theirs")
+    fault_proxy.fail_next(BOTO_ATTEMPTS, "503", method="PUT")
+    with pytest.raises(RetryableError):
+        storage.replace_if("locks/run.json", b"mine", tag)
+    assert storage.get("locks/run.json") == b"theirs"
+    assert storage.replace_if("locks/run.json", b"mine", tag) is False  # still compared
+
+
+def test_no_credentials_anywhere_is_permanent(
+    s3_settings: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No keys given and none in boto3's chain (env, files, instance role): a setup error to
+    fix, not a failure to retry for ever."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    keyless = {
+        k: v for k, v in s3_settings.items() if k not in ("access_key_id", "secret_access_key")
+    }
+    with pytest.raises(PermanentError, match="no usable AWS credentials"):
+        S3Storage(**keyless).put_if_absent("k", b"v")
+
+
+S3_TOKEN = "tok-SECRET-5e1d0a"
+
+
+class _Echoing(http.server.BaseHTTPRequestHandler):
+    """A store (or a proxy in front of it) whose error message quotes the request's
+    credentials back: its session token and the access key id of its signature."""
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        quoted = f"{self.headers.get('X-Amz-Security-Token')} {self.headers.get('Authorization')}"
+        body = (
+            f"<Error><Code>InvalidArgument</Code><Message>bad request: {quoted}</Message></Error>"
+        ).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+def test_credentials_a_store_quotes_back_are_never_shown(s3_settings: dict) -> None:
+    """The service's message is quoted in a rejection (it says what was wrong): the store's
+    own access key id and session token are scrubbed out of it."""
+    with serving(_Echoing) as url:
+        storage = S3Storage(**{**s3_settings, "endpoint_url": url}, session_token=S3_TOKEN)
+        with pytest.raises(PermanentError, match="rejected: HTTP 400 InvalidArgument") as caught:
+            storage.put_if_absent("k", b"v")
+    text = str(caught.value)
+    assert "bad request: ***" in text
+    assert S3_TOKEN not in text and s3_settings["access_key_id"] not in text
 
 
 def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:

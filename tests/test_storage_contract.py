@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from connector.errors import NotFound, PermanentError
+from connector.errors import ConfigError, NotFound, PermanentError
 from connector.storage import Storage, open_storage
 from connector.storage.local import LocalStorage
 from connector.storage.s3 import S3Storage
@@ -329,3 +329,10 @@ def test_s3_open_storage_uri_and_secret_free_description(s3_settings: dict[str, 
     assert text.startswith(f"s3://{s3_settings['bucket']}/archive/")
     assert "(endpoint 127.0.0.1:" in text
     assert storage.put_if_absent("k", b"v") and storage.get("k") == b"v"
+    # Credentials belong in the s3 options, never in the URI (logged, shown by status).
+    with_keys = uri.replace(
+        "s3://", f"s3://{options['access_key_id']}:{options['secret_access_key']}@"
+    )
+    with pytest.raises(ConfigError, match="carry no credentials") as refused:
+        open_storage(with_keys, **options)
+    assert options["secret_access_key"] not in str(refused.value)
