@@ -155,6 +155,9 @@ _ADD_ALIAS = (
     " SET key = excluded.key"
     " WHERE NOT EXISTS (SELECT 1 FROM objects o WHERE o.key = aliases.key)"
 )
+# Where the platform does hand an id over (a merge, a standard-id change, a claim), it is taken
+# whoever holds it.
+_TAKE_ALIAS = "INSERT OR REPLACE INTO aliases VALUES (?, ?)"
 # ``refs`` has no key of its own: rows are written from each object's de-duplicated refs, after
 # its previous rows are removed, so they never repeat; until a merge or delete needs to look them
 # up, they are plain appends.
@@ -931,7 +934,7 @@ class StateStore:
             done += 1
         self._flush(pending, alias_rows, written)
         if claimed:
-            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", claimed)
+            self._add_aliases(_TAKE_ALIAS, claimed)
         # Queued aliases must be found by the next batches' lookups (this one uses ``known``).
         self._seen.add_many(queued)
         if len(new_aliases) >= _NEW_ALIASES_MAX:
@@ -1086,7 +1089,7 @@ class StateStore:
         if holder is not None and holder[0] != key:
             # Held as an old id: taken; held as the holder's standard id too: claimed (_CLAIM).
             alias = stix_id if holder[1] != stix_id else _CLAIM + stix_id
-            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(alias, key)])
+            self._add_aliases(_TAKE_ALIAS, [(alias, key)])
 
     def _standard_id_of_another(self, stix_id: str, key: str | None) -> bool:
         """Whether ``stix_id`` is the standard id of a live object other than ``key``."""
@@ -1190,7 +1193,7 @@ class StateStore:
             # An old id another live object claims as its standard id (_CLAIM) is that one's
             # now; what named it at the change still follows this object (the platform's way).
             rows = [(i, self._claimer(i) or key) for i in olds]
-            self._add_aliases("INSERT OR REPLACE INTO aliases VALUES (?, ?)", rows)
+            self._add_aliases(_TAKE_ALIAS, rows)
             self._repoint(olds, new_id, key)
 
     def _merge(self, ev: StreamEvent) -> None:
@@ -1245,9 +1248,7 @@ class StateStore:
         for s_key, s_stix in merged:
             self._tombstone(s_key, s_stix, ev.id_text, "merged", into)
         if key is not None and absorbed:
-            self._add_aliases(
-                "INSERT OR REPLACE INTO aliases VALUES (?, ?)", [(a, key) for a in absorbed]
-            )
+            self._add_aliases(_TAKE_ALIAS, [(a, key) for a in absorbed])
         for holder, ids in held.items():
             if holder == key:
                 absorbed.extend(i for i in ids if i not in absorbed)
