@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -406,16 +405,10 @@ class _Redirecting(http.server.BaseHTTPRequestHandler):
 def test_an_endpoint_redirecting_every_request_is_one_clear_error(s3_settings: dict) -> None:
     """botocore asked again after each redirect until Python's recursion limit: a RecursionError
     and a 3,000-line traceback from check, run and status."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(_Redirecting) as url:
         storage = S3Storage(**{**s3_settings, "endpoint_url": url})
         with pytest.raises(PermanentError, match="redirect"):
             storage.check()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _client_error(status: int, code: str, message: str = "") -> Exception:
