@@ -28,6 +28,7 @@ from connector.sim.store import SimStore
 from connector.target.opencti import AccessRefused, OpenCTITarget, Push, plan_pushes
 from tests.support.compare import assert_same_state, state_diff
 from tests.support.faultproxy import FaultProxy
+from tests.support.served import serving
 from tests.support.simlog import copy_event
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync, batch_of, leaving_the_filter, malware, target_for
@@ -369,6 +370,28 @@ def test_overloaded_platform_is_retryable(status: int) -> None:
         httpd.server_close()
 
 
+class _Garbled(BaseHTTPRequestHandler):
+    """A 200 whose JSON is no GraphQL answer pycti can read (a proxy, a platform restarting)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b'{"errors": ["upstream is restarting"]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_200_answer_pycti_cannot_read_is_retryable() -> None:
+    with serving(_Garbled) as url:
+        with pytest.raises(RetryableError, match="HTTP 200"):
+            make_target(url).check()
+
+
 def test_listing_through_pycti(sync: Sync) -> None:
     sync.step()
     api = sync.target.api
@@ -461,50 +484,78 @@ def _gql_error(name: str, message: str, **data: Any) -> dict[str, Any]:
     return {"message": message, "name": name, "extensions": {"code": name, "data": data}}
 
 
+@pytest.mark.parametrize("size", [1, 2])
 @pytest.mark.parametrize(
-    ("error", "quarantined"),
+    ("error", "outcome"),
     [
         # The token lost the capability: nothing will go through.
-        (_gql_error("FORBIDDEN_ACCESS", "You are not allowed to do this."), False),
-        (_gql_error("AUTH_REQUIRED", "You must be logged in to do this."), False),
+        (_gql_error("FORBIDDEN_ACCESS", "You are not allowed to do this."), "access"),
+        (_gql_error("AUTH_REQUIRED", "You must be logged in to do this."), "access"),
         # A real platform's unknown connector: UnsupportedError('Invalid bundle', {cause}).
-        (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", cause="Invalid connector"), False),
+        (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", cause="Invalid connector"), "access"),
         # Not attributable to an object: the platform's own problem, never the object's.
-        (_gql_error("FUNCTIONAL_ERROR", "Something unexpected happened"), False),
+        (_gql_error("FUNCTIONAL_ERROR", "Something unexpected happened"), "stops"),
         (
             _gql_error("UNKNOWN_ERROR", "Cannot read properties of undefined (reading 'objects')"),
-            False,
+            "stops",
         ),
+        # The platform's database or its rate limit, named only: passes, retried.
+        (_gql_error("DATABASE_ERROR", "Elasticsearch answered an error"), "retried"),
+        (_gql_error("TOO_MANY_REQUESTS", "Too many requests"), "retried"),
         # About the object: quarantined, the sync goes on.
-        (_gql_error("VALIDATION_ERROR", "Invalid value", id="malware--x"), True),
+        (_gql_error("VALIDATION_ERROR", "Invalid value", id="malware--x"), "quarantined"),
         # An object named like a connector is still the object's fault.
-        (_gql_error("VALIDATION_ERROR", "Name connector-x is not valid", id="tool--x"), True),
-        (_gql_error("UNSUPPORTED_ERROR", "Invalid bundle", reason="object #0 has no type"), True),
+        (
+            _gql_error("VALIDATION_ERROR", "Name connector-x is not valid", id="tool--x"),
+            "quarantined",
+        ),
+        (
+            _gql_error("UNSUPPORTED_ERROR", "Invalid bundle", reason="object #0 has no type"),
+            "quarantined",
+        ),
+        # The object's data, though the message names none.
+        (_gql_error("MISSING_REFERENCE_ERROR", "Element(s) not found"), "quarantined"),
     ],
 )
-def test_one_object_push_is_quarantined_only_for_an_object_level_error(
-    error: dict[str, Any], quarantined: bool
+def test_a_push_is_quarantined_only_for_an_object_level_error_whatever_its_size(
+    error: dict[str, Any], outcome: str, size: int
 ) -> None:
+    """Which refusal is quarantined is decided by its kind, never by how many objects the push
+    holds: a push of several objects is retried object by object, and an error of no object of
+    its own stops the sync from any of them (or is retried) as it does from one."""
     handler = type("Handler", (_RefusingPlatform,), {"error": error})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    sink = make_target(f"http://127.0.0.1:{httpd.server_address[1]}", register=False)
-    try:
-        batch = batch_of([_event(1000, malware("Lonely"))])
-        if quarantined:
-            sink.write(batch)
-            assert [q.id_text for q in sink.rejected] == ["1000-0"]
-            assert sink.last_event_id == "1000-0"
-        else:
-            with pytest.raises(PermanentError, match=error["name"]):
+    with serving(handler) as url:
+        sink = make_target(url, register=False)
+        try:
+            batch = batch_of([_event(1000 + n, malware(f"Lonely {n}")) for n in range(size)])
+            if outcome == "quarantined":
                 sink.write(batch)
+                assert [q.id_text for q in sink.rejected] == [f"{1000 + n}-0" for n in range(size)]
+                assert sink.last_event_id == f"{999 + size}-0"
+                return
+            kind = {"access": AccessRefused, "stops": PermanentError, "retried": RetryableError}
+            with pytest.raises(kind[outcome], match=error["name"]) as info:
+                sink.write(batch)
+            # Access refused says so (the token, the connector), whatever else says nothing.
+            assert isinstance(info.value, AccessRefused) == (outcome == "access")
             assert sink.rejected == []
             assert sink.last_event_id is None
-    finally:
-        sink.close()
-        httpd.shutdown()
-        httpd.server_close()
+        finally:
+            sink.close()
+
+
+def test_a_token_the_platform_repeats_in_an_error_never_shows() -> None:
+    """A platform (or a proxy before it) that quotes the request's credentials in its error:
+    the target's token is replaced wherever it appears in what the connector says."""
+    error = _gql_error("FUNCTIONAL_ERROR", f"Authorization: Bearer {TOKEN} is not accepted here")
+    with serving(type("Handler", (_RefusingPlatform,), {"error": error})) as url:
+        sink = make_target(url, register=False)
+        try:
+            with pytest.raises(PermanentError, match="FUNCTIONAL_ERROR") as info:
+                sink.write(batch_of([_event(1000, malware("Quoted"))]))
+        finally:
+            sink.close()
+    assert TOKEN not in str(info.value) and "Bearer ***" in str(info.value)
 
 
 def test_quarantine_names_the_event_of_each_refused_object(platform_b: SimServer) -> None:
@@ -994,3 +1045,124 @@ def test_ids_past_a_hundred_are_all_looked_up(platform_b: SimServer) -> None:
         assert sink.resolve_ids(ids) == {i: i for i in ids}
     finally:
         sink.close()
+
+
+def test_a_later_batch_moves_the_mark_and_a_replay_of_it_is_guarded(platform_b: SimServer) -> None:
+    """Each batch that goes further moves the mark saved on B: the restart after a kill during
+    the second batch (killed after its pushes, before the checkpoint) guards that batch too."""
+    a, _, _ = _updated_then_merged()
+    events, _ = events_since(a)
+    assert [e.event for e in events[2:]] == ["update", "merge"]
+    cid = str(uuid.uuid4())
+    sink = make_target(platform_b.url, connector_id=cid)
+    try:
+        sink.write(batch_of(events[:2]))
+        sink.write(batch_of(events[2:]))
+        state = platform_state(platform_b.store).connectors[cid]["connector_state"]
+        assert orjson.loads(state)["pushing_to"] == events[-1].id_text
+        again = make_target(platform_b.url, connector_id=cid)
+        try:
+            again.write(batch_of(events[2:]))
+            assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+        finally:
+            again.close()
+    finally:
+        sink.close()
+
+
+def test_an_unregistered_connectors_batches_are_all_guarded(platform_b: SimServer) -> None:
+    """Without registration (the connector registered on B by other means) B keeps no mark
+    for this connector: any batch may be a replay."""
+    a, _, _ = _updated_then_merged()
+    events, _ = events_since(a)
+    cid = str(uuid.uuid4())
+    registered = make_target(platform_b.url, connector_id=cid)
+    registered.check()
+    registered.close()
+    first = make_target(platform_b.url, connector_id=cid, register=False)
+    again = make_target(platform_b.url, connector_id=cid, register=False)
+    try:
+        first.write(batch_of(events))
+        again.write(batch_of(events[2:]))  # the update of the merged source, and the merge
+        assert_same_state(a.dump_bundle(), platform_b.store.dump_bundle())
+    finally:
+        first.close()
+        again.close()
+
+
+def test_an_id_change_finds_the_entity_by_its_previous_id_the_data_no_longer_names(
+    platform_b: SimServer,
+) -> None:
+    """The update that changes a standard id, its data without the old id among its aliases:
+    the push carries it (from the reverse patch), so B renames its entity, no duplicate."""
+    old = malware("named before")
+    new_id = f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, 'named after')}"
+    envelope = {
+        "version": "4",
+        "type": "update",
+        "scope": "external",
+        "data": {**old, "id": new_id, "name": "named after"},
+        "message": "update",
+        "origin": {},
+        "context": {"reverse_patch": [{"op": "replace", "path": "/id", "value": old["id"]}]},
+    }
+    update = StreamEvent.from_sse("2000-0", "update", json.dumps(envelope))
+    sink = make_target(platform_b.url)
+    try:
+        sink.write(batch_of([_event(1000, old)]))
+        sink.write(batch_of([update]))
+    finally:
+        sink.close()
+    assert platform_b.store.object_count == 1
+    moved = platform_b.store.get(new_id)
+    assert moved is not None and platform_b.store.get(old["id"]) == moved
+
+
+def test_restores_pushes_and_deletes_go_whole_in_bounded_requests(platform_b: SimServer) -> None:
+    """``push_objects`` and ``delete_ids`` (a restore) cut their lists by max_bundle_objects and
+    send every object of each piece."""
+    five = [malware(f"restored {n}") for n in range(5)]
+    sink = make_target(platform_b.url, max_bundle_objects=2)
+    try:
+        sink.push_objects(five)
+        assert all(platform_b.store.get(m["id"]) is not None for m in five)
+        sink.delete_ids([m["id"] for m in five])
+        assert [m["id"] for m in five if platform_b.store.get(m["id"]) is not None] == []
+    finally:
+        sink.close()
+
+
+def _merge_event(ms: int, into: dict[str, Any], sources: list[dict[str, Any]]) -> StreamEvent:
+    envelope = {
+        "version": "4",
+        "type": "merge",
+        "scope": "external",
+        "data": into,
+        "message": "merge",
+        "origin": {},
+        "context": {"sources": sources},
+    }
+    return StreamEvent.from_sse(f"{ms}-0", "merge", json.dumps(envelope))
+
+
+def _with_aliases(stix: dict[str, Any], aliases: list[str]) -> dict[str, Any]:
+    return {**stix, "extensions": {OCTI_EXT: {"stix_ids": aliases}}}
+
+
+def test_no_upsert_before_merges_carries_any_id_of_their_sources() -> None:
+    """An absorber sent ahead of two merges into it, with every id of their sources as aliases
+    (a source's own alias too, left by an earlier rename): its upsert carries none of them, or
+    B would find a source under it; each merge brings its ids back."""
+    renamed_away = malware("first source, before its rename")["id"]
+    one = _with_aliases(malware("first source"), [renamed_away])
+    two = malware("second source")
+    x = malware("absorber")
+    ahead = _with_aliases(x, [one["id"], renamed_away, two["id"]])
+    events = [
+        _event(1000, ahead),
+        _merge_event(2000, _with_aliases(x, [one["id"], renamed_away]), [one]),
+        _merge_event(3000, ahead, [two]),
+    ]
+    first = next(iter(plan_pushes(events)))
+    assert first.kind == "upsert" and [o["id"] for o in first.objects] == [x["id"]]
+    assert not octi_ext(first.objects[0]).get("stix_ids")
