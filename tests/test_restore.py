@@ -21,6 +21,7 @@ import orjson
 import pytest
 import zstandard
 
+from connector import restore_cli
 from connector.archive.segment import compress
 from connector.errors import RetryableError
 from connector.events import OCTI_EXT, RECONCILE_REFERER, EventId
@@ -451,6 +452,33 @@ def test_restore_progress_belongs_to_one_target(
     assert_restored(b.store, marks[-1][1])
 
 
+def test_restore_progress_made_without_deletes_is_not_resumed_with_them(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path
+) -> None:
+    """Progress of a restore with --no-apply-deletes is not taken up by one with deletes: it
+    stopped in a push phase, and the merged-away sources are deleted before any push (after,
+    the merge target answers to their ids too)."""
+    storage, marks = archived
+    store = SimStore()
+    store.load_bundle(marks[0][1])
+    progress_file = tmp_path / "restore-progress.json"
+    with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+        first = SimTarget(store, fail_after=3)
+        with pytest.raises(RetryableError):
+            restore_to_target(
+                state, first, apply_deletes=False, batch_size=5, resume_file=progress_file
+            )
+        assert orjson.loads(progress_file.read_bytes())["step"] > 0  # in a push phase
+        second = SimTarget(store)
+        report = restore_to_target(
+            state, second, apply_deletes=True, batch_size=5, resume_file=progress_file
+        )
+    assert report.resumed_from is None
+    assert_restored(store, marks[-1][1])
+    merged = store.get(AP_GONE)  # only as an alias of the merge target
+    assert merged is not None and merged["id"] == AP_KEEP
+
+
 def test_restore_progress_belongs_to_one_archived_state(tmp_path: Path) -> None:
     """Progress made restoring one state is not taken up by a restore of another at the same
     position with as many tombstones (another archive, or this one pruned since)."""
@@ -606,6 +634,36 @@ def test_verify_against_opencti_compares_marking_definitions(
     out = capsys.readouterr().out
     missing = next(line for line in out.splitlines() if line.strip().startswith("missing"))
     assert markings[0] in missing and " 1 " in missing
+
+
+def test_verify_against_opencti_reads_every_page_and_finds_older_versions(
+    archived: tuple[LocalStorage, list[Mark]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The platform is listed a page at a time, every page read (pages of 2 here); an object it
+    holds in a version older than the archive's is stale, a difference."""
+    monkeypatch.setattr(restore_cli, "_PAGE", 2)
+    storage, _ = archived
+    store = SimStore()
+    store.api_token = TOKEN  # type: ignore[attr-defined]
+    with SimServer(token=TOKEN, store=store) as server:
+        target = OpenCTITarget(url=server.url, token=TOKEN, connector_id=str(uuid.uuid4()))
+        try:
+            with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
+                restore_to_target(state, target, batch_size=50)
+        finally:
+            target.close()
+        check = {"url": server.url, "token": TOKEN, "until": None, "work_dir": tmp_path / "v"}
+        assert verify_against_opencti(storage, **check)
+        capsys.readouterr()
+        old = next(o for o in store.objects() if o["type"] == "malware")
+        old["extensions"][OCTI_EXT]["updated_at"] = "2001-01-01T00:00:00.000Z"
+        assert not verify_against_opencti(storage, **check)
+    out = capsys.readouterr().out
+    stale = next(line for line in out.splitlines() if line.strip().startswith("stale"))
+    assert old["id"] in stale and " 1 " in stale
 
 
 def test_a_manifest_whose_last_id_is_damaged_is_never_restored_from(tmp_path: Path) -> None:
