@@ -9,6 +9,7 @@ import base64
 import http.server
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from connector.files import FileArchiver, FileFetcher, file_entries, file_key, m
 from connector.restore import materialise, restore_to_target
 from connector.sim.server import SimServer
 from connector.sink import Batch
+from connector.state import PHASES
 from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
@@ -533,6 +535,73 @@ def test_a_restore_stopped_between_an_objects_files_pushes_them_when_resumed(
         state.close()
     assert sorted(again.with_data) == ["one.pdf", "two.pdf"]
     assert REPORT in again.pushed and report.files == 2
+
+
+class _FailsOn(_FailsOnFile):
+    """A restore target that fails (a platform gone away) at the push holding ``fail_on``."""
+
+    def __init__(self, fail_on: str | None) -> None:
+        super().__init__(fail_at=None)
+        self.fail_on = fail_on
+
+    def push_objects(self, objects: list[dict[str, Any]]) -> None:
+        if any(o["id"] == self.fail_on for o in objects):
+            raise RetryableError("the platform went away")
+        super().push_objects(objects)
+
+
+def test_a_restore_stopped_after_an_objects_files_does_not_send_them_again(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """The resume position moves past an object once its last file is acknowledged: stopped
+    at the next push, the restore resumes after it, its files (megabytes) not sent twice."""
+    _seed(source)
+    source.store.attach_file(MALWARE, "one.pdf", b"1" * 1000)
+    storage = _backup(source, str(tmp_path / "archive"))
+    state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+    resume = tmp_path / "restore-progress.json"
+    try:
+        first = _FailsOn(REPORT)
+        with pytest.raises(RetryableError):
+            restore_to_target(state, first, files=storage, resume_file=resume, target_name="b")
+        assert first.with_data == ["one.pdf"]
+        again = _FailsOn(None)
+        report = restore_to_target(state, again, files=storage, resume_file=resume, target_name="b")
+    finally:
+        state.close()
+    assert again.with_data == [] and MALWARE not in again.pushed and REPORT in again.pushed
+    assert report.files == 1
+
+
+def test_objects_batched_before_one_with_files_are_pushed_before_it(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """A phase's objects go in push order: those batched before an object with files are sent
+    before it (its position, saved once its last file is acknowledged, is past them: a stop
+    then would leave them out of the resumed restore)."""
+    _seed(source)
+    for n in range(4):
+        source.store.create(
+            {
+                "id": f"malware--{uuid.uuid5(uuid.NAMESPACE_DNS, f'plain {n}')}",
+                "type": "malware",
+                "spec_version": "2.1",
+                "name": f"Plain {n}",
+                "is_family": True,
+            }
+        )
+    source.store.attach_file(MALWARE, "one.pdf", b"1" * 1000)
+    storage = _backup(source, str(tmp_path / "archive"))
+    state = materialise(storage, until=None, work_dir=tmp_path / "plan")
+    target = _FailsOnFile(fail_at=None)
+    try:
+        order = [rec.stix_id for p in range(len(PHASES)) for _, rec in state.push_records(p)]
+        restore_to_target(state, target, files=storage)
+    finally:
+        state.close()
+    assert target.with_data == ["one.pdf"]
+    assert list(dict.fromkeys(target.pushed)) == order  # the object with its file: twice
+    assert order.index(MALWARE) > 0 and order[order.index(MALWARE) - 1].startswith("malware--")
 
 
 def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archived(
