@@ -10,7 +10,7 @@ exit codes, ``verify --against-opencti``). Each mutation is a small bug put in o
 test files named with it are run (one process, ``-x``, cheapest first), and the file is written
 back as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_push.py            # all of them
+    .venv/bin/python scripts/mutations_push.py            # all of them (about 15 min, 1 process)
     .venv/bin/python scripts/mutations_push.py PU1 PU30   # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
@@ -47,14 +47,14 @@ MUTATIONS: list[Mutation] = [
      "if status is None or status == 429 or status >= 500 or status == 200:",
      "if status is None or status == 429 or status >= 500:",
      [T_OCTI], None),
-    ("PU5", "a transient GraphQL error by name (LOCK_ERROR, ...) not retried", OCTI,
+    ("PU5", "a transient GraphQL error known by its name only (DATABASE_ERROR, ...) not retried", OCTI,
      "if name in _TRANSIENT_ERRORS or any(w in lowered for w in _TRANSIENT_WORDS):",
      "if any(w in lowered for w in _TRANSIENT_WORDS):",
      [T_OCTI], None),
-    ("PU6", "an unknown connector taken for a refused object (quarantined)", OCTI,
+    ("PU6", "an unknown connector's refusal not an AccessRefused (no word of the registration)", OCTI,
      "if not obj and _CONNECTOR_REFUSAL.search(about):", "if False:",
      [T_OCTI], None),
-    ("PU7", "a validation error naming no object not quarantined (the sync stops)", OCTI,
+    ("PU7", "an object-level error naming no object (MISSING_REFERENCE_ERROR) stops the sync", OCTI,
      "if obj or _OBJECT_WORD.search(about) or name in _OBJECT_ERRORS:",
      "if obj or _OBJECT_WORD.search(about):",
      [T_OCTI], None),
