@@ -7,11 +7,10 @@ writes them into simulator B; B's state must then equal A's.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -358,16 +357,9 @@ class _Failing(BaseHTTPRequestHandler):
 @pytest.mark.parametrize("status", [503, 429, 502])
 def test_overloaded_platform_is_retryable(status: int) -> None:
     handler = type("Handler", (_Failing,), {"status": status})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serving(handler) as url:
         with pytest.raises(RetryableError, match=f"HTTP {status}"):
             make_target(url).check()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 class _Garbled(BaseHTTPRequestHandler):
@@ -974,18 +966,14 @@ class _Unacknowledging(_RefusingPlatform):
 def test_a_push_the_platform_does_not_acknowledge_is_not_written() -> None:
     """A 200 answer without ``stixBundlePush`` (a proxy, a platform restarting) is no proof the
     bundle was queued: the write fails, to be retried; the checkpoint stays."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Unacknowledging)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    sink = make_target(f"http://127.0.0.1:{httpd.server_address[1]}", register=False)
-    try:
-        with pytest.raises(RetryableError, match="not acknowledged"):
-            sink.write(batch_of([_event(1000, malware("Unacknowledged"))]))
-        assert sink.last_event_id is None
-    finally:
-        sink.close()
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(_Unacknowledging) as url:
+        sink = make_target(url, register=False)
+        try:
+            with pytest.raises(RetryableError, match="not acknowledged"):
+                sink.write(batch_of([_event(1000, malware("Unacknowledged"))]))
+            assert sink.last_event_id is None
+        finally:
+            sink.close()
 
 
 def test_pushes_hold_at_most_max_objects_and_an_id_change_starts_one() -> None:
