@@ -23,7 +23,14 @@ from connector.archive.layout import MANIFESTS_PREFIX, manifest_key
 from connector.archive.spool import Spool
 from connector.errors import PayloadTooLarge, RetryableError
 from connector.events import OCTI_EXT, EventId, StreamEvent
-from connector.files import FileArchiver, FileFetcher, file_entries, file_key, missing_key
+from connector.files import (
+    Downloads,
+    FileArchiver,
+    FileFetcher,
+    file_entries,
+    file_key,
+    missing_key,
+)
 from connector.restore import materialise, restore_to_target
 from connector.sim.server import SimServer
 from connector.sink import Batch
@@ -247,7 +254,7 @@ def test_a_download_that_may_pass_is_retried_not_recorded(tmp_path: Path, status
         server.server_close()
 
 
-def _naming_a_file(uri: str) -> StreamEvent:
+def _naming_a_file(uri: str, event: str = "update") -> StreamEvent:
     stix = {
         "id": REPORT,
         "type": "report",
@@ -257,15 +264,87 @@ def _naming_a_file(uri: str) -> StreamEvent:
         },
     }
     body = orjson.dumps({"data": stix, "message": "m", "version": "4"})
-    return StreamEvent(EventId(1_800_000_000_000, 0), "1800000000000-0", "update", body)
+    return StreamEvent(EventId(1_800_000_000_000, 0), "1800000000000-0", event, body)
 
 
-def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minutes(
+def test_a_files_key_is_the_archives_layout() -> None:
+    """``files/<hh>/<sha256 of "uri\\nversion">``: the keys of files archived by earlier runs
+    (and by earlier versions) must still be where a restore and verify look for them."""
+    (entry,) = file_entries(_naming_a_file("/storage/get/import/Report/x/a.pdf").stix)
+    digest = "e00fc962800fc8d83635931a83318f08e54192df0e8a8232af6199e16d63eb34"
+    assert file_key(entry) == f"files/e0/{digest}"
+    assert missing_key(entry) == f"files/e0/{digest}.missing"
+
+
+def test_no_file_is_asked_for_a_delete_nor_outside_the_platforms_storage(
     tmp_path: Path,
 ) -> None:
-    """A 5xx is retried with the batch (a restarting platform), but one broken file must not
-    hold the backup forever: after 5 attempts over 10 minutes it is recorded as missing."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    """A delete names the object's files, which the platform deletes with it: asking for them
+    records each as missing, with an error, at every delete. A file whose uri is not the
+    platform's ``/storage/get/`` is no file the platform serves. Neither is requested (nothing
+    listens on port 9: a request would fail the store)."""
+    storage = LocalStorage(tmp_path / "a")
+    archiver = FileArchiver(storage, FileFetcher("http://127.0.0.1:9", TOKEN_A))
+    deleted = _naming_a_file("/storage/get/import/Report/x/a.pdf", "delete")
+    elsewhere = _naming_a_file("https://files.example/a.pdf")
+    assert file_entries(elsewhere.stix) == []
+    archiver.store([deleted, elsewhere])
+    archiver.close()
+    assert list(storage.list("")) == []
+
+
+class _Switching(_Failing):
+    """Fails with ``status`` while it is not 200, then serves the file's bytes."""
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        if self.status != 200:
+            super().do_GET()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.write(b"%PDF")
+
+
+def test_a_download_that_passed_starts_the_ten_minutes_again(tmp_path: Path) -> None:
+    """Refusals counted before a download that passed are over: a file refused again later (a
+    new version at the same key after a restart of the platform) is retried, not given up on
+    because of refusals from long ago."""
+    handler = type("H", (_Switching,), {"status": 503})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    now = [1000.0]
+    downloads = Downloads(
+        FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A), clock=lambda: now[0]
+    )
+    uri = "/storage/get/import/Report/x/a.pdf"
+    try:
+        for minute in range(5):  # refused 5 times, for 4 minutes
+            now[0] = 1000.0 + 60 * minute
+            with pytest.raises(RetryableError):
+                downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-"))
+        handler.status = 200
+        now[0] = 1000.0 + 60 * 5
+        assert downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-")) is None
+        handler.status = 503
+        now[0] = 1000.0 + 60 * 20  # 20 minutes after the first refusal: the sixth
+        with pytest.raises(RetryableError):
+            downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-"))
+    finally:
+        downloads.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [503, 403])
+def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minutes(
+    tmp_path: Path, status: int
+) -> None:
+    """A 5xx is retried with the batch (a restarting platform), a 403 too (a token being
+    replaced), but one broken or unreadable file must not hold the backup forever: after 5
+    attempts over 10 minutes it is recorded as missing."""
+    handler = type("H", (_Failing,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     now = [1000.0]
     storage = LocalStorage(tmp_path / "a")
@@ -285,7 +364,7 @@ def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minute
         now[0] = 1000.0 + 601
         archiver.store([event])
         record = orjson.loads(storage.get(missing_key(entry)))
-        assert record["status"] == 503 and "8 times" in record["reason"]
+        assert record["status"] == status and "8 times" in record["reason"]
         archiver.store([event])  # known now: no download, no error
     finally:
         archiver.close()
@@ -381,6 +460,8 @@ class _Answer(http.server.BaseHTTPRequestHandler):
     ("status", "headers", "body", "gone"),
     [
         (302, {"Location": "/"}, b"", True),  # older platforms: a file they do not have
+        (404, {}, b"", True),
+        (410, {}, b"", True),
         (503, {}, b'{"status":"error","error":"File not found or restricted"}', True),
         (503, {}, b"<html>Service Unavailable</html>", False),  # a proxy: the platform is down
         (302, {"Location": "https://sso.example/login"}, b"", False),
@@ -637,18 +718,20 @@ def test_a_manifest_rebuilt_after_a_failed_write_still_says_its_files_are_archiv
 def test_a_file_recorded_missing_is_not_asked_for_again_after_a_restart(
     source: SimServer, tmp_path: Path
 ) -> None:
-    """A file the archive recorded gone (``.missing``) is taken as such by the next run: its
-    events are archived again after a restart without asking the source for it once more."""
+    """A file the archive recorded gone (``.missing``), or holds, is taken as such by the next
+    run: its events are archived again after a restart without asking the source once more."""
     _seed(source)
     source.store.attach_file(REPORT, "gone.pdf", b"gone")
     (gone,) = source.store.files_of(REPORT)
     source.store.forget_file_content(_file_id(gone))
+    source.store.attach_file(MALWARE, "kept.pdf", b"kept")
+    (kept,) = source.store.files_of(MALWARE)
     storage = LocalStorage(str(tmp_path / "archive"))
     events = sim_events(source.store)[0]
     first = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))
     first.store(events)
     first.close()
-    assert storage.exists(missing_key(gone))
+    assert storage.exists(missing_key(gone)) and storage.get(file_key(kept)) == b"kept"
     asked = source.file_requests
     again = FileArchiver(storage, FileFetcher(source.url, TOKEN_A))  # the restart's
     again.store(events)
