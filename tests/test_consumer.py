@@ -649,6 +649,62 @@ def test_registration_refuses_a_non_graphql_error_and_outlives_a_failed_ping(
         assert reg.registered
 
 
+class _EchoesTheToken(BaseHTTPRequestHandler):
+    """A GraphQL endpoint that refuses with a message quoting the token it was sent."""
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        body = orjson.dumps({"errors": [{"message": f"Token {token} is not valid"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def test_registration_never_logs_the_token_a_refusal_quotes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The platform's error can name what it was sent: the warning keeps its words, not the
+    token."""
+    caplog.set_level("WARNING", logger="connector.registration")
+    with serving(_EchoesTheToken) as url:
+        reg = SourceRegistration(
+            url=url, token=TOKEN, verify=True, connector_id="c", name="sync", state=dict
+        ).start()
+        reg.stop(timeout=30)
+    assert not reg.registered
+    (warning,) = [r for r in caplog.records if r.name == "connector.registration"]
+    assert warning.__dict__["error"] == "Token <redacted> is not valid"
+    assert TOKEN not in caplog.text
+
+
+def test_a_stop_ends_registration_while_the_platform_is_not_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run stops before the platform ever answered: the retries end with it, instead of
+    going on asking (without a pause once the stop is set) for the rest of the process."""
+    monkeypatch.setattr(registration, "_RETRY_FIRST_SECS", 0.05)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reg = SourceRegistration(
+        url=f"http://127.0.0.1:{port}",
+        token=TOKEN,
+        verify=True,
+        connector_id="5a3f6c39-3a5e-4c1e-9d2b-3d3f0b9c7a14",
+        name="sync",
+        state=dict,
+    ).start()
+    reg.stop(timeout=30)
+    assert reg._thread is not None and not reg._thread.is_alive()
+    assert not reg.registered
+
+
 def test_no_recover_is_remembered_and_consumer_metrics_advance(
     sim: SimServer, tmp_path: Path
 ) -> None:
