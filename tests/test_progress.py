@@ -123,3 +123,22 @@ def test_recover_progress_off_a_tty_logs_a_percent_not_counts(
     assert [r["percent"] for r in records] == [0.0, 75.0, 75.0]  # the last: finished
     assert records[-1]["eta_secs"] == 20 and records[-1]["task"] == "recover"
     assert not any("done" in r or "total" in r or "rate_per_sec" in r for r in records)
+
+
+def test_nothing_to_do_is_done_and_more_than_the_total_is_not_above_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restore with nothing to push shows 100%, not 0%; a count past its total (objects found
+    after the count was taken) stays at 100%; a second ``close`` says nothing more."""
+    clock = Clock()
+    empty = Progress(0, label="restore", stream=TtyIO(), clock=clock)
+    assert empty.fraction() == 1.0
+    caplog.set_level(logging.INFO, logger="connector.progress")
+    bar = Progress(10, label="restore", stream=io.StringIO(), clock=clock)
+    clock.now += 1
+    bar.update(12)
+    assert bar.fraction() == 1.0 and bar.eta_secs() == 0.0
+    bar.close()
+    bar.close()
+    records = [r.getMessage() for r in caplog.records if r.name == "connector.progress"]
+    assert records == ["Progress.", "Progress finished."]
