@@ -304,6 +304,48 @@ def test_the_archives_end_is_its_newest_readable_manifest(tmp_path: Path) -> Non
     assert newest is not None and newest.last == events[-3].id
 
 
+def test_a_damaged_manifest_stops_the_reader_instead_of_being_skipped(tmp_path: Path) -> None:
+    """A segment whose manifest cannot be read is not left out of what the archive gives back
+    (a restore without it would miss its events): reading stops there, naming it."""
+    storage = LocalStorage(tmp_path / "a")
+    events = _segments(storage)
+    storage.put(manifest_key(events[2].id), b'{"format": 1, "segm')  # torn
+    with pytest.raises(PermanentError, match="is damaged"):
+        list(ArchiveReader(storage).events())
+
+
+def test_the_reader_gives_each_group_once_from_after_to_until(tmp_path: Path) -> None:
+    """A group's id is the running maximum of event ids from its segment's first; ``events``
+    gives the groups in ``(after, until]``, each once, also when a segment copied by hand
+    overlaps the one before."""
+    storage = LocalStorage(tmp_path / "a")
+    events = _segments(storage)
+    reader = ArchiveReader(storage)
+    assert [ev.id for ev in reader.events(after=at(0), until=at(2))] == [
+        at(0, 1),
+        at(1),
+        at(1, 1),
+        at(2),
+    ]
+    # The same stream cut otherwise: a segment from (1, 1) to (2, 0), copied in beside them.
+    other = LocalStorage(tmp_path / "b")
+    run = [malware(at(1, 1), 3), malware(at(2), 4)]
+    ArchiveSink(other).write(Batch(first_id=run[0].id, last_id=run[-1].id, events=run))
+    for key in [*other.list("events/"), *other.list("manifests/")]:
+        storage.put(key, other.get(key))
+    assert len(list(reader.manifests())) == 4
+    assert [ev.id for ev in reader.events()] == [ev.id for ev in events]
+
+
+def test_a_manifest_of_another_format_or_with_unreadable_ids_is_damaged() -> None:
+    """A later format may lay its rows out otherwise: read as this one, it would give wrong
+    positions. Ids that are no event ids would fail later, outside the damage checks."""
+    whole = _manifest([["1-0", "create", "x--1", "i", None]])
+    for changed in ({"format": 2}, {"first_event_id": "yesterday"}, {"last_event_id": "1-x"}):
+        with pytest.raises(MalformedEvent, match="manifest"):
+            Manifest.from_json(orjson.dumps({**whole.__dict__, **changed}))
+
+
 def _rewrite_segment(storage: LocalStorage, first: EventId, body: bytes, manifest: bool) -> None:
     """The segment at ``first`` stored as ``body``; its manifest says so when ``manifest``."""
     key = manifest_key(first)
