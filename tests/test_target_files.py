@@ -631,6 +631,23 @@ def test_a_file_of_exactly_the_limit_is_carried_and_one_byte_more_is_not(
     assert _since(before) == {"sent": 1, "gone": 0, "too_large": 1, "refused": 0}
 
 
+def test_a_file_downloaded_to_a_scratch_file_is_carried_whole(
+    source: SimServer, tmp_path: Path
+) -> None:
+    """A download larger than the spool's memory goes to a scratch file, read back from its
+    start; a file above 3 MiB is encoded in pieces that must join into one encoding."""
+    _seed(source.store)
+    pdf = os.urandom((3 << 20) + 1000)
+    source.store.attach_file(REPORT, "large.pdf", pdf)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    carrier = _carrier(source, spool_dir=scratch, spool_bytes=64 * 1024)
+    with SimServer(token=TOKEN_B) as b:
+        _sync_once(source, b, files=carrier)
+        assert _contents(b, REPORT) == {"large.pdf": pdf}
+    assert list(scratch.iterdir()) == []  # the scratch file is gone with the download
+
+
 def test_a_file_the_archive_recorded_missing_is_not_asked_of_the_source_again(
     source: SimServer, tmp_path: Path
 ) -> None:
