@@ -254,6 +254,34 @@ def test_a_download_that_may_pass_is_retried_not_recorded(tmp_path: Path, status
         server.server_close()
 
 
+class _EchoesTheRequest(http.server.BaseHTTPRequestHandler):
+    """A broken proxy: its status line repeats the request's Authorization header."""
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        auth = self.headers.get("Authorization", "")
+        self.wfile.write(b"HTTP/1.1 OK " + auth.encode() + b"\r\n\r\n")
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def test_an_answer_that_quotes_the_token_leaves_it_out_of_the_error(tmp_path: Path) -> None:
+    """httpx's error for a malformed answer quotes the bytes it got: the retry's error, logged
+    with each attempt, says what went wrong without the token."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoesTheRequest)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token")
+    try:
+        with pytest.raises(RetryableError) as caught:
+            fetcher.download("/storage/get/import/Report/x/a.pdf", Spool(tmp_path, 1024, "f-"))
+        assert "illegal status line" in str(caught.value)
+        assert "secret-token" not in str(caught.value) and "Bearer ***" in str(caught.value)
+    finally:
+        fetcher.close()
+        server.shutdown()
+        server.server_close()
+
+
 def _naming_a_file(uri: str, event: str = "update") -> StreamEvent:
     stix = {
         "id": REPORT,
