@@ -29,6 +29,7 @@ PROG = "connector/progress.py"
 T_FILES, T_TFILES, T_SPOOL = "test_files", "test_target_files", "test_segment_spool"
 T_CONS, T_PROG, T_VER = "test_consumer", "test_progress", "test_verify"
 T_UNTIL, T_REDEL, T_REST = "test_restore_until", "test_sink_redelivery", "test_restore"
+T_RET = "test_retention"
 
 # (id, what it breaks, file, text, replacement, test files, equivalent: why or None)
 MUTATIONS: list[Mutation] = [
@@ -94,7 +95,11 @@ MUTATIONS: list[Mutation] = [
     ("FA18", "a file carried again counted again", FILES,
      "            if key not in self._done:\n                metrics.TARGET_FILES",
      "            if True:\n                metrics.TARGET_FILES",
-     [T_TFILES], None),
+     [T_TFILES],
+     "_settle never meets a key already done: one_by_one hands out only keys neither done nor "
+     "claimed, each copy it hands out is settled once (pushed, left out or refused; a message "
+     "is left out or carried, never both), and forget takes a key out of the done ones before "
+     "it can be handed out again"),
     ("FA19", "a restore copy of a file not in the archive pushed without saying so", FILES,
      "        except NotFound:\n            yield FileCopy(name, None, \"lacking\")\n            continue\n",
      "        except NotFound:\n            continue\n",
@@ -131,7 +136,7 @@ MUTATIONS: list[Mutation] = [
     ("SG10", "HashingReader.drain reads nothing (the hash misses the bytes left)", SEG,
      "        while self.readinto(bytearray(1 << 20)):\n            pass",
      "        return",
-     [T_SPOOL, T_VER], None),
+     [T_SPOOL, T_VER, T_RET], None),
     # -- reader.py ------------------------------------------------------------------------------
     ("RD1", "a damaged manifest skipped (its segment's events left out of a restore)", READER,
      "            except MalformedEvent as exc:\n                raise PermanentError(",
