@@ -10,7 +10,7 @@ GraphQL mutations, a token never logged) and ``connector/progress.py``. Each mut
 bug put in on purpose, the test files named with it are run (one process, ``-x``, cheapest
 first), and the file is written back as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_files.py            # all of them
+    .venv/bin/python scripts/mutations_files.py            # all of them (about 12 min on 2 cores)
     .venv/bin/python scripts/mutations_files.py FA1 FA20   # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
@@ -57,7 +57,7 @@ MUTATIONS: list[Mutation] = [
      "                follow_redirects=False,\n            )\n        return self._http",
      "                follow_redirects=True,\n            )\n        return self._http",
      [T_FILES], None),
-    ("FA8", "the token left in a network error's text", FILES,
+    ("FA8", "the token left in a download error's text (a malformed answer quoting the request)", FILES,
      '            text = str(exc).replace(self._token, "***")\n', "            text = str(exc)\n",
      [T_FILES], None),
     ("FA9", "a refused file given up after 5 attempts or 10 minutes, not both", FILES,
@@ -159,7 +159,7 @@ MUTATIONS: list[Mutation] = [
      '            if not key.endswith(".json"):\n                continue\n', "",
      [T_SPOOL, T_REST],
      "nothing but manifests is ever stored under manifests/: the sink writes <id>.json only, "
-     "and local storage writes its temporary files outside the key space"),
+     "and local storage's list leaves out its temporary files (.tmp-*)"),
     # -- registration.py -----------------------------------------------------------------------
     ("RG1", "the token not redacted from what registration logs", REG,
      'return text.replace(secret, "<redacted>")[:300] if secret else text[:300]',
