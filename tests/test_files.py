@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.server
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from connector.storage.local import LocalStorage
 from connector.verify import verify_archive
 from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
+from tests.support.served import serving
 from tests.support.simlog import sim_events
 from tests.test_pipeline_shutdown import FullFor, first_write_under
 
@@ -240,18 +240,13 @@ def test_a_download_that_may_pass_is_retried_not_recorded(tmp_path: Path, status
     """A platform error holds the batch (and so the checkpoint) for a retry; only "gone" and
     "not readable" are recorded as missing."""
     handler = type("H", (_Failing,), {"status": status})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token")
+    with serving(handler) as url:
+        fetcher = FileFetcher(url, "secret-token")
         spool = Spool(tmp_path, 1 << 20, "file-")
         with pytest.raises(RetryableError) as caught:
             fetcher.download("/storage/get/import/Report/x/a.pdf", spool)
         assert str(status) in str(caught.value) and "secret-token" not in str(caught.value)
         fetcher.close()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _EchoesTheRequest(http.server.BaseHTTPRequestHandler):
@@ -268,18 +263,15 @@ class _EchoesTheRequest(http.server.BaseHTTPRequestHandler):
 def test_an_answer_that_quotes_the_token_leaves_it_out_of_the_error(tmp_path: Path) -> None:
     """httpx's error for a malformed answer quotes the bytes it got: the retry's error, logged
     with each attempt, says what went wrong without the token."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoesTheRequest)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token")
-    try:
-        with pytest.raises(RetryableError) as caught:
-            fetcher.download("/storage/get/import/Report/x/a.pdf", Spool(tmp_path, 1024, "f-"))
-        assert "illegal status line" in str(caught.value)
-        assert "secret-token" not in str(caught.value) and "Bearer ***" in str(caught.value)
-    finally:
-        fetcher.close()
-        server.shutdown()
-        server.server_close()
+    with serving(_EchoesTheRequest) as url:
+        fetcher = FileFetcher(url, "secret-token")
+        try:
+            with pytest.raises(RetryableError) as caught:
+                fetcher.download("/storage/get/import/Report/x/a.pdf", Spool(tmp_path, 1024, "f-"))
+        finally:
+            fetcher.close()
+    assert "illegal status line" in str(caught.value)
+    assert "secret-token" not in str(caught.value) and "Bearer ***" in str(caught.value)
 
 
 def _naming_a_file(uri: str, event: str = "update") -> StreamEvent:
@@ -339,29 +331,24 @@ def test_a_download_that_passed_starts_the_ten_minutes_again(tmp_path: Path) -> 
     new version at the same key after a restart of the platform) is retried, not given up on
     because of refusals from long ago."""
     handler = type("H", (_Switching,), {"status": 503})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     now = [1000.0]
-    downloads = Downloads(
-        FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A), clock=lambda: now[0]
-    )
     uri = "/storage/get/import/Report/x/a.pdf"
-    try:
-        for minute in range(5):  # refused 5 times, for 4 minutes
-            now[0] = 1000.0 + 60 * minute
+    with serving(handler) as url:
+        downloads = Downloads(FileFetcher(url, TOKEN_A), clock=lambda: now[0])
+        try:
+            for minute in range(5):  # refused 5 times, for 4 minutes
+                now[0] = 1000.0 + 60 * minute
+                with pytest.raises(RetryableError):
+                    downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-"))
+            handler.status = 200
+            now[0] = 1000.0 + 60 * 5
+            assert downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-")) is None
+            handler.status = 503
+            now[0] = 1000.0 + 60 * 20  # 20 minutes after the first refusal: the sixth
             with pytest.raises(RetryableError):
                 downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-"))
-        handler.status = 200
-        now[0] = 1000.0 + 60 * 5
-        assert downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-")) is None
-        handler.status = 503
-        now[0] = 1000.0 + 60 * 20  # 20 minutes after the first refusal: the sixth
-        with pytest.raises(RetryableError):
-            downloads.fetch("k", uri, Spool(tmp_path, 1 << 20, "file-"))
-    finally:
-        downloads.close()
-        server.shutdown()
-        server.server_close()
+        finally:
+            downloads.close()
 
 
 @pytest.mark.parametrize("status", [503, 403])
@@ -372,32 +359,25 @@ def test_a_file_the_platform_keeps_failing_to_serve_is_recorded_after_ten_minute
     replaced), but one broken or unreadable file must not hold the backup forever: after 5
     attempts over 10 minutes it is recorded as missing."""
     handler = type("H", (_Failing,), {"status": status})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     now = [1000.0]
     storage = LocalStorage(tmp_path / "a")
-    archiver = FileArchiver(
-        storage,
-        FileFetcher(f"http://127.0.0.1:{server.server_port}", "secret-token"),
-        clock=lambda: now[0],
-    )
     event = _naming_a_file("/storage/get/import/Report/x/a.pdf")
     (entry,) = file_entries(event.stix)
-    try:
-        for minute in (0, 1, 2, 3, 4, 5, 9):  # 7 attempts, but not yet 10 minutes
-            now[0] = 1000.0 + 60 * minute
-            with pytest.raises(RetryableError):
-                archiver.store([event])
-        assert not storage.exists(missing_key(entry))
-        now[0] = 1000.0 + 601
-        archiver.store([event])
-        record = orjson.loads(storage.get(missing_key(entry)))
-        assert record["status"] == status and "8 times" in record["reason"]
-        archiver.store([event])  # known now: no download, no error
-    finally:
-        archiver.close()
-        server.shutdown()
-        server.server_close()
+    with serving(handler) as url:
+        archiver = FileArchiver(storage, FileFetcher(url, "secret-token"), clock=lambda: now[0])
+        try:
+            for minute in (0, 1, 2, 3, 4, 5, 9):  # 7 attempts, but not yet 10 minutes
+                now[0] = 1000.0 + 60 * minute
+                with pytest.raises(RetryableError):
+                    archiver.store([event])
+            assert not storage.exists(missing_key(entry))
+            now[0] = 1000.0 + 601
+            archiver.store([event])
+            record = orjson.loads(storage.get(missing_key(entry)))
+            assert record["status"] == status and "8 times" in record["reason"]
+            archiver.store([event])  # known now: no download, no error
+        finally:
+            archiver.close()
 
 
 class _Recording(LocalStorage):
@@ -424,19 +404,13 @@ def test_files_are_durable_before_the_segment_that_names_them(
     assert [k.split("/")[0] for k in storage.writes] == ["files", "events", "manifests"]
 
     # A file that cannot be fetched yet holds the whole batch: no segment without its files.
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(_Failing) as url:
         failing = _Recording(tmp_path / "b")
-        fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A)
-        sink = ArchiveSink(failing, files=FileArchiver(failing, fetcher))
+        sink = ArchiveSink(failing, files=FileArchiver(failing, FileFetcher(url, TOKEN_A)))
         with pytest.raises(RetryableError):
             sink.write(batch)
         assert failing.writes == [] and list(failing.list("")) == []
         sink.close()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 ODD_NAMES = [
@@ -499,25 +473,21 @@ def test_what_the_platform_answers_for_a_file_it_does_not_have(
     tmp_path: Path, status: int, headers: dict[str, str], body: bytes, gone: bool
 ) -> None:
     handler = type("H", (_Answer,), {"status": status, "headers_out": headers, "body": body})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     storage = LocalStorage(tmp_path / "a")
-    fetcher = FileFetcher(f"http://127.0.0.1:{server.server_port}", TOKEN_A)
-    archiver = FileArchiver(storage, fetcher)
     event = _naming_a_file("/storage/get/import/Report/x/a.pdf")
     (entry,) = file_entries(event.stix)
-    try:
-        if gone:
-            archiver.store([event])
-            assert orjson.loads(storage.get(missing_key(entry)))["status"] == status
-        else:
-            with pytest.raises(RetryableError):
+    with serving(handler) as url:
+        archiver = FileArchiver(storage, FileFetcher(url, TOKEN_A))
+        try:
+            if gone:
                 archiver.store([event])
-            assert list(storage.list("")) == []
-    finally:
-        archiver.close()
-        server.shutdown()
-        server.server_close()
+                assert orjson.loads(storage.get(missing_key(entry)))["status"] == status
+            else:
+                with pytest.raises(RetryableError):
+                    archiver.store([event])
+                assert list(storage.list("")) == []
+        finally:
+            archiver.close()
 
 
 def test_a_uri_no_request_can_carry_is_recorded_not_a_crash_loop(tmp_path: Path) -> None:
