@@ -23,14 +23,13 @@ import httpx
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    port = 18777
     sim = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "connector.sim",
             "--port",
-            str(port),
+            "0",  # a free one, printed: a fixed port met another server on a busy machine
             "--token",
             "t",
             "--bulk",
@@ -41,16 +40,19 @@ def main() -> int:
         stdout=subprocess.PIPE,
     )
     assert sim.stdout is not None
-    sim.stdout.readline()
+    listening = sim.stdout.readline().decode().split()
+    if not listening or not listening[-1].startswith("http://"):
+        sim.terminate()
+        print(f"the simulator did not start: {' '.join(listening)!r}", file=sys.stderr)
+        return 1
+    url = listening[-1]
     archive = tempfile.mkdtemp(prefix="opencti-sync-bench-")
     try:
-        info = httpx.get(
-            f"http://127.0.0.1:{port}/control/info", headers={"Authorization": "Bearer t"}
-        ).json()
+        info = httpx.get(f"{url}/control/info", headers={"Authorization": "Bearer t"}).json()
         last = tuple(int(x) for x in info["last_event_id"].split("-"))
         env = dict(
             os.environ,
-            OPENCTI_URL=f"http://127.0.0.1:{port}",
+            OPENCTI_URL=url,
             OPENCTI_TOKEN="t",
             CONNECTOR_LIVE_STREAM_ID="raw",
             ARCHIVE_URI=archive,

@@ -1,4 +1,4 @@
-"""The benchmark at a tiny size, so bench/ never rots (no timed assertions: numbers only > 0)."""
+"""The benchmarks at a tiny size, so bench/ never rots (no timed assertions: numbers only > 0)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+
+from tests.support.rabbitmq import find_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +70,40 @@ def test_big_group_bench_runs_at_tiny_size() -> None:
     rows = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert [r["group_events"] for r in rows] == [602, 602]  # with the spill, then without
     assert all(r["peak_rss_mb"] > 0 and r["exit_code"] == 0 for r in rows)
+
+
+def _bench_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_backup_cpu_bench_runs_at_tiny_size() -> None:
+    done = _bench_module("bench.backup_cpu", "1000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("1000 events: wall "), done.stdout
+    assert "connector CPU " in done.stdout and "peak RSS " in done.stdout
+
+
+def test_state_bench_runs_at_tiny_size(tmp_path: Path) -> None:
+    done = _bench_module(
+        "bench.state_bench", "--events", "2000", "--per-segment", "500",
+        "--work", str(tmp_path), "--compare", str(ROOT / "connector" / "state.py"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    folds = [line for line in done.stdout.splitlines() if line.startswith("fold ")]
+    assert len(folds) == 2 and all("2000 events" in line for line in folds), done.stdout
+    assert all("'objects': 2000" in line for line in folds)
+
+
+def test_amqp_publish_bench_runs_at_tiny_size() -> None:
+    if find_server() is None:
+        pytest.skip("no rabbitmq-server binary (.ci/run installs it)")
+    done = _bench_module("bench.amqp_publish", "--events", "300", "--batch", "100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "300 messages" in done.stdout and "transactions: " in done.stdout
