@@ -340,15 +340,19 @@ def test_unregistered_connector_and_bad_object_are_permanent(platform_b: SimServ
 
 
 class _Failing(BaseHTTPRequestHandler):
+    """Every request answered ``status`` with ``body`` (a proxy's page, by default)."""
+
     status = 503
+    body = b"<html>Service Unavailable</html>"
+    content_type = "text/html"
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         self.rfile.read(int(self.headers.get("content-length") or 0))
-        body = b"<html>Service Unavailable</html>"
         self.send_response(self.status)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(self.body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -362,24 +366,12 @@ def test_overloaded_platform_is_retryable(status: int) -> None:
             make_target(url).check()
 
 
-class _Garbled(BaseHTTPRequestHandler):
-    """A 200 whose JSON is no GraphQL answer pycti can read (a proxy, a platform restarting)."""
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        body = b'{"errors": ["upstream is restarting"]}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_a_200_answer_pycti_cannot_read_is_retryable() -> None:
-    with serving(_Garbled) as url:
+    """A 200 whose JSON is no GraphQL answer pycti can read (a proxy, a platform restarting)."""
+    garbled = {"status": 200, "body": b'{"errors": ["upstream is restarting"]}'}
+    with serving(
+        type("Handler", (_Failing,), {**garbled, "content_type": "application/json"})
+    ) as url:
         with pytest.raises(RetryableError, match="HTTP 200"):
             make_target(url).check()
 
