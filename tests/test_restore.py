@@ -7,12 +7,14 @@ platform double (SimServer answering POST /graphql).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import sqlite3
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -610,13 +612,10 @@ def test_text_progress_logs_periodically_off_a_terminal(caplog: pytest.LogCaptur
     assert lines[-1].startswith("restore 100.0% 100/100")
 
 
-def test_verify_against_opencti_compares_marking_definitions(
-    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Markings are not in the platform's core-object listing: they are read by id."""
-    storage, marks = archived
-    markings = [o["id"] for o in marks[-1][1] if o["type"] == "marking-definition"]
-    assert markings
+@contextlib.contextmanager
+def _restored_platform(storage: LocalStorage, tmp_path: Path) -> Iterator[tuple[SimStore, Any]]:
+    """A platform double the archive was restored into, found equal by verify: its store and
+    verify's arguments against it."""
     store = SimStore()
     store.api_token = TOKEN  # type: ignore[attr-defined]
     with SimServer(token=TOKEN, store=store) as server:
@@ -628,6 +627,17 @@ def test_verify_against_opencti_compares_marking_definitions(
             target.close()
         check = {"url": server.url, "token": TOKEN, "until": None, "work_dir": tmp_path / "v"}
         assert verify_against_opencti(storage, **check)
+        yield store, check
+
+
+def test_verify_against_opencti_compares_marking_definitions(
+    archived: tuple[LocalStorage, list[Mark]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Markings are not in the platform's core-object listing: they are read by id."""
+    storage, marks = archived
+    markings = [o["id"] for o in marks[-1][1] if o["type"] == "marking-definition"]
+    assert markings
+    with _restored_platform(storage, tmp_path) as (store, check):
         assert "marking definitions" in capsys.readouterr().out
         store.delete(markings[0])  # gone from the platform, still live in the archive
         assert not verify_against_opencti(storage, **check)
@@ -646,17 +656,7 @@ def test_verify_against_opencti_reads_every_page_and_finds_older_versions(
     holds in a version older than the archive's is stale, a difference."""
     monkeypatch.setattr(restore_cli, "_PAGE", 2)
     storage, _ = archived
-    store = SimStore()
-    store.api_token = TOKEN  # type: ignore[attr-defined]
-    with SimServer(token=TOKEN, store=store) as server:
-        target = OpenCTITarget(url=server.url, token=TOKEN, connector_id=str(uuid.uuid4()))
-        try:
-            with materialise(storage, until=None, work_dir=tmp_path / "w") as state:
-                restore_to_target(state, target, batch_size=50)
-        finally:
-            target.close()
-        check = {"url": server.url, "token": TOKEN, "until": None, "work_dir": tmp_path / "v"}
-        assert verify_against_opencti(storage, **check)
+    with _restored_platform(storage, tmp_path) as (store, check):
         capsys.readouterr()
         old = next(o for o in store.objects() if o["type"] == "malware")
         old["extensions"][OCTI_EXT]["updated_at"] = "2001-01-01T00:00:00.000Z"
