@@ -1038,6 +1038,35 @@ def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPat
     assert f"from={at(0)}" in _CutInsideAGroup.requests[0]
 
 
+class _CutAfterAHeartbeat(_Fixed):
+    """An idle stream whose every connection is cut (a proxy's connection lifetime) after one
+    heartbeat: nothing new to send, but the heartbeat's id, the platform's clock, is new."""
+
+    def body(self) -> bytes:
+        now = time.time_ns() // 1_000_000
+        return b"id: %d-0\nevent: heartbeat\ndata: %d\n\n" % (now, now)
+
+
+def test_an_idle_stream_cut_after_a_heartbeat_is_asked_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat moves the position, so the cut is followed at once, every time: an idle
+    platform behind a proxy that ends long connections is not read with growing pauses."""
+    bounds = _Bounds()
+    monkeypatch.setattr(source_module, "random", bounds)
+    with _serving(_CutAfterAHeartbeat) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        source = SseSource(config, resume=None, recover_until=None).start()
+        try:
+            seen = _items_until(
+                source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
+            )
+        finally:
+            source.close()
+    assert len([i for i in seen if isinstance(i, Complete)]) >= 4, "each heartbeat moved it"
+    assert bounds.highs == [], "no pause before any reconnect"
+
+
 class _LoginPage(_Fixed):
     """A proxy's sign-in page where the stream should be: 200, but HTML."""
 
