@@ -18,42 +18,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from bench.harness import TOKEN, SimProcess
 
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    sim = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "connector.sim",
-            "--port",
-            "0",  # a free one, printed: a fixed port met another server on a busy machine
-            "--token",
-            "t",
-            "--bulk",
-            str(n),
-            "--heartbeat",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert sim.stdout is not None
-    listening = sim.stdout.readline().decode().split()
-    if not listening or not listening[-1].startswith("http://"):
-        sim.terminate()
-        print(f"the simulator did not start: {' '.join(listening)!r}", file=sys.stderr)
-        return 1
-    url = listening[-1]
-    archive = tempfile.mkdtemp(prefix="opencti-sync-bench-")
+    work = Path(tempfile.mkdtemp(prefix="opencti-sync-bench-"))
+    archive = str(work / "archive")
+    sim = None
     try:
-        info = httpx.get(f"{url}/control/info", headers={"Authorization": "Bearer t"}).json()
-        last = tuple(int(x) for x in info["last_event_id"].split("-"))
+        # On a free port (SimProcess): a fixed one met another server on a busy machine.
+        sim = SimProcess(work, bulk=n, heartbeat=1)
+        last = tuple(int(x) for x in sim.info()["last_event_id"].split("-"))
         env = dict(
             os.environ,
-            OPENCTI_URL=url,
-            OPENCTI_TOKEN="t",
+            OPENCTI_URL=sim.url,
+            OPENCTI_TOKEN=TOKEN,
             CONNECTOR_LIVE_STREAM_ID="raw",
             ARCHIVE_URI=archive,
             ARCHIVE_MAX_AGE_SECS="1",
@@ -83,8 +63,9 @@ def main() -> int:
             f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, segments {stored / 2**20:.1f} MiB"
         )
     finally:
-        sim.terminate()
-        shutil.rmtree(archive, ignore_errors=True)
+        if sim is not None:
+            sim.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
