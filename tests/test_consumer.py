@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -1015,21 +1016,30 @@ class _CutInsideAGroup(_Fixed):
         )
 
 
-def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each connection delivers, but none completes a group: the position never moves, so the
-    backoff grows as after refusals. Followed at once because it delivered, such a stream was
-    asked again without a pause, forever, each time re-sending the whole group."""
+def _four_cuts(
+    handler: type[_Fixed], monkeypatch: pytest.MonkeyPatch, **start: Any
+) -> tuple[list[Item], _Bounds]:
+    """A source (``start``: where it resumes) reading ``handler`` until four connections have
+    ended: what it gave, and each backoff's upper bound (initial 0.01 s, cap 0.04 s)."""
     bounds = _Bounds()
     monkeypatch.setattr(source_module, "random", bounds)
-    with _serving(_CutInsideAGroup) as url:
+    with _serving(handler) as url:
         config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
-        source = SseSource(config, resume=at(0), resume_data=at(0)).start()
+        source = SseSource(config, **start).start()
         try:
             seen = _items_until(
                 source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
             )
         finally:
             source.close()
+    return seen, bounds
+
+
+def test_connections_cut_inside_one_group_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection delivers, but none completes a group: the position never moves, so the
+    backoff grows as after refusals. Followed at once because it delivered, such a stream was
+    asked again without a pause, forever, each time re-sending the whole group."""
+    seen, bounds = _four_cuts(_CutInsideAGroup, monkeypatch, resume=at(0), resume_data=at(0))
     assert len([i for i in seen if isinstance(i, StreamEvent)]) >= 8, "each connection delivered"
     assert not [i for i in seen if isinstance(i, Complete)]
     assert bounds.highs[:3] == pytest.approx([0.01, 0.02, 0.04])
@@ -1052,17 +1062,7 @@ def test_an_idle_stream_cut_after_a_heartbeat_is_asked_again_at_once(
 ) -> None:
     """The heartbeat moves the position, so the cut is followed at once, every time: an idle
     platform behind a proxy that ends long connections is not read with growing pauses."""
-    bounds = _Bounds()
-    monkeypatch.setattr(source_module, "random", bounds)
-    with _serving(_CutAfterAHeartbeat) as url:
-        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
-        source = SseSource(config, resume=None, recover_until=None).start()
-        try:
-            seen = _items_until(
-                source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 4, "four cuts"
-            )
-        finally:
-            source.close()
+    seen, bounds = _four_cuts(_CutAfterAHeartbeat, monkeypatch, resume=None, recover_until=None)
     assert len([i for i in seen if isinstance(i, Complete)]) >= 4, "each heartbeat moved it"
     assert bounds.highs == [], "no pause before any reconnect"
 
