@@ -7,7 +7,6 @@ import logging
 import os
 import queue
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from tests.support.connector import (
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.handfed import at, malware
-from tests.support.served import serving
+from tests.support.served import free_port, serving
 
 TOKEN = "test-token"
 
@@ -601,9 +600,7 @@ def test_registration_waits_for_a_platform_that_is_not_up_yet(
     """A compose stack starts the connector before OpenCTI answers: registration retries (the
     backup does not wait for it) and succeeds once the platform is up."""
     monkeypatch.setattr(registration, "_RETRY_FIRST_SECS", 0.2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     cid = "5a3f6c39-3a5e-4c1e-9d2b-3d3f0b9c7a12"
     reg = SourceRegistration(
         url=f"http://127.0.0.1:{port}",
@@ -690,9 +687,7 @@ def test_a_stop_ends_registration_while_the_platform_is_not_up(
     """The run stops before the platform ever answered: the retries end with it, instead of
     going on asking (without a pause once the stop is set) for the rest of the process."""
     monkeypatch.setattr(registration, "_RETRY_FIRST_SECS", 0.05)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     reg = SourceRegistration(
         url=f"http://127.0.0.1:{port}",
         token=TOKEN,

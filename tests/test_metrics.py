@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,17 +35,12 @@ from tests.support.connector import (
     wait_until,
 )
 from tests.support.s3 import REGION, make_bucket, moto_server  # noqa: F401
+from tests.support.served import free_port
 
 TOKEN = "tok-METRICS-0f1e2d3c4b5a"
 S3_KEY_ID = "AKIAMETRICSKEYID0001"
 S3_SECRET = "s3secret-METRICS-9a8b7c6d5e4f"
 NAME = re.compile(r"^opencti_sync_[a-z0-9_]+$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> str:

@@ -11,7 +11,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.storage.local import LocalStorage
 from tests.support.connector import ROOT, caught_up, wait_until
+from tests.support.served import free_port
 
 Instruction = tuple[str, str]
 
@@ -310,16 +310,10 @@ def test_installed_image_runs_the_cli(image: dict[str, object]) -> None:
             assert line.lower().replace("_", "-") in freeze.lower().replace("_", "-"), line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_healthcheck_probes_the_metrics_endpoint(image: dict[str, object]) -> None:
     entry, env = str(image["entrypoint"]), dict(image["env"])  # type: ignore[call-overload]
-    port = _free_port()
+    port = free_port()
     env["METRICS_PORT"] = str(port)
 
     def probe(**extra: str) -> subprocess.CompletedProcess[str]:
@@ -360,7 +354,7 @@ def _entrypoint_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def metrics_port() -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     stop = metrics.serve("127.0.0.1", port)
     gauges = (
         metrics.CHECKPOINT_TIMESTAMP,
@@ -437,7 +431,7 @@ def test_sigterm_reaches_the_connector_through_the_entrypoint(image: dict[str, o
         OPENCTI_TOKEN="tok-image",
         ARCHIVE_URI=str(archive),
         ARCHIVE_MAX_AGE_SECS="0.3",
-        METRICS_PORT=str(_free_port()),
+        METRICS_PORT=str(free_port()),
         METRICS_HOST="127.0.0.1",
     )
     log = tmp / "run.log"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from connector.sim.server import SimServer
 from connector.storage.local import LocalStorage
 from tests.support.compare import assert_same_state
 from tests.support.connector import ROOT
+from tests.support.served import free_port
 from tests.test_state import archive_events, new_sim, sim_events
 
 TOKEN = "kill-token-0123456789"
@@ -62,12 +62,6 @@ def _pushed(state: Any, start: int = 0) -> int:
     return sum(int(p["objects"]) for p in list(state.pushes)[start:])
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _gauge(text: str, name: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -95,7 +89,7 @@ def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
     archive_events(LocalStorage(archive), events, per_segment=400)
 
     work = tmp_path / "work"
-    port = _free_port()
+    port = str(free_port())
     metrics_env = {"METRICS_ENABLED": "true", "METRICS_HOST": "127.0.0.1", "METRICS_PORT": port}
     with SimServer(token=TOKEN) as double:
         double.store.api_token = TOKEN  # type: ignore[attr-defined]

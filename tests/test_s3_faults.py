@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -28,7 +27,7 @@ from connector.storage.s3 import S3Storage
 from tests.support.connector import ROOT
 from tests.support.faultproxy import FaultProxy, fault_proxy  # noqa: F401
 from tests.support.s3 import moto_server, raw_client, s3_settings  # noqa: F401
-from tests.support.served import serving
+from tests.support.served import free_port, serving
 from tests.test_retention import at_day, build_days
 
 T = TypeVar("T")
@@ -378,9 +377,7 @@ def test_credentials_a_store_quotes_back_are_never_shown(s3_settings: dict) -> N
 
 
 def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     storage = S3Storage(**{**s3_settings, "endpoint_url": f"http://127.0.0.1:{port}"})
     with pytest.raises(RetryableError, match="cannot connect"):
         storage.check()

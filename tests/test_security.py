@@ -3,7 +3,6 @@ paths, a restore never overwrites its own source platform unless forced."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +26,12 @@ from tests.support.connector import (
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.s3 import ACCESS_KEY, REGION, make_bucket, moto_server  # noqa: F401
+from tests.support.served import free_port
 from tests.support.tls import TlsRelay, make_certs, server_context
 
 # Recognisable secrets: moto accepts any key pair, the simulator is given this token.
 TOKEN = "tok-SECRET-3f9a1c77e2b84d0d9b6a"
 S3_SECRET = "s3sec-SECRET-a61f0c29d4e7b813"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _s3_env(bucket: str, endpoint: str) -> dict[str, str]:
@@ -76,7 +70,7 @@ def test_secrets_never_appear_in_any_output(
     ):
         generate(sim.store, 200, seed=91)
         sim.set_fault(fail_next={"status": 500, "count": 2})
-        port = _free_port()
+        port = free_port()
         env = base_env(
             sim.url,
             TOKEN,

@@ -39,6 +39,7 @@ from tests.support.connector import (
     wait_until,
 )
 from tests.support.rabbitmq import CutProxy, RabbitNode, rabbitmq  # noqa: F401
+from tests.support.served import free_port
 from tests.support.simlog import sim_events as events_since
 from tests.support.target import Sync as SyncBase
 from tests.support.target import batch_of, leaving_the_filter, malware, target_for
@@ -471,11 +472,7 @@ def test_registration_answer_overrides() -> None:
 
 
 def test_dead_broker_port_is_retryable(platform_b: SimServer) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     target = make_target(platform_b.url, amqp_port=dead, requests_timeout=5)
     with pytest.raises(RetryableError) as err:
         target.check()

@@ -33,6 +33,8 @@ import pika  # type: ignore[import-untyped]  # no stubs published
 import pika.exceptions  # type: ignore[import-untyped]
 import pytest
 
+from tests.support.served import free_port
+
 __all__ = ["CutProxy", "RabbitNode", "find_server", "rabbitmq"]
 
 USER = "octisync"
@@ -51,22 +53,15 @@ def find_server() -> str | None:
 _NODES = itertools.count(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class RabbitNode:
     """One broker node; ``url`` is its amqp:// URL (user and password included)."""
 
     def __init__(self, server: str, base: Path) -> None:
         self.server = server
         self.base = base
-        self.port = _free_port()
-        self.dist_port = _free_port()
-        self.epmd_port = _free_port()
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
         # Unique per node, not only per process: a module's own broker runs beside the session's.
         self.nodename = f"octisync-{os.getpid()}-{next(_NODES)}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None

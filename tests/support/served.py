@@ -1,11 +1,20 @@
-"""A hand-made HTTP handler served on 127.0.0.1, for the answers the simulator does not give."""
+"""Hand-made HTTP handlers served on 127.0.0.1, for the answers the simulator does not give, and
+the free port of a server that is not there."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 nobody listens on (free when asked: taken again only by chance)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
