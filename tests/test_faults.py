@@ -8,6 +8,7 @@ figures are in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import logging
@@ -18,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,7 @@ from tests.support.s3 import (  # noqa: F401
     storage_settings,
 )
 from tests.support.scenes import merge_to_come
+from tests.support.served import serving
 from tests.support.simlog import copy_event
 from tests.test_state import sim_events
 
@@ -883,58 +886,49 @@ def test_a_lost_checkpoint_resumed_from_the_archive_gives_the_target_its_last_ba
         b.stop()
 
 
-class _RejectingProxy:
+@contextlib.contextmanager
+def _rejecting_proxy(upstream: str, reject_id: str) -> Iterator[tuple[str, list[bytes]]]:
     """In front of the target: a push naming ``reject_id`` gets the platform's validation error
-    (HTTP 200 + ``errors[]``, as the real platform answers); everything else is forwarded."""
+    (HTTP 200 + ``errors[]``, as the real platform answers); everything else is forwarded.
+    Yields the proxy's URL and the list of the pushes it refused."""
+    rejected: list[bytes] = []
 
-    def __init__(self, upstream: str, reject_id: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return
 
-        owner = self
-        self.rejected = 0
+        def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if b"stixBundlePush" in body and reject_id.encode() in body:
+                rejected.append(body)
+                answer = orjson.dumps(
+                    {
+                        "errors": [
+                            {
+                                "message": "Validation error",
+                                "name": "VALIDATION_ERROR",
+                                "extensions": {
+                                    "code": "VALIDATION_ERROR",
+                                    "data": {"reason": "name is too long", "id": reject_id},
+                                },
+                            }
+                        ],
+                        "data": None,
+                    }
+                )
+                status = 200
+            else:
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                resp = httpx.post(upstream + self.path, content=body, headers=headers)
+                answer, status = resp.content, resp.status_code
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-            def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if b"stixBundlePush" in body and reject_id.encode() in body:
-                    owner.rejected += 1
-                    answer = orjson.dumps(
-                        {
-                            "errors": [
-                                {
-                                    "message": "Validation error",
-                                    "name": "VALIDATION_ERROR",
-                                    "extensions": {
-                                        "code": "VALIDATION_ERROR",
-                                        "data": {"reason": "name is too long", "id": reject_id},
-                                    },
-                                }
-                            ],
-                            "data": None,
-                        }
-                    )
-                    status = 200
-                else:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    resp = httpx.post(upstream + self.path, content=body, headers=headers)
-                    answer, status = resp.content, resp.status_code
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    with serving(Handler) as url:
+        yield url, rejected
 
 
 def test_target_rejecting_an_object_quarantines_it_and_goes_on(
@@ -944,45 +938,48 @@ def test_target_rejecting_an_object_quarantines_it_and_goes_on(
     generate(sim.store, 30, seed=73, mix="creates")
     b = _target_platform()
     bad = "malware--0000dead-0000-4000-8000-000000000000"
-    proxy = _RejectingProxy(b.url, bad)
     try:
-        storage = LocalStorage(tmp_path / "a")
-        run = ConnectorThread(_target_env(sim.url, str(tmp_path / "a"), proxy.url)).start()
-        follow(storage, sim.store, "first sync")
-        wait_until(lambda: batch_counted(storage, caplog.records), what="the first sync counted")
-        quarantined = metric("opencti_sync_quarantined_events_total")
-        on_target = {"sink": "opencti", "event": "create"}
-        written = metric("opencti_sync_events_written_total", on_target)
-        cp0 = CheckpointStore(storage).load()
-        assert cp0 is not None
-        malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
-        sim.store.create({**malware, "id": bad, "name": "Rejected"})
-        good = "malware--0000beef-0000-4000-8000-000000000000"
-        sim.store.create({**malware, "id": good, "name": "After"})
-        wait_until(
-            lambda: not run.alive or caught_up(storage, sim.store.last_event_id or "0-0"),
-            what="the sync to pass the rejected object or stop",
-        )
-        assert proxy.rejected >= 1
-        assert run.alive and run.error is None, f"the sync stopped: {run.error}"
-        assert b.store.get(good) is not None  # the stream went on
-        wait_until(lambda: batch_counted(storage, caplog.records), what="the last batch counted")
-        assert metric("opencti_sync_quarantined_events_total") - quarantined == 1
-        # What the target refused is not counted as written to it.
-        assert metric("opencti_sync_events_written_total", on_target) - written == 1
-        reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
-        assert any("name is too long" in r for r in reasons)
-        run.stop()
-        # The rejection records are a write of their own: the batch still counts as archived.
-        refs = list(ArchiveReader(storage).manifests())
-        cp = CheckpointStore(storage).load()
-        assert cp is not None
-        assert cp.quarantined - cp0.quarantined == 1
-        assert cp.events_archived == sum(r.manifest.event_count for r in refs)
-        assert cp.segments_written == len(refs)
-        assert cp.last_segment == refs[-1].manifest.segment
+        with _rejecting_proxy(b.url, bad) as (proxy_url, rejected):
+            storage = LocalStorage(tmp_path / "a")
+            run = ConnectorThread(_target_env(sim.url, str(tmp_path / "a"), proxy_url)).start()
+            follow(storage, sim.store, "first sync")
+            wait_until(
+                lambda: batch_counted(storage, caplog.records), what="the first sync counted"
+            )
+            quarantined = metric("opencti_sync_quarantined_events_total")
+            on_target = {"sink": "opencti", "event": "create"}
+            written = metric("opencti_sync_events_written_total", on_target)
+            cp0 = CheckpointStore(storage).load()
+            assert cp0 is not None
+            malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
+            sim.store.create({**malware, "id": bad, "name": "Rejected"})
+            good = "malware--0000beef-0000-4000-8000-000000000000"
+            sim.store.create({**malware, "id": good, "name": "After"})
+            wait_until(
+                lambda: not run.alive or caught_up(storage, sim.store.last_event_id or "0-0"),
+                what="the sync to pass the rejected object or stop",
+            )
+            assert rejected
+            assert run.alive and run.error is None, f"the sync stopped: {run.error}"
+            assert b.store.get(good) is not None  # the stream went on
+            wait_until(
+                lambda: batch_counted(storage, caplog.records), what="the last batch counted"
+            )
+            assert metric("opencti_sync_quarantined_events_total") - quarantined == 1
+            # What the target refused is not counted as written to it.
+            assert metric("opencti_sync_events_written_total", on_target) - written == 1
+            reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
+            assert any("name is too long" in r for r in reasons)
+            run.stop()
+            # The rejection records are a write of their own: the batch still counts as archived.
+            refs = list(ArchiveReader(storage).manifests())
+            cp = CheckpointStore(storage).load()
+            assert cp is not None
+            assert cp.quarantined - cp0.quarantined == 1
+            assert cp.events_archived == sum(r.manifest.event_count for r in refs)
+            assert cp.segments_written == len(refs)
+            assert cp.last_segment == refs[-1].manifest.segment
     finally:
-        proxy.stop()
         b.stop()
 
 
@@ -1154,23 +1151,22 @@ def test_target_refusing_a_reconciled_object_quarantines_it(sim: SimServer, tmp_
     generate(sim.store, 30, seed=73, mix="creates")
     b = _target_platform()
     bad = "malware--0000dead-0000-4000-8000-000000000000"
-    proxy = _RejectingProxy(b.url, bad)
     try:
-        env = _raw_target_env(sim.url, tmp_path, proxy.url)
-        storage = LocalStorage(tmp_path / "a")
-        _synced_then_down(sim, env, storage)
-        quarantined = metric("opencti_sync_quarantined_events_total")
-        malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
-        sim.store.create({**malware, "id": bad, "name": "Rejected"})
-        generate(sim.store, 10, seed=74, mix="creates")
-        sim.store.trim(3)  # its create is gone from the stream: only the reconciliation has it
-        _reconciled_run(sim, env, storage)
-        assert proxy.rejected >= 1
-        assert metric("opencti_sync_quarantined_events_total") > quarantined
-        reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
-        assert any("name is too long" in r for r in reasons)
+        with _rejecting_proxy(b.url, bad) as (proxy_url, rejected):
+            env = _raw_target_env(sim.url, tmp_path, proxy_url)
+            storage = LocalStorage(tmp_path / "a")
+            _synced_then_down(sim, env, storage)
+            quarantined = metric("opencti_sync_quarantined_events_total")
+            malware = {"type": "malware", "spec_version": "2.1", "is_family": True}
+            sim.store.create({**malware, "id": bad, "name": "Rejected"})
+            generate(sim.store, 10, seed=74, mix="creates")
+            sim.store.trim(3)  # its create is gone from the stream: only the reconciliation has it
+            _reconciled_run(sim, env, storage)
+            assert rejected
+            assert metric("opencti_sync_quarantined_events_total") > quarantined
+            reasons = [orjson.loads(storage.get(k))["reason"] for k in storage.list("quarantine/")]
+            assert any("name is too long" in r for r in reasons)
     finally:
-        proxy.stop()
         b.stop()
 
 
