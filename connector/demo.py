@@ -27,6 +27,7 @@ from .checkpoint import CheckpointStore
 from .errors import ConfigError, NotFound
 from .events import EventId, octi_ext
 from .files import file_key
+from .settings import DEFAULTS_ENV, iter_keys
 from .sim import SAMPLE_BUNDLES, sample_bundle
 from .sim.generator import generate
 from .sim.server import SimServer
@@ -106,10 +107,15 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         objects = [o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]]
         seeded = sim.store.load_bundle(objects)
         _say(f"1. Simulator at {sim.url}, seeded with {seeded} real OpenCTI sample objects.")
+        # None of the operator's own configuration: a CHECKPOINT_URI (or METRICS_*, SNAPSHOT_*)
+        # from the shell or a container's environment would have the demo's run write its
+        # checkpoint over a real one, or take a real run's metrics port.
+        configured = {k.env for k in iter_keys()} | {DEFAULTS_ENV}
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("OPENCTI_", "CONNECTOR_", "ARCHIVE_", "S3_", "TARGET_"))
+            if k not in configured
+            and not k.startswith(("OPENCTI_", "CONNECTOR_", "ARCHIVE_", "S3_", "TARGET_"))
         }
         env.update(
             {

@@ -10,10 +10,14 @@ from tests.support.connector import ROOT
 
 
 def test_demo_ends_verified(tmp_path: Path) -> None:
+    """Also where a real connector is configured (a container's environment): the demo's run
+    leaves that configuration alone (it once wrote its checkpoint to the real CHECKPOINT_URI,
+    and waited for it in its own archive until it gave up)."""
+    elsewhere = tmp_path / "real-checkpoint"
     proc = subprocess.run(
         [sys.executable, "-m", "connector", "demo", "--dir", str(tmp_path / "demo-archive")],
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CHECKPOINT_URI": str(elsewhere)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -24,6 +28,7 @@ def test_demo_ends_verified(tmp_path: Path) -> None:
     assert "missing / extra / stale versions 0 / 0 / 0" in rows
     assert "attached PDF archived, bytes equal yes" in rows
     assert (tmp_path / "demo-archive" / "checkpoint.json").is_file()
+    assert not elsewhere.exists()
     # The logs it names stay; nothing else is left behind (the state it checked is megabytes).
     logs = Path(proc.stdout.rsplit("(logs: ", 1)[1].split(")", 1)[0])
     assert logs.is_file()
