@@ -77,6 +77,60 @@ def _version(stix: dict[str, Any]) -> str:
 _MARKER = ".opencti-sync-demo"
 
 
+def _conclude(
+    *,
+    expected: dict[str, str],
+    archived: dict[str, str],
+    gone_ok: bool,
+    id_change_ok: bool,
+    file_ok: bool,
+    verified: bool,
+    rc: int,
+    events: int,
+    segments: int,
+    directory: Path,
+    log_path: Path,
+) -> int:
+    """Print the demo's checks (``expected`` and ``archived``: each object's version, by STIX
+    id, on the simulator and in the archive's state) and its verdict: 0 when every check
+    passed, else 1, said "FAILED" with what differs."""
+    missing = sorted(set(expected) - set(archived))
+    extra = sorted(set(archived) - set(expected))
+    stale = sorted(k for k in set(expected) & set(archived) if expected[k] != archived[k])
+    ok = (
+        not missing
+        and not extra
+        and not stale
+        and gone_ok
+        and id_change_ok
+        and file_ok
+        and verified
+        and rc == 0
+    )
+    rows = [
+        ("objects on the platform", len(expected)),
+        ("objects in the archive's state", len(archived)),
+        ("missing / extra / stale versions", f"{len(missing)} / {len(extra)} / {len(stale)}"),
+        ("deleted + merged-away tombstoned", "yes" if gone_ok else "NO"),
+        ("standard-id change followed", "yes" if id_change_ok else "NO"),
+        ("attached PDF archived, bytes equal", "yes" if file_ok else "NO"),
+        ("events archived", events),
+        ("segments", segments),
+        ("verify", "OK" if verified else "DAMAGED"),
+        ("clean SIGTERM exit code", rc),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        _say(f"   {name:<{width}}  {value}")
+    if ok:
+        _say(
+            f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})"
+        )
+        return 0
+    _say(f"FAILED: see {log_path}; missing={missing[:5]} extra={extra[:5]} stale={stale[:5]}")
+    return 1
+
+
 def run_demo(directory: Path, *, keep: bool = False) -> int:
     import logging
 
@@ -184,9 +238,6 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         archived = {sid: _version(data) for _key, sid, _ev, data in state.objects()}
         expected = {o["id"]: _version(o) for o in store.objects()}
         tombstoned = {t.stix_id for t in state.tombstones()}
-        missing = sorted(set(expected) - set(archived))
-        extra = sorted(set(archived) - set(expected))
-        stale = sorted(k for k in set(expected) & set(archived) if expected[k] != archived[k])
         gone_ok = set(merged_away) <= tombstoned and indicators[0] in tombstoned
         # The burst may later merge or delete the renamed object: compare with the platform.
         new_id = "malware--0d3a5f1e-2c4b-4d6e-8f90-1a2b3c4d5e6f"
@@ -201,41 +252,22 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
             file_ok = storage.get(file_key(attached)) == pdf
         except NotFound:
             file_ok = False
-        ok = (
-            not missing
-            and not extra
-            and not stale
-            and gone_ok
-            and id_change_ok
-            and file_ok
-            and bool(report.ok)
-            and rc == 0
-        )
-        _say("5. Checked the archive against the simulator:")
-        rows = [
-            ("objects on the platform", len(expected)),
-            ("objects in the archive's state", len(archived)),
-            ("missing / extra / stale versions", f"{len(missing)} / {len(extra)} / {len(stale)}"),
-            ("deleted + merged-away tombstoned", "yes" if gone_ok else "NO"),
-            ("standard-id change followed", "yes" if id_change_ok else "NO"),
-            ("attached PDF archived, bytes equal", "yes" if file_ok else "NO"),
-            ("events archived", checkpoint.events_archived if checkpoint else 0),
-            ("segments", report.segments if hasattr(report, "segments") else "-"),
-            ("verify", "OK" if report.ok else "DAMAGED"),
-            ("clean SIGTERM exit code", rc),
-        ]
-        width = max(len(r[0]) for r in rows)
-        for name, value in rows:
-            _say(f"   {name:<{width}}  {value}")
         state.close()
         # The logs stay for the reader; the state (as large as the platform) is rebuilt at will.
         remove_state_files(state.path)
-        if ok:
-            _say(
-                f"Verified: nothing lost, nothing resurrected. Archive: {directory}  (logs: {log_path})"
-            )
-            return 0
-        _say(f"FAILED: see {log_path}; missing={missing[:5]} extra={extra[:5]} stale={stale[:5]}")
-        return 1
+        _say("5. Checked the archive against the simulator:")
+        return _conclude(
+            expected=expected,
+            archived=archived,
+            gone_ok=gone_ok,
+            id_change_ok=id_change_ok,
+            file_ok=file_ok,
+            verified=bool(report.ok),
+            rc=rc,
+            events=checkpoint.events_archived if checkpoint else 0,
+            segments=report.segments,
+            directory=directory,
+            log_path=log_path,
+        )
     finally:
         sim.stop()

@@ -5,8 +5,51 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from connector.demo import _conclude
 from tests.support.connector import ROOT
+
+MAL = "malware--00000000-0000-4000-8000-000000000001"
+PASSED: dict[str, Any] = {
+    "expected": {MAL: "2026-01-01T00:00:00.000Z"},
+    "archived": {MAL: "2026-01-01T00:00:00.000Z"},
+    "gone_ok": True,
+    "id_change_ok": True,
+    "file_ok": True,
+    "verified": True,
+    "rc": 0,
+    "events": 10,
+    "segments": 1,
+}
+
+
+@pytest.mark.parametrize(
+    "failed",
+    [
+        {"archived": {}},  # missing
+        {"archived": {**PASSED["archived"], "malware--x": "1"}},  # extra
+        {"archived": {MAL: "2025-01-01T00:00:00.000Z"}},  # stale
+        {"gone_ok": False},
+        {"id_change_ok": False},
+        {"file_ok": False},
+        {"verified": False},
+        {"rc": 1},
+    ],
+)
+def test_a_failed_check_fails_the_demo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], failed: dict[str, Any]
+) -> None:
+    """Each of the demo's checks, failed alone, ends it with exit 1 and FAILED, never with
+    the verified summary."""
+    where = {"directory": tmp_path, "log_path": tmp_path / "connector.log"}
+    assert _conclude(**PASSED, **where) == 0
+    assert "Verified: nothing lost" in capsys.readouterr().out
+    assert _conclude(**{**PASSED, **failed}, **where) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "Verified" not in out
 
 
 def test_demo_ends_verified(tmp_path: Path) -> None:
