@@ -18,6 +18,7 @@ from connector.settings import KeyDoc, iter_keys, load_settings
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from tests.support.connector import ROOT
+from tests.support.served import free_port
 
 TOKEN = "tok-SETTINGS-7d1e2f3a4b5c"
 SECRET_ENVS = [k.env for k in iter_keys() if k.secret]
@@ -95,7 +96,7 @@ def test_token_read_with_a_newline_still_works_and_never_leaks(tmp_path: Path) -
     assert "Illegal header" not in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("failing", ["source", "archive"])
+@pytest.mark.parametrize("failing", ["source", "unreachable", "archive"])
 def test_check_exits_1_when_a_check_fails(tmp_path: Path, failing: str) -> None:
     """`check` is what an operator (or a deployment's probe) runs before `run`: a FAIL line
     alone, exit code 0, would pass that probe."""
@@ -104,7 +105,9 @@ def test_check_exits_1_when_a_check_fails(tmp_path: Path, failing: str) -> None:
     with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
         generate(sim.store, 5, seed=3, mix="creates")
         env = {
-            "OPENCTI_URL": sim.url,
+            "OPENCTI_URL": f"http://127.0.0.1:{free_port()}"
+            if failing == "unreachable"
+            else sim.url,
             "OPENCTI_TOKEN": "wrong-token-0123" if failing == "source" else TOKEN,
             "ARCHIVE_URI": str(blocker / "a" if failing == "archive" else tmp_path / "a"),
             "CONNECTOR_REGISTER": "false",
@@ -113,9 +116,24 @@ def test_check_exits_1_when_a_check_fails(tmp_path: Path, failing: str) -> None:
     assert done.returncode == 1, done.stdout + done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [
-        ["source", "FAIL" if failing == "source" else "OK"],
+        ["source", "OK" if failing == "archive" else "FAIL"],
         ["archive", "FAIL" if failing == "archive" else "OK"],
     ], lines
+
+
+def test_check_asks_the_raw_stream_at_its_own_path(tmp_path: Path) -> None:
+    """CONNECTOR_LIVE_STREAM_ID=raw follows /stream, not a collection named "raw"."""
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim:
+        generate(sim.store, 5, seed=3, mix="creates")  # an empty raw stream is a 500
+        env = {
+            "OPENCTI_URL": sim.url,
+            "OPENCTI_TOKEN": TOKEN,
+            "ARCHIVE_URI": str(tmp_path / "a"),
+            "CONNECTOR_LIVE_STREAM_ID": "raw",
+        }
+        done = _cli(env, tmp_path, "check")
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.splitlines()[0].split() == ["source", "OK", f"{sim.url}/stream"]
 
 
 def test_control_character_in_a_token_exits_2_naming_the_key(tmp_path: Path) -> None:
@@ -225,6 +243,10 @@ def test_an_empty_variable_blanking_a_config_file_value_is_reported(
 def test_explicit_false_words_still_work() -> None:
     for word in ("false", "no", "0", "off", "FALSE"):
         assert load_settings(None, env={"S3_VERIFY": word}).s3.verify is False
+    for word in ("true", "yes", "1", "on", "On"):
+        assert load_settings(None, env={"S3_PATH_STYLE": word}).s3.path_style is True
+    # The tri-state TLS word of the amqp transport: 'auto' (as announced) is no typo.
+    assert load_settings(None, env={"TARGET_AMQP_USE_SSL": "auto"}).target.amqp_use_ssl == "auto"
     with pytest.raises(ConfigError) as err:
         load_settings(None, env={"S3_VERIFY": "maybe"})
     assert err.value.key == "s3.verify"
@@ -443,6 +465,9 @@ NOW_SECONDS = "1767225600"  # 2026-01-01 in epoch seconds: what pycti users ofte
         {"ARCHIVE_CODEC": "gzip", "ARCHIVE_COMPRESSION_LEVEL": "9"},
         {"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "19"},
         {"METRICS_PORT": "65535"},
+        {"CONNECTOR_SPILL_BYTES": "65536"},
+        {"CONNECTOR_LEASE_SECS": "1"},
+        {"CONNECTOR_READ_TIMEOUT_SECS": "5.5"},
         {"CONNECTOR_LIVE_STREAM_START_TIMESTAMP": NOW_SECONDS + "000"},
         {"CONNECTOR_ID": "7C1D2E3F-0000-4000-8000-00000000BEEF"},
     ],
@@ -459,6 +484,11 @@ def test_a_value_at_its_bound_is_accepted(env: dict[str, str]) -> None:
         ({"ARCHIVE_CODEC": "gzip", "ARCHIVE_COMPRESSION_LEVEL": "10"}, "archive.compression_level"),
         ({"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "20"}, "archive.compression_level"),
         ({"METRICS_PORT": "65536"}, "metrics.port"),
+        ({"CONNECTOR_READ_TIMEOUT_SECS": "5"}, "connector.read_timeout_secs"),
+        ({"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "0"}, "archive.compression_level"),
+        ({"CONNECTOR_LOG_LEVEL": "verbose"}, "connector.log_level"),
+        ({"TARGET_OPENCTI_URL": "http://other:8080"}, "target.opencti_token"),
+        ({"S3_SSE": "aws:kms"}, "s3.kms_key_id"),
         (
             {"CONNECTOR_LIVE_STREAM_START_TIMESTAMP": NOW_SECONDS},
             "connector.live_stream_start_timestamp",
@@ -493,6 +523,44 @@ def test_a_yaml_value_of_another_kind_is_no_count(tmp_path: Path, yaml_text: str
     with pytest.raises(ConfigError) as err:
         load_settings(path, env={})
     assert err.value.key == key
+
+
+def test_an_unknown_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    """A misspelt key (``max_event`` for ``max_events``) would leave the default in force."""
+    path = tmp_path / "config.yml"
+    path.write_text("archive: {max_event: 5}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert err.value.key == "archive.max_event"
+
+
+def test_every_s3_setting_reaches_the_storage_options() -> None:
+    """Temporary credentials need their session token (and the rest of what is set)."""
+    env = {
+        "S3_REGION": "eu-west-3",
+        "S3_ENDPOINT_URL": "http://minio:9000",
+        "S3_ACCESS_KEY_ID": "AKIA0123456789",
+        "S3_SECRET_ACCESS_KEY": "secret-0123456789",
+        "S3_SESSION_TOKEN": "session-0123456789",
+        "S3_PROFILE": "backup",
+        "S3_CA_BUNDLE": "/etc/ssl/minio.pem",
+        "S3_SSE": "aws:kms",
+        "S3_KMS_KEY_ID": "kms-key-1",
+        "S3_STORAGE_CLASS": "STANDARD_IA",
+    }
+    opts = load_settings(None, env=env).s3_options()
+    assert {k: v for k, v in opts.items() if k not in ("path_style", "verify")} == {
+        "region": "eu-west-3",
+        "endpoint_url": "http://minio:9000",
+        "access_key_id": "AKIA0123456789",
+        "secret_access_key": "secret-0123456789",
+        "session_token": "session-0123456789",
+        "profile": "backup",
+        "ca_bundle": "/etc/ssl/minio.pem",
+        "sse": "aws:kms",
+        "kms_key_id": "kms-key-1",
+        "storage_class": "STANDARD_IA",
+    }
 
 
 @pytest.mark.parametrize("shape", ["[{}]", "{{value: {}}}"])
