@@ -398,6 +398,26 @@ def test_permanent_http_errors_stop_with_the_reason(
     assert run.error.status == status and run.error.reason == reason
 
 
+def test_a_refused_stream_exits_1_saying_why(sim: SimServer, tmp_path: Path) -> None:
+    """`opencti-sync run` stopped by the platform's refusal exits 1 (its supervisor sees a
+    failure, not a clean stop), the platform's reason on stderr."""
+    env = {
+        **base_env(sim.url, "wrong-token", str(tmp_path / "a")),
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "connector", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "stream refused" in done.stderr and "401" in done.stderr
+
+
 def test_a_collection_stopped_mid_stream_stops_the_run_with_its_reason(
     sim: SimServer, tmp_path: Path
 ) -> None:

@@ -244,9 +244,13 @@ def test_a_fallback_from_a_damaged_snapshot_keeps_the_scratch_claim(tmp_path: Pa
 
 _TERMINATED_CHILD = textwrap.dedent(
     """
+    import signal
     import sys
     import time
     from connector import __main__ as cli
+
+    # A terminal's Ctrl-C, whether or not this child was started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from connector.storage import local
 
     plain_open = local.LocalStorage.open
@@ -262,11 +266,15 @@ _TERMINATED_CHILD = textwrap.dedent(
 )
 
 
-def test_sigterm_stops_a_one_shot_command_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_stops_a_one_shot_command_cleanly(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
     """`docker stop` of `opencti-sync snapshot`: without a handler SIGTERM killed it with no
     cleanup (the job lock held for its lease, the scratch state left) and, as a container's
     PID 1, which has no default action for it, was ignored until SIGKILL. Now SIGTERM stops it
-    like Ctrl-C: exit 143, the lock released, the scratch state removed, nothing committed."""
+    like Ctrl-C: exit 143 (Ctrl-C's own 130), the lock released, the scratch state removed,
+    nothing committed."""
     archive, work = tmp_path / "a", tmp_path / "w"
     build_good(LocalStorage(archive))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENCTI_SYNC_WORK_DIR": str(work)}
@@ -281,15 +289,31 @@ def test_sigterm_stops_a_one_shot_command_cleanly(tmp_path: Path) -> None:
             time.sleep(0.05)
         time.sleep(0.5)  # into the fold, inside a 30 s segment read
         assert child.poll() is None
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(sig)
         _, err = child.communicate(timeout=20)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == 143, err.decode()
+    assert child.returncode == code, err.decode()
     assert b"Traceback" not in err
     storage = LocalStorage(archive)
     assert not storage.exists(LOCK_KEY)
     assert list_snapshots(storage) == []
     assert list(work.glob("snapshot-*")) == []
+
+
+def test_a_one_shot_command_puts_back_the_sigterm_action_it_found(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``main()`` inside a program (a test, a script calling it twice): once the command has
+    returned, SIGTERM has its default action again, not a handler raising into what runs next."""
+    from connector.__main__ import main
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert main(["config-doc", "--format", "yaml"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    capsys.readouterr()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from connector import pipeline
-from connector.__main__ import _check_sinks
+from connector.__main__ import _check_sinks, _install_signals
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.errors import RetryableError
@@ -319,3 +320,22 @@ def test_a_retry_at_a_stop_counts_the_shutdown_timeout_from_the_signal() -> None
             slow_failure, stage="checking", stop=stop, initial=0.01, shutdown_timeout=0.3
         )
     assert len(calls) == 1
+
+
+def test_ctrl_c_drains_run_and_a_second_signal_changes_nothing() -> None:
+    """`run`'s own handlers: Ctrl-C (SIGINT) drains like SIGTERM, and a second signal while
+    the drain goes on neither ends it nor cuts it short."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopEvent()
+    try:
+        _install_signals(stop)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)  # the handler runs here at the latest
+            except KeyboardInterrupt:
+                pytest.fail(f"{sig.name} ended run instead of draining it")
+            assert stop.is_set()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -368,6 +368,23 @@ def test_bundle_and_work_paths_are_checked_and_a_failed_bundle_leaves_nothing(
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("b.json")]
 
 
+def test_a_work_dir_that_cannot_be_made_is_named(
+    archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A local path that cannot be used ends the command with one line naming it (exit 1),
+    not a traceback nor a bare "Not a directory" (the log line before it is JSON in a
+    container)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    monkeypatch.setenv("OPENCTI_SYNC_WORK_DIR", str(a_file / "work"))
+    assert main(["verify", "--archive", str(archive)]) == 1
+    said = capsys.readouterr().err.strip().splitlines()[-1]  # the line after the log's
+    assert said == f"opencti-sync: Not a directory: {a_file / 'work'}", said
+
+
 @pytest.mark.parametrize("command", ["restore", "verify"])
 def test_a_missing_token_is_said_before_any_work(
     archive: Path, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]

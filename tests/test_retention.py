@@ -463,3 +463,21 @@ def test_without_a_base_a_damaged_oldest_manifest_keeps_the_snapshot_its_segment
     assert report.base is None
     # Day 2's (before the damaged segment), day 3's (the next manifest's), day 7's (newest).
     assert report.kept_snapshots == [snaps[0], snaps[1], snaps[3]]
+
+
+def test_prune_dry_run_deletes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`opencti-sync prune --dry-run` lists what retention would delete and deletes none of it;
+    without the flag the same plan is applied."""
+    from connector.__main__ import main
+
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=6, snapshot_days={2})
+    config = tmp_path / "config.yml"
+    config.write_text(f"retention: {{keep_days: 1}}\nconnector: {{work_dir: {tmp_path / 'w'}}}\n")
+    argv = ["prune", "--archive", str(tmp_path / "a"), "--config", str(config)]
+    before = sorted(storage.list())
+    assert main([*argv, "--dry-run"]) == 0
+    assert sorted(storage.list()) == before
+    assert main(argv) == 0
+    assert set(storage.list()) < set(before)
+    capsys.readouterr()

@@ -136,6 +136,12 @@ def test_tls_verified_by_default_for_the_platform(tmp_path: Path) -> None:
         wait_until(lambda: caught_up(LocalStorage(archive), sim.store.last_event_id or "0-0"))
         run.stop()
         assert run.error is None and archived_events(str(archive))
+        # `check` verifies it too: FAIL (exit 1) until the CA bundle is given.
+        env = {"OPENCTI_URL": sim.url, "OPENCTI_TOKEN": TOKEN, "ARCHIVE_URI": str(archive)}
+        done = _cli(env, tmp_path, "check")
+        assert done.returncode == 1 and done.stdout.startswith(b"source   FAIL"), done.stdout
+        done = _cli({**env, "OPENCTI_CA_BUNDLE": str(files.ca_pem)}, tmp_path, "check")
+        assert done.returncode == 0 and done.stdout.startswith(b"source   OK"), done.stdout
 
 
 def test_tls_verified_by_default_for_s3(
@@ -167,6 +173,17 @@ def test_tls_verified_by_default_for_s3(
         wait_until(lambda: caught_up(direct, sim.store.last_event_id or "0-0"))
         run.stop()
         assert run.error is None
+
+
+def test_a_token_given_on_the_command_line_is_redacted_as_a_configured_one(
+    tmp_path: Path,
+) -> None:
+    """``--token`` (restore, verify) reaches the log redactor with the configured secrets."""
+    from connector.__main__ import _settings, build_parser
+
+    argv = ["verify", "--archive", str(tmp_path / "a"), "--against-opencti", "http://b:8080"]
+    args = build_parser().parse_args([*argv, "--token", f" {TOKEN}\n"])
+    assert TOKEN in _settings(args).secrets() and args.token == TOKEN
 
 
 @pytest.mark.parametrize(
