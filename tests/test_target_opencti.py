@@ -290,6 +290,68 @@ def test_registration_and_ping_visible_on_platform(platform_b: SimServer) -> Non
     assert reader.api.connector.read(sink.connector_id)["connector_type"] == "STREAM"
 
 
+def test_the_platform_skips_inferred_objects_and_refuses_a_merge_into_nothing(
+    platform_b: SimServer,
+) -> None:
+    """The double's import, as the platform's (pycti's import_item): a pushed object marked
+    inferred is skipped (the target's rule engine makes its own), and a merge whose target the
+    platform does not hold is refused, its sources left as they were."""
+    sink = make_target(platform_b.url)
+    sink.check()
+
+    def push(*objects: dict[str, Any]) -> Any:
+        bundle = {"type": "bundle", "id": f"bundle--{uuid.uuid4()}", "objects": list(objects)}
+        return sink.api.send_bundle_to_api(
+            connector_id=sink.connector_id, bundle=json.dumps(bundle), work_id=None
+        )
+
+    inferred = malware("Inferred", extensions={OCTI_EXT: {"is_inferred": True}})
+    source = malware("Merge source")
+    assert push(inferred, source)["data"]["stixBundlePush"]
+    assert platform_b.store.get(inferred["id"]) is None
+    assert platform_b.store.get(source["id"]) is not None
+    nowhere = malware("Not on the platform")
+    merge = {
+        **nowhere,
+        "opencti_operation": "merge",
+        "merge_target_id": nowhere["id"],
+        "merge_source_ids": [source["id"]],
+    }
+    with pytest.raises(ValueError, match="Cannot find the merge target"):
+        push(merge)
+    kept = platform_b.store.get(source["id"])
+    assert kept is not None and kept["id"] == source["id"]
+    sink.close()
+
+
+def test_the_platform_lists_no_marking_among_its_core_objects(platform_b: SimServer) -> None:
+    """As the platform's schema has it, marking definitions are meta objects, not core ones:
+    its stixCoreObjects listing leaves them out (verify --against-opencti reads them by id, a
+    path the double would leave untried if it listed them)."""
+    green = "marking-definition--00000000-0000-4000-8000-00000000000a"
+    platform_b.store.create({"type": "marking-definition", "id": green, "name": "TLP:GREEN"})
+    platform_b.store.create(malware("Listed"))
+    sink = make_target(platform_b.url, register=False)
+    listed = sink.api.stix_core_object.list(customAttributes="id standard_id", first=50)
+    assert {node["standard_id"] for node in listed} == {malware("Listed")["id"]}
+    sink.close()
+
+
+def test_the_default_connector_id_is_one_per_source_and_stream() -> None:
+    """Without connector.id, the id registered is stable across restarts for one source and
+    stream, and another stream of the same platform (a second sync) gets its own: on a shared
+    id the two would overwrite each other's registration and replay mark on the target."""
+    from connector.__main__ import _default_connector_id
+    from connector.settings import load_settings
+
+    def connector_id(stream: str) -> str:
+        env = {"OPENCTI_URL": "http://a:8080", "CONNECTOR_LIVE_STREAM_ID": stream}
+        return _default_connector_id(load_settings(None, env=env))
+
+    assert connector_id("live") == connector_id("live") != connector_id("reports")
+    uuid.UUID(connector_id("live"))
+
+
 def test_same_platform_is_refused(platform_b: SimServer) -> None:
     with pytest.raises(PermanentError, match="source"):
         make_target(platform_b.url, source_url=platform_b.url + "/").check()
