@@ -47,7 +47,7 @@ MUTATIONS: list[Mutation] = [
      "now_key = (self.store.now_ms() - 1 + ahead) * _SPAN",
      "now_key = (self.store.now_ms() + ahead) * _SPAN",
      [T_SIM, T_RACE], None),
-    ("SV4", "an idle heartbeat below what was sent (a start id ahead of the clock)", SRV,
+    ("SV4", "an idle heartbeat below the last id sent (events of the current millisecond)", SRV,
      "key = now_key if key is None else max(key, now_key)", "key = now_key",
      [T_SIM, T_RACE], None),
     ("SV5", "an idle heartbeat never moves to now (stays at the last id sent)", SRV,

@@ -16,9 +16,10 @@ import orjson
 import pytest
 
 from connector.events import OCTI_EXT
+from connector.sim.filters import match_filter_group
 from connector.sim.generator import bulk_creates, generate
 from connector.sim.server import SimServer, parse_position
-from connector.sim.store import SimStore, iso_ms, parse_date_ms
+from connector.sim.store import SimStore, iso_ms, parse_date_ms, split_key
 
 SEED = Path(__file__).parent / "data" / "seed"
 AUTH = {"Authorization": "Bearer sim-token"}
@@ -117,12 +118,12 @@ def test_replay_strictly_after_from_on_raw_and_live(sim: SimServer) -> None:
         got = data_msgs(read_stream(f"{sim.url}{path}?from={ids[1]}"))
         assert [m[0] for m in got] == ids[2:]
     # Last-Event-ID is used when there is no from; query from wins over the header.
-    got = data_msgs(read_stream(f"{sim.url}/stream", headers={**AUTH, "Last-Event-ID": ids[3]}))
-    assert [m[0] for m in got] == ids[4:]
-    got = data_msgs(
-        read_stream(f"{sim.url}/stream?from={ids[0]}", headers={**AUTH, "Last-Event-ID": ids[3]})
-    )
-    assert [m[0] for m in got] == ids[1:]
+    for path in ("/stream", "/stream/live"):
+        last = {**AUTH, "Last-Event-ID": ids[3]}
+        got = data_msgs(read_stream(f"{sim.url}{path}", headers=last))
+        assert [m[0] for m in got] == ids[4:]
+        got = data_msgs(read_stream(f"{sim.url}{path}?from={ids[0]}", headers=last))
+        assert [m[0] for m in got] == ids[1:]
     # Raw stream does not fill event_id; the live stream does, from updated_at.
     raw = data_msgs(read_stream(f"{sim.url}/stream?from=0"))
     live = data_msgs(read_stream(f"{sim.url}/stream/live?from=0-0"))
@@ -315,10 +316,18 @@ def test_upsert_previous_standard_and_synchronized() -> None:
     assert store.upsert(moved, previous_standard=obj("malware", 1)["id"]) is not None
     cur = store.get(moved["id"])
     assert cur is not None and cur["labels"] == ["a", "b", "c"] and cur["description"] == "d"
+    assert obj("malware", 1)["id"] in cur["extensions"][OCTI_EXT]["stix_ids"]  # the old id kept
     assert store.upsert({**moved, "labels": ["c"]}, synchronized=True) is not None
     cur = store.get(moved["id"])
     assert cur is not None and cur["labels"] == ["c"] and "description" not in cur
     assert store.object_count == 1
+    # isOutdatedUpdate: skipped only when the stored version is later than the event's time,
+    # so a second event of the same millisecond applies.
+    ms = 1_800_000_000_000
+    assert store.upsert({**moved, "name": "v1"}, event_id=f"{ms}-0") is not None
+    assert store.upsert({**moved, "name": "v2"}, event_id=f"{ms}-1") is not None
+    assert store.upsert({**moved, "name": "v0"}, event_id=f"{ms - 1}-0") is None
+    assert (store.get(moved["id"]) or {})["name"] == "v2"
 
 
 def test_merge_and_delete_store_semantics() -> None:
@@ -357,6 +366,8 @@ def test_merge_and_delete_store_semantics() -> None:
     assert merged is not None and store.get(s1["id"]) is merged
     assert {s1["id"], s2["id"]} <= set(merged["extensions"][OCTI_EXT]["stix_ids"])
     assert (store.get(rel["id"]) or {})["target_ref"] == t["id"]
+    rel_ext = (store.get(rel["id"]) or {})["extensions"][OCTI_EXT]
+    assert rel_ext["target_ref"] == merged["extensions"][OCTI_EXT]["id"]  # the target's own
     assert (store.get(report["id"]) or {})["object_refs"] == [t["id"], ind["id"], rel["id"]]
     assert store.object_count == 4
     # delete: one event; the relationship goes, the report loses its refs, silently.
@@ -423,6 +434,16 @@ def test_error_statuses_and_reasons(sim: SimServer) -> None:
     assert read_stream(f"{sim.url}/stream/live", until=lambda m: True)[0][1] == "connected"
 
 
+def _marked(*markings: str) -> dict[str, Any]:
+    return {
+        "mode": "and",
+        "filterGroups": [],
+        "filters": [
+            {"key": ["objectMarking"], "values": list(markings), "operator": "eq", "mode": "or"}
+        ],
+    }
+
+
 def test_restricted_token_sees_only_allowed_markings(sim: SimServer) -> None:
     store = sim.store
     store.create(marking(GREEN, "TLP:GREEN"))
@@ -430,21 +451,19 @@ def test_restricted_token_sees_only_allowed_markings(sim: SimServer) -> None:
     store.create(obj("malware", 1, object_marking_refs=[GREEN]))
     store.create(obj("malware", 2, object_marking_refs=[RED]))
     store.create(obj("malware", 3))
+    store.create(obj("malware", 4, object_marking_refs=[GREEN, RED]))  # every marking needed
     sim.add_stream("all")
     headers = {"Authorization": "Bearer restricted-token"}
     got = data_msgs(read_stream(f"{sim.url}/stream/all?from=0", headers=headers))
     names = [m[2]["data"].get("name") for m in got]
     assert names == ["TLP:GREEN", "malware 1", "malware 3"]
-    sim.add_stream(
-        "red-only",
-        filters={
-            "mode": "and",
-            "filterGroups": [],
-            "filters": [
-                {"key": ["objectMarking"], "values": [RED], "operator": "eq", "mode": "or"}
-            ],
-        },
+    # A collection filtering on markings is readable with any one of them (§1.3: 401 only
+    # when the user can access none of those markings).
+    sim.add_stream("green-or-red", filters=_marked(GREEN, RED))
+    assert read_stream(f"{sim.url}/stream/green-or-red", headers=headers, until=bool)[0][1] == (
+        "connected"
     )
+    sim.add_stream("red-only", filters=_marked(RED))
     resp = httpx.get(f"{sim.url}/stream/red-only", headers=headers)
     assert resp.reason_phrase == "You need to have access to specific markings for this live stream"
 
@@ -511,6 +530,15 @@ def test_drop_connections_and_drop_fault(sim: SimServer) -> None:
             for chunk in resp.iter_bytes():
                 got.append(chunk)
     assert b"".join(got).count(b"event: create") == 2
+    # mid_message: the cut comes inside the next message, half of it sent.
+    sim.set_fault(drop_after_events=2, mid_message=True)
+    got.clear()
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", f"{sim.url}/stream?from=0", headers=AUTH) as resp:
+            for chunk in resp.iter_bytes():
+                got.append(chunk)
+    body = b"".join(got)
+    assert body.count(b"event: create") == 3 and not body.endswith(b"\n\n")
     # One-shot: the next connection is normal; drop_connections cuts it.
     with pytest.raises(httpx.HTTPError):
         with httpx.stream("GET", f"{sim.url}/stream/live?from=0", headers=AUTH) as resp:
@@ -563,8 +591,12 @@ def test_generator_determinism_and_size() -> None:
     sizes = sorted(len(f) for f in frames if b"event: create" in f[:40])
     assert 1000 < sizes[len(sizes) // 2] < 3000
     creates = SimStore()
-    generate(creates, 50, seed=1, mix="creates")
-    assert set(creates.read(0).kinds) == {"create"}
+    # Called again (the control API's generate, same seed): new objects, never the first
+    # call's again (as updates, their refs drawn from a larger pool).
+    generate(creates, 200, seed=0, mix="creates")
+    generate(creates, 200, seed=0, mix="creates")
+    assert set(creates.read(0, max_bytes=1 << 30).kinds) == {"create"}
+    assert creates.object_count == creates.event_count == 400
     bulk = SimStore()
     bulk_creates(bulk, 5000, seed=3)
     assert bulk.event_count == 5000
@@ -666,14 +698,18 @@ def test_a_start_id_ahead_of_the_log_skips_what_sorts_below_it(path: str, query:
             if len(msgs) == 1:  # connected: the reader waits at its start id now
                 now[0] += 1_000
                 appended.append(sim.store.create(obj("malware", 2)))  # below the start id
+                now[0] = ahead
+                appended.append(sim.store.create(obj("malware", 4)))  # the start id itself
                 now[0] = ahead + 1
                 appended.append(sim.store.create(obj("malware", 3)))  # above it
             return bool(data_msgs(msgs)) and data_msgs(msgs)[-1][2]["origin"].get("referer") is None
 
         msgs = read_stream(url, until=append_then_stop)
         live = [m for m in data_msgs(msgs) if m[2]["origin"].get("referer") is None]
-        assert [m[0] for m in live] == [appended[1]]
-        assert "malware 2" not in [m[2]["data"]["name"] for m in data_msgs(msgs)]
+        assert appended[1] == f"{ahead}-0"
+        assert [m[0] for m in live] == [appended[2]]
+        names = [m[2]["data"]["name"] for m in data_msgs(msgs)]
+        assert "malware 2" not in names and "malware 4" not in names
     finally:
         sim.stop()
 
@@ -790,3 +826,260 @@ def test_a_collection_changed_or_stopped_mid_stream(sim: SimServer) -> None:
     assert stopped and beats["after_stop"] <= 25, "the stream did not end"
     resp = httpx.get(f"{sim.url}/stream/s1", headers=AUTH)
     assert (resp.status_code, resp.reason_phrase) == (410, "This live stream is stopped")
+
+
+def _hb_ids(msgs: list[Msg]) -> list[str | None]:
+    return [m[0] for m in msgs if m[1] == "heartbeat"]
+
+
+def test_an_idle_heartbeat_is_now_less_a_millisecond_never_below_what_was_sent() -> None:
+    """Caught up, a heartbeat carries ``<now - 1 ms>-0``, so an event appended in this very
+    millisecond sorts after it, and never an id below the last one sent (three events of one
+    millisecond sent: the heartbeat stays at the last of them)."""
+    now = [1_800_000_000_000]
+    sim = _clocked_sim(now)
+    try:
+        ids = [sim.store.create(obj("malware", i)) for i in range(3)]
+        assert ids[-1] == f"{now[0]}-2"
+
+        def move_the_clock(msgs: list[Msg]) -> bool:
+            if len(_hb_ids(msgs)) == 1:
+                now[0] += 1_000
+            return len(_hb_ids(msgs)) == 2
+
+        beats = _hb_ids(read_stream(f"{sim.url}/stream/live?from=0", until=move_the_clock))
+        assert beats == [ids[-1], f"{now[0] - 1}-0"]
+        assert sim.store.create(obj("malware", 9)) == f"{now[0]}-0"  # after the heartbeat
+    finally:
+        sim.stop()
+
+
+def test_event_ids_never_go_back_with_the_clock() -> None:
+    """Redis ids only grow: a clock set back keeps the last millisecond, the sequence goes on."""
+    now = [1_800_000_000_000]
+    store = SimStore(clock=lambda: now[0])
+    first = store.create(obj("malware", 1))
+    now[0] -= 60_000
+    assert store.create(obj("malware", 2)) == f"{now[0] + 60_000}-1" and first.endswith("-0")
+
+
+def test_a_reader_keeps_its_place_while_trimming_compacts_the_log() -> None:
+    """Positions are absolute: a reader behind the tail reads on from where it was while
+    trimming drops (and, past 4096 entries, compacts) the head, and a position trimmed
+    meanwhile reads from the first entry retained."""
+    small = SimStore(trim=2)
+    ids = [small.create(obj("malware", i)) for i in range(5)]
+    assert [split_key(k) for k in small.read(0).keys] == ids[3:]
+    store = SimStore(trim=3000)
+    frame = orjson.dumps({"type": "create", "data": obj("malware", 1)})
+    ids = [store.append_frames([("create", frame)]) for _ in range(6000)]
+    pos = store.bounds()[1]  # a reader that read the first 6000 entries
+    more = [store.append_frames([("create", frame)]) for _ in range(1200)]  # compacts
+    assert store.bounds()[0] > 4096
+    assert split_key(store.read(pos).keys[0]) == more[0]
+    assert split_key(store.read(0).keys[0]) == store.first_event_id
+    assert ids[-1] is not None and store.position_after(*map(int, ids[-1].split("-"))) == pos
+
+
+def test_one_connection_sends_a_dependency_once() -> None:
+    """The platform caches what a connection sent: two objects with one marking bring it once,
+    ahead of the first (a new connection sends it again)."""
+    store = SimStore()
+    store.create(marking(GREEN, "TLP:GREEN"))
+    start = store.create(obj("malware", 0))
+    first = store.create(obj("malware", 1, object_marking_refs=[GREEN]))
+    second = store.create(obj("malware", 2, object_marking_refs=[GREEN]))
+    with SimServer(store=store, heartbeat_secs=0.2) as sim:
+        msgs = data_msgs(read_stream(f"{sim.url}/stream/live?from={start}"))
+    assert [(m[0], m[2]["data"]["id"]) for m in msgs] == [
+        (first, GREEN),
+        (first, obj("malware", 1)["id"]),
+        (second, obj("malware", 2)["id"]),
+    ]
+
+
+def test_a_replayed_relationship_whose_endpoint_was_sent_then_deleted_is_sent() -> None:
+    """The platform looks in the connection's cache before it loads a ref: replaying history,
+    a relationship whose endpoint this connection sent, deleted since, is sent."""
+    store = SimStore()
+    start = store.create(obj("malware", 0))
+    _, b, rel, rel_event = _two_and_their_relation(store)
+    store.delete(b["id"])  # the relationship goes with it, silently
+    assert store.get(rel["id"]) is None
+    with SimServer(store=store, heartbeat_secs=0.2) as sim:
+        msgs = data_msgs(read_stream(f"{sim.url}/stream/live?from={start}"))
+    assert (rel_event, "create", rel["id"]) in [(m[0], m[1], m[2]["data"]["id"]) for m in msgs]
+
+
+def test_a_relationship_to_an_object_the_user_cannot_see_is_not_sent(sim: SimServer) -> None:
+    """§5.2: a relationship whose endpoint cannot be resolved for the user is dropped."""
+    store = sim.store
+    store.create(marking(GREEN, "TLP:GREEN"))
+    store.create(marking(RED, "TLP:RED"))
+    store.create(obj("malware", 1, object_marking_refs=[GREEN]))
+    store.create(obj("malware", 2, object_marking_refs=[RED]))
+    start = store.create(obj("malware", 3, object_marking_refs=[GREEN]))
+    hidden, shown = (
+        {
+            "type": "relationship",
+            "id": f"relationship--00000000-0000-4000-8000-00000000001{n}",
+            "relationship_type": "uses",
+            "source_ref": obj("malware", 1)["id"],
+            "target_ref": obj("malware", n)["id"],
+            "object_marking_refs": [GREEN],
+        }
+        for n in (2, 3)
+    )
+    store.create(hidden)
+    store.create(shown)
+    sim.add_stream("all")
+    headers = {"Authorization": "Bearer restricted-token"}
+    msgs = data_msgs(read_stream(f"{sim.url}/stream/all?from={start}", headers=headers))
+    sent = [m[2]["data"]["id"] for m in msgs]
+    assert shown["id"] in sent and hidden["id"] not in sent
+
+
+def test_recovery_keeps_to_its_dates_its_filter_and_inferences() -> None:
+    """§5.1: recovery sends what the collection shows, updated in ``[from, recover]`` (the
+    recover date included), inferred objects only with ``with-inferences``."""
+    now = [1_800_000_000_000]
+    sim = _clocked_sim(now)
+    try:
+        sim.store.create(obj("malware", 1, labels=["a"]))
+        inferred = {"extensions": {OCTI_EXT: {"is_inferred": True}}}
+        sim.store.create(obj("malware", 2, labels=["a"], **inferred))
+        sim.store.create(obj("malware", 3, labels=["b"]))
+        sim.add_stream("a", filters=_labelled("a"))
+        url = f"{sim.url}/stream/a?from=0&recover={iso_ms(now[0])}"
+        for query, names in (
+            ("", {"malware 1"}),
+            ("&with-inferences=true", {"malware 1", "malware 2"}),
+        ):
+            msgs = data_msgs(read_stream(url + query))
+            init = {
+                m[2]["data"]["name"] for m in msgs if m[2]["origin"].get("referer") == "init-create"
+            }
+            assert init == names
+    finally:
+        sim.stop()
+
+
+def test_a_collection_sends_nothing_of_what_its_filter_keeps_out(sim: SimServer) -> None:
+    """Out of the filter: an update of an object no visible container holds, a relationship
+    none of whose endpoints is in the filter, a delete. Only what it keeps is sent."""
+    store = sim.store
+    for n in (1, 2, 5):
+        store.create(obj("malware", n))
+    start = store.create(obj("malware", 3, labels=["keep"]))
+    store.update(obj("malware", 1)["id"], set={"description": "edited"})
+    store.create(
+        {
+            "type": "relationship",
+            "id": "relationship--00000000-0000-4000-8000-000000000021",
+            "relationship_type": "uses",
+            "source_ref": obj("malware", 1)["id"],
+            "target_ref": obj("malware", 2)["id"],
+        }
+    )
+    store.delete(obj("malware", 5)["id"])
+    last = store.create(obj("malware", 4, labels=["keep"]))
+    sim.add_stream("keep", filters=_labelled("keep"))
+    msgs = data_msgs(read_stream(f"{sim.url}/stream/keep?from={start}"))
+    assert [(m[0], m[1]) for m in msgs] == [(last, "create")]
+
+
+def test_a_delete_clears_the_refs_that_name_the_object() -> None:
+    """A delete is one event; what names the object loses the ref silently (§8.4): an author
+    (``created_by_ref``) and a sharing (the extension's ``granted_refs``)."""
+    store = SimStore()
+    org = {"type": "identity", "id": "identity--00000000-0000-4000-8000-000000000031", "name": "o"}
+    store.create(org)
+    store.create(obj("malware", 1, created_by_ref=org["id"]))
+    store.create(obj("malware", 2, extensions={OCTI_EXT: {"granted_refs": [org["id"]]}}))
+    store.delete(org["id"])
+    assert "created_by_ref" not in (store.get(obj("malware", 1)["id"]) or {})
+    octi = (store.get(obj("malware", 2)["id"]) or {})["extensions"][OCTI_EXT]
+    assert org["id"] not in octi.get("granted_refs", [])
+
+
+def test_an_object_created_again_after_its_delete_is_a_new_entity() -> None:
+    """The platform gives every creation a fresh internal id: one deleted then created again
+    is another entity (its files, its history), not the old one back."""
+    store = SimStore()
+    store.create(obj("malware", 1))
+    before = (store.get(obj("malware", 1)["id"]) or {})["extensions"][OCTI_EXT]["id"]
+    store.delete(obj("malware", 1)["id"])
+    store.create(obj("malware", 1))
+    after = (store.get(obj("malware", 1)["id"]) or {})["extensions"][OCTI_EXT]["id"]
+    assert after != before
+
+
+def test_a_seeded_relationship_with_an_unknown_endpoint_is_refused() -> None:
+    """The platform refuses a relationship whose endpoint it does not hold (MISSING_REFERENCE):
+    never part of the state, no event."""
+    store = SimStore()
+    rel = {
+        "type": "relationship",
+        "id": "relationship--00000000-0000-4000-8000-000000000041",
+        "relationship_type": "uses",
+        "source_ref": obj("malware", 1)["id"],
+        "target_ref": obj("malware", 2)["id"],
+    }
+    assert store.load_bundle([obj("malware", 1), rel]) == 1
+    assert store.skipped_on_load == 1 and store.get(rel["id"]) is None and store.event_count == 1
+
+
+def test_filter_keys_operators_modes_and_groups() -> None:
+    """The filter subset the collections use (§5.3), on stored objects: abstract entity types,
+    markings named by internal id, negated operators, ``and`` values, ``or`` groups, nested
+    groups."""
+    store = SimStore()
+    store.create(marking(GREEN, "TLP:GREEN"))
+    store.create(obj("malware", 1, labels=["a"], object_marking_refs=[GREEN]))
+    store.create(obj("malware", 2))
+    store.create(
+        {
+            "type": "relationship",
+            "id": "relationship--00000000-0000-4000-8000-000000000051",
+            "relationship_type": "uses",
+            "source_ref": obj("malware", 1)["id"],
+            "target_ref": obj("malware", 2)["id"],
+        }
+    )
+
+    def f(key: str, *values: str, operator: str = "eq", mode: str = "or") -> dict[str, Any]:
+        return {"key": [key], "values": list(values), "operator": operator, "mode": mode}
+
+    def group(*filters: dict[str, Any], mode: str = "and", groups: Any = ()) -> dict[str, Any]:
+        return {"mode": mode, "filters": list(filters), "filterGroups": list(groups)}
+
+    green_iid = store.resolve_internal(GREEN)
+    assert green_iid is not None
+    cases = [
+        ("relationship", group(f("entity_type", "stix-core-relationship")), True),
+        ("malware 1", group(f("objectMarking", green_iid)), True),
+        ("malware 1", group(f("objectLabel", "a", operator="not_eq")), False),
+        ("malware 1", group(f("objectLabel", "b", operator="not_eq")), True),
+        ("malware 1", group(f("objectLabel", "a", "b", mode="and")), False),
+        ("malware 1", group(f("objectLabel", "b"), f("objectLabel", "a"), mode="or"), True),
+        ("malware 1", group(f("objectLabel", "a"), groups=[group(f("objectLabel", "z"))]), False),
+    ]
+    for name, flt, expected in cases:
+        stix = next(o for o in store.objects() if o.get("name", o["type"]) == name)
+        assert match_filter_group(flt, stix, store.resolve_internal) is expected, (name, flt)
+
+
+def test_mixed_traffic_changes_standard_ids() -> None:
+    """A mixed stream carries renames (an update replacing ``/id``), as the platform sends
+    when a standard id changes: the connector's id-change path is exercised."""
+    store = SimStore()
+    generate(store, 300, seed=2)
+    patches = [
+        env["context"]["patch"]
+        for env in (
+            orjson.loads(f.split(b"\ndata: ", 1)[1])
+            for f in store.read(0, max_bytes=1 << 30).frames
+        )
+        if env["type"] == "update"
+    ]
+    assert any(op["path"] == "/id" for patch in patches for op in patch)

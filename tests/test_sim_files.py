@@ -131,6 +131,27 @@ def test_a_reupload_is_a_new_version_and_a_removal_or_delete_drops_the_bytes(
     (entry,) = sim.store.files_of(REPORT)
     sim.store.delete(REPORT)
     _assert_gone(sim, entry["uri"])
+    assert sim.store.file_content(entry["uri"].removeprefix("/storage/get/")) is None
+
+
+def test_a_file_is_served_only_to_a_user_holding_its_entitys_markings() -> None:
+    """The platform loads a file with the user's rights: an entity marked beyond them gives
+    the same 503 as a file it does not have."""
+    green = "marking-definition--00000000-0000-4000-8000-0000000000a1"
+    red = "marking-definition--00000000-0000-4000-8000-0000000000a2"
+    with SimServer(restricted_token="r", restricted_markings=[green]) as sim:
+        uris = {}
+        for mark in (green, red):
+            sim.store.create({"type": "marking-definition", "id": mark, "name": mark[-2:]})
+            report = _report(id=f"report--00000000-0000-4000-8000-0000000000{mark[-2:]}")
+            sim.store.create({**report, "object_marking_refs": [mark]})
+            sim.store.attach_file(report["id"], "a.pdf", PDF)
+            uris[mark] = sim.store.files_of(report["id"])[0]["uri"]
+        restricted = {"Authorization": "Bearer r"}
+        assert httpx.get(sim.url + uris[green], headers=restricted).content == PDF
+        refused = httpx.get(sim.url + uris[red], headers=restricted)
+        assert refused.status_code == 503 and "File not found or restricted" in refused.text
+        assert httpx.get(sim.url + uris[red], headers=AUTH).content == PDF
 
 
 def test_a_pushed_file_is_uploaded_under_the_targets_own_uri(platform: SimServer) -> None:
