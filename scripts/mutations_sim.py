@@ -73,7 +73,9 @@ MUTATIONS: list[Mutation] = [
     ("SV10", "the live part after a recover date starts at the recover ms, seq 0", SRV,
      "                    pos = store.position_after(*recover)",
      "                    pos = store.position_after(recover[0], 0)",
-     [T_SIM], None),
+     [T_SIM],
+     "the floor set with it (the recover id as given) drops every entry at or below that id "
+     "wherever the read starts; only injected raw test frames, no platform entries, pass it"),
     # -- the live stream's events ----------------------------------------------------------------
     ("SV11", "listen-delete=false ignored for an object leaving the filter", SRV,
      "                if self.listen_delete:\n                    self.send_data(id_text, \"delete\", payload, key)\n"

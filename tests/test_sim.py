@@ -370,6 +370,10 @@ def test_merge_and_delete_store_semantics() -> None:
     assert rel_ext["target_ref"] == merged["extensions"][OCTI_EXT]["id"]  # the target's own
     assert (store.get(report["id"]) or {})["object_refs"] == [t["id"], ind["id"], rel["id"]]
     assert store.object_count == 4
+    # A merge whose sources name only the target (an id it absorbed) does nothing.
+    count = store.event_count
+    assert store.merge(t["id"], [s1["id"]]) is None and store.event_count == count
+    assert store.get(t["id"]) is merged
     # delete: one event; the relationship goes, the report loses its refs, silently.
     count = store.event_count
     assert store.delete(ind["id"]) is not None
@@ -505,6 +509,10 @@ def test_collection_filters_and_translation(sim: SimServer) -> None:
     ]
     translated_delete = next(m for m in got if m[1] == "delete")
     assert translated_delete[2]["context"]["patch"]
+    # listen-delete=false: leaving the filter sends nothing either.
+    url = f"{sim.url}/stream/green-malware?from={start}&no-dependencies=true&listen-delete=false"
+    quiet = [m for m in data_msgs(read_stream(url)) if m[2]["origin"].get("referer") is None]
+    assert [m[1] for m in quiet] == ["create", "update", "create"]
 
 
 def test_inject_raw_is_verbatim(sim: SimServer) -> None:
@@ -993,13 +1001,22 @@ def test_a_collection_sends_nothing_of_what_its_filter_keeps_out(sim: SimServer)
 
 def test_a_delete_clears_the_refs_that_name_the_object() -> None:
     """A delete is one event; what names the object loses the ref silently (§8.4): an author
-    (``created_by_ref``) and a sharing (the extension's ``granted_refs``)."""
+    (``created_by_ref``) and a sharing (the extension's ``granted_refs``); a sighting where it
+    was seen goes with it."""
     store = SimStore()
     org = {"type": "identity", "id": "identity--00000000-0000-4000-8000-000000000031", "name": "o"}
     store.create(org)
     store.create(obj("malware", 1, created_by_ref=org["id"]))
     store.create(obj("malware", 2, extensions={OCTI_EXT: {"granted_refs": [org["id"]]}}))
+    sighting = {
+        "type": "sighting",
+        "id": "sighting--00000000-0000-4000-8000-000000000032",
+        "sighting_of_ref": obj("malware", 1)["id"],
+        "where_sighted_refs": [org["id"]],
+    }
+    store.create(sighting)
     store.delete(org["id"])
+    assert store.get(sighting["id"]) is None  # where it was seen is gone: the sighting too
     assert "created_by_ref" not in (store.get(obj("malware", 1)["id"]) or {})
     octi = (store.get(obj("malware", 2)["id"]) or {})["extensions"][OCTI_EXT]
     assert org["id"] not in octi.get("granted_refs", [])
