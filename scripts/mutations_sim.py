@@ -12,7 +12,7 @@ there means the simulator could misstate the platform's protocol and no test wou
 is a small bug put in on purpose, its test files are run (one process, ``-x``, cheapest first),
 and the file is written back as it was. Equivalent ones (no behaviour changes) say why.
 
-    .venv/bin/python scripts/mutations_sim.py            # all of them
+    .venv/bin/python scripts/mutations_sim.py            # all of them (about 7 min on 2 cores)
     .venv/bin/python scripts/mutations_sim.py SV1 SO3    # some
 
 Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
