@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
@@ -34,7 +36,16 @@ from connector.sim import sample_bundle
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
-from connector.source import Complete, Disconnected, GapDetected, Item, SourceConfig, SseSource
+from connector.source import (
+    Complete,
+    Disconnected,
+    Fatal,
+    GapDetected,
+    Item,
+    RecoverMoved,
+    SourceConfig,
+    SseSource,
+)
 from connector.storage.local import LocalStorage
 from tests.support.connector import (
     ROOT,
@@ -1080,6 +1091,149 @@ def test_an_idle_stream_cut_after_a_heartbeat_is_asked_again_at_once(
     seen, bounds = _four_cuts(_CutAfterAHeartbeat, monkeypatch, resume=None, recover_until=None)
     assert len([i for i in seen if isinstance(i, Complete)]) >= 4, "each heartbeat moved it"
     assert bounds.highs == [], "no pause before any reconnect"
+
+
+class _Refused(_Fixed):
+    """A proxy in front of the platform refusing the stream, or a base URL with a wrong path:
+    an empty answer of ``status`` (the platform itself answers 401 or 410, never these)."""
+
+    status = 403
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        type(self).requests.append(self.path)
+        self.send_response(self.status, "Refused by the proxy")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_proxys_403_or_404_stops_the_source_with_its_status(status: int) -> None:
+    """Asking again changes nothing: the source stops on the first answer, with its status and
+    reason. Retried, the run waited for ever, saying only that it was reconnecting."""
+    handler = type("_RefusedAs", (_Refused,), {"status": status})
+    with _serving(handler) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        source = SseSource(config, resume=None, recover_until=None).start()
+        try:
+            seen = _items_until(
+                source, lambda s: any(isinstance(i, (Fatal, Disconnected)) for i in s), "an end"
+            )
+        finally:
+            source.close()
+    first = next(i for i in seen if isinstance(i, (Fatal, Disconnected)))
+    assert isinstance(first, Fatal) and isinstance(first.error, StreamGoneError), first
+    assert (first.error.status, first.error.reason) == (status, "Refused by the proxy")
+    assert len(handler.requests) == 1
+
+
+class _TrimmedPastThePosition(_Fixed):
+    """A platform whose oldest retained event is past the position asked for (``connected``
+    says so), then the end of the connection."""
+
+    def body(self) -> bytes:
+        info = {"firstEventId": str(at(10)), "lastEventId": str(at(20))}
+        return b"event: connected\ndata: %s\n\n" % orjson.dumps(info)
+
+
+def test_retention_gap_fail_records_the_gap_and_stops() -> None:
+    """``connector.retention_gap=fail``: the gap is reported (the pipeline records it in the
+    checkpoint) and the source stops, saying how to repair, instead of re-snapshotting."""
+    with _serving(_TrimmedPastThePosition) as url:
+        config = SourceConfig(url=url, token=TOKEN, retention_gap="fail", backoff_initial=0.01)
+        source = SseSource(config, resume=at(0), resume_data=at(0)).start()
+        try:
+            seen = _items_until(
+                source, lambda s: any(isinstance(i, (Fatal, Disconnected)) for i in s), "an end"
+            )
+        finally:
+            source.close()
+    gap, stop = seen
+    assert gap == GapDetected(at(0), at(10), None)
+    assert isinstance(stop, Fatal) and isinstance(stop.error, StreamGoneError)
+    assert "set connector.retention_gap=repair" in str(stop.error)
+    assert len(_TrimmedPastThePosition.requests) == 1
+
+
+class _RecoveryCutAtThePosition(_Fixed):
+    """A recovery resumed at our position (``at(1)``), cut each time after it re-sent there a
+    dependency (the platform's cache is per connection); from the fourth connection on, a live
+    event past the recover date follows it."""
+
+    def body(self) -> bytes:
+        frames = [(at(1), malware(at(1), 1, referer="init-dependencies"))]
+        if len(self.requests) >= 4:
+            frames.append((at(6), malware(at(6), 2)))
+        return b"".join(
+            b"id: %s\nevent: create\ndata: %s\n\n" % (str(i).encode(), ev.data) for i, ev in frames
+        )
+
+
+def test_dependencies_carried_at_the_position_are_not_carried_again_after_a_cut() -> None:
+    """A dependency re-sent at the position waits for the next group; the connection cut
+    before it, the next one re-sends it. Kept across the cut, it went out once per connection
+    (and a stream cut there again and again grew the reader's memory without bound)."""
+    with _serving(_RecoveryCutAtThePosition) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        source = SseSource(
+            config,
+            resume=at(1),
+            resume_data=at(1),
+            recover_until=source_module._iso(at(5).ms),
+        ).start()
+        try:
+            seen = _items_until(source, lambda s: Complete(at(6)) in s, "the live event")
+        finally:
+            source.close()
+    assert len(_RecoveryCutAtThePosition.requests) >= 4
+    events = [(i.id, i.stix_id) for i in seen if isinstance(i, StreamEvent)]
+    assert events == [(at(6), malware(at(1), 1).stix_id), (at(6), malware(at(6), 2).stix_id)]
+
+
+class _BehindAndTrimmed(_Fixed):
+    """A platform whose clock runs an hour behind this machine's (its answers' Date), and whose
+    oldest retained event is a minute before that date."""
+
+    now_ms = 0
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return email.utils.formatdate(self.now_ms / 1000, usegmt=True)
+
+    def body(self) -> bytes:
+        info = {"firstEventId": f"{self.now_ms - 60_000}-0", "lastEventId": f"{self.now_ms}-0"}
+        return b"event: connected\ndata: %s\n\n" % orjson.dumps(info)
+
+
+def test_a_first_recovery_older_than_the_retention_moves_to_the_platforms_date_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first run's recover date the stream no longer holds is moved to the platform's date
+    (its answer's Date: the platform reads it against its own clock), and the connection that
+    asks for it is made at once: only the connections after it back off."""
+    platform_ms = (time.time_ns() // 1_000_000 // 1000 - 3600) * 1000
+    _BehindAndTrimmed.now_ms = platform_ms
+    drawn_after: list[int] = []  # the connections made when each backoff was drawn
+
+    class _Random:
+        def uniform(self, low: float, high: float) -> float:
+            drawn_after.append(len(_BehindAndTrimmed.requests))
+            return high
+
+    monkeypatch.setattr(source_module, "random", _Random())
+    with _serving(_BehindAndTrimmed) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        old = source_module._iso(platform_ms - 120_000)
+        source = SseSource(config, resume=None, recover_until=old).start()
+        try:
+            seen = _items_until(
+                source, lambda s: sum(isinstance(i, Disconnected) for i in s) >= 3, "three ends"
+            )
+        finally:
+            source.close()
+    (moved,) = [i for i in seen if isinstance(i, RecoverMoved)]
+    assert iso_to_ms(moved.recover_until) == platform_ms
+    asked = [parse_qs(urlsplit(path).query)["recover"] for path in _BehindAndTrimmed.requests]
+    assert asked[:2] == [[old], [moved.recover_until]]
+    assert drawn_after[0] == 2, "the reconnection the source asked for waited a backoff"
 
 
 class _LoginPage(_Fixed):
