@@ -167,3 +167,18 @@ def test_a_reconnect_after_a_heartbeat_completed_a_group_starts_at_that_group() 
     source._handle("heartbeat", str(at(200)), b'"x"', out)
     assert out[-1] == Complete(at(200))
     assert source.request_params()["from"] == str(at(100))
+
+
+def test_a_position_inside_a_recovery_is_resumed_exactly() -> None:
+    """No heartbeat slack inside a recovery: its positions are its own data groups (a heartbeat
+    completes nothing there). A sync with no archive knows no data group: it went back 5 s into
+    the recovery, whose objects of those seconds were all sent again, and skipped."""
+    from connector.source import SourceConfig, SseSource
+    from tests.support.handfed import at
+
+    source = SseSource(
+        SourceConfig(url="http://x", token="t"),
+        resume=at(0),
+        recover_until="2027-01-15T08:00:00.000Z",  # at(0) itself: still recovering
+    )
+    assert source.request_params()["from"] == str(at(0))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from connector.checkpoint import CheckpointStore
+from connector.events import EventId, StreamEvent
 from connector.sim.generator import generate
 from connector.sim.server import SimServer
+from connector.source import Complete, _RecoveryHold
 from connector.storage.local import LocalStorage
 from tests.support.connector import (
     ConnectorThread,
@@ -274,3 +277,53 @@ def test_the_events_behind_a_position_found_safe_late_stay_pending(tmp_path: Pat
     assert saved_position(storage) == str(at(1))
     assert [ev.id for ev in ArchiveReader(storage).events()] == [at(1)]
     assert len(pipe._pending) == 1  # at(2) waits for a position above it
+
+
+def _at(ms: int) -> EventId:
+    return EventId(1_700_000_000_000 + ms, 0)
+
+
+def _recovered(ms: int, n: int, referer: str = "init-create") -> StreamEvent:
+    """A recovery's event at ``_at(ms)`` about malware ``n`` (``referer`` its origin)."""
+    body = {
+        "data": {"type": "malware", "id": f"malware--{n:08d}-0000-4000-8000-000000000000"},
+        "origin": {"referer": referer},
+    }
+    return StreamEvent.from_sse(str(_at(ms)), "create", orjson.dumps(body))
+
+
+def test_an_object_updated_at_the_recover_date_itself_is_still_the_recoverys() -> None:
+    """The recovery sends what was updated up to its date, inclusive: an id at the recover
+    point is no sign of the live part. Taken for one, the hold let go of the page, and a marker
+    went on before an id below it (another object of the same page)."""
+    hold = _RecoveryHold(_at(10), None, None, 2)
+    passed = hold.feed([_recovered(10, 1)], None, None)
+    passed += hold.feed([Complete(_at(10)), _recovered(3, 2)], _at(10), _at(10))
+    assert not hold.done
+    assert not [i for i in passed if isinstance(i, Complete)]
+
+
+def test_no_position_is_safe_before_the_first_page_is_in() -> None:
+    """Until ``page_size`` objects came, the rest of the first page may still come below any
+    id. A group of dependencies alone (its object quarantined, here) gave a marker below every
+    recovered id received: found safe at once, the objects of the page still to come below it
+    were skipped on resuming there."""
+    hold = _RecoveryHold(_at(100), None, None, 3)
+    passed = hold.feed([_recovered(5, 1, "init-dependencies")], None, None)
+    passed += hold.feed([Complete(_at(5)), _recovered(6, 2)], _at(5), _at(5))
+    assert not [i for i in passed if isinstance(i, Complete)]
+    passed += hold.feed([_recovered(2, 3)], _at(5), _at(5))
+    assert not [i for i in passed if isinstance(i, Complete)]
+
+
+def test_an_overflow_passes_the_events_on_without_their_markers() -> None:
+    """Past the hold's bound its events go on, but a marker among them is no position yet:
+    an id below it may still come in the same page (here at +3 ms, after the marker at +5)."""
+    first = _recovered(5, 1)
+    hold = _RecoveryHold(_at(100), None, None, 4, max_bytes=len(first.data) * 3 // 2)
+    passed = hold.feed([first], None, None)
+    passed += hold.feed([Complete(_at(5)), _recovered(6, 2)], _at(5), _at(5))
+    assert len(passed) == 2, "past the bound, the events go on"
+    assert not [i for i in passed if isinstance(i, Complete)]
+    passed += hold.feed([_recovered(3, 3)], _at(5), _at(5))
+    assert not [i for i in passed if isinstance(i, Complete)]
