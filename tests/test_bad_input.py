@@ -348,9 +348,11 @@ def test_lone_surrogate_does_not_let_other_bad_json_in(data: bytes) -> None:
     [
         (b'"cut \\ude00"', "cut \ufffd"),  # a low surrogate alone
         (b'{"\\ud83d": 1}', {"\ufffd": 1}),  # in a key
-        (b'["\\udbff", 18446744073709551615]', ["\ufffd", 2**64 - 1]),  # in a list; orjson's
-    ],  # largest integer
-    ids=["low", "key", "list"],
+        # In a list, with orjson's largest integer.
+        (b'["\\udbff", 18446744073709551615]', ["\ufffd", 2**64 - 1]),
+        (b'"cut \\uDE00"', "cut \ufffd"),  # a low surrogate escape in capitals
+    ],
+    ids=["low", "key", "list", "capitals"],
 )
 def test_lone_surrogates_anywhere_read_as_u_fffd(value: bytes, parsed: object) -> None:
     """Wherever the lone surrogate is, the parsed view can be written as UTF-8 again (state,
@@ -375,6 +377,14 @@ def test_lone_surrogate_with_an_integer_beyond_64_bits_reads_as_without_one() ->
 @pytest.mark.parametrize("text", ["\u0661\u0662-0", "12-\u0663", "\uff11\uff12-0", "1\u00b2-0"])
 def test_an_id_of_other_digits_than_ascii_is_refused(text: str) -> None:
     """Arabic-Indic or fullwidth digits are digits to str.isdigit() and int(), not in an id."""
+    with pytest.raises(ValueError, match="not a stream event id"):
+        EventId.parse(text)
+
+
+@pytest.mark.parametrize("text", ["1234567890123456-0", "1-12345678901"])
+def test_an_id_longer_than_the_archives_keys_is_refused(text: str) -> None:
+    """An id is at most 15 and 10 digits: the archive's keys are zero-padded to that, and one
+    digit more no longer sorts in stream order."""
     with pytest.raises(ValueError, match="not a stream event id"):
         EventId.parse(text)
 
