@@ -230,6 +230,29 @@ def test_lost_newest_segments_move_the_checkpoint_back_out_of_its_recovery(
     assert check_archive_end(storage, cp, "here") is True
     assert (cp.last_event_id, cp.last_segment_last_id, cp.acked_event_id) == (str(at(1)),) * 3
     assert cp.recover_until is None
+    # It names a segment the archive holds (verify checks it; the next one is chained after).
+    assert cp.last_segment != second
+    assert cp.last_segment and storage.exists(manifest_key_for_segment(cp.last_segment))
+
+
+def test_a_lost_checkpoint_is_resumed_at_the_archives_end_a_newer_snapshot_too(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint made for an archive whose newest segment is gone but a snapshot holds its
+    end starts after the snapshot, for the stream and the targets alike (the segment's end is
+    older: all after it read and sent again), and chains the next segment after it."""
+    from connector.archive_position import adopt_archive
+    from tests.support.handfed import at
+
+    storage = LocalStorage(tmp_path / "a")
+    second = _two_segments(storage)
+    assert run_snapshot_job(storage, tmp_path / "snap") is not None
+    storage.delete(manifest_key_for_segment(second))
+    storage.delete(second)
+    cp = adopt_archive(storage, "here", stream_id="live", source_url="http://x", adopt=True)
+    assert cp is not None
+    assert (cp.last_event_id, cp.last_segment_last_id, cp.acked_event_id) == (str(at(2)),) * 3
+    assert cp.last_segment is None
 
 
 def test_a_snapshot_at_the_point_asked_for_is_the_archive_end_there(tmp_path: Path) -> None:
