@@ -1236,6 +1236,43 @@ def test_a_first_recovery_older_than_the_retention_moves_to_the_platforms_date_a
     assert drawn_after[0] == 2, "the reconnection the source asked for waited a backoff"
 
 
+class _NoRecover(_Fixed):
+    """A platform refusing recovery (7.x ``no-recover``, at the position asked for), then its
+    log from there: two live events below the recover date asked for, and the end."""
+
+    def body(self) -> bytes:
+        refusal = b'{"message":"Recovery is not available for this stream"}'
+        frames = [b"id: %s\nevent: no-recover\ndata: %s\n\n" % (str(at(0)).encode(), refusal)]
+        for n in (1, 2):
+            frames.append(
+                b"id: %s\nevent: create\ndata: %s\n\n"
+                % (str(at(n)).encode(), malware(at(n), n).data)
+            )
+        return b"".join(frames)
+
+
+def test_a_refused_recovery_holds_nothing_back() -> None:
+    """After ``no-recover`` the log is read live: each event goes on with its position as it
+    comes, though below the recover date. Held as a recovery's, nothing went on before an id
+    past that date (on a quiet platform, the next idle heartbeat), and a cut lost it all."""
+    with _serving(_NoRecover) as url:
+        config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
+        source = SseSource(
+            config, resume=at(0), resume_data=at(0), recover_until=source_module._iso(at(5).ms)
+        ).start()
+        try:
+            seen = _items_until(
+                source, lambda s: any(isinstance(i, Disconnected) for i in s), "the end"
+            )
+        finally:
+            source.close()
+    cut = next(i for i in seen if isinstance(i, Disconnected))
+    assert cut.resume == at(2)
+    before = seen[: seen.index(cut)]
+    assert [i.id for i in before if isinstance(i, StreamEvent)] == [at(1), at(2)]
+    assert Complete(at(2)) in before
+
+
 class _LoginPage(_Fixed):
     """A proxy's sign-in page where the stream should be: 200, but HTML."""
 
