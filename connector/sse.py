@@ -13,6 +13,7 @@ _FAST_MESSAGE = re.compile(rb"id: ([^\n\0]*+)\nevent: (.*+)\ndata: (.*+)\n\n")
 
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 _HEAD_BYTES = 4096  # what an oversized message keeps, for its quarantine record
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: one at the stream's start is ignored
 _RESCAN_BYTES = 256 * 1024
 
 
@@ -24,7 +25,8 @@ class Oversized(bytes):
 
 
 class SseBytesDecoder:
-    """Server-Sent Events framing on bytes: lines end at CRLF, LF or CR, never elsewhere.
+    """Server-Sent Events framing on bytes: lines end at CRLF, LF or CR, never elsewhere; a
+    byte order mark before the first line is ignored.
 
     Our own small decoder instead of httpx-sse's text decoders (which we use elsewhere): the hot
     path then never decodes the stream to text and back, and the data bytes reach the archive
@@ -47,8 +49,19 @@ class SseBytesDecoder:
         self._skipped: Oversized | None = None  # reading past an oversized message
         self._cr = False  # the previous chunk ended with CR: a LF right after it is the same end
         self._last_id = ""
+        self._start: bytes | None = b""  # the first bytes, until a BOM is ruled out
 
     def feed(self, chunk: bytes) -> list[tuple[str, str, bytes]]:
+        if self._start is not None:
+            # SSE ignores one byte order mark before the first line (even cut across chunks):
+            # read as part of it, the first field's name was not its own.
+            chunk = self._start + chunk
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._start = chunk
+                return []
+            self._start = None
+            if chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM) :]
         if self._cr:
             self._cr = False
             if chunk.startswith(b"\n"):

@@ -154,3 +154,14 @@ def test_an_id_in_the_platforms_message_form_is_the_next_messages_too() -> None:
     took (the platform's three lines are read by a faster path than other messages)."""
     stream = b"id: 7-0\nevent: create\ndata: {}\n\nevent: update\ndata: {}\n\n"
     assert SseBytesDecoder().feed(stream) == [("create", "7-0", b"{}"), ("update", "7-0", b"{}")]
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 64])
+def test_a_byte_order_mark_before_the_first_line_is_ignored(size: int) -> None:
+    """SSE ignores one leading U+FEFF. Read as part of the first line, it made the
+    ``connected`` message's first field an unknown one: a message named "message", skipped by
+    the source, and the connect-time retention check with it. One further on is data."""
+    bom = b"\xef\xbb\xbf"
+    assert _feed(SseBytesDecoder(), bom + STREAM, size) == EXPECTED
+    later = b"id: 9-0\nevent: create\ndata: " + bom + b"{}\n\n"
+    assert _feed(SseBytesDecoder(), bom + later, size) == [("create", "9-0", bom + b"{}")]
