@@ -5,7 +5,8 @@ tables (``mutations.py``'s R* rows, ``mutations_intake.py``) leave of the stream
 ``connector/source.py`` (the first run's recovery and its recover date, the hold of a
 recovery's positions, dependencies sharing their trigger's id, resuming, reconnects and their
 backoff, the stalled reader, HTTP and TLS errors told apart, the retention gap),
-``connector/sse.py`` (line ends across chunks, ids, the per-message bound),
+``connector/sse.py`` (line ends across chunks, ids, the per-message bound, a byte
+order mark),
 ``connector/events.py`` (what is quarantined and why, ids, merges, lone surrogates) and
 ``connector/archive_position.py`` (the archive's end against the checkpoint). Each mutation is
 a small bug put in on purpose, its test files are run (one process, ``-x``, cheapest first),
@@ -164,6 +165,9 @@ MUTATIONS: list[Mutation] = [
      [T_SSE], None),
     ("IS8", "an oversized message that arrived whole: its size said as its head's", SSE,
      "        self._skipped.size = len(block)\n", "        self._skipped.size = _HEAD_BYTES\n",
+     [T_SSE], None),
+    ("IS9", "a byte order mark before the first line read as part of it", SSE,
+     "            if chunk.startswith(_BOM):\n", "            if False:\n",
      [T_SSE], None),
     # -- events.py -----------------------------------------------------------------------------
     ("IE1", "an id of 11 sequence digits taken (its key no longer sorts)", EVENTS,
