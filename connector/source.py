@@ -320,6 +320,10 @@ class SseSource:
         return min(complete, max(back, data) if data is not None else back)
 
     def _recovering(self, position: EventId) -> bool:
+        if self.config.stream_id in ("", "raw"):
+            # No recovery there (``recover`` is not sent): a gap repair's date only tells the
+            # retention check what was seen, and the log is replayed in order.
+            return False
         recover_id = iso_to_id(self._recover_until) if self._recover_until else None
         return recover_id is not None and position <= recover_id
 

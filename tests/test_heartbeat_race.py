@@ -182,3 +182,34 @@ def test_a_position_inside_a_recovery_is_resumed_exactly() -> None:
         recover_until="2027-01-15T08:00:00.000Z",  # at(0) itself: still recovering
     )
     assert source.request_params()["from"] == str(at(0))
+
+
+def test_on_the_raw_stream_a_gap_repairs_date_is_no_recovery() -> None:
+    """The raw stream has no recovery (``recover`` is not sent): a retention-gap repair's date
+    there only tells the retention check what was seen. Taken for a recovery's, it made an event
+    below an idle heartbeat (the platform's clock behind this machine's) a re-send going
+    backwards, quarantined, and a reconnect from the heartbeat lost its slack."""
+    import orjson
+
+    from connector.events import OCTI_EXT, StreamEvent
+    from connector.source import Complete, SourceConfig, SseSource, _iso
+    from tests.support.handfed import at
+
+    source = SseSource(
+        SourceConfig(url="http://x", token="t", stream_id="raw"),
+        resume=at(0),
+        resume_data=at(0),
+        recover_until=_iso(at(10_000).ms),  # the repair's date, ahead of the platform's clock
+    )
+    out: list[object] = []
+    source._handle("heartbeat", str(at(6_000)), b'"x"', out)
+    assert out[-1] == Complete(at(6_000))
+    assert source.request_params()["from"] == str(at(1_000))  # the heartbeat slack
+    stix = {"type": "malware", "id": "malware--00000000-0000-4000-8000-000000000003"}
+    stix["extensions"] = {OCTI_EXT: {"id": "iid-3", "type": "Malware"}}
+    out.clear()
+    env = {"version": "4", "type": "create", "origin": {}, "data": stix}
+    source._handle("create", str(at(5_500)), orjson.dumps(env), out)
+    new, complete = out
+    assert isinstance(new, StreamEvent) and new.group == at(5_500)  # new, not quarantined
+    assert complete == Complete(at(5_500))
