@@ -955,6 +955,16 @@ def _items_until(source: SseSource, done: Callable[[list[Item]], bool], what: st
     return seen
 
 
+def _until_cut(source: SseSource) -> list[Item]:
+    """The source started: its items until its first cut (a ``Disconnected``), then closed."""
+    try:
+        return _items_until(
+            source.start(), lambda s: any(isinstance(i, Disconnected) for i in s), "a cut"
+        )
+    finally:
+        source.close()
+
+
 class _Bounds:
     """The source's ``random``: records each backoff's upper bound, and waits that long (the
     longest the full jitter can draw)."""
@@ -1259,13 +1269,8 @@ def test_a_refused_recovery_holds_nothing_back() -> None:
         config = SourceConfig(url=url, token=TOKEN, backoff_initial=0.01, backoff_max=0.04)
         source = SseSource(
             config, resume=at(0), resume_data=at(0), recover_until=source_module._iso(at(5).ms)
-        ).start()
-        try:
-            seen = _items_until(
-                source, lambda s: any(isinstance(i, Disconnected) for i in s), "the end"
-            )
-        finally:
-            source.close()
+        )
+        seen = _until_cut(source)
     cut = next(i for i in seen if isinstance(i, Disconnected))
     assert cut.resume == at(2)
     before = seen[: seen.index(cut)]
@@ -1290,13 +1295,8 @@ def test_a_page_that_is_not_an_event_stream_is_said_as_such() -> None:
             SourceConfig(url=url, token=TOKEN, backoff_initial=0.05, backoff_max=0.2),
             resume=None,
             recover_until=None,
-        ).start()
-        try:
-            seen = _items_until(
-                source, lambda s: any(isinstance(i, Disconnected) for i in s), "a reconnect"
-            )
-        finally:
-            source.close()
+        )
+        seen = _until_cut(source)
     first = next(i for i in seen if isinstance(i, Disconnected))
     assert "expected text/event-stream, got 'text/html'" in first.reason
     assert not [i for i in seen if isinstance(i, (StreamEvent, Complete))]
