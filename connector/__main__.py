@@ -613,7 +613,7 @@ def _start_position(
     to the other sinks first (``Pipeline.deliver_archive_tail``)."""
     from .archive_position import adopt_archive, check_archive_end
     from .checkpoint import Checkpoint
-    from .source import iso_now, same_url
+    from .source import is_raw_stream, iso_now, same_url
 
     c = settings.connector
     store = runtime["store"]
@@ -644,7 +644,7 @@ def _start_position(
     elif cp is not None and archive is not None and check_archive_end(archive, cp, kept_at):
         store.save(cp)
     if cp is None:
-        raw = c.live_stream_id in ("", "raw")
+        raw = is_raw_stream(c.live_stream_id)
         recover_until = None if raw else (c.live_stream_recover_iso_date or iso_now())
         cp = Checkpoint(
             stream_id=c.live_stream_id,
@@ -917,7 +917,7 @@ def build_runtime_for_reading(settings: Settings) -> dict[str, Any]:
 def cmd_check(args: argparse.Namespace) -> int:
     import httpx
 
-    from .source import tls_verify
+    from .source import is_raw_stream, tls_verify
 
     settings = _settings(args)
     _configure_logs(settings)
@@ -925,7 +925,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok = True
     url = settings.opencti.url.rstrip("/")
     stream = settings.connector.live_stream_id
-    path = "/stream" if stream in ("", "raw") else f"/stream/{stream}"
+    path = "/stream" if is_raw_stream(stream) else f"/stream/{stream}"
     verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
     try:
         with (

@@ -56,7 +56,7 @@ from httpx_sse import connect_sse
 
 from .errors import CannotReconcile, SourceRetryable, StreamGoneError
 from .events import RECONCILE_REFERER, EventId, StreamEvent, loads_json, octi_ext
-from .source import SourceConfig, iso_now, iso_to_id, tls_verify
+from .source import SourceConfig, is_raw_stream, iso_now, iso_to_id, tls_verify
 from .stix_lookup import entities, stix_queries
 from .storage import Storage
 
@@ -99,7 +99,7 @@ def platform_ids(
     base = config.url.rstrip("/")
     # The raw stream cannot recover: its listing is the global live stream's (a raw stream
     # needs the same BYPASS capability), which holds every object.
-    stream = "live" if config.stream_id in ("", "raw") else config.stream_id
+    stream = "live" if is_raw_stream(config.stream_id) else config.stream_id
     url = f"{base}/stream/{stream}"
     params = {
         "from": "0",

@@ -167,6 +167,12 @@ class ItemQueue(queue.Queue[list[Item]]):
         return super()._get()
 
 
+def is_raw_stream(stream_id: str) -> bool:
+    """Whether ``stream_id`` names the raw stream (``/stream``): every event in Redis order, with
+    no recovery, filters or dependencies."""
+    return stream_id in ("", "raw")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     url: str
@@ -284,7 +290,7 @@ class SseSource:
 
     def _url(self) -> str:
         base = self.config.url.rstrip("/")
-        if self.config.stream_id in ("", "raw"):
+        if is_raw_stream(self.config.stream_id):
             return f"{base}/stream"
         return f"{base}/stream/{self.config.stream_id}"
 
@@ -293,7 +299,7 @@ class SseSource:
         params: dict[str, str] = {}
         point = self._resume_point()
         params["from"] = str(point) if point is not None else self._start_from
-        if self.config.stream_id not in ("", "raw"):
+        if not is_raw_stream(self.config.stream_id):
             if self._recover_until:
                 params["recover"] = self._recover_until
             params["listen-delete"] = "true" if self.config.listen_delete else "false"
@@ -320,7 +326,7 @@ class SseSource:
         return min(complete, max(back, data) if data is not None else back)
 
     def _recovering(self, position: EventId) -> bool:
-        if self.config.stream_id in ("", "raw"):
+        if is_raw_stream(self.config.stream_id):
             # No recovery there (``recover`` is not sent): a gap repair's date only tells the
             # retention check what was seen, and the log is replayed in order.
             return False
@@ -436,7 +442,7 @@ class SseSource:
                 hold = None
                 # The raw stream has no recovery (``recover`` is not even sent): its replay is
                 # Redis ids in order, each group complete as it comes. Nothing to hold there.
-                if recover_id is not None and self.config.stream_id not in ("", "raw"):
+                if recover_id is not None and not is_raw_stream(self.config.stream_id):
                     hold = _RecoveryHold(
                         recover_id,
                         self._complete,

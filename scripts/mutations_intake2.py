@@ -35,7 +35,7 @@ T_REC_CUT = "test_recovery_cut_everywhere"
 MUTATIONS: list[Mutation] = [
     # -- source.py: the request and where it starts -------------------------------------------
     ("IN1", "the raw stream asked at /stream/raw (a collection of that name)", SRC,
-     'if self.config.stream_id in ("", "raw"):\n            return f"{base}/stream"',
+     'if is_raw_stream(self.config.stream_id):\n            return f"{base}/stream"',
      'if self.config.stream_id == "":\n            return f"{base}/stream"',
      [T_HOLD], None),
     ("IN2", "a reconnect after an idle heartbeat starts before the newest data group", SRC,
@@ -138,7 +138,7 @@ MUTATIONS: list[Mutation] = [
      "out: list[Item] = list(self._items)",
      [T_HOLD], None),
     ("IN26", "the raw stream's gap-repair date taken for a recovery (no slack, late ids quarantined)",
-     SRC, '        if self.config.stream_id in ("", "raw"):\n            # No recovery there',
+     SRC, "        if is_raw_stream(self.config.stream_id):\n            # No recovery there",
      "        if False:\n            # No recovery there",
      [T_HB], None),
     # -- sse.py --------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ MUTATIONS: list[Mutation] = [
      "            pass\n",
      [T_STATUS, "test_restore_until"], None),
     ("OM11", "check: the raw stream checked at /stream/raw", MAIN,
-     'path = "/stream" if stream in ("", "raw") else f"/stream/{stream}"',
+     'path = "/stream" if is_raw_stream(stream) else f"/stream/{stream}"',
      'path = f"/stream/{stream}"',
      [T_SET, T_SEC], None),
     ("OM12", "check: the source's TLS certificate not verified", MAIN,
