@@ -528,6 +528,7 @@ def _follow(
         backoff_initial=c.backoff_initial_secs,
         backoff_max=c.backoff_max_secs,
         retention_gap=c.retention_gap,
+        retention_check=c.retention_check_secs,
         # Read ahead of the pipeline: about one batch more.
         queue_bytes=settings.archive.max_bytes,
     )
@@ -537,6 +538,11 @@ def _follow(
         resume_data=(EventId.parse(cp.last_segment_last_id) if cp.last_segment_last_id else None),
         start_from=f"{c.live_stream_start_timestamp}-0" if c.live_stream_start_timestamp else "0",
         recover_until=None if cp.recover_refused else cp.recover_until,
+        retained_through=(
+            EventId.parse(cp.retained_through)
+            if cp.retained_through and EventId.is_valid(cp.retained_through)
+            else None
+        ),
     )
     jobs = _start_jobs(settings, runtime["archive"], stop)
     pipeline = Pipeline(

@@ -53,6 +53,9 @@ class Checkpoint:
     # Set when the stream's retention passed the checkpoint: the ids and dates of the repair.
     reconcile: dict[str, Any] | None = None
     retention_gaps: list[dict[str, Any]] = field(default_factory=list)
+    # Everything the stream delivered up to this id was whole (no trim overtook the platform's
+    # reader below it): the next run's first look at the stream's retention compares with it.
+    retained_through: str | None = None
     saved_at: str | None = None
 
     @property

@@ -33,6 +33,7 @@ from .source import (
     GapDetected,
     Item,
     RecoverMoved,
+    RetainedThrough,
     SseSource,
     iso_to_id,
 )
@@ -356,7 +357,7 @@ class Pipeline:
         elif isinstance(item, GapDetected):
             metrics.RETENTION_GAPS.inc()
             end = self._archive_end()
-            gap = {
+            gap: dict[str, object] = {
                 "checkpoint_event_id": str(item.position),
                 "first_retained_event_id": str(item.first_event_id),
                 "repair_recover_until": item.repair_recover_until,
@@ -364,6 +365,10 @@ class Pipeline:
                 # archive goes on after the gap from there (verify restarts patch chains there).
                 "archive_last_event_id": str(end) if end is not None else None,
             }
+            if item.in_connection:
+                # Found during a connection: what was received between the two ids may miss
+                # events anywhere, not only past the archive's end (verify skips the span).
+                gap["in_connection"] = True
             self.checkpoint.retention_gaps.append(gap)
             if item.repair_recover_until:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.
@@ -390,6 +395,9 @@ class Pipeline:
                 log.error("Delete reconciliation impossible.", extra={"error": why})
                 self.checkpoint.reconcile = {**gap, "due": False, "failed": why}
             self._save()
+        elif isinstance(item, RetainedThrough):
+            # Saved with the next checkpoint: a run killed before it looks again from older.
+            self.checkpoint.retained_through = str(item.id)
         elif isinstance(item, RecoverMoved):
             # Still the first recovery, as of a date the stream holds: kept for a restart.
             self.checkpoint.recover_until = item.recover_until

@@ -143,6 +143,14 @@ class ConnectorSection:
         "repair",
         choices=("repair", "fail"),
     )
+    retention_check_secs: float = _key(
+        "CONNECTOR_RETENTION_CHECK_SECS",
+        "While connected, ask the stream this often for its oldest retained event (one short extra "
+        "connection): when the platform's trimming overtook its reader mid-connection (a sink "
+        "slower than the platform writes), the gap is handled as connector.retention_gap says. "
+        "0: off.",
+        60.0,
+    )
     read_timeout_secs: float = _key(
         "CONNECTOR_READ_TIMEOUT_SECS",
         "Reconnect when the stream is silent this long (heartbeats arrive every 5 s).",
@@ -695,6 +703,8 @@ def _validate(s: Settings) -> None:
         )
     if c.max_event_bytes < 65536:
         raise ConfigError("connector.max_event_bytes", "must be at least 65536")
+    if c.retention_check_secs < 0:
+        raise ConfigError("connector.retention_check_secs", "must be >= 0 (0: off)")
     if c.read_timeout_secs <= 5:
         raise ConfigError("connector.read_timeout_secs", "must be above the 5 s heartbeat period")
     if c.live_stream_recovery_page_size < 1:

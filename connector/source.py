@@ -53,6 +53,7 @@ __all__ = [
     "Fatal",
     "GapDetected",
     "RecoverMoved",
+    "RetainedThrough",
     "SourceConfig",
     "SseSource",
     "iso_now",
@@ -70,6 +71,9 @@ _KNOWN_CONTROL = {"consumer_metrics", "no-recover"}
 _HEARTBEAT_SLACK_MS = 5_000
 # A first recovery's date may be this far ahead of the platform's ``Date`` (whole seconds).
 _DATE_SLACK_MS = 1_000
+# A retention check's short connection: it holds the reader up, so it gives up early.
+_CHECK_TIMEOUT = httpx.Timeout(5.0)
+_CHECK_BYTES = 1 << 20  # a larger first message is no ``connected`` (a few hundred bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +98,23 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class GapDetected:
-    """The checkpoint is older than the oldest event the platform still retains."""
+    """The checkpoint is older than the oldest event the platform still retains; or, with
+    ``in_connection``, the stream's trimming may have passed the platform's reader during a
+    connection: events after ``position`` and before ``first_event_id`` may be missing from what
+    was received."""
 
     position: EventId
     first_event_id: EventId
     repair_recover_until: str | None
+    in_connection: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedThrough:
+    """Everything received up to ``id`` is whole: the stream's trimming overtook the platform's
+    reader nowhere below it (kept in the checkpoint for the next run's first look)."""
+
+    id: EventId
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +137,7 @@ Item = (
     | Disconnected
     | GapDetected
     | RecoverMoved
+    | RetainedThrough
     | Fatal
     | Quarantined
     | ControlEvent
@@ -187,6 +204,8 @@ class SourceConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     retention_gap: str = "repair"
+    # Seconds between two looks at the stream's oldest retained event while connected (0: off).
+    retention_check: float = 60.0
     queue_size: int = 256
     # And at most this many bytes of event data read ahead of the pipeline (past the first
     # message): a message count alone let 256 events of up to max_event_bytes in.
@@ -240,6 +259,7 @@ class SseSource:
         resume_data: EventId | None = None,
         start_from: str = "0",
         recover_until: str | None = None,
+        retained_through: EventId | None = None,
         client_factory: Callable[[], httpx.Client] | None = None,
     ) -> None:
         self.config = config
@@ -257,6 +277,10 @@ class SseSource:
         self._start_from = start_from
         self._recover_until = recover_until
         self._unknown_logged: set[str] = set()
+        self._check_failed_logged = False
+        # Everything received up to here is whole: no trim overtook the platform's reader below
+        # it (see _observe_retention). Kept in the checkpoint, it holds across restarts.
+        self._retained_through = retained_through
         self._hold: _RecoveryHold | None = None
         # Dependency events a resumed recovery re-sends at our position (see _data_event).
         self._carried: list[StreamEvent] = []
@@ -451,6 +475,8 @@ class SseSource:
                     )
                 self._hold = hold
                 arrived = time.monotonic()
+                check = self.config.retention_check
+                due = arrived + check
                 for chunk in response.iter_bytes():
                     now = time.monotonic()
                     if now - arrived > self.config.read_timeout:
@@ -483,10 +509,99 @@ class SseSource:
                             # at their limits (the pipeline writes between two hand-overs).
                             for start in range(0, len(out), _EMIT_ITEMS):
                                 self._emit(out[start : start + _EMIT_ITEMS])
+                    if check > 0 and time.monotonic() >= due:
+                        first = self._first_retained(client, headers)
+                        if first is not None:
+                            out = []
+                            self._observe_retention(first, out)
+                            if out:
+                                self._emit(out)
+                        due = time.monotonic() + check
                     if self._stop.is_set():
                         break
             finally:
                 self._response = None
+
+    # -- retention during a connection ----------------------------------------------------
+
+    def _retained_floor(self) -> EventId | None:
+        """The position the stream must still hold for nothing to be lost: the last complete
+        group, or a recovery's live start when later. None before anything is complete and
+        with no recovery: a replay from ``from`` takes the log from its oldest entry, and what
+        is trimmed ahead of a reader starting there is below any position it held."""
+        position = self._complete
+        if position == EventId(0, 0):
+            position = None
+        recover_id = iso_to_id(self._recover_until) if self._recover_until else None
+        if recover_id is not None and recover_id <= (_opt_id(self._start_from) or EventId(0, 0)):
+            recover_id = None  # no recovery: the stream replays its log from ``from``
+        points = [p for p in (position, recover_id) if p is not None]
+        return max(points) if points else None
+
+    def _observe_retention(self, first: EventId, out: list[Item]) -> None:
+        """The stream's oldest retained event is ``first`` now (on connecting, and at each
+        retention check): a gap when a trim may have overtaken the platform's reader since the
+        last look; otherwise everything received so far is whole.
+
+        The platform reads its stream for us from a cursor at or past our position, waiting on
+        us while we are slower (back-pressure). Trimmed past that cursor, its read goes on from
+        the oldest entry without a word (protocol doc §7): a reader slower than the platform
+        writes (a slow target) loses events mid-connection, where the position the connection
+        started from shows nothing. A trim that passed an entry before it was sent leaves the
+        oldest retained event above that entry for good. So an oldest event at or below the
+        position held at the last look proves nothing received since was lost; above it, some
+        may have been: a gap from that position."""
+        floor = self._retained_through
+        if floor is not None and first > floor:
+            log.error(
+                "Stream retention passed the reader during a connection: events may have been "
+                "lost on the platform side.",
+                extra={"position_event_id": str(floor), "first_event_id": str(first)},
+            )
+            if self.config.retention_gap != "repair":
+                gap = StreamGoneError(
+                    0,
+                    f"the platform trimmed its stream past {floor} while this connector read "
+                    f"it (oldest retained event now {first}); set connector.retention_gap="
+                    "repair to re-snapshot",
+                )
+                out.append(GapDetected(floor, first, None, in_connection=True))
+                raise _GapFail(gap, out)
+            self._recover_until = iso_now()
+            out.append(GapDetected(floor, first, self._recover_until, in_connection=True))
+            self._repairing(first, out)
+            raise _Reconnect("retention gap: reconnecting in recover mode", out)
+        through = self._retained_floor()
+        if through is not None and (floor is None or through > floor):
+            self._retained_through = through
+            out.append(RetainedThrough(through))
+
+    def _repairing(self, first: EventId, out: list[Item]) -> None:
+        """A gap's repair, or a first recovery moved (recover as of now), covers everything
+        before its date: the next look compares with that."""
+        self._retained_through = repaired = self._retained_floor() or first
+        out.append(RetainedThrough(repaired))
+
+    def _first_retained(self, client: httpx.Client, headers: dict[str, str]) -> EventId | None:
+        """The oldest event id the stream retains now, from the ``connected`` message of a
+        second, short connection to it (closed once that is read); None when it does not say
+        (said once in the log: until it does, the next look compares with the same position)."""
+        try:
+            with client.stream("GET", self._url(), headers=headers, timeout=_CHECK_TIMEOUT) as r:
+                if r.status_code != 200:
+                    why = f"HTTP {r.status_code} {r.reason_phrase or ''}".strip()
+                else:
+                    name, data = _first_message(r)
+                    first = _first_event_id(name, data)
+                    if first is not None:
+                        return first
+                    why = f"first message {name[:40]!r}, without firstEventId"
+        except httpx.HTTPError as exc:
+            why = _describe(exc)
+        if not self._check_failed_logged:
+            self._check_failed_logged = True
+            log.warning("Stream retention check failed.", extra={"error": why})
+        return None
 
     def _check_status(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -663,9 +778,14 @@ class SseSource:
         if not isinstance(info, dict):
             info = {}
         first = _opt_id(info.get("firstEventId"))
-        position = self._complete
         if first is None:
             return
+        self._check_position(first, out)
+        self._observe_retention(first, out)
+
+    def _check_position(self, first: EventId, out: list[Item]) -> None:
+        """On connecting: the position this connection starts from must still be retained."""
+        position = self._complete
         recover_id = iso_to_id(self._recover_until) if self._recover_until else None
         if position is None or position == EventId(0, 0):
             # Nothing complete yet: a first run's recovery, whose live part starts at its
@@ -695,6 +815,7 @@ class SseSource:
             else:
                 return
             out.append(RecoverMoved(self._recover_until))
+            self._repairing(first, out)  # a look before compared with the older date
             raise _Reconnect("recover date out of the stream: recovering as of now", out)
         effective = max(position, recover_id) if recover_id is not None else position
         if effective >= first:
@@ -715,6 +836,7 @@ class SseSource:
         # re-sends everything that changed since the checkpoint.
         self._recover_until = iso_now()
         out.append(GapDetected(position, first, self._recover_until))
+        self._repairing(first, out)
         raise _Reconnect("retention gap: reconnecting in recover mode", out)
 
     def _unknown(self, name: str, id_text: str, data: bytes, out: list[Item]) -> None:
@@ -888,6 +1010,26 @@ class _GapFail(Exception):
         super().__init__(str(error))
         self.error = error
         self.pending = pending
+
+
+def _first_message(response: httpx.Response) -> tuple[str, bytes]:
+    """The name and data of a stream's first message; ``("", b"")`` when it ends before one."""
+    decoder = SseBytesDecoder(_CHECK_BYTES)
+    for chunk in response.iter_bytes():
+        for name, _, data in decoder.feed(chunk):
+            return name, data
+    return "", b""
+
+
+def _first_event_id(name: str, data: bytes) -> EventId | None:
+    """``firstEventId`` of a ``connected`` message; None for any other message."""
+    if name != "connected" or isinstance(data, Oversized):
+        return None
+    try:
+        info = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return _opt_id(info.get("firstEventId")) if isinstance(info, dict) else None
 
 
 def _opt_id(value: object) -> EventId | None:

@@ -10,7 +10,9 @@ Checked, streaming one object at a time:
   the previous segment's last id. A break is an error unless the checkpoint's
   ``retention_gaps`` explain it. A recorded gap also restarts the patch chains (below), even
   where the segments chain (the connector went on from its checkpoint, the stream did not), and
-  inside a segment when the gap was found before the groups ahead of it were written;
+  inside a segment when the gap was found before the groups ahead of it were written. A gap
+  found during a connection (``in_connection``: the platform's trimming may have overtaken its
+  reader) leaves the events received between its two ids unchecked, and chains restart past it;
 * head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
   able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
   retention guarantees; otherwise the oldest segments are lost (error);
@@ -295,6 +297,7 @@ class _Verifier:
         self.gen = 0
         self.gaps: list[tuple[EventId, EventId | None]] = []
         self.chain_breaks: list[EventId] = []  # where a retention gap restarts patch chains
+        self.unchecked: list[tuple[EventId, EventId]] = []  # spans no patch chain is checked in
         # (where the segments after it begin, its recover point) of the first run's recovery and
         # of each retention-gap repair; and the one the segment being checked belongs to.
         self.recoveries: list[tuple[EventId, EventId]] = []
@@ -334,7 +337,19 @@ class _Verifier:
             # before it could checkpoint, or the checkpoint's position, past the archive's end
             # when complete groups were still pending (they share a segment with the repair's).
             valid = isinstance(end, str) and EventId.is_valid(end)
-            self.chain_breaks.append(max(EventId.parse(str(end)), low) if valid else low)
+            at = max(EventId.parse(str(end)), low) if valid else low
+            if gap.get("in_connection") and high is not None:
+                # Found during a connection: the events received between the two ids may miss
+                # some anywhere in between (the trim overtook the platform's reader there), so
+                # no chain is checked in that span, and they restart past it.
+                self.unchecked.append((low, high))
+                self.report.notes.append(
+                    f"retention gap found during a connection: patch chains from {low} to "
+                    f"{high} not checked"
+                )
+                self.chain_breaks.append(high)
+                at = max(at, high)
+            self.chain_breaks.append(at)
             repair = gap.get("repair_recover_until")
             repair_id = iso_to_id(repair) if isinstance(repair, str) else None
             if repair_id is not None:
@@ -593,7 +608,8 @@ class _Verifier:
             return
         context = ev.envelope.get("context")
         reverse = context.get("reverse_patch") if isinstance(context, dict) else None
-        if ev.event in ("update", "merge") and isinstance(reverse, list) and reverse:
+        checked = not any(low < ev.id <= high for low, high in self.unchecked)
+        if checked and ev.event in ("update", "merge") and isinstance(reverse, list) and reverse:
             self._check_reverse(ev, key, stix, reverse)
         if ev.event == "merge" and isinstance(context, dict):
             for source in context.get("sources") or []:

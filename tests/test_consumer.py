@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import orjson
 import pytest
 
@@ -43,6 +44,7 @@ from connector.source import (
     GapDetected,
     Item,
     RecoverMoved,
+    RetainedThrough,
     SourceConfig,
     SseSource,
 )
@@ -802,6 +804,106 @@ def test_a_reader_stalled_past_a_trim_reconnects_and_sees_the_gap(sim: SimServer
         source.close()
 
 
+@pytest.mark.parametrize("mode", ["repair", "fail"])
+def test_a_reader_the_trim_overtakes_mid_connection_finds_the_gap(
+    sim: SimServer, mode: str
+) -> None:
+    """A reader slower than the platform writes (a slow target), never held up long enough to
+    reconnect: the platform trims its stream past the reader's position while the connection
+    stays open, and its reader goes on from the oldest entry without a word. The retention
+    check (a short second connection's ``connected``) finds the oldest retained event past the
+    position of the check before: a gap, handled as ``retention_gap`` says."""
+    generate(sim.store, 30, seed=3, mix="creates")
+    config = SourceConfig(
+        url=sim.url,
+        token=TOKEN,
+        retention_check=0.2,
+        retention_gap=mode,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+        queue_size=1,
+    )
+    resume = EventId.parse(sim.store.first_event_id or "")
+    source = SseSource(config, resume=resume, resume_data=resume).start()
+    try:
+        first: list[object] = []
+        wait_until(lambda: bool(first.extend(source.queue.get(timeout=5)) or first), what="read")
+        time.sleep(0.5)  # the queue fills again: the reader waits on it (within its timeout)
+        generate(sim.store, 50, seed=4, mix="creates")
+        sim.store.trim(5)
+        seen = _items_until(source, lambda s: any(isinstance(i, GapDetected) for i in s), "a gap")
+    finally:
+        source.close()
+    gap = next(i for i in seen if isinstance(i, GapDetected))
+    assert gap.in_connection and resume <= gap.position < gap.first_event_id
+    assert gap.first_event_id == EventId.parse(sim.store.first_event_id or "")
+    assert (gap.repair_recover_until is None) == (mode == "fail")
+
+
+def _complete_at(items: list[Item], position: EventId) -> bool:
+    return any(isinstance(i, Complete) and i.id >= position for i in items)
+
+
+def test_the_retention_check_is_quiet_while_the_reader_keeps_up(sim: SimServer) -> None:
+    """Trimmed only below what the reader already had at the check before (the stream keeps
+    more than the platform writes between two checks), nothing can be lost: no gap, however
+    often the check looks. (A floor left at the connection's start would see one.)"""
+    generate(sim.store, 10, seed=3, mix="creates")
+    checks: list[str] = []
+
+    def client() -> httpx.Client:
+        def count(request: httpx.Request) -> None:
+            if "from" not in request.url.params:
+                checks.append(str(request.url))  # a retention check's connection
+
+        return httpx.Client(timeout=httpx.Timeout(10.0), event_hooks={"request": [count]})
+
+    config = SourceConfig(url=sim.url, token=TOKEN, retention_check=0.1)
+    resume = EventId.parse(sim.store.first_event_id or "")
+    source = SseSource(config, resume=resume, resume_data=resume, client_factory=client).start()
+    seen: list[Item] = []
+    try:
+        for seed in range(20):
+            generate(sim.store, 5, seed=10 + seed, mix="creates")
+            last = EventId.parse(sim.store.last_event_id or "")
+            seen += _items_until(source, lambda s, n=last: _complete_at(s, n), "the events")
+            time.sleep(0.05)
+            sim.store.trim(25)  # five rounds: past the connection's start, not the last check
+    finally:
+        source.close()
+    assert len(checks) >= 5, checks
+    assert not any(isinstance(i, (GapDetected, Disconnected)) for i in seen), seen
+
+
+def test_a_refused_retention_check_is_said_once_and_the_stream_read_on(
+    sim: SimServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check's extra connection refused (a proxy allowing one connection per client, a
+    platform busy): said once in the log, the stream read on, no gap made up; the checks
+    after it work again."""
+    generate(sim.store, 10, seed=3, mix="creates")
+    config = SourceConfig(url=sim.url, token=TOKEN, retention_check=0.1)
+    resume = EventId.parse(sim.store.first_event_id or "")
+    source = SseSource(config, resume=resume, resume_data=resume).start()
+    seen: list[Item] = []
+    try:
+        last = EventId.parse(sim.store.last_event_id or "")
+        seen += _items_until(source, lambda s: _complete_at(s, last), "the first events")
+        sim.set_fault(fail_next={"status": 503, "count": 3})  # the main connection is up
+        for seed in range(30):
+            generate(sim.store, 2, seed=100 + seed, mix="creates")
+            last = EventId.parse(sim.store.last_event_id or "")
+            seen += _items_until(source, lambda s, n=last: _complete_at(s, n), "the events")
+            time.sleep(0.05)
+        taken = sim._take_fail() is None  # every refusal went to a check
+    finally:
+        source.close()
+    said = [r for r in caplog.records if r.getMessage() == "Stream retention check failed."]
+    assert taken and len(said) == 1 and "503" in str(said[0].__dict__.get("error"))
+    assert not any(isinstance(i, (GapDetected, Disconnected)) for i in seen), seen
+    assert any(isinstance(i, RetainedThrough) and i.id > resume for i in seen)
+
+
 def test_a_first_run_whose_recover_date_left_the_retention_recovers_as_of_now(
     sim: SimServer, tmp_path: Path
 ) -> None:
@@ -1327,3 +1429,25 @@ def test_a_stream_that_talks_is_kept_and_a_silent_one_is_left(sim: SimServer) ->
         )
     finally:
         source.close()
+
+
+def test_a_first_recovery_moved_out_of_the_trim_is_no_gap_at_the_next_look() -> None:
+    """A first recovery's date is the position a look compares with; the stream trims past it
+    before anything is complete (a recovery longer than the retention): the recovery moves to
+    now, nothing durable is lost, and the next connection's look is no gap either."""
+    day = 1_800_000_000_000
+    config = SourceConfig(url="http://x", token=TOKEN)
+    source = SseSource(config, resume=None, recover_until=source_module._iso(day))
+
+    def connected(first_ms: int) -> list[Item]:
+        out: list[Item] = []
+        info = orjson.dumps({"firstEventId": f"{first_ms}-0"})
+        with contextlib.suppress(source_module._Reconnect):
+            source._handle("connected", "", info, out)
+        return out
+
+    assert connected(day - 1_000) == [RetainedThrough(EventId(day, 0))]
+    moved = connected(day + 1_000)
+    assert [type(i) for i in moved] == [RecoverMoved, RetainedThrough]
+    assert not any(isinstance(i, GapDetected) for i in connected(day + 1_000))
+

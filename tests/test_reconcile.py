@@ -35,7 +35,7 @@ from connector.sim.generator import generate
 from connector.sim.server import SimServer
 from connector.sim.store import SimStore
 from connector.sink import Batch
-from connector.source import SourceConfig, SseSource
+from connector.source import RetainedThrough, SourceConfig, SseSource
 from connector.state import push_phase
 from connector.storage.local import LocalStorage
 from tests.support.connector import ConnectorThread, base_env, caught_up, wait_until
@@ -473,7 +473,7 @@ def test_a_checkpoint_at_the_oldest_retained_event_is_no_retention_gap() -> None
     SseSource(config, resume=position)._handle(
         "connected", "", orjson.dumps({"firstEventId": str(position)}), out
     )
-    assert out == []
+    assert out == [RetainedThrough(position)]  # no gap: all it received from there is whole
 
 
 # -- a hand-made platform: a listing and a stix(id) lookup answered as each test says ------------
@@ -705,3 +705,22 @@ def test_a_gap_found_again_while_its_reconciliation_is_due_keeps_the_older_state
     assert cp.acked_event_id == str(at(60))
     pipe._handle(GapDetected(at(60), at(70), repair))
     assert cp.reconcile["due"] is True and cp.reconcile["as_of"] == str(at(1))
+
+
+def test_a_gap_found_during_a_connection_is_recorded_as_such(tmp_path: Path) -> None:
+    """The retention check's gap (the trim overtook the platform's reader mid-connection) is
+    saved with ``in_connection`` (verify leaves its span unchecked) and falls due for a
+    reconciliation like a gap found on connecting."""
+    from connector.source import GapDetected
+    from tests.support.handfed import at, hand_fed
+
+    storage = LocalStorage(tmp_path / "a")
+    pipe = hand_fed(storage, resume=at(1))
+    pipe.reconciler = lambda at, as_of: []  # never reached: no idle position comes
+    repair = "2030-01-01T00:00:00.000Z"
+    pipe._handle(GapDetected(at(1), at(50), repair, in_connection=True))
+    pipe._handle(GapDetected(at(60), at(70), repair))
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.reconcile is not None and cp.reconcile["due"] is True
+    assert [g.get("in_connection") for g in cp.retention_gaps] == [True, None]
+    assert cp.retention_gaps[0]["checkpoint_event_id"] == str(at(1))

@@ -485,6 +485,7 @@ def test_a_value_at_its_bound_is_accepted(env: dict[str, str]) -> None:
         ({"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "20"}, "archive.compression_level"),
         ({"METRICS_PORT": "65536"}, "metrics.port"),
         ({"CONNECTOR_READ_TIMEOUT_SECS": "5"}, "connector.read_timeout_secs"),
+        ({"CONNECTOR_RETENTION_CHECK_SECS": "-1"}, "connector.retention_check_secs"),
         ({"ARCHIVE_CODEC": "zstd", "ARCHIVE_COMPRESSION_LEVEL": "0"}, "archive.compression_level"),
         ({"CONNECTOR_LOG_LEVEL": "verbose"}, "connector.log_level"),
         ({"TARGET_OPENCTI_URL": "http://other:8080"}, "target.opencti_token"),

@@ -141,7 +141,7 @@ def build_good(storage: Storage, start_ms: int = 1_700_000_000_000) -> ArchiveBu
     return b
 
 
-def record_gap(storage: Storage, checkpoint_at: EventId | None, **fields: str) -> None:
+def record_gap(storage: Storage, checkpoint_at: EventId | None, **fields: object) -> None:
     """A checkpoint whose pipeline recorded one retention gap at ``checkpoint_at``."""
     checkpoint = Checkpoint(stream_id="live", source_url="http://127.0.0.1")
     gap = {"checkpoint_event_id": str(checkpoint_at), "first_retained_event_id": None, **fields}
@@ -678,6 +678,38 @@ def test_a_gap_found_with_complete_groups_pending_restarts_chains_after_them(
     report = verify_archive(storage, work_dir=tmp_path / "w")
     assert report.ok, format_report(report)
     assert report.updates_checked == 1  # the pending update still follows the create
+
+
+def test_a_gap_found_during_a_connection_leaves_its_span_unchecked(tmp_path: Path) -> None:
+    """The platform's trimming overtook its reader during a connection (found by the retention
+    check): what was received between the position of the check before and the oldest event
+    retained at the check that found it may miss events anywhere in that span, below the
+    archive's end too. No chain is checked there; they restart past it."""
+    storage = LocalStorage(tmp_path / "a")
+    b = ArchiveBuilder(storage, 1_700_000_000_000)
+    b.create(1, labels=["a"])
+    b.flush()
+    position = b.last
+    b.update(1, labels=["a", "received"])
+    b.update(1, emit=False, labels=["trimmed under the reader"])
+    b.update(1, description="received after the hole")
+    b.flush()
+    archive_end = b.last
+    assert archive_end is not None
+    first = EventId(archive_end.ms + 1, 0)  # the oldest retained event at the check
+    b.update(1, labels=["past the span"])  # follows the version before, which is in the span
+    b.update(1, description="checked again")
+    b.flush()
+    gap = {"first_retained_event_id": str(first), "archive_last_event_id": str(archive_end)}
+    record_gap(storage, position, **gap)
+    report = verify_archive(storage, work_dir=tmp_path / "w")
+    # As a gap found on connecting, the chains would restart at the archive's end only.
+    assert any("missed upstream" in e for e in report.errors), report.errors
+    record_gap(storage, position, **gap, in_connection=True)
+    report = verify_archive(storage, work_dir=tmp_path / "w2")
+    assert report.ok, format_report(report)
+    assert report.updates_checked == 1  # only the last: its previous version is past the span
+    assert any("found during a connection" in n for n in report.notes), report.notes
 
 
 def _recovering_until(storage: Storage, ms: int) -> None:
