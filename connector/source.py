@@ -802,7 +802,11 @@ class SseSource:
                     "recovering as of now instead.",
                     extra={"recover_until": self._recover_until, "first_event_id": str(first)},
                 )
-                self._recover_until = iso_now() if platform is None else _iso(platform)
+                now = iso_to_ms(iso_now()) if platform is None else platform
+                # Past the oldest retained event: the platform's Date has whole seconds, and a
+                # stream trimmed within one (a busy platform keeping few events) would be out of
+                # it again, connection after connection.
+                self._recover_until = _iso(max(now, first.ms + 1))
             elif platform is not None and recover_id.ms > platform + _DATE_SLACK_MS:
                 # Read against the platform's clocks: its live part starts after that date,
                 # and what it writes until the date comes is in neither part.

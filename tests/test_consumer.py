@@ -1451,3 +1451,22 @@ def test_a_first_recovery_moved_out_of_the_trim_is_no_gap_at_the_next_look() -> 
     assert [type(i) for i in moved] == [RecoverMoved, RetainedThrough]
     assert not any(isinstance(i, GapDetected) for i in connected(day + 1_000))
 
+
+def test_a_first_recovery_moved_goes_no_earlier_than_the_oldest_retained_event() -> None:
+    """The platform's Date has whole seconds: a stream trimmed within one second (a busy
+    platform keeping few events) holds nothing from the start of that second, and a recovery
+    moved to the Date alone would be out of the stream again at once, connection after
+    connection. It moves past the oldest retained event when that is later."""
+    second = 1_800_000_000_000
+    config = SourceConfig(url="http://x", token=TOKEN)
+    source = SseSource(config, resume=None, recover_until=source_module._iso(second - 5_000))
+    source._platform_ms = second  # "Date:" of the answer, whole seconds
+    out: list[Item] = []
+    info = orjson.dumps({"firstEventId": f"{second + 420}-3"})
+    with pytest.raises(source_module._Reconnect):
+        source._handle("connected", "", info, out)
+    (moved,) = [i for i in out if isinstance(i, RecoverMoved)]
+    assert iso_to_ms(moved.recover_until) == second + 421
+    out = []
+    source._handle("connected", "", info, out)  # the next connection's: no move again
+    assert not any(isinstance(i, (RecoverMoved, GapDetected)) for i in out), out
