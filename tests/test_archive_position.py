@@ -185,6 +185,7 @@ def test_every_field_of_the_checkpoint_is_read_back_and_one_added_later_is_left_
         acked_event_id="11-0",
         reconcile={**gap, "due": True},
         retention_gaps=[gap],
+        retained_through="10-0",
     )
     store.save(cp)
     assert cp.saved_at  # status shows when the backup last moved

@@ -904,6 +904,40 @@ def test_a_refused_retention_check_is_said_once_and_the_stream_read_on(
     assert any(isinstance(i, RetainedThrough) and i.id > resume for i in seen)
 
 
+def test_the_last_look_at_the_retention_is_kept_for_the_next_run(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A run stops with events received since its last look at the stream's retention (looks
+    come once a minute by default). The next run's first look compares with that look's
+    position, kept in the checkpoint: a trim past it may have passed the platform's reader
+    before the stop, so it is a gap, even though the checkpoint itself is still retained."""
+    generate(sim.store, 20, seed=1, mix="creates")
+    archive = str(tmp_path / "a")
+    storage = LocalStorage(archive)
+    env = base_env(sim.url, TOKEN, archive)
+    run = ConnectorThread(env).start()
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="first run")
+    generate(sim.store, 20, seed=2, mix="creates")  # after its only look, on connecting
+    wait_until(lambda: caught_up(storage, sim.store.last_event_id or "0-0"), what="live part")
+    run.stop()
+    cp = CheckpointStore(storage).load()
+    assert cp is not None and cp.retained_through and cp.last_event_id
+    looked, position = EventId.parse(cp.retained_through), EventId.parse(cp.last_event_id)
+    assert looked < position
+    sim.store.trim(5)  # past the last look's position, not the checkpoint's
+    assert looked < EventId.parse(sim.store.first_event_id or "") <= position
+    run = ConnectorThread(env).start()
+    wait_until(lambda: bool((load_gaps(storage))), what="the gap")
+    run.stop()
+    (gap,) = load_gaps(storage)
+    assert gap["in_connection"] is True and gap["checkpoint_event_id"] == str(looked)
+
+
+def load_gaps(storage: LocalStorage) -> list[dict[str, Any]]:
+    cp = CheckpointStore(storage).load()
+    return cp.retention_gaps if cp is not None else []
+
+
 def test_a_first_run_whose_recover_date_left_the_retention_recovers_as_of_now(
     sim: SimServer, tmp_path: Path
 ) -> None:
