@@ -367,8 +367,11 @@ class Pipeline:
             }
             if item.in_connection:
                 # Found during a connection: what was received between the two ids may miss
-                # events anywhere, not only past the archive's end (verify skips the span).
+                # events anywhere, not only past the archive's end (verify skips the span), and
+                # the repair resumes from where the connector was, past them.
                 gap["in_connection"] = True
+                if item.repair_from is not None:
+                    gap["repair_from_event_id"] = str(item.repair_from)
             self.checkpoint.retention_gaps.append(gap)
             if item.repair_recover_until:
                 # Recovery re-sends what changed; deletes in the lost window need reconciling.

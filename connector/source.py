@@ -107,6 +107,10 @@ class GapDetected:
     first_event_id: EventId
     repair_recover_until: str | None
     in_connection: bool = False
+    # With ``in_connection``: the position the repair resumes from, past what was lost. What
+    # changed after it comes again as the repair's copies, its events before the recover date
+    # are not sent.
+    repair_from: EventId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,7 +572,10 @@ class SseSource:
                 out.append(GapDetected(floor, first, None, in_connection=True))
                 raise _GapFail(gap, out)
             self._recover_until = iso_now()
-            out.append(GapDetected(floor, first, self._recover_until, in_connection=True))
+            gap_found = GapDetected(
+                floor, first, self._recover_until, in_connection=True, repair_from=self._complete
+            )
+            out.append(gap_found)
             self._repairing(first, out)
             raise _Reconnect("retention gap: reconnecting in recover mode", out)
         through = self._retained_floor()

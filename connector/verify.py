@@ -349,6 +349,11 @@ class _Verifier:
                 )
                 self.chain_breaks.append(high)
                 at = max(at, high)
+                # The repair resumed from where the connector was, past the span: its copies
+                # (and the updates whose events it does not send) go on from there.
+                resumed = gap.get("repair_from_event_id")
+                if isinstance(resumed, str) and EventId.is_valid(resumed):
+                    at = max(at, EventId.parse(resumed))
             self.chain_breaks.append(at)
             repair = gap.get("repair_recover_until")
             repair_id = iso_to_id(repair) if isinstance(repair, str) else None

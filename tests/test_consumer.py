@@ -838,6 +838,8 @@ def test_a_reader_the_trim_overtakes_mid_connection_finds_the_gap(
     assert gap.in_connection and resume <= gap.position < gap.first_event_id
     assert gap.first_event_id == EventId.parse(sim.store.first_event_id or "")
     assert (gap.repair_recover_until is None) == (mode == "fail")
+    # The repair resumes from the position then, at or past the last look's.
+    assert (gap.repair_from is None) if mode == "fail" else (gap.repair_from >= gap.position)
 
 
 def _complete_at(items: list[Item], position: EventId) -> bool:
@@ -927,7 +929,7 @@ def test_the_last_look_at_the_retention_is_kept_for_the_next_run(
     sim.store.trim(5)  # past the last look's position, not the checkpoint's
     assert looked < EventId.parse(sim.store.first_event_id or "") <= position
     run = ConnectorThread(env).start()
-    wait_until(lambda: bool((load_gaps(storage))), what="the gap")
+    wait_until(lambda: bool(load_gaps(storage)), what="the gap")
     run.stop()
     (gap,) = load_gaps(storage)
     assert gap["in_connection"] is True and gap["checkpoint_event_id"] == str(looked)
@@ -1504,3 +1506,21 @@ def test_a_first_recovery_moved_goes_no_earlier_than_the_oldest_retained_event()
     out = []
     source._handle("connected", "", info, out)  # the next connection's: no move again
     assert not any(isinstance(i, (RecoverMoved, GapDetected)) for i in out), out
+
+
+def test_a_gap_found_at_a_look_resumes_from_the_position_then() -> None:
+    """A look on connecting finds the oldest retained event past the last look's position: the
+    gap spans from that position, and the repair resumes from the connection's (everything up
+    to it was received), which verify needs to know."""
+    config = SourceConfig(url="http://x", token=TOKEN)
+    looked, position = EventId(1_700_000_000_000, 0), EventId(1_700_000_005_000, 2)
+    source = SseSource(config, resume=position, resume_data=position, retained_through=looked)
+    out: list[Item] = []
+    first = EventId(1_700_000_001_000, 0)
+    with pytest.raises(source_module._Reconnect):
+        source._handle("connected", "", orjson.dumps({"firstEventId": str(first)}), out)
+    (gap,) = [i for i in out if isinstance(i, GapDetected)]
+    assert (gap.position, gap.first_event_id, gap.repair_from) == (looked, first, position)
+    assert gap.in_connection and gap.repair_recover_until is not None
+    (through,) = [i for i in out if isinstance(i, RetainedThrough)]
+    assert through.id > position  # the repair's date: the next look compares with it

@@ -718,9 +718,11 @@ def test_a_gap_found_during_a_connection_is_recorded_as_such(tmp_path: Path) -> 
     pipe = hand_fed(storage, resume=at(1))
     pipe.reconciler = lambda at, as_of: []  # never reached: no idle position comes
     repair = "2030-01-01T00:00:00.000Z"
-    pipe._handle(GapDetected(at(1), at(50), repair, in_connection=True))
+    pipe._handle(GapDetected(at(1), at(50), repair, in_connection=True, repair_from=at(55)))
     pipe._handle(GapDetected(at(60), at(70), repair))
     cp = CheckpointStore(storage).load()
     assert cp is not None and cp.reconcile is not None and cp.reconcile["due"] is True
     assert [g.get("in_connection") for g in cp.retention_gaps] == [True, None]
-    assert cp.retention_gaps[0]["checkpoint_event_id"] == str(at(1))
+    first = cp.retention_gaps[0]
+    assert first["checkpoint_event_id"] == str(at(1))
+    assert first["repair_from_event_id"] == str(at(55))  # verify restarts chains there

@@ -681,13 +681,16 @@ def test_a_gap_found_with_complete_groups_pending_restarts_chains_after_them(
 
 
 def test_a_gap_found_during_a_connection_leaves_its_span_unchecked(tmp_path: Path) -> None:
-    """The platform's trimming overtook its reader during a connection (found by the retention
-    check): what was received between the position of the check before and the oldest event
-    retained at the check that found it may miss events anywhere in that span, below the
-    archive's end too. No chain is checked there; they restart past it."""
+    """The platform's trimming overtook its reader during a connection (found at a later look
+    at the oldest retained event): what was received between the position of the look before
+    and the oldest event retained at the look that found it may miss events anywhere in that
+    span, below the archive's end too. No chain is checked there; they restart past it, and
+    again where the repair resumed (the connector's position then: the events of what changed
+    after it and before the repair's recover date are not sent)."""
     storage = LocalStorage(tmp_path / "a")
     b = ArchiveBuilder(storage, 1_700_000_000_000)
     b.create(1, labels=["a"])
+    b.create(2, labels=["a"])
     b.flush()
     position = b.last
     b.update(1, labels=["a", "received"])
@@ -696,8 +699,12 @@ def test_a_gap_found_during_a_connection_leaves_its_span_unchecked(tmp_path: Pat
     b.flush()
     archive_end = b.last
     assert archive_end is not None
-    first = EventId(archive_end.ms + 1, 0)  # the oldest retained event at the check
+    first = EventId(archive_end.ms + 1, 0)  # the oldest retained event at the look
+    b.update(2, labels=["a", "received past the span"])
+    resumed = EventId(b.ms, 0)  # where the repair resumed from
+    b.update(2, emit=False, labels=["changed before the repair's recover date"])
     b.update(1, labels=["past the span"])  # follows the version before, which is in the span
+    b.update(2, description="after the repair's recover date")
     b.update(1, description="checked again")
     b.flush()
     gap = {"first_retained_event_id": str(first), "archive_last_event_id": str(archive_end)}
@@ -707,8 +714,11 @@ def test_a_gap_found_during_a_connection_leaves_its_span_unchecked(tmp_path: Pat
     assert any("missed upstream" in e for e in report.errors), report.errors
     record_gap(storage, position, **gap, in_connection=True)
     report = verify_archive(storage, work_dir=tmp_path / "w2")
+    assert [e for e in report.errors if "iid-2" in e or "000000000002" in e], report.errors
+    record_gap(storage, position, **gap, in_connection=True, repair_from_event_id=str(resumed))
+    report = verify_archive(storage, work_dir=tmp_path / "w3")
     assert report.ok, format_report(report)
-    assert report.updates_checked == 1  # only the last: its previous version is past the span
+    assert report.updates_checked == 1  # only the last: its previous version is past both
     assert any("found during a connection" in n for n in report.notes), report.notes
 
 
