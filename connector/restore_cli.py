@@ -298,8 +298,10 @@ def _gap_around(cp: Checkpoint, until: EventId) -> tuple[EventId, EventId] | Non
             continue
         lo = EventId.parse(start)
         archived = str(gap.get("archive_last_event_id") or "")
-        if EventId.is_valid(archived):
-            # An earlier run had archived past the checkpoint: the loss starts after that.
+        if EventId.is_valid(archived) and not gap.get("in_connection"):
+            # An earlier run had archived past the checkpoint: the loss starts after that. (Not
+            # for a gap found during a connection: what was received after its position, the
+            # archive's end included, may miss events anywhere.)
             lo = max(lo, EventId.parse(archived))
         ends: list[EventId] = []
         first = str(gap.get("first_retained_event_id") or "")

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from connector.__main__ import main
-from connector.checkpoint import CheckpointStore
+from connector.checkpoint import Checkpoint, CheckpointStore
 from connector.errors import ConfigError
 from connector.events import EventId
 from connector.restore import parse_until
@@ -84,6 +84,26 @@ def test_a_point_inside_a_retention_gap_needs_allow_partial(
     for end in window:
         out.unlink()
         assert _restore(archive, tmp_path, "--to-bundle", str(out), "--until", str(end)) == 0
+
+
+def test_a_point_inside_a_gap_found_during_a_connection_is_unknown_below_the_archive_end() -> None:
+    """A gap found at a look at the stream's retention: the events received after the last
+    look's position may miss some anywhere, below the archive's end when it was found too, so
+    a point there is inside the window. A gap found on connecting loses only what came after
+    the archive's end."""
+    cp = Checkpoint(stream_id="live", source_url="http://x")
+    gap = {
+        "checkpoint_event_id": "100-0",
+        "first_retained_event_id": "200-0",
+        "archive_last_event_id": "180-0",
+        "repair_recover_until": "1970-01-01T00:00:00.300Z",
+        "in_connection": True,
+    }
+    cp.retention_gaps.append(gap)
+    assert _gap_around(cp, EventId(150, 0)) == (EventId(100, 0), EventId(300, 0))
+    del gap["in_connection"]
+    assert _gap_around(cp, EventId(150, 0)) is None
+    assert _gap_around(cp, EventId(190, 0)) == (EventId(180, 0), EventId(300, 0))
 
 
 def test_what_a_restore_does_with_objects_newer_than_the_point(tmp_path: Path) -> None:
