@@ -5,8 +5,8 @@ The same kind of table as ``scripts/mutations.py`` (whose ``run`` this uses), fo
 ``connector.retention_check_secs`` through a short extra connection) that find a trim which may
 have overtaken the platform's reader mid-connection (``connector/source.py``), the position of
 the last look kept in the checkpoint (``connector/pipeline.py``, ``connector/__main__.py``), the
-gap's span that verify leaves unchecked (``connector/verify.py``), and a first recovery moved
-past the oldest retained event. Each mutation is a small bug put in on purpose, its test files
+gap's span that verify leaves unchecked (``connector/verify.py``), the window a restore refuses
+(``connector/restore_cli.py``), and a first recovery moved past the oldest retained event. Each mutation is a small bug put in on purpose, its test files
 are run (one process, ``-x``), and the file is written back as it was. Equivalent ones (no
 behaviour changes) say why.
 
@@ -115,6 +115,11 @@ MUTATIONS: list[Mutation] = [
      '                    gap["repair_from_event_id"] = str(item.repair_from)\n',
      "                    pass\n",
      [T_REC], None),
+    ("TR22", "restore --until inside a gap found in a connection, below the archive's end, "
+     "accepted", "connector/restore_cli.py",
+     'if EventId.is_valid(archived) and not gap.get("in_connection"):',
+     "if EventId.is_valid(archived):",
+     ["test_restore_until"], None),
     ("TR21", "the gap says the last look's position as where the repair resumed", SRC,
      "floor, first, self._recover_until, in_connection=True, repair_from=self._complete",
      "floor, first, self._recover_until, in_connection=True, repair_from=floor",
