@@ -12,7 +12,8 @@ Checked, streaming one object at a time:
   where the segments chain (the connector went on from its checkpoint, the stream did not), and
   inside a segment when the gap was found before the groups ahead of it were written. A gap
   found during a connection (``in_connection``: the platform's trimming may have overtaken its
-  reader) leaves the events received between its two ids unchecked, and chains restart past it;
+  reader) leaves the events received between its two ids unchecked, and chains restart past it
+  and where its repair resumed (``repair_from_event_id``);
 * head: when the oldest kept segment continues from a deleted one, a committed snapshot must be
   able to start a restore there (its as-of at or after that segment's ``after_event_id``), as
   retention guarantees; otherwise the oldest segments are lost (error);
