@@ -513,7 +513,7 @@ class SseSource:
                             # at their limits (the pipeline writes between two hand-overs).
                             for start in range(0, len(out), _EMIT_ITEMS):
                                 self._emit(out[start : start + _EMIT_ITEMS])
-                    if check > 0 and time.monotonic() >= due:
+                    if check > 0 and now >= due:
                         first = self._first_retained(client, headers)
                         if first is not None:
                             out = []
