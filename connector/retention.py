@@ -393,6 +393,14 @@ def _plan_unfinished_snapshots(
         as_of = _snapshot_id(prefix)
         if prefix in committed or as_of is None or as_of >= newest:
             continue  # a newer unfinished one may be in progress elsewhere: leave it
+        if f"{prefix}manifest.json" in keys:
+            # Committed, its manifest damaged since: it may be the only copy of pruned history,
+            # and a repaired manifest needs its parts. Left for the operator (verify says it).
+            log.warning(
+                "Snapshot with an unreadable manifest left in place; run verify.",
+                extra={"snapshot": prefix},
+            )
+            continue
         for key in keys:
             report.deletions.append(
                 Deletion(key, "snapshot", f"unfinished snapshot older than snapshot {newest}")

@@ -334,6 +334,35 @@ def test_a_base_snapshot_whose_manifest_a_restore_refuses_lets_no_segment_go(
     assert "oldest segments are missing" not in format_report(verified)
 
 
+def test_a_snapshot_whose_manifest_was_torn_is_not_taken_for_an_unfinished_one(
+    tmp_path: Path,
+) -> None:
+    """The first prune deletes the segments the snapshot of day 2 replaces; then that
+    snapshot's manifest is torn (a disk error, a bad copy). The next prune must not delete its
+    parts as a killed job's leftovers: with the manifest put back, the restore to day 4 must
+    start from it again and give the state it gave before."""
+    storage = LocalStorage(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={2, 5})
+    old, _ = list_snapshots(storage)
+    policy = RetentionPolicy(keep_days=6, keep_snapshots=0)
+    first = run_retention_job(storage, policy, now=at_day(9.6))
+    assert first.base == str(old.as_of)
+    assert [d for d in first.deletions if d.kind == "segment"]
+    day4 = EventId(T0 + 4 * DAY_MS, 0)
+    before = state_at(storage, tmp_path / "before", day4, str(old.as_of))
+    body = storage.get(old.manifest_key)
+    storage.put(old.manifest_key, body[: len(body) // 2])
+    keys = {k for k in storage.list(f"snapshots/{old.key}/")}
+
+    second = run_retention_job(storage, policy, now=at_day(9.7))
+    assert {k for k in storage.list(f"snapshots/{old.key}/")} == keys
+    assert not [d for d in second.deletions if d.key.startswith(f"snapshots/{old.key}/")]
+    verified = verify_archive(storage, work_dir=tmp_path / "w")
+    assert f"{old.manifest_key} is damaged" in format_report(verified)
+    storage.put(old.manifest_key, body)
+    assert state_at(storage, tmp_path / "after", day4, str(old.as_of)) == before
+
+
 class _RetentionDuringVerify(LocalStorage):
     """The archive as ``verify`` reads it while ``run``'s scheduled retention prunes it: the
     retention job runs (through its own storage object, as another process would) right after
