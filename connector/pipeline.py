@@ -92,6 +92,10 @@ class _Archived:
     segments: list[str]
     tail: EventId | None
     quarantined: int | None = None  # records it stored (None: no archive sink)
+    tail_segment: str | None = None  # the segment holding ``tail``
+    # Segments (and their events) an earlier run stored past the checkpoint, first seen now.
+    adopted_segments: int = 0
+    adopted_events: int = 0
 
 
 class ShutdownTimeout(ConnectorError):
@@ -760,9 +764,13 @@ class Pipeline:
 
     def _record_archived(self, archived: _Archived) -> None:
         """Fold what the archive sink wrote for a batch into the checkpoint's counters."""
-        self.checkpoint.events_archived += archived.events
-        self.checkpoint.segments_written += len(archived.segments)
-        if archived.segments:
+        self.checkpoint.events_archived += archived.events + archived.adopted_events
+        self.checkpoint.segments_written += len(archived.segments) + archived.adopted_segments
+        # The segment holding the archive's end, also when this batch wrote none because a
+        # crashed run had stored it: the start-up check looks for that segment's manifest.
+        if archived.tail_segment is not None:
+            self.checkpoint.last_segment = archived.tail_segment
+        elif archived.segments:
             self.checkpoint.last_segment = archived.segments[-1]
 
     def _archive_end(self) -> EventId | None:
@@ -796,7 +804,13 @@ class Pipeline:
                 metrics.SEGMENTS_WRITTEN.inc(len(result.segments))
                 metrics.SEGMENT_BYTES.inc(result.bytes)
                 return _Archived(
-                    result.events, list(result.segments), result.tail, result.quarantined
+                    result.events,
+                    list(result.segments),
+                    result.tail,
+                    result.quarantined,
+                    result.tail_segment,
+                    result.adopted_segments,
+                    result.adopted_events,
                 )
         return _Archived(len(batch.events), [], None)
 

@@ -21,6 +21,7 @@ import pytest
 
 from connector.archive import ArchiveReader, ArchiveSink
 from connector.archive.layout import EVENTS_PREFIX, manifest_key_for_segment
+from connector.archive_position import check_archive_end
 from connector.checkpoint import CHECKPOINT_KEY, Checkpoint, CheckpointStore
 from connector.errors import PermanentError, RetryableError
 from connector.events import OCTI_EXT, EventId
@@ -39,10 +40,12 @@ TOKEN = "sink-redelivery-token"
 
 
 class DiesAtCheckpoint(LocalStorage):
-    """Dies at the first checkpoint save made once a segment exists: nothing after it lands."""
+    """Dies at the first checkpoint save made once ``segments`` segments exist: nothing after it
+    lands."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, segments: int = 1) -> None:
         super().__init__(root)
+        self.segments = segments
         self.dead = threading.Event()
 
     def _die(self) -> None:
@@ -50,7 +53,9 @@ class DiesAtCheckpoint(LocalStorage):
         raise PermanentError("simulated crash before the checkpoint")
 
     def put(self, key: str, body: bytes) -> None:
-        if self.dead.is_set() or (key == CHECKPOINT_KEY and any(self.list(EVENTS_PREFIX))):
+        if self.dead.is_set() or (
+            key == CHECKPOINT_KEY and len(list(self.list(EVENTS_PREFIX))) >= self.segments
+        ):
             self._die()
         super().put(key, body)
 
@@ -229,6 +234,9 @@ def test_restart_after_a_covered_batch_continues_after_the_segment(
     cp = store.load()
     assert cp is not None and cp.last_event_id == ids[1]
     assert cp.last_segment_last_id == ids[2]
+    # The crashed run's segment is the archive's newest, and its events are counted.
+    assert cp.last_segment == next(iter(storage.list(EVENTS_PREFIX)))
+    assert (cp.segments_written, cp.events_archived) == (1, 3)
     sim.set_fault(stall_secs=None, stall_after_events=None)
     errors = run_pipeline(
         storage,
@@ -239,6 +247,40 @@ def test_restart_after_a_covered_batch_continues_after_the_segment(
     )
     assert not errors
     assert assert_each_group_once(storage, tmp_path) == ids
+
+
+def test_losing_the_segment_a_crashed_run_stored_is_found_at_the_next_start(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """Run 1 stores segment 4..6 and dies before its checkpoint; its restart re-delivers 4..6,
+    which writes nothing. The checkpoint must still name that segment as the archive's newest:
+    when it is lost later (the directory put back from an older copy), the start-up check must
+    see it and read the stream again from the archive's end, not resume after 6."""
+    storage = LocalStorage(tmp_path / "archive")
+    store = CheckpointStore(storage)
+    store.save(Checkpoint(stream_id="live", source_url=sim.url))
+    ids = [malware(sim.store, n) for n in range(3)]
+    errors = run_pipeline(
+        storage, sim, max_events=3, until=at_least(storage, ids[2]), what="the first segment"
+    )
+    assert not errors
+    ids += [malware(sim.store, n) for n in range(3, 6)]
+    dying = DiesAtCheckpoint(tmp_path / "archive", segments=2)
+    errors = run_pipeline(dying, sim, max_events=3, until=dying.dead.is_set, what="the crash")
+    assert errors and "simulated crash" in str(errors[0])
+    errors = run_pipeline(
+        storage, sim, max_events=3, until=at_least(storage, ids[5]), what="the re-delivery"
+    )
+    assert not errors
+    newest = sorted(storage.list(EVENTS_PREFIX))[-1]
+    cp = store.load()
+    assert cp is not None and cp.last_segment_last_id == ids[5]
+    assert cp.last_segment == newest
+    assert (cp.segments_written, cp.events_archived) == (2, 6)
+    storage.delete(newest)
+    storage.delete(manifest_key_for_segment(newest))
+    assert check_archive_end(storage, cp, "here") is True
+    assert cp.last_event_id == cp.last_segment_last_id == ids[2]
 
 
 def test_recovery_redelivery_with_other_ids(

@@ -58,8 +58,15 @@ class WriteResult:
         self.segments: list[str] = []
         self.quarantined = 0
         self.skipped = 0
-        # The highest group the archive holds after this write (None: no segment known).
+        # The highest group the archive holds after this write (None: no segment known), and
+        # the segment that holds it: a batch an earlier run already stored writes nothing, yet
+        # the checkpoint must name that run's segment as the archive's newest.
         self.tail: EventId | None = None
+        self.tail_segment: str | None = None
+        # Segments an earlier run stored past the checkpoint, found by this sink's first read of
+        # the archive and not reported before: the checkpoint never counted them.
+        self.adopted_segments = 0
+        self.adopted_events = 0
 
 
 class ArchiveSink:
@@ -84,8 +91,12 @@ class ArchiveSink:
         # Stores the attached files a batch names before its segments (None: not archived).
         self.files = files
         self.last = WriteResult()
-        # The highest group stored, once the archive past the first batch's position was read.
+        # The highest group stored, once the archive past the first batch's position was read,
+        # and the key of the segment holding it.
         self._tail: EventId | None = None
+        self._tail_key: str | None = None
+        # What ``_scan`` found that no write reported yet: (segments, events).
+        self._adopted = (0, 0)
         self._scanned = False
         # Quarantine records stored by an attempt whose write failed after them (see write).
         self._stored_unreported: set[str] = set()
@@ -127,6 +138,9 @@ class ArchiveSink:
                 self._scan(batch.after_id)
             self._write_events(batch, result)
         result.tail = self._tail
+        result.tail_segment = self._tail_key
+        result.adopted_segments, result.adopted_events = self._adopted
+        self._adopted = (0, 0)
         self._stored_unreported.clear()  # counted in this result
         self.last = result
         if result.segments or result.skipped:
@@ -151,8 +165,10 @@ class ArchiveSink:
                 continue  # the same position under the other codec's suffix
             manifest = self._committed_manifest(key, first, prev, codec)
             prev = _max(prev, manifest.last)
-            self._tail = _max(self._tail, manifest.last)
+            self._raise_tail(manifest.last, key)
             found.append(key)
+            segments, events = self._adopted
+            self._adopted = (segments + 1, events + manifest.event_count)
         self._scanned = True
         if found:
             log.warning(
@@ -214,7 +230,7 @@ class ArchiveSink:
                 stored.sha256 == manifest.sha256 and stored.last == batch.last_id
             ):
                 # Only now: a retry after a failed manifest write must meet the segment again.
-                self._tail = _max(self._tail, batch.last_id)
+                self._raise_tail(batch.last_id, key)
                 result.events += manifest.event_count
                 result.bytes += manifest.size
                 result.segments.append(key)
@@ -222,8 +238,12 @@ class ArchiveSink:
             covered = stored.last
             if covered < first:
                 raise PermanentError(f"archive manifest of {key} ends before its first group")
-            self._tail = _max(self._tail, covered)
+            self._raise_tail(covered, key)
             after = _max(after, covered)
+
+    def _raise_tail(self, last: EventId, key: str) -> None:
+        if self._tail is None or last > self._tail:
+            self._tail, self._tail_key = last, key
 
     def _committed_manifest(
         self, key: str, first: EventId, after: EventId | None, codec: str
