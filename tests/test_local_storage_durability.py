@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -72,6 +74,80 @@ def test_check_removes_stale_temporary_files_only(tmp_path: Path) -> None:
     assert [p.exists() for p in stale] == [False, False]
     assert fresh.exists()  # another process may be writing it right now
     assert storage.get("events/2024/01/01/a.jsonl.zst") == b"a"
+
+
+class FullOnce(LocalStorage):
+    """The disk is full at the first file write's fsync (as a real ENOSPC there), then not."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.full = True
+
+    def _fsync_file(self, fd: int) -> None:
+        if self.full:
+            self.full = False
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super()._fsync_file(fd)
+
+
+def test_a_full_disk_sweeps_what_dead_writers_left(tmp_path: Path) -> None:
+    """A crash loop restarting within minutes leaves one partial file per kill, which the
+    start-up sweep is too young to remove; when they fill the disk, the write that fails sweeps
+    the stale ones, and its retry has the room."""
+    storage = FullOnce(tmp_path / "archive")
+    day = tmp_path / "archive/events/2024/01/01"
+    day.mkdir(parents=True)
+    stale, fresh = day / ".tmp-killed-writer", day / ".tmp-live-writer"
+    old = time.time() - _TMP_STALE_SECS - 60
+    for p in (stale, fresh):
+        p.write_bytes(b"partial")
+    os.utime(stale, (old, old))
+    with pytest.raises(RetryableError, match="No space left"):
+        storage.put_if_absent("events/2024/01/01/seg.jsonl.zst", b"s")
+    assert not stale.exists()
+    assert fresh.exists()
+    assert storage.put_if_absent("events/2024/01/01/seg.jsonl.zst", b"s")
+
+
+# A child process as an unprivileged user (the image's runs as uid 10001): the archive is the
+# root of a volume whose ``lost+found`` only root may read.
+_FOREIGN_DIR_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from connector.storage.local import LocalStorage  # before: root's interpreter files
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+    s = LocalStorage(sys.argv[1])
+    s.check()
+    s.put_if_absent("events/2024/01/01/seg.jsonl.zst", b"s")
+    print(sorted(s.list("events/")))
+    """
+)
+
+
+def test_a_directory_the_connector_may_not_read_does_not_stop_its_start() -> None:
+    root = Path(tempfile.mkdtemp(prefix="archive-", dir="/tmp"))
+    try:
+        (root / "lost+found").mkdir()
+        os.chmod(root / "lost+found", 0o700 if os.geteuid() == 0 else 0)
+        os.chmod(root, 0o755)
+        if os.geteuid() == 0:
+            os.chown(root, 65534, 65534)
+        out = subprocess.run(
+            [sys.executable, "-c", _FOREIGN_DIR_CHILD, str(root)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            text=True,
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "['events/2024/01/01/seg.jsonl.zst']"
+        assert "cannot be read" in out.stderr
+    finally:
+        os.chmod(root / "lost+found", 0o700)
+        shutil.rmtree(root)
 
 
 class RecordingStorage(LocalStorage):

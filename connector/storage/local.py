@@ -4,7 +4,9 @@ Writes go to a temporary file in the target directory, are fsynced, then linked 
 ``os.link`` never replaces an existing file, so a second write of the same key is a no-op, and a
 crash leaves either no object or a whole one. A failed write removes its temporary file; the ones
 a crash leaves (``.tmp-*``) are ignored by ``list`` and removed by ``check`` once they are older
-than ``_TMP_STALE_SECS`` (a live writer of another process may still be filling a newer one).
+than ``_TMP_STALE_SECS`` (a live writer of another process may still be filling a newer one), and
+again when a write finds the disk full (a crash loop restarting within that time leaves one per
+kill).
 
 Durability: the file is fsynced before it is linked, then its directory; a directory created for
 it is made one level at a time and each new directory's parent is fsynced too, so a power loss
@@ -55,6 +57,7 @@ class LocalStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self._warned_no_flock = False
+        self._swept_full_at = -float(_TMP_STALE_SECS)  # monotonic time of the last sweep on ENOSPC
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -70,6 +73,8 @@ class LocalStorage:
             tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._sweep_when_full()
             raise _translate(exc, path) from exc
         try:
             try:
@@ -85,9 +90,29 @@ class LocalStorage:
             # ENOSPC / EFBIG / EIO halfway: the partial file would stay (it is never listed).
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._sweep_when_full()
                 raise _translate(exc, path) from exc
             raise
         return tmp
+
+    def _sweep_when_full(self) -> None:
+        """The disk is full: what dead writers left may be the cause, and the retry that follows
+        needs the room. At most once a minute (a walk of the whole tree)."""
+        now = time.monotonic()
+        if now - self._swept_full_at < 60:
+            return
+        self._swept_full_at = now
+        try:
+            removed = self.remove_stale_tmp()
+        except (PermanentError, RetryableError) as exc:
+            log.warning("Could not sweep temporary files.", extra={"error": str(exc)})
+            return
+        if removed:
+            log.warning(
+                "The archive's disk is full: removed temporary files dead writers had left.",
+                extra={"removed": removed},
+            )
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and its missing ancestors one level at a time, fsyncing each
@@ -146,6 +171,16 @@ class LocalStorage:
             try:
                 entries = list(os.scandir(directory))
             except (FileNotFoundError, NotADirectoryError):
+                continue
+            except PermissionError as exc:
+                if directory == self.root:
+                    raise _translate(exc, directory) from exc
+                # Not one of ours (``lost+found`` at the root of a dedicated volume): the
+                # archive's own directories are written by this user.
+                log.warning(
+                    "A directory in the archive cannot be read: its temporary files are not swept.",
+                    extra={"path": str(directory)},
+                )
                 continue
             except OSError as exc:
                 raise _translate(exc, directory) from exc
