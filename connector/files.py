@@ -37,6 +37,7 @@ from .errors import NotFound, RetryableError
 from .events import StreamEvent, octi_ext
 from .source import tls_verify
 from .storage import Storage
+from .storage.local import LocalStorage
 
 __all__ = [
     "FILES_MARK",
@@ -282,8 +283,13 @@ class FileArchiver:
         if key in self._known:
             self._known.move_to_end(key)
             return
-        if not (self.storage.exists(key) or self.storage.exists(key + ".missing")):
+        found = next((k for k in (key, key + ".missing") if self.storage.exists(k)), None)
+        if found is None:
             self._download(key, entry, ev)
+        elif isinstance(self.storage, LocalStorage):
+            # A killed run may have linked it before it fsynced its directory: the segment
+            # naming it is about to be called durable.
+            self.storage.settle(found)
         self._known[key] = None
         if len(self._known) > _REMEMBERED:
             self._known.popitem(last=False)

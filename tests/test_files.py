@@ -413,6 +413,42 @@ def test_files_are_durable_before_the_segment_that_names_them(
         sink.close()
 
 
+class _SyncRecording(LocalStorage):
+    """Records every directory fsync (the real one still runs)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.synced: list[str] = []
+
+    def _fsync_dir(self, directory: Path) -> None:
+        self.synced.append(Path(directory).relative_to(self.root).as_posix())
+        super()._fsync_dir(directory)
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_file_a_killed_run_left_in_place_is_made_durable_before_its_segment(
+    tmp_path: Path, gone: bool
+) -> None:
+    """A killed run linked the file (or its ``.missing`` record) into ``files/<hh>/`` before it
+    could fsync that directory. The restart takes the file as stored, without downloading it:
+    the segment that names it is called durable only once the file's directories are."""
+    event = _naming_a_file("/storage/get/import/Report/analysis.pdf")
+    (entry,) = file_entries(event.stix)
+    killed = tmp_path / "a" / (missing_key(entry) if gone else file_key(entry))
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"{}" if gone else b"%PDF")
+    storage = _SyncRecording(tmp_path / "a")
+    # Nothing listens there: a download would fail the write.
+    sink = ArchiveSink(storage, files=FileArchiver(storage, FileFetcher("http://127.0.0.1:9", "t")))
+    try:
+        sink.write(Batch(first_id=event.id, last_id=event.id, events=[event]))
+    finally:
+        sink.close()
+    assert sink.last.segments
+    hh = Path(file_key(entry)).parent.as_posix()
+    assert storage.synced[:3] == [hh, "files", "."]
+
+
 ODD_NAMES = [
     "Report #12.pdf",
     "what?.pdf",

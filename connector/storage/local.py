@@ -217,6 +217,11 @@ class LocalStorage:
         self._sync_dir(path.parent)
         return True
 
+    def settle(self, key: str) -> None:
+        """Make an object found in place durable (see ``_sync_found``): for a caller that found
+        it with ``exists`` and takes it as stored."""
+        self._sync_found(self._path(key))
+
     def _sync_found(self, path: Path) -> None:
         """A file found in place may be a killed writer's, linked before it could fsync the
         directories: the caller takes it as stored (and moves the checkpoint past it), so its
