@@ -360,6 +360,36 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
     assert stored == [e.id_text for e in events]
 
 
+def test_an_object_under_events_that_is_not_a_segment_is_left_alone(tmp_path: Path) -> None:
+    """A copy someone left beside the segments, named like one but not by an event id: each
+    start's first write read it as a segment and died on its name, a crash loop, while verify
+    reported the archive OK with a warning."""
+    from connector.sim.generator import generate
+    from connector.sink import Batch
+    from tests.support.simlog import sim_events
+
+    sim_store = SimStore()
+    generate(sim_store, 20, seed=3, mix="creates")
+    events, _ = sim_events(sim_store)
+    storage = LocalStorage(tmp_path / "a")
+    first, second = events[:10], events[10:]
+    ArchiveSink(storage).write(Batch(first_id=first[0].id, last_id=first[-1].id, events=first))
+    stray = f"events/2099/01/01/copy-of-{first[0].id.key}.jsonl.zst"
+    storage.put(stray, b"not ours")
+    sink = ArchiveSink(storage)
+    sink.write(
+        Batch(first_id=second[0].id, last_id=second[-1].id, events=second, after_id=first[-1].id)
+    )
+    assert sink.last.events == 10 and sink.tail == events[-1].id
+    assert storage.get(stray) == b"not ours"
+    stored = [
+        row[0]
+        for ref in ArchiveReader(storage).manifests(rows=True)
+        for row in ref.manifest.objects
+    ]
+    assert stored == [e.id_text for e in events]
+
+
 class WritesOnce(LocalStorage):
     """Refuses a second write to the same key: a sink that would write it for ever."""
 

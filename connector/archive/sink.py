@@ -160,7 +160,12 @@ class ArchiveSink:
             codec = _codec_of(key)
             if codec is None:
                 continue
-            first = id_from_key(key)
+            try:
+                first = id_from_key(key)
+            except ValueError:
+                # Not a name this connector writes (a copy someone left): verify lists it.
+                log.warning("An object that is not a segment was left alone.", extra={"key": key})
+                continue
             if after_id is not None and first <= after_id:
                 continue  # the same position under the other codec's suffix
             manifest = self._committed_manifest(key, first, prev, codec)
