@@ -376,6 +376,52 @@ def test_credentials_a_store_quotes_back_are_never_shown(s3_settings: dict) -> N
     assert S3_TOKEN not in text and s3_settings["access_key_id"] not in text
 
 
+def test_a_probe_write_whose_answer_was_lost_is_still_a_working_store(
+    fault_proxy: FaultProxy, s3_settings: dict
+) -> None:
+    """S3 stored the probe and the answer was lost: boto's retry of the same put-if-absent got
+    412. The check called the store broken ("probe object unexpectedly exists") and `run`
+    stopped."""
+    storage = _through(fault_proxy, s3_settings)
+    fault_proxy.fail_next(1, "reset_after_forward", method="PUT")
+    storage.check()
+    assert fault_proxy.stats["reset_after_forward"] == 1
+    assert not [k for k in storage.list("") if k.startswith(".probe-")]
+
+
+def test_a_proxy_that_is_down_is_transient(
+    s3_settings: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a corporate proxy that restarts: botocore's ProxyConnectionError stopped the run
+    as a permanent error, where a store that cannot be reached directly is waited for."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    storage = S3Storage(**s3_settings)
+    with pytest.raises(RetryableError, match="ProxyConnectionError"):
+        storage.check()
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"bucket": "127.0.0.1:9000"}, "archive.uri"),
+        ({"bucket": "my_bucket!"}, "archive.uri"),
+        ({"prefix": "a/../b"}, "archive.uri"),
+        ({"endpoint_url": "http://127.0.0.1:9000x"}, "s3.endpoint_url"),
+        ({"endpoint_url": "127.0.0.1:9000"}, "s3.endpoint_url"),
+        ({"endpoint_url": "ftp://minio:9000"}, "s3.endpoint_url"),
+    ],
+)
+def test_bad_s3_settings_name_their_key(s3_settings: dict, options: dict, key: str) -> None:
+    """botocore takes these when the client is built and fails on the first request (exit 1,
+    or a traceback from `verify`): they are configuration errors, named as such."""
+    with pytest.raises(ConfigError) as caught:
+        S3Storage(**{**s3_settings, **options})
+    assert caught.value.key == key
+
+
 def test_check_unreachable_endpoint_is_retryable(s3_settings: dict) -> None:
     port = free_port()
     storage = S3Storage(**{**s3_settings, "endpoint_url": f"http://127.0.0.1:{port}"})

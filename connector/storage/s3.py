@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, NoReturn, cast
@@ -92,6 +93,7 @@ _TRANSIENT_TRANSPORT = (
     bce.ConnectTimeoutError,
     bce.IncompleteReadError,
     bce.CredentialRetrievalError,  # instance-metadata hiccups
+    bce.ConnectionError,  # a proxy restarting (ProxyConnectionError), a TLS handshake cut
     u3e.ProtocolError,
     u3e.TimeoutError,
     u3e.NewConnectionError,
@@ -127,9 +129,12 @@ class S3Storage:
         read_timeout: float = 60,
         setting: str = "archive.uri",
     ) -> None:
-        """``setting``: the configuration key that names the bucket, for a missing one."""
-        if not bucket or "/" in bucket:
-            raise ConfigError("s3.bucket", f"invalid bucket name {bucket!r}")
+        """``setting``: the configuration key that names the bucket (and the prefix)."""
+        if not _BUCKET.fullmatch(bucket):
+            hint = ": an endpoint goes in s3.endpoint_url" if ":" in bucket else ""
+            raise ConfigError(setting, f"invalid bucket name {bucket[:80]!r}{hint}")
+        if endpoint_url is not None:
+            _check_endpoint(endpoint_url)
         if (access_key_id is None) != (secret_access_key is None):
             raise ConfigError(
                 "s3.access_key_id", "access_key_id and secret_access_key must be given together"
@@ -151,7 +156,7 @@ class S3Storage:
             )
         self.bucket = bucket
         self.setting = setting
-        self.prefix = _normalise_prefix(prefix)
+        self.prefix = _normalise_prefix(prefix, setting)
         self.endpoint_url = endpoint_url
         self.multipart_threshold = multipart_threshold
         # Only used to scrub them out of any service message we quote.
@@ -239,7 +244,9 @@ class S3Storage:
         except Exception as exc:
             raise self._bucket_error(exc) from exc
         probe = f".probe-{uuid.uuid4().hex}"
-        if not self.put_if_absent(probe, b"probe"):
+        # A fresh name: found there means this very write, whose answer was lost and which
+        # botocore's retry then met (412).
+        if not self.put_if_absent(probe, b"probe") and self.get(probe) != b"probe":
             raise PermanentError(f"{self.describe()}: probe object unexpectedly exists")
         try:
             # A store that ignores If-None-Match would silently allow overwrites: catch it now.
@@ -561,6 +568,11 @@ def classify_s3_error(
         return PermanentError(
             f"S3 {action} {target}: TLS certificate verification failed: set ca_bundle"
         )
+    if isinstance(exc, bce.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+        return PermanentError(
+            f"S3 {action} {target}: the endpoint does not answer in TLS: check the scheme of "
+            "endpoint_url (http or https)"
+        )
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
         return RetryableError(f"S3 {action} {target}: cannot connect to the endpoint (transient)")
     if isinstance(exc, _TRANSIENT_TRANSPORT):
@@ -623,13 +635,37 @@ def _is_precondition(exc: BaseException) -> bool:
     return status == 412 or code in _PRECONDITION_CODES
 
 
-def _normalise_prefix(prefix: str) -> str:
+def _normalise_prefix(prefix: str, setting: str) -> str:
     prefix = prefix.strip("/")
     if not prefix:
         return ""
     if "\\" in prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise ConfigError("s3.prefix", f"invalid prefix {prefix[:80]!r}")
+        raise ConfigError(setting, f"invalid prefix {prefix[:80]!r}")
     return prefix + "/"
+
+
+# What botocore accepts as a bucket name (S3-compatible stores allow more than AWS does).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def _check_endpoint(url: str) -> None:
+    """An endpoint botocore would accept and fail on at the first request, said at start-up."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(
+            "s3.endpoint_url", f"invalid port in {_without_userinfo(url)!r}"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "s3.endpoint_url",
+            f"expected http(s)://host[:port], got {_without_userinfo(url)!r}",
+        )
+
+
+def _without_userinfo(url: str) -> str:
+    return url.rpartition("@")[2][:120] if "@" in url else url[:120]
 
 
 _OPTION_TYPES: dict[str, type] = {
