@@ -287,6 +287,7 @@ _FINGERPRINT_WORDS = {
     "apply_deletes": "--apply-deletes",
     "batch_size": "the batch size",
     "target": "the target platform (--opencti)",
+    "target_id": "platform at that address (its id changed: reinstalled since?)",
     "files": "whether attached files are pushed",
     "max_file_bytes": "--max-file-mb",
 }
@@ -568,6 +569,7 @@ def restore_to_target(
     resume_file: Path | None = None,
     batch_size: int = 500,
     target_name: str | None = None,
+    target_id: str | None = None,
     files: Storage | None = None,
     max_file_bytes: int = 35 * 1024 * 1024,
 ) -> RestoreReport:
@@ -575,13 +577,14 @@ def restore_to_target(
     ``files``: the archive, whose attached files are pushed inline after their objects, one
     file a request (those above ``max_file_bytes`` left out: see ``each_file_inline``).
 
-    A restart with the same state, arguments and ``target_name`` (the platform's URL: progress
-    made on one platform says nothing about another) continues after the last acknowledged
-    batch, so at most one batch is pushed twice (pushes are idempotent upserts). Any other
-    value of what decides what is pushed and where (the state, ``apply_deletes``,
-    ``batch_size``, ``target_name``, whether ``files`` are pushed, ``max_file_bytes``) starts
-    over, said in the log; what only decides how (the target's token, timeouts) is not part of
-    it.
+    A restart with the same state, arguments, ``target_name`` (the platform's URL: progress
+    made on one platform says nothing about another) and ``target_id`` (the platform's own id:
+    one reinstalled at the same URL after the kill holds none of it) continues after the last
+    acknowledged batch, so at most one batch is pushed twice (pushes are idempotent upserts).
+    Any other value of what decides what is pushed and where (the state, ``apply_deletes``,
+    ``batch_size``, ``target_name``, ``target_id``, whether ``files`` are pushed,
+    ``max_file_bytes``) starts over, said in the log; what only decides how (the target's
+    token, timeouts) is not part of it.
     """
     if batch_size < 1:
         raise ConfigError("restore.batch_size", "must be positive")
@@ -594,6 +597,7 @@ def restore_to_target(
         "apply_deletes": apply_deletes,
         "batch_size": batch_size,
         "target": target_name,
+        "target_id": target_id,
         # Objects already pushed went with the files of these rules: a run with others must
         # push them again, or their files would never be sent (or be left out unsaid).
         "files": files is not None,

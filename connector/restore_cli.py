@@ -210,6 +210,8 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
         )
         stop_metrics = _serve_metrics(settings) if progress is not None else None
         try:
+            # Before the progress file is read: it belongs to this platform only (its id).
+            target.check()
             report = restore_to_target(
                 state,
                 target,
@@ -218,6 +220,7 @@ def run_restore_cli(settings: Settings, args: argparse.Namespace) -> int:
                 progress=progress,
                 resume_file=work / "restore-progress.json",
                 target_name=args.opencti.rstrip("/"),
+                target_id=target.platform_id,
                 files=storage,
                 max_file_bytes=int(
                     (MAX_FILE_MB if args.max_file_mb is None else args.max_file_mb) * 1024 * 1024

@@ -77,6 +77,29 @@ def _wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
+def _kill_after(
+    command: list[str], env: dict[str, str], state: Any, objects: int, stuck: Any = None
+) -> int:
+    """Runs the restore until the double imported ``objects``, then SIGKILLs it with its next
+    push stuck inside the double (after ``stuck()``, if given); returns the objects imported."""
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: _pushed(state) >= objects or child.poll() is not None, f"{objects} objects")
+        with state.lock:  # the child's next push now waits inside the double
+            assert child.poll() is None, "the restore finished before it could be killed"
+            imported = _pushed(state)
+            if stuck is not None:
+                stuck()
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return imported
+
+
 def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
     source = new_sim()
     source.load_bundle(sample_bundle(SAMPLE))
@@ -94,28 +117,16 @@ def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
     with SimServer(token=TOKEN) as double:
         double.store.api_token = TOKEN  # type: ignore[attr-defined]
         state = platform_state(double.store)  # created now, shared with the double
-        child = subprocess.Popen(
-            _command(archive, double.url, work),
-            env={**_env(), **metrics_env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+
+        def watched() -> None:
+            # A long restore is watched on /metrics, as `run` is.
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            ratio = _gauge(scraped, "opencti_sync_restore_progress_ratio")
+            assert 0 < ratio < 1, ratio
+
+        first_run = _kill_after(
+            _command(archive, double.url, work), {**_env(), **metrics_env}, state, 1500, watched
         )
-        try:
-            _wait(lambda: _pushed(state) >= 1500 or child.poll() is not None, "1,500 objects")
-            with state.lock:  # the child's next push now waits inside the double
-                assert child.poll() is None, "the restore finished before it could be killed"
-                first_run = _pushed(state)
-                # A long restore is watched on /metrics, as `run` is.
-                scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-                ratio = _gauge(scraped, "opencti_sync_restore_progress_ratio")
-                assert 0 < ratio < 1, ratio
-                os.kill(child.pid, signal.SIGKILL)
-                child.wait(timeout=30)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        assert child.returncode == -signal.SIGKILL
         # Saved after each acknowledged batch (the last ack may have come just before the kill).
         progress = orjson.loads((work / "restore-progress.json").read_bytes())
         assert first_run - 500 <= progress["pushed"] <= first_run < total
@@ -139,3 +150,34 @@ def test_killed_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
         assert second < total
         assert not (work / "restore-progress.json").exists()
         assert_same_state(expected, double.store.dump_bundle())
+
+
+def test_a_killed_restore_starts_over_on_a_platform_reinstalled_at_its_address(
+    tmp_path: Path,
+) -> None:
+    """Killed halfway; the operator reinstalls the platform at the same URL and runs the same
+    command. The progress file matched (same URL, state and flags): the run went on after the
+    killed one's last batch, skipped what only the old platform had got, and said it pushed
+    everything."""
+    source = new_sim()
+    generate(source, 2500, seed=5, mix="creates")
+    expected = source.dump_bundle()
+    events, _ = sim_events(source)
+    archive = tmp_path / "archive"
+    archive_events(LocalStorage(archive), events, per_segment=400)
+    work = tmp_path / "work"
+    with SimServer(token=TOKEN) as first:
+        first.store.api_token = TOKEN  # type: ignore[attr-defined]
+        state = platform_state(first.store)
+        command = _command(archive, first.url, work)
+        _kill_after(command, _env(), state, 1000)
+        port = first.port
+    assert (work / "restore-progress.json").exists()
+    with SimServer(token=TOKEN, port=port) as reinstalled:
+        reinstalled.store.api_token = TOKEN  # type: ignore[attr-defined]
+        again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0, again.stderr[-2000:]
+        summary = orjson.loads(again.stdout[again.stdout.index("{") :])
+        assert "resumed_from" not in summary and summary["pushed"] == len(expected["objects"])
+        assert "reinstalled since?" in again.stderr
+        assert_same_state(expected, reinstalled.store.dump_bundle())

@@ -403,6 +403,14 @@ def test_a_proxy_that_is_down_is_transient(
         storage.check()
 
 
+def test_https_to_a_plain_http_store_is_said_not_waited_for(s3_settings: dict) -> None:
+    """A TLS handshake cut is transient now; one answered in plain HTTP is a wrong scheme."""
+    url = s3_settings["endpoint_url"].replace("http://", "https://")
+    storage = S3Storage(**{**s3_settings, "endpoint_url": url})
+    with pytest.raises(PermanentError, match="does not answer in TLS"):
+        storage.check()
+
+
 @pytest.mark.parametrize(
     ("options", "key"),
     [
