@@ -62,8 +62,13 @@ def _target(
         token=token,
         ssl_verify=t.ssl_verify,
         ca_bundle=t.ca_bundle or None,
-        connector_id=settings.connector.id
-        or str(uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{url}")),
+        # Never `run`'s own id (CONNECTOR_ID): the restore's pings would rewrite the state of
+        # the connector `run` syncs into that platform with (its replay mark).
+        connector_id=str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{settings.connector.id}:{url}")
+            if settings.connector.id
+            else uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{url}")
+        ),
         connector_name=f"{settings.connector.name} (restore)",
         synchronized=t.synchronized,
         source_url=source_url,

@@ -81,7 +81,7 @@ class ConnectorSection:
     id: str = _key(
         "CONNECTOR_ID",
         "Connector UUID used when registering on the source and target platforms (empty: derived "
-        "from the source URL and the stream id).",
+        "from the source URL and the stream id); a restore registers under one derived from it.",
         "",
     )
     name: str = _key("CONNECTOR_NAME", "Connector name shown in the platform UI.", "opencti-sync")

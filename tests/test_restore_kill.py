@@ -33,6 +33,7 @@ from tests.support.served import free_port
 from tests.test_state import archive_events, new_sim, sim_events
 
 TOKEN = "kill-token-0123456789"
+RUN_ID = "6c0b3f3e-2b1e-4a47-9d0e-7a5c2f1d8e90"
 SAMPLE = "DATA-TEST-STIX2_v2.json"
 
 
@@ -175,9 +176,13 @@ def test_a_killed_restore_starts_over_on_a_platform_reinstalled_at_its_address(
     assert (work / "restore-progress.json").exists()
     with SimServer(token=TOKEN, port=port) as reinstalled:
         reinstalled.store.api_token = TOKEN  # type: ignore[attr-defined]
-        again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+        # As in the image, where CONNECTOR_ID is `run`'s: the restore registers apart from it.
+        env = {**_env(), "CONNECTOR_ID": RUN_ID}
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         assert again.returncode == 0, again.stderr[-2000:]
         summary = orjson.loads(again.stdout[again.stdout.index("{") :])
         assert "resumed_from" not in summary and summary["pushed"] == len(expected["objects"])
         assert "reinstalled since?" in again.stderr
         assert_same_state(expected, reinstalled.store.dump_bundle())
+        registered = platform_state(reinstalled.store).connectors
+        assert registered and RUN_ID not in registered
