@@ -1,0 +1,133 @@
+"""Session 29's hand-made mutations of the audit's fixes (docs/RELIABILITY.md).
+
+The same kind of table as ``scripts/mutations.py`` (whose ``run`` this uses), for what session
+29 changed after reading the less-tested modules again: the segment the checkpoint names as the
+archive's newest when a re-delivered batch writes nothing (``connector/archive/sink.py``,
+``connector/pipeline.py``), an object under ``events/`` that is not a segment, a snapshot whose
+manifest was damaged after its commit (``connector/retention.py``), the local archive's sweep
+(``connector/storage/local.py``) and attached files found in place (``connector/files.py``),
+S3's transient connection errors, probe and settings (``connector/storage/s3.py``), and the
+restore's resume and connector id (``connector/restore.py``, ``connector/restore_cli.py``).
+Each mutation is a small bug put in on purpose, its test files are run (one process, ``-x``),
+and the file is written back as it was. Equivalent ones (no behaviour changes) say why.
+
+    .venv/bin/python scripts/mutations_audit.py            # all
+    .venv/bin/python scripts/mutations_audit.py AU3 AU7    # some
+
+Run it from a clean work tree, never two at once (see ``scripts/mutations.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mutations import Mutation, run
+
+SINK, PIPE, RET = "connector/archive/sink.py", "connector/pipeline.py", "connector/retention.py"
+LOCAL, FILES, S3 = "connector/storage/local.py", "connector/files.py", "connector/storage/s3.py"
+REST, CLI = "connector/restore.py", "connector/restore_cli.py"
+
+T_RED, T_RET, T_LOC = "test_sink_redelivery", "test_retention", "test_local_storage_durability"
+T_FILES, T_S3, T_KILL = "test_files", "test_s3_faults", "test_restore_kill"
+
+# (id, what it breaks, file, text, replacement, test files, equivalent: why or None)
+MUTATIONS: list[Mutation] = [
+    # -- the archive's newest segment, counted ---------------------------------------------------
+    ("AU1", "the checkpoint names the last segment this batch wrote, not the one holding the end",
+     PIPE,
+     "        if archived.tail_segment is not None:\n",
+     "        if False:\n",
+     [T_RED], None),
+    ("AU2", "a segment found by the first read of the archive does not hold the end", SINK,
+     "            self._raise_tail(manifest.last, key)\n",
+     "            self._tail = _max(self._tail, manifest.last)\n",
+     [T_RED], None),
+    ("AU3", "a segment met at a write's own key does not hold the end", SINK,
+     "            self._raise_tail(covered, key)\n",
+     "            self._tail = _max(self._tail, covered)\n",
+     [T_RED], None),
+    ("AU4", "the segments a crashed run stored are never counted", SINK,
+     "        result.adopted_segments, result.adopted_events = self._adopted\n",
+     "",
+     [T_RED], None),
+    ("AU5", "the crashed run's segments counted at every write", SINK,
+     "        self._adopted = (0, 0)\n        self._stored_unreported.clear()",
+     "        self._stored_unreported.clear()",
+     [T_RED], None),
+    ("AU6", "an object under events/ not named by an event id stops the write", SINK,
+     "            except ValueError:\n                # Not a name",
+     "            except KeyError:\n                # Not a name",
+     [T_RED], None),
+    # -- retention ----------------------------------------------------------------------------
+    ("AU7", "a snapshot whose manifest was damaged deleted as a killed job's leftovers", RET,
+     '        if f"{prefix}manifest.json" in keys:\n',
+     "        if False:\n",
+     [T_RET], None),
+    # -- local storage and files ----------------------------------------------------------------
+    ("AU8", "a directory the connector may not read stops the sweep (and the start)", LOCAL,
+     "                if directory == self.root:\n",
+     "                if True:\n",
+     [T_LOC], None),
+    ("AU9", "a full disk sweeps nothing", LOCAL,
+     "        if now - self._swept_full_at < 60:\n",
+     "        if True:\n",
+     [T_LOC], None),
+    ("AU10", "a write failing on a full disk mid-file sweeps nothing", LOCAL,
+     "                if exc.errno in (errno.ENOSPC, errno.EDQUOT):\n"
+     "                    self._sweep_when_full()\n",
+     "",
+     [T_LOC], None),
+    ("AU11", "a file a killed run left in place is taken as stored without being made durable",
+     FILES,
+     "            self.storage.settle(found)\n",
+     "            pass\n",
+     [T_FILES], None),
+    # -- S3 ---------------------------------------------------------------------------------------
+    ("AU12", "a proxy that is down stops the run", S3,
+     "    bce.ConnectionError,  # a proxy restarting",
+     "    bce.HTTPClientError,  # a proxy restarting",
+     [T_S3], None),
+    ("AU13", "a probe write whose answer was lost fails the check", S3,
+     ' and self.get(probe) != b"probe":',
+     ":",
+     [T_S3], None),
+    ("AU14", "https to a plain-http store waited for as a transient failure", S3,
+     '    if isinstance(exc, bce.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):\n',
+     "    if False:\n",
+     [T_S3], None),
+    ("AU15", "a bucket name botocore refuses accepted until the first request", S3,
+     "        if not _BUCKET.fullmatch(bucket):\n",
+     '        if not bucket or "/" in bucket:\n',
+     [T_S3], None),
+    ("AU16", "an endpoint botocore fails on accepted until the first request", S3,
+     "        if endpoint_url is not None:\n            _check_endpoint(endpoint_url)\n",
+     "",
+     [T_S3], None),
+    ("AU17", "an invalid prefix named under a key that does not exist", S3,
+     "        raise ConfigError(setting, f\"invalid prefix",
+     "        raise ConfigError(\"s3.prefix\", f\"invalid prefix",
+     [T_S3], None),
+    # -- restore -----------------------------------------------------------------------------------
+    ("AU18", "a killed restore resumes into a platform reinstalled at the same URL", REST,
+     '        "target_id": target_id,\n',
+     "",
+     [T_KILL], None),
+    ("AU19", "the platform's id not given to the restore", CLI,
+     "                target_id=target.platform_id,\n",
+     "",
+     [T_KILL], None),
+    ("AU20", "the restore registers under run's own connector id", CLI,
+     '            uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{settings.connector.id}:{url}")\n'
+     "            if settings.connector.id\n",
+     "            uuid.UUID(settings.connector.id)\n"
+     "            if settings.connector.id\n",
+     [T_KILL], None),
+    ("AU21", "the platform's id read only when the first push checks the target", CLI,
+     "            target.check()\n            report = restore_to_target(",
+     "            report = restore_to_target(",
+     [T_KILL], None),
+]  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(run(set(sys.argv[1:]), MUTATIONS))
