@@ -360,6 +360,47 @@ def test_segment_left_without_manifest_is_found_by_the_first_write(tmp_path: Pat
     assert stored == [e.id_text for e in events]
 
 
+def test_a_write_reports_the_segment_holding_the_end_and_what_it_found_once(
+    tmp_path: Path,
+) -> None:
+    """What the checkpoint takes from each write: the segment that holds the archive's end
+    (found by the first read of the archive, or met at the write's own key), even when the
+    write stores nothing; and the segments an earlier run stored, counted once."""
+    from connector.sim.generator import generate
+    from connector.sink import Batch
+    from tests.support.simlog import sim_events
+
+    sim_store = SimStore()
+    generate(sim_store, 30, seed=4, mix="creates")
+    events, _ = sim_events(sim_store)
+    storage = LocalStorage(tmp_path / "a")
+
+    def batch(part: list[Any], after: Any) -> Batch:
+        return Batch(first_id=part[0].id, last_id=part[-1].id, events=part, after_id=after)
+
+    first, second, third = events[:10], events[10:20], events[20:]
+    ArchiveSink(storage).write(batch(first, None))
+    ahead = ArchiveSink(storage)
+    assert ahead.end(first[-1].id) == first[-1].id  # its read of the archive: nothing past it
+    ArchiveSink(storage).write(batch(second, first[-1].id))  # a crashed run's segment
+    stored = sorted(storage.list(EVENTS_PREFIX))[-1]
+
+    # Met at its own key with other bytes (a re-delivery cut otherwise): covered, nothing new.
+    ahead.write(batch(second[:5], first[-1].id))
+    assert (ahead.last.segments, ahead.last.tail_segment) == ([], stored)
+
+    # A restart: its first read finds that segment, counts it once, and goes on after it.
+    sink = ArchiveSink(storage)
+    sink.write(batch(second[:5], first[-1].id))
+    got = sink.last
+    assert (got.events, got.tail_segment) == (0, stored)
+    assert (got.adopted_segments, got.adopted_events) == (1, 10)
+    sink.write(batch(third, second[4].id))
+    got = sink.last
+    assert (got.events, got.adopted_segments, got.adopted_events) == (10, 0, 0)
+    assert got.tail_segment == got.segments[-1] != stored
+
+
 def test_an_object_under_events_that_is_not_a_segment_is_left_alone(tmp_path: Path) -> None:
     """A copy someone left beside the segments, named like one but not by an event id: each
     start's first write read it as a segment and died on its name, a crash loop, while verify
