@@ -31,7 +31,13 @@ from apscheduler.triggers.interval import IntervalTrigger
 from . import metrics
 from .errors import ConfigError, ConnectorError
 from .locks import LOCK_KEY, JobLock, LockHeld, LockRecord, LockWatch
-from .retention import RetentionPolicy, RetentionReport, apply_retention, plan_retention
+from .retention import (
+    RetentionPolicy,
+    RetentionReport,
+    RetentionStopped,
+    apply_retention,
+    plan_retention,
+)
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -113,6 +119,7 @@ def run_snapshot_job(
             work_dir=work_dir,
             stop=stop,
             before_commit=lock.renew,
+            guard=lock.guard,
             state_image=state_image,
             codec=codec,
             level=level,
@@ -139,17 +146,19 @@ def run_retention_job(
     now: dt.datetime | None = None,
     ttl_secs: float = 600,
     watch: LockWatch | None = None,
+    stop: threading.Event | None = None,
 ) -> RetentionReport:
-    """Plan (and unless ``dry_run``, apply) retention under the job lock."""
+    """Plan (and unless ``dry_run``, apply) retention under the job lock. ``stop`` set: raises
+    ``RetentionStopped`` at the next manifest read or deletion (the lock is released)."""
     with JobLock(storage, "retention", ttl_secs, watch=watch):
-        report = plan_retention(storage, policy, now or dt.datetime.now(dt.UTC))
+        report = plan_retention(storage, policy, now or dt.datetime.now(dt.UTC), stop=stop)
         if dry_run:
             for d in report.deletions:
                 log.info(
                     "Retention would delete an object.", extra={"key": d.key, "reason": d.reason}
                 )
         else:
-            apply_retention(storage, report)
+            apply_retention(storage, report, stop=stop)
         return report
 
 
@@ -343,6 +352,7 @@ class JobRunner:
                 self.retention,
                 ttl_secs=self.lock_ttl_secs,
                 watch=self._lock_watch,
+                stop=self.stop,
             ),
         )
 
@@ -367,7 +377,7 @@ class JobRunner:
         self.runs[name] += 1
         try:
             result = job()
-        except SnapshotStopped as exc:
+        except (SnapshotStopped, RetentionStopped) as exc:
             log.info("Archive job stopped for shutdown.", extra={"job": name, "reason": str(exc)})
         except LockHeld as exc:
             # Another process's job holds the archive: try again soon, not at the next

@@ -24,6 +24,7 @@ same mechanism. It is advisory and best effort:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -31,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -106,6 +108,10 @@ class LockRecord:
     host: str = ""
     pid: int = 0
     pidns: str = ""
+    # The expiry on the kernel's boot clock (``elapsed_clock``), which every process and
+    # container of the machine shares and no wall-clock step moves: how a reader of the same
+    # boot judges it (0: not given, an older version's record).
+    boot_expires: float = 0.0
 
     @property
     def holder(self) -> str:
@@ -120,6 +126,7 @@ class LockRecord:
                 "host": self.host,
                 "pid": self.pid,
                 "pidns": self.pidns,
+                "boot_expires": self.boot_expires,
             }
         )
 
@@ -132,6 +139,7 @@ class LockRecord:
             if expires.tzinfo is None:
                 expires = expires.replace(tzinfo=dt.UTC)
             pid = obj.get("pid", 0)
+            boot_expires = obj.get("boot_expires", 0.0)
             return cls(
                 str(obj["owner"]),
                 str(obj.get("job", "")),
@@ -139,6 +147,7 @@ class LockRecord:
                 str(obj.get("host", "")),
                 pid if isinstance(pid, int) else 0,
                 str(obj.get("pidns", "")),
+                float(boot_expires) if isinstance(boot_expires, int | float) else 0.0,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
@@ -241,6 +250,7 @@ class JobLock:
             socket.gethostname(),
             os.getpid(),
             _pid_namespace(),
+            elapsed_clock() + self.ttl.total_seconds(),
         )
 
     def _replace_record(self, tag: str) -> bool:
@@ -268,7 +278,8 @@ class JobLock:
             started = elapsed_clock()
             if self.storage.put_if_absent(self.key, self._record().to_json()):
                 self._renewed_at = started
-                self._confirm()
+                with self._undone_if_interrupted():
+                    self._confirm()
                 return
             found = self._read_tagged()
             if found is None:
@@ -288,9 +299,26 @@ class JobLock:
                     "Taking over an archive lock whose holder is gone.",
                     extra={"job": self.job, "previous_job": current.job, "holder": current.holder},
                 )
-            self.take_over(tag)
+            with self._undone_if_interrupted():
+                self.take_over(tag)
             return
         raise LockHeld("archive lock taken by another process meanwhile")
+
+    @contextlib.contextmanager
+    def _undone_if_interrupted(self) -> Iterator[None]:
+        """Our record may be written and the lock not yet confirmed ours: a signal (SIGTERM,
+        Ctrl-C) or a storage error there left it behind for a whole lease, as no ``with``
+        block was entered to release it. Deleted if it is ours, then the error goes on."""
+        try:
+            yield
+        except LockHeld:
+            raise  # someone else's record: nothing of ours to undo
+        except BaseException:
+            with contextlib.suppress(Exception):
+                current = self.read()
+                if current is not None and current.owner == self.owner:
+                    self.storage.delete(self.key)
+            raise
 
     def expired(self, record: LockRecord) -> bool:
         """Whether another holder's ``record`` may be taken over: its holder, a process of this
@@ -300,6 +328,10 @@ class JobLock:
             return True
         now = _now()
         if record.dated_here():
+            if record.boot_expires > 0:
+                # Not the wall clock: an NTP step or a resumed VM moves it for both processes,
+                # and a step forward would hand a live holder's lock to a standby beside it.
+                return record.boot_expires <= elapsed_clock()
             return record.expires_at <= now
         if record.expires_at + max(self.ttl, _CLOCK_SLACK) <= now:
             return True
@@ -357,6 +389,15 @@ class JobLock:
                 f"archive lock taken over by {current.holder if current else 'nobody'}",
                 current,
             )
+
+    def guard(self) -> None:
+        """Before a write of the job: raise ``LockHeld`` unless the lock is still ours. Read
+        again (and renewed) when the last renewal is older than half the lease: a process
+        paused past its lease (a frozen VM) resumes here before its renewal thread notices."""
+        if self._lost:
+            raise LockHeld("archive lock taken over by another process")
+        if elapsed_clock() - self._renewed_at > self.ttl.total_seconds() / 2:
+            self.renew()
 
     @property
     def lost(self) -> bool:

@@ -38,6 +38,7 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -64,6 +65,7 @@ __all__ = [
     "Deletion",
     "RetentionPolicy",
     "RetentionReport",
+    "RetentionStopped",
     "SnapshotRef",
     "apply_retention",
     "committed_snapshots",
@@ -236,7 +238,7 @@ def _snapshot_id(prefix: str) -> EventId | None:
         return None
 
 
-def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
+def _parts_intact(storage: Storage, snap: SnapshotRef, stop: threading.Event | None) -> bool:
     """The manifest as a restore reads it, and every part present with the size and sha256 it
     records: a base snapshot must be loadable before the segments it replaces are deleted. Its
     state image is not read: a restore that cannot use it loads these parts."""
@@ -254,6 +256,7 @@ def _parts_intact(storage: Storage, snap: SnapshotRef) -> bool:
         for part in info.parts:
             if part.kind == STATE_KIND:
                 continue
+            _check_stop(stop)
             if storage.size(part.key) != part.size:
                 raise ValueError(part.key)
             with storage.open(part.key) as fh:
@@ -335,8 +338,24 @@ def trusted_now(storage: Storage, now: dt.datetime) -> dt.datetime:
     return trusted
 
 
-def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) -> RetentionReport:
-    """What retention would delete now, and why. Reads only."""
+class RetentionStopped(ConnectorError):
+    """``stop`` was set (a shutdown): the pass ended there, as a killed one would."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RetentionStopped("retention stopped for shutdown; the next pass goes on")
+
+
+def plan_retention(
+    storage: Storage,
+    policy: RetentionPolicy,
+    now: dt.datetime,
+    *,
+    stop: threading.Event | None = None,
+) -> RetentionReport:
+    """What retention would delete now, and why. Reads only. ``stop`` set: raises
+    ``RetentionStopped`` at the next manifest or snapshot part read."""
     now = trusted_now(storage, now)
     report = RetentionReport(policy, window_start(policy, now))
     snapshots = committed_snapshots(storage)
@@ -347,7 +366,7 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
         return report
     older = [s for s in snapshots if s.as_of <= report.window_start]
     # The base must be restorable: its parts have to be there before anything relies on it.
-    base = next((s for s in reversed(older) if _parts_intact(storage, s)), None)
+    base = next((s for s in reversed(older) if _parts_intact(storage, s, stop)), None)
     protected: set[EventId] = set()
     if base is not None:
         report.base = str(base.as_of)
@@ -372,7 +391,7 @@ def plan_retention(storage: Storage, policy: RetentionPolicy, now: dt.datetime) 
         else:
             _plan_snapshot(storage, report, snap.prefix, reason)
     _plan_unfinished_snapshots(storage, report, snapshots[-1].as_of, {s.prefix for s in snapshots})
-    _plan_segments(storage, report, base.as_of if base is not None else None)
+    _plan_segments(storage, report, base.as_of if base is not None else None, stop)
     if base is not None:
         _plan_quarantine(storage, report, base.as_of)
     return report
@@ -407,11 +426,14 @@ def _plan_unfinished_snapshots(
             )
 
 
-def _plan_segments(storage: Storage, report: RetentionReport, base: EventId | None) -> None:
+def _plan_segments(
+    storage: Storage, report: RetentionReport, base: EventId | None, stop: threading.Event | None
+) -> None:
     planned: set[str] = set()
     for key in storage.list(MANIFESTS_PREFIX):
         if not key.endswith(".json"):
             continue
+        _check_stop(stop)
         try:
             manifest = read_manifest(storage, key)
         except NotFound:
@@ -458,10 +480,15 @@ def _plan_quarantine(storage: Storage, report: RetentionReport, base: EventId) -
         )
 
 
-def apply_retention(storage: Storage, report: RetentionReport) -> RetentionReport:
-    """Delete what ``report`` planned, in plan order (every commit marker before its data)."""
+def apply_retention(
+    storage: Storage, report: RetentionReport, *, stop: threading.Event | None = None
+) -> RetentionReport:
+    """Delete what ``report`` planned, in plan order (every commit marker before its data).
+    ``stop`` set: raises ``RetentionStopped`` before the next deletion, which leaves what a
+    killed pass leaves (the next pass removes the rest)."""
     report.dry_run = False
     for d in report.deletions:
+        _check_stop(stop)
         storage.delete(d.key)
         report.deleted += 1
         metrics.DELETIONS.labels(d.kind).inc()

@@ -553,10 +553,12 @@ class _PartWriter:
         level: int,
         limit: int,
         stop: threading.Event | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.storage, self.prefix, self.kind = storage, prefix, kind
         self.codec, self.level, self.limit = codec, level, limit
         self.stop = stop
+        self.guard = guard  # before each write: raises unless the job still holds its lock
         self.parts: list[PartInfo] = []
         self.total = 0
         self._count = 0
@@ -595,9 +597,12 @@ class _PartWriter:
         name = "part" if self.kind == "objects" else "tombstones"
         key = f"{self.prefix}{name}-{len(self.parts):05d}{CODEC_SUFFIX[self.codec]}"
         digest = hashlib.sha256(body).hexdigest()
+        if self.guard is not None:
+            self.guard()
         if not self.storage.put_if_absent(key, body):
             # Left by an attempt that crashed before its manifest: replace it if it differs.
             if hashlib.sha256(self.storage.get(key)).hexdigest() != digest:
+                _uncommitted(self.storage, self.prefix)
                 self.storage.put(key, body)
         self.parts.append(PartInfo(key, self.kind, self._count, len(body), digest))
         self.total += self._count
@@ -616,11 +621,12 @@ def _export(
     stop: threading.Event | None = None,
     before_commit: Callable[[], None] | None = None,
     state_image: bool = True,
+    guard: Callable[[], None] | None = None,
 ) -> SnapshotInfo:
     if state.as_of is None:
         raise PermanentError("cannot snapshot an empty state")
     prefix = f"{SNAPSHOTS_PREFIX}{state.as_of.key}/"
-    objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects, stop)
+    objects = _PartWriter(storage, prefix, "objects", codec, level, part_objects, stop, guard)
     digest = hashlib.sha256()
     for row, aliases in state.snapshot_rows():
         key, stix_id, event_id, event, iid, stype, phase, version, refs, blob = row
@@ -633,7 +639,7 @@ def _export(
         record["aliases"], record["data"] = aliases, orjson.Fragment(blob)
         objects.add(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
     objects.flush()
-    tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects, stop)
+    tombs = _PartWriter(storage, prefix, "tombstones", codec, level, part_objects, stop, guard)
     for t in state.tombstones():
         tombs.add(
             orjson.dumps(
@@ -650,7 +656,9 @@ def _export(
     tombs.flush()
     parts = objects.parts + tombs.parts
     if state_image:
-        parts.append(_write_state_image(state, storage, prefix, codec, level, objects.total, stop))
+        parts.append(
+            _write_state_image(state, storage, prefix, codec, level, objects.total, stop, guard)
+        )
     info = SnapshotInfo(
         as_of=state.as_of,
         based_on=based_on,
@@ -672,6 +680,13 @@ def _export(
     return info
 
 
+def _uncommitted(storage: Storage, prefix: str) -> None:
+    """Before replacing what an earlier attempt left under ``prefix``: a committed snapshot's
+    objects are never replaced (this job lost its lock, and another process committed)."""
+    if storage.exists(f"{prefix}manifest.json"):
+        raise RetryableError(f"snapshot {prefix} was committed by another process meanwhile")
+
+
 def _write_state_image(
     state: StateStore,
     storage: Storage,
@@ -680,6 +695,7 @@ def _write_state_image(
     level: int,
     objects: int,
     stop: threading.Event | None,
+    guard: Callable[[], None] | None = None,
 ) -> PartInfo:
     """The state's database file, compressed whole into a scratch file beside it, then stored.
     A scratch store has no journal: once settled, every committed page is in the file."""
@@ -698,9 +714,12 @@ def _write_state_image(
             digest.update(chunk)
         size = spool.tell()
         _check_stop(stop, "while writing its state image")
+        if guard is not None:
+            guard()
         if not storage.put_if_absent(key, spool):
             # Left by an attempt killed before its manifest (an image's bytes depend on how
             # the database was built, so it is not compared): this one replaces it.
+            _uncommitted(storage, prefix)
             storage.delete(key)
             if not storage.put_if_absent(key, spool):
                 raise RetryableError(f"snapshot state image {key} was written meanwhile")
@@ -717,6 +736,7 @@ def write_snapshot(
     stop: threading.Event | None = None,
     before_commit: Callable[[], None] | None = None,
     state_image: bool = True,
+    guard: Callable[[], None] | None = None,
 ) -> SnapshotInfo | None:
     """Snapshot the archive's latest committed position; None when nothing is new.
 
@@ -725,6 +745,8 @@ def write_snapshot(
     ``before_commit``: called just before the manifest is written; what it raises leaves the
     snapshot uncommitted (the job checks that it still holds the archive lock).
     ``state_image``: store the state database itself too (``snapshot.state_image``).
+    ``guard``: called before each part and the image is written; what it raises stops the
+    snapshot there (the job's check that its lock is still its own, renewed when due).
     """
     if codec not in CODEC_SUFFIX:
         raise PermanentError(f"unknown snapshot codec {codec!r}")
@@ -772,6 +794,7 @@ def write_snapshot(
             stop=stop,
             before_commit=before_commit,
             state_image=state_image,
+            guard=guard,
         )
         log.info(
             "Snapshot written.",

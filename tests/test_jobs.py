@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from connector.retention import RetentionPolicy
 from connector.snapshot import list_snapshots
 from connector.storage import Body, Storage
 from connector.storage.local import LocalStorage
-from tests.support.connector import wait_until
+from tests.support.connector import ROOT, wait_until
 from tests.support.s3 import moto_server, s3_settings, s3_storage  # noqa: F401
 from tests.test_verify import build_good
 
@@ -643,3 +645,188 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lock(tmp_path: Path) -> None:
         storage.lose = True
         lock.renew()  # reads again: the record is ours, written by that very renewal
         assert not lock.lost and _owner(storage) == lock.owner
+
+
+# A snapshot job in a child process, stopped (SIGSTOP, as a frozen VM) while it writes its first
+# part: ``PART`` is printed, then the write waits a moment, long enough for the parent to stop it.
+_PAUSED_SNAPSHOT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from connector.jobs import LockHeld, run_snapshot_job
+    from connector.storage.local import LocalStorage
+
+    class Pausing(LocalStorage):
+        paused = False
+
+        def put_if_absent(self, key, body):
+            if key.startswith("snapshots/") and not Pausing.paused:
+                Pausing.paused = True
+                print("PART", key, flush=True)
+                time.sleep(1.0)
+            return super().put_if_absent(key, body)
+
+    try:
+        run_snapshot_job(Pausing(sys.argv[1]), Path(sys.argv[2]), ttl_secs=1.5)
+    except LockHeld as exc:
+        print("LOST", exc, flush=True)
+    """
+)
+
+
+def test_a_snapshot_job_paused_past_its_lease_writes_nothing_more(tmp_path: Path) -> None:
+    """Paused past its lease while it wrote its first part, another process took the lock over
+    (and may commit the same snapshot). Resumed, the job wrote its other parts and its state
+    image over what the new holder may have committed: only its manifest was refused."""
+    root = tmp_path / "a"
+    storage = LocalStorage(root)
+    build_good(storage)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_SNAPSHOT, str(root), str(tmp_path / "w")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        first = child.stdout.readline().split()
+        assert first[:1] == ["PART"], first
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(2.0)  # past the lease of 1.5 s
+        taker = JobLock(storage, "retention", ttl_secs=60)
+        taker.acquire()  # the stopped holder's lease ran out
+        try:
+            child.send_signal(signal.SIGCONT)
+            out, _ = child.communicate(timeout=60)
+            assert out.startswith("LOST"), out
+            assert sorted(storage.list("snapshots/")) == [first[1]]
+            assert _owner(storage) == taker.owner
+        finally:
+            taker.release()
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait()
+
+
+def test_a_lock_of_this_machine_expires_by_the_boot_clock_not_the_wall_clock(
+    tmp_path: Path,
+) -> None:
+    """The wall clock stepped forward (an NTP step, a VM resumed): a live holder's record on
+    this machine looks expired by its date while it still holds the lock; stepped back, a dead
+    one's looks alive. Records of this boot carry their expiry on the kernel's boot clock."""
+    storage = LocalStorage(tmp_path / "a")
+    here = JobLock(storage, "x")._record()  # noqa: SLF001 - this machine's pid namespace
+    now = dt.datetime.now(dt.UTC)
+    live = LockRecord(
+        "live-holder", "snapshot", now - dt.timedelta(minutes=1), here.host, os.getpid(),
+        here.pidns, elapsed_clock() + 60,
+    )  # fmt: skip
+    storage.put(LOCK_KEY, live.to_json())
+    with pytest.raises(LockHeld):
+        JobLock(storage, "retention").acquire()
+    dead = LockRecord(
+        "dead-holder", "snapshot", now + dt.timedelta(hours=1), here.host, os.getpid(),
+        here.pidns, elapsed_clock() - 1,
+    )  # fmt: skip
+    storage.put(LOCK_KEY, dead.to_json())
+    with JobLock(storage, "retention") as lock:
+        assert _owner(storage) == lock.owner
+
+
+class _InterruptedConfirm(LocalStorage):
+    """Ctrl-C (or SIGTERM's handler) arrives while a lock just written is read back."""
+
+    armed = False
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        if self.armed and key == LOCK_KEY:
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().get_with_tag(key)
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_a_signal_while_the_lock_is_taken_leaves_no_lock_behind(
+    tmp_path: Path, taken_over: bool
+) -> None:
+    """`prune` got SIGTERM after it wrote its record and before it confirmed it: it exited 143
+    and its record held every job off for the whole lease (10 minutes)."""
+    storage = _InterruptedConfirm(tmp_path / "a")
+    if taken_over:
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+        dead = {"owner": "dead-process", "job": "snapshot", "expires_at": past.isoformat()}
+        storage.put(LOCK_KEY, orjson.dumps(dead))
+    lock = JobLock(storage, "retention")
+    original = lock._still_ours  # noqa: SLF001
+
+    def confirm_read() -> None:  # the take-over's read comes after its settle
+        storage.armed = True
+        original()
+
+    lock._still_ours = confirm_read  # type: ignore[method-assign]  # noqa: SLF001
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    assert not storage.exists(LOCK_KEY)
+    with JobLock(storage, "snapshot"):  # the next job is not held off
+        pass
+
+
+def test_a_retention_pass_stops_at_shutdown(tmp_path: Path) -> None:
+    """Retention took no stop: a long pass (a manifest read at a time from a slow store, then
+    the deletions) held `run`'s exit for minutes after SIGTERM."""
+    from connector.retention import RetentionStopped
+    from tests.test_retention import at_day, build_days
+
+    stop = threading.Event()
+
+    class StopsAtTheFirstDeletion(LocalStorage):
+        deleted: list[str] = []
+
+        def delete(self, key: str) -> None:
+            if key != LOCK_KEY:
+                if not self.deleted:
+                    stop.set()  # SIGTERM arrives while the first object is deleted
+                self.deleted.append(key)
+            super().delete(key)
+
+    storage = StopsAtTheFirstDeletion(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={2, 5})
+    policy = RetentionPolicy(keep_days=4, keep_snapshots=0)
+    with pytest.raises(RetentionStopped):
+        run_retention_job(storage, policy, now=at_day(8), stop=stop)
+    assert len(storage.deleted) == 1 and not storage.exists(LOCK_KEY)
+    with pytest.raises(RetentionStopped):  # planning stops too
+        run_retention_job(storage, policy, now=at_day(8), stop=stop)
+    assert len(storage.deleted) == 1
+    stop.clear()
+    report = run_retention_job(storage, policy, now=at_day(8), stop=stop)
+    assert report.deleted > 0 and len(storage.deleted) == 1 + report.deleted  # the rest
+
+
+def test_a_committed_snapshots_parts_are_never_replaced(tmp_path: Path) -> None:
+    """A part found in place with other bytes is an earlier attempt's leftover, replaced: unless
+    the snapshot was committed meanwhile (by a process that took the lock over), whose part it
+    then is."""
+    from connector.snapshot import write_snapshot
+
+    root = tmp_path / "a"
+    build_good(LocalStorage(root))
+    info = write_snapshot(LocalStorage(root), work_dir=tmp_path / "w")
+    assert info is not None
+    committed = {p.key: LocalStorage(root).get(p.key) for p in info.parts}
+    manifest = LocalStorage(root).get(info.manifest_key)
+    LocalStorage(root).delete(info.manifest_key)  # as before that process's commit
+    part = info.parts[0].key
+
+    class CommittedWhileRead(LocalStorage):
+        def get(self, key: str) -> bytes:
+            data = super().get(key)
+            if key == part:  # the other process commits as this one compares the part
+                self.put(info.manifest_key, manifest)
+            return data
+
+    with pytest.raises(RetryableError, match="committed by another process"):
+        write_snapshot(CommittedWhileRead(root), work_dir=tmp_path / "w2", level=19)
+    assert {k: LocalStorage(root).get(k) for k in committed} == committed
