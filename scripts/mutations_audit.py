@@ -26,9 +26,11 @@ from mutations import Mutation, run
 SINK, PIPE, RET = "connector/archive/sink.py", "connector/pipeline.py", "connector/retention.py"
 LOCAL, FILES, S3 = "connector/storage/local.py", "connector/files.py", "connector/storage/s3.py"
 REST, CLI = "connector/restore.py", "connector/restore_cli.py"
+LOCKS, SNAP, JOBS = "connector/locks.py", "connector/snapshot.py", "connector/jobs.py"
 
 T_RED, T_RET, T_LOC = "test_sink_redelivery", "test_retention", "test_local_storage_durability"
 T_FILES, T_S3, T_KILL = "test_files", "test_s3_faults", "test_restore_kill"
+T_JOBS = "test_jobs"
 
 # (id, what it breaks, file, text, replacement, test files, equivalent: why or None)
 MUTATIONS: list[Mutation] = [
@@ -126,6 +128,55 @@ MUTATIONS: list[Mutation] = [
      "            target.check()\n            report = restore_to_target(",
      "            report = restore_to_target(",
      [T_KILL], None),
+    # -- the job lock and the jobs ----------------------------------------------------------------
+    ("AU22", "a snapshot part written without checking the lock", SNAP,
+     "        if self.guard is not None:\n            self.guard()\n",
+     "",
+     [T_JOBS], None),
+    ("AU23", "the state image written without checking the lock", SNAP,
+     "        if guard is not None:\n            guard()\n        if not storage.put_if_absent(key, spool):",
+     "        if not storage.put_if_absent(key, spool):",
+     [T_JOBS], None),
+    ("AU24", "the lock's check never reads the record again, however old its renewal", LOCKS,
+     "        if elapsed_clock() - self._renewed_at > self.ttl.total_seconds() / 2:\n            self.renew()",
+     "        if False:\n            self.renew()",
+     [T_JOBS], None),
+    ("AU25", "the snapshot job passes no lock check", JOBS,
+     "            guard=lock.guard,\n",
+     "",
+     [T_JOBS], None),
+    ("AU26", "a committed snapshot's part replaced", SNAP,
+     "                _uncommitted(self.storage, self.prefix)\n",
+     "",
+     [T_JOBS], None),
+    ("AU27", "a lock of this machine judged by the wall clock", LOCKS,
+     "            if record.boot_expires > 0:\n",
+     "            if False:\n",
+     [T_JOBS], None),
+    ("AU28", "the boot-clock expiry never written", LOCKS,
+     "            elapsed_clock() + self.ttl.total_seconds(),\n",
+     "            0.0,\n",
+     [T_JOBS], None),
+    ("AU29", "a record written before a signal left behind", LOCKS,
+     "                    self.storage.delete(self.key)\n            raise\n",
+     "                    pass\n            raise\n",
+     [T_JOBS], None),
+    ("AU30", "retention deletes on after a stop", RET,
+     "    for d in report.deletions:\n        _check_stop(stop)\n",
+     "    for d in report.deletions:\n",
+     [T_JOBS], None),
+    ("AU31", "retention's planning reads every manifest after a stop", RET,
+     "            continue\n        _check_stop(stop)\n",
+     "            continue\n",
+     [T_JOBS], None),
+    ("AU32", "retention's base check reads every part after a stop", RET,
+     "                continue\n            _check_stop(stop)\n",
+     "                continue\n",
+     [T_JOBS], None),
+    ("AU33", "the runner's retention gets no stop", JOBS,
+     "                stop=self.stop,\n            ),\n        )\n\n    def _guarded",
+     "            ),\n        )\n\n    def _guarded",
+     [T_JOBS], None),
 ]  # fmt: skip
 
 

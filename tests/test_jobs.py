@@ -830,3 +830,39 @@ def test_a_committed_snapshots_parts_are_never_replaced(tmp_path: Path) -> None:
     with pytest.raises(RetryableError, match="committed by another process"):
         write_snapshot(CommittedWhileRead(root), work_dir=tmp_path / "w2", level=19)
     assert {k: LocalStorage(root).get(k) for k in committed} == committed
+
+
+def test_the_runner_stops_its_retention_at_shutdown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`run`'s scheduled retention gets the runner's stop: set by shutdown, the pass ends at its
+    next deletion, said as a stop, not a failure."""
+    from tests.test_retention import at_day, build_days
+
+    holder: list[JobRunner] = []
+
+    class ShutdownAtTheFirstDeletion(LocalStorage):
+        deleted: list[str] = []
+
+        def delete(self, key: str) -> None:
+            if key != LOCK_KEY:
+                holder[0].stop.set()  # what shutdown sets
+                self.deleted.append(key)
+            super().delete(key)
+
+    storage = ShutdownAtTheFirstDeletion(tmp_path / "a")
+    build_days(storage, tmp_path, days=8, snapshot_days={2, 5})
+    follow = dt.datetime.now(dt.UTC)
+    assert follow > at_day(8)  # the archive's days are long past: a 4-day window prunes
+    runner = JobRunner(
+        storage,
+        snapshot_schedule="",
+        retention_schedule="every 1d",
+        retention=RetentionPolicy(keep_days=4, keep_snapshots=0),
+        work_dir=tmp_path / "w",
+    )
+    holder.append(runner)
+    with caplog.at_level("INFO", logger="connector.jobs"):
+        runner.run_retention()
+    assert len(storage.deleted) == 1 and runner.failures["retention"] == 0
+    assert "stopped for shutdown" in caplog.text and not storage.exists(LOCK_KEY)
