@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import signal
@@ -11,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 import pytest
@@ -647,8 +649,9 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lock(tmp_path: Path) -> None:
         assert not lock.lost and _owner(storage) == lock.owner
 
 
-# A snapshot job in a child process, stopped (SIGSTOP, as a frozen VM) while it writes its first
-# part: ``PART`` is printed, then the write waits a moment, long enough for the parent to stop it.
+# A snapshot job in a child process, stopped (SIGSTOP, as a frozen VM) while it writes the part
+# whose key holds argv[3]: ``PART`` is printed, then the write waits a moment, long enough for
+# the parent to stop it.
 _PAUSED_SNAPSHOT = textwrap.dedent(
     """
     import sys, time
@@ -660,7 +663,7 @@ _PAUSED_SNAPSHOT = textwrap.dedent(
         paused = False
 
         def put_if_absent(self, key, body):
-            if key.startswith("snapshots/") and not Pausing.paused:
+            if key.startswith("snapshots/") and sys.argv[3] in key and not Pausing.paused:
                 Pausing.paused = True
                 print("PART", key, flush=True)
                 time.sleep(1.0)
@@ -674,15 +677,19 @@ _PAUSED_SNAPSHOT = textwrap.dedent(
 )
 
 
-def test_a_snapshot_job_paused_past_its_lease_writes_nothing_more(tmp_path: Path) -> None:
-    """Paused past its lease while it wrote its first part, another process took the lock over
-    (and may commit the same snapshot). Resumed, the job wrote its other parts and its state
-    image over what the new holder may have committed: only its manifest was refused."""
+@pytest.mark.parametrize("paused_at", ["part-", "tombstones-"])
+def test_a_snapshot_job_paused_past_its_lease_writes_nothing_more(
+    tmp_path: Path, paused_at: str
+) -> None:
+    """Paused past its lease while it wrote a part (the first one, or the last one before its
+    state image), another process took the lock over (and may commit the same snapshot).
+    Resumed, the job wrote its other parts and its state image over what the new holder may
+    have committed: only its manifest was refused."""
     root = tmp_path / "a"
     storage = LocalStorage(root)
     build_good(storage)
     child = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_SNAPSHOT, str(root), str(tmp_path / "w")],
+        [sys.executable, "-c", _PAUSED_SNAPSHOT, str(root), str(tmp_path / "w"), paused_at],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         text=True,
@@ -699,7 +706,8 @@ def test_a_snapshot_job_paused_past_its_lease_writes_nothing_more(tmp_path: Path
             child.send_signal(signal.SIGCONT)
             out, _ = child.communicate(timeout=60)
             assert out.startswith("LOST"), out
-            assert sorted(storage.list("snapshots/")) == [first[1]]
+            written = sorted(storage.list("snapshots/"))
+            assert written[-1] == first[1] and not [k for k in written if "state" in k], written
             assert _owner(storage) == taker.owner
         finally:
             taker.release()
@@ -733,6 +741,14 @@ def test_a_lock_of_this_machine_expires_by_the_boot_clock_not_the_wall_clock(
     storage.put(LOCK_KEY, dead.to_json())
     with JobLock(storage, "retention") as lock:
         assert _owner(storage) == lock.owner
+        # Its own record carries the boot clock's expiry: the date alone, stepped past, is not
+        # enough to take it over.
+        record = lock.read()
+        assert record is not None and record.boot_expires > elapsed_clock()
+        stepped = dataclasses.replace(record, expires_at=now - dt.timedelta(minutes=1))
+        storage.put(LOCK_KEY, stepped.to_json())
+        with pytest.raises(LockHeld):
+            JobLock(storage, "snapshot").acquire()
 
 
 class _InterruptedConfirm(LocalStorage):
@@ -791,15 +807,27 @@ def test_a_retention_pass_stops_at_shutdown(tmp_path: Path) -> None:
                 self.deleted.append(key)
             super().delete(key)
 
+        read_stopped: list[str] = []
+
+        def open(self, key: str) -> BinaryIO:
+            if stop.is_set():
+                self.read_stopped.append(key)
+            return super().open(key)
+
     storage = StopsAtTheFirstDeletion(tmp_path / "a")
     build_days(storage, tmp_path, days=8, snapshot_days={2, 5})
     policy = RetentionPolicy(keep_days=4, keep_snapshots=0)
     with pytest.raises(RetentionStopped):
         run_retention_job(storage, policy, now=at_day(8), stop=stop)
     assert len(storage.deleted) == 1 and not storage.exists(LOCK_KEY)
-    with pytest.raises(RetentionStopped):  # planning stops too
+    with pytest.raises(RetentionStopped):  # planning stops too: at the base's parts
         run_retention_job(storage, policy, now=at_day(8), stop=stop)
+    no_base = RetentionPolicy(keep_days=30, keep_snapshots=0)
+    with pytest.raises(RetentionStopped):  # and at the manifests, with no base to check
+        run_retention_job(storage, no_base, now=at_day(8), stop=stop)
     assert len(storage.deleted) == 1
+    # Once stopped, no snapshot part is read (a few manifests say where the archive ends).
+    assert not [k for k in storage.read_stopped if k.startswith("snapshots/")]
     stop.clear()
     report = run_retention_job(storage, policy, now=at_day(8), stop=stop)
     assert report.deleted > 0 and len(storage.deleted) == 1 + report.deleted  # the rest
@@ -866,3 +894,33 @@ def test_the_runner_stops_its_retention_at_shutdown(
         runner.run_retention()
     assert len(storage.deleted) == 1 and runner.failures["retention"] == 0
     assert "stopped for shutdown" in caplog.text and not storage.exists(LOCK_KEY)
+
+
+class _FailingRenewals(LocalStorage):
+    """The store refuses the renewal thread's requests for a while (a transient error each
+    time): the lock is not renewed, and that thread cannot see a take-over either."""
+
+    def get_with_tag(self, key: str) -> tuple[bytes, str]:
+        if threading.current_thread().name.startswith("lock-renew-"):
+            raise RetryableError("S3 get locks/archive-jobs.json: (transient)")
+        return super().get_with_tag(key)
+
+
+def test_a_jobs_write_checks_a_lock_not_renewed_for_half_a_lease(tmp_path: Path) -> None:
+    """Its renewals failing, a job past half its lease may have lost the lock without knowing:
+    the check before its next write reads the record again."""
+    storage = _FailingRenewals(tmp_path / "a")
+    lock = JobLock(storage, "snapshot", ttl_secs=1.0)
+    lock.acquire()
+    try:
+        lock.guard()  # just taken: no read
+        time.sleep(0.6)
+        future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+        other = {"owner": "taker", "job": "retention", "expires_at": future.isoformat()}
+        storage.put(LOCK_KEY, orjson.dumps(other))  # taken over once the lease ran out
+        with pytest.raises(LockHeld):
+            lock.guard()
+        assert lock.lost
+    finally:
+        lock.release()
+    assert _owner(storage) == "taker"
