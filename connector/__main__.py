@@ -91,9 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded simulator and sample data")
     p.add_argument("--dir", default="./demo-archive", help="where the demo archive goes")
-    p.add_argument(
-        "--keep", action="store_true", help="keep an existing demo archive instead of starting over"
-    )
 
     p = sub.add_parser("config-doc", help="print the configuration reference")
     p.add_argument("--format", choices=("markdown", "yaml"), default="markdown")
@@ -976,7 +973,7 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.dir), keep=args.keep)
+    return run_demo(Path(args.dir))
 
 
 def _archive_command(args: argparse.Namespace) -> tuple[Settings, Any]:

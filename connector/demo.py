@@ -70,6 +70,18 @@ def _wait_caught_up(
     raise RuntimeError("the connector did not catch up in time")
 
 
+def _caught_up(
+    storage: LocalStorage, last: str, proc: subprocess.Popen[bytes], log_path: Path
+) -> bool:
+    """Waits for the connector; False, said, when it died or fell behind."""
+    try:
+        _wait_caught_up(storage, last, proc)
+    except RuntimeError as exc:
+        _say(f"FAILED: {exc}; see {log_path}")
+        return False
+    return True
+
+
 def _version(stix: dict[str, Any]) -> str:
     return str(octi_ext(stix).get("updated_at") or stix.get("modified") or "")
 
@@ -131,7 +143,7 @@ def _conclude(
     return 1
 
 
-def run_demo(directory: Path, *, keep: bool = False) -> int:
+def run_demo(directory: Path) -> int:
     import logging
 
     from .restore import materialise
@@ -139,9 +151,9 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
     from .verify import verify_archive
 
     directory = directory.absolute()
-    if directory.exists() and not keep:
+    if directory.exists():
         # Only a directory this demo made (its marker) or an empty one: ``--dir`` pointed at a
-        # real archive must never be wiped.
+        # real archive must never be wiped, nor marked as the demo's.
         if any(directory.iterdir()) and not (directory / _MARKER).is_file():
             raise ConfigError(
                 "--dir",
@@ -156,6 +168,7 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     token = secrets.token_hex(16)
     sim = SimServer(token=token, heartbeat_secs=1.0).start()
+    proc: subprocess.Popen[bytes] | None = None
     try:
         # One load, so relationships can point at objects of another sample file.
         objects = [o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]]
@@ -185,7 +198,8 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         )
         storage = LocalStorage(directory)
         proc = _start(env, log_path)
-        _wait_caught_up(storage, sim.store.last_event_id or "0-0", proc)
+        if not _caught_up(storage, sim.store.last_event_id or "0-0", proc, log_path):
+            return 1
         _say(f"2. Recovered the platform into {directory}.")
 
         store = sim.store
@@ -230,7 +244,8 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
         _say(f"4. SIGKILL in the middle of a 3,000-event burst (checkpoint was {cp}); restarting.")
         generate(store, 500, seed=43)
         proc = _start(env, log_path)
-        _wait_caught_up(storage, store.last_event_id or "0-0", proc)
+        if not _caught_up(storage, store.last_event_id or "0-0", proc, log_path):
+            return 1
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
 
@@ -270,4 +285,12 @@ def run_demo(directory: Path, *, keep: bool = False) -> int:
             log_path=log_path,
         )
     finally:
+        # Also on Ctrl-C or SIGTERM: the connector it started must not outlive the demo.
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         sim.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from connector.demo import _conclude
-from tests.support.connector import ROOT
+from tests.support.connector import ROOT, wait_until
 
 MAL = "malware--00000000-0000-4000-8000-000000000001"
 PASSED: dict[str, Any] = {
@@ -91,4 +92,46 @@ def test_demo_never_wipes_a_directory_it_did_not_make(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "--dir" in proc.stderr
+    assert sorted(p.name for p in precious.iterdir()) == ["checkpoint.json"]  # not marked
     assert (precious / "checkpoint.json").read_text() == "{}"
+
+
+def _processes_archiving_to(directory: Path) -> list[int]:
+    """Pids of live processes whose environment names ``directory`` as their archive."""
+    wanted = f"ARCHIVE_URI={directory}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if wanted in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_demo_stopped_by_sigterm_stops_its_connector(tmp_path: Path) -> None:
+    """`kill <demo>` exited 143 and left the connector it had started running, reparented to
+    init, retrying a simulator that was gone."""
+    directory = tmp_path / "demo-archive"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "connector", "demo", "--dir", str(directory)],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: bool(_processes_archiving_to(directory)) or demo.poll() is not None,
+            timeout=120,
+            what="the demo's connector",
+        )
+        assert demo.poll() is None
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode != 0
+    wait_until(lambda: not _processes_archiving_to(directory), timeout=5, what="no connector left")
