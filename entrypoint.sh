@@ -1,8 +1,8 @@
 #!/bin/sh
-# Container entrypoint: creates OPENCTI_SYNC_WORK_DIR when the environment sets it (the connector
-# also creates its directories when it needs them, the image's defaults included), then replaces
-# itself with opencti-sync so SIGTERM from 'docker stop' reaches the connector, which drains its
-# open batch and exits 0.
+# Container entrypoint: creates OPENCTI_SYNC_WORK_DIR when the environment sets it, if it can
+# (the connector also creates its directories when it needs them, the image's defaults
+# included), then replaces itself with opencti-sync so SIGTERM from 'docker stop' reaches the
+# connector, which drains its open batch and exits 0.
 #   /entrypoint.sh run | status --json | check | restore ... | any opencti-sync command
 #   /entrypoint.sh healthcheck   (used by the image's HEALTHCHECK)
 set -eu
@@ -17,7 +17,7 @@ if [ "${1:-}" = "healthcheck" ]; then
     # else from the image's OPENCTI_SYNC_DEFAULTS (an empty value counts as unset, as for the
     # connector); a config file's metrics keys are not read here.
     exec python - <<'PY'
-import os, shlex, sys, time, urllib.request
+import math, os, shlex, sys, time, urllib.request
 defaults = {}
 for word in shlex.split(os.environ.get("OPENCTI_SYNC_DEFAULTS", "")):
     name, _, value = word.partition("=")
@@ -25,7 +25,13 @@ for word in shlex.split(os.environ.get("OPENCTI_SYNC_DEFAULTS", "")):
 def setting(name, fallback):
     return os.environ.get(name, "").strip() or defaults.get(name, "").strip() or fallback
 port = setting("METRICS_PORT", "9095")
-limit = float(setting("HEALTHCHECK_MAX_LAG_SECS", "0"))
+raw = setting("HEALTHCHECK_MAX_LAG_SECS", "0")
+try:
+    limit = float(raw)
+except ValueError:
+    limit = math.nan
+if not math.isfinite(limit):  # "30s" was a traceback; nan compared false: always healthy
+    sys.exit(f"HEALTHCHECK_MAX_LAG_SECS must be a number of seconds (e.g. 300), not {raw!r}")
 if setting("METRICS_ENABLED", "false").lower() not in ("1", "true", "yes", "on"):
     sys.exit("healthcheck needs METRICS_ENABLED=true")
 try:
@@ -61,7 +67,9 @@ PY
 fi
 
 if [ -n "${OPENCTI_SYNC_WORK_DIR:-}" ]; then
-    mkdir -p "$OPENCTI_SYNC_WORK_DIR"
+    # Not fatal (set -e): most commands never use the work dir, and one that does names the
+    # directory in its own error.
+    mkdir -p "$OPENCTI_SYNC_WORK_DIR" || true
 fi
 
 exec opencti-sync "$@"

@@ -418,6 +418,29 @@ def test_healthcheck_reads_the_image_defaults(metrics_port: int) -> None:
     assert empty.returncode == 0, empty.stderr
 
 
+def test_healthcheck_names_a_lag_limit_that_is_not_seconds() -> None:
+    """A limit of "30s" was a ValueError traceback; "nan" compared false: always healthy."""
+    for value in ("30s", "nan", "inf"):
+        bad = _entrypoint_healthcheck(METRICS_ENABLED="true", HEALTHCHECK_MAX_LAG_SECS=value)
+        assert bad.returncode != 0
+        assert "HEALTHCHECK_MAX_LAG_SECS must be a number of seconds" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
+def test_entrypoint_runs_the_command_when_the_work_dir_cannot_be_made() -> None:
+    """Its mkdir under `set -e` failed every command, those that never use the work dir too."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    proc = subprocess.run(
+        [str(ROOT / "entrypoint.sh"), "--version"],
+        env={"PATH": path, "OPENCTI_SYNC_WORK_DIR": "/proc/no-such-dir"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"opencti-sync {__version__}"
+
+
 @pytest.mark.slow
 def test_sigterm_reaches_the_connector_through_the_entrypoint(image: dict[str, object]) -> None:
     entry, env = str(image["entrypoint"]), dict(image["env"])  # type: ignore[call-overload]
