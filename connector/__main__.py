@@ -364,7 +364,7 @@ def _file_fetcher(settings: Settings) -> FileFetcher:
     return FileFetcher(
         settings.opencti.url,
         settings.opencti.token,
-        verify=settings.opencti.ca_bundle or settings.opencti.ssl_verify,
+        verify=settings.opencti.tls_verify(),
     )
 
 
@@ -510,7 +510,7 @@ def _follow(
         settings,
     )
     cp, tail_due = started[-1]
-    verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
+    verify: bool | str = settings.opencti.tls_verify()
     source_config = SourceConfig(
         url=settings.opencti.url,
         token=settings.opencti.token,
@@ -929,7 +929,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     url = settings.opencti.url.rstrip("/")
     stream = settings.connector.live_stream_id
     path = "/stream" if is_raw_stream(stream) else f"/stream/{stream}"
-    verify: bool | str = settings.opencti.ca_bundle or settings.opencti.ssl_verify
+    verify: bool | str = settings.opencti.tls_verify()
     try:
         with (
             httpx.Client(timeout=httpx.Timeout(10.0), verify=tls_verify(verify)) as client,

@@ -76,6 +76,9 @@ def parse_schedule(text: str, key: str = "schedule") -> BaseTrigger | None:
         secs = int(m.group(1)) * _UNIT_SECS[m.group(2).lower()]
         if secs <= 0:
             raise ConfigError(key, f"interval must be positive: {text!r}")
+        if secs > 366 * 86400:
+            # Longer overflowed the scheduler's dates (a traceback from any command).
+            raise ConfigError(key, f"interval must be at most a year: {text!r}")
         return IntervalTrigger(seconds=secs, timezone=dt.UTC)
     if len(text.split()) != 5:
         raise ConfigError(

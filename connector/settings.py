@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shlex
+import ssl
 import unicodedata
 import uuid
 from collections.abc import Mapping
@@ -69,11 +70,19 @@ class OpenCTISection:
         secret=True,
     )
     ssl_verify: bool = _key(
-        "OPENCTI_SSL_VERIFY", "Verify the source platform's TLS certificate.", True
+        "OPENCTI_SSL_VERIFY",
+        "Verify the source platform's TLS certificate (false wins over opencti.ca_bundle).",
+        True,
     )
     ca_bundle: str = _key(
         "OPENCTI_CA_BUNDLE", "Path to a CA bundle for the source platform (empty: system CAs).", ""
     )
+
+    def tls_verify(self) -> bool | str:
+        """httpx's ``verify`` for the source: ``ssl_verify=false`` wins over a CA bundle, as on
+        the target (an operator turning verification off must not be overruled by a bundle
+        left in the environment)."""
+        return False if not self.ssl_verify else (self.ca_bundle or True)
 
 
 @dataclass
@@ -101,7 +110,8 @@ class ConnectorSection:
     )
     live_stream_id: str = _key(
         "CONNECTOR_LIVE_STREAM_ID",
-        "Stream collection id, 'live' for the global live stream, or 'raw' for /stream (no "
+        "Stream collection id, 'live' for the global live stream, or 'raw' for /stream (empty "
+        "is refused; no "
         "recovery: a raw-stream backup starts from what the platform's stream still retains, and "
         "after a retention gap only the reconciliation, which lists the global live stream, "
         "repairs it).",
@@ -685,6 +695,14 @@ def check_platform_url(key: str, url: str) -> None:
         raise ConfigError(
             key, "must not carry credentials (user:password@); the token authenticates"
         )
+    try:
+        host = urlsplit(url).hostname
+        if url and not host:
+            raise ConfigError(key, "has no host name")
+        if host:
+            host.encode("idna")  # an empty label (a..b) fails here, not in the first request
+    except (UnicodeError, ValueError) as exc:
+        raise ConfigError(key, f"invalid host name: {exc}") from None
 
 
 def _is_uuid(text: str) -> bool:
@@ -695,8 +713,47 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
+# Above these a value is a typo, and it failed deep inside a library (an OverflowError from a
+# timer, a socket timeout or a date; an integer too large for the JSON of `status --json`).
+_MAX_SECS = 10**8  # about three years
+_MAX_INT = 2**53
+
+
+def _check_magnitudes(s: Settings) -> None:
+    for key in iter_keys():
+        section, name = key.path.split(".", 1)
+        value = getattr(getattr(s, section), name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name.endswith("_secs") and value > _MAX_SECS:
+            raise ConfigError(key.path, f"must be at most {_MAX_SECS} seconds")
+        if abs(value) > _MAX_INT:
+            raise ConfigError(key.path, f"must be at most {_MAX_INT}")
+
+
+def _check_ca_bundle(key: str, path: str) -> None:
+    """A CA bundle is read when a connection is made, in the stream's reader thread: a missing
+    or unreadable one left `run` running with no reader. Said at start-up instead."""
+    if not path:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ConfigError(key, f"cannot be read as a CA bundle ({path[:200]}): {reason}") from None
+
+
 def _validate(s: Settings) -> None:
     c, a = s.connector, s.archive
+    _check_magnitudes(s)
+    if not c.live_stream_id.strip():
+        # An unset ${VAR} in a compose file: it would silently mean the raw stream, with no
+        # recovery (a partial backup).
+        raise ConfigError(
+            "connector.live_stream_id", "must be a stream collection id, 'live' or 'raw'"
+        )
+    _check_ca_bundle("opencti.ca_bundle", s.opencti.ca_bundle)
+    _check_ca_bundle("target.ca_bundle", s.target.ca_bundle)
     if c.id and not _is_uuid(c.id):
         raise ConfigError(
             "connector.id", "must be a UUID (e.g. from uuidgen), as the platform registers it"

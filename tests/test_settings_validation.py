@@ -595,3 +595,42 @@ def test_a_missing_source_token_exits_2_naming_the_key(tmp_path: Path) -> None:
     done = _cli(env, tmp_path, "check")
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     assert "opencti.token" in done.stderr and "OPENCTI_TOKEN" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"SNAPSHOT_SCHEDULE": "every 1000000000d", "ARCHIVE_URI": "/a"}, "snapshot.schedule"),
+        ({"RETENTION_SCHEDULE": "every 999999999d", "ARCHIVE_URI": "/a"}, "retention.schedule"),
+        ({"CONNECTOR_LEASE_SECS": "1e20"}, "connector.lease_secs"),
+        ({"CONNECTOR_READ_TIMEOUT_SECS": "1e10"}, "connector.read_timeout_secs"),
+        ({"RETENTION_KEEP_DAYS": "99999999999999999999"}, "retention.keep_days"),
+        ({"OPENCTI_URL": "http://a..b/"}, "opencti.url"),
+        ({"TARGET_OPENCTI_URL": "https://", "TARGET_OPENCTI_TOKEN": "t"}, "target.opencti_url"),
+        ({"CONNECTOR_LIVE_STREAM_ID": ""}, "connector.live_stream_id"),
+        ({"CONNECTOR_LIVE_STREAM_ID": "  "}, "connector.live_stream_id"),
+    ],
+)
+def test_values_libraries_fail_on_later_are_refused_at_load(env: dict[str, str], key: str) -> None:
+    """Each passed validation, then ended in an OverflowError or UnicodeError traceback (exit
+    1) from a timer, a socket, a date or `status --json`; an empty stream id silently meant
+    the raw stream, with no recovery."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, env=env)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("key", ["OPENCTI_CA_BUNDLE", "TARGET_CA_BUNDLE"])
+def test_a_ca_bundle_that_cannot_be_read_is_refused_at_load(tmp_path: Path, key: str) -> None:
+    """Read only when the stream's reader thread connected: the thread died, and `run` went on
+    archiving nothing while its healthcheck said healthy."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    extra = {"TARGET_OPENCTI_URL": "https://t", "TARGET_OPENCTI_TOKEN": "t"}
+    for path, reason in ((tmp_path / "missing.pem", "No such file"), (garbage, "")):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, env={key: str(path), **extra})
+        assert err.value.key == _key(key).path and reason in str(err.value)
+    done = _cli({"OPENCTI_URL": "https://127.0.0.1:9", key: str(garbage), **extra}, tmp_path, "run")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert _key(key).path in done.stderr and "Traceback" not in done.stderr
