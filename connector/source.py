@@ -377,7 +377,12 @@ class SseSource:
 
     def _run(self) -> None:
         attempt = 0
-        client = self._client_factory()
+        try:
+            client = self._client_factory()
+        except Exception as exc:  # noqa: BLE001 - a bad TLS setting: said, and the run stops
+            log.exception("Stream reader failed.")
+            self._emit([Fatal(exc)], final=True)
+            return
         try:
             while not self._stop.is_set():
                 at_start, asked = self._complete, False

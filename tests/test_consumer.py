@@ -1524,3 +1524,18 @@ def test_a_gap_found_at_a_look_resumes_from_the_position_then() -> None:
     assert gap.in_connection and gap.repair_recover_until is not None
     (through,) = [i for i in out if isinstance(i, RetainedThrough)]
     assert through.id > position  # the repair's date: the next look compares with it
+
+
+def test_a_client_that_cannot_be_built_stops_the_source(tmp_path: Path) -> None:
+    """The reader built its HTTP client (reading the CA bundle) outside its guard: the thread
+    died with a traceback, and `run` went on, reading nothing, healthy."""
+    config = SourceConfig(
+        url="https://127.0.0.1:9", token=TOKEN, verify=str(tmp_path / "missing-ca.pem")
+    )
+    source = SseSource(config, resume=None, recover_until=None).start()
+    try:
+        seen = _items_until(source, lambda s: any(isinstance(i, Fatal) for i in s), "a stop")
+    finally:
+        source.close()
+    (fatal,) = [i for i in seen if isinstance(i, Fatal)]
+    assert isinstance(fatal.error, FileNotFoundError)
