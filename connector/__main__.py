@@ -8,10 +8,12 @@ damage), 2 invalid configuration or usage; a one-shot command stopped by Ctrl-C 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -457,7 +459,17 @@ def run_forever(
     if settings.metrics.enabled:
         from .metrics import serve
 
-        stop_metrics = serve(settings.metrics.host, settings.metrics.port)
+        try:
+            stop_metrics = serve(settings.metrics.host, settings.metrics.port)
+        except OSError as exc:
+            # A host that does not resolve, or a port taken: the settings name it (exit 2),
+            # not "a local file error".
+            unknown = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+            raise ConfigError(
+                "metrics.host" if unknown else "metrics.port",
+                f"cannot serve /metrics on {settings.metrics.host}:{settings.metrics.port}: "
+                f"{exc.strerror or exc}",
+            ) from None
     from .run_lease import RunLease
 
     store = runtime["store"]

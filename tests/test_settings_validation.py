@@ -7,6 +7,7 @@ refuses what `run` would refuse and nothing crashes later with a traceback.
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -634,3 +635,27 @@ def test_a_ca_bundle_that_cannot_be_read_is_refused_at_load(tmp_path: Path, key:
     done = _cli({"OPENCTI_URL": "https://127.0.0.1:9", key: str(garbage), **extra}, tmp_path, "run")
     assert done.returncode == 2, done.stderr[-2000:]
     assert _key(key).path in done.stderr and "Traceback" not in done.stderr
+
+
+def test_metrics_that_cannot_be_served_exit_2_naming_the_key(tmp_path: Path) -> None:
+    """A host that does not resolve, or a port taken, stopped `run` as "a local file error"
+    (exit 1) without naming the setting."""
+    with SimServer(token=TOKEN, heartbeat_secs=0.2) as sim, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            "OPENCTI_URL": sim.url,
+            "OPENCTI_TOKEN": TOKEN,
+            "ARCHIVE_URI": str(tmp_path / "a"),
+            "OPENCTI_SYNC_WORK_DIR": str(tmp_path / "w"),
+            "CONNECTOR_REGISTER": "false",
+            "METRICS_ENABLED": "true",
+        }
+        for extra, key in (
+            ({"METRICS_HOST": "no-such-host.invalid"}, "metrics.host"),
+            ({"METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(taken.getsockname()[1])},
+             "metrics.port"),
+        ):  # fmt: skip
+            done = _cli({**env, **extra}, tmp_path, "run")
+            assert done.returncode == 2, done.stderr[-2000:]
+            assert key in done.stderr and "Traceback" not in done.stderr
