@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(getattr(args, "config", None))
-    if getattr(args, "archive", None):
-        settings.archive.uri = args.archive
+    archive = getattr(args, "archive", None)
+    # ``--archive`` is ARCHIVE_URI, the top layer: set before the settings are checked (a
+    # schedule needs an archive, and it is given here).
+    env = {**os.environ, "ARCHIVE_URI": archive} if archive else None
+    settings = load_settings(getattr(args, "config", None), env=env)
     token = getattr(args, "token", None)
     if token:
         # As for the configured token: stripped, checked, and known to the log redactor.

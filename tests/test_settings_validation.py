@@ -659,3 +659,12 @@ def test_metrics_that_cannot_be_served_exit_2_naming_the_key(tmp_path: Path) -> 
             done = _cli({**env, **extra}, tmp_path, "run")
             assert done.returncode == 2, done.stderr[-2000:]
             assert key in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_archive_flag_counts_before_the_settings_are_checked(tmp_path: Path) -> None:
+    """`--archive` is ARCHIVE_URI: a schedule (which needs an archive) was refused with "set
+    archive.uri" when the archive came by the flag."""
+    env = {"ARCHIVE_URI": "", "SNAPSHOT_SCHEDULE": "0 3 * * *"}
+    done = _cli(env, tmp_path, "status", "--archive", str(tmp_path / "arch"))
+    assert "set archive.uri" not in done.stderr and done.returncode == 1, done.stderr
+    assert "no archive at" in done.stderr
