@@ -27,10 +27,13 @@ SINK, PIPE, RET = "connector/archive/sink.py", "connector/pipeline.py", "connect
 LOCAL, FILES, S3 = "connector/storage/local.py", "connector/files.py", "connector/storage/s3.py"
 REST, CLI = "connector/restore.py", "connector/restore_cli.py"
 LOCKS, SNAP, JOBS = "connector/locks.py", "connector/snapshot.py", "connector/jobs.py"
+DEMO, SET, MAIN = "connector/demo.py", "connector/settings.py", "connector/__main__.py"
+SRC = "connector/source.py"
 
 T_RED, T_RET, T_LOC = "test_sink_redelivery", "test_retention", "test_local_storage_durability"
 T_FILES, T_S3, T_KILL = "test_files", "test_s3_faults", "test_restore_kill"
-T_JOBS = "test_jobs"
+T_JOBS, T_DEMO, T_SET = "test_jobs", "test_demo", "test_settings_validation"
+T_SEC, T_CONS = "test_security", "test_consumer"
 
 # (id, what it breaks, file, text, replacement, test files, equivalent: why or None)
 MUTATIONS: list[Mutation] = [
@@ -177,6 +180,59 @@ MUTATIONS: list[Mutation] = [
      "                stop=self.stop,\n            ),\n        )\n\n    def _guarded",
      "            ),\n        )\n\n    def _guarded",
      [T_JOBS], None),
+    # -- the command line and its settings ----------------------------------------------------
+    ("AU34", "the demo's connector outlives a demo stopped by SIGTERM", DEMO,
+     "        if proc is not None and proc.poll() is None:\n            proc.terminate()",
+     "        if False:\n            proc.terminate()",
+     [T_DEMO], None),
+    ("AU35", "the demo writes into a directory it did not make", DEMO,
+     "    if directory.exists():\n",
+     "    if False:\n",
+     [T_DEMO], None),
+    ("AU36", "an unreadable source CA bundle accepted at load", SET,
+     '    _check_ca_bundle("opencti.ca_bundle", s.opencti.ca_bundle)\n',
+     "",
+     [T_SET], None),
+    ("AU37", "an unreadable target CA bundle accepted at load", SET,
+     '    _check_ca_bundle("target.ca_bundle", s.target.ca_bundle)\n',
+     "",
+     [T_SET], None),
+    ("AU38", "an empty stream id taken for the raw stream", SET,
+     "    if not c.live_stream_id.strip():\n",
+     "    if False:\n",
+     [T_SET], None),
+    ("AU39", "durations libraries overflow on accepted", SET,
+     '        if name.endswith("_secs") and value > _MAX_SECS:\n',
+     '        if name.endswith("_secs") and value > 1e30:\n',
+     [T_SET], None),
+    ("AU40", "integers too large for status --json accepted", SET,
+     "        if abs(value) > _MAX_INT:\n",
+     "        if False:\n",
+     [T_SET], None),
+    ("AU41", "a host name that cannot be encoded accepted", SET,
+     '            host.encode("idna")',
+     "            pass",
+     [T_SET], None),
+    ("AU42", "a CA bundle wins over ssl_verify=false on the source", SET,
+     "        return False if not self.ssl_verify else (self.ca_bundle or True)",
+     "        return self.ca_bundle or self.ssl_verify",
+     [T_SEC], None),
+    ("AU43", "the reader's client built outside its guard", SRC,
+     "        try:\n            client = self._client_factory()\n        except Exception as exc:",
+     "        client = self._client_factory()\n        try:\n            pass\n        except Exception as exc:",
+     [T_CONS], None),
+    ("AU44", "metrics that cannot be served: a local file error, exit 1", MAIN,
+     "        except OSError as exc:\n            # A host that does not resolve",
+     "        except KeyError as exc:\n            # A host that does not resolve",
+     [T_SET], None),
+    ("AU45", "--archive set after the settings are checked", MAIN,
+     '    env = {**os.environ, "ARCHIVE_URI": archive} if archive else None\n',
+     "    env = None\n",
+     [T_SET], None),
+    ("AU46", "an interval of a billion days passed to the scheduler", JOBS,
+     "        if secs > 366 * 86400:\n",
+     "        if secs > 10**30:\n",
+     [T_SET], None),
 ]  # fmt: skip
 
 
