@@ -550,6 +550,14 @@ def _coerce(key: KeyDoc, value: Any) -> Any:
             return ""
         if isinstance(value, dict | list):
             raise ValueError
+        if isinstance(value, bool):
+            # YAML reads an unquoted on/off/yes/no/true/false as a boolean: `uri: off` became
+            # the text "False" (a directory ./False).
+            raise ConfigError(
+                key.path,
+                f"expected text, got a YAML boolean (on/off, yes/no, true/false unquoted): "
+                f'quote it, e.g. "off" (env {key.env})',
+            )
         text = str(value)
         if key.secret:
             # A token read from a secret file keeps its final newline; inside, a control

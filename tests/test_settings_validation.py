@@ -527,6 +527,25 @@ def test_a_yaml_value_of_another_kind_is_no_count(tmp_path: Path, yaml_text: str
     assert err.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("archive: {uri: off}\n", "archive.uri"),
+        ("connector: {live_stream_id: yes}\n", "connector.live_stream_id"),
+        ("opencti: {token: on}\n", "opencti.token"),
+    ],
+)
+def test_a_yaml_boolean_for_a_text_key_is_refused(tmp_path: Path, yaml_text: str, key: str) -> None:
+    """YAML reads an unquoted ``off`` as a boolean: ``uri: off`` was the archive ./False."""
+    path = tmp_path / "config.yml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert err.value.key == key and "quote it" in str(err.value)
+    path.write_text('archive: {uri: "off"}\n', encoding="utf-8")  # quoted: the text
+    assert load_settings(path, env={}).archive.uri == "off"
+
+
 def test_an_unknown_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
     """A misspelt key (``max_event`` for ``max_events``) would leave the default in force."""
     path = tmp_path / "config.yml"
