@@ -368,7 +368,7 @@ class SnapshotSection:
     schedule: str = _key(
         "SNAPSHOT_SCHEDULE",
         "When 'run' writes a compacted snapshot: a 5-field cron expression evaluated in UTC "
-        "('0 3 * * *' is 03:00 UTC), 'every <N>s|m|h|d', or '' (never).",
+        "('0 3 * * *' is 03:00 UTC), 'every <N>s|m|h|d' (at most a year), or '' (never).",
         "",
     )
     state_image: bool = _key(
