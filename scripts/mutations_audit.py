@@ -233,6 +233,19 @@ MUTATIONS: list[Mutation] = [
      "        if secs > 366 * 86400:\n",
      "        if secs > 10**30:\n",
      [T_SET], None),
+    ("AU47", "a YAML boolean given for a text key taken as the text True/False", SET,
+     "        if isinstance(value, bool):\n            # YAML reads",
+     "        if False:\n            # YAML reads",
+     [T_SET], None),
+    ("AU48", "a work dir the entrypoint cannot create fails every command", "entrypoint.sh",
+     '    mkdir -p "$OPENCTI_SYNC_WORK_DIR" || true\n',
+     '    mkdir -p "$OPENCTI_SYNC_WORK_DIR"\n',
+     ["test_packaging"], None),
+    ("AU49", "a lag limit that is not a number of seconds: a traceback, or always healthy",
+     "entrypoint.sh",
+     "if not math.isfinite(limit):",
+     "if False:",
+     ["test_packaging"], None),
 ]  # fmt: skip
 
 
