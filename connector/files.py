@@ -37,7 +37,6 @@ from .errors import NotFound, RetryableError
 from .events import StreamEvent, octi_ext
 from .source import tls_verify
 from .storage import Storage
-from .storage.local import LocalStorage
 
 __all__ = [
     "FILES_MARK",
@@ -286,9 +285,9 @@ class FileArchiver:
         found = next((k for k in (key, key + ".missing") if self.storage.exists(k)), None)
         if found is None:
             self._download(key, entry, ev)
-        elif isinstance(self.storage, LocalStorage):
-            # A killed run may have linked it before it fsynced its directory: the segment
-            # naming it is about to be called durable.
+        else:
+            # A killed run may have left it in place half-settled: the segment naming it is
+            # about to be called durable.
             self.storage.settle(found)
         self._known[key] = None
         if len(self._known) > _REMEMBERED:

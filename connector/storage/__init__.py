@@ -106,6 +106,11 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def settle(self, key: str) -> None:
+        """Make an object found with ``exists`` as durable as ``put_if_absent`` leaves it, for
+        a caller that takes it as stored (a killed writer may have left it half-settled)."""
+        ...
+
     def size(self, key: str) -> int:
         """Size in bytes. Raises ``NotFound``."""
         ...

@@ -218,9 +218,7 @@ class LocalStorage:
         return True
 
     def settle(self, key: str) -> None:
-        """Make an object found in place durable (see ``_sync_found``): for a caller that found
-        it with ``exists`` and takes it as stored."""
-        self._sync_found(self._path(key))
+        self._sync_found(self._path(key))  # a killed writer may not have fsynced its directory
 
     def _sync_found(self, path: Path) -> None:
         """A file found in place may be a killed writer's, linked before it could fsync the

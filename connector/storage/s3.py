@@ -348,6 +348,9 @@ class S3Storage:
             return False
         return True
 
+    def settle(self, key: str) -> None:
+        """Nothing to do: an object S3 lists or answers for is durable."""
+
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
 
