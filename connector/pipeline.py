@@ -766,12 +766,10 @@ class Pipeline:
         """Fold what the archive sink wrote for a batch into the checkpoint's counters."""
         self.checkpoint.events_archived += archived.events + archived.adopted_events
         self.checkpoint.segments_written += len(archived.segments) + archived.adopted_segments
-        # The segment holding the archive's end, also when this batch wrote none because a
-        # crashed run had stored it: the start-up check looks for that segment's manifest.
+        # The segment holding the archive's end (the last one written, or one a crashed run
+        # stored when this batch wrote none): the start-up check looks for its manifest.
         if archived.tail_segment is not None:
             self.checkpoint.last_segment = archived.tail_segment
-        elif archived.segments:
-            self.checkpoint.last_segment = archived.segments[-1]
 
     def _archive_end(self) -> EventId | None:
         """The archive's highest stored group (None without an archive sink)."""

@@ -57,6 +57,7 @@ def _target(
     from .target.opencti import OpenCTITarget
 
     t = settings.target
+    scope = f"{settings.connector.id}:" if settings.connector.id else ""
     return OpenCTITarget(
         url=url,
         token=token,
@@ -64,11 +65,7 @@ def _target(
         ca_bundle=t.ca_bundle or None,
         # Never `run`'s own id (CONNECTOR_ID): the restore's pings would rewrite the state of
         # the connector `run` syncs into that platform with (its replay mark).
-        connector_id=str(
-            uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{settings.connector.id}:{url}")
-            if settings.connector.id
-            else uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{url}")
-        ),
+        connector_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{scope}{url}")),
         connector_name=f"{settings.connector.name} (restore)",
         synchronized=t.synchronized,
         source_url=source_url,

@@ -122,10 +122,8 @@ MUTATIONS: list[Mutation] = [
      "",
      [T_KILL], None),
     ("AU20", "the restore registers under run's own connector id", CLI,
-     '            uuid.uuid5(uuid.NAMESPACE_URL, f"opencti-sync-restore:{settings.connector.id}:{url}")\n'
-     "            if settings.connector.id\n",
-     "            uuid.UUID(settings.connector.id)\n"
-     "            if settings.connector.id\n",
+     '        connector_id=str(uuid.uuid5(',
+     "        connector_id=settings.connector.id or str(uuid.uuid5(",
      [T_KILL], None),
     ("AU21", "the platform's id read only when the first push checks the target", CLI,
      "            target.check()\n            report = restore_to_target(",
