@@ -368,7 +368,7 @@ def _file_fetcher(settings: Settings) -> FileFetcher:
     return FileFetcher(
         settings.opencti.url,
         settings.opencti.token,
-        verify=settings.opencti.tls_verify(),
+        verify=settings.opencti.verify(),
     )
 
 
@@ -524,7 +524,7 @@ def _follow(
         settings,
     )
     cp, tail_due = started[-1]
-    verify: bool | str = settings.opencti.tls_verify()
+    verify: bool | str = settings.opencti.verify()
     source_config = SourceConfig(
         url=settings.opencti.url,
         token=settings.opencti.token,
@@ -943,7 +943,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     url = settings.opencti.url.rstrip("/")
     stream = settings.connector.live_stream_id
     path = "/stream" if is_raw_stream(stream) else f"/stream/{stream}"
-    verify: bool | str = settings.opencti.tls_verify()
+    verify: bool | str = settings.opencti.verify()
     try:
         with (
             httpx.Client(timeout=httpx.Timeout(10.0), verify=tls_verify(verify)) as client,

@@ -78,10 +78,10 @@ class OpenCTISection:
         "OPENCTI_CA_BUNDLE", "Path to a CA bundle for the source platform (empty: system CAs).", ""
     )
 
-    def tls_verify(self) -> bool | str:
-        """httpx's ``verify`` for the source: ``ssl_verify=false`` wins over a CA bundle, as on
-        the target (an operator turning verification off must not be overruled by a bundle
-        left in the environment)."""
+    def verify(self) -> bool | str:
+        """The source's ``verify`` (``source.tls_verify`` makes httpx's of it): ``ssl_verify``
+        false wins over a CA bundle, as on the target (an operator turning verification off
+        must not be overruled by a bundle left in the environment)."""
         return False if not self.ssl_verify else (self.ca_bundle or True)
 
 

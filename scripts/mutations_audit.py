@@ -78,8 +78,7 @@ MUTATIONS: list[Mutation] = [
      "        if True:\n",
      [T_LOC], None),
     ("AU10", "a write failing on a full disk mid-file sweeps nothing", LOCAL,
-     "                if exc.errno in (errno.ENOSPC, errno.EDQUOT):\n"
-     "                    self._sweep_when_full()\n",
+     "                self._sweep_if_full(exc)\n",
      "",
      [T_LOC], None),
     ("AU11", "a file a killed run left in place is taken as stored without being made durable",

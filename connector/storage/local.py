@@ -73,8 +73,7 @@ class LocalStorage:
             tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._sweep_when_full()
+            self._sweep_if_full(exc)
             raise _translate(exc, path) from exc
         try:
             try:
@@ -90,15 +89,16 @@ class LocalStorage:
             # ENOSPC / EFBIG / EIO halfway: the partial file would stay (it is never listed).
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self._sweep_when_full()
+                self._sweep_if_full(exc)
                 raise _translate(exc, path) from exc
             raise
         return tmp
 
-    def _sweep_when_full(self) -> None:
-        """The disk is full: what dead writers left may be the cause, and the retry that follows
-        needs the room. At most once a minute (a walk of the whole tree)."""
+    def _sweep_if_full(self, exc: OSError) -> None:
+        """A write failed on a full disk: what dead writers left may be the cause, and the
+        retry that follows needs the room. At most once a minute (a walk of the whole tree)."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return
         now = time.monotonic()
         if now - self._swept_full_at < 60:
             return
