@@ -40,6 +40,7 @@ from tests.support.compare import assert_same_state
 from tests.support.connector import ConnectorThread, base_env, caught_up, cli, wait_until
 from tests.support.served import serving
 from tests.support.simlog import sim_events
+from tests.test_local_storage_durability import RecordingStorage
 from tests.test_pipeline_shutdown import FullFor, first_write_under
 
 TOKEN_A = "token-files-a"
@@ -413,18 +414,6 @@ def test_files_are_durable_before_the_segment_that_names_them(
         sink.close()
 
 
-class _SyncRecording(LocalStorage):
-    """Records every directory fsync (the real one still runs)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.synced: list[str] = []
-
-    def _fsync_dir(self, directory: Path) -> None:
-        self.synced.append(Path(directory).relative_to(self.root).as_posix())
-        super()._fsync_dir(directory)
-
-
 @pytest.mark.parametrize("gone", [False, True])
 def test_a_file_a_killed_run_left_in_place_is_made_durable_before_its_segment(
     tmp_path: Path, gone: bool
@@ -437,7 +426,7 @@ def test_a_file_a_killed_run_left_in_place_is_made_durable_before_its_segment(
     killed = tmp_path / "a" / (missing_key(entry) if gone else file_key(entry))
     killed.parent.mkdir(parents=True)
     killed.write_bytes(b"{}" if gone else b"%PDF")
-    storage = _SyncRecording(tmp_path / "a")
+    storage = RecordingStorage(tmp_path / "a")
     # Nothing listens there: a download would fail the write.
     sink = ArchiveSink(storage, files=FileArchiver(storage, FileFetcher("http://127.0.0.1:9", "t")))
     try:
@@ -446,7 +435,8 @@ def test_a_file_a_killed_run_left_in_place_is_made_durable_before_its_segment(
         sink.close()
     assert sink.last.segments
     hh = Path(file_key(entry)).parent.as_posix()
-    assert storage.synced[:3] == [hh, "files", "."]
+    synced = [p.relative_to(storage.root).as_posix() for p in storage.synced[:3]]
+    assert synced == [hh, "files", "."]
 
 
 ODD_NAMES = [
