@@ -241,3 +241,15 @@ def test_seeded_files_without_data_are_dropped_and_states_compare_by_version() -
     assert state_diff(a.dump_bundle(), c.dump_bundle())
     b.attach_file(REPORT, "analysis.pdf", PDF)  # same bytes, a new version
     assert state_diff(a.dump_bundle(), b.dump_bundle())
+
+
+def test_an_uploads_version_is_the_entitys_modified_whatever_the_clock_does() -> None:
+    """The file's version and the entity's `modified` were two clock reads: a millisecond
+    apart now and then (a flaky CI run). A clock that moves at every read shows it each time."""
+    ticks = iter(range(1_800_000_000_000, 1_800_000_001_000))
+    store = SimStore(clock=lambda: next(ticks))
+    store.create(_report())
+    assert store.attach_file(REPORT, "analysis report.pdf", PDF) is not None
+    (obj,) = [o for o in store.objects() if o["id"] == REPORT]
+    (entry,) = obj["extensions"][OCTI_EXT]["files"]
+    assert entry["version"] == obj["modified"] == obj["extensions"][OCTI_EXT]["updated_at"]

@@ -689,8 +689,8 @@ class SimStore:
         _clean(new)
         return new
 
-    def _stamp(self, new: dict[str, Any]) -> None:
-        now = iso_ms(self._clock())
+    def _stamp(self, new: dict[str, Any], at_ms: int | None = None) -> None:
+        now = iso_ms(self._clock() if at_ms is None else at_ms)
         new["modified"] = now
         octi = dict(_ext(new))
         octi["updated_at"] = now
@@ -703,10 +703,12 @@ class SimStore:
         new: dict[str, Any],
         origin: dict[str, Any] | None,
         event_id: str | None = None,
+        at_ms: int | None = None,
     ) -> str | None:
+        """``at_ms``: the time the change is stamped with (default: the clock now)."""
         if _comparable(old) == _comparable(new):
             return None  # loop avoidance: an upsert that changes nothing publishes nothing
-        self._stamp(new)
+        self._stamp(new, at_ms)
         patch = jsonpatch.make_patch(old, new).patch
         reverse = jsonpatch.make_patch(new, old).patch
         self._replace(iid, old, new)
@@ -969,13 +971,13 @@ class SimStore:
         return files
 
     def _commit_files(
-        self, iid: str, old: dict[str, Any], files: list[dict[str, Any]]
+        self, iid: str, old: dict[str, Any], files: list[dict[str, Any]], at_ms: int | None = None
     ) -> str | None:
         new = _copy(old)
         octi = dict(_ext(new))
         _set_files(octi, files)
         _with_ext(new, octi)
-        return self._commit_update(iid, old, new, None)
+        return self._commit_update(iid, old, new, None, at_ms=at_ms)
 
     def attach_file(
         self, ref: str, name: str, content: bytes, mime_type: str = "application/pdf"
@@ -988,7 +990,7 @@ class SimStore:
                 return None
             old = self._objects[iid]
             files = _files(old)
-            ms = self._clock()
+            ms = now = self._clock()
             for entry in files:
                 last = (
                     parse_date_ms(str(entry.get("version", "")))
@@ -1000,7 +1002,9 @@ class SimStore:
                     # names one content, even for two uploads within a millisecond.
                     ms = max(ms, last + 1)
             self._put_file(_ext(old), files, name, bytes(content), mime_type, iso_ms(ms))
-            return self._commit_files(iid, old, files)
+            # The upload's moment is the entity's update too: one clock read, not two a
+            # millisecond apart (the file's version and the object's modified differed).
+            return self._commit_files(iid, old, files, at_ms=now)
 
     def remove_file(self, ref: str, name: str) -> str | None:
         """Delete the entity's file ``name`` (entry and bytes): one ``update`` event."""
