@@ -40,11 +40,29 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _start(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it until it exits
-    return subprocess.Popen(
-        [sys.executable, "-m", "connector", "run"], env=env, stdout=log, stderr=log
-    )
+def _start(
+    env: dict[str, str], log_path: Path, started: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """A connector, recorded in ``started`` (the demo stops those at its end). Ctrl-C or
+    SIGTERM meanwhile waits until it is recorded: raised inside ``Popen``, after the fork, it
+    left a connector nobody stopped."""
+    held: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        log = open(log_path, "ab")  # noqa: SIM115 - the child owns it until it exits
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "connector", "run"], env=env, stdout=log, stderr=log
+        )
+        started.append(proc)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in held:
+        signal.raise_signal(signum)
+    return proc
 
 
 def _checkpoint(storage: LocalStorage) -> EventId | None:
@@ -160,7 +178,7 @@ def run_demo(directory: Path) -> int:
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     token = secrets.token_hex(16)
     sim = SimServer(token=token, heartbeat_secs=1.0).start()
-    proc: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     try:
         # One load, so relationships can point at objects of another sample file.
         objects = [o for name in SAMPLE_BUNDLES for o in sample_bundle(name)["objects"]]
@@ -189,7 +207,7 @@ def run_demo(directory: Path) -> int:
             }
         )
         storage = LocalStorage(directory)
-        proc = _start(env, log_path)
+        proc = _start(env, log_path, started)
         if not _caught_up(storage, sim.store.last_event_id or "0-0", proc, log_path):
             return 1
         _say(f"2. Recovered the platform into {directory}.")
@@ -235,7 +253,7 @@ def run_demo(directory: Path) -> int:
         cp = _checkpoint(storage)
         _say(f"4. SIGKILL in the middle of a 3,000-event burst (checkpoint was {cp}); restarting.")
         generate(store, 500, seed=43)
-        proc = _start(env, log_path)
+        proc = _start(env, log_path, started)
         if not _caught_up(storage, store.last_event_id or "0-0", proc, log_path):
             return 1
         proc.send_signal(signal.SIGTERM)
@@ -277,12 +295,13 @@ def run_demo(directory: Path) -> int:
             log_path=log_path,
         )
     finally:
-        # Also on Ctrl-C or SIGTERM: the connector it started must not outlive the demo.
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # Also on Ctrl-C or SIGTERM: no connector it started may outlive the demo.
+        for proc in started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         sim.stop()

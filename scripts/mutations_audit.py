@@ -179,8 +179,8 @@ MUTATIONS: list[Mutation] = [
      [T_JOBS], None),
     # -- the command line and its settings ----------------------------------------------------
     ("AU34", "the demo's connector outlives a demo stopped by SIGTERM", DEMO,
-     "        if proc is not None and proc.poll() is None:\n            proc.terminate()",
-     "        if False:\n            proc.terminate()",
+     "            if proc.poll() is None:\n                proc.terminate()",
+     "            if False:\n                proc.terminate()",
      [T_DEMO], None),
     ("AU35", "the demo writes into a directory it did not make", DEMO,
      "    if directory.exists():\n",
